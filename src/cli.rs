@@ -1,0 +1,213 @@
+//! The command line: `dev`, `serve`, `migrate`, `tenant`, `apikey`. Output for
+//! machines goes to stdout (`--json`); errors go to stderr with a non-zero exit.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::{LogFormat, Settings};
+use crate::dev::{self, DevOptions};
+use crate::domain::accounts;
+use crate::domain::apikeys::Scopes;
+use crate::domain::TenantId;
+use crate::startup::{open_store, shutdown_signal, Application};
+use crate::telemetry;
+
+/// Keyward: an encryption service with per-tenant versioned keys.
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a development server: no setup, SQLite and a generated master key in a
+    /// data folder, plain HTTP on loopback. Never for real data.
+    Dev {
+        /// Folder for the database, master key and dev credentials.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8480")]
+        listen: SocketAddr,
+        /// Write {"tenantId","apiKey","apiSecret","encryptionId"} to FILE once serving.
+        #[arg(long, value_name = "FILE")]
+        credentials_out: Option<PathBuf>,
+    },
+    /// Run the production server (settings from --config and KEYWARD_* variables).
+    Serve(ConfigArg),
+    /// Apply the database migrations to KEYWARD_DATABASE_URL.
+    Migrate(ConfigArg),
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Manage API keys.
+    Apikey {
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArg {
+    /// A TOML file with settings (KEYWARD_* variables override it).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum TenantCommand {
+    /// Create a tenant and an all-scopes API key for it.
+    Create {
+        /// The tenant's unique name.
+        name: String,
+        /// Print {"tenantId","name","apiKey","apiSecret"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ApikeyCommand {
+    /// Create an API key for a tenant.
+    Create {
+        /// The tenant's id.
+        #[arg(long, value_name = "ID")]
+        tenant: String,
+        /// Comma-separated scopes: encrypt, decrypt, rotate, manage, admin.
+        #[arg(long, value_name = "LIST")]
+        scopes: String,
+        /// Print {"apiKey","apiSecret","scopes"}.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Revoke an API key; running servers drop it within one sync interval.
+    Revoke {
+        /// The API key id (kw_...).
+        key: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn settings(config: &ConfigArg) -> anyhow::Result<Settings> {
+    Ok(Settings::load(config.config.as_deref(), std::env::vars())?)
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dev {
+            data_dir,
+            listen,
+            credentials_out,
+        } => {
+            telemetry::init(LogFormat::Text, "info");
+            dev::run(DevOptions {
+                data_dir,
+                listen,
+                credentials_out,
+            })
+            .await
+        }
+        Command::Serve(config) => {
+            let settings = settings(&config)?;
+            telemetry::init(settings.log_format, &settings.log_level);
+            let app = Application::build(&settings).await?;
+            app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Migrate(config) => {
+            let settings = settings(&config)?;
+            telemetry::init(settings.log_format, &settings.log_level);
+            open_store(&settings).await?.close().await;
+            eprintln!("migrations applied");
+            Ok(())
+        }
+        Command::Tenant {
+            command: TenantCommand::Create { name, json, config },
+        } => {
+            let store = open_store(&settings(&config)?).await?;
+            let created = accounts::create_tenant(&store, &name).await?;
+            store.close().await;
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "tenantId": created.tenant.id.to_string(),
+                        "name": created.tenant.name,
+                        "apiKey": created.credential.key_id,
+                        "apiSecret": created.credential.secret.as_str(),
+                    })
+                );
+            } else {
+                println!("tenant id:  {}", created.tenant.id);
+                println!("name:       {}", created.tenant.name);
+                println!("api key:    {}", created.credential.key_id);
+                println!(
+                    "api secret: {}  (shown once; not stored)",
+                    created.credential.secret.as_str()
+                );
+            }
+            Ok(())
+        }
+        Command::Apikey {
+            command:
+                ApikeyCommand::Create {
+                    tenant,
+                    scopes,
+                    json,
+                    config,
+                },
+        } => {
+            let tenant: TenantId = tenant
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--tenant: `{tenant}` is not a tenant id (a UUID)"))?;
+            let scopes = Scopes::parse(&scopes).map_err(|e| anyhow::anyhow!("--scopes: {e}"))?;
+            let store = open_store(&settings(&config)?).await?;
+            let credential = accounts::create_api_key(&store, tenant, scopes, None).await?;
+            store.close().await;
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "apiKey": credential.key_id,
+                        "apiSecret": credential.secret.as_str(),
+                        "scopes": scopes.names(),
+                    })
+                );
+            } else {
+                println!("api key:    {}", credential.key_id);
+                println!(
+                    "api secret: {}  (shown once; not stored)",
+                    credential.secret.as_str()
+                );
+                println!("scopes:     {scopes}");
+            }
+            Ok(())
+        }
+        Command::Apikey {
+            command: ApikeyCommand::Revoke { key, config },
+        } => {
+            let store = open_store(&settings(&config)?).await?;
+            let revoked = accounts::revoke_api_key(&store, &key).await?;
+            store.close().await;
+            if !revoked {
+                anyhow::bail!("no live API key `{key}`");
+            }
+            eprintln!("revoked {key}");
+            Ok(())
+        }
+    }
+    .context("keyward failed")
+}

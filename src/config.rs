@@ -1,0 +1,455 @@
+//! Settings for `keyward serve` and the administrative commands: read from an
+//! optional TOML file and from `KEYWARD_*` environment variables (the
+//! environment wins), validated once, with errors that name the setting.
+//!
+//! [`SETTINGS`] is the one list of what Keyward accepts: a key in the file or a
+//! `KEYWARD_*` variable that is not in it is an error, never silently ignored.
+//! The configuration reference in `docs/configuration.md` is checked against it.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine;
+use zeroize::Zeroizing;
+
+use crate::crypto::DataKey;
+
+/// One accepted setting.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The key in the TOML file; the environment variable is `KEYWARD_` + upper case.
+    pub name: &'static str,
+    /// The default, if the setting is optional.
+    pub default: Option<&'static str>,
+    /// Whether the value is a secret (never printed).
+    pub secret: bool,
+    /// One line for the configuration reference.
+    pub doc: &'static str,
+}
+
+impl Setting {
+    /// The environment variable for this setting.
+    pub fn env_var(&self) -> String {
+        format!("KEYWARD_{}", self.name.to_ascii_uppercase())
+    }
+}
+
+/// Every setting Keyward accepts.
+pub const SETTINGS: &[Setting] = &[
+    Setting { name: "listen", default: Some("127.0.0.1:8480"), secret: false, doc: "Address and port to listen on." },
+    Setting { name: "database_url", default: None, secret: true, doc: "`sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`." },
+    Setting { name: "database_max_connections", default: Some("10"), secret: false, doc: "Size of the database connection pool." },
+    Setting { name: "master_key", default: None, secret: true, doc: "Base64 of 32 random bytes (`openssl rand -base64 32`): wraps the root KEK. Required by `serve`." },
+    Setting { name: "max_body_bytes", default: Some("1048576"), secret: false, doc: "Largest accepted request body; larger bodies get 413." },
+    Setting { name: "key_ring_capacity", default: Some("100000"), secret: false, doc: "Most encryptions whose unwrapped keys are kept in memory (and most API keys cached)." },
+    Setting { name: "sync_interval", default: Some("1s"), secret: false, doc: "How often the change feed is polled, bounding how long a rotation or revocation made by another process takes to reach this one." },
+    Setting { name: "request_timeout", default: Some("30s"), secret: false, doc: "Longest time one request may take." },
+    Setting { name: "shutdown_timeout", default: Some("30s"), secret: false, doc: "On SIGTERM, how long requests in flight may take to finish." },
+    Setting { name: "log_format", default: Some("json"), secret: false, doc: "`json` (one object per line) or `text`." },
+    Setting { name: "log_level", default: Some("info"), secret: false, doc: "A tracing filter: `info`, `debug`, or per target like `keyward=debug,info`." },
+];
+
+/// A configuration problem, naming the setting and where its value came from.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file could not be read or parsed.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A key or variable that Keyward does not know.
+    #[error("unknown setting `{name}` ({source_desc}); known settings: {known}")]
+    Unknown {
+        /// The key as given.
+        name: String,
+        /// Where it came from.
+        source_desc: String,
+        /// The accepted names.
+        known: String,
+    },
+    /// A required setting is missing.
+    #[error("{env} (or `{name}` in the config file) is required: {doc}")]
+    Missing {
+        /// The file key.
+        name: &'static str,
+        /// The environment variable.
+        env: String,
+        /// What it is.
+        doc: &'static str,
+    },
+    /// A value that does not parse or is out of range. Never contains a secret.
+    #[error("{setting} ({source_desc}): {reason}")]
+    Invalid {
+        /// The setting's environment variable name.
+        setting: String,
+        /// Where the value came from.
+        source_desc: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
+
+/// A database URL, which may carry a password: never printed in full.
+#[derive(Clone)]
+pub struct DatabaseUrl(Zeroizing<String>);
+
+impl DatabaseUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        DatabaseUrl(Zeroizing::new(url.into()))
+    }
+
+    /// The full URL, for connecting.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = self.0.split(':').next().unwrap_or("?");
+        write!(f, "DatabaseUrl({scheme}:<redacted>)")
+    }
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The database.
+    pub database_url: DatabaseUrl,
+    /// Pool size.
+    pub database_max_connections: u32,
+    /// The master key (the `env` provider), if configured.
+    pub master_key: Option<DataKey>,
+    /// Body size limit.
+    pub max_body_bytes: usize,
+    /// Key ring bound.
+    pub key_ring_capacity: usize,
+    /// Change feed poll interval.
+    pub sync_interval: Duration,
+    /// Per-request time limit.
+    pub request_timeout: Duration,
+    /// Grace period at shutdown.
+    pub shutdown_timeout: Duration,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+/// Raw values by setting name, with where each came from.
+struct Raw(BTreeMap<&'static str, (Zeroizing<String>, String)>);
+
+impl Settings {
+    /// Reads the optional TOML file and the `KEYWARD_*` variables in `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut raw = Raw(BTreeMap::new());
+        if let Some(path) = file {
+            raw.read_file(path)?;
+        }
+        raw.read_env(env)?;
+        raw.validate()
+    }
+
+    /// Settings with every default and the given database URL (for dev mode and
+    /// tests); the caller fills in the rest.
+    pub fn with_defaults(database_url: DatabaseUrl) -> Settings {
+        let mut raw = Raw(BTreeMap::new());
+        raw.0.insert(
+            "database_url",
+            (
+                Zeroizing::new(database_url.expose().to_string()),
+                "dev".into(),
+            ),
+        );
+        raw.validate()
+            .expect("the defaults and a given database URL are valid")
+    }
+}
+
+fn known_names() -> String {
+    SETTINGS
+        .iter()
+        .map(|s| s.name)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Raw {
+    fn read_file(&mut self, path: &Path) -> Result<(), ConfigError> {
+        let file_err = |reason: String| ConfigError::File {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| file_err(e.message().to_string()))?;
+        for (key, value) in table {
+            let setting =
+                SETTINGS
+                    .iter()
+                    .find(|s| s.name == key)
+                    .ok_or_else(|| ConfigError::Unknown {
+                        name: key.clone(),
+                        source_desc: format!("in {}", path.display()),
+                        known: known_names(),
+                    })?;
+            let text = match value {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                _ => {
+                    return Err(ConfigError::Invalid {
+                        setting: setting.env_var(),
+                        source_desc: format!("`{key}` in {}", path.display()),
+                        reason: "must be a string, number or boolean".into(),
+                    })
+                }
+            };
+            self.0.insert(
+                setting.name,
+                (
+                    Zeroizing::new(text),
+                    format!("`{key}` in {}", path.display()),
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    fn read_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("KEYWARD_") else {
+                continue;
+            };
+            let setting = SETTINGS
+                .iter()
+                .find(|s| s.name.eq_ignore_ascii_case(rest) && s.env_var() == var)
+                .ok_or_else(|| ConfigError::Unknown {
+                    name: var.clone(),
+                    source_desc: "environment variable".into(),
+                    known: SETTINGS
+                        .iter()
+                        .map(|s| s.env_var())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+            self.0.insert(
+                setting.name,
+                (Zeroizing::new(value), "environment variable".into()),
+            );
+        }
+        Ok(())
+    }
+
+    /// The value of `name` (or its default) with its source, or `None`.
+    fn get(&self, name: &'static str) -> Option<(&str, &str)> {
+        if let Some((v, src)) = self.0.get(name) {
+            return Some((v.as_str(), src.as_str()));
+        }
+        SETTINGS
+            .iter()
+            .find(|s| s.name == name)
+            .and_then(|s| s.default)
+            .map(|d| (d, "default"))
+    }
+
+    fn parse<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<Option<T>, ConfigError> {
+        let Some((value, source)) = self.get(name) else {
+            return Ok(None);
+        };
+        parse(value.trim())
+            .map(Some)
+            .map_err(|reason| ConfigError::Invalid {
+                setting: format!("KEYWARD_{}", name.to_ascii_uppercase()),
+                source_desc: source.to_string(),
+                reason,
+            })
+    }
+
+    fn required<T>(
+        &self,
+        name: &'static str,
+        parse: impl FnOnce(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        self.parse(name, parse)?.ok_or_else(|| {
+            let s = SETTINGS
+                .iter()
+                .find(|s| s.name == name)
+                .expect("known setting");
+            ConfigError::Missing {
+                name: s.name,
+                env: s.env_var(),
+                doc: s.doc,
+            }
+        })
+    }
+
+    fn validate(self) -> Result<Settings, ConfigError> {
+        Ok(Settings {
+            listen: self.required("listen", |v| {
+                v.parse()
+                    .map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8480"))
+            })?,
+            database_url: self.required("database_url", |v| {
+                if v.starts_with("sqlite:")
+                    || v.starts_with("postgres://")
+                    || v.starts_with("postgresql://")
+                {
+                    Ok(DatabaseUrl::new(v))
+                } else {
+                    Err("must start with sqlite: or postgres://".into())
+                }
+            })?,
+            database_max_connections: self.required("database_max_connections", |v| {
+                positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+            })?,
+            master_key: self.parse("master_key", parse_master_key)?,
+            max_body_bytes: self.required("max_body_bytes", positive)?,
+            key_ring_capacity: self.required("key_ring_capacity", positive)?,
+            sync_interval: self.required("sync_interval", duration)?,
+            request_timeout: self.required("request_timeout", duration)?,
+            shutdown_timeout: self.required("shutdown_timeout", duration)?,
+            log_format: self.required("log_format", |v| match v {
+                "json" => Ok(LogFormat::Json),
+                "text" => Ok(LogFormat::Text),
+                _ => Err("must be `json` or `text`".into()),
+            })?,
+            log_level: self.required("log_level", |v| {
+                tracing_subscriber::EnvFilter::try_new(v)
+                    .map(|_| v.to_string())
+                    .map_err(|e| format!("not a valid log filter: {e}"))
+            })?,
+        })
+    }
+}
+
+fn positive(v: &str) -> Result<usize, String> {
+    match v.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err("must be a positive integer".into()),
+    }
+}
+
+fn duration(v: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(v) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        _ => Err("must be a positive duration like `500ms`, `2s` or `5m`".into()),
+    }
+}
+
+/// Parses base64 of exactly 32 bytes. The error never contains the value.
+pub fn parse_master_key(v: &str) -> Result<DataKey, String> {
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(v.trim())
+            .map_err(|_| "must be base64 of 32 random bytes (not valid base64)".to_string())?,
+    );
+    DataKey::from_slice(&bytes).ok_or_else(|| {
+        format!(
+            "must be base64 of exactly 32 random bytes (decodes to {} bytes)",
+            bytes.len()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn env_overrides_file_and_defaults_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\ndatabase_url = \"sqlite://x.db\"\nmax_body_bytes = 10\n",
+        )
+        .unwrap();
+        let s = Settings::load(
+            Some(&file),
+            env(&[("KEYWARD_LISTEN", "127.0.0.1:2"), ("OTHER", "x")]),
+        )
+        .unwrap();
+        assert_eq!(s.listen.port(), 2);
+        assert_eq!(s.max_body_bytes, 10);
+        assert_eq!(s.sync_interval, Duration::from_secs(1));
+        assert!(s.master_key.is_none());
+    }
+
+    #[test]
+    fn unknown_settings_are_errors_naming_them() {
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_LISTN", "x"),
+            ]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("KEYWARD_LISTN"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("k.toml");
+        std::fs::write(&file, "databse_url = \"sqlite://x.db\"\n").unwrap();
+        let e = Settings::load(Some(&file), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("databse_url"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_setting_and_never_echo_secrets() {
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_MASTER_KEY", "c2VjcmV0LXNlY3JldA=="),
+            ]),
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("KEYWARD_MASTER_KEY") && msg.contains("13 bytes"),
+            "{msg}"
+        );
+        assert!(!msg.contains("c2VjcmV0"), "{msg}");
+        let e = Settings::load(None, env(&[("KEYWARD_DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert!(e.to_string().contains("KEYWARD_DATABASE_URL"), "{e}");
+        let e = Settings::load(None, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("KEYWARD_DATABASE_URL"), "{e}");
+    }
+}

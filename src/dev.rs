@@ -1,0 +1,242 @@
+//! `keyward dev`: one command, no setup. Embedded SQLite and a generated master
+//! key in a data folder, a dev tenant with an all-scopes API key, a sample
+//! encryption, plain HTTP on loopback, and curl examples that work when pasted.
+//! Restarting on the same folder keeps every key.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::config::{parse_master_key, DatabaseUrl, LogFormat, Settings};
+use crate::crypto::{random_bytes, DataKey};
+use crate::domain::accounts::{self, AccountError};
+use crate::domain::service::KeyService;
+use crate::domain::{EncryptionId, TenantId};
+use crate::startup::{shutdown_signal, Application};
+
+/// Options of `keyward dev`.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    /// Where the database, master key and dev credentials live.
+    pub data_dir: Option<PathBuf>,
+    /// Where to listen (loopback only).
+    pub listen: SocketAddr,
+    /// Where to write the dev credentials as JSON once serving.
+    pub credentials_out: Option<PathBuf>,
+}
+
+/// The dev tenant's credentials, kept in the data folder so that a restart
+/// prints the same working examples.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DevCredentials {
+    tenant_id: String,
+    api_key: String,
+    api_secret: String,
+    encryption_id: String,
+}
+
+/// The default data folder: `$XDG_DATA_HOME/keyward-dev`, else
+/// `~/.local/share/keyward-dev`, else `./.keyward-dev`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("keyward-dev");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join(".local/share/keyward-dev");
+    }
+    PathBuf::from(".keyward-dev")
+}
+
+/// Runs dev mode until SIGTERM or Ctrl-C.
+pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
+    if !opts.listen.ip().is_loopback() {
+        bail!(
+            "keyward dev serves plain HTTP and listens on loopback only (got {}); use `keyward serve` for anything else",
+            opts.listen
+        );
+    }
+    let data_dir = opts.data_dir.clone().unwrap_or_else(default_data_dir);
+    create_private_dir(&data_dir)?;
+    let data_dir = data_dir
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", data_dir.display()))?;
+    let master_key = load_or_create_master_key(&data_dir.join("master.key"))?;
+    let mut settings = Settings::with_defaults(DatabaseUrl::new(format!(
+        "sqlite://{}",
+        data_dir.join("keyward.db").display()
+    )));
+    settings.listen = opts.listen;
+    settings.master_key = Some(master_key);
+    settings.log_format = LogFormat::Text;
+
+    let app = Application::build(&settings).await?;
+    let creds = load_or_create_credentials(app.service(), &data_dir).await?;
+    let addr = app.local_addr();
+    print_banner(app.service(), &data_dir, addr, &creds).await?;
+    if let Some(path) = &opts.credentials_out {
+        write_private(path, &serde_json::to_vec_pretty(&creds)?)
+            .with_context(|| format!("cannot write --credentials-out {}", path.display()))?;
+    }
+    app.run_until_stopped(shutdown_signal()).await
+}
+
+fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot restrict {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes a file readable by its owner only.
+fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(contents)?;
+    file.sync_all()
+}
+
+fn load_or_create_master_key(path: &Path) -> anyhow::Result<DataKey> {
+    if path.exists() {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        );
+        return parse_master_key(&text).map_err(|reason| {
+            anyhow::anyhow!("the dev master key in {} {reason}", path.display())
+        });
+    }
+    let bytes = Zeroizing::new(random_bytes::<32>());
+    let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes.as_ref()));
+    write_private(path, format!("{}\n", text.as_str()).as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(DataKey::from_slice(bytes.as_ref()).expect("32 bytes"))
+}
+
+async fn load_or_create_credentials(
+    service: &KeyService,
+    data_dir: &Path,
+) -> anyhow::Result<DevCredentials> {
+    let path = data_dir.join("dev-credentials.json");
+    if let Ok(bytes) = std::fs::read(&path) {
+        if let Ok(creds) = serde_json::from_slice::<DevCredentials>(&bytes) {
+            if still_valid(service, &creds).await {
+                return Ok(creds);
+            }
+        }
+        tracing::warn!(path = %path.display(), "the saved dev credentials no longer work; creating new ones");
+    }
+    let store = service.store();
+    let mut name = "dev".to_string();
+    let tenant = loop {
+        match accounts::create_tenant(store, &name).await {
+            Ok(t) => break t,
+            Err(AccountError::TenantExists(_)) => {
+                name = format!("dev-{:04x}", u16::from_le_bytes(random_bytes()));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let encryption = service
+        .create_encryption(tenant.tenant.id, Some("sample".into()), None)
+        .await?;
+    let creds = DevCredentials {
+        tenant_id: tenant.tenant.id.to_string(),
+        api_key: tenant.credential.key_id.clone(),
+        api_secret: tenant.credential.secret.to_string(),
+        encryption_id: encryption.encryption.id.to_string(),
+    };
+    write_private(&path, &serde_json::to_vec_pretty(&creds)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(creds)
+}
+
+async fn still_valid(service: &KeyService, creds: &DevCredentials) -> bool {
+    let (Ok(tenant), Ok(enc)) = (
+        creds.tenant_id.parse::<TenantId>(),
+        creds.encryption_id.parse::<EncryptionId>(),
+    ) else {
+        return false;
+    };
+    match service
+        .authenticate(&creds.api_key, &creds.api_secret)
+        .await
+    {
+        Ok(p) if p.tenant_id == tenant => service.encryption_details(tenant, enc).await.is_ok(),
+        _ => false,
+    }
+}
+
+async fn print_banner(
+    service: &KeyService,
+    data_dir: &Path,
+    addr: SocketAddr,
+    creds: &DevCredentials,
+) -> anyhow::Result<()> {
+    let tenant: TenantId = creds.tenant_id.parse()?;
+    let enc: EncryptionId = creds.encryption_id.parse()?;
+    let sample = service
+        .encrypt(tenant, enc, None, b"hello, keyward", None)
+        .await?;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let base = format!("http://{addr}");
+    let auth = format!(
+        "-H 'Content-Type: application/json' -H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'",
+        creds.api_key, creds.api_secret
+    );
+    let banner = format!(
+        r#"
+==> Keyward is running in DEV MODE on {base}
+
+    DEV MODE ONLY: the master key is kept in plain text in {data_dir}/master.key,
+    the database in {data_dir}/keyward.db, and the dev credentials in
+    {data_dir}/dev-credentials.json. Plain HTTP on loopback. Never use dev mode
+    for real data: use `keyward serve`.
+
+    Tenant:        {tenant}
+    API key:       {api_key}
+    API secret:    {api_secret}
+    Encryption:    {enc}
+
+Encrypt:
+  curl -sS {base}/v1/encrypt {auth} \
+    -d '{{"encryptionId":"{enc}","data":"hello, keyward"}}'
+
+Decrypt (this ciphertext was made at start):
+  curl -sS {base}/v1/decrypt {auth} \
+    -d '{{"encryptionId":"{enc}","cipherText":"{ct}","encryptionVersionId":"{ver}","metadata":{{"nonce":"{nonce}"}}}}'
+
+Rotate:
+  curl -sS {base}/v1/rotate {auth} \
+    -d '{{"encryptionId":"{enc}"}}'
+
+Inspect:
+  curl -sS {base}/v1/encryptions/{enc} -H 'X-Api-Key: {api_key}' -H 'X-Api-Secret: {api_secret}'
+"#,
+        data_dir = data_dir.display(),
+        api_key = creds.api_key,
+        api_secret = creds.api_secret,
+        ct = b64.encode(&sample.ciphertext),
+        ver = sample.version_id,
+        nonce = b64.encode(sample.nonce),
+    );
+    let mut out = std::io::stdout().lock();
+    out.write_all(banner.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! The key ring: an in-memory, bounded map from encryption id to that
+//! encryption's versions with their data keys ready for AES-256-GCM. It is what
+//! makes encrypt and decrypt of a platform-managed key cost no database query and
+//! no provider call in steady state.
+//!
+//! Client-mode encryptions are cached with their *wrapped* keys only: the
+//! unwrapped key exists only inside the request that brought the client's key.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use super::keys::{Mode, VersionState};
+use super::{EncryptionId, TenantId, VersionId};
+use crate::crypto::{CipherKey, WrappedKey};
+
+/// How a cached version holds its key.
+#[derive(Debug)]
+pub enum RingKey {
+    /// Platform mode: unwrapped and prepared.
+    Ready(CipherKey),
+    /// Client mode: still wrapped; the request's client key unwraps it.
+    ClientWrapped(WrappedKey),
+    /// Destroyed: no key material exists any more.
+    Destroyed,
+}
+
+/// One cached version.
+#[derive(Debug)]
+pub struct RingVersion {
+    /// The version id.
+    pub id: VersionId,
+    /// The version number.
+    pub number: i64,
+    /// Its state when loaded.
+    pub state: VersionState,
+    /// Its key.
+    pub key: RingKey,
+}
+
+/// One cached encryption: immutable once built. A change (rotate, state change)
+/// replaces the whole entry, so a reader always sees one consistent snapshot.
+#[derive(Debug)]
+pub struct RingEntry {
+    /// The id.
+    pub id: EncryptionId,
+    /// The owning tenant.
+    pub tenant_id: TenantId,
+    /// Who wraps the keys.
+    pub mode: Mode,
+    /// Salt for client-mode key derivation.
+    pub salt: Vec<u8>,
+    /// The active version.
+    pub active: VersionId,
+    /// Every version, in number order.
+    pub versions: Vec<RingVersion>,
+}
+
+impl RingEntry {
+    /// The version with this id.
+    pub fn version(&self, id: VersionId) -> Option<&RingVersion> {
+        self.versions.iter().rev().find(|v| v.id == id)
+    }
+
+    /// The active version.
+    pub fn active_version(&self) -> &RingVersion {
+        self.version(self.active)
+            .expect("an entry is built with its active version")
+    }
+}
+
+/// How long an unknown encryption id is remembered as unknown. Ids are random
+/// UUIDs minted by the server, so a later creation of a remembered id is not a
+/// concern; the point is that probing unknown ids costs no query after the first.
+const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+
+/// The bounded cache of unwrapped keys. See the module docs.
+#[derive(Debug)]
+pub struct KeyRing {
+    entries: RwLock<HashMap<EncryptionId, Arc<RingEntry>>>,
+    unknown: Mutex<HashMap<EncryptionId, Instant>>,
+    capacity: usize,
+    /// Bumped by every invalidation. A loader notes it before reading the
+    /// database and inserts its result only if it is unchanged, so a load that
+    /// raced with a rotation can never reinstate the pre-rotation entry.
+    generation: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl KeyRing {
+    /// An empty ring holding at most `capacity` encryptions.
+    pub fn new(capacity: usize) -> Self {
+        KeyRing {
+            entries: RwLock::new(HashMap::new()),
+            unknown: Mutex::new(HashMap::new()),
+            capacity: capacity.max(1),
+            generation: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The cached entry, counting a hit or a miss.
+    pub fn get(&self, id: EncryptionId) -> Option<Arc<RingEntry>> {
+        let found = self
+            .entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned();
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        found
+    }
+
+    /// The current generation, to pass to [`KeyRing::insert`] after a load.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Caches `entry` unless an invalidation happened since `generation` was read.
+    /// When full, an arbitrary entry makes room: a miss costs one query, and a
+    /// bounded ring matters more than a perfect hit rate.
+    pub fn insert(&self, entry: Arc<RingEntry>, generation: u64) {
+        let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        if map.len() >= self.capacity && !map.contains_key(&entry.id) {
+            if let Some(victim) = map.keys().next().copied() {
+                map.remove(&victim);
+            }
+        }
+        map.insert(entry.id, entry);
+    }
+
+    /// Drops the cached entry for `id` (after a rotation or state change).
+    pub fn invalidate(&self, id: EncryptionId) {
+        let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.remove(&id);
+    }
+
+    /// Drops every entry (when a change may have been missed).
+    pub fn clear(&self) {
+        let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        map.clear();
+    }
+
+    /// Whether `id` was recently found not to exist.
+    pub fn is_known_unknown(&self, id: EncryptionId) -> bool {
+        let mut unknown = self.unknown.lock().unwrap_or_else(|e| e.into_inner());
+        match unknown.get(&id) {
+            Some(at) if at.elapsed() < NEGATIVE_TTL => true,
+            Some(_) => {
+                unknown.remove(&id);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Remembers that `id` does not exist, for a short while.
+    pub fn remember_unknown(&self, id: EncryptionId) {
+        let mut unknown = self.unknown.lock().unwrap_or_else(|e| e.into_inner());
+        if unknown.len() >= self.capacity {
+            unknown.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
+            if unknown.len() >= self.capacity {
+                unknown.clear();
+            }
+        }
+        unknown.insert(id, Instant::now());
+    }
+
+    /// How many encryptions are cached.
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether the ring is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// (hits, misses) since start.
+    pub fn hit_counts(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::DataKey;
+
+    fn entry(id: EncryptionId) -> Arc<RingEntry> {
+        let v = VersionId::new_random();
+        Arc::new(RingEntry {
+            id,
+            tenant_id: TenantId::new_random(),
+            mode: Mode::Platform,
+            salt: vec![],
+            active: v,
+            versions: vec![RingVersion {
+                id: v,
+                number: 1,
+                state: VersionState::Active,
+                key: RingKey::Ready(DataKey::generate().cipher()),
+            }],
+        })
+    }
+
+    #[test]
+    fn ring_is_bounded() {
+        let ring = KeyRing::new(3);
+        for _ in 0..10 {
+            let g = ring.generation();
+            ring.insert(entry(EncryptionId::new_random()), g);
+        }
+        assert_eq!(ring.len(), 3);
+    }
+
+    #[test]
+    fn a_load_that_raced_an_invalidation_is_not_cached() {
+        let ring = KeyRing::new(10);
+        let id = EncryptionId::new_random();
+        let g = ring.generation();
+        ring.invalidate(id);
+        ring.insert(entry(id), g);
+        assert!(ring.get(id).is_none());
+        let g = ring.generation();
+        ring.insert(entry(id), g);
+        assert!(ring.get(id).is_some());
+        assert_eq!(ring.hit_counts(), (1, 1));
+    }
+}

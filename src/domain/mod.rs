@@ -1,0 +1,15 @@
+//! The domain: identifiers, the versioned key object, API keys and scopes, the
+//! in-memory key ring, and the service that carries out every operation. Handlers
+//! and the CLI call into [`service::KeyService`]; it talks to the store and to the
+//! pure crypto module.
+
+pub mod accounts;
+pub mod apikeys;
+pub mod ids;
+pub mod keyring;
+pub mod keys;
+pub mod service;
+pub mod sync;
+pub mod time;
+
+pub use ids::{EncryptionId, KekId, TenantId, VersionId};

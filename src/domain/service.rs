@@ -1,0 +1,727 @@
+//! [`KeyService`]: every Keyward operation, over the store, the key ring and the
+//! root keys. HTTP handlers and the CLI call these methods and never touch SQL
+//! or key bytes themselves.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+
+use base64::Engine;
+use zeroize::Zeroizing;
+
+use super::apikeys::{burn_secret_check, ApiKeyCache, ApiKeyRecord, Lookup, Scopes};
+use super::keyring::{KeyRing, RingEntry, RingKey, RingVersion};
+use super::keys::{Mode, VersionState};
+use super::time::now_ms;
+use super::{EncryptionId, KekId, TenantId, VersionId};
+use crate::crypto::{
+    self, data_aad, data_key_aad, derive_client_wrapping_key, CipherKey, DataKey, WrappedKey,
+    NONCE_LEN,
+};
+use crate::master_key::{MasterKeyProvider, ProviderError};
+use crate::store::{
+    ApiKeyRow, EncryptionRow, NewEncryption, NewVersion, RootKekRow, Store, StoreError, VersionRow,
+};
+
+/// Why a key operation failed. Each variant is one answer the API gives.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// No such encryption for this tenant (also: it belongs to another tenant).
+    #[error("encryption not found")]
+    EncryptionNotFound,
+    /// The encryption has no version with this id.
+    #[error("encryption version not found")]
+    VersionNotFound,
+    /// The ciphertext, nonce, metadata or version do not authenticate.
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// The version is disabled.
+    #[error("the encryption version is disabled")]
+    VersionDisabled,
+    /// The version's key material was destroyed.
+    #[error("the encryption version was destroyed")]
+    VersionDestroyed,
+    /// The version may decrypt but not encrypt.
+    #[error("the encryption version cannot encrypt")]
+    VersionNotEncryptable,
+    /// A client-mode encryption was used without `X-Master-Key`.
+    #[error("this encryption needs the client master key (X-Master-Key)")]
+    MasterKeyRequired,
+    /// The client key is not the one the encryption was created with.
+    #[error("the client master key does not match this encryption")]
+    MasterKeyMismatch,
+    /// `X-Master-Key` was sent for a platform-managed encryption.
+    #[error("this encryption is platform-managed and takes no X-Master-Key")]
+    MasterKeyNotApplicable,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored state violates an invariant (e.g. a wrapped key that fails to
+    /// authenticate under the root KEK): never the caller's fault.
+    #[error("integrity failure: {0}")]
+    Integrity(String),
+}
+
+/// Why authentication failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown key id, revoked key, or wrong secret: one answer for all three.
+    #[error("invalid API key or secret")]
+    InvalidCredentials,
+    /// The database failed while looking the key up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why the root keys could not be loaded at start.
+#[derive(Debug, thiserror::Error)]
+pub enum RootKeyError {
+    /// The configured master key is not the one that protects this database.
+    #[error(
+        "{setting} does not match the master key this database was created with: \
+         root KEK {kek_id} failed to unwrap. Start with the original master key \
+         (or migrate the database to the new one)"
+    )]
+    MasterKeyMismatch {
+        /// The setting that holds the master key.
+        setting: &'static str,
+        /// The root KEK that failed.
+        kek_id: KekId,
+    },
+    /// The KEK was wrapped by another provider.
+    #[error(
+        "root KEK {kek_id} is wrapped by the `{stored}` master-key provider, but the configured provider is `{configured}`"
+    )]
+    ProviderMismatch {
+        /// The root KEK.
+        kek_id: KekId,
+        /// The provider named in the database.
+        stored: String,
+        /// The configured provider.
+        configured: &'static str,
+    },
+    /// The provider could not be reached.
+    #[error(transparent)]
+    Provider(ProviderError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A client-provided master key from `X-Master-Key`: at least 32 bytes, held in
+/// zeroizing memory for the duration of one request.
+pub struct ClientKey(Zeroizing<Vec<u8>>);
+
+impl ClientKey {
+    /// Shortest accepted key (256 bits).
+    pub const MIN_LEN: usize = 32;
+    /// Longest accepted key.
+    pub const MAX_LEN: usize = 512;
+
+    /// Parses the header value (standard base64, padding optional).
+    pub fn from_base64(value: &str) -> Option<ClientKey> {
+        let engine = base64::engine::general_purpose::GeneralPurpose::new(
+            &base64::alphabet::STANDARD,
+            base64::engine::GeneralPurposeConfig::new()
+                .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+        );
+        let bytes = Zeroizing::new(engine.decode(value.trim()).ok()?);
+        (Self::MIN_LEN..=Self::MAX_LEN)
+            .contains(&bytes.len())
+            .then(|| ClientKey(bytes))
+    }
+}
+
+impl fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientKey(<redacted>)")
+    }
+}
+
+/// Who is calling: the authenticated API key.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    /// The API key id.
+    pub key_id: String,
+    /// The tenant it acts for.
+    pub tenant_id: TenantId,
+    /// What it may do.
+    pub scopes: Scopes,
+    /// The client certificate it is bound to, if any.
+    pub cert_spki_sha256: Option<[u8; 32]>,
+}
+
+/// The root KEKs in memory: the active one wraps new versions; older ones still
+/// unwrap the versions that name them.
+struct RootKeys {
+    active: KekId,
+    keys: HashMap<KekId, CipherKey>,
+}
+
+/// The result of an encryption.
+#[derive(Debug)]
+pub struct Encrypted {
+    /// The version used.
+    pub version_id: VersionId,
+    /// The nonce (goes into the response's metadata).
+    pub nonce: [u8; NONCE_LEN],
+    /// Ciphertext with tag.
+    pub ciphertext: Vec<u8>,
+}
+
+/// An encryption with its versions, as management endpoints show it.
+#[derive(Debug)]
+pub struct EncryptionDetails {
+    /// The encryption.
+    pub encryption: EncryptionRow,
+    /// Its versions by number.
+    pub versions: Vec<VersionRow>,
+}
+
+/// Owns every operation. Shared by all handlers behind an `Arc`.
+pub struct KeyService {
+    store: Store,
+    ring: KeyRing,
+    api_keys: ApiKeyCache,
+    root: RootKeys,
+}
+
+impl fmt::Debug for KeyService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyService")
+            .field("ring_len", &self.ring.len())
+            .field("active_kek", &self.root.active)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The id bound into the wrapping of client-mode data keys in place of a KEK id.
+const CLIENT_WRAPPING_ID: [u8; 16] = [0u8; 16];
+
+impl KeyService {
+    /// Loads (or, on a new database, creates) the root KEKs through `provider`
+    /// and builds the service. Fails if the provider's key does not match.
+    pub async fn start(
+        store: Store,
+        provider: &dyn MasterKeyProvider,
+        ring_capacity: usize,
+    ) -> Result<KeyService, RootKeyError> {
+        let root = load_root_keys(&store, provider).await?;
+        Ok(KeyService {
+            store,
+            ring: KeyRing::new(ring_capacity),
+            api_keys: ApiKeyCache::new(ring_capacity),
+            root,
+        })
+    }
+
+    /// The store (for readiness checks and background tasks).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The key ring (for metrics and the change feed).
+    pub fn ring(&self) -> &KeyRing {
+        &self.ring
+    }
+
+    /// The API key cache (for the change feed).
+    pub fn api_key_cache(&self) -> &ApiKeyCache {
+        &self.api_keys
+    }
+
+    // ----- identity -------------------------------------------------------------
+
+    /// Checks an API key id and secret. Costs no query once the key is cached.
+    pub async fn authenticate(&self, key_id: &str, secret: &str) -> Result<Principal, AuthError> {
+        let record = if !looks_like_key_id(key_id) {
+            None
+        } else {
+            match self.api_keys.lookup(key_id) {
+                Lookup::Found(r) => Some(r),
+                Lookup::KnownUnknown => None,
+                Lookup::NotCached(generation) => match self.store.api_key(key_id).await? {
+                    Some(row) if row.revoked_at.is_none() => {
+                        let record = Arc::new(record_from_row(row)?);
+                        self.api_keys.insert(record.clone(), generation);
+                        Some(record)
+                    }
+                    _ => {
+                        self.api_keys.remember_unknown(key_id);
+                        None
+                    }
+                },
+            }
+        };
+        match record {
+            Some(r) if r.secret_matches(secret) => Ok(Principal {
+                key_id: r.key_id.clone(),
+                tenant_id: r.tenant_id,
+                scopes: r.scopes,
+                cert_spki_sha256: r.cert_spki_sha256,
+            }),
+            Some(_) => Err(AuthError::InvalidCredentials),
+            None => {
+                burn_secret_check(secret);
+                Err(AuthError::InvalidCredentials)
+            }
+        }
+    }
+
+    // ----- the contract ---------------------------------------------------------
+
+    /// Encrypts `plaintext` under the active version, or under `version` if given
+    /// (which must be `active` or `enabled`).
+    pub async fn encrypt(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        version: Option<VersionId>,
+        plaintext: &[u8],
+        client_key: Option<&ClientKey>,
+    ) -> Result<Encrypted, KeyError> {
+        let entry = self.entry(tenant, id).await?;
+        check_mode(&entry, client_key)?;
+        let (entry, v) = match version {
+            None => {
+                let v = entry.active;
+                (entry, v)
+            }
+            Some(v) => (self.entry_with_version(entry, v).await?, v),
+        };
+        let version = entry.version(v).ok_or(KeyError::VersionNotFound)?;
+        match version.state {
+            VersionState::Active | VersionState::Enabled => {}
+            VersionState::DecryptOnly => return Err(KeyError::VersionNotEncryptable),
+            VersionState::Disabled => return Err(KeyError::VersionDisabled),
+            VersionState::Destroyed => return Err(KeyError::VersionDestroyed),
+        }
+        let aad = data_aad(id.as_bytes(), version.id.as_bytes());
+        let sealed = with_key(&entry, version, client_key, |key| {
+            crypto::seal(key, &aad, plaintext)
+        })?;
+        Ok(Encrypted {
+            version_id: version.id,
+            nonce: sealed.nonce,
+            ciphertext: sealed.ciphertext,
+        })
+    }
+
+    /// Decrypts a ciphertext made by [`KeyService::encrypt`]. A wrong version,
+    /// nonce, ciphertext or encryption all give [`KeyError::DecryptionFailed`].
+    pub async fn decrypt(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        version: VersionId,
+        nonce: Option<[u8; NONCE_LEN]>,
+        ciphertext: &[u8],
+        client_key: Option<&ClientKey>,
+    ) -> Result<Vec<u8>, KeyError> {
+        let entry = self.entry(tenant, id).await?;
+        check_mode(&entry, client_key)?;
+        let entry = match self.entry_with_version(entry, version).await {
+            Ok(e) => e,
+            // A version id that is not this encryption's is a ciphertext presented
+            // under the wrong encryption: the same answer as any other mismatch.
+            Err(KeyError::VersionNotFound) => return Err(KeyError::DecryptionFailed),
+            Err(e) => return Err(e),
+        };
+        let v = entry.version(version).ok_or(KeyError::DecryptionFailed)?;
+        match v.state {
+            VersionState::Active | VersionState::Enabled | VersionState::DecryptOnly => {}
+            VersionState::Disabled => return Err(KeyError::VersionDisabled),
+            VersionState::Destroyed => return Err(KeyError::VersionDestroyed),
+        }
+        let nonce = nonce.ok_or(KeyError::DecryptionFailed)?;
+        let aad = data_aad(id.as_bytes(), v.id.as_bytes());
+        with_key(&entry, v, client_key, |key| {
+            crypto::open(key, &nonce, &aad, ciphertext)
+        })?
+        .map_err(|()| KeyError::DecryptionFailed)
+    }
+
+    /// Makes a new version active; every older version keeps decrypting.
+    pub async fn rotate(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        client_key: Option<&ClientKey>,
+    ) -> Result<VersionId, KeyError> {
+        let entry = self.entry(tenant, id).await?;
+        check_mode(&entry, client_key)?;
+        let new_id = VersionId::new_random();
+        let data_key = DataKey::generate();
+        let new_version = match client_key {
+            None => self.wrap_platform_key(id, new_id, &data_key),
+            Some(ck) => {
+                let wrapping =
+                    derive_client_wrapping_key(&ck.0, &entry.salt, id.as_bytes()).cipher();
+                // Prove the caller's key is the encryption's key before adding a
+                // version under it: otherwise a wrong key would create a version
+                // nobody else can use.
+                let active = entry.active_version();
+                if let RingKey::ClientWrapped(w) = &active.key {
+                    wrapping
+                        .unwrap_key(
+                            w,
+                            &data_key_aad(id.as_bytes(), active.id.as_bytes(), &CLIENT_WRAPPING_ID),
+                        )
+                        .map_err(|_| KeyError::MasterKeyMismatch)?;
+                }
+                NewVersion {
+                    id: new_id,
+                    wrapped_key: wrapping
+                        .wrap(
+                            &data_key,
+                            &data_key_aad(id.as_bytes(), new_id.as_bytes(), &CLIENT_WRAPPING_ID),
+                        )
+                        .0,
+                    kek_id: None,
+                }
+            }
+        };
+        let outcome = self
+            .store
+            .rotate(tenant, id, &new_version, now_ms())
+            .await?
+            .ok_or(KeyError::EncryptionNotFound)?;
+        self.ring.invalidate(id);
+        tracing::info!(encryption_id = %id, new_version = outcome.new_version, version_id = %outcome.new_version_id, "rotated");
+        Ok(outcome.new_version_id)
+    }
+
+    // ----- management -----------------------------------------------------------
+
+    /// Creates an encryption with its first version. With a client key the
+    /// encryption is client-mode: every later call must bring the same key.
+    pub async fn create_encryption(
+        &self,
+        tenant: TenantId,
+        name: Option<String>,
+        client_key: Option<&ClientKey>,
+    ) -> Result<EncryptionDetails, KeyError> {
+        let id = EncryptionId::new_random();
+        let version_id = VersionId::new_random();
+        let salt: [u8; 32] = crypto::random_bytes();
+        let data_key = DataKey::generate();
+        let (mode, first) = match client_key {
+            None => (
+                Mode::Platform,
+                self.wrap_platform_key(id, version_id, &data_key),
+            ),
+            Some(ck) => {
+                let wrapping = derive_client_wrapping_key(&ck.0, &salt, id.as_bytes()).cipher();
+                let wrapped = wrapping.wrap(
+                    &data_key,
+                    &data_key_aad(id.as_bytes(), version_id.as_bytes(), &CLIENT_WRAPPING_ID),
+                );
+                (
+                    Mode::Client,
+                    NewVersion {
+                        id: version_id,
+                        wrapped_key: wrapped.0,
+                        kek_id: None,
+                    },
+                )
+            }
+        };
+        let now = now_ms();
+        self.store
+            .insert_encryption(
+                &NewEncryption {
+                    id,
+                    tenant_id: tenant,
+                    name,
+                    mode,
+                    salt: salt.to_vec(),
+                    now_ms: now,
+                },
+                &first,
+            )
+            .await?;
+        let (encryption, versions) = self
+            .store
+            .encryption_with_versions(id)
+            .await?
+            .ok_or_else(|| KeyError::Integrity("a created encryption vanished".into()))?;
+        Ok(EncryptionDetails {
+            encryption,
+            versions,
+        })
+    }
+
+    /// One of the tenant's encryptions with its versions, fresh from the store.
+    pub async fn encryption_details(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+    ) -> Result<EncryptionDetails, KeyError> {
+        match self.store.encryption_with_versions(id).await? {
+            Some((encryption, versions)) if encryption.tenant_id == tenant => {
+                Ok(EncryptionDetails {
+                    encryption,
+                    versions,
+                })
+            }
+            _ => Err(KeyError::EncryptionNotFound),
+        }
+    }
+
+    /// One page of the tenant's encryptions.
+    pub async fn list_encryptions(
+        &self,
+        tenant: TenantId,
+        after: Option<(i64, EncryptionId)>,
+        limit: u32,
+    ) -> Result<Vec<EncryptionRow>, KeyError> {
+        Ok(self.store.list_encryptions(tenant, after, limit).await?)
+    }
+
+    // ----- internals ------------------------------------------------------------
+
+    fn wrap_platform_key(&self, id: EncryptionId, version: VersionId, key: &DataKey) -> NewVersion {
+        let kek_id = self.root.active;
+        let kek = &self.root.keys[&kek_id];
+        NewVersion {
+            id: version,
+            wrapped_key: kek
+                .wrap(
+                    key,
+                    &data_key_aad(id.as_bytes(), version.as_bytes(), kek_id.as_bytes()),
+                )
+                .0,
+            kek_id: Some(kek_id),
+        }
+    }
+
+    /// The tenant's encryption from the ring, loading it on a miss. Another
+    /// tenant's encryption is reported exactly like a missing one.
+    async fn entry(&self, tenant: TenantId, id: EncryptionId) -> Result<Arc<RingEntry>, KeyError> {
+        let entry = match self.ring.get(id) {
+            Some(e) => e,
+            None => self.load(id).await?.ok_or(KeyError::EncryptionNotFound)?,
+        };
+        if entry.tenant_id != tenant {
+            return Err(KeyError::EncryptionNotFound);
+        }
+        Ok(entry)
+    }
+
+    /// `entry` if it knows `version`; otherwise the entry reloaded once from the
+    /// store, which picks up a version another replica just created before the
+    /// change feed reports it.
+    async fn entry_with_version(
+        &self,
+        entry: Arc<RingEntry>,
+        version: VersionId,
+    ) -> Result<Arc<RingEntry>, KeyError> {
+        if entry.version(version).is_some() {
+            return Ok(entry);
+        }
+        let fresh = self
+            .load(entry.id)
+            .await?
+            .ok_or(KeyError::EncryptionNotFound)?;
+        if fresh.tenant_id != entry.tenant_id {
+            return Err(KeyError::EncryptionNotFound);
+        }
+        if fresh.version(version).is_none() {
+            return Err(KeyError::VersionNotFound);
+        }
+        Ok(fresh)
+    }
+
+    async fn load(&self, id: EncryptionId) -> Result<Option<Arc<RingEntry>>, KeyError> {
+        if self.ring.is_known_unknown(id) {
+            return Ok(None);
+        }
+        let generation = self.ring.generation();
+        let Some((enc, versions)) = self.store.encryption_with_versions(id).await? else {
+            self.ring.remember_unknown(id);
+            return Ok(None);
+        };
+        let entry = Arc::new(self.build_entry(enc, versions)?);
+        self.ring.insert(entry.clone(), generation);
+        Ok(Some(entry))
+    }
+
+    fn build_entry(
+        &self,
+        enc: EncryptionRow,
+        rows: Vec<VersionRow>,
+    ) -> Result<RingEntry, KeyError> {
+        let mut versions = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key = match (&row.wrapped_key, row.state, enc.mode) {
+                (None, ..) | (_, VersionState::Destroyed, _) => RingKey::Destroyed,
+                (Some(w), _, Mode::Client) => RingKey::ClientWrapped(WrappedKey(w.clone())),
+                (Some(w), _, Mode::Platform) => {
+                    let kek_id = row.kek_id.ok_or_else(|| {
+                        KeyError::Integrity(format!("version {} names no root KEK", row.id))
+                    })?;
+                    let kek = self.root.keys.get(&kek_id).ok_or_else(|| {
+                        KeyError::Integrity(format!(
+                            "version {} names unknown root KEK {kek_id}",
+                            row.id
+                        ))
+                    })?;
+                    let aad = data_key_aad(enc.id.as_bytes(), row.id.as_bytes(), kek_id.as_bytes());
+                    let key = kek.unwrap_key(&WrappedKey(w.clone()), &aad).map_err(|_| {
+                        KeyError::Integrity(format!(
+                            "the data key of version {} failed to authenticate under root KEK {kek_id}",
+                            row.id
+                        ))
+                    })?;
+                    RingKey::Ready(key.cipher())
+                }
+            };
+            versions.push(RingVersion {
+                id: row.id,
+                number: row.version,
+                state: row.state,
+                key,
+            });
+        }
+        if !versions.iter().any(|v| v.id == enc.active_version_id) {
+            return Err(KeyError::Integrity(format!(
+                "encryption {} has no row for its active version",
+                enc.id
+            )));
+        }
+        Ok(RingEntry {
+            id: enc.id,
+            tenant_id: enc.tenant_id,
+            mode: enc.mode,
+            salt: enc.salt,
+            active: enc.active_version_id,
+            versions,
+        })
+    }
+}
+
+fn check_mode(entry: &RingEntry, client_key: Option<&ClientKey>) -> Result<(), KeyError> {
+    match (entry.mode, client_key) {
+        (Mode::Platform, Some(_)) => Err(KeyError::MasterKeyNotApplicable),
+        (Mode::Client, None) => Err(KeyError::MasterKeyRequired),
+        _ => Ok(()),
+    }
+}
+
+/// Runs `f` with the version's key: the cached one in platform mode, or one
+/// unwrapped for this call only from the client's key in client mode.
+fn with_key<R>(
+    entry: &RingEntry,
+    version: &RingVersion,
+    client_key: Option<&ClientKey>,
+    f: impl FnOnce(&CipherKey) -> R,
+) -> Result<R, KeyError> {
+    match (&version.key, client_key) {
+        (RingKey::Destroyed, _) => Err(KeyError::VersionDestroyed),
+        (RingKey::Ready(key), None) => Ok(f(key)),
+        (RingKey::ClientWrapped(wrapped), Some(ck)) => {
+            let wrapping =
+                derive_client_wrapping_key(&ck.0, &entry.salt, entry.id.as_bytes()).cipher();
+            let aad = data_key_aad(
+                entry.id.as_bytes(),
+                version.id.as_bytes(),
+                &CLIENT_WRAPPING_ID,
+            );
+            let key = wrapping
+                .unwrap_key(wrapped, &aad)
+                .map_err(|_| KeyError::MasterKeyMismatch)?;
+            Ok(f(&key.cipher()))
+        }
+        (RingKey::Ready(_), Some(_)) => Err(KeyError::MasterKeyNotApplicable),
+        (RingKey::ClientWrapped(_), None) => Err(KeyError::MasterKeyRequired),
+    }
+}
+
+fn looks_like_key_id(key_id: &str) -> bool {
+    key_id.len() == 27
+        && key_id.starts_with("kw_")
+        && key_id[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn record_from_row(row: ApiKeyRow) -> Result<ApiKeyRecord, StoreError> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        table: "api_keys",
+        detail: detail.to_string(),
+    };
+    Ok(ApiKeyRecord {
+        secret_sha256: row
+            .secret_sha256
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("secret digest is not 32 bytes"))?,
+        scopes: Scopes::parse(&row.scopes).map_err(|e| corrupt(&e))?,
+        cert_spki_sha256: row
+            .cert_spki_sha256
+            .map(|d| d.as_slice().try_into())
+            .transpose()
+            .map_err(|_| corrupt("certificate digest is not 32 bytes"))?,
+        key_id: row.id,
+        tenant_id: row.tenant_id,
+    })
+}
+
+async fn load_root_keys(
+    store: &Store,
+    provider: &dyn MasterKeyProvider,
+) -> Result<RootKeys, RootKeyError> {
+    let mut rows = store.root_keks().await?;
+    if rows.is_empty() {
+        let kek_id = KekId::new_random();
+        let kek = DataKey::generate();
+        let wrapped = provider
+            .wrap_root_kek(kek_id, &kek)
+            .await
+            .map_err(RootKeyError::Provider)?;
+        let row = RootKekRow {
+            id: kek_id,
+            provider: provider.name().to_string(),
+            wrapped_key: wrapped,
+            state: "active".into(),
+            created_at: now_ms(),
+        };
+        match store.insert_active_root_kek(&row).await {
+            // Another process initialised the database first: use its KEK.
+            Ok(()) | Err(StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        rows = store.root_keks().await?;
+        tracing::info!(kek_id = %kek_id, provider = provider.name(), "created the root KEK");
+    }
+    let mut keys = HashMap::new();
+    let mut active = None;
+    for row in rows {
+        if row.provider != provider.name() {
+            return Err(RootKeyError::ProviderMismatch {
+                kek_id: row.id,
+                stored: row.provider,
+                configured: provider.name(),
+            });
+        }
+        let kek = provider
+            .unwrap_root_kek(row.id, &row.wrapped_key)
+            .await
+            .map_err(|e| match e {
+                ProviderError::KeyMismatch => RootKeyError::MasterKeyMismatch {
+                    setting: provider.key_setting(),
+                    kek_id: row.id,
+                },
+                other => RootKeyError::Provider(other),
+            })?;
+        if row.state == "active" {
+            active = Some(row.id);
+        }
+        keys.insert(row.id, kek.cipher());
+    }
+    let active = active.ok_or_else(|| {
+        RootKeyError::Store(StoreError::Corrupt {
+            table: "root_keks",
+            detail: "no active root KEK".into(),
+        })
+    })?;
+    Ok(RootKeys { active, keys })
+}

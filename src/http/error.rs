@@ -1,0 +1,162 @@
+//! The one API error type. Every failure a handler can meet is a variant; one
+//! exhaustive `match` gives each its status and stable code, so handlers just
+//! use `?`. 5xx bodies are generic and their cause goes to the log. No message
+//! ever contains a secret, a key or plaintext.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::domain::apikeys::Scope;
+use crate::domain::service::{AuthError, KeyError};
+use crate::store::StoreError;
+
+/// Everything that can go wrong in a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Neither `X-Api-Key` nor `X-Api-Secret` was sent.
+    #[error("missing X-Api-Key and X-Api-Secret headers")]
+    MissingCredentials,
+    /// Unknown, revoked or wrong credentials, or malformed credential headers.
+    #[error("invalid API key or secret")]
+    InvalidCredentials,
+    /// The API key lacks the scope the route needs.
+    #[error("this API key lacks the `{}` scope", .0.as_str())]
+    InsufficientScope(Scope),
+    /// The body is not JSON.
+    #[error("the request body is not valid JSON: {0}")]
+    MalformedJson(String),
+    /// A field is missing, of the wrong type, or invalid. The message names the
+    /// field and the problem, never the value.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The body is not `application/json`.
+    #[error("the request body must be application/json")]
+    UnsupportedMediaType,
+    /// The body is over the limit.
+    #[error("the request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// `X-Master-Key` is present but not base64 of 32 to 512 bytes.
+    #[error("X-Master-Key must be base64 of 32 to 512 bytes")]
+    InvalidMasterKeyHeader,
+    /// No such route.
+    #[error("no such endpoint")]
+    RouteNotFound,
+    /// The route exists but not with this method.
+    #[error("method not allowed for this endpoint")]
+    MethodNotAllowed,
+    /// The request took longer than the configured limit.
+    #[error("the request timed out")]
+    Timeout,
+    /// A key operation failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    /// A handler panicked (caught; the process keeps serving).
+    #[error("internal error")]
+    Panic,
+}
+
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        match e {
+            AuthError::InvalidCredentials => ApiError::InvalidCredentials,
+            AuthError::Store(s) => ApiError::Key(KeyError::Store(s)),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::Key(KeyError::Store(e))
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+#[derive(Serialize)]
+struct Detail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+impl ApiError {
+    /// The status and stable code of this error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use StatusCode as S;
+        match self {
+            ApiError::MissingCredentials => (S::UNAUTHORIZED, "missing_credentials"),
+            ApiError::InvalidCredentials => (S::UNAUTHORIZED, "invalid_credentials"),
+            ApiError::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
+            ApiError::MalformedJson(_) => (S::BAD_REQUEST, "malformed_json"),
+            ApiError::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
+            ApiError::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::InvalidMasterKeyHeader => (S::BAD_REQUEST, "invalid_master_key"),
+            ApiError::RouteNotFound => (S::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Timeout => (S::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::Panic => (S::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Key(k) => match k {
+                KeyError::EncryptionNotFound => (S::NOT_FOUND, "encryption_not_found"),
+                KeyError::VersionNotFound => (S::NOT_FOUND, "version_not_found"),
+                KeyError::DecryptionFailed => (S::BAD_REQUEST, "decryption_failed"),
+                KeyError::VersionDisabled => (S::FORBIDDEN, "version_disabled"),
+                KeyError::VersionDestroyed => (S::GONE, "version_destroyed"),
+                KeyError::VersionNotEncryptable => {
+                    (S::UNPROCESSABLE_ENTITY, "version_not_encryptable")
+                }
+                KeyError::MasterKeyRequired => (S::UNAUTHORIZED, "master_key_required"),
+                KeyError::MasterKeyMismatch => (S::FORBIDDEN, "master_key_mismatch"),
+                KeyError::MasterKeyNotApplicable => (S::BAD_REQUEST, "master_key_not_applicable"),
+                KeyError::Store(StoreError::Unavailable(_)) => {
+                    (S::SERVICE_UNAVAILABLE, "unavailable")
+                }
+                KeyError::Store(_) | KeyError::Integrity(_) => {
+                    (S::INTERNAL_SERVER_ERROR, "internal")
+                }
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = if status.is_server_error() {
+            tracing::error!(code, error = %self, "request failed");
+            match status {
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    "a dependency is unavailable; retry later".to_string()
+                }
+                _ => "internal error; see the server log".to_string(),
+            }
+        } else {
+            tracing::debug!(code, status = status.as_u16(), "request refused");
+            self.to_string()
+        };
+        error_response(status, code, &message)
+    }
+}
+
+/// Builds the JSON error body `{"error": {"code", "message"}}`.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::to_vec(&Body {
+        error: Detail { code, message },
+    })
+    .unwrap_or_default();
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("ApiKey realm=\"keyward\""),
+        );
+    }
+    response
+}

@@ -1,0 +1,254 @@
+//! Request extractors: who is calling (with the scope the route needs, visible
+//! in each handler's signature), the optional client master key, and the JSON
+//! body parsed once at the edge with errors that name fields but never values.
+
+use std::marker::PhantomData;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::domain::apikeys::Scope;
+use crate::domain::service::{ClientKey, Principal};
+
+/// A scope a route requires, as a type.
+pub trait RequiredScope: Send + Sync + 'static {
+    /// The scope.
+    const SCOPE: Scope;
+}
+
+macro_rules! scope_marker {
+    ($name:ident, $scope:expr) => {
+        #[doc = concat!("The `", stringify!($name), "` scope marker.")]
+        pub struct $name;
+        impl RequiredScope for $name {
+            const SCOPE: Scope = $scope;
+        }
+    };
+}
+scope_marker!(EncryptScope, Scope::Encrypt);
+scope_marker!(DecryptScope, Scope::Decrypt);
+scope_marker!(RotateScope, Scope::Rotate);
+scope_marker!(ManageScope, Scope::Manage);
+
+/// An authenticated caller holding scope `S`.
+pub struct Auth<S: RequiredScope> {
+    /// Who is calling.
+    pub principal: Principal,
+    _scope: PhantomData<S>,
+}
+
+fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
+    let mut values = headers.get_all(name).iter();
+    let Some(first) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(());
+    }
+    first.to_str().map(Some).map_err(|_| ())
+}
+
+impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = single_header(&parts.headers, "x-api-key")
+            .map_err(|()| ApiError::InvalidCredentials)?;
+        let secret = single_header(&parts.headers, "x-api-secret")
+            .map_err(|()| ApiError::InvalidCredentials)?;
+        let (key, secret) = match (key, secret) {
+            (None, None) => return Err(ApiError::MissingCredentials),
+            (Some(k), Some(s)) => (k, s),
+            // One without the other is present-but-malformed, not absent.
+            _ => return Err(ApiError::InvalidCredentials),
+        };
+        let principal = state.service.authenticate(key, secret).await?;
+        let span = tracing::Span::current();
+        span.record("api_key", principal.key_id.as_str());
+        span.record("tenant", tracing::field::display(principal.tenant_id));
+        if !principal.scopes.contains(S::SCOPE) {
+            return Err(ApiError::InsufficientScope(S::SCOPE));
+        }
+        Ok(Auth {
+            principal,
+            _scope: PhantomData,
+        })
+    }
+}
+
+/// The optional `X-Master-Key` header. Present but malformed is an error, never
+/// treated as absent.
+pub struct MasterKeyHeader(pub Option<ClientKey>);
+
+impl<St: Send + Sync> FromRequestParts<St> for MasterKeyHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &St) -> Result<Self, ApiError> {
+        match single_header(&parts.headers, "x-master-key") {
+            Ok(None) => Ok(MasterKeyHeader(None)),
+            Ok(Some(v)) => ClientKey::from_base64(v)
+                .map(|k| MasterKeyHeader(Some(k)))
+                .ok_or(ApiError::InvalidMasterKeyHeader),
+            Err(()) => Err(ApiError::InvalidMasterKeyHeader),
+        }
+    }
+}
+
+/// A JSON body of type `T`. An empty body counts as `{}` when `T` allows it
+/// (every field optional); otherwise it is a missing-field error.
+pub struct ApiJson<T>(pub T);
+
+impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &St) -> Result<Self, ApiError> {
+        if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+            let ok = ct
+                .to_str()
+                .ok()
+                .and_then(|v| v.split(';').next())
+                .map(|mime| {
+                    let mime = mime.trim().to_ascii_lowercase();
+                    mime == "application/json"
+                        || (mime.starts_with("application/") && mime.ends_with("+json"))
+                })
+                .unwrap_or(false);
+            if !ok {
+                return Err(ApiError::UnsupportedMediaType);
+            }
+        }
+        let limit = req
+            .extensions()
+            .get::<BodyLimit>()
+            .map(|l| l.0)
+            .unwrap_or(usize::MAX);
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(limit)
+            } else {
+                ApiError::InvalidRequest("the request body could not be read".into())
+            }
+        })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        parse_json(bytes).map(ApiJson)
+    }
+}
+
+/// The configured body limit, put in request extensions so that the 413 message
+/// can name it.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);
+
+/// Deserializes `bytes`, turning serde's errors into messages that name the
+/// field and the problem but never echo a value from the request.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                ApiError::InvalidRequest(describe_data_error(&path, &inner.to_string()))
+            }
+            _ => {
+                ApiError::MalformedJson(format!("line {}, column {}", inner.line(), inner.column()))
+            }
+        }
+    })?;
+    de.end().map_err(|e| {
+        ApiError::MalformedJson(format!(
+            "trailing characters at line {}, column {}",
+            e.line(),
+            e.column()
+        ))
+    })?;
+    Ok(value)
+}
+
+fn describe_data_error(path: &str, message: &str) -> String {
+    let at = if path == "." || path.is_empty() {
+        String::new()
+    } else {
+        format!("`{path}`: ")
+    };
+    // serde's own messages quote the offending value after "invalid type:" and
+    // "invalid value:"; keep only the part naming what was expected.
+    let expected = message
+        .rsplit_once(", expected ")
+        .map(|(_, e)| e.split(" at line ").next().unwrap_or(e).to_string());
+    if let Some(rest) = message.strip_prefix("missing field `") {
+        let field = rest.split('`').next().unwrap_or("");
+        return format!("{at}missing field `{field}`");
+    }
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        let field: String = rest
+            .split('`')
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(64)
+            .collect();
+        return format!("{at}unknown field `{field}`");
+    }
+    if message.starts_with("invalid type") {
+        return format!(
+            "{at}wrong type, expected {}",
+            expected.as_deref().unwrap_or("another type")
+        );
+    }
+    match expected {
+        Some(e) => format!("{at}invalid value, expected {e}"),
+        None => format!("{at}invalid value"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        encryption_id: String,
+        count: Option<u32>,
+    }
+
+    fn message(json: &str) -> String {
+        match parse_json::<Body>(json.as_bytes()) {
+            Err(e) => e.to_string(),
+            Ok(b) => panic!("parsed {b:?}"),
+        }
+    }
+
+    #[test]
+    fn errors_name_the_field_but_not_the_value() {
+        assert_eq!(message("{}"), "missing field `encryptionId`");
+        let m = message(r#"{"encryptionId": 5}"#);
+        assert!(
+            m.contains("`encryptionId`") && m.contains("wrong type") && !m.contains('5'),
+            "{m}"
+        );
+        let m = message(r#"{"encryptionId": "x", "count": "secret-value"}"#);
+        assert!(m.contains("`count`") && !m.contains("secret-value"), "{m}");
+        let m = message(r#"{"encryptionId": "x", "encryptionID": "y"}"#);
+        assert!(m.contains("unknown field `encryptionID`"), "{m}");
+        assert!(matches!(
+            parse_json::<Body>(b"{"),
+            Err(ApiError::MalformedJson(_))
+        ));
+        assert!(matches!(
+            parse_json::<Body>(br#"{"encryptionId":"x"} x"#),
+            Err(ApiError::MalformedJson(_))
+        ));
+    }
+}

@@ -1,0 +1,130 @@
+//! The HTTP layer: one file per resource, each with its own `router()`, merged
+//! here with the cross-cutting layers (request ids, tracing, body limit, time
+//! limit, panic catching, JSON errors for everything).
+
+mod contract;
+mod encryptions;
+pub mod error;
+pub mod extract;
+mod ops;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{header, HeaderName, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::domain::service::KeyService;
+use error::{error_response, ApiError};
+use extract::BodyLimit;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// Every operation.
+    pub service: Arc<KeyService>,
+}
+
+/// Settings the router needs.
+#[derive(Debug, Clone, Copy)]
+pub struct RouterSettings {
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// Longest time one request may take.
+    pub request_timeout: Duration,
+}
+
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The whole API.
+pub fn router(state: AppState, settings: RouterSettings) -> Router {
+    let limit = settings.max_body_bytes;
+    Router::new()
+        .merge(contract::router())
+        .merge(encryptions::router())
+        .merge(ops::router())
+        .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .with_state(state)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(
+            move |mut req: Request, next: Next| async move {
+                req.extensions_mut().insert(BodyLimit(limit));
+                json_errors(next.run(req).await)
+            },
+        ))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            settings.request_timeout,
+        ))
+        .layer(CatchPanicLayer::custom(|_panic| {
+            ApiError::Panic.into_response()
+        }))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request| {
+                    let request_id = req
+                        .headers()
+                        .get(&REQUEST_ID)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    // Only the method, path and request id: never headers (they
+                    // carry secrets) or bodies (they carry plaintext).
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        path = %req.uri().path(),
+                        request_id,
+                        api_key = tracing::field::Empty,
+                        tenant = tracing::field::Empty,
+                    )
+                })
+                .on_request(())
+                .on_response(
+                    tower_http::trace::DefaultOnResponse::new()
+                        .level(tracing::Level::DEBUG)
+                        .latency_unit(tower_http::LatencyUnit::Micros),
+                )
+                .on_failure(()),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Gives every error response the JSON error shape, including those produced by
+/// layers (time limit) rather than handlers.
+fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::SERVICE_UNAVAILABLE => ("timeout", "the request timed out"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
+        s if s.is_server_error() => ("internal", "internal error; see the server log"),
+        _ => ("invalid_request", "the request was refused"),
+    };
+    error_response(status, code, message)
+}
+
+/// Parses a UUID field into an id newtype; the error names the field only.
+pub(crate) fn parse_id<T: FromStr>(value: &str, field: &str) -> Result<T, ApiError> {
+    value
+        .parse()
+        .map_err(|_| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
+}

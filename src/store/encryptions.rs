@@ -1,0 +1,300 @@
+//! The `encryptions` and `encryption_key_versions` tables: the versioned key
+//! object of each encryption.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::events::{record, EventKind};
+use super::{get_id, get_opt_id, Store, StoreError};
+use crate::domain::keys::{Mode, VersionState};
+use crate::domain::{EncryptionId, KekId, TenantId, VersionId};
+
+/// One encryption as stored.
+#[derive(Debug, Clone)]
+pub struct EncryptionRow {
+    /// Its id.
+    pub id: EncryptionId,
+    /// The owning tenant.
+    pub tenant_id: TenantId,
+    /// An optional human name.
+    pub name: Option<String>,
+    /// Always `AES-256-GCM` today.
+    pub algorithm: String,
+    /// Who wraps the data keys.
+    pub mode: Mode,
+    /// Random salt for deriving the client-mode wrapping key.
+    pub salt: Vec<u8>,
+    /// The version encrypt uses by default.
+    pub active_version_id: VersionId,
+    /// The highest version number handed out.
+    pub latest_version: i64,
+    /// Creation time (Unix ms).
+    pub created_at: i64,
+    /// Last change (Unix ms).
+    pub updated_at: i64,
+}
+
+/// One key version as stored.
+#[derive(Debug, Clone)]
+pub struct VersionRow {
+    /// The contract's `encryptionVersionId`.
+    pub id: VersionId,
+    /// The encryption it belongs to.
+    pub encryption_id: EncryptionId,
+    /// Human version number (1, 2, 3...).
+    pub version: i64,
+    /// Lifecycle state.
+    pub state: VersionState,
+    /// The wrapped data key; `None` once destroyed.
+    pub wrapped_key: Option<Vec<u8>>,
+    /// The root KEK that wraps it (`None` in client mode).
+    pub kek_id: Option<KekId>,
+    /// Creation time (Unix ms).
+    pub created_at: i64,
+    /// When it stopped being the active version (Unix ms).
+    pub rotated_at: Option<i64>,
+}
+
+/// A new encryption to insert.
+#[derive(Debug)]
+pub struct NewEncryption {
+    /// Its id.
+    pub id: EncryptionId,
+    /// The owning tenant.
+    pub tenant_id: TenantId,
+    /// An optional human name.
+    pub name: Option<String>,
+    /// Who wraps the data keys.
+    pub mode: Mode,
+    /// Random salt (client mode key derivation).
+    pub salt: Vec<u8>,
+    /// Creation time (Unix ms).
+    pub now_ms: i64,
+}
+
+/// A new key version to insert: the caller chose its id and wrapped its key
+/// (the id is bound into the wrapping); the store assigns its number.
+#[derive(Debug)]
+pub struct NewVersion {
+    /// The new version's id.
+    pub id: VersionId,
+    /// Its data key, wrapped.
+    pub wrapped_key: Vec<u8>,
+    /// The root KEK that wraps it (`None` in client mode).
+    pub kek_id: Option<KekId>,
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone, Copy)]
+pub struct RotateOutcome {
+    /// The new active version.
+    pub new_version_id: VersionId,
+    /// Its number.
+    pub new_version: i64,
+    /// The version that was active before.
+    pub previous_version_id: VersionId,
+}
+
+const ENCRYPTION_COLUMNS: &str = "id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at";
+const VERSION_COLUMNS: &str =
+    "id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at";
+
+fn corrupt(table: &'static str, detail: &str) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        detail: detail.to_string(),
+    }
+}
+
+fn encryption_from_row(r: &AnyRow) -> Result<EncryptionRow, StoreError> {
+    let mode: String = r.try_get("mode")?;
+    Ok(EncryptionRow {
+        id: get_id(r, "id", "encryptions")?,
+        tenant_id: get_id(r, "tenant_id", "encryptions")?,
+        name: r.try_get("name")?,
+        algorithm: r.try_get("algorithm")?,
+        mode: Mode::parse(&mode).ok_or_else(|| corrupt("encryptions", "unknown mode"))?,
+        salt: r.try_get("salt")?,
+        active_version_id: get_id(r, "active_version_id", "encryptions")?,
+        latest_version: r.try_get("latest_version")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+fn version_from_row(r: &AnyRow) -> Result<VersionRow, StoreError> {
+    let state: String = r.try_get("state")?;
+    Ok(VersionRow {
+        id: get_id(r, "id", "encryption_key_versions")?,
+        encryption_id: get_id(r, "encryption_id", "encryption_key_versions")?,
+        version: r.try_get("version")?,
+        state: VersionState::parse(&state)
+            .ok_or_else(|| corrupt("encryption_key_versions", "unknown state"))?,
+        wrapped_key: r.try_get("wrapped_key")?,
+        kek_id: get_opt_id(r, "kek_id", "encryption_key_versions")?,
+        created_at: r.try_get("created_at")?,
+        rotated_at: r.try_get("rotated_at")?,
+    })
+}
+
+impl Store {
+    /// Inserts an encryption with its first (active) version, in one transaction.
+    pub async fn insert_encryption(
+        &self,
+        enc: &NewEncryption,
+        first: &NewVersion,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO encryptions (id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at) \
+             VALUES ($1, $2, $3, 'AES-256-GCM', $4, $5, $6, 1, $7, $7)",
+        )
+        .bind(enc.id.to_string())
+        .bind(enc.tenant_id.to_string())
+        .bind(&enc.name)
+        .bind(enc.mode.as_str())
+        .bind(&enc.salt)
+        .bind(first.id.to_string())
+        .bind(enc.now_ms)
+        .execute(&mut *tx)
+        .await?;
+        insert_version(&mut tx, enc.id, first, 1, enc.now_ms).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// An encryption with all its versions (ordered by number), whichever tenant
+    /// owns it: the caller checks ownership.
+    pub async fn encryption_with_versions(
+        &self,
+        id: EncryptionId,
+    ) -> Result<Option<(EncryptionRow, Vec<VersionRow>)>, StoreError> {
+        let sql = format!("SELECT {ENCRYPTION_COLUMNS} FROM encryptions WHERE id = $1");
+        let Some(row) = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let enc = encryption_from_row(&row)?;
+        let sql = format!(
+            "SELECT {VERSION_COLUMNS} FROM encryption_key_versions WHERE encryption_id = $1 ORDER BY version"
+        );
+        let versions = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(version_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some((enc, versions)))
+    }
+
+    /// One page of a tenant's encryptions in creation order, after the keyset
+    /// position `after` = (created_at, id) of the previous page's last row.
+    pub async fn list_encryptions(
+        &self,
+        tenant: TenantId,
+        after: Option<(i64, EncryptionId)>,
+        limit: u32,
+    ) -> Result<Vec<EncryptionRow>, StoreError> {
+        let (after_ms, after_id) = after
+            .map(|(ms, id)| (ms, id.to_string()))
+            .unwrap_or((i64::MIN, String::new()));
+        let sql = format!(
+            "SELECT {ENCRYPTION_COLUMNS} FROM encryptions WHERE tenant_id = $1 \
+             AND (created_at > $2 OR (created_at = $2 AND id > $3)) \
+             ORDER BY created_at, id LIMIT $4"
+        );
+        sqlx::query(&sql)
+            .bind(tenant.to_string())
+            .bind(after_ms)
+            .bind(after_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(encryption_from_row)
+            .collect()
+    }
+
+    /// Makes `new` the active version of the tenant's encryption `id`; the version
+    /// that was active becomes `enabled` (still decrypts). `Ok(None)` if the tenant
+    /// has no such encryption.
+    ///
+    /// Concurrency: the first statement increments `latest_version` on the
+    /// encryption row, which takes that row's write lock (PostgreSQL) or the
+    /// database write lock (SQLite) until commit. Concurrent rotates therefore run
+    /// one after the other: each gets its own number and sees the previous one's
+    /// active version, so N rotates give N new versions and exactly one active
+    /// (also enforced by a partial unique index).
+    pub async fn rotate(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        new: &NewVersion,
+        now_ms: i64,
+    ) -> Result<Option<RotateOutcome>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "UPDATE encryptions SET latest_version = latest_version + 1, active_version_id = $1, updated_at = $2 \
+             WHERE id = $3 AND tenant_id = $4 RETURNING latest_version",
+        )
+        .bind(new.id.to_string())
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let new_version: i64 = row.try_get("latest_version")?;
+        let previous = sqlx::query(
+            "UPDATE encryption_key_versions SET state = 'enabled', rotated_at = $1 \
+             WHERE encryption_id = $2 AND state = 'active' RETURNING id",
+        )
+        .bind(now_ms)
+        .bind(id.to_string())
+        .fetch_one(&mut *tx)
+        .await?;
+        let previous_version_id = get_id(&previous, "id", "encryption_key_versions")?;
+        insert_version(&mut tx, id, new, new_version, now_ms).await?;
+        record(
+            &mut tx,
+            EventKind::EncryptionChanged,
+            &id.to_string(),
+            now_ms,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(RotateOutcome {
+            new_version_id: new.id,
+            new_version,
+            previous_version_id,
+        }))
+    }
+}
+
+async fn insert_version(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    encryption: EncryptionId,
+    v: &NewVersion,
+    number: i64,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO encryption_key_versions (id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at) \
+         VALUES ($1, $2, $3, 'active', $4, $5, $6, NULL)",
+    )
+    .bind(v.id.to_string())
+    .bind(encryption.to_string())
+    .bind(number)
+    .bind(&v.wrapped_key)
+    .bind(v.kek_id.map(|k| k.to_string()))
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

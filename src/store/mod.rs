@@ -1,0 +1,189 @@
+//! Persistence: one [`Store`] over SQLite and PostgreSQL through sqlx's `Any`
+//! driver, so every query is written once. Queries use `$1`-style parameters,
+//! which both databases accept, and only the types both share (text, 64-bit
+//! integers, bytes). Migrations live in `migrations/sqlite` and
+//! `migrations/postgres`: the same tables with each database's type names.
+//!
+//! Nothing here knows about HTTP; nothing here sees a key in the clear.
+
+mod api_keys;
+mod encryptions;
+mod events;
+mod root_keks;
+mod tenants;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::Migrator;
+use sqlx::{AnyPool, Executor, Row};
+
+pub use api_keys::ApiKeyRow;
+pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
+pub use events::{EventKind, KeyEvent};
+pub use root_keks::RootKekRow;
+pub use tenants::TenantRow;
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// Which database a [`Store`] talks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite (single node).
+    Sqlite,
+    /// PostgreSQL (shared by replicas).
+    Postgres,
+}
+
+impl Backend {
+    /// The backend a database URL names, or `None` for an unsupported scheme.
+    pub fn from_url(url: &str) -> Option<Backend> {
+        if url.starts_with("sqlite:") {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// A failed store operation. Callers decide what the user sees; the cause is for
+/// the log (sqlx errors never contain bound parameter values).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or did not answer in time.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// A uniqueness constraint refused the write.
+    #[error("conflicting row: {0}")]
+    Conflict(#[source] sqlx::Error),
+    /// Any other database error, or a row that does not decode.
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+    /// A row holds a value this version of Keyward cannot interpret.
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt {
+        /// The table the row is in.
+        table: &'static str,
+        /// What is wrong with it.
+        detail: String,
+    },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(e),
+            _ => StoreError::Other(e),
+        }
+    }
+}
+
+/// The database behind Keyward. Cheap to clone (a pool handle).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://PATH` or `postgres://...`). A SQLite file is
+    /// created if missing and put in WAL mode.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = Backend::from_url(url).ok_or_else(|| {
+            StoreError::Other(sqlx::Error::Configuration(
+                "the database URL must start with sqlite: or postgres://".into(),
+            ))
+        })?;
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_string(),
+        };
+        let options = sqlx::any::AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(5))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL lets readers proceed during a write; the busy timeout
+                        // makes concurrent writers (rotates, CLI) wait instead of fail.
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        Ok(Store { pool, backend })
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Other(e.into()))
+    }
+
+    /// A cheap round trip, for readiness checks.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes every connection (at shutdown).
+    pub async fn close(&self) {
+        self.pool.close().await
+    }
+}
+
+/// Reads a text column that holds a UUID into one of the id newtypes.
+fn get_id<T: FromStr>(row: &AnyRow, column: &str, table: &'static str) -> Result<T, StoreError> {
+    let text: String = row.try_get(column)?;
+    text.parse().map_err(|_| StoreError::Corrupt {
+        table,
+        detail: format!("column {column} is not a UUID"),
+    })
+}
+
+/// Like [`get_id`] for a nullable column.
+fn get_opt_id<T: FromStr>(
+    row: &AnyRow,
+    column: &str,
+    table: &'static str,
+) -> Result<Option<T>, StoreError> {
+    let text: Option<String> = row.try_get(column)?;
+    text.map(|t| {
+        t.parse().map_err(|_| StoreError::Corrupt {
+            table,
+            detail: format!("column {column} is not a UUID"),
+        })
+    })
+    .transpose()
+}
