@@ -43,6 +43,8 @@ enum Command {
     Serve(ConfigArg),
     /// Apply the database migrations to KEYWARD_DATABASE_URL.
     Migrate(ConfigArg),
+    /// Print the OpenAPI document (as served at /openapi.json).
+    Openapi,
     /// Manage tenants.
     Tenant {
         #[command(subcommand)]
@@ -126,6 +128,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             telemetry::init(settings.log_format, &settings.log_level);
             let app = Application::build(&settings).await?;
             app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Openapi => {
+            print!("{}", crate::http::openapi::document());
+            Ok(())
         }
         Command::Migrate(config) => {
             let settings = settings(&config)?;

@@ -394,6 +394,27 @@ mod tests {
     }
 
     #[test]
+    fn the_configuration_reference_documents_exactly_the_accepted_settings() {
+        let doc = include_str!("../docs/configuration.md");
+        for s in SETTINGS {
+            let row = format!("| `{}` | `{}` |", s.name, s.env_var());
+            assert!(
+                doc.contains(&row),
+                "docs/configuration.md lacks a row for {}",
+                s.name
+            );
+        }
+        for word in doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if let Some(rest) = word.strip_prefix("KEYWARD_").filter(|r| !r.is_empty()) {
+                assert!(
+                    SETTINGS.iter().any(|s| s.name.eq_ignore_ascii_case(rest)),
+                    "docs/configuration.md mentions {word}, which Keyward does not accept"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn env_overrides_file_and_defaults_apply() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("k.toml");

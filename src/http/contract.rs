@@ -6,9 +6,11 @@ use axum::routing::post;
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope};
+use super::openapi::MasterKeyParam;
 use super::{parse_id, AppState};
 use crate::crypto::NONCE_LEN;
 
@@ -26,34 +28,70 @@ pub const ALGORITHM: &str = "AES-256-GCM";
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// `POST /v1/encrypt` input.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EncryptRequest {
+    /// The encryption (key context) to encrypt under.
+    #[schema(format = Uuid)]
     encryption_id: String,
+    /// The data: any string (plain text or base64), returned byte for byte by decrypt.
     data: String,
+    /// Encrypt under this version (active or enabled) instead of the active one.
     #[serde(default)]
+    #[schema(format = Uuid, nullable = false)]
     encryption_version_id: Option<String>,
 }
 
-/// What decrypt needs besides the ciphertext.
-#[derive(Serialize, Deserialize)]
+/// What decrypt needs besides the ciphertext: pass it back unchanged.
+#[derive(Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
+    /// The 96-bit AES-GCM nonce, base64.
+    #[schema(format = Byte)]
     nonce: String,
 }
 
 /// `POST /v1/encrypt` output.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptResponse {
+    /// Ciphertext with the 16-byte GCM tag, base64.
+    #[schema(format = Byte)]
     cipher_text: String,
+    /// The encryption used.
+    #[schema(format = Uuid)]
     encryption_id: String,
+    /// The version used: store it with the ciphertext.
+    #[schema(format = Uuid)]
     encryption_version_id: String,
+    /// Always `AES-256-GCM`.
+    #[schema(example = "AES-256-GCM")]
     algorithm: &'static str,
+    /// What decrypt needs: store it with the ciphertext.
     metadata: Metadata,
 }
 
-async fn encrypt(
+/// Encrypt data under the encryption's active version (or a named one).
+#[utoipa::path(
+    post,
+    path = "/v1/encrypt",
+    tag = "contract",
+    params(MasterKeyParam),
+    request_body = EncryptRequest,
+    responses(
+        (status = 200, description = "Encrypted", body = EncryptResponse),
+        (status = 400, description = "Bad input (`malformed_json`, `invalid_request`, `invalid_master_key`, `master_key_not_applicable`)", body = ErrorBody),
+        (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
+        (status = 404, description = "`encryption_not_found` or `version_not_found`", body = ErrorBody),
+        (status = 410, description = "`version_destroyed`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+        (status = 422, description = "`version_not_encryptable`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn encrypt(
     State(state): State<AppState>,
     auth: Auth<EncryptScope>,
     MasterKeyHeader(client_key): MasterKeyHeader,
@@ -86,19 +124,28 @@ async fn encrypt(
     }))
 }
 
-/// `POST /v1/decrypt` input.
-#[derive(Deserialize)]
+/// `POST /v1/decrypt` input: the fields encrypt returned.
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DecryptRequest {
+    /// The encryption the ciphertext was made under.
+    #[schema(format = Uuid)]
     encryption_id: String,
+    /// The ciphertext, base64.
+    #[schema(format = Byte)]
     cipher_text: String,
+    /// The version that made it.
+    #[schema(format = Uuid)]
     encryption_version_id: String,
+    /// The metadata encrypt returned, unchanged.
+    #[schema(value_type = Object)]
     metadata: serde_json::Map<String, serde_json::Value>,
 }
 
 /// `POST /v1/decrypt` output.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct DecryptResponse {
+    /// Exactly the string that was encrypted.
     data: String,
 }
 
@@ -109,7 +156,26 @@ fn nonce_from(metadata: serde_json::Map<String, serde_json::Value>) -> Option<[u
     B64.decode(m.nonce).ok()?.try_into().ok()
 }
 
-async fn decrypt(
+/// Decrypt a ciphertext made by encrypt.
+#[utoipa::path(
+    post,
+    path = "/v1/decrypt",
+    tag = "contract",
+    params(MasterKeyParam),
+    request_body = DecryptRequest,
+    responses(
+        (status = 200, description = "Decrypted", body = DecryptResponse),
+        (status = 400, description = "`decryption_failed` (wrong or tampered ciphertext, nonce, metadata or version), or bad input", body = ErrorBody),
+        (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
+        (status = 404, description = "`encryption_not_found`", body = ErrorBody),
+        (status = 410, description = "`version_destroyed`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn decrypt(
     State(state): State<AppState>,
     auth: Auth<DecryptScope>,
     MasterKeyHeader(client_key): MasterKeyHeader,
@@ -140,20 +206,42 @@ async fn decrypt(
 }
 
 /// `POST /v1/rotate` input.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RotateRequest {
+    /// The encryption to rotate.
+    #[schema(format = Uuid)]
     encryption_id: String,
 }
 
 /// `POST /v1/rotate` output.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RotateResponse {
+    /// The new active version; older versions keep decrypting.
+    #[schema(format = Uuid)]
     new_version_id: String,
 }
 
-async fn rotate(
+/// Make a new version active. Every older version keeps decrypting.
+#[utoipa::path(
+    post,
+    path = "/v1/rotate",
+    tag = "contract",
+    params(MasterKeyParam),
+    request_body = RotateRequest,
+    responses(
+        (status = 200, description = "Rotated", body = RotateResponse),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope` or `master_key_mismatch`", body = ErrorBody),
+        (status = 404, description = "`encryption_not_found`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn rotate(
     State(state): State<AppState>,
     auth: Auth<RotateScope>,
     MasterKeyHeader(client_key): MasterKeyHeader,

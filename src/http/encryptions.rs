@@ -8,10 +8,12 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use super::contract::ALGORITHM;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Auth, ManageScope, MasterKeyHeader};
+use super::openapi::MasterKeyParam;
 use super::{parse_id, AppState};
 use crate::domain::service::EncryptionDetails;
 use crate::domain::time::rfc3339;
@@ -26,55 +28,118 @@ pub fn router() -> Router<AppState> {
 }
 
 /// `POST /v1/encryptions` input (every field optional; an empty body is fine).
-#[derive(Deserialize, Default)]
+/// Send `X-Master-Key` to create a client-mode (zero-knowledge) encryption.
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateRequest {
+    /// A human name, 1 to 200 printable characters.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 200, nullable = false)]
     name: Option<String>,
+    /// Only `AES-256-GCM` is offered.
     #[serde(default)]
+    #[schema(example = "AES-256-GCM", nullable = false)]
     algorithm: Option<String>,
 }
 
+/// Who wraps an encryption's data keys.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "snake_case")]
+enum ModeSchema {
+    Platform,
+    Client,
+}
+
+/// A key version's lifecycle state.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "snake_case")]
+enum StateSchema {
+    Active,
+    Enabled,
+    DecryptOnly,
+    Disabled,
+    Destroyed,
+}
+
 /// One encryption as listed.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptionSummary {
+    /// Its id.
+    #[schema(format = Uuid)]
     encryption_id: String,
+    /// Its name, if given.
     name: Option<String>,
+    /// Always `AES-256-GCM`.
     algorithm: String,
+    /// `platform` (root KEK) or `client` (X-Master-Key).
+    #[schema(value_type = ModeSchema)]
     mode: &'static str,
+    /// The version encrypt uses by default.
+    #[schema(format = Uuid)]
     active_version_id: String,
+    /// The highest version number.
     latest_version: i64,
+    /// RFC 3339.
+    #[schema(format = DateTime)]
     created_at: String,
+    /// RFC 3339.
+    #[schema(format = DateTime)]
     updated_at: String,
 }
 
-/// One version as shown.
-#[derive(Serialize)]
+/// One version as shown (never any key material).
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionView {
+    /// The contract's `encryptionVersionId`.
+    #[schema(format = Uuid)]
     version_id: String,
+    /// 1, 2, 3...
     version: i64,
+    /// Lifecycle state.
+    #[schema(value_type = StateSchema)]
     state: &'static str,
+    /// RFC 3339.
+    #[schema(format = DateTime)]
     created_at: String,
+    /// When it stopped being active (RFC 3339).
+    #[schema(format = DateTime)]
     rotated_at: Option<String>,
 }
 
 /// One encryption with its versions.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptionView {
     #[serde(flatten)]
     summary: EncryptionSummary,
+    /// Every version, by number.
     versions: Vec<VersionView>,
 }
 
 /// A page of encryptions.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptionPage {
+    /// This page.
     items: Vec<EncryptionSummary>,
+    /// Pass as `cursor` for the next page; absent on the last page.
     next_cursor: Option<String>,
+}
+
+/// Paging parameters of `GET /v1/encryptions`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct ListParams {
+    /// Page size, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+    /// The `nextCursor` of the previous page.
+    cursor: Option<String>,
 }
 
 fn summary(e: &EncryptionRow) -> EncryptionSummary {
@@ -107,7 +172,24 @@ fn view(d: &EncryptionDetails) -> EncryptionView {
     }
 }
 
-async fn create(
+/// Create an encryption (a key context) with its first version.
+#[utoipa::path(
+    post,
+    path = "/v1/encryptions",
+    tag = "encryptions",
+    params(MasterKeyParam),
+    request_body(content = CreateRequest, description = "Optional; an empty body is fine"),
+    responses(
+        (status = 201, description = "Created", body = EncryptionView),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn create(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
     MasterKeyHeader(client_key): MasterKeyHeader,
@@ -135,7 +217,22 @@ async fn create(
     Ok((StatusCode::CREATED, Json(view(&details))))
 }
 
-async fn show(
+/// One encryption with its versions.
+#[utoipa::path(
+    get,
+    path = "/v1/encryptions/{id}",
+    tag = "encryptions",
+    params(("id" = String, Path, format = Uuid, description = "The encryption id")),
+    responses(
+        (status = 200, description = "The encryption", body = EncryptionView),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope`", body = ErrorBody),
+        (status = 404, description = "`encryption_not_found`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn show(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
     Path(id): Path<String>,
@@ -165,7 +262,21 @@ fn decode_cursor(c: &str) -> Option<(i64, EncryptionId)> {
     Some((ms.parse().ok()?, id.parse().ok()?))
 }
 
-async fn list(
+/// The caller's tenant's encryptions, paginated.
+#[utoipa::path(
+    get,
+    path = "/v1/encryptions",
+    tag = "encryptions",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page", body = EncryptionPage),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn list(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
     RawQuery(query): RawQuery,

@@ -71,14 +71,20 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
-    error: Detail<'a>,
+/// Every error response: `{"error": {"code", "message"}}`.
+#[derive(Serialize, utoipa::ToSchema)]
+#[schema(as = ErrorBody)]
+pub struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
 }
 
-#[derive(Serialize)]
-struct Detail<'a> {
+/// The error's stable code and a human message.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail<'a> {
+    /// A stable snake_case code, e.g. `decryption_failed`.
+    #[schema(example = "decryption_failed")]
     code: &'a str,
+    /// What went wrong, for people. Never contains secrets or plaintext.
     message: &'a str,
 }
 
@@ -143,8 +149,8 @@ impl IntoResponse for ApiError {
 
 /// Builds the JSON error body `{"error": {"code", "message"}}`.
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = serde_json::to_vec(&Body {
-        error: Detail { code, message },
+    let body = serde_json::to_vec(&ErrorBody {
+        error: ErrorDetail { code, message },
     })
     .unwrap_or_default();
     let mut response = (status, body).into_response();

@@ -6,6 +6,7 @@ mod contract;
 mod encryptions;
 pub mod error;
 pub mod extract;
+pub mod openapi;
 mod ops;
 
 use std::str::FromStr;
@@ -51,6 +52,7 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         .merge(contract::router())
         .merge(encryptions::router())
         .merge(ops::router())
+        .merge(openapi::router())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

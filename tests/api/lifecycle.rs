@@ -80,6 +80,24 @@ async fn health_and_readiness_answer(backend: Backend) {
     assert_eq!(body["status"], "ready");
     let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert!(resp.headers().contains_key("x-request-id"));
+
+    // The served OpenAPI document is the checked-in one.
+    let served = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let checked_in =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/keyward.json"))
+            .unwrap();
+    assert!(
+        served == checked_in,
+        "openapi/keyward.json differs from /openapi.json"
+    );
 }
 
 async fn sigterm_lets_requests_in_flight_finish(backend: Backend) {

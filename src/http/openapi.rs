@@ -1,0 +1,111 @@
+//! The OpenAPI description, generated from the handlers by utoipa. The server
+//! serves it at `/openapi.json`; `openapi/keyward.json` in the repository is the
+//! same document (a test fails when they drift; `keyward openapi >
+//! openapi/keyward.json` regenerates it).
+
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi};
+
+use super::{contract, encryptions, error, ops, AppState};
+
+/// The `X-Master-Key` header, accepted by every call on an encryption.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct MasterKeyParam {
+    /// Client-provided master key (zero-knowledge mode): base64 of 32 to 512 bytes.
+    /// Required for encryptions created with it; refused for platform-managed ones.
+    #[param(rename = "X-Master-Key", nullable = false)]
+    x_master_key: Option<String>,
+}
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "apiKey",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Api-Key",
+                "The API key id (kw_...). Always sent together with X-Api-Secret.",
+            ))),
+        );
+        components.add_security_scheme(
+            "apiSecret",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-Api-Secret",
+                "The API key's secret (kws_...).",
+            ))),
+        );
+    }
+}
+
+/// The whole API description.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Keyward",
+        description = "An encryption service: per-tenant versioned data keys wrapped by a master key. \
+                       `/v1/encrypt`, `/v1/decrypt` and `/v1/rotate` are a fixed contract.",
+        license(name = "Apache-2.0", identifier = "Apache-2.0"),
+    ),
+    paths(
+        contract::encrypt,
+        contract::decrypt,
+        contract::rotate,
+        encryptions::create,
+        encryptions::list,
+        encryptions::show,
+        ops::healthz,
+        ops::readyz,
+    ),
+    components(schemas(error::ErrorBody)),
+    modifiers(&Security),
+    tags(
+        (name = "contract", description = "The fixed v1 contract"),
+        (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
+        (name = "operations", description = "Health and readiness, no authentication"),
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as pretty JSON with a trailing newline, exactly as checked in.
+pub fn document() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    let mut json = doc
+        .to_pretty_json()
+        .expect("the OpenAPI document serializes");
+    json.push('\n');
+    json
+}
+
+/// `GET /openapi.json`.
+pub fn router() -> Router<AppState> {
+    let body = document();
+    Router::new().route(
+        "/openapi.json",
+        get(move || {
+            let body = body.clone();
+            async move { ([(header::CONTENT_TYPE, "application/json")], body).into_response() }
+        }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_checked_in_spec_is_what_the_server_serves() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/keyward.json");
+        let checked_in = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            checked_in == super::document(),
+            "openapi/keyward.json is out of date: run `cargo run -- openapi > openapi/keyward.json`"
+        );
+    }
+}
