@@ -38,6 +38,10 @@ enum Command {
         /// Write {"tenantId","apiKey","apiSecret","encryptionId"} to FILE once serving.
         #[arg(long, value_name = "FILE")]
         credentials_out: Option<PathBuf>,
+        /// Serve mutual TLS with a generated dev CA, server and client certificate
+        /// (kept in the data folder).
+        #[arg(long)]
+        tls: bool,
     },
     /// Run the production server (settings from --config and KEYWARD_* variables).
     Serve(ConfigArg),
@@ -88,7 +92,11 @@ enum ApikeyCommand {
         /// Comma-separated scopes: encrypt, decrypt, rotate, manage, admin.
         #[arg(long, value_name = "LIST")]
         scopes: String,
-        /// Print {"apiKey","apiSecret","scopes"}.
+        /// Bind the key to this client certificate (PEM): requests with the key
+        /// must come over mutual TLS with a certificate for the same public key.
+        #[arg(long, value_name = "PEM")]
+        bind_cert: Option<PathBuf>,
+        /// Print {"apiKey","apiSecret","scopes","boundCertificateSpkiSha256"}.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -114,12 +122,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             listen,
             credentials_out,
+            tls,
         } => {
             telemetry::init(LogFormat::Text, "info");
             dev::run(DevOptions {
                 data_dir,
                 listen,
                 credentials_out,
+                tls,
             })
             .await
         }
@@ -127,6 +137,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let settings = settings(&config)?;
             telemetry::init(settings.log_format, &settings.log_level);
             let app = Application::build(&settings).await?;
+            // The master key is no longer needed once the root KEK is unwrapped.
+            drop(settings);
             app.run_until_stopped(shutdown_signal()).await
         }
         Command::Openapi => {
@@ -172,6 +184,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 ApikeyCommand::Create {
                     tenant,
                     scopes,
+                    bind_cert,
                     json,
                     config,
                 },
@@ -180,8 +193,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 .parse()
                 .map_err(|_| anyhow::anyhow!("--tenant: `{tenant}` is not a tenant id (a UUID)"))?;
             let scopes = Scopes::parse(&scopes).map_err(|e| anyhow::anyhow!("--scopes: {e}"))?;
+            let binding = bind_cert
+                .as_deref()
+                .map(crate::tls::spki_sha256_of_pem)
+                .transpose()?;
             let store = open_store(&settings(&config)?).await?;
-            let credential = accounts::create_api_key(&store, tenant, scopes, None).await?;
+            let credential = accounts::create_api_key(&store, tenant, scopes, binding).await?;
             store.close().await;
             if json {
                 println!(
@@ -190,6 +207,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         "apiKey": credential.key_id,
                         "apiSecret": credential.secret.as_str(),
                         "scopes": scopes.names(),
+                        "boundCertificateSpkiSha256": binding.map(|d| crate::tls::hex(&d)),
                     })
                 );
             } else {
@@ -199,6 +217,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     credential.secret.as_str()
                 );
                 println!("scopes:     {scopes}");
+                if let Some(d) = binding {
+                    println!(
+                        "bound to:   client certificate with SPKI SHA-256 {}",
+                        crate::tls::hex(&d)
+                    );
+                }
             }
             Ok(())
         }

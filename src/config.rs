@@ -9,13 +9,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine;
 use zeroize::Zeroizing;
 
 use crate::crypto::DataKey;
+use crate::tls::TlsFiles;
 
 /// One accepted setting.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +49,11 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "sync_interval", default: Some("1s"), secret: false, doc: "How often the change feed is polled, bounding how long a rotation or revocation made by another process takes to reach this one." },
     Setting { name: "request_timeout", default: Some("30s"), secret: false, doc: "Longest time one request may take." },
     Setting { name: "shutdown_timeout", default: Some("30s"), secret: false, doc: "On SIGTERM, how long requests in flight may take to finish." },
+    Setting { name: "tls_cert", default: None, secret: false, doc: "PEM file with the server certificate chain (leaf first). With `tls_key`, serves HTTPS: TLS 1.3 only, HTTP/2 and HTTP/1.1." },
+    Setting { name: "tls_key", default: None, secret: false, doc: "PEM file with the server's private key." },
+    Setting { name: "tls_client_ca", default: None, secret: false, doc: "PEM bundle of CAs that client certificates must chain to: turns on mutual TLS (a client without a valid certificate fails the handshake)." },
+    Setting { name: "tls_client_crl", default: None, secret: false, doc: "PEM file of CRLs for client certificates: a revoked certificate fails the handshake. Needs `tls_client_ca`." },
+    Setting { name: "allow_plaintext", default: Some("false"), secret: false, doc: "Allow plain HTTP on a non-loopback address (e.g. behind a TLS-terminating proxy). Without TLS and without this, `serve` listens on loopback only." },
     Setting { name: "log_format", default: Some("json"), secret: false, doc: "`json` (one object per line) or `text`." },
     Setting { name: "log_level", default: Some("info"), secret: false, doc: "A tracing filter: `info`, `debug`, or per target like `keyward=debug,info`." },
 ];
@@ -148,6 +154,10 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Grace period at shutdown.
     pub shutdown_timeout: Duration,
+    /// TLS files, if HTTPS is on.
+    pub tls: Option<TlsFiles>,
+    /// Whether plain HTTP may listen on a non-loopback address.
+    pub allow_plaintext: bool,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -247,6 +257,9 @@ impl Raw {
             let Some(rest) = var.strip_prefix("KEYWARD_") else {
                 continue;
             };
+            if is_service_link(rest) {
+                continue;
+            }
             let setting = SETTINGS
                 .iter()
                 .find(|s| s.name.eq_ignore_ascii_case(rest) && s.env_var() == var)
@@ -339,6 +352,12 @@ impl Raw {
             sync_interval: self.required("sync_interval", duration)?,
             request_timeout: self.required("request_timeout", duration)?,
             shutdown_timeout: self.required("shutdown_timeout", duration)?,
+            tls: self.tls()?,
+            allow_plaintext: self.required("allow_plaintext", |v| match v {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err("must be `true` or `false`".into()),
+            })?,
             log_format: self.required("log_format", |v| match v {
                 "json" => Ok(LogFormat::Json),
                 "text" => Ok(LogFormat::Text),
@@ -351,6 +370,68 @@ impl Raw {
             })?,
         })
     }
+}
+
+impl Raw {
+    fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        let path = |name: &'static str| -> Result<Option<PathBuf>, ConfigError> {
+            self.parse(name, |v| {
+                let p = PathBuf::from(v);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(format!("`{v}` is not a readable file"))
+                }
+            })
+        };
+        let (cert, key) = (path("tls_cert")?, path("tls_key")?);
+        let client_ca = path("tls_client_ca")?;
+        let client_crl = path("tls_client_crl")?;
+        let needs = |what: &str, needed: &str| ConfigError::Invalid {
+            setting: format!("KEYWARD_{}", what.to_ascii_uppercase()),
+            source_desc: "configuration".into(),
+            reason: format!("needs KEYWARD_{} as well", needed.to_ascii_uppercase()),
+        };
+        match (cert, key) {
+            (None, None) => {
+                if client_ca.is_some() {
+                    return Err(needs("tls_client_ca", "tls_cert"));
+                }
+                if client_crl.is_some() {
+                    return Err(needs("tls_client_crl", "tls_client_ca"));
+                }
+                Ok(None)
+            }
+            (Some(_), None) => Err(needs("tls_cert", "tls_key")),
+            (None, Some(_)) => Err(needs("tls_key", "tls_cert")),
+            (Some(cert), Some(key)) => {
+                if client_crl.is_some() && client_ca.is_none() {
+                    return Err(needs("tls_client_crl", "tls_client_ca"));
+                }
+                Ok(Some(TlsFiles {
+                    cert,
+                    key,
+                    client_ca,
+                    client_crl,
+                }))
+            }
+        }
+    }
+}
+
+/// Kubernetes injects `{SERVICE}_SERVICE_HOST`, `{SERVICE}_PORT...` variables for
+/// every Service in the namespace; a Service named `keyward` yields
+/// `KEYWARD_SERVICE_HOST`, `KEYWARD_PORT_8480_TCP` and the like. They are not
+/// settings (no setting has such a name), so they are skipped, not refused.
+fn is_service_link(rest: &str) -> bool {
+    rest == "PORT"
+        || rest.starts_with("PORT_")
+        || rest.ends_with("_SERVICE_HOST")
+        || rest.contains("_SERVICE_PORT")
+        || rest.ends_with("_PORT")
+        || rest.contains("_PORT_")
+        || rest == "SERVICE_HOST"
+        || rest.starts_with("SERVICE_PORT")
 }
 
 fn positive(v: &str) -> Result<usize, String> {
@@ -405,7 +486,10 @@ mod tests {
             );
         }
         for word in doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-            if let Some(rest) = word.strip_prefix("KEYWARD_").filter(|r| !r.is_empty()) {
+            if let Some(rest) = word
+                .strip_prefix("KEYWARD_")
+                .filter(|r| !r.is_empty() && !is_service_link(r))
+            {
                 assert!(
                     SETTINGS.iter().any(|s| s.name.eq_ignore_ascii_case(rest)),
                     "docs/configuration.md mentions {word}, which Keyward does not accept"
@@ -432,6 +516,23 @@ mod tests {
         assert_eq!(s.max_body_bytes, 10);
         assert_eq!(s.sync_interval, Duration::from_secs(1));
         assert!(s.master_key.is_none());
+    }
+
+    #[test]
+    fn kubernetes_service_link_variables_are_not_settings() {
+        let vars = [
+            ("KEYWARD_SERVICE_HOST", "10.0.0.1"),
+            ("KEYWARD_SERVICE_PORT", "8480"),
+            ("KEYWARD_PORT", "tcp://10.0.0.1:8480"),
+            ("KEYWARD_PORT_8480_TCP_ADDR", "10.0.0.1"),
+            ("KEYWARD_KEYWARD_SERVICE_HOST", "10.0.0.1"),
+            ("KEYWARD_KEYWARD_PORT_8480_TCP", "tcp://10.0.0.1:8480"),
+            ("KEYWARD_DATABASE_URL", "sqlite://x"),
+        ];
+        assert!(Settings::load(None, env(&vars)).is_ok());
+        assert!(SETTINGS
+            .iter()
+            .all(|s| !is_service_link(&s.name.to_ascii_uppercase())));
     }
 
     #[test]

@@ -18,6 +18,8 @@ use crate::domain::accounts::{self, AccountError};
 use crate::domain::service::KeyService;
 use crate::domain::{EncryptionId, TenantId};
 use crate::startup::{shutdown_signal, Application};
+use crate::tls::dev_certs::DevCerts;
+use crate::tls::TlsFiles;
 
 /// Options of `keyward dev`.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub struct DevOptions {
     pub listen: SocketAddr,
     /// Where to write the dev credentials as JSON once serving.
     pub credentials_out: Option<PathBuf>,
+    /// Serve mutual TLS with generated dev certificates.
+    pub tls: bool,
 }
 
 /// The dev tenant's credentials, kept in the data folder so that a restart
@@ -74,11 +78,23 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     settings.listen = opts.listen;
     settings.master_key = Some(master_key);
     settings.log_format = LogFormat::Text;
+    let certs = if opts.tls {
+        let certs = crate::tls::dev_certs::ensure(&data_dir.join("tls"))?;
+        settings.tls = Some(TlsFiles {
+            cert: certs.server_cert.clone(),
+            key: certs.server_key.clone(),
+            client_ca: Some(certs.ca.clone()),
+            client_crl: None,
+        });
+        Some(certs)
+    } else {
+        None
+    };
 
     let app = Application::build(&settings).await?;
     let creds = load_or_create_credentials(app.service(), &data_dir).await?;
     let addr = app.local_addr();
-    print_banner(app.service(), &data_dir, addr, &creds).await?;
+    print_banner(app.service(), &data_dir, addr, &creds, certs.as_ref()).await?;
     if let Some(path) = &opts.credentials_out {
         write_private(path, &serde_json::to_vec_pretty(&creds)?)
             .with_context(|| format!("cannot write --credentials-out {}", path.display()))?;
@@ -98,7 +114,7 @@ fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Writes a file readable by its owner only.
-fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
@@ -187,6 +203,7 @@ async fn print_banner(
     data_dir: &Path,
     addr: SocketAddr,
     creds: &DevCredentials,
+    certs: Option<&DevCerts>,
 ) -> anyhow::Result<()> {
     let tenant: TenantId = creds.tenant_id.parse()?;
     let enc: EncryptionId = creds.encryption_id.parse()?;
@@ -194,9 +211,29 @@ async fn print_banner(
         .encrypt(tenant, enc, None, b"hello, keyward", None)
         .await?;
     let b64 = base64::engine::general_purpose::STANDARD;
-    let base = format!("http://{addr}");
+    let (base, transport, tls_args) = match certs {
+        None => (
+            format!("http://{addr}"),
+            "Plain HTTP on loopback",
+            String::new(),
+        ),
+        Some(c) => (
+            format!("https://localhost:{}", addr.port()),
+            "Mutual TLS with a generated dev CA (certificates in the tls/ folder)",
+            format!(
+                "--cacert {} --cert {} --key {} ",
+                c.ca.display(),
+                c.client_cert.display(),
+                c.client_key.display()
+            ),
+        ),
+    };
     let auth = format!(
-        "-H 'Content-Type: application/json' -H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'",
+        "{tls_args}-H 'Content-Type: application/json' -H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'",
+        creds.api_key, creds.api_secret
+    );
+    let get_auth = format!(
+        " {tls_args}-H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'",
         creds.api_key, creds.api_secret
     );
     let banner = format!(
@@ -205,8 +242,8 @@ async fn print_banner(
 
     DEV MODE ONLY: the master key is kept in plain text in {data_dir}/master.key,
     the database in {data_dir}/keyward.db, and the dev credentials in
-    {data_dir}/dev-credentials.json. Plain HTTP on loopback. Never use dev mode
-    for real data: use `keyward serve`.
+    {data_dir}/dev-credentials.json. {transport}.
+    Never use dev mode for real data: use `keyward serve`.
 
     Tenant:        {tenant}
     API key:       {api_key}
@@ -226,7 +263,7 @@ Rotate:
     -d '{{"encryptionId":"{enc}"}}'
 
 Inspect:
-  curl -sS {base}/v1/encryptions/{enc} -H 'X-Api-Key: {api_key}' -H 'X-Api-Secret: {api_secret}'
+  curl -sS {base}/v1/encryptions/{enc}{get_auth}
 "#,
         data_dir = data_dir.display(),
         api_key = creds.api_key,

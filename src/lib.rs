@@ -51,6 +51,8 @@ pub mod dev;
 pub mod domain;
 pub mod http;
 pub mod master_key;
+pub mod server;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

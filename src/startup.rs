@@ -15,13 +15,16 @@ use crate::domain::service::KeyService;
 use crate::domain::sync::follow_changes;
 use crate::http::{self, AppState, RouterSettings};
 use crate::master_key::{EnvMasterKey, MasterKeyProvider};
+use crate::server;
 use crate::store::{Store, StoreError};
+use crate::tls::ReloadableTls;
 
 /// A built, bound, not yet serving Keyward.
 pub struct Application {
     listener: TcpListener,
     service: Arc<KeyService>,
     router: axum::Router,
+    tls: Option<Arc<ReloadableTls>>,
     shutdown_timeout: Duration,
     background: watch::Sender<bool>,
 }
@@ -62,6 +65,23 @@ impl Application {
         let master_key = settings.master_key.as_ref().context(
             "KEYWARD_MASTER_KEY is required: base64 of 32 random bytes (generate one with `openssl rand -base64 32`)",
         )?;
+        let tls = match &settings.tls {
+            Some(files) => Some(Arc::new(ReloadableTls::load(files.clone())?)),
+            None if settings.listen.ip().is_loopback() => None,
+            None if settings.allow_plaintext => {
+                tracing::warn!(
+                    listen = %settings.listen,
+                    "serving plain HTTP on a non-loopback address (KEYWARD_ALLOW_PLAINTEXT=true): \
+                     API secrets and plaintext cross the network unencrypted unless a proxy terminates TLS"
+                );
+                None
+            }
+            None => anyhow::bail!(
+                "refusing to serve plain HTTP on {} (not loopback): set KEYWARD_TLS_CERT and KEYWARD_TLS_KEY, \
+                 or KEYWARD_ALLOW_PLAINTEXT=true behind a TLS-terminating proxy",
+                settings.listen
+            ),
+        };
         let provider: Box<dyn MasterKeyProvider> = Box::new(EnvMasterKey::new(master_key));
         let store = open_store(settings).await?;
         let service = Arc::new(
@@ -73,8 +93,11 @@ impl Application {
         tokio::spawn(follow_changes(
             service.clone(),
             settings.sync_interval,
-            shutdown_rx,
+            shutdown_rx.clone(),
         ));
+        if let Some(tls) = &tls {
+            tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
+        }
         let router = http::router(
             AppState {
                 service: service.clone(),
@@ -91,6 +114,7 @@ impl Application {
             listener,
             service,
             router,
+            tls,
             shutdown_timeout: settings.shutdown_timeout,
             background,
         })
@@ -115,31 +139,49 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let addr = self.local_addr();
-        tracing::info!(%addr, "listening");
-        let (stopping_tx, mut stopping_rx) = watch::channel(false);
-        let server = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing requests in flight");
-            let _ = stopping_tx.send(true);
-        });
-        let grace = self.shutdown_timeout;
-        let deadline = async move {
-            let _ = stopping_rx.wait_for(|s| *s).await;
-            tokio::time::sleep(grace).await;
+        let scheme = match &self.tls {
+            Some(t) if t.mutual() => "https (mutual TLS)",
+            Some(_) => "https",
+            None => "http",
         };
-        tokio::select! {
-            result = server => result.context("the server failed")?,
-            _ = deadline => tracing::warn!("requests still in flight after the shutdown timeout; stopping anyway"),
-        }
+        tracing::info!(%addr, scheme, "listening");
+        server::serve(
+            self.listener,
+            self.router,
+            self.tls,
+            shutdown,
+            self.shutdown_timeout,
+        )
+        .await;
         let _ = self.background.send(true);
         self.service.store().close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Reloads the TLS files on every SIGHUP; a bad file keeps the old configuration.
+async fn reload_tls_on_sighup(tls: Arc<ReloadableTls>, mut shutdown: watch::Receiver<bool>) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; TLS files will not be reloaded");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match tls.reload() {
+                    Ok(()) => tracing::info!("SIGHUP: reloaded the TLS certificate, key, CA and CRL files"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: kept the previous TLS configuration"),
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (tls, shutdown.changed().await);
     }
 }
 

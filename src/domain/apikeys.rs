@@ -198,6 +198,10 @@ pub fn burn_secret_check(secret: &str) {
     let _ = sha256(secret.as_bytes()).ct_eq(&[0u8; 32]);
 }
 
+/// How long a cached key is trusted before it is read again: a bound on how long
+/// a revocation can go unseen even if the change feed were lost.
+const MAX_AGE: Duration = Duration::from_secs(300);
+
 /// How long an unknown key id is remembered as unknown (to spare the database
 /// from repeated lookups of a bad id); short, because a key created by the CLI
 /// or another replica must start working promptly.
@@ -218,7 +222,7 @@ pub enum Lookup {
 /// feed (see [`crate::domain::sync`]).
 #[derive(Debug)]
 pub struct ApiKeyCache {
-    keys: RwLock<HashMap<String, Arc<ApiKeyRecord>>>,
+    keys: RwLock<HashMap<String, (Arc<ApiKeyRecord>, Instant)>>,
     unknown: Mutex<HashMap<String, Instant>>,
     capacity: usize,
     /// Bumped by every invalidation; a lookup that raced a revocation does not
@@ -239,13 +243,15 @@ impl ApiKeyCache {
 
     /// What the cache knows about `key_id`.
     pub fn lookup(&self, key_id: &str) -> Lookup {
-        if let Some(k) = self
+        if let Some((k, loaded)) = self
             .keys
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(key_id)
         {
-            return Lookup::Found(k.clone());
+            if loaded.elapsed() < MAX_AGE {
+                return Lookup::Found(k.clone());
+            }
         }
         let generation = self.generation.load(Ordering::Acquire);
         let mut unknown = self.unknown.lock().unwrap_or_else(|e| e.into_inner());
@@ -271,7 +277,7 @@ impl ApiKeyCache {
                 keys.remove(&victim);
             }
         }
-        keys.insert(record.key_id.clone(), record);
+        keys.insert(record.key_id.clone(), (record, Instant::now()));
     }
 
     /// Remembers briefly that `key_id` is not a live key.

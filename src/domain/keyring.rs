@@ -43,6 +43,8 @@ pub struct RingVersion {
 /// replaces the whole entry, so a reader always sees one consistent snapshot.
 #[derive(Debug)]
 pub struct RingEntry {
+    /// When it was read from the store.
+    pub loaded_at: Instant,
     /// The id.
     pub id: EncryptionId,
     /// The owning tenant.
@@ -206,6 +208,7 @@ mod tests {
     fn entry(id: EncryptionId) -> Arc<RingEntry> {
         let v = VersionId::new_random();
         Arc::new(RingEntry {
+            loaded_at: Instant::now(),
             id,
             tenant_id: TenantId::new_random(),
             mode: Mode::Platform,

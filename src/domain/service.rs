@@ -79,8 +79,7 @@ pub enum RootKeyError {
     /// The configured master key is not the one that protects this database.
     #[error(
         "{setting} does not match the master key this database was created with: \
-         root KEK {kek_id} failed to unwrap. Start with the original master key \
-         (or migrate the database to the new one)"
+         root KEK {kek_id} failed to unwrap. Start with the master key this database was created with"
     )]
     MasterKeyMismatch {
         /// The setting that holds the master key.
@@ -194,6 +193,10 @@ impl fmt::Debug for KeyService {
             .finish_non_exhaustive()
     }
 }
+
+/// How soon a cached encryption may be reloaded to look for a version it does
+/// not know (one made moments ago by another replica).
+const VERSION_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The id bound into the wrapping of client-mode data keys in place of a KEK id.
 const CLIENT_WRAPPING_ID: [u8; 16] = [0u8; 16];
@@ -519,6 +522,11 @@ impl KeyService {
         if entry.version(version).is_some() {
             return Ok(entry);
         }
+        // At most one reload per entry per interval, so a caller naming unknown
+        // versions cannot turn every request into a query.
+        if entry.loaded_at.elapsed() < VERSION_RELOAD_INTERVAL {
+            return Err(KeyError::VersionNotFound);
+        }
         let fresh = self
             .load(entry.id)
             .await?
@@ -590,6 +598,7 @@ impl KeyService {
             )));
         }
         Ok(RingEntry {
+            loaded_at: std::time::Instant::now(),
             id: enc.id,
             tenant_id: enc.tenant_id,
             mode: enc.mode,
@@ -685,12 +694,14 @@ async fn load_root_keys(
             created_at: now_ms(),
         };
         match store.insert_active_root_kek(&row).await {
+            Ok(()) => {
+                tracing::info!(kek_id = %kek_id, provider = provider.name(), "created the root KEK")
+            }
             // Another process initialised the database first: use its KEK.
-            Ok(()) | Err(StoreError::Conflict(_)) => {}
+            Err(StoreError::Conflict(_)) => {}
             Err(e) => return Err(e.into()),
         }
         rows = store.root_keks().await?;
-        tracing::info!(kek_id = %kek_id, provider = provider.name(), "created the root KEK");
     }
     let mut keys = HashMap::new();
     let mut active = None;

@@ -4,18 +4,20 @@
 //! Every change that a cache must see is appended to `key_events` in the same
 //! transaction as the change itself. This task reads the feed every
 //! `sync_interval` and drops the affected cache entries, so a rotation or a
-//! revocation made elsewhere takes effect here within one interval. If the feed
-//! cannot be read for longer than its look-back window, every cache is cleared
-//! once it can, since events may have been missed.
+//! revocation made elsewhere takes effect here within one interval. On
+//! PostgreSQL the change is also announced with NOTIFY, and a LISTEN connection
+//! makes this task read the feed at once; polling stays as the safety net for a
+//! lost notification or a dropped LISTEN connection. If the feed cannot be read
+//! for longer than half its look-back window, every cache is cleared once it
+//! can, since events may have been missed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
 use super::service::KeyService;
-use super::time::now_ms;
 use crate::store::EventKind;
 
 /// How far back each poll looks. Events are read by time, not only by sequence
@@ -33,26 +35,31 @@ pub async fn follow_changes(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // seq -> created_at of every event already applied inside the window.
+    let announced = Arc::new(tokio::sync::Notify::new());
+    if let Some(listener) = service.store().change_listener().await {
+        tokio::spawn(listen(listener, announced.clone(), shutdown.clone()));
+    }
+    // seq -> created_at (database clock) of every event already applied.
     let mut seen: HashMap<i64, i64> = HashMap::new();
-    let mut last_ok = now_ms();
-    let mut last_prune = 0i64;
+    let mut last_ok = Instant::now();
+    let mut last_prune: Option<Instant> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            _ = announced.notified() => {}
             _ = shutdown.changed() => return,
         }
-        let started = now_ms();
-        match service.store().events_since(started - LOOK_BACK_MS).await {
+        match service.store().recent_events(LOOK_BACK_MS).await {
             Ok(events) => {
-                if started - last_ok > LOOK_BACK_MS / 2 {
+                if last_ok.elapsed() > Duration::from_millis(LOOK_BACK_MS as u64 / 2) {
                     tracing::warn!("the change feed was unreadable for a while; clearing caches");
                     service.ring().clear();
                     service.api_key_cache().clear();
                 }
-                last_ok = started;
+                last_ok = Instant::now();
+                let newest = events.iter().map(|e| e.created_at).max();
                 for e in events {
                     if seen.insert(e.seq, e.created_at).is_some() {
                         continue;
@@ -72,15 +79,40 @@ pub async fn follow_changes(
                         }
                     }
                 }
-                seen.retain(|_, created| *created >= started - 2 * LOOK_BACK_MS);
+                if let Some(newest) = newest {
+                    seen.retain(|_, created| *created >= newest - 2 * LOOK_BACK_MS);
+                }
             }
             Err(e) => tracing::warn!(error = %e, "could not read the change feed"),
         }
-        if started - last_prune > 600_000 {
-            last_prune = started;
-            if let Err(e) = service.store().prune_events(started - RETAIN_MS).await {
+        if last_prune.is_none_or(|t| t.elapsed() > Duration::from_secs(600)) {
+            last_prune = Some(Instant::now());
+            if let Err(e) = service.store().prune_events(RETAIN_MS).await {
                 tracing::warn!(error = %e, "could not prune the change feed");
             }
+        }
+    }
+}
+
+/// Wakes the follower on every NOTIFY. `PgListener` reconnects by itself after
+/// a dropped connection; notifications sent meanwhile are lost, which the
+/// periodic poll covers.
+async fn listen(
+    mut listener: sqlx::postgres::PgListener,
+    announced: Arc<tokio::sync::Notify>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            received = listener.recv() => match received {
+                Ok(_) => announced.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
+                    announced.notify_one();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            },
+            _ = shutdown.changed() => return,
         }
     }
 }

@@ -1,24 +1,38 @@
 //! The fixed v1 contract: `POST /v1/encrypt`, `/v1/decrypt`, `/v1/rotate`.
 //! Field names, paths and meanings are not ours to change.
 
-use axum::extract::State;
+use std::convert::Infallible;
+
+use axum::extract::{DefaultBodyLimit, State};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope};
+use super::extract::{
+    ApiJson, Auth, BodyLimit, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope,
+};
 use super::openapi::MasterKeyParam;
 use super::{parse_id, AppState};
 use crate::crypto::NONCE_LEN;
 
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
+/// The routes of this resource. Decrypt accepts bodies a third larger than the
+/// limit (plus room for ids and metadata), so that anything encrypt accepted
+/// comes back: base64 makes the ciphertext 4/3 the size of the data.
+pub fn router(max_body_bytes: usize) -> Router<AppState> {
+    let decrypt_limit = max_body_bytes
+        .saturating_add(max_body_bytes / 3)
+        .saturating_add(64 * 1024);
     Router::new()
         .route("/v1/encrypt", post(encrypt))
-        .route("/v1/decrypt", post(decrypt))
+        .route(
+            "/v1/decrypt",
+            post(decrypt)
+                .layer::<_, Infallible>(DefaultBodyLimit::max(decrypt_limit))
+                .layer::<_, Infallible>(Extension(BodyLimit(decrypt_limit))),
+        )
         .route("/v1/rotate", post(rotate))
 }
 
@@ -82,7 +96,7 @@ pub struct EncryptResponse {
         (status = 200, description = "Encrypted", body = EncryptResponse),
         (status = 400, description = "Bad input (`malformed_json`, `invalid_request`, `invalid_master_key`, `master_key_not_applicable`)", body = ErrorBody),
         (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
-        (status = 403, description = "`insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch`, `insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found` or `version_not_found`", body = ErrorBody),
         (status = 410, description = "`version_destroyed`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
@@ -115,7 +129,7 @@ pub(super) async fn encrypt(
         .await?;
     Ok(Json(EncryptResponse {
         cipher_text: B64.encode(&out.ciphertext),
-        encryption_id: req.encryption_id,
+        encryption_id: id.to_string(),
         encryption_version_id: out.version_id.to_string(),
         algorithm: ALGORITHM,
         metadata: Metadata {
@@ -167,7 +181,7 @@ fn nonce_from(metadata: serde_json::Map<String, serde_json::Value>) -> Option<[u
         (status = 200, description = "Decrypted", body = DecryptResponse),
         (status = 400, description = "`decryption_failed` (wrong or tampered ciphertext, nonce, metadata or version), or bad input", body = ErrorBody),
         (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
-        (status = 403, description = "`insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch`, `insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 410, description = "`version_destroyed`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
@@ -234,7 +248,7 @@ pub struct RotateResponse {
         (status = 200, description = "Rotated", body = RotateResponse),
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
-        (status = 403, description = "`insufficient_scope` or `master_key_mismatch`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch`, `insufficient_scope` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),

@@ -126,7 +126,7 @@ pub struct EncryptionView {
 pub struct EncryptionPage {
     /// This page.
     items: Vec<EncryptionSummary>,
-    /// Pass as `cursor` for the next page; absent on the last page.
+    /// Pass as `cursor` for the next page; `null` on the last page.
     next_cursor: Option<String>,
 }
 
@@ -183,7 +183,7 @@ fn view(d: &EncryptionDetails) -> EncryptionView {
         (status = 201, description = "Created", body = EncryptionView),
         (status = 400, description = "Bad input", body = ErrorBody),
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`insufficient_scope`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
     ),
@@ -227,7 +227,7 @@ pub(super) async fn create(
         (status = 200, description = "The encryption", body = EncryptionView),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`insufficient_scope`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
     ),
     security(("apiKey" = [], "apiSecret" = []))
@@ -272,7 +272,7 @@ fn decode_cursor(c: &str) -> Option<(i64, EncryptionId)> {
         (status = 200, description = "A page", body = EncryptionPage),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`insufficient_scope`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
     ),
     security(("apiKey" = [], "apiSecret" = []))
 )]

@@ -20,6 +20,9 @@ pub enum ApiError {
     /// Unknown, revoked or wrong credentials, or malformed credential headers.
     #[error("invalid API key or secret")]
     InvalidCredentials,
+    /// The API key is bound to a client certificate this connection did not present.
+    #[error("this API key is bound to another client certificate")]
+    CertificateMismatch,
     /// The API key lacks the scope the route needs.
     #[error("this API key lacks the `{}` scope", .0.as_str())]
     InsufficientScope(Scope),
@@ -45,9 +48,6 @@ pub enum ApiError {
     /// The route exists but not with this method.
     #[error("method not allowed for this endpoint")]
     MethodNotAllowed,
-    /// The request took longer than the configured limit.
-    #[error("the request timed out")]
-    Timeout,
     /// A key operation failed.
     #[error(transparent)]
     Key(#[from] KeyError),
@@ -95,6 +95,7 @@ impl ApiError {
         match self {
             ApiError::MissingCredentials => (S::UNAUTHORIZED, "missing_credentials"),
             ApiError::InvalidCredentials => (S::UNAUTHORIZED, "invalid_credentials"),
+            ApiError::CertificateMismatch => (S::FORBIDDEN, "certificate_mismatch"),
             ApiError::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
             ApiError::MalformedJson(_) => (S::BAD_REQUEST, "malformed_json"),
             ApiError::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
@@ -103,7 +104,6 @@ impl ApiError {
             ApiError::InvalidMasterKeyHeader => (S::BAD_REQUEST, "invalid_master_key"),
             ApiError::RouteNotFound => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
-            ApiError::Timeout => (S::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Panic => (S::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Key(k) => match k {
                 KeyError::EncryptionNotFound => (S::NOT_FOUND, "encryption_not_found"),

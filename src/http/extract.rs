@@ -3,17 +3,20 @@
 //! body parsed once at the edge with errors that name fields but never values.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use serde::de::DeserializeOwned;
+use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
 use super::AppState;
 use crate::domain::apikeys::Scope;
 use crate::domain::service::{ClientKey, Principal};
+use crate::tls::ClientIdentity;
 
 /// A scope a route requires, as a type.
 pub trait RequiredScope: Send + Sync + 'static {
@@ -71,6 +74,15 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
         let span = tracing::Span::current();
         span.record("api_key", principal.key_id.as_str());
         span.record("tenant", tracing::field::display(principal.tenant_id));
+        if let Some(bound) = &principal.cert_spki_sha256 {
+            // A key bound to a certificate works only on a connection that
+            // presented that certificate's public key.
+            let presented = parts.extensions.get::<Arc<ClientIdentity>>();
+            let matches = presented.is_some_and(|id| bool::from(id.spki_sha256.ct_eq(bound)));
+            if !matches {
+                return Err(ApiError::CertificateMismatch);
+            }
+        }
         if !principal.scopes.contains(S::SCOPE) {
             return Err(ApiError::InsufficientScope(S::SCOPE));
         }

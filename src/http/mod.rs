@@ -24,6 +24,7 @@ use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::domain::service::KeyService;
+use crate::tls::ClientIdentity;
 use error::{error_response, ApiError};
 use extract::BodyLimit;
 
@@ -49,7 +50,7 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub fn router(state: AppState, settings: RouterSettings) -> Router {
     let limit = settings.max_body_bytes;
     Router::new()
-        .merge(contract::router())
+        .merge(contract::router(limit))
         .merge(encryptions::router())
         .merge(ops::router())
         .merge(openapi::router())
@@ -79,13 +80,16 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
                         .get(&REQUEST_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("-");
-                    // Only the method, path and request id: never headers (they
-                    // carry secrets) or bodies (they carry plaintext).
+                    let client = req.extensions().get::<Arc<ClientIdentity>>();
+                    // Only the method, path, request id and client identity: never
+                    // headers (they carry secrets) or bodies (they carry plaintext).
                     tracing::info_span!(
                         "request",
                         method = %req.method(),
                         path = %req.uri().path(),
                         request_id,
+                        client_subject = client.map(|c| c.subject.as_str()),
+                        client_spki = client.map(|c| c.spki_hex()),
                         api_key = tracing::field::Empty,
                         tenant = tracing::field::Empty,
                     )

@@ -12,7 +12,7 @@ use utoipa::{IntoParams, Modify, OpenApi};
 
 use super::{contract, encryptions, error, ops, AppState};
 
-/// The `X-Master-Key` header, accepted by every call on an encryption.
+/// The `X-Master-Key` header, accepted by encrypt, decrypt, rotate and create.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Header)]
 #[allow(dead_code)]

@@ -30,10 +30,18 @@ pub(super) async fn healthz() -> Json<Value> {
         (status = 503, description = "Not ready, with the reason", body = Object, example = json!({"status": "not_ready", "reason": "the database does not answer"})),
     ))]
 pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    match state.service.store().ping().await {
-        Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
-        Err(e) => {
-            tracing::warn!(error = %e, "not ready: database unreachable");
+    let ping = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        state.service.store().ping(),
+    );
+    match ping.await {
+        Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))),
+        failed => {
+            let reason = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => "no answer within 1 s".to_string(),
+            };
+            tracing::warn!(error = %reason, "not ready: database unreachable");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({"status": "not_ready", "reason": "the database does not answer"})),

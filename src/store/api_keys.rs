@@ -81,7 +81,8 @@ impl Store {
                 .rows_affected()
                 == 1;
         if done {
-            super::events::record(&mut tx, super::EventKind::ApiKeyChanged, id, now_ms).await?;
+            super::events::record(&mut tx, self.backend, super::EventKind::ApiKeyChanged, id)
+                .await?;
         }
         tx.commit().await?;
         Ok(done)

@@ -263,9 +263,9 @@ impl Store {
         insert_version(&mut tx, id, new, new_version, now_ms).await?;
         record(
             &mut tx,
+            self.backend,
             EventKind::EncryptionChanged,
             &id.to_string(),
-            now_ms,
         )
         .await?;
         tx.commit().await?;

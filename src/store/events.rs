@@ -2,7 +2,20 @@
 
 use sqlx::{Any, Row, Transaction};
 
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
+
+/// The PostgreSQL channel on which every change is announced.
+pub const CHANNEL: &str = "keyward_events";
+
+/// Now in Unix milliseconds by the database's clock. Events are stamped and read
+/// by the database's clock, so that a writer (say, the CLI on another host) whose
+/// clock is off cannot hide its events from the pollers.
+fn db_now_ms(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
+        Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+    }
+}
 
 /// What changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,35 +49,49 @@ pub struct KeyEvent {
 }
 
 /// Appends an event inside the transaction that makes the change, so the event
-/// exists exactly when the change does.
+/// exists exactly when the change does. On PostgreSQL it is also announced with
+/// NOTIFY, which PostgreSQL delivers at commit.
 pub(super) async fn record(
     tx: &mut Transaction<'_, Any>,
+    backend: Backend,
     kind: EventKind,
     subject: &str,
-    now_ms: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO key_events (kind, subject, created_at) VALUES ($1, $2, $3)")
+    let sql = format!(
+        "INSERT INTO key_events (kind, subject, created_at) VALUES ($1, $2, {})",
+        db_now_ms(backend)
+    );
+    sqlx::query(&sql)
         .bind(kind.as_str())
         .bind(subject)
-        .bind(now_ms)
         .execute(&mut **tx)
         .await?;
+    if backend == Backend::Postgres {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(kind.as_str())
+            .execute(&mut **tx)
+            .await?;
+    }
     Ok(())
 }
 
 impl Store {
-    /// Every event recorded at or after `since_ms`, oldest first.
+    /// Every event recorded in the last `look_back_ms` (by the database's clock),
+    /// oldest first.
     ///
     /// The poller asks by time with a look-back window rather than by sequence
     /// number: on PostgreSQL a sequence value is taken before its transaction
     /// commits, so a lower number can become visible after a higher one.
-    pub async fn events_since(&self, since_ms: i64) -> Result<Vec<KeyEvent>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, kind, subject, created_at FROM key_events WHERE created_at >= $1 ORDER BY seq",
-        )
-        .bind(since_ms)
-        .fetch_all(&self.pool)
-        .await?;
+    pub async fn recent_events(&self, look_back_ms: i64) -> Result<Vec<KeyEvent>, StoreError> {
+        let sql = format!(
+            "SELECT seq, kind, subject, created_at FROM key_events WHERE created_at >= {} - $1 ORDER BY seq",
+            db_now_ms(self.backend)
+        );
+        let rows = sqlx::query(&sql)
+            .bind(look_back_ms)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|r| {
                 let kind: String = r.try_get("kind")?;
@@ -82,12 +109,35 @@ impl Store {
             .collect()
     }
 
-    /// Deletes events older than `before_ms` (they have been seen by every poller).
-    pub async fn prune_events(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM key_events WHERE created_at < $1")
-            .bind(before_ms)
+    /// Deletes events older than `age_ms` (every poller has seen them).
+    pub async fn prune_events(&self, age_ms: i64) -> Result<u64, StoreError> {
+        let sql = format!(
+            "DELETE FROM key_events WHERE created_at < {} - $1",
+            db_now_ms(self.backend)
+        );
+        Ok(sqlx::query(&sql)
+            .bind(age_ms)
             .execute(&self.pool)
             .await?
             .rows_affected())
+    }
+
+    /// On PostgreSQL, a listener for change announcements (see [`CHANNEL`]);
+    /// `None` on SQLite, where polling alone carries changes.
+    pub async fn change_listener(&self) -> Option<sqlx::postgres::PgListener> {
+        let url = self.listen_url.as_ref()?;
+        match sqlx::postgres::PgListener::connect(url).await {
+            Ok(mut listener) => match listener.listen(CHANNEL).await {
+                Ok(()) => Some(listener),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN for changes; relying on polling");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot LISTEN for changes; relying on polling");
+                None
+            }
+        }
     }
 }

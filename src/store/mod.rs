@@ -56,13 +56,13 @@ impl Backend {
 pub enum StoreError {
     /// The database could not be reached or did not answer in time.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(sqlx::Error),
     /// A uniqueness constraint refused the write.
     #[error("conflicting row: {0}")]
-    Conflict(#[source] sqlx::Error),
+    Conflict(sqlx::Error),
     /// Any other database error, or a row that does not decode.
     #[error("database error: {0}")]
-    Other(#[source] sqlx::Error),
+    Other(sqlx::Error),
     /// A row holds a value this version of Keyward cannot interpret.
     #[error("corrupt row in {table}: {detail}")]
     Corrupt {
@@ -88,10 +88,20 @@ impl From<sqlx::Error> for StoreError {
 }
 
 /// The database behind Keyward. Cheap to clone (a pool handle).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// The PostgreSQL URL, kept for the LISTEN connection (it may hold a password).
+    listen_url: Option<std::sync::Arc<zeroize::Zeroizing<String>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -104,13 +114,18 @@ impl Store {
                 "the database URL must start with sqlite: or postgres://".into(),
             ))
         })?;
-        let url = match backend {
+        let listen_url = (backend == Backend::Postgres)
+            .then(|| std::sync::Arc::new(zeroize::Zeroizing::new(url.to_string())));
+        if backend == Backend::Sqlite {
+            create_private_sqlite_file(url);
+        }
+        let url = zeroize::Zeroizing::new(match backend {
             Backend::Sqlite if !url.contains("mode=") => {
                 let sep = if url.contains('?') { '&' } else { '?' };
                 format!("{url}{sep}mode=rwc")
             }
             _ => url.to_string(),
-        };
+        });
         let options = sqlx::any::AnyConnectOptions::from_str(&url)?;
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections)
@@ -131,7 +146,11 @@ impl Store {
             })
             .connect_with(options)
             .await?;
-        Ok(Store { pool, backend })
+        Ok(Store {
+            pool,
+            backend,
+            listen_url,
+        })
     }
 
     /// Which database this is.
@@ -161,6 +180,29 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await
     }
+}
+
+/// Creates a missing SQLite database file readable by its owner only; SQLite
+/// gives its -wal and -shm files the same permissions.
+fn create_private_sqlite_file(url: &str) {
+    let path = url
+        .trim_start_matches("sqlite:")
+        .trim_start_matches("//")
+        .split('?')
+        .next()
+        .unwrap_or("");
+    if path.is_empty() || path == ":memory:" {
+        return;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    // Exists already, or the folder is missing (sqlx reports that clearly).
+    let _ = options.open(path);
 }
 
 /// Reads a text column that holds a UUID into one of the id newtypes.

@@ -16,9 +16,15 @@ struct Dev {
 }
 
 fn start_dev(data_dir: &Path, creds_file: &Path) -> Dev {
+    start_dev_with(data_dir, creds_file, &[])
+}
+
+fn start_dev_with(data_dir: &Path, creds_file: &Path, extra: &[&str]) -> Dev {
     let _ = std::fs::remove_file(creds_file);
     let mut child = keyward_command()
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["dev", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .arg("--data-dir")
         .arg(data_dir)
         .arg("--credentials-out")
         .arg(creds_file)
@@ -155,6 +161,52 @@ fn dev_mode_prints_examples_that_work_when_pasted_and_keeps_keys_across_restarts
             0,
             "the dev master key is private to its owner"
         );
+    }
+}
+
+#[test]
+fn dev_mode_with_tls_serves_mutual_tls_and_its_examples_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let creds_file = dir.path().join("creds.json");
+    let dev = start_dev_with(&data, &creds_file, &["--tls"]);
+    let encrypt = example(&dev.stdout, "Encrypt:");
+    assert!(
+        encrypt.contains("https://localhost:") && encrypt.contains("--cert"),
+        "{encrypt}"
+    );
+    let encrypted = paste(&encrypt);
+    assert_eq!(encrypted["encryptionId"], dev.creds["encryptionId"]);
+    assert_eq!(
+        paste(&example(&dev.stdout, "Decrypt")),
+        serde_json::json!({"data": "hello, keyward"})
+    );
+    assert!(paste(&example(&dev.stdout, "Rotate:"))["newVersionId"].is_string());
+    // Without the client certificate the handshake fails.
+    let plain = encrypt
+        .replace(" --cert ", " --no-cert-placeholder ")
+        .split(" --no-cert-placeholder ")
+        .next()
+        .unwrap()
+        .to_string();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{plain} -o /dev/null"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a request without a client certificate succeeded"
+    );
+    stop_dev(dev);
+    for f in [
+        "ca.pem",
+        "server.pem",
+        "server-key.pem",
+        "client.pem",
+        "client-key.pem",
+    ] {
+        assert!(data.join("tls").join(f).exists(), "{f}");
     }
 }
 

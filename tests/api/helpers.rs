@@ -88,7 +88,7 @@ pub struct Creds {
 
 /// A running Keyward.
 pub struct TestApp {
-    pub db: TestDatabase,
+    pub db: Arc<TestDatabase>,
     pub master_key: String,
     pub addr: String,
     pub client: reqwest::Client,
@@ -96,6 +96,23 @@ pub struct TestApp {
     /// Everything the server wrote to stdout and stderr, across restarts.
     pub log: Arc<Mutex<String>>,
     pub extra_env: Vec<(String, String)>,
+}
+
+/// Makes AWS-LC the process-wide rustls provider (reqwest needs one).
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
+/// A plain HTTP client.
+pub fn http_client() -> reqwest::Client {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .unwrap()
 }
 
 /// A random master key, base64.
@@ -174,15 +191,12 @@ impl TestApp {
 
     /// Starts Keyward on a fresh database with extra KEYWARD_* settings.
     pub async fn spawn_with(backend: Backend, env: &[(&str, &str)]) -> TestApp {
-        let db = TestDatabase::new(backend).await;
+        let db = Arc::new(TestDatabase::new(backend).await);
         let mut app = TestApp {
             db,
             master_key: random_master_key(),
             addr: String::new(),
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .unwrap(),
+            client: http_client(),
             child: None,
             log: Arc::new(Mutex::new(String::new())),
             extra_env: env
@@ -192,6 +206,24 @@ impl TestApp {
         };
         app.start();
         app
+    }
+
+    /// A second server process on the same database and master key (a replica),
+    /// with extra settings.
+    pub fn spawn_replica(&self, env: &[(&str, &str)]) -> TestApp {
+        let mut extra_env = self.extra_env.clone();
+        extra_env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let mut replica = TestApp {
+            db: self.db.clone(),
+            master_key: self.master_key.clone(),
+            addr: String::new(),
+            client: http_client(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            extra_env,
+        };
+        replica.start();
+        replica
     }
 
     /// The command that starts this app's server (not yet spawned).
@@ -256,8 +288,22 @@ impl TestApp {
         self.child.as_ref().expect("running").id()
     }
 
+    /// Whether this app serves HTTPS.
+    pub fn tls(&self) -> bool {
+        self.extra_env.iter().any(|(k, _)| k == "KEYWARD_TLS_CERT")
+    }
+
+    /// The port the app listens on.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
+        if self.tls() {
+            format!("https://localhost:{}{}", self.port(), path)
+        } else {
+            format!("http://{}{}", self.addr, path)
+        }
     }
 
     pub fn log_text(&self) -> String {

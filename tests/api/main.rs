@@ -10,4 +10,16 @@ mod helpers;
 mod input;
 mod lifecycle;
 mod management;
+mod pki;
+mod replicas;
 mod secrets;
+mod tls;
+
+/// SHA-256 of the SubjectPublicKeyInfo of the certificate in a PEM file, hex.
+pub fn pki_spki_hex(pem: &std::path::Path) -> String {
+    let der = std::fs::read(pem).unwrap();
+    let (_, p) = x509_parser::pem::parse_x509_pem(&der).unwrap();
+    let cert = p.parse_x509().unwrap();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, cert.public_key().raw);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
