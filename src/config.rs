@@ -41,6 +41,7 @@ impl Setting {
 /// Every setting Keyward accepts.
 pub const SETTINGS: &[Setting] = &[
     Setting { name: "listen", default: Some("127.0.0.1:8480"), secret: false, doc: "Address and port to listen on." },
+    Setting { name: "ops_listen", default: None, secret: false, doc: "Optional second address serving only `/healthz` and `/readyz` over plain HTTP, for probes that cannot present a client certificate. Carries no secrets." },
     Setting { name: "database_url", default: None, secret: true, doc: "`sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`." },
     Setting { name: "database_max_connections", default: Some("10"), secret: false, doc: "Size of the database connection pool." },
     Setting { name: "master_key", default: None, secret: true, doc: "Base64 of 32 random bytes (`openssl rand -base64 32`): wraps the root KEK. Required by `serve`." },
@@ -138,6 +139,8 @@ impl fmt::Debug for DatabaseUrl {
 pub struct Settings {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// The plain-HTTP address for health and readiness, if any.
+    pub ops_listen: Option<SocketAddr>,
     /// The database.
     pub database_url: DatabaseUrl,
     /// Pool size.
@@ -332,6 +335,10 @@ impl Raw {
             listen: self.required("listen", |v| {
                 v.parse()
                     .map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8480"))
+            })?,
+            ops_listen: self.parse("ops_listen", |v| {
+                v.parse()
+                    .map_err(|_| format!("`{v}` is not an address like 0.0.0.0:8481"))
             })?,
             database_url: self.required("database_url", |v| {
                 if v.starts_with("sqlite:")

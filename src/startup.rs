@@ -25,6 +25,8 @@ pub struct Application {
     service: Arc<KeyService>,
     router: axum::Router,
     tls: Option<Arc<ReloadableTls>>,
+    /// The plain-HTTP listener for probes and monitoring, if configured.
+    ops: Option<(TcpListener, axum::Router)>,
     shutdown_timeout: Duration,
     background: watch::Sender<bool>,
 }
@@ -110,11 +112,24 @@ impl Application {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {} (KEYWARD_LISTEN)", settings.listen))?;
+        let ops = match settings.ops_listen {
+            None => None,
+            Some(addr) => {
+                let ops_listener = TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (KEYWARD_OPS_LISTEN)"))?;
+                let ops_router = http::ops_router(AppState {
+                    service: service.clone(),
+                });
+                Some((ops_listener, ops_router))
+            }
+        };
         Ok(Application {
             listener,
             service,
             router,
             tls,
+            ops,
             shutdown_timeout: settings.shutdown_timeout,
             background,
         })
@@ -145,14 +160,40 @@ impl Application {
             None => "http",
         };
         tracing::info!(%addr, scheme, "listening");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let ops = self.ops.map(|(listener, router)| {
+            let ops_addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            tracing::info!(addr = %ops_addr, "ops endpoints listening (plain HTTP)");
+            let stop = stopped(stop_rx.clone());
+            tokio::spawn(server::serve(
+                listener,
+                router,
+                None,
+                stop,
+                self.shutdown_timeout,
+            ))
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop_tx.send(true);
+        });
         server::serve(
             self.listener,
             self.router,
             self.tls,
-            shutdown,
+            stopped(stop_rx),
             self.shutdown_timeout,
         )
         .await;
+        if let Some(ops) = ops {
+            let _ = ops.await;
+        }
         let _ = self.background.send(true);
         self.service.store().close().await;
         tracing::info!("stopped");

@@ -105,6 +105,15 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
+/// The operational endpoints alone (health, readiness), for a separate
+/// plain-HTTP listener that probes can reach without a client certificate.
+pub fn ops_router(state: AppState) -> Router {
+    Router::new()
+        .merge(ops::router())
+        .fallback(|| async { ApiError::RouteNotFound })
+        .with_state(state)
+}
+
 /// Gives every error response the JSON error shape, including those produced by
 /// layers (time limit) rather than handlers.
 fn json_errors(response: Response) -> Response {

@@ -44,6 +44,7 @@ async fn spawn_mtls(with_crl_revoking: Option<u64>) -> Setup {
             "KEYWARD_TLS_CLIENT_CA".to_string(),
             ca_pem.display().to_string(),
         ),
+        ("KEYWARD_OPS_LISTEN".to_string(), "127.0.0.1:0".to_string()),
     ];
     if let Some(serial) = with_crl_revoking {
         let crl = ca.crl(dir.path(), &[serial]);
@@ -95,6 +96,35 @@ async fn mutual_tls_serves_a_valid_client_and_refuses_every_other() {
         let result = client.get(s.app.url("/healthz")).send().await;
         assert!(result.is_err(), "{what} was accepted: {result:?}");
     }
+
+    // Health and readiness on the separate plain-HTTP ops listener need no certificate.
+    wait_for_log(&s.app, "ops endpoints listening", 1).await;
+    let log = s.app.log_text();
+    let ops_addr = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["message"] == "ops endpoints listening (plain HTTP)")
+        .map(|v| v["addr"].as_str().unwrap().to_string())
+        .expect("the ops listener is logged");
+    let plain = crate::helpers::http_client();
+    for path in ["/healthz", "/readyz"] {
+        let resp = plain
+            .get(format!("http://{ops_addr}{path}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+    }
+    let resp = plain
+        .get(format!("http://{ops_addr}/v1/encryptions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::NOT_FOUND,
+        "the API is not on the ops listener"
+    );
 
     // The client identity reaches the logs; no key does.
     let log = s.app.log_text();
