@@ -49,6 +49,11 @@ enum Command {
     Migrate(ConfigArg),
     /// Print the OpenAPI document (as served at /openapi.json).
     Openapi,
+    /// The master key: migrate to another provider, rotate the root KEK, status.
+    MasterKey {
+        #[command(subcommand)]
+        command: MasterKeyCommand,
+    },
     /// Manage tenants.
     Tenant {
         #[command(subcommand)]
@@ -66,6 +71,44 @@ struct ConfigArg {
     /// A TOML file with settings (KEYWARD_* variables override it).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum MasterKeyCommand {
+    /// Re-wrap the root KEK under another provider, in one transaction. The
+    /// current provider is KEYWARD_MASTER_KEY_PROVIDER; the target's settings
+    /// come from its own variables (KEYWARD_NEW_MASTER_KEY for env to env).
+    Migrate {
+        /// The target provider: env, aws-kms or vault.
+        #[arg(long, value_name = "PROVIDER")]
+        to: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Make a new root KEK and re-wrap every key version under it, batch by
+    /// batch. Resumable: interrupted, it continues at the next run (or when a
+    /// server starts).
+    RotateKek {
+        /// Versions per transaction.
+        #[arg(long, default_value_t = 500)]
+        batch_size: u32,
+        /// Pause between batches, in milliseconds (to spare the database).
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        /// Only finish an interrupted rotation; start no new one.
+        #[arg(long)]
+        resume: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Show the root KEKs, their provider and how many versions each wraps.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -145,6 +188,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", crate::http::openapi::document());
             Ok(())
         }
+        Command::MasterKey { command } => master_key_command(command).await,
         Command::Migrate(config) => {
             let settings = settings(&config)?;
             telemetry::init(settings.log_format, &settings.log_level);
@@ -240,4 +284,92 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     .context("keyward failed")
+}
+
+async fn master_key_command(command: MasterKeyCommand) -> anyhow::Result<()> {
+    use crate::domain::service::{migrate_master_key, KeyService};
+    use crate::master_key::{self, ProviderKind};
+    match command {
+        MasterKeyCommand::Migrate { to, config } => {
+            let settings = settings(&config)?;
+            let target = ProviderKind::parse(&to).ok_or_else(|| {
+                anyhow::anyhow!("--to: `{to}` is not a provider (env, aws-kms or vault)")
+            })?;
+            let from = master_key::build(settings.master_key_provider, &settings, false).await?;
+            let env_to_env =
+                target == ProviderKind::Env && settings.master_key_provider == ProviderKind::Env;
+            let to_provider = master_key::build(target, &settings, env_to_env).await?;
+            let store = open_store(&settings).await?;
+            let n = migrate_master_key(&store, from.as_ref(), to_provider.as_ref()).await?;
+            store.close().await;
+            eprintln!(
+                "re-wrapped {n} root KEK(s) from `{}` to `{}`; start Keyward with KEYWARD_MASTER_KEY_PROVIDER={}{}",
+                settings.master_key_provider.as_str(),
+                target.as_str(),
+                target.as_str(),
+                if env_to_env { " and the new KEYWARD_MASTER_KEY" } else { "" }
+            );
+            Ok(())
+        }
+        MasterKeyCommand::RotateKek {
+            batch_size,
+            pause_ms,
+            resume,
+            config,
+        } => {
+            let settings = settings(&config)?;
+            telemetry::init(settings.log_format, &settings.log_level);
+            let provider =
+                master_key::build(settings.master_key_provider, &settings, false).await?;
+            let store = open_store(&settings).await?;
+            let service = KeyService::new(store.clone(), provider, 1);
+            service
+                .load_root_keys()
+                .await
+                .context("cannot load the root key")?;
+            if !resume {
+                let kek = service.rotate_root_kek().await?;
+                eprintln!("new root KEK {kek}; re-wrapping every key version under it");
+            }
+            let n = service
+                .rewrap_retiring(
+                    batch_size.max(1),
+                    std::time::Duration::from_millis(pause_ms),
+                    |done, total| {
+                        eprintln!("re-wrapped {done}/{total}");
+                    },
+                )
+                .await?;
+            store.close().await;
+            eprintln!("done: {n} key version(s) re-wrapped; old root KEKs retired");
+            Ok(())
+        }
+        MasterKeyCommand::Status { json, config } => {
+            let store = open_store(&settings(&config)?).await?;
+            let keks = store.root_keks().await?;
+            let counts = store.versions_per_kek().await?;
+            store.close().await;
+            let rows: Vec<_> = keks
+                .iter()
+                .map(|k| {
+                    let n = counts.iter().find(|(id, _)| *id == k.id).map(|(_, n)| *n).unwrap_or(0);
+                    json!({"kekId": k.id.to_string(), "state": k.state, "provider": k.provider, "versions": n})
+                })
+                .collect();
+            if json {
+                println!("{}", json!({"rootKeks": rows}));
+            } else {
+                for r in rows {
+                    println!(
+                        "{}  {:8}  provider={}  versions={}",
+                        r["kekId"].as_str().unwrap_or(""),
+                        r["state"].as_str().unwrap_or(""),
+                        r["provider"].as_str().unwrap_or(""),
+                        r["versions"]
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
 }

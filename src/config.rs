@@ -16,6 +16,7 @@ use base64::Engine;
 use zeroize::Zeroizing;
 
 use crate::crypto::DataKey;
+use crate::master_key::ProviderKind;
 use crate::tls::TlsFiles;
 
 /// One accepted setting.
@@ -44,7 +45,19 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "ops_listen", default: None, secret: false, doc: "Optional second address serving only `/healthz` and `/readyz` over plain HTTP, for probes that cannot present a client certificate. Carries no secrets." },
     Setting { name: "database_url", default: None, secret: true, doc: "`sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`." },
     Setting { name: "database_max_connections", default: Some("10"), secret: false, doc: "Size of the database connection pool." },
-    Setting { name: "master_key", default: None, secret: true, doc: "Base64 of 32 random bytes (`openssl rand -base64 32`): wraps the root KEK. Required by `serve`." },
+    Setting { name: "master_key_provider", default: Some("env"), secret: false, doc: "What wraps the root KEK: `env` (`master_key`), `aws-kms` or `vault`." },
+    Setting { name: "master_key", default: None, secret: true, doc: "Base64 of 32 random bytes (`openssl rand -base64 32`): wraps the root KEK when the provider is `env`." },
+    Setting { name: "new_master_key", default: None, secret: true, doc: "The target key of `keyward master-key migrate --to env` when the current provider is `env` too." },
+    Setting { name: "aws_kms_key_id", default: None, secret: false, doc: "The KMS key (id, ARN or alias) for the `aws-kms` provider. Region and credentials come from the standard AWS chain (`AWS_REGION`, `AWS_ACCESS_KEY_ID`, profiles, roles)." },
+    Setting { name: "aws_kms_endpoint", default: None, secret: false, doc: "A KMS-compatible endpoint URL instead of AWS's." },
+    Setting { name: "vault_addr", default: None, secret: false, doc: "Vault or OpenBao address for the `vault` provider, e.g. `https://vault:8200`." },
+    Setting { name: "vault_token", default: None, secret: true, doc: "A Vault token (renewed before it expires when renewable). Or use AppRole." },
+    Setting { name: "vault_role_id", default: None, secret: false, doc: "AppRole role id (with `vault_secret_id`)." },
+    Setting { name: "vault_secret_id", default: None, secret: true, doc: "AppRole secret id." },
+    Setting { name: "vault_approle_mount", default: Some("approle"), secret: false, doc: "Where the AppRole auth method is mounted." },
+    Setting { name: "vault_transit_mount", default: Some("transit"), secret: false, doc: "Where the transit secrets engine is mounted." },
+    Setting { name: "vault_transit_key", default: None, secret: false, doc: "The transit key that wraps the root KEK." },
+    Setting { name: "vault_ca_file", default: None, secret: false, doc: "PEM CA bundle to verify Vault's TLS certificate." },
     Setting { name: "max_body_bytes", default: Some("1048576"), secret: false, doc: "Largest accepted request body; larger bodies get 413." },
     Setting { name: "key_ring_capacity", default: Some("100000"), secret: false, doc: "Most encryptions whose unwrapped keys are kept in memory (and most API keys cached)." },
     Setting { name: "sync_interval", default: Some("1s"), secret: false, doc: "How often the change feed is polled, bounding how long a rotation or revocation made by another process takes to reach this one." },
@@ -145,8 +158,32 @@ pub struct Settings {
     pub database_url: DatabaseUrl,
     /// Pool size.
     pub database_max_connections: u32,
+    /// Which provider wraps the root KEK.
+    pub master_key_provider: ProviderKind,
     /// The master key (the `env` provider), if configured.
     pub master_key: Option<DataKey>,
+    /// The target key of an env-to-env migration.
+    pub new_master_key: Option<DataKey>,
+    /// AWS KMS key id, ARN or alias.
+    pub aws_kms_key_id: Option<String>,
+    /// KMS-compatible endpoint.
+    pub aws_kms_endpoint: Option<String>,
+    /// Vault address.
+    pub vault_addr: Option<String>,
+    /// Vault token.
+    pub vault_token: Option<Zeroizing<String>>,
+    /// AppRole role id.
+    pub vault_role_id: Option<String>,
+    /// AppRole secret id.
+    pub vault_secret_id: Option<Zeroizing<String>>,
+    /// AppRole mount.
+    pub vault_approle_mount: String,
+    /// Transit mount.
+    pub vault_transit_mount: String,
+    /// Transit key name.
+    pub vault_transit_key: Option<String>,
+    /// CA bundle for Vault's TLS.
+    pub vault_ca_file: Option<PathBuf>,
     /// Body size limit.
     pub max_body_bytes: usize,
     /// Key ring bound.
@@ -353,7 +390,29 @@ impl Raw {
             database_max_connections: self.required("database_max_connections", |v| {
                 positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
             })?,
+            master_key_provider: self.required("master_key_provider", |v| {
+                ProviderKind::parse(v)
+                    .ok_or_else(|| "must be `env`, `aws-kms` or `vault`".to_string())
+            })?,
             master_key: self.parse("master_key", parse_master_key)?,
+            new_master_key: self.parse("new_master_key", parse_master_key)?,
+            aws_kms_key_id: self.parse("aws_kms_key_id", non_empty)?,
+            aws_kms_endpoint: self.parse("aws_kms_endpoint", url)?,
+            vault_addr: self.parse("vault_addr", url)?,
+            vault_token: self.parse("vault_token", |v| non_empty(v).map(Zeroizing::new))?,
+            vault_role_id: self.parse("vault_role_id", non_empty)?,
+            vault_secret_id: self.parse("vault_secret_id", |v| non_empty(v).map(Zeroizing::new))?,
+            vault_approle_mount: self.required("vault_approle_mount", non_empty)?,
+            vault_transit_mount: self.required("vault_transit_mount", non_empty)?,
+            vault_transit_key: self.parse("vault_transit_key", non_empty)?,
+            vault_ca_file: self.parse("vault_ca_file", |v| {
+                let p = PathBuf::from(v);
+                if p.is_file() {
+                    Ok(p)
+                } else {
+                    Err(format!("`{v}` is not a readable file"))
+                }
+            })?,
             max_body_bytes: self.required("max_body_bytes", positive)?,
             key_ring_capacity: self.required("key_ring_capacity", positive)?,
             sync_interval: self.required("sync_interval", duration)?,
@@ -439,6 +498,22 @@ fn is_service_link(rest: &str) -> bool {
         || rest.contains("_PORT_")
         || rest == "SERVICE_HOST"
         || rest.starts_with("SERVICE_PORT")
+}
+
+fn non_empty(v: &str) -> Result<String, String> {
+    if v.is_empty() {
+        Err("must not be empty".into())
+    } else {
+        Ok(v.to_string())
+    }
+}
+
+fn url(v: &str) -> Result<String, String> {
+    if v.starts_with("http://") || v.starts_with("https://") {
+        Ok(v.trim_end_matches('/').to_string())
+    } else {
+        Err("must be a URL starting with http:// or https://".into())
+    }
 }
 
 fn positive(v: &str) -> Result<usize, String> {

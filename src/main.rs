@@ -6,6 +6,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = keyward::cli::Cli::parse();
+    // One TLS provider for every client in the process (AWS-LC; Vault's HTTP
+    // client expects a process default).
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -12,9 +12,10 @@ use tokio::sync::watch;
 
 use crate::config::Settings;
 use crate::domain::service::KeyService;
+use crate::domain::service::RootKeyError;
 use crate::domain::sync::follow_changes;
 use crate::http::{self, AppState, RouterSettings};
-use crate::master_key::{EnvMasterKey, MasterKeyProvider};
+use crate::master_key;
 use crate::server;
 use crate::store::{Store, StoreError};
 use crate::tls::ReloadableTls;
@@ -64,9 +65,6 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
 impl Application {
     /// Builds everything and binds the listener (port 0 picks a free port).
     pub async fn build(settings: &Settings) -> anyhow::Result<Application> {
-        let master_key = settings.master_key.as_ref().context(
-            "KEYWARD_MASTER_KEY is required: base64 of 32 random bytes (generate one with `openssl rand -base64 32`)",
-        )?;
         let tls = match &settings.tls {
             Some(files) => Some(Arc::new(ReloadableTls::load(files.clone())?)),
             None if settings.listen.ip().is_loopback() => None,
@@ -84,14 +82,22 @@ impl Application {
                 settings.listen
             ),
         };
-        let provider: Box<dyn MasterKeyProvider> = Box::new(EnvMasterKey::new(master_key));
+        let provider = master_key::build(settings.master_key_provider, settings, false).await?;
         let store = open_store(settings).await?;
-        let service = Arc::new(
-            KeyService::start(store, provider.as_ref(), settings.key_ring_capacity)
-                .await
-                .context("cannot load the root key")?,
-        );
+        let service = Arc::new(KeyService::new(store, provider, settings.key_ring_capacity));
         let (background, shutdown_rx) = watch::channel(false);
+        match service.load_root_keys().await {
+            Ok(()) => {
+                tokio::spawn(resume_kek_rotation(service.clone()));
+            }
+            Err(RootKeyError::Provider(e)) => {
+                // Serve (not ready, with the reason) and keep trying, rather than
+                // exit into a crash loop that says nothing.
+                tracing::warn!(error = %e, provider = service.provider().name(), "master-key provider unreachable at start; retrying");
+                tokio::spawn(retry_root_keys(service.clone(), shutdown_rx.clone()));
+            }
+            Err(e) => return Err(e).context("cannot load the root key"),
+        }
         tokio::spawn(follow_changes(
             service.clone(),
             settings.sync_interval,
@@ -198,6 +204,57 @@ impl Application {
         self.service.store().close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Retries loading the root keys with backoff while the provider is
+/// unreachable; readiness reports the reason meanwhile.
+async fn retry_root_keys(service: Arc<KeyService>, mut shutdown: watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => return,
+        }
+        match service.load_root_keys().await {
+            Ok(()) => {
+                tracing::info!(
+                    provider = service.provider().name(),
+                    "master-key provider reachable: root key loaded, ready"
+                );
+                resume_kek_rotation(service).await;
+                return;
+            }
+            Err(RootKeyError::Provider(e)) => {
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "master-key provider still unreachable");
+                delay = (delay * 2).min(Duration::from_secs(30));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot load the root key; not ready until restarted with the right master key");
+                return;
+            }
+        }
+    }
+}
+
+/// Finishes a root-KEK rotation that an earlier process started (and perhaps
+/// did not finish: a crash, SIGKILL). Safe to run on several replicas at once.
+async fn resume_kek_rotation(service: Arc<KeyService>) {
+    match service.store().root_keks().await {
+        Ok(keks) if keks.iter().any(|k| k.state == "retiring") => {
+            tracing::info!("a root KEK rotation is unfinished; resuming the re-wrap");
+            match service
+                .rewrap_retiring(500, Duration::ZERO, |_, _| {})
+                .await
+            {
+                Ok(n) => tracing::info!(rewrapped = n, "root KEK rotation finished"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "root KEK re-wrap stopped; it resumes at the next start")
+                }
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot check for an unfinished root KEK rotation"),
     }
 }
 

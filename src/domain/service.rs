@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
 use base64::Engine;
 use zeroize::Zeroizing;
@@ -60,6 +60,17 @@ pub enum KeyError {
     /// authenticate under the root KEK): never the caller's fault.
     #[error("integrity failure: {0}")]
     Integrity(String),
+    /// A version names a root KEK that is not loaded (internal: triggers a
+    /// reload of the root keys).
+    #[error("unknown root KEK {0}")]
+    UnknownKek(KekId),
+    /// The root keys are not loaded yet (the master-key provider was
+    /// unreachable at start); the reason is for readiness and logs.
+    #[error("not ready: {0}")]
+    NotReady(String),
+    /// The master-key provider failed during an operation that needs it.
+    #[error("master-key provider: {0}")]
+    Provider(#[from] ProviderError),
 }
 
 /// Why authentication failed.
@@ -89,7 +100,7 @@ pub enum RootKeyError {
     },
     /// The KEK was wrapped by another provider.
     #[error(
-        "root KEK {kek_id} is wrapped by the `{stored}` master-key provider, but the configured provider is `{configured}`"
+        "the master key does not match: root KEK {kek_id} is wrapped by the `{stored}` master-key provider, but KEYWARD_MASTER_KEY_PROVIDER is `{configured}`"
     )]
     ProviderMismatch {
         /// The root KEK.
@@ -154,7 +165,16 @@ pub struct Principal {
 /// unwrap the versions that name them.
 struct RootKeys {
     active: KekId,
-    keys: HashMap<KekId, CipherKey>,
+    keys: HashMap<KekId, Arc<CipherKey>>,
+}
+
+impl RootKeys {
+    fn clone_keys(&self) -> RootKeys {
+        RootKeys {
+            active: self.active,
+            keys: self.keys.clone(),
+        }
+    }
 }
 
 /// The result of an encryption.
@@ -182,14 +202,19 @@ pub struct KeyService {
     store: Store,
     ring: KeyRing,
     api_keys: ApiKeyCache,
-    root: RootKeys,
+    /// The root KEKs, once unwrapped by the provider (`None` until then).
+    /// Read on ring misses, creates and rotations, never on a ring hit.
+    root: RwLock<Option<Arc<RootKeys>>>,
+    /// Why the root keys are not loaded, while they are not.
+    not_ready: Mutex<Option<String>>,
+    provider: Arc<dyn MasterKeyProvider>,
 }
 
 impl fmt::Debug for KeyService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyService")
             .field("ring_len", &self.ring.len())
-            .field("active_kek", &self.root.active)
+            .field("provider", &self.provider.name())
             .finish_non_exhaustive()
     }
 }
@@ -202,20 +227,66 @@ const VERSION_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_m
 const CLIENT_WRAPPING_ID: [u8; 16] = [0u8; 16];
 
 impl KeyService {
-    /// Loads (or, on a new database, creates) the root KEKs through `provider`
-    /// and builds the service. Fails if the provider's key does not match.
-    pub async fn start(
+    /// A service whose root keys are not loaded yet: call
+    /// [`KeyService::load_root_keys`].
+    pub fn new(
         store: Store,
-        provider: &dyn MasterKeyProvider,
+        provider: Arc<dyn MasterKeyProvider>,
         ring_capacity: usize,
-    ) -> Result<KeyService, RootKeyError> {
-        let root = load_root_keys(&store, provider).await?;
-        Ok(KeyService {
+    ) -> KeyService {
+        KeyService {
             store,
             ring: KeyRing::new(ring_capacity),
             api_keys: ApiKeyCache::new(ring_capacity),
-            root,
-        })
+            root: RwLock::new(None),
+            not_ready: Mutex::new(Some("the root key is not loaded yet".into())),
+            provider,
+        }
+    }
+
+    /// Loads (or, on a new database, creates) the root KEKs through the
+    /// provider. A provider that cannot be reached leaves the reason for
+    /// readiness; a key that does not match is an error to stop on.
+    pub async fn load_root_keys(&self) -> Result<(), RootKeyError> {
+        match load_root_keys(&self.store, self.provider.as_ref()).await {
+            Ok(keys) => {
+                *self.root.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keys));
+                *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                Ok(())
+            }
+            Err(e) => {
+                if self.root().is_err() {
+                    *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Why the service cannot serve key operations, if it cannot.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        self.not_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The master-key provider.
+    pub fn provider(&self) -> &Arc<dyn MasterKeyProvider> {
+        &self.provider
+    }
+
+    fn root(&self) -> Result<Arc<RootKeys>, KeyError> {
+        self.root
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                KeyError::NotReady(
+                    self.not_ready_reason()
+                        .unwrap_or_else(|| "the root key is not loaded".into()),
+                )
+            })
     }
 
     /// The store (for readiness checks and background tasks).
@@ -356,7 +427,7 @@ impl KeyService {
         let new_id = VersionId::new_random();
         let data_key = DataKey::generate();
         let new_version = match client_key {
-            None => self.wrap_platform_key(id, new_id, &data_key),
+            None => self.wrap_platform_key(id, new_id, &data_key)?,
             Some(ck) => {
                 let wrapping =
                     derive_client_wrapping_key(&ck.0, &entry.salt, id.as_bytes()).cipher();
@@ -411,7 +482,7 @@ impl KeyService {
         let (mode, first) = match client_key {
             None => (
                 Mode::Platform,
-                self.wrap_platform_key(id, version_id, &data_key),
+                self.wrap_platform_key(id, version_id, &data_key)?,
             ),
             Some(ck) => {
                 let wrapping = derive_client_wrapping_key(&ck.0, &salt, id.as_bytes()).cipher();
@@ -481,12 +552,136 @@ impl KeyService {
         Ok(self.store.list_encryptions(tenant, after, limit).await?)
     }
 
+    // ----- root keys ------------------------------------------------------------
+
+    /// Starts a root-KEK rotation: a new KEK, wrapped by the provider, becomes
+    /// active (new versions are wrapped by it at once) and the previous one
+    /// `retiring`. [`KeyService::rewrap_retiring`] then moves every version over.
+    pub async fn rotate_root_kek(&self) -> Result<KekId, KeyError> {
+        self.root()?;
+        let kek_id = KekId::new_random();
+        let kek = DataKey::generate();
+        let wrapped = self.provider.wrap_root_kek(kek_id, &kek).await?;
+        self.store
+            .begin_kek_rotation(&RootKekRow {
+                id: kek_id,
+                provider: self.provider.name().to_string(),
+                wrapped_key: wrapped,
+                state: "active".into(),
+                created_at: now_ms(),
+            })
+            .await?;
+        // Install the new KEK from what we hold, without another provider call.
+        let mut root = (*self.root()?).clone_keys();
+        root.keys.insert(kek_id, Arc::new(kek.cipher()));
+        root.active = kek_id;
+        *self.root.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(root));
+        tracing::info!(%kek_id, "root KEK rotation started");
+        Ok(kek_id)
+    }
+
+    /// Re-wraps every version still wrapped by a retiring root KEK under the
+    /// active one, `batch` rows per transaction, then deletes the retired KEKs.
+    /// Each row is tagged with its KEK and updated by compare-and-swap, so the
+    /// work can stop at any point (a crash, SIGKILL) and resume, by this process
+    /// or another, with every key still unwrappable. Returns rows re-wrapped.
+    pub async fn rewrap_retiring(
+        &self,
+        batch: u32,
+        pause: std::time::Duration,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<u64, KeyError> {
+        let mut root = self.root()?;
+        let retiring: Vec<KekId> = self
+            .store
+            .root_keks()
+            .await?
+            .into_iter()
+            .filter(|k| k.state == "retiring")
+            .map(|k| k.id)
+            .collect();
+        if retiring.iter().any(|k| !root.keys.contains_key(k))
+            || !self
+                .store
+                .root_keks()
+                .await?
+                .iter()
+                .any(|k| k.id == root.active)
+        {
+            self.load_root_keys()
+                .await
+                .map_err(|e| KeyError::Integrity(e.to_string()))?;
+            root = self.root()?;
+        }
+        let remaining: u64 = self
+            .store
+            .versions_per_kek()
+            .await?
+            .iter()
+            .filter(|(k, _)| retiring.contains(k))
+            .map(|(_, n)| *n as u64)
+            .sum();
+        let new_id = root.active;
+        let new_kek = &root.keys[&new_id];
+        let mut done = 0u64;
+        for old_id in retiring {
+            let old_kek = root.keys.get(&old_id).ok_or(KeyError::UnknownKek(old_id))?;
+            let mut after = None;
+            loop {
+                let rows = self.store.versions_wrapped_by(old_id, after, batch).await?;
+                let Some(last) = rows.last() else { break };
+                after = Some(last.id);
+                let mut updates = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let old_aad = data_key_aad(
+                        row.encryption_id.as_bytes(),
+                        row.id.as_bytes(),
+                        old_id.as_bytes(),
+                    );
+                    let key = old_kek
+                        .unwrap_key(&WrappedKey(row.wrapped_key.clone()), &old_aad)
+                        .map_err(|_| {
+                            KeyError::Integrity(format!(
+                                "version {} fails to unwrap under root KEK {old_id}",
+                                row.id
+                            ))
+                        })?;
+                    let new_aad = data_key_aad(
+                        row.encryption_id.as_bytes(),
+                        row.id.as_bytes(),
+                        new_id.as_bytes(),
+                    );
+                    updates.push((
+                        row.id,
+                        row.wrapped_key.clone(),
+                        new_kek.wrap(&key, &new_aad).0,
+                    ));
+                }
+                done += self.store.rewrap_versions(old_id, new_id, &updates).await?;
+                progress(done, remaining);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            if self.store.retire_root_kek(old_id).await? {
+                tracing::info!(kek_id = %old_id, "root KEK retired: no version names it any more");
+            }
+        }
+        Ok(done)
+    }
+
     // ----- internals ------------------------------------------------------------
 
-    fn wrap_platform_key(&self, id: EncryptionId, version: VersionId, key: &DataKey) -> NewVersion {
-        let kek_id = self.root.active;
-        let kek = &self.root.keys[&kek_id];
-        NewVersion {
+    fn wrap_platform_key(
+        &self,
+        id: EncryptionId,
+        version: VersionId,
+        key: &DataKey,
+    ) -> Result<NewVersion, KeyError> {
+        let root = self.root()?;
+        let kek_id = root.active;
+        let kek = &root.keys[&kek_id];
+        Ok(NewVersion {
             id: version,
             wrapped_key: kek
                 .wrap(
@@ -495,7 +690,7 @@ impl KeyService {
                 )
                 .0,
             kek_id: Some(kek_id),
-        }
+        })
     }
 
     /// The tenant's encryption from the ring, loading it on a miss. Another
@@ -549,15 +744,29 @@ impl KeyService {
             self.ring.remember_unknown(id);
             return Ok(None);
         };
-        let entry = Arc::new(self.build_entry(enc, versions)?);
+        let entry = match self.build_entry(&enc, &versions, &*self.root()?) {
+            Err(KeyError::UnknownKek(kek_id)) => {
+                // A root KEK rotation elsewhere: load the new KEK (a provider
+                // call, rare, and never for a key already in the ring) and retry.
+                tracing::info!(%kek_id, "a key version names a root KEK not loaded here; reloading the root keys");
+                self.load_root_keys().await.map_err(|e| match e {
+                    RootKeyError::Provider(p) => KeyError::Provider(p),
+                    other => KeyError::Integrity(other.to_string()),
+                })?;
+                self.build_entry(&enc, &versions, &*self.root()?)?
+            }
+            other => other?,
+        };
+        let entry = Arc::new(entry);
         self.ring.insert(entry.clone(), generation);
         Ok(Some(entry))
     }
 
     fn build_entry(
         &self,
-        enc: EncryptionRow,
-        rows: Vec<VersionRow>,
+        enc: &EncryptionRow,
+        rows: &[VersionRow],
+        root: &RootKeys,
     ) -> Result<RingEntry, KeyError> {
         let mut versions = Vec::with_capacity(rows.len());
         for row in rows {
@@ -568,12 +777,7 @@ impl KeyService {
                     let kek_id = row.kek_id.ok_or_else(|| {
                         KeyError::Integrity(format!("version {} names no root KEK", row.id))
                     })?;
-                    let kek = self.root.keys.get(&kek_id).ok_or_else(|| {
-                        KeyError::Integrity(format!(
-                            "version {} names unknown root KEK {kek_id}",
-                            row.id
-                        ))
-                    })?;
+                    let kek = root.keys.get(&kek_id).ok_or(KeyError::UnknownKek(kek_id))?;
                     let aad = data_key_aad(enc.id.as_bytes(), row.id.as_bytes(), kek_id.as_bytes());
                     let key = kek.unwrap_key(&WrappedKey(w.clone()), &aad).map_err(|_| {
                         KeyError::Integrity(format!(
@@ -602,7 +806,7 @@ impl KeyService {
             id: enc.id,
             tenant_id: enc.tenant_id,
             mode: enc.mode,
-            salt: enc.salt,
+            salt: enc.salt.clone(),
             active: enc.active_version_id,
             versions,
         })
@@ -726,7 +930,7 @@ async fn load_root_keys(
         if row.state == "active" {
             active = Some(row.id);
         }
-        keys.insert(row.id, kek.cipher());
+        keys.insert(row.id, Arc::new(kek.cipher()));
     }
     let active = active.ok_or_else(|| {
         RootKeyError::Store(StoreError::Corrupt {
@@ -735,4 +939,52 @@ async fn load_root_keys(
         })
     })?;
     Ok(RootKeys { active, keys })
+}
+
+/// Re-wraps every root KEK, now wrapped by `from`, under `to`, in one
+/// transaction. Returns how many KEKs moved. Running servers keep working (they
+/// hold the unwrapped KEKs); after this they must start with `to`'s settings.
+pub async fn migrate_master_key(
+    store: &Store,
+    from: &dyn MasterKeyProvider,
+    to: &dyn MasterKeyProvider,
+) -> Result<usize, RootKeyError> {
+    let rows = store.root_keks().await?;
+    let mut updates = Vec::with_capacity(rows.len());
+    for row in rows {
+        if row.provider != from.name() {
+            return Err(RootKeyError::ProviderMismatch {
+                kek_id: row.id,
+                stored: row.provider,
+                configured: from.name(),
+            });
+        }
+        let kek = from
+            .unwrap_root_kek(row.id, &row.wrapped_key)
+            .await
+            .map_err(|e| match e {
+                ProviderError::KeyMismatch => RootKeyError::MasterKeyMismatch {
+                    setting: from.key_setting(),
+                    kek_id: row.id,
+                },
+                other => RootKeyError::Provider(other),
+            })?;
+        let wrapped = to
+            .wrap_root_kek(row.id, &kek)
+            .await
+            .map_err(RootKeyError::Provider)?;
+        // Prove the new wrapping before committing to it.
+        let back = to
+            .unwrap_root_kek(row.id, &wrapped)
+            .await
+            .map_err(RootKeyError::Provider)?;
+        if back.expose() != kek.expose() {
+            return Err(RootKeyError::Provider(ProviderError::Unavailable(
+                "the target provider returned a different key on unwrap".into(),
+            )));
+        }
+        updates.push((row.id, row.wrapped_key, to.name().to_string(), wrapped));
+    }
+    store.rewrap_root_keks(&updates).await?;
+    Ok(updates.len())
 }

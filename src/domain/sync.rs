@@ -72,6 +72,17 @@ pub async fn follow_changes(
                         Some(EventKind::ApiKeyChanged) => {
                             service.api_key_cache().invalidate(&e.subject)
                         }
+                        // A root KEK rotation elsewhere: load the new KEK now
+                        // (a provider call, in the background) rather than on
+                        // the first ring miss that needs it.
+                        Some(EventKind::RootKeysChanged) => {
+                            let service = service.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = service.load_root_keys().await {
+                                    tracing::warn!(error = %e, "could not reload the root keys");
+                                }
+                            });
+                        }
                         // Written by a newer Keyward: be safe and drop everything.
                         None => {
                             service.ring().clear();

@@ -120,7 +120,9 @@ impl ApiError {
                 KeyError::Store(StoreError::Unavailable(_)) => {
                     (S::SERVICE_UNAVAILABLE, "unavailable")
                 }
-                KeyError::Store(_) | KeyError::Integrity(_) => {
+                KeyError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "not_ready"),
+                KeyError::Provider(_) => (S::SERVICE_UNAVAILABLE, "unavailable"),
+                KeyError::Store(_) | KeyError::Integrity(_) | KeyError::UnknownKek(_) => {
                     (S::INTERNAL_SERVER_ERROR, "internal")
                 }
             },

@@ -37,6 +37,7 @@ scope_marker!(EncryptScope, Scope::Encrypt);
 scope_marker!(DecryptScope, Scope::Decrypt);
 scope_marker!(RotateScope, Scope::Rotate);
 scope_marker!(ManageScope, Scope::Manage);
+scope_marker!(AdminScope, Scope::Admin);
 
 /// An authenticated caller holding scope `S`.
 pub struct Auth<S: RequiredScope> {

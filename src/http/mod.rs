@@ -2,6 +2,7 @@
 //! here with the cross-cutting layers (request ids, tracing, body limit, time
 //! limit, panic catching, JSON errors for everything).
 
+mod admin;
 mod contract;
 mod encryptions;
 pub mod error;
@@ -52,6 +53,7 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
     Router::new()
         .merge(contract::router(limit))
         .merge(encryptions::router())
+        .merge(admin::router())
         .merge(ops::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::RouteNotFound })

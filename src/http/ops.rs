@@ -30,6 +30,12 @@ pub(super) async fn healthz() -> Json<Value> {
         (status = 503, description = "Not ready, with the reason", body = Object, example = json!({"status": "not_ready", "reason": "the database does not answer"})),
     ))]
 pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    if let Some(reason) = state.service.not_ready_reason() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "not_ready", "reason": reason})),
+        );
+    }
     let ping = tokio::time::timeout(
         std::time::Duration::from_secs(1),
         state.service.store().ping(),

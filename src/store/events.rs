@@ -24,6 +24,8 @@ pub enum EventKind {
     EncryptionChanged,
     /// An API key changed (revoked).
     ApiKeyChanged,
+    /// A root KEK was added or retired.
+    RootKeysChanged,
 }
 
 impl EventKind {
@@ -31,6 +33,7 @@ impl EventKind {
         match self {
             EventKind::EncryptionChanged => "encryption",
             EventKind::ApiKeyChanged => "api_key",
+            EventKind::RootKeysChanged => "root_keys",
         }
     }
 }
@@ -100,6 +103,7 @@ impl Store {
                     kind: match kind.as_str() {
                         "encryption" => Some(EventKind::EncryptionChanged),
                         "api_key" => Some(EventKind::ApiKeyChanged),
+                        "root_keys" => Some(EventKind::RootKeysChanged),
                         _ => None,
                     },
                     subject: r.try_get("subject")?,

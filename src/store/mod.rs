@@ -22,7 +22,7 @@ use sqlx::{AnyPool, Executor, Row};
 pub use api_keys::ApiKeyRow;
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
-pub use root_keks::RootKekRow;
+pub use root_keks::{RootKekRow, VersionToRewrap};
 pub use tenants::TenantRow;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");

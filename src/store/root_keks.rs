@@ -58,3 +58,167 @@ impl Store {
         Ok(())
     }
 }
+
+/// A key version still wrapped by a retiring root KEK.
+#[derive(Debug, Clone)]
+pub struct VersionToRewrap {
+    /// The version.
+    pub id: crate::domain::VersionId,
+    /// Its encryption.
+    pub encryption_id: crate::domain::EncryptionId,
+    /// Its data key wrapped by the retiring KEK.
+    pub wrapped_key: Vec<u8>,
+}
+
+impl Store {
+    /// Makes `new` the active root KEK and the previous active one `retiring`,
+    /// in one transaction, and announces the change.
+    pub async fn begin_kek_rotation(&self, new: &RootKekRow) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE root_keks SET state = 'retiring' WHERE state = 'active'")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO root_keks (id, provider, wrapped_key, state, created_at) VALUES ($1, $2, $3, 'active', $4)",
+        )
+        .bind(new.id.to_string())
+        .bind(&new.provider)
+        .bind(&new.wrapped_key)
+        .bind(new.created_at)
+        .execute(&mut *tx)
+        .await?;
+        super::events::record(
+            &mut tx,
+            self.backend,
+            super::EventKind::RootKeysChanged,
+            &new.id.to_string(),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Up to `limit` versions wrapped by `kek`, in id order after `after`.
+    pub async fn versions_wrapped_by(
+        &self,
+        kek: KekId,
+        after: Option<crate::domain::VersionId>,
+        limit: u32,
+    ) -> Result<Vec<VersionToRewrap>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, encryption_id, wrapped_key FROM encryption_key_versions \
+             WHERE kek_id = $1 AND wrapped_key IS NOT NULL AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(kek.to_string())
+        .bind(after.map(|a| a.to_string()).unwrap_or_default())
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(VersionToRewrap {
+                    id: get_id(r, "id", "encryption_key_versions")?,
+                    encryption_id: get_id(r, "encryption_id", "encryption_key_versions")?,
+                    wrapped_key: r.try_get("wrapped_key")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Re-points a batch of versions from `old` to `new` with their re-wrapped
+    /// keys, each guarded by a compare-and-swap on the old KEK and wrapped key,
+    /// in one transaction. Returns how many rows changed.
+    pub async fn rewrap_versions(
+        &self,
+        old: KekId,
+        new: KekId,
+        batch: &[(crate::domain::VersionId, Vec<u8>, Vec<u8>)],
+    ) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut changed = 0;
+        for (id, old_wrapped, new_wrapped) in batch {
+            changed += sqlx::query(
+                "UPDATE encryption_key_versions SET wrapped_key = $1, kek_id = $2 \
+                 WHERE id = $3 AND kek_id = $4 AND wrapped_key = $5",
+            )
+            .bind(new_wrapped)
+            .bind(new.to_string())
+            .bind(id.to_string())
+            .bind(old.to_string())
+            .bind(old_wrapped)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// How many versions each root KEK still wraps.
+    pub async fn versions_per_kek(&self) -> Result<Vec<(KekId, i64)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT k.id AS id, (SELECT COUNT(*) FROM encryption_key_versions v WHERE v.kek_id = k.id) AS n \
+             FROM root_keks k ORDER BY k.created_at",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((get_id(r, "id", "root_keks")?, r.try_get::<i64, _>("n")?)))
+            .collect()
+    }
+
+    /// Deletes a retiring root KEK that no version names any more. `false` if
+    /// some version still does.
+    pub async fn retire_root_kek(&self, kek: KekId) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(
+            "DELETE FROM root_keks WHERE id = $1 AND state = 'retiring' \
+             AND NOT EXISTS (SELECT 1 FROM encryption_key_versions WHERE kek_id = $1)",
+        )
+        .bind(kek.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if done {
+            super::events::record(
+                &mut tx,
+                self.backend,
+                super::EventKind::RootKeysChanged,
+                &kek.to_string(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Re-wraps root KEKs under another provider in one transaction: each row is
+    /// `(id, wrapped as read, new provider, new wrapped)`, guarded by a
+    /// compare-and-swap on the wrapped bytes read. Fails (and changes nothing)
+    /// if any row changed meanwhile.
+    pub async fn rewrap_root_keks(
+        &self,
+        rows: &[(KekId, Vec<u8>, String, Vec<u8>)],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (id, old, provider, new) in rows {
+            let n = sqlx::query("UPDATE root_keks SET provider = $1, wrapped_key = $2 WHERE id = $3 AND wrapped_key = $4")
+                .bind(provider)
+                .bind(new)
+                .bind(id.to_string())
+                .bind(old)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if n != 1 {
+                return Err(StoreError::Corrupt {
+                    table: "root_keks",
+                    detail: format!("root KEK {id} changed during the migration; nothing was changed, run it again"),
+                });
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}

@@ -11,6 +11,7 @@ mod input;
 mod lifecycle;
 mod management;
 mod pki;
+mod providers;
 mod replicas;
 mod secrets;
 mod tls;

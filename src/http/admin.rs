@@ -1,0 +1,132 @@
+//! Operator endpoints (scope `admin`): root-KEK rotation and its status.
+//!
+//! The root KEK is shared by every tenant, so these act on the whole service:
+//! give `admin` only to the operator's own API keys.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{AdminScope, Auth};
+use super::AppState;
+
+/// The routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/admin/root-kek", get(status))
+        .route("/v1/admin/root-kek/rotate", post(rotate))
+}
+
+/// One root KEK.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootKekView {
+    /// Its id.
+    #[schema(format = Uuid)]
+    kek_id: String,
+    /// `active` (wraps new versions) or `retiring` (being replaced).
+    state: String,
+    /// The master-key provider that wraps it.
+    provider: String,
+    /// How many key versions it still wraps.
+    versions: i64,
+}
+
+/// The root KEKs.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootKekStatus {
+    /// Every root KEK, oldest first.
+    root_keks: Vec<RootKekView>,
+}
+
+/// A started rotation.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootKekRotation {
+    /// The new active root KEK.
+    #[schema(format = Uuid)]
+    kek_id: String,
+}
+
+/// The root KEKs and how many key versions each still wraps.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/root-kek",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Root KEKs", body = RootKekStatus),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn status(
+    State(state): State<AppState>,
+    _auth: Auth<AdminScope>,
+) -> Result<Json<RootKekStatus>, ApiError> {
+    let store = state.service.store();
+    let keks = store.root_keks().await?;
+    let counts = store.versions_per_kek().await?;
+    let mut root_keks: Vec<RootKekView> = keks
+        .into_iter()
+        .map(|k| RootKekView {
+            kek_id: k.id.to_string(),
+            versions: counts
+                .iter()
+                .find(|(id, _)| *id == k.id)
+                .map(|(_, n)| *n)
+                .unwrap_or(0),
+            state: k.state,
+            provider: k.provider,
+        })
+        .collect();
+    root_keks.reverse();
+    Ok(Json(RootKekStatus { root_keks }))
+}
+
+/// Start a root-KEK rotation: a new KEK becomes active at once and every key
+/// version is re-wrapped under it in the background (resumable).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/root-kek/rotate",
+    tag = "admin",
+    responses(
+        (status = 202, description = "Rotation started; poll GET /v1/admin/root-kek", body = RootKekRotation),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
+        (status = 503, description = "`not_ready` or `unavailable` (the master-key provider is needed)", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn rotate(
+    State(state): State<AppState>,
+    auth: Auth<AdminScope>,
+) -> Result<(StatusCode, Json<RootKekRotation>), ApiError> {
+    let kek_id = state.service.rotate_root_kek().await?;
+    tracing::info!(%kek_id, api_key = %auth.principal.key_id, "root KEK rotation requested");
+    let service = state.service.clone();
+    tokio::spawn(async move {
+        match service
+            .rewrap_retiring(500, Duration::ZERO, |_, _| {})
+            .await
+        {
+            Ok(n) => tracing::info!(rewrapped = n, "root KEK rotation finished"),
+            Err(e) => {
+                tracing::warn!(error = %e, "root KEK re-wrap stopped; it resumes at the next start")
+            }
+        }
+    });
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(RootKekRotation {
+            kek_id: kek_id.to_string(),
+        }),
+    ))
+}

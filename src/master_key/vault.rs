@@ -1,0 +1,251 @@
+//! The `vault` provider: the root KEK is encrypted by a Vault or OpenBao transit
+//! key. Authentication is a token (`KEYWARD_VAULT_TOKEN`) or AppRole
+//! (`KEYWARD_VAULT_ROLE_ID` + `KEYWARD_VAULT_SECRET_ID`); a renewable token is
+//! renewed before it expires, and an AppRole token is replaced by a new login.
+//! The KEK id is bound by encrypting it together with the KEK and checking it on
+//! the way back, so a wrapped KEK copied onto another row fails to unwrap.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::sync::Mutex;
+use vaultrs::client::{Client, VaultClient, VaultClientSettingsBuilder};
+use vaultrs::error::ClientError;
+use zeroize::Zeroizing;
+
+use super::{MasterKeyProvider, ProviderError, ProviderFuture};
+use crate::crypto::{DataKey, KEY_LEN};
+use crate::domain::KekId;
+
+const PREFIX: &[u8; 16] = b"keyward:kek:v1\0\0";
+
+/// How to log in.
+pub enum VaultAuth {
+    /// A token, renewed when renewable.
+    Token(Zeroizing<String>),
+    /// AppRole credentials.
+    AppRole {
+        /// The auth mount (usually `approle`).
+        mount: String,
+        /// The role id.
+        role_id: String,
+        /// The secret id.
+        secret_id: Zeroizing<String>,
+    },
+}
+
+/// Settings of the Vault provider.
+pub struct VaultSettings {
+    /// `https://vault:8200`.
+    pub addr: String,
+    /// How to log in.
+    pub auth: VaultAuth,
+    /// The transit mount (default `transit`).
+    pub mount: String,
+    /// The transit key's name.
+    pub key: String,
+    /// A CA bundle for Vault's TLS certificate.
+    pub ca_file: Option<String>,
+}
+
+struct Session {
+    client: VaultClient,
+    /// When the token must be renewed or replaced (None: never expires).
+    refresh_at: Option<Instant>,
+}
+
+/// A transit key in Vault or OpenBao.
+pub struct Vault {
+    settings: VaultSettings,
+    session: Mutex<Option<Session>>,
+}
+
+fn unavailable(what: &str, e: ClientError) -> ProviderError {
+    ProviderError::Unavailable(format!("Vault {what} failed: {}", describe(&e)))
+}
+
+fn describe(e: &ClientError) -> String {
+    match e {
+        ClientError::APIError { code, errors } => format!("HTTP {code}: {}", errors.join("; ")),
+        ClientError::RestClientError { source } => format!(
+            "{source}: {}",
+            std::error::Error::source(source)
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        ),
+        other => other.to_string(),
+    }
+}
+
+impl Vault {
+    /// A provider; nothing is contacted until the first call.
+    pub fn new(settings: VaultSettings) -> Vault {
+        Vault {
+            settings,
+            session: Mutex::new(None),
+        }
+    }
+
+    /// A logged-in client, logging in or renewing as needed.
+    async fn client(
+        &self,
+    ) -> Result<tokio::sync::MappedMutexGuard<'_, VaultClient>, ProviderError> {
+        let mut guard = self.session.lock().await;
+        let stale = match &*guard {
+            None => true,
+            Some(s) => s.refresh_at.is_some_and(|at| Instant::now() >= at),
+        };
+        if stale {
+            let previous = guard.take();
+            *guard = Some(self.refresh(previous).await?);
+        }
+        Ok(tokio::sync::MutexGuard::map(guard, |s| {
+            &mut s.as_mut().expect("just set").client
+        }))
+    }
+
+    fn new_client(&self, token: &str) -> Result<VaultClient, ProviderError> {
+        let mut builder = VaultClientSettingsBuilder::default();
+        builder
+            .address(&self.settings.addr)
+            .token(token)
+            .timeout(Some(Duration::from_secs(10)));
+        if let Some(ca) = &self.settings.ca_file {
+            builder.ca_certs(vec![ca.clone()]);
+        }
+        let settings = builder
+            .build()
+            .map_err(|e| ProviderError::Unavailable(format!("Vault settings: {e}")))?;
+        VaultClient::new(settings).map_err(|e| unavailable("client setup", e))
+    }
+
+    /// Logs in (AppRole), or renews the token (token auth), and says when to
+    /// do it again: at two thirds of the lease.
+    async fn refresh(&self, previous: Option<Session>) -> Result<Session, ProviderError> {
+        let refresh_after =
+            |lease: u64| (lease > 0).then(|| Instant::now() + Duration::from_secs(lease * 2 / 3));
+        match &self.settings.auth {
+            VaultAuth::AppRole {
+                mount,
+                role_id,
+                secret_id,
+            } => {
+                let client = self.new_client("")?;
+                let auth = vaultrs::auth::approle::login(&client, mount, role_id, secret_id)
+                    .await
+                    .map_err(|e| unavailable("AppRole login", e))?;
+                let mut client = self.new_client(&auth.client_token)?;
+                client.set_token(&auth.client_token);
+                tracing::info!(
+                    lease_s = auth.lease_duration,
+                    "logged in to Vault with AppRole"
+                );
+                Ok(Session {
+                    client,
+                    refresh_at: refresh_after(auth.lease_duration),
+                })
+            }
+            VaultAuth::Token(token) => {
+                let client = match previous {
+                    Some(s) => s.client,
+                    None => self.new_client(token)?,
+                };
+                let info = vaultrs::token::lookup_self(&client)
+                    .await
+                    .map_err(|e| unavailable("token lookup", e))?;
+                if info.renewable.unwrap_or(false) && info.ttl > 0 {
+                    match vaultrs::token::renew_self(&client, None).await {
+                        Ok(auth) => {
+                            tracing::debug!(
+                                lease_s = auth.lease_duration,
+                                "renewed the Vault token"
+                            );
+                            return Ok(Session {
+                                client,
+                                refresh_at: refresh_after(auth.lease_duration),
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %describe(&e), "could not renew the Vault token")
+                        }
+                    }
+                }
+                Ok(Session {
+                    client,
+                    refresh_at: refresh_after(info.ttl),
+                })
+            }
+        }
+    }
+}
+
+impl MasterKeyProvider for Vault {
+    fn name(&self) -> &'static str {
+        "vault"
+    }
+
+    fn key_setting(&self) -> &'static str {
+        "KEYWARD_VAULT_TRANSIT_KEY"
+    }
+
+    fn wrap_root_kek<'a>(&'a self, kek_id: KekId, kek: &'a DataKey) -> ProviderFuture<'a, Vec<u8>> {
+        Box::pin(async move {
+            let mut plain = Zeroizing::new(Vec::with_capacity(64));
+            plain.extend_from_slice(PREFIX);
+            plain.extend_from_slice(kek_id.as_bytes());
+            plain.extend_from_slice(kek.expose());
+            let b64 = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&*plain));
+            let client = self.client().await?;
+            let out = vaultrs::transit::data::encrypt(
+                &*client,
+                &self.settings.mount,
+                &self.settings.key,
+                &b64,
+                None,
+            )
+            .await
+            .map_err(|e| unavailable("transit encrypt", e))?;
+            Ok(out.ciphertext.into_bytes())
+        })
+    }
+
+    fn unwrap_root_kek<'a>(
+        &'a self,
+        kek_id: KekId,
+        wrapped: &'a [u8],
+    ) -> ProviderFuture<'a, DataKey> {
+        Box::pin(async move {
+            let ciphertext =
+                std::str::from_utf8(wrapped).map_err(|_| ProviderError::KeyMismatch)?;
+            let client = self.client().await?;
+            let out = match vaultrs::transit::data::decrypt(
+                &*client,
+                &self.settings.mount,
+                &self.settings.key,
+                ciphertext,
+                None,
+            )
+            .await
+            {
+                Ok(out) => out,
+                // Transit answers 400 when the key cannot decrypt this ciphertext.
+                Err(ClientError::APIError { code: 400, .. }) => {
+                    return Err(ProviderError::KeyMismatch)
+                }
+                Err(e) => return Err(unavailable("transit decrypt", e)),
+            };
+            let plain = Zeroizing::new(
+                base64::engine::general_purpose::STANDARD
+                    .decode(out.plaintext.as_bytes())
+                    .map_err(|_| ProviderError::KeyMismatch)?,
+            );
+            if plain.len() != 32 + KEY_LEN
+                || &plain[..16] != PREFIX
+                || &plain[16..32] != kek_id.as_bytes()
+            {
+                return Err(ProviderError::KeyMismatch);
+            }
+            DataKey::from_slice(&plain[32..]).ok_or(ProviderError::KeyMismatch)
+        })
+    }
+}
