@@ -27,7 +27,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a development server: no setup, SQLite and a generated master key in a
-    /// data folder, plain HTTP on loopback. Never for real data.
+    /// data folder, plain HTTP (or, with --tls, mutual TLS) on loopback. Never
+    /// for real data.
     Dev {
         /// Folder for the database, master key and dev credentials.
         #[arg(long, value_name = "DIR")]

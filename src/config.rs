@@ -147,6 +147,28 @@ impl fmt::Debug for DatabaseUrl {
     }
 }
 
+/// A secret setting (a token, a secret id): zeroed on drop, never printed.
+#[derive(Clone)]
+pub struct SecretString(Zeroizing<String>);
+
+impl SecretString {
+    /// Wraps a secret.
+    pub fn new(value: String) -> Self {
+        SecretString(Zeroizing::new(value))
+    }
+
+    /// The secret, for handing to the one client that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretString(<redacted>)")
+    }
+}
+
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -171,11 +193,11 @@ pub struct Settings {
     /// Vault address.
     pub vault_addr: Option<String>,
     /// Vault token.
-    pub vault_token: Option<Zeroizing<String>>,
+    pub vault_token: Option<SecretString>,
     /// AppRole role id.
     pub vault_role_id: Option<String>,
     /// AppRole secret id.
-    pub vault_secret_id: Option<Zeroizing<String>>,
+    pub vault_secret_id: Option<SecretString>,
     /// AppRole mount.
     pub vault_approle_mount: String,
     /// Transit mount.
@@ -399,9 +421,10 @@ impl Raw {
             aws_kms_key_id: self.parse("aws_kms_key_id", non_empty)?,
             aws_kms_endpoint: self.parse("aws_kms_endpoint", url)?,
             vault_addr: self.parse("vault_addr", url)?,
-            vault_token: self.parse("vault_token", |v| non_empty(v).map(Zeroizing::new))?,
+            vault_token: self.parse("vault_token", |v| non_empty(v).map(SecretString::new))?,
             vault_role_id: self.parse("vault_role_id", non_empty)?,
-            vault_secret_id: self.parse("vault_secret_id", |v| non_empty(v).map(Zeroizing::new))?,
+            vault_secret_id: self
+                .parse("vault_secret_id", |v| non_empty(v).map(SecretString::new))?,
             vault_approle_mount: self.required("vault_approle_mount", non_empty)?,
             vault_transit_mount: self.required("vault_transit_mount", non_empty)?,
             vault_transit_key: self.parse("vault_transit_key", non_empty)?,
@@ -577,6 +600,33 @@ mod tests {
                     "docs/configuration.md mentions {word}, which Keyward does not accept"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn debug_output_of_the_settings_holds_no_secret() {
+        let key = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
+        let s = Settings::load(
+            None,
+            env(&[
+                (
+                    "KEYWARD_DATABASE_URL",
+                    "postgres://keyward:db-password-123@db/keyward",
+                ),
+                ("KEYWARD_MASTER_KEY", key),
+                ("KEYWARD_VAULT_TOKEN", "s.vault-token-456"),
+                ("KEYWARD_VAULT_SECRET_ID", "approle-secret-789"),
+            ]),
+        )
+        .unwrap();
+        let printed = format!("{s:?}");
+        for secret in [
+            key,
+            "db-password-123",
+            "vault-token-456",
+            "approle-secret-789",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
         }
     }
 

@@ -61,7 +61,7 @@ pub fn default_data_dir() -> PathBuf {
 pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     if !opts.listen.ip().is_loopback() {
         bail!(
-            "keyward dev serves plain HTTP and listens on loopback only (got {}); use `keyward serve` for anything else",
+            "keyward dev listens on loopback only (got {}); use `keyward serve` for anything else",
             opts.listen
         );
     }

@@ -86,6 +86,16 @@ impl Application {
         let store = open_store(settings).await?;
         let service = Arc::new(KeyService::new(store, provider, settings.key_ring_capacity));
         let (background, shutdown_rx) = watch::channel(false);
+        {
+            let service = service.clone();
+            let mut stop = shutdown_rx.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = service.provider().keep_alive() => {}
+                    _ = stop.changed() => {}
+                }
+            });
+        }
         match service.load_root_keys().await {
             Ok(()) => {
                 tokio::spawn(resume_kek_rotation(service.clone()));

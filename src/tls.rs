@@ -127,7 +127,8 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
                 if crls.is_empty() {
                     return Err(err("KEYWARD_TLS_CLIENT_CRL", crl_path, "contains no CRL"));
                 }
-                verifier = verifier.with_crls(crls);
+                // A CRL past its nextUpdate is refused, not trusted forever.
+                verifier = verifier.with_crls(crls).enforce_revocation_expiration();
             }
             let verifier = verifier
                 .build()

@@ -221,7 +221,7 @@ impl fmt::Debug for KeyService {
 
 /// How soon a cached encryption may be reloaded to look for a version it does
 /// not know (one made moments ago by another replica).
-const VERSION_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+const VERSION_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The id bound into the wrapping of client-mode data keys in place of a KEK id.
 const CLIENT_WRAPPING_ID: [u8; 16] = [0u8; 16];
@@ -256,7 +256,20 @@ impl KeyService {
             }
             Err(e) => {
                 if self.root().is_err() {
-                    *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
+                    // Readiness is unauthenticated: say which provider and what
+                    // kind of failure, and leave details (ARNs, URLs) to the log.
+                    let reason = match &e {
+                        RootKeyError::Provider(_) => format!(
+                            "master-key provider `{}` unavailable (see the log)",
+                            self.provider.name()
+                        ),
+                        RootKeyError::Store(_) => "the database is unavailable".to_string(),
+                        RootKeyError::MasterKeyMismatch { .. }
+                        | RootKeyError::ProviderMismatch { .. } => {
+                            "the master key does not match this database (see the log)".to_string()
+                        }
+                    };
+                    *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
                 }
                 Err(e)
             }
@@ -591,23 +604,16 @@ impl KeyService {
         pause: std::time::Duration,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<u64, KeyError> {
-        let mut root = self.root()?;
-        let retiring: Vec<KekId> = self
-            .store
-            .root_keks()
-            .await?
-            .into_iter()
+        let keks = self.store.root_keks().await?;
+        let retiring: Vec<KekId> = keks
+            .iter()
             .filter(|k| k.state == "retiring")
             .map(|k| k.id)
             .collect();
-        if retiring.iter().any(|k| !root.keys.contains_key(k))
-            || !self
-                .store
-                .root_keks()
-                .await?
-                .iter()
-                .any(|k| k.id == root.active)
-        {
+        let db_active = keks.iter().find(|k| k.state == "active").map(|k| k.id);
+        let mut root = self.root()?;
+        if db_active != Some(root.active) || retiring.iter().any(|k| !root.keys.contains_key(k)) {
+            // Another process rotated: work with the database's view.
             self.load_root_keys()
                 .await
                 .map_err(|e| KeyError::Integrity(e.to_string()))?;
@@ -626,45 +632,70 @@ impl KeyService {
         let mut done = 0u64;
         for old_id in retiring {
             let old_kek = root.keys.get(&old_id).ok_or(KeyError::UnknownKek(old_id))?;
-            let mut after = None;
-            loop {
-                let rows = self.store.versions_wrapped_by(old_id, after, batch).await?;
-                let Some(last) = rows.last() else { break };
-                after = Some(last.id);
-                let mut updates = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    let old_aad = data_key_aad(
-                        row.encryption_id.as_bytes(),
-                        row.id.as_bytes(),
-                        old_id.as_bytes(),
-                    );
-                    let key = old_kek
-                        .unwrap_key(&WrappedKey(row.wrapped_key.clone()), &old_aad)
-                        .map_err(|_| {
-                            KeyError::Integrity(format!(
-                                "version {} fails to unwrap under root KEK {old_id}",
-                                row.id
-                            ))
-                        })?;
-                    let new_aad = data_key_aad(
-                        row.encryption_id.as_bytes(),
-                        row.id.as_bytes(),
-                        new_id.as_bytes(),
-                    );
-                    updates.push((
-                        row.id,
-                        row.wrapped_key.clone(),
-                        new_kek.wrap(&key, &new_aad).0,
-                    ));
+            // Passes over the versions in id order until none is left: a replica
+            // that has not yet heard of the rotation may still add versions
+            // under the old KEK behind the cursor.
+            for pass in 0.. {
+                if self
+                    .store
+                    .versions_wrapped_by(old_id, None, 1)
+                    .await?
+                    .is_empty()
+                {
+                    break;
                 }
-                done += self.store.rewrap_versions(old_id, new_id, &updates).await?;
-                progress(done, remaining);
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
+                if pass == 10 {
+                    return Err(KeyError::Integrity(format!(
+                        "versions keep appearing under retiring root KEK {old_id}; run the re-wrap again once every replica has loaded the new root KEK"
+                    )));
+                }
+                if pass > 0 {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+                let mut after = None;
+                loop {
+                    let rows = self.store.versions_wrapped_by(old_id, after, batch).await?;
+                    let Some(last) = rows.last() else { break };
+                    after = Some(last.id);
+                    let mut updates = Vec::with_capacity(rows.len());
+                    for row in &rows {
+                        let old_aad = data_key_aad(
+                            row.encryption_id.as_bytes(),
+                            row.id.as_bytes(),
+                            old_id.as_bytes(),
+                        );
+                        let key = old_kek
+                            .unwrap_key(&WrappedKey(row.wrapped_key.clone()), &old_aad)
+                            .map_err(|_| {
+                                KeyError::Integrity(format!(
+                                    "version {} fails to unwrap under root KEK {old_id}",
+                                    row.id
+                                ))
+                            })?;
+                        let new_aad = data_key_aad(
+                            row.encryption_id.as_bytes(),
+                            row.id.as_bytes(),
+                            new_id.as_bytes(),
+                        );
+                        updates.push((
+                            row.id,
+                            row.wrapped_key.clone(),
+                            new_kek.wrap(&key, &new_aad).0,
+                        ));
+                    }
+                    done += self.store.rewrap_versions(old_id, new_id, &updates).await?;
+                    progress(done, remaining);
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
             }
             if self.store.retire_root_kek(old_id).await? {
                 tracing::info!(kek_id = %old_id, "root KEK retired: no version names it any more");
+            } else {
+                return Err(KeyError::Integrity(format!(
+                    "root KEK {old_id} still wraps key versions; run the re-wrap again"
+                )));
             }
         }
         Ok(done)
@@ -698,7 +729,10 @@ impl KeyService {
     async fn entry(&self, tenant: TenantId, id: EncryptionId) -> Result<Arc<RingEntry>, KeyError> {
         let entry = match self.ring.get(id) {
             Some(e) => e,
-            None => self.load(id).await?.ok_or(KeyError::EncryptionNotFound)?,
+            None => self
+                .load(id, tenant)
+                .await?
+                .ok_or(KeyError::EncryptionNotFound)?,
         };
         if entry.tenant_id != tenant {
             return Err(KeyError::EncryptionNotFound);
@@ -723,7 +757,7 @@ impl KeyService {
             return Err(KeyError::VersionNotFound);
         }
         let fresh = self
-            .load(entry.id)
+            .load(entry.id, entry.tenant_id)
             .await?
             .ok_or(KeyError::EncryptionNotFound)?;
         if fresh.tenant_id != entry.tenant_id {
@@ -735,7 +769,15 @@ impl KeyService {
         Ok(fresh)
     }
 
-    async fn load(&self, id: EncryptionId) -> Result<Option<Arc<RingEntry>>, KeyError> {
+    /// Loads the tenant's encryption into the ring. Another tenant's encryption
+    /// is treated exactly like a missing one *before* any key is touched: not
+    /// unwrapped, not cached, no root-key or provider access, so it cannot be
+    /// told apart from a missing id by status or timing class.
+    async fn load(
+        &self,
+        id: EncryptionId,
+        tenant: TenantId,
+    ) -> Result<Option<Arc<RingEntry>>, KeyError> {
         if self.ring.is_known_unknown(id) {
             return Ok(None);
         }
@@ -744,6 +786,9 @@ impl KeyService {
             self.ring.remember_unknown(id);
             return Ok(None);
         };
+        if enc.tenant_id != tenant {
+            return Ok(None);
+        }
         let entry = match self.build_entry(&enc, &versions, &*self.root()?) {
             Err(KeyError::UnknownKek(kek_id)) => {
                 // A root KEK rotation elsewhere: load the new KEK (a provider
@@ -751,6 +796,7 @@ impl KeyService {
                 tracing::info!(%kek_id, "a key version names a root KEK not loaded here; reloading the root keys");
                 self.load_root_keys().await.map_err(|e| match e {
                     RootKeyError::Provider(p) => KeyError::Provider(p),
+                    RootKeyError::Store(s) => KeyError::Store(s),
                     other => KeyError::Integrity(other.to_string()),
                 })?;
                 self.build_entry(&enc, &versions, &*self.root()?)?

@@ -113,7 +113,10 @@ pub fn ops_router(state: AppState) -> Router {
     Router::new()
         .merge(ops::router())
         .fallback(|| async { ApiError::RouteNotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
 
 /// Gives every error response the JSON error shape, including those produced by

@@ -56,6 +56,13 @@ pub trait MasterKeyProvider: Send + Sync {
         kek_id: KekId,
         wrapped: &'a [u8],
     ) -> ProviderFuture<'a, DataKey>;
+
+    /// Keeps the provider's credentials alive (e.g. renews a Vault token before
+    /// it expires) while the process runs. Runs until dropped; by default there
+    /// is nothing to do.
+    fn keep_alive(&self) -> ProviderFuture<'_, ()> {
+        Box::pin(std::future::pending())
+    }
 }
 
 /// Which provider wraps the root KEK.
@@ -148,11 +155,13 @@ pub async fn build(
                 .clone()
                 .ok_or_else(|| missing("KEYWARD_VAULT_TRANSIT_KEY", ""))?;
             let auth = match (&settings.vault_token, &settings.vault_role_id, &settings.vault_secret_id) {
-                (Some(token), None, None) => VaultAuth::Token(token.clone()),
+                (Some(token), None, None) => {
+                    VaultAuth::Token(zeroize::Zeroizing::new(token.expose().to_string()))
+                }
                 (None, Some(role_id), Some(secret_id)) => VaultAuth::AppRole {
                     mount: settings.vault_approle_mount.clone(),
                     role_id: role_id.clone(),
-                    secret_id: secret_id.clone(),
+                    secret_id: zeroize::Zeroizing::new(secret_id.expose().to_string()),
                 },
                 _ => {
                     return Err(ProviderConfigError {

@@ -96,8 +96,18 @@ impl Vault {
             Some(s) => s.refresh_at.is_some_and(|at| Instant::now() >= at),
         };
         if stale {
-            let previous = guard.take();
-            *guard = Some(self.refresh(previous).await?);
+            match self.refresh().await {
+                Ok(session) => *guard = Some(session),
+                // Keep a session whose token may still be valid and try again
+                // shortly; without one there is nothing to fall back on.
+                Err(e) => match guard.as_mut() {
+                    Some(s) => {
+                        tracing::warn!(error = %e, "could not renew the Vault credentials; retrying in 5 s");
+                        s.refresh_at = Some(Instant::now() + Duration::from_secs(5));
+                    }
+                    None => return Err(e),
+                },
+            }
         }
         Ok(tokio::sync::MutexGuard::map(guard, |s| {
             &mut s.as_mut().expect("just set").client
@@ -121,7 +131,7 @@ impl Vault {
 
     /// Logs in (AppRole), or renews the token (token auth), and says when to
     /// do it again: at two thirds of the lease.
-    async fn refresh(&self, previous: Option<Session>) -> Result<Session, ProviderError> {
+    async fn refresh(&self) -> Result<Session, ProviderError> {
         let refresh_after =
             |lease: u64| (lease > 0).then(|| Instant::now() + Duration::from_secs(lease * 2 / 3));
         match &self.settings.auth {
@@ -146,14 +156,11 @@ impl Vault {
                 })
             }
             VaultAuth::Token(token) => {
-                let client = match previous {
-                    Some(s) => s.client,
-                    None => self.new_client(token)?,
-                };
+                let client = self.new_client(token)?;
                 let info = vaultrs::token::lookup_self(&client)
                     .await
                     .map_err(|e| unavailable("token lookup", e))?;
-                if info.renewable.unwrap_or(false) && info.ttl > 0 {
+                if info.renewable.unwrap_or(false) {
                     match vaultrs::token::renew_self(&client, None).await {
                         Ok(auth) => {
                             tracing::debug!(
@@ -186,6 +193,35 @@ impl MasterKeyProvider for Vault {
 
     fn key_setting(&self) -> &'static str {
         "KEYWARD_VAULT_TRANSIT_KEY"
+    }
+
+    /// Renews the token (or logs in again with AppRole) at two thirds of its
+    /// lease, so that the provider still works when it is next needed (a
+    /// root-KEK rotation, a replica's reload), long after start.
+    fn keep_alive(&self) -> ProviderFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                let due = self
+                    .session
+                    .lock()
+                    .await
+                    .as_ref()
+                    .and_then(|s| s.refresh_at);
+                match due {
+                    Some(at) if Instant::now() >= at => {
+                        if let Err(e) = self.client().await {
+                            tracing::warn!(error = %e, "could not renew the Vault credentials; retrying");
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                    }
+                    Some(at) => {
+                        let wait = at.saturating_duration_since(Instant::now());
+                        tokio::time::sleep(wait.min(Duration::from_secs(60))).await
+                    }
+                    None => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+        })
     }
 
     fn wrap_root_kek<'a>(&'a self, kek_id: KekId, kek: &'a DataKey) -> ProviderFuture<'a, Vec<u8>> {
@@ -228,8 +264,16 @@ impl MasterKeyProvider for Vault {
             .await
             {
                 Ok(out) => out,
-                // Transit answers 400 when the key cannot decrypt this ciphertext.
-                Err(ClientError::APIError { code: 400, .. }) => {
+                // Transit answers 400 both when the key cannot decrypt this
+                // ciphertext (a mismatch) and for configuration errors such as
+                // a missing key (worth reporting, not a mismatch).
+                Err(ClientError::APIError { code: 400, errors })
+                    if errors.iter().any(|e| {
+                        e.contains("message authentication failed")
+                            || e.contains("invalid ciphertext")
+                            || e.contains("invalid key version")
+                    }) =>
+                {
                     return Err(ProviderError::KeyMismatch)
                 }
                 Err(e) => return Err(unavailable("transit decrypt", e)),

@@ -47,7 +47,7 @@ pub struct KeyEvent {
     pub kind: Option<EventKind>,
     /// The id of what changed.
     pub subject: String,
-    /// When it was recorded (Unix ms, writer's clock).
+    /// When it was recorded (Unix ms, the database's clock).
     pub created_at: i64,
 }
 

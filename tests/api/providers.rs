@@ -155,6 +155,19 @@ async fn vault_api(method: reqwest::Method, path: &str, body: Value) -> Value {
     serde_json::from_str(&text).unwrap_or(Value::Null)
 }
 
+/// A policy named `key` allowing transit encrypt and decrypt with `key`.
+async fn write_policy(key: &str) {
+    let policy = format!(
+        "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\npath \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}"
+    );
+    vault_api(
+        reqwest::Method::PUT,
+        &format!("sys/policies/acl/{key}"),
+        json!({"policy": policy}),
+    )
+    .await;
+}
+
 /// An AppRole allowed to use `key`; returns (role_id, secret_id).
 async fn new_approle(key: &str) -> (String, String) {
     let auths = vault_api(reqwest::Method::GET, "sys/auth", Value::Null).await;
@@ -166,15 +179,7 @@ async fn new_approle(key: &str) -> (String, String) {
         )
         .await;
     }
-    let policy = format!(
-        "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\npath \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}"
-    );
-    vault_api(
-        reqwest::Method::PUT,
-        &format!("sys/policies/acl/{key}"),
-        json!({"policy": policy}),
-    )
-    .await;
+    write_policy(key).await;
     vault_api(
         reqwest::Method::POST,
         &format!("auth/approle/role/{key}"),
@@ -315,7 +320,7 @@ async fn aws_kms_provider_survives_restarts_and_outages() {
     let key = new_kms_key().await;
     let fwd = Forwarder::start(&peer_env("KEYWARD_TEST_MOTO_URL")).await;
     let env = aws_env(&fwd.url(), &key);
-    survives_restarts_and_outages(env, fwd, "AWS KMS").await;
+    survives_restarts_and_outages(env, fwd, "aws-kms").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,7 +328,7 @@ async fn vault_provider_survives_restarts_and_outages() {
     let key = new_transit_key().await;
     let fwd = Forwarder::start(&peer_env("KEYWARD_TEST_VAULT_ADDR")).await;
     let env = vault_env(&fwd.url(), &key);
-    survives_restarts_and_outages(env, fwd, "Vault").await;
+    survives_restarts_and_outages(env, fwd, "vault").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -597,4 +602,41 @@ async fn the_admin_endpoint_rotates_the_root_kek_in_the_background() {
     for (e, d) in &made {
         decrypts(&app, &admin, e, d).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_lived_vault_token_is_renewed_while_keyward_runs() {
+    let key = new_transit_key().await;
+    write_policy(&key).await;
+    let token = vault_api(
+        reqwest::Method::POST,
+        "auth/token/create",
+        json!({"policies": [key], "ttl": "3s", "renewable": true, "explicit_max_ttl": "1h"}),
+    )
+    .await["auth"]["client_token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let env = [
+        ("KEYWARD_MASTER_KEY_PROVIDER", "vault"),
+        ("KEYWARD_VAULT_ADDR", &peer_env("KEYWARD_TEST_VAULT_ADDR")),
+        ("KEYWARD_VAULT_TOKEN", &token),
+        ("KEYWARD_VAULT_TRANSIT_KEY", &key),
+    ];
+    let app = TestApp::spawn_with(Backend::Sqlite, &env).await;
+    wait_ready(&app).await;
+    let admin = app.create_tenant("operator");
+    // Well past the token's 3-second TTL: only renewal keeps it valid.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (status, body) = app
+        .post("/v1/admin/root-kek/rotate", &admin, &json!({}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::ACCEPTED,
+        "the provider still works after the token's first TTL: {body}\n{}",
+        app.log_text()
+    );
+    assert!(app.log_text().contains("renewed the Vault token"));
+    assert!(!app.log_text().contains(&token), "the token is logged");
 }
