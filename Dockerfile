@@ -3,7 +3,7 @@
 # Runs with a read-only root filesystem; the only writable place it needs is
 # /var/lib/keyward (for SQLite), which should be a mounted volume.
 
-FROM rust:1.85-bookworm AS build
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -14,13 +14,25 @@ RUN cargo build --release --locked --bin keyward \
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/keyward /usr/local/bin/keyward
-# No secret is baked in: KEYWARD_MASTER_KEY and KEYWARD_DATABASE_URL come from the
-# orchestrator's secret store at run time.
-ENV KEYWARD_LISTEN=0.0.0.0:8480 \
+# No secret and no certificate is baked in. Supply at run time:
+# - KEYWARD_MASTER_KEY and KEYWARD_DATABASE_URL, from the orchestrator's secret store;
+# - transport, one of:
+#   - TLS (the normal case): mount the server certificate and key read-only,
+#     e.g. at /etc/keyward/tls, and set KEYWARD_TLS_CERT=/etc/keyward/tls/tls.crt and
+#     KEYWARD_TLS_KEY=/etc/keyward/tls/tls.key; add KEYWARD_TLS_CLIENT_CA (and
+#     optionally KEYWARD_TLS_CLIENT_CRL) for mutual TLS. Send SIGHUP to reload them.
+#   - KEYWARD_ALLOW_PLAINTEXT=true, only behind a proxy or mesh that terminates TLS.
+# With neither, `serve` refuses to start: plain HTTP is served on loopback only.
+# 8443 is the API (HTTPS). 8481 serves only /healthz and /readyz, over plain HTTP
+# and without a client certificate, for probes; it carries no secrets.
+ENV KEYWARD_LISTEN=0.0.0.0:8443 \
+    KEYWARD_OPS_LISTEN=0.0.0.0:8481 \
     KEYWARD_LOG_FORMAT=json
-USER nonroot:nonroot
+# 65532 is distroless's `nonroot` user and group, numeric so that the runtime
+# can check runAsNonRoot without resolving a name.
+USER 65532:65532
 WORKDIR /var/lib/keyward
 VOLUME ["/var/lib/keyward"]
-EXPOSE 8480
+EXPOSE 8443 8481
 ENTRYPOINT ["/usr/local/bin/keyward"]
 CMD ["serve"]
