@@ -59,7 +59,11 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "vault_transit_key", default: None, secret: false, doc: "The transit key that wraps the root KEK." },
     Setting { name: "vault_ca_file", default: None, secret: false, doc: "PEM CA bundle to verify Vault's TLS certificate." },
     Setting { name: "max_body_bytes", default: Some("1048576"), secret: false, doc: "Largest accepted request body; larger bodies get 413." },
+    Setting { name: "max_batch_items", default: Some("1000"), secret: false, doc: "Most items in one batch request; more get 413 `too_many_items`." },
+    Setting { name: "max_batch_body_bytes", default: Some("16777216"), secret: false, doc: "Largest accepted batch request body." },
     Setting { name: "key_ring_capacity", default: Some("100000"), secret: false, doc: "Most encryptions whose unwrapped keys are kept in memory (and most API keys cached)." },
+    Setting { name: "rotate_after_encryptions", default: Some("2147483648"), secret: false, doc: "Rotate a platform encryption by itself once its active version has made this many encryptions (2^31 by default, half the 2^32 NIST allows per key with random 96-bit nonces)." },
+    Setting { name: "maintenance_interval", default: Some("5s"), secret: false, doc: "How often use counts are flushed to the database and rotation policies (period, count) are checked." },
     Setting { name: "sync_interval", default: Some("1s"), secret: false, doc: "How often the change feed is polled, bounding how long a rotation or revocation made by another process takes to reach this one." },
     Setting { name: "request_timeout", default: Some("30s"), secret: false, doc: "Longest time one request may take." },
     Setting { name: "shutdown_timeout", default: Some("30s"), secret: false, doc: "On SIGTERM, how long requests in flight may take to finish." },
@@ -208,8 +212,16 @@ pub struct Settings {
     pub vault_ca_file: Option<PathBuf>,
     /// Body size limit.
     pub max_body_bytes: usize,
+    /// Most items per batch.
+    pub max_batch_items: usize,
+    /// Largest batch body.
+    pub max_batch_body_bytes: usize,
     /// Key ring bound.
     pub key_ring_capacity: usize,
+    /// Rotate after this many encryptions of one version.
+    pub rotate_after_encryptions: u64,
+    /// Count flush and policy check interval.
+    pub maintenance_interval: Duration,
     /// Change feed poll interval.
     pub sync_interval: Duration,
     /// Per-request time limit.
@@ -437,7 +449,13 @@ impl Raw {
                 }
             })?,
             max_body_bytes: self.required("max_body_bytes", positive)?,
+            max_batch_items: self.required("max_batch_items", positive)?,
+            max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,
             key_ring_capacity: self.required("key_ring_capacity", positive)?,
+            rotate_after_encryptions: self.required("rotate_after_encryptions", |v| {
+                positive(v).map(|n| n as u64)
+            })?,
+            maintenance_interval: self.required("maintenance_interval", duration)?,
             sync_interval: self.required("sync_interval", duration)?,
             request_timeout: self.required("request_timeout", duration)?,
             shutdown_timeout: self.required("shutdown_timeout", duration)?,

@@ -28,6 +28,8 @@ pub struct Application {
     tls: Option<Arc<ReloadableTls>>,
     /// The plain-HTTP listener for probes and monitoring, if configured.
     ops: Option<(TcpListener, axum::Router)>,
+    /// The use-count bound, for the final flush at shutdown.
+    rotate_after_encryptions: u64,
     shutdown_timeout: Duration,
     background: watch::Sender<bool>,
 }
@@ -113,6 +115,12 @@ impl Application {
             settings.sync_interval,
             shutdown_rx.clone(),
         ));
+        tokio::spawn(maintain(
+            service.clone(),
+            settings.maintenance_interval,
+            settings.rotate_after_encryptions,
+            shutdown_rx.clone(),
+        ));
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
         }
@@ -123,6 +131,10 @@ impl Application {
             RouterSettings {
                 max_body_bytes: settings.max_body_bytes,
                 request_timeout: settings.request_timeout,
+                batch: http::BatchLimits {
+                    max_items: settings.max_batch_items,
+                    max_body_bytes: settings.max_batch_body_bytes,
+                },
             },
         );
         let listener = TcpListener::bind(settings.listen)
@@ -146,6 +158,7 @@ impl Application {
             router,
             tls,
             ops,
+            rotate_after_encryptions: settings.rotate_after_encryptions,
             shutdown_timeout: settings.shutdown_timeout,
             background,
         })
@@ -211,9 +224,42 @@ impl Application {
             let _ = ops.await;
         }
         let _ = self.background.send(true);
+        if let Err(e) = self
+            .service
+            .flush_counts(self.rotate_after_encryptions)
+            .await
+        {
+            tracing::warn!(error = %e, "could not flush the last use counts");
+        }
         self.service.store().close().await;
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Flushes use counts and applies rotation policies every `interval`.
+async fn maintain(
+    service: Arc<KeyService>,
+    interval: Duration,
+    bound: u64,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if service.not_ready_reason().is_some() {
+            continue;
+        }
+        if let Err(e) = service.flush_counts(bound).await {
+            tracing::warn!(error = %e, "could not flush use counts");
+        }
+        if let Err(e) = service.rotate_due().await {
+            tracing::warn!(error = %e, "could not apply rotation periods");
+        }
     }
 }
 

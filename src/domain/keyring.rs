@@ -37,6 +37,10 @@ pub struct RingVersion {
     pub state: VersionState,
     /// Its key.
     pub key: RingKey,
+    /// Encryptions made with it here and not yet added to the stored count.
+    /// Shared by every entry built for this version, so a rebuilt entry
+    /// loses no count.
+    pub uses: Arc<AtomicU64>,
 }
 
 /// One cached encryption: immutable once built. A change (rotate, state change)
@@ -55,6 +59,8 @@ pub struct RingEntry {
     pub salt: Vec<u8>,
     /// The active version.
     pub active: VersionId,
+    /// Versions numbered below this do not decrypt.
+    pub min_decryption_version: i64,
     /// Every version, in number order.
     pub versions: Vec<RingVersion>,
 }
@@ -89,6 +95,8 @@ pub struct KeyRing {
     generation: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Per-version use counters not yet flushed to the store.
+    counters: Mutex<HashMap<VersionId, Arc<AtomicU64>>>,
 }
 
 impl KeyRing {
@@ -101,6 +109,7 @@ impl KeyRing {
             generation: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            counters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -181,6 +190,38 @@ impl KeyRing {
         unknown.insert(id, Instant::now());
     }
 
+    /// The use counter of a version (created on first use).
+    pub fn counter(&self, version: VersionId) -> Arc<AtomicU64> {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(version)
+            .or_default()
+            .clone()
+    }
+
+    /// Takes every non-zero count (resetting it) and forgets counters that no
+    /// cached version uses any more.
+    pub fn drain_counts(&self) -> Vec<(VersionId, u64)> {
+        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        counters.retain(|version, counter| {
+            let n = counter.swap(0, Ordering::AcqRel);
+            if n > 0 {
+                out.push((*version, n));
+            }
+            Arc::strong_count(counter) > 1
+        });
+        out
+    }
+
+    /// Puts counts back after a failed flush.
+    pub fn restore_counts(&self, counts: &[(VersionId, u64)]) {
+        for (version, n) in counts {
+            self.counter(*version).fetch_add(*n, Ordering::AcqRel);
+        }
+    }
+
     /// How many encryptions are cached.
     pub fn len(&self) -> usize {
         self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
@@ -214,11 +255,13 @@ mod tests {
             mode: Mode::Platform,
             salt: vec![],
             active: v,
+            min_decryption_version: 1,
             versions: vec![RingVersion {
                 id: v,
                 number: 1,
                 state: VersionState::Active,
                 key: RingKey::Ready(DataKey::generate().cipher()),
+                uses: Arc::new(AtomicU64::new(0)),
             }],
         })
     }
@@ -245,5 +288,23 @@ mod tests {
         ring.insert(entry(id), g);
         assert!(ring.get(id).is_some());
         assert_eq!(ring.hit_counts(), (1, 1));
+    }
+
+    #[test]
+    fn counts_survive_entry_rebuilds_and_drain_once() {
+        let ring = KeyRing::new(10);
+        let v = VersionId::new_random();
+        let a = ring.counter(v);
+        a.fetch_add(3, Ordering::Relaxed);
+        let b = ring.counter(v);
+        b.fetch_add(2, Ordering::Relaxed);
+        assert_eq!(ring.drain_counts(), vec![(v, 5)]);
+        assert!(ring.drain_counts().is_empty());
+        drop((a, b));
+        ring.drain_counts();
+        assert!(
+            ring.counters.lock().unwrap().is_empty(),
+            "unused counters are dropped"
+        );
     }
 }

@@ -60,6 +60,15 @@ pub enum KeyError {
     /// authenticate under the root KEK): never the caller's fault.
     #[error("integrity failure: {0}")]
     Integrity(String),
+    /// The version is numbered below the encryption's minimum decryption version.
+    #[error("the encryption version is below the minimum decryption version")]
+    VersionBelowMinimum,
+    /// The requested state change is not allowed (e.g. the active version).
+    #[error("{0}")]
+    InvalidStateChange(&'static str),
+    /// A policy value is out of range.
+    #[error("{0}")]
+    InvalidPolicy(String),
     /// A version names a root KEK that is not loaded (internal: triggers a
     /// reload of the root keys).
     #[error("unknown root KEK {0}")]
@@ -387,6 +396,10 @@ impl KeyService {
         let sealed = with_key(&entry, version, client_key, |key| {
             crypto::seal(key, &aad, plaintext)
         })?;
+        // Counted per version for the nonce bound (flushed in batches).
+        version
+            .uses
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(Encrypted {
             version_id: version.id,
             nonce: sealed.nonce,
@@ -416,6 +429,11 @@ impl KeyService {
         };
         let v = entry.version(version).ok_or(KeyError::DecryptionFailed)?;
         match v.state {
+            VersionState::Active | VersionState::Enabled | VersionState::DecryptOnly
+                if v.number < entry.min_decryption_version =>
+            {
+                return Err(KeyError::VersionBelowMinimum)
+            }
             VersionState::Active | VersionState::Enabled | VersionState::DecryptOnly => {}
             VersionState::Disabled => return Err(KeyError::VersionDisabled),
             VersionState::Destroyed => return Err(KeyError::VersionDestroyed),
@@ -426,6 +444,25 @@ impl KeyService {
             crypto::open(key, &nonce, &aad, ciphertext)
         })?
         .map_err(|()| KeyError::DecryptionFailed)
+    }
+
+    /// Re-encrypts a ciphertext under the active version: decrypt, then encrypt,
+    /// with the plaintext held only in zeroizing memory inside this call.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn rewrap(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        version: VersionId,
+        nonce: Option<[u8; NONCE_LEN]>,
+        ciphertext: &[u8],
+        client_key: Option<&ClientKey>,
+    ) -> Result<Encrypted, KeyError> {
+        let plaintext = Zeroizing::new(
+            self.decrypt(tenant, id, version, nonce, ciphertext, client_key)
+                .await?,
+        );
+        self.encrypt(tenant, id, None, &plaintext, client_key).await
     }
 
     /// Makes a new version active; every older version keeps decrypting.
@@ -563,6 +600,165 @@ impl KeyService {
         limit: u32,
     ) -> Result<Vec<EncryptionRow>, KeyError> {
         Ok(self.store.list_encryptions(tenant, after, limit).await?)
+    }
+
+    // ----- lifecycle --------------------------------------------------------------
+
+    /// Sets the rotation policy: `period` (`Some(None)` clears it) and the
+    /// minimum decryption version (at least 1, at most the active version).
+    pub async fn set_policy(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        period: Option<Option<std::time::Duration>>,
+        min_decryption_version: Option<i64>,
+    ) -> Result<EncryptionDetails, KeyError> {
+        let details = self.encryption_details(tenant, id).await?;
+        if let Some(min) = min_decryption_version {
+            let active = details
+                .versions
+                .iter()
+                .find(|v| v.id == details.encryption.active_version_id)
+                .map(|v| v.version)
+                .unwrap_or(1);
+            if min < 1 || min > active {
+                return Err(KeyError::InvalidPolicy(format!(
+                    "`minDecryptionVersion` must be from 1 to the active version ({active})"
+                )));
+            }
+        }
+        if let Some(Some(p)) = period {
+            if p < std::time::Duration::from_secs(1) {
+                return Err(KeyError::InvalidPolicy(
+                    "`autoRotatePeriod` must be at least 1s".into(),
+                ));
+            }
+            if details.encryption.mode == Mode::Client {
+                return Err(KeyError::InvalidPolicy(
+                    "a client-mode encryption cannot rotate by itself: Keyward does not hold its key".into(),
+                ));
+            }
+        }
+        let period_ms = period.map(|p| p.map(|d| d.as_millis().min(i64::MAX as u128) as i64));
+        if !self
+            .store
+            .set_policy(tenant, id, period_ms, min_decryption_version, now_ms())
+            .await?
+        {
+            return Err(KeyError::EncryptionNotFound);
+        }
+        self.ring.invalidate(id);
+        self.encryption_details(tenant, id).await
+    }
+
+    /// Moves a version to another state. The active version cannot change
+    /// (rotate first); a destroyed version never comes back.
+    pub async fn set_version_state(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        version: VersionId,
+        state: VersionState,
+    ) -> Result<EncryptionDetails, KeyError> {
+        let details = self.encryption_details(tenant, id).await?;
+        let current = details
+            .versions
+            .iter()
+            .find(|v| v.id == version)
+            .ok_or(KeyError::VersionNotFound)?
+            .state;
+        match (current, state) {
+            (VersionState::Active, _) => {
+                return Err(KeyError::InvalidStateChange(
+                    "the active version cannot change state: rotate first",
+                ))
+            }
+            (_, VersionState::Active) => {
+                return Err(KeyError::InvalidStateChange(
+                    "a version becomes active only by rotation",
+                ))
+            }
+            (VersionState::Destroyed, _) => {
+                return Err(KeyError::InvalidStateChange(
+                    "a destroyed version's key material is gone for good",
+                ))
+            }
+            _ => {}
+        }
+        let from = [
+            VersionState::Enabled,
+            VersionState::DecryptOnly,
+            VersionState::Disabled,
+        ];
+        if !self
+            .store
+            .set_version_state(id, version, &from, state, now_ms())
+            .await?
+        {
+            return Err(KeyError::InvalidStateChange(
+                "the version changed meanwhile; read it again",
+            ));
+        }
+        self.ring.invalidate(id);
+        if state == VersionState::Destroyed {
+            tracing::warn!(encryption_id = %id, version_id = %version, "key version destroyed: its ciphertexts can never be decrypted again");
+        }
+        self.encryption_details(tenant, id).await
+    }
+
+    /// Adds this process's use counts to the store and rotates every platform
+    /// encryption whose active version reached `bound` encryptions. Several
+    /// replicas may decide at once; the compare-and-swap lets one rotate.
+    pub async fn flush_counts(&self, bound: u64) -> Result<(), KeyError> {
+        let counts = self.ring.drain_counts();
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let totals = match self.store.add_encrypt_counts(&counts).await {
+            Ok(t) => t,
+            Err(e) => {
+                self.ring.restore_counts(&counts);
+                return Err(e.into());
+            }
+        };
+        for (encryption, version, total, state) in totals {
+            if state == VersionState::Active && total as u64 >= bound {
+                tracing::info!(encryption_id = %encryption, version_id = %version, total, "encryption count reached the bound; rotating");
+                self.auto_rotate(encryption, version).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Rotates every platform encryption whose active version is older than its
+    /// rotation period.
+    pub async fn rotate_due(&self) -> Result<usize, KeyError> {
+        let due = self.store.due_for_rotation(now_ms(), 100).await?;
+        let mut rotated = 0;
+        for (encryption, active) in due {
+            if self.auto_rotate(encryption, active).await? {
+                rotated += 1;
+            }
+        }
+        Ok(rotated)
+    }
+
+    async fn auto_rotate(
+        &self,
+        id: EncryptionId,
+        expected_active: VersionId,
+    ) -> Result<bool, KeyError> {
+        let new_id = VersionId::new_random();
+        let new_version = self.wrap_platform_key(id, new_id, &DataKey::generate())?;
+        let done = self
+            .store
+            .rotate_if_active(id, expected_active, &new_version, now_ms())
+            .await?;
+        self.ring.invalidate(id);
+        if let Some(outcome) = done {
+            tracing::info!(encryption_id = %id, new_version = outcome.new_version, "rotated automatically");
+        }
+        Ok(done.is_some())
     }
 
     // ----- root keys ------------------------------------------------------------
@@ -839,6 +1035,7 @@ impl KeyService {
                 number: row.version,
                 state: row.state,
                 key,
+                uses: self.ring.counter(row.id),
             });
         }
         if !versions.iter().any(|v| v.id == enc.active_version_id) {
@@ -854,6 +1051,7 @@ impl KeyService {
             mode: enc.mode,
             salt: enc.salt.clone(),
             active: enc.active_version_id,
+            min_decryption_version: enc.min_decryption_version,
             versions,
         })
     }

@@ -17,6 +17,8 @@ use super::extract::{
 use super::openapi::MasterKeyParam;
 use super::{parse_id, AppState};
 use crate::crypto::NONCE_LEN;
+use crate::domain::service::{ClientKey, Encrypted, KeyError, Principal};
+use crate::domain::{EncryptionId, VersionId};
 
 /// The routes of this resource. Decrypt accepts bodies a third larger than the
 /// limit (plus room for ids and metadata), so that anything encrypt accepted
@@ -111,6 +113,18 @@ pub(super) async fn encrypt(
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<EncryptRequest>,
 ) -> Result<Json<EncryptResponse>, ApiError> {
+    encrypt_one(&state, &auth.principal, client_key.as_ref(), req)
+        .await
+        .map(Json)
+}
+
+/// One encryption: the single call and each batch item.
+pub(super) async fn encrypt_one(
+    state: &AppState,
+    caller: &Principal,
+    client_key: Option<&ClientKey>,
+    req: EncryptRequest,
+) -> Result<EncryptResponse, ApiError> {
     let id = parse_id(&req.encryption_id, "encryptionId")?;
     let version = req
         .encryption_version_id
@@ -120,14 +134,19 @@ pub(super) async fn encrypt(
     let out = state
         .service
         .encrypt(
-            auth.principal.tenant_id,
+            caller.tenant_id,
             id,
             version,
             req.data.as_bytes(),
-            client_key.as_ref(),
+            client_key,
         )
         .await?;
-    Ok(Json(EncryptResponse {
+    Ok(encrypted_response(id, out))
+}
+
+/// The contract's encrypt output.
+pub(super) fn encrypted_response(id: EncryptionId, out: Encrypted) -> EncryptResponse {
+    EncryptResponse {
         cipher_text: B64.encode(&out.ciphertext),
         encryption_id: id.to_string(),
         encryption_version_id: out.version_id.to_string(),
@@ -135,7 +154,7 @@ pub(super) async fn encrypt(
         metadata: Metadata {
             nonce: B64.encode(out.nonce),
         },
-    }))
+    }
 }
 
 /// `POST /v1/decrypt` input: the fields encrypt returned.
@@ -195,28 +214,58 @@ pub(super) async fn decrypt(
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<DecryptRequest>,
 ) -> Result<Json<DecryptResponse>, ApiError> {
-    let id = parse_id(&req.encryption_id, "encryptionId")?;
-    let version = parse_id(&req.encryption_version_id, "encryptionVersionId")?;
-    let ciphertext = B64
-        .decode(req.cipher_text.as_bytes())
-        .map_err(|_| ApiError::InvalidRequest("`cipherText`: not valid base64".into()))?;
-    let nonce = nonce_from(req.metadata);
+    decrypt_one(&state, &auth.principal, client_key.as_ref(), req)
+        .await
+        .map(Json)
+}
+
+/// A decrypt request parsed into ids, nonce and ciphertext.
+pub(super) struct ParsedCiphertext {
+    pub id: EncryptionId,
+    pub version: VersionId,
+    pub nonce: Option<[u8; NONCE_LEN]>,
+    pub ciphertext: Vec<u8>,
+}
+
+impl DecryptRequest {
+    /// Parses the fields; bad ids and bad base64 are `invalid_request`, while a
+    /// bad nonce or metadata is left for `decryption_failed`.
+    pub(super) fn parse(self) -> Result<ParsedCiphertext, ApiError> {
+        Ok(ParsedCiphertext {
+            id: parse_id(&self.encryption_id, "encryptionId")?,
+            version: parse_id(&self.encryption_version_id, "encryptionVersionId")?,
+            ciphertext: B64
+                .decode(self.cipher_text.as_bytes())
+                .map_err(|_| ApiError::InvalidRequest("`cipherText`: not valid base64".into()))?,
+            nonce: nonce_from(self.metadata),
+        })
+    }
+}
+
+/// One decryption: the single call and each batch item.
+pub(super) async fn decrypt_one(
+    state: &AppState,
+    caller: &Principal,
+    client_key: Option<&ClientKey>,
+    req: DecryptRequest,
+) -> Result<DecryptResponse, ApiError> {
+    let p = req.parse()?;
     let plaintext = state
         .service
         .decrypt(
-            auth.principal.tenant_id,
-            id,
-            version,
-            nonce,
-            &ciphertext,
-            client_key.as_ref(),
+            caller.tenant_id,
+            p.id,
+            p.version,
+            p.nonce,
+            &p.ciphertext,
+            client_key,
         )
         .await?;
     // The plaintext was a JSON string's UTF-8 bytes, and GCM authenticated it, so
     // this cannot fail unless the key itself is wrong, which GCM already refused.
-    let data = String::from_utf8(plaintext)
-        .map_err(|_| ApiError::Key(crate::domain::service::KeyError::DecryptionFailed))?;
-    Ok(Json(DecryptResponse { data }))
+    let data =
+        String::from_utf8(plaintext).map_err(|_| ApiError::Key(KeyError::DecryptionFailed))?;
+    Ok(DecryptResponse { data })
 }
 
 /// `POST /v1/rotate` input.

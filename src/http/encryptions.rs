@@ -15,6 +15,7 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Auth, ManageScope, MasterKeyHeader};
 use super::openapi::MasterKeyParam;
 use super::{parse_id, AppState};
+use crate::domain::keys::VersionState;
 use crate::domain::service::EncryptionDetails;
 use crate::domain::time::rfc3339;
 use crate::domain::EncryptionId;
@@ -24,7 +25,11 @@ use crate::store::{EncryptionRow, VersionRow};
 pub fn router() -> Router<AppState> {
     Router::new()
         .route("/v1/encryptions", get(list).post(create))
-        .route("/v1/encryptions/{id}", get(show))
+        .route("/v1/encryptions/{id}", get(show).patch(update))
+        .route(
+            "/v1/encryptions/{id}/versions/{version_id}",
+            axum::routing::patch(update_version),
+        )
 }
 
 /// `POST /v1/encryptions` input (every field optional; an empty body is fine).
@@ -88,6 +93,11 @@ pub struct EncryptionSummary {
     /// RFC 3339.
     #[schema(format = DateTime)]
     updated_at: String,
+    /// Rotate by itself when the active version is this old (e.g. `30days`);
+    /// `null`: never.
+    auto_rotate_period: Option<String>,
+    /// Versions numbered below this do not decrypt.
+    min_decryption_version: i64,
 }
 
 /// One version as shown (never any key material).
@@ -108,6 +118,8 @@ pub struct VersionView {
     /// When it stopped being active (RFC 3339).
     #[schema(format = DateTime)]
     rotated_at: Option<String>,
+    /// Encryptions made with it (counted in memory, flushed every few seconds).
+    encrypt_count: i64,
 }
 
 /// One encryption with its versions.
@@ -152,6 +164,11 @@ fn summary(e: &EncryptionRow) -> EncryptionSummary {
         latest_version: e.latest_version,
         created_at: rfc3339(e.created_at),
         updated_at: rfc3339(e.updated_at),
+        auto_rotate_period: e.auto_rotate_period_ms.map(|ms| {
+            humantime::format_duration(std::time::Duration::from_millis(ms.max(0) as u64))
+                .to_string()
+        }),
+        min_decryption_version: e.min_decryption_version,
     }
 }
 
@@ -162,6 +179,7 @@ fn version_view(v: &VersionRow) -> VersionView {
         state: v.state.as_str(),
         created_at: rfc3339(v.created_at),
         rotated_at: v.rotated_at.map(rfc3339),
+        encrypt_count: v.encrypt_count,
     }
 }
 
@@ -241,6 +259,137 @@ pub(super) async fn show(
     let details = state
         .service
         .encryption_details(auth.principal.tenant_id, id)
+        .await?;
+    Ok(Json(view(&details)))
+}
+
+/// `PATCH /v1/encryptions/{id}` input: the rotation policy. Omitted fields stay.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct PolicyRequest {
+    /// Rotate when the active version is this old: `720h`, `30days`, ...
+    /// (at least 1s); `null` turns automatic rotation by age off.
+    auto_rotate_period: Option<String>,
+    /// Versions numbered below this stop decrypting (1 to the active version).
+    min_decryption_version: Option<i64>,
+}
+
+/// Set the encryption's rotation policy.
+#[utoipa::path(
+    patch,
+    path = "/v1/encryptions/{id}",
+    tag = "encryptions",
+    params(("id" = String, Path, format = Uuid, description = "The encryption id")),
+    request_body = PolicyRequest,
+    responses(
+        (status = 200, description = "The encryption with its new policy", body = EncryptionView),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
+        (status = 404, description = "`encryption_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_policy`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn update(
+    State(state): State<AppState>,
+    auth: Auth<ManageScope>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<serde_json::Map<String, serde_json::Value>>,
+) -> Result<Json<EncryptionView>, ApiError> {
+    let id = parse_id(&id, "encryption id in the path")?;
+    let mut period = None;
+    let mut min = None;
+    for (key, value) in body {
+        match (key.as_str(), value) {
+            ("autoRotatePeriod", serde_json::Value::Null) => period = Some(None),
+            ("autoRotatePeriod", serde_json::Value::String(p)) => {
+                period = Some(Some(humantime::parse_duration(&p).map_err(|_| {
+                    ApiError::InvalidRequest(
+                        "`autoRotatePeriod`: not a duration like `720h` or `30days`".into(),
+                    )
+                })?))
+            }
+            ("autoRotatePeriod", _) => {
+                return Err(ApiError::InvalidRequest(
+                    "`autoRotatePeriod`: wrong type, expected a string or null".into(),
+                ))
+            }
+            ("minDecryptionVersion", serde_json::Value::Number(n)) => {
+                min = Some(n.as_i64().ok_or_else(|| {
+                    ApiError::InvalidRequest("`minDecryptionVersion`: expected an integer".into())
+                })?)
+            }
+            ("minDecryptionVersion", _) => {
+                return Err(ApiError::InvalidRequest(
+                    "`minDecryptionVersion`: wrong type, expected an integer".into(),
+                ))
+            }
+            _ => {
+                return Err(ApiError::InvalidRequest(
+                    "unknown field (expected `autoRotatePeriod` or `minDecryptionVersion`)".into(),
+                ))
+            }
+        }
+    }
+    let details = state
+        .service
+        .set_policy(auth.principal.tenant_id, id, period, min)
+        .await?;
+    Ok(Json(view(&details)))
+}
+
+/// `PATCH /v1/encryptions/{id}/versions/{versionId}` input.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VersionStateRequest {
+    /// `enabled`, `decrypt_only`, `disabled` (reversible) or `destroyed` (the
+    /// key material is erased for good).
+    #[schema(value_type = StateSchema)]
+    state: String,
+    /// Reserved for destroying a version that a re-encryption job last found
+    /// still in use.
+    #[serde(default)]
+    #[allow(dead_code)]
+    force: bool,
+}
+
+/// Change a version's state.
+#[utoipa::path(
+    patch,
+    path = "/v1/encryptions/{id}/versions/{versionId}",
+    tag = "encryptions",
+    params(
+        ("id" = String, Path, format = Uuid, description = "The encryption id"),
+        ("versionId" = String, Path, format = Uuid, description = "The version id"),
+    ),
+    request_body = VersionStateRequest,
+    responses(
+        (status = 200, description = "The encryption with the changed version", body = EncryptionView),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
+        (status = 404, description = "`encryption_not_found` or `version_not_found`", body = ErrorBody),
+        (status = 409, description = "`invalid_state_change` (the active version, a destroyed version, or `active`)", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn update_version(
+    State(state): State<AppState>,
+    auth: Auth<ManageScope>,
+    Path((id, version_id)): Path<(String, String)>,
+    ApiJson(req): ApiJson<VersionStateRequest>,
+) -> Result<Json<EncryptionView>, ApiError> {
+    let id = parse_id(&id, "encryption id in the path")?;
+    let version = parse_id(&version_id, "version id in the path")?;
+    let new_state = VersionState::parse(&req.state).ok_or_else(|| {
+        ApiError::InvalidRequest(
+            "`state`: expected `enabled`, `decrypt_only`, `disabled` or `destroyed`".into(),
+        )
+    })?;
+    let details = state
+        .service
+        .set_version_state(auth.principal.tenant_id, id, version, new_state)
         .await?;
     Ok(Json(view(&details)))
 }

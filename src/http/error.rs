@@ -36,6 +36,9 @@ pub enum ApiError {
     /// The body is not `application/json`.
     #[error("the request body must be application/json")]
     UnsupportedMediaType,
+    /// A batch has more items than allowed.
+    #[error("a batch may hold at most {0} items")]
+    TooManyItems(usize),
     /// The body is over the limit.
     #[error("the request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
@@ -101,6 +104,7 @@ impl ApiError {
             ApiError::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
             ApiError::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             ApiError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::TooManyItems(_) => (S::PAYLOAD_TOO_LARGE, "too_many_items"),
             ApiError::InvalidMasterKeyHeader => (S::BAD_REQUEST, "invalid_master_key"),
             ApiError::RouteNotFound => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -120,6 +124,9 @@ impl ApiError {
                 KeyError::Store(StoreError::Unavailable(_)) => {
                     (S::SERVICE_UNAVAILABLE, "unavailable")
                 }
+                KeyError::VersionBelowMinimum => (S::FORBIDDEN, "version_below_min_decryption"),
+                KeyError::InvalidStateChange(_) => (S::CONFLICT, "invalid_state_change"),
+                KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),
                 KeyError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "not_ready"),
                 KeyError::Provider(_) => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 KeyError::Store(_) | KeyError::Integrity(_) | KeyError::UnknownKek(_) => {

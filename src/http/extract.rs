@@ -187,6 +187,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// Like [`parse_json`], for a value already parsed (a batch item).
+pub fn parse_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let path = e.path().to_string();
+        ApiError::InvalidRequest(describe_data_error(&path, &e.into_inner().to_string()))
+    })
+}
+
 fn describe_data_error(path: &str, message: &str) -> String {
     let at = if path == "." || path.is_empty() {
         String::new()

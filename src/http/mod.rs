@@ -3,6 +3,7 @@
 //! limit, panic catching, JSON errors for everything).
 
 mod admin;
+mod batch;
 mod contract;
 mod encryptions;
 pub mod error;
@@ -26,6 +27,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::domain::service::KeyService;
 use crate::tls::ClientIdentity;
+pub use batch::BatchLimits;
 use error::{error_response, ApiError};
 use extract::BodyLimit;
 
@@ -43,6 +45,8 @@ pub struct RouterSettings {
     pub max_body_bytes: usize,
     /// Longest time one request may take.
     pub request_timeout: Duration,
+    /// Batch limits.
+    pub batch: batch::BatchLimits,
 }
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -54,6 +58,7 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         .merge(contract::router(limit))
         .merge(encryptions::router())
         .merge(admin::router())
+        .merge(batch::router(settings.batch))
         .merge(ops::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::RouteNotFound })

@@ -10,7 +10,7 @@ use axum::Router;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 
-use super::{admin, contract, encryptions, error, ops, AppState};
+use super::{admin, batch, contract, encryptions, error, ops, AppState};
 
 /// The `X-Master-Key` header, accepted by encrypt, decrypt, rotate and create.
 #[derive(IntoParams)]
@@ -61,6 +61,12 @@ impl Modify for Security {
         encryptions::create,
         encryptions::list,
         encryptions::show,
+        batch::rewrap,
+        batch::encrypt_batch,
+        batch::decrypt_batch,
+        batch::rewrap_batch,
+        encryptions::update,
+        encryptions::update_version,
         admin::status,
         admin::rotate,
         ops::healthz,
@@ -71,6 +77,7 @@ impl Modify for Security {
     tags(
         (name = "contract", description = "The fixed v1 contract"),
         (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
+        (name = "lifecycle", description = "Rewrap and batches"),
         (name = "admin", description = "Service-wide operations (scope `admin`): root-KEK rotation"),
         (name = "operations", description = "Health and readiness, no authentication"),
     )

@@ -32,6 +32,10 @@ pub struct EncryptionRow {
     pub created_at: i64,
     /// Last change (Unix ms).
     pub updated_at: i64,
+    /// Rotate when the active version is this old (ms), if set.
+    pub auto_rotate_period_ms: Option<i64>,
+    /// Versions numbered below this do not decrypt.
+    pub min_decryption_version: i64,
 }
 
 /// One key version as stored.
@@ -53,6 +57,8 @@ pub struct VersionRow {
     pub created_at: i64,
     /// When it stopped being the active version (Unix ms).
     pub rotated_at: Option<i64>,
+    /// Encryptions made with it, as flushed by every process.
+    pub encrypt_count: i64,
 }
 
 /// A new encryption to insert.
@@ -95,9 +101,9 @@ pub struct RotateOutcome {
     pub previous_version_id: VersionId,
 }
 
-const ENCRYPTION_COLUMNS: &str = "id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at";
+const ENCRYPTION_COLUMNS: &str = "id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at, auto_rotate_period_ms, min_decryption_version";
 const VERSION_COLUMNS: &str =
-    "id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at";
+    "id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at, encrypt_count";
 
 fn corrupt(table: &'static str, detail: &str) -> StoreError {
     StoreError::Corrupt {
@@ -119,6 +125,8 @@ fn encryption_from_row(r: &AnyRow) -> Result<EncryptionRow, StoreError> {
         latest_version: r.try_get("latest_version")?,
         created_at: r.try_get("created_at")?,
         updated_at: r.try_get("updated_at")?,
+        auto_rotate_period_ms: r.try_get("auto_rotate_period_ms")?,
+        min_decryption_version: r.try_get("min_decryption_version")?,
     })
 }
 
@@ -134,6 +142,7 @@ fn version_from_row(r: &AnyRow) -> Result<VersionRow, StoreError> {
         kek_id: get_opt_id(r, "kek_id", "encryption_key_versions")?,
         created_at: r.try_get("created_at")?,
         rotated_at: r.try_get("rotated_at")?,
+        encrypt_count: r.try_get("encrypt_count")?,
     })
 }
 
@@ -236,15 +245,43 @@ impl Store {
         new: &NewVersion,
         now_ms: i64,
     ) -> Result<Option<RotateOutcome>, StoreError> {
+        self.rotate_guarded(id, Some(tenant), None, new, now_ms)
+            .await
+    }
+
+    /// Rotates a platform-mode encryption only if `expected_active` is still its
+    /// active version: how automatic rotations (by age or by use count) make sure
+    /// that of several replicas deciding at once, exactly one rotates.
+    pub async fn rotate_if_active(
+        &self,
+        id: EncryptionId,
+        expected_active: VersionId,
+        new: &NewVersion,
+        now_ms: i64,
+    ) -> Result<Option<RotateOutcome>, StoreError> {
+        self.rotate_guarded(id, None, Some(expected_active), new, now_ms)
+            .await
+    }
+
+    async fn rotate_guarded(
+        &self,
+        id: EncryptionId,
+        tenant: Option<TenantId>,
+        expected_active: Option<VersionId>,
+        new: &NewVersion,
+        now_ms: i64,
+    ) -> Result<Option<RotateOutcome>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query(
             "UPDATE encryptions SET latest_version = latest_version + 1, active_version_id = $1, updated_at = $2 \
-             WHERE id = $3 AND tenant_id = $4 RETURNING latest_version",
+             WHERE id = $3 AND ($4 = '' OR tenant_id = $4) \
+             AND ($5 = '' OR (active_version_id = $5 AND mode = 'platform')) RETURNING latest_version",
         )
         .bind(new.id.to_string())
         .bind(now_ms)
         .bind(id.to_string())
-        .bind(tenant.to_string())
+        .bind(tenant.map(|t| t.to_string()).unwrap_or_default())
+        .bind(expected_active.map(|v| v.to_string()).unwrap_or_default())
         .fetch_optional(&mut *tx)
         .await?
         else {
@@ -274,6 +311,154 @@ impl Store {
             new_version,
             previous_version_id,
         }))
+    }
+}
+
+impl Store {
+    /// Adds in-memory use counts to the stored ones, in one transaction.
+    /// Returns, for each version, its encryption, its new total and its state.
+    pub async fn add_encrypt_counts(
+        &self,
+        counts: &[(VersionId, u64)],
+    ) -> Result<Vec<(EncryptionId, VersionId, i64, VersionState)>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut out = Vec::with_capacity(counts.len());
+        for (version, n) in counts {
+            let row = sqlx::query(
+                "UPDATE encryption_key_versions SET encrypt_count = encrypt_count + $1 WHERE id = $2 \
+                 RETURNING encryption_id, encrypt_count, state",
+            )
+            .bind(i64::try_from(*n).unwrap_or(i64::MAX))
+            .bind(version.to_string())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(r) = row {
+                let state: String = r.try_get("state")?;
+                out.push((
+                    get_id(&r, "encryption_id", "encryption_key_versions")?,
+                    *version,
+                    r.try_get("encrypt_count")?,
+                    VersionState::parse(&state)
+                        .ok_or_else(|| corrupt("encryption_key_versions", "unknown state"))?,
+                ));
+            }
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+
+    /// Platform-mode encryptions whose active version is older than their
+    /// rotation period, with that active version.
+    pub async fn due_for_rotation(
+        &self,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<(EncryptionId, VersionId)>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT e.id AS id, e.active_version_id AS active FROM encryptions e \
+             JOIN encryption_key_versions v ON v.id = e.active_version_id \
+             WHERE e.mode = 'platform' AND e.auto_rotate_period_ms IS NOT NULL \
+             AND v.created_at + e.auto_rotate_period_ms <= $1 LIMIT $2",
+        )
+        .bind(now_ms)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    get_id(r, "id", "encryptions")?,
+                    get_id(r, "active", "encryptions")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Sets an encryption's policy. `period`: `None` leaves it, `Some(None)`
+    /// clears it. `false` if the tenant has no such encryption.
+    pub async fn set_policy(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        period: Option<Option<i64>>,
+        min_decryption_version: Option<i64>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(
+            "UPDATE encryptions SET \
+             auto_rotate_period_ms = CASE WHEN $1 = 1 THEN $2 ELSE auto_rotate_period_ms END, \
+             min_decryption_version = COALESCE($3, min_decryption_version), updated_at = $4 \
+             WHERE id = $5 AND tenant_id = $6",
+        )
+        .bind(i64::from(period.is_some()))
+        .bind(period.flatten())
+        .bind(min_decryption_version)
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n == 1 {
+            record(
+                &mut tx,
+                self.backend,
+                EventKind::EncryptionChanged,
+                &id.to_string(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// Moves a non-active version to `state`; destroying erases its wrapped key
+    /// for good. `Ok(false)` if the version is not (or no longer) in one of the
+    /// `from` states.
+    pub async fn set_version_state(
+        &self,
+        encryption: EncryptionId,
+        version: VersionId,
+        from: &[VersionState],
+        state: VersionState,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let from: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
+        let erase = if state == VersionState::Destroyed {
+            ", wrapped_key = NULL"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "UPDATE encryption_key_versions SET state = $1{erase} \
+             WHERE id = $2 AND encryption_id = $3 AND state IN ({})",
+            from.join(", ")
+        );
+        let mut tx = self.pool.begin().await?;
+        let n = sqlx::query(&sql)
+            .bind(state.as_str())
+            .bind(version.to_string())
+            .bind(encryption.to_string())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if n == 1 {
+            sqlx::query("UPDATE encryptions SET updated_at = $1 WHERE id = $2")
+                .bind(now_ms)
+                .bind(encryption.to_string())
+                .execute(&mut *tx)
+                .await?;
+            record(
+                &mut tx,
+                self.backend,
+                EventKind::EncryptionChanged,
+                &encryption.to_string(),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(n == 1)
     }
 }
 

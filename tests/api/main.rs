@@ -15,6 +15,7 @@ mod providers;
 mod replicas;
 mod secrets;
 mod tls;
+mod versions;
 
 /// SHA-256 of the SubjectPublicKeyInfo of the certificate in a PEM file, hex.
 pub fn pki_spki_hex(pem: &std::path::Path) -> String {

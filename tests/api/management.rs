@@ -128,6 +128,9 @@ async fn no_response_ever_contains_key_material(backend: Backend) {
         "rotatedAt",
         "items",
         "nextCursor",
+        "autoRotatePeriod",
+        "minDecryptionVersion",
+        "encryptCount",
     ]
     .into();
     for body in [&details, &list] {

@@ -1,0 +1,265 @@
+//! Rewrap and batches: `POST /v1/rewrap` re-encrypts a ciphertext under the
+//! active version without the plaintext leaving the service;
+//! `POST /v1/{encrypt,decrypt,rewrap}/batch` take `{"items": [...]}`, each item
+//! the single call's input, and answer `{"results": [...]}` in the same order,
+//! each the single call's output or `{"error": {"code", "message"}}`. One bad
+//! item does not fail the others.
+
+use std::convert::Infallible;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use axum::{Extension, Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::contract::{
+    decrypt_one, encrypt_one, encrypted_response, DecryptRequest, DecryptResponse, EncryptRequest,
+    EncryptResponse,
+};
+use super::error::{ApiError, ErrorBody};
+use super::extract::{
+    ApiJson, Auth, BodyLimit, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope,
+};
+use super::openapi::MasterKeyParam;
+use super::AppState;
+use crate::domain::service::{ClientKey, Principal};
+
+/// Limits of batch requests.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most items in one batch (413 beyond).
+    pub max_items: usize,
+    /// Largest batch body.
+    pub max_body_bytes: usize,
+}
+
+/// The routes of this resource.
+pub fn router(limits: BatchLimits) -> Router<AppState> {
+    let batch = |r: axum::routing::MethodRouter<AppState>| {
+        r.layer::<_, Infallible>(DefaultBodyLimit::max(limits.max_body_bytes))
+            .layer::<_, Infallible>(Extension(BodyLimit(limits.max_body_bytes)))
+            .layer::<_, Infallible>(Extension(limits))
+    };
+    Router::new()
+        .route("/v1/rewrap", post(rewrap))
+        .route("/v1/encrypt/batch", batch(post(encrypt_batch)))
+        .route("/v1/decrypt/batch", batch(post(decrypt_batch)))
+        .route("/v1/rewrap/batch", batch(post(rewrap_batch)))
+}
+
+async fn rewrap_one(
+    state: &AppState,
+    caller: &Principal,
+    client_key: Option<&ClientKey>,
+    req: DecryptRequest,
+) -> Result<EncryptResponse, ApiError> {
+    let p = req.parse()?;
+    let out = state
+        .service
+        .rewrap(
+            caller.tenant_id,
+            p.id,
+            p.version,
+            p.nonce,
+            &p.ciphertext,
+            client_key,
+        )
+        .await?;
+    Ok(encrypted_response(p.id, out))
+}
+
+/// Re-encrypt a ciphertext under the active version (decrypt's input,
+/// encrypt's output). The plaintext never leaves Keyward.
+#[utoipa::path(
+    post,
+    path = "/v1/rewrap",
+    tag = "lifecycle",
+    params(MasterKeyParam),
+    request_body = DecryptRequest,
+    responses(
+        (status = 200, description = "Re-encrypted under the active version", body = EncryptResponse),
+        (status = 400, description = "`decryption_failed` or bad input", body = ErrorBody),
+        (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope` (needs `rotate`), `certificate_mismatch`, `version_disabled`, `version_below_min_decryption` or `master_key_mismatch`", body = ErrorBody),
+        (status = 404, description = "`encryption_not_found`", body = ErrorBody),
+        (status = 410, description = "`version_destroyed`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn rewrap(
+    State(state): State<AppState>,
+    auth: Auth<RotateScope>,
+    MasterKeyHeader(client_key): MasterKeyHeader,
+    ApiJson(req): ApiJson<DecryptRequest>,
+) -> Result<Json<EncryptResponse>, ApiError> {
+    rewrap_one(&state, &auth.principal, client_key.as_ref(), req)
+        .await
+        .map(Json)
+}
+
+/// A batch: the single calls' inputs.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// The items, each the single call's input.
+    #[schema(value_type = Vec<Object>)]
+    items: Vec<Value>,
+}
+
+/// One item's outcome: the single call's output, or an error.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum ItemResult<T> {
+    /// The output.
+    Ok(T),
+    /// `{"error": {"code", "message"}}`.
+    Err(ErrorItem),
+}
+
+/// An item's error.
+#[derive(Serialize)]
+pub struct ErrorItem {
+    error: ErrorItemDetail,
+}
+
+#[derive(Serialize)]
+struct ErrorItemDetail {
+    code: &'static str,
+    message: String,
+}
+
+/// A batch's results, in item order.
+#[derive(Serialize, ToSchema)]
+pub struct BatchResponse<T> {
+    /// One result per item.
+    #[schema(value_type = Vec<Object>)]
+    results: Vec<ItemResult<T>>,
+}
+
+fn check_count(req: &BatchRequest, limits: BatchLimits) -> Result<(), ApiError> {
+    if req.items.len() > limits.max_items {
+        return Err(ApiError::TooManyItems(limits.max_items));
+    }
+    Ok(())
+}
+
+fn item_error(e: ApiError) -> ErrorItem {
+    let (status, code) = e.status_and_code();
+    let message = if status.is_server_error() {
+        tracing::error!(code, error = %e, "batch item failed");
+        "internal error; see the server log".to_string()
+    } else {
+        e.to_string()
+    };
+    ErrorItem {
+        error: ErrorItemDetail { code, message },
+    }
+}
+
+async fn run<I, O, F, Fut>(items: Vec<Value>, f: F) -> BatchResponse<O>
+where
+    I: DeserializeOwned,
+    F: Fn(I) -> Fut,
+    Fut: std::future::Future<Output = Result<O, ApiError>>,
+{
+    let mut results = Vec::with_capacity(items.len());
+    for item in items {
+        let parsed: Result<I, ApiError> = super::extract::parse_value(item);
+        let outcome = match parsed {
+            Ok(input) => f(input).await,
+            Err(e) => Err(e),
+        };
+        results.push(match outcome {
+            Ok(o) => ItemResult::Ok(o),
+            Err(e) => ItemResult::Err(item_error(e)),
+        });
+    }
+    BatchResponse { results }
+}
+
+/// Encrypt many items in one call.
+#[utoipa::path(post, path = "/v1/encrypt/batch", tag = "lifecycle", params(MasterKeyParam),
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "One result per item: encrypt's output or an error", body = BatchResponse<EncryptResponse>),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope` or `certificate_mismatch`", body = ErrorBody),
+        (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = [])))]
+pub(super) async fn encrypt_batch(
+    State(state): State<AppState>,
+    Extension(limits): Extension<BatchLimits>,
+    auth: Auth<EncryptScope>,
+    MasterKeyHeader(client_key): MasterKeyHeader,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> Result<Json<BatchResponse<EncryptResponse>>, ApiError> {
+    check_count(&req, limits)?;
+    let (state, caller, key) = (&state, &auth.principal, client_key.as_ref());
+    Ok(Json(
+        run(req.items, |i: EncryptRequest| {
+            encrypt_one(state, caller, key, i)
+        })
+        .await,
+    ))
+}
+
+/// Decrypt many items in one call.
+#[utoipa::path(post, path = "/v1/decrypt/batch", tag = "lifecycle", params(MasterKeyParam),
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "One result per item: decrypt's output or an error", body = BatchResponse<DecryptResponse>),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope` or `certificate_mismatch`", body = ErrorBody),
+        (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = [])))]
+pub(super) async fn decrypt_batch(
+    State(state): State<AppState>,
+    Extension(limits): Extension<BatchLimits>,
+    auth: Auth<DecryptScope>,
+    MasterKeyHeader(client_key): MasterKeyHeader,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> Result<Json<BatchResponse<DecryptResponse>>, ApiError> {
+    check_count(&req, limits)?;
+    let (state, caller, key) = (&state, &auth.principal, client_key.as_ref());
+    Ok(Json(
+        run(req.items, |i: DecryptRequest| {
+            decrypt_one(state, caller, key, i)
+        })
+        .await,
+    ))
+}
+
+/// Re-encrypt many ciphertexts under the active version in one call.
+#[utoipa::path(post, path = "/v1/rewrap/batch", tag = "lifecycle", params(MasterKeyParam),
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "One result per item: encrypt's output or an error", body = BatchResponse<EncryptResponse>),
+        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`insufficient_scope` (needs `rotate`) or `certificate_mismatch`", body = ErrorBody),
+        (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = [])))]
+pub(super) async fn rewrap_batch(
+    State(state): State<AppState>,
+    Extension(limits): Extension<BatchLimits>,
+    auth: Auth<RotateScope>,
+    MasterKeyHeader(client_key): MasterKeyHeader,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> Result<Json<BatchResponse<EncryptResponse>>, ApiError> {
+    check_count(&req, limits)?;
+    let (state, caller, key) = (&state, &auth.principal, client_key.as_ref());
+    Ok(Json(
+        run(req.items, |i: DecryptRequest| {
+            rewrap_one(state, caller, key, i)
+        })
+        .await,
+    ))
+}
