@@ -65,6 +65,11 @@ enum Command {
         #[command(subcommand)]
         command: ApikeyCommand,
     },
+    /// Re-encryption jobs on a running Keyward (over its API).
+    Job {
+        #[command(subcommand)]
+        command: Box<JobCommand>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -109,6 +114,66 @@ enum MasterKeyCommand {
         json: bool,
         #[command(flatten)]
         config: ConfigArg,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobCommand {
+    /// Start a job that moves a table's ciphertexts to the active version.
+    Start {
+        /// The encryption of every row (or --encryption-id-column).
+        #[arg(long)]
+        encryption_id: Option<String>,
+        /// The platform's database (credentials included; sealed at rest by Keyward).
+        #[arg(long, env = "KEYWARD_JOB_DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+        /// The table.
+        #[arg(long)]
+        table: String,
+        /// A unique, ordered key column.
+        #[arg(long)]
+        key_column: String,
+        /// The ciphertext column.
+        #[arg(long)]
+        cipher_text_column: String,
+        /// The version id column.
+        #[arg(long)]
+        version_column: String,
+        /// The metadata (JSON text) column.
+        #[arg(long)]
+        metadata_column: String,
+        /// A column with each row's encryption id.
+        #[arg(long)]
+        encryption_id_column: Option<String>,
+        /// Rows per second at most.
+        #[arg(long)]
+        max_rows_per_second: Option<u32>,
+        /// Print the job id as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        remote: crate::client::Remote,
+    },
+    /// Show a job.
+    Status {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        remote: crate::client::Remote,
+    },
+    /// Follow a job with a live progress bar until it ends.
+    Watch {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        remote: crate::client::Remote,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// The job id.
+        job: String,
+        #[command(flatten)]
+        remote: crate::client::Remote,
     },
 }
 
@@ -190,6 +255,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::MasterKey { command } => master_key_command(command).await,
+        Command::Job { command } => job_command(*command).await,
         Command::Migrate(config) => {
             let settings = settings(&config)?;
             telemetry::init(settings.log_format, &settings.log_level);
@@ -371,6 +437,115 @@ async fn master_key_command(command: MasterKeyCommand) -> anyhow::Result<()> {
                 }
             }
             Ok(())
+        }
+    }
+}
+
+async fn job_command(command: JobCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    let (remote, job) = match &command {
+        JobCommand::Start { remote, .. } => (remote.clone(), String::new()),
+        JobCommand::Status { remote, job }
+        | JobCommand::Watch { remote, job }
+        | JobCommand::Cancel { remote, job } => (remote.clone(), job.clone()),
+    };
+    match command {
+        JobCommand::Start {
+            encryption_id,
+            database_url,
+            table,
+            key_column,
+            cipher_text_column,
+            version_column,
+            metadata_column,
+            encryption_id_column,
+            max_rows_per_second,
+            json,
+            ..
+        } => {
+            let mut source = json!({
+                "databaseUrl": database_url,
+                "table": table,
+                "keyColumn": key_column,
+                "cipherTextColumn": cipher_text_column,
+                "versionColumn": version_column,
+                "metadataColumn": metadata_column,
+            });
+            if let Some(c) = encryption_id_column {
+                source["encryptionIdColumn"] = c.into();
+            }
+            let mut body = json!({"kind": "reencrypt", "source": source});
+            if let Some(e) = encryption_id {
+                body["encryptionId"] = e.into();
+            }
+            if let Some(n) = max_rows_per_second {
+                body["maxRowsPerSecond"] = n.into();
+            }
+            let created = remote.call(Method::POST, "/v1/jobs", Some(&body)).await?;
+            if json {
+                println!("{created}");
+            } else {
+                println!("{}", created["jobId"].as_str().unwrap_or(""));
+            }
+            Ok(())
+        }
+        JobCommand::Status { .. } => {
+            let j = remote
+                .call(Method::GET, &format!("/v1/jobs/{job}"), None)
+                .await?;
+            println!("{}", serde_json::to_string_pretty(&j)?);
+            Ok(())
+        }
+        JobCommand::Cancel { .. } => {
+            let j = remote
+                .call(Method::POST, &format!("/v1/jobs/{job}/cancel"), None)
+                .await?;
+            eprintln!("job {job}: {}", j["state"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        JobCommand::Watch { .. } => {
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} rows  {msg}",
+                )
+                .expect("a valid template"),
+            );
+            loop {
+                let j = remote
+                    .call(Method::GET, &format!("/v1/jobs/{job}"), None)
+                    .await?;
+                bar.set_length(j["total"].as_u64().unwrap_or(0));
+                bar.set_position(j["processed"].as_u64().unwrap_or(0));
+                bar.set_message(format!(
+                    "{}  {} rows/s  eta {}s  rewrapped {}  skipped {}  failed {}",
+                    j["state"].as_str().unwrap_or("?"),
+                    j["rowsPerSecond"],
+                    j["etaSeconds"]
+                        .as_i64()
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "?".into()),
+                    j["rewrapped"],
+                    j["skipped"],
+                    j["failed"],
+                ));
+                match j["state"].as_str() {
+                    Some("succeeded") => {
+                        bar.finish();
+                        println!("{}", serde_json::to_string_pretty(&j)?);
+                        return Ok(());
+                    }
+                    Some("failed") | Some("cancelled") => {
+                        bar.abandon();
+                        anyhow::bail!(
+                            "job {job} {}: {}",
+                            j["state"].as_str().unwrap_or(""),
+                            j["error"].as_str().unwrap_or("")
+                        );
+                    }
+                    _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
+                }
+            }
         }
     }
 }

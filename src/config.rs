@@ -64,6 +64,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "key_ring_capacity", default: Some("100000"), secret: false, doc: "Most encryptions whose unwrapped keys are kept in memory (and most API keys cached)." },
     Setting { name: "rotate_after_encryptions", default: Some("2147483648"), secret: false, doc: "Rotate a platform encryption by itself once its active version has made this many encryptions (2^31 by default, half the 2^32 NIST allows per key with random 96-bit nonces)." },
     Setting { name: "maintenance_interval", default: Some("5s"), secret: false, doc: "How often use counts are flushed to the database and rotation policies (period, count) are checked." },
+    Setting { name: "job_lease", default: Some("30s"), secret: false, doc: "How long a replica's claim on a re-encryption job lasts without renewal (renewed after every batch); after a crash another replica, or this one restarted, takes the job over once it ends." },
+    Setting { name: "job_batch_rows", default: Some("500"), secret: false, doc: "Rows a re-encryption job reads and writes per batch (and per progress checkpoint)." },
     Setting { name: "sync_interval", default: Some("1s"), secret: false, doc: "How often the change feed is polled, bounding how long a rotation or revocation made by another process takes to reach this one." },
     Setting { name: "request_timeout", default: Some("30s"), secret: false, doc: "Longest time one request may take." },
     Setting { name: "shutdown_timeout", default: Some("30s"), secret: false, doc: "On SIGTERM, how long requests in flight may take to finish." },
@@ -222,6 +224,10 @@ pub struct Settings {
     pub rotate_after_encryptions: u64,
     /// Count flush and policy check interval.
     pub maintenance_interval: Duration,
+    /// Job lease duration.
+    pub job_lease: Duration,
+    /// Rows per job batch.
+    pub job_batch_rows: usize,
     /// Change feed poll interval.
     pub sync_interval: Duration,
     /// Per-request time limit.
@@ -331,7 +337,7 @@ impl Raw {
             let Some(rest) = var.strip_prefix("KEYWARD_") else {
                 continue;
             };
-            if is_service_link(rest) {
+            if is_service_link(rest) || CLIENT_VARIABLES.contains(&var.as_str()) {
                 continue;
             }
             let setting = SETTINGS
@@ -456,6 +462,8 @@ impl Raw {
                 positive(v).map(|n| n as u64)
             })?,
             maintenance_interval: self.required("maintenance_interval", duration)?,
+            job_lease: self.required("job_lease", duration)?,
+            job_batch_rows: self.required("job_batch_rows", positive)?,
             sync_interval: self.required("sync_interval", duration)?,
             request_timeout: self.required("request_timeout", duration)?,
             shutdown_timeout: self.required("shutdown_timeout", duration)?,
@@ -525,6 +533,15 @@ impl Raw {
         }
     }
 }
+
+/// Variables read by the CLI's client commands (`keyward job ...`), not by the
+/// server: allowed in the environment, not settings.
+pub const CLIENT_VARIABLES: &[&str] = &[
+    "KEYWARD_URL",
+    "KEYWARD_API_KEY",
+    "KEYWARD_API_SECRET",
+    "KEYWARD_JOB_DATABASE_URL",
+];
 
 /// Kubernetes injects `{SERVICE}_SERVICE_HOST`, `{SERVICE}_PORT...` variables for
 /// every Service in the namespace; a Service named `keyward` yields
@@ -609,10 +626,9 @@ mod tests {
             );
         }
         for word in doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-            if let Some(rest) = word
-                .strip_prefix("KEYWARD_")
-                .filter(|r| !r.is_empty() && !is_service_link(r))
-            {
+            if let Some(rest) = word.strip_prefix("KEYWARD_").filter(|r| {
+                !r.is_empty() && !is_service_link(r) && !CLIENT_VARIABLES.contains(&word)
+            }) {
                 assert!(
                     SETTINGS.iter().any(|s| s.name.eq_ignore_ascii_case(rest)),
                     "docs/configuration.md mentions {word}, which Keyward does not accept"

@@ -45,6 +45,7 @@
 //! not invent cryptography.
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod dev;

@@ -121,6 +121,15 @@ impl Application {
             settings.rotate_after_encryptions,
             shutdown_rx.clone(),
         ));
+        tokio::spawn(crate::domain::jobs::run_jobs(
+            service.clone(),
+            crate::domain::jobs::RunnerSettings {
+                lease: settings.job_lease,
+                batch: settings.job_batch_rows as i64,
+                poll: Duration::from_millis(500),
+            },
+            shutdown_rx.clone(),
+        ));
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
         }

@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod apikeys;
 pub mod ids;
+pub mod jobs;
 pub mod keyring;
 pub mod keys;
 pub mod service;

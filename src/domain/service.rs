@@ -66,6 +66,9 @@ pub enum KeyError {
     /// The requested state change is not allowed (e.g. the active version).
     #[error("{0}")]
     InvalidStateChange(&'static str),
+    /// The last re-encryption job still found rows on this version.
+    #[error("the last re-encryption job found {0} rows still on this version; run a job again, or send \"force\": true")]
+    VersionInUse(i64),
     /// A policy value is out of range.
     #[error("{0}")]
     InvalidPolicy(String),
@@ -659,6 +662,7 @@ impl KeyService {
         id: EncryptionId,
         version: VersionId,
         state: VersionState,
+        force: bool,
     ) -> Result<EncryptionDetails, KeyError> {
         let details = self.encryption_details(tenant, id).await?;
         let current = details
@@ -684,6 +688,15 @@ impl KeyService {
                 ))
             }
             _ => {}
+        }
+        if state == VersionState::Destroyed && !force {
+            let in_use = self
+                .store
+                .rows_last_seen_on(id, &version.to_string())
+                .await?;
+            if in_use > 0 {
+                return Err(KeyError::VersionInUse(in_use));
+            }
         }
         let from = [
             VersionState::Enabled,
@@ -886,6 +899,11 @@ impl KeyService {
                     }
                 }
             }
+            for (job, sealed) in self.store.jobs_sealed_by(old_id).await? {
+                let plain = self.open_job_source(job, old_id, &sealed)?;
+                let (kek, resealed) = self.seal_job_source(job, &plain)?;
+                self.store.reseal_job(job, &sealed, &resealed, kek).await?;
+            }
             if self.store.retire_root_kek(old_id).await? {
                 tracing::info!(kek_id = %old_id, "root KEK retired: no version names it any more");
             } else {
@@ -895,6 +913,67 @@ impl KeyService {
             }
         }
         Ok(done)
+    }
+
+    // ----- job sources ------------------------------------------------------------
+
+    /// Seals a job's source specification (it holds database credentials) under
+    /// the active root KEK, bound to the job id.
+    pub fn seal_job_source(
+        &self,
+        job: uuid::Uuid,
+        plain: &[u8],
+    ) -> Result<(KekId, Vec<u8>), KeyError> {
+        let root = self.root()?;
+        let sealed = crypto::seal(&root.keys[&root.active], &job_aad(job), plain);
+        let mut out = sealed.nonce.to_vec();
+        out.extend_from_slice(&sealed.ciphertext);
+        Ok((root.active, out))
+    }
+
+    /// Opens a sealed job source.
+    pub fn open_job_source(
+        &self,
+        job: uuid::Uuid,
+        kek: KekId,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let root = self.root()?;
+        let key = root.keys.get(&kek).ok_or(KeyError::UnknownKek(kek))?;
+        if sealed.len() < NONCE_LEN {
+            return Err(KeyError::Integrity(format!(
+                "job {job}: sealed source too short"
+            )));
+        }
+        let (nonce, ct) = sealed.split_at(NONCE_LEN);
+        crypto::open(
+            key,
+            nonce.try_into().expect("split at NONCE_LEN"),
+            &job_aad(job),
+            ct,
+        )
+        .map(Zeroizing::new)
+        .map_err(|()| {
+            KeyError::Integrity(format!("job {job}: sealed source fails to authenticate"))
+        })
+    }
+
+    /// Whether `version` is the active version of one of the tenant's encryptions.
+    pub async fn is_active_version(&self, tenant: TenantId, version: &str) -> bool {
+        self.store
+            .is_active_version(tenant, version)
+            .await
+            .unwrap_or(false)
+    }
+
+    /// The active version of the tenant's encryption (from the ring).
+    pub async fn active_version(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+    ) -> Result<(VersionId, Mode), KeyError> {
+        let entry = self.entry(tenant, id).await?;
+        Ok((entry.active, entry.mode))
     }
 
     // ----- internals ------------------------------------------------------------
@@ -1055,6 +1134,13 @@ impl KeyService {
             versions,
         })
     }
+}
+
+fn job_aad(job: uuid::Uuid) -> [u8; 32] {
+    let mut aad = [0u8; 32];
+    aad[..16].copy_from_slice(b"keyward:job:v1\0\0");
+    aad[16..].copy_from_slice(job.as_bytes());
+    aad
 }
 
 fn check_mode(entry: &RingEntry, client_key: Option<&ClientKey>) -> Result<(), KeyError> {

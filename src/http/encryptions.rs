@@ -347,10 +347,9 @@ pub struct VersionStateRequest {
     /// key material is erased for good).
     #[schema(value_type = StateSchema)]
     state: String,
-    /// Reserved for destroying a version that a re-encryption job last found
-    /// still in use.
+    /// Destroy even though the last re-encryption job found rows still on
+    /// this version (their data becomes unreadable for good).
     #[serde(default)]
-    #[allow(dead_code)]
     force: bool,
 }
 
@@ -370,7 +369,7 @@ pub struct VersionStateRequest {
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found` or `version_not_found`", body = ErrorBody),
-        (status = 409, description = "`invalid_state_change` (the active version, a destroyed version, or `active`)", body = ErrorBody),
+        (status = 409, description = "`invalid_state_change` (the active version, a destroyed version, or `active`), or `version_in_use` (the last job found rows on it; send `force`)", body = ErrorBody),
     ),
     security(("apiKey" = [], "apiSecret" = []))
 )]
@@ -389,7 +388,7 @@ pub(super) async fn update_version(
     })?;
     let details = state
         .service
-        .set_version_state(auth.principal.tenant_id, id, version, new_state)
+        .set_version_state(auth.principal.tenant_id, id, version, new_state, req.force)
         .await?;
     Ok(Json(view(&details)))
 }

@@ -36,6 +36,12 @@ pub enum ApiError {
     /// The body is not `application/json`.
     #[error("the request body must be application/json")]
     UnsupportedMediaType,
+    /// No such job for this tenant.
+    #[error("job not found")]
+    JobNotFound,
+    /// A job that cannot run (bad identifiers, unreachable source...).
+    #[error("{0}")]
+    InvalidJob(String),
     /// A batch has more items than allowed.
     #[error("a batch may hold at most {0} items")]
     TooManyItems(usize),
@@ -105,6 +111,8 @@ impl ApiError {
             ApiError::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
             ApiError::PayloadTooLarge(_) => (S::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::TooManyItems(_) => (S::PAYLOAD_TOO_LARGE, "too_many_items"),
+            ApiError::JobNotFound => (S::NOT_FOUND, "job_not_found"),
+            ApiError::InvalidJob(_) => (S::UNPROCESSABLE_ENTITY, "invalid_job"),
             ApiError::InvalidMasterKeyHeader => (S::BAD_REQUEST, "invalid_master_key"),
             ApiError::RouteNotFound => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
@@ -127,6 +135,7 @@ impl ApiError {
                 KeyError::VersionBelowMinimum => (S::FORBIDDEN, "version_below_min_decryption"),
                 KeyError::InvalidStateChange(_) => (S::CONFLICT, "invalid_state_change"),
                 KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),
+                KeyError::VersionInUse(_) => (S::CONFLICT, "version_in_use"),
                 KeyError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "not_ready"),
                 KeyError::Provider(_) => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 KeyError::Store(_) | KeyError::Integrity(_) | KeyError::UnknownKek(_) => {

@@ -8,6 +8,7 @@ mod contract;
 mod encryptions;
 pub mod error;
 pub mod extract;
+mod jobs;
 pub mod openapi;
 mod ops;
 
@@ -58,6 +59,7 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         .merge(contract::router(limit))
         .merge(encryptions::router())
         .merge(admin::router())
+        .merge(jobs::router())
         .merge(batch::router(settings.batch))
         .merge(ops::router())
         .merge(openapi::router())

@@ -10,7 +10,7 @@ use axum::Router;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 
-use super::{admin, batch, contract, encryptions, error, ops, AppState};
+use super::{admin, batch, contract, encryptions, error, jobs, ops, AppState};
 
 /// The `X-Master-Key` header, accepted by encrypt, decrypt, rotate and create.
 #[derive(IntoParams)]
@@ -67,6 +67,10 @@ impl Modify for Security {
         batch::rewrap_batch,
         encryptions::update,
         encryptions::update_version,
+        jobs::create,
+        jobs::list,
+        jobs::show,
+        jobs::cancel,
         admin::status,
         admin::rotate,
         ops::healthz,
@@ -78,6 +82,7 @@ impl Modify for Security {
         (name = "contract", description = "The fixed v1 contract"),
         (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
         (name = "lifecycle", description = "Rewrap and batches"),
+        (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
         (name = "admin", description = "Service-wide operations (scope `admin`): root-KEK rotation"),
         (name = "operations", description = "Health and readiness, no authentication"),
     )

@@ -9,6 +9,7 @@
 mod api_keys;
 mod encryptions;
 mod events;
+mod jobs;
 mod root_keks;
 mod tenants;
 
@@ -22,6 +23,7 @@ use sqlx::{AnyPool, Executor, Row};
 pub use api_keys::ApiKeyRow;
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
+pub use jobs::{JobProgress, JobRow};
 pub use root_keks::{RootKekRow, VersionToRewrap};
 pub use tenants::TenantRow;
 

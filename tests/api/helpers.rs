@@ -277,6 +277,14 @@ impl TestApp {
         }
     }
 
+    /// Waits for a process killed from outside to be gone.
+    pub fn kill_wait(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops and starts again on the same database and master key.
     pub fn restart(&mut self) {
         self.stop();

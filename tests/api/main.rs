@@ -8,6 +8,7 @@ mod contract;
 mod dev;
 mod helpers;
 mod input;
+mod jobs;
 mod lifecycle;
 mod management;
 mod pki;

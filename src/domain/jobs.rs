@@ -1,0 +1,681 @@
+//! Re-encryption jobs: Keyward walks a table in the platform's database and
+//! moves every ciphertext to its encryption's active version, so that old
+//! versions can be retired with confidence.
+//!
+//! The walk is keyset-paginated on the key column. Each row still on an old
+//! version is decrypted and encrypted again inside Keyward (the plaintext never
+//! leaves it) and written back with a compare-and-swap on the old ciphertext and
+//! version: a row the platform changed meanwhile is skipped, never overwritten,
+//! and picked up by the next pass. Progress (cursor, counts) is stored after
+//! every batch, so a job resumes after a crash; a lease in the database lets
+//! one replica of many run each job. When a pass finds no row left on an old
+//! version (or after a bounded number of passes) the job reports how many rows
+//! still reference each old version.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+use zeroize::Zeroizing;
+
+use super::keys::Mode;
+use super::service::{KeyError, KeyService};
+use super::time::now_ms;
+use super::{EncryptionId, TenantId, VersionId};
+use crate::crypto::NONCE_LEN;
+use crate::store::{JobProgress, JobRow};
+
+/// Where the platform keeps its ciphertexts.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JobSource {
+    /// `postgres://...` or `sqlite://...` (credentials included; sealed at rest).
+    pub database_url: String,
+    /// The table (optionally `schema.table`).
+    pub table: String,
+    /// A unique, ordered key column (integer or text).
+    pub key_column: String,
+    /// Holds `cipherText` (base64 text).
+    pub cipher_text_column: String,
+    /// Holds `encryptionVersionId` (text).
+    pub version_column: String,
+    /// Holds `metadata` as JSON text.
+    pub metadata_column: String,
+    /// Holds each row's `encryptionId` (text), instead of one `encryptionId`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_id_column: Option<String>,
+}
+
+impl std::fmt::Debug for JobSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobSource")
+            .field("table", &self.table)
+            .field("key_column", &self.key_column)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a job could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// A name that is not a plain SQL identifier.
+    #[error("`{0}` must be a plain identifier (letters, digits, underscore; `schema.table` for the table)")]
+    BadIdentifier(&'static str),
+    /// Neither or both of `encryptionId` and `encryptionIdColumn`.
+    #[error("give either `encryptionId` or `source.encryptionIdColumn`")]
+    EncryptionScope,
+    /// The source database cannot be reached or the table does not fit.
+    #[error("the source is not usable: {0}")]
+    Source(String),
+    /// A key error (unknown encryption, client mode...).
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+fn identifier(name: &str, dotted: bool) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match name.split_once('.') {
+        Some((a, b)) if dotted => part(a) && part(b),
+        Some(_) => false,
+        None => part(name),
+    }
+}
+
+fn quote(name: &str) -> String {
+    name.split('.')
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+impl JobSource {
+    fn validate(&self) -> Result<(), JobError> {
+        if !(self.database_url.starts_with("postgres://")
+            || self.database_url.starts_with("postgresql://")
+            || self.database_url.starts_with("sqlite:"))
+        {
+            return Err(JobError::Source(
+                "`databaseUrl` must start with postgres:// or sqlite:".into(),
+            ));
+        }
+        for (name, value, dotted) in [
+            ("source.table", &self.table, true),
+            ("source.keyColumn", &self.key_column, false),
+            ("source.cipherTextColumn", &self.cipher_text_column, false),
+            ("source.versionColumn", &self.version_column, false),
+            ("source.metadataColumn", &self.metadata_column, false),
+        ] {
+            if !identifier(value, dotted) {
+                return Err(JobError::BadIdentifier(name));
+            }
+        }
+        if let Some(c) = &self.encryption_id_column {
+            if !identifier(c, false) {
+                return Err(JobError::BadIdentifier("source.encryptionIdColumn"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An open connection to the platform's table.
+struct SourceDb {
+    pool: AnyPool,
+    source: JobSource,
+    int_keys: bool,
+}
+
+/// One row as read.
+struct SourceRow {
+    key: String,
+    cipher_text: String,
+    version: String,
+    metadata: String,
+    encryption: Option<String>,
+}
+
+impl SourceDb {
+    async fn open(source: &JobSource) -> Result<SourceDb, JobError> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&source.database_url)
+            .await
+            // The sqlx message may name the host; never the password.
+            .map_err(|e| JobError::Source(format!("cannot connect: {}", short(&e))))?;
+        let mut db = SourceDb {
+            pool,
+            source: source.clone(),
+            int_keys: false,
+        };
+        // Probe the columns, and learn whether the key is an integer.
+        let sql = format!(
+            "SELECT {} FROM {} LIMIT 1",
+            db.columns(),
+            quote(&source.table)
+        );
+        let probe = sqlx::query(&sql)
+            .fetch_optional(&db.pool)
+            .await
+            .map_err(|e| JobError::Source(format!("cannot read the table: {}", short(&e))))?;
+        if let Some(row) = probe {
+            db.int_keys = row.try_get::<i64, _>(0).is_ok();
+        }
+        Ok(db)
+    }
+
+    fn columns(&self) -> String {
+        let s = &self.source;
+        let mut cols = vec![
+            quote(&s.key_column),
+            quote(&s.cipher_text_column),
+            quote(&s.version_column),
+            quote(&s.metadata_column),
+        ];
+        if let Some(c) = &s.encryption_id_column {
+            cols.push(quote(c));
+        }
+        cols.join(", ")
+    }
+
+    fn scope(&self, encryption: Option<EncryptionId>) -> (String, Option<String>) {
+        match (encryption, &self.source.encryption_id_column) {
+            (Some(e), Some(col)) => (format!(" WHERE {} = $1", quote(col)), Some(e.to_string())),
+            _ => (String::new(), None),
+        }
+    }
+
+    async fn count(&self) -> Result<i64, sqlx::Error> {
+        let sql = format!("SELECT COUNT(*) FROM {}", quote(&self.source.table));
+        sqlx::query(&sql).fetch_one(&self.pool).await?.try_get(0)
+    }
+
+    async fn batch(&self, after: Option<&str>, limit: i64) -> Result<Vec<SourceRow>, sqlx::Error> {
+        let key = quote(&self.source.key_column);
+        let sql = format!(
+            "SELECT {} FROM {} {} ORDER BY {key} LIMIT {limit}",
+            self.columns(),
+            quote(&self.source.table),
+            if after.is_some() {
+                format!("WHERE {key} > $1")
+            } else {
+                String::new()
+            },
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(a) = after {
+            q = if self.int_keys {
+                q.bind(a.parse::<i64>().unwrap_or(i64::MIN))
+            } else {
+                q.bind(a.to_string())
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|r| {
+                let key = if self.int_keys {
+                    r.try_get::<i64, _>(0)?.to_string()
+                } else {
+                    r.try_get::<String, _>(0)?
+                };
+                Ok(SourceRow {
+                    key,
+                    cipher_text: r.try_get(1)?,
+                    version: r.try_get(2)?,
+                    metadata: r.try_get(3)?,
+                    encryption: if self.source.encryption_id_column.is_some() {
+                        r.try_get(4)?
+                    } else {
+                        None
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Writes the new ciphertext only if the row still holds the old one.
+    async fn swap(
+        &self,
+        conn: &mut sqlx::AnyConnection,
+        row: &SourceRow,
+        cipher_text: &str,
+        version: &str,
+        metadata: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let s = &self.source;
+        let sql = format!(
+            "UPDATE {} SET {ct} = $1, {ver} = $2, {meta} = $3 WHERE {key} = $4 AND {ct} = $5 AND {ver} = $6",
+            quote(&s.table),
+            ct = quote(&s.cipher_text_column),
+            ver = quote(&s.version_column),
+            meta = quote(&s.metadata_column),
+            key = quote(&s.key_column),
+        );
+        let q = sqlx::query(&sql)
+            .bind(cipher_text)
+            .bind(version)
+            .bind(metadata);
+        let q = if self.int_keys {
+            q.bind(row.key.parse::<i64>().unwrap_or(i64::MIN))
+        } else {
+            q.bind(row.key.clone())
+        };
+        Ok(q.bind(&row.cipher_text)
+            .bind(&row.version)
+            .execute(conn)
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
+    /// Rows per version (of one encryption, when the table says per row).
+    async fn histogram(
+        &self,
+        encryption: Option<EncryptionId>,
+    ) -> Result<BTreeMap<String, i64>, sqlx::Error> {
+        let (filter, bind) = self.scope(encryption);
+        let ver = quote(&self.source.version_column);
+        let sql = format!(
+            "SELECT {ver}, COUNT(*) FROM {}{filter} GROUP BY {ver}",
+            quote(&self.source.table)
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(b) = bind {
+            q = q.bind(b);
+        }
+        let mut out = BTreeMap::new();
+        for r in q.fetch_all(&self.pool).await? {
+            out.insert(r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?);
+        }
+        Ok(out)
+    }
+}
+
+/// An error message without anything from a URL (sqlx errors can quote the
+/// connection string's host; they never contain the password, but keep it short).
+fn short(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::Io(io) => io.kind().to_string(),
+        sqlx::Error::PoolTimedOut => "timed out".into(),
+        sqlx::Error::Configuration(_) => "the database URL is not valid".into(),
+        other => other.to_string().chars().take(200).collect(),
+    }
+}
+
+/// A job to start.
+pub struct NewJob {
+    /// The table's one encryption (or `None` with an encryption id column).
+    pub encryption_id: Option<EncryptionId>,
+    /// Rate limit.
+    pub max_rows_per_second: Option<u32>,
+    /// The source.
+    pub source: JobSource,
+}
+
+/// Validates and queues a job; the runner picks it up.
+pub async fn start_job(
+    service: &KeyService,
+    tenant: TenantId,
+    job: NewJob,
+) -> Result<uuid::Uuid, JobError> {
+    job.source.validate()?;
+    match (&job.encryption_id, &job.source.encryption_id_column) {
+        (Some(e), None) => {
+            let (_, mode) = service.active_version(tenant, *e).await?;
+            if mode == Mode::Client {
+                return Err(JobError::Source(
+                    "a client-mode encryption needs its client key for every row; Keyward cannot walk it".into(),
+                ));
+            }
+        }
+        (None, Some(_)) => {}
+        _ => return Err(JobError::EncryptionScope),
+    }
+    SourceDb::open(&job.source).await?.pool.close().await;
+    let id = uuid::Uuid::new_v4();
+    let spec = Zeroizing::new(serde_json::to_vec(&job.source).expect("a source serializes"));
+    let (kek, sealed) = service.seal_job_source(id, &spec)?;
+    service
+        .store()
+        .insert_job(&JobRow {
+            id,
+            tenant_id: tenant,
+            kind: "reencrypt".into(),
+            encryption_id: job.encryption_id,
+            source_sealed: sealed,
+            source_kek_id: kek,
+            max_rows_per_second: job.max_rows_per_second.map(i64::from),
+            state: "queued".into(),
+            cursor: None,
+            pass: 0,
+            processed: 0,
+            rewrapped: 0,
+            skipped: 0,
+            failed: 0,
+            total: None,
+            rows_per_second: 0,
+            remaining_by_version: None,
+            error: None,
+            started_at: None,
+            finished_at: None,
+            created_at: now_ms(),
+        })
+        .await
+        .map_err(KeyError::from)?;
+    Ok(id)
+}
+
+/// The source of a job as stored (without credentials), for display.
+pub fn describe_source(service: &KeyService, job: &JobRow) -> Option<serde_json::Value> {
+    let plain = service
+        .open_job_source(job.id, job.source_kek_id, &job.source_sealed)
+        .ok()?;
+    let source: JobSource = serde_json::from_slice(&plain).ok()?;
+    let mut v = serde_json::json!({
+        "table": source.table,
+        "keyColumn": source.key_column,
+        "cipherTextColumn": source.cipher_text_column,
+        "versionColumn": source.version_column,
+        "metadataColumn": source.metadata_column,
+    });
+    if let Some(c) = source.encryption_id_column {
+        v["encryptionIdColumn"] = c.into();
+    }
+    Some(v)
+}
+
+/// Tuning of the runner.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerSettings {
+    /// How long a runner's claim lasts without renewal.
+    pub lease: Duration,
+    /// Rows per batch.
+    pub batch: i64,
+    /// How often to look for runnable jobs.
+    pub poll: Duration,
+}
+
+/// Runs jobs until `shutdown`: claims one at a time, runs it, repeats.
+pub async fn run_jobs(
+    service: Arc<KeyService>,
+    settings: RunnerSettings,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    loop {
+        if service.not_ready_reason().is_none() {
+            match service
+                .store()
+                .claim_job(&owner, now_ms(), settings.lease.as_millis() as i64)
+                .await
+            {
+                Ok(Some(job)) => {
+                    let id = job.id;
+                    tracing::info!(job_id = %id, pass = job.pass, "running re-encryption job");
+                    let outcome = tokio::select! {
+                        r = run_one(&service, &owner, job, settings) => r,
+                        _ = shutdown.changed() => return,
+                    };
+                    if let Err(e) = outcome {
+                        tracing::warn!(job_id = %id, error = %e, "re-encryption job failed");
+                        let _ = service
+                            .store()
+                            .finish_job(id, &owner, "failed", None, Some(&e), now_ms())
+                            .await;
+                    }
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot look for jobs"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(settings.poll) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Most passes over the table before a job reports what is left.
+const MAX_PASSES: i64 = 3;
+
+async fn run_one(
+    service: &KeyService,
+    owner: &str,
+    job: JobRow,
+    settings: RunnerSettings,
+) -> Result<(), String> {
+    let plain = service
+        .open_job_source(job.id, job.source_kek_id, &job.source_sealed)
+        .map_err(|e| e.to_string())?;
+    let source: JobSource = serde_json::from_slice(&plain)
+        .map_err(|_| "the stored source does not parse".to_string())?;
+    let db = SourceDb::open(&source).await.map_err(|e| e.to_string())?;
+    let result = walk(service, owner, &job, &db, settings).await;
+    db.pool.close().await;
+    result
+}
+
+async fn walk(
+    service: &KeyService,
+    owner: &str,
+    job: &JobRow,
+    db: &SourceDb,
+    settings: RunnerSettings,
+) -> Result<(), String> {
+    let lease_ms = settings.lease.as_millis() as i64;
+    if job.total.is_none() {
+        let total = db.count().await.map_err(|e| short(&e))?;
+        service
+            .store()
+            .set_job_total(job.id, total)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut cursor = job.cursor.clone();
+    let mut pass = job.pass;
+    let started = Instant::now();
+    let mut done_this_run = 0i64;
+    loop {
+        let rows = db
+            .batch(cursor.as_deref(), settings.batch)
+            .await
+            .map_err(|e| short(&e))?;
+        if rows.is_empty() {
+            // End of a pass: what still references an old version?
+            let remaining = remaining(service, job, db).await?;
+            let left: i64 = remaining.values().sum();
+            if left == 0 || pass + 1 >= MAX_PASSES {
+                let json = serde_json::to_string(&remaining).expect("a map serializes");
+                service
+                    .store()
+                    .finish_job(job.id, owner, "succeeded", Some(&json), None, now_ms())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(job_id = %job.id, passes = pass + 1, left, "re-encryption job finished");
+                return Ok(());
+            }
+            // Rows the platform changed under an old version: another pass.
+            pass += 1;
+            cursor = None;
+            if !service
+                .store()
+                .record_job_progress(
+                    job.id,
+                    owner,
+                    JobProgress {
+                        cursor: None,
+                        pass,
+                        processed: 0,
+                        rewrapped: 0,
+                        skipped: 0,
+                        failed: 0,
+                        rows_per_second: 0,
+                    },
+                    now_ms(),
+                    lease_ms,
+                )
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(());
+            }
+            continue;
+        }
+        let (mut rewrapped, mut skipped, mut failed) = (0i64, 0i64, 0i64);
+        // New values first, then one transaction for the batch's writes (one
+        // commit per batch, not per row); each write is still its own
+        // compare-and-swap.
+        let mut writes: Vec<(&SourceRow, String, String, String)> = Vec::new();
+        for row in &rows {
+            let encryption = match (job.encryption_id, &row.encryption) {
+                (Some(e), _) => e,
+                (None, Some(text)) => match text.parse() {
+                    Ok(e) => e,
+                    Err(_) => {
+                        skipped += 1;
+                        continue;
+                    }
+                },
+                (None, None) => {
+                    skipped += 1;
+                    continue;
+                }
+            };
+            let active = match service.active_version(job.tenant_id, encryption).await {
+                Ok((active, Mode::Platform)) => active,
+                // Not the tenant's, gone, or client-mode: not ours to touch.
+                Ok((_, Mode::Client)) | Err(KeyError::EncryptionNotFound) => {
+                    skipped += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            if row.version == active.to_string() {
+                continue;
+            }
+            let version: VersionId = match row.version.parse() {
+                Ok(v) => v,
+                Err(_) => {
+                    failed += 1;
+                    continue;
+                }
+            };
+            let nonce = serde_json::from_str::<serde_json::Value>(&row.metadata)
+                .ok()
+                .and_then(|m| m.get("nonce").and_then(|n| n.as_str()).map(str::to_string))
+                .and_then(|n| b64.decode(n).ok())
+                .and_then(|n| <[u8; NONCE_LEN]>::try_from(n).ok());
+            let Ok(ciphertext) = b64.decode(&row.cipher_text) else {
+                failed += 1;
+                continue;
+            };
+            let out = match service
+                .rewrap(job.tenant_id, encryption, version, nonce, &ciphertext, None)
+                .await
+            {
+                Ok(out) => out,
+                Err(
+                    KeyError::DecryptionFailed
+                    | KeyError::VersionDisabled
+                    | KeyError::VersionDestroyed
+                    | KeyError::VersionBelowMinimum,
+                ) => {
+                    failed += 1;
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
+            let metadata = serde_json::json!({"nonce": b64.encode(out.nonce)}).to_string();
+            writes.push((
+                row,
+                b64.encode(&out.ciphertext),
+                out.version_id.to_string(),
+                metadata,
+            ));
+        }
+        if !writes.is_empty() {
+            let mut tx = db.pool.begin().await.map_err(|e| short(&e))?;
+            for (row, ct, version, metadata) in &writes {
+                match db.swap(&mut tx, row, ct, version, metadata).await {
+                    Ok(true) => rewrapped += 1,
+                    // The platform wrote the row meanwhile: never overwrite it.
+                    Ok(false) => skipped += 1,
+                    Err(e) => return Err(short(&e)),
+                }
+            }
+            tx.commit().await.map_err(|e| short(&e))?;
+        }
+        let n = rows.len() as i64;
+        done_this_run += n;
+        cursor = rows.last().map(|r| r.key.clone());
+        let elapsed = started.elapsed().as_secs_f64().max(0.001);
+        let rate = (done_this_run as f64 / elapsed) as i64;
+        let progress = JobProgress {
+            cursor: cursor.as_deref(),
+            pass,
+            processed: if pass == 0 { n } else { 0 },
+            rewrapped,
+            skipped,
+            failed,
+            rows_per_second: rate,
+        };
+        if !service
+            .store()
+            .record_job_progress(job.id, owner, progress, now_ms(), lease_ms)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            tracing::info!(job_id = %job.id, "job cancelled or taken over; stopping");
+            return Ok(());
+        }
+        if let Some(max) = job.max_rows_per_second.filter(|m| *m > 0) {
+            let due = Duration::from_secs_f64(done_this_run as f64 / max as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+async fn remaining(
+    service: &KeyService,
+    job: &JobRow,
+    db: &SourceDb,
+) -> Result<BTreeMap<String, i64>, String> {
+    let histogram = db
+        .histogram(job.encryption_id)
+        .await
+        .map_err(|e| short(&e))?;
+    let mut out = BTreeMap::new();
+    for (version, rows) in histogram {
+        let current = match job.encryption_id {
+            Some(e) => service
+                .active_version(job.tenant_id, e)
+                .await
+                .map(|(a, _)| a.to_string() == version)
+                .unwrap_or(false),
+            // Per-row encryptions: any version that is some encryption's
+            // active version counts as current.
+            None => service.is_active_version(job.tenant_id, &version).await,
+        };
+        if !current {
+            out.insert(version, rows);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,288 @@
+//! Re-encryption jobs: `POST /v1/jobs`, `GET /v1/jobs`, `GET /v1/jobs/{id}`,
+//! `POST /v1/jobs/{id}/cancel` (scope `manage`). The source's database URL is
+//! sealed at rest and never returned.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{ApiError, ErrorBody};
+use super::extract::{ApiJson, Auth, ManageScope};
+use super::{parse_id, AppState};
+use crate::domain::jobs::{describe_source, start_job, JobError, JobSource, NewJob};
+use crate::domain::time::rfc3339;
+use crate::store::JobRow;
+
+/// The routes of this resource.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", get(list).post(create))
+        .route("/v1/jobs/{id}", get(show))
+        .route("/v1/jobs/{id}/cancel", post(cancel))
+}
+
+/// `POST /v1/jobs` input.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateJobRequest {
+    /// `reencrypt`.
+    kind: String,
+    /// The encryption of every row (or give `source.encryptionIdColumn`).
+    #[serde(default)]
+    #[schema(format = Uuid, nullable = false)]
+    encryption_id: Option<String>,
+    /// Rows per second at most, to spare the platform's database.
+    #[serde(default)]
+    #[schema(minimum = 1, nullable = false)]
+    max_rows_per_second: Option<u32>,
+    /// The platform's table.
+    #[schema(value_type = JobSourceSchema)]
+    source: JobSource,
+}
+
+/// Where the ciphertexts are. `databaseUrl` holds credentials: it is sealed at
+/// rest, never logged and never returned.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "camelCase")]
+struct JobSourceSchema {
+    /// `postgres://USER:PASSWORD@HOST/DB` or `sqlite:///path/db`.
+    database_url: String,
+    /// The table (`schema.table` allowed).
+    table: String,
+    /// A unique, ordered key column (integer or text).
+    key_column: String,
+    /// The ciphertext (base64 text) column.
+    cipher_text_column: String,
+    /// The version id (text) column.
+    version_column: String,
+    /// The metadata (JSON text) column.
+    metadata_column: String,
+    /// A column with each row's encryption id, instead of one `encryptionId`.
+    encryption_id_column: Option<String>,
+}
+
+/// `POST /v1/jobs` output.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobCreated {
+    #[schema(format = Uuid)]
+    job_id: String,
+}
+
+/// A job's state and progress.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct JobView {
+    #[schema(format = Uuid)]
+    job_id: String,
+    /// `reencrypt`.
+    kind: String,
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    state: String,
+    #[schema(format = Uuid)]
+    encryption_id: Option<String>,
+    /// Rows looked at in the first pass.
+    processed: i64,
+    /// Rows in the table when the job started.
+    total: Option<i64>,
+    /// Rows moved to the active version.
+    rewrapped: i64,
+    /// Rows the platform changed meanwhile (retried in a later pass) or not the tenant's.
+    skipped: i64,
+    /// Rows that could not be decrypted (tampered, or a disabled or destroyed version).
+    failed: i64,
+    /// Recent rate.
+    rows_per_second: i64,
+    /// Estimated seconds to the end of the first pass.
+    eta_seconds: Option<i64>,
+    /// Rows still on each old version at the last scan (empty: every row is current).
+    remaining_by_version: BTreeMap<String, i64>,
+    /// Rate limit.
+    max_rows_per_second: Option<i64>,
+    /// Why it failed.
+    error: Option<String>,
+    /// The source, without its database URL.
+    #[schema(value_type = Object)]
+    source: Option<serde_json::Value>,
+    #[schema(format = DateTime)]
+    created_at: String,
+    #[schema(format = DateTime)]
+    started_at: Option<String>,
+    #[schema(format = DateTime)]
+    finished_at: Option<String>,
+}
+
+/// Jobs of the tenant, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    items: Vec<JobView>,
+}
+
+fn view(state: &AppState, job: &JobRow) -> JobView {
+    let eta_seconds = match (job.state.as_str(), job.total) {
+        ("running", Some(total)) if job.rows_per_second > 0 => {
+            Some((total - job.processed).max(0) / job.rows_per_second)
+        }
+        ("succeeded", _) => Some(0),
+        _ => None,
+    };
+    JobView {
+        job_id: job.id.to_string(),
+        kind: job.kind.clone(),
+        state: job.state.clone(),
+        encryption_id: job.encryption_id.map(|e| e.to_string()),
+        processed: job.processed,
+        total: job.total,
+        rewrapped: job.rewrapped,
+        skipped: job.skipped,
+        failed: job.failed,
+        rows_per_second: job.rows_per_second,
+        eta_seconds,
+        remaining_by_version: job
+            .remaining_by_version
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or_default(),
+        max_rows_per_second: job.max_rows_per_second,
+        error: job.error.clone(),
+        source: describe_source(&state.service, job),
+        created_at: rfc3339(job.created_at),
+        started_at: job.started_at.map(rfc3339),
+        finished_at: job.finished_at.map(rfc3339),
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Key(k) => ApiError::Key(k),
+            other => ApiError::InvalidJob(other.to_string()),
+        }
+    }
+}
+
+/// Start a re-encryption job over a table of the platform's database.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", request_body = CreateJobRequest,
+    responses(
+        (status = 202, description = "Queued", body = JobCreated),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
+        (status = 404, description = "`encryption_not_found`", body = ErrorBody),
+        (status = 422, description = "`invalid_job` (bad identifiers, unreachable source, client-mode encryption)", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = [])))]
+pub(super) async fn create(
+    State(state): State<AppState>,
+    auth: Auth<ManageScope>,
+    ApiJson(req): ApiJson<CreateJobRequest>,
+) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
+    if req.kind != "reencrypt" {
+        return Err(ApiError::InvalidRequest(
+            "`kind`: expected `reencrypt`".into(),
+        ));
+    }
+    let encryption_id = req
+        .encryption_id
+        .as_deref()
+        .map(|e| parse_id(e, "encryptionId"))
+        .transpose()?;
+    let id = start_job(
+        &state.service,
+        auth.principal.tenant_id,
+        NewJob {
+            encryption_id,
+            max_rows_per_second: req.max_rows_per_second.filter(|n| *n > 0),
+            source: req.source,
+        },
+    )
+    .await?;
+    tracing::info!(job_id = %id, "re-encryption job queued");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(JobCreated {
+            job_id: id.to_string(),
+        }),
+    ))
+}
+
+/// A job's state and progress.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs",
+    params(("id" = String, Path, format = Uuid, description = "The job id")),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
+        (status = 404, description = "`job_not_found`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = [])))]
+pub(super) async fn show(
+    State(state): State<AppState>,
+    auth: Auth<ManageScope>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id: uuid::Uuid = parse_id(&id, "job id in the path")?;
+    let job = state
+        .service
+        .store()
+        .job(auth.principal.tenant_id, id)
+        .await?
+        .ok_or(ApiError::JobNotFound)?;
+    Ok(Json(view(&state, &job)))
+}
+
+/// The tenant's jobs, newest first (at most 100).
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
+    responses(
+        (status = 200, description = "Jobs", body = JobList),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = [])))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    auth: Auth<ManageScope>,
+) -> Result<Json<JobList>, ApiError> {
+    let jobs = state
+        .service
+        .store()
+        .jobs(auth.principal.tenant_id, 100)
+        .await?;
+    Ok(Json(JobList {
+        items: jobs.iter().map(|j| view(&state, j)).collect(),
+    }))
+}
+
+/// Cancel a queued or running job (rows already moved stay moved).
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs",
+    params(("id" = String, Path, format = Uuid, description = "The job id")),
+    responses(
+        (status = 200, description = "The job after cancelling", body = JobView),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
+        (status = 404, description = "`job_not_found`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = [])))]
+pub(super) async fn cancel(
+    State(state): State<AppState>,
+    auth: Auth<ManageScope>,
+    Path(id): Path<String>,
+) -> Result<Json<JobView>, ApiError> {
+    let id: uuid::Uuid = parse_id(&id, "job id in the path")?;
+    let store = state.service.store();
+    store
+        .cancel_job(auth.principal.tenant_id, id, crate::domain::time::now_ms())
+        .await?
+        .ok_or(ApiError::JobNotFound)?;
+    let job = store
+        .job(auth.principal.tenant_id, id)
+        .await?
+        .ok_or(ApiError::JobNotFound)?;
+    Ok(Json(view(&state, &job)))
+}

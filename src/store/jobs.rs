@@ -1,0 +1,347 @@
+//! The `jobs` table: re-encryption jobs, their progress and their lease.
+
+use sqlx::any::AnyRow;
+use sqlx::Row;
+
+use super::{get_id, get_opt_id, Store, StoreError};
+use crate::domain::{EncryptionId, KekId, TenantId};
+
+/// One job as stored.
+#[derive(Debug, Clone)]
+pub struct JobRow {
+    /// Its id.
+    pub id: uuid::Uuid,
+    /// The tenant that started it.
+    pub tenant_id: TenantId,
+    /// `reencrypt`.
+    pub kind: String,
+    /// The table's one encryption, if not per row.
+    pub encryption_id: Option<EncryptionId>,
+    /// The sealed source specification.
+    pub source_sealed: Vec<u8>,
+    /// The root KEK that seals it.
+    pub source_kek_id: KekId,
+    /// Rate limit.
+    pub max_rows_per_second: Option<i64>,
+    /// queued, running, succeeded, failed, cancelled.
+    pub state: String,
+    /// Last key handled in this pass.
+    pub cursor: Option<String>,
+    /// Pass number (0 first).
+    pub pass: i64,
+    /// Rows looked at.
+    pub processed: i64,
+    /// Rows moved to the active version.
+    pub rewrapped: i64,
+    /// Rows changed by the platform meanwhile (left for the next pass) or not
+    /// the tenant's.
+    pub skipped: i64,
+    /// Rows that could not be decrypted.
+    pub failed: i64,
+    /// Rows in scope when the job started.
+    pub total: Option<i64>,
+    /// Recent rate.
+    pub rows_per_second: i64,
+    /// JSON {versionId: rows} at the last scan.
+    pub remaining_by_version: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// Start (Unix ms).
+    pub started_at: Option<i64>,
+    /// End (Unix ms).
+    pub finished_at: Option<i64>,
+    /// Creation (Unix ms).
+    pub created_at: i64,
+}
+
+const COLUMNS: &str = "id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, cursor, pass, processed, rewrapped, skipped, failed, total, rows_per_second, remaining_by_version, error, started_at, finished_at, created_at";
+
+fn from_row(r: &AnyRow) -> Result<JobRow, StoreError> {
+    Ok(JobRow {
+        id: get_id::<uuid::Uuid>(r, "id", "jobs")?,
+        tenant_id: get_id(r, "tenant_id", "jobs")?,
+        kind: r.try_get("kind")?,
+        encryption_id: get_opt_id(r, "encryption_id", "jobs")?,
+        source_sealed: r.try_get("source_sealed")?,
+        source_kek_id: get_id(r, "source_kek_id", "jobs")?,
+        max_rows_per_second: r.try_get("max_rows_per_second")?,
+        state: r.try_get("state")?,
+        cursor: r.try_get("cursor")?,
+        pass: r.try_get("pass")?,
+        processed: r.try_get("processed")?,
+        rewrapped: r.try_get("rewrapped")?,
+        skipped: r.try_get("skipped")?,
+        failed: r.try_get("failed")?,
+        total: r.try_get("total")?,
+        rows_per_second: r.try_get("rows_per_second")?,
+        remaining_by_version: r.try_get("remaining_by_version")?,
+        error: r.try_get("error")?,
+        started_at: r.try_get("started_at")?,
+        finished_at: r.try_get("finished_at")?,
+        created_at: r.try_get("created_at")?,
+    })
+}
+
+/// Progress to record after a batch.
+#[derive(Debug, Clone, Copy)]
+pub struct JobProgress<'a> {
+    /// Last key handled.
+    pub cursor: Option<&'a str>,
+    /// Pass number.
+    pub pass: i64,
+    /// Rows looked at (added).
+    pub processed: i64,
+    /// Rows moved (added).
+    pub rewrapped: i64,
+    /// Rows skipped (added).
+    pub skipped: i64,
+    /// Rows failed (added).
+    pub failed: i64,
+    /// Current rate.
+    pub rows_per_second: i64,
+}
+
+impl Store {
+    /// Inserts a queued job.
+    pub async fn insert_job(&self, job: &JobRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO jobs (id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8)",
+        )
+        .bind(job.id.to_string())
+        .bind(job.tenant_id.to_string())
+        .bind(&job.kind)
+        .bind(job.encryption_id.map(|e| e.to_string()))
+        .bind(&job.source_sealed)
+        .bind(job.source_kek_id.to_string())
+        .bind(job.max_rows_per_second)
+        .bind(job.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The tenant's job.
+    pub async fn job(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let sql = format!("SELECT {COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2");
+        let row = sqlx::query(&sql)
+            .bind(id.to_string())
+            .bind(tenant.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// The tenant's most recent jobs.
+    pub async fn jobs(&self, tenant: TenantId, limit: u32) -> Result<Vec<JobRow>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM jobs WHERE tenant_id = $1 ORDER BY created_at DESC, id LIMIT $2"
+        );
+        sqlx::query(&sql)
+            .bind(tenant.to_string())
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(from_row)
+            .collect()
+    }
+
+    /// Takes the lease of one runnable job (queued, or running with an expired
+    /// lease). The lease condition is in the outer WHERE too, so that of two
+    /// replicas racing for the same job only one gets it.
+    pub async fn claim_job(
+        &self,
+        owner: &str,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<Option<JobRow>, StoreError> {
+        let sql = format!(
+            "UPDATE jobs SET lease_owner = $1, lease_until = $2, state = 'running', \
+             started_at = COALESCE(started_at, $3), updated_at = $3 \
+             WHERE id = (SELECT id FROM jobs WHERE state IN ('queued', 'running') \
+                         AND (lease_until IS NULL OR lease_until < $3) ORDER BY created_at LIMIT 1) \
+             AND state IN ('queued', 'running') AND (lease_until IS NULL OR lease_until < $3) \
+             RETURNING {COLUMNS}"
+        );
+        let row = sqlx::query(&sql)
+            .bind(owner)
+            .bind(now_ms + lease_ms)
+            .bind(now_ms)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(from_row).transpose()
+    }
+
+    /// Records progress and renews the lease. `false` when the lease is lost or
+    /// the job was cancelled: the runner must stop.
+    pub async fn record_job_progress(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        p: JobProgress<'_>,
+        now_ms: i64,
+        lease_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE jobs SET cursor = $1, pass = $2, processed = processed + $3, rewrapped = rewrapped + $4, \
+             skipped = skipped + $5, failed = failed + $6, rows_per_second = $7, lease_until = $8, updated_at = $9 \
+             WHERE id = $10 AND lease_owner = $11 AND state = 'running'",
+        )
+        .bind(p.cursor)
+        .bind(p.pass)
+        .bind(p.processed)
+        .bind(p.rewrapped)
+        .bind(p.skipped)
+        .bind(p.failed)
+        .bind(p.rows_per_second)
+        .bind(now_ms + lease_ms)
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Sets the row count in scope (once, at the first start).
+    pub async fn set_job_total(&self, id: uuid::Uuid, total: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET total = $1 WHERE id = $2 AND total IS NULL")
+            .bind(total)
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Ends a job this runner holds.
+    pub async fn finish_job(
+        &self,
+        id: uuid::Uuid,
+        owner: &str,
+        state: &str,
+        remaining_by_version: Option<&str>,
+        error: Option<&str>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
+        let n = sqlx::query(
+            "UPDATE jobs SET state = $1, remaining_by_version = COALESCE($2, remaining_by_version), error = $3, \
+             finished_at = $4, updated_at = $4, lease_owner = NULL, lease_until = NULL \
+             WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
+        )
+        .bind(state)
+        .bind(remaining_by_version)
+        .bind(error)
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(owner)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n == 1)
+    }
+
+    /// Cancels a queued or running job. `None` if the tenant has no such job;
+    /// otherwise its state afterwards.
+    pub async fn cancel_job(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+        now_ms: i64,
+    ) -> Result<Option<String>, StoreError> {
+        sqlx::query(
+            "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $1, lease_owner = NULL, lease_until = NULL \
+             WHERE id = $2 AND tenant_id = $3 AND state IN ('queued', 'running')",
+        )
+        .bind(now_ms)
+        .bind(id.to_string())
+        .bind(tenant.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(self.job(tenant, id).await?.map(|j| j.state))
+    }
+
+    /// The last finished job's remaining rows for `version` of `encryption`
+    /// (for refusing to destroy a version still in use).
+    pub async fn rows_last_seen_on(
+        &self,
+        encryption: EncryptionId,
+        version: &str,
+    ) -> Result<i64, StoreError> {
+        let row = sqlx::query(
+            "SELECT remaining_by_version FROM jobs WHERE encryption_id = $1 AND state = 'succeeded' \
+             ORDER BY finished_at DESC LIMIT 1",
+        )
+        .bind(encryption.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(0) };
+        let text: Option<String> = r.try_get("remaining_by_version")?;
+        Ok(text
+            .and_then(|t| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&t).ok()
+            })
+            .and_then(|m| m.get(version).and_then(|v| v.as_i64()))
+            .unwrap_or(0))
+    }
+
+    /// Whether `version` is the active version of one of the tenant's encryptions.
+    pub async fn is_active_version(
+        &self,
+        tenant: TenantId,
+        version: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(
+            sqlx::query(
+                "SELECT 1 FROM encryptions WHERE tenant_id = $1 AND active_version_id = $2",
+            )
+            .bind(tenant.to_string())
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some(),
+        )
+    }
+
+    /// Jobs whose source is sealed by `kek` (re-sealed by a KEK rotation).
+    pub async fn jobs_sealed_by(
+        &self,
+        kek: KekId,
+    ) -> Result<Vec<(uuid::Uuid, Vec<u8>)>, StoreError> {
+        let rows = sqlx::query("SELECT id, source_sealed FROM jobs WHERE source_kek_id = $1")
+            .bind(kek.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    get_id::<uuid::Uuid>(r, "id", "jobs")?,
+                    r.try_get("source_sealed")?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Re-seals one job's source (compare-and-swap on the old bytes).
+    pub async fn reseal_job(
+        &self,
+        id: uuid::Uuid,
+        old: &[u8],
+        new: &[u8],
+        kek: KekId,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE jobs SET source_sealed = $1, source_kek_id = $2 WHERE id = $3 AND source_sealed = $4")
+            .bind(new)
+            .bind(kek.to_string())
+            .bind(id.to_string())
+            .bind(old)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

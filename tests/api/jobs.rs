@@ -1,0 +1,425 @@
+//! Re-encryption jobs over a real table in a "platform" database: every row
+//! ends on the active version and decrypts to its original plaintext; SIGKILL
+//! and restarts lose nothing; rows the platform writes meanwhile are never
+//! overwritten; two replicas give one runner.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::{Connection, Row};
+
+use crate::helpers::{decrypt_body, Backend, Creds, TestApp, TestDatabase};
+
+crate::on_both_databases!(
+    a_job_moves_fifty_thousand_rows_to_the_active_version,
+    a_job_survives_sigkill_and_never_overwrites_platform_writes,
+);
+
+/// The platform's database and its table.
+struct Platform {
+    db: TestDatabase,
+}
+
+impl Platform {
+    async fn new(backend: Backend) -> Platform {
+        let db = TestDatabase::new(backend).await;
+        let mut conn = Self::connect_url(&db.url).await;
+        sqlx::query("CREATE TABLE secrets (id BIGINT PRIMARY KEY, cipher_text TEXT NOT NULL, version TEXT NOT NULL, metadata TEXT NOT NULL)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Platform { db }
+    }
+
+    async fn connect_url(url: &str) -> sqlx::AnyConnection {
+        sqlx::any::install_default_drivers();
+        let url = if url.starts_with("sqlite:") {
+            format!("{url}?mode=rwc")
+        } else {
+            url.to_string()
+        };
+        sqlx::AnyConnection::connect(&url).await.unwrap()
+    }
+
+    async fn connect(&self) -> sqlx::AnyConnection {
+        Self::connect_url(&self.db.url).await
+    }
+
+    /// Encrypts `n` rows through the API (batches of 1000) and inserts them.
+    async fn fill(&self, app: &TestApp, creds: &Creds, enc: &str, n: usize) {
+        let mut conn = self.connect().await;
+        for start in (0..n).step_by(1000) {
+            let end = (start + 1000).min(n);
+            let items: Vec<Value> = (start..end)
+                .map(|i| json!({"encryptionId": enc, "data": plaintext(i, 0)}))
+                .collect();
+            let (status, body) = app
+                .post("/v1/encrypt/batch", creds, &json!({"items": items}))
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            let mut tx = conn.begin().await.unwrap();
+            for (i, r) in (start..end).zip(body["results"].as_array().unwrap()) {
+                sqlx::query("INSERT INTO secrets (id, cipher_text, version, metadata) VALUES ($1, $2, $3, $4)")
+                    .bind(i as i64)
+                    .bind(r["cipherText"].as_str().unwrap())
+                    .bind(r["encryptionVersionId"].as_str().unwrap())
+                    .bind(r["metadata"].to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+            }
+            tx.commit().await.unwrap();
+        }
+    }
+
+    /// Every row as (id, cipherText, version, metadata).
+    async fn rows(&self) -> Vec<(i64, String, String, String)> {
+        let mut conn = self.connect().await;
+        sqlx::query("SELECT id, cipher_text, version, metadata FROM secrets ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect()
+    }
+
+    fn source(&self) -> Value {
+        json!({
+            "databaseUrl": self.db.url,
+            "table": "secrets",
+            "keyColumn": "id",
+            "cipherTextColumn": "cipher_text",
+            "versionColumn": "version",
+            "metadataColumn": "metadata",
+        })
+    }
+}
+
+fn plaintext(i: usize, generation: usize) -> String {
+    format!("row {i} generation {generation}: {}", "p".repeat(40))
+}
+
+/// Decrypts every row through the batch API; returns the plaintexts by id.
+async fn decrypt_all(
+    app: &TestApp,
+    creds: &Creds,
+    enc: &str,
+    rows: &[(i64, String, String, String)],
+) -> Vec<String> {
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(1000) {
+        let items: Vec<Value> = chunk
+            .iter()
+            .map(|(_, ct, v, m)| {
+                decrypt_body(&json!({"encryptionId": enc, "cipherText": ct, "encryptionVersionId": v, "metadata": serde_json::from_str::<Value>(m).unwrap()}))
+            })
+            .collect();
+        let (status, body) = app
+            .post("/v1/decrypt/batch", creds, &json!({"items": items}))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        for r in body["results"].as_array().unwrap() {
+            out.push(
+                r["data"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("a row does not decrypt: {r}"))
+                    .to_string(),
+            );
+        }
+    }
+    out
+}
+
+async fn wait_for_job(app: &TestApp, creds: &Creds, job: &str, timeout: Duration) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (status, body) = app.get(&format!("/v1/jobs/{job}"), creds).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        match body["state"].as_str().unwrap() {
+            "succeeded" => return body,
+            "failed" | "cancelled" => panic!("job ended as {body}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "job not finished: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn a_job_moves_fifty_thousand_rows_to_the_active_version(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let creds = app.create_tenant("platform");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let platform = Platform::new(backend).await;
+    let n = 50_000;
+    platform.fill(&app, &creds, &enc, n).await;
+    app.rotate(&creds, &enc).await;
+    let active = app.rotate(&creds, &enc).await;
+
+    let started = Instant::now();
+    let (status, created) = app
+        .post(
+            "/v1/jobs",
+            &creds,
+            &json!({"kind": "reencrypt", "encryptionId": enc, "source": platform.source()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let job = created["jobId"].as_str().unwrap();
+    let done = wait_for_job(&app, &creds, job, Duration::from_secs(600)).await;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "re-encryption job ({backend:?}, debug build): {n} rows in {secs:.1} s = {:.0} rows/s",
+        n as f64 / secs
+    );
+
+    assert_eq!(done["total"], n);
+    assert_eq!(done["processed"], n);
+    assert_eq!(done["rewrapped"], n);
+    assert_eq!(done["remainingByVersion"], json!({}), "{done}");
+    assert!(
+        done.get("source").unwrap().get("databaseUrl").is_none(),
+        "the database URL is never returned"
+    );
+    assert_eq!(done["source"]["table"], "secrets");
+    let rows = platform.rows().await;
+    assert_eq!(rows.len(), n);
+    assert!(
+        rows.iter().all(|(_, _, v, _)| v == &active),
+        "every row is on the active version"
+    );
+    let plain = decrypt_all(&app, &creds, &enc, &rows).await;
+    for (i, p) in plain.iter().enumerate() {
+        assert_eq!(p, &plaintext(i, 0));
+    }
+    // The stored job holds the source sealed, not in the clear.
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    let sealed: Vec<u8> = sqlx::query_scalar("SELECT source_sealed FROM jobs")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert!(!crate::helpers::contains(
+        &sealed,
+        platform.db.url.as_bytes()
+    ));
+    assert!(!crate::helpers::contains(&sealed, b"secrets"));
+}
+
+async fn a_job_survives_sigkill_and_never_overwrites_platform_writes(backend: Backend) {
+    let env = [
+        ("KEYWARD_JOB_LEASE", "1s"),
+        ("KEYWARD_JOB_BATCH_ROWS", "100"),
+    ];
+    let mut app = TestApp::spawn_with(backend, &env).await;
+    let creds = app.create_tenant("platform");
+    let (enc, v1) = app.create_encryption(&creds).await;
+    let platform = Platform::new(backend).await;
+    let n = 6_000;
+    platform.fill(&app, &creds, &enc, n).await;
+    let active = app.rotate(&creds, &enc).await;
+
+    let (status, created) = app
+        .post("/v1/jobs", &creds, &json!({"kind": "reencrypt", "encryptionId": enc, "maxRowsPerSecond": 3000, "source": platform.source()}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let job = created["jobId"].as_str().unwrap().to_string();
+
+    // The platform keeps writing rows (under the old version, as an old client
+    // would) while Keyward is killed and restarted three times.
+    let mut latest: Vec<usize> = vec![0; n];
+    let mut conn = platform.connect().await;
+    for round in 1..=3 {
+        for k in 0..40 {
+            let i = (round * 997 + k * 131) % n;
+            latest[i] += 1;
+            let (status, e) = app
+                .post("/v1/encrypt", &creds, &json!({"encryptionId": enc, "data": plaintext(i, latest[i]), "encryptionVersionId": v1}))
+                .await;
+            assert_eq!(status, StatusCode::OK);
+            sqlx::query(
+                "UPDATE secrets SET cipher_text = $1, version = $2, metadata = $3 WHERE id = $4",
+            )
+            .bind(e["cipherText"].as_str().unwrap())
+            .bind(e["encryptionVersionId"].as_str().unwrap())
+            .bind(e["metadata"].to_string())
+            .bind(i as i64)
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200 + 150 * round as u64)).await;
+        std::process::Command::new("kill")
+            .args(["-KILL", &app.pid().to_string()])
+            .status()
+            .unwrap();
+        app.kill_wait();
+        app.start();
+    }
+    let done = wait_for_job(&app, &creds, &job, Duration::from_secs(300)).await;
+    let rows = platform.rows().await;
+    assert_eq!(rows.len(), n, "no row lost");
+    let plain = decrypt_all(&app, &creds, &enc, &rows).await;
+    for (i, p) in plain.iter().enumerate() {
+        assert_eq!(
+            p,
+            &plaintext(i, latest[i]),
+            "row {i}: the platform's last write wins"
+        );
+    }
+    let on_old = rows.iter().filter(|(_, _, v, _)| v != &active).count() as i64;
+    let reported: i64 = done["remainingByVersion"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_i64().unwrap())
+        .sum();
+    assert_eq!(
+        on_old, reported,
+        "the job reports exactly the rows left on old versions: {done}"
+    );
+    assert!(
+        on_old < 200,
+        "the passes after the writes moved them: {on_old} left"
+    );
+    assert!(
+        done["rowsPerSecond"].as_i64().unwrap() <= 4000,
+        "rate limit: {done}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_and_one_job_give_one_runner() {
+    let backend = Backend::Postgres;
+    let a = TestApp::spawn(backend).await;
+    let b = a.spawn_replica(&[]);
+    let creds = a.create_tenant("platform");
+    let (enc, _) = a.create_encryption(&creds).await;
+    let platform = Platform::new(backend).await;
+    platform.fill(&a, &creds, &enc, 3000).await;
+    a.rotate(&creds, &enc).await;
+    let started = Instant::now();
+    let (status, created) = a
+        .post("/v1/jobs", &creds, &json!({"kind": "reencrypt", "encryptionId": enc, "maxRowsPerSecond": 1000, "source": platform.source()}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let job = created["jobId"].as_str().unwrap();
+    let done = wait_for_job(&b, &creds, job, Duration::from_secs(120)).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(2500),
+        "the rate limit holds: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(done["rewrapped"], 3000);
+    let runs = a.log_text().matches("running re-encryption job").count()
+        + b.log_text().matches("running re-encryption job").count();
+    assert_eq!(runs, 1, "exactly one replica ran the job");
+    // Cancel and list.
+    let (status, list) = a.get("/v1/jobs", &creds).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["items"][0]["jobId"], job);
+    let other = a.create_tenant("other");
+    let (status, body) = a.get(&format!("/v1/jobs/{job}"), &other).await;
+    crate::helpers::assert_error(status, &body, 404, "job_not_found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroying_a_version_the_last_job_found_in_use_needs_force() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let creds = app.create_tenant("platform");
+    let (enc, v1) = app.create_encryption(&creds).await;
+    let platform = Platform::new(Backend::Sqlite).await;
+    platform.fill(&app, &creds, &enc, 50).await;
+    app.rotate(&creds, &enc).await;
+    let v1_path = format!("/v1/encryptions/{enc}/versions/{v1}");
+    // Disabled, v1 cannot be read: the job leaves its rows and says so.
+    let patch = |body: Value| {
+        let app = &app;
+        let creds = &creds;
+        let path = v1_path.clone();
+        async move {
+            crate::helpers::send(app.req(reqwest::Method::PATCH, &path, creds).json(&body)).await
+        }
+    };
+    assert_eq!(patch(json!({"state": "disabled"})).await.0, StatusCode::OK);
+    let (_, created) = app
+        .post(
+            "/v1/jobs",
+            &creds,
+            &json!({"kind": "reencrypt", "encryptionId": enc, "source": platform.source()}),
+        )
+        .await;
+    let done = wait_for_job(
+        &app,
+        &creds,
+        created["jobId"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done["failed"].as_i64().unwrap() % 50, 0, "{done}");
+    assert_eq!(done["remainingByVersion"][&v1], 50, "{done}");
+    let (status, body) = patch(json!({"state": "destroyed"})).await;
+    crate::helpers::assert_error(status, &body, 409, "version_in_use");
+    let (status, body) = patch(json!({"state": "destroyed", "force": true})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_starts_watches_and_reports_a_job() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let creds = app.create_tenant("platform");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let platform = Platform::new(Backend::Sqlite).await;
+    platform.fill(&app, &creds, &enc, 500).await;
+    app.rotate(&creds, &enc).await;
+    let cli = |args: &[&str]| {
+        crate::helpers::keyward_command()
+            .args(args)
+            .env("KEYWARD_URL", format!("http://{}", app.addr))
+            .env("KEYWARD_API_KEY", &creds.key)
+            .env("KEYWARD_API_SECRET", &creds.secret)
+            .env("KEYWARD_JOB_DATABASE_URL", &platform.db.url)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[
+        "job",
+        "start",
+        "--encryption-id",
+        &enc,
+        "--table",
+        "secrets",
+        "--key-column",
+        "id",
+        "--cipher-text-column",
+        "cipher_text",
+        "--version-column",
+        "version",
+        "--metadata-column",
+        "metadata",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let job = job["jobId"].as_str().unwrap().to_string();
+    let out = cli(&["job", "watch", &job]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["state"], "succeeded");
+    assert_eq!(done["rewrapped"], 500);
+    let out = cli(&["job", "status", &job]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["jobId"], job.as_str());
+    let out = cli(&["job", "status", "00000000-0000-4000-8000-000000000000"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("job_not_found"));
+}
