@@ -190,13 +190,6 @@ impl SourceDb {
         cols.join(", ")
     }
 
-    fn scope(&self, encryption: Option<EncryptionId>) -> (String, Option<String>) {
-        match (encryption, &self.source.encryption_id_column) {
-            (Some(e), Some(col)) => (format!(" WHERE {} = $1", quote(col)), Some(e.to_string())),
-            _ => (String::new(), None),
-        }
-    }
-
     async fn count(&self) -> Result<i64, sqlx::Error> {
         let sql = format!("SELECT COUNT(*) FROM {}", quote(&self.source.table));
         sqlx::query(&sql).fetch_one(&self.pool).await?.try_get(0)
@@ -280,26 +273,38 @@ impl SourceDb {
             == 1)
     }
 
-    /// Rows per version (of one encryption, when the table says per row).
-    async fn histogram(
-        &self,
-        encryption: Option<EncryptionId>,
-    ) -> Result<BTreeMap<String, i64>, sqlx::Error> {
-        let (filter, bind) = self.scope(encryption);
+    /// Rows per (encryption column value, version); the encryption is `None`
+    /// when the table has one encryption.
+    async fn histogram(&self) -> Result<Vec<(Option<String>, String, i64)>, sqlx::Error> {
         let ver = quote(&self.source.version_column);
+        let (select, group) = match &self.source.encryption_id_column {
+            Some(c) => (
+                format!("{}, {ver}", quote(c)),
+                format!("{}, {ver}", quote(c)),
+            ),
+            None => (ver.clone(), ver.clone()),
+        };
         let sql = format!(
-            "SELECT {ver}, COUNT(*) FROM {}{filter} GROUP BY {ver}",
+            "SELECT {select}, COUNT(*) FROM {} GROUP BY {group}",
             quote(&self.source.table)
         );
-        let mut q = sqlx::query(&sql);
-        if let Some(b) = bind {
-            q = q.bind(b);
-        }
-        let mut out = BTreeMap::new();
-        for r in q.fetch_all(&self.pool).await? {
-            out.insert(r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?);
-        }
-        Ok(out)
+        let per_row = self.source.encryption_id_column.is_some();
+        sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(if per_row {
+                    (
+                        Some(r.try_get::<String, _>(0)?),
+                        r.try_get::<String, _>(1)?,
+                        r.try_get::<i64, _>(2)?,
+                    )
+                } else {
+                    (None, r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)
+                })
+            })
+            .collect()
     }
 }
 
@@ -652,29 +657,30 @@ async fn walk(
     }
 }
 
+/// Rows still on an old version of one of the job's tenant's encryptions, by
+/// version. Rows of other tenants' encryptions are not the job's business.
 async fn remaining(
     service: &KeyService,
     job: &JobRow,
     db: &SourceDb,
 ) -> Result<BTreeMap<String, i64>, String> {
-    let histogram = db
-        .histogram(job.encryption_id)
-        .await
-        .map_err(|e| short(&e))?;
+    let histogram = db.histogram().await.map_err(|e| short(&e))?;
     let mut out = BTreeMap::new();
-    for (version, rows) in histogram {
-        let current = match job.encryption_id {
-            Some(e) => service
-                .active_version(job.tenant_id, e)
-                .await
-                .map(|(a, _)| a.to_string() == version)
-                .unwrap_or(false),
-            // Per-row encryptions: any version that is some encryption's
-            // active version counts as current.
-            None => service.is_active_version(job.tenant_id, &version).await,
+    for (encryption, version, rows) in histogram {
+        let encryption = match (job.encryption_id, encryption) {
+            (Some(e), _) => e,
+            (None, Some(text)) => match text.parse::<EncryptionId>() {
+                Ok(e) => e,
+                Err(_) => continue,
+            },
+            (None, None) => continue,
         };
-        if !current {
-            out.insert(version, rows);
+        match service.active_version(job.tenant_id, encryption).await {
+            Ok((active, _)) if active.to_string() != version => {
+                *out.entry(version).or_insert(0) += rows;
+            }
+            Ok(_) | Err(KeyError::EncryptionNotFound) => {}
+            Err(e) => return Err(e.to_string()),
         }
     }
     Ok(out)

@@ -958,14 +958,6 @@ impl KeyService {
         })
     }
 
-    /// Whether `version` is the active version of one of the tenant's encryptions.
-    pub async fn is_active_version(&self, tenant: TenantId, version: &str) -> bool {
-        self.store
-            .is_active_version(tenant, version)
-            .await
-            .unwrap_or(false)
-    }
-
     /// The active version of the tenant's encryption (from the ring).
     pub async fn active_version(
         &self,

@@ -290,24 +290,6 @@ impl Store {
             .unwrap_or(0))
     }
 
-    /// Whether `version` is the active version of one of the tenant's encryptions.
-    pub async fn is_active_version(
-        &self,
-        tenant: TenantId,
-        version: &str,
-    ) -> Result<bool, StoreError> {
-        Ok(
-            sqlx::query(
-                "SELECT 1 FROM encryptions WHERE tenant_id = $1 AND active_version_id = $2",
-            )
-            .bind(tenant.to_string())
-            .bind(version)
-            .fetch_optional(&self.pool)
-            .await?
-            .is_some(),
-        )
-    }
-
     /// Jobs whose source is sealed by `kek` (re-sealed by a KEK rotation).
     pub async fn jobs_sealed_by(
         &self,

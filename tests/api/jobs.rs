@@ -423,3 +423,132 @@ async fn the_cli_starts_watches_and_reports_a_job() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("job_not_found"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_follows_a_per_row_encryption_column_and_never_reveals_its_credentials() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let creds = app.create_tenant("platform");
+    let other = app.create_tenant("other");
+    let (a, _) = app.create_encryption(&creds).await;
+    let (b, _) = app.create_encryption(&creds).await;
+    let (foreign, _) = app.create_encryption(&other).await;
+    let platform = TestDatabase::new(Backend::Postgres).await;
+    let mut conn = Platform::connect_url(&platform.url).await;
+    sqlx::query("CREATE TABLE notes (note_id TEXT PRIMARY KEY, enc TEXT NOT NULL, ct TEXT NOT NULL, ver TEXT NOT NULL, meta TEXT NOT NULL)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut expected = vec![];
+    for i in 0..30 {
+        let (enc, who) = match i % 3 {
+            0 => (&a, &creds),
+            1 => (&b, &creds),
+            _ => (&foreign, &other),
+        };
+        let data = format!("note {i}");
+        let e = app.encrypt(who, enc, &data).await;
+        sqlx::query("INSERT INTO notes VALUES ($1, $2, $3, $4, $5)")
+            .bind(format!("n-{i:03}"))
+            .bind(enc.as_str())
+            .bind(e["cipherText"].as_str().unwrap())
+            .bind(e["encryptionVersionId"].as_str().unwrap())
+            .bind(e["metadata"].to_string())
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        expected.push((enc.clone(), data));
+    }
+    let new_a = app.rotate(&creds, &a).await;
+    let new_b = app.rotate(&creds, &b).await;
+    let foreign_version: String =
+        sqlx::query_scalar("SELECT ver FROM notes WHERE note_id = 'n-002'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+
+    // Trust authentication ignores the password, so it can be a marker.
+    let password = "PLATFORM-DB-PASSWORD-5150";
+    let url = platform.url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{password}@"),
+        1,
+    );
+    let source = json!({"databaseUrl": url, "table": "public.notes", "keyColumn": "note_id", "cipherTextColumn": "ct",
+        "versionColumn": "ver", "metadataColumn": "meta", "encryptionIdColumn": "enc"});
+    let (status, created) = app
+        .post(
+            "/v1/jobs",
+            &creds,
+            &json!({"kind": "reencrypt", "source": source}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let done = wait_for_job(
+        &app,
+        &creds,
+        created["jobId"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done["rewrapped"], 20, "{done}");
+    assert_eq!(
+        done["skipped"], 10,
+        "the other tenant's rows are not touched: {done}"
+    );
+    assert_eq!(
+        done["remainingByVersion"],
+        json!({}),
+        "nor reported as the job's: {done}"
+    );
+
+    let rows = sqlx::query("SELECT note_id, enc, ct, ver, meta FROM notes ORDER BY note_id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    for (i, r) in rows.iter().enumerate() {
+        let (enc, ver): (String, String) = (r.get(1), r.get(3));
+        let want = match i % 3 {
+            0 => new_a.clone(),
+            1 => new_b.clone(),
+            _ => foreign_version.clone(),
+        };
+        assert_eq!(ver, want, "row {i}");
+        let who = if i % 3 == 2 { &other } else { &creds };
+        let body = json!({"encryptionId": enc, "cipherText": r.get::<String, _>(2), "encryptionVersionId": ver,
+            "metadata": serde_json::from_str::<Value>(&r.get::<String, _>(4)).unwrap()});
+        let (status, d) = app.post("/v1/decrypt", who, &body).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(d["data"], expected[i].1);
+    }
+
+    // Bad identifiers are refused before anything runs.
+    let mut bad = source.clone();
+    bad["table"] = json!("notes; DROP TABLE notes");
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            &creds,
+            &json!({"kind": "reencrypt", "source": bad}),
+        )
+        .await;
+    crate::helpers::assert_error(status, &body, 422, "invalid_job");
+
+    // The password is nowhere: not in responses, logs or Keyward's database.
+    let (_, listed) = app.get("/v1/jobs", &creds).await;
+    assert!(!listed.to_string().contains(password));
+    assert!(
+        !app.log_text().contains(password),
+        "the platform's password is logged"
+    );
+    let mut kw = sqlx::PgConnection::connect(&app.db.url).await.unwrap();
+    for table in ["jobs", "key_events"] {
+        let dump: Vec<String> = sqlx::query_scalar(&format!("SELECT t::text FROM {table} t"))
+            .fetch_all(&mut kw)
+            .await
+            .unwrap();
+        assert!(
+            !dump.join("\n").contains(password),
+            "the password is stored in {table}"
+        );
+    }
+}
