@@ -1232,23 +1232,7 @@ async fn load_root_keys(
     let mut keys = HashMap::new();
     let mut active = None;
     for row in rows {
-        if row.provider != provider.name() {
-            return Err(RootKeyError::ProviderMismatch {
-                kek_id: row.id,
-                stored: row.provider,
-                configured: provider.name(),
-            });
-        }
-        let kek = provider
-            .unwrap_root_kek(row.id, &row.wrapped_key)
-            .await
-            .map_err(|e| match e {
-                ProviderError::KeyMismatch => RootKeyError::MasterKeyMismatch {
-                    setting: provider.key_setting(),
-                    kek_id: row.id,
-                },
-                other => RootKeyError::Provider(other),
-            })?;
+        let kek = unwrap_root_kek(provider, &row).await?;
         if row.state == "active" {
             active = Some(row.id);
         }
@@ -1263,6 +1247,31 @@ async fn load_root_keys(
     Ok(RootKeys { active, keys })
 }
 
+/// Unwraps one root-KEK row with `provider`, which must be the provider that
+/// wrapped it; a key that does not match names the setting to look at.
+async fn unwrap_root_kek(
+    provider: &dyn MasterKeyProvider,
+    row: &RootKekRow,
+) -> Result<DataKey, RootKeyError> {
+    if row.provider != provider.name() {
+        return Err(RootKeyError::ProviderMismatch {
+            kek_id: row.id,
+            stored: row.provider.clone(),
+            configured: provider.name(),
+        });
+    }
+    provider
+        .unwrap_root_kek(row.id, &row.wrapped_key)
+        .await
+        .map_err(|e| match e {
+            ProviderError::KeyMismatch => RootKeyError::MasterKeyMismatch {
+                setting: provider.key_setting(),
+                kek_id: row.id,
+            },
+            other => RootKeyError::Provider(other),
+        })
+}
+
 /// Re-wraps every root KEK, now wrapped by `from`, under `to`, in one
 /// transaction. Returns how many KEKs moved. Running servers keep working (they
 /// hold the unwrapped KEKs); after this they must start with `to`'s settings.
@@ -1274,23 +1283,7 @@ pub async fn migrate_master_key(
     let rows = store.root_keks().await?;
     let mut updates = Vec::with_capacity(rows.len());
     for row in rows {
-        if row.provider != from.name() {
-            return Err(RootKeyError::ProviderMismatch {
-                kek_id: row.id,
-                stored: row.provider,
-                configured: from.name(),
-            });
-        }
-        let kek = from
-            .unwrap_root_kek(row.id, &row.wrapped_key)
-            .await
-            .map_err(|e| match e {
-                ProviderError::KeyMismatch => RootKeyError::MasterKeyMismatch {
-                    setting: from.key_setting(),
-                    kek_id: row.id,
-                },
-                other => RootKeyError::Provider(other),
-            })?;
+        let kek = unwrap_root_kek(from, &row).await?;
         let wrapped = to
             .wrap_root_kek(row.id, &kek)
             .await
