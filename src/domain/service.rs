@@ -220,6 +220,8 @@ pub struct KeyService {
     /// Why the root keys are not loaded, while they are not.
     not_ready: Mutex<Option<String>>,
     provider: Arc<dyn MasterKeyProvider>,
+    /// Serializes root-key reloads triggered by requests.
+    reload: tokio::sync::Mutex<()>,
 }
 
 impl fmt::Debug for KeyService {
@@ -253,6 +255,7 @@ impl KeyService {
             root: RwLock::new(None),
             not_ready: Mutex::new(Some("the root key is not loaded yet".into())),
             provider,
+            reload: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -1060,12 +1063,17 @@ impl KeyService {
             Err(KeyError::UnknownKek(kek_id)) => {
                 // A root KEK rotation elsewhere: load the new KEK (a provider
                 // call, rare, and never for a key already in the ring) and retry.
-                tracing::info!(%kek_id, "a key version names a root KEK not loaded here; reloading the root keys");
-                self.load_root_keys().await.map_err(|e| match e {
-                    RootKeyError::Provider(p) => KeyError::Provider(p),
-                    RootKeyError::Store(s) => KeyError::Store(s),
-                    other => KeyError::Integrity(other.to_string()),
-                })?;
+                // One reload at a time: requests that missed together wait for
+                // it instead of each calling the provider.
+                let _one = self.reload.lock().await;
+                if !self.root()?.keys.contains_key(&kek_id) {
+                    tracing::info!(%kek_id, "a key version names a root KEK not loaded here; reloading the root keys");
+                    self.load_root_keys().await.map_err(|e| match e {
+                        RootKeyError::Provider(p) => KeyError::Provider(p),
+                        RootKeyError::Store(s) => KeyError::Store(s),
+                        other => KeyError::Integrity(other.to_string()),
+                    })?;
+                }
                 self.build_entry(&enc, &versions, &*self.root()?)?
             }
             other => other?,
