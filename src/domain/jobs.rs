@@ -482,6 +482,12 @@ async fn walk(
     settings: RunnerSettings,
 ) -> Result<(), String> {
     let lease_ms = settings.lease.as_millis() as i64;
+    // With a rate limit, a batch must fit well inside the lease, which is
+    // renewed once per batch.
+    let batch = match job.max_rows_per_second.filter(|m| *m > 0) {
+        Some(max) => settings.batch.min((max * lease_ms / 3000).max(1)),
+        None => settings.batch,
+    };
     if job.total.is_none() {
         let total = db.count().await.map_err(|e| short(&e))?;
         service
@@ -497,7 +503,7 @@ async fn walk(
     let mut done_this_run = 0i64;
     loop {
         let rows = db
-            .batch(cursor.as_deref(), settings.batch)
+            .batch(cursor.as_deref(), batch)
             .await
             .map_err(|e| short(&e))?;
         if rows.is_empty() {
@@ -542,6 +548,9 @@ async fn walk(
             continue;
         }
         let (mut rewrapped, mut skipped, mut failed) = (0i64, 0i64, 0i64);
+        // Skipped and failed rows are counted in the first pass only, so that
+        // each row counts once; later passes retry them.
+        let first_pass = pass == 0;
         // New values first, then one transaction for the batch's writes (one
         // commit per batch, not per row); each write is still its own
         // compare-and-swap.
@@ -613,6 +622,17 @@ async fn walk(
                 metadata,
             ));
         }
+        // A job cancelled (or taken over) meanwhile writes nothing more.
+        if !writes.is_empty()
+            && !service
+                .store()
+                .job_is_held(job.id, owner)
+                .await
+                .map_err(|e| e.to_string())?
+        {
+            tracing::info!(job_id = %job.id, "job cancelled or taken over; stopping");
+            return Ok(());
+        }
         if !writes.is_empty() {
             let mut tx = db.pool.begin().await.map_err(|e| short(&e))?;
             for (row, ct, version, metadata) in &writes {
@@ -633,10 +653,10 @@ async fn walk(
         let progress = JobProgress {
             cursor: cursor.as_deref(),
             pass,
-            processed: if pass == 0 { n } else { 0 },
+            processed: if first_pass { n } else { 0 },
             rewrapped,
-            skipped,
-            failed,
+            skipped: if first_pass { skipped } else { 0 },
+            failed: if first_pass { failed } else { 0 },
             rows_per_second: rate,
         };
         if !service

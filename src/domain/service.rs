@@ -398,6 +398,10 @@ impl KeyService {
             VersionState::Disabled => return Err(KeyError::VersionDisabled),
             VersionState::Destroyed => return Err(KeyError::VersionDestroyed),
         }
+        // A ciphertext no one could ever decrypt is not worth making.
+        if version.number < entry.min_decryption_version {
+            return Err(KeyError::VersionBelowMinimum);
+        }
         let aad = data_aad(id.as_bytes(), version.id.as_bytes());
         let sealed = with_key(&entry, version, client_key, |key| {
             crypto::seal(key, &aad, plaintext)
@@ -739,8 +743,13 @@ impl KeyService {
         };
         for (encryption, version, total, state) in totals {
             if state == VersionState::Active && total as u64 >= bound {
-                tracing::info!(encryption_id = %encryption, version_id = %version, total, "encryption count reached the bound; rotating");
-                self.auto_rotate(encryption, version).await?;
+                if self.auto_rotate(encryption, version).await? {
+                    tracing::info!(encryption_id = %encryption, version_id = %version, total, "encryption count reached the bound; rotated");
+                } else {
+                    // Another replica rotated it already, or it is client-mode:
+                    // Keyward cannot make a version without the client's key.
+                    tracing::warn!(encryption_id = %encryption, version_id = %version, total, "encryption count reached the bound; not rotated here (client-mode encryptions must be rotated with their client key)");
+                }
             }
         }
         Ok(())

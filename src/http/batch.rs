@@ -37,14 +37,19 @@ pub struct BatchLimits {
 }
 
 /// The routes of this resource.
-pub fn router(limits: BatchLimits) -> Router<AppState> {
+pub fn router(limits: BatchLimits, single_ciphertext_limit: usize) -> Router<AppState> {
     let batch = |r: axum::routing::MethodRouter<AppState>| {
         r.layer::<_, Infallible>(DefaultBodyLimit::max(limits.max_body_bytes))
             .layer::<_, Infallible>(Extension(BodyLimit(limits.max_body_bytes)))
             .layer::<_, Infallible>(Extension(limits))
     };
     Router::new()
-        .route("/v1/rewrap", post(rewrap))
+        .route(
+            "/v1/rewrap",
+            post(rewrap)
+                .layer::<_, Infallible>(DefaultBodyLimit::max(single_ciphertext_limit))
+                .layer::<_, Infallible>(Extension(BodyLimit(single_ciphertext_limit))),
+        )
         .route("/v1/encrypt/batch", batch(post(encrypt_batch)))
         .route("/v1/decrypt/batch", batch(post(decrypt_batch)))
         .route("/v1/rewrap/batch", batch(post(rewrap_batch)))

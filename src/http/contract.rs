@@ -24,9 +24,7 @@ use crate::domain::{EncryptionId, VersionId};
 /// limit (plus room for ids and metadata), so that anything encrypt accepted
 /// comes back: base64 makes the ciphertext 4/3 the size of the data.
 pub fn router(max_body_bytes: usize) -> Router<AppState> {
-    let decrypt_limit = max_body_bytes
-        .saturating_add(max_body_bytes / 3)
-        .saturating_add(64 * 1024);
+    let decrypt_limit = ciphertext_body_limit(max_body_bytes);
     Router::new()
         .route("/v1/encrypt", post(encrypt))
         .route(
@@ -36,6 +34,14 @@ pub fn router(max_body_bytes: usize) -> Router<AppState> {
                 .layer::<_, Infallible>(Extension(BodyLimit(decrypt_limit))),
         )
         .route("/v1/rotate", post(rotate))
+}
+
+/// The body limit of calls that carry a ciphertext (decrypt, rewrap): a third
+/// more than `max_body_bytes`, plus room for ids and metadata.
+pub fn ciphertext_body_limit(max_body_bytes: usize) -> usize {
+    max_body_bytes
+        .saturating_add(max_body_bytes / 3)
+        .saturating_add(64 * 1024)
 }
 
 /// The only algorithm v1 offers.

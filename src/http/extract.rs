@@ -218,7 +218,16 @@ fn describe_data_error(path: &str, message: &str) -> String {
             .chars()
             .take(64)
             .collect();
-        return format!("{at}unknown field `{field}`");
+        // serde_path_to_error's path already ends with the unknown field.
+        let parent = path
+            .strip_suffix(field.as_str())
+            .unwrap_or(path)
+            .trim_end_matches('.');
+        return if parent.is_empty() || parent == "." {
+            format!("unknown field `{field}`")
+        } else {
+            format!("`{parent}`: unknown field `{field}`")
+        };
     }
     if message.starts_with("invalid type") {
         return format!(

@@ -60,7 +60,10 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         .merge(encryptions::router())
         .merge(admin::router())
         .merge(jobs::router())
-        .merge(batch::router(settings.batch))
+        .merge(batch::router(
+            settings.batch,
+            contract::ciphertext_body_limit(limit),
+        ))
         .merge(ops::router())
         .merge(openapi::router())
         .fallback(|| async { ApiError::RouteNotFound })

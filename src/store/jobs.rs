@@ -209,6 +209,18 @@ impl Store {
         Ok(n == 1)
     }
 
+    /// Whether `owner` still holds the running job (not cancelled, not taken over).
+    pub async fn job_is_held(&self, id: uuid::Uuid, owner: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query(
+            "SELECT 1 FROM jobs WHERE id = $1 AND lease_owner = $2 AND state = 'running'",
+        )
+        .bind(id.to_string())
+        .bind(owner)
+        .fetch_optional(&self.pool)
+        .await?
+        .is_some())
+    }
+
     /// Sets the row count in scope (once, at the first start).
     pub async fn set_job_total(&self, id: uuid::Uuid, total: i64) -> Result<(), StoreError> {
         sqlx::query("UPDATE jobs SET total = $1 WHERE id = $2 AND total IS NULL")
@@ -274,7 +286,9 @@ impl Store {
         version: &str,
     ) -> Result<i64, StoreError> {
         let row = sqlx::query(
-            "SELECT remaining_by_version FROM jobs WHERE encryption_id = $1 AND state = 'succeeded' \
+            "SELECT remaining_by_version FROM jobs WHERE state = 'succeeded' \
+             AND (encryption_id = $1 OR (encryption_id IS NULL AND tenant_id = \
+                  (SELECT tenant_id FROM encryptions WHERE id = $1))) \
              ORDER BY finished_at DESC LIMIT 1",
         )
         .bind(encryption.to_string())

@@ -257,14 +257,32 @@ async fn bodies_over_the_limit_get_413(backend: Backend) {
         )
         .await;
     assert_error(status, &body, 413, "payload_too_large");
-    let (status, _) = app
+    let (status, e) = app
         .post(
             "/v1/encrypt",
             &creds,
-            &json!({"encryptionId": enc, "data": "x".repeat(3000)}),
+            &json!({"encryptionId": enc, "data": "x".repeat(3900)}),
         )
         .await;
     assert_eq!(status, StatusCode::OK);
+    // Whatever encrypt accepted, decrypt and rewrap accept back, though base64
+    // made it a third larger.
+    let (status, d) = app.decrypt(&creds, &e).await;
+    assert_eq!(status, StatusCode::OK, "{d}");
+    assert_eq!(d["data"].as_str().unwrap().len(), 3900);
+    let (status, r) = app
+        .post("/v1/rewrap", &creds, &crate::helpers::decrypt_body(&e))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    let (status, body) = app
+        .post(
+            "/v1/decrypt",
+            &creds,
+            &json!({"encryptionId": enc, "cipherText": "A".repeat(200_000),
+                "encryptionVersionId": e["encryptionVersionId"], "metadata": e["metadata"]}),
+        )
+        .await;
+    assert_error(status, &body, 413, "payload_too_large");
 }
 
 async fn unknown_routes_and_methods_get_json_errors(backend: Backend) {

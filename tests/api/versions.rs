@@ -132,6 +132,15 @@ async fn min_decryption_version_stops_older_versions(backend: Backend) {
     assert_eq!(body["minDecryptionVersion"], 2);
     let (status, body) = app.decrypt(&creds, &e1).await;
     assert_error(status, &body, 403, "version_below_min_decryption");
+    // Nor is a ciphertext made that no one could decrypt.
+    let (status, body) = encrypt_with(
+        &app,
+        &creds,
+        &enc,
+        e1["encryptionVersionId"].as_str().unwrap(),
+    )
+    .await;
+    assert_error(status, &body, 403, "version_below_min_decryption");
     assert_eq!(app.decrypt(&creds, &e2).await.0, StatusCode::OK);
     patch(&app, &creds, &path, json!({"minDecryptionVersion": 1})).await;
     assert_eq!(app.decrypt(&creds, &e1).await.0, StatusCode::OK);
