@@ -62,6 +62,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "max_batch_items", default: Some("1000"), secret: false, doc: "Most items in one batch request; more get 413 `too_many_items`." },
     Setting { name: "max_batch_body_bytes", default: Some("16777216"), secret: false, doc: "Largest accepted batch request body." },
     Setting { name: "key_ring_capacity", default: Some("100000"), secret: false, doc: "Most encryptions whose unwrapped keys are kept in memory (and most API keys cached)." },
+    Setting { name: "rate_limit", default: Some("0"), secret: false, doc: "Requests per second per API key (a token bucket with one second of burst); over it, 429 `rate_limited` with Retry-After. 0: no limit." },
+    Setting { name: "auth_max_failures", default: Some("10"), secret: false, doc: "Failed authentications for one API key id, or from one client address, within `auth_lockout` before further attempts (even with the right secret) get 429 `too_many_failed_attempts`." },
+    Setting { name: "auth_lockout", default: Some("5m"), secret: false, doc: "The window in which failures are counted, and how long a lockout lasts." },
     Setting { name: "rotate_after_encryptions", default: Some("2147483648"), secret: false, doc: "Rotate a platform encryption by itself once its active version has made this many encryptions (2^31 by default, half the 2^32 NIST allows per key with random 96-bit nonces)." },
     Setting { name: "maintenance_interval", default: Some("5s"), secret: false, doc: "How often use counts are flushed to the database and rotation policies (period, count) are checked." },
     Setting { name: "job_lease", default: Some("30s"), secret: false, doc: "How long a replica's claim on a re-encryption job lasts without renewal (renewed after every batch); after a crash another replica, or this one restarted, takes the job over once it ends." },
@@ -220,6 +223,12 @@ pub struct Settings {
     pub max_batch_body_bytes: usize,
     /// Key ring bound.
     pub key_ring_capacity: usize,
+    /// Requests per second per API key (0: off).
+    pub rate_limit: u32,
+    /// Failures before a lockout.
+    pub auth_max_failures: u32,
+    /// Failure window and lockout length.
+    pub auth_lockout: Duration,
     /// Rotate after this many encryptions of one version.
     pub rotate_after_encryptions: u64,
     /// Count flush and policy check interval.
@@ -458,6 +467,15 @@ impl Raw {
             max_batch_items: self.required("max_batch_items", positive)?,
             max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,
             key_ring_capacity: self.required("key_ring_capacity", positive)?,
+            rate_limit: self.required("rate_limit", |v| {
+                v.parse::<u32>().map_err(|_| {
+                    "must be a whole number of requests per second (0: no limit)".to_string()
+                })
+            })?,
+            auth_max_failures: self.required("auth_max_failures", |v| {
+                positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+            })?,
+            auth_lockout: self.required("auth_lockout", duration)?,
             rotate_after_encryptions: self.required("rotate_after_encryptions", |v| {
                 positive(v).map(|n| n as u64)
             })?,

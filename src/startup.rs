@@ -133,10 +133,18 @@ impl Application {
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
         }
+        let state = AppState {
+            service: service.clone(),
+            guard: Arc::new(crate::domain::guard::AuthGuard::new(
+                crate::domain::guard::GuardSettings {
+                    rate_limit: settings.rate_limit,
+                    max_failures: settings.auth_max_failures,
+                    window: settings.auth_lockout,
+                },
+            )),
+        };
         let router = http::router(
-            AppState {
-                service: service.clone(),
-            },
+            state.clone(),
             RouterSettings {
                 max_body_bytes: settings.max_body_bytes,
                 request_timeout: settings.request_timeout,
@@ -155,9 +163,7 @@ impl Application {
                 let ops_listener = TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on {addr} (KEYWARD_OPS_LISTEN)"))?;
-                let ops_router = http::ops_router(AppState {
-                    service: service.clone(),
-                });
+                let ops_router = http::ops_router(state);
                 Some((ops_listener, ops_router))
             }
         };

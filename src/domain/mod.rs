@@ -5,6 +5,7 @@
 
 pub mod accounts;
 pub mod apikeys;
+pub mod guard;
 pub mod ids;
 pub mod jobs;
 pub mod keyring;

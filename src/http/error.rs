@@ -26,6 +26,12 @@ pub enum ApiError {
     /// The API key lacks the scope the route needs.
     #[error("this API key lacks the `{}` scope", .0.as_str())]
     InsufficientScope(Scope),
+    /// Too many failed authentications for this key or address.
+    #[error("too many failed authentications; retry in {} s", retry_secs(*.0))]
+    TooManyFailedAttempts(std::time::Duration),
+    /// Over the API key's request rate.
+    #[error("request rate limit exceeded; retry in {} s", retry_secs(*.0))]
+    RateLimited(std::time::Duration),
     /// The body is not JSON.
     #[error("the request body is not valid JSON: {0}")]
     MalformedJson(String),
@@ -106,6 +112,10 @@ impl ApiError {
             ApiError::InvalidCredentials => (S::UNAUTHORIZED, "invalid_credentials"),
             ApiError::CertificateMismatch => (S::FORBIDDEN, "certificate_mismatch"),
             ApiError::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
+            ApiError::TooManyFailedAttempts(_) => {
+                (S::TOO_MANY_REQUESTS, "too_many_failed_attempts")
+            }
+            ApiError::RateLimited(_) => (S::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::MalformedJson(_) => (S::BAD_REQUEST, "malformed_json"),
             ApiError::InvalidRequest(_) => (S::BAD_REQUEST, "invalid_request"),
             ApiError::UnsupportedMediaType => (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
@@ -146,8 +156,28 @@ impl ApiError {
     }
 }
 
+/// Whole seconds to wait, at least one.
+fn retry_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl From<crate::domain::guard::Refusal> for ApiError {
+    fn from(r: crate::domain::guard::Refusal) -> Self {
+        match r {
+            crate::domain::guard::Refusal::LockedOut(d) => ApiError::TooManyFailedAttempts(d),
+            crate::domain::guard::Refusal::RateLimited(d) => ApiError::RateLimited(d),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let retry_after = match &self {
+            ApiError::TooManyFailedAttempts(d) | ApiError::RateLimited(d) => {
+                Some(retry_secs(*d).max(1))
+            }
+            _ => None,
+        };
         let (status, code) = self.status_and_code();
         let message = if status.is_server_error() {
             tracing::error!(code, error = %self, "request failed");
@@ -161,7 +191,13 @@ impl IntoResponse for ApiError {
             tracing::debug!(code, status = status.as_u16(), "request refused");
             self.to_string()
         };
-        error_response(status, code, &message)
+        let mut response = error_response(status, code, &message);
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 

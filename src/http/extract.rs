@@ -71,7 +71,20 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             // One without the other is present-but-malformed, not absent.
             _ => return Err(ApiError::InvalidCredentials),
         };
-        let principal = state.service.authenticate(key, secret).await?;
+        let addr = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0.ip());
+        state.guard.check_lockout(key, addr)?;
+        let principal = match state.service.authenticate(key, secret).await {
+            Ok(p) => p,
+            Err(crate::domain::service::AuthError::InvalidCredentials) => {
+                state.guard.record_failure(key, addr);
+                return Err(ApiError::InvalidCredentials);
+            }
+            Err(e) => return Err(e.into()),
+        };
+        state.guard.check_rate(&principal.key_id)?;
         let span = tracing::Span::current();
         span.record("api_key", principal.key_id.as_str());
         span.record("tenant", tracing::field::display(principal.tenant_id));

@@ -37,6 +37,8 @@ use extract::BodyLimit;
 pub struct AppState {
     /// Every operation.
     pub service: Arc<KeyService>,
+    /// Rate limit and brute-force lockout.
+    pub guard: Arc<crate::domain::guard::AuthGuard>,
 }
 
 /// Settings the router needs.

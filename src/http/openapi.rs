@@ -27,6 +27,36 @@ struct Security;
 
 impl Modify for Security {
     fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        // Every authenticated call can be refused by the rate limit or the
+        // brute-force lockout.
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let too_many = ResponseBuilder::new()
+            .description("`rate_limited` or `too_many_failed_attempts`, with Retry-After")
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in api.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.patch,
+                &mut item.put,
+                &mut item.delete,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                    op.responses
+                        .responses
+                        .insert("429".to_string(), too_many.clone().into());
+                }
+            }
+        }
         let components = api.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "apiKey",

@@ -1,6 +1,7 @@
 //! Black-box tests: the real `keyward` binary on port 0 against a fresh SQLite
 //! file or PostgreSQL database per test. Each file reads as a specification.
 
+mod abuse;
 mod auth;
 mod cli;
 mod client_key;

@@ -1,0 +1,112 @@
+//! Rate limits and brute-force lockout.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::helpers::{assert_error, Backend, Creds, TestApp};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_lock_the_key_even_for_its_right_secret_then_expire() {
+    let env = [
+        ("KEYWARD_AUTH_MAX_FAILURES", "3"),
+        ("KEYWARD_AUTH_LOCKOUT", "2s"),
+    ];
+    let app = TestApp::spawn_with(Backend::Sqlite, &env).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let body = json!({"encryptionId": enc, "data": "x"});
+    let wrong = Creds {
+        secret: "kws_wrong".into(),
+        ..creds.clone()
+    };
+    for _ in 0..3 {
+        let (status, resp) = app.post("/v1/encrypt", &wrong, &body).await;
+        assert_error(status, &resp, 401, "invalid_credentials");
+    }
+    let resp = app
+        .req(reqwest::Method::POST, "/v1/encrypt", &creds)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry), "{retry}");
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "too_many_failed_attempts");
+    assert!(app.log_text().contains("API key locked out"));
+    assert!(!app.log_text().contains("kws_wrong"));
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (status, _) = app.post("/v1/encrypt", &creds, &body).await;
+    assert_eq!(status, StatusCode::OK, "the lockout ends");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_from_one_address_lock_that_address_for_every_key() {
+    let env = [
+        ("KEYWARD_AUTH_MAX_FAILURES", "3"),
+        ("KEYWARD_AUTH_LOCKOUT", "2s"),
+    ];
+    let app = TestApp::spawn_with(Backend::Sqlite, &env).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let body = json!({"encryptionId": enc, "data": "x"});
+    for i in 0..3 {
+        let spray = Creds {
+            key: format!("kw_{:024x}", i + 1),
+            ..creds.clone()
+        };
+        let (status, _) = app.post("/v1/encrypt", &spray, &body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, resp) = app.post("/v1/encrypt", &creds, &body).await;
+    assert_error(status, &resp, 429, "too_many_failed_attempts");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        app.post("/v1/encrypt", &creds, &body).await.0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_api_key_has_a_request_rate_limit() {
+    let app = TestApp::spawn_with(Backend::Sqlite, &[("KEYWARD_RATE_LIMIT", "5")]).await;
+    let creds = app.create_tenant("acme");
+    let other = app.create_key(&creds.tenant_id, "encrypt,manage");
+    let (enc, _) = app.create_encryption(&creds).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let body = json!({"encryptionId": enc, "data": "x"});
+    let mut limited = None;
+    for _ in 0..12 {
+        let resp = app
+            .req(reqwest::Method::POST, "/v1/encrypt", &creds)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some(resp);
+            break;
+        }
+    }
+    let resp = limited.expect("12 requests at once exceed 5 per second");
+    assert!(resp.headers().contains_key("retry-after"));
+    let v: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    // Another key is not affected.
+    assert_eq!(
+        app.post("/v1/encrypt", &other, &body).await.0,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        app.post("/v1/encrypt", &creds, &body).await.0,
+        StatusCode::OK
+    );
+}
