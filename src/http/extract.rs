@@ -79,6 +79,7 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
         let principal = match state.service.authenticate(key, secret).await {
             Ok(p) => p,
             Err(crate::domain::service::AuthError::InvalidCredentials) => {
+                metrics::counter!("keyward_auth_failures_total").increment(1);
                 state.guard.record_failure(key, addr);
                 return Err(ApiError::InvalidCredentials);
             }

@@ -9,6 +9,7 @@ mod encryptions;
 pub mod error;
 pub mod extract;
 mod jobs;
+mod metrics;
 pub mod openapi;
 mod ops;
 
@@ -68,6 +69,8 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         ))
         .merge(ops::router())
         .merge(openapi::router())
+        .merge(metrics::router())
+        .route_layer(middleware::from_fn(metrics::record))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)
@@ -124,6 +127,7 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
 pub fn ops_router(state: AppState) -> Router {
     Router::new()
         .merge(ops::router())
+        .merge(metrics::router())
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

@@ -304,6 +304,28 @@ impl Store {
             .unwrap_or(0))
     }
 
+    /// Every queued or running job (for metrics).
+    pub async fn active_jobs(&self) -> Result<Vec<JobRow>, StoreError> {
+        let sql =
+            format!("SELECT {COLUMNS} FROM jobs WHERE state IN ('queued', 'running') LIMIT 100");
+        sqlx::query(&sql)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(from_row)
+            .collect()
+    }
+
+    /// How many key versions are in each state (for metrics).
+    pub async fn versions_per_state(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        sqlx::query("SELECT state, COUNT(*) AS n FROM encryption_key_versions GROUP BY state")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("state")?, r.try_get("n")?)))
+            .collect()
+    }
+
     /// Jobs whose source is sealed by `kek` (re-sealed by a KEK rotation).
     pub async fn jobs_sealed_by(
         &self,

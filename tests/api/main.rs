@@ -12,6 +12,7 @@ mod input;
 mod jobs;
 mod lifecycle;
 mod management;
+mod metrics;
 mod pki;
 mod providers;
 mod replicas;

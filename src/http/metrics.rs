@@ -1,0 +1,82 @@
+//! `GET /metrics`: Prometheus text. Request counts and latency per route and
+//! status, bytes encrypted and decrypted, failed authentications and lockouts
+//! (recorded where they happen), and, read at scrape time, the key ring's size,
+//! hits and misses, versions per state, job progress and master-key provider
+//! health. Never a key, secret, tenant name or plaintext.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+use super::AppState;
+
+/// The route.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+/// Records every request's route (the matched pattern, never the raw path),
+/// method, status and duration.
+pub async fn record(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().as_str().to_owned();
+    let response = next.run(req).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("route", route), ("method", method), ("status", status)];
+    metrics::counter!("keyward_http_requests_total", &labels).increment(1);
+    metrics::histogram!("keyward_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let service = &state.service;
+    let (hits, misses) = service.ring().hit_counts();
+    metrics::gauge!("keyward_key_ring_entries").set(service.ring().len() as f64);
+    metrics::counter!("keyward_key_ring_hits_total").absolute(hits);
+    metrics::counter!("keyward_key_ring_misses_total").absolute(misses);
+    let provider = service.provider().name();
+    let up = if service.not_ready_reason().is_none() {
+        1.0
+    } else {
+        0.0
+    };
+    metrics::gauge!("keyward_master_key_provider_up", "provider" => provider).set(up);
+    match service.store().versions_per_state().await {
+        Ok(counts) => {
+            for (state, n) in counts {
+                metrics::gauge!("keyward_key_versions", "state" => state).set(n as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: cannot count versions"),
+    }
+    match service.store().active_jobs().await {
+        Ok(jobs) => {
+            for job in jobs {
+                let id = job.id.to_string();
+                metrics::gauge!("keyward_job_rows_processed", "job" => id.clone())
+                    .set(job.processed as f64);
+                metrics::gauge!("keyward_job_rows_total", "job" => id.clone())
+                    .set(job.total.unwrap_or(0) as f64);
+                metrics::gauge!("keyward_job_rows_per_second", "job" => id)
+                    .set(job.rows_per_second as f64);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: cannot read jobs"),
+    }
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::metrics().render(),
+    )
+        .into_response()
+}

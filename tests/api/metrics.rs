@@ -1,0 +1,179 @@
+//! Prometheus metrics, parsed with the official Python parser
+//! (`prometheus_client`, installed into the test peers' venv by scripts/test).
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use serde_json::{json, Value};
+
+use crate::helpers::{Backend, Creds, TestApp};
+
+const PARSE: &str = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    out[fam.name] = {"type": fam.type, "samples": [[s.name, s.labels, s.value] for s in fam.samples]}
+print(json.dumps(out))
+"#;
+
+fn parse(text: &str) -> Value {
+    let python = std::env::var("KEYWARD_TEST_PYTHON")
+        .expect("KEYWARD_TEST_PYTHON is not set: run the tests through scripts/test (it installs prometheus_client)");
+    let mut child = Command::new(python)
+        .args(["-c", PARSE])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser refused the text: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn sample(families: &Value, family: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    families[family]["samples"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no family {family} in {families}"))
+        .iter()
+        .find(|s| s[0] == name && labels.iter().all(|(k, v)| s[1][k] == *v))
+        .unwrap_or_else(|| panic!("no sample {name} {labels:?} in {}", families[family]))[2]
+        .as_f64()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_valid_prometheus_text_with_the_promised_series() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    for _ in 0..3 {
+        let e = app.encrypt(&creds, &enc, "0123456789").await;
+        assert_eq!(app.decrypt(&creds, &e).await.0, 200);
+    }
+    let wrong = Creds {
+        secret: "kws_nope".into(),
+        ..creds.clone()
+    };
+    let (status, _) = app
+        .post(
+            "/v1/encrypt",
+            &wrong,
+            &json!({"encryptionId": enc, "data": "x"}),
+        )
+        .await;
+    assert_eq!(status, 401);
+
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!text.contains(&creds.secret) && !text.contains("0123456789"));
+    let m = parse(&text);
+    let ok = [
+        ("route", "/v1/encrypt"),
+        ("method", "POST"),
+        ("status", "200"),
+    ];
+    assert!(
+        sample(
+            &m,
+            "keyward_http_requests",
+            "keyward_http_requests_total",
+            &ok
+        ) >= 3.0
+    );
+    assert_eq!(
+        m["keyward_http_request_duration_seconds"]["type"],
+        "histogram"
+    );
+    assert!(
+        sample(
+            &m,
+            "keyward_http_request_duration_seconds",
+            "keyward_http_request_duration_seconds_count",
+            &ok
+        ) >= 3.0
+    );
+    assert!(
+        sample(
+            &m,
+            "keyward_http_requests",
+            "keyward_http_requests_total",
+            &[("status", "401")]
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &m,
+            "keyward_bytes_encrypted",
+            "keyward_bytes_encrypted_total",
+            &[]
+        ) >= 30.0
+    );
+    assert!(
+        sample(
+            &m,
+            "keyward_bytes_decrypted",
+            "keyward_bytes_decrypted_total",
+            &[]
+        ) >= 30.0
+    );
+    assert!(
+        sample(
+            &m,
+            "keyward_key_ring_entries",
+            "keyward_key_ring_entries",
+            &[]
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            &m,
+            "keyward_key_ring_hits",
+            "keyward_key_ring_hits_total",
+            &[]
+        ) >= 5.0
+    );
+    assert!(
+        sample(
+            &m,
+            "keyward_key_versions",
+            "keyward_key_versions",
+            &[("state", "active")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "keyward_master_key_provider_up",
+            "keyward_master_key_provider_up",
+            &[("provider", "env")]
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &m,
+            "keyward_auth_failures",
+            "keyward_auth_failures_total",
+            &[]
+        ) >= 1.0
+    );
+}
