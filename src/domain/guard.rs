@@ -7,8 +7,10 @@
 //! success: otherwise an attacker could interleave guesses with the real
 //! client's requests. Both maps are bounded; in-memory per replica.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -48,6 +50,9 @@ pub struct AuthGuard {
     by_key: Mutex<HashMap<String, Failures>>,
     by_addr: Mutex<HashMap<IpAddr, Failures>>,
     buckets: Mutex<HashMap<String, (f64, Instant)>>,
+    /// Whether any failure was ever recorded: until then the lockout check,
+    /// which runs on every request, takes no lock.
+    any_failure: AtomicBool,
 }
 
 impl std::fmt::Debug for AuthGuard {
@@ -58,11 +63,11 @@ impl std::fmt::Debug for AuthGuard {
     }
 }
 
-fn locked<K: std::hash::Hash + Eq>(
-    map: &Mutex<HashMap<K, Failures>>,
-    k: &K,
-    now: Instant,
-) -> Option<Duration> {
+fn locked<K, Q>(map: &Mutex<HashMap<K, Failures>>, k: &Q, now: Instant) -> Option<Duration>
+where
+    K: std::hash::Hash + Eq + Borrow<Q>,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
     let map = map.lock().unwrap_or_else(|e| e.into_inner());
     map.get(k)
         .and_then(|f| f.locked_until)
@@ -113,13 +118,17 @@ impl AuthGuard {
             by_key: Mutex::new(HashMap::new()),
             by_addr: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
+            any_failure: AtomicBool::new(false),
         }
     }
 
     /// Refuses a locked-out key id or address, before any secret is checked.
     pub fn check_lockout(&self, key_id: &str, addr: Option<IpAddr>) -> Result<(), Refusal> {
+        if !self.any_failure.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let now = Instant::now();
-        let key = locked(&self.by_key, &key_id.to_string(), now);
+        let key = locked(&self.by_key, key_id, now);
         let address = addr.and_then(|a| locked(&self.by_addr, &a, now));
         match key.max(address) {
             Some(left) => Err(Refusal::LockedOut(left)),
@@ -129,6 +138,7 @@ impl AuthGuard {
 
     /// Counts a failed authentication; logs when it starts a lockout.
     pub fn record_failure(&self, key_id: &str, addr: Option<IpAddr>) {
+        self.any_failure.store(true, Ordering::Relaxed);
         let now = Instant::now();
         // Key ids that are not even well-formed are counted by address only,
         // so that random ids cannot fill the key map.
