@@ -34,5 +34,8 @@ USER 65532:65532
 WORKDIR /var/lib/keyward
 VOLUME ["/var/lib/keyward"]
 EXPOSE 8443 8481
+# The image has no shell or curl: the binary checks its own ops listener.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["/usr/local/bin/keyward", "healthcheck", "--url", "http://127.0.0.1:8481"]
 ENTRYPOINT ["/usr/local/bin/keyward"]
 CMD ["serve"]

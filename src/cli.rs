@@ -50,6 +50,13 @@ enum Command {
     Migrate(ConfigArg),
     /// Print the OpenAPI document (as served at /openapi.json).
     Openapi,
+    /// Exit 0 if Keyward at URL answers /healthz (for container HEALTHCHECKs;
+    /// point it at the plain-HTTP ops listener).
+    Healthcheck {
+        /// Base URL of the ops listener (or the API on plain HTTP).
+        #[arg(long, default_value = "http://127.0.0.1:8481")]
+        url: String,
+    },
     /// The master key: migrate to another provider, rotate the root KEK, status.
     MasterKey {
         #[command(subcommand)]
@@ -249,6 +256,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             // The master key is no longer needed once the root KEK is unwrapped.
             drop(settings);
             app.run_until_stopped(shutdown_signal()).await
+        }
+        Command::Healthcheck { url } => {
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(3))
+                .build()?;
+            let status = client
+                .get(format!("{}/healthz", url.trim_end_matches('/')))
+                .send()
+                .await
+                .with_context(|| format!("{url} does not answer"))?
+                .status();
+            if !status.is_success() {
+                anyhow::bail!("{url}/healthz answered {status}");
+            }
+            Ok(())
         }
         Command::Openapi => {
             print!("{}", crate::http::openapi::document());

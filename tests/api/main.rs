@@ -13,6 +13,7 @@ mod jobs;
 mod lifecycle;
 mod management;
 mod metrics;
+mod packaging;
 mod pki;
 mod providers;
 mod replicas;

@@ -1,0 +1,207 @@
+//! Packaging: the Dockerfile passes hadolint, the Helm chart renders with Helm's
+//! own engine (helm-python-sdk) and validates against the Kubernetes schemas
+//! (kubernetes-validate), and the binary runs as a non-root user with the
+//! image's settings and answers its HEALTHCHECK. The tools come from the test
+//! venv that scripts/test prepares.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::helpers::{keyward_command, random_master_key, BIN};
+
+fn venv_bin(name: &str) -> PathBuf {
+    let venv = std::env::var("KEYWARD_PEER_VENV")
+        .expect("KEYWARD_PEER_VENV is not set: run the tests through scripts/test");
+    PathBuf::from(venv).join("bin").join(name)
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn the_dockerfile_passes_hadolint() {
+    let out = Command::new(venv_bin("hadolint"))
+        .arg(root().join("Dockerfile"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hadolint:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    for needed in ["USER 65532:65532", "HEALTHCHECK", "AS build", "distroless"] {
+        assert!(dockerfile.contains(needed), "the Dockerfile lacks {needed}");
+    }
+    assert!(
+        !dockerfile.contains("KEYWARD_MASTER_KEY="),
+        "no secret is baked in"
+    );
+}
+
+const RENDER: &str = r#"
+import json, sys, pathlib, subprocess
+import helm_python as helm
+chart = helm.Chart.load(sys.argv[1])
+out = pathlib.Path(sys.argv[2])
+cases = {
+    "mtls": {"tls": {"secretName": "kw-tls", "clientCa": {"secretName": "kw-ca"}, "clientCrl": {"secretName": "kw-crl"}}},
+    "plaintext": {"allowPlaintext": True},
+}
+result = {}
+for name, values in cases.items():
+    manifests = chart.render(values=values, name="kw")
+    docs = []
+    for path, text in manifests.items():
+        if text.strip() and path.endswith((".yaml", ".yml")):
+            f = out / f"{name}-{pathlib.Path(path).name}"
+            f.write_text(text)
+            docs.append(str(f))
+    check = subprocess.run([sys.argv[3], "--strict", "-k", "1.31.0", *docs], capture_output=True, text=True)
+    result[name] = {"files": docs, "validate_rc": check.returncode, "validate_out": check.stdout + check.stderr}
+try:
+    chart.render(values={}, name="kw")
+    result["neither"] = "rendered"
+except Exception as e:
+    result["neither"] = str(e)
+print(json.dumps(result))
+"#;
+
+#[test]
+fn the_helm_chart_renders_and_validates_against_kubernetes_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(venv_bin("python"))
+        .args(["-c", RENDER])
+        .arg(root().join("helm/keyward"))
+        .arg(dir.path())
+        .arg(venv_bin("kubernetes-validate"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "render: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for case in ["mtls", "plaintext"] {
+        assert_eq!(
+            result[case]["validate_rc"], 0,
+            "{case}: {}",
+            result[case]["validate_out"]
+        );
+    }
+    assert_ne!(
+        result["neither"], "rendered",
+        "the chart refuses neither TLS nor allowPlaintext"
+    );
+    let all: String = result["mtls"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| std::fs::read_to_string(f.as_str().unwrap()).unwrap())
+        .collect();
+    for needed in [
+        "kind: Deployment",
+        "kind: PodDisruptionBudget",
+        "runAsNonRoot: true",
+        "readOnlyRootFilesystem: true",
+        "allowPrivilegeEscalation: false",
+        "drop: [\"ALL\"]",
+        "path: /healthz",
+        "path: /readyz",
+        "secretKeyRef",
+        "KEYWARD_TLS_CLIENT_CA",
+        "KEYWARD_TLS_CLIENT_CRL",
+        "enableServiceLinks: false",
+        "limits:",
+        "requests:",
+    ] {
+        assert!(
+            all.contains(needed),
+            "the rendered chart lacks `{needed}`:\n{all}"
+        );
+    }
+}
+
+#[test]
+fn the_binary_runs_as_a_non_root_user_with_the_image_settings_and_answers_its_healthcheck() {
+    // As in the image: a non-root user, its own data folder, the ops listener,
+    // plain HTTP allowed only because this test has no TLS files (loopback).
+    let is_root = Command::new("id").arg("-u").output().unwrap().stdout == b"0\n";
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("keyward");
+    std::fs::copy(BIN, &bin).unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let ops = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cmd = if is_root {
+        Command::new("chown")
+            .args(["-R", "65534:65534"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        Command::new("chmod")
+            .args(["755"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
+        c
+    } else {
+        Command::new(&bin)
+    };
+    for (k, _) in std::env::vars() {
+        if k.starts_with("KEYWARD_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd
+        .arg("serve")
+        .current_dir(&data)
+        .env("KEYWARD_LISTEN", "127.0.0.1:0")
+        .env("KEYWARD_OPS_LISTEN", format!("127.0.0.1:{ops}"))
+        .env(
+            "KEYWARD_DATABASE_URL",
+            format!("sqlite://{}/keyward.db", data.display()),
+        )
+        .env("KEYWARD_MASTER_KEY", random_master_key())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = keyward_command()
+            .args(["healthcheck", "--url", &format!("http://127.0.0.1:{ops}")])
+            .output()
+            .unwrap();
+        if out.status.success() {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "keyward exited");
+        assert!(
+            Instant::now() < deadline,
+            "no healthy answer: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // Only the data folder was written.
+    assert!(data.join("keyward.db").exists());
+    // A closed port is unhealthy.
+    let out = keyward_command()
+        .args(["healthcheck", "--url", "http://127.0.0.1:9"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
