@@ -77,6 +77,24 @@ enum Command {
         #[command(subcommand)]
         command: Box<JobCommand>,
     },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check an audit file's hash chain: exit 0 if every record is intact and
+    /// linked to the one before; otherwise name the first broken record and exit 1.
+    Verify {
+        /// The audit file (KEYWARD_AUDIT_FILE), or `-` for standard input.
+        file: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -272,6 +290,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Audit {
+            command: AuditCommand::Verify { file, json },
+        } => audit_verify(&file, json),
         Command::Openapi => {
             print!("{}", crate::http::openapi::document());
             Ok(())
@@ -569,5 +590,49 @@ async fn job_command(command: JobCommand) -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+fn audit_verify(file: &std::path::Path, json_out: bool) -> anyhow::Result<()> {
+    use crate::audit::{verify, VerifyError};
+    let result = if file.as_os_str() == "-" {
+        verify(std::io::stdin().lock())
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        verify(std::io::BufReader::new(f))
+    };
+    match result {
+        Ok(report) => {
+            if json_out {
+                println!("{}", json!({"ok": true, "report": report}));
+            } else {
+                match (report.first_seq, report.last_seq) {
+                    (Some(first), Some(last)) => println!(
+                        "ok: {} records (seq {first} to {last}), every hash and link intact; last hash {}",
+                        report.records,
+                        report.last_hash.as_deref().unwrap_or("")
+                    ),
+                    _ => println!("ok: no records"),
+                }
+                if let Some(first) = report.first_seq.filter(|s| *s != 1) {
+                    println!(
+                        "note: the file starts mid-chain at seq {first} (after {}): earlier records are elsewhere (log rotation) or were removed",
+                        report.starts_after.as_deref().unwrap_or("")
+                    );
+                }
+            }
+            Ok(())
+        }
+        Err(VerifyError::Broken(b)) => {
+            if json_out {
+                println!(
+                    "{}",
+                    json!({"ok": false, "line": b.line, "seq": b.seq, "reason": b.reason})
+                );
+            }
+            anyhow::bail!("{}: broken at {b}", file.display())
+        }
+        Err(e @ VerifyError::Io(_)) => Err(anyhow::anyhow!("{}: {e}", file.display())),
     }
 }

@@ -78,6 +78,8 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     settings.listen = opts.listen;
     settings.master_key = Some(master_key);
     settings.log_format = LogFormat::Text;
+    // Standard output carries the banner; the audit log gets its own file.
+    settings.audit = crate::audit::Destination::File(data_dir.join("audit.jsonl"));
     let certs = if opts.tls {
         let certs = crate::tls::dev_certs::ensure(&data_dir.join("tls"))?;
         settings.tls = Some(TlsFiles {

@@ -44,6 +44,7 @@
 //! Keyward does not store the platform's data, does not log users in, and does
 //! not invent cryptography.
 
+pub mod audit;
 pub mod cli;
 pub mod client;
 pub mod config;

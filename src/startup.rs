@@ -32,6 +32,7 @@ pub struct Application {
     rotate_after_encryptions: u64,
     shutdown_timeout: Duration,
     background: watch::Sender<bool>,
+    audit: crate::audit::AuditLog,
 }
 
 /// How long to keep retrying an unreachable database at start.
@@ -134,7 +135,10 @@ impl Application {
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
         }
+        let audit = crate::audit::AuditLog::start(&settings.audit, Some(service.store().clone()))?;
+        service.set_audit(audit.clone());
         let state = AppState {
+            audit: audit.clone(),
             service: service.clone(),
             guard: Arc::new(crate::domain::guard::AuthGuard::new(
                 crate::domain::guard::GuardSettings {
@@ -177,6 +181,7 @@ impl Application {
             rotate_after_encryptions: settings.rotate_after_encryptions,
             shutdown_timeout: settings.shutdown_timeout,
             background,
+            audit,
         })
     }
 
@@ -240,6 +245,13 @@ impl Application {
             let _ = ops.await;
         }
         let _ = self.background.send(true);
+        // Every request has answered: write out their audit records.
+        if tokio::time::timeout(Duration::from_secs(10), self.audit.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!("audit records still queued at shutdown; the rest may be lost");
+        }
         if let Err(e) = self
             .service
             .flush_counts(self.rotate_after_encryptions)

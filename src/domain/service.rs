@@ -160,18 +160,9 @@ impl fmt::Debug for ClientKey {
     }
 }
 
-/// Who is calling: the authenticated API key.
-#[derive(Debug, Clone)]
-pub struct Principal {
-    /// The API key id.
-    pub key_id: String,
-    /// The tenant it acts for.
-    pub tenant_id: TenantId,
-    /// What it may do.
-    pub scopes: Scopes,
-    /// The client certificate it is bound to, if any.
-    pub cert_spki_sha256: Option<[u8; 32]>,
-}
+/// Who is calling: the authenticated API key, shared with the cache so that a
+/// request copies a pointer, not the key id.
+pub type Principal = Arc<ApiKeyRecord>;
 
 /// The root KEKs in memory: the active one wraps new versions; older ones still
 /// unwrap the versions that name them.
@@ -222,6 +213,8 @@ pub struct KeyService {
     provider: Arc<dyn MasterKeyProvider>,
     /// Serializes root-key reloads triggered by requests.
     reload: tokio::sync::Mutex<()>,
+    /// Where operations Keyward does by itself (policy rotations) are audited.
+    audit: std::sync::OnceLock<crate::audit::AuditLog>,
 }
 
 impl fmt::Debug for KeyService {
@@ -256,7 +249,13 @@ impl KeyService {
             not_ready: Mutex::new(Some("the root key is not loaded yet".into())),
             provider,
             reload: tokio::sync::Mutex::new(()),
+            audit: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Audits the operations Keyward does by itself (set once, by the server).
+    pub fn set_audit(&self, audit: crate::audit::AuditLog) {
+        let _ = self.audit.set(audit);
     }
 
     /// Loads (or, on a new database, creates) the root KEKs through the
@@ -356,12 +355,7 @@ impl KeyService {
             }
         };
         match record {
-            Some(r) if r.secret_matches(secret) => Ok(Principal {
-                key_id: r.key_id.clone(),
-                tenant_id: r.tenant_id,
-                scopes: r.scopes,
-                cert_spki_sha256: r.cert_spki_sha256,
-            }),
+            Some(r) if r.secret_matches(secret) => Ok(r),
             Some(_) => Err(AuthError::InvalidCredentials),
             None => {
                 burn_secret_check(secret);
@@ -780,8 +774,23 @@ impl KeyService {
             .rotate_if_active(id, expected_active, &new_version, now_ms())
             .await?;
         self.ring.invalidate(id);
-        if let Some(outcome) = done {
+        if let Some(outcome) = &done {
             tracing::info!(encryption_id = %id, new_version = outcome.new_version, "rotated automatically");
+            if let Some(audit) = self.audit.get() {
+                audit
+                    .record(crate::audit::AuditEvent {
+                        time_ms: now_ms(),
+                        operation: "rotate.automatic",
+                        actor: crate::audit::Actor::System,
+                        targets: vec![crate::audit::Target {
+                            encryption_id: Some(id),
+                            version_id: Some(outcome.new_version_id),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    })
+                    .await;
+            }
         }
         Ok(done.is_some())
     }
@@ -1189,7 +1198,8 @@ fn with_key<R>(
     }
 }
 
-fn looks_like_key_id(key_id: &str) -> bool {
+/// Whether `key_id` has the form of an API key id (`kw_` + 24 hex digits).
+pub fn looks_like_key_id(key_id: &str) -> bool {
     key_id.len() == 27
         && key_id.starts_with("kw_")
         && key_id[3..].bytes().all(|b| b.is_ascii_hexdigit())

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::audit::AuditNote;
 use super::contract::{
     decrypt_one, encrypt_one, encrypted_response, DecryptRequest, DecryptResponse, EncryptRequest,
     EncryptResponse,
@@ -58,10 +59,11 @@ pub fn router(limits: BatchLimits, single_ciphertext_limit: usize) -> Router<App
 async fn rewrap_one(
     state: &AppState,
     caller: &Principal,
+    note: &AuditNote,
     client_key: Option<&ClientKey>,
     req: DecryptRequest,
 ) -> Result<EncryptResponse, ApiError> {
-    let p = req.parse()?;
+    let p = req.parse_noted(note)?;
     let out = state
         .service
         .rewrap(
@@ -73,6 +75,7 @@ async fn rewrap_one(
             client_key,
         )
         .await?;
+    note.version(out.version_id);
     Ok(encrypted_response(p.id, out))
 }
 
@@ -97,10 +100,11 @@ async fn rewrap_one(
 pub(super) async fn rewrap(
     State(state): State<AppState>,
     auth: Auth<RotateScope>,
+    note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<DecryptRequest>,
 ) -> Result<Json<EncryptResponse>, ApiError> {
-    rewrap_one(&state, &auth.principal, client_key.as_ref(), req)
+    rewrap_one(&state, &auth.principal, &note, client_key.as_ref(), req)
         .await
         .map(Json)
 }
@@ -144,13 +148,6 @@ pub struct BatchResponse<T> {
     results: Vec<ItemResult<T>>,
 }
 
-fn check_count(req: &BatchRequest, limits: BatchLimits) -> Result<(), ApiError> {
-    if req.items.len() > limits.max_items {
-        return Err(ApiError::TooManyItems(limits.max_items));
-    }
-    Ok(())
-}
-
 fn item_error(e: ApiError) -> ErrorItem {
     let (status, code) = e.status_and_code();
     let message = if status.is_server_error() {
@@ -164,25 +161,42 @@ fn item_error(e: ApiError) -> ErrorItem {
     }
 }
 
-async fn run<I, O, F, Fut>(items: Vec<Value>, f: F) -> BatchResponse<O>
+/// Runs `f` on every item in order, after checking the item count; each item
+/// gets its own audit target and outcome.
+async fn run<I, O, F, Fut>(
+    req: BatchRequest,
+    limits: BatchLimits,
+    note: &AuditNote,
+    f: F,
+) -> Result<Json<BatchResponse<O>>, ApiError>
 where
     I: DeserializeOwned,
     F: Fn(I) -> Fut,
     Fut: std::future::Future<Output = Result<O, ApiError>>,
 {
-    let mut results = Vec::with_capacity(items.len());
-    for item in items {
+    if req.items.len() > limits.max_items {
+        return Err(ApiError::TooManyItems(limits.max_items));
+    }
+    let mut results = Vec::with_capacity(req.items.len());
+    for (index, item) in req.items.into_iter().enumerate() {
+        note.begin_item(index);
         let parsed: Result<I, ApiError> = super::extract::parse_value(item);
         let outcome = match parsed {
             Ok(input) => f(input).await,
             Err(e) => Err(e),
         };
         results.push(match outcome {
-            Ok(o) => ItemResult::Ok(o),
-            Err(e) => ItemResult::Err(item_error(e)),
+            Ok(o) => {
+                note.end_item(None);
+                ItemResult::Ok(o)
+            }
+            Err(e) => {
+                note.end_item(Some(e.status_and_code().1));
+                ItemResult::Err(item_error(e))
+            }
         });
     }
-    BatchResponse { results }
+    Ok(Json(BatchResponse { results }))
 }
 
 /// Encrypt many items in one call.
@@ -200,17 +214,15 @@ pub(super) async fn encrypt_batch(
     State(state): State<AppState>,
     Extension(limits): Extension<BatchLimits>,
     auth: Auth<EncryptScope>,
+    note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Json<BatchResponse<EncryptResponse>>, ApiError> {
-    check_count(&req, limits)?;
-    let (state, caller, key) = (&state, &auth.principal, client_key.as_ref());
-    Ok(Json(
-        run(req.items, |i: EncryptRequest| {
-            encrypt_one(state, caller, key, i)
-        })
-        .await,
-    ))
+    let (state, caller, key, n) = (&state, &auth.principal, client_key.as_ref(), &note);
+    run(req, limits, n, |i: EncryptRequest| {
+        encrypt_one(state, caller, n, key, i)
+    })
+    .await
 }
 
 /// Decrypt many items in one call.
@@ -228,17 +240,15 @@ pub(super) async fn decrypt_batch(
     State(state): State<AppState>,
     Extension(limits): Extension<BatchLimits>,
     auth: Auth<DecryptScope>,
+    note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Json<BatchResponse<DecryptResponse>>, ApiError> {
-    check_count(&req, limits)?;
-    let (state, caller, key) = (&state, &auth.principal, client_key.as_ref());
-    Ok(Json(
-        run(req.items, |i: DecryptRequest| {
-            decrypt_one(state, caller, key, i)
-        })
-        .await,
-    ))
+    let (state, caller, key, n) = (&state, &auth.principal, client_key.as_ref(), &note);
+    run(req, limits, n, |i: DecryptRequest| {
+        decrypt_one(state, caller, n, key, i)
+    })
+    .await
 }
 
 /// Re-encrypt many ciphertexts under the active version in one call.
@@ -256,15 +266,13 @@ pub(super) async fn rewrap_batch(
     State(state): State<AppState>,
     Extension(limits): Extension<BatchLimits>,
     auth: Auth<RotateScope>,
+    note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Json<BatchResponse<EncryptResponse>>, ApiError> {
-    check_count(&req, limits)?;
-    let (state, caller, key) = (&state, &auth.principal, client_key.as_ref());
-    Ok(Json(
-        run(req.items, |i: DecryptRequest| {
-            rewrap_one(state, caller, key, i)
-        })
-        .await,
-    ))
+    let (state, caller, key, n) = (&state, &auth.principal, client_key.as_ref(), &note);
+    run(req, limits, n, |i: DecryptRequest| {
+        rewrap_one(state, caller, n, key, i)
+    })
+    .await
 }

@@ -10,6 +10,7 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::audit::AuditNote;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{
     ApiJson, Auth, BodyLimit, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope,
@@ -116,10 +117,11 @@ pub struct EncryptResponse {
 pub(super) async fn encrypt(
     State(state): State<AppState>,
     auth: Auth<EncryptScope>,
+    note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<EncryptRequest>,
 ) -> Result<Json<EncryptResponse>, ApiError> {
-    encrypt_one(&state, &auth.principal, client_key.as_ref(), req)
+    encrypt_one(&state, &auth.principal, &note, client_key.as_ref(), req)
         .await
         .map(Json)
 }
@@ -128,15 +130,20 @@ pub(super) async fn encrypt(
 pub(super) async fn encrypt_one(
     state: &AppState,
     caller: &Principal,
+    note: &AuditNote,
     client_key: Option<&ClientKey>,
     req: EncryptRequest,
 ) -> Result<EncryptResponse, ApiError> {
     let id = parse_id(&req.encryption_id, "encryptionId")?;
+    note.encryption(id);
     let version = req
         .encryption_version_id
         .as_deref()
         .map(|v| parse_id(v, "encryptionVersionId"))
         .transpose()?;
+    if let Some(v) = version {
+        note.version(v);
+    }
     let out = state
         .service
         .encrypt(
@@ -148,6 +155,7 @@ pub(super) async fn encrypt_one(
         )
         .await?;
     metrics::counter!("keyward_bytes_encrypted_total").increment(req.data.len() as u64);
+    note.version(out.version_id);
     Ok(encrypted_response(id, out))
 }
 
@@ -218,10 +226,11 @@ fn nonce_from(metadata: serde_json::Map<String, serde_json::Value>) -> Option<[u
 pub(super) async fn decrypt(
     State(state): State<AppState>,
     auth: Auth<DecryptScope>,
+    note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<DecryptRequest>,
 ) -> Result<Json<DecryptResponse>, ApiError> {
-    decrypt_one(&state, &auth.principal, client_key.as_ref(), req)
+    decrypt_one(&state, &auth.principal, &note, client_key.as_ref(), req)
         .await
         .map(Json)
 }
@@ -236,11 +245,16 @@ pub(super) struct ParsedCiphertext {
 
 impl DecryptRequest {
     /// Parses the fields; bad ids and bad base64 are `invalid_request`, while a
-    /// bad nonce or metadata is left for `decryption_failed`.
-    pub(super) fn parse(self) -> Result<ParsedCiphertext, ApiError> {
+    /// bad nonce or metadata is left for `decryption_failed`. The ids go into
+    /// the audit note as soon as they parse.
+    pub(super) fn parse_noted(self, note: &AuditNote) -> Result<ParsedCiphertext, ApiError> {
+        let id = parse_id(&self.encryption_id, "encryptionId")?;
+        note.encryption(id);
+        let version = parse_id(&self.encryption_version_id, "encryptionVersionId")?;
+        note.version(version);
         Ok(ParsedCiphertext {
-            id: parse_id(&self.encryption_id, "encryptionId")?,
-            version: parse_id(&self.encryption_version_id, "encryptionVersionId")?,
+            id,
+            version,
             ciphertext: B64
                 .decode(self.cipher_text.as_bytes())
                 .map_err(|_| ApiError::InvalidRequest("`cipherText`: not valid base64".into()))?,
@@ -253,10 +267,11 @@ impl DecryptRequest {
 pub(super) async fn decrypt_one(
     state: &AppState,
     caller: &Principal,
+    note: &AuditNote,
     client_key: Option<&ClientKey>,
     req: DecryptRequest,
 ) -> Result<DecryptResponse, ApiError> {
-    let p = req.parse()?;
+    let p = req.parse_noted(note)?;
     let plaintext = state
         .service
         .decrypt(
@@ -315,14 +330,17 @@ pub struct RotateResponse {
 pub(super) async fn rotate(
     State(state): State<AppState>,
     auth: Auth<RotateScope>,
+    note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<RotateRequest>,
 ) -> Result<Json<RotateResponse>, ApiError> {
     let id = parse_id(&req.encryption_id, "encryptionId")?;
+    note.encryption(id);
     let new_version = state
         .service
         .rotate(auth.principal.tenant_id, id, client_key.as_ref())
         .await?;
+    note.version(new_version);
     Ok(Json(RotateResponse {
         new_version_id: new_version.to_string(),
     }))

@@ -210,6 +210,7 @@ fn view(d: &EncryptionDetails) -> EncryptionView {
 pub(super) async fn create(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
+    note: super::audit::AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<CreateRequest>,
 ) -> Result<(StatusCode, Json<EncryptionView>), ApiError> {
@@ -231,6 +232,7 @@ pub(super) async fn create(
         .service
         .create_encryption(auth.principal.tenant_id, req.name, client_key.as_ref())
         .await?;
+    note.encryption(details.encryption.id);
     tracing::info!(encryption_id = %details.encryption.id, mode = details.encryption.mode.as_str(), "created encryption");
     Ok((StatusCode::CREATED, Json(view(&details))))
 }

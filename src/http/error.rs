@@ -201,13 +201,18 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// The error code of an error response, for the audit layer.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
 /// Builds the JSON error body `{"error": {"code", "message"}}`.
-pub fn error_response(status: StatusCode, code: &str, message: &str) -> Response {
+pub fn error_response(status: StatusCode, code: &'static str, message: &str) -> Response {
     let body = serde_json::to_vec(&ErrorBody {
         error: ErrorDetail { code, message },
     })
     .unwrap_or_default();
     let mut response = (status, body).into_response();
+    response.extensions_mut().insert(ErrorCode(code));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),

@@ -75,6 +75,14 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
+        // Until authentication succeeds, the audit record names the key id
+        // presented (only when it has the form of one: never a pasted secret).
+        let note = parts.extensions.get::<super::audit::AuditNote>().cloned();
+        if let Some(note) = &note {
+            if crate::domain::service::looks_like_key_id(key) {
+                note.refused(key);
+            }
+        }
         state.guard.check_lockout(key, addr)?;
         let principal = match state.service.authenticate(key, secret).await {
             Ok(p) => p,
@@ -85,6 +93,9 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             }
             Err(e) => return Err(e.into()),
         };
+        if let Some(note) = &note {
+            note.caller(&principal);
+        }
         state.guard.check_rate(&principal.key_id)?;
         let span = tracing::Span::current();
         span.record("api_key", principal.key_id.as_str());

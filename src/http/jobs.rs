@@ -181,6 +181,7 @@ impl From<JobError> for ApiError {
 pub(super) async fn create(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
+    note: super::audit::AuditNote,
     ApiJson(req): ApiJson<CreateJobRequest>,
 ) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
     if req.kind != "reencrypt" {
@@ -193,6 +194,9 @@ pub(super) async fn create(
         .as_deref()
         .map(|e| parse_id(e, "encryptionId"))
         .transpose()?;
+    if let Some(e) = encryption_id {
+        note.encryption(e);
+    }
     let id = start_job(
         &state.service,
         auth.principal.tenant_id,
@@ -204,6 +208,7 @@ pub(super) async fn create(
     )
     .await?;
     tracing::info!(job_id = %id, "re-encryption job queued");
+    note.job(id.to_string());
     Ok((
         StatusCode::ACCEPTED,
         Json(JobCreated {

@@ -39,7 +39,15 @@ pub async fn record(req: Request, next: Next) -> Response {
     response
 }
 
-async fn metrics(State(state): State<AppState>) -> Response {
+/// Prometheus metrics (text exposition format 0.0.4): requests by route,
+/// method and status with latency histograms, bytes encrypted and decrypted,
+/// key-ring size, hits and misses, versions per state, job progress, master-key
+/// provider health, failed authentications and lockouts, audit records.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format",
+        content_type = "text/plain; version=0.0.4", body = String,
+        example = "# TYPE keyward_http_requests_total counter\nkeyward_http_requests_total{route=\"/v1/encrypt\",method=\"POST\",status=\"200\"} 42\n")))]
+pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     let service = &state.service;
     let (hits, misses) = service.ring().hit_counts();
     metrics::gauge!("keyward_key_ring_entries").set(service.ring().len() as f64);

@@ -3,6 +3,7 @@
 //! limit, panic catching, JSON errors for everything).
 
 mod admin;
+pub mod audit;
 mod batch;
 mod contract;
 mod encryptions;
@@ -40,6 +41,8 @@ pub struct AppState {
     pub service: Arc<KeyService>,
     /// Rate limit and brute-force lockout.
     pub guard: Arc<crate::domain::guard::AuthGuard>,
+    /// Where audit events go.
+    pub audit: crate::audit::AuditLog,
 }
 
 /// Settings the router needs.
@@ -62,6 +65,7 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         .merge(contract::router(limit))
         .merge(encryptions::router())
         .merge(admin::router())
+        .merge(audit::router())
         .merge(jobs::router())
         .merge(batch::router(
             settings.batch,
@@ -70,6 +74,7 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         .merge(ops::router())
         .merge(openapi::router())
         .merge(metrics::router())
+        .route_layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .route_layer(middleware::from_fn(metrics::record))
         .fallback(|| async { ApiError::RouteNotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })

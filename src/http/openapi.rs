@@ -10,7 +10,7 @@ use axum::Router;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 
-use super::{admin, batch, contract, encryptions, error, jobs, ops, AppState};
+use super::{admin, audit, batch, contract, encryptions, error, jobs, metrics, ops, AppState};
 
 /// The `X-Master-Key` header, accepted by encrypt, decrypt, rotate and create.
 #[derive(IntoParams)]
@@ -103,8 +103,10 @@ impl Modify for Security {
         jobs::cancel,
         admin::status,
         admin::rotate,
+        audit::list,
         ops::healthz,
         ops::readyz,
+        metrics::metrics,
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&Security),
@@ -113,8 +115,8 @@ impl Modify for Security {
         (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
         (name = "lifecycle", description = "Rewrap and batches"),
         (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
-        (name = "admin", description = "Service-wide operations (scope `admin`): root-KEK rotation"),
-        (name = "operations", description = "Health and readiness, no authentication"),
+        (name = "admin", description = "Service-wide operations (scope `admin`): root-KEK rotation, the audit log"),
+        (name = "operations", description = "Health, readiness and Prometheus metrics, no authentication"),
     )
 )]
 pub struct ApiDoc;

@@ -7,6 +7,7 @@
 //! Nothing here knows about HTTP; nothing here sees a key in the clear.
 
 mod api_keys;
+mod audit;
 mod encryptions;
 mod events;
 mod jobs;
@@ -21,6 +22,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor, Row};
 
 pub use api_keys::ApiKeyRow;
+pub use audit::{AuditQuery, AuditRow};
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
 pub use jobs::{JobProgress, JobRow};

@@ -294,6 +294,23 @@ async fn a_certificate_bound_key_works_only_with_its_certificate() {
     // An unbound key works with any certificate the CA accepts.
     let (status, _) = s.app.post("/v1/encrypt", &admin, &body).await;
     assert_eq!(status, StatusCode::OK);
+
+    // The audit log names the certificate of each call, and the refusal.
+    let (status, page) = s.app.get("/v1/audit?operation=encrypt", &admin).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    let records = page["records"].as_array().unwrap();
+    let spki_b = crate::pki_spki_hex(&other.cert);
+    let mismatch = records
+        .iter()
+        .find(|r| r["error"] == "certificate_mismatch")
+        .expect("the refused call is audited");
+    assert_eq!(mismatch["clientSpkiSha256"], spki_b.as_str());
+    assert!(mismatch["clientSubject"]
+        .as_str()
+        .unwrap()
+        .contains("platform-b"));
+    assert!(records.iter().any(|r| r["outcome"] == "ok"
+        && r["clientSpkiSha256"] == crate::pki_spki_hex(&s.client.cert).as_str()));
 }
 
 /// One HTTP/1.1 request on an open TLS stream; returns the status code.

@@ -1,0 +1,416 @@
+//! Auditing requests, and `GET /v1/audit`.
+//!
+//! A route layer gives every API request an [`AuditNote`] that the auth
+//! extractor fills with the caller and the handlers with what they acted on
+//! (encryption, version, job; one target per batch item). When the response is
+//! ready, the note becomes an [`AuditEvent`] handed to the writer without
+//! waiting for it. A request that is dropped before it answers (time limit,
+//! client gone) is recorded as `cancelled`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{
+    ConnectInfo, FromRequestParts, MatchedPath, Query, RawPathParams, Request, State,
+};
+use axum::http::request::Parts;
+use axum::http::{Method, Uri};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ErrorBody, ErrorCode};
+use super::extract::{AdminScope, Auth};
+use super::AppState;
+use crate::audit::{Actor, AuditEvent, AuditLog, AuditRecord, Target, OPERATIONS};
+use crate::domain::service::Principal;
+use crate::domain::time::now_ms;
+use crate::domain::{EncryptionId, VersionId};
+use crate::store::AuditQuery;
+use crate::tls::ClientIdentity;
+
+/// The operation a route performs; `None` for routes that are not audited
+/// (health, metrics, the OpenAPI document).
+pub fn operation(method: &Method, route: &str) -> Option<&'static str> {
+    let get = method == Method::GET;
+    Some(match route {
+        "/v1/encrypt" | "/v1/encrypt/batch" => "encrypt",
+        "/v1/decrypt" | "/v1/decrypt/batch" => "decrypt",
+        "/v1/rotate" => "rotate",
+        "/v1/rewrap" | "/v1/rewrap/batch" => "rewrap",
+        "/v1/encryptions" if get => "encryption.list",
+        "/v1/encryptions" => "encryption.create",
+        "/v1/encryptions/{id}" if get => "encryption.read",
+        "/v1/encryptions/{id}" => "encryption.update",
+        "/v1/encryptions/{id}/versions/{versionId}" => "version.update",
+        "/v1/jobs" if get => "job.list",
+        "/v1/jobs" => "job.create",
+        "/v1/jobs/{id}" => "job.read",
+        "/v1/jobs/{id}/cancel" => "job.cancel",
+        "/v1/admin/root-kek" => "root_kek.read",
+        "/v1/admin/root-kek/rotate" => "root_kek.rotate",
+        "/v1/audit" => "audit.read",
+        _ => return None,
+    })
+}
+
+#[derive(Default)]
+struct NoteFields {
+    actor: Actor,
+    targets: Vec<Target>,
+}
+
+/// What a request did, filled in as it runs. Handlers take it as an extractor.
+#[derive(Clone, Default)]
+pub struct AuditNote(Arc<Mutex<NoteFields>>);
+
+impl AuditNote {
+    fn with<R>(&self, f: impl FnOnce(&mut NoteFields) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The authenticated caller.
+    pub fn caller(&self, principal: &Principal) {
+        self.with(|n| n.actor = Actor::ApiKey(principal.clone()));
+    }
+
+    /// A key id whose authentication failed.
+    pub fn refused(&self, key_id: &str) {
+        self.with(|n| n.actor = Actor::Refused(key_id.to_string()));
+    }
+
+    /// The encryption acted on (the open batch item's, or the request's).
+    pub fn encryption(&self, id: EncryptionId) {
+        self.with(|n| match n.targets.last_mut() {
+            Some(t) if t.item_outcome.is_none() && t.encryption_id.is_none() => {
+                t.encryption_id = Some(id)
+            }
+            _ => n.targets.push(Target {
+                encryption_id: Some(id),
+                ..Target::default()
+            }),
+        });
+    }
+
+    /// The version used or made, for the current target.
+    pub fn version(&self, id: VersionId) {
+        self.with(|n| match n.targets.last_mut() {
+            Some(t) => t.version_id = Some(id),
+            None => n.targets.push(Target {
+                version_id: Some(id),
+                ..Target::default()
+            }),
+        });
+    }
+
+    /// The job acted on.
+    pub fn job(&self, id: String) {
+        self.with(|n| match n.targets.last_mut() {
+            Some(t) if t.job_id.is_none() => t.job_id = Some(id),
+            _ => n.targets.push(Target {
+                job_id: Some(id),
+                ..Target::default()
+            }),
+        });
+    }
+
+    /// Starts batch item `index`.
+    pub fn begin_item(&self, index: usize) {
+        self.with(|n| {
+            n.targets.push(Target {
+                batch_index: Some(index as u32),
+                ..Target::default()
+            })
+        });
+    }
+
+    /// Ends the open batch item with its error code, if it failed.
+    pub fn end_item(&self, error: Option<&'static str>) {
+        self.with(|n| {
+            if let Some(t) = n.targets.last_mut() {
+                t.item_outcome = Some(error);
+            }
+        });
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        // Outside the audit layer (never, for audited routes), a detached note.
+        Ok(parts
+            .extensions
+            .get::<AuditNote>()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+/// Sends the event when the request answers, or as `cancelled` if it is
+/// dropped first.
+struct Pending {
+    log: AuditLog,
+    note: AuditNote,
+    event: Option<AuditEvent>,
+}
+
+impl Pending {
+    fn finish(&mut self, status: Option<u16>, error: Option<&'static str>) -> Option<AuditEvent> {
+        let mut event = self.event.take()?;
+        let fields = std::mem::take(&mut *self.note.0.lock().unwrap_or_else(|e| e.into_inner()));
+        event.status = status;
+        event.error = error;
+        event.actor = fields.actor;
+        event.targets = fields.targets;
+        Some(event)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(event) = self.finish(None, Some("cancelled")) {
+            self.log.record_now(event);
+        }
+    }
+}
+
+/// The route layer that records every audited request.
+pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str());
+    let Some(operation) = route.and_then(|r| operation(req.method(), r)) else {
+        return next.run(req).await;
+    };
+    let has_params = route.is_some_and(|r| r.contains('{'));
+    let (mut parts, body) = req.into_parts();
+    let note = AuditNote::default();
+    if has_params {
+        if let Ok(params) = RawPathParams::from_request_parts(&mut parts, &state).await {
+            for (name, value) in &params {
+                match name {
+                    "id" if operation.starts_with("job.") => note.job(value.to_string()),
+                    "id" => {
+                        if let Ok(id) = value.parse() {
+                            note.encryption(id);
+                        }
+                    }
+                    "versionId" => {
+                        if let Ok(id) = value.parse() {
+                            note.version(id);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    parts.extensions.insert(note.clone());
+    let event = AuditEvent {
+        time_ms: now_ms(),
+        operation,
+        request_id: parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        client: parts.extensions.get::<Arc<ClientIdentity>>().cloned(),
+        peer: parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip()),
+        ..AuditEvent::default()
+    };
+    let mut pending = Pending {
+        log: state.audit.clone(),
+        note,
+        event: Some(event),
+    };
+    let response = next.run(Request::from_parts(parts, body)).await;
+    let error = response.extensions().get::<ErrorCode>().map(|c| c.0);
+    if let Some(event) = pending.finish(Some(response.status().as_u16()), error) {
+        state.audit.record(event).await;
+    }
+    response
+}
+
+/// The route.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/audit", get(list))
+}
+
+/// Filters and paging of `GET /v1/audit`.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct AuditParams {
+    /// Records at or after this time (RFC 3339, e.g. `2026-11-23T10:00:00Z`).
+    from: Option<String>,
+    /// Records before this time (RFC 3339).
+    to: Option<String>,
+    /// Records of this tenant.
+    #[param(format = Uuid)]
+    tenant_id: Option<String>,
+    /// Records about this encryption.
+    #[param(format = Uuid)]
+    encryption_id: Option<String>,
+    /// Records of this operation (`encrypt`, `decrypt`, `rotate`, ...).
+    operation: Option<String>,
+    /// Page size, 1 to 1000 (default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+    /// The `nextCursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// A page of audit records, newest first.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditPage {
+    /// This page.
+    records: Vec<AuditRecord>,
+    /// Pass as `cursor` for the next (older) page; `null` on the last page.
+    next_cursor: Option<String>,
+}
+
+const MAX_PAGE: i64 = 1000;
+
+fn parse_time(value: &str, field: &str) -> Result<i64, ApiError> {
+    humantime::parse_rfc3339_weak(value)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "`{field}`: expected an RFC 3339 UTC time such as 2026-11-23T10:00:00Z"
+            ))
+        })
+}
+
+/// The audit log (every tenant's), newest first, filtered and paginated.
+///
+/// Records from every replica are here; each replica also writes its own
+/// hash-chained file (`KEYWARD_AUDIT_FILE`) that `keyward audit verify` checks.
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "admin",
+    params(AuditParams),
+    responses(
+        (status = 200, description = "A page of records", body = AuditPage),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope` (needs `admin`)", body = ErrorBody),
+        (status = 429, description = "`rate_limited` or `too_many_failed_attempts`", body = ErrorBody),
+    ),
+    security(("apiKey" = [], "apiSecret" = []))
+)]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    _auth: Auth<AdminScope>,
+    uri: Uri,
+) -> Result<Json<AuditPage>, ApiError> {
+    let pairs: Vec<(String, String)> = Query::try_from_uri(&uri)
+        .map(|Query(p)| p)
+        .map_err(|_| ApiError::InvalidRequest("the query string does not parse".into()))?;
+    let mut q = AuditQuery {
+        limit: 100,
+        ..AuditQuery::default()
+    };
+    for (key, value) in pairs {
+        match key.as_str() {
+            "from" => q.from_ms = Some(parse_time(&value, "from")?),
+            "to" => q.to_ms = Some(parse_time(&value, "to")?),
+            "tenantId" => {
+                super::parse_id::<crate::domain::TenantId>(&value, "tenantId")?;
+                q.tenant_id = Some(value);
+            }
+            "encryptionId" => {
+                super::parse_id::<EncryptionId>(&value, "encryptionId")?;
+                q.encryption_id = Some(value);
+            }
+            "operation" => {
+                if !OPERATIONS.contains(&value.as_str()) {
+                    return Err(ApiError::InvalidRequest(format!(
+                        "`operation`: expected one of {}",
+                        OPERATIONS.join(", ")
+                    )));
+                }
+                q.operation = Some(value);
+            }
+            "limit" => {
+                q.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_PAGE).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::InvalidRequest(format!(
+                            "`limit`: must be an integer from 1 to {MAX_PAGE}"
+                        ))
+                    })?
+            }
+            "cursor" => {
+                q.before_id = Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    ApiError::InvalidRequest(
+                        "`cursor`: not a cursor returned by this endpoint".into(),
+                    )
+                })?)
+            }
+            _ => {
+                return Err(ApiError::InvalidRequest(
+                    "unknown query parameter (expected `from`, `to`, `tenantId`, `encryptionId`, `operation`, `limit` or `cursor`)".into(),
+                ))
+            }
+        }
+    }
+    // What this replica recorded before this call is in the table first.
+    state.audit.flush().await;
+    let limit = q.limit;
+    q.limit += 1;
+    let mut rows = state.service.store().audit_records(&q).await?;
+    let next_cursor = if rows.len() as i64 > limit {
+        rows.truncate(limit as usize);
+        rows.last().map(|(id, _)| id.to_string())
+    } else {
+        None
+    };
+    let records = rows
+        .into_iter()
+        .filter_map(|(id, text)| match serde_json::from_str(&text) {
+            Ok(r) => Some(r),
+            Err(_) => {
+                tracing::error!(row = id, "an audit_log row does not parse; skipped");
+                None
+            }
+        })
+        .collect();
+    Ok(Json(AuditPage {
+        records,
+        next_cursor,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_api_route_has_an_operation_name() {
+        let value: serde_json::Value =
+            serde_json::from_str(&super::super::openapi::document()).unwrap();
+        for (path, item) in value["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                let m: Method = method.to_uppercase().parse().unwrap();
+                let op = operation(&m, path);
+                if path.starts_with("/v1/") {
+                    let op = op.unwrap_or_else(|| panic!("{method} {path} has no audit operation"));
+                    assert!(OPERATIONS.contains(&op), "{op} is not in OPERATIONS");
+                } else {
+                    assert!(op.is_none(), "{path} should not be audited");
+                }
+            }
+        }
+    }
+}

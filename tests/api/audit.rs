@@ -1,0 +1,380 @@
+//! The audit log: one record per operation in a hash-chained JSON-lines file
+//! and in the database, `GET /v1/audit` with filters and pages, and
+//! `keyward audit verify` naming the first broken record.
+
+use std::path::{Path, PathBuf};
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::helpers::{assert_error, contains, keyward_command, Backend, Creds, TestApp};
+use crate::on_both_databases;
+
+fn audit_env(dir: &Path) -> (PathBuf, String) {
+    let path = dir.join("audit.jsonl");
+    let text = path.display().to_string();
+    (path, text)
+}
+
+async fn spawn_audited(backend: Backend) -> (TestApp, PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let (path, text) = audit_env(&dir);
+    let app = TestApp::spawn_with(backend, &[("KEYWARD_AUDIT_FILE", text.as_str())]).await;
+    (app, path)
+}
+
+/// Every record matching `query`, following `nextCursor` pages of `limit`.
+async fn all_records(app: &TestApp, creds: &Creds, query: &str, limit: u32) -> Vec<Value> {
+    let mut records = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/audit?limit={limit}");
+        if !query.is_empty() {
+            path.push('&');
+            path.push_str(query);
+        }
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let (status, body) = app.get(&path, creds).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let page = body["records"].as_array().unwrap();
+        assert!(page.len() <= limit as usize);
+        records.extend(page.iter().cloned());
+        match body["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return records,
+        }
+    }
+}
+
+fn verify(path: &Path) -> std::process::Output {
+    keyward_command()
+        .args(["audit", "verify", path.to_str().unwrap()])
+        .output()
+        .unwrap()
+}
+
+async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
+    let (app, file) = spawn_audited(backend).await;
+    let admin = app.create_tenant("acme");
+    let (enc, first_version) = app.create_encryption(&admin).await;
+    let plaintext = "audit-plaintext-7f3a9c";
+
+    let resp = app
+        .req(reqwest::Method::POST, "/v1/encrypt", &admin)
+        .json(&json!({"encryptionId": enc, "data": plaintext}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let encrypt_request_id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    let encrypted: Value = resp.json().await.unwrap();
+    let (status, _) = app.decrypt(&admin, &encrypted).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut tampered = crate::helpers::decrypt_body(&encrypted);
+    tampered["metadata"]["nonce"] = json!("AAAAAAAAAAAAAAAA");
+    let (status, body) = app.post("/v1/decrypt", &admin, &tampered).await;
+    assert_error(status, &body, 400, "decryption_failed");
+    let new_version = app.rotate(&admin, &enc).await;
+    let (status, body) = app
+        .post(
+            "/v1/encrypt/batch",
+            &admin,
+            &json!({"items": [{"encryptionId": enc, "data": "batch-secret-1"}, {"encryptionId": "nope", "data": "batch-secret-2"}]}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let wrong = Creds {
+        secret: "kws_definitely-wrong-secret".into(),
+        ..admin.clone()
+    };
+    let (status, _) = app
+        .post(
+            "/v1/encrypt",
+            &wrong,
+            &json!({"encryptionId": enc, "data": "x"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // Newest first; filtered by encryption.
+    let records = all_records(&app, &admin, &format!("encryptionId={enc}"), 1000).await;
+    let ops: Vec<(&str, &str)> = records
+        .iter()
+        .rev()
+        .map(|r| {
+            (
+                r["operation"].as_str().unwrap(),
+                r["outcome"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("encryption.create", "ok"),
+            ("encrypt", "ok"),
+            ("decrypt", "ok"),
+            ("decrypt", "error"),
+            ("rotate", "ok"),
+            ("encrypt", "ok"),
+        ],
+        "{records:#?}"
+    );
+    let by_op = |op: &str, outcome: &str| {
+        records
+            .iter()
+            .find(|r| r["operation"] == op && r["outcome"] == outcome)
+            .unwrap_or_else(|| panic!("no {op}/{outcome} record"))
+            .clone()
+    };
+    let enc_record = records
+        .iter()
+        .rev()
+        .find(|r| r["operation"] == "encrypt")
+        .unwrap();
+    assert_eq!(enc_record["requestId"], encrypt_request_id.as_str());
+    assert_eq!(enc_record["apiKeyId"], admin.key.as_str());
+    assert_eq!(enc_record["tenantId"], admin.tenant_id.as_str());
+    assert_eq!(enc_record["actor"], "api_key");
+    assert_eq!(enc_record["versionId"], first_version.as_str());
+    assert_eq!(enc_record["status"], 200);
+    assert_eq!(enc_record["peer"], "127.0.0.1");
+    assert!(enc_record["time"].as_str().unwrap().ends_with('Z'));
+    let failed = by_op("decrypt", "error");
+    assert_eq!(failed["error"], "decryption_failed");
+    assert_eq!(failed["status"], 400);
+    assert_eq!(by_op("rotate", "ok")["versionId"], new_version.as_str());
+    let batch_item = records
+        .iter()
+        .find(|r| r["batchIndex"] == 0)
+        .expect("the batch's first item is recorded");
+    assert_eq!(batch_item["versionId"], new_version.as_str());
+
+    // The batch's bad item has no encryption to filter by: find it by operation.
+    let encrypts = all_records(&app, &admin, "operation=encrypt", 2).await;
+    let items: Vec<(i64, &str, Option<&str>)> = encrypts
+        .iter()
+        .filter(|r| r["batchIndex"].is_number())
+        .map(|r| {
+            (
+                r["batchIndex"].as_i64().unwrap(),
+                r["outcome"].as_str().unwrap(),
+                r["error"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        items,
+        [(1, "error", Some("invalid_request")), (0, "ok", None)]
+    );
+    let refused = encrypts
+        .iter()
+        .find(|r| r["actor"] == "unauthenticated")
+        .expect("the refused call is recorded");
+    assert_eq!(refused["error"], "invalid_credentials");
+    assert_eq!(refused["apiKeyId"], admin.key.as_str());
+    assert_eq!(refused["status"], 401);
+    assert!(refused.get("tenantId").is_none());
+
+    // Pages of 2 give exactly the records of one big page, newest first
+    // (reading adds `audit.read` records, left out of the comparison).
+    let everything = all_records(&app, &admin, "", 1000).await;
+    let paged = all_records(&app, &admin, "", 2).await;
+    let not_reads = |records: &[Value]| -> Vec<Value> {
+        records
+            .iter()
+            .filter(|r| r["operation"] != "audit.read")
+            .cloned()
+            .collect()
+    };
+    assert_eq!(not_reads(&everything), not_reads(&paged));
+    assert!(paged.len() > everything.len());
+    let seqs: Vec<i64> = everything
+        .iter()
+        .map(|r| r["seq"].as_i64().unwrap())
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[0] > w[1]), "{seqs:?}");
+    // Reading the audit log is itself audited.
+    assert!(everything.iter().any(|r| r["operation"] == "audit.read"));
+    // Time filters.
+    let none = all_records(&app, &admin, "to=2000-01-01T00:00:00Z", 100).await;
+    assert!(none.is_empty());
+    let recent = all_records(&app, &admin, "from=2000-01-01T00:00:00Z", 1000).await;
+    assert!(recent.len() >= everything.len());
+    let tenant_records = all_records(
+        &app,
+        &admin,
+        &format!("tenantId={}&operation=decrypt", admin.tenant_id),
+        1000,
+    )
+    .await;
+    assert_eq!(tenant_records.len(), 2);
+
+    // Admin scope only; bad parameters are 400s that name the parameter.
+    let manager = app.create_key(&admin.tenant_id, "encrypt,decrypt,manage");
+    let (status, body) = app.get("/v1/audit", &manager).await;
+    assert_error(status, &body, 403, "insufficient_scope");
+    for (query, word) in [
+        ("limit=0", "limit"),
+        ("cursor=abc", "cursor"),
+        ("operation=steal", "operation"),
+        ("from=yesterday", "from"),
+        ("encryptionId=x", "encryptionId"),
+        ("colour=red", "unknown"),
+    ] {
+        let (status, body) = app.get(&format!("/v1/audit?{query}"), &admin).await;
+        assert_error(status, &body, 400, "invalid_request");
+        assert!(
+            body["error"]["message"].as_str().unwrap().contains(word),
+            "{query}: {body}"
+        );
+    }
+
+    // The file holds the same records, chained; nothing secret anywhere.
+    let out = verify(&file);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ok: "));
+    let text = std::fs::read(&file).unwrap();
+    let ciphertext = encrypted["cipherText"].as_str().unwrap();
+    let table = serde_json::to_vec(&everything).unwrap();
+    for haystack in [&text, &table] {
+        for needle in [
+            plaintext,
+            "batch-secret-1",
+            "batch-secret-2",
+            admin.secret.as_str(),
+            wrong.secret.as_str(),
+            ciphertext,
+            app.master_key.as_str(),
+        ] {
+            assert!(!contains(haystack, needle.as_bytes()), "{needle} leaked");
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the audit file is private: {mode:o}");
+    }
+}
+
+on_both_databases!(every_operation_becomes_one_record_without_secrets);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chain_continues_across_restarts_and_verify_names_the_first_broken_record() {
+    let (mut app, file) = spawn_audited(Backend::Sqlite).await;
+    let admin = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&admin).await;
+    for i in 0..3 {
+        app.encrypt(&admin, &enc, &format!("a{i}")).await;
+    }
+    app.restart();
+    for i in 0..3 {
+        app.encrypt(&admin, &enc, &format!("b{i}")).await;
+    }
+    app.stop(); // SIGTERM: every queued record is written before exit.
+
+    let text = std::fs::read_to_string(&file).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 7, "{text}");
+    let seqs: Vec<u64> = lines
+        .iter()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
+    let out = verify(&file);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("7 records"));
+
+    let broken = |lines: Vec<String>| {
+        let path = file.with_file_name("tampered.jsonl");
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        let out = verify(&path);
+        assert!(!out.status.success(), "tampering went unnoticed");
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let owned = || lines.iter().map(|l| l.to_string()).collect::<Vec<_>>();
+
+    // An edited field.
+    let mut edited = owned();
+    edited[3] = edited[3].replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"");
+    let message = broken(edited);
+    assert!(
+        message.contains("line 4 (seq 4)") && message.contains("changed"),
+        "{message}"
+    );
+    // A removed record.
+    let mut removed = owned();
+    removed.remove(2);
+    let message = broken(removed);
+    assert!(message.contains("line 3 (seq 4)"), "{message}");
+    // Records swapped.
+    let mut swapped = owned();
+    swapped.swap(4, 5);
+    assert!(broken(swapped).contains("line 5"));
+    // Not a record at all.
+    let mut garbage = owned();
+    garbage[6] = "{\"hello\": 1}".into();
+    assert!(broken(garbage).contains("line 7"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_rotations_are_audited_as_the_system() {
+    let env_app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_MAINTENANCE_INTERVAL", "200ms"),
+            ("KEYWARD_AUDIT_FILE", "-"),
+        ],
+    )
+    .await;
+    let admin = env_app.create_tenant("acme");
+    let (enc, _) = env_app.create_encryption(&admin).await;
+    let (status, body) = env_app
+        .req(
+            reqwest::Method::PATCH,
+            &format!("/v1/encryptions/{enc}"),
+            &admin,
+        )
+        .json(&json!({"autoRotatePeriod": "1s"}))
+        .send()
+        .await
+        .map(|r| (r.status(), r))
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{:?}", body.text().await);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let records = all_records(&env_app, &admin, "operation=rotate.automatic", 100).await;
+        if let Some(r) = records.first() {
+            assert_eq!(r["actor"], "system");
+            assert_eq!(r["encryptionId"], enc.as_str());
+            assert!(r["versionId"].is_string());
+            assert!(r.get("apiKeyId").is_none());
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no automatic rotation audited"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // With KEYWARD_AUDIT_FILE=-, the records are lines on standard output.
+    assert!(env_app
+        .log_text()
+        .contains("\"operation\":\"rotate.automatic\""));
+}
