@@ -238,39 +238,63 @@ impl SourceDb {
             .collect()
     }
 
-    /// Writes the new ciphertext only if the row still holds the old one.
-    async fn swap(
+    /// Writes each row's new ciphertext only if the row still holds the old one
+    /// (a compare-and-swap per row), one statement for many rows:
+    /// `WITH v(...) AS (VALUES ...) UPDATE t SET ... FROM v WHERE key, old
+    /// ciphertext and old version match RETURNING 1`. Returns how many rows
+    /// were written; the others changed meanwhile and are left alone.
+    async fn swap_batch(
         &self,
         conn: &mut sqlx::AnyConnection,
-        row: &SourceRow,
-        cipher_text: &str,
-        version: &str,
-        metadata: &str,
-    ) -> Result<bool, sqlx::Error> {
+        writes: &[(&SourceRow, String, String, String)],
+    ) -> Result<usize, sqlx::Error> {
         let s = &self.source;
-        let sql = format!(
-            "UPDATE {} SET {ct} = $1, {ver} = $2, {meta} = $3 WHERE {key} = $4 AND {ct} = $5 AND {ver} = $6",
-            quote(&s.table),
-            ct = quote(&s.cipher_text_column),
-            ver = quote(&s.version_column),
-            meta = quote(&s.metadata_column),
-            key = quote(&s.key_column),
-        );
-        let q = sqlx::query(&sql)
-            .bind(cipher_text)
-            .bind(version)
-            .bind(metadata);
-        let q = if self.int_keys {
-            q.bind(row.key.parse::<i64>().unwrap_or(i64::MIN))
-        } else {
-            q.bind(row.key.clone())
-        };
-        Ok(q.bind(&row.cipher_text)
-            .bind(&row.version)
-            .execute(conn)
-            .await?
-            .rows_affected()
-            == 1)
+        let mut written = 0;
+        for chunk in writes.chunks(SWAP_ROWS_PER_STATEMENT) {
+            let mut values = String::with_capacity(chunk.len() * 40);
+            for i in 0..chunk.len() {
+                let n = i * 6;
+                if i > 0 {
+                    values.push(',');
+                }
+                values.push_str(&format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    n + 6
+                ));
+            }
+            let sql = format!(
+                "WITH v(k, old_ct, old_ver, new_ct, new_ver, new_meta) AS (VALUES {values}) \
+                 UPDATE {table} AS t SET {ct} = v.new_ct, {ver} = v.new_ver, {meta} = v.new_meta \
+                 FROM v WHERE t.{key} = v.k AND t.{ct} = v.old_ct AND t.{ver} = v.old_ver \
+                 RETURNING 1",
+                table = quote(&s.table),
+                ct = quote(&s.cipher_text_column),
+                ver = quote(&s.version_column),
+                meta = quote(&s.metadata_column),
+                key = quote(&s.key_column),
+            );
+            let mut q = sqlx::query(&sql);
+            for (row, cipher_text, version, metadata) in chunk {
+                q = if self.int_keys {
+                    q.bind(row.key.parse::<i64>().unwrap_or(i64::MIN))
+                } else {
+                    q.bind(row.key.clone())
+                };
+                q = q
+                    .bind(row.cipher_text.as_str())
+                    .bind(row.version.as_str())
+                    .bind(cipher_text.as_str())
+                    .bind(version.as_str())
+                    .bind(metadata.as_str());
+            }
+            written += q.fetch_all(&mut *conn).await?.len();
+        }
+        Ok(written)
     }
 
     /// Rows per (encryption column value, version); the encryption is `None`
@@ -307,6 +331,10 @@ impl SourceDb {
             .collect()
     }
 }
+
+/// Rows per compare-and-swap statement (6 parameters each: well inside
+/// SQLite's 32,766 and PostgreSQL's 65,535).
+const SWAP_ROWS_PER_STATEMENT: usize = 1000;
 
 /// An error message without anything from a URL (sqlx errors can quote the
 /// connection string's host; they never contain the password, but keep it short).
@@ -551,9 +579,8 @@ async fn walk(
         // Skipped and failed rows are counted in the first pass only, so that
         // each row counts once; later passes retry them.
         let first_pass = pass == 0;
-        // New values first, then one transaction for the batch's writes (one
-        // commit per batch, not per row); each write is still its own
-        // compare-and-swap.
+        // New values first, then one statement per few hundred rows for the
+        // batch's writes, each row still its own compare-and-swap.
         let mut writes: Vec<(&SourceRow, String, String, String)> = Vec::new();
         for row in &rows {
             let encryption = match (job.encryption_id, &row.encryption) {
@@ -635,15 +662,14 @@ async fn walk(
         }
         if !writes.is_empty() {
             let mut tx = db.pool.begin().await.map_err(|e| short(&e))?;
-            for (row, ct, version, metadata) in &writes {
-                match db.swap(&mut tx, row, ct, version, metadata).await {
-                    Ok(true) => rewrapped += 1,
-                    // The platform wrote the row meanwhile: never overwrite it.
-                    Ok(false) => skipped += 1,
-                    Err(e) => return Err(short(&e)),
-                }
-            }
+            let written = db
+                .swap_batch(&mut tx, &writes)
+                .await
+                .map_err(|e| short(&e))?;
             tx.commit().await.map_err(|e| short(&e))?;
+            rewrapped += written as i64;
+            // The platform wrote the others meanwhile: never overwrite them.
+            skipped += (writes.len() - written) as i64;
         }
         let n = rows.len() as i64;
         done_this_run += n;
