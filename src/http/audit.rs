@@ -191,7 +191,12 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         if let Ok(params) = RawPathParams::from_request_parts(&mut parts, &state).await {
             for (name, value) in &params {
                 match name {
-                    "id" if operation.starts_with("job.") => note.job(value.to_string()),
+                    "id" if operation.starts_with("job.") => {
+                        // Only a well-formed id: never attacker-chosen text.
+                        if let Ok(id) = value.parse::<uuid::Uuid>() {
+                            note.job(id.to_string());
+                        }
+                    }
                     "id" => {
                         if let Ok(id) = value.parse() {
                             note.encryption(id);
@@ -243,12 +248,14 @@ pub fn router() -> Router<AppState> {
 
 /// Filters and paging of `GET /v1/audit`.
 #[derive(IntoParams)]
-#[into_params(parameter_in = Query)]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
 #[allow(dead_code)]
 pub struct AuditParams {
     /// Records at or after this time (RFC 3339, e.g. `2026-11-23T10:00:00Z`).
+    #[param(format = DateTime)]
     from: Option<String>,
     /// Records before this time (RFC 3339).
+    #[param(format = DateTime)]
     to: Option<String>,
     /// Records of this tenant.
     #[param(format = Uuid)]
@@ -257,6 +264,7 @@ pub struct AuditParams {
     #[param(format = Uuid)]
     encryption_id: Option<String>,
     /// Records of this operation (`encrypt`, `decrypt`, `rotate`, ...).
+    #[param(schema_with = operation_schema)]
     operation: Option<String>,
     /// Page size, 1 to 1000 (default 100).
     #[param(minimum = 1, maximum = 1000)]
@@ -275,16 +283,22 @@ pub struct AuditPage {
     next_cursor: Option<String>,
 }
 
+fn operation_schema() -> utoipa::openapi::schema::Object {
+    utoipa::openapi::schema::ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::Type::String)
+        .enum_values(Some(OPERATIONS.iter().copied()))
+        .build()
+}
+
 const MAX_PAGE: i64 = 1000;
 
 fn parse_time(value: &str, field: &str) -> Result<i64, ApiError> {
-    humantime::parse_rfc3339_weak(value)
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
         .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
+        .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
         .ok_or_else(|| {
             ApiError::InvalidRequest(format!(
-                "`{field}`: expected an RFC 3339 UTC time such as 2026-11-23T10:00:00Z"
+                "`{field}`: expected an RFC 3339 time such as 2026-11-23T10:00:00Z"
             ))
         })
 }

@@ -177,6 +177,11 @@ where
     if req.items.len() > limits.max_items {
         return Err(ApiError::TooManyItems(limits.max_items));
     }
+    if let Some(i) = req.items.iter().position(|item| !item.is_object()) {
+        return Err(ApiError::InvalidRequest(format!(
+            "`items[{i}]`: expected an object"
+        )));
+    }
     let mut results = Vec::with_capacity(req.items.len());
     for (index, item) in req.items.into_iter().enumerate() {
         note.begin_item(index);

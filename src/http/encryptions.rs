@@ -37,14 +37,28 @@ pub fn router() -> Router<AppState> {
 #[derive(Deserialize, Default, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateRequest {
-    /// A human name, 1 to 200 printable characters.
+    /// A human name, 1 to 200 printable characters (no control characters).
     #[serde(default)]
-    #[schema(min_length = 1, max_length = 200, nullable = false)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        nullable = true,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     name: Option<String>,
     /// Only `AES-256-GCM` is offered.
     #[serde(default)]
-    #[schema(example = "AES-256-GCM", nullable = false)]
+    #[schema(value_type = Option<AlgorithmSchema>, nullable = true)]
     algorithm: Option<String>,
+}
+
+/// The algorithms offered.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+enum AlgorithmSchema {
+    /// AES-256-GCM with 96-bit random nonces.
+    #[schema(rename = "AES-256-GCM")]
+    Aes256Gcm,
 }
 
 /// Who wraps an encryption's data keys.
@@ -268,11 +282,14 @@ pub(super) async fn show(
 /// `PATCH /v1/encryptions/{id}` input: the rotation policy. Omitted fields stay.
 #[derive(ToSchema)]
 #[allow(dead_code)]
+#[schema(rename_all = "camelCase")]
 pub struct PolicyRequest {
     /// Rotate when the active version is this old: `720h`, `30days`, ...
     /// (at least 1s); `null` turns automatic rotation by age off.
+    #[schema(nullable = true)]
     auto_rotate_period: Option<String>,
     /// Versions numbered below this stop decrypting (1 to the active version).
+    #[schema(minimum = 1, nullable = false)]
     min_decryption_version: Option<i64>,
 }
 
@@ -318,7 +335,8 @@ pub(super) async fn update(
                 ))
             }
             ("minDecryptionVersion", serde_json::Value::Number(n)) => {
-                min = Some(n.as_i64().ok_or_else(|| {
+                let whole = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15);
+                min = Some(n.as_i64().or(whole.map(|f| f as i64)).ok_or_else(|| {
                     ApiError::InvalidRequest("`minDecryptionVersion`: expected an integer".into())
                 })?)
             }

@@ -31,18 +31,29 @@ pub fn router() -> Router<AppState> {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateJobRequest {
     /// `reencrypt`.
+    #[schema(value_type = KindSchema)]
     kind: String,
     /// The encryption of every row (or give `source.encryptionIdColumn`).
     #[serde(default)]
     #[schema(format = Uuid, nullable = false)]
     encryption_id: Option<String>,
     /// Rows per second at most, to spare the platform's database.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::extract::whole_number")]
     #[schema(minimum = 1, nullable = false)]
     max_rows_per_second: Option<u32>,
     /// The platform's table.
     #[schema(value_type = JobSourceSchema)]
+    #[serde(deserialize_with = "super::extract::object")]
     source: JobSource,
+}
+
+/// The kinds of job.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "snake_case")]
+enum KindSchema {
+    /// Move every ciphertext to its encryption's active version.
+    Reencrypt,
 }
 
 /// Where the ciphertexts are. `databaseUrl` holds credentials: it is sealed at
@@ -222,6 +233,7 @@ pub(super) async fn create(
     params(("id" = String, Path, format = Uuid, description = "The job id")),
     responses(
         (status = 200, description = "The job", body = JobView),
+        (status = 400, description = "`invalid_request` (the id is not a UUID)", body = ErrorBody),
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
@@ -269,6 +281,7 @@ pub(super) async fn list(
     params(("id" = String, Path, format = Uuid, description = "The job id")),
     responses(
         (status = 200, description = "The job after cancelling", body = JobView),
+        (status = 400, description = "`invalid_request` (the id is not a UUID)", body = ErrorBody),
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`job_not_found`", body = ErrorBody),

@@ -19,7 +19,11 @@ use super::{admin, audit, batch, contract, encryptions, error, jobs, metrics, op
 pub struct MasterKeyParam {
     /// Client-provided master key (zero-knowledge mode): base64 of 32 to 512 bytes.
     /// Required for encryptions created with it; refused for platform-managed ones.
-    #[param(rename = "X-Master-Key", nullable = false)]
+    #[param(
+        rename = "X-Master-Key",
+        nullable = false,
+        pattern = r"^(?:(?:[A-Za-z0-9+/]{4}){10}[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=?|(?:[A-Za-z0-9+/]{4}){11,170}(?:[A-Za-z0-9+/][AQgw](?:==)?|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=?)?)$"
+    )]
     x_master_key: Option<String>,
 }
 
@@ -57,7 +61,32 @@ impl Modify for Security {
                 }
             }
         }
+        // Bodies that may be left out entirely (they mean `{}`).
+        for (path, method) in [
+            ("/v1/encryptions", "post"),
+            ("/v1/encryptions/{id}", "patch"),
+        ] {
+            if let Some(item) = api.paths.paths.get_mut(path) {
+                let op = match method {
+                    "post" => item.post.as_mut(),
+                    _ => item.patch.as_mut(),
+                };
+                if let Some(body) = op.and_then(|o| o.request_body.as_mut()) {
+                    body.required = Some(utoipa::openapi::Required::False);
+                }
+            }
+        }
         let components = api.components.get_or_insert_with(Default::default);
+        // Request objects whose unknown fields are refused, described by hand.
+        for name in ["PolicyRequest", "JobSourceSchema"] {
+            if let Some(utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(o))) =
+                components.schemas.get_mut(name)
+            {
+                o.additional_properties = Some(Box::new(
+                    utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+                ));
+            }
+        }
         components.add_security_scheme(
             "apiKey",
             SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(

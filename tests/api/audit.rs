@@ -203,6 +203,9 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
     assert!(none.is_empty());
     let recent = all_records(&app, &admin, "from=2000-01-01T00:00:00Z", 1000).await;
     assert!(recent.len() >= everything.len());
+    // Any RFC 3339 offset: 02:00+02:00 is midnight UTC.
+    let none = all_records(&app, &admin, "to=2000-01-01T02:00:00%2B02:00", 100).await;
+    assert!(none.is_empty());
     let tenant_records = all_records(
         &app,
         &admin,

@@ -243,6 +243,36 @@ async fn malformed_and_invalid_bodies_get_stable_4xx_codes(backend: Backend) {
             .contains("encryptionId"),
         "{resp}"
     );
+
+    // serde would take a struct's fields as an array in order; every body and
+    // nested object must be a JSON object.
+    for (path, body) in [
+        ("/v1/encrypt", json!([enc, secret_data])),
+        ("/v1/rotate", json!([enc])),
+        ("/v1/encryptions", json!([null, null])),
+        ("/v1/encrypt/batch", json!({"items": [[enc, secret_data]]})),
+        (
+            "/v1/encrypt/batch",
+            json!({"items": [{"encryptionId": enc, "data": "a"}, "x"]}),
+        ),
+        (
+            "/v1/jobs",
+            json!({"kind": "reencrypt", "encryptionId": enc, "source": ["sqlite://x", "t", "id", "ct", "v", "m"]}),
+        ),
+    ] {
+        let (status, resp) = app.post(path, &creds, &body).await;
+        assert_error(status, &resp, 400, "invalid_request");
+        assert!(!resp.to_string().contains(secret_data), "{resp}");
+    }
+    // A whole number written with a zero fraction is a whole number.
+    let (status, resp) = app
+        .req(Method::PATCH, &format!("/v1/encryptions/{enc}"), &creds)
+        .json(&json!({"minDecryptionVersion": 1.0}))
+        .send()
+        .await
+        .map(|r| (r.status(), r))
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{:?}", resp.text().await);
 }
 
 async fn bodies_over_the_limit_get_413(backend: Backend) {

@@ -14,6 +14,7 @@ mod jobs;
 mod lifecycle;
 mod management;
 mod metrics;
+mod openapi_clients;
 mod packaging;
 mod pki;
 mod providers;

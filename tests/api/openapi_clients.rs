@@ -1,0 +1,150 @@
+//! The OpenAPI description against the real server, with two independent tools
+//! from the test peers' venv (scripts/peers.sh installs them; a missing tool
+//! fails these tests, it does not skip them):
+//!
+//! - schemathesis (`tests/peers/schemathesis.sh`) generates requests from the
+//!   served spec, valid and invalid, with an all-scopes key, and checks every
+//!   answer: no 5xx, only documented status codes, content types and bodies,
+//!   schema-violating input refused and schema-valid input accepted;
+//! - openapi-python-client (`tests/peers/generated_client.py`) generates a
+//!   typed Python client from `openapi/keyward.json` into a temporary folder
+//!   and runs encrypt, decrypt and rotate through it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use crate::helpers::{Backend, Creds, TestApp};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn venv() -> PathBuf {
+    PathBuf::from(std::env::var("KEYWARD_PEER_VENV").expect(
+        "KEYWARD_PEER_VENV is not set: run the tests through scripts/test \
+         (it installs schemathesis and openapi-python-client into the peers' venv)",
+    ))
+}
+
+/// The venv's Python (KEYWARD_TEST_PYTHON when set, as scripts/peers.sh exports it).
+fn python() -> PathBuf {
+    std::env::var("KEYWARD_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| venv().join("bin/python"))
+}
+
+#[track_caller]
+fn assert_tool(path: &Path, what: &str) {
+    assert!(
+        path.is_file(),
+        "{what} is missing at {}: `source scripts/peers.sh && ensure_peer_venv` installs it",
+        path.display()
+    );
+}
+
+/// A server whose brute-force lockout does not end the run: schemathesis sends
+/// missing and wrong credentials on purpose, and after `auth_max_failures` of
+/// them from one address every later request would be 429.
+/// Returns it with an all-scopes key and an encryption (id, active version id).
+async fn app_for_tools() -> (TestApp, Creds, (String, String)) {
+    let app =
+        TestApp::spawn_with(Backend::Sqlite, &[("KEYWARD_AUTH_MAX_FAILURES", "1000000")]).await;
+    let creds = app.create_tenant("acme");
+    let encryption = app.create_encryption(&creds).await;
+    (app, creds, encryption)
+}
+
+/// Runs a peer script with the server's URL, credentials and encryption in its
+/// environment.
+async fn run_script(
+    mut cmd: Command,
+    app: &TestApp,
+    creds: &Creds,
+    (encryption_id, version_id): &(String, String),
+) -> Output {
+    cmd.current_dir(root())
+        .env("KEYWARD_URL", app.url(""))
+        .env("KEYWARD_API_KEY", &creds.key)
+        .env("KEYWARD_API_SECRET", &creds.secret)
+        .env("KEYWARD_ENCRYPTION_ID", encryption_id)
+        .env("KEYWARD_VERSION_ID", version_id)
+        .env("KEYWARD_PEER_VENV", venv())
+        // A throwaway server and key: show the real values so the printed curl
+        // commands reproduce a failure as they are.
+        .env("KEYWARD_ST_SANITIZE", "false")
+        .env_remove("KEYWARD_SPEC");
+    tokio::task::spawn_blocking(move || cmd.output().expect("run the peer script"))
+        .await
+        .unwrap()
+}
+
+#[track_caller]
+fn assert_script_passed(name: &str, out: &Output, app: &TestApp) {
+    assert!(
+        out.status.success(),
+        "{name} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}\n--- server log (last 100 lines) ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        tail(&app.log_text(), 100),
+    );
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_failure_against_the_served_spec() {
+    let st = venv().join("bin/st");
+    assert_tool(&st, "schemathesis (st)");
+    let (app, creds, encryption) = app_for_tools().await;
+    let mut cmd = Command::new("bash");
+    cmd.arg(root().join("tests/peers/schemathesis.sh"))
+        .env("KEYWARD_ST", &st);
+    let out = run_script(cmd, &app, &creds, &encryption).await;
+    assert_script_passed("tests/peers/schemathesis.sh", &out, &app);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("schemathesis.sh: OK"),
+        "schemathesis.sh exited 0 without its OK line:\n{stdout}"
+    );
+    // Bad input never yields a 500, whatever schemathesis's verdict.
+    let log = app.log_text();
+    assert!(
+        !log.contains("\"status\":500") && !log.contains("panicked"),
+        "the server answered 500 or panicked during the run:\n{}",
+        tail(&log, 100)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_generated_from_the_spec_encrypts_decrypts_and_rotates() {
+    let python = python();
+    assert_tool(&python, "the test venv's python");
+    let generator = venv().join("bin/openapi-python-client");
+    assert_tool(&generator, "openapi-python-client");
+    let (app, creds, encryption) = app_for_tools().await;
+    let mut cmd = Command::new(&python);
+    cmd.arg(root().join("tests/peers/generated_client.py"))
+        .env("KEYWARD_OPENAPI_PYTHON_CLIENT", &generator);
+    let out = run_script(cmd, &app, &creds, &encryption).await;
+    assert_script_passed("tests/peers/generated_client.py", &out, &app);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for step in [
+        "decrypt: round trip equal",
+        "rotate: new version",
+        "the old ciphertext still decrypts",
+        "400 decryption_failed",
+        "OK",
+    ] {
+        assert!(stdout.contains(step), "no `{step}` in:\n{stdout}");
+    }
+    // The encryption now has two versions, the second active.
+    let (status, body) = app
+        .get(&format!("/v1/encryptions/{}", encryption.0), &creds)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["latestVersion"], 2, "{body}");
+}

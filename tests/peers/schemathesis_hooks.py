@@ -1,0 +1,78 @@
+"""Schemathesis hooks for Keyward (loaded by tests/peers/schemathesis.sh through
+SCHEMATHESIS_HOOKS).
+
+One check is replaced: `positive_data_acceptance` (ST202, "a request the schema
+allows must not be refused") becomes `keyward_positive_data_acceptance`, the same
+check except for the refusals no schema can express, because they depend on
+state or on cryptography rather than on the shape of the request. Each is matched
+by operation, status and error code, so any other refusal of a schema-valid
+request still fails:
+
+- a ciphertext, nonce or version that does not authenticate: 400
+  `decryption_failed` (decrypt, rewrap);
+- a well-formed `X-Master-Key` sent for a platform-managed encryption: 400
+  `master_key_not_applicable`;
+- a `cursor` this endpoint did not hand out: 400 `invalid_request` on `cursor`
+  (GET /v1/encryptions, GET /v1/audit);
+- a policy out of range for this encryption (`minDecryptionVersion` above the
+  active version, a period on a client-mode encryption) or an `autoRotatePeriod`
+  that does not parse as a duration: 422 `invalid_policy`, 400 on
+  `autoRotatePeriod` (PATCH /v1/encryptions/{id});
+- a re-encryption source that cannot be opened: 422 `invalid_job` (POST /v1/jobs);
+- a version whose state forbids the operation: 410 `version_destroyed`, 422
+  `version_not_encryptable`.
+"""
+
+import schemathesis
+from schemathesis.specs.openapi.checks import positive_data_acceptance
+
+# (method, path or "*") -> {(status, error code, message prefix or None)}
+SEMANTIC_REFUSALS = {
+    ("*", "*"): {
+        (400, "master_key_not_applicable", None),
+        (410, "version_destroyed", None),
+    },
+    ("POST", "/v1/decrypt"): {(400, "decryption_failed", None)},
+    ("POST", "/v1/rewrap"): {(400, "decryption_failed", None)},
+    ("POST", "/v1/encrypt"): {(422, "version_not_encryptable", None)},
+    ("GET", "/v1/encryptions"): {(400, "invalid_request", "`cursor`")},
+    ("GET", "/v1/audit"): {(400, "invalid_request", "`cursor`")},
+    ("PATCH", "/v1/encryptions/{id}"): {
+        (422, "invalid_policy", None),
+        (400, "invalid_request", "`autoRotatePeriod`: not a duration"),
+    },
+    ("POST", "/v1/jobs"): {(422, "invalid_job", None)},
+}
+
+
+def _error(response):
+    try:
+        body = response.json()
+        return body["error"]["code"], body["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return None, None
+
+
+def is_semantic_refusal(case, response):
+    code, message = _error(response)
+    if code is None:
+        return False
+    method = case.operation.method.upper()
+    path = case.operation.path
+    for key in (("*", "*"), (method, path)):
+        for status, want_code, prefix in SEMANTIC_REFUSALS.get(key, ()):
+            if (
+                response.status_code == status
+                and code == want_code
+                and (prefix is None or message.startswith(prefix))
+            ):
+                return True
+    return False
+
+
+@schemathesis.check
+def keyward_positive_data_acceptance(ctx, response, case):
+    """positive_data_acceptance, minus the refusals listed above."""
+    if is_semantic_refusal(case, response):
+        return None
+    return positive_data_acceptance(ctx, response, case)
