@@ -60,7 +60,7 @@ pub const OPERATIONS: &[&str] = &[
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// How many events may wait for the writer before requests wait for room.
-const QUEUE: usize = 65_536;
+const QUEUE: usize = 8_192;
 /// Most events the writer takes at once.
 const BATCH: usize = 4096;
 /// Most records kept for the table while the database is unreachable (they are
@@ -190,8 +190,17 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    /// The records this event makes: one per target (at least one).
-    fn records(self) -> Vec<AuditRecord> {
+    /// The records this event makes: one per target (at least one), each with
+    /// the event's time in Unix ms.
+    fn records(self) -> Vec<(i64, AuditRecord)> {
+        let time_ms = self.time_ms;
+        self.into_records()
+            .into_iter()
+            .map(|r| (time_ms, r))
+            .collect()
+    }
+
+    fn into_records(self) -> Vec<AuditRecord> {
         let (actor, api_key_id, tenant) = match &self.actor {
             Actor::ApiKey(p) => ("api_key", Some(p.key_id.clone()), Some(p.tenant_id)),
             Actor::Unauthenticated => ("unauthenticated", None, self.tenant_id),
@@ -463,12 +472,7 @@ async fn write_loop(
             match message {
                 Message::Flush(done) => flushes.push(done),
                 Message::Event(event) => {
-                    for record in event.records() {
-                        let time_ms = humantime::parse_rfc3339(&record.time)
-                            .ok()
-                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                            .map(|d| d.as_millis() as i64)
-                            .unwrap_or(0);
+                    for (time_ms, record) in event.records() {
                         let mut row = AuditRow {
                             time_ms,
                             tenant_id: record.tenant_id.clone(),
