@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use utoipa::ToSchema;
 
 use crate::crypto::sha256;
@@ -61,8 +61,12 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// How many events may wait for the writer before requests wait for room.
 const QUEUE: usize = 8_192;
+/// How many records may wait for the writer (a batch item is one).
+const RECORD_BUDGET: usize = 65_536;
 /// Most events the writer takes at once.
 const BATCH: usize = 4096;
+/// How long the writer lets events gather after a batch when more are coming.
+const PACE: Duration = Duration::from_millis(5);
 /// Most records kept for the table while the database is unreachable (they are
 /// in the file already); beyond, the oldest are dropped from the table copy.
 const MAX_PENDING_ROWS: usize = 200_000;
@@ -278,7 +282,8 @@ pub enum Destination {
 }
 
 enum Message {
-    Event(AuditEvent),
+    /// An event with its share of the record budget, released once written.
+    Event(AuditEvent, OwnedSemaphorePermit),
     Flush(oneshot::Sender<()>),
 }
 
@@ -286,6 +291,10 @@ enum Message {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
+    /// Records queued and not yet written, at most [`RECORD_BUDGET`]: a batch
+    /// request of 1,000 items takes 1,000, so memory is bounded by records,
+    /// not requests.
+    budget: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -312,12 +321,30 @@ impl AuditLog {
         };
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(write_loop(rx, sink, chain, store));
-        Ok(AuditLog { tx })
+        Ok(AuditLog {
+            tx,
+            budget: Arc::new(Semaphore::new(RECORD_BUDGET)),
+        })
+    }
+
+    fn records_of(event: &AuditEvent) -> u32 {
+        event.targets.len().clamp(1, RECORD_BUDGET) as u32
     }
 
     /// Queues an event. Waits only when the queue is full.
     pub async fn record(&self, event: AuditEvent) {
-        match self.tx.try_send(Message::Event(event)) {
+        let n = Self::records_of(&event);
+        let permit = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::counter!("keyward_audit_queue_full_total").increment(1);
+                match self.budget.clone().acquire_many_owned(n).await {
+                    Ok(p) => p,
+                    Err(_) => return, // Never closed.
+                }
+            }
+        };
+        match self.tx.try_send(Message::Event(event, permit)) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(message)) => {
                 metrics::counter!("keyward_audit_queue_full_total").increment(1);
@@ -332,7 +359,15 @@ impl AuditLog {
     /// Queues an event without waiting (for code that cannot wait, such as a
     /// request being dropped); counts it as lost when the queue is full.
     pub fn record_now(&self, event: AuditEvent) {
-        if self.tx.try_send(Message::Event(event)).is_err() {
+        let sent = match self
+            .budget
+            .clone()
+            .try_acquire_many_owned(Self::records_of(&event))
+        {
+            Ok(permit) => self.tx.try_send(Message::Event(event, permit)).is_ok(),
+            Err(_) => false,
+        };
+        if !sent {
             metrics::counter!("keyward_audit_lost_total").increment(1);
             tracing::error!("audit queue full or closed; an audit record was lost");
         }
@@ -466,12 +501,15 @@ async fn write_loop(
         if received == 0 {
             return; // Every handle is gone.
         }
+        let pace = received != usize::MAX && received < BATCH;
         let mut out = String::new();
         let mut flushes = Vec::new();
+        let mut permits = Vec::new();
         for message in messages.drain(..) {
             match message {
                 Message::Flush(done) => flushes.push(done),
-                Message::Event(event) => {
+                Message::Event(event, permit) => {
+                    permits.push(permit);
                     for (time_ms, record) in event.records() {
                         let mut row = AuditRow {
                             time_ms,
@@ -543,8 +581,16 @@ async fn write_loop(
                 }
             }
         }
+        drop(permits);
+        let waited_on = !flushes.is_empty();
         for done in flushes {
             let _ = done.send(());
+        }
+        // Under load, let events gather for a moment instead of being woken
+        // for every request (each wake is a cross-thread futex call on the
+        // request path); a flush (shutdown, GET /v1/audit) is not delayed.
+        if pace && !waited_on && !rx.is_empty() {
+            tokio::time::sleep(PACE).await;
         }
     }
 }

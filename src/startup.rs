@@ -14,7 +14,7 @@ use crate::config::Settings;
 use crate::domain::service::KeyService;
 use crate::domain::service::RootKeyError;
 use crate::domain::sync::follow_changes;
-use crate::http::{self, AppState, RouterSettings};
+use crate::http::{self, AppParts, AppState, RouterSettings};
 use crate::master_key;
 use crate::server;
 use crate::store::{Store, StoreError};
@@ -137,7 +137,7 @@ impl Application {
         }
         let audit = crate::audit::AuditLog::start(&settings.audit, Some(service.store().clone()))?;
         service.set_audit(audit.clone());
-        let state = AppState {
+        let state = AppState::new(AppParts {
             audit: audit.clone(),
             service: service.clone(),
             guard: Arc::new(crate::domain::guard::AuthGuard::new(
@@ -147,7 +147,7 @@ impl Application {
                     window: settings.auth_lockout,
                 },
             )),
-        };
+        });
         let router = http::router(
             state.clone(),
             RouterSettings {

@@ -250,7 +250,12 @@ impl SourceDb {
     ) -> Result<usize, sqlx::Error> {
         let s = &self.source;
         let mut written = 0;
-        for chunk in writes.chunks(SWAP_ROWS_PER_STATEMENT) {
+        let rows_per_statement = if self.source.database_url.starts_with("sqlite:") {
+            SWAP_ROWS_PER_SQLITE_STATEMENT
+        } else {
+            SWAP_ROWS_PER_STATEMENT
+        };
+        for chunk in writes.chunks(rows_per_statement) {
             let mut values = String::with_capacity(chunk.len() * 40);
             for i in 0..chunk.len() {
                 let n = i * 6;
@@ -332,9 +337,11 @@ impl SourceDb {
     }
 }
 
-/// Rows per compare-and-swap statement (6 parameters each: well inside
-/// SQLite's 32,766 and PostgreSQL's 65,535).
+/// Rows per compare-and-swap statement (6 parameters each) on PostgreSQL.
 const SWAP_ROWS_PER_STATEMENT: usize = 1000;
+/// The same on SQLite, whose driver in sqlx looks each `$N` parameter up by
+/// name (time quadratic in a statement's parameters).
+const SWAP_ROWS_PER_SQLITE_STATEMENT: usize = 32;
 
 /// An error message without anything from a URL (sqlx errors can quote the
 /// connection string's host; they never contain the password, but keep it short).

@@ -34,9 +34,28 @@ pub use batch::BatchLimits;
 use error::{error_response, ApiError};
 use extract::BodyLimit;
 
-/// What every handler can reach.
+/// What every handler can reach. Cloned for every request (axum's `State`), so
+/// it is one shared pointer: one atomic increment per clone, not one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    /// Shares `parts` between every request.
+    pub fn new(parts: AppParts) -> AppState {
+        AppState(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// The parts of [`AppState`].
+pub struct AppParts {
     /// Every operation.
     pub service: Arc<KeyService>,
     /// Rate limit and brute-force lockout.
