@@ -194,17 +194,8 @@ pub struct AuditEvent {
 }
 
 impl AuditEvent {
-    /// The records this event makes: one per target (at least one), each with
-    /// the event's time in Unix ms.
-    fn records(self) -> Vec<(i64, AuditRecord)> {
-        let time_ms = self.time_ms;
-        self.into_records()
-            .into_iter()
-            .map(|r| (time_ms, r))
-            .collect()
-    }
-
-    fn into_records(self) -> Vec<AuditRecord> {
+    /// The records this event makes: one per target (at least one).
+    fn records(self) -> Vec<AuditRecord> {
         let (actor, api_key_id, tenant) = match &self.actor {
             Actor::ApiKey(p) => ("api_key", Some(p.key_id.clone()), Some(p.tenant_id)),
             Actor::Unauthenticated => ("unauthenticated", None, self.tenant_id),
@@ -510,12 +501,13 @@ async fn write_loop(
                 Message::Flush(done) => flushes.push(done),
                 Message::Event(event, permit) => {
                     permits.push(permit);
-                    for (time_ms, record) in event.records() {
+                    let (time_ms, operation) = (event.time_ms, event.operation);
+                    for record in event.records() {
                         let mut row = AuditRow {
                             time_ms,
                             tenant_id: record.tenant_id.clone(),
                             encryption_id: record.encryption_id.clone(),
-                            operation: static_str(&record.operation),
+                            operation,
                             outcome: if record.outcome == "ok" {
                                 "ok"
                             } else {
@@ -593,16 +585,6 @@ async fn write_loop(
             tokio::time::sleep(PACE).await;
         }
     }
-}
-
-/// Operation names are a fixed set of literals; map the record's copy back to
-/// the literal so rows need no allocation for it.
-fn static_str(operation: &str) -> &'static str {
-    OPERATIONS
-        .iter()
-        .copied()
-        .find(|o| *o == operation)
-        .unwrap_or("other")
 }
 
 /// What [`verify`] found in an intact file.

@@ -27,7 +27,7 @@ use super::service::{KeyError, KeyService};
 use super::time::now_ms;
 use super::{EncryptionId, TenantId, VersionId};
 use crate::crypto::NONCE_LEN;
-use crate::store::{JobProgress, JobRow};
+use crate::store::{rows_per_statement, values_list, Backend, JobProgress, JobRow};
 
 /// Where the platform keeps its ciphertexts.
 #[derive(Clone, Serialize, Deserialize)]
@@ -101,10 +101,7 @@ fn quote(name: &str) -> String {
 
 impl JobSource {
     fn validate(&self) -> Result<(), JobError> {
-        if !(self.database_url.starts_with("postgres://")
-            || self.database_url.starts_with("postgresql://")
-            || self.database_url.starts_with("sqlite:"))
-        {
+        if Backend::from_url(&self.database_url).is_none() {
             return Err(JobError::Source(
                 "`databaseUrl` must start with postgres:// or sqlite:".into(),
             ));
@@ -241,7 +238,8 @@ impl SourceDb {
     /// Writes each row's new ciphertext only if the row still holds the old one
     /// (a compare-and-swap per row), one statement for many rows:
     /// `WITH v(...) AS (VALUES ...) UPDATE t SET ... FROM v WHERE key, old
-    /// ciphertext and old version match RETURNING 1`. Returns how many rows
+    /// ciphertext and old version match RETURNING 1`, a few hundred rows per
+    /// statement ([`rows_per_statement`]). Returns how many rows
     /// were written; the others changed meanwhile and are left alone.
     async fn swap_batch(
         &self,
@@ -250,28 +248,10 @@ impl SourceDb {
     ) -> Result<usize, sqlx::Error> {
         let s = &self.source;
         let mut written = 0;
-        let rows_per_statement = if self.source.database_url.starts_with("sqlite:") {
-            SWAP_ROWS_PER_SQLITE_STATEMENT
-        } else {
-            SWAP_ROWS_PER_STATEMENT
-        };
-        for chunk in writes.chunks(rows_per_statement) {
-            let mut values = String::with_capacity(chunk.len() * 40);
-            for i in 0..chunk.len() {
-                let n = i * 6;
-                if i > 0 {
-                    values.push(',');
-                }
-                values.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${})",
-                    n + 1,
-                    n + 2,
-                    n + 3,
-                    n + 4,
-                    n + 5,
-                    n + 6
-                ));
-            }
+        // The platform's database URL was checked when the job was made.
+        let backend = Backend::from_url(&s.database_url).unwrap_or(Backend::Sqlite);
+        for chunk in writes.chunks(rows_per_statement(backend)) {
+            let values = values_list(chunk.len(), 6);
             let sql = format!(
                 "WITH v(k, old_ct, old_ver, new_ct, new_ver, new_meta) AS (VALUES {values}) \
                  UPDATE {table} AS t SET {ct} = v.new_ct, {ver} = v.new_ver, {meta} = v.new_meta \
@@ -336,12 +316,6 @@ impl SourceDb {
             .collect()
     }
 }
-
-/// Rows per compare-and-swap statement (6 parameters each) on PostgreSQL.
-const SWAP_ROWS_PER_STATEMENT: usize = 1000;
-/// The same on SQLite, whose driver in sqlx looks each `$N` parameter up by
-/// name (time quadratic in a statement's parameters).
-const SWAP_ROWS_PER_SQLITE_STATEMENT: usize = 32;
 
 /// An error message without anything from a URL (sqlx errors can quote the
 /// connection string's host; they never contain the password, but keep it short).

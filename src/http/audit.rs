@@ -10,9 +10,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{
-    ConnectInfo, FromRequestParts, MatchedPath, Query, RawPathParams, Request, State,
-};
+use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, Uri};
 use axum::middleware::Next;
@@ -216,11 +214,12 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
     let event = AuditEvent {
         time_ms: now_ms(),
         operation,
+        // A client may choose its request id: keep at most 128 characters.
         request_id: parts
             .headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .map(str::to_owned),
+            .map(|id| id.chars().take(128).collect()),
         client: parts.extensions.get::<Arc<ClientIdentity>>().cloned(),
         peer: parts
             .extensions
@@ -290,8 +289,6 @@ fn operation_schema() -> utoipa::openapi::schema::Object {
         .build()
 }
 
-const MAX_PAGE: i64 = 1000;
-
 fn parse_time(value: &str, field: &str) -> Result<i64, ApiError> {
     time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
         .ok()
@@ -326,11 +323,9 @@ pub(super) async fn list(
     _auth: Auth<AdminScope>,
     uri: Uri,
 ) -> Result<Json<AuditPage>, ApiError> {
-    let pairs: Vec<(String, String)> = Query::try_from_uri(&uri)
-        .map(|Query(p)| p)
-        .map_err(|_| ApiError::InvalidRequest("the query string does not parse".into()))?;
+    let pairs = super::query_pairs(&uri)?;
     let mut q = AuditQuery {
-        limit: 100,
+        limit: super::DEFAULT_PAGE.into(),
         ..AuditQuery::default()
     };
     for (key, value) in pairs {
@@ -354,17 +349,7 @@ pub(super) async fn list(
                 }
                 q.operation = Some(value);
             }
-            "limit" => {
-                q.limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::InvalidRequest(format!(
-                            "`limit`: must be an integer from 1 to {MAX_PAGE}"
-                        ))
-                    })?
-            }
+            "limit" => q.limit = super::page_limit(&value)?.into(),
             "cursor" => {
                 q.before_id = Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
                     ApiError::InvalidRequest(

@@ -2,8 +2,8 @@
 //! `GET /v1/encryptions/{id}`. Key material, wrapped or not, never appears in
 //! any response.
 
-use axum::extract::{Path, RawQuery, State};
-use axum::http::StatusCode;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, Uri};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
@@ -413,11 +413,6 @@ pub(super) async fn update_version(
     Ok(Json(view(&details)))
 }
 
-/// Largest page size.
-const MAX_PAGE: u32 = 1000;
-/// Default page size.
-const DEFAULT_PAGE: u32 = 100;
-
 const CURSOR_B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 fn encode_cursor(e: &EncryptionRow) -> String {
@@ -447,23 +442,13 @@ fn decode_cursor(c: &str) -> Option<(i64, EncryptionId)> {
 pub(super) async fn list(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
-    RawQuery(query): RawQuery,
+    uri: Uri,
 ) -> Result<Json<EncryptionPage>, ApiError> {
-    let mut limit = DEFAULT_PAGE;
+    let mut limit = super::DEFAULT_PAGE;
     let mut after = None;
-    for (key, value) in url_pairs(query.as_deref().unwrap_or("")) {
+    for (key, value) in super::query_pairs(&uri)? {
         match key.as_str() {
-            "limit" => {
-                limit = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_PAGE).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::InvalidRequest(format!(
-                            "`limit`: must be an integer from 1 to {MAX_PAGE}"
-                        ))
-                    })?
-            }
+            "limit" => limit = super::page_limit(&value)?,
             "cursor" => {
                 after = Some(decode_cursor(&value).ok_or_else(|| {
                     ApiError::InvalidRequest(
@@ -492,14 +477,4 @@ pub(super) async fn list(
         items: rows.iter().map(summary).collect(),
         next_cursor,
     }))
-}
-
-/// Splits a query string into decoded pairs. Only `limit` and `cursor` are
-/// accepted, whose values are plain ASCII, so percent-decoding is not needed
-/// beyond rejecting it.
-fn url_pairs(query: &str) -> impl Iterator<Item = (String, String)> + '_ {
-    query.split('&').filter(|p| !p.is_empty()).map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k.to_string(), v.to_string())
-    })
 }

@@ -75,25 +75,21 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
-        // Until authentication succeeds, the audit record names the key id
-        // presented (only when it has the form of one: never a pasted secret).
-        let note = parts.extensions.get::<super::audit::AuditNote>().cloned();
-        if let Some(note) = &note {
-            if crate::domain::service::looks_like_key_id(key) {
-                note.refused(key);
-            }
-        }
-        state.guard.check_lockout(key, addr)?;
-        let principal = match state.service.authenticate(key, secret).await {
+        let note = parts.extensions.get::<super::audit::AuditNote>();
+        let principal = match check_credentials(state, key, secret, addr).await {
             Ok(p) => p,
-            Err(crate::domain::service::AuthError::InvalidCredentials) => {
-                metrics::counter!("keyward_auth_failures_total").increment(1);
-                state.guard.record_failure(key, addr);
-                return Err(ApiError::InvalidCredentials);
+            Err(e) => {
+                // The audit record names the key id presented, only when it has
+                // the form of one (never a secret pasted into the wrong header).
+                if let Some(note) = note {
+                    if crate::domain::service::looks_like_key_id(key) {
+                        note.refused(key);
+                    }
+                }
+                return Err(e);
             }
-            Err(e) => return Err(e.into()),
         };
-        if let Some(note) = &note {
+        if let Some(note) = note {
             note.caller(&principal);
         }
         state.guard.check_rate(&principal.key_id)?;
@@ -116,6 +112,26 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             principal,
             _scope: PhantomData,
         })
+    }
+}
+
+/// The lockout check, then the key id and secret; a refusal counts towards the
+/// lockout of the key id and the address.
+async fn check_credentials(
+    state: &AppState,
+    key: &str,
+    secret: &str,
+    addr: Option<std::net::IpAddr>,
+) -> Result<Principal, ApiError> {
+    state.guard.check_lockout(key, addr)?;
+    match state.service.authenticate(key, secret).await {
+        Ok(p) => Ok(p),
+        Err(crate::domain::service::AuthError::InvalidCredentials) => {
+            metrics::counter!("keyward_auth_failures_total").increment(1);
+            state.guard.record_failure(key, addr);
+            Err(ApiError::InvalidCredentials)
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

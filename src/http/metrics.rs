@@ -29,14 +29,59 @@ pub async fn record(req: Request, next: Next) -> Response {
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let response = next.run(req).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("route", route), ("method", method), ("status", status)];
+    let status: metrics::SharedString = match status_label(response.status().as_u16()) {
+        Some(s) => s.into(),
+        None => response.status().as_u16().to_string().into(),
+    };
+    let labels = [
+        ("route", metrics::SharedString::from(route)),
+        ("method", method.into()),
+        ("status", status),
+    ];
     metrics::counter!("keyward_http_requests_total", &labels).increment(1);
     metrics::histogram!("keyward_http_request_duration_seconds", &labels)
         .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The method as a label without allocating (the routes use no others).
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PATCH => "PATCH",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The statuses Keyward answers, as labels without allocating.
+fn status_label(status: u16) -> Option<&'static str> {
+    Some(match status {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        405 => "405",
+        409 => "409",
+        410 => "410",
+        413 => "413",
+        415 => "415",
+        422 => "422",
+        429 => "429",
+        500 => "500",
+        503 => "503",
+        _ => return None,
+    })
 }
 
 /// Prometheus metrics (text exposition format 0.0.4): requests by route,

@@ -182,6 +182,29 @@ fn json_errors(response: Response) -> Response {
     error_response(status, code, message)
 }
 
+/// Largest page size of the list endpoints.
+pub(crate) const MAX_PAGE: u32 = 1000;
+/// Default page size of the list endpoints.
+pub(crate) const DEFAULT_PAGE: u32 = 100;
+
+/// The query string's `name=value` pairs, percent-decoded.
+pub(crate) fn query_pairs(uri: &axum::http::Uri) -> Result<Vec<(String, String)>, ApiError> {
+    axum::extract::Query::try_from_uri(uri)
+        .map(|axum::extract::Query(pairs)| pairs)
+        .map_err(|_| ApiError::InvalidRequest("the query string does not parse".into()))
+}
+
+/// A `limit` parameter: 1 to [`MAX_PAGE`].
+pub(crate) fn page_limit(value: &str) -> Result<u32, ApiError> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| (1..=MAX_PAGE).contains(n))
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!("`limit`: must be an integer from 1 to {MAX_PAGE}"))
+        })
+}
+
 /// Parses a UUID field into an id newtype; the error names the field only.
 pub(crate) fn parse_id<T: FromStr>(value: &str, field: &str) -> Result<T, ApiError> {
     value

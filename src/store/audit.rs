@@ -3,7 +3,7 @@
 
 use sqlx::Row;
 
-use super::{Backend, Store, StoreError};
+use super::{rows_per_statement, values_list, Store, StoreError};
 
 /// One audit record as stored.
 #[derive(Debug, Clone)]
@@ -43,41 +43,15 @@ pub struct AuditQuery {
     pub limit: i64,
 }
 
-/// Rows per INSERT statement (7 parameters each). SQLite's driver in sqlx
-/// looks each `$N` parameter up by name, which costs time quadratic in the
-/// parameters of a statement (a third of a loaded server's CPU at 500 rows), so
-/// SQLite gets small statements; PostgreSQL binds by position.
-fn rows_per_statement(backend: Backend) -> usize {
-    match backend {
-        Backend::Sqlite => 32,
-        Backend::Postgres => 500,
-    }
-}
-
 impl Store {
     /// Appends `rows` in one transaction, a few hundred rows per statement.
     pub async fn insert_audit(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         for chunk in rows.chunks(rows_per_statement(self.backend)) {
-            let mut sql = String::from(
-                "INSERT INTO audit_log (time_ms, tenant_id, encryption_id, operation, outcome, request_id, record) VALUES ",
+            let sql = format!(
+                "INSERT INTO audit_log (time_ms, tenant_id, encryption_id, operation, outcome, request_id, record) VALUES {}",
+                values_list(chunk.len(), 7)
             );
-            for i in 0..chunk.len() {
-                let n = i * 7;
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&format!(
-                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
-                    n + 1,
-                    n + 2,
-                    n + 3,
-                    n + 4,
-                    n + 5,
-                    n + 6,
-                    n + 7
-                ));
-            }
             let mut query = sqlx::query(&sql);
             for row in chunk {
                 query = query
