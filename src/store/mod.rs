@@ -1,7 +1,8 @@
 //! Persistence: one [`Store`] over SQLite and PostgreSQL through sqlx's `Any`
 //! driver, so every query is written once. Queries use `$1`-style parameters,
-//! which both databases accept, and only the types both share (text, 64-bit
-//! integers, bytes). Migrations live in `migrations/sqlite` and
+//! which both databases accept (multi-row `VALUES` lists excepted: see
+//! [`values_list`]), and only the types both share (text, 64-bit integers,
+//! bytes). Migrations live in `migrations/sqlite` and
 //! `migrations/postgres`: the same tables with each database's type names.
 //!
 //! Nothing here knows about HTTP; nothing here sees a key in the clear.
@@ -22,7 +23,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor, Row};
 
 pub use api_keys::ApiKeyRow;
-pub use audit::{AuditQuery, AuditRow};
+pub use audit::{AuditQuery, AuditSegment};
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
 pub use jobs::{JobProgress, JobRow};
@@ -209,21 +210,43 @@ fn create_private_sqlite_file(url: &str) {
     let _ = options.open(path);
 }
 
-/// Most rows one multi-row statement should carry. sqlx's SQLite driver looks
-/// each `$N` parameter up by name, which costs time quadratic in a statement's
-/// parameters (a third of a loaded server's CPU at 3,500), so SQLite gets small
-/// statements; PostgreSQL binds by position.
+/// Most rows one multi-row statement carries. Both databases bind parameters
+/// by position here (see [`values_list`]), so a statement's cost grows with its
+/// rows, not with their square.
 pub fn rows_per_statement(backend: Backend) -> usize {
     match backend {
-        Backend::Sqlite => 32,
-        Backend::Postgres => 500,
+        // 7 columns x 256 rows stays far below SQLite's 32,766 parameters.
+        Backend::Sqlite => 256,
+        Backend::Postgres => 512,
     }
 }
 
-/// `($1, $2, $3), ($4, $5, $6), ...`: `rows` tuples of `columns` parameters.
-pub fn values_list(rows: usize, columns: usize) -> String {
+/// Splits `len` rows into statement sizes: as many full statements of
+/// [`rows_per_statement`] as fit, then the rest as powers of two. A handful of
+/// distinct sizes means a handful of distinct SQL texts, each prepared once
+/// per connection and then served from sqlx's statement cache.
+pub fn statement_sizes(backend: Backend, len: usize) -> impl Iterator<Item = usize> {
+    let max = rows_per_statement(backend);
+    let full = len / max;
+    let rest = len % max;
+    std::iter::repeat_n(max, full).chain(
+        (0..usize::BITS)
+            .rev()
+            .map(|bit| 1usize << bit)
+            .filter(move |size| rest & size != 0),
+    )
+}
+
+/// `rows` tuples of `columns` parameters, for a multi-row `VALUES` list.
+///
+/// SQLite gets anonymous `?` parameters: sqlx's SQLite driver asks SQLite for
+/// every parameter's name, which SQLite finds by a linear scan of the named
+/// ones, so `$N` names cost time quadratic in a statement's parameters (a third
+/// of a loaded server's CPU once, at 3,500 of them); `?` are bound in order at
+/// constant cost. PostgreSQL gets `$1, $2, ...`.
+pub fn values_list(backend: Backend, rows: usize, columns: usize) -> String {
     use std::fmt::Write;
-    let mut out = String::with_capacity(rows * columns * 5);
+    let mut out = String::with_capacity(rows * columns * 6);
     for row in 0..rows {
         if row > 0 {
             out.push_str(", ");
@@ -233,7 +256,12 @@ pub fn values_list(rows: usize, columns: usize) -> String {
             if column > 0 {
                 out.push_str(", ");
             }
-            let _ = write!(out, "${}", row * columns + column + 1);
+            match backend {
+                Backend::Sqlite => out.push('?'),
+                Backend::Postgres => {
+                    let _ = write!(out, "${}", row * columns + column + 1);
+                }
+            }
         }
         out.push(')');
     }
@@ -267,9 +295,30 @@ fn get_opt_id<T: FromStr>(
 
 #[cfg(test)]
 mod tests {
+    use super::Backend;
+
     #[test]
     fn values_list_numbers_parameters_row_by_row() {
-        assert_eq!(super::values_list(1, 2), "($1, $2)");
-        assert_eq!(super::values_list(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        let pg = Backend::Postgres;
+        assert_eq!(super::values_list(pg, 1, 2), "($1, $2)");
+        assert_eq!(super::values_list(pg, 2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(super::values_list(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
+    }
+
+    #[test]
+    fn statement_sizes_cover_every_row_with_few_distinct_sizes() {
+        for backend in [Backend::Sqlite, Backend::Postgres] {
+            let max = super::rows_per_statement(backend);
+            for len in [0, 1, 7, max - 1, max, max + 1, 3 * max + 100] {
+                let sizes: Vec<usize> = super::statement_sizes(backend, len).collect();
+                assert_eq!(sizes.iter().sum::<usize>(), len, "{backend:?} {len}");
+                assert!(sizes.iter().all(|s| *s == max || s.is_power_of_two()));
+                assert!(sizes.iter().all(|s| *s > 0 && *s <= max));
+            }
+        }
+        assert_eq!(
+            super::statement_sizes(Backend::Sqlite, 256 + 5).collect::<Vec<_>>(),
+            vec![256, 4, 1]
+        );
     }
 }
