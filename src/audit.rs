@@ -5,10 +5,10 @@
 //! Requests hand their events to [`AuditLog::record`], which only queues them; one
 //! writer task takes whatever has queued up, seals each record into a SHA-256
 //! hash chain, appends the lines to the audit file (or standard output), and
-//! inserts the batch into the `audit_log` table with one statement per few
-//! hundred records. No request waits for a database round trip; when the writer
-//! falls far behind, requests wait for room in the queue rather than lose
-//! records.
+//! stores the batch in the table as one segment row (up to 1,000 records; see
+//! [`crate::store::AuditSegment`]). No request waits for a database round trip,
+//! and the database sees a row per batch, not per record; when the writer falls
+//! far behind, requests wait for room in the queue rather than lose records.
 //!
 //! Tamper evidence: each record carries `prev`, the hash of the record before it,
 //! and `hash`, the SHA-256 of the record's own JSON up to (not including) the
@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -32,7 +33,7 @@ use crate::crypto::sha256;
 use crate::domain::service::Principal;
 use crate::domain::time::rfc3339;
 use crate::domain::{EncryptionId, TenantId, VersionId};
-use crate::store::{AuditRow, Store};
+use crate::store::{AuditSegment, Store};
 use crate::tls::ClientIdentity;
 
 /// Every operation name a record can carry.
@@ -193,35 +194,131 @@ pub struct AuditEvent {
     pub targets: Vec<Target>,
 }
 
+/// One record's fields as the writer serializes them: [`AuditRecord`]'s fields
+/// in the same order with the same names, borrowed, so that writing a record
+/// allocates nothing but its line.
+#[derive(Clone, Copy, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RecordFields<'a> {
+    seq: u64,
+    time: &'a str,
+    operation: &'a str,
+    outcome: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<&'a str>,
+    actor: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_subject: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_spki_sha256: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_index: Option<u32>,
+    /// Filled in by [`Chain::seal`].
+    prev: &'a str,
+}
+
+impl AuditRecord {
+    /// The record's fields for [`Chain::seal`] (`seq`, `prev` and `hash` are
+    /// the chain's to set).
+    #[cfg(test)]
+    fn fields(&self) -> RecordFields<'_> {
+        RecordFields {
+            seq: 0,
+            time: &self.time,
+            operation: &self.operation,
+            outcome: &self.outcome,
+            error: self.error.as_deref(),
+            status: self.status,
+            request_id: self.request_id.as_deref(),
+            actor: &self.actor,
+            api_key_id: self.api_key_id.as_deref(),
+            tenant_id: self.tenant_id.as_deref(),
+            client_subject: self.client_subject.as_deref(),
+            client_spki_sha256: self.client_spki_sha256.as_deref(),
+            peer: self.peer.as_deref(),
+            encryption_id: self.encryption_id.as_deref(),
+            version_id: self.version_id.as_deref(),
+            job_id: self.job_id.as_deref(),
+            batch_index: self.batch_index,
+            prev: "",
+        }
+    }
+}
+
+/// The RFC 3339 text of the last timestamp written: records come in bursts
+/// within the same millisecond, so most reuse it.
+#[derive(Default)]
+struct TimeText {
+    ms: Option<i64>,
+    text: String,
+}
+
+impl TimeText {
+    fn of(&mut self, ms: i64) -> &str {
+        if self.ms != Some(ms) {
+            self.ms = Some(ms);
+            self.text = rfc3339(ms);
+        }
+        &self.text
+    }
+}
+
 impl AuditEvent {
-    /// The records this event makes: one per target (at least one).
-    fn records(self) -> Vec<AuditRecord> {
+    /// Seals this event's records (one per target, at least one) into `chain`,
+    /// appending their lines to `out`; `row` receives each line with its
+    /// table columns.
+    fn write_records(
+        &self,
+        chain: &mut Chain,
+        time: &mut TimeText,
+        out: &mut Vec<u8>,
+        mut row: impl FnMut(&RecordFields<'_>, &[u8]),
+    ) {
         let (actor, api_key_id, tenant) = match &self.actor {
-            Actor::ApiKey(p) => ("api_key", Some(p.key_id.clone()), Some(p.tenant_id)),
+            Actor::ApiKey(p) => ("api_key", Some(p.key_id.as_str()), Some(p.tenant_id)),
             Actor::Unauthenticated => ("unauthenticated", None, self.tenant_id),
-            Actor::Refused(id) => ("unauthenticated", Some(id.clone()), self.tenant_id),
+            Actor::Refused(id) => ("unauthenticated", Some(id.as_str()), self.tenant_id),
             Actor::System => ("system", None, self.tenant_id),
         };
-        let base = AuditRecord {
+        let mut tenant_buf = [0; 36];
+        let tenant_id = tenant.map(|t| t.encode(&mut tenant_buf));
+        let spki = self.client.as_ref().map(|c| c.spki_hex());
+        let peer = self.peer.map(|p| p.to_string());
+        let base = RecordFields {
             seq: 0,
-            time: rfc3339(self.time_ms),
-            operation: self.operation.to_string(),
-            outcome: String::new(),
+            time: time.of(self.time_ms),
+            operation: self.operation,
+            outcome: "ok",
             error: None,
             status: self.status,
-            request_id: self.request_id.clone(),
-            actor: actor.to_string(),
+            request_id: self.request_id.as_deref(),
+            actor,
             api_key_id,
-            tenant_id: tenant.map(|t| t.to_string()),
-            client_subject: self.client.as_ref().map(|c| c.subject.clone()),
-            client_spki_sha256: self.client.as_ref().map(|c| c.spki_hex()),
-            peer: self.peer.map(|p| p.to_string()),
+            tenant_id,
+            client_subject: self.client.as_ref().map(|c| c.subject.as_str()),
+            client_spki_sha256: spki.as_deref(),
+            peer: peer.as_deref(),
             encryption_id: None,
             version_id: None,
             job_id: None,
             batch_index: None,
-            prev: String::new(),
-            hash: None,
+            prev: "",
         };
         let request_failed =
             self.error.is_some() || self.status.is_some_and(|s| !(200..400).contains(&s));
@@ -232,34 +329,37 @@ impl AuditEvent {
                 ("ok", None)
             }
         };
-        if self.targets.is_empty() {
-            let (o, e) = outcome(self.error, request_failed);
-            return vec![AuditRecord {
-                outcome: o.into(),
-                error: e.map(Into::into),
+        let none = Target::default();
+        let targets = if self.targets.is_empty() {
+            std::slice::from_ref(&none)
+        } else {
+            &self.targets[..]
+        };
+        for t in targets {
+            let (o, e) = match t.item_outcome {
+                // A batch item reports its own outcome when the request as a
+                // whole succeeded.
+                Some(item) if !request_failed => outcome(item, item.is_some()),
+                _ => outcome(self.error, request_failed),
+            };
+            let (mut enc_buf, mut ver_buf) = ([0; 36], [0; 36]);
+            let record = RecordFields {
+                outcome: o,
+                error: e,
+                encryption_id: t.encryption_id.as_ref().map(|i| i.encode(&mut enc_buf)),
+                version_id: t.version_id.as_ref().map(|v| v.encode(&mut ver_buf)),
+                job_id: t.job_id.as_deref(),
+                batch_index: t.batch_index,
                 ..base
-            }];
+            };
+            if chain.needs_newline {
+                out.push(b'\n');
+                chain.needs_newline = false;
+            }
+            let line = chain.seal(&record, out);
+            row(&record, &out[line]);
+            out.push(b'\n');
         }
-        self.targets
-            .into_iter()
-            .map(|t| {
-                let (o, e) = match t.item_outcome {
-                    // A batch item reports its own outcome when the request as a
-                    // whole succeeded.
-                    Some(item) if !request_failed => outcome(item, item.is_some()),
-                    _ => outcome(self.error, request_failed),
-                };
-                AuditRecord {
-                    outcome: o.into(),
-                    error: e.map(Into::into),
-                    encryption_id: t.encryption_id.map(|i| i.to_string()),
-                    version_id: t.version_id.map(|v| v.to_string()),
-                    job_id: t.job_id,
-                    batch_index: t.batch_index,
-                    ..base.clone()
-                }
-            })
-            .collect()
     }
 }
 
@@ -395,6 +495,7 @@ impl Sink {
 /// The running end of a hash chain.
 struct Chain {
     seq: u64,
+    /// The last record's hash, hex.
     prev: String,
     /// The file ends in a partial line (a crash mid-write): start on a new line.
     needs_newline: bool,
@@ -409,17 +510,27 @@ impl Chain {
         }
     }
 
-    /// Numbers and hashes `record`, returning its line (without newline).
-    fn seal(&mut self, mut record: AuditRecord) -> String {
+    /// Numbers, links and hashes `record`, appending its line (without
+    /// newline) to `out`; returns where in `out` the line is.
+    fn seal(&mut self, record: &RecordFields<'_>, out: &mut Vec<u8>) -> Range<usize> {
+        let start = out.len();
         self.seq += 1;
-        record.seq = self.seq;
-        record.prev = std::mem::take(&mut self.prev);
-        record.hash = None;
-        let body = serde_json::to_string(&record).expect("an audit record serializes");
-        let hash = crate::tls::hex(&sha256(body.as_bytes()));
-        let line = format!("{},\"hash\":\"{hash}\"}}", &body[..body.len() - 1]);
-        self.prev = hash;
-        line
+        let record = RecordFields {
+            seq: self.seq,
+            prev: &self.prev,
+            ..*record
+        };
+        serde_json::to_writer(&mut *out, &record).expect("an audit record serializes");
+        // `hash` covers the line up to it, closed as the object it was: the
+        // JSON without its `hash` field.
+        let digest = sha256(&out[start..]);
+        out.pop();
+        self.prev.clear();
+        crate::tls::hex_into(&digest, &mut self.prev);
+        out.extend_from_slice(b",\"hash\":\"");
+        out.extend_from_slice(self.prev.as_bytes());
+        out.extend_from_slice(b"\"}");
+        start..out.len()
     }
 }
 
@@ -475,7 +586,12 @@ async fn write_loop(
     store: Option<Store>,
 ) {
     let mut messages = Vec::with_capacity(BATCH);
-    let mut pending: VecDeque<AuditRow> = VecDeque::new();
+    // Segments for the table, oldest first; the last one may still grow.
+    let mut pending: VecDeque<AuditSegment> = VecDeque::new();
+    let mut pending_records = 0usize;
+    // The lines of one batch, reused from batch to batch.
+    let mut out: Vec<u8> = Vec::new();
+    let mut time = TimeText::default();
     let mut database_failing = false;
     loop {
         let received = if pending.is_empty() {
@@ -493,7 +609,8 @@ async fn write_loop(
             return; // Every handle is gone.
         }
         let pace = received != usize::MAX && received < BATCH;
-        let mut out = String::new();
+        out.clear();
+        let mut records = 0u64;
         let mut flushes = Vec::new();
         let mut permits = Vec::new();
         for message in messages.drain(..) {
@@ -501,61 +618,51 @@ async fn write_loop(
                 Message::Flush(done) => flushes.push(done),
                 Message::Event(event, permit) => {
                     permits.push(permit);
-                    let (time_ms, operation) = (event.time_ms, event.operation);
-                    for record in event.records() {
-                        let mut row = AuditRow {
-                            time_ms,
-                            tenant_id: record.tenant_id.clone(),
-                            encryption_id: record.encryption_id.clone(),
-                            operation,
-                            outcome: if record.outcome == "ok" {
-                                "ok"
-                            } else {
-                                "error"
-                            },
-                            request_id: record.request_id.clone(),
-                            record: String::new(),
-                        };
-                        let line = chain.seal(record);
-                        if chain.needs_newline {
-                            out.push('\n');
-                            chain.needs_newline = false;
-                        }
-                        out.push_str(&line);
-                        out.push('\n');
+                    event.write_records(&mut chain, &mut time, &mut out, |fields, line| {
+                        records += 1;
                         if store.is_some() {
-                            row.record = line;
-                            pending.push_back(row);
+                            if pending.back().is_none_or(AuditSegment::is_full) {
+                                pending.push_back(AuditSegment::default());
+                            }
+                            let segment = pending.back_mut().expect("pushed above");
+                            segment.push(
+                                event.time_ms,
+                                &String::from_utf8_lossy(line),
+                                fields.tenant_id,
+                                fields.encryption_id,
+                                event.operation,
+                            );
+                            pending_records += 1;
                         }
-                    }
+                    });
                 }
             }
         }
         if !out.is_empty() {
-            metrics::counter!("keyward_audit_records_total")
-                .increment(out.bytes().filter(|b| *b == b'\n').count() as u64);
-            if let Err(e) = sink.write(out.as_bytes()) {
+            metrics::counter!("keyward_audit_records_total").increment(records);
+            if let Err(e) = sink.write(&out) {
                 metrics::counter!("keyward_audit_write_errors_total", "sink" => "file")
                     .increment(1);
                 tracing::error!(error = %e, "cannot write the audit file");
             }
         }
         if let Some(store) = &store {
-            if pending.len() > MAX_PENDING_ROWS {
-                let drop = pending.len() - MAX_PENDING_ROWS;
-                pending.drain(..drop);
-                metrics::counter!("keyward_audit_lost_total").increment(drop as u64);
+            while pending_records > MAX_PENDING_ROWS {
+                let Some(oldest) = pending.pop_front() else {
+                    break;
+                };
+                pending_records -= oldest.records;
+                metrics::counter!("keyward_audit_lost_total").increment(oldest.records as u64);
                 tracing::error!(
-                    dropped = drop,
+                    dropped = oldest.records,
                     "the database has refused audit records for too long; oldest dropped from the table (they are in the audit file)"
                 );
             }
             while !pending.is_empty() {
-                let n = pending.len().min(5000);
-                let rows: Vec<AuditRow> = pending.iter().take(n).cloned().collect();
-                match store.insert_audit(&rows).await {
+                let n = pending.len().min(16);
+                match store.insert_audit(&pending.make_contiguous()[..n]).await {
                     Ok(()) => {
-                        pending.drain(..n);
+                        pending_records -= pending.drain(..n).map(|s| s.records).sum::<usize>();
                         if database_failing {
                             tracing::info!("audit records reach the database again");
                             database_failing = false;
@@ -703,11 +810,108 @@ mod tests {
         }
     }
 
+    fn seal(chain: &mut Chain, record: &AuditRecord) -> String {
+        let mut out = Vec::new();
+        chain.seal(&record.fields(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
     fn chain_of(n: usize) -> Vec<String> {
         let mut chain = Chain::new();
         (0..n)
-            .map(|i| chain.seal(sample(&format!("op{i}"))))
+            .map(|i| seal(&mut chain, &sample(&format!("op{i}"))))
             .collect()
+    }
+
+    #[test]
+    fn written_lines_are_audit_records_with_every_field_in_order() {
+        let tenant = TenantId::new_random();
+        let (e1, e2, v1) = (
+            EncryptionId::new_random(),
+            EncryptionId::new_random(),
+            VersionId::new_random(),
+        );
+        let event = AuditEvent {
+            time_ms: 1_780_000_000_123,
+            operation: "encrypt",
+            status: Some(200),
+            error: None,
+            request_id: Some("req-1".into()),
+            actor: Actor::Refused("kw_0123456789abcdef01234567".into()),
+            tenant_id: Some(tenant),
+            client: Some(Arc::new(ClientIdentity {
+                subject: "CN=client \"one\"".into(),
+                spki_sha256: [7; 32],
+            })),
+            peer: Some("127.0.0.1".parse().unwrap()),
+            targets: vec![
+                Target {
+                    encryption_id: Some(e1),
+                    version_id: Some(v1),
+                    batch_index: Some(0),
+                    item_outcome: Some(None),
+                    ..Target::default()
+                },
+                Target {
+                    encryption_id: Some(e2),
+                    batch_index: Some(1),
+                    item_outcome: Some(Some("encryption_not_found")),
+                    ..Target::default()
+                },
+            ],
+        };
+        let (mut chain, mut time, mut out) = (Chain::new(), TimeText::default(), Vec::new());
+        let mut rows = Vec::new();
+        event.write_records(&mut chain, &mut time, &mut out, |fields, line| {
+            rows.push((fields.outcome.to_string(), line.to_vec()))
+        });
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(rows[1].1, lines[1].as_bytes());
+        let first: AuditRecord = serde_json::from_str(lines[0]).unwrap();
+        let second: AuditRecord = serde_json::from_str(lines[1]).unwrap();
+        let expected = AuditRecord {
+            seq: 1,
+            time: "2026-05-28T20:26:40.123Z".into(),
+            operation: "encrypt".into(),
+            outcome: "ok".into(),
+            error: None,
+            status: Some(200),
+            request_id: Some("req-1".into()),
+            actor: "unauthenticated".into(),
+            api_key_id: Some("kw_0123456789abcdef01234567".into()),
+            tenant_id: Some(tenant.to_string()),
+            client_subject: Some("CN=client \"one\"".into()),
+            client_spki_sha256: Some("07".repeat(32)),
+            peer: Some("127.0.0.1".into()),
+            encryption_id: Some(e1.to_string()),
+            version_id: Some(v1.to_string()),
+            job_id: None,
+            batch_index: Some(0),
+            prev: GENESIS.into(),
+            hash: first.hash.clone(),
+        };
+        assert_eq!(first, expected);
+        assert_eq!((second.seq, second.outcome.as_str()), (2, "error"));
+        assert_eq!(second.error.as_deref(), Some("encryption_not_found"));
+        assert_eq!(second.prev, first.hash.clone().unwrap());
+        // The writer's bytes are exactly what serde writes for the record:
+        // the same fields in the same order.
+        let mut unhashed = first.clone();
+        unhashed.hash = None;
+        let body = serde_json::to_string(&unhashed).unwrap();
+        assert!(
+            lines[0].starts_with(&body[..body.len() - 1]),
+            "{}",
+            lines[0]
+        );
+        assert_eq!(
+            check(&lines.iter().map(|l| l.to_string()).collect::<Vec<_>>())
+                .unwrap()
+                .records,
+            2
+        );
     }
 
     fn check(lines: &[String]) -> Result<VerifyReport, VerifyError> {
@@ -752,7 +956,7 @@ mod tests {
         chain.seq = 1;
         chain.prev = forged.prev.clone();
         let mut rehashed = lines.clone();
-        rehashed[1] = chain.seal(forged);
+        rehashed[1] = seal(&mut chain, &forged);
         match check(&rehashed) {
             Err(VerifyError::Broken(b)) => assert_eq!((b.line, b.seq), (3, Some(3))),
             other => panic!("{other:?}"),
@@ -771,12 +975,12 @@ mod tests {
         let path = dir.path().join("audit.jsonl");
         let (mut file, mut chain) = open_file(&path).unwrap();
         for i in 0..3 {
-            writeln!(file, "{}", chain.seal(sample(&format!("a{i}")))).unwrap();
+            writeln!(file, "{}", seal(&mut chain, &sample(&format!("a{i}")))).unwrap();
         }
         drop(file);
         let (mut file, mut chain) = open_file(&path).unwrap();
         assert_eq!(chain.seq, 3);
-        writeln!(file, "{}", chain.seal(sample("b"))).unwrap();
+        writeln!(file, "{}", seal(&mut chain, &sample("b"))).unwrap();
         let report = verify(std::io::BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
         assert_eq!((report.records, report.last_seq), (4, Some(4)));
     }

@@ -21,6 +21,11 @@ macro_rules! uuid_id {
             pub fn as_bytes(&self) -> &[u8; 16] {
                 self.0.as_bytes()
             }
+            /// The hyphenated lower-case text form, written into `buf`
+            /// (what `Display` prints, without the formatting machinery).
+            pub fn encode<'b>(&self, buf: &'b mut [u8; 36]) -> &'b str {
+                self.0.hyphenated().encode_lower(buf)
+            }
         }
 
         impl fmt::Display for $name {

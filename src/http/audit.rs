@@ -377,10 +377,13 @@ pub(super) async fn list(
     };
     let records = rows
         .into_iter()
-        .filter_map(|(id, text)| match serde_json::from_str(&text) {
+        .filter_map(|(position, text)| match serde_json::from_str(&text) {
             Ok(r) => Some(r),
             Err(_) => {
-                tracing::error!(row = id, "an audit_log row does not parse; skipped");
+                tracing::error!(
+                    position,
+                    "an audit record in the table does not parse; skipped"
+                );
                 None
             }
         })
