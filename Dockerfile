@@ -25,13 +25,10 @@ COPY --from=build /out/keyward /usr/local/bin/keyward
 # With neither, `serve` refuses to start: plain HTTP is served on loopback only.
 # 8443 is the API (HTTPS). 8481 serves only /healthz and /readyz, over plain HTTP
 # and without a client certificate, for probes; it carries no secrets.
-# MIMALLOC_ARENA_EAGER_COMMIT=0: the allocator commits memory as it is used, not
-# in whole arenas up front (about 48 MiB instead of 70 MiB with 10,000 encryptions
-# warm; docs/benchmarks.md). It must be in the environment at process start.
+# The binary tunes its allocator itself (src/allocator.rs); nothing to set here.
 ENV KEYWARD_LISTEN=0.0.0.0:8443 \
     KEYWARD_OPS_LISTEN=0.0.0.0:8481 \
-    KEYWARD_LOG_FORMAT=json \
-    MIMALLOC_ARENA_EAGER_COMMIT=0
+    KEYWARD_LOG_FORMAT=json
 # 65532 is distroless's `nonroot` user and group, numeric so that the runtime
 # can check runAsNonRoot without resolving a name.
 USER 65532:65532

@@ -31,6 +31,10 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+/// The same allocator, with the same settings, as `keyward`.
+#[path = "../src/allocator.rs"]
+mod allocator;
+
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 /// The size of an AES-GCM tag: what Keyward's ciphertext adds to the data.
 const TAG_LEN: usize = 16;
@@ -119,6 +123,8 @@ fn main() -> std::io::Result<()> {
         None => SocketAddr::from(([127, 0, 0, 1], 0)),
     };
     // The same runtime as `keyward` (src/main.rs): defaults, one worker per core.
+    #[cfg(not(target_os = "linux"))]
+    allocator::tune_late();
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

@@ -93,9 +93,6 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             note.caller(&principal);
         }
         state.guard.check_rate(&principal.key_id)?;
-        let span = tracing::Span::current();
-        span.record("api_key", principal.key_id.as_str());
-        span.record("tenant", tracing::field::display(principal.tenant_id));
         if let Some(bound) = &principal.cert_spki_sha256 {
             // A key bound to a certificate works only on a connection that
             // presented that certificate's public key.

@@ -24,26 +24,68 @@ pub fn router() -> Router<AppState> {
 /// method, status and duration.
 pub async fn record(req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let method = method_label(req.method());
     let response = next.run(req).await;
-    let status: metrics::SharedString = match status_label(response.status().as_u16()) {
-        Some(s) => s.into(),
-        None => response.status().as_u16().to_string().into(),
-    };
-    let labels = [
-        ("route", metrics::SharedString::from(route)),
-        ("method", method.into()),
-        ("status", status),
-    ];
-    metrics::counter!("keyward_http_requests_total", &labels).increment(1);
-    metrics::histogram!("keyward_http_request_duration_seconds", &labels)
-        .record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
+    let status = response.status().as_u16();
+    with_series(route, method, status, |series| {
+        series.requests.increment(1);
+        series.duration.record(started.elapsed().as_secs_f64());
+    });
     response
+}
+
+/// One route, method and status's counter and histogram.
+struct Series {
+    method: &'static str,
+    status: u16,
+    requests: metrics::Counter,
+    duration: metrics::Histogram,
+}
+
+thread_local! {
+    /// The series this worker thread has recorded into, by route. Looking a
+    /// series up in the recorder means building its key (three label strings)
+    /// and hashing it on every request; the handles it returns stay valid, so
+    /// each thread keeps them. Bounded: routes are the router's patterns and
+    /// "unmatched", methods and statuses a short list.
+    static SERIES: std::cell::RefCell<std::collections::HashMap<Box<str>, Vec<Series>>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn with_series(route: &str, method: &'static str, status: u16, f: impl FnOnce(&Series)) {
+    SERIES.with_borrow_mut(|by_route| {
+        if !by_route.contains_key(route) {
+            by_route.insert(route.into(), Vec::new());
+        }
+        let list = by_route.get_mut(route).expect("inserted above");
+        let index = match list
+            .iter()
+            .position(|s| s.method == method && s.status == status)
+        {
+            Some(i) => i,
+            None => {
+                let status_label: metrics::SharedString = match status_label(status) {
+                    Some(s) => s.into(),
+                    None => status.to_string().into(),
+                };
+                let labels = [
+                    ("route", metrics::SharedString::from(route.to_owned())),
+                    ("method", method.into()),
+                    ("status", status_label),
+                ];
+                list.push(Series {
+                    method,
+                    status,
+                    requests: metrics::counter!("keyward_http_requests_total", &labels),
+                    duration: metrics::histogram!("keyward_http_request_duration_seconds", &labels),
+                });
+                list.len() - 1
+            }
+        };
+        f(&list[index]);
+    })
 }
 
 /// The method as a label without allocating (the routes use no others).
