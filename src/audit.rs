@@ -70,7 +70,7 @@ const BATCH: usize = 4096;
 const PACE: Duration = Duration::from_millis(5);
 /// Most records kept for the table while the database is unreachable (they are
 /// in the file already); beyond, the oldest are dropped from the table copy.
-const MAX_PENDING_ROWS: usize = 200_000;
+const MAX_PENDING_RECORDS: usize = 200_000;
 
 /// One audit record, as written: a JSON object per line, fields in this order,
 /// `hash` last.
@@ -281,8 +281,8 @@ impl TimeText {
 
 impl AuditEvent {
     /// Seals this event's records (one per target, at least one) into `chain`,
-    /// appending their lines to `out`; `row` receives each line with its
-    /// table columns.
+    /// appending their lines to `out`; `row` receives each record's fields and
+    /// line (for the table copy).
     fn write_records(
         &self,
         chain: &mut Chain,
@@ -647,7 +647,7 @@ async fn write_loop(
             }
         }
         if let Some(store) = &store {
-            while pending_records > MAX_PENDING_ROWS {
+            while pending_records > MAX_PENDING_RECORDS {
                 let Some(oldest) = pending.pop_front() else {
                     break;
                 };

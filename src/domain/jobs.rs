@@ -27,7 +27,7 @@ use super::service::{KeyError, KeyService};
 use super::time::now_ms;
 use super::{EncryptionId, TenantId, VersionId};
 use crate::crypto::NONCE_LEN;
-use crate::store::{statement_sizes, values_list, Backend, JobProgress, JobRow};
+use crate::store::{statement_chunks, values_list, Backend, JobProgress, JobRow};
 
 /// Where the platform keeps its ciphertexts.
 #[derive(Clone, Serialize, Deserialize)]
@@ -239,7 +239,7 @@ impl SourceDb {
     /// (a compare-and-swap per row), one statement for many rows:
     /// `WITH v(...) AS (VALUES ...) UPDATE t SET ... FROM v WHERE key, old
     /// ciphertext and old version match RETURNING 1`, a few hundred rows per
-    /// statement ([`statement_sizes`]). Returns how many rows
+    /// statement ([`statement_chunks`]). Returns how many rows
     /// were written; the others changed meanwhile and are left alone.
     async fn swap_batch(
         &self,
@@ -250,10 +250,7 @@ impl SourceDb {
         let mut written = 0;
         // The platform's database URL was checked when the job was made.
         let backend = Backend::from_url(&s.database_url).unwrap_or(Backend::Sqlite);
-        let mut rest = writes;
-        for size in statement_sizes(backend, writes.len()) {
-            let (chunk, after) = rest.split_at(size);
-            rest = after;
+        for chunk in statement_chunks(backend, writes) {
             let values = values_list(backend, chunk.len(), 6);
             let sql = format!(
                 "WITH v(k, old_ct, old_ver, new_ct, new_ver, new_meta) AS (VALUES {values}) \

@@ -126,22 +126,15 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
                     // Who called is in the request's audit record, found by its
                     // request id: recording it here too re-formatted every span's
                     // JSON fields on each request (a twentieth of the CPU).
-                    match req.extensions().get::<Arc<ClientIdentity>>() {
-                        None => tracing::info_span!(
-                            "request",
-                            method = %req.method(),
-                            path = req.uri().path(),
-                            request_id,
-                        ),
-                        Some(client) => tracing::info_span!(
-                            "request",
-                            method = %req.method(),
-                            path = req.uri().path(),
-                            request_id,
-                            client_subject = client.subject.as_str(),
-                            client_spki = client.spki_hex(),
-                        ),
-                    }
+                    let client = req.extensions().get::<Arc<ClientIdentity>>();
+                    tracing::info_span!(
+                        "request",
+                        method = %req.method(),
+                        path = req.uri().path(),
+                        request_id,
+                        client_subject = client.map(|c| c.subject.as_str()),
+                        client_spki = client.map(|c| c.spki_hex()),
+                    )
                 })
                 .on_request(())
                 .on_response(

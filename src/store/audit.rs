@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use sqlx::Row;
 
-use super::{statement_sizes, values_list, Store, StoreError};
+use super::{statement_chunks, values_list, Store, StoreError};
 
 /// Most records in one segment. A read cursor is a record's position,
 /// `segment id * POSITIONS + line`, so this stays below [`POSITIONS`].
@@ -161,10 +161,7 @@ impl Store {
                 )
                 .chain(segment.operations.iter().map(|o| ("operation", *o)))
                 .collect();
-            let mut rest = &keys[..];
-            for size in statement_sizes(self.backend, keys.len()) {
-                let (chunk, after) = rest.split_at(size);
-                rest = after;
+            for chunk in statement_chunks(self.backend, &keys) {
                 let sql = format!(
                     "INSERT INTO audit_segment_keys (kind, value, segment_id) VALUES {}",
                     values_list(self.backend, chunk.len(), 3)
@@ -241,9 +238,10 @@ impl Store {
         }
         let mut conditions = Vec::new();
         let (source, id) = match keys.first() {
-            Some((kind, _)) => {
+            Some((kind, value)) => {
                 let kind = param(Bind::Text((*kind).to_owned()), &mut binds);
-                conditions.push(format!("k.kind = {kind}"));
+                let value = param(Bind::Text((*value).to_owned()), &mut binds);
+                conditions.push(format!("k.kind = {kind} AND k.value = {value}"));
                 (
                     "audit_segment_keys k JOIN audit_segments s ON s.id = k.segment_id",
                     "k.segment_id",
@@ -251,10 +249,6 @@ impl Store {
             }
             None => ("audit_segments s", "s.id"),
         };
-        if let Some((_, value)) = keys.first() {
-            let value = param(Bind::Text((*value).to_owned()), &mut binds);
-            conditions.push(format!("k.value = {value}"));
-        }
         for (kind, value) in keys.iter().skip(1) {
             let kind = param(Bind::Text((*kind).to_owned()), &mut binds);
             let value = param(Bind::Text((*value).to_owned()), &mut binds);

@@ -221,20 +221,25 @@ pub fn rows_per_statement(backend: Backend) -> usize {
     }
 }
 
-/// Splits `len` rows into statement sizes: as many full statements of
-/// [`rows_per_statement`] as fit, then the rest as powers of two. A handful of
-/// distinct sizes means a handful of distinct SQL texts, each prepared once
-/// per connection and then served from sqlx's statement cache.
-pub fn statement_sizes(backend: Backend, len: usize) -> impl Iterator<Item = usize> {
+/// Splits `rows` into one slice per multi-row statement: as many full
+/// statements of [`rows_per_statement`] as fit, then the rest as powers of two.
+/// A handful of distinct sizes means a handful of distinct SQL texts, each
+/// prepared once per connection and then served from sqlx's statement cache.
+pub fn statement_chunks<T>(backend: Backend, rows: &[T]) -> impl Iterator<Item = &[T]> {
     let max = rows_per_statement(backend);
-    let full = len / max;
-    let rest = len % max;
-    std::iter::repeat_n(max, full).chain(
+    let (full, rest) = (rows.len() / max, rows.len() % max);
+    let sizes = std::iter::repeat_n(max, full).chain(
         (0..usize::BITS)
             .rev()
             .map(|bit| 1usize << bit)
             .filter(move |size| rest & size != 0),
-    )
+    );
+    let mut remaining = rows;
+    sizes.map(move |size| {
+        let (chunk, after) = remaining.split_at(size);
+        remaining = after;
+        chunk
+    })
 }
 
 /// `rows` tuples of `columns` parameters, for a multi-row `VALUES` list.
@@ -306,19 +311,27 @@ mod tests {
     }
 
     #[test]
-    fn statement_sizes_cover_every_row_with_few_distinct_sizes() {
+    fn statement_chunks_cover_every_row_in_order_with_few_distinct_sizes() {
+        let sizes = |backend, rows: &[usize]| -> Vec<usize> {
+            super::statement_chunks(backend, rows)
+                .map(<[usize]>::len)
+                .collect()
+        };
         for backend in [Backend::Sqlite, Backend::Postgres] {
             let max = super::rows_per_statement(backend);
             for len in [0, 1, 7, max - 1, max, max + 1, 3 * max + 100] {
-                let sizes: Vec<usize> = super::statement_sizes(backend, len).collect();
-                assert_eq!(sizes.iter().sum::<usize>(), len, "{backend:?} {len}");
+                let rows: Vec<usize> = (0..len).collect();
+                let joined: Vec<usize> = super::statement_chunks(backend, &rows)
+                    .flatten()
+                    .copied()
+                    .collect();
+                assert_eq!(joined, rows, "{backend:?} {len}");
+                let sizes = sizes(backend, &rows);
                 assert!(sizes.iter().all(|s| *s == max || s.is_power_of_two()));
                 assert!(sizes.iter().all(|s| *s > 0 && *s <= max));
             }
         }
-        assert_eq!(
-            super::statement_sizes(Backend::Sqlite, 256 + 5).collect::<Vec<_>>(),
-            vec![256, 4, 1]
-        );
+        let rows: Vec<usize> = (0..256 + 5).collect();
+        assert_eq!(sizes(Backend::Sqlite, &rows), vec![256, 4, 1]);
     }
 }
