@@ -23,7 +23,7 @@ pub struct Sealed {
 /// passes NIST's bound (SP 800-38D); callers count uses per key and rotate well
 /// before that.
 pub fn seal(key: &CipherKey, aad: &[u8], plaintext: &[u8]) -> Sealed {
-    let nonce: [u8; NONCE_LEN] = random_bytes();
+    let nonce = fresh_nonce();
     let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN);
     buf.extend_from_slice(plaintext);
     key.aead()
@@ -39,6 +39,33 @@ pub fn seal(key: &CipherKey, aad: &[u8], plaintext: &[u8]) -> Sealed {
         nonce,
         ciphertext: buf,
     }
+}
+
+/// Nonces drawn from the CSPRNG this many at a time: one call for 64 nonces
+/// costs little more than one call for one, and the call was a twentieth of an
+/// encrypt request's CPU.
+const NONCES_PER_DRAW: usize = 64;
+
+/// A nonce no other call has had: the next unused 12 bytes of this thread's
+/// draw from AWS-LC's CSPRNG (each draw is used once, front to back, and never
+/// leaves the thread).
+fn fresh_nonce() -> [u8; NONCE_LEN] {
+    thread_local! {
+        static POOL: std::cell::RefCell<(usize, [u8; NONCE_LEN * NONCES_PER_DRAW])> =
+            const { std::cell::RefCell::new((NONCES_PER_DRAW, [0; NONCE_LEN * NONCES_PER_DRAW])) };
+    }
+    POOL.with_borrow_mut(|(next, bytes)| {
+        if *next == NONCES_PER_DRAW {
+            *bytes = random_bytes();
+            *next = 0;
+        }
+        let mut nonce = [0; NONCE_LEN];
+        let used = &mut bytes[*next * NONCE_LEN..][..NONCE_LEN];
+        nonce.copy_from_slice(used);
+        used.fill(0);
+        *next += 1;
+        nonce
+    })
 }
 
 /// Decrypts and authenticates `ciphertext` (with its tag). Any mismatch of key,
@@ -72,6 +99,26 @@ pub fn open(
 mod tests {
     use super::*;
     use crate::crypto::DataKey;
+
+    #[test]
+    fn nonces_never_repeat_across_draws_and_threads() {
+        let per_thread = NONCES_PER_DRAW * 5 + 3;
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(move || {
+                    (0..per_thread).map(|_| fresh_nonce()).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut seen = std::collections::HashSet::new();
+        for t in threads {
+            for nonce in t.join().unwrap() {
+                assert_ne!(nonce, [0; NONCE_LEN]);
+                assert!(seen.insert(nonce), "a nonce repeated");
+            }
+        }
+        assert_eq!(seen.len(), 4 * per_thread);
+    }
 
     #[test]
     fn seal_then_open_round_trips_and_nonces_differ() {
