@@ -8,16 +8,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ConnectInfo;
-use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use tower::ServiceExt;
 
+use crate::http::Edge;
 use crate::tls::{ClientIdentity, ReloadableTls};
 
 /// Longest a client may take to complete the TLS handshake.
@@ -25,11 +23,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest a client may take to send a request's headers (HTTP/1.1).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `router` on `listener` until `shutdown` completes, then waits up to
+/// Serves `edge` on `listener` until `shutdown` completes, then waits up to
 /// `grace` for connections to finish their requests.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    edge: Edge,
     tls: Option<Arc<ReloadableTls>>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
@@ -58,7 +56,7 @@ pub async fn serve(
         tokio::spawn(connection(
             stream,
             peer,
-            router.clone(),
+            edge.clone(),
             tls.clone(),
             http.clone(),
             stop_rx.clone(),
@@ -77,13 +75,13 @@ pub async fn serve(
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
-    router: Router,
+    edge: Edge,
     tls: Option<Arc<ReloadableTls>>,
     http: auto::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
 ) {
     match tls {
-        None => serve_http(TokioIo::new(stream), peer, None, router, http, &mut stop).await,
+        None => serve_http(TokioIo::new(stream), peer, None, edge, http, &mut stop).await,
         Some(tls) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
@@ -107,15 +105,7 @@ async fn connection(
                 .peer_certificates()
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| ClientIdentity::from_der(leaf));
-            serve_http(
-                TokioIo::new(stream),
-                peer,
-                identity,
-                router,
-                http,
-                &mut stop,
-            )
-            .await
+            serve_http(TokioIo::new(stream), peer, identity, edge, http, &mut stop).await
         }
     }
 }
@@ -124,19 +114,16 @@ async fn serve_http<IO>(
     io: TokioIo<IO>,
     peer: SocketAddr,
     identity: Option<ClientIdentity>,
-    router: Router,
+    edge: Edge,
     http: auto::Builder<TokioExecutor>,
     stop: &mut watch::Receiver<bool>,
 ) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let identity = identity.map(Arc::new);
-    let service = tower::service_fn(move |mut req: http::Request<Incoming>| {
-        req.extensions_mut().insert(ConnectInfo(peer));
-        if let Some(id) = &identity {
-            req.extensions_mut().insert(id.clone());
-        }
-        router.clone().oneshot(req)
+    let service = tower::service_fn(move |req: http::Request<Incoming>| {
+        let answer = edge.clone().handle(req, peer, identity.clone());
+        async move { Ok::<_, std::convert::Infallible>(answer.await) }
     });
     let conn = http.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     tokio::pin!(conn);

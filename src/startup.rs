@@ -24,10 +24,10 @@ use crate::tls::ReloadableTls;
 pub struct Application {
     listener: TcpListener,
     service: Arc<KeyService>,
-    router: axum::Router,
+    router: http::Edge,
     tls: Option<Arc<ReloadableTls>>,
     /// The plain-HTTP listener for probes and monitoring, if configured.
-    ops: Option<(TcpListener, axum::Router)>,
+    ops: Option<(TcpListener, http::Edge)>,
     /// The use-count bound, for the final flush at shutdown.
     rotate_after_encryptions: u64,
     shutdown_timeout: Duration,
@@ -168,7 +168,7 @@ impl Application {
                 let ops_listener = TcpListener::bind(addr)
                     .await
                     .with_context(|| format!("cannot listen on {addr} (KEYWARD_OPS_LISTEN)"))?;
-                let ops_router = http::ops_router(state);
+                let ops_router = http::ops_router(state, settings.request_timeout);
                 Some((ops_listener, ops_router))
             }
         };

@@ -10,11 +10,9 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, RawPathParams, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, State};
 use axum::http::request::Parts;
 use axum::http::{Method, Uri};
-use axum::middleware::Next;
-use axum::response::Response;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
@@ -148,9 +146,9 @@ impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
     }
 }
 
-/// Sends the event when the request answers, or as `cancelled` if it is
-/// dropped first.
-struct Pending {
+/// An audited request in flight: its event is sent when it answers, or as
+/// `cancelled` if it is dropped first (the client went away).
+pub(super) struct Pending {
     log: AuditLog,
     note: AuditNote,
     event: Option<AuditEvent>,
@@ -166,6 +164,14 @@ impl Pending {
         event.targets = fields.targets;
         Some(event)
     }
+
+    /// Hands the record of the request, answered with `status` (and the error
+    /// code of an error response), to the writer.
+    pub(super) async fn answered(mut self, status: u16, error: Option<ErrorCode>) {
+        if let Some(event) = self.finish(Some(status), error.map(|c| c.0)) {
+            self.log.record(event).await;
+        }
+    }
 }
 
 impl Drop for Pending {
@@ -176,17 +182,18 @@ impl Drop for Pending {
     }
 }
 
-/// The route layer that records every audited request.
-pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req.extensions().get::<MatchedPath>().map(|p| p.as_str());
-    let Some(operation) = route.and_then(|r| operation(req.method(), r)) else {
-        return next.run(req).await;
-    };
-    let has_params = route.is_some_and(|r| r.contains('{'));
-    let (mut parts, body) = req.into_parts();
+/// Starts the audit record of a request to `route`, which performs
+/// `operation`: puts the [`AuditNote`] the handlers fill in the request's
+/// extensions, with the targets its path names.
+pub(super) async fn begin(
+    state: &AppState,
+    parts: &mut Parts,
+    operation: &'static str,
+    route: &str,
+) -> Pending {
     let note = AuditNote::default();
-    if has_params {
-        if let Ok(params) = RawPathParams::from_request_parts(&mut parts, &state).await {
+    if route.contains('{') {
+        if let Ok(params) = RawPathParams::from_request_parts(parts, state).await {
             for (name, value) in &params {
                 match name {
                     "id" if operation.starts_with("job.") => {
@@ -219,7 +226,10 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
             .headers
             .get("x-request-id")
             .and_then(|v| v.to_str().ok())
-            .map(|id| id.chars().take(128).collect()),
+            .map(|id| match id.char_indices().nth(128) {
+                Some((end, _)) => id[..end].to_owned(),
+                None => id.to_owned(),
+            }),
         client: parts.extensions.get::<Arc<ClientIdentity>>().cloned(),
         peer: parts
             .extensions
@@ -227,17 +237,11 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
             .map(|c| c.0.ip()),
         ..AuditEvent::default()
     };
-    let mut pending = Pending {
+    Pending {
         log: state.audit.clone(),
         note,
         event: Some(event),
-    };
-    let response = next.run(Request::from_parts(parts, body)).await;
-    let error = response.extensions().get::<ErrorCode>().map(|c| c.0);
-    if let Some(event) = pending.finish(Some(response.status().as_u16()), error) {
-        state.audit.record(event).await;
     }
-    response
 }
 
 /// The route.

@@ -69,6 +69,9 @@ pub enum ApiError {
     /// A handler panicked (caught; the process keeps serving).
     #[error("internal error")]
     Panic,
+    /// The request took longer than the time limit.
+    #[error("the request timed out")]
+    Timeout,
 }
 
 impl From<AuthError> for ApiError {
@@ -127,6 +130,7 @@ impl ApiError {
             ApiError::RouteNotFound => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Panic => (S::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Timeout => (S::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Key(k) => match k {
                 KeyError::EncryptionNotFound => (S::NOT_FOUND, "encryption_not_found"),
                 KeyError::VersionNotFound => (S::NOT_FOUND, "version_not_found"),
@@ -182,6 +186,7 @@ impl IntoResponse for ApiError {
         let message = if status.is_server_error() {
             tracing::error!(code, error = %self, "request failed");
             match status {
+                _ if matches!(self, ApiError::Timeout) => self.to_string(),
                 StatusCode::SERVICE_UNAVAILABLE => {
                     "a dependency is unavailable; retry later".to_string()
                 }

@@ -6,9 +6,8 @@
 
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::State;
 use axum::http::header;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
@@ -20,20 +19,26 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/metrics", get(metrics))
 }
 
-/// Records every request's route (the matched pattern, never the raw path),
-/// method, status and duration.
-pub async fn record(req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let route = req.extensions().get::<MatchedPath>().cloned();
-    let method = method_label(req.method());
-    let response = next.run(req).await;
-    let route = route.as_ref().map_or("unmatched", |p| p.as_str());
-    let status = response.status().as_u16();
+/// Records one request: its route (the matched pattern, never the raw path, or
+/// `unmatched`), method, status, and the time since `started`.
+pub(super) fn record(route: &str, method: &'static str, status: u16, started: Instant) {
     with_series(route, method, status, |series| {
         series.requests.increment(1);
         series.duration.record(started.elapsed().as_secs_f64());
     });
-    response
+}
+
+/// `keyward_bytes_encrypted_total`. The handle is kept: looking a series up
+/// by name hashes its key on every call.
+pub(super) fn bytes_encrypted() -> &'static metrics::Counter {
+    static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| metrics::counter!("keyward_bytes_encrypted_total"))
+}
+
+/// `keyward_bytes_decrypted_total`, kept like [`bytes_encrypted`].
+pub(super) fn bytes_decrypted() -> &'static metrics::Counter {
+    static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| metrics::counter!("keyward_bytes_decrypted_total"))
 }
 
 /// One route, method and status's counter and histogram.
@@ -89,7 +94,7 @@ fn with_series(route: &str, method: &'static str, status: u16, f: impl FnOnce(&S
 }
 
 /// The method as a label without allocating (the routes use no others).
-fn method_label(method: &axum::http::Method) -> &'static str {
+pub(super) fn method_label(method: &axum::http::Method) -> &'static str {
     use axum::http::Method;
     match *method {
         Method::GET => "GET",

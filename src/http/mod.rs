@@ -1,11 +1,12 @@
 //! The HTTP layer: one file per resource, each with its own `router()`, merged
-//! here with the cross-cutting layers (request ids, tracing, body limit, time
-//! limit, panic catching, JSON errors for everything).
+//! here behind [`Edge`] (request ids, tracing, body limit, time limit, panic
+//! catching, audit, metrics, JSON errors for everything).
 
 mod admin;
 pub mod audit;
 mod batch;
 mod contract;
+mod edge;
 mod encryptions;
 pub mod error;
 pub mod extract;
@@ -18,21 +19,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{header, HeaderName, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::middleware;
 use axum::Router;
-use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::timeout::TimeoutLayer;
-use tower_http::trace::TraceLayer;
 
 use crate::domain::service::KeyService;
-use crate::tls::ClientIdentity;
 pub use batch::BatchLimits;
-use error::{error_response, ApiError};
-use extract::BodyLimit;
+pub use edge::Edge;
+use error::ApiError;
 
 /// What every handler can reach. Cloned for every request (axum's `State`), so
 /// it is one shared pointer: one atomic increment per clone, not one per field.
@@ -75,12 +68,14 @@ pub struct RouterSettings {
     pub batch: batch::BatchLimits,
 }
 
-const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// The whole API.
-pub fn router(state: AppState, settings: RouterSettings) -> Router {
+/// The whole API, with what every request passes through.
+pub fn router(state: AppState, settings: RouterSettings) -> Edge {
     let limit = settings.max_body_bytes;
-    Router::new()
+    let context = edge::RouteContext {
+        state: state.clone(),
+        timeout: settings.request_timeout,
+    };
+    let router = Router::new()
         .merge(contract::router(limit))
         .merge(encryptions::router())
         .merge(admin::router())
@@ -93,94 +88,29 @@ pub fn router(state: AppState, settings: RouterSettings) -> Router {
         .merge(ops::router())
         .merge(openapi::router())
         .merge(metrics::router())
-        .route_layer(middleware::from_fn_with_state(state.clone(), audit::record))
-        .route_layer(middleware::from_fn(metrics::record))
-        .fallback(|| async { ApiError::RouteNotFound })
+        .route_layer(middleware::from_fn_with_state(context, edge::route))
+        .fallback(edge::not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .with_state(state)
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn(
-            move |mut req: Request, next: Next| async move {
-                req.extensions_mut().insert(BodyLimit(limit));
-                json_errors(next.run(req).await)
-            },
-        ))
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::SERVICE_UNAVAILABLE,
-            settings.request_timeout,
-        ))
-        .layer(CatchPanicLayer::custom(|_panic| {
-            ApiError::Panic.into_response()
-        }))
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let request_id = req
-                        .headers()
-                        .get(&REQUEST_ID)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-");
-                    // Only the method, path, request id and client identity: never
-                    // headers (they carry secrets) or bodies (they carry plaintext).
-                    // Who called is in the request's audit record, found by its
-                    // request id: recording it here too re-formatted every span's
-                    // JSON fields on each request (a twentieth of the CPU).
-                    let client = req.extensions().get::<Arc<ClientIdentity>>();
-                    tracing::info_span!(
-                        "request",
-                        method = %req.method(),
-                        path = req.uri().path(),
-                        request_id,
-                        client_subject = client.map(|c| c.subject.as_str()),
-                        client_spki = client.map(|c| c.spki_hex()),
-                    )
-                })
-                .on_request(())
-                .on_response(
-                    tower_http::trace::DefaultOnResponse::new()
-                        .level(tracing::Level::DEBUG)
-                        .latency_unit(tower_http::LatencyUnit::Micros),
-                )
-                .on_failure(()),
-        )
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .with_state(state);
+    Edge::new(router, Some(limit))
 }
 
-/// The operational endpoints alone (health, readiness), for a separate
-/// plain-HTTP listener that probes can reach without a client certificate.
-pub fn ops_router(state: AppState) -> Router {
-    Router::new()
+/// The operational endpoints alone (health, readiness, metrics), for a
+/// separate plain-HTTP listener that probes can reach without a client
+/// certificate.
+pub fn ops_router(state: AppState, request_timeout: Duration) -> Edge {
+    let context = edge::RouteContext {
+        state: state.clone(),
+        timeout: request_timeout,
+    };
+    let router = Router::new()
         .merge(ops::router())
         .merge(metrics::router())
-        .fallback(|| async { ApiError::RouteNotFound })
+        .route_layer(middleware::from_fn_with_state(context, edge::route))
+        .fallback(edge::not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .with_state(state)
-        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
-}
-
-/// Gives every error response the JSON error shape, including those produced by
-/// layers (time limit) rather than handlers.
-fn json_errors(response: Response) -> Response {
-    let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
-        return response;
-    }
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json {
-        return response;
-    }
-    let (code, message) = match status {
-        StatusCode::SERVICE_UNAVAILABLE => ("timeout", "the request timed out"),
-        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
-        s if s.is_server_error() => ("internal", "internal error; see the server log"),
-        _ => ("invalid_request", "the request was refused"),
-    };
-    error_response(status, code, message)
+        .with_state(state);
+    Edge::new(router, None)
 }
 
 /// Largest page size of the list endpoints.

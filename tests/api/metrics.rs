@@ -177,3 +177,101 @@ async fn metrics_are_valid_prometheus_text_with_the_promised_series() {
         ) >= 1.0
     );
 }
+
+/// A request over the time limit is answered 503 `timeout` inside the audit
+/// and metrics layer: its audit record and its metric carry that status (not a
+/// `cancelled` record and no metric at all). A path no route has is counted as
+/// `unmatched`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_unknown_paths_are_answered_recorded_and_counted() {
+    use futures::StreamExt;
+
+    let app = TestApp::spawn_with(Backend::Sqlite, &[("KEYWARD_REQUEST_TIMEOUT", "1s")]).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+
+    // The body's end comes after the time limit.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = vec![
+        Ok(format!(r#"{{"encryptionId":"{enc}","data":""#).into_bytes()),
+        Ok(b"late\"}".to_vec()),
+    ];
+    let stream = futures::stream::iter(chunks)
+        .enumerate()
+        .then(|(i, c)| async move {
+            if i > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            }
+            c
+        });
+    let started = std::time::Instant::now();
+    let resp = app
+        .req(reqwest::Method::POST, "/v1/encrypt", &creds)
+        .header("content-type", "application/json")
+        .header("x-request-id", "slow-request-1")
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(started.elapsed() < std::time::Duration::from_millis(2400));
+    assert_eq!(resp.headers()["x-request-id"], "slow-request-1");
+    assert_eq!(resp.headers()["content-type"], "application/json");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "timeout", "{body}");
+    assert_eq!(body["error"]["message"], "the request timed out");
+
+    let (status, page) = app.get("/v1/audit?operation=encrypt", &creds).await;
+    assert_eq!(status, 200, "{page}");
+    let record = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["requestId"] == "slow-request-1")
+        .unwrap_or_else(|| panic!("no record of the slow request in {page}"));
+    assert_eq!(record["status"], 503, "{record}");
+    assert_eq!(record["outcome"], "error");
+    assert_eq!(record["error"], "timeout");
+    // The body never arrived whole: who called is known, what it named is not.
+    assert_eq!(record["tenantId"], creds.tenant_id.as_str());
+    assert!(record.get("encryptionId").is_none(), "{record}");
+
+    let resp = app
+        .client
+        .get(app.url("/v1/no-such-thing"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp.headers().contains_key("x-request-id"));
+
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let m = parse(&text);
+    let count = |labels: &[(&str, &str)]| {
+        sample(
+            &m,
+            "keyward_http_requests",
+            "keyward_http_requests_total",
+            labels,
+        )
+    };
+    assert_eq!(
+        count(&[
+            ("route", "/v1/encrypt"),
+            ("method", "POST"),
+            ("status", "503")
+        ]),
+        1.0
+    );
+    assert_eq!(
+        count(&[("route", "unmatched"), ("method", "GET"), ("status", "404")]),
+        1.0
+    );
+}

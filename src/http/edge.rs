@@ -1,0 +1,187 @@
+//! What every request passes through, written out by hand rather than stacked
+//! as tower layers: each layer is a boxed service cloned and a boxed future
+//! allocated per request, and seven of them cost more CPU than the encryption.
+//!
+//! - [`Edge`], outside the router: the request id (the client's `X-Request-Id`
+//!   or a new UUID, echoed on the response), the peer address and client
+//!   certificate, the body limit, the `request` tracing span, panic catching,
+//!   and JSON error bodies for every error (a rejection some extractor wrote as
+//!   text included).
+//! - [`route`], around each matched route: the time limit, panic catching (so
+//!   that both are answered inside the audit record and the metrics, with their
+//!   own status), the audit record and the request metrics.
+
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use futures_util::FutureExt;
+use tower::ServiceExt;
+use tracing::Instrument;
+
+use super::error::{error_response, ApiError, ErrorCode};
+use super::extract::BodyLimit;
+use super::{audit, metrics, AppState};
+use crate::tls::ClientIdentity;
+
+/// The request id header, taken from the client when it sends one.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// A router and what every request needs before it reaches a route.
+#[derive(Clone)]
+pub struct Edge {
+    router: Router,
+    body_limit: Option<usize>,
+}
+
+impl Edge {
+    pub(super) fn new(router: Router, body_limit: Option<usize>) -> Edge {
+        Edge { router, body_limit }
+    }
+
+    /// Answers one request that came from `peer`, on mutual TLS with `client`'s
+    /// certificate.
+    pub async fn handle<B>(
+        self,
+        req: http::Request<B>,
+        peer: SocketAddr,
+        client: Option<Arc<ClientIdentity>>,
+    ) -> Response
+    where
+        B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let started = Instant::now();
+        let mut req = req.map(Body::new);
+        let request_id = match req.headers().get(&REQUEST_ID) {
+            Some(id) => id.clone(),
+            None => {
+                let id = new_request_id();
+                req.headers_mut().insert(REQUEST_ID, id.clone());
+                id
+            }
+        };
+        req.extensions_mut().insert(ConnectInfo(peer));
+        if let Some(limit) = self.body_limit {
+            DefaultBodyLimit::max(limit).apply(&mut req);
+            req.extensions_mut().insert(BodyLimit(limit));
+        }
+        // Only the method, path, request id and client identity: never headers
+        // (they carry secrets) or bodies (they carry plaintext). Who called is
+        // in the request's audit record, found by its request id.
+        let span = tracing::info_span!(
+            "request",
+            method = req.method().as_str(),
+            path = req.uri().path(),
+            request_id = request_id.to_str().unwrap_or("-"),
+            client_subject = client.as_ref().map(|c| c.subject.as_str()),
+            client_spki = client.as_ref().map(|c| c.spki_hex()),
+        );
+        if let Some(client) = client {
+            req.extensions_mut().insert(client);
+        }
+        let answered = AssertUnwindSafe(self.router.oneshot(req))
+            .catch_unwind()
+            .instrument(span.clone())
+            .await;
+        let mut response = match answered {
+            Ok(Ok(response)) => response,
+            Ok(Err(never)) => match never {},
+            Err(_panic) => span.in_scope(|| ApiError::Panic.into_response()),
+        };
+        response = json_errors(response);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            span.in_scope(|| {
+                tracing::debug!(
+                    latency = format_args!("{} μs", started.elapsed().as_micros()),
+                    status = response.status().as_u16(),
+                    "finished processing request"
+                )
+            });
+        }
+        response.headers_mut().insert(REQUEST_ID, request_id);
+        response
+    }
+}
+
+/// A new request id: a random UUID.
+fn new_request_id() -> HeaderValue {
+    let mut buf = [0u8; 36];
+    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+}
+
+/// What [`route`] needs.
+#[derive(Clone)]
+pub(super) struct RouteContext {
+    pub(super) state: AppState,
+    pub(super) timeout: Duration,
+}
+
+/// Around every matched route: the time limit and panic catching, inside the
+/// audit record and the request metrics, so that a request that times out or
+/// panics is recorded with the status it was answered with.
+pub(super) async fn route(State(ctx): State<RouteContext>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = metrics::method_label(req.method());
+    let matched = req.extensions().get::<MatchedPath>().cloned();
+    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
+    let (pending, req) = match audit::operation(req.method(), route) {
+        None => (None, req),
+        Some(operation) => {
+            let (mut parts, body) = req.into_parts();
+            let pending = audit::begin(&ctx.state, &mut parts, operation, route).await;
+            (Some(pending), Request::from_parts(parts, body))
+        }
+    };
+    let answered = AssertUnwindSafe(next.run(req)).catch_unwind();
+    let response = match tokio::time::timeout(ctx.timeout, answered).await {
+        Ok(Ok(response)) => response,
+        Ok(Err(_panic)) => ApiError::Panic.into_response(),
+        Err(_elapsed) => ApiError::Timeout.into_response(),
+    };
+    let status = response.status().as_u16();
+    if let Some(pending) = pending {
+        let error = response.extensions().get::<ErrorCode>().copied();
+        pending.answered(status, error).await;
+    }
+    metrics::record(route, method, status, started);
+    response
+}
+
+/// The router's fallback: no route has this path.
+pub(super) async fn not_found(req: Request) -> ApiError {
+    let method = metrics::method_label(req.method());
+    metrics::record("unmatched", method, 404, Instant::now());
+    ApiError::RouteNotFound
+}
+
+/// Gives every error response the JSON error shape, including those an
+/// extractor's rejection wrote as text.
+fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return response;
+    }
+    let (code, message) = match status {
+        StatusCode::SERVICE_UNAVAILABLE => ("timeout", "the request timed out"),
+        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
+        s if s.is_server_error() => ("internal", "internal error; see the server log"),
+        _ => ("invalid_request", "the request was refused"),
+    };
+    error_response(status, code, message)
+}
