@@ -275,3 +275,65 @@ async fn timeouts_and_unknown_paths_are_answered_recorded_and_counted() {
         1.0
     );
 }
+
+/// The access log: `keyward::http=debug` gives one line per request in the
+/// request's span (method, path, request id; never a credential), and one per
+/// refusal with its code; nothing else at debug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_is_one_line_per_request_in_its_span() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[("KEYWARD_LOG_LEVEL", "keyward::http=debug,info")],
+    )
+    .await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let resp = app
+        .req(reqwest::Method::POST, "/v1/encrypt", &creds)
+        .header("x-request-id", "access-log-1")
+        .json(&json!({"encryptionId": enc, "data": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let wrong = Creds {
+        secret: "kws_nope".into(),
+        ..creds.clone()
+    };
+    let resp = app
+        .req(reqwest::Method::POST, "/v1/encrypt", &wrong)
+        .header("x-request-id", "access-log-2")
+        .json(&json!({"encryptionId": enc, "data": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+
+    let lines = |request_id: &str| -> Vec<Value> {
+        app.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|l| l["span"]["request_id"] == request_id)
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while lines("access-log-2").len() < 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let ok = lines("access-log-1");
+    assert_eq!(ok.len(), 1, "{ok:?}");
+    assert_eq!(ok[0]["level"], "DEBUG");
+    assert_eq!(ok[0]["message"], "finished processing request");
+    assert_eq!(ok[0]["status"], 200);
+    assert!(ok[0]["latency"].as_str().unwrap().ends_with(" μs"));
+    assert_eq!(
+        ok[0]["span"],
+        json!({"name": "request", "method": "POST", "path": "/v1/encrypt", "request_id": "access-log-1"})
+    );
+    let refused = lines("access-log-2");
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert_eq!(refused[0]["message"], "request refused");
+    assert_eq!(refused[0]["code"], "invalid_credentials");
+    assert_eq!(refused[1]["status"], 401);
+    assert!(!app.log_text().contains(&creds.secret));
+}
