@@ -264,14 +264,14 @@ impl AuditRecord {
 /// The RFC 3339 text of the last timestamp written (records come in bursts
 /// within the same millisecond, so most reuse it), and of the last peer.
 #[derive(Default)]
-struct TimeText {
+struct TextCache {
     ms: Option<i64>,
     text: String,
     peer: Option<std::net::IpAddr>,
     peer_text: String,
 }
 
-impl TimeText {
+impl TextCache {
     /// The text of `ms`, and of the peer address: most records in a row come
     /// from the same few clients too.
     fn of(&mut self, ms: i64, peer: Option<std::net::IpAddr>) -> (&str, Option<&str>) {
@@ -296,7 +296,7 @@ impl AuditEvent {
     fn write_records(
         &self,
         chain: &mut Chain,
-        time: &mut TimeText,
+        time: &mut TextCache,
         out: &mut Vec<u8>,
         mut row: impl FnMut(&RecordFields<'_>, &[u8]),
     ) {
@@ -601,7 +601,7 @@ async fn write_loop(
     let mut pending_records = 0usize;
     // The lines of one batch, reused from batch to batch.
     let mut out: Vec<u8> = Vec::new();
-    let mut time = TimeText::default();
+    let mut time = TextCache::default();
     let mut database_failing = false;
     loop {
         let received = if pending.is_empty() {
@@ -876,7 +876,7 @@ mod tests {
                 },
             ],
         };
-        let (mut chain, mut time, mut out) = (Chain::new(), TimeText::default(), Vec::new());
+        let (mut chain, mut time, mut out) = (Chain::new(), TextCache::default(), Vec::new());
         let mut rows = Vec::new();
         event.write_records(&mut chain, &mut time, &mut out, |fields, line| {
             rows.push((fields.outcome.to_string(), line.to_vec()))

@@ -382,6 +382,13 @@ impl TestApp {
     }
 
     /// GETs with `creds`; returns status and body.
+    /// The body of an unauthenticated `GET path` that answers 200, as text.
+    pub async fn get_text(&self, path: &str) -> String {
+        let resp = self.client.get(self.url(path)).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
+        resp.text().await.unwrap()
+    }
+
     pub async fn get(&self, path: &str, creds: &Creds) -> (StatusCode, Value) {
         send(self.req(reqwest::Method::GET, path, creds)).await
     }

@@ -82,15 +82,7 @@ async fn health_and_readiness_answer(backend: Backend) {
     assert!(resp.headers().contains_key("x-request-id"));
 
     // The served OpenAPI document is the checked-in one.
-    let served = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let served = app.get_text("/openapi.json").await;
     let checked_in =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi/keyward.json"))
             .unwrap();

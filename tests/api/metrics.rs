@@ -75,15 +75,7 @@ async fn metrics_are_valid_prometheus_text_with_the_promised_series() {
         .await;
     assert_eq!(status, 401);
 
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text("/metrics").await;
     assert!(!text.contains(&creds.secret) && !text.contains("0123456789"));
     let m = parse(&text);
     let ok = [
@@ -244,15 +236,7 @@ async fn timeouts_and_unknown_paths_are_answered_recorded_and_counted() {
     assert_eq!(resp.status(), 404);
     assert!(resp.headers().contains_key("x-request-id"));
 
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.get_text("/metrics").await;
     let m = parse(&text);
     let count = |labels: &[(&str, &str)]| {
         sample(
