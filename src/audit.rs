@@ -71,6 +71,9 @@ const PACE: Duration = Duration::from_millis(5);
 /// Most records kept for the table while the database is unreachable (they are
 /// in the file already); beyond, the oldest are dropped from the table copy.
 const MAX_PENDING_RECORDS: usize = 200_000;
+/// Line buffers the writer keeps for its next segments (each at most a full
+/// segment's lines, a few hundred kilobytes).
+const SPARE_LINE_BUFFERS: usize = 2;
 
 /// One audit record, as written: a JSON object per line, fields in this order,
 /// `hash` last.
@@ -194,9 +197,10 @@ pub struct AuditEvent {
     pub targets: Vec<Target>,
 }
 
-/// One record's fields as the writer serializes them: [`AuditRecord`]'s fields
-/// in the same order with the same names, borrowed, so that writing a record
-/// allocates nothing but its line.
+/// One record's fields as the writer writes them: [`AuditRecord`]'s fields in
+/// the same order with the same names, borrowed, so that writing a record
+/// allocates nothing but its line. [`RecordFields::write_json`] writes what the
+/// derived `Serialize` (the definition the tests compare it with) would.
 #[derive(Clone, Copy, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct RecordFields<'a> {
@@ -231,6 +235,33 @@ struct RecordFields<'a> {
     batch_index: Option<u32>,
     /// Filled in by [`Chain::seal`].
     prev: &'a str,
+}
+
+impl RecordFields<'_> {
+    /// Appends the record as a JSON object, byte for byte what serde_json
+    /// writes for the derived `Serialize`.
+    fn write_json(&self, out: &mut Vec<u8>) {
+        crate::json::Object::new(out)
+            .u64("seq", self.seq)
+            .str("time", self.time)
+            .str("operation", self.operation)
+            .str("outcome", self.outcome)
+            .opt_str("error", self.error)
+            .opt_u64("status", self.status.map(u64::from))
+            .opt_str("requestId", self.request_id)
+            .str("actor", self.actor)
+            .opt_str("apiKeyId", self.api_key_id)
+            .opt_str("tenantId", self.tenant_id)
+            .opt_str("clientSubject", self.client_subject)
+            .opt_str("clientSpkiSha256", self.client_spki_sha256)
+            .opt_str("peer", self.peer)
+            .opt_str("encryptionId", self.encryption_id)
+            .opt_str("versionId", self.version_id)
+            .opt_str("jobId", self.job_id)
+            .opt_u64("batchIndex", self.batch_index.map(u64::from))
+            .str("prev", self.prev)
+            .end();
+    }
 }
 
 impl AuditRecord {
@@ -530,7 +561,7 @@ impl Chain {
             prev: &self.prev,
             ..*record
         };
-        serde_json::to_writer(&mut *out, &record).expect("an audit record serializes");
+        record.write_json(out);
         // `hash` covers the line up to it, closed as the object it was: the
         // JSON without its `hash` field.
         let digest = sha256(&out[start..]);
@@ -599,6 +630,10 @@ async fn write_loop(
     // Segments for the table, oldest first; the last one may still grow.
     let mut pending: VecDeque<AuditSegment> = VecDeque::new();
     let mut pending_records = 0usize;
+    // Line buffers of segments already in the table, kept for the next ones: a
+    // fresh buffer of a hundred kilobytes or more per batch came from pages the
+    // allocator had just given back, a page fault per 4 KiB.
+    let mut spare_lines: Vec<String> = Vec::new();
     // The lines of one batch, reused from batch to batch.
     let mut out: Vec<u8> = Vec::new();
     let mut time = TextCache::default();
@@ -632,7 +667,10 @@ async fn write_loop(
                         records += 1;
                         if store.is_some() {
                             if pending.back().is_none_or(AuditSegment::is_full) {
-                                pending.push_back(AuditSegment::default());
+                                pending.push_back(AuditSegment {
+                                    lines: spare_lines.pop().unwrap_or_default(),
+                                    ..AuditSegment::default()
+                                });
                             }
                             let segment = pending.back_mut().expect("pushed above");
                             // serde_json writes UTF-8; checking is a fraction
@@ -678,7 +716,14 @@ async fn write_loop(
                 let n = pending.len().min(16);
                 match store.insert_audit(&pending.make_contiguous()[..n]).await {
                     Ok(()) => {
-                        pending_records -= pending.drain(..n).map(|s| s.records).sum::<usize>();
+                        for segment in pending.drain(..n) {
+                            pending_records -= segment.records;
+                            if spare_lines.len() < SPARE_LINE_BUFFERS {
+                                let mut lines = segment.lines;
+                                lines.clear();
+                                spare_lines.push(lines);
+                            }
+                        }
                         if database_failing {
                             tracing::info!("audit records reach the database again");
                             database_failing = false;
@@ -837,6 +882,57 @@ mod tests {
         (0..n)
             .map(|i| seal(&mut chain, &sample(&format!("op{i}"))))
             .collect()
+    }
+
+    #[test]
+    fn the_hand_written_line_is_what_serde_json_writes() {
+        let full = RecordFields {
+            seq: u64::MAX,
+            time: "2026-01-01T00:00:00.000Z",
+            operation: "encrypt",
+            outcome: "error",
+            error: Some("invalid_request"),
+            status: Some(400),
+            request_id: Some("a \"client\" id\n\u{1}\\ with ünïcödé"),
+            actor: "api_key",
+            api_key_id: Some("kw_0123"),
+            tenant_id: Some("00000000-0000-0000-0000-000000000001"),
+            client_subject: Some("CN=platform,O=\"Example, Inc.\""),
+            client_spki_sha256: Some(
+                "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            ),
+            peer: Some("::1"),
+            encryption_id: Some("00000000-0000-0000-0000-000000000002"),
+            version_id: Some("00000000-0000-0000-0000-000000000003"),
+            job_id: Some("job"),
+            batch_index: Some(u32::MAX),
+            prev: GENESIS,
+        };
+        let sparse = RecordFields {
+            seq: 1,
+            error: None,
+            status: None,
+            request_id: None,
+            api_key_id: None,
+            tenant_id: None,
+            client_subject: None,
+            client_spki_sha256: None,
+            peer: None,
+            encryption_id: None,
+            version_id: None,
+            job_id: None,
+            batch_index: None,
+            ..full
+        };
+        for record in [full, sparse] {
+            let mut ours = Vec::new();
+            record.write_json(&mut ours);
+            let serde = serde_json::to_vec(&record).expect("serializes");
+            assert_eq!(
+                String::from_utf8(ours).expect("UTF-8"),
+                String::from_utf8(serde).expect("UTF-8")
+            );
+        }
     }
 
     #[test]

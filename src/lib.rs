@@ -52,6 +52,7 @@ pub mod crypto;
 pub mod dev;
 pub mod domain;
 pub mod http;
+pub mod json;
 pub mod master_key;
 pub mod server;
 pub mod startup;

@@ -157,9 +157,14 @@ impl Visit for SpanJsonVisitor<'_, '_> {
     }
 }
 
-/// `value` as a JSON string.
+/// `value` as a JSON string, escaped as serde_json escapes (most values need
+/// nothing escaped, which is checked sixteen bytes at a time).
 fn json_string(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
     out.write_char('"')?;
+    if !crate::json::str_needs_escape(value) {
+        out.write_str(value)?;
+        return out.write_char('"');
+    }
     let mut start = 0;
     for (i, b) in value.bytes().enumerate() {
         let escape = match b {
@@ -168,7 +173,7 @@ fn json_string(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
             b'\n' => "\\n",
             b'\r' => "\\r",
             b'\t' => "\\t",
-            0..=0x1f | 0x7f => "",
+            0..=0x1f => "",
             _ => continue,
         };
         out.write_str(&value[start..i])?;

@@ -237,23 +237,48 @@ pub(super) async fn decrypt(
     Ok(json_response(&out, out.data.len() + 32))
 }
 
-/// `value` as a JSON response, serialized into a buffer of `capacity` bytes:
-/// a close estimate saves regrowing it (axum's `Json` starts at 128 bytes).
-fn json_response<T: Serialize>(value: &T, capacity: usize) -> Response {
-    let mut body = Vec::with_capacity(capacity);
-    match serde_json::to_writer(&mut body, value) {
-        Ok(()) => (
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            body,
-        )
-            .into_response(),
-        // The contract's responses are strings: they always serialize. Were
-        // one not to, it is answered like a caught panic (500 `internal`).
-        Err(_) => ApiError::Panic.into_response(),
+/// A response body written straight to JSON: the same bytes serde_json writes
+/// for the type's `Serialize` (which the OpenAPI document and the batch routes
+/// use), without its per-byte escape checks (see [`crate::json`]).
+trait WriteJson {
+    fn write_json(&self, out: &mut Vec<u8>);
+}
+
+impl WriteJson for EncryptResponse {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        crate::json::Object::new(out)
+            .str("cipherText", &self.cipher_text)
+            .str("encryptionId", &self.encryption_id)
+            .str("encryptionVersionId", &self.encryption_version_id)
+            .str("algorithm", self.algorithm)
+            .with("metadata", |out| {
+                crate::json::Object::new(out)
+                    .str("nonce", &self.metadata.nonce)
+                    .end()
+            })
+            .end();
     }
+}
+
+impl WriteJson for DecryptResponse {
+    fn write_json(&self, out: &mut Vec<u8>) {
+        crate::json::Object::new(out).str("data", &self.data).end();
+    }
+}
+
+/// `value` as a JSON response, written into a buffer of `capacity` bytes: a
+/// close estimate saves regrowing it (axum's `Json` starts at 128 bytes).
+fn json_response(value: &impl WriteJson, capacity: usize) -> Response {
+    let mut body = Vec::with_capacity(capacity);
+    value.write_json(&mut body);
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// A decrypt request parsed into ids, nonce and ciphertext.
@@ -365,4 +390,45 @@ pub(super) async fn rotate(
     Ok(Json(RotateResponse {
         new_version_id: new_version.to_string(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(value: &impl WriteJson) -> String {
+        let mut out = Vec::new();
+        value.write_json(&mut out);
+        String::from_utf8(out).expect("UTF-8")
+    }
+
+    #[test]
+    fn responses_are_written_as_serde_json_serializes_them() {
+        let encrypted = EncryptResponse {
+            cipher_text: "q83vASNFZ4mrze8BI0VniQ==".into(),
+            encryption_id: "00000000-0000-0000-0000-000000000001".into(),
+            encryption_version_id: "00000000-0000-0000-0000-000000000002".into(),
+            algorithm: ALGORITHM,
+            metadata: Metadata {
+                nonce: "AAECAwQFBgcICQoL".into(),
+            },
+        };
+        assert_eq!(
+            written(&encrypted),
+            serde_json::to_string(&encrypted).expect("serializes")
+        );
+        for data in [
+            "",
+            "plain",
+            "\"quotes\", \\backslashes\\, \n\r\t\u{8}\u{c}\u{0}\u{1f}\u{7f}",
+            "ünïcödé 日本語 🔐 \u{2028}",
+            &"x".repeat(17_000),
+        ] {
+            let decrypted = DecryptResponse { data: data.into() };
+            assert_eq!(
+                written(&decrypted),
+                serde_json::to_string(&decrypted).expect("serializes")
+            );
+        }
+    }
 }

@@ -1,0 +1,280 @@
+//! Writing JSON by hand on the request path, byte for byte what `serde_json`
+//! writes.
+//!
+//! serde_json checks a string one byte at a time through its escape table, and
+//! goes through the `Serializer` machinery for every key and value: for an audit
+//! record and a response that was about 7,600 instructions per request. The
+//! strings there are almost always clean (ids, base64, hex, times), so
+//! [`push_str`] checks eight bytes at a time and copies clean runs whole.
+//! [`str_needs_escape`] is the same check for writers that escape on their own.
+//!
+//! The output must stay identical to serde_json's: audit lines are hashed as
+//! written, and the tests compare the two.
+
+/// Appends `s` as a JSON string (quoted and escaped exactly as serde_json does:
+/// `"` and `\` with a backslash; `\b`, `\t`, `\n`, `\f`, `\r`; every other byte
+/// below 0x20 as `\u00xx`; nothing else).
+pub fn push_str(out: &mut Vec<u8>, s: &str) {
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    let bytes = s.as_bytes();
+    let mut written = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        let end = bytes.len().min(at + 8);
+        let clean = if end - at == 8 {
+            !word_needs_escape(word(&bytes[at..end]))
+        } else if bytes.len() >= 8 {
+            // The last few bytes, as the word that ends with them.
+            !word_needs_escape(word(&bytes[bytes.len() - 8..]))
+        } else {
+            !bytes[at..end].iter().any(|&b| needs_escape(b))
+        };
+        if clean {
+            at = end;
+            continue;
+        }
+        for (i, &b) in bytes.iter().enumerate().take(end).skip(at) {
+            if needs_escape(b) {
+                out.extend_from_slice(&bytes[written..i]);
+                push_escape(out, b);
+                written = i + 1;
+            }
+        }
+        at = end;
+    }
+    out.extend_from_slice(&bytes[written..]);
+    out.push(b'"');
+}
+
+/// Whether any byte of `s` would be escaped in a JSON string (checked eight
+/// bytes at a time).
+pub fn str_needs_escape(s: &str) -> bool {
+    let bytes = s.as_bytes();
+    if bytes.len() < 8 {
+        return bytes.iter().any(|&b| needs_escape(b));
+    }
+    // Whole words, then the word that ends the string (overlapping the last).
+    bytes.chunks_exact(8).any(|w| word_needs_escape(word(w)))
+        || word_needs_escape(word(&bytes[bytes.len() - 8..]))
+}
+
+fn word(bytes: &[u8]) -> u64 {
+    u64::from_le_bytes(bytes.try_into().expect("eight bytes"))
+}
+
+/// Whether any of the eight bytes in `x` is below 0x20, `"` or `\`, without
+/// looking at them one by one (the "has less than" and "has zero byte" word
+/// tricks, exact as a yes or no).
+fn word_needs_escape(x: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
+    let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0;
+    below_space | has_zero(x ^ (ONES * u64::from(b'"'))) | has_zero(x ^ (ONES * u64::from(b'\\')))
+}
+
+#[inline(always)]
+fn needs_escape(b: u8) -> bool {
+    (b < 0x20) | (b == b'"') | (b == b'\\')
+}
+
+fn push_escape(out: &mut Vec<u8>, b: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        0x08 => out.extend_from_slice(b"\\b"),
+        b'\t' => out.extend_from_slice(b"\\t"),
+        b'\n' => out.extend_from_slice(b"\\n"),
+        0x0c => out.extend_from_slice(b"\\f"),
+        b'\r' => out.extend_from_slice(b"\\r"),
+        _ => out.extend_from_slice(&[
+            b'\\',
+            b'u',
+            b'0',
+            b'0',
+            HEX[usize::from(b >> 4)],
+            HEX[usize::from(b & 0xf)],
+        ]),
+    }
+}
+
+/// A JSON object being written: `{`, then one member per call, then `}` from
+/// [`Object::end`]. Keys are the caller's literals and are not escaped.
+pub struct Object<'a> {
+    out: &'a mut Vec<u8>,
+    first: bool,
+}
+
+impl<'a> Object<'a> {
+    /// Opens an object at the end of `out`.
+    pub fn new(out: &'a mut Vec<u8>) -> Object<'a> {
+        out.push(b'{');
+        Object { out, first: true }
+    }
+
+    fn key(&mut self, key: &str) {
+        debug_assert!(key.bytes().all(|b| !needs_escape(b)), "a plain key");
+        if !self.first {
+            self.out.push(b',');
+        }
+        self.first = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    /// A string member.
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key);
+        push_str(self.out, value);
+        self
+    }
+
+    /// A string member, left out when `None` (serde's `skip_serializing_if`).
+    pub fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Self {
+        if let Some(v) = value {
+            self.str(key, v);
+        }
+        self
+    }
+
+    /// An integer member.
+    pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
+        self.key(key);
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        self
+    }
+
+    /// An integer member, left out when `None`.
+    pub fn opt_u64(&mut self, key: &str, value: Option<u64>) -> &mut Self {
+        if let Some(v) = value {
+            self.u64(key, v);
+        }
+        self
+    }
+
+    /// A member whose value the caller writes with `write` (a nested object).
+    pub fn with(&mut self, key: &str, write: impl FnOnce(&mut Vec<u8>)) -> &mut Self {
+        self.key(key);
+        write(self.out);
+        self
+    }
+
+    /// Closes the object.
+    pub fn end(&mut self) {
+        self.out.push(b'}');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ours(s: &str) -> String {
+        let mut out = Vec::new();
+        push_str(&mut out, s);
+        String::from_utf8(out).expect("UTF-8 in, UTF-8 out")
+    }
+
+    #[test]
+    fn strings_are_escaped_exactly_as_serde_json_escapes_them() {
+        let mut cases: Vec<String> = (0u32..0x80)
+            .map(|c| char::from_u32(c).expect("ASCII").to_string())
+            .collect();
+        cases.extend(
+            [
+                "",
+                "plain",
+                "exactly sixteen!",
+                "seventeen bytes!!",
+                "a \"quoted\" word and a back\\slash",
+                "tab\there, newline\nthere, \u{7f} delete, \u{1f} unit separator",
+                "ünïcödé, 日本語, emoji 🔐, and \u{2028} line separator",
+                "clean for thirty-two bytes.....\"then a quote at 32",
+                "\u{0}\u{1}\u{8}\u{c}\u{b}",
+            ]
+            .map(String::from),
+        );
+        // Every escape at every offset of a long clean run, across chunk edges.
+        for at in 0..40 {
+            for c in ['"', '\\', '\n', '\u{1}', 'é'] {
+                let mut s = "x".repeat(40);
+                s.insert(at, c);
+                cases.push(s);
+            }
+        }
+        for s in &cases {
+            let expected = serde_json::to_string(s).expect("a string serializes");
+            assert_eq!(ours(s), expected, "for {s:?}");
+            assert_eq!(
+                str_needs_escape(s),
+                s.bytes().any(needs_escape),
+                "for {s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_word_check_agrees_with_the_byte_check() {
+        for filler in [b'a', b' ', b'~', 0x7f, 0x80, 0xc3, 0xff] {
+            for b in 0..=255u8 {
+                for at in 0..8 {
+                    let mut bytes = [filler; 8];
+                    bytes[at] = b;
+                    assert_eq!(
+                        word_needs_escape(word(&bytes)),
+                        bytes.iter().any(|&b| needs_escape(b)),
+                        "{bytes:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn objects_match_serde_json() {
+        #[derive(serde::Serialize)]
+        struct Inner<'a> {
+            nonce: &'a str,
+        }
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Sample<'a> {
+            seq: u64,
+            name: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            missing: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            present: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            count: Option<u64>,
+            metadata: Inner<'a>,
+        }
+        let sample = Sample {
+            seq: u64::MAX,
+            name: "a \"name\"",
+            missing: None,
+            present: Some("yes\n"),
+            count: Some(0),
+            metadata: Inner { nonce: "AAAA" },
+        };
+        let mut out = Vec::new();
+        Object::new(&mut out)
+            .u64("seq", sample.seq)
+            .str("name", sample.name)
+            .opt_str("missing", sample.missing)
+            .opt_str("present", sample.present)
+            .opt_u64("count", sample.count)
+            .with("metadata", |out| {
+                Object::new(out).str("nonce", sample.metadata.nonce).end()
+            })
+            .end();
+        assert_eq!(
+            String::from_utf8(out).expect("UTF-8"),
+            serde_json::to_string(&sample).expect("serializes")
+        );
+    }
+}
