@@ -224,7 +224,7 @@ pub(super) async fn begin(
         // A client may choose its request id: keep at most 128 characters.
         request_id: parts
             .headers
-            .get("x-request-id")
+            .get(&super::edge::REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .map(|id| match id.char_indices().nth(128) {
                 Some((end, _)) => id[..end].to_owned(),

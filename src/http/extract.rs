@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 
@@ -17,6 +17,11 @@ use super::AppState;
 use crate::domain::apikeys::Scope;
 use crate::domain::service::{ClientKey, Principal};
 use crate::tls::ClientIdentity;
+
+// Parsed once: looking a header up by `&str` parses the name every time.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_API_SECRET: HeaderName = HeaderName::from_static("x-api-secret");
+const X_MASTER_KEY: HeaderName = HeaderName::from_static("x-master-key");
 
 /// A scope a route requires, as a type.
 pub trait RequiredScope: Send + Sync + 'static {
@@ -46,7 +51,7 @@ pub struct Auth<S: RequiredScope> {
     _scope: PhantomData<S>,
 }
 
-fn single_header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ()> {
+fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, ()> {
     let mut values = headers.get_all(name).iter();
     let Some(first) = values.next() else {
         return Ok(None);
@@ -61,9 +66,9 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let key = single_header(&parts.headers, "x-api-key")
-            .map_err(|()| ApiError::InvalidCredentials)?;
-        let secret = single_header(&parts.headers, "x-api-secret")
+        let key =
+            single_header(&parts.headers, &X_API_KEY).map_err(|()| ApiError::InvalidCredentials)?;
+        let secret = single_header(&parts.headers, &X_API_SECRET)
             .map_err(|()| ApiError::InvalidCredentials)?;
         let (key, secret) = match (key, secret) {
             (None, None) => return Err(ApiError::MissingCredentials),
@@ -140,7 +145,7 @@ impl<St: Send + Sync> FromRequestParts<St> for MasterKeyHeader {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &St) -> Result<Self, ApiError> {
-        match single_header(&parts.headers, "x-master-key") {
+        match single_header(&parts.headers, &X_MASTER_KEY) {
             Ok(None) => Ok(MasterKeyHeader(None)),
             Ok(Some(v)) => ClientKey::from_base64(v)
                 .map(|k| MasterKeyHeader(Some(k)))
