@@ -71,9 +71,9 @@ const PACE: Duration = Duration::from_millis(5);
 /// Most records kept for the table while the database is unreachable (they are
 /// in the file already); beyond, the oldest are dropped from the table copy.
 const MAX_PENDING_RECORDS: usize = 200_000;
-/// Line buffers the writer keeps for its next segments (each at most a full
-/// segment's lines, a few hundred kilobytes).
-const SPARE_LINE_BUFFERS: usize = 2;
+/// The line buffer the writer keeps for its next segment, if its capacity is
+/// at most this (a full segment's lines fit).
+const SPARE_LINES_CAPACITY: usize = 1024 * 1024;
 
 /// One audit record, as written: a JSON object per line, fields in this order,
 /// `hash` last.
@@ -630,10 +630,10 @@ async fn write_loop(
     // Segments for the table, oldest first; the last one may still grow.
     let mut pending: VecDeque<AuditSegment> = VecDeque::new();
     let mut pending_records = 0usize;
-    // Line buffers of segments already in the table, kept for the next ones: a
-    // fresh buffer of a hundred kilobytes or more per batch came from pages the
-    // allocator had just given back, a page fault per 4 KiB.
-    let mut spare_lines: Vec<String> = Vec::new();
+    // The line buffer of a segment already in the table, kept for the next one:
+    // a fresh buffer of a hundred kilobytes or more per batch came from pages
+    // the allocator had just given back, a page fault per 4 KiB.
+    let mut spare_lines: Option<String> = None;
     // The lines of one batch, reused from batch to batch.
     let mut out: Vec<u8> = Vec::new();
     let mut time = TextCache::default();
@@ -668,7 +668,7 @@ async fn write_loop(
                         if store.is_some() {
                             if pending.back().is_none_or(AuditSegment::is_full) {
                                 pending.push_back(AuditSegment {
-                                    lines: spare_lines.pop().unwrap_or_default(),
+                                    lines: spare_lines.take().unwrap_or_default(),
                                     ..AuditSegment::default()
                                 });
                             }
@@ -718,10 +718,10 @@ async fn write_loop(
                     Ok(()) => {
                         for segment in pending.drain(..n) {
                             pending_records -= segment.records;
-                            if spare_lines.len() < SPARE_LINE_BUFFERS {
+                            if segment.lines.capacity() <= SPARE_LINES_CAPACITY {
                                 let mut lines = segment.lines;
                                 lines.clear();
-                                spare_lines.push(lines);
+                                spare_lines = Some(lines);
                             }
                         }
                         if database_failing {
