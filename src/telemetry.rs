@@ -158,7 +158,7 @@ impl Visit for SpanJsonVisitor<'_, '_> {
 }
 
 /// `value` as a JSON string, escaped as serde_json escapes (most values need
-/// nothing escaped, which is checked sixteen bytes at a time).
+/// nothing escaped, which is checked eight bytes at a time).
 fn json_string(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
     out.write_char('"')?;
     if !crate::json::str_needs_escape(value) {
