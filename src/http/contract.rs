@@ -190,7 +190,7 @@ pub struct DecryptRequest {
     encryption_version_id: String,
     /// The metadata encrypt returned, unchanged.
     #[schema(value_type = Object)]
-    metadata: serde_json::Map<String, serde_json::Value>,
+    metadata: DecryptMetadata,
 }
 
 /// `POST /v1/decrypt` output.
@@ -200,11 +200,113 @@ pub struct DecryptResponse {
     pub(super) data: String,
 }
 
-/// The nonce from decrypt's metadata; `None` for anything that is not exactly
-/// what encrypt produced (reported as `decryption_failed`, like any tampering).
-fn nonce_from(metadata: serde_json::Map<String, serde_json::Value>) -> Option<[u8; NONCE_LEN]> {
-    let m: Metadata = serde_json::from_value(serde_json::Value::Object(metadata)).ok()?;
-    B64.decode(m.nonce).ok()?.try_into().ok()
+/// Decrypt's `metadata`: any JSON object (anything else is bad input, as for
+/// any field of the wrong type), read without building it as a map. It holds
+/// the nonce only when the object is exactly what encrypt returned,
+/// `{"nonce": <base64 of 12 bytes>}`; anything else (another member, a
+/// repeated or missing nonce, a nonce that is not such a string) decrypts as
+/// `decryption_failed`, like any tampering.
+pub struct DecryptMetadata(Option<[u8; NONCE_LEN]>);
+
+impl<'de> Deserialize<'de> for DecryptMetadata {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+        use std::fmt;
+
+        /// A member name: whether it is `nonce`.
+        struct IsNonce(bool);
+        impl<'de> Deserialize<'de> for IsNonce {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Name;
+                impl Visitor<'_> for Name {
+                    type Value = IsNonce;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("a member name")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IsNonce, E> {
+                        Ok(IsNonce(v == "nonce"))
+                    }
+                }
+                d.deserialize_str(Name)
+            }
+        }
+
+        /// The nonce member's value: the nonce if it is base64 of 12 bytes,
+        /// `None` for any other JSON value.
+        struct NonceValue(Option<[u8; NONCE_LEN]>);
+        impl<'de> Deserialize<'de> for NonceValue {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Value;
+                impl<'de> Visitor<'de> for Value {
+                    type Value = NonceValue;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        f.write_str("any JSON value")
+                    }
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<NonceValue, E> {
+                        let mut nonce = [0u8; NONCE_LEN];
+                        let ok = B64.decode_slice(v, &mut nonce) == Ok(NONCE_LEN);
+                        Ok(NonceValue(ok.then_some(nonce)))
+                    }
+                    fn visit_bool<E>(self, _: bool) -> Result<NonceValue, E> {
+                        Ok(NonceValue(None))
+                    }
+                    fn visit_i64<E>(self, _: i64) -> Result<NonceValue, E> {
+                        Ok(NonceValue(None))
+                    }
+                    fn visit_u64<E>(self, _: u64) -> Result<NonceValue, E> {
+                        Ok(NonceValue(None))
+                    }
+                    fn visit_f64<E>(self, _: f64) -> Result<NonceValue, E> {
+                        Ok(NonceValue(None))
+                    }
+                    fn visit_unit<E>(self) -> Result<NonceValue, E> {
+                        Ok(NonceValue(None))
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(
+                        self,
+                        mut seq: A,
+                    ) -> Result<NonceValue, A::Error> {
+                        while seq.next_element::<IgnoredAny>()?.is_some() {}
+                        Ok(NonceValue(None))
+                    }
+                    fn visit_map<A: MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<NonceValue, A::Error> {
+                        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                        Ok(NonceValue(None))
+                    }
+                }
+                d.deserialize_any(Value)
+            }
+        }
+
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = DecryptMetadata;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<DecryptMetadata, A::Error> {
+                let (mut nonce, mut nonces, mut others) = (None, 0, 0);
+                while let Some(IsNonce(is_nonce)) = map.next_key()? {
+                    if is_nonce {
+                        nonces += 1;
+                        nonce = map.next_value::<NonceValue>()?.0;
+                    } else {
+                        others += 1;
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(DecryptMetadata(if nonces == 1 && others == 0 {
+                    nonce
+                } else {
+                    None
+                }))
+            }
+        }
+        d.deserialize_map(Object)
+    }
 }
 
 /// Decrypt a ciphertext made by encrypt.
@@ -304,7 +406,7 @@ impl DecryptRequest {
             ciphertext: B64
                 .decode(self.cipher_text.as_bytes())
                 .map_err(|_| ApiError::InvalidRequest("`cipherText`: not valid base64".into()))?,
-            nonce: nonce_from(self.metadata),
+            nonce: self.metadata.0,
         })
     }
 }
@@ -400,6 +502,46 @@ mod tests {
         let mut out = Vec::new();
         value.write_json(&mut out);
         String::from_utf8(out).expect("UTF-8")
+    }
+
+    #[test]
+    fn decrypt_metadata_holds_a_nonce_only_when_it_is_exactly_what_encrypt_returned() {
+        let nonce = |json: &str| {
+            serde_json::from_str::<DecryptMetadata>(json)
+                .map(|m| m.0)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            nonce(r#"{"nonce":"AAECAwQFBgcICQoL"}"#),
+            Ok(Some([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]))
+        );
+        // Escaped the long way round, it is the same string.
+        assert_eq!(
+            nonce(r#"{"nonce":"AAECAwQFBgcICQo\u004c"}"#),
+            Ok(Some([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]))
+        );
+        for tampered in [
+            r#"{}"#,
+            r#"{"nonce":"AAAA"}"#,
+            r#"{"nonce":"AAECAwQFBgcICQoLDA=="}"#,
+            r#"{"nonce":"not base64!"}"#,
+            r#"{"nonce":7}"#,
+            r#"{"nonce":null}"#,
+            r#"{"nonce":true}"#,
+            r#"{"nonce":1.5}"#,
+            r#"{"nonce":["AAECAwQFBgcICQoL"]}"#,
+            r#"{"nonce":{"nonce":"AAECAwQFBgcICQoL"}}"#,
+            r#"{"nonce":"AAECAwQFBgcICQoL","extra":1}"#,
+            r#"{"extra":[1,{"a":null}],"nonce":"AAECAwQFBgcICQoL"}"#,
+            r#"{"nonce":"AAECAwQFBgcICQoL","nonce":"AAECAwQFBgcICQoL"}"#,
+        ] {
+            assert_eq!(nonce(tampered), Ok(None), "{tampered}");
+        }
+        // Not an object at all is bad input, with serde's usual wording.
+        for bad in [r#""nonce""#, "[]", "null", "3"] {
+            let err = nonce(bad).expect_err(bad);
+            assert!(err.contains("expected a map"), "{bad}: {err}");
+        }
     }
 
     #[test]
