@@ -240,7 +240,7 @@ struct RecordFields<'a> {
 impl RecordFields<'_> {
     /// Appends the record as a JSON object, byte for byte what serde_json
     /// writes for the derived `Serialize`.
-    fn write_json(&self, out: &mut Vec<u8>) {
+    fn write_json(&self, out: &mut String) {
         crate::json::Object::new(out)
             .u64("seq", self.seq)
             .str("time", self.time)
@@ -328,8 +328,8 @@ impl AuditEvent {
         &self,
         chain: &mut Chain,
         time: &mut TextCache,
-        out: &mut Vec<u8>,
-        mut row: impl FnMut(&RecordFields<'_>, &[u8]),
+        out: &mut String,
+        mut row: impl FnMut(&RecordFields<'_>, &str),
     ) {
         let (actor, api_key_id, tenant) = match &self.actor {
             Actor::ApiKey(p) => ("api_key", Some(p.key_id.as_str()), Some(p.tenant_id)),
@@ -394,12 +394,12 @@ impl AuditEvent {
                 ..base
             };
             if chain.needs_newline {
-                out.push(b'\n');
+                out.push('\n');
                 chain.needs_newline = false;
             }
             let line = chain.seal(&record, out);
             row(&record, &out[line]);
-            out.push(b'\n');
+            out.push('\n');
         }
     }
 }
@@ -553,7 +553,7 @@ impl Chain {
 
     /// Numbers, links and hashes `record`, appending its line (without
     /// newline) to `out`; returns where in `out` the line is.
-    fn seal(&mut self, record: &RecordFields<'_>, out: &mut Vec<u8>) -> Range<usize> {
+    fn seal(&mut self, record: &RecordFields<'_>, out: &mut String) -> Range<usize> {
         let start = out.len();
         self.seq += 1;
         let record = RecordFields {
@@ -564,13 +564,13 @@ impl Chain {
         record.write_json(out);
         // `hash` covers the line up to it, closed as the object it was: the
         // JSON without its `hash` field.
-        let digest = sha256(&out[start..]);
+        let digest = sha256(&out.as_bytes()[start..]);
         out.pop();
         self.prev.clear();
         crate::tls::hex_into(&digest, &mut self.prev);
-        out.extend_from_slice(b",\"hash\":\"");
-        out.extend_from_slice(self.prev.as_bytes());
-        out.extend_from_slice(b"\"}");
+        out.push_str(",\"hash\":\"");
+        out.push_str(&self.prev);
+        out.push_str("\"}");
         start..out.len()
     }
 }
@@ -635,7 +635,7 @@ async fn write_loop(
     // the allocator had just given back, a page fault per 4 KiB.
     let mut spare_lines: Option<String> = None;
     // The lines of one batch, reused from batch to batch.
-    let mut out: Vec<u8> = Vec::new();
+    let mut out = String::new();
     let mut time = TextCache::default();
     let mut database_failing = false;
     loop {
@@ -673,15 +673,9 @@ async fn write_loop(
                                 });
                             }
                             let segment = pending.back_mut().expect("pushed above");
-                            // serde_json writes UTF-8; checking is a fraction
-                            // of what `from_utf8_lossy` costs.
-                            let line = match std::str::from_utf8(line) {
-                                Ok(line) => std::borrow::Cow::Borrowed(line),
-                                Err(_) => String::from_utf8_lossy(line),
-                            };
                             segment.push(
                                 event.time_ms,
-                                &line,
+                                line,
                                 fields.tenant_id,
                                 fields.encryption_id,
                                 event.operation,
@@ -694,7 +688,7 @@ async fn write_loop(
         }
         if !out.is_empty() {
             metrics::counter!("keyward_audit_records_total").increment(records);
-            if let Err(e) = sink.write(&out) {
+            if let Err(e) = sink.write(out.as_bytes()) {
                 metrics::counter!("keyward_audit_write_errors_total", "sink" => "file")
                     .increment(1);
                 tracing::error!(error = %e, "cannot write the audit file");
@@ -872,9 +866,9 @@ mod tests {
     }
 
     fn seal(chain: &mut Chain, record: &AuditRecord) -> String {
-        let mut out = Vec::new();
+        let mut out = String::new();
         chain.seal(&record.fields(), &mut out);
-        String::from_utf8(out).unwrap()
+        out
     }
 
     fn chain_of(n: usize) -> Vec<String> {
@@ -925,13 +919,9 @@ mod tests {
             ..full
         };
         for record in [full, sparse] {
-            let mut ours = Vec::new();
+            let mut ours = String::new();
             record.write_json(&mut ours);
-            let serde = serde_json::to_vec(&record).expect("serializes");
-            assert_eq!(
-                String::from_utf8(ours).expect("UTF-8"),
-                String::from_utf8(serde).expect("UTF-8")
-            );
+            assert_eq!(ours, serde_json::to_string(&record).expect("serializes"));
         }
     }
 
@@ -972,15 +962,14 @@ mod tests {
                 },
             ],
         };
-        let (mut chain, mut time, mut out) = (Chain::new(), TextCache::default(), Vec::new());
+        let (mut chain, mut time, mut out) = (Chain::new(), TextCache::default(), String::new());
         let mut rows = Vec::new();
         event.write_records(&mut chain, &mut time, &mut out, |fields, line| {
-            rows.push((fields.outcome.to_string(), line.to_vec()))
+            rows.push((fields.outcome.to_string(), line.to_string()))
         });
-        let text = String::from_utf8(out).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = out.lines().collect();
         assert_eq!(lines.len(), 2);
-        assert_eq!(rows[1].1, lines[1].as_bytes());
+        assert_eq!(rows[1].1, lines[1]);
         let first: AuditRecord = serde_json::from_str(lines[0]).unwrap();
         let second: AuditRecord = serde_json::from_str(lines[1]).unwrap();
         let expected = AuditRecord {

@@ -343,11 +343,11 @@ pub(super) async fn decrypt(
 /// for the type's `Serialize` (which the OpenAPI document and the batch routes
 /// use), without its per-byte escape checks (see [`crate::json`]).
 trait WriteJson {
-    fn write_json(&self, out: &mut Vec<u8>);
+    fn write_json(&self, out: &mut String);
 }
 
 impl WriteJson for EncryptResponse {
-    fn write_json(&self, out: &mut Vec<u8>) {
+    fn write_json(&self, out: &mut String) {
         crate::json::Object::new(out)
             .str("cipherText", &self.cipher_text)
             .str("encryptionId", &self.encryption_id)
@@ -363,7 +363,7 @@ impl WriteJson for EncryptResponse {
 }
 
 impl WriteJson for DecryptResponse {
-    fn write_json(&self, out: &mut Vec<u8>) {
+    fn write_json(&self, out: &mut String) {
         crate::json::Object::new(out).str("data", &self.data).end();
     }
 }
@@ -371,14 +371,14 @@ impl WriteJson for DecryptResponse {
 /// `value` as a JSON response, written into a buffer of `capacity` bytes: a
 /// close estimate saves regrowing it (axum's `Json` starts at 128 bytes).
 fn json_response(value: &impl WriteJson, capacity: usize) -> Response {
-    let mut body = Vec::with_capacity(capacity);
+    let mut body = String::with_capacity(capacity);
     value.write_json(&mut body);
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        body,
+        body.into_bytes(),
     )
         .into_response()
 }
@@ -499,9 +499,9 @@ mod tests {
     use super::*;
 
     fn written(value: &impl WriteJson) -> String {
-        let mut out = Vec::new();
+        let mut out = String::new();
         value.write_json(&mut out);
-        String::from_utf8(out).expect("UTF-8")
+        out
     }
 
     #[test]
