@@ -6,18 +6,26 @@
 //! record and a response that was about 7,600 instructions per request. The
 //! strings there are almost always clean (ids, base64, hex, times), so
 //! [`push_str`] checks eight bytes at a time and copies clean runs whole.
-//! [`str_needs_escape`] is the same check for writers that escape on their own.
+//! [`write_str`] is the same for any `fmt::Write` (the log's span fields).
 //!
 //! The output must stay identical to serde_json's: audit lines are hashed as
 //! written, and the tests compare the two. It goes into a `String`: UTF-8 by
 //! construction, so the audit writer has no need to check its lines again.
+
+use std::fmt;
 
 /// Appends `s` as a JSON string (quoted and escaped exactly as serde_json does:
 /// `"` and `\` with a backslash; `\b`, `\t`, `\n`, `\f`, `\r`; every other byte
 /// below 0x20 as `\u00xx`; nothing else).
 pub fn push_str(out: &mut String, s: &str) {
     out.reserve(s.len() + 2);
-    out.push('"');
+    // Writing to a `String` cannot fail.
+    let _ = write_str(out, s);
+}
+
+/// [`push_str`] for any writer (the log formatter's span fields).
+pub fn write_str<W: fmt::Write + ?Sized>(out: &mut W, s: &str) -> fmt::Result {
+    out.write_char('"')?;
     let bytes = s.as_bytes();
     let mut written = 0;
     let mut at = 0;
@@ -38,27 +46,15 @@ pub fn push_str(out: &mut String, s: &str) {
         for (i, &b) in bytes.iter().enumerate().take(end).skip(at) {
             if needs_escape(b) {
                 // `i` is at an ASCII byte, so a character boundary.
-                out.push_str(&s[written..i]);
-                push_escape(out, b);
+                out.write_str(&s[written..i])?;
+                write_escape(out, b)?;
                 written = i + 1;
             }
         }
         at = end;
     }
-    out.push_str(&s[written..]);
-    out.push('"');
-}
-
-/// Whether any byte of `s` would be escaped in a JSON string (checked eight
-/// bytes at a time).
-pub fn str_needs_escape(s: &str) -> bool {
-    let bytes = s.as_bytes();
-    if bytes.len() < 8 {
-        return bytes.iter().any(|&b| needs_escape(b));
-    }
-    // Whole words, then the word that ends the string (overlapping the last).
-    bytes.chunks_exact(8).any(|w| word_needs_escape(word(w)))
-        || word_needs_escape(word(&bytes[bytes.len() - 8..]))
+    out.write_str(&s[written..])?;
+    out.write_char('"')
 }
 
 fn word(bytes: &[u8]) -> u64 {
@@ -81,22 +77,22 @@ fn needs_escape(b: u8) -> bool {
     (b < 0x20) | (b == b'"') | (b == b'\\')
 }
 
-fn push_escape(out: &mut String, b: u8) {
+fn write_escape<W: fmt::Write + ?Sized>(out: &mut W, b: u8) -> fmt::Result {
     const HEX: &[char; 16] = &[
         '0', '1', '2', '3', '4', '5', '6', '7', '8', '9', 'a', 'b', 'c', 'd', 'e', 'f',
     ];
     match b {
-        b'"' => out.push_str("\\\""),
-        b'\\' => out.push_str("\\\\"),
-        0x08 => out.push_str("\\b"),
-        b'\t' => out.push_str("\\t"),
-        b'\n' => out.push_str("\\n"),
-        0x0c => out.push_str("\\f"),
-        b'\r' => out.push_str("\\r"),
+        b'"' => out.write_str("\\\""),
+        b'\\' => out.write_str("\\\\"),
+        0x08 => out.write_str("\\b"),
+        b'\t' => out.write_str("\\t"),
+        b'\n' => out.write_str("\\n"),
+        0x0c => out.write_str("\\f"),
+        b'\r' => out.write_str("\\r"),
         _ => {
-            out.push_str("\\u00");
-            out.push(HEX[usize::from(b >> 4)]);
-            out.push(HEX[usize::from(b & 0xf)]);
+            out.write_str("\\u00")?;
+            out.write_char(HEX[usize::from(b >> 4)])?;
+            out.write_char(HEX[usize::from(b & 0xf)])
         }
     }
 }
@@ -173,6 +169,15 @@ impl<'a> Object<'a> {
 mod tests {
     use super::*;
 
+    /// A writer that is not a `String`.
+    struct Plain(String);
+    impl fmt::Write for Plain {
+        fn write_str(&mut self, s: &str) -> fmt::Result {
+            self.0.push_str(s);
+            Ok(())
+        }
+    }
+
     fn ours(s: &str) -> String {
         let mut out = String::new();
         push_str(&mut out, s);
@@ -209,11 +214,10 @@ mod tests {
         for s in &cases {
             let expected = serde_json::to_string(s).expect("a string serializes");
             assert_eq!(ours(s), expected, "for {s:?}");
-            assert_eq!(
-                str_needs_escape(s),
-                s.bytes().any(needs_escape),
-                "for {s:?}"
-            );
+            // The same through another writer (the log formatter's).
+            let mut other = Plain(String::new());
+            write_str(&mut other, s).expect("writes");
+            assert_eq!(other.0, expected, "for {s:?}");
         }
     }
 

@@ -117,7 +117,7 @@ impl SpanJsonVisitor<'_, '_> {
         self.result = self
             .out
             .write_char(separator)
-            .and_then(|()| json_string(self.out, name))
+            .and_then(|()| crate::json::write_str(self.out, name))
             .and_then(|()| self.out.write_char(':'))
             .and_then(|()| value(self.out));
     }
@@ -125,7 +125,7 @@ impl SpanJsonVisitor<'_, '_> {
 
 impl Visit for SpanJsonVisitor<'_, '_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.field(field, |w| json_string(w, value));
+        self.field(field, |w| crate::json::write_str(w, value));
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
@@ -149,43 +149,12 @@ impl Visit for SpanJsonVisitor<'_, '_> {
     }
 
     fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
-        self.field(field, |w| json_string(w, &value.to_string()));
+        self.field(field, |w| crate::json::write_str(w, &value.to_string()));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        self.field(field, |w| json_string(w, &format!("{value:?}")));
+        self.field(field, |w| crate::json::write_str(w, &format!("{value:?}")));
     }
-}
-
-/// `value` as a JSON string, escaped as serde_json escapes (most values need
-/// nothing escaped, which is checked eight bytes at a time).
-fn json_string(out: &mut impl fmt::Write, value: &str) -> fmt::Result {
-    out.write_char('"')?;
-    if !crate::json::str_needs_escape(value) {
-        out.write_str(value)?;
-        return out.write_char('"');
-    }
-    let mut start = 0;
-    for (i, b) in value.bytes().enumerate() {
-        let escape = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            0..=0x1f => "",
-            _ => continue,
-        };
-        out.write_str(&value[start..i])?;
-        if escape.is_empty() {
-            write!(out, "\\u{b:04x}")?;
-        } else {
-            out.write_str(escape)?;
-        }
-        start = i + 1;
-    }
-    out.write_str(&value[start..])?;
-    out.write_char('"')
 }
 
 /// The Prometheus recorder, installed once per process by the first server.

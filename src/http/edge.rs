@@ -176,7 +176,6 @@ fn json_errors(response: Response) -> Response {
         return response;
     }
     let (code, message) = match status {
-        StatusCode::SERVICE_UNAVAILABLE => ("timeout", "the request timed out"),
         StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
         s if s.is_server_error() => ("internal", "internal error; see the server log"),
         _ => ("invalid_request", "the request was refused"),

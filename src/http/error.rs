@@ -185,9 +185,12 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         let message = if status.is_server_error() {
             tracing::error!(code, error = %self, "request failed");
-            match status {
-                _ if matches!(self, ApiError::Timeout) => self.to_string(),
-                StatusCode::SERVICE_UNAVAILABLE => {
+            // A server error's own text may name internals (a database
+            // error, a KMS answer): the client gets a fixed message, except
+            // for a time-out, whose text says nothing more than its code.
+            match self {
+                ApiError::Timeout => self.to_string(),
+                _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                     "a dependency is unavailable; retry later".to_string()
                 }
                 _ => "internal error; see the server log".to_string(),

@@ -71,11 +71,7 @@ pub struct RouterSettings {
 /// The whole API, with what every request passes through.
 pub fn router(state: AppState, settings: RouterSettings) -> Edge {
     let limit = settings.max_body_bytes;
-    let context = edge::RouteContext {
-        state: state.clone(),
-        timeout: settings.request_timeout,
-    };
-    let router = Router::new()
+    let routes = Router::new()
         .merge(contract::router(limit))
         .merge(encryptions::router())
         .merge(admin::router())
@@ -87,30 +83,36 @@ pub fn router(state: AppState, settings: RouterSettings) -> Edge {
         ))
         .merge(ops::router())
         .merge(openapi::router())
-        .merge(metrics::router())
-        .route_layer(middleware::from_fn_with_state(context, edge::route))
-        .fallback(edge::not_found)
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .with_state(state);
-    Edge::new(router, Some(limit))
+        .merge(metrics::router());
+    behind_edge(routes, state, settings.request_timeout, Some(limit))
 }
 
 /// The operational endpoints alone (health, readiness, metrics), for a
 /// separate plain-HTTP listener that probes can reach without a client
 /// certificate.
 pub fn ops_router(state: AppState, request_timeout: Duration) -> Edge {
+    let routes = Router::new().merge(ops::router()).merge(metrics::router());
+    behind_edge(routes, state, request_timeout, None)
+}
+
+/// `routes` with the route layer (time limit, audit, metrics), the fallbacks
+/// and the state, behind an [`Edge`].
+fn behind_edge(
+    routes: Router<AppState>,
+    state: AppState,
+    timeout: Duration,
+    body_limit: Option<usize>,
+) -> Edge {
     let context = edge::RouteContext {
         state: state.clone(),
-        timeout: request_timeout,
+        timeout,
     };
-    let router = Router::new()
-        .merge(ops::router())
-        .merge(metrics::router())
+    let router = routes
         .route_layer(middleware::from_fn_with_state(context, edge::route))
         .fallback(edge::not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state);
-    Edge::new(router, None)
+    Edge::new(router, body_limit)
 }
 
 /// Largest page size of the list endpoints.
