@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Keyward's benchmark, side by side with OpenBao Transit and a ceiling server.
 
-    bench/run                 # the whole benchmark (about 8 minutes after the build), checks the targets
+    bench/run                 # the whole benchmark (about 15 minutes after the build), checks the targets
     bench/run --smoke         # under a minute: 1 s per run, 64 B / 32 connections only, no targets
 
 What it does, from a fresh machine (Python 3 standard library only):
@@ -20,7 +20,10 @@ What it does, from a fresh machine (Python 3 standard library only):
    64 B, 1 KiB and 16 KiB of data; 1 and 32 connections; encrypt and decrypt
    (decrypt bodies come from a real encrypt answer of the same server). wrk
    drives every plain-HTTP server; oha drives Keyward over mutual TLS and, for a
-   like-for-like ratio, Keyward over plain HTTP once more.
+   like-for-like ratio, Keyward over plain HTTP once more. Then it starts
+   Keyward on SQLite and on PostgreSQL, OpenBao and the ceiling together and
+   runs the 32-connection 64 B and 1 KiB cells side by side, each server in
+   turn, five rounds (--rounds): the targets are checked on those medians.
 4. Also measures cold start to the first served request, RSS with 10,000
    encryptions warm in the key ring, p99 and errors of encrypt load while
    `POST /v1/rotate` runs every 100 ms, batch encrypt items/s, and the
@@ -36,7 +39,7 @@ under rotation) or a step did not work. A missed target is reported, not an
 error (use --strict to make it one).
 
 --smoke also makes the side measurements smaller (2,000 encryptions warm,
-5,000 rows re-encrypted, one batch size).
+5,000 rows re-encrypted, one batch size, one side-by-side round).
 
 Environment: BENCH_DURATION (seconds per load run, default 5; --smoke: 1),
 CARGO_TARGET_DIR, KEYWARD_TEST_DATABASE_URL (use this PostgreSQL server).
@@ -74,6 +77,7 @@ PAYLOADS = [64, 1024, 16384]
 CONNS = [1, 32]
 OPS = ["encrypt", "decrypt"]
 TRANSIT_KEY = "bench"
+SERVER_ORDER = ["keyward-sqlite", "keyward-postgres", "openbao", "ceiling"]
 BAO_TOKEN = "keyward-bench-root-token"
 
 
@@ -187,19 +191,30 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_ticks():
+    """The machine's CPU time so far, in clock ticks: (busy, steal, total).
+    Steal is time the hypervisor gave this machine's CPUs to someone else."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, idle, iowait, irq, softirq, steal = v
+    return user + nice + system + irq + softirq, steal, sum(v)
+
+
 def wait_idle(pid, timeout=60):
-    """Waits until the server uses under 10% of a core (over 200 ms), so that
-    work left over from one run (an audit backlog, say) does not slow the
-    next; returns the seconds waited."""
+    """Waits until the server uses under 10% of a core and the whole machine
+    under 20% (over 200 ms), so that work left over from one run (an audit
+    backlog, a database checkpoint) does not slow the next; returns the
+    seconds waited."""
     start = time.time()
+    hz = os.sysconf("SC_CLK_TCK")
     try:
-        before = cpu_seconds(pid)
+        before, (busy0, _, _) = cpu_seconds(pid), cpu_ticks()
         while time.time() - start < timeout:
             time.sleep(0.2)
-            now = cpu_seconds(pid)
-            if now - before < 0.02:
+            now, (busy1, _, _) = cpu_seconds(pid), cpu_ticks()
+            if now - before < 0.02 and (busy1 - busy0) / hz < 0.04:
                 break
-            before = now
+            before, busy0 = now, busy1
     except OSError:
         pass
     return time.time() - start
@@ -494,8 +509,10 @@ class Bench:
         threads = max(1, min(conns, os.cpu_count() or 2))
         self._settle(server)
         peak_ok = reset_peak_rss(server.pid)
+        _, steal0, total0 = cpu_ticks()
         out = subprocess.run([self.wrk, f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "10s",
                               "-s", LUA, server.base + path], env=env, capture_output=True, text=True)
+        _, steal1, total1 = cpu_ticks()
         rss = proc_status(server.pid, "VmHWM" if peak_ok else "VmRSS")
         os.unlink(body_path)
         line = next((l for l in out.stdout.splitlines() if l.startswith("BENCH_JSON ")), None)
@@ -506,7 +523,8 @@ class Bench:
         non2xx = j["non2xx"] if j["non2xx"] is not None else j["status_errors"]
         return {"rps": j["requests"] / (j["duration_us"] / 1e6), "p50": j["p50_us"] / 1000, "p99": j["p99_us"] / 1000,
                 "errors": socket_errors + non2xx, "non2xx": non2xx, "socket_errors": socket_errors,
-                "requests": j["requests"], "rss": rss, "gen": "wrk"}
+                "requests": j["requests"], "rss": rss, "gen": "wrk",
+                "steal": (steal1 - steal0) / max(1, total1 - total0)}
 
     def oha_run(self, server, path, body, conns, duration=None):
         """The same with oha, which can present a client certificate."""
@@ -557,6 +575,43 @@ def run_matrix(bench, server, payloads, conns_list, gen="wrk", label=None):
                 log(f"{r['server']:<24} {op:<7} {fmt_size(payload):>6} c={conns:<3} "
                     f"{r['rps']:>9,.0f} req/s  p50 {r['p50']:.2f} ms  p99 {r['p99']:.2f} ms  errors {r['errors']}")
     return rows
+
+
+def side_by_side(bench, servers, payloads, rounds):
+    """The target cells (32 connections), every server in turn, `rounds` times:
+    each server is measured in the same minutes as the others, so a slow spell
+    of the host weighs on all of them rather than on whichever ran then. The
+    order rotates from cell to cell. Returns one row per server and cell with
+    the median requests/s and p99 of its runs."""
+    runs = {}
+    bodies = {(s.name, p): s.bodies(make_data(p)) for s in servers for p in payloads}
+    turn = 0
+    for r in range(rounds):
+        for payload in payloads:
+            for op in OPS:
+                k = turn % len(servers)
+                turn += 1
+                for s in servers[k:] + servers[:k]:
+                    body = bodies[(s.name, payload)][OPS.index(op)]
+                    x = bench.wrk_run(s, s.paths()[op], body, 32)
+                    runs.setdefault((s.name, op, payload), []).append(x)
+                    log(f"round {r + 1}/{rounds} {s.name:<18} {op:<7} {fmt_size(payload):>6} "
+                        f"{x['rps']:>9,.0f} req/s  p99 {x['p99']:.2f} ms  steal {x['steal']:.0%}  "
+                        f"errors {x['errors']}")
+    rows = []
+    for (name, op, payload), xs in runs.items():
+        rows.append({"server": name, "op": op, "payload": payload, "conns": 32, "gen": "wrk",
+                     "rps": statistics.median(x["rps"] for x in xs), "p99": statistics.median(x["p99"] for x in xs),
+                     "runs": [x["rps"] for x in xs], "steal": max(x["steal"] for x in xs),
+                     "errors": sum(x["errors"] for x in xs),
+                     "non2xx": sum(x["non2xx"] for x in xs), "socket_errors": sum(x["socket_errors"] for x in xs)})
+    return rows
+
+
+def paired_ratio(a, b):
+    """The median over rounds of a's requests/s over b's in the same round:
+    a drift of the host between rounds falls on both sides of each ratio."""
+    return statistics.median(x / y for x, y in zip(a["runs"], b["runs"]) if y)
 
 
 # --------------------------------------------------------------------------
@@ -745,10 +800,15 @@ def add_ratios(rows):
             key = (r["op"], r["payload"], r["conns"])
             bao, ceil = index.get(("openbao",) + key), index.get(("ceiling",) + key)
             if bao and bao["rps"]:
-                r["vs_bao"] = r["rps"] / bao["rps"]
+                r["vs_bao"] = ratio(r, bao)
             if ceil and ceil["rps"]:
-                r["vs_ceiling"] = r["rps"] / ceil["rps"]
+                r["vs_ceiling"] = ratio(r, ceil)
     return index
+
+
+def ratio(a, b):
+    """a's requests/s over b's: paired round by round for side-by-side rows."""
+    return paired_ratio(a, b) if "runs" in a and "runs" in b else a["rps"] / b["rps"]
 
 
 TEXT_COLUMNS = ("server", "op", "target", "measured", "goal", "reached")
@@ -776,12 +836,15 @@ def md_table(head, body):
     return "\n".join(out)
 
 
-def check_targets(index, extras):
-    """Issue #8's targets: (what, measured, goal, reached)."""
+def check_targets(cells, index, extras):
+    """Issue #8's targets: (what, measured, goal, reached). The 64 B and 1 KiB
+    ratios, p99 and database comparison come from `cells` (the side-by-side
+    medians when there are any), the rest from the main table's `index`."""
     res = []
 
     def get(server, op, payload, conns):
-        return index.get((server, op, payload, conns))
+        return (cells if payload <= 1024 and not server.endswith("[oha]") else index).get(
+            (server, op, payload, conns))
 
     for op in OPS:
         for payload in (64, 1024):
@@ -795,13 +858,14 @@ def check_targets(index, extras):
                 res.append((f"{tag}: Keyward (SQLite) / ceiling", f"{k['vs_ceiling']:.0%}", ">= 75%", k["vs_ceiling"] >= 0.75))
             res.append((f"{tag}: Keyward (SQLite) p99", f"{k['p99']:.2f} ms", "<= 5 ms", k["p99"] <= 5))
             pg = get("keyward-postgres", op, payload, 32)
-            if pg:
-                diff = abs(pg["rps"] - k["rps"]) / max(pg["rps"], k["rps"])
+            if pg and pg["rps"] and k["rps"]:
+                r = ratio(k, pg)
+                diff = 1 - min(r, 1 / r)
                 res.append((f"{tag}: SQLite vs PostgreSQL", f"{diff:.1%} apart", "within 5%", diff <= 0.05))
             plain, mtls = get("keyward-sqlite [oha]", op, payload, 32), get("keyward-mtls [oha]", op, payload, 32)
             if plain and mtls:
-                ratio = mtls["rps"] / plain["rps"]
-                res.append((f"{tag}: mutual TLS / plain HTTP (oha)", f"{ratio:.0%}", ">= 60%", ratio >= 0.6))
+                share = mtls["rps"] / plain["rps"]
+                res.append((f"{tag}: mutual TLS / plain HTTP (oha)", f"{share:.0%}", ">= 60%", share >= 0.6))
     for op in OPS:
         k = get("keyward-sqlite", op, 16384, 32)
         if k and k["vs_ceiling"] is not None:
@@ -824,8 +888,9 @@ def check_targets(index, extras):
     return res
 
 
-def report(args, rows, extras, env_info, failures):
+def report(args, rows, sbs, extras, env_info, failures):
     index = add_ratios(rows)
+    sbs_index = add_ratios(sbs)
     lines_txt, lines_md = [], []
     title = "Keyward benchmark" + (" (smoke run: 1 s per run, not for comparison)" if args.smoke else "")
     lines_md += [f"# {title}", "", "Written by `bench/run" + (" --smoke" if args.smoke else "") + "`" +
@@ -839,6 +904,27 @@ def report(args, rows, extras, env_info, failures):
                  "mutual-TLS line and, to compare it with, plain HTTP again). Ratios compare requests/s with the "
                  "same row of OpenBao Transit and of the ceiling (wrk rows only). RSS: the server's peak resident "
                  "memory during the run (VmHWM, reset before each run).", "", md_table(head, body), ""]
+
+    if sbs:
+        rounds = len(sbs[0]["runs"])
+        shead = ["server", "op", "payload", "req/s (median)", "runs", "p99 ms (median)", "steal (max)", "errors",
+                 "Keyward/OpenBao", "Keyward/ceiling"]
+        sbody = [[r["server"], r["op"], fmt_size(r["payload"]), f"{r['rps']:,.0f}",
+                  " / ".join(f"{x:,.0f}" for x in r["runs"]), f"{r['p99']:.2f}", f"{r['steal']:.1%}",
+                  str(r["errors"]), fmt_ratio(r["vs_bao"]), fmt_ratio(r["vs_ceiling"])]
+                 for r in sorted(sbs, key=lambda r: (r["payload"], OPS.index(r["op"]), SERVER_ORDER.index(r["server"])))]
+        lines_txt += [f"side by side, {rounds} round(s), 32 connections (the targets are checked on these):",
+                      text_table(shead, sbody), ""]
+        lines_md += ["## Side by side", "",
+                     f"The 32-connection cells of the targets again, with Keyward on SQLite, Keyward on "
+                     f"PostgreSQL, OpenBao and the ceiling all running and taking turns (the order rotates "
+                     f"from cell to cell), {rounds} round(s) of `wrk -t2 -c32`: each server is measured in the "
+                     f"same minutes as the others, so a slow spell of the host does not fall on one of them "
+                     f"alone. Requests/s and p99 are medians of the rounds; each ratio is the median "
+                     f"of the rounds' ratios (a server over OpenBao or the ceiling in the same round). "
+                     f"Steal: the largest share of the machine's CPU time the hypervisor gave to other guests "
+                     f"during one of the server's runs. The targets below are checked on these rows.", "",
+                     md_table(shead, sbody), ""]
 
     ext_txt, ext_md = [], []
     if "cold" in extras:
@@ -887,8 +973,9 @@ def report(args, rows, extras, env_info, failures):
         lines_txt += ext_txt + [""]
         lines_md += ["## Other measurements", ""] + ext_md + [""]
 
+    # Checked on a smoke run too (not printed), so that CI runs this code.
+    targets = check_targets(sbs_index or index, index, extras)
     if not args.smoke:
-        targets = check_targets(index, extras)
         thead = ["target", "measured", "goal", "reached"]
         tbody = [[t, m, g, "yes" if ok else "NO"] for t, m, g, ok in targets]
         lines_txt += [text_table(thead, tbody), ""]
@@ -944,6 +1031,8 @@ def main():
     ap.add_argument("--out", help="Markdown file to write (default docs/benchmarks-latest.md; "
                                   "with --smoke, keyward-bench-smoke.md in the temporary folder)")
     ap.add_argument("--no-build", action="store_true", help="use the binaries already built")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of the side-by-side comparison (default 5; --smoke: 1)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args()
     duration = int(os.environ.get("BENCH_DURATION") or (1 if args.smoke else 5))
@@ -961,7 +1050,7 @@ def main():
     # Ctrl-C stops everything, even when started with SIGINT ignored (`cmd &`).
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
-    failures, rows, extras = [], [], {}
+    failures, rows, sbs, extras = [], [], [], {}
     try:
         if not args.no_build:
             build()
@@ -1002,7 +1091,7 @@ def main():
         # Keyward on PostgreSQL.
         db = f"bench_keyward_{uuid.uuid4().hex[:8]}"
         psql(pg_url, f"CREATE DATABASE {db}")
-        CLEANUP.actions.append(lambda: psql(pg_url, f"DROP DATABASE IF EXISTS {db}"))
+        CLEANUP.actions.append(lambda db=db: psql(pg_url, f"DROP DATABASE IF EXISTS {db}"))
         s = step("start keyward-postgres", lambda: start_keyward("keyward-postgres", pg_url.rsplit("/", 1)[0] + "/" + db))
         if s:
             rows += step("keyward-postgres", lambda: run_matrix(bench, s, payloads, conns)) or []
@@ -1030,6 +1119,25 @@ def main():
             rows += step("ceiling", lambda: run_matrix(bench, s, payloads, conns)) or []
             CLEANUP.stop(s.proc)
 
+        # The target cells again, all four servers up at once and taking turns.
+        rounds = 1 if args.smoke else args.rounds
+        log(f"side by side: {rounds} round(s)")
+        d = CLEANUP.tempdir("sbs")
+        db = f"bench_keyward_{uuid.uuid4().hex[:8]}"
+        psql(pg_url, f"CREATE DATABASE {db}")
+        CLEANUP.actions.append(lambda db=db: psql(pg_url, f"DROP DATABASE IF EXISTS {db}"))
+        peers = [step("start keyward-sqlite (side by side)",
+                      lambda: start_keyward("keyward-sqlite", f"sqlite://{d}/keyward.db")),
+                 step("start keyward-postgres (side by side)",
+                      lambda: start_keyward("keyward-postgres", pg_url.rsplit("/", 1)[0] + "/" + db)),
+                 step("start openbao (side by side)", lambda: start_openbao(bao)),
+                 step("start ceiling (side by side)", start_ceiling)]
+        peers = [p for p in peers if p]
+        sbs = step("side by side", lambda: side_by_side(
+            bench, peers, [p for p in payloads if p <= 1024], rounds)) or []
+        for p in peers:
+            CLEANUP.stop(p.proc)
+
         log("cold start")
         c = step("cold start", cold_start)
         if c:
@@ -1048,7 +1156,7 @@ def main():
                 failures.append(f"re-encryption job did not succeed: {r['job_line']}")
 
         # Any failed request against Keyward or the ceiling is a failure.
-        for row in rows:
+        for row in rows + sbs:
             if row["errors"] and row["server"] != "openbao":
                 failures.append(f"{row['server']} {row['op']} {fmt_size(row['payload'])} c={row['conns']}: "
                                 f"{row['non2xx']} non-2xx, {row['socket_errors']} socket errors")
@@ -1056,7 +1164,7 @@ def main():
             if r["errors"] or r["rotate_failures"]:
                 failures.append(f"rotation under load on {r['server']}: {r['non2xx']} non-2xx, "
                                 f"{r['socket_errors']} socket errors, {r['rotate_failures']} failed rotates")
-        missed = report(args, rows, extras, info, failures)
+        missed = report(args, rows, sbs, extras, info, failures)
         if failures:
             return 1
         if missed and args.strict:
