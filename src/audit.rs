@@ -33,7 +33,7 @@ use crate::crypto::sha256;
 use crate::domain::service::Principal;
 use crate::domain::time::rfc3339;
 use crate::domain::{EncryptionId, TenantId, VersionId};
-use crate::store::{AuditSegment, Store};
+use crate::store::{AuditSegment, SegmentPacker, Store};
 use crate::tls::ClientIdentity;
 
 /// Every operation name a record can carry.
@@ -451,8 +451,17 @@ impl AuditLog {
                 (Sink::File(file), chain)
             }
         };
+        let table = match store {
+            Some(store) => Some((
+                store,
+                SegmentPacker::new().map_err(|e| {
+                    anyhow::anyhow!("cannot start the audit table's compressor: {e}")
+                })?,
+            )),
+            None => None,
+        };
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(rx, sink, chain, store));
+        tokio::spawn(write_loop(rx, sink, chain, table));
         Ok(AuditLog {
             tx,
             budget: Arc::new(Semaphore::new(RECORD_BUDGET)),
@@ -624,7 +633,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Message>,
     mut sink: Sink,
     mut chain: Chain,
-    store: Option<Store>,
+    mut table: Option<(Store, SegmentPacker)>,
 ) {
     let mut messages = Vec::with_capacity(BATCH);
     // Segments for the table, oldest first; the last one may still grow.
@@ -665,7 +674,7 @@ async fn write_loop(
                     permits.push(permit);
                     event.write_records(&mut chain, &mut time, &mut out, |fields, line| {
                         records += 1;
-                        if store.is_some() {
+                        if table.is_some() {
                             if pending.back().is_none_or(AuditSegment::is_full) {
                                 pending.push_back(AuditSegment {
                                     lines: spare_lines.take().unwrap_or_default(),
@@ -694,7 +703,7 @@ async fn write_loop(
                 tracing::error!(error = %e, "cannot write the audit file");
             }
         }
-        if let Some(store) = &store {
+        if let Some((store, packer)) = table.as_mut() {
             while pending_records > MAX_PENDING_RECORDS {
                 let Some(oldest) = pending.pop_front() else {
                     break;
@@ -708,7 +717,10 @@ async fn write_loop(
             }
             while !pending.is_empty() {
                 let n = pending.len().min(16);
-                match store.insert_audit(&pending.make_contiguous()[..n]).await {
+                match store
+                    .insert_audit(&pending.make_contiguous()[..n], packer)
+                    .await
+                {
                     Ok(()) => {
                         for segment in pending.drain(..n) {
                             pending_records -= segment.records;

@@ -8,6 +8,12 @@
 //! span of its records, and `audit_segment_keys` lists each tenant, encryption
 //! and operation that occurs in it, so a filtered read visits only the segments
 //! that can match and checks each of their records exactly.
+//!
+//! A segment's lines are stored compressed (zstd, column `packed`; `records`
+//! is then empty): about 8 times smaller, which the database writes twice
+//! (SQLite's WAL and checkpoint, PostgreSQL's WAL and heap). Segments written
+//! before migration 0006 (SQLite) / 0007 (PostgreSQL) keep their text in
+//! `records`.
 
 use std::collections::BTreeSet;
 
@@ -22,6 +28,60 @@ pub const SEGMENT_RECORDS: usize = 1000;
 const POSITIONS: i64 = 1024;
 /// Segments read per round trip while a page fills.
 const SEGMENTS_PER_READ: i64 = 8;
+/// zstd's level for segments: its fastest standard level, about 1 ns per
+/// byte for 8x on audit lines (LZ4 is about as fast for 4x).
+const PACK_LEVEL: i32 = 1;
+/// The most a stored segment may unpack to: 1,000 records of at most a few
+/// kilobytes each, with room to spare. A larger claim is a corrupt row.
+const MAX_SEGMENT_BYTES: u64 = 64 << 20;
+
+/// Compresses segments for the table. One per audit writer: zstd's context
+/// is kept from segment to segment rather than allocated for each.
+pub struct SegmentPacker {
+    compressor: zstd::bulk::Compressor<'static>,
+}
+
+impl SegmentPacker {
+    /// A packer at [`PACK_LEVEL`].
+    pub fn new() -> std::io::Result<SegmentPacker> {
+        Ok(SegmentPacker {
+            compressor: zstd::bulk::Compressor::new(PACK_LEVEL)?,
+        })
+    }
+
+    fn pack(&mut self, lines: &str) -> Result<Vec<u8>, StoreError> {
+        self.compressor
+            .compress(lines.as_bytes())
+            .map_err(|e| StoreError::Corrupt {
+                table: "audit_segments",
+                detail: format!("cannot compress a segment: {e}"),
+            })
+    }
+}
+
+impl std::fmt::Debug for SegmentPacker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SegmentPacker")
+    }
+}
+
+/// A stored segment's lines: `packed` when set, else the `records` text.
+fn unpack(id: i64, records: String, packed: Option<Vec<u8>>) -> Result<String, StoreError> {
+    let Some(packed) = packed else {
+        return Ok(records);
+    };
+    let corrupt = |detail: String| StoreError::Corrupt {
+        table: "audit_segments",
+        detail: format!("segment {id}: {detail}"),
+    };
+    let size = match zstd::zstd_safe::get_frame_content_size(&packed) {
+        Ok(Some(n)) if n <= MAX_SEGMENT_BYTES => n as usize,
+        Ok(Some(n)) => return Err(corrupt(format!("claims {n} bytes unpacked"))),
+        Ok(None) | Err(_) => return Err(corrupt("not a zstd frame with its size".into())),
+    };
+    let bytes = zstd::bulk::decompress(&packed, size).map_err(|e| corrupt(e.to_string()))?;
+    String::from_utf8(bytes).map_err(|_| corrupt("not UTF-8 text".into()))
+}
 
 /// Records as the writer hands them to the table: one segment.
 #[derive(Debug, Clone, Default)]
@@ -136,16 +196,25 @@ impl AuditQuery {
 }
 
 impl Store {
-    /// Appends `segments` in one transaction.
-    pub async fn insert_audit(&self, segments: &[AuditSegment]) -> Result<(), StoreError> {
+    /// Appends `segments` in one transaction, compressed by `packer`.
+    pub async fn insert_audit(
+        &self,
+        segments: &[AuditSegment],
+        packer: &mut SegmentPacker,
+    ) -> Result<(), StoreError> {
+        // Compressed before the transaction, which holds a connection.
+        let packed = segments
+            .iter()
+            .map(|s| packer.pack(&s.lines))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut tx = self.pool.begin().await?;
-        for segment in segments {
+        for (segment, packed) in segments.iter().zip(&packed) {
             let id: i64 = sqlx::query(
-                "INSERT INTO audit_segments (first_ms, last_ms, records) VALUES ($1, $2, $3) RETURNING id",
+                "INSERT INTO audit_segments (first_ms, last_ms, records, packed) VALUES ($1, $2, '', $3) RETURNING id",
             )
             .bind(segment.first_ms)
             .bind(segment.last_ms)
-            .bind(segment.lines.as_str())
+            .bind(packed.as_slice())
             .fetch_one(&mut *tx)
             .await?
             .try_get(0)?;
@@ -272,7 +341,7 @@ impl Store {
             format!("WHERE {}", conditions.join(" AND "))
         };
         let sql = format!(
-            "SELECT s.id, s.records FROM {source} {filter} ORDER BY {id} DESC LIMIT {limit}"
+            "SELECT s.id, s.records, s.packed FROM {source} {filter} ORDER BY {id} DESC LIMIT {limit}"
         );
         let mut query = sqlx::query(&sql);
         for b in binds {
@@ -283,7 +352,10 @@ impl Store {
         }
         let rows = query.fetch_all(&self.pool).await?;
         rows.iter()
-            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+            .map(|r| {
+                let id = r.try_get(0)?;
+                Ok((id, unpack(id, r.try_get(1)?, r.try_get(2)?)?))
+            })
             .collect()
     }
 }
@@ -292,4 +364,38 @@ impl Store {
 enum Bind {
     Text(String),
     Int(i64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_unpacks_to_its_lines_and_anything_else_is_corrupt() {
+        let lines: String = (0..500)
+            .map(|i| format!("{{\"seq\":{i},\"operation\":\"encrypt\"}}\n"))
+            .collect();
+        let packed = SegmentPacker::new().unwrap().pack(&lines).unwrap();
+        assert!(packed.len() * 4 < lines.len());
+        assert_eq!(
+            unpack(7, String::new(), Some(packed.clone())).unwrap(),
+            lines
+        );
+        // Before the migration: the text, as stored.
+        assert_eq!(unpack(7, lines.clone(), None).unwrap(), lines);
+
+        let corrupt = |packed: Vec<u8>| match unpack(7, String::new(), Some(packed)) {
+            Err(StoreError::Corrupt { table, detail }) => {
+                assert_eq!(table, "audit_segments");
+                assert!(detail.starts_with("segment 7: "), "{detail}");
+            }
+            other => panic!("{:?}", other.map(|s| s.len())),
+        };
+        corrupt(b"not a zstd frame".to_vec());
+        corrupt(packed[..packed.len() / 2].to_vec());
+        // A frame that does not state its size (a streaming encoder's).
+        corrupt(zstd::stream::encode_all(lines.as_bytes(), 1).unwrap());
+        // Bytes that are not UTF-8.
+        corrupt(zstd::bulk::compress(&[0xff, 0xfe, 0xfd], 1).unwrap());
+    }
 }

@@ -23,7 +23,7 @@ use sqlx::migrate::Migrator;
 use sqlx::{AnyPool, Executor, Row};
 
 pub use api_keys::ApiKeyRow;
-pub use audit::{AuditQuery, AuditSegment};
+pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
 pub use jobs::{JobProgress, JobRow};
