@@ -49,13 +49,11 @@ impl SegmentPacker {
         })
     }
 
+    /// Fails only where zstd cannot allocate its buffers.
     fn pack(&mut self, lines: &str) -> Result<Vec<u8>, StoreError> {
         self.compressor
             .compress(lines.as_bytes())
-            .map_err(|e| StoreError::Corrupt {
-                table: "audit_segments",
-                detail: format!("cannot compress a segment: {e}"),
-            })
+            .map_err(|e| StoreError::Other(sqlx::Error::Encode(Box::new(e))))
     }
 }
 
