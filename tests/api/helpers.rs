@@ -318,6 +318,22 @@ impl TestApp {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether the log comes to contain `needle` within 5 s. The server's
+    /// output reaches the log through a reader thread, so a line it wrote
+    /// before answering may arrive here after the answer.
+    pub async fn log_shows(&self, needle: &str) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if self.log_text().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Runs a CLI command against this app's database.
     pub fn cli(&self, args: &[&str]) -> Output {
         keyward_command()

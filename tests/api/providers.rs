@@ -307,7 +307,7 @@ async fn survives_restarts_and_outages(
         )
         .await;
     assert_error(status, &resp, 503, "not_ready");
-    assert!(app.log_text().contains("unreachable"), "the log says why");
+    assert!(app.log_shows("unreachable").await, "the log says why");
 
     forwarder.resume().await;
     wait_ready(&app).await;
@@ -350,7 +350,7 @@ async fn vault_provider_logs_in_with_approle() {
     app.restart();
     wait_ready(&app).await;
     decrypts(&app, &creds, &e, "approle").await;
-    assert!(app.log_text().contains("logged in to Vault with AppRole"));
+    assert!(app.log_shows("logged in to Vault with AppRole").await);
     assert!(
         !app.log_text().contains(&secret_id),
         "the secret id is logged"
@@ -637,6 +637,6 @@ async fn a_short_lived_vault_token_is_renewed_while_keyward_runs() {
         "the provider still works after the token's first TTL: {body}\n{}",
         app.log_text()
     );
-    assert!(app.log_text().contains("renewed the Vault token"));
+    assert!(app.log_shows("renewed the Vault token").await);
     assert!(!app.log_text().contains(&token), "the token is logged");
 }
