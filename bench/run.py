@@ -303,6 +303,14 @@ def psql(url, sql):
     sh(["psql", "-q", "-v", "ON_ERROR_STOP=1", url, "-c", sql], stdout=subprocess.DEVNULL)
 
 
+def new_database(pg_url):
+    """A fresh database on pg_url's server, dropped at exit; its URL."""
+    db = f"bench_keyward_{uuid.uuid4().hex[:8]}"
+    psql(pg_url, f"CREATE DATABASE {db}")
+    CLEANUP.actions.append(lambda: psql(pg_url, f"DROP DATABASE IF EXISTS {db}"))
+    return pg_url.rsplit("/", 1)[0] + "/" + db
+
+
 def tool_version(argv):
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
@@ -1091,10 +1099,8 @@ def main():
             CLEANUP.stop(s.proc)
 
         # Keyward on PostgreSQL.
-        db = f"bench_keyward_{uuid.uuid4().hex[:8]}"
-        psql(pg_url, f"CREATE DATABASE {db}")
-        CLEANUP.actions.append(lambda db=db: psql(pg_url, f"DROP DATABASE IF EXISTS {db}"))
-        s = step("start keyward-postgres", lambda: start_keyward("keyward-postgres", pg_url.rsplit("/", 1)[0] + "/" + db))
+        db_url = new_database(pg_url)
+        s = step("start keyward-postgres", lambda: start_keyward("keyward-postgres", db_url))
         if s:
             rows += step("keyward-postgres", lambda: run_matrix(bench, s, payloads, conns)) or []
             r = step("rotation under load (PostgreSQL)", lambda: rotate_under_load(bench, s, duration))
@@ -1125,13 +1131,11 @@ def main():
         rounds = 1 if args.smoke else args.rounds
         log(f"side by side: {rounds} round(s)")
         d = CLEANUP.tempdir("sbs")
-        db = f"bench_keyward_{uuid.uuid4().hex[:8]}"
-        psql(pg_url, f"CREATE DATABASE {db}")
-        CLEANUP.actions.append(lambda db=db: psql(pg_url, f"DROP DATABASE IF EXISTS {db}"))
+        sbs_db_url = new_database(pg_url)
         peers = [step("start keyward-sqlite (side by side)",
                       lambda: start_keyward("keyward-sqlite", f"sqlite://{d}/keyward.db")),
                  step("start keyward-postgres (side by side)",
-                      lambda: start_keyward("keyward-postgres", pg_url.rsplit("/", 1)[0] + "/" + db)),
+                      lambda: start_keyward("keyward-postgres", sbs_db_url)),
                  step("start openbao (side by side)", lambda: start_openbao(bao)),
                  step("start ceiling (side by side)", start_ceiling)]
         peers = [p for p in peers if p]

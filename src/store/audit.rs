@@ -200,11 +200,15 @@ impl Store {
         segments: &[AuditSegment],
         packer: &mut SegmentPacker,
     ) -> Result<(), StoreError> {
-        // Compressed before the transaction, which holds a connection.
-        let packed = segments
-            .iter()
-            .map(|s| packer.pack(&s.lines))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Compressed before the transaction, which holds a connection. This
+        // runs on a runtime worker that also serves requests: a full segment
+        // takes a few hundred microseconds, so yield between segments rather
+        // than hold the worker for a whole backlog (up to 16 of them).
+        let mut packed = Vec::with_capacity(segments.len());
+        for segment in segments {
+            packed.push(packer.pack(&segment.lines)?);
+            tokio::task::yield_now().await;
+        }
         let mut tx = self.pool.begin().await?;
         for (segment, packed) in segments.iter().zip(&packed) {
             let id: i64 = sqlx::query(
