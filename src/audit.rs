@@ -676,10 +676,9 @@ async fn write_loop(
                         records += 1;
                         if table.is_some() {
                             if pending.back().is_none_or(AuditSegment::is_full) {
-                                pending.push_back(AuditSegment {
-                                    lines: spare_lines.take().unwrap_or_default(),
-                                    ..AuditSegment::default()
-                                });
+                                let mut segment = AuditSegment::default();
+                                segment.lines = spare_lines.take().unwrap_or_default();
+                                pending.push_back(segment);
                             }
                             let segment = pending.back_mut().expect("pushed above");
                             segment.push(
@@ -718,7 +717,7 @@ async fn write_loop(
             while !pending.is_empty() {
                 let n = pending.len().min(16);
                 match store
-                    .insert_audit(&pending.make_contiguous()[..n], packer)
+                    .insert_audit(&mut pending.make_contiguous()[..n], packer)
                     .await
                 {
                     Ok(()) => {

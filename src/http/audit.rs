@@ -221,15 +221,12 @@ pub(super) async fn begin(
     let event = AuditEvent {
         time_ms: now_ms(),
         operation,
-        // A client may choose its request id: keep at most 128 characters.
+        // At most 128 visible ASCII characters: the edge replaced any other.
         request_id: parts
             .headers
             .get(&super::edge::REQUEST_ID)
             .and_then(|v| v.to_str().ok())
-            .map(|id| match id.char_indices().nth(128) {
-                Some((end, _)) => id[..end].to_owned(),
-                None => id.to_owned(),
-            }),
+            .map(str::to_owned),
         client: parts.extensions.get::<Arc<ClientIdentity>>().cloned(),
         peer: parts
             .extensions

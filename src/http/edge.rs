@@ -61,8 +61,8 @@ impl Edge {
         let started = Instant::now();
         let mut req = req.map(Body::new);
         let request_id = match req.headers().get(&REQUEST_ID) {
-            Some(id) => id.clone(),
-            None => {
+            Some(id) if acceptable_request_id(id) => id.clone(),
+            _ => {
                 let id = new_request_id();
                 req.headers_mut().insert(REQUEST_ID, id.clone());
                 id
@@ -107,6 +107,18 @@ impl Edge {
         response.headers_mut().insert(REQUEST_ID, request_id);
         response
     }
+}
+
+/// The longest `X-Request-Id` taken from a client.
+const MAX_REQUEST_ID: usize = 128;
+
+/// Whether a client's `X-Request-Id` is kept: 1 to [`MAX_REQUEST_ID`] bytes of
+/// visible ASCII. Anything else is replaced by a new id rather than copied into
+/// every log line and audit record of the request (hyper alone would let one
+/// header run to hundreds of kilobytes, unauthenticated).
+fn acceptable_request_id(id: &HeaderValue) -> bool {
+    let id = id.as_bytes();
+    !id.is_empty() && id.len() <= MAX_REQUEST_ID && id.iter().all(|b| b.is_ascii_graphic())
 }
 
 /// A new request id: a random UUID.

@@ -98,6 +98,9 @@ pub struct AuditSegment {
     pub encryptions: BTreeSet<String>,
     /// Every operation recorded.
     pub operations: BTreeSet<&'static str>,
+    /// `lines` compressed, kept from a failed insert for its retry; any
+    /// record pushed after drops it.
+    packed: Option<Vec<u8>>,
 }
 
 impl AuditSegment {
@@ -116,6 +119,7 @@ impl AuditSegment {
         if self.records == 0 || time_ms > self.last_ms {
             self.last_ms = time_ms;
         }
+        self.packed = None;
         self.lines.push_str(line);
         self.lines.push('\n');
         self.records += 1;
@@ -194,29 +198,33 @@ impl AuditQuery {
 }
 
 impl Store {
-    /// Appends `segments` in one transaction, compressed by `packer`.
+    /// Appends `segments` in one transaction, compressed by `packer`. Each
+    /// segment keeps its frame, so a retry after a failure compresses only
+    /// what grew since.
     pub async fn insert_audit(
         &self,
-        segments: &[AuditSegment],
+        segments: &mut [AuditSegment],
         packer: &mut SegmentPacker,
     ) -> Result<(), StoreError> {
         // Compressed before the transaction, which holds a connection. This
         // runs on a runtime worker that also serves requests: a full segment
         // takes a few hundred microseconds, so yield between segments rather
         // than hold the worker for a whole backlog (up to 16 of them).
-        let mut packed = Vec::with_capacity(segments.len());
-        for segment in segments {
-            packed.push(packer.pack(&segment.lines)?);
-            tokio::task::yield_now().await;
+        for segment in segments.iter_mut() {
+            if segment.packed.is_none() {
+                segment.packed = Some(packer.pack(&segment.lines)?);
+                tokio::task::yield_now().await;
+            }
         }
         let mut tx = self.pool.begin().await?;
-        for (segment, packed) in segments.iter().zip(&packed) {
+        for segment in segments.iter() {
+            let packed = segment.packed.as_deref().expect("packed above");
             let id: i64 = sqlx::query(
                 "INSERT INTO audit_segments (first_ms, last_ms, records, packed) VALUES ($1, $2, '', $3) RETURNING id",
             )
             .bind(segment.first_ms)
             .bind(segment.last_ms)
-            .bind(packed.as_slice())
+            .bind(packed)
             .fetch_one(&mut *tx)
             .await?
             .try_get(0)?;
@@ -353,12 +361,25 @@ impl Store {
             };
         }
         let rows = query.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                let id = r.try_get(0)?;
-                Ok((id, unpack(id, r.try_get(1)?, r.try_get(2)?)?))
-            })
-            .collect()
+        let rows: Vec<(i64, String, Option<Vec<u8>>)> = rows
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+            .collect::<Result<_, StoreError>>()?;
+        let any_packed = rows.iter().any(|(_, _, packed)| packed.is_some());
+        let unpack_all = move || {
+            rows.into_iter()
+                .map(|(id, records, packed)| Ok((id, unpack(id, records, packed)?)))
+                .collect()
+        };
+        // Unpacking eight full segments takes a few milliseconds: off the
+        // runtime's workers, which serve the hot path.
+        if any_packed {
+            tokio::task::spawn_blocking(unpack_all)
+                .await
+                .map_err(|_| StoreError::Other(sqlx::Error::WorkerCrashed))?
+        } else {
+            unpack_all()
+        }
     }
 }
 
@@ -399,5 +420,56 @@ mod tests {
         corrupt(zstd::stream::encode_all(lines.as_bytes(), 1).unwrap());
         // Bytes that are not UTF-8.
         corrupt(zstd::bulk::compress(&[0xff, 0xfe, 0xfd], 1).unwrap());
+    }
+
+    /// A failed insert leaves each segment's frame for the retry; a record
+    /// pushed after drops that segment's frame, and the retry writes both.
+    #[tokio::test]
+    async fn a_retry_reuses_frames_of_segments_that_did_not_grow() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/k.db", dir.path().display());
+        let store = Store::connect(&url, 2).await.unwrap();
+        store.migrate().await.unwrap();
+        let line = |seq: usize| format!("{{\"seq\":{seq},\"operation\":\"encrypt\"}}");
+        let mut segments = vec![AuditSegment::default(), AuditSegment::default()];
+        for seq in 0..SEGMENT_RECORDS {
+            segments[0].push(1, &line(seq), Some("t"), None, "encrypt");
+        }
+        segments[1].push(2, &line(SEGMENT_RECORDS), Some("t"), None, "encrypt");
+        let mut packer = SegmentPacker::new().unwrap();
+
+        sqlx::query(
+            "CREATE TRIGGER refuse BEFORE INSERT ON audit_segments \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .execute(&store.pool)
+        .await
+        .unwrap();
+        assert!(store
+            .insert_audit(&mut segments, &mut packer)
+            .await
+            .is_err());
+        let kept = segments[0].packed.as_ref().unwrap().as_ptr();
+        assert!(segments[1].packed.is_some());
+        segments[1].push(3, &line(SEGMENT_RECORDS + 1), Some("t"), None, "encrypt");
+        assert!(segments[1].packed.is_none(), "a grown segment packs again");
+
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        store
+            .insert_audit(&mut segments, &mut packer)
+            .await
+            .unwrap();
+        assert_eq!(segments[0].packed.as_ref().unwrap().as_ptr(), kept);
+        let q = AuditQuery {
+            limit: 5000,
+            ..AuditQuery::default()
+        };
+        let records = store.audit_records(&q).await.unwrap();
+        assert_eq!(records.len(), SEGMENT_RECORDS + 2);
+        assert_eq!(records[0].1, line(SEGMENT_RECORDS + 1));
+        assert_eq!(records.last().unwrap().1, line(0));
     }
 }

@@ -110,3 +110,52 @@ async fn each_api_key_has_a_request_rate_limit() {
         StatusCode::OK
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_or_odd_request_id_is_replaced_not_recorded() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let kept = "k".repeat(128);
+    let long = format!("long-{}", "x".repeat(100_000));
+    let too_long = "y".repeat(129);
+    let cases = [
+        (kept.as_str(), true),
+        ("checkout-7f3a:9/abc=", true),
+        (long.as_str(), false),
+        (too_long.as_str(), false),
+        ("has space", false),
+    ];
+    let mut answered = Vec::new();
+    for (sent, is_kept) in cases {
+        let resp = app
+            .req(reqwest::Method::POST, "/v1/encrypt", &creds)
+            .header("x-request-id", sent)
+            .json(&json!({"encryptionId": enc, "data": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+        if is_kept {
+            assert_eq!(id, sent);
+        } else {
+            assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+        }
+        answered.push(id);
+    }
+
+    // The audit records carry what was answered, never the refused ids.
+    let (status, page) = app.get("/v1/audit?operation=encrypt", &creds).await;
+    assert_eq!(status, StatusCode::OK);
+    let mut recorded: Vec<String> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requestId"].as_str().unwrap().to_string())
+        .collect();
+    recorded.reverse();
+    assert_eq!(recorded, answered);
+    let log = app.log_text();
+    assert!(!log.contains("xxxxxxxxxx") && !log.contains(&too_long));
+}

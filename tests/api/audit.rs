@@ -270,7 +270,8 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
 
 on_both_databases!(
     every_operation_becomes_one_record_without_secrets,
-    audit_segments_are_stored_compressed
+    audit_segments_are_stored_compressed,
+    records_the_database_refused_arrive_once_it_accepts_them
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,5 +475,91 @@ async fn audit_segments_are_stored_compressed(backend: Backend) {
     assert!(
         !app.log_text().contains("item 1"),
         "nothing of the records in the log"
+    );
+}
+
+/// While the database refuses audit rows, requests are still answered and
+/// recorded in the file; the writer retries, and once the database accepts
+/// rows again every held record reaches the table, in order.
+async fn records_the_database_refused_arrive_once_it_accepts_them(backend: Backend) {
+    use sqlx::Connection;
+
+    let (app, file) = spawn_audited(backend).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    let (refuse, accept): (&[&str], &str) = match backend {
+        Backend::Sqlite => (
+            &[
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_segments \
+               BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+            ],
+            "DROP TRIGGER refuse_audit",
+        ),
+        Backend::Postgres => (
+            &[
+                "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql \
+                 AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_segments \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_audit()",
+            ],
+            "DROP TRIGGER refuse_audit ON audit_segments",
+        ),
+    };
+    for sql in refuse {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let id = format!("held-{i}");
+        let resp = app
+            .req(reqwest::Method::POST, "/v1/encrypt", &creds)
+            .header("x-request-id", &id)
+            .json(&json!({"encryptionId": enc, "data": "x"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        sent.push(id);
+    }
+    assert!(
+        app.log_shows("cannot write audit records to the database; retrying")
+            .await
+    );
+    let (status, page) = app.get("/v1/audit?operation=encrypt", &creds).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(page["records"], json!([]), "not in the table yet");
+    let metrics = app.get_text("/metrics").await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("keyward_audit_write_errors_total{sink=\"database\"}")),
+        "{metrics}"
+    );
+    let in_file = std::fs::read_to_string(&file).unwrap();
+    for id in &sent {
+        assert!(in_file.contains(&format!("\"requestId\":\"{id}\"")), "{id}");
+    }
+
+    sqlx::query(accept).execute(&mut conn).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let records = loop {
+        let records = all_records(&app, &creds, "operation=encrypt", 100).await;
+        if records.len() >= sent.len() || std::time::Instant::now() > deadline {
+            break records;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let mut ids: Vec<&str> = records
+        .iter()
+        .map(|r| r["requestId"].as_str().unwrap())
+        .collect();
+    ids.reverse();
+    assert_eq!(ids, sent);
+    assert!(
+        app.log_shows("audit records reach the database again")
+            .await
     );
 }
