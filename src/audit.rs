@@ -68,6 +68,15 @@ const RECORD_BUDGET: usize = 65_536;
 const BATCH: usize = 4096;
 /// How long the writer lets events gather after a batch when more are coming.
 const PACE: Duration = Duration::from_millis(5);
+/// How long a record may wait for the table while its segment is not full.
+/// Under load a segment fills in a few tens of milliseconds, so the table
+/// takes one transaction per 1,000 records rather than one per batch; reads
+/// flush first, so this only bounds what a killed process leaves out of the
+/// table (the file has every record).
+const TABLE_DELAY: Duration = Duration::from_millis(100);
+/// How long after a failed table write the writer tries again (a read's flush
+/// tries at once).
+const TABLE_RETRY: Duration = Duration::from_secs(1);
 /// Most records kept for the table while the database is unreachable (they are
 /// in the file already); beyond, the oldest are dropped from the table copy.
 const MAX_PENDING_RECORDS: usize = 200_000;
@@ -647,20 +656,33 @@ async fn write_loop(
     let mut out = String::new();
     let mut time = TextCache::default();
     let mut database_failing = false;
+    // When the records not yet in the table are due there (set while any are).
+    let mut table_due: Option<tokio::time::Instant> = None;
     loop {
-        let received = if pending.is_empty() {
-            rx.recv_many(&mut messages, BATCH).await
-        } else {
-            // Retry the table while the database was failing, even when idle.
-            match tokio::time::timeout(Duration::from_secs(1), rx.recv_many(&mut messages, BATCH))
-                .await
-            {
-                Ok(n) => n,
-                Err(_) => usize::MAX,
+        let received = match table_due {
+            None => rx.recv_many(&mut messages, BATCH).await,
+            // Write (or retry) the table when due, even when idle.
+            Some(due) => {
+                match tokio::time::timeout_at(due, rx.recv_many(&mut messages, BATCH)).await {
+                    Ok(n) => n,
+                    Err(_) => usize::MAX,
+                }
             }
         };
         if received == 0 {
-            return; // Every handle is gone.
+            // Every handle is gone: a last try for what the table lacks.
+            if let Some((store, packer)) = table.as_mut() {
+                let n = pending.len();
+                if n > 0 {
+                    if let Err(e) = store
+                        .insert_audit(&mut pending.make_contiguous()[..n], packer)
+                        .await
+                    {
+                        tracing::error!(error = %e, records = pending_records, "cannot write the last audit records to the database (they are in the audit file)");
+                    }
+                }
+            }
+            return;
         }
         let pace = received != usize::MAX && received < BATCH;
         out.clear();
@@ -714,13 +736,31 @@ async fn write_loop(
                     "the database has refused audit records for too long; oldest dropped from the table (they are in the audit file)"
                 );
             }
-            while !pending.is_empty() {
-                let n = pending.len().min(16);
+            let now = tokio::time::Instant::now();
+            if pending.is_empty() {
+                table_due = None;
+            } else if table_due.is_none() {
+                table_due = Some(now + TABLE_DELAY);
+            }
+            // Full segments go at once (unless the database is failing: then
+            // on the retry's time); the one still filling when it is due or a
+            // read is waiting.
+            let ready = if !flushes.is_empty() || table_due.is_some_and(|due| due <= now) {
+                pending.len()
+            } else if database_failing {
+                0
+            } else {
+                pending.iter().take_while(|s| s.is_full()).count()
+            };
+            let mut written = 0;
+            while written < ready {
+                let n = (ready - written).min(16);
                 match store
                     .insert_audit(&mut pending.make_contiguous()[..n], packer)
                     .await
                 {
                     Ok(()) => {
+                        written += n;
                         for segment in pending.drain(..n) {
                             pending_records -= segment.records;
                             if segment.lines.capacity() <= SPARE_LINES_CAPACITY {
@@ -741,9 +781,16 @@ async fn write_loop(
                             tracing::error!(error = %e, "cannot write audit records to the database; retrying");
                             database_failing = true;
                         }
+                        table_due = Some(now + TABLE_RETRY);
                         break;
                     }
                 }
+            }
+            if pending.is_empty() {
+                table_due = None;
+            } else if written > 0 && !database_failing && pending.iter().all(|s| !s.is_full()) {
+                // What is left started filling after the segments just written.
+                table_due = Some(now + TABLE_DELAY);
             }
         }
         drop(permits);
