@@ -191,6 +191,35 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def database_cpu_seconds(server):
+    """CPU time so far of the database a Keyward server uses: its SQLite
+    thread (sqlx runs each SQLite connection on a thread of its own), or every
+    local postgres process (only Keyward on PostgreSQL uses the cluster while
+    the side-by-side rounds run). None for servers without one."""
+    hz = os.sysconf("SC_CLK_TCK")
+    def ticks(stat_path):
+        try:
+            with open(stat_path) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            return 0
+    def comm(path):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return ""
+    if server.database == "sqlite":
+        task = f"/proc/{server.pid}/task"
+        return sum(ticks(f"{task}/{t}/stat") for t in os.listdir(task)
+                   if comm(f"{task}/{t}/comm").startswith("sqlx-sqlite")) / hz
+    if server.database == "postgres":
+        return sum(ticks(f"/proc/{p}/stat") for p in os.listdir("/proc")
+                   if p.isdigit() and comm(f"/proc/{p}/comm") == "postgres") / hz
+    return None
+
+
 def cpu_ticks():
     """The machine's CPU time so far, in clock ticks: (busy, steal, total).
     Steal is time the hypervisor gave this machine's CPUs to someone else."""
@@ -330,6 +359,8 @@ class Server:
         self.headers, self.ssl_ctx, self.tls_files = headers, ssl_ctx, tls_files
         self.encryption_id = None
         self.cli_env = None
+        # "sqlite" or "postgres" for Keyward: see database_cpu_seconds().
+        self.database = None
 
     @property
     def pid(self):
@@ -421,6 +452,7 @@ def start_keyward(name, db_url, tls=None):
     else:
         ctx, base = None, f"http://{addr}"
     s = Server(name, "keyward", proc, base, headers, ctx, tls)
+    s.database = "sqlite" if db_url.startswith("sqlite") else "postgres"
     s.encryption_id = s.call("POST", "/v1/encryptions", {"name": "bench"})["encryptionId"]
     s.cli_env = env
     return s
@@ -520,8 +552,10 @@ class Bench:
         self._settle(server)
         peak_ok = reset_peak_rss(server.pid)
         _, steal0, total0 = cpu_ticks()
+        cpu0, db0 = cpu_seconds(server.pid), database_cpu_seconds(server)
         out = subprocess.run([self.wrk, f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "10s",
                               "-s", LUA, server.base + path], env=env, capture_output=True, text=True)
+        cpu1, db1 = cpu_seconds(server.pid), database_cpu_seconds(server)
         _, steal1, total1 = cpu_ticks()
         rss = proc_status(server.pid, "VmHWM" if peak_ok else "VmRSS")
         os.unlink(body_path)
@@ -531,10 +565,15 @@ class Bench:
         j = json.loads(line[len("BENCH_JSON "):])
         socket_errors = j["connect_errors"] + j["read_errors"] + j["write_errors"] + j["timeouts"]
         non2xx = j["non2xx"] if j["non2xx"] is not None else j["status_errors"]
+        requests = max(1, j["requests"])
+        db_us = None if db0 is None else 1e6 * (db1 - db0) / requests
+        # The server's CPU per request, with its database's when that runs in
+        # processes of its own (PostgreSQL); SQLite's thread is in the server.
+        cpu_us = 1e6 * (cpu1 - cpu0) / requests + (db_us if server.database == "postgres" else 0)
         return {"rps": j["requests"] / (j["duration_us"] / 1e6), "p50": j["p50_us"] / 1000, "p99": j["p99_us"] / 1000,
                 "errors": socket_errors + non2xx, "non2xx": non2xx, "socket_errors": socket_errors,
                 "requests": j["requests"], "rss": rss, "gen": "wrk",
-                "steal": (steal1 - steal0) / max(1, total1 - total0)}
+                "steal": (steal1 - steal0) / max(1, total1 - total0), "cpu_us": cpu_us, "db_us": db_us}
 
     def oha_run(self, server, path, body, conns, duration=None):
         """The same with oha, which can present a client certificate."""
@@ -613,6 +652,8 @@ def side_by_side(bench, servers, payloads, rounds):
         rows.append({"server": name, "op": op, "payload": payload, "conns": 32, "gen": "wrk",
                      "rps": statistics.median(x["rps"] for x in xs), "p99": statistics.median(x["p99"] for x in xs),
                      "runs": [x["rps"] for x in xs], "steal": max(x["steal"] for x in xs),
+                     "cpu_us": statistics.median(x["cpu_us"] for x in xs),
+                     "db_us": None if xs[0]["db_us"] is None else statistics.median(x["db_us"] for x in xs),
                      "errors": sum(x["errors"] for x in xs),
                      "non2xx": sum(x["non2xx"] for x in xs), "socket_errors": sum(x["socket_errors"] for x in xs)})
     return rows
@@ -871,7 +912,12 @@ def check_targets(cells, index, extras):
             if pg and pg["rps"] and k["rps"]:
                 r = ratio(k, pg)
                 diff = 1 - min(r, 1 / r)
-                res.append((f"{tag}: SQLite vs PostgreSQL", f"{diff:.1%} apart", "within 5%", diff <= 0.05))
+                measured = f"{diff:.1%} apart"
+                if k.get("db_us") is not None and pg.get("db_us") is not None:
+                    # What the databases cost per request, beside the throughput.
+                    measured += (f" (database CPU {k['db_us']:.2f} / {pg['db_us']:.2f} µs of "
+                                 f"{k['cpu_us']:.1f} / {pg['cpu_us']:.1f} µs per request)")
+                res.append((f"{tag}: SQLite vs PostgreSQL", measured, "within 5%", diff <= 0.05))
             plain, mtls = get("keyward-sqlite [oha]", op, payload, 32), get("keyward-mtls [oha]", op, payload, 32)
             if plain and mtls:
                 share = mtls["rps"] / plain["rps"]
@@ -917,10 +963,11 @@ def report(args, rows, sbs, extras, env_info, failures):
 
     if sbs:
         rounds = len(sbs[0]["runs"])
-        shead = ["server", "op", "payload", "req/s (median)", "runs", "p99 ms (median)", "steal (max)", "errors",
-                 "Keyward/OpenBao", "Keyward/ceiling"]
+        shead = ["server", "op", "payload", "req/s (median)", "runs", "p99 ms (median)", "CPU µs/req",
+                 "database µs/req", "steal (max)", "errors", "Keyward/OpenBao", "Keyward/ceiling"]
         sbody = [[r["server"], r["op"], fmt_size(r["payload"]), f"{r['rps']:,.0f}",
-                  " / ".join(f"{x:,.0f}" for x in r["runs"]), f"{r['p99']:.2f}", f"{r['steal']:.1%}",
+                  " / ".join(f"{x:,.0f}" for x in r["runs"]), f"{r['p99']:.2f}", f"{r['cpu_us']:.1f}",
+                  "" if r["db_us"] is None else f"{r['db_us']:.2f}", f"{r['steal']:.1%}",
                   str(r["errors"]), fmt_ratio(r["vs_bao"]), fmt_ratio(r["vs_ceiling"])]
                  for r in sorted(sbs, key=lambda r: (r["payload"], OPS.index(r["op"]), SERVER_ORDER.index(r["server"])))]
         lines_txt += [f"side by side, {rounds} round(s), 32 connections (the targets are checked on these):",
@@ -932,6 +979,9 @@ def report(args, rows, sbs, extras, env_info, failures):
                      f"same minutes as the others, so a slow spell of the host does not fall on one of them "
                      f"alone. Requests/s and p99 are medians of the rounds; each ratio is the median "
                      f"of the rounds' ratios (a server over OpenBao or the ceiling in the same round). "
+                     f"CPU µs/req: the server's CPU time per request (median of the rounds), with PostgreSQL's "
+                     f"processes for Keyward on PostgreSQL; database µs/req: the part of it the database took "
+                     f"(Keyward's SQLite thread, or the postgres processes), which no request waits for. "
                      f"Steal: the largest share of the machine's CPU time the hypervisor gave to other guests "
                      f"during one of the server's runs. The targets below are checked on these rows.", "",
                      md_table(shead, sbody), ""]
