@@ -191,33 +191,60 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def database_cpu_seconds(server):
-    """CPU time so far of the database a Keyward server uses: its SQLite
-    thread (sqlx runs each SQLite connection on a thread of its own), or every
-    local postgres process (only Keyward on PostgreSQL uses the cluster while
-    the side-by-side rounds run). None for servers without one."""
-    hz = os.sysconf("SC_CLK_TCK")
-    def ticks(stat_path):
-        try:
-            with open(stat_path) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return int(fields[11]) + int(fields[12])
-        except (OSError, IndexError, ValueError):
-            return 0
+# The data folder of the PostgreSQL cluster Keyward on PostgreSQL uses, when it
+# runs on this machine (see start_postgres); its processes' CPU is counted.
+PG_DATA = os.environ.get("KEYWARD_TEST_PG_DATA")
+
+
+def _stat_fields(path):
+    try:
+        with open(path) as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def database_cpu(server):
+    """CPU ticks so far of the database a Keyward server uses, per thread or
+    process: its SQLite threads (sqlx runs each SQLite connection on a thread
+    of its own), or the local PostgreSQL cluster's postmaster and its children.
+    None for servers without a database, or a PostgreSQL not on this machine."""
     def comm(path):
         try:
             with open(path) as f:
                 return f.read().strip()
         except OSError:
             return ""
+    out = {}
     if server.database == "sqlite":
         task = f"/proc/{server.pid}/task"
-        return sum(ticks(f"{task}/{t}/stat") for t in os.listdir(task)
-                   if comm(f"{task}/{t}/comm").startswith("sqlx-sqlite")) / hz
-    if server.database == "postgres":
-        return sum(ticks(f"/proc/{p}/stat") for p in os.listdir("/proc")
-                   if p.isdigit() and comm(f"/proc/{p}/comm") == "postgres") / hz
+        for t in os.listdir(task):
+            if comm(f"{task}/{t}/comm").startswith("sqlx-sqlite"):
+                f = _stat_fields(f"{task}/{t}/stat")
+                if f:
+                    out[t] = int(f[11]) + int(f[12])
+        return out
+    if server.database == "postgres" and PG_DATA:
+        try:
+            with open(os.path.join(PG_DATA, "postmaster.pid")) as f:
+                postmaster = f.readline().strip()
+        except OSError:
+            return None
+        for p in os.listdir("/proc"):
+            if p.isdigit():
+                f = _stat_fields(f"/proc/{p}/stat")
+                if f and (p == postmaster or f[1] == postmaster):
+                    out[p] = int(f[11]) + int(f[12])
+        return out
     return None
+
+
+def cpu_delta_seconds(before, after):
+    """The CPU time between two database_cpu() snapshots: threads or processes
+    started in between count whole, those gone by the second are left out."""
+    if before is None or after is None:
+        return None
+    return sum(t - before.get(k, 0) for k, t in after.items()) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_ticks():
@@ -323,6 +350,8 @@ def start_postgres():
         env = dict(os.environ, KEYWARD_TEST_PG_DIR=lines[1], KEYWARD_TEST_PG_BIN=lines[2])
         CLEANUP.actions.append(lambda: subprocess.run(
             ["bash", "-c", "source scripts/postgres.sh && stop_test_postgres"], cwd=ROOT, env=env))
+        global PG_DATA
+        PG_DATA = os.path.join(lines[1], "data")
     if out.returncode != 0:
         raise RuntimeError("scripts/postgres.sh could not start PostgreSQL")
     return lines[0]
@@ -359,7 +388,7 @@ class Server:
         self.headers, self.ssl_ctx, self.tls_files = headers, ssl_ctx, tls_files
         self.encryption_id = None
         self.cli_env = None
-        # "sqlite" or "postgres" for Keyward: see database_cpu_seconds().
+        # "sqlite" or "postgres" for Keyward: see database_cpu().
         self.database = None
 
     @property
@@ -552,10 +581,10 @@ class Bench:
         self._settle(server)
         peak_ok = reset_peak_rss(server.pid)
         _, steal0, total0 = cpu_ticks()
-        cpu0, db0 = cpu_seconds(server.pid), database_cpu_seconds(server)
+        cpu0, db0 = cpu_seconds(server.pid), database_cpu(server)
         out = subprocess.run([self.wrk, f"-t{threads}", f"-c{conns}", f"-d{duration}s", "--timeout", "10s",
                               "-s", LUA, server.base + path], env=env, capture_output=True, text=True)
-        cpu1, db1 = cpu_seconds(server.pid), database_cpu_seconds(server)
+        cpu1, db1 = cpu_seconds(server.pid), database_cpu(server)
         _, steal1, total1 = cpu_ticks()
         rss = proc_status(server.pid, "VmHWM" if peak_ok else "VmRSS")
         os.unlink(body_path)
@@ -566,10 +595,11 @@ class Bench:
         socket_errors = j["connect_errors"] + j["read_errors"] + j["write_errors"] + j["timeouts"]
         non2xx = j["non2xx"] if j["non2xx"] is not None else j["status_errors"]
         requests = max(1, j["requests"])
-        db_us = None if db0 is None else 1e6 * (db1 - db0) / requests
+        db_s = cpu_delta_seconds(db0, db1)
+        db_us = None if db_s is None else 1e6 * db_s / requests
         # The server's CPU per request, with its database's when that runs in
         # processes of its own (PostgreSQL); SQLite's thread is in the server.
-        cpu_us = 1e6 * (cpu1 - cpu0) / requests + (db_us if server.database == "postgres" else 0)
+        cpu_us = 1e6 * (cpu1 - cpu0) / requests + (db_us if server.database == "postgres" and db_us else 0)
         return {"rps": j["requests"] / (j["duration_us"] / 1e6), "p50": j["p50_us"] / 1000, "p99": j["p99_us"] / 1000,
                 "errors": socket_errors + non2xx, "non2xx": non2xx, "socket_errors": socket_errors,
                 "requests": j["requests"], "rss": rss, "gen": "wrk",
@@ -653,7 +683,8 @@ def side_by_side(bench, servers, payloads, rounds):
                      "rps": statistics.median(x["rps"] for x in xs), "p99": statistics.median(x["p99"] for x in xs),
                      "runs": [x["rps"] for x in xs], "steal": max(x["steal"] for x in xs),
                      "cpu_us": statistics.median(x["cpu_us"] for x in xs),
-                     "db_us": None if xs[0]["db_us"] is None else statistics.median(x["db_us"] for x in xs),
+                     "db_us": None if any(x["db_us"] is None for x in xs)
+                     else statistics.median(x["db_us"] for x in xs),
                      "errors": sum(x["errors"] for x in xs),
                      "non2xx": sum(x["non2xx"] for x in xs), "socket_errors": sum(x["socket_errors"] for x in xs)})
     return rows

@@ -5,10 +5,12 @@
 //! Requests hand their events to [`AuditLog::record`], which only queues them; one
 //! writer task takes whatever has queued up, seals each record into a SHA-256
 //! hash chain, appends the lines to the audit file (or standard output), and
-//! stores the batch in the table as one segment row (up to 1,000 records; see
-//! [`crate::store::AuditSegment`]). No request waits for a database round trip,
-//! and the database sees a row per batch, not per record; when the writer falls
-//! far behind, requests wait for room in the queue rather than lose records.
+//! stores them in the table in segment rows of up to 1,000 records (see
+//! [`crate::store::AuditSegment`]), each written when full, 100 ms after its
+//! first record, or when a read or shutdown flushes. No request waits for a
+//! database round trip, and the database sees a row per segment, not per
+//! record; when the writer falls far behind, requests wait for room in the
+//! queue rather than lose records.
 //!
 //! Tamper evidence: each record carries `prev`, the hash of the record before it,
 //! and `hash`, the SHA-256 of the record's own JSON up to (not including) the
@@ -658,6 +660,8 @@ async fn write_loop(
     let mut database_failing = false;
     // When the records not yet in the table are due there (set while any are).
     let mut table_due: Option<tokio::time::Instant> = None;
+    // When the last table write failed.
+    let mut failed_at: Option<tokio::time::Instant> = None;
     loop {
         let received = match table_due {
             None => rx.recv_many(&mut messages, BATCH).await,
@@ -670,18 +674,8 @@ async fn write_loop(
             }
         };
         if received == 0 {
-            // Every handle is gone: a last try for what the table lacks.
-            if let Some((store, packer)) = table.as_mut() {
-                let n = pending.len();
-                if n > 0 {
-                    if let Err(e) = store
-                        .insert_audit(&mut pending.make_contiguous()[..n], packer)
-                        .await
-                    {
-                        tracing::error!(error = %e, records = pending_records, "cannot write the last audit records to the database (they are in the audit file)");
-                    }
-                }
-            }
+            // Every handle is gone (shutdown has flushed before closing the
+            // database).
             return;
         }
         let pace = received != usize::MAX && received < BATCH;
@@ -744,8 +738,13 @@ async fn write_loop(
             }
             // Full segments go at once (unless the database is failing: then
             // on the retry's time); the one still filling when it is due or a
-            // read is waiting.
-            let ready = if !flushes.is_empty() || table_due.is_some_and(|due| due <= now) {
+            // read is waiting. While the database fails, a read does not bring
+            // the retry forward: readers polling through an outage would
+            // otherwise keep the writer (and the file) waiting on it.
+            let retry_waits = database_failing
+                && failed_at.is_some_and(|at| now.duration_since(at) < TABLE_RETRY);
+            let forced = !flushes.is_empty() && !retry_waits;
+            let ready = if forced || table_due.is_some_and(|due| due <= now) {
                 pending.len()
             } else if database_failing {
                 0
@@ -781,7 +780,11 @@ async fn write_loop(
                             tracing::error!(error = %e, "cannot write audit records to the database; retrying");
                             database_failing = true;
                         }
-                        table_due = Some(now + TABLE_RETRY);
+                        // From when the attempt ended: it may have waited
+                        // seconds for a connection.
+                        let at = tokio::time::Instant::now();
+                        failed_at = Some(at);
+                        table_due = Some(at + TABLE_RETRY);
                         break;
                     }
                 }
@@ -790,7 +793,7 @@ async fn write_loop(
                 table_due = None;
             } else if written > 0 && !database_failing && pending.iter().all(|s| !s.is_full()) {
                 // What is left started filling after the segments just written.
-                table_due = Some(now + TABLE_DELAY);
+                table_due = Some(tokio::time::Instant::now() + TABLE_DELAY);
             }
         }
         drop(permits);
