@@ -5,12 +5,13 @@
 //! Requests hand their events to [`AuditLog::record`], which only queues them; one
 //! writer task takes whatever has queued up, seals each record into a SHA-256
 //! hash chain, appends the lines to the audit file (or standard output), and
-//! stores them in the table in segment rows of up to 1,000 records (see
-//! [`crate::store::AuditSegment`]), each written when full, 100 ms after its
-//! first record, or when a read or shutdown flushes. No request waits for a
-//! database round trip, and the database sees a row per segment, not per
-//! record; when the writer falls far behind, requests wait for room in the
-//! queue rather than lose records.
+//! hands them on in segments of up to 1,000 records (see
+//! [`crate::store::AuditSegment`]), each when full, 100 ms after its first
+//! record, or when a read or shutdown flushes; a table task stores them. No
+//! request waits for a database round trip, the file never waits for the
+//! database, and the database sees a row per segment, not per record; when the
+//! writer falls far behind, requests wait for room in the queue rather than
+//! lose records.
 //!
 //! Tamper evidence: each record carries `prev`, the hash of the record before it,
 //! and `hash`, the SHA-256 of the record's own JSON up to (not including) the
@@ -76,9 +77,11 @@ const PACE: Duration = Duration::from_millis(5);
 /// flush first, so this only bounds what a killed process leaves out of the
 /// table (the file has every record).
 const TABLE_DELAY: Duration = Duration::from_millis(100);
-/// How long after a failed table write the writer tries again (a read's flush
-/// tries at once).
+/// How long after a failed table write the table task tries again.
 const TABLE_RETRY: Duration = Duration::from_secs(1);
+/// The longest one table write may take before it counts as failed (a
+/// database that hangs rather than refuses).
+const TABLE_ATTEMPT: Duration = Duration::from_secs(30);
 /// Most records kept for the table while the database is unreachable (they are
 /// in the file already); beyond, the oldest are dropped from the table copy.
 const MAX_PENDING_RECORDS: usize = 200_000;
@@ -463,12 +466,17 @@ impl AuditLog {
             }
         };
         let table = match store {
-            Some(store) => Some((
-                store,
-                SegmentPacker::new().map_err(|e| {
+            Some(store) => {
+                let packer = SegmentPacker::new().map_err(|e| {
                     anyhow::anyhow!("cannot start the audit table's compressor: {e}")
-                })?,
-            )),
+                })?;
+                let shared = Arc::new(TableShared {
+                    queue: std::sync::Mutex::new(TableQueue::default()),
+                    wake: tokio::sync::Notify::new(),
+                });
+                tokio::spawn(table_loop(shared.clone(), store, packer));
+                Some(shared)
+            }
             None => None,
         };
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -525,8 +533,9 @@ impl AuditLog {
         }
     }
 
-    /// Waits until everything queued before this call is in the file and (if
-    /// the database answers) the table.
+    /// Waits until everything queued before this call is in the file and has
+    /// been tried in the table (at once, unless a table write failed within
+    /// the last second: then the table is left to its retry).
     pub async fn flush(&self) {
         let (done, wait) = oneshot::channel();
         if self.tx.send(Message::Flush(done)).await.is_ok() {
@@ -640,32 +649,104 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain)> {
     Ok((file, chain))
 }
 
+/// Segments on their way to the table: the writer adds them, the table task
+/// stores them. Kept apart so that the file never waits for the database.
+#[derive(Default)]
+struct TableQueue {
+    /// Oldest first.
+    segments: VecDeque<AuditSegment>,
+    /// Records in `segments`.
+    records: usize,
+    /// Reads (and shutdown) waiting for what was queued before them.
+    flushes: Vec<oneshot::Sender<()>>,
+    /// A stored segment's line buffer, emptied, for the writer's next segment:
+    /// a fresh buffer of hundreds of kilobytes came from pages the allocator
+    /// had just given back, a page fault per 4 KiB.
+    spare_lines: Option<String>,
+    /// The writer has stopped: nothing more will come.
+    closed: bool,
+}
+
+struct TableShared {
+    queue: std::sync::Mutex<TableQueue>,
+    wake: tokio::sync::Notify,
+}
+
+impl TableShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TableQueue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `segments` in order; beyond [`MAX_PENDING_RECORDS`] the oldest
+    /// are dropped from the table copy (they are in the file).
+    fn push(&self, segments: impl IntoIterator<Item = AuditSegment>) {
+        let mut q = self.lock();
+        for segment in segments {
+            q.records += segment.records;
+            q.segments.push_back(segment);
+        }
+        let dropped = q.trim();
+        drop(q);
+        report_dropped(dropped);
+        self.wake.notify_one();
+    }
+
+    fn flush(&self, done: oneshot::Sender<()>) {
+        self.lock().flushes.push(done);
+        self.wake.notify_one();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.wake.notify_one();
+    }
+}
+
+impl TableQueue {
+    /// Drops the oldest segments beyond [`MAX_PENDING_RECORDS`]; how many
+    /// records went.
+    fn trim(&mut self) -> usize {
+        let mut dropped = 0;
+        while self.records > MAX_PENDING_RECORDS {
+            let Some(oldest) = self.segments.pop_front() else {
+                break;
+            };
+            self.records -= oldest.records;
+            dropped += oldest.records;
+        }
+        dropped
+    }
+}
+
+fn report_dropped(records: usize) {
+    if records > 0 {
+        metrics::counter!("keyward_audit_lost_total").increment(records as u64);
+        tracing::error!(
+            dropped = records,
+            "the database has refused audit records for too long; oldest dropped from the table (they are in the audit file)"
+        );
+    }
+}
+
+/// The writer: seals records into the chain, appends them to the file, and
+/// hands segments to the table task.
 async fn write_loop(
     mut rx: mpsc::Receiver<Message>,
     mut sink: Sink,
     mut chain: Chain,
-    mut table: Option<(Store, SegmentPacker)>,
+    table: Option<Arc<TableShared>>,
 ) {
     let mut messages = Vec::with_capacity(BATCH);
-    // Segments for the table, oldest first; the last one may still grow.
-    let mut pending: VecDeque<AuditSegment> = VecDeque::new();
-    let mut pending_records = 0usize;
-    // The line buffer of a segment already in the table, kept for the next one:
-    // a fresh buffer of a hundred kilobytes or more per batch came from pages
-    // the allocator had just given back, a page fault per 4 KiB.
-    let mut spare_lines: Option<String> = None;
+    // The segment being filled, and when it goes to the table even if not
+    // full.
+    let mut current: Option<AuditSegment> = None;
+    let mut current_due: Option<tokio::time::Instant> = None;
     // The lines of one batch, reused from batch to batch.
     let mut out = String::new();
     let mut time = TextCache::default();
-    let mut database_failing = false;
-    // When the records not yet in the table are due there (set while any are).
-    let mut table_due: Option<tokio::time::Instant> = None;
-    // When the last table write failed.
-    let mut failed_at: Option<tokio::time::Instant> = None;
     loop {
-        let received = match table_due {
+        let received = match current_due {
             None => rx.recv_many(&mut messages, BATCH).await,
-            // Write (or retry) the table when due, even when idle.
             Some(due) => {
                 match tokio::time::timeout_at(due, rx.recv_many(&mut messages, BATCH)).await {
                     Ok(n) => n,
@@ -674,8 +755,10 @@ async fn write_loop(
             }
         };
         if received == 0 {
-            // Every handle is gone (shutdown has flushed before closing the
-            // database).
+            // Every handle is gone (shutdown has flushed first).
+            if let Some(table) = &table {
+                table.close();
+            }
             return;
         }
         let pace = received != usize::MAX && received < BATCH;
@@ -683,6 +766,8 @@ async fn write_loop(
         let mut records = 0u64;
         let mut flushes = Vec::new();
         let mut permits = Vec::new();
+        let mut full = Vec::new();
+        let mut started = false;
         for message in messages.drain(..) {
             match message {
                 Message::Flush(done) => flushes.push(done),
@@ -690,21 +775,24 @@ async fn write_loop(
                     permits.push(permit);
                     event.write_records(&mut chain, &mut time, &mut out, |fields, line| {
                         records += 1;
-                        if table.is_some() {
-                            if pending.back().is_none_or(AuditSegment::is_full) {
-                                let mut segment = AuditSegment::default();
-                                segment.lines = spare_lines.take().unwrap_or_default();
-                                pending.push_back(segment);
-                            }
-                            let segment = pending.back_mut().expect("pushed above");
-                            segment.push(
-                                event.time_ms,
-                                line,
-                                fields.tenant_id,
-                                fields.encryption_id,
-                                event.operation,
-                            );
-                            pending_records += 1;
+                        let Some(table) = &table else {
+                            return;
+                        };
+                        let segment = current.get_or_insert_with(|| {
+                            started = true;
+                            let mut segment = AuditSegment::default();
+                            segment.lines = table.lock().spare_lines.take().unwrap_or_default();
+                            segment
+                        });
+                        segment.push(
+                            event.time_ms,
+                            line,
+                            fields.tenant_id,
+                            fields.encryption_id,
+                            event.operation,
+                        );
+                        if segment.is_full() {
+                            full.extend(current.take());
                         }
                     });
                 }
@@ -718,94 +806,121 @@ async fn write_loop(
                 tracing::error!(error = %e, "cannot write the audit file");
             }
         }
-        if let Some((store, packer)) = table.as_mut() {
-            while pending_records > MAX_PENDING_RECORDS {
-                let Some(oldest) = pending.pop_front() else {
-                    break;
-                };
-                pending_records -= oldest.records;
-                metrics::counter!("keyward_audit_lost_total").increment(oldest.records as u64);
-                tracing::error!(
-                    dropped = oldest.records,
-                    "the database has refused audit records for too long; oldest dropped from the table (they are in the audit file)"
-                );
-            }
-            let now = tokio::time::Instant::now();
-            if pending.is_empty() {
-                table_due = None;
-            } else if table_due.is_none() {
-                table_due = Some(now + TABLE_DELAY);
-            }
-            // Full segments go at once (unless the database is failing: then
-            // on the retry's time); the one still filling when it is due or a
-            // read is waiting. While the database fails, a read does not bring
-            // the retry forward: readers polling through an outage would
-            // otherwise keep the writer (and the file) waiting on it.
-            let retry_waits = database_failing
-                && failed_at.is_some_and(|at| now.duration_since(at) < TABLE_RETRY);
-            let forced = !flushes.is_empty() && !retry_waits;
-            let ready = if forced || table_due.is_some_and(|due| due <= now) {
-                pending.len()
-            } else if database_failing {
-                0
-            } else {
-                pending.iter().take_while(|s| s.is_full()).count()
-            };
-            let mut written = 0;
-            while written < ready {
-                let n = (ready - written).min(16);
-                match store
-                    .insert_audit(&mut pending.make_contiguous()[..n], packer)
-                    .await
-                {
-                    Ok(()) => {
-                        written += n;
-                        for segment in pending.drain(..n) {
-                            pending_records -= segment.records;
-                            if segment.lines.capacity() <= SPARE_LINES_CAPACITY {
-                                let mut lines = segment.lines;
-                                lines.clear();
-                                spare_lines = Some(lines);
-                            }
-                        }
-                        if database_failing {
-                            tracing::info!("audit records reach the database again");
-                            database_failing = false;
-                        }
-                    }
-                    Err(e) => {
-                        metrics::counter!("keyward_audit_write_errors_total", "sink" => "database")
-                            .increment(1);
-                        if !database_failing {
-                            tracing::error!(error = %e, "cannot write audit records to the database; retrying");
-                            database_failing = true;
-                        }
-                        // From when the attempt ended: it may have waited
-                        // seconds for a connection.
-                        let at = tokio::time::Instant::now();
-                        failed_at = Some(at);
-                        table_due = Some(at + TABLE_RETRY);
-                        break;
-                    }
-                }
-            }
-            if pending.is_empty() {
-                table_due = None;
-            } else if written > 0 && !database_failing && pending.iter().all(|s| !s.is_full()) {
-                // What is left started filling after the segments just written.
-                table_due = Some(tokio::time::Instant::now() + TABLE_DELAY);
-            }
-        }
         drop(permits);
         let waited_on = !flushes.is_empty();
-        for done in flushes {
-            let _ = done.send(());
+        match &table {
+            None => {
+                for done in flushes {
+                    let _ = done.send(());
+                }
+            }
+            Some(table) => {
+                let now = tokio::time::Instant::now();
+                if started {
+                    current_due = Some(now + TABLE_DELAY);
+                }
+                // The segment still filling goes when it is due or a read is
+                // waiting for it.
+                if waited_on || current_due.is_some_and(|due| due <= now) {
+                    full.extend(current.take());
+                }
+                if current.is_none() {
+                    current_due = None;
+                }
+                if !full.is_empty() {
+                    table.push(full);
+                }
+                for done in flushes {
+                    table.flush(done);
+                }
+            }
         }
         // Under load, let events gather for a moment instead of being woken
         // for every request (each wake is a cross-thread futex call on the
         // request path); a flush (shutdown, GET /v1/audit) is not delayed.
         if pace && !waited_on && !rx.is_empty() {
             tokio::time::sleep(PACE).await;
+        }
+    }
+}
+
+/// The table task: stores queued segments, up to 16 per transaction, oldest
+/// first. After a failure it tries again [`TABLE_RETRY`] after the attempt
+/// ended; reads waiting meanwhile are answered from what the table has.
+async fn table_loop(shared: Arc<TableShared>, store: Store, mut packer: SegmentPacker) {
+    // When the last attempt failed, while the database is failing.
+    let mut failed_at: Option<tokio::time::Instant> = None;
+    loop {
+        match failed_at {
+            None => shared.wake.notified().await,
+            Some(at) => {
+                let _ = tokio::time::timeout_at(at + TABLE_RETRY, shared.wake.notified()).await;
+            }
+        }
+        let (flushes, closed) = {
+            let mut q = shared.lock();
+            (std::mem::take(&mut q.flushes), q.closed)
+        };
+        let retry_waits = failed_at.is_some_and(|at| at.elapsed() < TABLE_RETRY);
+        while !retry_waits && !shared.lock().segments.is_empty() {
+            let mut batch: Vec<AuditSegment> = {
+                let mut q = shared.lock();
+                let n = q.segments.len().min(16);
+                let batch: Vec<AuditSegment> = q.segments.drain(..n).collect();
+                q.records -= batch.iter().map(|s| s.records).sum::<usize>();
+                batch
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let attempt =
+                tokio::time::timeout(TABLE_ATTEMPT, store.insert_audit(&mut batch, &mut packer))
+                    .await;
+            let error = match attempt {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer in {} s", TABLE_ATTEMPT.as_secs())),
+            };
+            match error {
+                None => {
+                    if let Some(mut lines) = batch.pop().map(|s| s.lines) {
+                        if lines.capacity() <= SPARE_LINES_CAPACITY {
+                            lines.clear();
+                            shared.lock().spare_lines = Some(lines);
+                        }
+                    }
+                    if failed_at.take().is_some() {
+                        tracing::info!("audit records reach the database again");
+                    }
+                }
+                Some(error) => {
+                    metrics::counter!("keyward_audit_write_errors_total", "sink" => "database")
+                        .increment(1);
+                    if failed_at.is_none() {
+                        tracing::error!(%error, "cannot write audit records to the database; retrying");
+                    }
+                    // From when the attempt ended: it may have waited seconds
+                    // for a connection.
+                    failed_at = Some(tokio::time::Instant::now());
+                    // Back at the front, in order, for the retry.
+                    let dropped = {
+                        let mut q = shared.lock();
+                        for segment in batch.into_iter().rev() {
+                            q.records += segment.records;
+                            q.segments.push_front(segment);
+                        }
+                        q.trim()
+                    };
+                    report_dropped(dropped);
+                    break;
+                }
+            }
+        }
+        for done in flushes {
+            let _ = done.send(());
+        }
+        if closed {
+            return;
         }
     }
 }

@@ -271,7 +271,8 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
 on_both_databases!(
     every_operation_becomes_one_record_without_secrets,
     audit_segments_are_stored_compressed,
-    records_the_database_refused_arrive_once_it_accepts_them
+    records_the_database_refused_arrive_once_it_accepts_them,
+    the_file_keeps_up_while_the_table_waits_for_the_database
 );
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -586,4 +587,64 @@ async fn records_the_database_refused_arrive_once_it_accepts_them(backend: Backe
         app.log_shows("audit records reach the database again")
             .await
     );
+}
+
+/// A database that hangs (here: a lock another connection holds) holds back
+/// the table, never the file: records keep reaching the file, and the table
+/// catches up once the lock is gone.
+async fn the_file_keeps_up_while_the_table_waits_for_the_database(backend: Backend) {
+    use sqlx::Connection;
+
+    let (app, file) = spawn_audited(backend).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    let lock: &[&str] = match backend {
+        Backend::Sqlite => &["BEGIN IMMEDIATE"],
+        Backend::Postgres => &[
+            "BEGIN",
+            "LOCK TABLE audit_segments IN ACCESS EXCLUSIVE MODE",
+        ],
+    };
+    for sql in lock {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+
+    let encrypt = |id: &'static str| {
+        app.req(reqwest::Method::POST, "/v1/encrypt", &creds)
+            .header("x-request-id", id)
+            .json(&json!({"encryptionId": enc, "data": "x"}))
+            .send()
+    };
+    assert_eq!(encrypt("waits-1").await.unwrap().status(), StatusCode::OK);
+    // By now the table's write of the first record is waiting for the lock.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(encrypt("waits-2").await.unwrap().status(), StatusCode::OK);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !std::fs::read_to_string(&file)
+        .unwrap()
+        .contains("\"requestId\":\"waits-2\"")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the file waits for the database"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let records = all_records(&app, &creds, "operation=encrypt", 100).await;
+        let ids: Vec<&str> = records
+            .iter()
+            .filter_map(|r| r["requestId"].as_str())
+            .collect();
+        if ids == ["waits-2", "waits-1"] {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ids:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
