@@ -186,8 +186,9 @@ def proc_status(pid, field):
 
 def cpu_seconds(pid):
     """User + system CPU time of a process so far, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    fields = _stat_fields(f"/proc/{pid}/stat")
+    if fields is None:
+        raise OSError(f"process {pid} is gone")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 

@@ -679,14 +679,13 @@ impl TableShared {
 
     /// Queues `segments` in order; beyond [`MAX_PENDING_RECORDS`] the oldest
     /// are dropped from the table copy (they are in the file).
-    fn push(&self, segments: impl IntoIterator<Item = AuditSegment>) {
-        let mut q = self.lock();
-        for segment in segments {
-            q.records += segment.records;
-            q.segments.push_back(segment);
-        }
-        let dropped = q.trim();
-        drop(q);
+    fn push(&self, segments: Vec<AuditSegment>) {
+        let dropped = {
+            let mut q = self.lock();
+            q.records += segments.iter().map(|s| s.records).sum::<usize>();
+            q.segments.extend(segments);
+            q.trim()
+        };
         report_dropped(dropped);
         self.wake.notify_one();
     }
@@ -703,6 +702,24 @@ impl TableShared {
 }
 
 impl TableQueue {
+    /// Takes up to `n` of the oldest segments.
+    fn take_front(&mut self, n: usize) -> Vec<AuditSegment> {
+        let n = self.segments.len().min(n);
+        let taken: Vec<AuditSegment> = self.segments.drain(..n).collect();
+        self.records -= taken.iter().map(|s| s.records).sum::<usize>();
+        taken
+    }
+
+    /// Puts segments taken with [`TableQueue::take_front`] back, in order,
+    /// then trims; how many records the trim dropped.
+    fn put_front(&mut self, segments: Vec<AuditSegment>) -> usize {
+        self.records += segments.iter().map(|s| s.records).sum::<usize>();
+        for segment in segments.into_iter().rev() {
+            self.segments.push_front(segment);
+        }
+        self.trim()
+    }
+
     /// Drops the oldest segments beyond [`MAX_PENDING_RECORDS`]; how many
     /// records went.
     fn trim(&mut self) -> usize {
@@ -861,60 +878,8 @@ async fn table_loop(shared: Arc<TableShared>, store: Store, mut packer: SegmentP
             let mut q = shared.lock();
             (std::mem::take(&mut q.flushes), q.closed)
         };
-        let retry_waits = failed_at.is_some_and(|at| at.elapsed() < TABLE_RETRY);
-        while !retry_waits && !shared.lock().segments.is_empty() {
-            let mut batch: Vec<AuditSegment> = {
-                let mut q = shared.lock();
-                let n = q.segments.len().min(16);
-                let batch: Vec<AuditSegment> = q.segments.drain(..n).collect();
-                q.records -= batch.iter().map(|s| s.records).sum::<usize>();
-                batch
-            };
-            if batch.is_empty() {
-                break;
-            }
-            let attempt =
-                tokio::time::timeout(TABLE_ATTEMPT, store.insert_audit(&mut batch, &mut packer))
-                    .await;
-            let error = match attempt {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e.to_string()),
-                Err(_) => Some(format!("no answer in {} s", TABLE_ATTEMPT.as_secs())),
-            };
-            match error {
-                None => {
-                    if let Some(mut lines) = batch.pop().map(|s| s.lines) {
-                        if lines.capacity() <= SPARE_LINES_CAPACITY {
-                            lines.clear();
-                            shared.lock().spare_lines = Some(lines);
-                        }
-                    }
-                    if failed_at.take().is_some() {
-                        tracing::info!("audit records reach the database again");
-                    }
-                }
-                Some(error) => {
-                    metrics::counter!("keyward_audit_write_errors_total", "sink" => "database")
-                        .increment(1);
-                    if failed_at.is_none() {
-                        tracing::error!(%error, "cannot write audit records to the database; retrying");
-                    }
-                    // From when the attempt ended: it may have waited seconds
-                    // for a connection.
-                    failed_at = Some(tokio::time::Instant::now());
-                    // Back at the front, in order, for the retry.
-                    let dropped = {
-                        let mut q = shared.lock();
-                        for segment in batch.into_iter().rev() {
-                            q.records += segment.records;
-                            q.segments.push_front(segment);
-                        }
-                        q.trim()
-                    };
-                    report_dropped(dropped);
-                    break;
-                }
-            }
+        if failed_at.is_none_or(|at| at.elapsed() >= TABLE_RETRY) {
+            failed_at = store_queued(&shared, &store, &mut packer, failed_at).await;
         }
         for done in flushes {
             let _ = done.send(());
@@ -922,6 +887,52 @@ async fn table_loop(shared: Arc<TableShared>, store: Store, mut packer: SegmentP
         if closed {
             return;
         }
+    }
+}
+
+/// Stores the queued segments, 16 per transaction, until the queue is empty
+/// or an attempt fails. Returns when the last attempt failed, or None;
+/// `failed_at` is the previous failure, so that an outage is logged once.
+async fn store_queued(
+    shared: &TableShared,
+    store: &Store,
+    packer: &mut SegmentPacker,
+    mut failed_at: Option<tokio::time::Instant>,
+) -> Option<tokio::time::Instant> {
+    loop {
+        let mut batch = shared.lock().take_front(16);
+        if batch.is_empty() {
+            return failed_at;
+        }
+        let error =
+            match tokio::time::timeout(TABLE_ATTEMPT, store.insert_audit(&mut batch, packer)).await
+            {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some(format!("no answer in {} s", TABLE_ATTEMPT.as_secs())),
+            };
+        let Some(error) = error else {
+            if let Some(mut lines) = batch.pop().map(|s| s.lines) {
+                if lines.capacity() <= SPARE_LINES_CAPACITY {
+                    lines.clear();
+                    shared.lock().spare_lines = Some(lines);
+                }
+            }
+            if failed_at.take().is_some() {
+                tracing::info!("audit records reach the database again");
+            }
+            continue;
+        };
+        metrics::counter!("keyward_audit_write_errors_total", "sink" => "database").increment(1);
+        if failed_at.is_none() {
+            tracing::error!(%error, "cannot write audit records to the database; retrying");
+        }
+        // Back at the front, in order, for the retry.
+        let dropped = shared.lock().put_front(batch);
+        report_dropped(dropped);
+        // From when the attempt ended: it may have waited seconds for a
+        // connection.
+        return Some(tokio::time::Instant::now());
     }
 }
 

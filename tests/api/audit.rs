@@ -48,6 +48,52 @@ async fn all_records(app: &TestApp, creds: &Creds, query: &str, limit: u32) -> V
     }
 }
 
+/// An audited server with a tenant, an encryption and a connection of the
+/// test's own to its database.
+async fn audited_with_database(
+    backend: Backend,
+) -> (TestApp, PathBuf, Creds, String, sqlx::AnyConnection) {
+    use sqlx::Connection;
+
+    let (app, file) = spawn_audited(backend).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    sqlx::any::install_default_drivers();
+    let conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    (app, file, creds, enc, conn)
+}
+
+/// Encrypts under `enc` with `request_id`, which must be answered 200.
+async fn encrypt_with_id(app: &TestApp, creds: &Creds, enc: &str, request_id: &str) {
+    let resp = app
+        .req(reqwest::Method::POST, "/v1/encrypt", creds)
+        .header("x-request-id", request_id)
+        .json(&json!({"encryptionId": enc, "data": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+/// Waits up to 15 s for `GET /v1/audit` to list exactly these encrypt
+/// records, by request id, oldest first.
+async fn table_holds_encrypts(app: &TestApp, creds: &Creds, request_ids: &[&str]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let records = all_records(app, creds, "operation=encrypt", 100).await;
+        let mut ids: Vec<&str> = records
+            .iter()
+            .filter_map(|r| r["requestId"].as_str())
+            .collect();
+        ids.reverse();
+        if ids == request_ids {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ids:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 fn verify(path: &Path) -> std::process::Output {
     keyward_command()
         .args(["audit", "verify", path.to_str().unwrap()])
@@ -392,11 +438,7 @@ async fn automatic_rotations_are_audited_as_the_system() {
 /// lines of the audit file; one still filling is written after a short delay. A row that does not unpack is an error answer, not
 /// a crash and not a silently shorter page.
 async fn audit_segments_are_stored_compressed(backend: Backend) {
-    use sqlx::Connection;
-
-    let (app, file) = spawn_audited(backend).await;
-    let creds = app.create_tenant("acme");
-    let (enc, _) = app.create_encryption(&creds).await;
+    let (app, file, creds, enc, mut conn) = audited_with_database(backend).await;
     let items: Vec<Value> = (0..200)
         .map(|i| json!({"encryptionId": enc, "data": format!("item {i}")}))
         .collect();
@@ -407,8 +449,6 @@ async fn audit_segments_are_stored_compressed(backend: Backend) {
 
     // A segment that is not full reaches the table on its own within about
     // 100 ms, with no read waiting for it.
-    sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let frames: Vec<Vec<u8>> =
@@ -507,13 +547,7 @@ async fn audit_segments_are_stored_compressed(backend: Backend) {
 /// recorded in the file; the writer retries, and once the database accepts
 /// rows again every held record reaches the table, in order.
 async fn records_the_database_refused_arrive_once_it_accepts_them(backend: Backend) {
-    use sqlx::Connection;
-
-    let (app, file) = spawn_audited(backend).await;
-    let creds = app.create_tenant("acme");
-    let (enc, _) = app.create_encryption(&creds).await;
-    sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    let (app, file, creds, enc, mut conn) = audited_with_database(backend).await;
     let (refuse, accept): (&[&str], &str) = match backend {
         Backend::Sqlite => (
             &[
@@ -536,18 +570,9 @@ async fn records_the_database_refused_arrive_once_it_accepts_them(backend: Backe
         sqlx::query(sql).execute(&mut conn).await.unwrap();
     }
 
-    let mut sent = Vec::new();
-    for i in 0..5 {
-        let id = format!("held-{i}");
-        let resp = app
-            .req(reqwest::Method::POST, "/v1/encrypt", &creds)
-            .header("x-request-id", &id)
-            .json(&json!({"encryptionId": enc, "data": "x"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        sent.push(id);
+    let sent = ["held-0", "held-1", "held-2", "held-3", "held-4"];
+    for id in sent {
+        encrypt_with_id(&app, &creds, &enc, id).await;
     }
     assert!(
         app.log_shows("cannot write audit records to the database; retrying")
@@ -564,25 +589,12 @@ async fn records_the_database_refused_arrive_once_it_accepts_them(backend: Backe
         "{metrics}"
     );
     let in_file = std::fs::read_to_string(&file).unwrap();
-    for id in &sent {
+    for id in sent {
         assert!(in_file.contains(&format!("\"requestId\":\"{id}\"")), "{id}");
     }
 
     sqlx::query(accept).execute(&mut conn).await.unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let records = loop {
-        let records = all_records(&app, &creds, "operation=encrypt", 100).await;
-        if records.len() >= sent.len() || std::time::Instant::now() > deadline {
-            break records;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    };
-    let mut ids: Vec<&str> = records
-        .iter()
-        .map(|r| r["requestId"].as_str().unwrap())
-        .collect();
-    ids.reverse();
-    assert_eq!(ids, sent);
+    table_holds_encrypts(&app, &creds, &sent).await;
     assert!(
         app.log_shows("audit records reach the database again")
             .await
@@ -593,13 +605,7 @@ async fn records_the_database_refused_arrive_once_it_accepts_them(backend: Backe
 /// the table, never the file: records keep reaching the file, and the table
 /// catches up once the lock is gone.
 async fn the_file_keeps_up_while_the_table_waits_for_the_database(backend: Backend) {
-    use sqlx::Connection;
-
-    let (app, file) = spawn_audited(backend).await;
-    let creds = app.create_tenant("acme");
-    let (enc, _) = app.create_encryption(&creds).await;
-    sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    let (app, file, creds, enc, mut conn) = audited_with_database(backend).await;
     let lock: &[&str] = match backend {
         Backend::Sqlite => &["BEGIN IMMEDIATE"],
         Backend::Postgres => &[
@@ -611,16 +617,10 @@ async fn the_file_keeps_up_while_the_table_waits_for_the_database(backend: Backe
         sqlx::query(sql).execute(&mut conn).await.unwrap();
     }
 
-    let encrypt = |id: &'static str| {
-        app.req(reqwest::Method::POST, "/v1/encrypt", &creds)
-            .header("x-request-id", id)
-            .json(&json!({"encryptionId": enc, "data": "x"}))
-            .send()
-    };
-    assert_eq!(encrypt("waits-1").await.unwrap().status(), StatusCode::OK);
+    encrypt_with_id(&app, &creds, &enc, "waits-1").await;
     // By now the table's write of the first record is waiting for the lock.
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
-    assert_eq!(encrypt("waits-2").await.unwrap().status(), StatusCode::OK);
+    encrypt_with_id(&app, &creds, &enc, "waits-2").await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     while !std::fs::read_to_string(&file)
         .unwrap()
@@ -634,17 +634,5 @@ async fn the_file_keeps_up_while_the_table_waits_for_the_database(backend: Backe
     }
 
     sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    loop {
-        let records = all_records(&app, &creds, "operation=encrypt", 100).await;
-        let ids: Vec<&str> = records
-            .iter()
-            .filter_map(|r| r["requestId"].as_str())
-            .collect();
-        if ids == ["waits-2", "waits-1"] {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "{ids:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    table_holds_encrypts(&app, &creds, &["waits-1", "waits-2"]).await;
 }
