@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod keyring;
 pub mod keys;
 pub mod service;
+pub mod states;
 pub mod sync;
 pub mod time;
 

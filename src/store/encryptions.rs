@@ -6,8 +6,8 @@ use sqlx::Row;
 
 use super::events::{record, EventKind};
 use super::{get_id, get_opt_id, Store, StoreError};
-use crate::domain::keys::{Mode, VersionState};
-use crate::domain::{EncryptionId, KekId, TenantId, VersionId};
+use crate::domain::ids::{EncryptionId, KekId, TenantId, VersionId};
+use crate::domain::states::{Mode, VersionState};
 
 /// One encryption as stored.
 #[derive(Debug, Clone)]

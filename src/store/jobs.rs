@@ -4,7 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{get_id, get_opt_id, Store, StoreError};
-use crate::domain::{EncryptionId, KekId, TenantId};
+use crate::domain::ids::{EncryptionId, KekId, TenantId};
 
 /// One job as stored.
 #[derive(Debug, Clone)]

@@ -3,7 +3,7 @@
 use sqlx::Row;
 
 use super::{get_id, Store, StoreError};
-use crate::domain::KekId;
+use crate::domain::ids::KekId;
 
 /// One root KEK, wrapped by the master-key provider named in `provider`.
 #[derive(Debug, Clone)]
@@ -63,9 +63,9 @@ impl Store {
 #[derive(Debug, Clone)]
 pub struct VersionToRewrap {
     /// The version.
-    pub id: crate::domain::VersionId,
+    pub id: crate::domain::ids::VersionId,
     /// Its encryption.
-    pub encryption_id: crate::domain::EncryptionId,
+    pub encryption_id: crate::domain::ids::EncryptionId,
     /// Its data key wrapped by the retiring KEK.
     pub wrapped_key: Vec<u8>,
 }
@@ -102,7 +102,7 @@ impl Store {
     pub async fn versions_wrapped_by(
         &self,
         kek: KekId,
-        after: Option<crate::domain::VersionId>,
+        after: Option<crate::domain::ids::VersionId>,
         limit: u32,
     ) -> Result<Vec<VersionToRewrap>, StoreError> {
         let rows = sqlx::query(
@@ -132,7 +132,7 @@ impl Store {
         &self,
         old: KekId,
         new: KekId,
-        batch: &[(crate::domain::VersionId, Vec<u8>, Vec<u8>)],
+        batch: &[(crate::domain::ids::VersionId, Vec<u8>, Vec<u8>)],
     ) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut changed = 0;

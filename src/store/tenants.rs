@@ -3,7 +3,7 @@
 use sqlx::Row;
 
 use super::{get_id, Store, StoreError};
-use crate::domain::TenantId;
+use crate::domain::ids::TenantId;
 
 /// One tenant.
 #[derive(Debug, Clone)]
