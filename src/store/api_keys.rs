@@ -2,7 +2,8 @@
 
 use sqlx::Row;
 
-use super::{get_id, Store, StoreError};
+use super::pool::{Store, StoreError};
+use super::sql::get_id;
 use crate::domain::ids::TenantId;
 
 /// One API key as stored: the secret only as its SHA-256 digest.
@@ -81,8 +82,13 @@ impl Store {
                 .rows_affected()
                 == 1;
         if done {
-            super::events::record(&mut tx, self.backend, super::EventKind::ApiKeyChanged, id)
-                .await?;
+            super::events::record(
+                &mut tx,
+                self.backend,
+                super::events::EventKind::ApiKeyChanged,
+                id,
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(done)

@@ -20,7 +20,8 @@ use std::collections::BTreeSet;
 use serde::Deserialize;
 use sqlx::Row;
 
-use super::{statement_chunks, values_list, Store, StoreError};
+use super::pool::{Store, StoreError};
+use super::sql::{statement_chunks, values_list};
 
 /// Most records in one segment. A read cursor is a record's position,
 /// `segment id * POSITIONS + line`, so this stays below [`POSITIONS`].

@@ -5,7 +5,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::events::{record, EventKind};
-use super::{get_id, get_opt_id, Store, StoreError};
+use super::pool::{Store, StoreError};
+use super::sql::{get_id, get_opt_id};
 use crate::domain::ids::{EncryptionId, KekId, TenantId, VersionId};
 use crate::domain::states::{Mode, VersionState};
 

@@ -2,7 +2,7 @@
 
 use sqlx::{Any, Row, Transaction};
 
-use super::{Backend, Store, StoreError};
+use super::pool::{Backend, Store, StoreError};
 
 /// The PostgreSQL channel on which every change is announced.
 pub const CHANNEL: &str = "keyward_events";

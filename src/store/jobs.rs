@@ -3,7 +3,8 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::{get_id, get_opt_id, Store, StoreError};
+use super::pool::{Store, StoreError};
+use super::sql::{get_id, get_opt_id};
 use crate::domain::ids::{EncryptionId, KekId, TenantId};
 
 /// One job as stored.

@@ -2,7 +2,8 @@
 
 use sqlx::Row;
 
-use super::{get_id, Store, StoreError};
+use super::pool::{Store, StoreError};
+use super::sql::get_id;
 use crate::domain::ids::KekId;
 
 /// One root KEK, wrapped by the master-key provider named in `provider`.
@@ -90,7 +91,7 @@ impl Store {
         super::events::record(
             &mut tx,
             self.backend,
-            super::EventKind::RootKeysChanged,
+            super::events::EventKind::RootKeysChanged,
             &new.id.to_string(),
         )
         .await?;
@@ -185,7 +186,7 @@ impl Store {
             super::events::record(
                 &mut tx,
                 self.backend,
-                super::EventKind::RootKeysChanged,
+                super::events::EventKind::RootKeysChanged,
                 &kek.to_string(),
             )
             .await?;

@@ -2,7 +2,8 @@
 
 use sqlx::Row;
 
-use super::{get_id, Store, StoreError};
+use super::pool::{Store, StoreError};
+use super::sql::get_id;
 use crate::domain::ids::TenantId;
 
 /// One tenant.
