@@ -1,12 +1,11 @@
-//! Key material: data keys, prepared ciphers, and key wrapping.
+//! Key material: random bytes, digests, data keys, prepared ciphers, and the
+//! derivation of client wrapping keys.
 
 use std::fmt;
 
 use aws_lc_rs::aead::{LessSafeKey, UnboundKey, AES_256_GCM};
 use aws_lc_rs::{digest, hkdf, rand};
 use zeroize::Zeroizing;
-
-use super::aead::{open, seal, NONCE_LEN, TAG_LEN};
 
 /// Length of every symmetric key Keyward handles (AES-256).
 pub const KEY_LEN: usize = 32;
@@ -87,44 +86,6 @@ impl fmt::Debug for CipherKey {
     }
 }
 
-/// A key wrapped (encrypted) under another key: `nonce || ciphertext || tag`.
-#[derive(Clone, PartialEq, Eq)]
-pub struct WrappedKey(pub Vec<u8>);
-
-impl fmt::Debug for WrappedKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "WrappedKey({} bytes)", self.0.len())
-    }
-}
-
-/// Unwrapping failed: the wrapping key is wrong, or the wrapped bytes or their
-/// associated data were changed. The two cannot be told apart, by design.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("the wrapped key failed to authenticate")]
-pub struct UnwrapError;
-
-impl CipherKey {
-    /// Wraps `key` under this key, binding `aad`.
-    pub fn wrap(&self, key: &DataKey, aad: &[u8]) -> WrappedKey {
-        let sealed = seal(self, aad, key.expose());
-        let mut out = Vec::with_capacity(NONCE_LEN + KEY_LEN + TAG_LEN);
-        out.extend_from_slice(&sealed.nonce);
-        out.extend_from_slice(&sealed.ciphertext);
-        WrappedKey(out)
-    }
-
-    /// Unwraps a key wrapped by [`CipherKey::wrap`] under the same `aad`.
-    pub fn unwrap_key(&self, wrapped: &WrappedKey, aad: &[u8]) -> Result<DataKey, UnwrapError> {
-        if wrapped.0.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
-            return Err(UnwrapError);
-        }
-        let (nonce, ct) = wrapped.0.split_at(NONCE_LEN);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at NONCE_LEN");
-        let plain = Zeroizing::new(open(self, &nonce, aad, ct).map_err(|_| UnwrapError)?);
-        DataKey::from_slice(&plain).ok_or(UnwrapError)
-    }
-}
-
 /// Derives the key that wraps a client-mode encryption's data keys from the
 /// client-provided master key: HKDF-SHA256 with the encryption's random salt and
 /// its id as info. The result lives only as long as the request that needs it.
@@ -152,19 +113,6 @@ pub fn derive_client_wrapping_key(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wrap_binds_the_associated_data() {
-        let kek = DataKey::generate().cipher();
-        let dek = DataKey::generate();
-        let wrapped = kek.wrap(&dek, b"row-1");
-        let back = kek.unwrap_key(&wrapped, b"row-1").unwrap();
-        assert_eq!(back.expose(), dek.expose());
-        assert_eq!(kek.unwrap_key(&wrapped, b"row-2").unwrap_err(), UnwrapError);
-        let other = DataKey::generate().cipher();
-        assert!(other.unwrap_key(&wrapped, b"row-1").is_err());
-        assert!(kek.unwrap_key(&WrappedKey(vec![0; 10]), b"row-1").is_err());
-    }
 
     #[test]
     fn debug_prints_no_key_bytes() {

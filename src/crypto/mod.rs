@@ -9,12 +9,11 @@
 
 mod aead;
 mod keys;
+mod wrap;
 
 pub use aead::{open, seal, Sealed, NONCE_LEN, TAG_LEN};
-pub use keys::{
-    derive_client_wrapping_key, random_bytes, sha256, CipherKey, DataKey, UnwrapError, WrappedKey,
-    KEY_LEN,
-};
+pub use keys::{derive_client_wrapping_key, random_bytes, sha256, CipherKey, DataKey, KEY_LEN};
+pub use wrap::{UnwrapError, WrappedKey};
 
 /// Associated data for a ciphertext produced by `/v1/encrypt`: it binds the
 /// ciphertext to its encryption and its version, so a ciphertext presented under
