@@ -17,6 +17,8 @@ use zeroize::Zeroizing;
 
 use crate::crypto::DataKey;
 use crate::master_key::ProviderKind;
+/// The log format is telemetry's own type; re-exported under its old path.
+pub use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
 
 /// One accepted setting.
@@ -123,15 +125,6 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
-}
-
-/// How logs are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// One JSON object per line.
-    Json,
-    /// Human-readable lines.
-    Text,
 }
 
 /// A database URL, which may carry a password: never printed in full.

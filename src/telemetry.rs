@@ -9,7 +9,14 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FormatFields, FormattedFields};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::LogFormat;
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Text,
+}
 
 /// Installs the global subscriber. Safe to call more than once (later calls
 /// are ignored).
