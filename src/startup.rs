@@ -68,7 +68,7 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
 impl Application {
     /// Builds everything and binds the listener (port 0 picks a free port).
     pub async fn build(settings: &Settings) -> anyhow::Result<Application> {
-        crate::telemetry::metrics();
+        http::metrics::install_metrics_recorder();
         let tls = match &settings.tls {
             Some(files) => Some(Arc::new(ReloadableTls::load(files.clone())?)),
             None if settings.listen.ip().is_loopback() => None,

@@ -164,34 +164,6 @@ impl Visit for SpanJsonVisitor<'_, '_> {
     }
 }
 
-/// The Prometheus recorder, installed once per process by the first server.
-static METRICS: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
-    std::sync::OnceLock::new();
-
-/// Installs the process-wide metrics recorder (once) and returns its handle.
-pub fn metrics() -> metrics_exporter_prometheus::PrometheusHandle {
-    METRICS
-        .get_or_init(|| {
-            use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-            let buckets = [
-                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                0.5, 1.0, 2.5,
-            ];
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(
-                    Matcher::Full("keyward_http_request_duration_seconds".into()),
-                    &buckets,
-                )
-                .expect("non-empty buckets")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Fails only if another recorder was installed first (a test harness).
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::{Arc, Mutex};

@@ -11,8 +11,39 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::AppState;
+
+/// The Prometheus recorder, installed once per process by the first server.
+static RECORDER: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+
+/// Installs the process-wide metrics recorder (once) and returns its handle.
+/// A server installs it before anything records: a counter handle taken from
+/// the no-op recorder before (and kept, like [`bytes_encrypted`]) would count
+/// nothing.
+pub fn install_metrics_recorder() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+            let buckets = [
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0, 2.5,
+            ];
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("keyward_http_request_duration_seconds".into()),
+                    &buckets,
+                )
+                .expect("non-empty buckets")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder was installed first (a test harness).
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
 
 /// The route.
 pub fn router() -> Router<AppState> {
@@ -176,7 +207,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::metrics().render(),
+        install_metrics_recorder().render(),
     )
         .into_response()
 }

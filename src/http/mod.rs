@@ -11,7 +11,7 @@ mod encryptions;
 pub mod error;
 pub mod extract;
 mod jobs;
-mod metrics;
+pub mod metrics;
 pub mod openapi;
 mod ops;
 
