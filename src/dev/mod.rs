@@ -2,6 +2,12 @@
 //! key in a data folder, a dev tenant with an all-scopes API key, a sample
 //! encryption, plain HTTP on loopback, and curl examples that work when pasted.
 //! Restarting on the same folder keeps every key.
+//!
+//! [`certs`] makes the certificates of `keyward dev --tls`; `private` writes
+//! the files only their owner may read.
+
+pub mod certs;
+mod private;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -12,14 +18,17 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::config::{parse_master_key, DatabaseUrl, LogFormat, Settings};
+use crate::config::{parse_master_key, DatabaseUrl, Settings};
 use crate::crypto::{random_bytes, DataKey};
 use crate::domain::accounts::{self, AccountError};
 use crate::domain::service::KeyService;
 use crate::domain::{EncryptionId, TenantId};
 use crate::startup::{shutdown_signal, Application};
-use crate::tls::dev_certs::DevCerts;
+use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
+
+use certs::DevCerts;
+use private::{create_private_dir, write_private};
 
 /// Options of `keyward dev`.
 #[derive(Debug, Clone)]
@@ -81,7 +90,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     // Standard output carries the banner; the audit log gets its own file.
     settings.audit = crate::audit::Destination::File(data_dir.join("audit.jsonl"));
     let certs = if opts.tls {
-        let certs = crate::tls::dev_certs::ensure(&data_dir.join("tls"))?;
+        let certs = certs::ensure(&data_dir.join("tls"))?;
         settings.tls = Some(TlsFiles {
             cert: certs.server_cert.clone(),
             key: certs.server_key.clone(),
@@ -102,31 +111,6 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
             .with_context(|| format!("cannot write --credentials-out {}", path.display()))?;
     }
     app.run_until_stopped(shutdown_signal()).await
-}
-
-fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot restrict {}", dir.display()))?;
-    }
-    Ok(())
-}
-
-/// Writes a file readable by its owner only.
-pub(crate) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
-    file.write_all(contents)?;
-    file.sync_all()
 }
 
 fn load_or_create_master_key(path: &Path) -> anyhow::Result<DataKey> {
