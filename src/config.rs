@@ -16,7 +16,9 @@ use base64::Engine;
 use zeroize::Zeroizing;
 
 use crate::crypto::DataKey;
-use crate::master_key::ProviderKind;
+use crate::master_key::{
+    ProviderConfigError, ProviderKind, ProviderSettings, ProviderSource, VaultAuth, VaultSettings,
+};
 /// The log format is telemetry's own type; re-exported under its old path.
 pub use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -247,6 +249,78 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+}
+
+impl ProviderSource for Settings {
+    fn provider_settings(
+        &self,
+        kind: ProviderKind,
+        use_new_key: bool,
+    ) -> Result<ProviderSettings, ProviderConfigError> {
+        let missing = |setting: &str, why: &str| ProviderConfigError {
+            provider: kind.as_str(),
+            reason: format!("{setting} is required{why}"),
+        };
+        Ok(match kind {
+            ProviderKind::Env => {
+                let key = if use_new_key {
+                    self.new_master_key.as_ref().ok_or_else(|| {
+                        missing(
+                            "KEYWARD_NEW_MASTER_KEY",
+                            " to migrate from one env master key to another",
+                        )
+                    })?
+                } else {
+                    self.master_key.as_ref().ok_or_else(|| {
+                        missing(
+                            "KEYWARD_MASTER_KEY",
+                            ": base64 of 32 random bytes (generate one with `openssl rand -base64 32`)",
+                        )
+                    })?
+                };
+                ProviderSettings::Env { key: key.clone() }
+            }
+            ProviderKind::AwsKms => ProviderSettings::AwsKms {
+                key_id: self.aws_kms_key_id.clone().ok_or_else(|| {
+                    missing("KEYWARD_AWS_KMS_KEY_ID", " (a key id, ARN or alias)")
+                })?,
+                endpoint: self.aws_kms_endpoint.clone(),
+            },
+            ProviderKind::Vault => {
+                let addr = self
+                    .vault_addr
+                    .clone()
+                    .ok_or_else(|| missing("KEYWARD_VAULT_ADDR", ""))?;
+                let key = self
+                    .vault_transit_key
+                    .clone()
+                    .ok_or_else(|| missing("KEYWARD_VAULT_TRANSIT_KEY", ""))?;
+                let auth = match (&self.vault_token, &self.vault_role_id, &self.vault_secret_id) {
+                    (Some(token), None, None) => {
+                        VaultAuth::Token(Zeroizing::new(token.expose().to_string()))
+                    }
+                    (None, Some(role_id), Some(secret_id)) => VaultAuth::AppRole {
+                        mount: self.vault_approle_mount.clone(),
+                        role_id: role_id.clone(),
+                        secret_id: Zeroizing::new(secret_id.expose().to_string()),
+                    },
+                    _ => {
+                        return Err(ProviderConfigError {
+                            provider: "vault",
+                            reason: "set either KEYWARD_VAULT_TOKEN, or KEYWARD_VAULT_ROLE_ID and KEYWARD_VAULT_SECRET_ID (AppRole)".into(),
+                        })
+                    }
+                };
+                ProviderSettings::Vault(VaultSettings {
+                    addr,
+                    auth,
+                    mount: self.vault_transit_mount.clone(),
+                    key,
+                    ca_file: self.vault_ca_file.as_ref().map(|p| p.display().to_string()),
+                })
+            }
+        })
+    }
 }
 
 /// Raw values by setting name, with where each came from.
@@ -680,6 +754,42 @@ mod tests {
             "approle-secret-789",
         ] {
             assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+    }
+
+    #[test]
+    fn a_provider_is_checked_when_built_and_names_the_missing_setting() {
+        let key = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
+        let s = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_MASTER_KEY_PROVIDER", "vault"),
+                ("KEYWARD_VAULT_ADDR", "https://vault:8200"),
+                ("KEYWARD_NEW_MASTER_KEY", key),
+            ]),
+        )
+        .expect("incomplete provider settings load");
+        let missing = |kind, use_new_key| {
+            s.provider_settings(kind, use_new_key)
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(
+            missing(ProviderKind::Vault, false).as_deref(),
+            Some("master-key provider `vault`: KEYWARD_VAULT_TRANSIT_KEY is required")
+        );
+        assert_eq!(
+            missing(ProviderKind::AwsKms, false).as_deref(),
+            Some("master-key provider `aws-kms`: KEYWARD_AWS_KMS_KEY_ID is required (a key id, ARN or alias)")
+        );
+        assert!(missing(ProviderKind::Env, false)
+            .is_some_and(|e| e.contains("KEYWARD_MASTER_KEY is required")));
+        match s.provider_settings(ProviderKind::Env, true) {
+            Ok(ProviderSettings::Env { key: new }) => {
+                assert_eq!(new.expose(), parse_master_key(key).unwrap().expose())
+            }
+            _ => panic!("the env provider with the new key"),
         }
     }
 

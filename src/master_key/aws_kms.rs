@@ -10,9 +10,9 @@ use std::time::Duration;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 
-use super::{MasterKeyProvider, ProviderError, ProviderFuture};
+use super::provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 use crate::crypto::DataKey;
-use crate::domain::KekId;
+use crate::domain::ids::KekId;
 
 const CONTEXT_KEY: &str = "keyward:root-kek";
 

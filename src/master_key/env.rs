@@ -1,9 +1,9 @@
 //! The `env` provider: a 32-byte master key given as base64 in
 //! `KEYWARD_MASTER_KEY`. It wraps the root KEK locally with AES-256-GCM.
 
-use super::{MasterKeyProvider, ProviderError, ProviderFuture};
+use super::provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 use crate::crypto::{root_kek_aad, CipherKey, DataKey, WrappedKey};
-use crate::domain::KekId;
+use crate::domain::ids::KekId;
 
 /// A master key held in memory, from the environment (or, in dev mode, a file).
 pub struct EnvMasterKey {

@@ -13,9 +13,9 @@ use vaultrs::client::{Client, VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
 
-use super::{MasterKeyProvider, ProviderError, ProviderFuture};
+use super::provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 use crate::crypto::{DataKey, KEY_LEN};
-use crate::domain::KekId;
+use crate::domain::ids::KekId;
 
 const PREFIX: &[u8; 16] = b"keyward:kek:v1\0\0";
 

@@ -1,0 +1,83 @@
+//! Which provider wraps the root KEK and what it needs: the typed settings the
+//! configuration produces and [`build`](super::build) consumes.
+
+use crate::crypto::DataKey;
+
+use super::vault::VaultSettings;
+
+/// Which provider wraps the root KEK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// `KEYWARD_MASTER_KEY`.
+    Env,
+    /// AWS KMS (or a KMS-compatible endpoint).
+    AwsKms,
+    /// Vault or OpenBao transit.
+    Vault,
+}
+
+impl ProviderKind {
+    /// Parses `env`, `aws-kms` or `vault`.
+    pub fn parse(s: &str) -> Option<ProviderKind> {
+        match s {
+            "env" => Some(ProviderKind::Env),
+            "aws-kms" => Some(ProviderKind::AwsKms),
+            "vault" => Some(ProviderKind::Vault),
+            _ => None,
+        }
+    }
+
+    /// The name as configured and stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Env => "env",
+            ProviderKind::AwsKms => "aws-kms",
+            ProviderKind::Vault => "vault",
+        }
+    }
+}
+
+/// A provider that cannot be built from the settings: names what is missing.
+#[derive(Debug, thiserror::Error)]
+#[error("master-key provider `{provider}`: {reason}")]
+pub struct ProviderConfigError {
+    /// The provider.
+    pub provider: &'static str,
+    /// What is missing or wrong.
+    pub reason: String,
+}
+
+/// One provider's settings, complete and validated. Secrets are zeroed on
+/// drop: the key is a [`DataKey`], Vault's token and secret id are `Zeroizing`.
+pub enum ProviderSettings {
+    /// The `env` provider.
+    Env {
+        /// The master key (`KEYWARD_MASTER_KEY`, or `KEYWARD_NEW_MASTER_KEY`
+        /// as the target of an env-to-env migration).
+        key: DataKey,
+    },
+    /// The `aws-kms` provider.
+    AwsKms {
+        /// The KMS key's id, ARN or alias.
+        key_id: String,
+        /// A KMS-compatible endpoint instead of AWS's.
+        endpoint: Option<String>,
+    },
+    /// The `vault` provider.
+    Vault(VaultSettings),
+}
+
+/// Where provider settings come from: the validated configuration. A provider
+/// is checked for completeness only when one is built, so that commands that
+/// need no provider run without its settings, and `master-key migrate` can
+/// name its target on the command line.
+pub trait ProviderSource {
+    /// The settings of the provider of `kind`, or the setting that is missing.
+    /// For `env`, `use_new_key` takes the target key of an env-to-env
+    /// migration instead of the current one.
+    fn provider_settings(
+        &self,
+        kind: ProviderKind,
+        use_new_key: bool,
+    ) -> Result<ProviderSettings, ProviderConfigError>;
+}
