@@ -1,10 +1,12 @@
 //! `keyward job`: re-encryption jobs on a running Keyward, over its API (not
 //! its database), so they run where the key ring and the job runner are.
 
+use anyhow::Context;
 use reqwest::Method;
-use serde_json::json;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
 
-use crate::client::Remote;
+use crate::client::{Remote, NO_BODY};
 
 /// The `job` subcommands.
 #[derive(Debug, clap::Subcommand)]
@@ -77,49 +79,115 @@ pub(super) struct StartArgs {
 /// Runs a `job` subcommand.
 pub(super) async fn run(command: JobCommand) -> anyhow::Result<()> {
     match command {
-        JobCommand::Start { job, json, remote } => start(&remote, job, json).await,
+        JobCommand::Start { job, json, remote } => start(&remote, &job, json).await,
         JobCommand::Status { job, remote } => {
-            let j = remote
-                .call(Method::GET, &format!("/v1/jobs/{job}"), None)
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&j)?);
+            // Printed as Keyward sent it: every field, including ones newer
+            // than this CLI.
+            let view: Value = remote.call(Method::GET, &job_path(&job), NO_BODY).await?;
+            println!("{}", serde_json::to_string_pretty(&view)?);
             Ok(())
         }
         JobCommand::Cancel { job, remote } => {
-            let j = remote
-                .call(Method::POST, &format!("/v1/jobs/{job}/cancel"), None)
-                .await?;
-            eprintln!("job {job}: {}", j["state"].as_str().unwrap_or("?"));
+            let path = format!("{}/cancel", job_path(&job));
+            let view: JobState = remote.call(Method::POST, &path, NO_BODY).await?;
+            eprintln!("job {job}: {}", view.state);
             Ok(())
         }
         JobCommand::Watch { job, remote } => watch(&remote, &job).await,
     }
 }
 
-async fn start(remote: &Remote, job: StartArgs, json: bool) -> anyhow::Result<()> {
-    let mut source = json!({
-        "databaseUrl": job.database_url,
-        "table": job.table,
-        "keyColumn": job.key_column,
-        "cipherTextColumn": job.cipher_text_column,
-        "versionColumn": job.version_column,
-        "metadataColumn": job.metadata_column,
-    });
-    if let Some(c) = job.encryption_id_column {
-        source["encryptionIdColumn"] = c.into();
-    }
-    let mut body = json!({"kind": "reencrypt", "source": source});
-    if let Some(e) = job.encryption_id {
-        body["encryptionId"] = e.into();
-    }
-    if let Some(n) = job.max_rows_per_second {
-        body["maxRowsPerSecond"] = n.into();
-    }
-    let created = remote.call(Method::POST, "/v1/jobs", Some(&body)).await?;
+/// `POST /v1/jobs` input (the API's `CreateJobRequest`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateJob<'a> {
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_rows_per_second: Option<u32>,
+    source: JobSource<'a>,
+}
+
+/// Where the ciphertexts are (the API's `JobSource`).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct JobSource<'a> {
+    database_url: &'a str,
+    table: &'a str,
+    key_column: &'a str,
+    cipher_text_column: &'a str,
+    version_column: &'a str,
+    metadata_column: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    encryption_id_column: Option<&'a str>,
+}
+
+/// `POST /v1/jobs` output; `--json` prints it back.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JobCreated {
+    job_id: String,
+}
+
+/// The state alone of a job's view (`POST /v1/jobs/{id}/cancel`).
+#[derive(Deserialize)]
+struct JobState {
+    state: String,
+}
+
+/// The fields of a job's view (`GET /v1/jobs/{id}`) that the progress bar
+/// shows. Nullable fields must still be present: a renamed one is an error,
+/// not a silent blank.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct JobProgress {
+    state: String,
+    processed: u64,
+    #[serde(deserialize_with = "present")]
+    total: Option<u64>,
+    rewrapped: i64,
+    skipped: i64,
+    failed: i64,
+    rows_per_second: i64,
+    #[serde(deserialize_with = "present")]
+    eta_seconds: Option<i64>,
+    #[serde(deserialize_with = "present")]
+    error: Option<String>,
+}
+
+/// A nullable field that may not be left out (serde lets a missing `Option`
+/// default to `None` unless the field has its own deserializer).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::deserialize(d)
+}
+
+fn job_path(job: &str) -> String {
+    format!("/v1/jobs/{job}")
+}
+
+async fn start(remote: &Remote, job: &StartArgs, json: bool) -> anyhow::Result<()> {
+    let request = CreateJob {
+        kind: "reencrypt",
+        encryption_id: job.encryption_id.as_deref(),
+        max_rows_per_second: job.max_rows_per_second,
+        source: JobSource {
+            database_url: &job.database_url,
+            table: &job.table,
+            key_column: &job.key_column,
+            cipher_text_column: &job.cipher_text_column,
+            version_column: &job.version_column,
+            metadata_column: &job.metadata_column,
+            encryption_id_column: job.encryption_id_column.as_deref(),
+        },
+    };
+    let created: JobCreated = remote
+        .call(Method::POST, "/v1/jobs", Some(&request))
+        .await?;
     if json {
-        println!("{created}");
+        println!("{}", serde_json::to_string(&created)?);
     } else {
-        println!("{}", created["jobId"].as_str().unwrap_or(""));
+        println!("{}", created.job_id);
     }
     Ok(())
 }
@@ -133,35 +201,35 @@ async fn watch(remote: &Remote, job: &str) -> anyhow::Result<()> {
         .expect("a valid template"),
     );
     loop {
-        let j = remote
-            .call(Method::GET, &format!("/v1/jobs/{job}"), None)
-            .await?;
-        bar.set_length(j["total"].as_u64().unwrap_or(0));
-        bar.set_position(j["processed"].as_u64().unwrap_or(0));
+        // Kept whole to print at the end as Keyward sent it (like `status`).
+        let view: Value = remote.call(Method::GET, &job_path(job), NO_BODY).await?;
+        let p = JobProgress::deserialize(&view)
+            .with_context(|| format!("Keyward's view of job {job} is not the expected one"))?;
+        bar.set_length(p.total.unwrap_or(0));
+        bar.set_position(p.processed);
         bar.set_message(format!(
             "{}  {} rows/s  eta {}s  rewrapped {}  skipped {}  failed {}",
-            j["state"].as_str().unwrap_or("?"),
-            j["rowsPerSecond"],
-            j["etaSeconds"]
-                .as_i64()
+            p.state,
+            p.rows_per_second,
+            p.eta_seconds
                 .map(|s| s.to_string())
                 .unwrap_or_else(|| "?".into()),
-            j["rewrapped"],
-            j["skipped"],
-            j["failed"],
+            p.rewrapped,
+            p.skipped,
+            p.failed,
         ));
-        match j["state"].as_str() {
-            Some("succeeded") => {
+        match p.state.as_str() {
+            "succeeded" => {
                 bar.finish();
-                println!("{}", serde_json::to_string_pretty(&j)?);
+                println!("{}", serde_json::to_string_pretty(&view)?);
                 return Ok(());
             }
-            Some("failed") | Some("cancelled") => {
+            "failed" | "cancelled" => {
                 bar.abandon();
                 anyhow::bail!(
                     "job {job} {}: {}",
-                    j["state"].as_str().unwrap_or(""),
-                    j["error"].as_str().unwrap_or("")
+                    p.state,
+                    p.error.as_deref().unwrap_or("")
                 );
             }
             _ => tokio::time::sleep(std::time::Duration::from_millis(500)).await,
