@@ -121,23 +121,25 @@ async fn status(json: bool, config: &ConfigArg) -> anyhow::Result<()> {
     let keks = store.root_keks().await?;
     let counts = store.versions_per_kek().await?;
     store.close().await;
-    let rows: Vec<_> = keks
-        .iter()
-        .map(|k| {
-            let n = counts.iter().find(|(id, _)| *id == k.id).map(|(_, n)| *n).unwrap_or(0);
-            json!({"kekId": k.id.to_string(), "state": k.state, "provider": k.provider, "versions": n})
-        })
-        .collect();
+    let rows = keks.iter().map(|k| {
+        let versions = counts
+            .iter()
+            .find(|(id, _)| *id == k.id)
+            .map_or(0, |(_, n)| *n);
+        (k, versions)
+    });
     if json {
+        let rows: Vec<_> = rows
+            .map(|(k, versions)| {
+                json!({"kekId": k.id.to_string(), "state": k.state, "provider": k.provider, "versions": versions})
+            })
+            .collect();
         println!("{}", json!({"rootKeks": rows}));
     } else {
-        for r in rows {
+        for (k, versions) in rows {
             println!(
-                "{}  {:8}  provider={}  versions={}",
-                r["kekId"].as_str().unwrap_or(""),
-                r["state"].as_str().unwrap_or(""),
-                r["provider"].as_str().unwrap_or(""),
-                r["versions"]
+                "{}  {:8}  provider={}  versions={versions}",
+                k.id, k.state, k.provider
             );
         }
     }
