@@ -236,3 +236,72 @@ async fn watch(remote: &Remote, job: &str) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde::Deserialize;
+    use serde_json::json;
+
+    use super::{CreateJob, JobProgress, JobSource};
+
+    fn view() -> serde_json::Value {
+        json!({
+            "jobId": "5f0c6b9e-8a44-4d0e-9a43-3d2b0a9c1e11", "kind": "reencrypt",
+            "state": "running", "encryptionId": null, "processed": 120, "total": 500,
+            "rewrapped": 100, "skipped": 15, "failed": 5, "rowsPerSecond": 40,
+            "etaSeconds": 9, "remainingByVersion": {}, "maxRowsPerSecond": null,
+            "error": null, "source": null, "createdAt": "2025-01-01T00:00:00Z",
+            "startedAt": null, "finishedAt": null,
+        })
+    }
+
+    #[test]
+    fn a_job_view_decodes_into_its_progress() {
+        let p = JobProgress::deserialize(&view()).unwrap();
+        assert_eq!(
+            (p.state.as_str(), p.processed, p.total),
+            ("running", 120, Some(500))
+        );
+        assert_eq!((p.rewrapped, p.skipped, p.failed), (100, 15, 5));
+        assert_eq!(
+            (p.rows_per_second, p.eta_seconds, p.error),
+            (40, Some(9), None)
+        );
+    }
+
+    #[test]
+    fn a_missing_nullable_field_is_an_error_not_a_blank() {
+        for field in ["total", "etaSeconds", "error"] {
+            let mut v = view();
+            v.as_object_mut().unwrap().remove(field);
+            let e = JobProgress::deserialize(&v).err().expect(field).to_string();
+            assert!(e.contains(&format!("missing field `{field}`")), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_create_request_leaves_out_what_was_not_given() {
+        let request = CreateJob {
+            kind: "reencrypt",
+            encryption_id: None,
+            max_rows_per_second: Some(10),
+            source: JobSource {
+                database_url: "sqlite:///p.db",
+                table: "t",
+                key_column: "id",
+                cipher_text_column: "ct",
+                version_column: "v",
+                metadata_column: "m",
+                encryption_id_column: Some("enc"),
+            },
+        };
+        assert_eq!(
+            serde_json::to_value(&request).unwrap(),
+            json!({"kind": "reencrypt", "maxRowsPerSecond": 10, "source": {
+                "databaseUrl": "sqlite:///p.db", "table": "t", "keyColumn": "id",
+                "cipherTextColumn": "ct", "versionColumn": "v", "metadataColumn": "m",
+                "encryptionIdColumn": "enc",
+            }})
+        );
+    }
+}

@@ -135,3 +135,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     .context("keyward failed")
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}
