@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use reqwest::Method;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use serde_json::Value;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// Where and as whom to call.
 #[derive(Debug, Clone, clap::Args)]
@@ -66,18 +68,19 @@ impl Remote {
             .build()?)
     }
 
-    /// Calls the API; returns the JSON body, or an error with Keyward's code
-    /// and message.
-    pub async fn call(
+    /// Calls the API and decodes its JSON answer as `T`; an answer that does
+    /// not decode is an error, never a default. A refusal becomes an error
+    /// with Keyward's status, code and message.
+    pub async fn call<T: DeserializeOwned, B: Serialize>(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<Value> {
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.url.trim_end_matches('/'));
         let mut req = self
             .client()?
-            .request(method, &url)
+            .request(method.clone(), &url)
             .header("X-Api-Key", &self.api_key)
             .header("X-Api-Secret", &self.api_secret);
         if let Some(b) = body {
@@ -88,15 +91,33 @@ impl Remote {
             .await
             .with_context(|| format!("cannot reach Keyward at {}", self.url))?;
         let status = resp.status();
-        let value: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
-            bail!(
-                "{} {}: {}",
-                status.as_u16(),
-                value["error"]["code"].as_str().unwrap_or("error"),
-                value["error"]["message"].as_str().unwrap_or("")
-            );
+            // Not every refusal comes from Keyward (a proxy's error page): one
+            // that is not Keyward's error body is reported by its status alone.
+            let (code, message) = match resp.json::<ErrorBody>().await {
+                Ok(ErrorBody { error }) => (error.code, error.message),
+                Err(_) => ("error".to_owned(), String::new()),
+            };
+            bail!("{} {code}: {message}", status.as_u16());
         }
-        Ok(value)
+        resp.json()
+            .await
+            .with_context(|| format!("Keyward's answer to {method} {path} is not the expected one"))
     }
+}
+
+/// For [`Remote::call`] without a request body.
+pub const NO_BODY: Option<&()> = None;
+
+/// Every error answer of the API: `{"error": {"code", "message"}}`.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// An error's stable code and human message.
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
 }

@@ -1,0 +1,147 @@
+//! The command line. Output for machines goes to stdout (`--json`); errors go
+//! to stderr with a non-zero exit.
+//!
+//! This file holds the top-level command and hands each group to its file:
+//!
+//! - `server.rs`: `dev`, `serve`, `migrate`, `healthcheck` (`openapi` is one
+//!   line, here);
+//! - `accounts.rs`: `tenant` and `apikey`, on the database;
+//! - `master_key.rs`: `master-key migrate | rotate-kek | status`, on the database;
+//! - `job.rs`: re-encryption jobs, over a running Keyward's API ([`crate::client`]);
+//! - `audit.rs`: `audit verify`, on a file;
+//! - `config_arg.rs`: `--config FILE`, for every command that reads the settings.
+//!
+//! The group files import nothing from this one, so none imports back what
+//! imports it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use crate::dev::DevOptions;
+
+mod accounts;
+mod audit;
+mod config_arg;
+mod job;
+mod master_key;
+mod server;
+
+use accounts::{ApikeyCommand, TenantCommand};
+use audit::AuditCommand;
+use config_arg::ConfigArg;
+use job::JobCommand;
+use master_key::MasterKeyCommand;
+
+/// Keyward: an encryption service with per-tenant versioned keys.
+#[derive(Debug, Parser)]
+#[command(name = "keyward", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a development server: no setup, SQLite and a generated master key in a
+    /// data folder, plain HTTP (or, with --tls, mutual TLS) on loopback. Never
+    /// for real data.
+    Dev {
+        /// Folder for the database, master key and dev credentials.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Address to listen on (loopback only).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8480")]
+        listen: SocketAddr,
+        /// Write {"tenantId","apiKey","apiSecret","encryptionId"} to FILE once serving.
+        #[arg(long, value_name = "FILE")]
+        credentials_out: Option<PathBuf>,
+        /// Serve mutual TLS with a generated dev CA, server and client certificate
+        /// (kept in the data folder).
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Run the production server (settings from --config and KEYWARD_* variables).
+    Serve(ConfigArg),
+    /// Apply the database migrations to KEYWARD_DATABASE_URL.
+    Migrate(ConfigArg),
+    /// Print the OpenAPI document (as served at /openapi.json).
+    Openapi,
+    /// Exit 0 if Keyward at URL answers /healthz (for container HEALTHCHECKs;
+    /// point it at the plain-HTTP ops listener).
+    Healthcheck {
+        /// Base URL of the ops listener (or the API on plain HTTP).
+        #[arg(long, default_value = "http://127.0.0.1:8481")]
+        url: String,
+    },
+    /// The master key: migrate to another provider, rotate the root KEK, status.
+    MasterKey {
+        #[command(subcommand)]
+        command: MasterKeyCommand,
+    },
+    /// Manage tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+    },
+    /// Manage API keys.
+    Apikey {
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
+    /// Re-encryption jobs on a running Keyward (over its API).
+    Job {
+        #[command(subcommand)]
+        command: Box<JobCommand>,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+/// Runs the parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Dev {
+            data_dir,
+            listen,
+            credentials_out,
+            tls,
+        } => {
+            server::dev(DevOptions {
+                data_dir,
+                listen,
+                credentials_out,
+                tls,
+            })
+            .await
+        }
+        Command::Serve(config) => server::serve(&config).await,
+        Command::Migrate(config) => server::migrate(&config).await,
+        Command::Openapi => {
+            print!("{}", crate::http::openapi::document());
+            Ok(())
+        }
+        Command::Healthcheck { url } => server::healthcheck(&url).await,
+        Command::MasterKey { command } => master_key::run(command).await,
+        Command::Tenant { command } => accounts::run_tenant(command).await,
+        Command::Apikey { command } => accounts::run_apikey(command).await,
+        Command::Job { command } => job::run(*command).await,
+        Command::Audit { command } => audit::run(command),
+    }
+    .context("keyward failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_definition_is_consistent() {
+        super::Cli::command().debug_assert();
+    }
+}
