@@ -4,55 +4,8 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::{get_id, get_opt_id, Store, StoreError};
+pub use crate::domain::records::JobRow;
 use crate::domain::{EncryptionId, KekId, TenantId};
-
-/// One job as stored.
-#[derive(Debug, Clone)]
-pub struct JobRow {
-    /// Its id.
-    pub id: uuid::Uuid,
-    /// The tenant that started it.
-    pub tenant_id: TenantId,
-    /// `reencrypt`.
-    pub kind: String,
-    /// The table's one encryption, if not per row.
-    pub encryption_id: Option<EncryptionId>,
-    /// The sealed source specification.
-    pub source_sealed: Vec<u8>,
-    /// The root KEK that seals it.
-    pub source_kek_id: KekId,
-    /// Rate limit.
-    pub max_rows_per_second: Option<i64>,
-    /// queued, running, succeeded, failed, cancelled.
-    pub state: String,
-    /// Last key handled in this pass.
-    pub cursor: Option<String>,
-    /// Pass number (0 first).
-    pub pass: i64,
-    /// Rows looked at.
-    pub processed: i64,
-    /// Rows moved to the active version.
-    pub rewrapped: i64,
-    /// Rows changed by the platform meanwhile (left for the next pass) or not
-    /// the tenant's.
-    pub skipped: i64,
-    /// Rows that could not be decrypted.
-    pub failed: i64,
-    /// Rows in scope when the job started.
-    pub total: Option<i64>,
-    /// Recent rate.
-    pub rows_per_second: i64,
-    /// JSON {versionId: rows} at the last scan.
-    pub remaining_by_version: Option<String>,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Start (Unix ms).
-    pub started_at: Option<i64>,
-    /// End (Unix ms).
-    pub finished_at: Option<i64>,
-    /// Creation (Unix ms).
-    pub created_at: i64,
-}
 
 const COLUMNS: &str = "id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, cursor, pass, processed, rewrapped, skipped, failed, total, rows_per_second, remaining_by_version, error, started_at, finished_at, created_at";
 
