@@ -13,6 +13,7 @@ mod encryptions;
 mod events;
 mod jobs;
 mod root_keks;
+pub mod source;
 mod tenants;
 
 use std::str::FromStr;
