@@ -463,7 +463,7 @@ async fn master_key_command(command: MasterKeyCommand) -> anyhow::Result<()> {
                 .iter()
                 .map(|k| {
                     let n = counts.iter().find(|(id, _)| *id == k.id).map(|(_, n)| *n).unwrap_or(0);
-                    json!({"kekId": k.id.to_string(), "state": k.state, "provider": k.provider, "versions": n})
+                    json!({"kekId": k.id.to_string(), "state": k.state.as_str(), "provider": k.provider, "versions": n})
                 })
                 .collect();
             if json {

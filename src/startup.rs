@@ -327,7 +327,11 @@ async fn retry_root_keys(service: Arc<KeyService>, mut shutdown: watch::Receiver
 /// did not finish: a crash, SIGKILL). Safe to run on several replicas at once.
 async fn resume_kek_rotation(service: Arc<KeyService>) {
     match service.store().root_keks().await {
-        Ok(keks) if keks.iter().any(|k| k.state == "retiring") => {
+        Ok(keks)
+            if keks
+                .iter()
+                .any(|k| k.state == crate::domain::states::KekState::Retiring) =>
+        {
             tracing::info!("a root KEK rotation is unfinished; resuming the re-wrap");
             match service
                 .rewrap_retiring(500, Duration::ZERO, |_, _| {})

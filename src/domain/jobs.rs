@@ -26,6 +26,7 @@ use super::time::now_ms;
 use super::{EncryptionId, TenantId, VersionId};
 use crate::crypto::NONCE_LEN;
 use crate::domain::records::JobRow;
+use crate::domain::states::JobState;
 use crate::store::source::{is_plain_identifier, SourceLayout, SourceTable, SourceWrite};
 use crate::store::{Backend, JobProgress};
 
@@ -165,7 +166,7 @@ pub async fn start_job(
             source_sealed: sealed,
             source_kek_id: kek,
             max_rows_per_second: job.max_rows_per_second.map(i64::from),
-            state: "queued".into(),
+            state: JobState::Queued,
             cursor: None,
             pass: 0,
             processed: 0,
@@ -240,7 +241,7 @@ pub async fn run_jobs(
                         tracing::warn!(job_id = %id, error = %e, "re-encryption job failed");
                         let _ = service
                             .store()
-                            .finish_job(id, &owner, "failed", None, Some(&e), now_ms())
+                            .finish_job(id, &owner, JobState::Failed, None, Some(&e), now_ms())
                             .await;
                     }
                     continue;
@@ -316,7 +317,14 @@ async fn walk(
                 let json = serde_json::to_string(&remaining).expect("a map serializes");
                 service
                     .store()
-                    .finish_job(job.id, owner, "succeeded", Some(&json), None, now_ms())
+                    .finish_job(
+                        job.id,
+                        owner,
+                        JobState::Succeeded,
+                        Some(&json),
+                        None,
+                        now_ms(),
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::info!(job_id = %job.id, passes = pass + 1, left, "re-encryption job finished");

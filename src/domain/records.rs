@@ -4,7 +4,7 @@
 //! knowing the domain's rules.
 
 use super::ids::{EncryptionId, KekId, TenantId, VersionId};
-use super::states::{Mode, VersionState};
+use super::states::{JobState, Mode, VersionState};
 
 /// One encryption as stored.
 #[derive(Debug, Clone)]
@@ -75,8 +75,8 @@ pub struct JobRow {
     pub source_kek_id: KekId,
     /// Rate limit.
     pub max_rows_per_second: Option<i64>,
-    /// queued, running, succeeded, failed, cancelled.
-    pub state: String,
+    /// Where it is in its life.
+    pub state: JobState,
     /// Last key handled in this pass.
     pub cursor: Option<String>,
     /// Pass number (0 first).

@@ -79,7 +79,7 @@ pub(super) async fn status(
         .map(|k| RootKekView {
             kek_id: k.id.to_string(),
             versions: k.versions,
-            state: k.state,
+            state: k.state.as_str().to_string(),
             provider: k.provider,
         })
         .collect();

@@ -16,6 +16,7 @@ use super::extract::{ApiJson, Auth, ManageScope};
 use super::{parse_id, AppState};
 use crate::domain::jobs::{describe_source, start_job, JobError, JobSource, NewJob};
 use crate::domain::records::JobRow;
+use crate::domain::states::JobState;
 use crate::domain::time::rfc3339;
 
 /// The routes of this resource.
@@ -136,17 +137,17 @@ pub struct JobList {
 }
 
 fn view(state: &AppState, job: &JobRow) -> JobView {
-    let eta_seconds = match (job.state.as_str(), job.total) {
-        ("running", Some(total)) if job.rows_per_second > 0 => {
+    let eta_seconds = match (job.state, job.total) {
+        (JobState::Running, Some(total)) if job.rows_per_second > 0 => {
             Some((total - job.processed).max(0) / job.rows_per_second)
         }
-        ("succeeded", _) => Some(0),
+        (JobState::Succeeded, _) => Some(0),
         _ => None,
     };
     JobView {
         job_id: job.id.to_string(),
         kind: job.kind.clone(),
-        state: job.state.clone(),
+        state: job.state.as_str().to_string(),
         encryption_id: job.encryption_id.map(|e| e.to_string()),
         processed: job.processed,
         total: job.total,

@@ -5,6 +5,7 @@ use sqlx::Row;
 
 use super::{get_id, get_opt_id, Store, StoreError};
 pub use crate::domain::records::JobRow;
+use crate::domain::states::JobState;
 use crate::domain::{EncryptionId, KekId, TenantId};
 
 const COLUMNS: &str = "id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, cursor, pass, processed, rewrapped, skipped, failed, total, rows_per_second, remaining_by_version, error, started_at, finished_at, created_at";
@@ -18,7 +19,13 @@ fn from_row(r: &AnyRow) -> Result<JobRow, StoreError> {
         source_sealed: r.try_get("source_sealed")?,
         source_kek_id: get_id(r, "source_kek_id", "jobs")?,
         max_rows_per_second: r.try_get("max_rows_per_second")?,
-        state: r.try_get("state")?,
+        state: {
+            let s: String = r.try_get("state")?;
+            JobState::parse(&s).ok_or_else(|| StoreError::Corrupt {
+                table: "jobs",
+                detail: "unknown state".into(),
+            })?
+        },
         cursor: r.try_get("cursor")?,
         pass: r.try_get("pass")?,
         processed: r.try_get("processed")?,
@@ -189,7 +196,7 @@ impl Store {
         &self,
         id: uuid::Uuid,
         owner: &str,
-        state: &str,
+        state: JobState,
         remaining_by_version: Option<&str>,
         error: Option<&str>,
         now_ms: i64,
@@ -199,7 +206,7 @@ impl Store {
              finished_at = $4, updated_at = $4, lease_owner = NULL, lease_until = NULL \
              WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
         )
-        .bind(state)
+        .bind(state.as_str())
         .bind(remaining_by_version)
         .bind(error)
         .bind(now_ms)
@@ -218,7 +225,7 @@ impl Store {
         tenant: TenantId,
         id: uuid::Uuid,
         now_ms: i64,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<JobState>, StoreError> {
         sqlx::query(
             "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $1, lease_owner = NULL, lease_until = NULL \
              WHERE id = $2 AND tenant_id = $3 AND state IN ('queued', 'running')",

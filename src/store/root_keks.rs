@@ -3,6 +3,7 @@
 use sqlx::Row;
 
 use super::{get_id, Store, StoreError};
+use crate::domain::states::KekState;
 use crate::domain::KekId;
 
 /// One root KEK, wrapped by the master-key provider named in `provider`.
@@ -14,8 +15,8 @@ pub struct RootKekRow {
     pub provider: String,
     /// The wrapped key bytes (provider-specific format).
     pub wrapped_key: Vec<u8>,
-    /// `active` or `retiring`.
-    pub state: String,
+    /// Active or retiring.
+    pub state: KekState,
     /// Creation time (Unix ms).
     pub created_at: i64,
 }
@@ -35,7 +36,13 @@ impl Store {
                     id: get_id(r, "id", "root_keks")?,
                     provider: r.try_get("provider")?,
                     wrapped_key: r.try_get("wrapped_key")?,
-                    state: r.try_get("state")?,
+                    state: {
+                        let s: String = r.try_get("state")?;
+                        KekState::parse(&s).ok_or_else(|| StoreError::Corrupt {
+                            table: "root_keks",
+                            detail: "unknown state".into(),
+                        })?
+                    },
                     created_at: r.try_get("created_at")?,
                 })
             })

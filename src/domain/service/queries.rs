@@ -6,6 +6,7 @@ use super::state::KeyService;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{KekId, TenantId};
 use crate::domain::records::{AuditQuery, JobRow};
+use crate::domain::states::KekState;
 use crate::domain::time::now_ms;
 
 /// One root KEK as the status endpoint shows it.
@@ -13,8 +14,8 @@ use crate::domain::time::now_ms;
 pub struct RootKekInfo {
     /// Its id.
     pub id: KekId,
-    /// `active` or `retiring`.
-    pub state: String,
+    /// Active or retiring.
+    pub state: KekState,
     /// The master-key provider that wraps it.
     pub provider: String,
     /// How many key versions it wraps.

@@ -11,6 +11,7 @@ use super::state::{KeyService, RootKeys};
 use crate::crypto::{self, data_key_aad, DataKey, WrappedKey, NONCE_LEN};
 use crate::domain::error::{KeyError, RootKeyError};
 use crate::domain::ids::{EncryptionId, KekId, VersionId};
+use crate::domain::states::KekState;
 use crate::domain::time::now_ms;
 use crate::master_key::{MasterKeyProvider, ProviderError};
 use crate::store::{NewVersion, RootKekRow, Store, StoreError};
@@ -97,7 +98,7 @@ impl KeyService {
                 id: kek_id,
                 provider: self.provider.name().to_string(),
                 wrapped_key: wrapped,
-                state: "active".into(),
+                state: KekState::Active,
                 created_at: now_ms(),
             })
             .await?;
@@ -124,10 +125,13 @@ impl KeyService {
         let keks = self.store.root_keks().await?;
         let retiring: Vec<KekId> = keks
             .iter()
-            .filter(|k| k.state == "retiring")
+            .filter(|k| k.state == KekState::Retiring)
             .map(|k| k.id)
             .collect();
-        let db_active = keks.iter().find(|k| k.state == "active").map(|k| k.id);
+        let db_active = keks
+            .iter()
+            .find(|k| k.state == KekState::Active)
+            .map(|k| k.id);
         let mut root = self.root()?;
         if db_active != Some(root.active) || retiring.iter().any(|k| !root.keys.contains_key(k)) {
             // Another process rotated: work with the database's view.
@@ -288,7 +292,7 @@ async fn load_root_keys(
             id: kek_id,
             provider: provider.name().to_string(),
             wrapped_key: wrapped,
-            state: "active".into(),
+            state: KekState::Active,
             created_at: now_ms(),
         };
         match store.insert_active_root_kek(&row).await {
@@ -305,7 +309,7 @@ async fn load_root_keys(
     let mut active = None;
     for row in rows {
         let kek = unwrap_root_kek(provider, &row).await?;
-        if row.state == "active" {
+        if row.state == KekState::Active {
             active = Some(row.id);
         }
         keys.insert(row.id, Arc::new(kek.cipher()));
