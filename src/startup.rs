@@ -88,7 +88,11 @@ impl Application {
         };
         let provider = master_key::build(settings.master_key_provider, settings, false).await?;
         let store = open_store(settings).await?;
-        let service = Arc::new(KeyService::new(store, provider, settings.key_ring_capacity));
+        let audit = crate::audit::AuditLog::start(&settings.audit, Some(store.clone()))?;
+        let service = Arc::new(
+            KeyService::new(store, provider, settings.key_ring_capacity)
+                .with_recorder(Arc::new(AuditRecorder(audit.clone()))),
+        );
         let (background, shutdown_rx) = watch::channel(false);
         {
             let service = service.clone();
@@ -135,8 +139,6 @@ impl Application {
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
         }
-        let audit = crate::audit::AuditLog::start(&settings.audit, Some(service.store().clone()))?;
-        service.set_audit(audit.clone());
         let state = AppState::new(AppParts {
             audit: audit.clone(),
             service: service.clone(),
@@ -325,7 +327,11 @@ async fn retry_root_keys(service: Arc<KeyService>, mut shutdown: watch::Receiver
 /// did not finish: a crash, SIGKILL). Safe to run on several replicas at once.
 async fn resume_kek_rotation(service: Arc<KeyService>) {
     match service.store().root_keks().await {
-        Ok(keks) if keks.iter().any(|k| k.state == "retiring") => {
+        Ok(keks)
+            if keks
+                .iter()
+                .any(|k| k.state == crate::domain::states::KekState::Retiring) =>
+        {
             tracing::info!("a root KEK rotation is unfinished; resuming the re-wrap");
             match service
                 .rewrap_retiring(500, Duration::ZERO, |_, _| {})
@@ -386,5 +392,29 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {}
         _ = term => {}
+    }
+}
+
+/// Records the rotations Keyward makes by itself in the audit log, as
+/// `rotate.automatic` by the `system` actor.
+struct AuditRecorder(crate::audit::AuditLog);
+
+impl crate::domain::service::SystemRecorder for AuditRecorder {
+    fn rotated_automatically(
+        &self,
+        encryption: crate::domain::EncryptionId,
+        new_version: crate::domain::VersionId,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.0.record(crate::audit::AuditEvent {
+            time_ms: crate::domain::time::now_ms(),
+            operation: "rotate.automatic",
+            actor: crate::audit::Actor::System,
+            targets: vec![crate::audit::Target {
+                encryption_id: Some(encryption),
+                version_id: Some(new_version),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }))
     }
 }

@@ -131,7 +131,7 @@ async fn status(json: bool, config: &ConfigArg) -> anyhow::Result<()> {
     if json {
         let rows: Vec<_> = rows
             .map(|(k, versions)| {
-                json!({"kekId": k.id.to_string(), "state": k.state, "provider": k.provider, "versions": versions})
+                json!({"kekId": k.id.to_string(), "state": k.state.as_str(), "provider": k.provider, "versions": versions})
             })
             .collect();
         println!("{}", json!({"rootKeks": rows}));
@@ -139,7 +139,9 @@ async fn status(json: bool, config: &ConfigArg) -> anyhow::Result<()> {
         for (k, versions) in rows {
             println!(
                 "{}  {:8}  provider={}  versions={versions}",
-                k.id, k.state, k.provider
+                k.id,
+                k.state.as_str(),
+                k.provider
             );
         }
     }

@@ -17,8 +17,9 @@ use base64::Engine;
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
-use super::TenantId;
+use super::ids::TenantId;
 use crate::crypto::{random_bytes, sha256};
+use crate::store::{ApiKeyRow, StoreError};
 
 /// One permission an API key can carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -299,6 +300,41 @@ impl ApiKeyCache {
         self.generation.fetch_add(1, Ordering::AcqRel);
         keys.clear();
     }
+}
+
+/// Who is calling: the authenticated API key, shared with the cache so that a
+/// request copies a pointer, not the key id.
+pub type Principal = Arc<ApiKeyRecord>;
+
+/// Whether `key_id` has the form of an API key id (`kw_` + 24 hex digits).
+pub fn looks_like_key_id(key_id: &str) -> bool {
+    key_id.len() == 27
+        && key_id.starts_with("kw_")
+        && key_id[3..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// The cached record of a stored key row; a row that does not decode is
+/// corrupt, never a valid key.
+pub(crate) fn record_from_row(row: ApiKeyRow) -> Result<ApiKeyRecord, StoreError> {
+    let corrupt = |detail: &str| StoreError::Corrupt {
+        table: "api_keys",
+        detail: detail.to_string(),
+    };
+    Ok(ApiKeyRecord {
+        secret_sha256: row
+            .secret_sha256
+            .as_slice()
+            .try_into()
+            .map_err(|_| corrupt("secret digest is not 32 bytes"))?,
+        scopes: Scopes::parse(&row.scopes).map_err(|e| corrupt(&e))?,
+        cert_spki_sha256: row
+            .cert_spki_sha256
+            .map(|d| d.as_slice().try_into())
+            .transpose()
+            .map_err(|_| corrupt("certificate digest is not 32 bytes"))?,
+        key_id: row.id,
+        tenant_id: row.tenant_id,
+    })
 }
 
 #[cfg(test)]

@@ -18,8 +18,6 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Row};
 use zeroize::Zeroizing;
 
 use super::keys::Mode;
@@ -27,7 +25,10 @@ use super::service::{KeyError, KeyService};
 use super::time::now_ms;
 use super::{EncryptionId, TenantId, VersionId};
 use crate::crypto::NONCE_LEN;
-use crate::store::{statement_chunks, values_list, Backend, JobProgress, JobRow};
+use crate::domain::records::JobRow;
+use crate::domain::states::JobState;
+use crate::store::source::{is_plain_identifier, SourceLayout, SourceTable, SourceWrite};
+use crate::store::{Backend, JobProgress};
 
 /// Where the platform keeps its ciphertexts.
 #[derive(Clone, Serialize, Deserialize)]
@@ -76,30 +77,26 @@ pub enum JobError {
     Key(#[from] KeyError),
 }
 
-fn identifier(name: &str, dotted: bool) -> bool {
-    let part = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 63
-            && p.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    };
-    match name.split_once('.') {
-        Some((a, b)) if dotted => part(a) && part(b),
-        Some(_) => false,
-        None => part(name),
-    }
-}
-
-fn quote(name: &str) -> String {
-    name.split('.')
-        .map(|p| format!("\"{p}\""))
-        .collect::<Vec<_>>()
-        .join(".")
-}
-
 impl JobSource {
+    /// Which columns of which table, for the store.
+    fn layout(&self) -> SourceLayout<'_> {
+        SourceLayout {
+            table: &self.table,
+            key_column: &self.key_column,
+            cipher_text_column: &self.cipher_text_column,
+            version_column: &self.version_column,
+            metadata_column: &self.metadata_column,
+            encryption_id_column: self.encryption_id_column.as_deref(),
+        }
+    }
+
+    /// Opens the source table.
+    async fn open(&self) -> Result<SourceTable, JobError> {
+        SourceTable::open(&self.database_url, &self.layout())
+            .await
+            .map_err(|e| JobError::Source(e.to_string()))
+    }
+
     fn validate(&self) -> Result<(), JobError> {
         if Backend::from_url(&self.database_url).is_none() {
             return Err(JobError::Source(
@@ -113,219 +110,16 @@ impl JobSource {
             ("source.versionColumn", &self.version_column, false),
             ("source.metadataColumn", &self.metadata_column, false),
         ] {
-            if !identifier(value, dotted) {
+            if !is_plain_identifier(value, dotted) {
                 return Err(JobError::BadIdentifier(name));
             }
         }
         if let Some(c) = &self.encryption_id_column {
-            if !identifier(c, false) {
+            if !is_plain_identifier(c, false) {
                 return Err(JobError::BadIdentifier("source.encryptionIdColumn"));
             }
         }
         Ok(())
-    }
-}
-
-/// An open connection to the platform's table.
-struct SourceDb {
-    pool: AnyPool,
-    source: JobSource,
-    int_keys: bool,
-}
-
-/// One row as read.
-struct SourceRow {
-    key: String,
-    cipher_text: String,
-    version: String,
-    metadata: String,
-    encryption: Option<String>,
-}
-
-impl SourceDb {
-    async fn open(source: &JobSource) -> Result<SourceDb, JobError> {
-        sqlx::any::install_default_drivers();
-        let pool = AnyPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(&source.database_url)
-            .await
-            // The sqlx message may name the host; never the password.
-            .map_err(|e| JobError::Source(format!("cannot connect: {}", short(&e))))?;
-        let mut db = SourceDb {
-            pool,
-            source: source.clone(),
-            int_keys: false,
-        };
-        // Probe the columns, and learn whether the key is an integer.
-        let sql = format!(
-            "SELECT {} FROM {} LIMIT 1",
-            db.columns(),
-            quote(&source.table)
-        );
-        let probe = sqlx::query(&sql)
-            .fetch_optional(&db.pool)
-            .await
-            .map_err(|e| JobError::Source(format!("cannot read the table: {}", short(&e))))?;
-        if let Some(row) = probe {
-            db.int_keys = row.try_get::<i64, _>(0).is_ok();
-        }
-        Ok(db)
-    }
-
-    fn columns(&self) -> String {
-        let s = &self.source;
-        let mut cols = vec![
-            quote(&s.key_column),
-            quote(&s.cipher_text_column),
-            quote(&s.version_column),
-            quote(&s.metadata_column),
-        ];
-        if let Some(c) = &s.encryption_id_column {
-            cols.push(quote(c));
-        }
-        cols.join(", ")
-    }
-
-    async fn count(&self) -> Result<i64, sqlx::Error> {
-        let sql = format!("SELECT COUNT(*) FROM {}", quote(&self.source.table));
-        sqlx::query(&sql).fetch_one(&self.pool).await?.try_get(0)
-    }
-
-    async fn batch(&self, after: Option<&str>, limit: i64) -> Result<Vec<SourceRow>, sqlx::Error> {
-        let key = quote(&self.source.key_column);
-        let sql = format!(
-            "SELECT {} FROM {} {} ORDER BY {key} LIMIT {limit}",
-            self.columns(),
-            quote(&self.source.table),
-            if after.is_some() {
-                format!("WHERE {key} > $1")
-            } else {
-                String::new()
-            },
-        );
-        let mut q = sqlx::query(&sql);
-        if let Some(a) = after {
-            q = if self.int_keys {
-                q.bind(a.parse::<i64>().unwrap_or(i64::MIN))
-            } else {
-                q.bind(a.to_string())
-            };
-        }
-        let rows = q.fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|r| {
-                let key = if self.int_keys {
-                    r.try_get::<i64, _>(0)?.to_string()
-                } else {
-                    r.try_get::<String, _>(0)?
-                };
-                Ok(SourceRow {
-                    key,
-                    cipher_text: r.try_get(1)?,
-                    version: r.try_get(2)?,
-                    metadata: r.try_get(3)?,
-                    encryption: if self.source.encryption_id_column.is_some() {
-                        r.try_get(4)?
-                    } else {
-                        None
-                    },
-                })
-            })
-            .collect()
-    }
-
-    /// Writes each row's new ciphertext only if the row still holds the old one
-    /// (a compare-and-swap per row), one statement for many rows:
-    /// `WITH v(...) AS (VALUES ...) UPDATE t SET ... FROM v WHERE key, old
-    /// ciphertext and old version match RETURNING 1`, a few hundred rows per
-    /// statement ([`statement_chunks`]). Returns how many rows
-    /// were written; the others changed meanwhile and are left alone.
-    async fn swap_batch(
-        &self,
-        conn: &mut sqlx::AnyConnection,
-        writes: &[(&SourceRow, String, String, String)],
-    ) -> Result<usize, sqlx::Error> {
-        let s = &self.source;
-        let mut written = 0;
-        // The platform's database URL was checked when the job was made.
-        let backend = Backend::from_url(&s.database_url).unwrap_or(Backend::Sqlite);
-        for chunk in statement_chunks(backend, writes) {
-            let values = values_list(backend, chunk.len(), 6);
-            let sql = format!(
-                "WITH v(k, old_ct, old_ver, new_ct, new_ver, new_meta) AS (VALUES {values}) \
-                 UPDATE {table} AS t SET {ct} = v.new_ct, {ver} = v.new_ver, {meta} = v.new_meta \
-                 FROM v WHERE t.{key} = v.k AND t.{ct} = v.old_ct AND t.{ver} = v.old_ver \
-                 RETURNING 1",
-                table = quote(&s.table),
-                ct = quote(&s.cipher_text_column),
-                ver = quote(&s.version_column),
-                meta = quote(&s.metadata_column),
-                key = quote(&s.key_column),
-            );
-            let mut q = sqlx::query(&sql);
-            for (row, cipher_text, version, metadata) in chunk {
-                q = if self.int_keys {
-                    q.bind(row.key.parse::<i64>().unwrap_or(i64::MIN))
-                } else {
-                    q.bind(row.key.clone())
-                };
-                q = q
-                    .bind(row.cipher_text.as_str())
-                    .bind(row.version.as_str())
-                    .bind(cipher_text.as_str())
-                    .bind(version.as_str())
-                    .bind(metadata.as_str());
-            }
-            written += q.fetch_all(&mut *conn).await?.len();
-        }
-        Ok(written)
-    }
-
-    /// Rows per (encryption column value, version); the encryption is `None`
-    /// when the table has one encryption.
-    async fn histogram(&self) -> Result<Vec<(Option<String>, String, i64)>, sqlx::Error> {
-        let ver = quote(&self.source.version_column);
-        let (select, group) = match &self.source.encryption_id_column {
-            Some(c) => (
-                format!("{}, {ver}", quote(c)),
-                format!("{}, {ver}", quote(c)),
-            ),
-            None => (ver.clone(), ver.clone()),
-        };
-        let sql = format!(
-            "SELECT {select}, COUNT(*) FROM {} GROUP BY {group}",
-            quote(&self.source.table)
-        );
-        let per_row = self.source.encryption_id_column.is_some();
-        sqlx::query(&sql)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(|r| {
-                Ok(if per_row {
-                    (
-                        Some(r.try_get::<String, _>(0)?),
-                        r.try_get::<String, _>(1)?,
-                        r.try_get::<i64, _>(2)?,
-                    )
-                } else {
-                    (None, r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)
-                })
-            })
-            .collect()
-    }
-}
-
-/// An error message without anything from a URL (sqlx errors can quote the
-/// connection string's host; they never contain the password, but keep it short).
-fn short(e: &sqlx::Error) -> String {
-    match e {
-        sqlx::Error::Database(d) => d.message().to_string(),
-        sqlx::Error::Io(io) => io.kind().to_string(),
-        sqlx::Error::PoolTimedOut => "timed out".into(),
-        sqlx::Error::Configuration(_) => "the database URL is not valid".into(),
-        other => other.to_string().chars().take(200).collect(),
     }
 }
 
@@ -358,7 +152,7 @@ pub async fn start_job(
         (None, Some(_)) => {}
         _ => return Err(JobError::EncryptionScope),
     }
-    SourceDb::open(&job.source).await?.pool.close().await;
+    job.source.open().await?.close().await;
     let id = uuid::Uuid::new_v4();
     let spec = Zeroizing::new(serde_json::to_vec(&job.source).expect("a source serializes"));
     let (kek, sealed) = service.seal_job_source(id, &spec)?;
@@ -372,7 +166,7 @@ pub async fn start_job(
             source_sealed: sealed,
             source_kek_id: kek,
             max_rows_per_second: job.max_rows_per_second.map(i64::from),
-            state: "queued".into(),
+            state: JobState::Queued,
             cursor: None,
             pass: 0,
             processed: 0,
@@ -447,7 +241,7 @@ pub async fn run_jobs(
                         tracing::warn!(job_id = %id, error = %e, "re-encryption job failed");
                         let _ = service
                             .store()
-                            .finish_job(id, &owner, "failed", None, Some(&e), now_ms())
+                            .finish_job(id, &owner, JobState::Failed, None, Some(&e), now_ms())
                             .await;
                     }
                     continue;
@@ -477,9 +271,9 @@ async fn run_one(
         .map_err(|e| e.to_string())?;
     let source: JobSource = serde_json::from_slice(&plain)
         .map_err(|_| "the stored source does not parse".to_string())?;
-    let db = SourceDb::open(&source).await.map_err(|e| e.to_string())?;
+    let db = source.open().await.map_err(|e| e.to_string())?;
     let result = walk(service, owner, &job, &db, settings).await;
-    db.pool.close().await;
+    db.close().await;
     result
 }
 
@@ -487,7 +281,7 @@ async fn walk(
     service: &KeyService,
     owner: &str,
     job: &JobRow,
-    db: &SourceDb,
+    db: &SourceTable,
     settings: RunnerSettings,
 ) -> Result<(), String> {
     let lease_ms = settings.lease.as_millis() as i64;
@@ -498,7 +292,7 @@ async fn walk(
         None => settings.batch,
     };
     if job.total.is_none() {
-        let total = db.count().await.map_err(|e| short(&e))?;
+        let total = db.count().await.map_err(|e| e.to_string())?;
         service
             .store()
             .set_job_total(job.id, total)
@@ -514,7 +308,7 @@ async fn walk(
         let rows = db
             .batch(cursor.as_deref(), batch)
             .await
-            .map_err(|e| short(&e))?;
+            .map_err(|e| e.to_string())?;
         if rows.is_empty() {
             // End of a pass: what still references an old version?
             let remaining = remaining(service, job, db).await?;
@@ -523,7 +317,14 @@ async fn walk(
                 let json = serde_json::to_string(&remaining).expect("a map serializes");
                 service
                     .store()
-                    .finish_job(job.id, owner, "succeeded", Some(&json), None, now_ms())
+                    .finish_job(
+                        job.id,
+                        owner,
+                        JobState::Succeeded,
+                        Some(&json),
+                        None,
+                        now_ms(),
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
                 tracing::info!(job_id = %job.id, passes = pass + 1, left, "re-encryption job finished");
@@ -562,7 +363,7 @@ async fn walk(
         let first_pass = pass == 0;
         // New values first, then one statement per few hundred rows for the
         // batch's writes, each row still its own compare-and-swap.
-        let mut writes: Vec<(&SourceRow, String, String, String)> = Vec::new();
+        let mut writes: Vec<SourceWrite<'_>> = Vec::new();
         for row in &rows {
             let encryption = match (job.encryption_id, &row.encryption) {
                 (Some(e), _) => e,
@@ -642,12 +443,7 @@ async fn walk(
             return Ok(());
         }
         if !writes.is_empty() {
-            let mut tx = db.pool.begin().await.map_err(|e| short(&e))?;
-            let written = db
-                .swap_batch(&mut tx, &writes)
-                .await
-                .map_err(|e| short(&e))?;
-            tx.commit().await.map_err(|e| short(&e))?;
+            let written = db.swap_batch(&writes).await.map_err(|e| e.to_string())?;
             rewrapped += written as i64;
             // The platform wrote the others meanwhile: never overwrite them.
             skipped += (writes.len() - written) as i64;
@@ -689,9 +485,9 @@ async fn walk(
 async fn remaining(
     service: &KeyService,
     job: &JobRow,
-    db: &SourceDb,
+    db: &SourceTable,
 ) -> Result<BTreeMap<String, i64>, String> {
-    let histogram = db.histogram().await.map_err(|e| short(&e))?;
+    let histogram = db.histogram().await.map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
     for (encryption, version, rows) in histogram {
         let encryption = match (job.encryption_id, encryption) {

@@ -1,5 +1,5 @@
 //! The key ring: an in-memory, bounded map from encryption id to that
-//! encryption's versions with their data keys ready for AES-256-GCM. It is what
+//! encryption's [`VersionedKey`], its data keys ready for AES-256-GCM. It is what
 //! makes encrypt and decrypt of a platform-managed key cost no database query and
 //! no provider call in steady state.
 //!
@@ -11,72 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::keys::{Mode, VersionState};
-use super::{EncryptionId, TenantId, VersionId};
-use crate::crypto::{CipherKey, WrappedKey};
-
-/// How a cached version holds its key.
-#[derive(Debug)]
-pub enum RingKey {
-    /// Platform mode: unwrapped and prepared.
-    Ready(CipherKey),
-    /// Client mode: still wrapped; the request's client key unwraps it.
-    ClientWrapped(WrappedKey),
-    /// Destroyed: no key material exists any more.
-    Destroyed,
-}
-
-/// One cached version.
-#[derive(Debug)]
-pub struct RingVersion {
-    /// The version id.
-    pub id: VersionId,
-    /// The version number.
-    pub number: i64,
-    /// Its state when loaded.
-    pub state: VersionState,
-    /// Its key.
-    pub key: RingKey,
-    /// Encryptions made with it here and not yet added to the stored count.
-    /// Shared by every entry built for this version, so a rebuilt entry
-    /// loses no count.
-    pub uses: Arc<AtomicU64>,
-}
-
-/// One cached encryption: immutable once built. A change (rotate, state change)
-/// replaces the whole entry, so a reader always sees one consistent snapshot.
-#[derive(Debug)]
-pub struct RingEntry {
-    /// When it was read from the store.
-    pub loaded_at: Instant,
-    /// The id.
-    pub id: EncryptionId,
-    /// The owning tenant.
-    pub tenant_id: TenantId,
-    /// Who wraps the keys.
-    pub mode: Mode,
-    /// Salt for client-mode key derivation.
-    pub salt: Vec<u8>,
-    /// The active version.
-    pub active: VersionId,
-    /// Versions numbered below this do not decrypt.
-    pub min_decryption_version: i64,
-    /// Every version, in number order.
-    pub versions: Vec<RingVersion>,
-}
-
-impl RingEntry {
-    /// The version with this id.
-    pub fn version(&self, id: VersionId) -> Option<&RingVersion> {
-        self.versions.iter().rev().find(|v| v.id == id)
-    }
-
-    /// The active version.
-    pub fn active_version(&self) -> &RingVersion {
-        self.version(self.active)
-            .expect("an entry is built with its active version")
-    }
-}
+use super::ids::{EncryptionId, VersionId};
+use super::keys::VersionedKey;
 
 /// How long an unknown encryption id is remembered as unknown. Ids are random
 /// UUIDs minted by the server, so a later creation of a remembered id is not a
@@ -86,7 +22,7 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(10);
 /// The bounded cache of unwrapped keys. See the module docs.
 #[derive(Debug)]
 pub struct KeyRing {
-    entries: RwLock<HashMap<EncryptionId, Arc<RingEntry>>>,
+    entries: RwLock<HashMap<EncryptionId, Arc<VersionedKey>>>,
     unknown: Mutex<HashMap<EncryptionId, Instant>>,
     capacity: usize,
     /// Bumped by every invalidation. A loader notes it before reading the
@@ -114,7 +50,7 @@ impl KeyRing {
     }
 
     /// The cached entry, counting a hit or a miss.
-    pub fn get(&self, id: EncryptionId) -> Option<Arc<RingEntry>> {
+    pub fn get(&self, id: EncryptionId) -> Option<Arc<VersionedKey>> {
         let found = self
             .entries
             .read()
@@ -138,7 +74,7 @@ impl KeyRing {
     /// Caches `entry` unless an invalidation happened since `generation` was read.
     /// When full, an arbitrary entry makes room: a miss costs one query, and a
     /// bounded ring matters more than a perfect hit rate.
-    pub fn insert(&self, entry: Arc<RingEntry>, generation: u64) {
+    pub fn insert(&self, entry: Arc<VersionedKey>, generation: u64) {
         let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
         if self.generation.load(Ordering::Acquire) != generation {
             return;
@@ -245,10 +181,12 @@ impl KeyRing {
 mod tests {
     use super::*;
     use crate::crypto::DataKey;
+    use crate::domain::ids::TenantId;
+    use crate::domain::keys::{KeyVersion, Mode, VersionKey, VersionState};
 
-    fn entry(id: EncryptionId) -> Arc<RingEntry> {
+    fn entry(id: EncryptionId) -> Arc<VersionedKey> {
         let v = VersionId::new_random();
-        Arc::new(RingEntry {
+        Arc::new(VersionedKey {
             loaded_at: Instant::now(),
             id,
             tenant_id: TenantId::new_random(),
@@ -256,11 +194,11 @@ mod tests {
             salt: vec![],
             active: v,
             min_decryption_version: 1,
-            versions: vec![RingVersion {
+            versions: vec![KeyVersion {
                 id: v,
                 number: 1,
                 state: VersionState::Active,
-                key: RingKey::Ready(DataKey::generate().cipher()),
+                key: VersionKey::Ready(DataKey::generate().cipher()),
                 uses: Arc::new(AtomicU64::new(0)),
             }],
         })

@@ -5,11 +5,14 @@
 
 pub mod accounts;
 pub mod apikeys;
+pub mod client_key;
+pub mod error;
 pub mod guard;
 pub mod ids;
 pub mod jobs;
 pub mod keyring;
 pub mod keys;
+pub mod records;
 pub mod service;
 pub mod states;
 pub mod sync;

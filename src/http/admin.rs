@@ -71,23 +71,18 @@ pub(super) async fn status(
     State(state): State<AppState>,
     _auth: Auth<AdminScope>,
 ) -> Result<Json<RootKekStatus>, ApiError> {
-    let store = state.service.store();
-    let keks = store.root_keks().await?;
-    let counts = store.versions_per_kek().await?;
-    let mut root_keks: Vec<RootKekView> = keks
+    let root_keks = state
+        .service
+        .root_kek_status()
+        .await?
         .into_iter()
         .map(|k| RootKekView {
             kek_id: k.id.to_string(),
-            versions: counts
-                .iter()
-                .find(|(id, _)| *id == k.id)
-                .map(|(_, n)| *n)
-                .unwrap_or(0),
-            state: k.state,
+            versions: k.versions,
+            state: k.state.as_str().to_string(),
             provider: k.provider,
         })
         .collect();
-    root_keks.reverse();
     Ok(Json(RootKekStatus { root_keks }))
 }
 

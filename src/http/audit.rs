@@ -22,10 +22,10 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{AdminScope, Auth};
 use super::AppState;
 use crate::audit::{Actor, AuditEvent, AuditLog, AuditRecord, Target, OPERATIONS};
+use crate::domain::records::AuditQuery;
 use crate::domain::service::Principal;
 use crate::domain::time::now_ms;
 use crate::domain::{EncryptionId, VersionId};
-use crate::store::AuditQuery;
 use crate::tls::ClientIdentity;
 
 /// The operation a route performs; `None` for routes that are not audited
@@ -369,7 +369,7 @@ pub(super) async fn list(
     state.audit.flush().await;
     let limit = q.limit;
     q.limit += 1;
-    let mut rows = state.service.store().audit_records(&q).await?;
+    let mut rows = state.service.audit_records(&q).await?;
     let next_cursor = if rows.len() as i64 > limit {
         rows.truncate(limit as usize);
         rows.last().map(|(id, _)| id.to_string())

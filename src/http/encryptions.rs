@@ -16,10 +16,10 @@ use super::extract::{ApiJson, Auth, ManageScope, MasterKeyHeader};
 use super::openapi::MasterKeyParam;
 use super::{parse_id, AppState};
 use crate::domain::keys::VersionState;
+use crate::domain::records::{EncryptionRow, VersionRow};
 use crate::domain::service::EncryptionDetails;
 use crate::domain::time::rfc3339;
 use crate::domain::EncryptionId;
-use crate::store::{EncryptionRow, VersionRow};
 
 /// The routes of this resource.
 pub fn router() -> Router<AppState> {

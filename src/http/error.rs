@@ -9,7 +9,6 @@ use serde::Serialize;
 
 use crate::domain::apikeys::Scope;
 use crate::domain::service::{AuthError, KeyError};
-use crate::store::StoreError;
 
 /// Everything that can go wrong in a request.
 #[derive(Debug, thiserror::Error)]
@@ -83,12 +82,6 @@ impl From<AuthError> for ApiError {
     }
 }
 
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        ApiError::Key(KeyError::Store(e))
-    }
-}
-
 /// Every error response: `{"error": {"code", "message"}}`.
 #[derive(Serialize, utoipa::ToSchema)]
 #[schema(as = ErrorBody)]
@@ -143,9 +136,7 @@ impl ApiError {
                 KeyError::MasterKeyRequired => (S::UNAUTHORIZED, "master_key_required"),
                 KeyError::MasterKeyMismatch => (S::FORBIDDEN, "master_key_mismatch"),
                 KeyError::MasterKeyNotApplicable => (S::BAD_REQUEST, "master_key_not_applicable"),
-                KeyError::Store(StoreError::Unavailable(_)) => {
-                    (S::SERVICE_UNAVAILABLE, "unavailable")
-                }
+                k if k.is_unavailable() => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 KeyError::VersionBelowMinimum => (S::FORBIDDEN, "version_below_min_decryption"),
                 KeyError::InvalidStateChange(_) => (S::CONFLICT, "invalid_state_change"),
                 KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),

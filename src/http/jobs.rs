@@ -15,8 +15,9 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Auth, ManageScope};
 use super::{parse_id, AppState};
 use crate::domain::jobs::{describe_source, start_job, JobError, JobSource, NewJob};
+use crate::domain::records::JobRow;
+use crate::domain::states::JobState;
 use crate::domain::time::rfc3339;
-use crate::store::JobRow;
 
 /// The routes of this resource.
 pub fn router() -> Router<AppState> {
@@ -136,17 +137,17 @@ pub struct JobList {
 }
 
 fn view(state: &AppState, job: &JobRow) -> JobView {
-    let eta_seconds = match (job.state.as_str(), job.total) {
-        ("running", Some(total)) if job.rows_per_second > 0 => {
+    let eta_seconds = match (job.state, job.total) {
+        (JobState::Running, Some(total)) if job.rows_per_second > 0 => {
             Some((total - job.processed).max(0) / job.rows_per_second)
         }
-        ("succeeded", _) => Some(0),
+        (JobState::Succeeded, _) => Some(0),
         _ => None,
     };
     JobView {
         job_id: job.id.to_string(),
         kind: job.kind.clone(),
-        state: job.state.clone(),
+        state: job.state.as_str().to_string(),
         encryption_id: job.encryption_id.map(|e| e.to_string()),
         processed: job.processed,
         total: job.total,
@@ -247,7 +248,6 @@ pub(super) async fn show(
     let id: uuid::Uuid = parse_id(&id, "job id in the path")?;
     let job = state
         .service
-        .store()
         .job(auth.principal.tenant_id, id)
         .await?
         .ok_or(ApiError::JobNotFound)?;
@@ -266,11 +266,7 @@ pub(super) async fn list(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
 ) -> Result<Json<JobList>, ApiError> {
-    let jobs = state
-        .service
-        .store()
-        .jobs(auth.principal.tenant_id, 100)
-        .await?;
+    let jobs = state.service.jobs(auth.principal.tenant_id, 100).await?;
     Ok(Json(JobList {
         items: jobs.iter().map(|j| view(&state, j)).collect(),
     }))
@@ -293,13 +289,9 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id: uuid::Uuid = parse_id(&id, "job id in the path")?;
-    let store = state.service.store();
-    store
-        .cancel_job(auth.principal.tenant_id, id, crate::domain::time::now_ms())
-        .await?
-        .ok_or(ApiError::JobNotFound)?;
-    let job = store
-        .job(auth.principal.tenant_id, id)
+    let job = state
+        .service
+        .cancel_job(auth.principal.tenant_id, id)
         .await?
         .ok_or(ApiError::JobNotFound)?;
     Ok(Json(view(&state, &job)))

@@ -183,7 +183,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         0.0
     };
     metrics::gauge!("keyward_master_key_provider_up", "provider" => provider).set(up);
-    match service.store().versions_per_state().await {
+    match service.versions_per_state().await {
         Ok(counts) => {
             for (state, n) in counts {
                 metrics::gauge!("keyward_key_versions", "state" => state).set(n as f64);
@@ -191,7 +191,7 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         }
         Err(e) => tracing::warn!(error = %e, "metrics: cannot count versions"),
     }
-    match service.store().active_jobs().await {
+    match service.active_jobs().await {
         Ok(jobs) => {
             for job in jobs {
                 let id = job.id.to_string();

@@ -38,7 +38,7 @@ pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<V
     }
     let ping = tokio::time::timeout(
         std::time::Duration::from_secs(1),
-        state.service.store().ping(),
+        state.service.check_database(),
     );
     match ping.await {
         Ok(Ok(())) => (StatusCode::OK, Json(json!({"status": "ready"}))),

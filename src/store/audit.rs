@@ -22,6 +22,7 @@ use sqlx::Row;
 
 use super::pool::{Store, StoreError};
 use super::sql::{statement_chunks, values_list};
+pub use crate::domain::records::AuditQuery;
 
 /// Most records in one segment. A read cursor is a record's position,
 /// `segment id * POSITIONS + line`, so this stays below [`POSITIONS`].
@@ -141,25 +142,6 @@ impl AuditSegment {
     pub fn is_full(&self) -> bool {
         self.records >= SEGMENT_RECORDS
     }
-}
-
-/// Which records to read: every filter is optional; newest first.
-#[derive(Debug, Clone, Default)]
-pub struct AuditQuery {
-    /// At or after (Unix ms).
-    pub from_ms: Option<i64>,
-    /// Before (Unix ms).
-    pub to_ms: Option<i64>,
-    /// Of this tenant.
-    pub tenant_id: Option<String>,
-    /// On this encryption.
-    pub encryption_id: Option<String>,
-    /// This operation.
-    pub operation: Option<String>,
-    /// Only records before this position (the pagination cursor).
-    pub before_id: Option<i64>,
-    /// At most this many.
-    pub limit: i64,
 }
 
 /// The fields of a record that reads filter on.

@@ -8,59 +8,8 @@ use super::events::{record, EventKind};
 use super::pool::{Store, StoreError};
 use super::sql::{get_id, get_opt_id};
 use crate::domain::ids::{EncryptionId, KekId, TenantId, VersionId};
+pub use crate::domain::records::{EncryptionRow, VersionRow};
 use crate::domain::states::{Mode, VersionState};
-
-/// One encryption as stored.
-#[derive(Debug, Clone)]
-pub struct EncryptionRow {
-    /// Its id.
-    pub id: EncryptionId,
-    /// The owning tenant.
-    pub tenant_id: TenantId,
-    /// An optional human name.
-    pub name: Option<String>,
-    /// Always `AES-256-GCM` today.
-    pub algorithm: String,
-    /// Who wraps the data keys.
-    pub mode: Mode,
-    /// Random salt for deriving the client-mode wrapping key.
-    pub salt: Vec<u8>,
-    /// The version encrypt uses by default.
-    pub active_version_id: VersionId,
-    /// The highest version number handed out.
-    pub latest_version: i64,
-    /// Creation time (Unix ms).
-    pub created_at: i64,
-    /// Last change (Unix ms).
-    pub updated_at: i64,
-    /// Rotate when the active version is this old (ms), if set.
-    pub auto_rotate_period_ms: Option<i64>,
-    /// Versions numbered below this do not decrypt.
-    pub min_decryption_version: i64,
-}
-
-/// One key version as stored.
-#[derive(Debug, Clone)]
-pub struct VersionRow {
-    /// The contract's `encryptionVersionId`.
-    pub id: VersionId,
-    /// The encryption it belongs to.
-    pub encryption_id: EncryptionId,
-    /// Human version number (1, 2, 3...).
-    pub version: i64,
-    /// Lifecycle state.
-    pub state: VersionState,
-    /// The wrapped data key; `None` once destroyed.
-    pub wrapped_key: Option<Vec<u8>>,
-    /// The root KEK that wraps it (`None` in client mode).
-    pub kek_id: Option<KekId>,
-    /// Creation time (Unix ms).
-    pub created_at: i64,
-    /// When it stopped being the active version (Unix ms).
-    pub rotated_at: Option<i64>,
-    /// Encryptions made with it, as flushed by every process.
-    pub encrypt_count: i64,
-}
 
 /// A new encryption to insert.
 #[derive(Debug)]

@@ -6,54 +6,8 @@ use sqlx::Row;
 use super::pool::{Store, StoreError};
 use super::sql::{get_id, get_opt_id};
 use crate::domain::ids::{EncryptionId, KekId, TenantId};
-
-/// One job as stored.
-#[derive(Debug, Clone)]
-pub struct JobRow {
-    /// Its id.
-    pub id: uuid::Uuid,
-    /// The tenant that started it.
-    pub tenant_id: TenantId,
-    /// `reencrypt`.
-    pub kind: String,
-    /// The table's one encryption, if not per row.
-    pub encryption_id: Option<EncryptionId>,
-    /// The sealed source specification.
-    pub source_sealed: Vec<u8>,
-    /// The root KEK that seals it.
-    pub source_kek_id: KekId,
-    /// Rate limit.
-    pub max_rows_per_second: Option<i64>,
-    /// queued, running, succeeded, failed, cancelled.
-    pub state: String,
-    /// Last key handled in this pass.
-    pub cursor: Option<String>,
-    /// Pass number (0 first).
-    pub pass: i64,
-    /// Rows looked at.
-    pub processed: i64,
-    /// Rows moved to the active version.
-    pub rewrapped: i64,
-    /// Rows changed by the platform meanwhile (left for the next pass) or not
-    /// the tenant's.
-    pub skipped: i64,
-    /// Rows that could not be decrypted.
-    pub failed: i64,
-    /// Rows in scope when the job started.
-    pub total: Option<i64>,
-    /// Recent rate.
-    pub rows_per_second: i64,
-    /// JSON {versionId: rows} at the last scan.
-    pub remaining_by_version: Option<String>,
-    /// Why it failed.
-    pub error: Option<String>,
-    /// Start (Unix ms).
-    pub started_at: Option<i64>,
-    /// End (Unix ms).
-    pub finished_at: Option<i64>,
-    /// Creation (Unix ms).
-    pub created_at: i64,
-}
+pub use crate::domain::records::JobRow;
+use crate::domain::states::JobState;
 
 const COLUMNS: &str = "id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, cursor, pass, processed, rewrapped, skipped, failed, total, rows_per_second, remaining_by_version, error, started_at, finished_at, created_at";
 
@@ -66,7 +20,13 @@ fn from_row(r: &AnyRow) -> Result<JobRow, StoreError> {
         source_sealed: r.try_get("source_sealed")?,
         source_kek_id: get_id(r, "source_kek_id", "jobs")?,
         max_rows_per_second: r.try_get("max_rows_per_second")?,
-        state: r.try_get("state")?,
+        state: {
+            let s: String = r.try_get("state")?;
+            JobState::parse(&s).ok_or_else(|| StoreError::Corrupt {
+                table: "jobs",
+                detail: "unknown state".into(),
+            })?
+        },
         cursor: r.try_get("cursor")?,
         pass: r.try_get("pass")?,
         processed: r.try_get("processed")?,
@@ -237,7 +197,7 @@ impl Store {
         &self,
         id: uuid::Uuid,
         owner: &str,
-        state: &str,
+        state: JobState,
         remaining_by_version: Option<&str>,
         error: Option<&str>,
         now_ms: i64,
@@ -247,7 +207,7 @@ impl Store {
              finished_at = $4, updated_at = $4, lease_owner = NULL, lease_until = NULL \
              WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
         )
-        .bind(state)
+        .bind(state.as_str())
         .bind(remaining_by_version)
         .bind(error)
         .bind(now_ms)
@@ -266,7 +226,7 @@ impl Store {
         tenant: TenantId,
         id: uuid::Uuid,
         now_ms: i64,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<JobState>, StoreError> {
         sqlx::query(
             "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $1, lease_owner = NULL, lease_until = NULL \
              WHERE id = $2 AND tenant_id = $3 AND state IN ('queued', 'running')",

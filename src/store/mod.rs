@@ -14,6 +14,7 @@ mod events;
 mod jobs;
 mod pool;
 mod root_keks;
+pub mod source;
 mod sql;
 mod tenants;
 

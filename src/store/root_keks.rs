@@ -5,6 +5,7 @@ use sqlx::Row;
 use super::pool::{Store, StoreError};
 use super::sql::get_id;
 use crate::domain::ids::KekId;
+use crate::domain::states::KekState;
 
 /// One root KEK, wrapped by the master-key provider named in `provider`.
 #[derive(Debug, Clone)]
@@ -15,8 +16,8 @@ pub struct RootKekRow {
     pub provider: String,
     /// The wrapped key bytes (provider-specific format).
     pub wrapped_key: Vec<u8>,
-    /// `active` or `retiring`.
-    pub state: String,
+    /// Active or retiring.
+    pub state: KekState,
     /// Creation time (Unix ms).
     pub created_at: i64,
 }
@@ -36,7 +37,13 @@ impl Store {
                     id: get_id(r, "id", "root_keks")?,
                     provider: r.try_get("provider")?,
                     wrapped_key: r.try_get("wrapped_key")?,
-                    state: r.try_get("state")?,
+                    state: {
+                        let s: String = r.try_get("state")?;
+                        KekState::parse(&s).ok_or_else(|| StoreError::Corrupt {
+                            table: "root_keks",
+                            detail: "unknown state".into(),
+                        })?
+                    },
                     created_at: r.try_get("created_at")?,
                 })
             })

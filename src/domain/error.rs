@@ -1,0 +1,122 @@
+//! The domain's errors: each variant is one answer the API gives, mapped to a
+//! status and code in one place (`http::error`).
+
+use crate::master_key::ProviderError;
+use crate::store::StoreError;
+
+use super::ids::KekId;
+
+/// Why a key operation failed. Each variant is one answer the API gives.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// No such encryption for this tenant (also: it belongs to another tenant).
+    #[error("encryption not found")]
+    EncryptionNotFound,
+    /// The encryption has no version with this id.
+    #[error("encryption version not found")]
+    VersionNotFound,
+    /// The ciphertext, nonce, metadata or version do not authenticate.
+    #[error("decryption failed")]
+    DecryptionFailed,
+    /// The version is disabled.
+    #[error("the encryption version is disabled")]
+    VersionDisabled,
+    /// The version's key material was destroyed.
+    #[error("the encryption version was destroyed")]
+    VersionDestroyed,
+    /// The version may decrypt but not encrypt.
+    #[error("the encryption version cannot encrypt")]
+    VersionNotEncryptable,
+    /// A client-mode encryption was used without `X-Master-Key`.
+    #[error("this encryption needs the client master key (X-Master-Key)")]
+    MasterKeyRequired,
+    /// The client key is not the one the encryption was created with.
+    #[error("the client master key does not match this encryption")]
+    MasterKeyMismatch,
+    /// `X-Master-Key` was sent for a platform-managed encryption.
+    #[error("this encryption is platform-managed and takes no X-Master-Key")]
+    MasterKeyNotApplicable,
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Stored state violates an invariant (e.g. a wrapped key that fails to
+    /// authenticate under the root KEK): never the caller's fault.
+    #[error("integrity failure: {0}")]
+    Integrity(String),
+    /// The version is numbered below the encryption's minimum decryption version.
+    #[error("the encryption version is below the minimum decryption version")]
+    VersionBelowMinimum,
+    /// The requested state change is not allowed (e.g. the active version).
+    #[error("{0}")]
+    InvalidStateChange(&'static str),
+    /// The last re-encryption job still found rows on this version.
+    #[error("the last re-encryption job found {0} rows still on this version; run a job again, or send \"force\": true")]
+    VersionInUse(i64),
+    /// A policy value is out of range.
+    #[error("{0}")]
+    InvalidPolicy(String),
+    /// A version names a root KEK that is not loaded (internal: triggers a
+    /// reload of the root keys).
+    #[error("unknown root KEK {0}")]
+    UnknownKek(KekId),
+    /// The root keys are not loaded yet (the master-key provider was
+    /// unreachable at start); the reason is for readiness and logs.
+    #[error("not ready: {0}")]
+    NotReady(String),
+    /// The master-key provider failed during an operation that needs it.
+    #[error("master-key provider: {0}")]
+    Provider(#[from] ProviderError),
+}
+
+impl KeyError {
+    /// Whether a dependency (the database) is down, rather than anything
+    /// being wrong: a 503 the caller may retry.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, KeyError::Store(StoreError::Unavailable(_)))
+    }
+}
+
+/// Why authentication failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// Unknown key id, revoked key, or wrong secret: one answer for all three.
+    #[error("invalid API key or secret")]
+    InvalidCredentials,
+    /// The database failed while looking the key up.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Why the root keys could not be loaded at start.
+#[derive(Debug, thiserror::Error)]
+pub enum RootKeyError {
+    /// The configured master key is not the one that protects this database.
+    #[error(
+        "{setting} does not match the master key this database was created with: \
+         root KEK {kek_id} failed to unwrap. Start with the master key this database was created with"
+    )]
+    MasterKeyMismatch {
+        /// The setting that holds the master key.
+        setting: &'static str,
+        /// The root KEK that failed.
+        kek_id: KekId,
+    },
+    /// The KEK was wrapped by another provider.
+    #[error(
+        "the master key does not match: root KEK {kek_id} is wrapped by the `{stored}` master-key provider, but KEYWARD_MASTER_KEY_PROVIDER is `{configured}`"
+    )]
+    ProviderMismatch {
+        /// The root KEK.
+        kek_id: KekId,
+        /// The provider named in the database.
+        stored: String,
+        /// The configured provider.
+        configured: &'static str,
+    },
+    /// The provider could not be reached.
+    #[error(transparent)]
+    Provider(ProviderError),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -1,0 +1,159 @@
+//! Loading encryptions into the key ring: a miss reads the store, unwraps the
+//! versions' keys under the root KEKs, checks the versioned key object, and
+//! caches it unless a change raced the load.
+
+use std::sync::Arc;
+
+use super::state::{KeyService, RootKeys};
+use crate::crypto::{data_key_aad, WrappedKey};
+use crate::domain::error::{KeyError, RootKeyError};
+use crate::domain::ids::{EncryptionId, TenantId, VersionId};
+use crate::domain::keys::{KeyVersion, Mode, VersionKey, VersionState, VersionedKey};
+use crate::domain::records::{EncryptionRow, VersionRow};
+
+/// How soon a cached encryption may be reloaded to look for a version it does
+/// not know (one made moments ago by another replica).
+const VERSION_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl KeyService {
+    /// The tenant's encryption from the ring, loading it on a miss. Another
+    /// tenant's encryption is reported exactly like a missing one.
+    pub(super) async fn entry(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+    ) -> Result<Arc<VersionedKey>, KeyError> {
+        let entry = match self.ring.get(id) {
+            Some(e) => e,
+            None => self
+                .load(id, tenant)
+                .await?
+                .ok_or(KeyError::EncryptionNotFound)?,
+        };
+        if entry.tenant_id != tenant {
+            return Err(KeyError::EncryptionNotFound);
+        }
+        Ok(entry)
+    }
+
+    /// `entry` if it knows `version`; otherwise the entry reloaded once from the
+    /// store, which picks up a version another replica just created before the
+    /// change feed reports it.
+    pub(super) async fn entry_with_version(
+        &self,
+        entry: Arc<VersionedKey>,
+        version: VersionId,
+    ) -> Result<Arc<VersionedKey>, KeyError> {
+        if entry.version(version).is_some() {
+            return Ok(entry);
+        }
+        // At most one reload per entry per interval, so a caller naming unknown
+        // versions cannot turn every request into a query.
+        if entry.loaded_at.elapsed() < VERSION_RELOAD_INTERVAL {
+            return Err(KeyError::VersionNotFound);
+        }
+        let fresh = self
+            .load(entry.id, entry.tenant_id)
+            .await?
+            .ok_or(KeyError::EncryptionNotFound)?;
+        if fresh.tenant_id != entry.tenant_id {
+            return Err(KeyError::EncryptionNotFound);
+        }
+        if fresh.version(version).is_none() {
+            return Err(KeyError::VersionNotFound);
+        }
+        Ok(fresh)
+    }
+
+    /// Loads the tenant's encryption into the ring. Another tenant's encryption
+    /// is treated exactly like a missing one *before* any key is touched: not
+    /// unwrapped, not cached, no root-key or provider access, so it cannot be
+    /// told apart from a missing id by status or timing class.
+    async fn load(
+        &self,
+        id: EncryptionId,
+        tenant: TenantId,
+    ) -> Result<Option<Arc<VersionedKey>>, KeyError> {
+        if self.ring.is_known_unknown(id) {
+            return Ok(None);
+        }
+        let generation = self.ring.generation();
+        let Some((enc, versions)) = self.store.encryption_with_versions(id).await? else {
+            self.ring.remember_unknown(id);
+            return Ok(None);
+        };
+        if enc.tenant_id != tenant {
+            return Ok(None);
+        }
+        let entry = match self.build_entry(&enc, &versions, &*self.root()?) {
+            Err(KeyError::UnknownKek(kek_id)) => {
+                // A root KEK rotation elsewhere: load the new KEK (a provider
+                // call, rare, and never for a key already in the ring) and retry.
+                // One reload at a time: requests that missed together wait for
+                // it instead of each calling the provider.
+                let _one = self.reload.lock().await;
+                if !self.root()?.keys.contains_key(&kek_id) {
+                    tracing::info!(%kek_id, "a key version names a root KEK not loaded here; reloading the root keys");
+                    self.load_root_keys().await.map_err(|e| match e {
+                        RootKeyError::Provider(p) => KeyError::Provider(p),
+                        RootKeyError::Store(s) => KeyError::Store(s),
+                        other => KeyError::Integrity(other.to_string()),
+                    })?;
+                }
+                self.build_entry(&enc, &versions, &*self.root()?)?
+            }
+            other => other?,
+        };
+        let entry = Arc::new(entry);
+        self.ring.insert(entry.clone(), generation);
+        Ok(Some(entry))
+    }
+
+    fn build_entry(
+        &self,
+        enc: &EncryptionRow,
+        rows: &[VersionRow],
+        root: &RootKeys,
+    ) -> Result<VersionedKey, KeyError> {
+        let mut versions = Vec::with_capacity(rows.len());
+        for row in rows {
+            let key = match (&row.wrapped_key, row.state, enc.mode) {
+                (None, ..) | (_, VersionState::Destroyed, _) => VersionKey::Destroyed,
+                (Some(w), _, Mode::Client) => VersionKey::ClientWrapped(WrappedKey(w.clone())),
+                (Some(w), _, Mode::Platform) => {
+                    let kek_id = row.kek_id.ok_or_else(|| {
+                        KeyError::Integrity(format!("version {} names no root KEK", row.id))
+                    })?;
+                    let kek = root.keys.get(&kek_id).ok_or(KeyError::UnknownKek(kek_id))?;
+                    let aad = data_key_aad(enc.id.as_bytes(), row.id.as_bytes(), kek_id.as_bytes());
+                    let key = kek.unwrap_key(&WrappedKey(w.clone()), &aad).map_err(|_| {
+                        KeyError::Integrity(format!(
+                            "the data key of version {} failed to authenticate under root KEK {kek_id}",
+                            row.id
+                        ))
+                    })?;
+                    VersionKey::Ready(key.cipher())
+                }
+            };
+            versions.push(KeyVersion {
+                id: row.id,
+                number: row.version,
+                state: row.state,
+                key,
+                uses: self.ring.counter(row.id),
+            });
+        }
+        let key = VersionedKey {
+            loaded_at: std::time::Instant::now(),
+            id: enc.id,
+            tenant_id: enc.tenant_id,
+            mode: enc.mode,
+            salt: enc.salt.clone(),
+            active: enc.active_version_id,
+            min_decryption_version: enc.min_decryption_version,
+            versions,
+        };
+        key.check()?;
+        Ok(key)
+    }
+}

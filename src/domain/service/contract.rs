@@ -1,0 +1,153 @@
+//! The v1 contract: encrypt, decrypt, rewrap, rotate. Encrypt and decrypt of a
+//! platform-managed key touch only the key ring in steady state.
+
+use std::sync::atomic::Ordering;
+
+use zeroize::Zeroizing;
+
+use super::state::KeyService;
+use crate::crypto::{self, data_aad, data_key_aad, DataKey, NONCE_LEN};
+use crate::domain::client_key::ClientKey;
+use crate::domain::error::KeyError;
+use crate::domain::ids::{EncryptionId, TenantId, VersionId};
+use crate::domain::keys::{client_wrapping_key, VersionKey, CLIENT_WRAPPING_ID};
+use crate::domain::time::now_ms;
+use crate::store::NewVersion;
+
+/// The result of an encryption.
+#[derive(Debug)]
+pub struct Encrypted {
+    /// The version used.
+    pub version_id: VersionId,
+    /// The nonce (goes into the response's metadata).
+    pub nonce: [u8; NONCE_LEN],
+    /// Ciphertext with tag.
+    pub ciphertext: Vec<u8>,
+}
+
+impl KeyService {
+    /// Encrypts `plaintext` under the active version, or under `version` if given
+    /// (which must be `active` or `enabled`).
+    pub async fn encrypt(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        version: Option<VersionId>,
+        plaintext: &[u8],
+        client_key: Option<&ClientKey>,
+    ) -> Result<Encrypted, KeyError> {
+        let key = self.entry(tenant, id).await?;
+        key.check_mode(client_key)?;
+        let key = match version {
+            None => key,
+            Some(v) => self.entry_with_version(key, v).await?,
+        };
+        let version = key.key_for_encrypt(version)?;
+        let aad = data_aad(id.as_bytes(), version.id.as_bytes());
+        let sealed = key.with_key(version, client_key, |k| crypto::seal(k, &aad, plaintext))?;
+        // Counted per version for the nonce bound (flushed in batches).
+        version.uses.fetch_add(1, Ordering::Relaxed);
+        Ok(Encrypted {
+            version_id: version.id,
+            nonce: sealed.nonce,
+            ciphertext: sealed.ciphertext,
+        })
+    }
+
+    /// Decrypts a ciphertext made by [`KeyService::encrypt`]. A wrong version,
+    /// nonce, ciphertext or encryption all give [`KeyError::DecryptionFailed`].
+    pub async fn decrypt(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        version: VersionId,
+        nonce: Option<[u8; NONCE_LEN]>,
+        ciphertext: &[u8],
+        client_key: Option<&ClientKey>,
+    ) -> Result<Vec<u8>, KeyError> {
+        let key = self.entry(tenant, id).await?;
+        key.check_mode(client_key)?;
+        let key = match self.entry_with_version(key, version).await {
+            Ok(k) => k,
+            // Not this encryption's version: the same answer as any mismatch.
+            Err(KeyError::VersionNotFound) => return Err(KeyError::DecryptionFailed),
+            Err(e) => return Err(e),
+        };
+        let v = key.key_for_decrypt(version)?;
+        let nonce = nonce.ok_or(KeyError::DecryptionFailed)?;
+        let aad = data_aad(id.as_bytes(), v.id.as_bytes());
+        key.with_key(v, client_key, |k| crypto::open(k, &nonce, &aad, ciphertext))?
+            .map_err(|()| KeyError::DecryptionFailed)
+    }
+
+    /// Re-encrypts a ciphertext under the active version: decrypt, then encrypt,
+    /// with the plaintext held only in zeroizing memory inside this call.
+    pub async fn rewrap(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        version: VersionId,
+        nonce: Option<[u8; NONCE_LEN]>,
+        ciphertext: &[u8],
+        client_key: Option<&ClientKey>,
+    ) -> Result<Encrypted, KeyError> {
+        let plaintext = Zeroizing::new(
+            self.decrypt(tenant, id, version, nonce, ciphertext, client_key)
+                .await?,
+        );
+        self.encrypt(tenant, id, None, &plaintext, client_key).await
+    }
+
+    /// Makes a new version active; every older version keeps decrypting.
+    pub async fn rotate(
+        &self,
+        tenant: TenantId,
+        id: EncryptionId,
+        client_key: Option<&ClientKey>,
+    ) -> Result<VersionId, KeyError> {
+        let key = self.entry(tenant, id).await?;
+        key.check_mode(client_key)?;
+        let new_id = VersionId::new_random();
+        let data_key = DataKey::generate();
+        let new_version = match client_key {
+            None => self.wrap_platform_key(id, new_id, &data_key)?,
+            Some(ck) => {
+                // Prove the caller's key is the encryption's key before adding a
+                // version under it: otherwise a wrong key would create a version
+                // nobody else can use.
+                let active = key.active_version();
+                if let VersionKey::ClientWrapped(_) = &active.key {
+                    key.with_key(active, Some(ck), |_| ())?;
+                }
+                wrap_client_key(id, &key.salt, ck, new_id, &data_key)
+            }
+        };
+        let outcome = self
+            .store
+            .rotate(tenant, id, &new_version, now_ms())
+            .await?
+            .ok_or(KeyError::EncryptionNotFound)?;
+        self.ring.invalidate(id);
+        tracing::info!(encryption_id = %id, new_version = outcome.new_version, version_id = %outcome.new_version_id, "rotated");
+        Ok(outcome.new_version_id)
+    }
+}
+
+/// A new version's data key wrapped under the key derived from the client's
+/// key (client mode: the row is useless without that key).
+pub(super) fn wrap_client_key(
+    id: EncryptionId,
+    salt: &[u8],
+    client_key: &ClientKey,
+    version: VersionId,
+    data_key: &DataKey,
+) -> NewVersion {
+    let aad = data_key_aad(id.as_bytes(), version.as_bytes(), &CLIENT_WRAPPING_ID);
+    NewVersion {
+        id: version,
+        wrapped_key: client_wrapping_key(client_key, salt, id)
+            .wrap(data_key, &aad)
+            .0,
+        kek_id: None,
+    }
+}

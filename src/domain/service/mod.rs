@@ -1,0 +1,36 @@
+//! [`KeyService`]: every Keyward operation, over the store, the key ring and the
+//! root keys. HTTP handlers and the CLI call these methods and never touch SQL
+//! or key bytes themselves.
+//!
+//! One type, cut at its seams into files that each add an `impl KeyService`:
+//!
+//! - [`state`]: the service's fields, each with its concurrency argument, and
+//!   how it is built;
+//! - `identity`: API-key authentication;
+//! - `contract`: encrypt, decrypt, rewrap and rotate, the v1 contract;
+//! - `management`: creating and reading encryptions;
+//! - `lifecycle`: policies, version states, automatic rotation;
+//! - `root_keys`: loading and rotating the root KEKs, sealing job sources,
+//!   migrating the master key;
+//! - `cache`: loading encryptions into the key ring.
+//!
+//! The rules a change must satisfy live in the versioned key object
+//! ([`super::keys`]); these files check them, persist, then refresh the ring.
+
+mod cache;
+mod contract;
+mod identity;
+mod lifecycle;
+mod management;
+mod queries;
+mod root_keys;
+pub mod state;
+
+pub use super::apikeys::{looks_like_key_id, Principal};
+pub use super::client_key::ClientKey;
+pub use super::error::{AuthError, KeyError, RootKeyError};
+pub use contract::Encrypted;
+pub use management::EncryptionDetails;
+pub use queries::RootKekInfo;
+pub use root_keys::migrate_master_key;
+pub use state::{KeyService, SystemRecorder};

@@ -1,0 +1,89 @@
+//! What the HTTP layer reads besides keys: jobs, root-KEK status, audit
+//! records, readiness and the figures `/metrics` shows. Handlers go through
+//! these rather than the store, so that a store change stays below the domain.
+
+use super::state::KeyService;
+use crate::domain::error::KeyError;
+use crate::domain::ids::{KekId, TenantId};
+use crate::domain::records::{AuditQuery, JobRow};
+use crate::domain::states::KekState;
+use crate::domain::time::now_ms;
+
+/// One root KEK as the status endpoint shows it.
+#[derive(Debug, Clone)]
+pub struct RootKekInfo {
+    /// Its id.
+    pub id: KekId,
+    /// Active or retiring.
+    pub state: KekState,
+    /// The master-key provider that wraps it.
+    pub provider: String,
+    /// How many key versions it wraps.
+    pub versions: i64,
+}
+
+impl KeyService {
+    /// The root KEKs, newest first, with how many versions each wraps.
+    pub async fn root_kek_status(&self) -> Result<Vec<RootKekInfo>, KeyError> {
+        let keks = self.store.root_keks().await?;
+        let counts = self.store.versions_per_kek().await?;
+        let mut out: Vec<RootKekInfo> = keks
+            .into_iter()
+            .map(|k| RootKekInfo {
+                versions: counts
+                    .iter()
+                    .find(|(id, _)| *id == k.id)
+                    .map(|(_, n)| *n)
+                    .unwrap_or(0),
+                id: k.id,
+                state: k.state,
+                provider: k.provider,
+            })
+            .collect();
+        out.reverse();
+        Ok(out)
+    }
+
+    /// One of the tenant's jobs.
+    pub async fn job(&self, tenant: TenantId, id: uuid::Uuid) -> Result<Option<JobRow>, KeyError> {
+        Ok(self.store.job(tenant, id).await?)
+    }
+
+    /// The tenant's newest jobs.
+    pub async fn jobs(&self, tenant: TenantId, limit: u32) -> Result<Vec<JobRow>, KeyError> {
+        Ok(self.store.jobs(tenant, limit).await?)
+    }
+
+    /// Cancels one of the tenant's queued or running jobs (rows already moved
+    /// stay moved) and returns it as it is now; `None` if there is no such job.
+    pub async fn cancel_job(
+        &self,
+        tenant: TenantId,
+        id: uuid::Uuid,
+    ) -> Result<Option<JobRow>, KeyError> {
+        if self.store.cancel_job(tenant, id, now_ms()).await?.is_none() {
+            return Ok(None);
+        }
+        self.job(tenant, id).await
+    }
+
+    /// Stored audit records matching `query`, newest first, as (position, line).
+    pub async fn audit_records(&self, query: &AuditQuery) -> Result<Vec<(i64, String)>, KeyError> {
+        Ok(self.store.audit_records(query).await?)
+    }
+
+    /// Whether the database answers (for readiness).
+    pub async fn check_database(&self) -> Result<(), KeyError> {
+        Ok(self.store.ping().await?)
+    }
+
+    /// Key versions per state, for `/metrics`.
+    pub async fn versions_per_state(&self) -> Result<Vec<(String, i64)>, KeyError> {
+        Ok(self.store.versions_per_state().await?)
+    }
+
+    /// Queued and running jobs of every tenant, for `/metrics`.
+    pub async fn active_jobs(&self) -> Result<Vec<JobRow>, KeyError> {
+        Ok(self.store.active_jobs().await?)
+    }
+}

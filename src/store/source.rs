@@ -1,0 +1,298 @@
+//! The platform's table that a re-encryption job walks (the job's *source*):
+//! its own small pool, and the SQL over the table and column names the job
+//! named. Names are checked with [`is_plain_identifier`] before any SQL is
+//! built and always quoted; values are always bound.
+
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::{AnyPool, Row};
+
+use super::pool::Backend;
+use super::sql::{statement_chunks, values_list};
+
+/// Which columns of which table hold the ciphertexts, as the job named them.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceLayout<'a> {
+    /// The table (optionally `schema.table`).
+    pub table: &'a str,
+    /// A unique, ordered key column (integer or text).
+    pub key_column: &'a str,
+    /// Holds `cipherText` (base64 text).
+    pub cipher_text_column: &'a str,
+    /// Holds `encryptionVersionId` (text).
+    pub version_column: &'a str,
+    /// Holds `metadata` as JSON text.
+    pub metadata_column: &'a str,
+    /// Holds each row's `encryptionId` (text), when the table has several.
+    pub encryption_id_column: Option<&'a str>,
+}
+
+/// Why the source could not be used. The text never holds a password (sqlx
+/// errors can quote a URL's host, never its password) and is kept short.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// The database could not be reached.
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    /// The table or its columns could not be read.
+    #[error("cannot read the table: {0}")]
+    Table(String),
+    /// A later query failed.
+    #[error("{0}")]
+    Query(String),
+}
+
+impl From<sqlx::Error> for SourceError {
+    fn from(e: sqlx::Error) -> Self {
+        SourceError::Query(short(&e))
+    }
+}
+
+/// Whether `name` is a plain SQL identifier (letters, digits, underscore, at
+/// most 63 characters, not starting with a digit); with `dotted`, also
+/// `schema.table`.
+pub fn is_plain_identifier(name: &str, dotted: bool) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+    };
+    match name.split_once('.') {
+        Some((a, b)) if dotted => part(a) && part(b),
+        Some(_) => false,
+        None => part(name),
+    }
+}
+
+fn quote(name: &str) -> String {
+    name.split('.')
+        .map(|p| format!("\"{p}\""))
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+/// One row as read.
+#[derive(Debug)]
+pub struct SourceRow {
+    /// The key column's value, as text.
+    pub key: String,
+    /// The ciphertext column.
+    pub cipher_text: String,
+    /// The version column.
+    pub version: String,
+    /// The metadata column.
+    pub metadata: String,
+    /// The encryption id column, when the layout has one.
+    pub encryption: Option<String>,
+}
+
+/// A row's new values: ciphertext, version id and metadata.
+pub type SourceWrite<'r> = (&'r SourceRow, String, String, String);
+
+/// An open connection to the platform's table, with its quoted names.
+pub struct SourceTable {
+    pool: AnyPool,
+    backend: Backend,
+    int_keys: bool,
+    table: String,
+    key: String,
+    cipher_text: String,
+    version: String,
+    metadata: String,
+    encryption: Option<String>,
+}
+
+impl SourceTable {
+    /// Connects (two connections at most, ten seconds to get one) and probes
+    /// the columns, learning whether the key is an integer. The names must
+    /// have passed [`is_plain_identifier`].
+    pub async fn open(url: &str, layout: &SourceLayout<'_>) -> Result<SourceTable, SourceError> {
+        let backend = Backend::from_url(url)
+            .ok_or_else(|| SourceError::Connect("the database URL is not valid".into()))?;
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(url)
+            .await
+            .map_err(|e| SourceError::Connect(short(&e)))?;
+        let mut source = SourceTable {
+            pool,
+            backend,
+            int_keys: false,
+            table: quote(layout.table),
+            key: quote(layout.key_column),
+            cipher_text: quote(layout.cipher_text_column),
+            version: quote(layout.version_column),
+            metadata: quote(layout.metadata_column),
+            encryption: layout.encryption_id_column.map(quote),
+        };
+        let sql = format!("SELECT {} FROM {} LIMIT 1", source.columns(), source.table);
+        let probe = sqlx::query(&sql)
+            .fetch_optional(&source.pool)
+            .await
+            .map_err(|e| SourceError::Table(short(&e)))?;
+        if let Some(row) = probe {
+            source.int_keys = row.try_get::<i64, _>(0).is_ok();
+        }
+        Ok(source)
+    }
+
+    /// Closes the pool.
+    pub async fn close(self) {
+        self.pool.close().await;
+    }
+
+    fn columns(&self) -> String {
+        let mut cols = vec![
+            self.key.as_str(),
+            &self.cipher_text,
+            &self.version,
+            &self.metadata,
+        ];
+        if let Some(c) = &self.encryption {
+            cols.push(c);
+        }
+        cols.join(", ")
+    }
+
+    /// Rows in the table.
+    pub async fn count(&self) -> Result<i64, SourceError> {
+        let sql = format!("SELECT COUNT(*) FROM {}", self.table);
+        Ok(sqlx::query(&sql).fetch_one(&self.pool).await?.try_get(0)?)
+    }
+
+    /// Up to `limit` rows after the key `after`, in key order.
+    pub async fn batch(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<SourceRow>, SourceError> {
+        let key = &self.key;
+        let sql = format!(
+            "SELECT {} FROM {} {} ORDER BY {key} LIMIT {limit}",
+            self.columns(),
+            self.table,
+            if after.is_some() {
+                format!("WHERE {key} > $1")
+            } else {
+                String::new()
+            },
+        );
+        let mut q = sqlx::query(&sql);
+        if let Some(a) = after {
+            q = if self.int_keys {
+                q.bind(a.parse::<i64>().unwrap_or(i64::MIN))
+            } else {
+                q.bind(a.to_string())
+            };
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        let decode = |r: &sqlx::any::AnyRow| -> Result<SourceRow, sqlx::Error> {
+            let key = if self.int_keys {
+                r.try_get::<i64, _>(0)?.to_string()
+            } else {
+                r.try_get::<String, _>(0)?
+            };
+            Ok(SourceRow {
+                key,
+                cipher_text: r.try_get(1)?,
+                version: r.try_get(2)?,
+                metadata: r.try_get(3)?,
+                encryption: if self.encryption.is_some() {
+                    r.try_get(4)?
+                } else {
+                    None
+                },
+            })
+        };
+        Ok(rows.iter().map(decode).collect::<Result<_, _>>()?)
+    }
+
+    /// Writes each row's new values only if the row still holds the old
+    /// ciphertext and version (a compare-and-swap per row), in one
+    /// transaction, one statement for a few hundred rows:
+    /// `WITH v(...) AS (VALUES ...) UPDATE t SET ... FROM v WHERE key, old
+    /// ciphertext and old version match RETURNING 1` ([`statement_chunks`]).
+    /// Returns how many rows were written; the others changed meanwhile and
+    /// are left alone.
+    pub async fn swap_batch(&self, writes: &[SourceWrite<'_>]) -> Result<usize, SourceError> {
+        let mut tx = self.pool.begin().await?;
+        let mut written = 0;
+        for chunk in statement_chunks(self.backend, writes) {
+            let values = values_list(self.backend, chunk.len(), 6);
+            let sql = format!(
+                "WITH v(k, old_ct, old_ver, new_ct, new_ver, new_meta) AS (VALUES {values}) \
+                 UPDATE {table} AS t SET {ct} = v.new_ct, {ver} = v.new_ver, {meta} = v.new_meta \
+                 FROM v WHERE t.{key} = v.k AND t.{ct} = v.old_ct AND t.{ver} = v.old_ver \
+                 RETURNING 1",
+                table = self.table,
+                ct = self.cipher_text,
+                ver = self.version,
+                meta = self.metadata,
+                key = self.key,
+            );
+            let mut q = sqlx::query(&sql);
+            for (row, cipher_text, version, metadata) in chunk {
+                q = if self.int_keys {
+                    q.bind(row.key.parse::<i64>().unwrap_or(i64::MIN))
+                } else {
+                    q.bind(row.key.clone())
+                };
+                q = q
+                    .bind(row.cipher_text.as_str())
+                    .bind(row.version.as_str())
+                    .bind(cipher_text.as_str())
+                    .bind(version.as_str())
+                    .bind(metadata.as_str());
+            }
+            written += q.fetch_all(&mut *tx).await?.len();
+        }
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    /// Rows per (encryption column value, version); the encryption is `None`
+    /// when the table has one encryption.
+    pub async fn histogram(&self) -> Result<Vec<(Option<String>, String, i64)>, SourceError> {
+        let ver = &self.version;
+        let group = match &self.encryption {
+            Some(c) => format!("{c}, {ver}"),
+            None => ver.clone(),
+        };
+        let sql = format!(
+            "SELECT {group}, COUNT(*) FROM {} GROUP BY {group}",
+            self.table
+        );
+        let per_row = self.encryption.is_some();
+        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        let decode = |r: &sqlx::any::AnyRow| -> Result<_, sqlx::Error> {
+            Ok(if per_row {
+                (
+                    Some(r.try_get::<String, _>(0)?),
+                    r.try_get::<String, _>(1)?,
+                    r.try_get::<i64, _>(2)?,
+                )
+            } else {
+                (None, r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)
+            })
+        };
+        Ok(rows.iter().map(decode).collect::<Result<_, _>>()?)
+    }
+}
+
+/// An error message without anything from a URL (sqlx errors can quote the
+/// connection string's host; they never contain the password, but keep it short).
+fn short(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(d) => d.message().to_string(),
+        sqlx::Error::Io(io) => io.kind().to_string(),
+        sqlx::Error::PoolTimedOut => "timed out".into(),
+        sqlx::Error::Configuration(_) => "the database URL is not valid".into(),
+        other => other.to_string().chars().take(200).collect(),
+    }
+}
