@@ -596,7 +596,7 @@ impl Chain {
         let digest = sha256(&out.as_bytes()[start..]);
         out.pop();
         self.prev.clear();
-        crate::tls::hex_into(&digest, &mut self.prev);
+        crate::crypto::hex_into(&digest, &mut self.prev);
         out.push_str(",\"hash\":\"");
         out.push_str(&self.prev);
         out.push_str("\"}");
@@ -997,7 +997,7 @@ pub fn verify(input: impl BufRead) -> Result<VerifyReport, VerifyError> {
             .ok_or_else(|| broken(seq, "`hash` is not the last field"))?;
         let mut hashed = body.to_vec();
         hashed.push(b'}');
-        if crate::tls::hex(&sha256(&hashed)) != stated {
+        if crate::crypto::hex(&sha256(&hashed)) != stated {
             return Err(broken(
                 seq,
                 "the record was changed: its hash does not match its content",

@@ -361,7 +361,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         "apiKey": credential.key_id,
                         "apiSecret": credential.secret.as_str(),
                         "scopes": scopes.names(),
-                        "boundCertificateSpkiSha256": binding.map(|d| crate::tls::hex(&d)),
+                        "boundCertificateSpkiSha256": binding.map(|d| crate::crypto::hex(&d)),
                     })
                 );
             } else {
@@ -374,7 +374,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 if let Some(d) = binding {
                     println!(
                         "bound to:   client certificate with SPKI SHA-256 {}",
-                        crate::tls::hex(&d)
+                        crate::crypto::hex(&d)
                     );
                 }
             }

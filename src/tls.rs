@@ -17,7 +17,7 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
-use crate::crypto::sha256;
+use crate::crypto::{hex, sha256};
 
 /// The PEM files that make up the TLS configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,22 +215,6 @@ impl fmt::Debug for ClientIdentity {
             self.subject,
             self.spki_hex()
         )
-    }
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    hex_into(bytes, &mut out);
-    out
-}
-
-/// Appends `bytes` as lower-case hex to `out`.
-pub fn hex_into(bytes: &[u8], out: &mut String) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
     }
 }
 
