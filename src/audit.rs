@@ -33,11 +33,11 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use utoipa::ToSchema;
 
 use crate::crypto::sha256;
+use crate::domain::identity::ClientIdentity;
 use crate::domain::service::Principal;
 use crate::domain::time::rfc3339;
 use crate::domain::{EncryptionId, TenantId, VersionId};
 use crate::store::{AuditSegment, SegmentPacker, Store};
-use crate::tls::ClientIdentity;
 
 /// Every operation name a record can carry.
 pub const OPERATIONS: &[&str] = &[
