@@ -19,11 +19,16 @@
 //! chain at that point, which [`verify`] (`keyward audit verify FILE`) reports.
 //! Cutting records off the end cannot be seen from the file alone: ship the file
 //! off the host, or compare with the table.
+//!
+//! A record's fields are declared once, in [`AuditRecord`], generic over its
+//! text: `String` for a record read back (what the API returns and [`verify`]
+//! parses), `&str` for the one the writer seals, which borrows every field so
+//! that writing a record allocates nothing but its line.
 
 use std::collections::VecDeque;
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::net::IpAddr;
-use std::ops::Range;
+use std::ops::{Deref, Range};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,68 +96,80 @@ const SPARE_LINES_CAPACITY: usize = 1024 * 1024;
 
 /// One audit record, as written: a JSON object per line, fields in this order,
 /// `hash` last.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct AuditRecord {
+pub struct AuditRecord<S = String> {
     /// Position in this writer's chain, from 1.
     pub seq: u64,
     /// When the operation started, RFC 3339 UTC.
-    pub time: String,
+    #[schema(value_type = String)]
+    pub time: S,
     /// What was done: `encrypt`, `decrypt`, `rotate`, `rewrap`,
     /// `encryption.create`, `version.update`, `job.create`, `audit.read`,
     /// `rotate.automatic`, ...
-    pub operation: String,
+    #[schema(value_type = String)]
+    pub operation: S,
     /// `ok` or `error`.
-    pub outcome: String,
+    #[schema(value_type = String)]
+    pub outcome: S,
     /// The error code when the outcome is `error`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub error: Option<S>,
     /// The HTTP status answered (absent for background operations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
     /// The request's `X-Request-Id`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub request_id: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub request_id: Option<S>,
     /// `api_key` (an authenticated caller), `unauthenticated` (credentials
     /// missing or refused) or `system` (Keyward itself, e.g. a rotation policy).
-    pub actor: String,
+    #[schema(value_type = String)]
+    pub actor: S,
     /// The API key id used, or presented when authentication failed (only if
     /// it has the form of a key id; never the secret).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub api_key_id: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub api_key_id: Option<S>,
     /// The tenant acted for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(format = Uuid)]
-    pub tenant_id: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub tenant_id: Option<S>,
     /// The client certificate's subject (mutual TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_subject: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub client_subject: Option<S>,
     /// SHA-256 of the client certificate's public key, hex (mutual TLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub client_spki_sha256: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub client_spki_sha256: Option<S>,
     /// The peer's IP address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub peer: Option<S>,
     /// The encryption acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(format = Uuid)]
-    pub encryption_id: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub encryption_id: Option<S>,
     /// The version used or made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(format = Uuid)]
-    pub version_id: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub version_id: Option<S>,
     /// The re-encryption job acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(format = Uuid)]
-    pub job_id: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub job_id: Option<S>,
     /// The item's position in a batch request (one record per item).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_index: Option<u32>,
     /// The previous record's `hash` (all zeros for the first record of a chain).
-    pub prev: String,
+    #[schema(value_type = String)]
+    pub prev: S,
     /// SHA-256, hex, of this record's JSON without the `hash` field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hash: Option<String>,
+    #[schema(value_type = Option<String>)]
+    pub hash: Option<S>,
 }
 
 /// Who acted.
@@ -211,98 +228,31 @@ pub struct AuditEvent {
     pub targets: Vec<Target>,
 }
 
-/// One record's fields as the writer writes them: [`AuditRecord`]'s fields in
-/// the same order with the same names, borrowed, so that writing a record
-/// allocates nothing but its line. [`RecordFields::write_json`] writes what the
-/// derived `Serialize` (the definition the tests compare it with) would.
-#[derive(Clone, Copy, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct RecordFields<'a> {
-    seq: u64,
-    time: &'a str,
-    operation: &'a str,
-    outcome: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    error: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    status: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    request_id: Option<&'a str>,
-    actor: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    api_key_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_subject: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    client_spki_sha256: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    peer: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    encryption_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    version_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    job_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    batch_index: Option<u32>,
-    /// Filled in by [`Chain::seal`].
-    prev: &'a str,
-}
-
-impl RecordFields<'_> {
+impl<S: Deref<Target = str>> AuditRecord<S> {
     /// Appends the record as a JSON object, byte for byte what serde_json
-    /// writes for the derived `Serialize`.
+    /// writes for the derived `Serialize` (the tests compare the two).
     fn write_json(&self, out: &mut String) {
         crate::json::Object::new(out)
             .u64("seq", self.seq)
-            .str("time", self.time)
-            .str("operation", self.operation)
-            .str("outcome", self.outcome)
-            .opt_str("error", self.error)
+            .str("time", &self.time)
+            .str("operation", &self.operation)
+            .str("outcome", &self.outcome)
+            .opt_str("error", self.error.as_deref())
             .opt_u64("status", self.status.map(u64::from))
-            .opt_str("requestId", self.request_id)
-            .str("actor", self.actor)
-            .opt_str("apiKeyId", self.api_key_id)
-            .opt_str("tenantId", self.tenant_id)
-            .opt_str("clientSubject", self.client_subject)
-            .opt_str("clientSpkiSha256", self.client_spki_sha256)
-            .opt_str("peer", self.peer)
-            .opt_str("encryptionId", self.encryption_id)
-            .opt_str("versionId", self.version_id)
-            .opt_str("jobId", self.job_id)
+            .opt_str("requestId", self.request_id.as_deref())
+            .str("actor", &self.actor)
+            .opt_str("apiKeyId", self.api_key_id.as_deref())
+            .opt_str("tenantId", self.tenant_id.as_deref())
+            .opt_str("clientSubject", self.client_subject.as_deref())
+            .opt_str("clientSpkiSha256", self.client_spki_sha256.as_deref())
+            .opt_str("peer", self.peer.as_deref())
+            .opt_str("encryptionId", self.encryption_id.as_deref())
+            .opt_str("versionId", self.version_id.as_deref())
+            .opt_str("jobId", self.job_id.as_deref())
             .opt_u64("batchIndex", self.batch_index.map(u64::from))
-            .str("prev", self.prev)
+            .str("prev", &self.prev)
+            .opt_str("hash", self.hash.as_deref())
             .end();
-    }
-}
-
-impl AuditRecord {
-    /// The record's fields for [`Chain::seal`] (`seq`, `prev` and `hash` are
-    /// the chain's to set).
-    #[cfg(test)]
-    fn fields(&self) -> RecordFields<'_> {
-        RecordFields {
-            seq: 0,
-            time: &self.time,
-            operation: &self.operation,
-            outcome: &self.outcome,
-            error: self.error.as_deref(),
-            status: self.status,
-            request_id: self.request_id.as_deref(),
-            actor: &self.actor,
-            api_key_id: self.api_key_id.as_deref(),
-            tenant_id: self.tenant_id.as_deref(),
-            client_subject: self.client_subject.as_deref(),
-            client_spki_sha256: self.client_spki_sha256.as_deref(),
-            peer: self.peer.as_deref(),
-            encryption_id: self.encryption_id.as_deref(),
-            version_id: self.version_id.as_deref(),
-            job_id: self.job_id.as_deref(),
-            batch_index: self.batch_index,
-            prev: "",
-        }
     }
 }
 
@@ -343,7 +293,7 @@ impl AuditEvent {
         chain: &mut Chain,
         time: &mut TextCache,
         out: &mut String,
-        mut row: impl FnMut(&RecordFields<'_>, &str),
+        mut row: impl FnMut(&AuditRecord<&str>, &str),
     ) {
         let (actor, api_key_id, tenant) = match &self.actor {
             Actor::ApiKey(p) => ("api_key", Some(p.key_id.as_str()), Some(p.tenant_id)),
@@ -355,12 +305,10 @@ impl AuditEvent {
         let tenant_id = tenant.map(|t| t.encode(&mut tenant_buf));
         let spki = self.client.as_ref().map(|c| c.spki_hex());
         let (time, peer) = time.of(self.time_ms, self.peer);
-        let base = RecordFields {
-            seq: 0,
+        let base = AuditRecord {
             time,
             operation: self.operation,
             outcome: "ok",
-            error: None,
             status: self.status,
             request_id: self.request_id.as_deref(),
             actor,
@@ -369,11 +317,7 @@ impl AuditEvent {
             client_subject: self.client.as_ref().map(|c| c.subject.as_str()),
             client_spki_sha256: spki.as_deref(),
             peer,
-            encryption_id: None,
-            version_id: None,
-            job_id: None,
-            batch_index: None,
-            prev: "",
+            ..AuditRecord::default()
         };
         let request_failed =
             self.error.is_some() || self.status.is_some_and(|s| !(200..400).contains(&s));
@@ -398,7 +342,7 @@ impl AuditEvent {
                 _ => outcome(self.error, request_failed),
             };
             let (mut enc_buf, mut ver_buf) = ([0; 36], [0; 36]);
-            let record = RecordFields {
+            let record = AuditRecord {
                 outcome: o,
                 error: e,
                 encryption_id: t.encryption_id.as_ref().map(|i| i.encode(&mut enc_buf)),
@@ -582,12 +526,13 @@ impl Chain {
 
     /// Numbers, links and hashes `record`, appending its line (without
     /// newline) to `out`; returns where in `out` the line is.
-    fn seal(&mut self, record: &RecordFields<'_>, out: &mut String) -> Range<usize> {
+    fn seal(&mut self, record: &AuditRecord<&str>, out: &mut String) -> Range<usize> {
         let start = out.len();
         self.seq += 1;
-        let record = RecordFields {
+        let record = AuditRecord {
             seq: self.seq,
-            prev: &self.prev,
+            prev: self.prev.as_str(),
+            hash: None,
             ..*record
         };
         record.write_json(out);
@@ -1042,19 +987,19 @@ pub enum VerifyError {
 mod tests {
     use super::*;
 
-    fn sample(op: &str) -> AuditRecord {
+    fn sample(op: &str) -> AuditRecord<&str> {
         AuditRecord {
-            time: "2026-01-01T00:00:00.000Z".into(),
-            operation: op.into(),
-            outcome: "ok".into(),
-            actor: "system".into(),
+            time: "2026-01-01T00:00:00.000Z",
+            operation: op,
+            outcome: "ok",
+            actor: "system",
             ..AuditRecord::default()
         }
     }
 
-    fn seal(chain: &mut Chain, record: &AuditRecord) -> String {
+    fn seal(chain: &mut Chain, record: &AuditRecord<&str>) -> String {
         let mut out = String::new();
-        chain.seal(&record.fields(), &mut out);
+        chain.seal(record, &mut out);
         out
     }
 
@@ -1067,7 +1012,7 @@ mod tests {
 
     #[test]
     fn the_hand_written_line_is_what_serde_json_writes() {
-        let full = RecordFields {
+        let full = AuditRecord {
             seq: u64::MAX,
             time: "2026-01-01T00:00:00.000Z",
             operation: "encrypt",
@@ -1088,8 +1033,9 @@ mod tests {
             job_id: Some("job"),
             batch_index: Some(u32::MAX),
             prev: GENESIS,
+            hash: Some(GENESIS),
         };
-        let sparse = RecordFields {
+        let sparse = AuditRecord {
             seq: 1,
             error: None,
             status: None,
@@ -1103,6 +1049,7 @@ mod tests {
             version_id: None,
             job_id: None,
             batch_index: None,
+            hash: None,
             ..full
         };
         for record in [full, sparse] {
@@ -1238,11 +1185,11 @@ mod tests {
         assert!(matches!(check(&swapped), Err(VerifyError::Broken(b)) if b.line == 4));
 
         // Re-hashing a changed record does not help: the next link breaks.
-        let mut forged: AuditRecord = serde_json::from_str(&lines[1]).unwrap();
-        forged.operation = "forged".into();
+        let mut forged: AuditRecord<&str> = serde_json::from_str(&lines[1]).unwrap();
+        forged.operation = "forged";
         let mut chain = Chain::new();
         chain.seq = 1;
-        chain.prev = forged.prev.clone();
+        chain.prev = forged.prev.to_string();
         let mut rehashed = lines.clone();
         rehashed[1] = seal(&mut chain, &forged);
         match check(&rehashed) {
