@@ -15,8 +15,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::domain::identity::ClientIdentity;
 use crate::http::Edge;
-use crate::tls::{ClientIdentity, ReloadableTls};
+use crate::tls::{client_identity, ReloadableTls};
 
 /// Longest a client may take to complete the TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,7 +105,7 @@ async fn connection(
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|leaf| ClientIdentity::from_der(leaf));
+                .and_then(|leaf| client_identity(leaf));
             serve_http(TokioIo::new(stream), peer, identity, edge, http, &mut stop).await
         }
     }

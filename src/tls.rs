@@ -18,6 +18,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 
 use crate::crypto::sha256;
+use crate::domain::identity::ClientIdentity;
 
 /// The PEM files that make up the TLS configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,63 +183,20 @@ impl ReloadableTls {
     }
 }
 
-/// Who is on the other end of a mutual-TLS connection.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ClientIdentity {
-    /// The certificate's subject, as an RFC 4514 string.
-    pub subject: String,
-    /// SHA-256 of the certificate's SubjectPublicKeyInfo.
-    pub spki_sha256: [u8; 32],
-}
-
-impl ClientIdentity {
-    /// The identity in a DER certificate; `None` if it does not parse.
-    pub fn from_der(der: &[u8]) -> Option<ClientIdentity> {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        Some(ClientIdentity {
-            subject: cert.subject().to_string(),
-            spki_sha256: sha256(cert.public_key().raw),
-        })
-    }
-
-    /// The SPKI digest as lower-case hex (how logs and the CLI show it).
-    pub fn spki_hex(&self) -> String {
-        hex(&self.spki_sha256)
-    }
-}
-
-impl fmt::Debug for ClientIdentity {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "ClientIdentity({}, spki={})",
-            self.subject,
-            self.spki_hex()
-        )
-    }
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 2);
-    hex_into(bytes, &mut out);
-    out
-}
-
-/// Appends `bytes` as lower-case hex to `out`.
-pub fn hex_into(bytes: &[u8], out: &mut String) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(DIGITS[usize::from(b >> 4)] as char);
-        out.push(DIGITS[usize::from(b & 0xf)] as char);
-    }
+/// The identity in a DER client certificate; `None` if it does not parse.
+pub fn client_identity(der: &[u8]) -> Option<ClientIdentity> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(ClientIdentity {
+        subject: cert.subject().to_string(),
+        spki_sha256: sha256(cert.public_key().raw),
+    })
 }
 
 /// The SPKI digest of the first certificate in a PEM file (for
 /// `apikey create --bind-cert`).
 pub fn spki_sha256_of_pem(path: &Path) -> Result<[u8; 32], TlsError> {
     let certs = read_certs("--bind-cert", path)?;
-    ClientIdentity::from_der(&certs[0])
+    client_identity(&certs[0])
         .map(|id| id.spki_sha256)
         .ok_or_else(|| err("--bind-cert", path, "the certificate does not parse"))
 }

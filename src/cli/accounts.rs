@@ -123,7 +123,7 @@ async fn create_api_key(
                 "apiKey": credential.key_id,
                 "apiSecret": credential.secret.as_str(),
                 "scopes": scopes.names(),
-                "boundCertificateSpkiSha256": binding.map(|d| crate::tls::hex(&d)),
+                "boundCertificateSpkiSha256": binding.map(|d| crate::crypto::hex(&d)),
             })
         );
     } else {
@@ -132,7 +132,7 @@ async fn create_api_key(
         if let Some(d) = binding {
             println!(
                 "bound to:   client certificate with SPKI SHA-256 {}",
-                crate::tls::hex(&d)
+                crate::crypto::hex(&d)
             );
         }
     }

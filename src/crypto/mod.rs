@@ -1,5 +1,6 @@
-//! Pure cryptography: AEAD sealing of data, wrapping of keys, random values and
-//! digests. Nothing here knows about HTTP, databases or async runtimes.
+//! Pure cryptography: AEAD sealing of data, wrapping of keys, random values,
+//! digests and their hex form. Nothing here knows about HTTP, databases or
+//! async runtimes.
 //!
 //! Every primitive comes from `aws-lc-rs` (AWS-LC, a maintained BoringSSL fork):
 //! AES-256-GCM with 96-bit random nonces, SHA-256 and HKDF-SHA256. We invent no
@@ -8,10 +9,12 @@
 //! key to the row it belongs to.
 
 mod aead;
+mod hex;
 mod keys;
 mod wrap;
 
 pub use aead::{open, seal, Sealed, NONCE_LEN, TAG_LEN};
+pub use hex::{hex, hex_into};
 pub use keys::{derive_client_wrapping_key, random_bytes, sha256, CipherKey, DataKey, KEY_LEN};
 pub use wrap::{UnwrapError, WrappedKey};
 

@@ -140,7 +140,7 @@ impl fmt::Debug for IssuedCredential {
 /// Mints a new key id and secret.
 pub fn issue_credential() -> IssuedCredential {
     let id_bytes: [u8; 12] = random_bytes();
-    let key_id = format!("kw_{}", crate::tls::hex(&id_bytes));
+    let key_id = format!("kw_{}", crate::crypto::hex(&id_bytes));
     let secret_bytes = Zeroizing::new(random_bytes::<32>());
     let secret = Zeroizing::new(format!(
         "kws_{}",

@@ -1,13 +1,14 @@
 //! The domain: identifiers, the versioned key object, API keys and scopes, the
-//! in-memory key ring, and the service that carries out every operation. Handlers
-//! and the CLI call into [`service::KeyService`]; it talks to the store and to the
-//! pure crypto module.
+//! caller's certificate identity, the in-memory key ring, and the service that
+//! carries out every operation. Handlers and the CLI call into
+//! [`service::KeyService`]; it talks to the store and to the pure crypto module.
 
 pub mod accounts;
 pub mod apikeys;
 pub mod client_key;
 pub mod error;
 pub mod guard;
+pub mod identity;
 pub mod ids;
 pub mod jobs;
 pub mod keyring;

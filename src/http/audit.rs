@@ -22,11 +22,11 @@ use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{AdminScope, Auth};
 use super::AppState;
 use crate::audit::{Actor, AuditEvent, AuditLog, AuditRecord, Target, OPERATIONS};
+use crate::domain::identity::ClientIdentity;
 use crate::domain::records::AuditQuery;
 use crate::domain::service::Principal;
 use crate::domain::time::now_ms;
 use crate::domain::{EncryptionId, VersionId};
-use crate::tls::ClientIdentity;
 
 /// The operation a route performs; `None` for routes that are not audited
 /// (health, metrics, the OpenAPI document).

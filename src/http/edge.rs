@@ -29,7 +29,7 @@ use tracing::Instrument;
 use super::error::{error_response, ApiError, ErrorCode};
 use super::extract::BodyLimit;
 use super::{audit, metrics, AppState};
-use crate::tls::ClientIdentity;
+use crate::domain::identity::ClientIdentity;
 
 /// The request id header, taken from the client when it sends one.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

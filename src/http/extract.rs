@@ -15,8 +15,8 @@ use subtle::ConstantTimeEq;
 use super::error::ApiError;
 use super::AppState;
 use crate::domain::apikeys::Scope;
+use crate::domain::identity::ClientIdentity;
 use crate::domain::service::{ClientKey, Principal};
-use crate::tls::ClientIdentity;
 
 // Parsed once: looking a header up by `&str` parses the name every time.
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");

@@ -1,0 +1,41 @@
+//! The audit log: one record per operation (who, tenant, encryption, version,
+//! operation, outcome, request id, client identity, time), never a plaintext,
+//! ciphertext, key or secret.
+//!
+//! Requests hand their events to [`AuditLog::record`], which only queues them; one
+//! writer task takes whatever has queued up, seals each record into a SHA-256
+//! hash chain, appends the lines to the audit file (or standard output), and
+//! hands them on in segments of up to 1,000 records (see
+//! [`crate::store::AuditSegment`]), each when full, 100 ms after its first
+//! record, or when a read or shutdown flushes; a table task stores them. No
+//! request waits for a database round trip, the file never waits for the
+//! database, and the database sees a row per segment, not per record; when the
+//! writer falls far behind, requests wait for room in the queue rather than
+//! lose records.
+//!
+//! Tamper evidence: each record carries `prev`, the hash of the record before it,
+//! and `hash`, the SHA-256 of the record's own JSON up to (not including) the
+//! `hash` field. Changing, removing, inserting or reordering a record breaks the
+//! chain at that point, which [`verify`](fn@verify) (`keyward audit verify
+//! FILE`) reports. Cutting records off the end cannot be seen from the file
+//! alone: ship the file off the host, or compare with the table.
+//!
+//! Layout, each file importing only those listed before it:
+//! - `record.rs`: [`AuditRecord`] and what requests hand over ([`AuditEvent`],
+//!   [`Actor`], [`Target`]), and how an event becomes its records;
+//! - `chain.rs`: the hash chain that numbers, links and seals records into
+//!   lines;
+//! - `verify.rs`: [`verify`](fn@verify), which checks a file's chain;
+//! - `table.rs`: the table task and the queue it takes segments from;
+//! - `writer.rs`: [`AuditLog`], the writer task and the audit file.
+
+mod chain;
+mod record;
+mod table;
+mod verify;
+mod writer;
+
+pub use chain::GENESIS;
+pub use record::{Actor, AuditEvent, AuditRecord, Target, OPERATIONS};
+pub use verify::{verify, Broken, VerifyError, VerifyReport};
+pub use writer::{AuditLog, Destination};

@@ -1,0 +1,346 @@
+//! The writer: [`AuditLog`] queues events; one task seals their records into
+//! the chain, appends the lines to the file (or standard output) and hands
+//! segments to the table task.
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+
+use super::chain::Chain;
+use super::record::{AuditEvent, AuditRecord, TextCache};
+use super::table::TableShared;
+use crate::store::{AuditSegment, Store};
+
+/// How many events may wait for the writer before requests wait for room.
+const QUEUE: usize = 8_192;
+/// How many records may wait for the writer (a batch item is one).
+const RECORD_BUDGET: usize = 65_536;
+/// Most events the writer takes at once.
+const BATCH: usize = 4096;
+/// How long the writer lets events gather after a batch when more are coming.
+const PACE: Duration = Duration::from_millis(5);
+/// How long a record may wait for the table while its segment is not full.
+/// Under load a segment fills in a few tens of milliseconds, so the table
+/// takes one transaction per 1,000 records rather than one per batch; reads
+/// flush first, so this only bounds what a killed process leaves out of the
+/// table (the file has every record).
+const TABLE_DELAY: Duration = Duration::from_millis(100);
+
+/// Where audit lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    /// Standard output (the default for `serve`; logs go to standard error).
+    Stdout,
+    /// Appended to this file (created with mode 0600).
+    File(PathBuf),
+}
+
+enum Message {
+    /// An event with its share of the record budget, released once written.
+    Event(AuditEvent, OwnedSemaphorePermit),
+    Flush(oneshot::Sender<()>),
+}
+
+/// The handle requests use to record events. Cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Message>,
+    /// Records queued and not yet written, at most [`RECORD_BUDGET`]: a batch
+    /// request of 1,000 items takes 1,000, so memory is bounded by records,
+    /// not requests.
+    budget: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuditLog")
+    }
+}
+
+impl AuditLog {
+    /// Opens the destination and starts the writer. A file's chain continues
+    /// from its last record.
+    pub fn start(destination: &Destination, store: Option<Store>) -> anyhow::Result<AuditLog> {
+        let (sink, chain) = match destination {
+            Destination::Stdout => (Sink::Stdout(std::io::stdout()), Chain::new()),
+            Destination::File(path) => {
+                let (file, chain) = open_file(path).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot open the audit file {} (KEYWARD_AUDIT_FILE): {e}",
+                        path.display()
+                    )
+                })?;
+                (Sink::File(file), chain)
+            }
+        };
+        let table = store.map(TableShared::start).transpose()?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(write_loop(rx, sink, chain, table));
+        Ok(AuditLog {
+            tx,
+            budget: Arc::new(Semaphore::new(RECORD_BUDGET)),
+        })
+    }
+
+    fn records_of(event: &AuditEvent) -> u32 {
+        event.targets.len().clamp(1, RECORD_BUDGET) as u32
+    }
+
+    /// Queues an event. Waits only when the queue is full.
+    pub async fn record(&self, event: AuditEvent) {
+        let n = Self::records_of(&event);
+        let permit = match self.budget.clone().try_acquire_many_owned(n) {
+            Ok(p) => p,
+            Err(_) => {
+                metrics::counter!("keyward_audit_queue_full_total").increment(1);
+                match self.budget.clone().acquire_many_owned(n).await {
+                    Ok(p) => p,
+                    Err(_) => return, // Never closed.
+                }
+            }
+        };
+        match self.tx.try_send(Message::Event(event, permit)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                metrics::counter!("keyward_audit_queue_full_total").increment(1);
+                let _ = self.tx.send(message).await;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("audit writer stopped; an audit record was lost");
+            }
+        }
+    }
+
+    /// Queues an event without waiting (for code that cannot wait, such as a
+    /// request being dropped); counts it as lost when the queue is full.
+    pub fn record_now(&self, event: AuditEvent) {
+        let sent = match self
+            .budget
+            .clone()
+            .try_acquire_many_owned(Self::records_of(&event))
+        {
+            Ok(permit) => self.tx.try_send(Message::Event(event, permit)).is_ok(),
+            Err(_) => false,
+        };
+        if !sent {
+            metrics::counter!("keyward_audit_lost_total").increment(1);
+            tracing::error!("audit queue full or closed; an audit record was lost");
+        }
+    }
+
+    /// Waits until everything queued before this call is in the file and has
+    /// been tried in the table (at once, unless a table write failed within
+    /// the last second: then the table is left to its retry).
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Flush(done)).await.is_ok() {
+            let _ = wait.await;
+        }
+    }
+}
+
+enum Sink {
+    Stdout(std::io::Stdout),
+    File(std::fs::File),
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        match self {
+            Sink::Stdout(out) => {
+                let mut out = out.lock();
+                out.write_all(bytes)?;
+                out.flush()
+            }
+            Sink::File(file) => file.write_all(bytes),
+        }
+    }
+}
+
+/// Opens `path` for appending (creating it, mode 0600) and reads the chain's
+/// end from its last complete line.
+fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain)> {
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true).append(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    let len = file.metadata()?.len();
+    let mut chain = Chain::new();
+    if len > 0 {
+        let start = len.saturating_sub(256 * 1024);
+        file.seek(SeekFrom::Start(start))?;
+        let mut tail = Vec::new();
+        file.read_to_end(&mut tail)?;
+        chain.needs_newline = tail.last() != Some(&b'\n');
+        let complete = match tail.iter().rposition(|b| *b == b'\n') {
+            Some(end) => &tail[..end],
+            None => &[][..],
+        };
+        let last = complete
+            .rsplit(|b| *b == b'\n')
+            .next()
+            .filter(|l| !l.is_empty());
+        match last.and_then(|l| serde_json::from_slice::<AuditRecord>(l).ok()) {
+            Some(AuditRecord {
+                seq,
+                hash: Some(hash),
+                ..
+            }) => {
+                chain.seq = seq;
+                chain.prev = hash;
+            }
+            _ => tracing::warn!(
+                file = %path.display(),
+                "the audit file's last line is not an audit record; starting a new chain (verify will report the break)"
+            ),
+        }
+    }
+    Ok((file, chain))
+}
+
+/// The writer: seals records into the chain, appends them to the file, and
+/// hands segments to the table task.
+async fn write_loop(
+    mut rx: mpsc::Receiver<Message>,
+    mut sink: Sink,
+    mut chain: Chain,
+    table: Option<Arc<TableShared>>,
+) {
+    let mut messages = Vec::with_capacity(BATCH);
+    // The segment being filled, and when it goes to the table even if not
+    // full.
+    let mut current: Option<AuditSegment> = None;
+    let mut current_due: Option<tokio::time::Instant> = None;
+    // The lines of one batch, reused from batch to batch.
+    let mut out = String::new();
+    let mut time = TextCache::default();
+    loop {
+        let received = match current_due {
+            None => rx.recv_many(&mut messages, BATCH).await,
+            Some(due) => {
+                match tokio::time::timeout_at(due, rx.recv_many(&mut messages, BATCH)).await {
+                    Ok(n) => n,
+                    Err(_) => usize::MAX,
+                }
+            }
+        };
+        if received == 0 {
+            // Every handle is gone (shutdown has flushed first).
+            if let Some(table) = &table {
+                table.close();
+            }
+            return;
+        }
+        let pace = received != usize::MAX && received < BATCH;
+        out.clear();
+        let mut records = 0u64;
+        let mut flushes = Vec::new();
+        let mut permits = Vec::new();
+        let mut full = Vec::new();
+        let mut started = false;
+        for message in messages.drain(..) {
+            match message {
+                Message::Flush(done) => flushes.push(done),
+                Message::Event(event, permit) => {
+                    permits.push(permit);
+                    event.for_each_record(&mut time, |record| {
+                        let line = chain.append(record, &mut out);
+                        records += 1;
+                        let Some(table) = &table else {
+                            return;
+                        };
+                        let segment = current.get_or_insert_with(|| {
+                            started = true;
+                            let mut segment = AuditSegment::default();
+                            segment.lines = table.spare_lines();
+                            segment
+                        });
+                        segment.push(
+                            event.time_ms,
+                            &out[line],
+                            record.tenant_id,
+                            record.encryption_id,
+                            event.operation,
+                        );
+                        if segment.is_full() {
+                            full.extend(current.take());
+                        }
+                    });
+                }
+            }
+        }
+        if !out.is_empty() {
+            metrics::counter!("keyward_audit_records_total").increment(records);
+            if let Err(e) = sink.write(out.as_bytes()) {
+                metrics::counter!("keyward_audit_write_errors_total", "sink" => "file")
+                    .increment(1);
+                tracing::error!(error = %e, "cannot write the audit file");
+            }
+        }
+        drop(permits);
+        let waited_on = !flushes.is_empty();
+        match &table {
+            None => {
+                for done in flushes {
+                    let _ = done.send(());
+                }
+            }
+            Some(table) => {
+                let now = tokio::time::Instant::now();
+                if started {
+                    current_due = Some(now + TABLE_DELAY);
+                }
+                // The segment still filling goes when it is due or a read is
+                // waiting for it.
+                if waited_on || current_due.is_some_and(|due| due <= now) {
+                    full.extend(current.take());
+                }
+                if current.is_none() {
+                    current_due = None;
+                }
+                if !full.is_empty() {
+                    table.push(full);
+                }
+                for done in flushes {
+                    table.flush(done);
+                }
+            }
+        }
+        // Under load, let events gather for a moment instead of being woken
+        // for every request (each wake is a cross-thread futex call on the
+        // request path); a flush (shutdown, GET /v1/audit) is not delayed.
+        if pace && !waited_on && !rx.is_empty() {
+            tokio::time::sleep(PACE).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::chain::tests::{sample, seal};
+    use crate::audit::verify;
+
+    #[test]
+    fn a_file_continues_its_chain_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (mut file, mut chain) = open_file(&path).unwrap();
+        for i in 0..3 {
+            writeln!(file, "{}", seal(&mut chain, &sample(&format!("a{i}")))).unwrap();
+        }
+        drop(file);
+        let (mut file, mut chain) = open_file(&path).unwrap();
+        assert_eq!(chain.seq, 3);
+        writeln!(file, "{}", seal(&mut chain, &sample("b"))).unwrap();
+        let report = verify(std::io::BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
+        assert_eq!((report.records, report.last_seq), (4, Some(4)));
+    }
+}
