@@ -3,6 +3,8 @@
 
     bench/run                 # the whole benchmark (about 15 minutes after the build), checks the targets
     bench/run --smoke         # under a minute: 1 s per run, 64 B / 32 connections only, no targets
+    bench/run --before BIN    # a change's cost: BIN (the build before it) against this build,
+                              # encrypt and decrypt side by side on SQLite, paired ratios
 
 What it does, from a fresh machine (Python 3 standard library only):
 
@@ -462,17 +464,18 @@ def keyward_env(db_url, master_key, listen="127.0.0.1:0", tls=None):
     return env
 
 
-def start_keyward(name, db_url, tls=None):
+def start_keyward(name, db_url, tls=None, binary=None):
     """`keyward serve` (default settings: JSON logs at info) on db_url, with a
-    tenant (all scopes) and one encryption."""
+    tenant (all scopes) and one encryption; `binary` instead of the one built."""
+    binary = binary or KEYWARD
     d = CLEANUP.tempdir(name)
     master_key = base64.b64encode(os.urandom(32)).decode()
     env = keyward_env(db_url, master_key, tls=tls)
     log_path = os.path.join(d, "keyward.log")
     # Logs go to stderr; stdout (audit records, where configured so) is discarded.
-    proc = CLEANUP.spawn([KEYWARD, "serve"], env=env, log_path=log_path, stdout_to_log=False)
+    proc = CLEANUP.spawn([binary, "serve"], env=env, log_path=log_path, stdout_to_log=False)
     addr = wait_for_listening(proc, log_path, name)
-    creds = json.loads(subprocess.run([KEYWARD, "tenant", "create", "bench", "--json"], env=env, check=True,
+    creds = json.loads(subprocess.run([binary, "tenant", "create", "bench", "--json"], env=env, check=True,
                                       capture_output=True, text=True).stdout)
     headers = {"X-Api-Key": creds["apiKey"], "X-Api-Secret": creds["apiSecret"]}
     if tls:
@@ -689,6 +692,32 @@ def side_by_side(bench, servers, payloads, rounds):
                      "errors": sum(x["errors"] for x in xs),
                      "non2xx": sum(x["non2xx"] for x in xs), "socket_errors": sum(x["socket_errors"] for x in xs)})
     return rows
+
+
+def compare_builds(args, duration):
+    """`--before BINARY`: the encrypt and decrypt cells (64 B and 1 KiB, 32
+    connections) of the built keyward and of BINARY, both on SQLite, taking
+    turns round by round; prints each cell's median and the paired ratio."""
+    wrk = ensure_wrk()
+    bench = Bench(duration, wrk, None, CLEANUP.tempdir("bodies"))
+    servers = []
+    for name, binary in (("before", os.path.abspath(args.before)), ("after", KEYWARD)):
+        d = CLEANUP.tempdir(name)
+        servers.append(start_keyward(name, f"sqlite://{d}/keyward.db", binary=binary))
+    rows = side_by_side(bench, servers, [64, 1024], args.rounds)
+    by = {(r["server"], r["op"], r["payload"]): r for r in rows}
+    head = ["op", "payload", "before req/s", "after req/s", "after/before (paired)", "before p99", "after p99"]
+    body = []
+    for op in OPS:
+        for p in (64, 1024):
+            b, a = by[("before", op, p)], by[("after", op, p)]
+            body.append([op, fmt_size(p), f"{b['rps']:,.0f}", f"{a['rps']:,.0f}",
+                         f"{paired_ratio(a, b):.3f}", f"{b['p99']:.2f} ms", f"{a['p99']:.2f} ms"])
+    print(text_table(head, body))
+    errors = sum(r["errors"] for r in rows)
+    for s in servers:
+        CLEANUP.stop(s.proc)
+    return 1 if errors else 0
 
 
 def paired_ratio(a, b):
@@ -1126,6 +1155,9 @@ def main():
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of the side-by-side comparison (default 5; --smoke: 1)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument("--before", metavar="BINARY",
+                    help="only compare: this keyward binary (e.g. a build of the commit before a change) "
+                         "against the one built, both on SQLite, side by side for --rounds rounds")
     args = ap.parse_args()
     duration = int(os.environ.get("BENCH_DURATION") or (1 if args.smoke else 5))
     if not args.out:
@@ -1149,6 +1181,8 @@ def main():
         for b in (KEYWARD, CEILING):
             if not os.access(b, os.X_OK):
                 raise RuntimeError(f"{b} is missing: run without --no-build")
+        if args.before:
+            return compare_builds(args, duration)
         wrk, oha, bao = ensure_wrk(), ensure_oha(), ensure_bao()
         pg_url = start_postgres()
         info = env_info(args, duration, wrk, oha, bao, pg_url)

@@ -45,7 +45,6 @@ FORBIDDEN = [("http", "store")]
 # for size. Each needs its reason here; none is needed today.
 ONE_UNIT = {}
 
-# Files that are binaries, not the library (checked all the same).
 STRIP_TESTS = re.compile(r"^#\[cfg\(test\)\]\s*\n\s*(pub(\(\w+\))?\s+)?mod\s+\w+\s*\{", re.M)
 
 
@@ -68,12 +67,55 @@ def file_of(mod):
     return None
 
 
+CHAR = re.compile(r"'(\\(x[0-9a-fA-F]{2}|u\{[0-9a-fA-F]+\}|.)|[^\\'])'")
+RAW = re.compile(r'b?r(#*)"')
+
+
+def lex(text):
+    """Source with comments removed and every string and char literal emptied,
+    scanned in one pass so that `"http://..."` is a string, not a comment."""
+    out, i, n = [], 0, len(text)
+    while i < n:
+        c = text[i]
+        if text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+        elif text.startswith("/*", i):
+            depth, i = 1, i + 2
+            while i < n and depth:
+                if text.startswith("/*", i):
+                    depth, i = depth + 1, i + 2
+                elif text.startswith("*/", i):
+                    depth, i = depth - 1, i + 2
+                else:
+                    i += 1
+        elif (c in "rb") and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")) \
+                and RAW.match(text, i):
+            m = RAW.match(text, i)
+            end = text.find('"' + m.group(1), m.end())
+            out.append('""')
+            i = n if end < 0 else end + 1 + len(m.group(1))
+        elif c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+            out.append('""')
+            i += 1
+        elif c == "'" and CHAR.match(text, i):
+            out.append("' '")
+            i = CHAR.match(text, i).end()
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
 def strip(text):
-    """Source without comments, string literals and test modules."""
+    """Source without comments, literals and test modules."""
+    text = lex(text)
     m = STRIP_TESTS.search(text)
     if m:
-        # The test module runs to the end of the file in this codebase; cut
-        # from its start to its matching brace.
+        # The test module runs to its matching brace.
         depth, i = 0, m.end() - 1
         while i < len(text):
             if text[i] == "{":
@@ -84,10 +126,6 @@ def strip(text):
                     break
             i += 1
         text = text[: m.start()] + text[i + 1:]
-    text = re.sub(r"//[^\n]*", "", text)
-    text = re.sub(r"/\*.*?\*/", "", text, flags=re.S)
-    text = re.sub(r'r#+".*?"#+', '""', text, flags=re.S)
-    text = re.sub(r'"(\\.|[^"\\])*"', '""', text, flags=re.S)
     return text
 
 
@@ -192,6 +230,9 @@ def imports(path):
     for m in USE.finditer(text):
         paths.extend(expand(m.group(3)))
     paths.extend(INLINE.findall(text))
+    # Inline paths through a child module declared here (`mod x;` then `x::f()`).
+    for child in re.findall(r"\bmod\s+(\w+)\s*;", text):
+        paths.extend(re.findall(r"(?<![\w:])(" + child + r"(?:::\w+)+)", text))
     for p in paths:
         p = re.sub(r"\s+as\s+\w+$", "", p)
         segs = absolute(p.split("::"), here)

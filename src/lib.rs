@@ -7,18 +7,32 @@
 //!
 //! ## Layers
 //!
-//! Dependencies point one way: [`http`] → [`domain`] → [`crypto`] (pure) and
-//! [`store`] (sqlx). Handlers never write SQL; crypto never imports axum or sqlx.
+//! Imports point down this list, never up, and no two files import each
+//! other in a circle (`scripts/layers.py`, run by `scripts/test`, reads every
+//! `use` line and fails otherwise):
 //!
-//! - [`http`]: one file per resource, one error type, extractors that
-//!   authenticate and check the scope a route needs.
-//! - [`domain`]: ids, the versioned key object, API keys, the in-memory
-//!   [`domain::keyring::KeyRing`], and [`domain::service::KeyService`], which
-//!   carries out every operation.
-//! - [`crypto`]: AES-256-GCM sealing and key wrapping with associated data that
-//!   binds every ciphertext and wrapped key to its row.
-//! - [`store`]: one [`store::Store`] over SQLite and PostgreSQL.
-//! - [`master_key`]: the providers that wrap the root KEK.
+//! ```text
+//! entry     main, cli/, client, config, startup, server, tls, dev/, telemetry
+//!   │         parse the command line and settings, build and run the app
+//! http      one file per resource, a route table (method, path, scope, body
+//!   │         limit, audited operation), one error type, the edge
+//! audit     records, the hash chain, the writer, the table, verify
+//!   │
+//! domain    the service (cut into contract, management, lifecycle, root
+//!   │         keys, cache, queries), the versioned key object, the key ring,
+//!   │         API keys, jobs, the change feed, the auth guard
+//! store, master_key   one Store over SQLite and PostgreSQL (and the job's
+//!   │         source table); one provider trait per master-key custody
+//! crypto    pure: AES-256-GCM, key wrapping, HKDF, digests, hex
+//!   │
+//! vocabulary  domain::ids, domain::time, domain::states, domain::records, json
+//! ```
+//!
+//! Handlers never import the store: the domain offers the views and queries
+//! they need. Crypto never imports axum, sqlx or tokio. The service records
+//! what it does by itself through [`domain::service::SystemRecorder`], which
+//! the audit log implements at startup, so the domain does not import the
+//! audit layer above it.
 //!
 //! ## Key hierarchy
 //!
@@ -43,6 +57,8 @@
 //!
 //! Keyward does not store the platform's data, does not log users in, and does
 //! not invent cryptography.
+
+#![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod cli;
