@@ -525,14 +525,7 @@ impl Raw {
             vault_approle_mount: self.required("vault_approle_mount", non_empty)?,
             vault_transit_mount: self.required("vault_transit_mount", non_empty)?,
             vault_transit_key: self.parse("vault_transit_key", non_empty)?,
-            vault_ca_file: self.parse("vault_ca_file", |v| {
-                let p = PathBuf::from(v);
-                if p.is_file() {
-                    Ok(p)
-                } else {
-                    Err(format!("`{v}` is not a readable file"))
-                }
-            })?,
+            vault_ca_file: self.parse("vault_ca_file", readable_file)?,
             max_body_bytes: self.required("max_body_bytes", positive)?,
             max_batch_items: self.required("max_batch_items", positive)?,
             max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,
@@ -582,16 +575,7 @@ impl Raw {
 
 impl Raw {
     fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
-        let path = |name: &'static str| -> Result<Option<PathBuf>, ConfigError> {
-            self.parse(name, |v| {
-                let p = PathBuf::from(v);
-                if p.is_file() {
-                    Ok(p)
-                } else {
-                    Err(format!("`{v}` is not a readable file"))
-                }
-            })
-        };
+        let path = |name: &'static str| self.parse(name, readable_file);
         let (cert, key) = (path("tls_cert")?, path("tls_key")?);
         let client_ca = path("tls_client_ca")?;
         let client_crl = path("tls_client_crl")?;
@@ -678,6 +662,15 @@ fn duration(v: &str) -> Result<Duration, String> {
     match humantime::parse_duration(v) {
         Ok(d) if !d.is_zero() => Ok(d),
         _ => Err("must be a positive duration like `500ms`, `2s` or `5m`".into()),
+    }
+}
+
+fn readable_file(v: &str) -> Result<PathBuf, String> {
+    let p = PathBuf::from(v);
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(format!("`{v}` is not a readable file"))
     }
 }
 
