@@ -7,12 +7,10 @@
 //! The configuration reference in `docs/configuration.md` is checked against it.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine;
 use zeroize::Zeroizing;
 
 use crate::crypto::DataKey;
@@ -23,10 +21,15 @@ use crate::master_key::{
 pub use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
 
+mod secrets;
 mod table;
+mod values;
 
+pub use secrets::{DatabaseUrl, SecretString};
 use table::is_service_link;
 pub use table::{Setting, CLIENT_VARIABLES, SETTINGS};
+pub use values::parse_master_key;
+use values::{duration, non_empty, positive, readable_file, url};
 
 /// A configuration problem, naming the setting and where its value came from.
 #[derive(Debug, thiserror::Error)]
@@ -69,51 +72,6 @@ pub enum ConfigError {
         /// What is wrong.
         reason: String,
     },
-}
-
-/// A database URL, which may carry a password: never printed in full.
-#[derive(Clone)]
-pub struct DatabaseUrl(Zeroizing<String>);
-
-impl DatabaseUrl {
-    /// Wraps a URL.
-    pub fn new(url: impl Into<String>) -> Self {
-        DatabaseUrl(Zeroizing::new(url.into()))
-    }
-
-    /// The full URL, for connecting.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for DatabaseUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = self.0.split(':').next().unwrap_or("?");
-        write!(f, "DatabaseUrl({scheme}:<redacted>)")
-    }
-}
-
-/// A secret setting (a token, a secret id): zeroed on drop, never printed.
-#[derive(Clone)]
-pub struct SecretString(Zeroizing<String>);
-
-impl SecretString {
-    /// Wraps a secret.
-    pub fn new(value: String) -> Self {
-        SecretString(Zeroizing::new(value))
-    }
-
-    /// The secret, for handing to the one client that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for SecretString {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SecretString(<redacted>)")
-    }
 }
 
 /// Validated settings.
@@ -551,60 +509,6 @@ impl Raw {
             }
         }
     }
-}
-
-fn non_empty(v: &str) -> Result<String, String> {
-    if v.is_empty() {
-        Err("must not be empty".into())
-    } else {
-        Ok(v.to_string())
-    }
-}
-
-fn url(v: &str) -> Result<String, String> {
-    if v.starts_with("http://") || v.starts_with("https://") {
-        Ok(v.trim_end_matches('/').to_string())
-    } else {
-        Err("must be a URL starting with http:// or https://".into())
-    }
-}
-
-fn positive(v: &str) -> Result<usize, String> {
-    match v.parse::<usize>() {
-        Ok(n) if n > 0 => Ok(n),
-        _ => Err("must be a positive integer".into()),
-    }
-}
-
-fn duration(v: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(v) {
-        Ok(d) if !d.is_zero() => Ok(d),
-        _ => Err("must be a positive duration like `500ms`, `2s` or `5m`".into()),
-    }
-}
-
-fn readable_file(v: &str) -> Result<PathBuf, String> {
-    let p = PathBuf::from(v);
-    if p.is_file() {
-        Ok(p)
-    } else {
-        Err(format!("`{v}` is not a readable file"))
-    }
-}
-
-/// Parses base64 of exactly 32 bytes. The error never contains the value.
-pub fn parse_master_key(v: &str) -> Result<DataKey, String> {
-    let bytes = Zeroizing::new(
-        base64::engine::general_purpose::STANDARD
-            .decode(v.trim())
-            .map_err(|_| "must be base64 of 32 random bytes (not valid base64)".to_string())?,
-    );
-    DataKey::from_slice(&bytes).ok_or_else(|| {
-        format!(
-            "must be base64 of exactly 32 random bytes (decodes to {} bytes)",
-            bytes.len()
-        )
-    })
 }
 
 #[cfg(test)]
