@@ -1,0 +1,198 @@
+//! Loading: [`Settings::load`] reads the sources into the raw layer and
+//! validates every value into [`Settings`] at once, so a bad value fails at
+//! start with the setting's name, never later in use.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use zeroize::Zeroizing;
+
+use super::raw::{ConfigError, Raw};
+use super::secrets::{DatabaseUrl, SecretString};
+use super::settings::Settings;
+use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
+use crate::master_key::ProviderKind;
+use crate::telemetry::LogFormat;
+use crate::tls::TlsFiles;
+
+impl Settings {
+    /// Reads the optional TOML file and the `KEYWARD_*` variables in `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, ConfigError> {
+        let mut raw = Raw(BTreeMap::new());
+        if let Some(path) = file {
+            raw.read_file(path)?;
+        }
+        raw.read_env(env)?;
+        raw.validate()
+    }
+
+    /// Settings with every default and the given database URL (for dev mode and
+    /// tests); the caller fills in the rest.
+    pub fn with_defaults(database_url: DatabaseUrl) -> Settings {
+        let mut raw = Raw(BTreeMap::new());
+        raw.0.insert(
+            "database_url",
+            (
+                Zeroizing::new(database_url.expose().to_string()),
+                "dev".into(),
+            ),
+        );
+        raw.validate()
+            .expect("the defaults and a given database URL are valid")
+    }
+}
+
+impl Raw {
+    fn validate(self) -> Result<Settings, ConfigError> {
+        Ok(Settings {
+            listen: self.required("listen", |v| {
+                v.parse()
+                    .map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8480"))
+            })?,
+            ops_listen: self.parse("ops_listen", |v| {
+                v.parse()
+                    .map_err(|_| format!("`{v}` is not an address like 0.0.0.0:8481"))
+            })?,
+            database_url: self.required("database_url", |v| {
+                if v.starts_with("sqlite:")
+                    || v.starts_with("postgres://")
+                    || v.starts_with("postgresql://")
+                {
+                    Ok(DatabaseUrl::new(v))
+                } else {
+                    Err("must start with sqlite: or postgres://".into())
+                }
+            })?,
+            database_max_connections: self.required("database_max_connections", |v| {
+                positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+            })?,
+            master_key_provider: self.required("master_key_provider", |v| {
+                ProviderKind::parse(v)
+                    .ok_or_else(|| "must be `env`, `aws-kms` or `vault`".to_string())
+            })?,
+            master_key: self.parse("master_key", parse_master_key)?,
+            new_master_key: self.parse("new_master_key", parse_master_key)?,
+            aws_kms_key_id: self.parse("aws_kms_key_id", non_empty)?,
+            aws_kms_endpoint: self.parse("aws_kms_endpoint", url)?,
+            vault_addr: self.parse("vault_addr", url)?,
+            vault_token: self.parse("vault_token", |v| non_empty(v).map(SecretString::new))?,
+            vault_role_id: self.parse("vault_role_id", non_empty)?,
+            vault_secret_id: self
+                .parse("vault_secret_id", |v| non_empty(v).map(SecretString::new))?,
+            vault_approle_mount: self.required("vault_approle_mount", non_empty)?,
+            vault_transit_mount: self.required("vault_transit_mount", non_empty)?,
+            vault_transit_key: self.parse("vault_transit_key", non_empty)?,
+            vault_ca_file: self.parse("vault_ca_file", readable_file)?,
+            max_body_bytes: self.required("max_body_bytes", positive)?,
+            max_batch_items: self.required("max_batch_items", positive)?,
+            max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,
+            key_ring_capacity: self.required("key_ring_capacity", positive)?,
+            rate_limit: self.required("rate_limit", |v| {
+                v.parse::<u32>().map_err(|_| {
+                    "must be a whole number of requests per second (0: no limit)".to_string()
+                })
+            })?,
+            auth_max_failures: self.required("auth_max_failures", |v| {
+                positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+            })?,
+            auth_lockout: self.required("auth_lockout", duration)?,
+            rotate_after_encryptions: self.required("rotate_after_encryptions", |v| {
+                positive(v).map(|n| n as u64)
+            })?,
+            maintenance_interval: self.required("maintenance_interval", duration)?,
+            job_lease: self.required("job_lease", duration)?,
+            job_batch_rows: self.required("job_batch_rows", positive)?,
+            sync_interval: self.required("sync_interval", duration)?,
+            request_timeout: self.required("request_timeout", duration)?,
+            shutdown_timeout: self.required("shutdown_timeout", duration)?,
+            tls: self.tls()?,
+            allow_plaintext: self.required("allow_plaintext", |v| match v {
+                "true" | "1" | "yes" => Ok(true),
+                "false" | "0" | "no" => Ok(false),
+                _ => Err("must be `true` or `false`".into()),
+            })?,
+            audit: self.required("audit_file", |v| match v {
+                "-" => Ok(crate::audit::Destination::Stdout),
+                "" => Err("must be a file path or `-` (standard output)".to_string()),
+                path => Ok(crate::audit::Destination::File(PathBuf::from(path))),
+            })?,
+            log_format: self.required("log_format", |v| match v {
+                "json" => Ok(LogFormat::Json),
+                "text" => Ok(LogFormat::Text),
+                _ => Err("must be `json` or `text`".into()),
+            })?,
+            log_level: self.required("log_level", |v| {
+                tracing_subscriber::EnvFilter::try_new(v)
+                    .map(|_| v.to_string())
+                    .map_err(|e| format!("not a valid log filter: {e}"))
+            })?,
+        })
+    }
+
+    fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        let path = |name: &'static str| self.parse(name, readable_file);
+        let (cert, key) = (path("tls_cert")?, path("tls_key")?);
+        let client_ca = path("tls_client_ca")?;
+        let client_crl = path("tls_client_crl")?;
+        let needs = |what: &str, needed: &str| ConfigError::Invalid {
+            setting: format!("KEYWARD_{}", what.to_ascii_uppercase()),
+            source_desc: "configuration".into(),
+            reason: format!("needs KEYWARD_{} as well", needed.to_ascii_uppercase()),
+        };
+        match (cert, key) {
+            (None, None) => {
+                if client_ca.is_some() {
+                    return Err(needs("tls_client_ca", "tls_cert"));
+                }
+                if client_crl.is_some() {
+                    return Err(needs("tls_client_crl", "tls_client_ca"));
+                }
+                Ok(None)
+            }
+            (Some(_), None) => Err(needs("tls_cert", "tls_key")),
+            (None, Some(_)) => Err(needs("tls_key", "tls_cert")),
+            (Some(cert), Some(key)) => {
+                if client_crl.is_some() && client_ca.is_none() {
+                    return Err(needs("tls_client_crl", "tls_client_ca"));
+                }
+                Ok(Some(TlsFiles {
+                    cert,
+                    key,
+                    client_ca,
+                    client_crl,
+                }))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::raw::env;
+
+    #[test]
+    fn bad_values_name_the_setting_and_never_echo_secrets() {
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_MASTER_KEY", "c2VjcmV0LXNlY3JldA=="),
+            ]),
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.contains("KEYWARD_MASTER_KEY") && msg.contains("13 bytes"),
+            "{msg}"
+        );
+        assert!(!msg.contains("c2VjcmV0"), "{msg}");
+        let e = Settings::load(None, env(&[("KEYWARD_DATABASE_URL", "mysql://x")])).unwrap_err();
+        assert!(e.to_string().contains("KEYWARD_DATABASE_URL"), "{e}");
+        let e = Settings::load(None, env(&[])).unwrap_err();
+        assert!(e.to_string().contains("KEYWARD_DATABASE_URL"), "{e}");
+    }
+}

@@ -1,0 +1,35 @@
+//! Settings for `keyward serve` and the administrative commands: read from an
+//! optional TOML file and from `KEYWARD_*` environment variables (the
+//! environment wins), validated once, with errors that name the setting.
+//!
+//! [`SETTINGS`] is the one list of what Keyward accepts: a key in the file or a
+//! `KEYWARD_*` variable that is not in it is an error, never silently ignored.
+//! The configuration reference in `docs/configuration.md` is checked against it.
+//!
+//! Layout, each file importing only those listed before it:
+//! - `table.rs`: [`Setting`] and [`SETTINGS`], and the `KEYWARD_*` variables
+//!   that are allowed without being settings;
+//! - `secrets.rs`: [`DatabaseUrl`] and [`SecretString`], zeroed and never
+//!   printed;
+//! - `values.rs`: the parsers of single values, [`parse_master_key`] among them;
+//! - `raw.rs`: the values as read, by setting and with their source, and
+//!   [`ConfigError`];
+//! - `settings.rs`: [`Settings`] and the provider settings it yields;
+//! - `load.rs`: [`Settings::load`], which validates the raw values into
+//!   [`Settings`].
+
+mod load;
+mod raw;
+mod secrets;
+mod settings;
+mod table;
+mod values;
+
+pub use raw::ConfigError;
+pub use secrets::{DatabaseUrl, SecretString};
+pub use settings::Settings;
+pub use table::{Setting, CLIENT_VARIABLES, SETTINGS};
+pub use values::parse_master_key;
+
+/// The log format is telemetry's own type; re-exported under its old path.
+pub use crate::telemetry::LogFormat;

@@ -1,0 +1,236 @@
+//! [`Settings`], the validated settings, and the provider settings they yield
+//! ([`ProviderSource`]): a provider's own settings are checked when it is built,
+//! so a missing one is named only for the provider in use.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use zeroize::Zeroizing;
+
+use super::secrets::{DatabaseUrl, SecretString};
+use crate::crypto::DataKey;
+use crate::master_key::{
+    ProviderConfigError, ProviderKind, ProviderSettings, ProviderSource, VaultAuth, VaultSettings,
+};
+use crate::telemetry::LogFormat;
+use crate::tls::TlsFiles;
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The plain-HTTP address for health and readiness, if any.
+    pub ops_listen: Option<SocketAddr>,
+    /// The database.
+    pub database_url: DatabaseUrl,
+    /// Pool size.
+    pub database_max_connections: u32,
+    /// Which provider wraps the root KEK.
+    pub master_key_provider: ProviderKind,
+    /// The master key (the `env` provider), if configured.
+    pub master_key: Option<DataKey>,
+    /// The target key of an env-to-env migration.
+    pub new_master_key: Option<DataKey>,
+    /// AWS KMS key id, ARN or alias.
+    pub aws_kms_key_id: Option<String>,
+    /// KMS-compatible endpoint.
+    pub aws_kms_endpoint: Option<String>,
+    /// Vault address.
+    pub vault_addr: Option<String>,
+    /// Vault token.
+    pub vault_token: Option<SecretString>,
+    /// AppRole role id.
+    pub vault_role_id: Option<String>,
+    /// AppRole secret id.
+    pub vault_secret_id: Option<SecretString>,
+    /// AppRole mount.
+    pub vault_approle_mount: String,
+    /// Transit mount.
+    pub vault_transit_mount: String,
+    /// Transit key name.
+    pub vault_transit_key: Option<String>,
+    /// CA bundle for Vault's TLS.
+    pub vault_ca_file: Option<PathBuf>,
+    /// Body size limit.
+    pub max_body_bytes: usize,
+    /// Most items per batch.
+    pub max_batch_items: usize,
+    /// Largest batch body.
+    pub max_batch_body_bytes: usize,
+    /// Key ring bound.
+    pub key_ring_capacity: usize,
+    /// Requests per second per API key (0: off).
+    pub rate_limit: u32,
+    /// Failures before a lockout.
+    pub auth_max_failures: u32,
+    /// Failure window and lockout length.
+    pub auth_lockout: Duration,
+    /// Rotate after this many encryptions of one version.
+    pub rotate_after_encryptions: u64,
+    /// Count flush and policy check interval.
+    pub maintenance_interval: Duration,
+    /// Job lease duration.
+    pub job_lease: Duration,
+    /// Rows per job batch.
+    pub job_batch_rows: usize,
+    /// Change feed poll interval.
+    pub sync_interval: Duration,
+    /// Per-request time limit.
+    pub request_timeout: Duration,
+    /// Grace period at shutdown.
+    pub shutdown_timeout: Duration,
+    /// TLS files, if HTTPS is on.
+    pub tls: Option<TlsFiles>,
+    /// Whether plain HTTP may listen on a non-loopback address.
+    pub allow_plaintext: bool,
+    /// Where audit records are written.
+    pub audit: crate::audit::Destination,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+}
+
+impl ProviderSource for Settings {
+    fn provider_settings(
+        &self,
+        kind: ProviderKind,
+        use_new_key: bool,
+    ) -> Result<ProviderSettings, ProviderConfigError> {
+        let missing = |setting: &str, why: &str| ProviderConfigError {
+            provider: kind.as_str(),
+            reason: format!("{setting} is required{why}"),
+        };
+        Ok(match kind {
+            ProviderKind::Env => {
+                let key = if use_new_key {
+                    self.new_master_key.as_ref().ok_or_else(|| {
+                        missing(
+                            "KEYWARD_NEW_MASTER_KEY",
+                            " to migrate from one env master key to another",
+                        )
+                    })?
+                } else {
+                    self.master_key.as_ref().ok_or_else(|| {
+                        missing(
+                            "KEYWARD_MASTER_KEY",
+                            ": base64 of 32 random bytes (generate one with `openssl rand -base64 32`)",
+                        )
+                    })?
+                };
+                ProviderSettings::Env { key: key.clone() }
+            }
+            ProviderKind::AwsKms => ProviderSettings::AwsKms {
+                key_id: self.aws_kms_key_id.clone().ok_or_else(|| {
+                    missing("KEYWARD_AWS_KMS_KEY_ID", " (a key id, ARN or alias)")
+                })?,
+                endpoint: self.aws_kms_endpoint.clone(),
+            },
+            ProviderKind::Vault => {
+                let addr = self
+                    .vault_addr
+                    .clone()
+                    .ok_or_else(|| missing("KEYWARD_VAULT_ADDR", ""))?;
+                let key = self
+                    .vault_transit_key
+                    .clone()
+                    .ok_or_else(|| missing("KEYWARD_VAULT_TRANSIT_KEY", ""))?;
+                let auth = match (&self.vault_token, &self.vault_role_id, &self.vault_secret_id) {
+                    (Some(token), None, None) => {
+                        VaultAuth::Token(Zeroizing::new(token.expose().to_string()))
+                    }
+                    (None, Some(role_id), Some(secret_id)) => VaultAuth::AppRole {
+                        mount: self.vault_approle_mount.clone(),
+                        role_id: role_id.clone(),
+                        secret_id: Zeroizing::new(secret_id.expose().to_string()),
+                    },
+                    _ => {
+                        return Err(ProviderConfigError {
+                            provider: "vault",
+                            reason: "set either KEYWARD_VAULT_TOKEN, or KEYWARD_VAULT_ROLE_ID and KEYWARD_VAULT_SECRET_ID (AppRole)".into(),
+                        })
+                    }
+                };
+                ProviderSettings::Vault(VaultSettings {
+                    addr,
+                    auth,
+                    mount: self.vault_transit_mount.clone(),
+                    key,
+                    ca_file: self.vault_ca_file.as_ref().map(|p| p.display().to_string()),
+                })
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::raw::env;
+    use crate::config::values::parse_master_key;
+
+    #[test]
+    fn debug_output_of_the_settings_holds_no_secret() {
+        let key = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
+        let s = Settings::load(
+            None,
+            env(&[
+                (
+                    "KEYWARD_DATABASE_URL",
+                    "postgres://keyward:db-password-123@db/keyward",
+                ),
+                ("KEYWARD_MASTER_KEY", key),
+                ("KEYWARD_VAULT_TOKEN", "s.vault-token-456"),
+                ("KEYWARD_VAULT_SECRET_ID", "approle-secret-789"),
+            ]),
+        )
+        .unwrap();
+        let printed = format!("{s:?}");
+        for secret in [
+            key,
+            "db-password-123",
+            "vault-token-456",
+            "approle-secret-789",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+    }
+
+    #[test]
+    fn a_provider_is_checked_when_built_and_names_the_missing_setting() {
+        let key = "q83vEjRWeJq83vEjRWeJq83vEjRWeJq83vEjRWeJq80=";
+        let s = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_MASTER_KEY_PROVIDER", "vault"),
+                ("KEYWARD_VAULT_ADDR", "https://vault:8200"),
+                ("KEYWARD_NEW_MASTER_KEY", key),
+            ]),
+        )
+        .expect("incomplete provider settings load");
+        let missing = |kind, use_new_key| {
+            s.provider_settings(kind, use_new_key)
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(
+            missing(ProviderKind::Vault, false).as_deref(),
+            Some("master-key provider `vault`: KEYWARD_VAULT_TRANSIT_KEY is required")
+        );
+        assert_eq!(
+            missing(ProviderKind::AwsKms, false).as_deref(),
+            Some("master-key provider `aws-kms`: KEYWARD_AWS_KMS_KEY_ID is required (a key id, ARN or alias)")
+        );
+        assert!(missing(ProviderKind::Env, false)
+            .is_some_and(|e| e.contains("KEYWARD_MASTER_KEY is required")));
+        match s.provider_settings(ProviderKind::Env, true) {
+            Ok(ProviderSettings::Env { key: new }) => {
+                assert_eq!(new.expose(), parse_master_key(key).unwrap().expose())
+            }
+            _ => panic!("the env provider with the new key"),
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The table of accepted settings: names, defaults, which are secret, and the
+//! one-line docs of the configuration reference; and the `KEYWARD_*` variables
+//! that are allowed in the environment without being settings.
+
+/// One accepted setting.
+#[derive(Debug, Clone, Copy)]
+pub struct Setting {
+    /// The key in the TOML file; the environment variable is `KEYWARD_` + upper case.
+    pub name: &'static str,
+    /// The default, if the setting is optional.
+    pub default: Option<&'static str>,
+    /// Whether the value is a secret (never printed).
+    pub secret: bool,
+    /// One line for the configuration reference.
+    pub doc: &'static str,
+}
+
+impl Setting {
+    /// The environment variable for this setting.
+    pub fn env_var(&self) -> String {
+        format!("KEYWARD_{}", self.name.to_ascii_uppercase())
+    }
+}
+
+/// Every setting Keyward accepts.
+pub const SETTINGS: &[Setting] = &[
+    Setting { name: "listen", default: Some("127.0.0.1:8480"), secret: false, doc: "Address and port to listen on." },
+    Setting { name: "ops_listen", default: None, secret: false, doc: "Optional second address serving only `/healthz` and `/readyz` over plain HTTP, for probes that cannot present a client certificate. Carries no secrets." },
+    Setting { name: "database_url", default: None, secret: true, doc: "`sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`." },
+    Setting { name: "database_max_connections", default: Some("10"), secret: false, doc: "Size of the database connection pool." },
+    Setting { name: "master_key_provider", default: Some("env"), secret: false, doc: "What wraps the root KEK: `env` (`master_key`), `aws-kms` or `vault`." },
+    Setting { name: "master_key", default: None, secret: true, doc: "Base64 of 32 random bytes (`openssl rand -base64 32`): wraps the root KEK when the provider is `env`." },
+    Setting { name: "new_master_key", default: None, secret: true, doc: "The target key of `keyward master-key migrate --to env` when the current provider is `env` too." },
+    Setting { name: "aws_kms_key_id", default: None, secret: false, doc: "The KMS key (id, ARN or alias) for the `aws-kms` provider. Region and credentials come from the standard AWS chain (`AWS_REGION`, `AWS_ACCESS_KEY_ID`, profiles, roles)." },
+    Setting { name: "aws_kms_endpoint", default: None, secret: false, doc: "A KMS-compatible endpoint URL instead of AWS's." },
+    Setting { name: "vault_addr", default: None, secret: false, doc: "Vault or OpenBao address for the `vault` provider, e.g. `https://vault:8200`." },
+    Setting { name: "vault_token", default: None, secret: true, doc: "A Vault token (renewed before it expires when renewable). Or use AppRole." },
+    Setting { name: "vault_role_id", default: None, secret: false, doc: "AppRole role id (with `vault_secret_id`)." },
+    Setting { name: "vault_secret_id", default: None, secret: true, doc: "AppRole secret id." },
+    Setting { name: "vault_approle_mount", default: Some("approle"), secret: false, doc: "Where the AppRole auth method is mounted." },
+    Setting { name: "vault_transit_mount", default: Some("transit"), secret: false, doc: "Where the transit secrets engine is mounted." },
+    Setting { name: "vault_transit_key", default: None, secret: false, doc: "The transit key that wraps the root KEK." },
+    Setting { name: "vault_ca_file", default: None, secret: false, doc: "PEM CA bundle to verify Vault's TLS certificate." },
+    Setting { name: "max_body_bytes", default: Some("1048576"), secret: false, doc: "Largest accepted request body; larger bodies get 413." },
+    Setting { name: "max_batch_items", default: Some("1000"), secret: false, doc: "Most items in one batch request; more get 413 `too_many_items`." },
+    Setting { name: "max_batch_body_bytes", default: Some("16777216"), secret: false, doc: "Largest accepted batch request body." },
+    Setting { name: "key_ring_capacity", default: Some("100000"), secret: false, doc: "Most encryptions whose unwrapped keys are kept in memory (and most API keys cached)." },
+    Setting { name: "rate_limit", default: Some("0"), secret: false, doc: "Requests per second per API key (a token bucket with one second of burst); over it, 429 `rate_limited` with Retry-After. 0: no limit." },
+    Setting { name: "auth_max_failures", default: Some("10"), secret: false, doc: "Failed authentications for one API key id, or from one client address, within `auth_lockout` before further attempts (even with the right secret) get 429 `too_many_failed_attempts`." },
+    Setting { name: "auth_lockout", default: Some("5m"), secret: false, doc: "The window in which failures are counted, and how long a lockout lasts." },
+    Setting { name: "rotate_after_encryptions", default: Some("2147483648"), secret: false, doc: "Rotate a platform encryption by itself once its active version has made this many encryptions (2^31 by default, half the 2^32 NIST allows per key with random 96-bit nonces)." },
+    Setting { name: "maintenance_interval", default: Some("5s"), secret: false, doc: "How often use counts are flushed to the database and rotation policies (period, count) are checked." },
+    Setting { name: "job_lease", default: Some("30s"), secret: false, doc: "How long a replica's claim on a re-encryption job lasts without renewal (renewed after every batch); after a crash another replica, or this one restarted, takes the job over once it ends." },
+    Setting { name: "job_batch_rows", default: Some("500"), secret: false, doc: "Rows a re-encryption job reads and writes per batch (and per progress checkpoint)." },
+    Setting { name: "sync_interval", default: Some("1s"), secret: false, doc: "How often the change feed is polled, bounding how long a rotation or revocation made by another process takes to reach this one." },
+    Setting { name: "request_timeout", default: Some("30s"), secret: false, doc: "Longest time one request may take." },
+    Setting { name: "shutdown_timeout", default: Some("30s"), secret: false, doc: "On SIGTERM, how long requests in flight may take to finish." },
+    Setting { name: "tls_cert", default: None, secret: false, doc: "PEM file with the server certificate chain (leaf first). With `tls_key`, serves HTTPS: TLS 1.3 only, HTTP/2 and HTTP/1.1." },
+    Setting { name: "tls_key", default: None, secret: false, doc: "PEM file with the server's private key." },
+    Setting { name: "tls_client_ca", default: None, secret: false, doc: "PEM bundle of CAs that client certificates must chain to: turns on mutual TLS (a client without a valid certificate fails the handshake)." },
+    Setting { name: "tls_client_crl", default: None, secret: false, doc: "PEM file of CRLs for client certificates: a revoked certificate fails the handshake. Needs `tls_client_ca`." },
+    Setting { name: "allow_plaintext", default: Some("false"), secret: false, doc: "Allow plain HTTP on a non-loopback address (e.g. behind a TLS-terminating proxy). Without TLS and without this, `serve` listens on loopback only." },
+    Setting { name: "audit_file", default: Some("-"), secret: false, doc: "Where audit records go as hash-chained JSON lines: a file path (appended, created with mode 0600, its chain continued across restarts; one file per replica) or `-` for standard output. Every record also goes to the database (table `audit_segments`), read by `GET /v1/audit`." },
+    Setting { name: "log_format", default: Some("json"), secret: false, doc: "`json` (one object per line) or `text`." },
+    Setting { name: "log_level", default: Some("info"), secret: false, doc: "A tracing filter: `info`, `debug`, or per target like `keyward=debug,info`." },
+];
+
+/// Variables read by the CLI's client commands (`keyward job ...`), not by the
+/// server: allowed in the environment, not settings.
+pub const CLIENT_VARIABLES: &[&str] = &[
+    "KEYWARD_URL",
+    "KEYWARD_API_KEY",
+    "KEYWARD_API_SECRET",
+    "KEYWARD_JOB_DATABASE_URL",
+];
+
+/// Kubernetes injects `{SERVICE}_SERVICE_HOST`, `{SERVICE}_PORT...` variables for
+/// every Service in the namespace; a Service named `keyward` yields
+/// `KEYWARD_SERVICE_HOST`, `KEYWARD_PORT_8480_TCP` and the like. They are not
+/// settings (no setting has such a name), so they are skipped, not refused.
+pub(super) fn is_service_link(rest: &str) -> bool {
+    rest == "PORT"
+        || rest.starts_with("PORT_")
+        || rest.ends_with("_SERVICE_HOST")
+        || rest.contains("_SERVICE_PORT")
+        || rest.ends_with("_PORT")
+        || rest.contains("_PORT_")
+        || rest == "SERVICE_HOST"
+        || rest.starts_with("SERVICE_PORT")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_configuration_reference_documents_exactly_the_accepted_settings() {
+        let doc = include_str!("../../docs/configuration.md");
+        for s in SETTINGS {
+            let row = format!("| `{}` | `{}` |", s.name, s.env_var());
+            assert!(
+                doc.contains(&row),
+                "docs/configuration.md lacks a row for {}",
+                s.name
+            );
+        }
+        for word in doc.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if let Some(rest) = word.strip_prefix("KEYWARD_").filter(|r| {
+                !r.is_empty() && !is_service_link(r) && !CLIENT_VARIABLES.contains(&word)
+            }) {
+                assert!(
+                    SETTINGS.iter().any(|s| s.name.eq_ignore_ascii_case(rest)),
+                    "docs/configuration.md mentions {word}, which Keyward does not accept"
+                );
+            }
+        }
+    }
+}
