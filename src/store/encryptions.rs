@@ -6,7 +6,7 @@ use sqlx::Row;
 
 use super::events::{record, EventKind};
 use super::pool::{Store, StoreError};
-use super::sql::{get_id, get_opt_id};
+use super::sql::{get_id, get_opt_id, get_state};
 use crate::domain::ids::{EncryptionId, KekId, TenantId, VersionId};
 pub use crate::domain::records::{EncryptionRow, VersionRow};
 use crate::domain::states::{Mode, VersionState};
@@ -55,21 +55,13 @@ const ENCRYPTION_COLUMNS: &str = "id, tenant_id, name, algorithm, mode, salt, ac
 const VERSION_COLUMNS: &str =
     "id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at, encrypt_count";
 
-fn corrupt(table: &'static str, detail: &str) -> StoreError {
-    StoreError::Corrupt {
-        table,
-        detail: detail.to_string(),
-    }
-}
-
 fn encryption_from_row(r: &AnyRow) -> Result<EncryptionRow, StoreError> {
-    let mode: String = r.try_get("mode")?;
     Ok(EncryptionRow {
         id: get_id(r, "id", "encryptions")?,
         tenant_id: get_id(r, "tenant_id", "encryptions")?,
         name: r.try_get("name")?,
         algorithm: r.try_get("algorithm")?,
-        mode: Mode::parse(&mode).ok_or_else(|| corrupt("encryptions", "unknown mode"))?,
+        mode: get_state(r, "mode", "encryptions", Mode::parse)?,
         salt: r.try_get("salt")?,
         active_version_id: get_id(r, "active_version_id", "encryptions")?,
         latest_version: r.try_get("latest_version")?,
@@ -81,13 +73,11 @@ fn encryption_from_row(r: &AnyRow) -> Result<EncryptionRow, StoreError> {
 }
 
 fn version_from_row(r: &AnyRow) -> Result<VersionRow, StoreError> {
-    let state: String = r.try_get("state")?;
     Ok(VersionRow {
         id: get_id(r, "id", "encryption_key_versions")?,
         encryption_id: get_id(r, "encryption_id", "encryption_key_versions")?,
         version: r.try_get("version")?,
-        state: VersionState::parse(&state)
-            .ok_or_else(|| corrupt("encryption_key_versions", "unknown state"))?,
+        state: get_state(r, "state", "encryption_key_versions", VersionState::parse)?,
         wrapped_key: r.try_get("wrapped_key")?,
         kek_id: get_opt_id(r, "kek_id", "encryption_key_versions")?,
         created_at: r.try_get("created_at")?,
@@ -283,13 +273,11 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
             if let Some(r) = row {
-                let state: String = r.try_get("state")?;
                 out.push((
                     get_id(&r, "encryption_id", "encryption_key_versions")?,
                     *version,
                     r.try_get("encrypt_count")?,
-                    VersionState::parse(&state)
-                        .ok_or_else(|| corrupt("encryption_key_versions", "unknown state"))?,
+                    get_state(&r, "state", "encryption_key_versions", VersionState::parse)?,
                 ));
             }
         }

@@ -4,7 +4,7 @@ use sqlx::any::AnyRow;
 use sqlx::Row;
 
 use super::pool::{Store, StoreError};
-use super::sql::{get_id, get_opt_id};
+use super::sql::{get_id, get_opt_id, get_state};
 use crate::domain::ids::{EncryptionId, KekId, TenantId};
 pub use crate::domain::records::JobRow;
 use crate::domain::states::JobState;
@@ -20,13 +20,7 @@ fn from_row(r: &AnyRow) -> Result<JobRow, StoreError> {
         source_sealed: r.try_get("source_sealed")?,
         source_kek_id: get_id(r, "source_kek_id", "jobs")?,
         max_rows_per_second: r.try_get("max_rows_per_second")?,
-        state: {
-            let s: String = r.try_get("state")?;
-            JobState::parse(&s).ok_or_else(|| StoreError::Corrupt {
-                table: "jobs",
-                detail: "unknown state".into(),
-            })?
-        },
+        state: get_state(r, "state", "jobs", JobState::parse)?,
         cursor: r.try_get("cursor")?,
         pass: r.try_get("pass")?,
         processed: r.try_get("processed")?,

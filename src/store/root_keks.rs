@@ -3,7 +3,7 @@
 use sqlx::Row;
 
 use super::pool::{Store, StoreError};
-use super::sql::get_id;
+use super::sql::{get_id, get_state};
 use crate::domain::ids::KekId;
 use crate::domain::states::KekState;
 
@@ -37,13 +37,7 @@ impl Store {
                     id: get_id(r, "id", "root_keks")?,
                     provider: r.try_get("provider")?,
                     wrapped_key: r.try_get("wrapped_key")?,
-                    state: {
-                        let s: String = r.try_get("state")?;
-                        KekState::parse(&s).ok_or_else(|| StoreError::Corrupt {
-                            table: "root_keks",
-                            detail: "unknown state".into(),
-                        })?
-                    },
+                    state: get_state(r, "state", "root_keks", KekState::parse)?,
                     created_at: r.try_get("created_at")?,
                 })
             })

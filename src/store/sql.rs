@@ -84,6 +84,22 @@ pub(super) fn get_id<T: FromStr>(
     })
 }
 
+/// A column holding a state's stored name, read with `parse` (one of the
+/// `domain::states` enums' `parse`); a name this version of Keyward does not
+/// know is a corrupt row, never a silent default.
+pub(super) fn get_state<T>(
+    row: &AnyRow,
+    column: &str,
+    table: &'static str,
+    parse: fn(&str) -> Option<T>,
+) -> Result<T, StoreError> {
+    let text: String = row.try_get(column)?;
+    parse(&text).ok_or_else(|| StoreError::Corrupt {
+        table,
+        detail: format!("column {column} holds an unknown name"),
+    })
+}
+
 /// Like [`get_id`] for a nullable column.
 pub(super) fn get_opt_id<T: FromStr>(
     row: &AnyRow,
