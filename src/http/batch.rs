@@ -124,20 +124,8 @@ pub struct BatchRequest {
 pub enum ItemResult<T> {
     /// The output.
     Ok(T),
-    /// `{"error": {"code", "message"}}`.
-    Err(ErrorItem),
-}
-
-/// An item's error.
-#[derive(Serialize)]
-pub struct ErrorItem {
-    error: ErrorItemDetail,
-}
-
-#[derive(Serialize)]
-struct ErrorItemDetail {
-    code: &'static str,
-    message: String,
+    /// `{"error": {"code", "message"}}`, as an error response's body.
+    Err(ErrorBody),
 }
 
 /// A batch's results, in item order.
@@ -146,19 +134,6 @@ pub struct BatchResponse<T> {
     /// One result per item.
     #[schema(value_type = Vec<Object>)]
     results: Vec<ItemResult<T>>,
-}
-
-fn item_error(e: ApiError) -> ErrorItem {
-    let (status, code) = e.status_and_code();
-    let message = if status.is_server_error() {
-        tracing::error!(code, error = %e, "batch item failed");
-        "internal error; see the server log".to_string()
-    } else {
-        e.to_string()
-    };
-    ErrorItem {
-        error: ErrorItemDetail { code, message },
-    }
 }
 
 /// Runs `f` on every item in order, after checking the item count; each item
@@ -197,7 +172,7 @@ where
             }
             Err(e) => {
                 note.end_item(Some(e.status_and_code().1));
-                ItemResult::Err(item_error(e))
+                ItemResult::Err(e.body())
             }
         });
     }

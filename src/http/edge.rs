@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -26,7 +26,7 @@ use futures_util::FutureExt;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use super::error::{error_response, ApiError, ErrorCode};
+use super::error::{ApiError, ErrorCode};
 use super::extract::BodyLimit;
 use super::{audit, metrics, AppState};
 use crate::domain::identity::ClientIdentity;
@@ -187,10 +187,5 @@ fn json_errors(response: Response) -> Response {
     if is_json {
         return response;
     }
-    let (code, message) = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => ("payload_too_large", "the request body is too large"),
-        s if s.is_server_error() => ("internal", "internal error; see the server log"),
-        _ => ("invalid_request", "the request was refused"),
-    };
-    error_response(status, code, message)
+    ApiError::Rejected(status).into_response()
 }

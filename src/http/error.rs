@@ -3,6 +3,8 @@
 //! use `?`. 5xx bodies are generic and their cause goes to the log. No message
 //! ever contains a secret, a key or plaintext.
 
+use std::borrow::Cow;
+
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -71,6 +73,9 @@ pub enum ApiError {
     /// The request took longer than the time limit.
     #[error("the request timed out")]
     Timeout,
+    /// An error response some extractor or layer wrote as text, with its status.
+    #[error("{}", rejected_message(*.0))]
+    Rejected(StatusCode),
 }
 
 impl From<AuthError> for ApiError {
@@ -83,20 +88,22 @@ impl From<AuthError> for ApiError {
 }
 
 /// Every error response: `{"error": {"code", "message"}}`.
+// Also every failed batch item's result; made by `ApiError::body` only (the
+// doc comment above is the OpenAPI description).
 #[derive(Serialize, utoipa::ToSchema)]
-#[schema(as = ErrorBody)]
-pub struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
+pub struct ErrorBody {
+    error: ErrorDetail,
 }
 
 /// The error's stable code and a human message.
 #[derive(Serialize, utoipa::ToSchema)]
-pub struct ErrorDetail<'a> {
+pub struct ErrorDetail {
     /// A stable snake_case code, e.g. `decryption_failed`.
     #[schema(example = "decryption_failed")]
-    code: &'a str,
+    code: &'static str,
     /// What went wrong, for people. Never contains secrets or plaintext.
-    message: &'a str,
+    #[schema(value_type = String)]
+    message: Cow<'static, str>,
 }
 
 impl ApiError {
@@ -124,6 +131,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Panic => (S::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Timeout => (S::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::Rejected(status) => (*status, rejected_code(*status)),
             ApiError::Key(k) => match k {
                 KeyError::EncryptionNotFound => (S::NOT_FOUND, "encryption_not_found"),
                 KeyError::VersionNotFound => (S::NOT_FOUND, "version_not_found"),
@@ -165,37 +173,84 @@ impl From<crate::domain::guard::Refusal> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let retry_after = match &self {
-            ApiError::TooManyFailedAttempts(d) | ApiError::RateLimited(d) => {
-                Some(retry_secs(*d).max(1))
-            }
-            _ => None,
-        };
+impl ApiError {
+    /// The body of this error's response, or of a batch item that failed with
+    /// it: the stable code and a message for people. A server error's own text
+    /// may name internals (a database error, a KMS answer): it goes to the
+    /// log, and the body gets a fixed message (a time-out's text says nothing
+    /// more than its code, so it stays).
+    pub fn body(&self) -> ErrorBody {
         let (status, code) = self.status_and_code();
+        self.body_with(status, code)
+    }
+
+    fn body_with(&self, status: StatusCode, code: &'static str) -> ErrorBody {
         let message = if status.is_server_error() {
             tracing::error!(code, error = %self, "request failed");
-            // A server error's own text may name internals (a database
-            // error, a KMS answer): the client gets a fixed message, except
-            // for a time-out, whose text says nothing more than its code.
             match self {
-                ApiError::Timeout => self.to_string(),
+                ApiError::Timeout => Cow::Owned(self.to_string()),
+                ApiError::Rejected(_) => Cow::Borrowed(INTERNAL),
                 _ if status == StatusCode::SERVICE_UNAVAILABLE => {
-                    "a dependency is unavailable; retry later".to_string()
+                    Cow::Borrowed("a dependency is unavailable; retry later")
                 }
-                _ => "internal error; see the server log".to_string(),
+                _ => Cow::Borrowed(INTERNAL),
             }
         } else {
-            tracing::debug!(code, status = status.as_u16(), "request refused");
-            self.to_string()
+            Cow::Owned(self.to_string())
         };
-        let mut response = error_response(status, code, &message);
-        if let Some(secs) = retry_after {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        ErrorBody {
+            error: ErrorDetail { code, message },
         }
+    }
+}
+
+/// The message of every server error that does not say more.
+const INTERNAL: &str = "internal error; see the server log";
+
+/// The code of a text error response with `status`.
+fn rejected_code(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    }
+}
+
+/// The message of a text error response with `status` (a server error's is
+/// replaced by [`INTERNAL`]).
+fn rejected_message(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "the request body is too large",
+        _ => "the request was refused",
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if !status.is_server_error() {
+            tracing::debug!(code, status = status.as_u16(), "request refused");
+        }
+        let body = serde_json::to_vec(&self.body_with(status, code)).unwrap_or_default();
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("ApiKey realm=\"keyward\""),
+            );
+        }
+        if let ApiError::TooManyFailedAttempts(d) | ApiError::RateLimited(d) = &self {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_secs(*d).max(1)),
+            );
+        }
+        response.extensions_mut().insert(ErrorCode(code));
         response
     }
 }
@@ -203,24 +258,3 @@ impl IntoResponse for ApiError {
 /// The error code of an error response, for the audit layer.
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorCode(pub &'static str);
-
-/// Builds the JSON error body `{"error": {"code", "message"}}`.
-pub fn error_response(status: StatusCode, code: &'static str, message: &str) -> Response {
-    let body = serde_json::to_vec(&ErrorBody {
-        error: ErrorDetail { code, message },
-    })
-    .unwrap_or_default();
-    let mut response = (status, body).into_response();
-    response.extensions_mut().insert(ErrorCode(code));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("ApiKey realm=\"keyward\""),
-        );
-    }
-    response
-}
