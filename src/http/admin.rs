@@ -7,21 +7,13 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{AdminScope, Auth};
 use super::AppState;
-
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/admin/root-kek", get(status))
-        .route("/v1/admin/root-kek/rotate", post(rotate))
-}
 
 /// One root KEK.
 #[derive(Serialize, ToSchema)]
@@ -64,8 +56,7 @@ pub struct RootKekRotation {
         (status = 200, description = "Root KEKs", body = RootKekStatus),
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn status(
     State(state): State<AppState>,
@@ -97,8 +88,7 @@ pub(super) async fn status(
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 503, description = "`not_ready` or `unavailable` (the master-key provider is needed)", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn rotate(
     State(state): State<AppState>,

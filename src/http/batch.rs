@@ -5,11 +5,8 @@
 //! each the single call's output or `{"error": {"code", "message"}}`. One bad
 //! item does not fail the others.
 
-use std::convert::Infallible;
-
-use axum::extract::{DefaultBodyLimit, State};
-use axum::routing::post;
-use axum::{Extension, Json, Router};
+use axum::extract::State;
+use axum::{Extension, Json};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -21,9 +18,7 @@ use super::contract::{
     EncryptResponse,
 };
 use super::error::{ApiError, ErrorBody};
-use super::extract::{
-    ApiJson, Auth, BodyLimit, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope,
-};
+use super::extract::{ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope};
 use super::openapi::MasterKeyParam;
 use super::AppState;
 use crate::domain::service::{ClientKey, Principal};
@@ -35,25 +30,6 @@ pub struct BatchLimits {
     pub max_items: usize,
     /// Largest batch body.
     pub max_body_bytes: usize,
-}
-
-/// The routes of this resource.
-pub fn router(limits: BatchLimits, single_ciphertext_limit: usize) -> Router<AppState> {
-    let batch = |r: axum::routing::MethodRouter<AppState>| {
-        r.layer::<_, Infallible>(DefaultBodyLimit::max(limits.max_body_bytes))
-            .layer::<_, Infallible>(Extension(BodyLimit(limits.max_body_bytes)))
-            .layer::<_, Infallible>(Extension(limits))
-    };
-    Router::new()
-        .route(
-            "/v1/rewrap",
-            post(rewrap)
-                .layer::<_, Infallible>(DefaultBodyLimit::max(single_ciphertext_limit))
-                .layer::<_, Infallible>(Extension(BodyLimit(single_ciphertext_limit))),
-        )
-        .route("/v1/encrypt/batch", batch(post(encrypt_batch)))
-        .route("/v1/decrypt/batch", batch(post(decrypt_batch)))
-        .route("/v1/rewrap/batch", batch(post(rewrap_batch)))
 }
 
 async fn rewrap_one(
@@ -94,8 +70,7 @@ async fn rewrap_one(
         (status = 403, description = "`insufficient_scope` (needs `rotate`), `certificate_mismatch`, `version_disabled`, `version_below_min_decryption` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 410, description = "`version_destroyed`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn rewrap(
     State(state): State<AppState>,
@@ -188,12 +163,11 @@ where
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` or `certificate_mismatch`", body = ErrorBody),
         (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = [])))]
+    ))]
 pub(super) async fn encrypt_batch(
     State(state): State<AppState>,
-    Extension(limits): Extension<BatchLimits>,
     auth: Auth<EncryptScope>,
+    Extension(limits): Extension<BatchLimits>,
     note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,
@@ -214,12 +188,11 @@ pub(super) async fn encrypt_batch(
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` or `certificate_mismatch`", body = ErrorBody),
         (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = [])))]
+    ))]
 pub(super) async fn decrypt_batch(
     State(state): State<AppState>,
-    Extension(limits): Extension<BatchLimits>,
     auth: Auth<DecryptScope>,
+    Extension(limits): Extension<BatchLimits>,
     note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,
@@ -240,12 +213,11 @@ pub(super) async fn decrypt_batch(
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` (needs `rotate`) or `certificate_mismatch`", body = ErrorBody),
         (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = [])))]
+    ))]
 pub(super) async fn rewrap_batch(
     State(state): State<AppState>,
-    Extension(limits): Extension<BatchLimits>,
     auth: Auth<RotateScope>,
+    Extension(limits): Extension<BatchLimits>,
     note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,

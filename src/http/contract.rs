@@ -1,51 +1,22 @@
 //! The fixed v1 contract: `POST /v1/encrypt`, `/v1/decrypt`, `/v1/rotate`.
 //! Field names, paths and meanings are not ours to change.
 
-use std::convert::Infallible;
-
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Extension, Json, Router};
+use axum::Json;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::audit::AuditNote;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{
-    ApiJson, Auth, BodyLimit, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope,
-};
+use super::extract::{ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope};
 use super::openapi::MasterKeyParam;
 use super::{parse_id, AppState};
 use crate::crypto::NONCE_LEN;
 use crate::domain::service::{ClientKey, Encrypted, KeyError, Principal};
 use crate::domain::{EncryptionId, VersionId};
-
-/// The routes of this resource. Decrypt accepts bodies a third larger than the
-/// limit (plus room for ids and metadata), so that anything encrypt accepted
-/// comes back: base64 makes the ciphertext 4/3 the size of the data.
-pub fn router(max_body_bytes: usize) -> Router<AppState> {
-    let decrypt_limit = ciphertext_body_limit(max_body_bytes);
-    Router::new()
-        .route("/v1/encrypt", post(encrypt))
-        .route(
-            "/v1/decrypt",
-            post(decrypt)
-                .layer::<_, Infallible>(DefaultBodyLimit::max(decrypt_limit))
-                .layer::<_, Infallible>(Extension(BodyLimit(decrypt_limit))),
-        )
-        .route("/v1/rotate", post(rotate))
-}
-
-/// The body limit of calls that carry a ciphertext (decrypt, rewrap): a third
-/// more than `max_body_bytes`, plus room for ids and metadata.
-pub fn ciphertext_body_limit(max_body_bytes: usize) -> usize {
-    max_body_bytes
-        .saturating_add(max_body_bytes / 3)
-        .saturating_add(64 * 1024)
-}
 
 /// The only algorithm v1 offers.
 pub const ALGORITHM: &str = "AES-256-GCM";
@@ -113,8 +84,7 @@ pub struct EncryptResponse {
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`version_not_encryptable`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn encrypt(
     State(state): State<AppState>,
@@ -325,8 +295,7 @@ impl<'de> Deserialize<'de> for DecryptMetadata {
         (status = 410, description = "`version_destroyed`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn decrypt(
     State(state): State<AppState>,
@@ -472,8 +441,7 @@ pub struct RotateResponse {
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn rotate(
     State(state): State<AppState>,

@@ -7,9 +7,10 @@
 //!   certificate, the body limit, the `request` tracing span, panic catching,
 //!   and JSON error bodies for every error (a rejection some extractor wrote as
 //!   text included).
-//! - [`route`], around each matched route: the time limit, panic catching (so
-//!   that both are answered inside the audit record and the metrics, with their
-//!   own status), the audit record and the request metrics.
+//! - [`route`], around each matched route, given the route's entry of the
+//!   table: its body limit, the time limit, panic catching (so that both are
+//!   answered inside the audit record and the metrics, with their own status),
+//!   the audit record and the request metrics.
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -28,7 +29,8 @@ use tracing::Instrument;
 
 use super::error::{ApiError, ErrorCode};
 use super::extract::BodyLimit;
-use super::{audit, metrics, AppState};
+use super::routes::Route;
+use super::{audit, metrics, AppState, BatchLimits};
 use crate::domain::identity::ClientIdentity;
 
 /// The request id header, taken from the client when it sends one.
@@ -128,26 +130,45 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
-/// What [`route`] needs.
+/// What [`route`] needs: one route's entry of the table and what follows
+/// from it with the settings, fixed when the router is built.
 #[derive(Clone)]
 pub(super) struct RouteContext {
     pub(super) state: AppState,
     pub(super) timeout: Duration,
+    pub(super) route: &'static Route,
+    /// Its position in [`super::routes::ROUTES`], for the metrics.
+    pub(super) index: usize,
+    /// Its own body limit, when it is not the edge's.
+    pub(super) body_limit: Option<usize>,
+    /// For batch routes, the batch limits (the handlers take them).
+    pub(super) batch: Option<BatchLimits>,
 }
 
-/// Around every matched route: the time limit and panic catching, inside the
-/// audit record and the request metrics, so that a request that times out or
-/// panics is recorded with the status it was answered with.
-pub(super) async fn route(State(ctx): State<RouteContext>, req: Request, next: Next) -> Response {
+/// Around every matched route: its body limit, then the time limit and panic
+/// catching, inside the audit record and the request metrics, so that a
+/// request that times out or panics is recorded with the status it was
+/// answered with.
+pub(super) async fn route(
+    State(ctx): State<RouteContext>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = metrics::method_label(req.method());
-    let matched = req.extensions().get::<MatchedPath>().cloned();
-    let route = matched.as_ref().map_or("unmatched", |p| p.as_str());
-    let (pending, req) = match audit::operation(req.method(), route) {
+    let route = ctx.route;
+    if let Some(limit) = ctx.body_limit {
+        DefaultBodyLimit::max(limit).apply(&mut req);
+        req.extensions_mut().insert(BodyLimit(limit));
+    }
+    if let Some(limits) = ctx.batch {
+        req.extensions_mut().insert(limits);
+    }
+    let (pending, req) = match route.operation {
         None => (None, req),
         Some(operation) => {
             let (mut parts, body) = req.into_parts();
-            let pending = audit::begin(&ctx.state, &mut parts, operation, route).await;
+            let pending = audit::begin(&ctx.state, &mut parts, operation, route.path).await;
             (Some(pending), Request::from_parts(parts, body))
         }
     };
@@ -162,14 +183,14 @@ pub(super) async fn route(State(ctx): State<RouteContext>, req: Request, next: N
         let error = response.extensions().get::<ErrorCode>().copied();
         pending.answered(status, error).await;
     }
-    metrics::record(route, method, status, started);
+    metrics::record(metrics::Matched::Route(ctx.index), method, status, started);
     response
 }
 
 /// The router's fallback: no route has this path.
 pub(super) async fn not_found(req: Request) -> ApiError {
     let method = metrics::method_label(req.method());
-    metrics::record("unmatched", method, 404, Instant::now());
+    metrics::record(metrics::Matched::Unmatched, method, 404, Instant::now());
     ApiError::RouteNotFound
 }
 

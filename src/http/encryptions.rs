@@ -4,8 +4,7 @@
 
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Json;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -20,17 +19,6 @@ use crate::domain::records::{EncryptionRow, VersionRow};
 use crate::domain::service::EncryptionDetails;
 use crate::domain::time::rfc3339;
 use crate::domain::EncryptionId;
-
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/encryptions", get(list).post(create))
-        .route("/v1/encryptions/{id}", get(show).patch(update))
-        .route(
-            "/v1/encryptions/{id}/versions/{version_id}",
-            axum::routing::patch(update_version),
-        )
-}
 
 /// `POST /v1/encryptions` input (every field optional; an empty body is fine).
 /// Send `X-Master-Key` to create a client-mode (zero-knowledge) encryption.
@@ -218,8 +206,7 @@ fn view(d: &EncryptionDetails) -> EncryptionView {
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
         (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn create(
     State(state): State<AppState>,
@@ -263,8 +250,7 @@ pub(super) async fn create(
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn show(
     State(state): State<AppState>,
@@ -307,8 +293,7 @@ pub struct PolicyRequest {
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 422, description = "`invalid_policy`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn update(
     State(state): State<AppState>,
@@ -390,8 +375,7 @@ pub struct VersionStateRequest {
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found` or `version_not_found`", body = ErrorBody),
         (status = 409, description = "`invalid_state_change` (the active version, a destroyed version, or `active`), or `version_in_use` (the last job found rows on it; send `force`)", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn update_version(
     State(state): State<AppState>,
@@ -436,8 +420,7 @@ fn decode_cursor(c: &str) -> Option<(i64, EncryptionId)> {
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = []))
+    )
 )]
 pub(super) async fn list(
     State(state): State<AppState>,

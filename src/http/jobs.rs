@@ -6,8 +6,7 @@ use std::collections::BTreeMap;
 
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -18,14 +17,6 @@ use crate::domain::jobs::{describe_source, start_job, JobError, JobSource, NewJo
 use crate::domain::records::JobRow;
 use crate::domain::states::JobState;
 use crate::domain::time::rfc3339;
-
-/// The routes of this resource.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/jobs", get(list).post(create))
-        .route("/v1/jobs/{id}", get(show))
-        .route("/v1/jobs/{id}/cancel", post(cancel))
-}
 
 /// `POST /v1/jobs` input.
 #[derive(Deserialize, ToSchema)]
@@ -188,8 +179,7 @@ impl From<JobError> for ApiError {
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 422, description = "`invalid_job` (bad identifiers, unreachable source, client-mode encryption)", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = [])))]
+    ))]
 pub(super) async fn create(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
@@ -238,8 +228,7 @@ pub(super) async fn create(
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = [])))]
+    ))]
 pub(super) async fn show(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
@@ -260,8 +249,7 @@ pub(super) async fn show(
         (status = 200, description = "Jobs", body = JobList),
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = [])))]
+    ))]
 pub(super) async fn list(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
@@ -281,8 +269,7 @@ pub(super) async fn list(
         (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
-    ),
-    security(("apiKey" = [], "apiSecret" = [])))]
+    ))]
 pub(super) async fn cancel(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,

@@ -9,10 +9,9 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use super::routes::ROUTES;
 use super::AppState;
 
 /// The Prometheus recorder, installed once per process by the first server.
@@ -45,14 +44,36 @@ pub fn install_metrics_recorder() -> PrometheusHandle {
         .clone()
 }
 
-/// The route.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/metrics", get(metrics))
+/// Which route a request matched, for its series.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Matched {
+    /// The route at this position of [`ROUTES`].
+    Route(usize),
+    /// None: the `unmatched` series.
+    Unmatched,
 }
 
-/// Records one request: its route (the matched pattern, never the raw path, or
-/// `unmatched`), method, status, and the time since `started`.
-pub(super) fn record(route: &str, method: &'static str, status: u16, started: Instant) {
+impl Matched {
+    /// Its slot in [`SERIES`]: one per route, then one for `unmatched`.
+    fn slot(self) -> usize {
+        match self {
+            Matched::Route(index) => index,
+            Matched::Unmatched => ROUTES.len(),
+        }
+    }
+
+    /// The `route` label: the route's path pattern (never the raw path).
+    fn label(self) -> &'static str {
+        match self {
+            Matched::Route(index) => ROUTES[index].path,
+            Matched::Unmatched => "unmatched",
+        }
+    }
+}
+
+/// Records one request: its route, method, status, and the time since
+/// `started`.
+pub(super) fn record(route: Matched, method: &'static str, status: u16, started: Instant) {
     with_series(route, method, status, |series| {
         series.requests.increment(1);
         series.duration.record(started.elapsed().as_secs_f64());
@@ -81,21 +102,21 @@ struct Series {
 }
 
 thread_local! {
-    /// The series this worker thread has recorded into, by route. Looking a
-    /// series up in the recorder means building its key (three label strings)
-    /// and hashing it on every request; the handles it returns stay valid, so
-    /// each thread keeps them. Bounded: routes are the router's patterns and
-    /// "unmatched", methods and statuses a short list.
-    static SERIES: std::cell::RefCell<std::collections::HashMap<Box<str>, Vec<Series>>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+    /// The series this worker thread has recorded into, by [`Matched::slot`].
+    /// Looking a series up in the recorder means building its key (three
+    /// label strings) and hashing it on every request; the handles it returns
+    /// stay valid, so each thread keeps them. Bounded: routes are the table's,
+    /// methods and statuses a short list.
+    static SERIES: std::cell::RefCell<Vec<Vec<Series>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
-fn with_series(route: &str, method: &'static str, status: u16, f: impl FnOnce(&Series)) {
+fn with_series(route: Matched, method: &'static str, status: u16, f: impl FnOnce(&Series)) {
     SERIES.with_borrow_mut(|by_route| {
-        if !by_route.contains_key(route) {
-            by_route.insert(route.into(), Vec::new());
+        if by_route.is_empty() {
+            by_route.resize_with(ROUTES.len() + 1, Vec::new);
         }
-        let list = by_route.get_mut(route).expect("inserted above");
+        let list = &mut by_route[route.slot()];
         let index = match list
             .iter()
             .position(|s| s.method == method && s.status == status)
@@ -107,7 +128,7 @@ fn with_series(route: &str, method: &'static str, status: u16, f: impl FnOnce(&S
                     None => status.to_string().into(),
                 };
                 let labels = [
-                    ("route", metrics::SharedString::from(route.to_owned())),
+                    ("route", metrics::SharedString::from(route.label())),
                     ("method", method.into()),
                     ("status", status_label),
                 ];

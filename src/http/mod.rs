@@ -1,6 +1,8 @@
-//! The HTTP layer: one file per resource, each with its own `router()`, merged
-//! here behind [`Edge`] (request ids, tracing, body limit, time limit, panic
-//! catching, audit, metrics, JSON errors for everything).
+//! The HTTP layer: one file per resource with its handlers; every route
+//! declared once in [`routes::ROUTES`] (method, path, scope, body limit,
+//! audited operation), from which the router is built here, behind [`Edge`]
+//! (request ids, tracing, body limit, time limit, panic catching, audit,
+//! metrics, JSON errors for everything).
 
 mod admin;
 pub mod audit;
@@ -14,12 +16,12 @@ mod jobs;
 pub mod metrics;
 pub mod openapi;
 mod ops;
+mod routes;
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::middleware;
 use axum::Router;
 
 use crate::domain::service::KeyService;
@@ -68,47 +70,24 @@ pub struct RouterSettings {
     pub batch: batch::BatchLimits,
 }
 
-/// The whole API, with what every request passes through.
+/// The whole API ([`routes::ROUTES`]), with what every request passes through.
 pub fn router(state: AppState, settings: RouterSettings) -> Edge {
-    let limit = settings.max_body_bytes;
-    let routes = Router::new()
-        .merge(contract::router(limit))
-        .merge(encryptions::router())
-        .merge(admin::router())
-        .merge(audit::router())
-        .merge(jobs::router())
-        .merge(batch::router(
-            settings.batch,
-            contract::ciphertext_body_limit(limit),
-        ))
-        .merge(ops::router())
-        .merge(openapi::router())
-        .merge(metrics::router());
-    behind_edge(routes, state, settings.request_timeout, Some(limit))
+    std::sync::LazyLock::force(&openapi::DOCUMENT);
+    let routes = routes::build(&state, Some(&settings), settings.request_timeout, |_| true);
+    behind_edge(routes, state, Some(settings.max_body_bytes))
 }
 
 /// The operational endpoints alone (health, readiness, metrics), for a
 /// separate plain-HTTP listener that probes can reach without a client
 /// certificate.
 pub fn ops_router(state: AppState, request_timeout: Duration) -> Edge {
-    let routes = Router::new().merge(ops::router()).merge(metrics::router());
-    behind_edge(routes, state, request_timeout, None)
+    let routes = routes::build(&state, None, request_timeout, |r| r.on_ops_listener);
+    behind_edge(routes, state, None)
 }
 
-/// `routes` with the route layer (time limit, audit, metrics), the fallbacks
-/// and the state, behind an [`Edge`].
-fn behind_edge(
-    routes: Router<AppState>,
-    state: AppState,
-    timeout: Duration,
-    body_limit: Option<usize>,
-) -> Edge {
-    let context = edge::RouteContext {
-        state: state.clone(),
-        timeout,
-    };
+/// `routes` with the fallbacks and the state, behind an [`Edge`].
+fn behind_edge(routes: Router<AppState>, state: AppState, body_limit: Option<usize>) -> Edge {
     let router = routes
-        .route_layer(middleware::from_fn_with_state(context, edge::route))
         .fallback(edge::not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state);

@@ -4,13 +4,14 @@
 //! openapi/keyward.json` regenerates it).
 
 use axum::http::header;
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
-use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
+use axum::http::Method;
+use axum::response::{IntoResponse, Response};
+use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi};
 
-use super::{admin, audit, batch, contract, encryptions, error, jobs, metrics, ops, AppState};
+use super::routes::ROUTES;
+use super::{admin, audit, batch, contract, encryptions, error, jobs, metrics, ops};
 
 /// The `X-Master-Key` header, accepted by encrypt, decrypt, rotate and create.
 #[derive(IntoParams)]
@@ -31,6 +32,20 @@ struct Security;
 
 impl Modify for Security {
     fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        // Every route that takes credentials, as the route table says.
+        for route in ROUTES.iter().filter(|r| r.scope.is_some()) {
+            let operation = api
+                .paths
+                .paths
+                .get_mut(route.path)
+                .and_then(|item| operation_mut(item, &route.method));
+            if let Some(operation) = operation {
+                let none = std::iter::empty::<String>;
+                operation.security = Some(vec![
+                    SecurityRequirement::new("apiKey", none()).add("apiSecret", none())
+                ]);
+            }
+        }
         // Every authenticated call can be refused by the rate limit or the
         // brute-force lockout.
         use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
@@ -104,6 +119,18 @@ impl Modify for Security {
     }
 }
 
+/// The operation of `item` for `method`.
+fn operation_mut<'a>(item: &'a mut PathItem, method: &Method) -> Option<&'a mut Operation> {
+    match *method {
+        Method::GET => item.get.as_mut(),
+        Method::POST => item.post.as_mut(),
+        Method::PATCH => item.patch.as_mut(),
+        Method::PUT => item.put.as_mut(),
+        Method::DELETE => item.delete.as_mut(),
+        _ => None,
+    }
+}
+
 /// The whole API description.
 #[derive(OpenApi)]
 #[openapi(
@@ -136,6 +163,7 @@ impl Modify for Security {
         ops::healthz,
         ops::readyz,
         metrics::metrics,
+        openapi_json,
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&Security),
@@ -161,16 +189,18 @@ pub fn document() -> String {
     json
 }
 
-/// `GET /openapi.json`.
-pub fn router() -> Router<AppState> {
-    let body = document();
-    Router::new().route(
-        "/openapi.json",
-        get(move || {
-            let body = body.clone();
-            async move { ([(header::CONTENT_TYPE, "application/json")], body).into_response() }
-        }),
+/// The document, made once (when the router is built).
+pub(super) static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(document);
+
+/// The OpenAPI description of the API: this document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+pub(super) async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        DOCUMENT.as_str(),
     )
+        .into_response()
 }
 
 #[cfg(test)]

@@ -1,0 +1,245 @@
+//! Every route, declared once, as data (as MinIO KES declares its API): the
+//! method, the path, the scope its caller needs (or none), its body limit and
+//! the operation its audit record names (or none). The router is built from
+//! [`ROUTES`]; each route's layer ([`super::edge::route`]) is given its entry,
+//! so the audit record and the request metrics take the operation and the
+//! route from it, with no lookup per request. Tests check the table against
+//! the OpenAPI document, the audit log's operation names and the real router.
+//!
+//! The scope in the table cannot differ from the one the handler enforces:
+//! [`route!`] names the scope marker once, for the table and for
+//! [`TakesAuth`], which only compiles when the handler's second argument is
+//! `Auth` of that marker. A route without a scope is checked by a test: it
+//! answers without credentials.
+
+use axum::extract::State;
+use axum::http::Method;
+use axum::routing::{on, MethodFilter, MethodRouter};
+use axum::Router;
+
+use super::extract::{
+    AdminScope, Auth, DecryptScope, EncryptScope, ManageScope, RequiredScope, RotateScope,
+};
+use super::{admin, audit, batch, contract, edge, encryptions, jobs, metrics, openapi, ops};
+use super::{AppState, RouterSettings};
+use crate::domain::apikeys::Scope;
+
+/// One route.
+pub(crate) struct Route {
+    /// Its method (a GET route also answers HEAD, as the same operation).
+    pub method: Method,
+    /// Its path, as the OpenAPI document writes it.
+    pub path: &'static str,
+    /// The scope its caller needs; `None`: no credentials at all.
+    pub scope: Option<Scope>,
+    /// How large a body it takes.
+    pub body: BodySize,
+    /// What its audit record calls it; `None`: not audited.
+    pub operation: Option<&'static str>,
+    /// Whether the separate operations listener serves it too.
+    pub on_ops_listener: bool,
+    /// Its handler, as a method router for `method`.
+    handler: fn(MethodFilter) -> MethodRouter<AppState>,
+}
+
+/// The body limit of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BodySize {
+    /// `max_body_bytes`.
+    Normal,
+    /// Carries a ciphertext of data up to `max_body_bytes`: see
+    /// [`ciphertext_body_limit`].
+    Ciphertext,
+    /// A batch: `batch.max_body_bytes`.
+    Batch,
+}
+
+/// The body limit of calls that carry a ciphertext (decrypt, rewrap): a third
+/// more than `max_body_bytes`, plus room for ids and metadata, so that anything
+/// encrypt accepted comes back (base64 makes the ciphertext 4/3 the size of
+/// the data).
+pub fn ciphertext_body_limit(max_body_bytes: usize) -> usize {
+    max_body_bytes
+        .saturating_add(max_body_bytes / 3)
+        .saturating_add(64 * 1024)
+}
+
+/// A [`Route`] entry. An authenticated route names its scope marker, body size
+/// and audited operation; a public one takes no credentials and is not audited.
+macro_rules! route {
+    ($method:ident $path:literal, $handler:path,
+        scope: $scope:ident, body: $body:ident, audit: $operation:literal) => {
+        Route {
+            method: Method::$method,
+            path: $path,
+            scope: Some(<$scope as RequiredScope>::SCOPE),
+            body: BodySize::$body,
+            operation: Some($operation),
+            on_ops_listener: false,
+            handler: |filter| on(filter, scoped::<$scope, _, _>($handler)),
+        }
+    };
+    ($method:ident $path:literal, $handler:path, public, ops_listener: $ops:literal) => {
+        Route {
+            method: Method::$method,
+            path: $path,
+            scope: None,
+            body: BodySize::Normal,
+            operation: None,
+            on_ops_listener: $ops,
+            handler: |filter| on(filter, $handler),
+        }
+    };
+}
+
+/// The whole API.
+#[rustfmt::skip]
+pub(crate) static ROUTES: &[Route] = &[
+    // The fixed v1 contract.
+    route!(POST "/v1/encrypt", contract::encrypt, scope: EncryptScope, body: Normal, audit: "encrypt"),
+    route!(POST "/v1/decrypt", contract::decrypt, scope: DecryptScope, body: Ciphertext, audit: "decrypt"),
+    route!(POST "/v1/rotate", contract::rotate, scope: RotateScope, body: Normal, audit: "rotate"),
+    // Rewrap and batches.
+    route!(POST "/v1/rewrap", batch::rewrap, scope: RotateScope, body: Ciphertext, audit: "rewrap"),
+    route!(POST "/v1/encrypt/batch", batch::encrypt_batch, scope: EncryptScope, body: Batch, audit: "encrypt"),
+    route!(POST "/v1/decrypt/batch", batch::decrypt_batch, scope: DecryptScope, body: Batch, audit: "decrypt"),
+    route!(POST "/v1/rewrap/batch", batch::rewrap_batch, scope: RotateScope, body: Batch, audit: "rewrap"),
+    // Encryptions and their versions.
+    route!(GET "/v1/encryptions", encryptions::list, scope: ManageScope, body: Normal, audit: "encryption.list"),
+    route!(POST "/v1/encryptions", encryptions::create, scope: ManageScope, body: Normal, audit: "encryption.create"),
+    route!(GET "/v1/encryptions/{id}", encryptions::show, scope: ManageScope, body: Normal, audit: "encryption.read"),
+    route!(PATCH "/v1/encryptions/{id}", encryptions::update, scope: ManageScope, body: Normal, audit: "encryption.update"),
+    route!(PATCH "/v1/encryptions/{id}/versions/{versionId}", encryptions::update_version, scope: ManageScope, body: Normal, audit: "version.update"),
+    // Re-encryption jobs.
+    route!(GET "/v1/jobs", jobs::list, scope: ManageScope, body: Normal, audit: "job.list"),
+    route!(POST "/v1/jobs", jobs::create, scope: ManageScope, body: Normal, audit: "job.create"),
+    route!(GET "/v1/jobs/{id}", jobs::show, scope: ManageScope, body: Normal, audit: "job.read"),
+    route!(POST "/v1/jobs/{id}/cancel", jobs::cancel, scope: ManageScope, body: Normal, audit: "job.cancel"),
+    // The operator's.
+    route!(GET "/v1/admin/root-kek", admin::status, scope: AdminScope, body: Normal, audit: "root_kek.read"),
+    route!(POST "/v1/admin/root-kek/rotate", admin::rotate, scope: AdminScope, body: Normal, audit: "root_kek.rotate"),
+    route!(GET "/v1/audit", audit::list, scope: AdminScope, body: Normal, audit: "audit.read"),
+    // Operations, without credentials.
+    route!(GET "/healthz", ops::healthz, public, ops_listener: true),
+    route!(GET "/readyz", ops::readyz, public, ops_listener: true),
+    route!(GET "/metrics", metrics::metrics, public, ops_listener: true),
+    route!(GET "/openapi.json", openapi::openapi_json, public, ops_listener: false),
+];
+
+/// A handler whose first argument is the state and whose second is `Auth<S>`;
+/// `Rest` are its other arguments.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` does not take `Auth<{S}>` as its second argument",
+    note = "a route's scope in the table must be the one its handler's `Auth` enforces"
+)]
+pub(crate) trait TakesAuth<S, Rest> {}
+
+macro_rules! takes_auth {
+    ($($rest:ident),*) => {
+        impl<F, Fut, S: RequiredScope, $($rest,)*> TakesAuth<S, ($($rest,)*)> for F
+        where
+            F: FnOnce(State<AppState>, Auth<S>, $($rest,)*) -> Fut,
+        {
+        }
+    };
+}
+takes_auth!();
+takes_auth!(A);
+takes_auth!(A, B);
+takes_auth!(A, B, C);
+takes_auth!(A, B, C, D);
+
+/// `handler`, once the compiler has checked that it enforces scope `S`.
+fn scoped<S, Rest, H: TakesAuth<S, Rest>>(handler: H) -> H {
+    handler
+}
+
+/// The routes for which `include` holds, each with its own layer: the time
+/// limit, its body limit, the audit record and the request metrics (see
+/// [`edge::route`]). Without `settings` (the operations listener), no route
+/// gets a body limit of its own.
+pub(super) fn build(
+    state: &AppState,
+    settings: Option<&RouterSettings>,
+    timeout: std::time::Duration,
+    include: impl Fn(&Route) -> bool,
+) -> Router<AppState> {
+    ROUTES
+        .iter()
+        .enumerate()
+        .filter(|(_, route)| include(route))
+        .fold(Router::new(), |router, (index, route)| {
+            let context = edge::RouteContext {
+                state: state.clone(),
+                timeout,
+                route,
+                index,
+                body_limit: settings.and_then(|s| match route.body {
+                    BodySize::Normal => None,
+                    BodySize::Ciphertext => Some(ciphertext_body_limit(s.max_body_bytes)),
+                    BodySize::Batch => Some(s.batch.max_body_bytes),
+                }),
+                batch: settings
+                    .filter(|_| route.body == BodySize::Batch)
+                    .map(|s| s.batch),
+            };
+            let filter = MethodFilter::try_from(route.method.clone())
+                .expect("every route's method has a filter");
+            let handler = (route.handler)(filter)
+                .route_layer(axum::middleware::from_fn_with_state(context, edge::route));
+            router.route(route.path, handler)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    #[test]
+    fn the_audit_log_knows_exactly_the_operations_of_the_table_and_automatic_rotation() {
+        let mut operations: BTreeSet<&str> = ROUTES.iter().filter_map(|r| r.operation).collect();
+        operations.insert("rotate.automatic");
+        let known: BTreeSet<&str> = crate::audit::OPERATIONS.iter().copied().collect();
+        assert_eq!(operations, known);
+        assert_eq!(
+            known.len(),
+            crate::audit::OPERATIONS.len(),
+            "OPERATIONS names an operation twice"
+        );
+    }
+
+    #[test]
+    fn a_route_is_audited_exactly_when_it_takes_credentials() {
+        for route in ROUTES {
+            assert_eq!(
+                route.scope.is_some(),
+                route.operation.is_some(),
+                "{} {}",
+                route.method,
+                route.path
+            );
+            assert_eq!(
+                route.scope.is_some(),
+                route.path.starts_with("/v1/"),
+                "{} {}: every /v1 route, and only those, takes credentials",
+                route.method,
+                route.path
+            );
+        }
+    }
+
+    #[test]
+    fn no_route_is_declared_twice() {
+        let mut seen = BTreeSet::new();
+        for route in ROUTES {
+            assert!(
+                seen.insert((route.method.as_str(), route.path)),
+                "{} {} is declared twice",
+                route.method,
+                route.path
+            );
+        }
+    }
+}
