@@ -123,3 +123,6 @@ pub(crate) fn parse_id<T: FromStr>(value: &str, field: &str) -> Result<T, ApiErr
         .parse()
         .map_err(|_| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
 }
+
+#[cfg(test)]
+mod tests;
