@@ -12,13 +12,13 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams, State};
 use axum::http::request::Parts;
-use axum::http::Uri;
 use axum::Json;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody, ErrorCode};
 use super::extract::{AdminScope, Auth};
+use super::query::{self, ApiQuery};
 use super::AppState;
 use crate::audit::{Actor, AuditEvent, AuditLog, AuditRecord, Target, OPERATIONS};
 use crate::domain::identity::ClientIdentity;
@@ -216,30 +216,73 @@ pub(super) async fn begin(
 }
 
 /// Filters and paging of `GET /v1/audit`.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[into_params(parameter_in = Query, rename_all = "camelCase")]
-#[allow(dead_code)]
 pub struct AuditParams {
     /// Records at or after this time (RFC 3339, e.g. `2026-11-23T10:00:00Z`).
-    #[param(format = DateTime)]
-    from: Option<String>,
+    #[serde(default, deserialize_with = "unix_ms")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    from: Option<i64>,
     /// Records before this time (RFC 3339).
-    #[param(format = DateTime)]
-    to: Option<String>,
+    #[serde(default, deserialize_with = "unix_ms")]
+    #[param(value_type = Option<String>, format = DateTime)]
+    to: Option<i64>,
     /// Records of this tenant.
+    #[serde(default, deserialize_with = "query::uuid_text")]
     #[param(format = Uuid)]
     tenant_id: Option<String>,
     /// Records about this encryption.
+    #[serde(default, deserialize_with = "query::uuid_text")]
     #[param(format = Uuid)]
     encryption_id: Option<String>,
     /// Records of this operation (`encrypt`, `decrypt`, `rotate`, ...).
+    #[serde(default, deserialize_with = "operation")]
     #[param(schema_with = operation_schema)]
     operation: Option<String>,
     /// Page size, 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "query::page_limit")]
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// The `nextCursor` of the previous page.
-    cursor: Option<String>,
+    #[serde(default, deserialize_with = "cursor")]
+    #[param(value_type = Option<String>)]
+    cursor: Option<i64>,
+}
+
+/// An RFC 3339 time, as Unix milliseconds.
+fn unix_ms<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    let read = |v: &str| {
+        time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc3339)
+            .ok()
+            .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
+    };
+    query::value(
+        deserializer,
+        read,
+        "expected an RFC 3339 time such as 2026-11-23T10:00:00Z",
+    )
+}
+
+/// One of [`OPERATIONS`].
+fn operation<'de, D>(deserializer: D) -> Result<Option<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Expected;
+    impl std::fmt::Display for Expected {
+        fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "expected one of {}", OPERATIONS.join(", "))
+        }
+    }
+    let read = |v: &str| OPERATIONS.contains(&v).then(|| v.to_string());
+    query::value(deserializer, read, Expected)
+}
+
+/// A position in the table, from 1.
+fn cursor<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<i64>, D::Error> {
+    let read = |v: &str| v.parse().ok().filter(|n| *n > 0);
+    query::value(deserializer, read, query::NOT_A_CURSOR)
 }
 
 /// A page of audit records, newest first.
@@ -257,17 +300,6 @@ fn operation_schema() -> utoipa::openapi::schema::Object {
         .schema_type(utoipa::openapi::schema::Type::String)
         .enum_values(Some(OPERATIONS.iter().copied()))
         .build()
-}
-
-fn parse_time(value: &str, field: &str) -> Result<i64, ApiError> {
-    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
-        .ok()
-        .and_then(|t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok())
-        .ok_or_else(|| {
-            ApiError::InvalidRequest(format!(
-                "`{field}`: expected an RFC 3339 time such as 2026-11-23T10:00:00Z"
-            ))
-        })
 }
 
 /// The audit log (every tenant's), newest first, filtered and paginated.
@@ -290,49 +322,17 @@ fn parse_time(value: &str, field: &str) -> Result<i64, ApiError> {
 pub(super) async fn list(
     State(state): State<AppState>,
     _auth: Auth<AdminScope>,
-    uri: Uri,
+    ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
-    let pairs = super::query_pairs(&uri)?;
     let mut q = AuditQuery {
-        limit: super::DEFAULT_PAGE.into(),
-        ..AuditQuery::default()
+        from_ms: params.from,
+        to_ms: params.to,
+        tenant_id: params.tenant_id,
+        encryption_id: params.encryption_id,
+        operation: params.operation,
+        before_id: params.cursor,
+        limit: params.limit.unwrap_or(query::DEFAULT_PAGE).into(),
     };
-    for (key, value) in pairs {
-        match key.as_str() {
-            "from" => q.from_ms = Some(parse_time(&value, "from")?),
-            "to" => q.to_ms = Some(parse_time(&value, "to")?),
-            "tenantId" => {
-                super::parse_id::<crate::domain::TenantId>(&value, "tenantId")?;
-                q.tenant_id = Some(value);
-            }
-            "encryptionId" => {
-                super::parse_id::<EncryptionId>(&value, "encryptionId")?;
-                q.encryption_id = Some(value);
-            }
-            "operation" => {
-                if !OPERATIONS.contains(&value.as_str()) {
-                    return Err(ApiError::InvalidRequest(format!(
-                        "`operation`: expected one of {}",
-                        OPERATIONS.join(", ")
-                    )));
-                }
-                q.operation = Some(value);
-            }
-            "limit" => q.limit = super::page_limit(&value)?.into(),
-            "cursor" => {
-                q.before_id = Some(value.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
-                    ApiError::InvalidRequest(
-                        "`cursor`: not a cursor returned by this endpoint".into(),
-                    )
-                })?)
-            }
-            _ => {
-                return Err(ApiError::InvalidRequest(
-                    "unknown query parameter (expected `from`, `to`, `tenantId`, `encryptionId`, `operation`, `limit` or `cursor`)".into(),
-                ))
-            }
-        }
-    }
     // What this replica recorded before this call is in the table first.
     state.audit.flush().await;
     let limit = q.limit;

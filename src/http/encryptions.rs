@@ -3,7 +3,7 @@
 //! any response.
 
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, Uri};
+use axum::http::StatusCode;
 use axum::Json;
 use base64::Engine;
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use super::contract::ALGORITHM;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Auth, ManageScope, MasterKeyHeader};
 use super::openapi::MasterKeyParam;
+use super::query::{self, ApiQuery};
 use super::{parse_id, AppState};
 use crate::domain::keys::VersionState;
 use crate::domain::records::{EncryptionRow, VersionRow};
@@ -145,15 +146,25 @@ pub struct EncryptionPage {
 }
 
 /// Paging parameters of `GET /v1/encryptions`.
-#[derive(IntoParams)]
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-#[allow(dead_code)]
 pub struct ListParams {
     /// Page size, 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "query::page_limit")]
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// The `nextCursor` of the previous page.
-    cursor: Option<String>,
+    #[serde(default, deserialize_with = "cursor")]
+    #[param(value_type = Option<String>)]
+    cursor: Option<(i64, EncryptionId)>,
+}
+
+fn cursor<'de, D>(deserializer: D) -> Result<Option<(i64, EncryptionId)>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    query::value(deserializer, decode_cursor, query::NOT_A_CURSOR)
 }
 
 fn summary(e: &EncryptionRow) -> EncryptionSummary {
@@ -425,30 +436,12 @@ fn decode_cursor(c: &str) -> Option<(i64, EncryptionId)> {
 pub(super) async fn list(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
-    uri: Uri,
+    ApiQuery(params): ApiQuery<ListParams>,
 ) -> Result<Json<EncryptionPage>, ApiError> {
-    let mut limit = super::DEFAULT_PAGE;
-    let mut after = None;
-    for (key, value) in super::query_pairs(&uri)? {
-        match key.as_str() {
-            "limit" => limit = super::page_limit(&value)?,
-            "cursor" => {
-                after = Some(decode_cursor(&value).ok_or_else(|| {
-                    ApiError::InvalidRequest(
-                        "`cursor`: not a cursor returned by this endpoint".into(),
-                    )
-                })?)
-            }
-            _ => {
-                return Err(ApiError::InvalidRequest(
-                    "unknown query parameter (expected `limit` or `cursor`)".into(),
-                ))
-            }
-        }
-    }
+    let limit = params.limit.unwrap_or(query::DEFAULT_PAGE);
     let mut rows = state
         .service
-        .list_encryptions(auth.principal.tenant_id, after, limit + 1)
+        .list_encryptions(auth.principal.tenant_id, params.cursor, limit + 1)
         .await?;
     let next_cursor = if rows.len() > limit as usize {
         rows.truncate(limit as usize);

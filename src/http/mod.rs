@@ -16,6 +16,7 @@ mod jobs;
 pub mod metrics;
 pub mod openapi;
 mod ops;
+mod query;
 mod routes;
 
 use std::str::FromStr;
@@ -92,29 +93,6 @@ fn behind_edge(routes: Router<AppState>, state: AppState, body_limit: Option<usi
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state);
     Edge::new(router, body_limit)
-}
-
-/// Largest page size of the list endpoints.
-pub(crate) const MAX_PAGE: u32 = 1000;
-/// Default page size of the list endpoints.
-pub(crate) const DEFAULT_PAGE: u32 = 100;
-
-/// The query string's `name=value` pairs, percent-decoded.
-pub(crate) fn query_pairs(uri: &axum::http::Uri) -> Result<Vec<(String, String)>, ApiError> {
-    axum::extract::Query::try_from_uri(uri)
-        .map(|axum::extract::Query(pairs)| pairs)
-        .map_err(|_| ApiError::InvalidRequest("the query string does not parse".into()))
-}
-
-/// A `limit` parameter: 1 to [`MAX_PAGE`].
-pub(crate) fn page_limit(value: &str) -> Result<u32, ApiError> {
-    value
-        .parse()
-        .ok()
-        .filter(|n| (1..=MAX_PAGE).contains(n))
-        .ok_or_else(|| {
-            ApiError::InvalidRequest(format!("`limit`: must be an integer from 1 to {MAX_PAGE}"))
-        })
 }
 
 /// Parses a UUID field into an id newtype; the error names the field only.

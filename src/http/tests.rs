@@ -360,3 +360,55 @@ async fn each_route_takes_the_body_size_the_table_gives_it() {
         .await;
     answer.is_error(413, "too_many_items");
 }
+
+#[tokio::test]
+async fn bad_query_parameters_are_invalid_request_naming_the_parameter() {
+    let api = TestApi::start().await;
+    let page = "`limit`: must be an integer from 1 to 1000";
+    let cursor = "`cursor`: not a cursor returned by this endpoint";
+    for (query, message) in [
+        ("limit=0", page),
+        ("limit=abc", page),
+        ("limit=100000", page),
+        ("cursor=garbage", cursor),
+        (
+            "foo=bar",
+            "unknown query parameter (expected `limit` or `cursor`)",
+        ),
+    ] {
+        let answer = api.get(&format!("/v1/encryptions?{query}")).await;
+        assert_eq!(answer.is_error(400, "invalid_request"), message, "{query}");
+    }
+    let operations = crate::audit::OPERATIONS.join(", ");
+    for (query, message) in [
+        ("limit=0", page.to_string()),
+        ("cursor=abc", cursor.to_string()),
+        ("cursor=0", cursor.to_string()),
+        (
+            "operation=steal",
+            format!("`operation`: expected one of {operations}"),
+        ),
+        (
+            "from=yesterday",
+            "`from`: expected an RFC 3339 time such as 2026-11-23T10:00:00Z".into(),
+        ),
+        ("encryptionId=x", "`encryptionId`: not a UUID".into()),
+        ("tenantId=x", "`tenantId`: not a UUID".into()),
+        (
+            "colour=red",
+            "unknown query parameter (expected `from`, `to`, `tenantId`, `encryptionId`, \
+             `operation`, `limit` or `cursor`)"
+                .into(),
+        ),
+    ] {
+        let answer = api.get(&format!("/v1/audit?{query}")).await;
+        assert_eq!(answer.is_error(400, "invalid_request"), message, "{query}");
+    }
+    // Good parameters pass, in any RFC 3339 offset.
+    let answer = api
+        .get("/v1/audit?from=2000-01-01T02:00:00%2B02:00&operation=encrypt&limit=5")
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    let answer = api.get("/v1/encryptions?limit=1000").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+}
