@@ -54,8 +54,6 @@ pub struct RootKekRotation {
     tag = "admin",
     responses(
         (status = 200, description = "Root KEKs", body = RootKekStatus),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
     )
 )]
 pub(super) async fn status(
@@ -85,8 +83,6 @@ pub(super) async fn status(
     tag = "admin",
     responses(
         (status = 202, description = "Rotation started; poll GET /v1/admin/root-kek", body = RootKekRotation),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 503, description = "`not_ready` or `unavailable` (the master-key provider is needed)", body = ErrorBody),
     )
 )]

@@ -314,9 +314,7 @@ fn operation_schema() -> utoipa::openapi::schema::Object {
     responses(
         (status = 200, description = "A page of records", body = AuditPage),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch` or `insufficient_scope` (needs `admin`)", body = ErrorBody),
-        (status = 429, description = "`rate_limited` or `too_many_failed_attempts`", body = ErrorBody),
     )
 )]
 pub(super) async fn list(

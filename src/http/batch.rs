@@ -10,7 +10,7 @@ use axum::{Extension, Json};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use utoipa::ToSchema;
+use utoipa::{IntoResponses, ToSchema};
 
 use super::audit::AuditNote;
 use super::contract::{
@@ -103,6 +103,17 @@ pub enum ItemResult<T> {
     Err(ErrorBody),
 }
 
+/// What a batch can be refused with as a whole, besides authentication (for
+/// the OpenAPI document; a bad item is an item's error).
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+enum BatchRefusals {
+    #[response(status = 400, description = "Bad input")]
+    BadInput(ErrorBody),
+    #[response(status = 413, description = "`too_many_items` or `payload_too_large`")]
+    TooLarge(ErrorBody),
+}
+
 /// A batch's results, in item order.
 #[derive(Serialize, ToSchema)]
 pub struct BatchResponse<T> {
@@ -159,10 +170,8 @@ where
     request_body = BatchRequest,
     responses(
         (status = 200, description = "One result per item: encrypt's output or an error", body = BatchResponse<EncryptResponse>),
-        (status = 400, description = "Bad input", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` or `certificate_mismatch`", body = ErrorBody),
-        (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
+        BatchRefusals,
     ))]
 pub(super) async fn encrypt_batch(
     State(state): State<AppState>,
@@ -184,10 +193,8 @@ pub(super) async fn encrypt_batch(
     request_body = BatchRequest,
     responses(
         (status = 200, description = "One result per item: decrypt's output or an error", body = BatchResponse<DecryptResponse>),
-        (status = 400, description = "Bad input", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` or `certificate_mismatch`", body = ErrorBody),
-        (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
+        BatchRefusals,
     ))]
 pub(super) async fn decrypt_batch(
     State(state): State<AppState>,
@@ -209,10 +216,8 @@ pub(super) async fn decrypt_batch(
     request_body = BatchRequest,
     responses(
         (status = 200, description = "One result per item: encrypt's output or an error", body = BatchResponse<EncryptResponse>),
-        (status = 400, description = "Bad input", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` (needs `rotate`) or `certificate_mismatch`", body = ErrorBody),
-        (status = 413, description = "`too_many_items` or `payload_too_large`", body = ErrorBody),
+        BatchRefusals,
     ))]
 pub(super) async fn rewrap_batch(
     State(state): State<AppState>,

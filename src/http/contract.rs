@@ -81,8 +81,6 @@ pub struct EncryptResponse {
         (status = 403, description = "`certificate_mismatch`, `insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found` or `version_not_found`", body = ErrorBody),
         (status = 410, description = "`version_destroyed`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
         (status = 422, description = "`version_not_encryptable`", body = ErrorBody),
     )
 )]
@@ -293,8 +291,6 @@ impl<'de> Deserialize<'de> for DecryptMetadata {
         (status = 403, description = "`certificate_mismatch`, `insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 410, description = "`version_destroyed`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
     )
 )]
 pub(super) async fn decrypt(
@@ -439,8 +435,6 @@ pub struct RotateResponse {
         (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
         (status = 403, description = "`certificate_mismatch`, `insufficient_scope` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
     )
 )]
 pub(super) async fn rotate(

@@ -213,10 +213,6 @@ fn view(d: &EncryptionDetails) -> EncryptionView {
     responses(
         (status = 201, description = "Created", body = EncryptionView),
         (status = 400, description = "Bad input", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
-        (status = 413, description = "`payload_too_large`", body = ErrorBody),
-        (status = 415, description = "`unsupported_media_type`", body = ErrorBody),
     )
 )]
 pub(super) async fn create(
@@ -258,8 +254,6 @@ pub(super) async fn create(
     responses(
         (status = 200, description = "The encryption", body = EncryptionView),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
     )
 )]
@@ -300,8 +294,6 @@ pub struct PolicyRequest {
     responses(
         (status = 200, description = "The encryption with its new policy", body = EncryptionView),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 422, description = "`invalid_policy`", body = ErrorBody),
     )
@@ -382,8 +374,6 @@ pub struct VersionStateRequest {
     responses(
         (status = 200, description = "The encryption with the changed version", body = EncryptionView),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found` or `version_not_found`", body = ErrorBody),
         (status = 409, description = "`invalid_state_change` (the active version, a destroyed version, or `active`), or `version_in_use` (the last job found rows on it; send `force`)", body = ErrorBody),
     )
@@ -429,8 +419,6 @@ fn decode_cursor(c: &str) -> Option<(i64, EncryptionId)> {
     responses(
         (status = 200, description = "A page", body = EncryptionPage),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
     )
 )]
 pub(super) async fn list(

@@ -175,8 +175,6 @@ impl From<JobError> for ApiError {
     responses(
         (status = 202, description = "Queued", body = JobCreated),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 422, description = "`invalid_job` (bad identifiers, unreachable source, client-mode encryption)", body = ErrorBody),
     ))]
@@ -225,8 +223,6 @@ pub(super) async fn create(
     responses(
         (status = 200, description = "The job", body = JobView),
         (status = 400, description = "`invalid_request` (the id is not a UUID)", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
     ))]
 pub(super) async fn show(
@@ -247,8 +243,6 @@ pub(super) async fn show(
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs",
     responses(
         (status = 200, description = "Jobs", body = JobList),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
     ))]
 pub(super) async fn list(
     State(state): State<AppState>,
@@ -266,8 +260,6 @@ pub(super) async fn list(
     responses(
         (status = 200, description = "The job after cancelling", body = JobView),
         (status = 400, description = "`invalid_request` (the id is not a UUID)", body = ErrorBody),
-        (status = 401, description = "`missing_credentials` or `invalid_credentials`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope`", body = ErrorBody),
         (status = 404, description = "`job_not_found`", body = ErrorBody),
     ))]
 pub(super) async fn cancel(

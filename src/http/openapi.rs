@@ -6,8 +6,9 @@
 use axum::http::header;
 use axum::http::Method;
 use axum::response::{IntoResponse, Response};
-use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::path::{Operation, Paths};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{IntoParams, Modify, OpenApi};
 
 use super::routes::ROUTES;
@@ -32,63 +33,54 @@ struct Security;
 
 impl Modify for Security {
     fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
-        // Every route that takes credentials, as the route table says.
-        for route in ROUTES.iter().filter(|r| r.scope.is_some()) {
-            let operation = api
-                .paths
-                .paths
-                .get_mut(route.path)
-                .and_then(|item| operation_mut(item, &route.method));
-            if let Some(operation) = operation {
+        // The refusals that routes answer whatever their handler does (a
+        // handler documents its own when it has more reasons): those of
+        // authentication for the routes that take credentials, as the route
+        // table says, and those of the body for the routes that take one.
+        for route in ROUTES {
+            let Some(operation) = operation_mut(&mut api.paths, route.path, &route.method) else {
+                continue;
+            };
+            let mut refusals = Vec::new();
+            if route.scope.is_some() {
                 let none = std::iter::empty::<String>;
                 operation.security = Some(vec![
                     SecurityRequirement::new("apiKey", none()).add("apiSecret", none())
                 ]);
+                refusals.extend([
+                    ("401", "`missing_credentials` or `invalid_credentials`"),
+                    ("403", "`certificate_mismatch` or `insufficient_scope`"),
+                ]);
             }
-        }
-        // Every authenticated call can be refused by the rate limit or the
-        // brute-force lockout.
-        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
-        let too_many = ResponseBuilder::new()
-            .description("`rate_limited` or `too_many_failed_attempts`, with Retry-After")
-            .content(
-                "application/json",
-                ContentBuilder::new()
-                    .schema(Some(Ref::from_schema_name("ErrorBody")))
-                    .build(),
-            )
-            .build();
-        for item in api.paths.paths.values_mut() {
-            for op in [
-                &mut item.get,
-                &mut item.post,
-                &mut item.patch,
-                &mut item.put,
-                &mut item.delete,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
-                    op.responses
-                        .responses
-                        .insert("429".to_string(), too_many.clone().into());
-                }
+            if operation.request_body.is_some() {
+                refusals.extend([
+                    ("413", "`payload_too_large`"),
+                    ("415", "`unsupported_media_type`"),
+                ]);
+            }
+            let responses = &mut operation.responses.responses;
+            for (status, description) in refusals {
+                responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error_response(description));
+            }
+            if route.scope.is_some() {
+                responses.insert(
+                    "429".to_string(),
+                    error_response(
+                        "`rate_limited` or `too_many_failed_attempts`, with Retry-After",
+                    ),
+                );
             }
         }
         // Bodies that may be left out entirely (they mean `{}`).
         for (path, method) in [
-            ("/v1/encryptions", "post"),
-            ("/v1/encryptions/{id}", "patch"),
+            ("/v1/encryptions", Method::POST),
+            ("/v1/encryptions/{id}", Method::PATCH),
         ] {
-            if let Some(item) = api.paths.paths.get_mut(path) {
-                let op = match method {
-                    "post" => item.post.as_mut(),
-                    _ => item.patch.as_mut(),
-                };
-                if let Some(body) = op.and_then(|o| o.request_body.as_mut()) {
-                    body.required = Some(utoipa::openapi::Required::False);
-                }
+            let operation = operation_mut(&mut api.paths, path, &method);
+            if let Some(body) = operation.and_then(|o| o.request_body.as_mut()) {
+                body.required = Some(utoipa::openapi::Required::False);
             }
         }
         let components = api.components.get_or_insert_with(Default::default);
@@ -119,8 +111,13 @@ impl Modify for Security {
     }
 }
 
-/// The operation of `item` for `method`.
-fn operation_mut<'a>(item: &'a mut PathItem, method: &Method) -> Option<&'a mut Operation> {
+/// The operation of `method` on `path`.
+fn operation_mut<'a>(
+    paths: &'a mut Paths,
+    path: &str,
+    method: &Method,
+) -> Option<&'a mut Operation> {
+    let item = paths.paths.get_mut(path)?;
     match *method {
         Method::GET => item.get.as_mut(),
         Method::POST => item.post.as_mut(),
@@ -129,6 +126,20 @@ fn operation_mut<'a>(item: &'a mut PathItem, method: &Method) -> Option<&'a mut 
         Method::DELETE => item.delete.as_mut(),
         _ => None,
     }
+}
+
+/// An error response: `description` and an [`error::ErrorBody`].
+fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            "application/json",
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build(),
+        )
+        .build()
+        .into()
 }
 
 /// The whole API description.

@@ -412,3 +412,25 @@ async fn bad_query_parameters_are_invalid_request_naming_the_parameter() {
     let answer = api.get("/v1/encryptions?limit=1000").await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
 }
+
+#[tokio::test]
+async fn every_route_that_takes_a_body_refuses_one_that_is_not_json() {
+    let api = TestApi::start().await;
+    let document: Value = serde_json::from_str(&super::openapi::document()).unwrap();
+    let mut checked = 0;
+    for route in ROUTES {
+        let operation = &document["paths"][route.path][route.method.as_str().to_lowercase()];
+        if operation["requestBody"].is_null() {
+            continue;
+        }
+        assert!(route.scope.is_some(), "{}", route.path);
+        let req = api
+            .authed(route.method.clone(), &concrete(route.path))
+            .header(header::CONTENT_TYPE, "text/plain")
+            .body(Body::from("{}"))
+            .unwrap();
+        api.send(req).await.is_error(415, "unsupported_media_type");
+        checked += 1;
+    }
+    assert!(checked >= 10, "{checked}");
+}
