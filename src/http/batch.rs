@@ -13,15 +13,11 @@ use serde_json::Value;
 use utoipa::{IntoResponses, ToSchema};
 
 use super::audit::AuditNote;
-use super::contract::{
-    decrypt_one, encrypt_one, encrypted_response, DecryptRequest, DecryptResponse, EncryptRequest,
-    EncryptResponse,
-};
+use super::contract::{Call, DecryptRequest, DecryptResponse, EncryptResponse};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope};
 use super::openapi::MasterKeyParam;
 use super::AppState;
-use crate::domain::service::{ClientKey, Principal};
 
 /// Limits of batch requests.
 #[derive(Debug, Clone, Copy)]
@@ -30,29 +26,6 @@ pub struct BatchLimits {
     pub max_items: usize,
     /// Largest batch body.
     pub max_body_bytes: usize,
-}
-
-async fn rewrap_one(
-    state: &AppState,
-    caller: &Principal,
-    note: &AuditNote,
-    client_key: Option<&ClientKey>,
-    req: DecryptRequest,
-) -> Result<EncryptResponse, ApiError> {
-    let p = req.parse_noted(note)?;
-    let out = state
-        .service
-        .rewrap(
-            caller.tenant_id,
-            p.id,
-            p.version,
-            p.nonce,
-            &p.ciphertext,
-            client_key,
-        )
-        .await?;
-    note.version(out.version_id);
-    Ok(encrypted_response(p.id, out))
 }
 
 /// Re-encrypt a ciphertext under the active version (decrypt's input,
@@ -76,12 +49,11 @@ pub(super) async fn rewrap(
     State(state): State<AppState>,
     auth: Auth<RotateScope>,
     note: AuditNote,
-    MasterKeyHeader(client_key): MasterKeyHeader,
+    client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<DecryptRequest>,
 ) -> Result<Json<EncryptResponse>, ApiError> {
-    rewrap_one(&state, &auth.principal, &note, client_key.as_ref(), req)
-        .await
-        .map(Json)
+    let call = Call::new(&state, &auth, &note, &client_key);
+    call.rewrap(req).await.map(Json)
 }
 
 /// A batch: the single calls' inputs.
@@ -178,14 +150,11 @@ pub(super) async fn encrypt_batch(
     auth: Auth<EncryptScope>,
     Extension(limits): Extension<BatchLimits>,
     note: AuditNote,
-    MasterKeyHeader(client_key): MasterKeyHeader,
+    client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Json<BatchResponse<EncryptResponse>>, ApiError> {
-    let (state, caller, key, n) = (&state, &auth.principal, client_key.as_ref(), &note);
-    run(req, limits, n, |i: EncryptRequest| {
-        encrypt_one(state, caller, n, key, i)
-    })
-    .await
+    let call = Call::new(&state, &auth, &note, &client_key);
+    run(req, limits, &note, |item| call.encrypt(item)).await
 }
 
 /// Decrypt many items in one call.
@@ -201,14 +170,11 @@ pub(super) async fn decrypt_batch(
     auth: Auth<DecryptScope>,
     Extension(limits): Extension<BatchLimits>,
     note: AuditNote,
-    MasterKeyHeader(client_key): MasterKeyHeader,
+    client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Json<BatchResponse<DecryptResponse>>, ApiError> {
-    let (state, caller, key, n) = (&state, &auth.principal, client_key.as_ref(), &note);
-    run(req, limits, n, |i: DecryptRequest| {
-        decrypt_one(state, caller, n, key, i)
-    })
-    .await
+    let call = Call::new(&state, &auth, &note, &client_key);
+    run(req, limits, &note, |item| call.decrypt(item)).await
 }
 
 /// Re-encrypt many ciphertexts under the active version in one call.
@@ -224,12 +190,9 @@ pub(super) async fn rewrap_batch(
     auth: Auth<RotateScope>,
     Extension(limits): Extension<BatchLimits>,
     note: AuditNote,
-    MasterKeyHeader(client_key): MasterKeyHeader,
+    client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<Json<BatchResponse<EncryptResponse>>, ApiError> {
-    let (state, caller, key, n) = (&state, &auth.principal, client_key.as_ref(), &note);
-    run(req, limits, n, |i: DecryptRequest| {
-        rewrap_one(state, caller, n, key, i)
-    })
-    .await
+    let call = Call::new(&state, &auth, &note, &client_key);
+    run(req, limits, &note, |item| call.rewrap(item)).await
 }

@@ -11,12 +11,14 @@ use utoipa::ToSchema;
 
 use super::audit::AuditNote;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope};
+use super::extract::{
+    ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RequiredScope, RotateScope,
+};
 use super::openapi::MasterKeyParam;
-use super::{parse_id, AppState};
+use super::{parse_id, parse_optional_id, AppState};
 use crate::crypto::NONCE_LEN;
-use crate::domain::service::{ClientKey, Encrypted, KeyError, Principal};
-use crate::domain::{EncryptionId, VersionId};
+use crate::domain::service::{ClientKey, Encrypted, KeyError};
+use crate::domain::{EncryptionId, TenantId, VersionId};
 
 /// The only algorithm v1 offers.
 pub const ALGORITHM: &str = "AES-256-GCM";
@@ -88,50 +90,104 @@ pub(super) async fn encrypt(
     State(state): State<AppState>,
     auth: Auth<EncryptScope>,
     note: AuditNote,
-    MasterKeyHeader(client_key): MasterKeyHeader,
+    client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<EncryptRequest>,
 ) -> Result<Response, ApiError> {
     let data_len = req.data.len();
-    let out = encrypt_one(&state, &auth.principal, &note, client_key.as_ref(), req).await?;
+    let out = Call::new(&state, &auth, &note, &client_key)
+        .encrypt(req)
+        .await?;
     // Base64 of the data and tag, two ids, the nonce and the field names.
     Ok(json_response(&out, (data_len + 16) * 4 / 3 + 256))
 }
 
-/// One encryption: the single call and each batch item.
-pub(super) async fn encrypt_one(
-    state: &AppState,
-    caller: &Principal,
-    note: &AuditNote,
-    client_key: Option<&ClientKey>,
-    req: EncryptRequest,
-) -> Result<EncryptResponse, ApiError> {
-    let id = parse_id(&req.encryption_id, "encryptionId")?;
-    note.encryption(id);
-    let version = req
-        .encryption_version_id
-        .as_deref()
-        .map(|v| parse_id(v, "encryptionVersionId"))
-        .transpose()?;
-    if let Some(v) = version {
-        note.version(v);
+/// One call of the contract, a request's or a batch item's: the service, the
+/// caller's tenant, the request's audit note (which the call fills) and the
+/// client key the request sent.
+#[derive(Clone, Copy)]
+pub(super) struct Call<'a> {
+    state: &'a AppState,
+    tenant: TenantId,
+    note: &'a AuditNote,
+    client_key: Option<&'a ClientKey>,
+}
+
+impl<'a> Call<'a> {
+    /// A call by `auth`'s caller.
+    pub(super) fn new<S: RequiredScope>(
+        state: &'a AppState,
+        auth: &Auth<S>,
+        note: &'a AuditNote,
+        client_key: &'a MasterKeyHeader,
+    ) -> Call<'a> {
+        Call {
+            state,
+            tenant: auth.principal.tenant_id,
+            note,
+            client_key: client_key.0.as_ref(),
+        }
     }
-    let out = state
-        .service
-        .encrypt(
-            caller.tenant_id,
-            id,
-            version,
-            req.data.as_bytes(),
-            client_key,
-        )
-        .await?;
-    super::metrics::bytes_encrypted().increment(req.data.len() as u64);
-    note.version(out.version_id);
-    Ok(encrypted_response(id, out))
+
+    /// Encrypts under the active version, or the one named.
+    pub(super) async fn encrypt(self, req: EncryptRequest) -> Result<EncryptResponse, ApiError> {
+        let id = parse_id(&req.encryption_id, "encryptionId")?;
+        self.note.encryption(id);
+        let version = req.encryption_version_id.as_deref();
+        let version = parse_optional_id(version, "encryptionVersionId")?;
+        if let Some(v) = version {
+            self.note.version(v);
+        }
+        let data = req.data.as_bytes();
+        let service = &self.state.service;
+        let out = service
+            .encrypt(self.tenant, id, version, data, self.client_key)
+            .await?;
+        super::metrics::bytes_encrypted().increment(data.len() as u64);
+        self.note.version(out.version_id);
+        Ok(encrypted_response(id, out))
+    }
+
+    /// Decrypts a ciphertext made by encrypt.
+    pub(super) async fn decrypt(self, req: DecryptRequest) -> Result<DecryptResponse, ApiError> {
+        let (id, version, nonce, ciphertext) = req.parse_noted(self.note)?;
+        let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
+        let opened = service.decrypt(tenant, id, version, nonce, &ciphertext, key);
+        let plaintext = opened.await?;
+        // The plaintext was a JSON string's UTF-8 bytes, and GCM authenticated
+        // it, so this cannot fail unless the key itself is wrong, which GCM
+        // already refused.
+        super::metrics::bytes_decrypted().increment(plaintext.len() as u64);
+        let data =
+            String::from_utf8(plaintext).map_err(|_| ApiError::Key(KeyError::DecryptionFailed))?;
+        Ok(DecryptResponse { data })
+    }
+
+    /// Re-encrypts a ciphertext under the active version; the plaintext never
+    /// leaves the service.
+    pub(super) async fn rewrap(self, req: DecryptRequest) -> Result<EncryptResponse, ApiError> {
+        let (id, version, nonce, ciphertext) = req.parse_noted(self.note)?;
+        let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
+        let rewrapped = service.rewrap(tenant, id, version, nonce, &ciphertext, key);
+        let out = rewrapped.await?;
+        self.note.version(out.version_id);
+        Ok(encrypted_response(id, out))
+    }
+
+    /// Makes a new version active.
+    async fn rotate(self, req: RotateRequest) -> Result<RotateResponse, ApiError> {
+        let id = parse_id(&req.encryption_id, "encryptionId")?;
+        self.note.encryption(id);
+        let service = &self.state.service;
+        let new_version = service.rotate(self.tenant, id, self.client_key).await?;
+        self.note.version(new_version);
+        Ok(RotateResponse {
+            new_version_id: new_version.to_string(),
+        })
+    }
 }
 
 /// The contract's encrypt output.
-pub(super) fn encrypted_response(id: EncryptionId, out: Encrypted) -> EncryptResponse {
+fn encrypted_response(id: EncryptionId, out: Encrypted) -> EncryptResponse {
     EncryptResponse {
         cipher_text: B64.encode(&out.ciphertext),
         encryption_id: id.to_string(),
@@ -297,10 +353,12 @@ pub(super) async fn decrypt(
     State(state): State<AppState>,
     auth: Auth<DecryptScope>,
     note: AuditNote,
-    MasterKeyHeader(client_key): MasterKeyHeader,
+    client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<DecryptRequest>,
 ) -> Result<Response, ApiError> {
-    let out = decrypt_one(&state, &auth.principal, &note, client_key.as_ref(), req).await?;
+    let out = Call::new(&state, &auth, &note, &client_key)
+        .decrypt(req)
+        .await?;
     Ok(json_response(&out, out.data.len() + 32))
 }
 
@@ -348,60 +406,24 @@ fn json_response(value: &impl WriteJson, capacity: usize) -> Response {
         .into_response()
 }
 
-/// A decrypt request parsed into ids, nonce and ciphertext.
-pub(super) struct ParsedCiphertext {
-    pub id: EncryptionId,
-    pub version: VersionId,
-    pub nonce: Option<[u8; NONCE_LEN]>,
-    pub ciphertext: Vec<u8>,
-}
+/// A decrypt request parsed: encryption, version, nonce (if the metadata holds
+/// one) and ciphertext.
+type ParsedCiphertext = (EncryptionId, VersionId, Option<[u8; NONCE_LEN]>, Vec<u8>);
 
 impl DecryptRequest {
     /// Parses the fields; bad ids and bad base64 are `invalid_request`, while a
     /// bad nonce or metadata is left for `decryption_failed`. The ids go into
     /// the audit note as soon as they parse.
-    pub(super) fn parse_noted(self, note: &AuditNote) -> Result<ParsedCiphertext, ApiError> {
+    fn parse_noted(self, note: &AuditNote) -> Result<ParsedCiphertext, ApiError> {
         let id = parse_id(&self.encryption_id, "encryptionId")?;
         note.encryption(id);
         let version = parse_id(&self.encryption_version_id, "encryptionVersionId")?;
         note.version(version);
-        Ok(ParsedCiphertext {
-            id,
-            version,
-            ciphertext: B64
-                .decode(self.cipher_text.as_bytes())
-                .map_err(|_| ApiError::InvalidRequest("`cipherText`: not valid base64".into()))?,
-            nonce: self.metadata.0,
-        })
+        let ciphertext = B64
+            .decode(self.cipher_text.as_bytes())
+            .map_err(|_| ApiError::InvalidRequest("`cipherText`: not valid base64".into()))?;
+        Ok((id, version, self.metadata.0, ciphertext))
     }
-}
-
-/// One decryption: the single call and each batch item.
-pub(super) async fn decrypt_one(
-    state: &AppState,
-    caller: &Principal,
-    note: &AuditNote,
-    client_key: Option<&ClientKey>,
-    req: DecryptRequest,
-) -> Result<DecryptResponse, ApiError> {
-    let p = req.parse_noted(note)?;
-    let plaintext = state
-        .service
-        .decrypt(
-            caller.tenant_id,
-            p.id,
-            p.version,
-            p.nonce,
-            &p.ciphertext,
-            client_key,
-        )
-        .await?;
-    // The plaintext was a JSON string's UTF-8 bytes, and GCM authenticated it, so
-    // this cannot fail unless the key itself is wrong, which GCM already refused.
-    super::metrics::bytes_decrypted().increment(plaintext.len() as u64);
-    let data =
-        String::from_utf8(plaintext).map_err(|_| ApiError::Key(KeyError::DecryptionFailed))?;
-    Ok(DecryptResponse { data })
 }
 
 /// `POST /v1/rotate` input.
@@ -441,19 +463,11 @@ pub(super) async fn rotate(
     State(state): State<AppState>,
     auth: Auth<RotateScope>,
     note: AuditNote,
-    MasterKeyHeader(client_key): MasterKeyHeader,
+    client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<RotateRequest>,
 ) -> Result<Json<RotateResponse>, ApiError> {
-    let id = parse_id(&req.encryption_id, "encryptionId")?;
-    note.encryption(id);
-    let new_version = state
-        .service
-        .rotate(auth.principal.tenant_id, id, client_key.as_ref())
-        .await?;
-    note.version(new_version);
-    Ok(Json(RotateResponse {
-        new_version_id: new_version.to_string(),
-    }))
+    let call = Call::new(&state, &auth, &note, &client_key);
+    call.rotate(req).await.map(Json)
 }
 
 #[cfg(test)]

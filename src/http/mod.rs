@@ -102,5 +102,13 @@ pub(crate) fn parse_id<T: FromStr>(value: &str, field: &str) -> Result<T, ApiErr
         .map_err(|_| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
 }
 
+/// Like [`parse_id`], for a field that may be left out.
+pub(crate) fn parse_optional_id<T: FromStr>(
+    value: Option<&str>,
+    field: &str,
+) -> Result<Option<T>, ApiError> {
+    value.map(|v| parse_id(v, field)).transpose()
+}
+
 #[cfg(test)]
 mod tests;
