@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{ApiJson, Auth, ManageScope};
-use super::{parse_id, AppState};
+use super::{parse_id, parse_optional_id, AppState};
 use crate::domain::jobs::{describe_source, start_job, JobError, JobSource, NewJob};
 use crate::domain::records::JobRow;
 use crate::domain::states::JobState;
@@ -189,11 +189,7 @@ pub(super) async fn create(
             "`kind`: expected `reencrypt`".into(),
         ));
     }
-    let encryption_id = req
-        .encryption_id
-        .as_deref()
-        .map(|e| parse_id(e, "encryptionId"))
-        .transpose()?;
+    let encryption_id = parse_optional_id(req.encryption_id.as_deref(), "encryptionId")?;
     if let Some(e) = encryption_id {
         note.encryption(e);
     }
@@ -230,13 +226,15 @@ pub(super) async fn show(
     auth: Auth<ManageScope>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let id: uuid::Uuid = parse_id(&id, "job id in the path")?;
-    let job = state
-        .service
-        .job(auth.principal.tenant_id, id)
-        .await?
-        .ok_or(ApiError::JobNotFound)?;
-    Ok(Json(view(&state, &job)))
+    let id = parse_id(&id, "job id in the path")?;
+    let job = state.service.job(auth.principal.tenant_id, id).await?;
+    found(&state, job)
+}
+
+/// A job as shown, or `job_not_found` when the tenant has none with its id.
+fn found(state: &AppState, job: Option<JobRow>) -> Result<Json<JobView>, ApiError> {
+    let job = job.ok_or(ApiError::JobNotFound)?;
+    Ok(Json(view(state, &job)))
 }
 
 /// The tenant's jobs, newest first (at most 100).
@@ -267,11 +265,10 @@ pub(super) async fn cancel(
     auth: Auth<ManageScope>,
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
-    let id: uuid::Uuid = parse_id(&id, "job id in the path")?;
+    let id = parse_id(&id, "job id in the path")?;
     let job = state
         .service
         .cancel_job(auth.principal.tenant_id, id)
-        .await?
-        .ok_or(ApiError::JobNotFound)?;
-    Ok(Json(view(&state, &job)))
+        .await?;
+    found(&state, job)
 }
