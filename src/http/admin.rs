@@ -3,6 +3,7 @@
 //! The root KEK is shared by every tenant, so these act on the whole service:
 //! give `admin` only to the operator's own API keys.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -14,6 +15,8 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{AdminScope, Auth};
 use super::AppState;
+use crate::domain::service::KeyService;
+use crate::domain::KekId;
 
 /// One root KEK.
 #[derive(Serialize, ToSchema)]
@@ -92,22 +95,27 @@ pub(super) async fn rotate(
 ) -> Result<(StatusCode, Json<RootKekRotation>), ApiError> {
     let kek_id = state.service.rotate_root_kek().await?;
     tracing::info!(%kek_id, api_key = %auth.principal.key_id, "root KEK rotation requested");
-    let service = state.service.clone();
-    tokio::spawn(async move {
-        match service
-            .rewrap_retiring(500, Duration::ZERO, |_, _| {})
-            .await
-        {
-            Ok(n) => tracing::info!(rewrapped = n, "root KEK rotation finished"),
-            Err(e) => {
-                tracing::warn!(error = %e, "root KEK re-wrap stopped; it resumes at the next start")
-            }
-        }
-    });
+    tokio::spawn(rewrap_under_new_kek(state.service.clone(), kek_id));
     Ok((
         StatusCode::ACCEPTED,
         Json(RootKekRotation {
             kek_id: kek_id.to_string(),
         }),
     ))
+}
+
+/// Key versions re-wrapped per transaction.
+const REWRAP_BATCH: u32 = 500;
+
+/// Re-wraps every key version under the root KEK `kek_id` that a request just
+/// made active, after the request has been answered. If the process stops
+/// first, the next start resumes it.
+async fn rewrap_under_new_kek(service: Arc<KeyService>, kek_id: KekId) {
+    let rewrapped = service.rewrap_retiring(REWRAP_BATCH, Duration::ZERO, |_, _| {});
+    match rewrapped.await {
+        Ok(n) => tracing::info!(%kek_id, rewrapped = n, "root KEK rotation finished"),
+        Err(e) => {
+            tracing::warn!(%kek_id, error = %e, "root KEK re-wrap stopped; it resumes at the next start")
+        }
+    }
 }
