@@ -316,6 +316,7 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
 
 on_both_databases!(
     every_operation_becomes_one_record_without_secrets,
+    every_audited_route_called_once_leaves_one_record_of_its_operation,
     audit_segments_are_stored_compressed,
     records_the_database_refused_arrive_once_it_accepts_them,
     the_file_keeps_up_while_the_table_waits_for_the_database
@@ -635,4 +636,233 @@ async fn the_file_keeps_up_while_the_table_waits_for_the_database(backend: Backe
 
     sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
     table_holds_encrypts(&app, &creds, &["waits-1", "waits-2"]).await;
+}
+
+/// Every route that takes credentials (as the served OpenAPI document lists
+/// them), called once with valid credentials, leaves exactly one record, of
+/// its own operation. HEAD on a GET route is that GET's read.
+async fn every_audited_route_called_once_leaves_one_record_of_its_operation(backend: Backend) {
+    let (app, file) = spawn_audited(backend).await;
+    let creds = app.create_tenant("acme");
+    let (enc, first_version) = app.create_encryption(&creds).await;
+    let encrypted = app.encrypt(&creds, &enc, "audited").await;
+    let ciphertext = crate::helpers::decrypt_body(&encrypted);
+    let platform = crate::jobs::Platform::new(backend).await;
+    let source = platform.source();
+
+    // (method, route as documented, path, body, operation)
+    use reqwest::Method;
+    let enc_path = format!("/v1/encryptions/{enc}");
+    let mut calls: Vec<(Method, &str, String, Option<Value>, &str)> = vec![
+        (
+            Method::POST,
+            "/v1/encrypt",
+            "/v1/encrypt".into(),
+            Some(json!({"encryptionId": enc, "data": "x"})),
+            "encrypt",
+        ),
+        (
+            Method::POST,
+            "/v1/decrypt",
+            "/v1/decrypt".into(),
+            Some(ciphertext.clone()),
+            "decrypt",
+        ),
+        (
+            Method::POST,
+            "/v1/rotate",
+            "/v1/rotate".into(),
+            Some(json!({"encryptionId": enc})),
+            "rotate",
+        ),
+        (
+            Method::POST,
+            "/v1/rewrap",
+            "/v1/rewrap".into(),
+            Some(ciphertext.clone()),
+            "rewrap",
+        ),
+        (
+            Method::POST,
+            "/v1/encrypt/batch",
+            "/v1/encrypt/batch".into(),
+            Some(json!({"items": [{"encryptionId": enc, "data": "x"}]})),
+            "encrypt",
+        ),
+        (
+            Method::POST,
+            "/v1/decrypt/batch",
+            "/v1/decrypt/batch".into(),
+            Some(json!({"items": [ciphertext]})),
+            "decrypt",
+        ),
+        (
+            Method::POST,
+            "/v1/rewrap/batch",
+            "/v1/rewrap/batch".into(),
+            Some(json!({"items": [ciphertext]})),
+            "rewrap",
+        ),
+        (
+            Method::GET,
+            "/v1/encryptions",
+            "/v1/encryptions".into(),
+            None,
+            "encryption.list",
+        ),
+        (
+            Method::POST,
+            "/v1/encryptions",
+            "/v1/encryptions".into(),
+            Some(json!({})),
+            "encryption.create",
+        ),
+        (
+            Method::GET,
+            "/v1/encryptions/{id}",
+            enc_path.clone(),
+            None,
+            "encryption.read",
+        ),
+        (
+            Method::HEAD,
+            "/v1/encryptions/{id}",
+            enc_path.clone(),
+            None,
+            "encryption.read",
+        ),
+        (
+            Method::PATCH,
+            "/v1/encryptions/{id}",
+            enc_path.clone(),
+            Some(json!({"autoRotatePeriod": null})),
+            "encryption.update",
+        ),
+        // After the rotation above, the first version is no longer active.
+        (
+            Method::PATCH,
+            "/v1/encryptions/{id}/versions/{versionId}",
+            format!("{enc_path}/versions/{first_version}"),
+            Some(json!({"state": "decrypt_only"})),
+            "version.update",
+        ),
+        (
+            Method::POST,
+            "/v1/jobs",
+            "/v1/jobs".into(),
+            Some(json!({"kind": "reencrypt", "encryptionId": enc, "source": source})),
+            "job.create",
+        ),
+        (Method::GET, "/v1/jobs", "/v1/jobs".into(), None, "job.list"),
+        (
+            Method::GET,
+            "/v1/admin/root-kek",
+            "/v1/admin/root-kek".into(),
+            None,
+            "root_kek.read",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/root-kek/rotate",
+            "/v1/admin/root-kek/rotate".into(),
+            None,
+            "root_kek.rotate",
+        ),
+        (
+            Method::GET,
+            "/v1/audit",
+            "/v1/audit".into(),
+            None,
+            "audit.read",
+        ),
+    ];
+
+    let mut request_ids = Vec::new();
+    let mut job = String::new();
+    let mut i = 0;
+    while i < calls.len() {
+        let (method, route, path, body, _) = calls[i].clone();
+        let id = format!("every-route-{i}");
+        let mut req = app
+            .req(method.clone(), &path, &creds)
+            .header("x-request-id", &id);
+        if let Some(b) = &body {
+            req = req.json(b);
+        }
+        let (status, answer) = crate::helpers::send(req).await;
+        assert!(status.is_success(), "{method} {path}: {status} {answer}");
+        if route == "/v1/jobs" && method == Method::POST {
+            job = answer["jobId"].as_str().unwrap().to_string();
+            calls.push((
+                Method::GET,
+                "/v1/jobs/{id}",
+                format!("/v1/jobs/{job}"),
+                None,
+                "job.read",
+            ));
+            calls.push((
+                Method::POST,
+                "/v1/jobs/{id}/cancel",
+                format!("/v1/jobs/{job}/cancel"),
+                None,
+                "job.cancel",
+            ));
+        }
+        request_ids.push(id);
+        i += 1;
+    }
+    assert!(!job.is_empty());
+
+    // The calls cover every route that takes credentials, and only those.
+    let document: Value = serde_json::from_str(&app.get_text("/openapi.json").await).unwrap();
+    let mut documented = std::collections::BTreeSet::new();
+    for (path, item) in document["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            if operation["security"]
+                .as_array()
+                .is_some_and(|s| !s.is_empty())
+            {
+                documented.insert((method.to_uppercase(), path.clone()));
+            }
+        }
+    }
+    let called: std::collections::BTreeSet<(String, String)> = calls
+        .iter()
+        .filter(|c| c.0 != Method::HEAD)
+        .map(|c| (c.0.to_string(), c.1.to_string()))
+        .collect();
+    assert_eq!(called, documented);
+
+    // The writer keeps order: once the last call's record is in the file,
+    // every earlier one is.
+    let last = request_ids.last().unwrap().clone();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let records: Vec<Value> = loop {
+        let text = std::fs::read_to_string(&file).unwrap_or_default();
+        let records: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if records.iter().any(|r| r["requestId"] == last.as_str()) {
+            break records;
+        }
+        assert!(std::time::Instant::now() < deadline, "no record of {last}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    for (call, id) in calls.iter().zip(&request_ids) {
+        let mine: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["requestId"] == id.as_str())
+            .collect();
+        assert_eq!(mine.len(), 1, "{} {}: {mine:?}", call.0, call.2);
+        assert_eq!(mine[0]["operation"], call.4, "{} {}", call.0, call.2);
+        assert_eq!(mine[0]["outcome"], "ok", "{} {}", call.0, call.2);
+        assert_eq!(mine[0]["tenantId"], creds.tenant_id.as_str());
+    }
+    let version_update = records
+        .iter()
+        .find(|r| r["operation"] == "version.update")
+        .unwrap();
+    assert_eq!(version_update["encryptionId"], enc.as_str());
+    assert_eq!(version_update["versionId"], first_version.as_str());
 }

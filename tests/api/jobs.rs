@@ -17,12 +17,12 @@ crate::on_both_databases!(
 );
 
 /// The platform's database and its table.
-struct Platform {
+pub(crate) struct Platform {
     db: TestDatabase,
 }
 
 impl Platform {
-    async fn new(backend: Backend) -> Platform {
+    pub(crate) async fn new(backend: Backend) -> Platform {
         let db = TestDatabase::new(backend).await;
         let mut conn = Self::connect_url(&db.url).await;
         sqlx::query("CREATE TABLE secrets (id BIGINT PRIMARY KEY, cipher_text TEXT NOT NULL, version TEXT NOT NULL, metadata TEXT NOT NULL)")
@@ -85,7 +85,7 @@ impl Platform {
             .collect()
     }
 
-    fn source(&self) -> Value {
+    pub(crate) fn source(&self) -> Value {
         json!({
             "databaseUrl": self.db.url,
             "table": "secrets",
