@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
 use super::extract::{AdminScope, Auth};
-use super::AppState;
+use super::state::AppState;
 use crate::domain::service::KeyService;
 use crate::domain::KekId;
 

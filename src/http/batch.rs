@@ -12,21 +12,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::{IntoResponses, ToSchema};
 
-use super::audit::AuditNote;
+use super::audit_note::AuditNote;
 use super::contract::{Call, DecryptRequest, DecryptResponse, EncryptResponse};
 use super::error::{ApiError, ErrorBody};
+use super::extract::MasterKeyParam;
 use super::extract::{ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RotateScope};
-use super::openapi::MasterKeyParam;
-use super::AppState;
-
-/// Limits of batch requests.
-#[derive(Debug, Clone, Copy)]
-pub struct BatchLimits {
-    /// Most items in one batch (413 beyond).
-    pub max_items: usize,
-    /// Largest batch body.
-    pub max_body_bytes: usize,
-}
+use super::state::{AppState, BatchLimits};
 
 /// Re-encrypt a ciphertext under the active version (decrypt's input,
 /// encrypt's output). The plaintext never leaves Keyward.

@@ -9,13 +9,13 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::audit::AuditNote;
+use super::audit_note::AuditNote;
 use super::error::{ApiError, ErrorBody};
+use super::extract::{parse_id, parse_optional_id, MasterKeyParam};
 use super::extract::{
     ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RequiredScope, RotateScope,
 };
-use super::openapi::MasterKeyParam;
-use super::{parse_id, parse_optional_id, AppState};
+use super::state::AppState;
 use crate::crypto::NONCE_LEN;
 use crate::domain::service::{ClientKey, Encrypted, KeyError};
 use crate::domain::{EncryptionId, TenantId, VersionId};

@@ -27,10 +27,11 @@ use futures_util::FutureExt;
 use tower::ServiceExt;
 use tracing::Instrument;
 
+use super::audit_note;
 use super::error::{ApiError, ErrorCode};
 use super::extract::BodyLimit;
-use super::routes::Route;
-use super::{audit, metrics, AppState, BatchLimits};
+use super::metrics;
+use super::state::{AppState, BatchLimits};
 use crate::domain::identity::ClientIdentity;
 
 /// The request id header, taken from the client when it sends one.
@@ -130,14 +131,17 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
-/// What [`route`] needs: one route's entry of the table and what follows
-/// from it with the settings, fixed when the router is built.
+/// What [`route`] needs: what one route's entry of the table says, with the
+/// settings, fixed when the router is built.
 #[derive(Clone)]
 pub(super) struct RouteContext {
     pub(super) state: AppState,
     pub(super) timeout: Duration,
-    pub(super) route: &'static Route,
-    /// Its position in [`super::routes::ROUTES`], for the metrics.
+    /// The route's path pattern.
+    pub(super) path: &'static str,
+    /// The operation its audit record names; `None`: not audited.
+    pub(super) operation: Option<&'static str>,
+    /// Its position in the route table, for the metrics.
     pub(super) index: usize,
     /// Its own body limit, when it is not the edge's.
     pub(super) body_limit: Option<usize>,
@@ -156,7 +160,6 @@ pub(super) async fn route(
 ) -> Response {
     let started = Instant::now();
     let method = metrics::method_label(req.method());
-    let route = ctx.route;
     if let Some(limit) = ctx.body_limit {
         DefaultBodyLimit::max(limit).apply(&mut req);
         req.extensions_mut().insert(BodyLimit(limit));
@@ -164,11 +167,14 @@ pub(super) async fn route(
     if let Some(limits) = ctx.batch {
         req.extensions_mut().insert(limits);
     }
-    let (pending, req) = match route.operation {
+    let (pending, req) = match ctx.operation {
         None => (None, req),
         Some(operation) => {
             let (mut parts, body) = req.into_parts();
-            let pending = audit::begin(&ctx.state, &mut parts, operation, route.path).await;
+            // At most 128 visible ASCII characters: the edge replaced any other.
+            let id = parts.headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok());
+            let id = id.map(str::to_owned);
+            let pending = audit_note::begin(&ctx.state, &mut parts, id, operation, ctx.path).await;
             (Some(pending), Request::from_parts(parts, body))
         }
     };
@@ -183,7 +189,11 @@ pub(super) async fn route(
         let error = response.extensions().get::<ErrorCode>().copied();
         pending.answered(status, error).await;
     }
-    metrics::record(metrics::Matched::Route(ctx.index), method, status, started);
+    let route = metrics::Matched::Route {
+        index: ctx.index,
+        path: ctx.path,
+    };
+    metrics::record(route, method, status, started);
     response
 }
 

@@ -9,12 +9,13 @@ use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::audit_note::AuditNote;
 use super::contract::ALGORITHM;
 use super::error::{ApiError, ErrorBody};
+use super::extract::{parse_id, MasterKeyParam};
 use super::extract::{ApiJson, Auth, ManageScope, MasterKeyHeader};
-use super::openapi::MasterKeyParam;
 use super::query::{self, ApiQuery};
-use super::{parse_id, AppState};
+use super::state::AppState;
 use crate::domain::keys::VersionState;
 use crate::domain::records::{EncryptionRow, VersionRow};
 use crate::domain::service::EncryptionDetails;
@@ -218,7 +219,7 @@ fn view(d: &EncryptionDetails) -> EncryptionView {
 pub(super) async fn create(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
-    note: super::audit::AuditNote,
+    note: AuditNote,
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<CreateRequest>,
 ) -> Result<(StatusCode, Json<EncryptionView>), ApiError> {

@@ -3,6 +3,7 @@
 //! body parsed once at the edge with errors that name fields but never values.
 
 use std::marker::PhantomData;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -11,9 +12,11 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, StatusCode};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
+use utoipa::IntoParams;
 
+use super::audit_note::AuditNote;
 use super::error::ApiError;
-use super::AppState;
+use super::state::AppState;
 use crate::domain::apikeys::Scope;
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::{ClientKey, Principal};
@@ -80,7 +83,7 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
             .extensions
             .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
             .map(|c| c.0.ip());
-        let note = parts.extensions.get::<super::audit::AuditNote>();
+        let note = parts.extensions.get::<AuditNote>();
         let principal = match check_credentials(state, key, secret, addr).await {
             Ok(p) => p,
             Err(e) => {
@@ -153,6 +156,36 @@ impl<St: Send + Sync> FromRequestParts<St> for MasterKeyHeader {
             Err(()) => Err(ApiError::InvalidMasterKeyHeader),
         }
     }
+}
+
+/// The `X-Master-Key` header, accepted by encrypt, decrypt, rotate and create.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+pub struct MasterKeyParam {
+    /// Client-provided master key (zero-knowledge mode): base64 of 32 to 512 bytes.
+    /// Required for encryptions created with it; refused for platform-managed ones.
+    #[param(
+        rename = "X-Master-Key",
+        nullable = false,
+        pattern = r"^(?:(?:[A-Za-z0-9+/]{4}){10}[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=?|(?:[A-Za-z0-9+/]{4}){11,170}(?:[A-Za-z0-9+/][AQgw](?:==)?|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=?)?)$"
+    )]
+    x_master_key: Option<String>,
+}
+
+/// Parses a UUID field into an id newtype; the error names the field only.
+pub(crate) fn parse_id<T: FromStr>(value: &str, field: &str) -> Result<T, ApiError> {
+    value
+        .parse()
+        .map_err(|_| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
+}
+
+/// Like [`parse_id`], for a field that may be left out.
+pub(crate) fn parse_optional_id<T: FromStr>(
+    value: Option<&str>,
+    field: &str,
+) -> Result<Option<T>, ApiError> {
+    value.map(|v| parse_id(v, field)).transpose()
 }
 
 /// A JSON body of type `T`. An empty body counts as `{}` when `T` allows it

@@ -10,9 +10,11 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::audit_note::AuditNote;
 use super::error::{ApiError, ErrorBody};
+use super::extract::{parse_id, parse_optional_id};
 use super::extract::{ApiJson, Auth, ManageScope};
-use super::{parse_id, parse_optional_id, AppState};
+use super::state::AppState;
 use crate::domain::jobs::{describe_source, start_job, JobError, JobSource, NewJob};
 use crate::domain::records::JobRow;
 use crate::domain::states::JobState;
@@ -181,7 +183,7 @@ impl From<JobError> for ApiError {
 pub(super) async fn create(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
-    note: super::audit::AuditNote,
+    note: AuditNote,
     ApiJson(req): ApiJson<CreateJobRequest>,
 ) -> Result<(StatusCode, Json<JobCreated>), ApiError> {
     if req.kind != "reencrypt" {

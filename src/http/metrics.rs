@@ -11,8 +11,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use super::routes::ROUTES;
-use super::AppState;
+use super::state::AppState;
 
 /// The Prometheus recorder, installed once per process by the first server.
 static RECORDER: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
@@ -47,25 +46,30 @@ pub fn install_metrics_recorder() -> PrometheusHandle {
 /// Which route a request matched, for its series.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Matched {
-    /// The route at this position of [`ROUTES`].
-    Route(usize),
+    /// The route at position `index` of the route table, with its path.
+    Route {
+        /// Its position in the table.
+        index: usize,
+        /// Its path pattern: the `route` label (never the raw path).
+        path: &'static str,
+    },
     /// None: the `unmatched` series.
     Unmatched,
 }
 
 impl Matched {
-    /// Its slot in [`SERIES`]: one per route, then one for `unmatched`.
+    /// Its slot in [`SERIES`]: `unmatched`, then one per route.
     fn slot(self) -> usize {
         match self {
-            Matched::Route(index) => index,
-            Matched::Unmatched => ROUTES.len(),
+            Matched::Unmatched => 0,
+            Matched::Route { index, .. } => index + 1,
         }
     }
 
-    /// The `route` label: the route's path pattern (never the raw path).
+    /// The `route` label.
     fn label(self) -> &'static str {
         match self {
-            Matched::Route(index) => ROUTES[index].path,
+            Matched::Route { path, .. } => path,
             Matched::Unmatched => "unmatched",
         }
     }
@@ -113,10 +117,11 @@ thread_local! {
 
 fn with_series(route: Matched, method: &'static str, status: u16, f: impl FnOnce(&Series)) {
     SERIES.with_borrow_mut(|by_route| {
-        if by_route.is_empty() {
-            by_route.resize_with(ROUTES.len() + 1, Vec::new);
+        let slot = route.slot();
+        if by_route.len() <= slot {
+            by_route.resize_with(slot + 1, Vec::new);
         }
-        let list = &mut by_route[route.slot()];
+        let list = &mut by_route[slot];
         let index = match list
             .iter()
             .position(|s| s.method == method && s.status == status)

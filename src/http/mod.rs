@@ -3,9 +3,15 @@
 //! audited operation), from which the router is built here, behind [`Edge`]
 //! (request ids, tracing, body limit, time limit, panic catching, audit,
 //! metrics, JSON errors for everything).
+//!
+//! Inside the layer, files import downwards only: `error` and `state`;
+//! `audit_note`; `extract`, `query` and `metrics`; the resources (`contract`,
+//! `batch`, `encryptions`, `jobs`, `admin`, `audit`, `ops`); `edge`; `routes`;
+//! `openapi`; this file.
 
 mod admin;
-pub mod audit;
+mod audit;
+mod audit_note;
 mod batch;
 mod contract;
 mod edge;
@@ -18,62 +24,19 @@ pub mod openapi;
 mod ops;
 mod query;
 mod routes;
+mod state;
 
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 
-use crate::domain::service::KeyService;
-pub use batch::BatchLimits;
 pub use edge::Edge;
 use error::ApiError;
-
-/// What every handler can reach. Cloned for every request (axum's `State`), so
-/// it is one shared pointer: one atomic increment per clone, not one per field.
-#[derive(Clone)]
-pub struct AppState(Arc<AppParts>);
-
-impl AppState {
-    /// Shares `parts` between every request.
-    pub fn new(parts: AppParts) -> AppState {
-        AppState(Arc::new(parts))
-    }
-}
-
-impl std::ops::Deref for AppState {
-    type Target = AppParts;
-
-    fn deref(&self) -> &AppParts {
-        &self.0
-    }
-}
-
-/// The parts of [`AppState`].
-pub struct AppParts {
-    /// Every operation.
-    pub service: Arc<KeyService>,
-    /// Rate limit and brute-force lockout.
-    pub guard: Arc<crate::domain::guard::AuthGuard>,
-    /// Where audit events go.
-    pub audit: crate::audit::AuditLog,
-}
-
-/// Settings the router needs.
-#[derive(Debug, Clone, Copy)]
-pub struct RouterSettings {
-    /// Largest body accepted.
-    pub max_body_bytes: usize,
-    /// Longest time one request may take.
-    pub request_timeout: Duration,
-    /// Batch limits.
-    pub batch: batch::BatchLimits,
-}
+pub use state::{AppParts, AppState, BatchLimits, RouterSettings};
 
 /// The whole API ([`routes::ROUTES`]), with what every request passes through.
 pub fn router(state: AppState, settings: RouterSettings) -> Edge {
-    std::sync::LazyLock::force(&openapi::DOCUMENT);
+    ops::DOCUMENT.get_or_init(openapi::document);
     let routes = routes::build(&state, Some(&settings), settings.request_timeout, |_| true);
     behind_edge(routes, state, Some(settings.max_body_bytes))
 }
@@ -95,20 +58,445 @@ fn behind_edge(routes: Router<AppState>, state: AppState, body_limit: Option<usi
     Edge::new(router, body_limit)
 }
 
-/// Parses a UUID field into an id newtype; the error names the field only.
-pub(crate) fn parse_id<T: FromStr>(value: &str, field: &str) -> Result<T, ApiError> {
-    value
-        .parse()
-        .map_err(|_| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
-}
-
-/// Like [`parse_id`], for a field that may be left out.
-pub(crate) fn parse_optional_id<T: FromStr>(
-    value: Option<&str>,
-    field: &str,
-) -> Result<Option<T>, ApiError> {
-    value.map(|v| parse_id(v, field)).transpose()
-}
-
 #[cfg(test)]
-mod tests;
+mod tests {
+    //! In-process tests: the real router behind the real edge, built once per
+    //! test and called with `tower::ServiceExt::oneshot` (inside
+    //! [`Edge::handle`]): no process, no listener, a key service over an
+    //! in-memory SQLite database and an audit file in a temporary folder. They
+    //! check what needs no server: the route table against the router, the
+    //! OpenAPI document and the audit log; and request parsing's stable error
+    //! codes. (Inline, because a test may reach the store and
+    //! `scripts/layers.py` leaves inline test modules out.)
+
+    use std::collections::BTreeSet;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::{header, Method, Request, StatusCode};
+    use serde_json::{json, Value};
+
+    use super::routes::ROUTES;
+    use super::{router, AppParts, AppState, BatchLimits, Edge, RouterSettings};
+    use crate::domain::guard::{AuthGuard, GuardSettings};
+    use crate::domain::service::KeyService;
+
+    /// The settings of the router under test: small limits, to reach them.
+    const SETTINGS: RouterSettings = RouterSettings {
+        max_body_bytes: 4096,
+        request_timeout: Duration::from_secs(10),
+        batch: BatchLimits {
+            max_items: 3,
+            max_body_bytes: 16 * 1024,
+        },
+    };
+
+    /// The router, what it stands on, and a tenant's all-scopes credentials.
+    struct TestApi {
+        edge: Edge,
+        state: AppState,
+        key: String,
+        secret: String,
+        audit_file: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    /// An answer: status, headers and the body as JSON (`Null` when empty).
+    struct Answer {
+        status: StatusCode,
+        headers: axum::http::HeaderMap,
+        body: Value,
+    }
+
+    impl TestApi {
+        async fn start() -> TestApi {
+            let dir = tempfile::tempdir().unwrap();
+            let store = crate::store::Store::connect("sqlite::memory:", 1)
+                .await
+                .unwrap();
+            store.migrate().await.unwrap();
+            let provider =
+                crate::master_key::EnvMasterKey::new(&crate::crypto::DataKey::generate());
+            let service = Arc::new(KeyService::new(store, Arc::new(provider), 64));
+            service.load_root_keys().await.unwrap();
+            let tenant = crate::domain::accounts::create_tenant(service.store(), "acme")
+                .await
+                .unwrap();
+            let audit_file = dir.path().join("audit.jsonl");
+            let destination = crate::audit::Destination::File(audit_file.clone());
+            let state = AppState::new(AppParts {
+                audit: crate::audit::AuditLog::start(&destination, None).unwrap(),
+                service,
+                guard: Arc::new(AuthGuard::new(GuardSettings {
+                    rate_limit: 0,
+                    max_failures: 1_000_000,
+                    window: Duration::from_secs(60),
+                })),
+            });
+            TestApi {
+                edge: router(state.clone(), SETTINGS),
+                state,
+                key: tenant.credential.key_id.clone(),
+                secret: tenant.credential.secret.to_string(),
+                audit_file,
+                _dir: dir,
+            }
+        }
+
+        /// Sends `req` through the edge, as the server does.
+        async fn send(&self, req: Request<Body>) -> Answer {
+            let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+            let response = self.edge.clone().handle(req, peer, None).await;
+            let status = response.status();
+            let headers = response.headers().clone();
+            let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            let body = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+            };
+            Answer {
+                status,
+                headers,
+                body,
+            }
+        }
+
+        /// A request with the tenant's credentials.
+        fn authed(&self, method: Method, uri: &str) -> axum::http::request::Builder {
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("x-api-key", &self.key)
+                .header("x-api-secret", &self.secret)
+        }
+
+        /// `method uri` with the tenant's credentials and a JSON body.
+        async fn call(&self, method: Method, uri: &str, body: &Value) -> Answer {
+            let req = self
+                .authed(method, uri)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            self.send(req).await
+        }
+
+        /// `GET uri` with the tenant's credentials.
+        async fn get(&self, uri: &str) -> Answer {
+            self.send(self.authed(Method::GET, uri).body(Body::empty()).unwrap())
+                .await
+        }
+
+        /// The operation of every audit record written so far, in order.
+        async fn audited_operations(&self) -> Vec<String> {
+            self.state.audit.flush().await;
+            std::fs::read_to_string(&self.audit_file)
+                .unwrap_or_default()
+                .lines()
+                .map(|line| {
+                    let record: Value = serde_json::from_str(line).unwrap();
+                    record["operation"].as_str().unwrap().to_string()
+                })
+                .collect()
+        }
+    }
+
+    impl Answer {
+        /// Asserts an error answer: status, JSON content type, code.
+        #[track_caller]
+        fn is_error(&self, status: u16, code: &str) -> &str {
+            assert_eq!(self.status.as_u16(), status, "{}", self.body);
+            assert_eq!(
+                self.headers[header::CONTENT_TYPE],
+                "application/json",
+                "{}",
+                self.body
+            );
+            assert_eq!(self.body["error"]["code"], code, "{}", self.body);
+            self.body["error"]["message"].as_str().unwrap()
+        }
+    }
+
+    /// `path` with every `{param}` replaced by a fresh UUID.
+    fn concrete(path: &str) -> String {
+        path.split('/')
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    uuid::Uuid::new_v4().to_string()
+                } else {
+                    segment.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    #[test]
+    fn the_route_table_and_the_openapi_document_describe_the_same_routes() {
+        let document: Value = serde_json::from_str(&super::openapi::document()).unwrap();
+        let mut documented = BTreeSet::new();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                let secured = operation["security"]
+                    .as_array()
+                    .is_some_and(|s| !s.is_empty());
+                documented.insert((method.to_uppercase(), path.clone(), secured));
+            }
+        }
+        let table: BTreeSet<(String, String, bool)> = ROUTES
+            .iter()
+            .map(|r| (r.method.to_string(), r.path.to_string(), r.scope.is_some()))
+            .collect();
+        assert_eq!(
+            table, documented,
+            "the table's routes (method, path, takes credentials) and the document's differ"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_route_is_served_asks_for_credentials_as_declared_and_is_audited_as_declared() {
+        let api = TestApi::start().await;
+        let mut expected = Vec::new();
+        for route in ROUTES {
+            let path = concrete(route.path);
+            let methods = if route.method == Method::GET {
+                vec![Method::GET, Method::HEAD]
+            } else {
+                vec![route.method.clone()]
+            };
+            for method in methods {
+                let req = Request::builder()
+                    .method(method.clone())
+                    .uri(&path)
+                    .body(Body::empty())
+                    .unwrap();
+                let answer = api.send(req).await;
+                let what = format!("{method} {path} (route {} {})", route.method, route.path);
+                if route.scope.is_some() {
+                    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "{what}");
+                    if method != Method::HEAD {
+                        answer.is_error(401, "missing_credentials");
+                    }
+                } else {
+                    assert!(
+                        !matches!(answer.status.as_u16(), 401 | 403 | 404 | 405),
+                        "{what}: {}",
+                        answer.status
+                    );
+                }
+                if method == Method::HEAD {
+                    assert_eq!(answer.body, Value::Null, "{what}: HEAD has no body");
+                }
+                // HEAD is the GET's operation, a read.
+                expected.extend(route.operation.map(str::to_string));
+            }
+        }
+        assert_eq!(api.audited_operations().await, expected);
+    }
+
+    #[tokio::test]
+    async fn unknown_routes_and_methods_are_json_errors_and_not_audited() {
+        let api = TestApi::start().await;
+        api.get("/v1/nothing-here").await.is_error(404, "not_found");
+        api.get("/v1/encrypt")
+            .await
+            .is_error(405, "method_not_allowed");
+        let delete = api.authed(Method::DELETE, "/v1/rotate");
+        api.send(delete.body(Body::empty()).unwrap())
+            .await
+            .is_error(405, "method_not_allowed");
+        assert_eq!(api.audited_operations().await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn the_request_id_is_kept_when_acceptable_and_replaced_otherwise() {
+        let api = TestApi::start().await;
+        let with_id = |id: &str| {
+            Request::builder()
+                .uri("/healthz")
+                .header("x-request-id", id)
+                .body(Body::empty())
+                .unwrap()
+        };
+        let kept = api.send(with_id("trace-42")).await;
+        assert_eq!(kept.headers["x-request-id"], "trace-42");
+        for refused in ["has space", &"x".repeat(129)] {
+            let answer = api.send(with_id(refused)).await;
+            let id = answer.headers["x-request-id"].to_str().unwrap();
+            assert!(id.parse::<uuid::Uuid>().is_ok(), "{refused:?} became {id}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bodies_are_refused_with_stable_codes_before_any_key_is_used() {
+        let api = TestApi::start().await;
+        let encrypt = |body: &'static str, content_type: &'static str| {
+            api.authed(Method::POST, "/v1/encrypt")
+                .header(header::CONTENT_TYPE, content_type)
+                .body(Body::from(body))
+                .unwrap()
+        };
+        let answer = api.send(encrypt("{", "application/json")).await;
+        answer.is_error(400, "malformed_json");
+        let answer = api.send(encrypt("[]", "application/json")).await;
+        assert_eq!(
+            answer.is_error(400, "invalid_request"),
+            "the body must be a JSON object"
+        );
+        let answer = api.send(encrypt("{}", "text/plain")).await;
+        answer.is_error(415, "unsupported_media_type");
+        let answer = api
+            .call(
+                Method::POST,
+                "/v1/encrypt",
+                &json!({"encryptionId": "not-an-id", "data": "secret-value"}),
+            )
+            .await;
+        let message = answer.is_error(400, "invalid_request");
+        assert_eq!(message, "`encryptionId`: not a UUID");
+        let answer = api
+            .call(
+                Method::POST,
+                "/v1/encrypt",
+                &json!({"encryptionId": uuid::Uuid::new_v4(), "data": "x", "colour": "red"}),
+            )
+            .await;
+        assert_eq!(
+            answer.is_error(400, "invalid_request"),
+            "unknown field `colour`"
+        );
+        let bad_key = api
+            .authed(Method::POST, "/v1/encrypt")
+            .header("x-master-key", "not base64 at all")
+            .body(Body::from("{}"))
+            .unwrap();
+        api.send(bad_key).await.is_error(400, "invalid_master_key");
+    }
+
+    #[tokio::test]
+    async fn each_route_takes_the_body_size_the_table_gives_it() {
+        let api = TestApi::start().await;
+        // Over the normal limit, under the ciphertext-sized one.
+        let big = "A".repeat(SETTINGS.max_body_bytes + 100);
+        let id = uuid::Uuid::new_v4();
+        let answer = api
+            .call(
+                Method::POST,
+                "/v1/encrypt",
+                &json!({"encryptionId": id, "data": big}),
+            )
+            .await;
+        let message = answer.is_error(413, "payload_too_large");
+        assert!(
+            message.contains(&SETTINGS.max_body_bytes.to_string()),
+            "{message}"
+        );
+        let ciphertext = json!({"encryptionId": id, "cipherText": big,
+            "encryptionVersionId": id, "metadata": {"nonce": "AAECAwQFBgcICQoL"}});
+        for route in ["/v1/decrypt", "/v1/rewrap"] {
+            let answer = api.call(Method::POST, route, &ciphertext).await;
+            answer.is_error(404, "encryption_not_found");
+        }
+        // Batches: their own body limit and item count.
+        let item = json!({"encryptionId": id, "data": "x".repeat(3000)});
+        let answer = api
+            .call(
+                Method::POST,
+                "/v1/encrypt/batch",
+                &json!({"items": [item, item, item]}),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        let results = answer.body["results"].as_array().unwrap();
+        assert_eq!(results.len(), 3);
+        assert_eq!(results[0]["error"]["code"], "encryption_not_found");
+        assert!(results[0]["error"]["message"].is_string());
+        let answer = api
+            .call(
+                Method::POST,
+                "/v1/encrypt/batch",
+                &json!({"items": [item, item, item, item]}),
+            )
+            .await;
+        answer.is_error(413, "too_many_items");
+    }
+
+    #[tokio::test]
+    async fn bad_query_parameters_are_invalid_request_naming_the_parameter() {
+        let api = TestApi::start().await;
+        let page = "`limit`: must be an integer from 1 to 1000";
+        let cursor = "`cursor`: not a cursor returned by this endpoint";
+        for (query, message) in [
+            ("limit=0", page),
+            ("limit=abc", page),
+            ("limit=100000", page),
+            ("cursor=garbage", cursor),
+            (
+                "foo=bar",
+                "unknown query parameter (expected `limit` or `cursor`)",
+            ),
+        ] {
+            let answer = api.get(&format!("/v1/encryptions?{query}")).await;
+            assert_eq!(answer.is_error(400, "invalid_request"), message, "{query}");
+        }
+        let operations = crate::audit::OPERATIONS.join(", ");
+        for (query, message) in [
+            ("limit=0", page.to_string()),
+            ("cursor=abc", cursor.to_string()),
+            ("cursor=0", cursor.to_string()),
+            (
+                "operation=steal",
+                format!("`operation`: expected one of {operations}"),
+            ),
+            (
+                "from=yesterday",
+                "`from`: expected an RFC 3339 time such as 2026-11-23T10:00:00Z".into(),
+            ),
+            ("encryptionId=x", "`encryptionId`: not a UUID".into()),
+            ("tenantId=x", "`tenantId`: not a UUID".into()),
+            (
+                "colour=red",
+                "unknown query parameter (expected `from`, `to`, `tenantId`, `encryptionId`, \
+                 `operation`, `limit` or `cursor`)"
+                    .into(),
+            ),
+        ] {
+            let answer = api.get(&format!("/v1/audit?{query}")).await;
+            assert_eq!(answer.is_error(400, "invalid_request"), message, "{query}");
+        }
+        // Good parameters pass, in any RFC 3339 offset.
+        let answer = api
+            .get("/v1/audit?from=2000-01-01T02:00:00%2B02:00&operation=encrypt&limit=5")
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        let answer = api.get("/v1/encryptions?limit=1000").await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    }
+
+    #[tokio::test]
+    async fn every_route_that_takes_a_body_refuses_one_that_is_not_json() {
+        let api = TestApi::start().await;
+        let document: Value = serde_json::from_str(&super::openapi::document()).unwrap();
+        let mut checked = 0;
+        for route in ROUTES {
+            let operation = &document["paths"][route.path][route.method.as_str().to_lowercase()];
+            if operation["requestBody"].is_null() {
+                continue;
+            }
+            assert!(route.scope.is_some(), "{}", route.path);
+            let req = api
+                .authed(route.method.clone(), &concrete(route.path))
+                .header(header::CONTENT_TYPE, "text/plain")
+                .body(Body::from("{}"))
+                .unwrap();
+            api.send(req).await.is_error(415, "unsupported_media_type");
+            checked += 1;
+        }
+        assert!(checked >= 10, "{checked}");
+    }
+}

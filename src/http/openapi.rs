@@ -3,31 +3,14 @@
 //! same document (a test fails when they drift; `keyward openapi >
 //! openapi/keyward.json` regenerates it).
 
-use axum::http::header;
 use axum::http::Method;
-use axum::response::{IntoResponse, Response};
 use utoipa::openapi::path::{Operation, Paths};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
-use utoipa::{IntoParams, Modify, OpenApi};
+use utoipa::{Modify, OpenApi};
 
 use super::routes::ROUTES;
 use super::{admin, audit, batch, contract, encryptions, error, jobs, metrics, ops};
-
-/// The `X-Master-Key` header, accepted by encrypt, decrypt, rotate and create.
-#[derive(IntoParams)]
-#[into_params(parameter_in = Header)]
-#[allow(dead_code)]
-pub struct MasterKeyParam {
-    /// Client-provided master key (zero-knowledge mode): base64 of 32 to 512 bytes.
-    /// Required for encryptions created with it; refused for platform-managed ones.
-    #[param(
-        rename = "X-Master-Key",
-        nullable = false,
-        pattern = r"^(?:(?:[A-Za-z0-9+/]{4}){10}[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=?|(?:[A-Za-z0-9+/]{4}){11,170}(?:[A-Za-z0-9+/][AQgw](?:==)?|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=?)?)$"
-    )]
-    x_master_key: Option<String>,
-}
 
 struct Security;
 
@@ -174,7 +157,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         ops::healthz,
         ops::readyz,
         metrics::metrics,
-        openapi_json,
+        ops::openapi_json,
     ),
     components(schemas(error::ErrorBody)),
     modifiers(&Security),
@@ -198,20 +181,6 @@ pub fn document() -> String {
         .expect("the OpenAPI document serializes");
     json.push('\n');
     json
-}
-
-/// The document, made once (when the router is built).
-pub(super) static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(document);
-
-/// The OpenAPI description of the API: this document.
-#[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "The OpenAPI document", body = Object)))]
-pub(super) async fn openapi_json() -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        DOCUMENT.as_str(),
-    )
-        .into_response()
 }
 
 #[cfg(test)]

@@ -1,12 +1,13 @@
 //! Operational endpoints, without authentication: `/healthz` (the process is
-//! up) and `/readyz` (it can serve: the database answers).
+//! up), `/readyz` (it can serve: the database answers) and `/openapi.json`.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::AppState;
+use super::state::AppState;
 
 /// Liveness: the process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations",
@@ -46,4 +47,20 @@ pub(super) async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<V
             )
         }
     }
+}
+
+/// The OpenAPI document (`super::openapi::document`), set once when the
+/// router is built.
+pub(super) static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The OpenAPI description of the API: this document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", body = Object)))]
+pub(super) async fn openapi_json() -> Response {
+    let document = DOCUMENT.get().expect("set when the router is built");
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        document.as_str(),
+    )
+        .into_response()
 }

@@ -20,8 +20,8 @@ use axum::Router;
 use super::extract::{
     AdminScope, Auth, DecryptScope, EncryptScope, ManageScope, RequiredScope, RotateScope,
 };
-use super::{admin, audit, batch, contract, edge, encryptions, jobs, metrics, openapi, ops};
-use super::{AppState, RouterSettings};
+use super::state::{AppState, RouterSettings};
+use super::{admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops};
 use crate::domain::apikeys::Scope;
 
 /// One route.
@@ -123,7 +123,7 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(GET "/healthz", ops::healthz, public, ops_listener: true),
     route!(GET "/readyz", ops::readyz, public, ops_listener: true),
     route!(GET "/metrics", metrics::metrics, public, ops_listener: true),
-    route!(GET "/openapi.json", openapi::openapi_json, public, ops_listener: false),
+    route!(GET "/openapi.json", ops::openapi_json, public, ops_listener: false),
 ];
 
 /// A handler whose first argument is the state and whose second is `Auth<S>`;
@@ -172,7 +172,8 @@ pub(super) fn build(
             let context = edge::RouteContext {
                 state: state.clone(),
                 timeout,
-                route,
+                path: route.path,
+                operation: route.operation,
                 index,
                 body_limit: settings.and_then(|s| match route.body {
                     BodySize::Normal => None,
