@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::keys::Mode;
-use super::service::{KeyError, KeyService};
+use super::service::{KeyError, KeyService, Sealed};
 use super::time::now_ms;
 use super::{EncryptionId, TenantId, VersionId};
 use crate::crypto::NONCE_LEN;
@@ -408,7 +408,12 @@ async fn walk(
                 continue;
             };
             let out = match service
-                .rewrap(job.tenant_id, encryption, version, nonce, &ciphertext, None)
+                .rewrap(
+                    job.tenant_id,
+                    encryption,
+                    Sealed::new(version, nonce, &ciphertext),
+                    None,
+                )
                 .await
             {
                 Ok(out) => out,

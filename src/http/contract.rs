@@ -17,7 +17,7 @@ use super::extract::{
 };
 use super::state::AppState;
 use crate::crypto::NONCE_LEN;
-use crate::domain::service::{ClientKey, Encrypted, KeyError};
+use crate::domain::service::{ClientKey, Encrypted, KeyError, Sealed};
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
 /// The only algorithm v1 offers.
@@ -151,7 +151,7 @@ impl<'a> Call<'a> {
     pub(super) async fn decrypt(self, req: DecryptRequest) -> Result<DecryptResponse, ApiError> {
         let (id, version, nonce, ciphertext) = req.parse_noted(self.note)?;
         let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
-        let opened = service.decrypt(tenant, id, version, nonce, &ciphertext, key);
+        let opened = service.decrypt(tenant, id, Sealed::new(version, nonce, &ciphertext), key);
         let plaintext = opened.await?;
         // The plaintext was a JSON string's UTF-8 bytes, and GCM authenticated
         // it, so this cannot fail unless the key itself is wrong, which GCM
@@ -167,7 +167,7 @@ impl<'a> Call<'a> {
     pub(super) async fn rewrap(self, req: DecryptRequest) -> Result<EncryptResponse, ApiError> {
         let (id, version, nonce, ciphertext) = req.parse_noted(self.note)?;
         let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
-        let rewrapped = service.rewrap(tenant, id, version, nonce, &ciphertext, key);
+        let rewrapped = service.rewrap(tenant, id, Sealed::new(version, nonce, &ciphertext), key);
         let out = rewrapped.await?;
         self.note.version(out.version_id);
         Ok(encrypted_response(id, out))

@@ -81,16 +81,13 @@ impl Store {
                 .await?
                 .rows_affected()
                 == 1;
-        if done {
-            super::events::record(
-                &mut tx,
-                self.backend,
-                super::events::EventKind::ApiKeyChanged,
-                id,
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(done)
+        super::events::commit_change(
+            tx,
+            self.backend,
+            done,
+            super::events::EventKind::ApiKeyChanged,
+            id,
+        )
+        .await
     }
 }

@@ -4,7 +4,7 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
-use super::events::{record, EventKind};
+use super::events::{commit_change, record, EventKind};
 use super::pool::{Store, StoreError};
 use super::sql::{get_id, get_opt_id, get_state};
 use crate::domain::ids::{EncryptionId, KekId, TenantId, VersionId};
@@ -114,6 +114,11 @@ impl Store {
 
     /// An encryption with all its versions (ordered by number), whichever tenant
     /// owns it: the caller checks ownership.
+    ///
+    /// Two queries, no transaction, and in this order on purpose: the
+    /// encryption row first, then its versions. A rotation between them adds
+    /// a version but never removes one, so the active id the first query saw
+    /// always has its row in the second (`VersionedKey::check` relies on it).
     pub async fn encryption_with_versions(
         &self,
         id: EncryptionId,
@@ -338,17 +343,14 @@ impl Store {
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        if n == 1 {
-            record(
-                &mut tx,
-                self.backend,
-                EventKind::EncryptionChanged,
-                &id.to_string(),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(n == 1)
+        commit_change(
+            tx,
+            self.backend,
+            n == 1,
+            EventKind::EncryptionChanged,
+            &id.to_string(),
+        )
+        .await
     }
 
     /// Moves a non-active version to `state`; destroying erases its wrapped key
@@ -387,16 +389,15 @@ impl Store {
                 .bind(encryption.to_string())
                 .execute(&mut *tx)
                 .await?;
-            record(
-                &mut tx,
-                self.backend,
-                EventKind::EncryptionChanged,
-                &encryption.to_string(),
-            )
-            .await?;
         }
-        tx.commit().await?;
-        Ok(n == 1)
+        commit_change(
+            tx,
+            self.backend,
+            n == 1,
+            EventKind::EncryptionChanged,
+            &encryption.to_string(),
+        )
+        .await
     }
 }
 

@@ -51,6 +51,23 @@ pub struct KeyEvent {
     pub created_at: i64,
 }
 
+/// Commits a change that may not have happened (a compare-and-swap that found
+/// nothing to change): with `changed`, the event first, so replicas hear of
+/// it. Returns `changed`.
+pub(super) async fn commit_change(
+    mut tx: Transaction<'_, Any>,
+    backend: Backend,
+    changed: bool,
+    kind: EventKind,
+    subject: &str,
+) -> Result<bool, StoreError> {
+    if changed {
+        record(&mut tx, backend, kind, subject).await?;
+    }
+    tx.commit().await?;
+    Ok(changed)
+}
+
 /// Appends an event inside the transaction that makes the change, so the event
 /// exists exactly when the change does. On PostgreSQL it is also announced with
 /// NOTIFY, which PostgreSQL delivers at commit.

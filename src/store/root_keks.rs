@@ -183,17 +183,14 @@ impl Store {
         .await?
         .rows_affected()
             == 1;
-        if done {
-            super::events::record(
-                &mut tx,
-                self.backend,
-                super::events::EventKind::RootKeysChanged,
-                &kek.to_string(),
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(done)
+        super::events::commit_change(
+            tx,
+            self.backend,
+            done,
+            super::events::EventKind::RootKeysChanged,
+            &kek.to_string(),
+        )
+        .await
     }
 
     /// Re-wraps root KEKs under another provider in one transaction: each row is

@@ -118,7 +118,11 @@ impl KeyService {
         let mut versions = Vec::with_capacity(rows.len());
         for row in rows {
             let key = match (&row.wrapped_key, row.state, enc.mode) {
-                (None, ..) | (_, VersionState::Destroyed, _) => VersionKey::Destroyed,
+                (_, VersionState::Destroyed, _) => VersionKey::Destroyed,
+                (None, ..) => {
+                    tracing::warn!(encryption_id = %enc.id, version_id = %row.id, state = row.state.as_str(), "a key version that is not destroyed has no key material; it answers as destroyed");
+                    VersionKey::Destroyed
+                }
                 (Some(w), _, Mode::Client) => VersionKey::ClientWrapped(WrappedKey(w.clone())),
                 (Some(w), _, Mode::Platform) => {
                     let kek_id = row.kek_id.ok_or_else(|| {

@@ -25,6 +25,30 @@ pub struct Encrypted {
     pub ciphertext: Vec<u8>,
 }
 
+/// A ciphertext as the contract carries it back: the version that made it,
+/// the nonce from its metadata (absent or malformed: `None`, which fails like
+/// any mismatch), and the sealed bytes with their tag.
+#[derive(Debug, Clone, Copy)]
+pub struct Sealed<'a> {
+    /// The contract's `encryptionVersionId`.
+    pub version: VersionId,
+    /// The nonce, if the metadata held a well-formed one.
+    pub nonce: Option<[u8; NONCE_LEN]>,
+    /// Ciphertext with tag.
+    pub ciphertext: &'a [u8],
+}
+
+impl<'a> Sealed<'a> {
+    /// The ciphertext `ciphertext` made by `version` with `nonce`.
+    pub fn new(version: VersionId, nonce: Option<[u8; NONCE_LEN]>, ciphertext: &'a [u8]) -> Self {
+        Sealed {
+            version,
+            nonce,
+            ciphertext,
+        }
+    }
+}
+
 impl KeyService {
     /// Encrypts `plaintext` under the active version, or under `version` if given
     /// (which must be `active` or `enabled`).
@@ -60,11 +84,14 @@ impl KeyService {
         &self,
         tenant: TenantId,
         id: EncryptionId,
-        version: VersionId,
-        nonce: Option<[u8; NONCE_LEN]>,
-        ciphertext: &[u8],
+        sealed: Sealed<'_>,
         client_key: Option<&ClientKey>,
     ) -> Result<Vec<u8>, KeyError> {
+        let Sealed {
+            version,
+            nonce,
+            ciphertext,
+        } = sealed;
         let key = self.entry(tenant, id).await?;
         key.check_mode(client_key)?;
         let key = match self.entry_with_version(key, version).await {
@@ -86,15 +113,10 @@ impl KeyService {
         &self,
         tenant: TenantId,
         id: EncryptionId,
-        version: VersionId,
-        nonce: Option<[u8; NONCE_LEN]>,
-        ciphertext: &[u8],
+        sealed: Sealed<'_>,
         client_key: Option<&ClientKey>,
     ) -> Result<Encrypted, KeyError> {
-        let plaintext = Zeroizing::new(
-            self.decrypt(tenant, id, version, nonce, ciphertext, client_key)
-                .await?,
-        );
+        let plaintext = Zeroizing::new(self.decrypt(tenant, id, sealed, client_key).await?);
         self.encrypt(tenant, id, None, &plaintext, client_key).await
     }
 

@@ -29,7 +29,7 @@ pub mod state;
 pub use super::apikeys::{looks_like_key_id, Principal};
 pub use super::client_key::ClientKey;
 pub use super::error::{AuthError, KeyError, RootKeyError};
-pub use contract::Encrypted;
+pub use contract::{Encrypted, Sealed};
 pub use management::EncryptionDetails;
 pub use queries::RootKekInfo;
 pub use root_keys::migrate_master_key;
