@@ -106,7 +106,8 @@ impl Application {
         }
         match service.load_root_keys().await {
             Ok(()) => {
-                tokio::spawn(resume_kek_rotation(service.clone()));
+                let service = service.clone();
+                tokio::spawn(async move { service.finish_kek_rotation().await });
             }
             Err(RootKeyError::Provider(e)) => {
                 // Serve (not ready, with the reason) and keep trying, rather than
@@ -308,7 +309,7 @@ async fn retry_root_keys(service: Arc<KeyService>, mut shutdown: watch::Receiver
                     provider = service.provider().name(),
                     "master-key provider reachable: root key loaded, ready"
                 );
-                resume_kek_rotation(service).await;
+                service.finish_kek_rotation().await;
                 return;
             }
             Err(RootKeyError::Provider(e)) => {
@@ -320,31 +321,6 @@ async fn retry_root_keys(service: Arc<KeyService>, mut shutdown: watch::Receiver
                 return;
             }
         }
-    }
-}
-
-/// Finishes a root-KEK rotation that an earlier process started (and perhaps
-/// did not finish: a crash, SIGKILL). Safe to run on several replicas at once.
-async fn resume_kek_rotation(service: Arc<KeyService>) {
-    match service.store().root_keks().await {
-        Ok(keks)
-            if keks
-                .iter()
-                .any(|k| k.state == crate::domain::states::KekState::Retiring) =>
-        {
-            tracing::info!("a root KEK rotation is unfinished; resuming the re-wrap");
-            match service
-                .rewrap_retiring(500, Duration::ZERO, |_, _| {})
-                .await
-            {
-                Ok(n) => tracing::info!(rewrapped = n, "root KEK rotation finished"),
-                Err(e) => {
-                    tracing::warn!(error = %e, "root KEK re-wrap stopped; it resumes at the next start")
-                }
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "cannot check for an unfinished root KEK rotation"),
     }
 }
 

@@ -3,9 +3,6 @@
 //! The root KEK is shared by every tenant, so these act on the whole service:
 //! give `admin` only to the operator's own API keys.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -15,8 +12,6 @@ use utoipa::ToSchema;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{AdminScope, Auth};
 use super::state::AppState;
-use crate::domain::service::KeyService;
-use crate::domain::KekId;
 
 /// One root KEK.
 #[derive(Serialize, ToSchema)]
@@ -95,27 +90,14 @@ pub(super) async fn rotate(
 ) -> Result<(StatusCode, Json<RootKekRotation>), ApiError> {
     let kek_id = state.service.rotate_root_kek().await?;
     tracing::info!(%kek_id, api_key = %auth.principal.key_id, "root KEK rotation requested");
-    tokio::spawn(rewrap_under_new_kek(state.service.clone(), kek_id));
+    // Re-wrapped after the answer; if the process stops first, the next
+    // start resumes it.
+    let service = state.service.clone();
+    tokio::spawn(async move { service.finish_kek_rotation().await });
     Ok((
         StatusCode::ACCEPTED,
         Json(RootKekRotation {
             kek_id: kek_id.to_string(),
         }),
     ))
-}
-
-/// Key versions re-wrapped per transaction.
-const REWRAP_BATCH: u32 = 500;
-
-/// Re-wraps every key version under the root KEK `kek_id` that a request just
-/// made active, after the request has been answered. If the process stops
-/// first, the next start resumes it.
-async fn rewrap_under_new_kek(service: Arc<KeyService>, kek_id: KekId) {
-    let rewrapped = service.rewrap_retiring(REWRAP_BATCH, Duration::ZERO, |_, _| {});
-    match rewrapped.await {
-        Ok(n) => tracing::info!(%kek_id, rewrapped = n, "root KEK rotation finished"),
-        Err(e) => {
-            tracing::warn!(%kek_id, error = %e, "root KEK re-wrap stopped; it resumes at the next start")
-        }
-    }
 }

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
@@ -15,6 +16,9 @@ use crate::domain::states::KekState;
 use crate::domain::time::now_ms;
 use crate::master_key::{MasterKeyProvider, ProviderError};
 use crate::store::{NewVersion, RootKekRow, Store, StoreError};
+
+/// Key versions re-wrapped per transaction when a root-KEK rotation finishes.
+const REWRAP_BATCH: u32 = 500;
 
 impl KeyService {
     /// Loads (or, on a new database, creates) the root KEKs through the
@@ -109,6 +113,31 @@ impl KeyService {
         *self.root.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(root));
         tracing::info!(%kek_id, "root KEK rotation started");
         Ok(kek_id)
+    }
+
+    /// Finishes a root-KEK rotation in the background: after a rotation was
+    /// requested, or at start when an earlier process left one unfinished (a
+    /// crash, SIGKILL). Re-wraps [`REWRAP_BATCH`] versions per transaction
+    /// and logs the outcome; if it stops, the next start resumes it. Safe to
+    /// run on several replicas at once.
+    pub async fn finish_kek_rotation(&self) {
+        match self.store.root_keks().await {
+            Ok(keks) if keks.iter().any(|k| k.state == KekState::Retiring) => {
+                tracing::info!("re-wrapping the key versions of the retiring root KEK")
+            }
+            Ok(_) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot check for an unfinished root KEK rotation");
+                return;
+            }
+        }
+        let rewrapped = self.rewrap_retiring(REWRAP_BATCH, Duration::ZERO, |_, _| {});
+        match rewrapped.await {
+            Ok(n) => tracing::info!(rewrapped = n, "root KEK rotation finished"),
+            Err(e) => {
+                tracing::warn!(error = %e, "root KEK re-wrap stopped; it resumes at the next start")
+            }
+        }
     }
 
     /// Re-wraps every version still wrapped by a retiring root KEK under the
