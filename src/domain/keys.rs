@@ -165,12 +165,14 @@ impl VersionedKey {
     /// The invariants every loaded object holds: a row for the version
     /// `active` names; numbers strictly increasing; the minimum decryption
     /// version from 1 to the active version's number; a destroyed version
-    /// holds no key material. (A live version whose key is missing from its
-    /// row answers like a destroyed one, as it always has; the loader logs
-    /// it.) (The encryption row
-    /// and its versions are read in two queries, so a rotation elsewhere may
-    /// show the new version `active` beside an older `active` id: the change
-    /// feed replaces such an object, and it is not an integrity failure.)
+    /// holds no key material.
+    ///
+    /// Not checked, on purpose: that exactly one version is `active`. The
+    /// encryption row and its versions are read in two queries, so a rotation
+    /// elsewhere may show the new version `active` beside the older id this
+    /// object names; the change feed soon replaces it. A live version whose
+    /// key is missing from its row answers like a destroyed one, as it always
+    /// has; the loader logs it.
     pub fn check(&self) -> Result<(), KeyError> {
         let fail = |what: &str| {
             Err(KeyError::Integrity(format!(

@@ -12,7 +12,9 @@
 //! - `lifecycle`: policies, version states, automatic rotation;
 //! - `root_keys`: loading and rotating the root KEKs, sealing job sources,
 //!   migrating the master key;
-//! - `cache`: loading encryptions into the key ring.
+//! - `cache`: loading encryptions into the key ring;
+//! - `queries`: what handlers read besides keys (jobs, root-KEK status,
+//!   audit records, readiness, the figures `/metrics` shows).
 //!
 //! The rules a change must satisfy live in the versioned key object
 //! ([`super::keys`]); these files check them, persist, then refresh the ring.
