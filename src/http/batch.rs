@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::{Extension, Json};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::value::RawValue;
 use utoipa::{IntoResponses, ToSchema};
 
 use super::audit_note::AuditNote;
@@ -51,9 +51,11 @@ pub(super) async fn rewrap(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// The items, each the single call's input.
+    /// The items, each the single call's input, kept as their JSON text so
+    /// each is parsed by the single call's own parser, as strictly (a field
+    /// given twice is refused, not silently the last one).
     #[schema(value_type = Vec<Object>)]
-    items: Vec<Value>,
+    items: Vec<Box<RawValue>>,
 }
 
 /// One item's outcome: the single call's output, or an error.
@@ -101,7 +103,8 @@ where
     if req.items.len() > limits.max_items {
         return Err(ApiError::TooManyItems(limits.max_items));
     }
-    if let Some(i) = req.items.iter().position(|item| !item.is_object()) {
+    let is_object = |item: &RawValue| item.get().trim_start().starts_with('{');
+    if let Some(i) = req.items.iter().position(|item| !is_object(item)) {
         return Err(ApiError::InvalidRequest(format!(
             "`items[{i}]`: expected an object"
         )));
@@ -109,7 +112,7 @@ where
     let mut results = Vec::with_capacity(req.items.len());
     for (index, item) in req.items.into_iter().enumerate() {
         note.begin_item(index);
-        let parsed: Result<I, ApiError> = super::extract::parse_value(item);
+        let parsed: Result<I, ApiError> = super::extract::parse_json(item.get().as_bytes());
         let outcome = match parsed {
             Ok(input) => f(input).await,
             Err(e) => Err(e),

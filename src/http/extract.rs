@@ -275,17 +275,6 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// Like [`parse_json`], for a value already parsed (a batch item).
-pub fn parse_value<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, ApiError> {
-    if !value.is_object() {
-        return Err(ApiError::InvalidRequest("expected a JSON object".into()));
-    }
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::InvalidRequest(describe_data_error(&path, &e.into_inner().to_string()))
-    })
-}
-
 /// Deserializes a nested struct from a JSON object only (not from an array of
 /// its fields in order, which serde's derive also accepts).
 pub fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>

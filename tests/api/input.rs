@@ -11,6 +11,7 @@ crate::on_both_databases!(
     bodies_over_the_limit_get_413,
     unknown_routes_and_methods_get_json_errors,
     bad_pagination_and_path_ids_are_400,
+    batch_items_refuse_a_field_given_twice_like_single_calls,
 );
 
 async fn malformed_and_invalid_bodies_get_stable_4xx_codes(backend: Backend) {
@@ -341,4 +342,50 @@ async fn bad_pagination_and_path_ids_are_400(backend: Backend) {
     }
     let (status, body) = app.get("/v1/encryptions/not-a-uuid", &creds).await;
     assert_error(status, &body, 400, "invalid_request");
+}
+
+/// A field given twice (a second `data`, a second `nonce` in the metadata) is
+/// refused by the single routes; a batch item, parsed by the same parser from
+/// its own JSON text, is refused with the same code rather than silently
+/// taking the last value.
+async fn batch_items_refuse_a_field_given_twice_like_single_calls(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let encrypted = app.encrypt(&creds, &enc, "x").await;
+    let raw = |path: &str, body: String| {
+        app.req(Method::POST, path, &creds)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let twice_data = format!(r#"{{"encryptionId":"{enc}","data":"a","data":"b"}}"#);
+    let nonce = encrypted["metadata"]["nonce"].as_str().unwrap();
+    let twice_nonce = format!(
+        r#"{{"encryptionId":"{enc}","cipherText":{ct},"encryptionVersionId":{ver},"metadata":{{"nonce":"{nonce}","nonce":"{nonce}"}}}}"#,
+        ct = encrypted["cipherText"],
+        ver = encrypted["encryptionVersionId"],
+    );
+    let well_formed = decrypt_body(&encrypted).to_string();
+    for (single, batch, item) in [
+        ("/v1/encrypt", "/v1/encrypt/batch", &twice_data),
+        ("/v1/decrypt", "/v1/decrypt/batch", &twice_nonce),
+        ("/v1/rewrap", "/v1/rewrap/batch", &twice_nonce),
+    ] {
+        // The single route refuses it: invalid_request for a request field,
+        // decryption_failed for the metadata (as any altered metadata is).
+        let (s, body) = send(raw(single, item.clone())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{single}: {body}");
+        let code = body["error"]["code"].clone();
+        let batch_body = format!(r#"{{"items":[{item},{well_formed}]}}"#);
+        let batch_body = if batch == "/v1/encrypt/batch" {
+            format!(r#"{{"items":[{item},{{"encryptionId":"{enc}","data":"ok"}}]}}"#)
+        } else {
+            batch_body
+        };
+        let (s, body) = send(raw(batch, batch_body)).await;
+        assert_eq!(s, StatusCode::OK, "{batch}: {body}");
+        let results = body["results"].as_array().unwrap();
+        assert_eq!(results[0]["error"]["code"], code, "{batch}: {body}");
+        assert!(results[1].get("error").is_none(), "{batch}: {body}");
+    }
 }
