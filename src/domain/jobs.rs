@@ -365,6 +365,11 @@ async fn walk(
         // batch's writes, each row still its own compare-and-swap.
         let mut writes: Vec<SourceWrite<'_>> = Vec::new();
         for row in &rows {
+            // An encrypted field left empty (NULL) has nothing to move.
+            let Some(cipher_text) = row.cipher_text.as_deref() else {
+                skipped += 1;
+                continue;
+            };
             let encryption = match (job.encryption_id, &row.encryption) {
                 (Some(e), _) => e,
                 (None, Some(text)) => match text.parse() {
@@ -388,22 +393,25 @@ async fn walk(
                 }
                 Err(e) => return Err(e.to_string()),
             };
-            if row.version == active.to_string() {
-                continue;
-            }
-            let version: VersionId = match row.version.parse() {
-                Ok(v) => v,
-                Err(_) => {
+            // Compared as UUIDs, not as text: `ABCD...` is the same version.
+            let version: VersionId = match row.version.as_deref().map(str::parse) {
+                Some(Ok(v)) => v,
+                _ => {
                     failed += 1;
                     continue;
                 }
             };
-            let nonce = serde_json::from_str::<serde_json::Value>(&row.metadata)
-                .ok()
+            if version == active {
+                continue;
+            }
+            let nonce = row
+                .metadata
+                .as_deref()
+                .and_then(|m| serde_json::from_str::<serde_json::Value>(m).ok())
                 .and_then(|m| m.get("nonce").and_then(|n| n.as_str()).map(str::to_string))
                 .and_then(|n| b64.decode(n).ok())
                 .and_then(|n| <[u8; NONCE_LEN]>::try_from(n).ok());
-            let Ok(ciphertext) = b64.decode(&row.cipher_text) else {
+            let Ok(ciphertext) = b64.decode(cipher_text) else {
                 failed += 1;
                 continue;
             };
@@ -485,8 +493,15 @@ async fn walk(
     }
 }
 
+/// What [`remaining`] reports rows under when their version column holds no
+/// version id: never the column's text, which the job's caller did not write
+/// into Keyward and may not be meant to read back.
+const UNRECOGNIZED: &str = "unrecognized";
+
 /// Rows still on an old version of one of the job's tenant's encryptions, by
-/// version. Rows of other tenants' encryptions are not the job's business.
+/// version id in its canonical form (the column's text may differ in case), or
+/// [`UNRECOGNIZED`]. Rows of other tenants' encryptions are not the job's
+/// business; rows without a ciphertext have nothing to report.
 async fn remaining(
     service: &KeyService,
     job: &JobRow,
@@ -503,13 +518,17 @@ async fn remaining(
             },
             (None, None) => continue,
         };
-        match service.active_version(job.tenant_id, encryption).await {
-            Ok((active, _)) if active.to_string() != version => {
-                *out.entry(version).or_insert(0) += rows;
-            }
-            Ok(_) | Err(KeyError::EncryptionNotFound) => {}
+        let active = match service.active_version(job.tenant_id, encryption).await {
+            Ok((active, _)) => active,
+            Err(KeyError::EncryptionNotFound) => continue,
             Err(e) => return Err(e.to_string()),
-        }
+        };
+        let key = match version.as_deref().map(str::parse::<VersionId>) {
+            Some(Ok(v)) if v == active => continue,
+            Some(Ok(v)) => v.to_string(),
+            _ => UNRECOGNIZED.to_string(),
+        };
+        *out.entry(key).or_insert(0) += rows;
     }
     Ok(out)
 }

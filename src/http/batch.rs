@@ -51,9 +51,10 @@ pub(super) async fn rewrap(
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// The items, each the single call's input, kept as their JSON text so
-    /// each is parsed by the single call's own parser, as strictly (a field
-    /// given twice is refused, not silently the last one).
+    /// The items, each the single call's input.
+    // Kept as their JSON text, so that each is parsed by the single call's
+    // own parser, as strictly (a field given twice is refused, not silently
+    // the last one).
     #[schema(value_type = Vec<Object>)]
     items: Vec<Box<RawValue>>,
 }

@@ -80,12 +80,13 @@ fn quote(name: &str) -> String {
 pub struct SourceRow {
     /// The key column's value, as text.
     pub key: String,
-    /// The ciphertext column.
-    pub cipher_text: String,
+    /// The ciphertext column; `None` (NULL) for a row whose encrypted field
+    /// is empty, which has nothing to move.
+    pub cipher_text: Option<String>,
     /// The version column.
-    pub version: String,
+    pub version: Option<String>,
     /// The metadata column.
-    pub metadata: String,
+    pub metadata: Option<String>,
     /// The encryption id column, when the layout has one.
     pub encryption: Option<String>,
 }
@@ -244,8 +245,8 @@ impl SourceTable {
                     q.bind(row.key.clone())
                 };
                 q = q
-                    .bind(row.cipher_text.as_str())
-                    .bind(row.version.as_str())
+                    .bind(row.cipher_text.as_deref())
+                    .bind(row.version.as_deref())
                     .bind(cipher_text.as_str())
                     .bind(version.as_str())
                     .bind(metadata.as_str());
@@ -256,29 +257,36 @@ impl SourceTable {
         Ok(written)
     }
 
-    /// Rows per (encryption column value, version); the encryption is `None`
-    /// when the table has one encryption.
-    pub async fn histogram(&self) -> Result<Vec<(Option<String>, String, i64)>, SourceError> {
+    /// Rows that hold a ciphertext, per (encryption column value, version);
+    /// the encryption is `None` when the table has one encryption, and the
+    /// version `None` when the column is NULL.
+    pub async fn histogram(
+        &self,
+    ) -> Result<Vec<(Option<String>, Option<String>, i64)>, SourceError> {
         let ver = &self.version;
         let group = match &self.encryption {
             Some(c) => format!("{c}, {ver}"),
             None => ver.clone(),
         };
         let sql = format!(
-            "SELECT {group}, COUNT(*) FROM {} GROUP BY {group}",
-            self.table
+            "SELECT {group}, COUNT(*) FROM {} WHERE {} IS NOT NULL GROUP BY {group}",
+            self.table, self.cipher_text
         );
         let per_row = self.encryption.is_some();
         let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
         let decode = |r: &sqlx::any::AnyRow| -> Result<_, sqlx::Error> {
             Ok(if per_row {
                 (
-                    Some(r.try_get::<String, _>(0)?),
-                    r.try_get::<String, _>(1)?,
+                    r.try_get::<Option<String>, _>(0)?,
+                    r.try_get::<Option<String>, _>(1)?,
                     r.try_get::<i64, _>(2)?,
                 )
             } else {
-                (None, r.try_get::<String, _>(0)?, r.try_get::<i64, _>(1)?)
+                (
+                    None,
+                    r.try_get::<Option<String>, _>(0)?,
+                    r.try_get::<i64, _>(1)?,
+                )
             })
         };
         Ok(rows.iter().map(decode).collect::<Result<_, _>>()?)

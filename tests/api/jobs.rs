@@ -14,6 +14,7 @@ use crate::helpers::{decrypt_body, Backend, Creds, TestApp, TestDatabase};
 crate::on_both_databases!(
     a_job_moves_fifty_thousand_rows_to_the_active_version,
     a_job_survives_sigkill_and_never_overwrites_platform_writes,
+    a_job_skips_empty_fields_and_reads_version_ids_in_any_case,
 );
 
 /// The platform's database and its table.
@@ -550,5 +551,104 @@ async fn a_job_follows_a_per_row_encryption_column_and_never_reveals_its_credent
             !dump.join("\n").contains(password),
             "the password is stored in {table}"
         );
+    }
+}
+
+/// A row of a table whose encrypted field is optional: (id, cipher_text,
+/// version, metadata), each text column nullable.
+type OptionalRow = (i64, Option<String>, Option<String>, Option<String>);
+
+/// A table whose encrypted field is optional (NULL ciphertext, version and
+/// metadata) and whose version column holds a version id in upper case: the
+/// job skips and counts the empty rows instead of failing, moves the
+/// upper-case row like any other, and reports nothing left.
+async fn a_job_skips_empty_fields_and_reads_version_ids_in_any_case(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let creds = app.create_tenant("platform");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let platform = Platform::new(backend).await;
+    let mut conn = platform.connect().await;
+    sqlx::query("CREATE TABLE profiles (id BIGINT PRIMARY KEY, cipher_text TEXT, version TEXT, metadata TEXT)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let first = app.encrypt(&creds, &enc, "first").await;
+    let third = app.encrypt(&creds, &enc, "third").await;
+    let rows: [OptionalRow; 3] = [
+        (
+            1,
+            first["cipherText"].as_str().map(str::to_string),
+            first["encryptionVersionId"].as_str().map(str::to_string),
+            Some(first["metadata"].to_string()),
+        ),
+        (2, None, None, None),
+        (
+            3,
+            third["cipherText"].as_str().map(str::to_string),
+            third["encryptionVersionId"]
+                .as_str()
+                .map(|v| v.to_uppercase()),
+            Some(third["metadata"].to_string()),
+        ),
+    ];
+    for (id, ct, v, m) in &rows {
+        sqlx::query(
+            "INSERT INTO profiles (id, cipher_text, version, metadata) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(ct.as_deref())
+        .bind(v.as_deref())
+        .bind(m.as_deref())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let active = app.rotate(&creds, &enc).await;
+    let mut source = platform.source();
+    source["table"] = json!("profiles");
+    let (status, created) = app
+        .post(
+            "/v1/jobs",
+            &creds,
+            &json!({"kind": "reencrypt", "encryptionId": enc, "source": source}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let job = created["jobId"].as_str().unwrap();
+    let done = wait_for_job(&app, &creds, job, Duration::from_secs(60)).await;
+    assert_eq!(done["processed"], 3, "{done}");
+    assert_eq!(done["rewrapped"], 2, "{done}");
+    assert_eq!(
+        done["skipped"], 1,
+        "the empty row is skipped and counted: {done}"
+    );
+    assert_eq!(done["failed"], 0, "{done}");
+    assert_eq!(done["remainingByVersion"], json!({}), "{done}");
+
+    let after: Vec<OptionalRow> =
+        sqlx::query("SELECT id, cipher_text, version, metadata FROM profiles ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+    assert_eq!(
+        after[1],
+        (2, None, None, None),
+        "the empty row is untouched"
+    );
+    for (i, want) in [(0, "first"), (2, "third")] {
+        let (_, ct, v, m) = &after[i];
+        assert_eq!(v.as_deref(), Some(active.as_str()));
+        let encrypted = json!({
+            "encryptionId": enc,
+            "cipherText": ct,
+            "encryptionVersionId": v,
+            "metadata": serde_json::from_str::<Value>(m.as_deref().unwrap()).unwrap(),
+        });
+        let (status, body) = app.decrypt(&creds, &encrypted).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["data"], want);
     }
 }
