@@ -39,24 +39,25 @@ where
 }
 
 /// Parses `query` into `T`. A parameter given more than once is read each
-/// time, in order (every value must be valid), and the last one counts.
+/// time, in order (every value must be valid), and the last one counts. Linear
+/// in the number of pairs: the query string is the caller's to make long.
 pub fn parse<T: DeserializeOwned + IntoParams>(query: &str) -> Result<T, ApiError> {
-    let pairs = form_urlencoded::parse(query.as_bytes());
-    let given_again = |index: usize, name: &str| pairs.skip(index + 1).any(|(n, _)| n == name);
-    if !pairs
-        .enumerate()
-        .any(|(i, (name, _))| given_again(i, &name))
-    {
+    let pairs: Vec<_> = form_urlencoded::parse(query.as_bytes()).collect();
+    let mut last_at = std::collections::HashMap::with_capacity(pairs.len());
+    for (i, (name, _)) in pairs.iter().enumerate() {
+        last_at.insert(name.as_ref(), i);
+    }
+    if last_at.len() == pairs.len() {
         return deserialize(query);
     }
     let mut last = form_urlencoded::Serializer::new(String::new());
-    for (i, (name, value)) in pairs.enumerate() {
+    for (i, (name, value)) in pairs.iter().enumerate() {
         let one = form_urlencoded::Serializer::new(String::new())
-            .append_pair(&name, &value)
+            .append_pair(name, value)
             .finish();
         deserialize::<T>(&one)?;
-        if !given_again(i, &name) {
-            last.append_pair(&name, &value);
+        if last_at.get(name.as_ref()) == Some(&i) {
+            last.append_pair(name, value);
         }
     }
     deserialize(&last.finish())
