@@ -86,7 +86,8 @@ impl Application {
                 settings.listen
             ),
         };
-        let provider = master_key::build(settings.master_key_provider, settings, false).await?;
+        let provider = settings.provider_settings(settings.master_key_provider, false)?;
+        let provider = master_key::build(provider).await;
         let store = open_store(settings).await?;
         let audit = crate::audit::AuditLog::start(&settings.audit, Some(store.clone()))?;
         let service = Arc::new(

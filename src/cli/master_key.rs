@@ -70,10 +70,11 @@ async fn migrate(to: &str, config: &ConfigArg) -> anyhow::Result<()> {
     let settings = config.settings()?;
     let target = ProviderKind::parse(to)
         .ok_or_else(|| anyhow::anyhow!("--to: `{to}` is not a provider (env, aws-kms or vault)"))?;
-    let from = master_key::build(settings.master_key_provider, &settings, false).await?;
+    let from = settings.provider_settings(settings.master_key_provider, false)?;
+    let from = master_key::build(from).await;
     let env_to_env =
         target == ProviderKind::Env && settings.master_key_provider == ProviderKind::Env;
-    let to_provider = master_key::build(target, &settings, env_to_env).await?;
+    let to_provider = master_key::build(settings.provider_settings(target, env_to_env)?).await;
     let store = open_store(&settings).await?;
     let n = migrate_master_key(&store, from.as_ref(), to_provider.as_ref()).await?;
     store.close().await;
@@ -95,7 +96,8 @@ async fn rotate_kek(
 ) -> anyhow::Result<()> {
     let settings = config.settings()?;
     telemetry::init(settings.log_format, &settings.log_level);
-    let provider = master_key::build(settings.master_key_provider, &settings, false).await?;
+    let provider = settings.provider_settings(settings.master_key_provider, false)?;
+    let provider = master_key::build(provider).await;
     let store = open_store(&settings).await?;
     let service = KeyService::new(store.clone(), provider, 1);
     service

@@ -1,6 +1,8 @@
 //! [`Settings`], the validated settings, and the provider settings they yield
-//! ([`ProviderSource`]): a provider's own settings are checked when it is built,
-//! so a missing one is named only for the provider in use.
+//! ([`Settings::provider_settings`]): a provider's own settings are checked
+//! only when one is built, so that commands that need no provider run without
+//! its settings, a missing one is named only for the provider in use, and
+//! `master-key migrate` can name its target on the command line.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,7 +13,7 @@ use zeroize::Zeroizing;
 use super::secrets::{DatabaseUrl, SecretString};
 use crate::crypto::DataKey;
 use crate::master_key::{
-    ProviderConfigError, ProviderKind, ProviderSettings, ProviderSource, VaultAuth, VaultSettings,
+    ProviderConfigError, ProviderKind, ProviderSettings, VaultAuth, VaultSettings,
 };
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -93,8 +95,11 @@ pub struct Settings {
     pub log_level: String,
 }
 
-impl ProviderSource for Settings {
-    fn provider_settings(
+impl Settings {
+    /// The settings of the provider of `kind`, or the setting that is missing.
+    /// For `env`, `use_new_key` takes `KEYWARD_NEW_MASTER_KEY` (the target of
+    /// an env-to-env migration) instead of `KEYWARD_MASTER_KEY`.
+    pub fn provider_settings(
         &self,
         kind: ProviderKind,
         use_new_key: bool,

@@ -19,22 +19,17 @@ use std::sync::Arc;
 pub use aws_kms::AwsKms;
 pub use env::EnvMasterKey;
 pub use provider::{MasterKeyProvider, ProviderError, ProviderFuture};
-pub use settings::{ProviderConfigError, ProviderKind, ProviderSettings, ProviderSource};
+pub use settings::{ProviderConfigError, ProviderKind, ProviderSettings};
 pub use vault::{Vault, VaultAuth, VaultSettings};
 
-/// Builds the provider of `kind` from its settings in `source`. For `env`,
-/// `use_new_key` takes `KEYWARD_NEW_MASTER_KEY` instead of `KEYWARD_MASTER_KEY`
-/// (the target of an env-to-env migration).
-pub async fn build(
-    kind: ProviderKind,
-    source: &impl ProviderSource,
-    use_new_key: bool,
-) -> Result<Arc<dyn MasterKeyProvider>, ProviderConfigError> {
-    Ok(match source.provider_settings(kind, use_new_key)? {
+/// Builds the provider its settings describe (the configuration's
+/// `Settings::provider_settings` checks them for completeness).
+pub async fn build(settings: ProviderSettings) -> Arc<dyn MasterKeyProvider> {
+    match settings {
         ProviderSettings::Env { key } => Arc::new(EnvMasterKey::new(&key)),
         ProviderSettings::AwsKms { key_id, endpoint } => {
             Arc::new(AwsKms::new(key_id, endpoint).await)
         }
         ProviderSettings::Vault(settings) => Arc::new(Vault::new(settings)),
-    })
+    }
 }

@@ -66,18 +66,3 @@ pub enum ProviderSettings {
     /// The `vault` provider.
     Vault(VaultSettings),
 }
-
-/// Where provider settings come from: the validated configuration. A provider
-/// is checked for completeness only when one is built, so that commands that
-/// need no provider run without its settings, and `master-key migrate` can
-/// name its target on the command line.
-pub trait ProviderSource {
-    /// The settings of the provider of `kind`, or the setting that is missing.
-    /// For `env`, `use_new_key` takes the target key of an env-to-env
-    /// migration instead of the current one.
-    fn provider_settings(
-        &self,
-        kind: ProviderKind,
-        use_new_key: bool,
-    ) -> Result<ProviderSettings, ProviderConfigError>;
-}
