@@ -25,7 +25,8 @@
 //!   │         source table); one provider trait per master-key custody
 //! crypto    pure: AES-256-GCM, key wrapping, HKDF, digests, hex
 //!   │
-//! vocabulary  domain::ids, domain::time, domain::states, domain::records, json
+//! vocabulary  domain::ids, domain::time, domain::states, domain::records, json,
+//!             owner_only
 //! ```
 //!
 //! Handlers never import the store: the domain offers the views and queries
@@ -70,6 +71,7 @@ pub mod domain;
 pub mod http;
 pub mod json;
 pub mod master_key;
+pub mod owner_only;
 pub mod server;
 pub mod startup;
 pub mod store;

@@ -163,14 +163,11 @@ impl Sink {
 /// Opens `path` for appending (creating it, mode 0600) and reads the chain's
 /// end from its last complete line.
 fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain)> {
-    let mut options = std::fs::OpenOptions::new();
-    options.read(true).append(true).create(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
+    let mut file = crate::owner_only::owner_only_options()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)?;
     let len = file.metadata()?.len();
     let mut chain = Chain::new();
     if len > 0 {

@@ -20,14 +20,11 @@ pub(super) fn create_private_dir(dir: &Path) -> anyhow::Result<()> {
 
 /// Writes a file readable by its owner only.
 pub(super) fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut file = options.open(path)?;
+    let mut file = crate::owner_only::owner_only_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     file.write_all(contents)?;
     file.sync_all()
 }

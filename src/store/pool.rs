@@ -178,13 +178,9 @@ fn create_private_sqlite_file(url: &str) {
     if path.is_empty() || path == ":memory:" {
         return;
     }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
     // Exists already, or the folder is missing (sqlx reports that clearly).
-    let _ = options.open(path);
+    let _ = crate::owner_only::owner_only_options()
+        .write(true)
+        .create_new(true)
+        .open(path);
 }
