@@ -107,8 +107,10 @@ impl Application {
         }
         match service.load_root_keys().await {
             Ok(()) => {
-                let service = service.clone();
-                tokio::spawn(async move { service.finish_kek_rotation().await });
+                tokio::spawn(keep_finishing_kek_rotations(
+                    service.clone(),
+                    shutdown_rx.clone(),
+                ));
             }
             Err(RootKeyError::Provider(e)) => {
                 // Serve (not ready, with the reason) and keep trying, rather than
@@ -297,6 +299,26 @@ async fn maintain(
 
 /// Retries loading the root keys with backoff while the provider is
 /// unreachable; readiness reports the reason meanwhile.
+/// How often a replica looks for a root-KEK rotation left unfinished (a
+/// re-wrap that stopped on a database error, or a process that died).
+const KEK_ROTATION_RETRY: Duration = Duration::from_secs(60);
+
+/// Finishes any unfinished root-KEK rotation now and then every
+/// [`KEK_ROTATION_RETRY`], so a re-wrap that stopped does not wait for the
+/// next restart (one query a minute when there is nothing to do).
+async fn keep_finishing_kek_rotations(
+    service: Arc<KeyService>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        service.finish_kek_rotation().await;
+        tokio::select! {
+            _ = tokio::time::sleep(KEK_ROTATION_RETRY) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 async fn retry_root_keys(service: Arc<KeyService>, mut shutdown: watch::Receiver<bool>) {
     let mut delay = Duration::from_millis(500);
     loop {
@@ -310,7 +332,7 @@ async fn retry_root_keys(service: Arc<KeyService>, mut shutdown: watch::Receiver
                     provider = service.provider().name(),
                     "master-key provider reachable: root key loaded, ready"
                 );
-                service.finish_kek_rotation().await;
+                keep_finishing_kek_rotations(service, shutdown).await;
                 return;
             }
             Err(RootKeyError::Provider(e)) => {

@@ -133,7 +133,11 @@ async fn status(json: bool, config: &ConfigArg) -> anyhow::Result<()> {
     if json {
         let rows: Vec<_> = rows
             .map(|(k, versions)| {
-                json!({"kekId": k.id.to_string(), "state": k.state.as_str(), "provider": k.provider, "versions": versions})
+                let mut row = json!({"kekId": k.id.to_string(), "state": k.state.as_str(), "provider": k.provider, "versions": versions});
+                if let Some(e) = &k.rewrap_error {
+                    row["rewrapError"] = json!(e);
+                }
+                row
             })
             .collect();
         println!("{}", json!({"rootKeks": rows}));
@@ -145,6 +149,9 @@ async fn status(json: bool, config: &ConfigArg) -> anyhow::Result<()> {
                 k.state.as_str(),
                 k.provider
             );
+            if let Some(e) = &k.rewrap_error {
+                println!("    re-wrap stopped: {e}");
+            }
         }
     }
     Ok(())

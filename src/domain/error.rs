@@ -63,6 +63,19 @@ pub enum KeyError {
     /// unreachable at start); the reason is for readiness and logs.
     #[error("not ready: {0}")]
     NotReady(String),
+    /// A root-KEK rotation is still re-wrapping versions under the previous
+    /// one; a new rotation waits until it finishes.
+    #[error("a root-KEK rotation is still in progress: wait until GET /v1/admin/root-kek shows a single root KEK (or see its rewrapError)")]
+    RotationInProgress,
+    /// The active root KEK is no longer wrapped by this process's master key
+    /// (a master-key migration ran since it started): rotating now would
+    /// bring the old master key back into force.
+    #[error("the root KEK is no longer wrapped by this server's master key (a master-key migration ran); restart Keyward with the new master-key settings, then rotate")]
+    MasterKeyChanged,
+    /// The root KEKs changed between reading and writing them (another
+    /// rotation or a migration, on another process); nothing was changed.
+    #[error("the root KEKs changed meanwhile (another rotation or a master-key migration); nothing was changed")]
+    RootKeysChanged,
     /// The master-key provider failed during an operation that needs it.
     #[error("master-key provider: {0}")]
     Provider(#[from] ProviderError),

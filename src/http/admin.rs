@@ -24,16 +24,39 @@ pub struct RootKekView {
     state: String,
     /// The master-key provider that wraps it.
     provider: String,
-    /// How many key versions it still wraps.
+    /// How many key versions it still wraps (destroyed versions need none).
     versions: i64,
+    /// For a retiring KEK: why the last re-wrap of its versions stopped (it is
+    /// retried every minute and at every start). Absent when it did not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rewrap_error: Option<String>,
 }
 
 /// The root KEKs.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RootKekStatus {
-    /// Every root KEK, oldest first.
+    /// `done`: one root KEK, nothing to re-wrap; `rewrapping`: a rotation is
+    /// moving versions to the active KEK; `stalled`: a retiring KEK's re-wrap
+    /// stopped (see its `rewrapError`), and it is retried.
+    #[schema(value_type = RotationStateSchema)]
+    rotation: &'static str,
+    /// Every root KEK: the active one first, then any retiring ones, oldest
+    /// first.
     root_keks: Vec<RootKekView>,
+}
+
+/// The state of the last root-KEK rotation.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "snake_case")]
+enum RotationStateSchema {
+    /// One root KEK, nothing to re-wrap.
+    Done,
+    /// Versions are being re-wrapped under the active KEK.
+    Rewrapping,
+    /// A retiring KEK's re-wrap stopped; see its `rewrapError`.
+    Stalled,
 }
 
 /// A started rotation.
@@ -58,19 +81,28 @@ pub(super) async fn status(
     State(state): State<AppState>,
     _auth: Auth<AdminScope>,
 ) -> Result<Json<RootKekStatus>, ApiError> {
-    let root_keks = state
-        .service
-        .root_kek_status()
-        .await?
+    let keks = state.service.root_kek_status().await?;
+    let rotation = if keks.iter().any(|k| k.rewrap_error.is_some()) {
+        "stalled"
+    } else if keks.len() > 1 {
+        "rewrapping"
+    } else {
+        "done"
+    };
+    let root_keks = keks
         .into_iter()
         .map(|k| RootKekView {
             kek_id: k.id.to_string(),
             versions: k.versions,
             state: k.state.as_str().to_string(),
             provider: k.provider,
+            rewrap_error: k.rewrap_error,
         })
         .collect();
-    Ok(Json(RootKekStatus { root_keks }))
+    Ok(Json(RootKekStatus {
+        rotation,
+        root_keks,
+    }))
 }
 
 /// Start a root-KEK rotation: a new KEK becomes active at once and every key
@@ -81,6 +113,7 @@ pub(super) async fn status(
     tag = "admin",
     responses(
         (status = 202, description = "Rotation started; poll GET /v1/admin/root-kek", body = RootKekRotation),
+        (status = 409, description = "`rotation_in_progress` (the previous rotation is still re-wrapping), `master_key_changed` (a master-key migration ran since this server started: restart it with the new settings) or `root_keys_changed` (another process changed the root KEKs meanwhile)", body = ErrorBody),
         (status = 503, description = "`not_ready` or `unavailable` (the master-key provider is needed)", body = ErrorBody),
     )
 )]

@@ -150,6 +150,9 @@ impl ApiError {
                 KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),
                 KeyError::VersionInUse(_) => (S::CONFLICT, "version_in_use"),
                 KeyError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "not_ready"),
+                KeyError::RotationInProgress => (S::CONFLICT, "rotation_in_progress"),
+                KeyError::MasterKeyChanged => (S::CONFLICT, "master_key_changed"),
+                KeyError::RootKeysChanged => (S::CONFLICT, "root_keys_changed"),
                 KeyError::Provider(_) => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 KeyError::Store(_) | KeyError::Integrity(_) | KeyError::UnknownKek(_) => {
                     (S::INTERNAL_SERVER_ERROR, "internal")

@@ -366,7 +366,8 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let from: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
         let erase = if state == VersionState::Destroyed {
-            ", wrapped_key = NULL"
+            // No key left: no root KEK is needed for it any more either.
+            ", wrapped_key = NULL, kek_id = NULL"
         } else {
             ""
         };

@@ -44,6 +44,10 @@ pub enum StoreError {
     /// A uniqueness constraint refused the write.
     #[error("conflicting row: {0}")]
     Conflict(sqlx::Error),
+    /// A compare-and-swap found the rows changed since they were read: another
+    /// process got there first; nothing was changed.
+    #[error("{0}")]
+    Raced(String),
     /// Any other database error, or a row that does not decode.
     #[error("database error: {0}")]
     Other(sqlx::Error),

@@ -20,13 +20,16 @@ pub struct RootKekRow {
     pub state: KekState,
     /// Creation time (Unix ms).
     pub created_at: i64,
+    /// Why the last re-wrap of a retiring KEK's versions stopped (no secrets:
+    /// ids and the kind of failure), until a later attempt finishes it.
+    pub rewrap_error: Option<String>,
 }
 
 impl Store {
     /// Every root KEK still in use, the active one first.
     pub async fn root_keks(&self) -> Result<Vec<RootKekRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, provider, wrapped_key, state, created_at FROM root_keks \
+            "SELECT id, provider, wrapped_key, state, created_at, rewrap_error FROM root_keks \
              ORDER BY CASE state WHEN 'active' THEN 0 ELSE 1 END, created_at",
         )
         .fetch_all(&self.pool)
@@ -39,6 +42,7 @@ impl Store {
                     wrapped_key: r.try_get("wrapped_key")?,
                     state: get_state(r, "state", "root_keks", KekState::parse)?,
                     created_at: r.try_get("created_at")?,
+                    rewrap_error: r.try_get("rewrap_error")?,
                 })
             })
             .collect()
@@ -73,13 +77,35 @@ pub struct VersionToRewrap {
 }
 
 impl Store {
-    /// Makes `new` the active root KEK and the previous active one `retiring`,
-    /// in one transaction, and announces the change.
-    pub async fn begin_kek_rotation(&self, new: &RootKekRow) -> Result<(), StoreError> {
+    /// Makes `new` the active root KEK and `expected` (the active one, as the
+    /// caller read and checked it) `retiring`, in one transaction, and
+    /// announces the change. A compare-and-swap on `expected`'s provider and
+    /// wrapped bytes, and on no KEK being `retiring`: if a master-key migration
+    /// re-wrapped the active KEK, or another rotation began, since the caller
+    /// read it, nothing changes and the answer is [`StoreError::Raced`].
+    pub async fn begin_kek_rotation(
+        &self,
+        new: &RootKekRow,
+        expected: &RootKekRow,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE root_keks SET state = 'retiring' WHERE state = 'active'")
-            .execute(&mut *tx)
-            .await?;
+        let n = sqlx::query(
+            "UPDATE root_keks SET state = 'retiring' \
+             WHERE id = $1 AND state = 'active' AND provider = $2 AND wrapped_key = $3 \
+             AND NOT EXISTS (SELECT 1 FROM root_keks r WHERE r.state = 'retiring')",
+        )
+        .bind(expected.id.to_string())
+        .bind(&expected.provider)
+        .bind(&expected.wrapped_key)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if n != 1 {
+            return Err(StoreError::Raced(
+                "the root KEKs changed meanwhile (another rotation or a master-key migration)"
+                    .into(),
+            ));
+        }
         sqlx::query(
             "INSERT INTO root_keks (id, provider, wrapped_key, state, created_at) VALUES ($1, $2, $3, 'active', $4)",
         )
@@ -156,10 +182,12 @@ impl Store {
         Ok(changed)
     }
 
-    /// How many versions each root KEK still wraps.
+    /// How many versions each root KEK still wraps (destroyed versions hold
+    /// no wrapped key and need no KEK).
     pub async fn versions_per_kek(&self) -> Result<Vec<(KekId, i64)>, StoreError> {
         let rows = sqlx::query(
-            "SELECT k.id AS id, (SELECT COUNT(*) FROM encryption_key_versions v WHERE v.kek_id = k.id) AS n \
+            "SELECT k.id AS id, (SELECT COUNT(*) FROM encryption_key_versions v \
+             WHERE v.kek_id = k.id AND v.wrapped_key IS NOT NULL) AS n \
              FROM root_keks k ORDER BY k.created_at",
         )
         .fetch_all(&self.pool)
@@ -169,10 +197,19 @@ impl Store {
             .collect()
     }
 
-    /// Deletes a retiring root KEK that no version names any more. `false` if
-    /// some version still does.
+    /// Deletes a retiring root KEK that no version needs any more. `false` if
+    /// some version still holds a key wrapped by it (or a job's sealed source).
+    /// Destroyed versions hold no key: the name of their old KEK (kept by
+    /// versions destroyed before Keyward cleared it) is cleared first.
     pub async fn retire_root_kek(&self, kek: KekId) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE encryption_key_versions SET kek_id = NULL \
+             WHERE kek_id = $1 AND wrapped_key IS NULL",
+        )
+        .bind(kek.to_string())
+        .execute(&mut *tx)
+        .await?;
         let done = sqlx::query(
             "DELETE FROM root_keks WHERE id = $1 AND state = 'retiring' \
              AND NOT EXISTS (SELECT 1 FROM encryption_key_versions WHERE kek_id = $1) \
@@ -183,6 +220,10 @@ impl Store {
         .await?
         .rows_affected()
             == 1;
+        if !done {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         super::events::commit_change(
             tx,
             self.backend,
@@ -193,10 +234,27 @@ impl Store {
         .await
     }
 
+    /// Records why the re-wrap of a retiring KEK's versions stopped, or clears
+    /// it (`None`), so the rotation's state is visible to every replica.
+    pub async fn set_rewrap_error(
+        &self,
+        kek: KekId,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE root_keks SET rewrap_error = $1 WHERE id = $2")
+            .bind(error)
+            .bind(kek.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     /// Re-wraps root KEKs under another provider in one transaction: each row is
     /// `(id, wrapped as read, new provider, new wrapped)`, guarded by a
-    /// compare-and-swap on the wrapped bytes read. Fails (and changes nothing)
-    /// if any row changed meanwhile.
+    /// compare-and-swap on the wrapped bytes read, and on the set of KEKs being
+    /// exactly the rows given. Fails (and changes nothing) if any row changed or
+    /// a KEK was added or removed meanwhile (a root-KEK rotation by a server
+    /// still running on the old master key), and announces the change.
     pub async fn rewrap_root_keks(
         &self,
         rows: &[(KekId, Vec<u8>, String, Vec<u8>)],
@@ -212,11 +270,27 @@ impl Store {
                 .await?
                 .rows_affected();
             if n != 1 {
-                return Err(StoreError::Corrupt {
-                    table: "root_keks",
-                    detail: format!("root KEK {id} changed during the migration; nothing was changed, run it again"),
-                });
+                return Err(StoreError::Raced(format!(
+                    "root KEK {id} changed during the migration; nothing was changed, run it again"
+                )));
             }
+        }
+        let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM root_keks")
+            .fetch_one(&mut *tx)
+            .await?;
+        if usize::try_from(total).ok() != Some(rows.len()) {
+            return Err(StoreError::Raced(
+                "a root KEK was added or retired during the migration (a rotation ran); nothing was changed, run it again".into(),
+            ));
+        }
+        if let Some((id, ..)) = rows.first() {
+            super::events::record(
+                &mut tx,
+                self.backend,
+                super::events::EventKind::RootKeysChanged,
+                &id.to_string(),
+            )
+            .await?;
         }
         tx.commit().await?;
         Ok(())

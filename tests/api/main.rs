@@ -10,6 +10,7 @@ mod contract;
 mod dev;
 mod helpers;
 mod input;
+mod integrity;
 mod jobs;
 mod lifecycle;
 mod management;

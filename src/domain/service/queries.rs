@@ -20,14 +20,16 @@ pub struct RootKekInfo {
     pub provider: String,
     /// How many key versions it wraps.
     pub versions: i64,
+    /// For a retiring KEK: why the last re-wrap of its versions stopped.
+    pub rewrap_error: Option<String>,
 }
 
 impl KeyService {
-    /// The root KEKs, newest first, with how many versions each wraps.
+    /// The root KEKs, the active one first, with how many versions each wraps.
     pub async fn root_kek_status(&self) -> Result<Vec<RootKekInfo>, KeyError> {
         let keks = self.store.root_keks().await?;
         let counts = self.store.versions_per_kek().await?;
-        let mut out: Vec<RootKekInfo> = keks
+        let out: Vec<RootKekInfo> = keks
             .into_iter()
             .map(|k| RootKekInfo {
                 versions: counts
@@ -38,9 +40,9 @@ impl KeyService {
                 id: k.id,
                 state: k.state,
                 provider: k.provider,
+                rewrap_error: k.rewrap_error,
             })
             .collect();
-        out.reverse();
         Ok(out)
     }
 

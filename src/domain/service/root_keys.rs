@@ -92,20 +92,68 @@ impl KeyService {
     /// Starts a root-KEK rotation: a new KEK, wrapped by the provider, becomes
     /// active (new versions are wrapped by it at once) and the previous one
     /// `retiring`. [`KeyService::rewrap_retiring`] then moves every version over.
+    ///
+    /// Refused while an earlier rotation still has a retiring KEK, and unless
+    /// the active root KEK is wrapped by this process's own provider and
+    /// unwraps with it: after a master-key migration, a server still running
+    /// with the old master key would otherwise wrap the new KEK with the old
+    /// key, re-wrap every version to it and delete the migrated KEK, putting
+    /// the old (perhaps leaked or destroyed) master key back in force. The
+    /// database write is a compare-and-swap on what was checked, so a
+    /// migration or rotation that commits in between is not undone either.
     pub async fn rotate_root_kek(&self) -> Result<KekId, KeyError> {
         self.root()?;
+        let rows = self.store.root_keks().await?;
+        if rows.iter().any(|k| k.state == KekState::Retiring) {
+            return Err(KeyError::RotationInProgress);
+        }
+        let current = rows
+            .iter()
+            .find(|k| k.state == KekState::Active)
+            .ok_or_else(|| KeyError::Integrity("no active root KEK".into()))?;
+        if current.provider != self.provider.name() {
+            return Err(KeyError::MasterKeyChanged);
+        }
+        match self
+            .provider
+            .unwrap_root_kek(current.id, &current.wrapped_key)
+            .await
+        {
+            Ok(_) => {}
+            Err(ProviderError::KeyMismatch) => return Err(KeyError::MasterKeyChanged),
+            Err(e) => return Err(e.into()),
+        }
+        if !self.root()?.keys.contains_key(&current.id) {
+            // Another process rotated and finished: learn its KEK first.
+            self.load_root_keys()
+                .await
+                .map_err(|e| KeyError::Integrity(e.to_string()))?;
+        }
         let kek_id = KekId::new_random();
         let kek = DataKey::generate();
         let wrapped = self.provider.wrap_root_kek(kek_id, &kek).await?;
-        self.store
-            .begin_kek_rotation(&RootKekRow {
-                id: kek_id,
-                provider: self.provider.name().to_string(),
-                wrapped_key: wrapped,
-                state: KekState::Active,
-                created_at: now_ms(),
-            })
-            .await?;
+        let new = RootKekRow {
+            id: kek_id,
+            provider: self.provider.name().to_string(),
+            wrapped_key: wrapped,
+            state: KekState::Active,
+            created_at: now_ms(),
+            rewrap_error: None,
+        };
+        match self.store.begin_kek_rotation(&new, current).await {
+            Ok(()) => {}
+            Err(StoreError::Raced(_)) => {
+                // Say which: a concurrent rotation (the usual case) or a
+                // migration.
+                let now = self.store.root_keks().await?;
+                return Err(if now.iter().any(|k| k.state == KekState::Retiring) {
+                    KeyError::RotationInProgress
+                } else {
+                    KeyError::RootKeysChanged
+                });
+            }
+            Err(e) => return Err(e.into()),
+        }
         // Install the new KEK from what we hold, without another provider call.
         let mut root = (*self.root()?).clone_keys();
         root.keys.insert(kek_id, Arc::new(kek.cipher()));
@@ -117,9 +165,9 @@ impl KeyService {
 
     /// Finishes a root-KEK rotation in the background: after a rotation was
     /// requested, or at start when an earlier process left one unfinished (a
-    /// crash, SIGKILL). Re-wraps [`REWRAP_BATCH`] versions per transaction
-    /// and logs the outcome; if it stops, the next start resumes it. Safe to
-    /// run on several replicas at once.
+    /// crash, SIGKILL), and every minute while one is unfinished. Re-wraps
+    /// [`REWRAP_BATCH`] versions per transaction and logs the outcome (the
+    /// API shows it too). Safe to run on several replicas at once.
     pub async fn finish_kek_rotation(&self) {
         match self.store.root_keks().await {
             Ok(keks) if keks.iter().any(|k| k.state == KekState::Retiring) => {
@@ -135,7 +183,7 @@ impl KeyService {
         match rewrapped.await {
             Ok(n) => tracing::info!(rewrapped = n, "root KEK rotation finished"),
             Err(e) => {
-                tracing::warn!(error = %e, "root KEK re-wrap stopped; it resumes at the next start")
+                tracing::warn!(error = %e, "root KEK re-wrap stopped; it is retried in a minute and at the next start")
             }
         }
     }
@@ -144,7 +192,12 @@ impl KeyService {
     /// active one, `batch` rows per transaction, then deletes the retired KEKs.
     /// Each row is tagged with its KEK and updated by compare-and-swap, so the
     /// work can stop at any point (a crash, SIGKILL) and resume, by this process
-    /// or another, with every key still unwrappable. Returns rows re-wrapped.
+    /// or another, with every key still unwrappable. Each retiring KEK is
+    /// re-wrapped and retired on its own: one that fails does not keep the
+    /// others' versions under their old KEK. Why one stopped is kept on its
+    /// row (`rewrap_error`, shown by `GET /v1/admin/root-kek`) and counted in
+    /// `keyward_root_kek_rewrap_failures_total`. Returns rows re-wrapped, or
+    /// the first failure once every KEK was tried.
     pub async fn rewrap_retiring(
         &self,
         batch: u32,
@@ -177,83 +230,135 @@ impl KeyService {
             .filter(|(k, _)| retiring.contains(k))
             .map(|(_, n)| *n as u64)
             .sum();
-        let new_id = root.active;
-        let new_kek = &root.keys[&new_id];
         let mut done = 0u64;
+        let mut first_failure = None;
         for old_id in retiring {
-            let old_kek = root.keys.get(&old_id).ok_or(KeyError::UnknownKek(old_id))?;
-            // Passes over the versions in id order until none is left: a replica
-            // that has not yet heard of the rotation may still add versions
-            // under the old KEK behind the cursor.
-            for pass in 0.. {
-                if self
-                    .store
-                    .versions_wrapped_by(old_id, None, 1)
-                    .await?
-                    .is_empty()
-                {
-                    break;
-                }
-                if pass == 10 {
-                    return Err(KeyError::Integrity(format!(
-                        "versions keep appearing under retiring root KEK {old_id}; run the re-wrap again once every replica has loaded the new root KEK"
-                    )));
-                }
-                if pass > 0 {
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                }
-                let mut after = None;
-                loop {
-                    let rows = self.store.versions_wrapped_by(old_id, after, batch).await?;
-                    let Some(last) = rows.last() else { break };
-                    after = Some(last.id);
-                    let mut updates = Vec::with_capacity(rows.len());
-                    for row in &rows {
-                        let old_aad = data_key_aad(
-                            row.encryption_id.as_bytes(),
-                            row.id.as_bytes(),
-                            old_id.as_bytes(),
-                        );
-                        let key = old_kek
-                            .unwrap_key(&WrappedKey(row.wrapped_key.clone()), &old_aad)
-                            .map_err(|_| {
-                                KeyError::Integrity(format!(
-                                    "version {} fails to unwrap under root KEK {old_id}",
-                                    row.id
-                                ))
-                            })?;
-                        let new_aad = data_key_aad(
-                            row.encryption_id.as_bytes(),
-                            row.id.as_bytes(),
-                            new_id.as_bytes(),
-                        );
-                        updates.push((
-                            row.id,
-                            row.wrapped_key.clone(),
-                            new_kek.wrap(&key, &new_aad).0,
-                        ));
-                    }
-                    done += self.store.rewrap_versions(old_id, new_id, &updates).await?;
-                    progress(done, remaining);
-                    if !pause.is_zero() {
-                        tokio::time::sleep(pause).await;
-                    }
-                }
+            let outcome = self
+                .retire_one(
+                    &root,
+                    old_id,
+                    batch,
+                    pause,
+                    &mut done,
+                    remaining,
+                    &mut progress,
+                )
+                .await;
+            let error = outcome.as_ref().err().map(|e| e.to_string());
+            if let Err(e) = self.store.set_rewrap_error(old_id, error.as_deref()).await {
+                tracing::warn!(kek_id = %old_id, error = %e, "cannot record the re-wrap's state");
             }
-            for (job, sealed) in self.store.jobs_sealed_by(old_id).await? {
-                let plain = self.open_job_source(job, old_id, &sealed)?;
-                let (kek, resealed) = self.seal_job_source(job, &plain)?;
-                self.store.reseal_job(job, &sealed, &resealed, kek).await?;
-            }
-            if self.store.retire_root_kek(old_id).await? {
-                tracing::info!(kek_id = %old_id, "root KEK retired: no version names it any more");
-            } else {
-                return Err(KeyError::Integrity(format!(
-                    "root KEK {old_id} still wraps key versions; run the re-wrap again"
-                )));
+            if let Err(e) = outcome {
+                metrics::counter!("keyward_root_kek_rewrap_failures_total").increment(1);
+                tracing::warn!(kek_id = %old_id, error = %e, "re-wrap of a retiring root KEK stopped; the others go on");
+                first_failure.get_or_insert(e);
             }
         }
-        Ok(done)
+        match first_failure {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
+    }
+
+    /// Re-wraps the versions and job sources of one retiring KEK under the
+    /// active one and deletes it.
+    #[allow(clippy::too_many_arguments)]
+    async fn retire_one(
+        &self,
+        root: &RootKeys,
+        old_id: KekId,
+        batch: u32,
+        pause: Duration,
+        done: &mut u64,
+        remaining: u64,
+        progress: &mut impl FnMut(u64, u64),
+    ) -> Result<(), KeyError> {
+        let new_id = root.active;
+        let new_kek = &root.keys[&new_id];
+        let old_kek = root.keys.get(&old_id).ok_or(KeyError::UnknownKek(old_id))?;
+        // Passes over the versions in id order until a pass moves none: a
+        // replica that has not yet heard of the rotation may still add
+        // versions under the old KEK behind the cursor. A version whose key
+        // fails to unwrap is left where it is (with its KEK) and reported,
+        // while every other version moves on.
+        let mut failed: Vec<VersionId> = vec![];
+        for pass in 0.. {
+            if pass == 10 {
+                return Err(KeyError::Integrity(format!(
+                    "versions keep appearing under retiring root KEK {old_id}; run the re-wrap again once every replica has loaded the new root KEK"
+                )));
+            }
+            if pass > 1 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let mut moved = 0u64;
+            let mut after = None;
+            loop {
+                let rows = self.store.versions_wrapped_by(old_id, after, batch).await?;
+                let Some(last) = rows.last() else { break };
+                after = Some(last.id);
+                let mut updates = Vec::with_capacity(rows.len());
+                for row in &rows {
+                    let old_aad = data_key_aad(
+                        row.encryption_id.as_bytes(),
+                        row.id.as_bytes(),
+                        old_id.as_bytes(),
+                    );
+                    let Ok(key) =
+                        old_kek.unwrap_key(&WrappedKey(row.wrapped_key.clone()), &old_aad)
+                    else {
+                        if !failed.contains(&row.id) {
+                            failed.push(row.id);
+                        }
+                        continue;
+                    };
+                    let new_aad = data_key_aad(
+                        row.encryption_id.as_bytes(),
+                        row.id.as_bytes(),
+                        new_id.as_bytes(),
+                    );
+                    updates.push((
+                        row.id,
+                        row.wrapped_key.clone(),
+                        new_kek.wrap(&key, &new_aad).0,
+                    ));
+                }
+                if !updates.is_empty() {
+                    let n = self.store.rewrap_versions(old_id, new_id, &updates).await?;
+                    moved += n;
+                    *done += n;
+                    progress(*done, remaining);
+                }
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            if moved == 0 {
+                break;
+            }
+        }
+        if !failed.is_empty() {
+            let shown: Vec<String> = failed.iter().take(5).map(|v| v.to_string()).collect();
+            return Err(KeyError::Integrity(format!(
+                "{} key version(s) fail to unwrap under root KEK {old_id} and stay under it ({}{}); every other version was re-wrapped",
+                failed.len(),
+                shown.join(", "),
+                if failed.len() > shown.len() { ", ..." } else { "" }
+            )));
+        }
+        for (job, sealed) in self.store.jobs_sealed_by(old_id).await? {
+            let plain = self.open_job_source(job, old_id, &sealed)?;
+            let (kek, resealed) = self.seal_job_source(job, &plain)?;
+            self.store.reseal_job(job, &sealed, &resealed, kek).await?;
+        }
+        if self.store.retire_root_kek(old_id).await? {
+            tracing::info!(kek_id = %old_id, "root KEK retired: no version needs it any more");
+            Ok(())
+        } else {
+            Err(KeyError::Integrity(format!(
+                "root KEK {old_id} still wraps key versions; run the re-wrap again"
+            )))
+        }
     }
 
     /// Seals a job's source specification (it holds database credentials) under
@@ -323,6 +428,7 @@ async fn load_root_keys(
             wrapped_key: wrapped,
             state: KekState::Active,
             created_at: now_ms(),
+            rewrap_error: None,
         };
         match store.insert_active_root_kek(&row).await {
             Ok(()) => {
@@ -407,4 +513,129 @@ pub async fn migrate_master_key(
     }
     store.rewrap_root_keks(&updates).await?;
     Ok(updates.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::master_key::EnvMasterKey;
+    use crate::store::StoreError;
+
+    async fn service(master: &DataKey) -> (Store, KeyService) {
+        let store = Store::connect("sqlite::memory:", 1).await.unwrap();
+        store.migrate().await.unwrap();
+        let service = KeyService::new(store.clone(), Arc::new(EnvMasterKey::new(master)), 16);
+        service.load_root_keys().await.unwrap();
+        (store, service)
+    }
+
+    /// A migration's re-wrap of the root KEKs, built from what it read.
+    async fn migration_of(
+        rows: &[RootKekRow],
+        from: &EnvMasterKey,
+        to: &EnvMasterKey,
+    ) -> Vec<(KekId, Vec<u8>, String, Vec<u8>)> {
+        let mut out = vec![];
+        for row in rows {
+            let kek = from
+                .unwrap_root_kek(row.id, &row.wrapped_key)
+                .await
+                .unwrap();
+            let wrapped = to.wrap_root_kek(row.id, &kek).await.unwrap();
+            out.push((row.id, row.wrapped_key.clone(), "env".to_string(), wrapped));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_rotation_between_a_migrations_read_and_commit_fails_the_migration() {
+        let old = DataKey::generate();
+        let (store, service) = service(&old).await;
+        let read = store.root_keks().await.unwrap();
+        let update = migration_of(
+            &read,
+            &EnvMasterKey::new(&old),
+            &EnvMasterKey::new(&DataKey::generate()),
+        )
+        .await;
+        // A server still on the old master key rotates in between.
+        service.rotate_root_kek().await.unwrap();
+        match store.rewrap_root_keks(&update).await {
+            Err(StoreError::Raced(_)) => {}
+            other => panic!("the migration committed over a rotation: {other:?}"),
+        }
+        // Nothing changed: the old master key still opens every KEK.
+        let after = store.root_keks().await.unwrap();
+        assert_eq!(after.len(), 2);
+        for row in after {
+            EnvMasterKey::new(&old)
+                .unwrap_root_kek(row.id, &row.wrapped_key)
+                .await
+                .unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_migration_between_a_rotations_check_and_commit_fails_the_rotation() {
+        let old = DataKey::generate();
+        let new = DataKey::generate();
+        let (store, _service) = service(&old).await;
+        let read = store.root_keks().await.unwrap();
+        let checked = read[0].clone();
+        let update = migration_of(&read, &EnvMasterKey::new(&old), &EnvMasterKey::new(&new)).await;
+        store.rewrap_root_keks(&update).await.unwrap();
+        let kek = RootKekRow {
+            id: KekId::new_random(),
+            provider: "env".into(),
+            wrapped_key: vec![1, 2, 3],
+            state: KekState::Active,
+            created_at: now_ms(),
+            rewrap_error: None,
+        };
+        match store.begin_kek_rotation(&kek, &checked).await {
+            Err(StoreError::Raced(_)) => {}
+            other => panic!("the rotation committed over a migration: {other:?}"),
+        }
+        let after = store.root_keks().await.unwrap();
+        assert_eq!(after.len(), 1);
+        EnvMasterKey::new(&new)
+            .unwrap_root_kek(after[0].id, &after[0].wrapped_key)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_server_on_the_old_master_key_refuses_to_rotate_after_a_migration() {
+        let old = DataKey::generate();
+        let (store, service) = service(&old).await;
+        let n = migrate_master_key(
+            &store,
+            &EnvMasterKey::new(&old),
+            &EnvMasterKey::new(&DataKey::generate()),
+        )
+        .await
+        .unwrap();
+        assert_eq!(n, 1);
+        assert!(matches!(
+            service.rotate_root_kek().await,
+            Err(KeyError::MasterKeyChanged)
+        ));
+        assert_eq!(store.root_keks().await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_second_rotation_waits_for_the_first() {
+        let (store, service) = service(&DataKey::generate()).await;
+        service.rotate_root_kek().await.unwrap();
+        assert!(matches!(
+            service.rotate_root_kek().await,
+            Err(KeyError::RotationInProgress)
+        ));
+        service
+            .rewrap_retiring(10, Duration::ZERO, |_, _| {})
+            .await
+            .unwrap();
+        assert_eq!(store.root_keks().await.unwrap().len(), 1);
+        service.rotate_root_kek().await.unwrap();
+    }
 }
