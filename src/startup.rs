@@ -92,6 +92,7 @@ impl Application {
         let audit = crate::audit::AuditLog::start(&settings.audit, Some(store.clone()))?;
         let service = Arc::new(
             KeyService::new(store, provider, settings.key_ring_capacity)
+                .with_freshness(settings.freshness)
                 .with_recorder(Arc::new(AuditRecorder(audit.clone()))),
         );
         let (background, shutdown_rx) = watch::channel(false);

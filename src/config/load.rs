@@ -47,6 +47,39 @@ impl Settings {
 
 impl Raw {
     fn validate(self) -> Result<Settings, ConfigError> {
+        let sync_interval = self.required("sync_interval", duration)?;
+        let feed_max_lag = self.required("change_feed_max_lag", |v| {
+            let d = duration(v)?;
+            if d < sync_interval * 3 {
+                return Err(format!(
+                    "must be at least three times KEYWARD_SYNC_INTERVAL ({} ms)",
+                    sync_interval.as_millis()
+                ));
+            }
+            Ok(d)
+        })?;
+        let freshness = crate::domain::service::Freshness {
+            feed_max_lag,
+            entry_max_age: self.required("key_cache_max_age", |v| {
+                duration(v).and_then(|d| {
+                    if d.is_zero() {
+                        Err("must be more than 0".to_string())
+                    } else {
+                        Ok(d)
+                    }
+                })
+            })?,
+            destroy_grace: self.required("destroy_grace", |v| {
+                let d = duration(v)?;
+                if d <= feed_max_lag + sync_interval {
+                    return Err(format!(
+                        "must be longer than KEYWARD_CHANGE_FEED_MAX_LAG plus KEYWARD_SYNC_INTERVAL ({} ms), the longest a replica may take to stop using a disabled version",
+                        (feed_max_lag + sync_interval).as_millis()
+                    ));
+                }
+                Ok(d)
+            })?,
+        };
         Ok(Settings {
             listen: self.required("listen", |v| {
                 v.parse()
@@ -105,7 +138,8 @@ impl Raw {
             maintenance_interval: self.required("maintenance_interval", duration)?,
             job_lease: self.required("job_lease", duration)?,
             job_batch_rows: self.required("job_batch_rows", positive)?,
-            sync_interval: self.required("sync_interval", duration)?,
+            sync_interval,
+            freshness,
             request_timeout: self.required("request_timeout", duration)?,
             shutdown_timeout: self.required("shutdown_timeout", duration)?,
             tls: self.tls()?,

@@ -79,6 +79,8 @@ pub struct Settings {
     pub job_batch_rows: usize,
     /// Change feed poll interval.
     pub sync_interval: Duration,
+    /// How long cached state may be trusted, and the destroy grace period.
+    pub freshness: crate::domain::service::Freshness,
     /// Per-request time limit.
     pub request_timeout: Duration,
     /// Grace period at shutdown.

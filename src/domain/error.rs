@@ -52,6 +52,15 @@ pub enum KeyError {
     /// The last re-encryption job still found rows on this version.
     #[error("the last re-encryption job found {0} rows still on this version; run a job again, or send \"force\": true")]
     VersionInUse(i64),
+    /// A destroy without `force` of a version that is not `disabled`.
+    #[error("disable the version first: it can be destroyed once it has been disabled for the destroy grace period (or send \"force\": true)")]
+    DestroyNeedsDisabled,
+    /// A destroy without `force` of a version disabled too recently.
+    #[error("the version was disabled too recently to be destroyed: {remaining_s} s of the destroy grace period remain (or send \"force\": true)")]
+    DestroyGracePending {
+        /// Seconds until it may be destroyed.
+        remaining_s: u64,
+    },
     /// A policy value is out of range.
     #[error("{0}")]
     InvalidPolicy(String),
@@ -72,10 +81,6 @@ pub enum KeyError {
     /// bring the old master key back into force.
     #[error("the root KEK is no longer wrapped by this server's master key (a master-key migration ran); restart Keyward with the new master-key settings, then rotate")]
     MasterKeyChanged,
-    /// The root KEKs changed between reading and writing them (another
-    /// rotation or a migration, on another process); nothing was changed.
-    #[error("the root KEKs changed meanwhile (another rotation or a master-key migration); nothing was changed")]
-    RootKeysChanged,
     /// The master-key provider failed during an operation that needs it.
     #[error("master-key provider: {0}")]
     Provider(#[from] ProviderError),

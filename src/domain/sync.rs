@@ -9,7 +9,10 @@
 //! makes this task read the feed at once; polling stays as the safety net for a
 //! lost notification or a dropped LISTEN connection. If the feed cannot be read
 //! for longer than half its look-back window, every cache is cleared once it
-//! can, since events may have been missed.
+//! can, since events may have been missed. While it has gone unread for longer
+//! than `change_feed_max_lag`, this process serves no key operation from
+//! memory (`503 not_ready`, and `/readyz` says why): it might be using a
+//! version another replica disabled, destroyed or rotated away.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -42,6 +45,8 @@ pub async fn follow_changes(
     // seq -> created_at (database clock) of every event already applied.
     let mut seen: HashMap<i64, i64> = HashMap::new();
     let mut last_ok = Instant::now();
+    // From now on key operations need the feed read within `feed_max_lag`.
+    service.change_feed_read();
     let mut last_prune: Option<Instant> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -53,6 +58,7 @@ pub async fn follow_changes(
         }
         match service.store().recent_events(LOOK_BACK_MS).await {
             Ok(events) => {
+                service.change_feed_read();
                 if last_ok.elapsed() > Duration::from_millis(LOOK_BACK_MS as u64 / 2) {
                     tracing::warn!("the change feed was unreadable for a while; clearing caches");
                     service.ring().clear();

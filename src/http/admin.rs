@@ -113,7 +113,7 @@ pub(super) async fn status(
     tag = "admin",
     responses(
         (status = 202, description = "Rotation started; poll GET /v1/admin/root-kek", body = RootKekRotation),
-        (status = 409, description = "`rotation_in_progress` (the previous rotation is still re-wrapping), `master_key_changed` (a master-key migration ran since this server started: restart it with the new settings) or `root_keys_changed` (another process changed the root KEKs meanwhile)", body = ErrorBody),
+        (status = 409, description = "`rotation_in_progress` (the previous rotation is still re-wrapping, or another one started meanwhile) or `master_key_changed` (a master-key migration ran since this server started: restart it with the new settings)", body = ErrorBody),
         (status = 503, description = "`not_ready` or `unavailable` (the master-key provider is needed)", body = ErrorBody),
     )
 )]

@@ -149,10 +149,11 @@ impl ApiError {
                 KeyError::InvalidStateChange(_) => (S::CONFLICT, "invalid_state_change"),
                 KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),
                 KeyError::VersionInUse(_) => (S::CONFLICT, "version_in_use"),
+                KeyError::DestroyNeedsDisabled => (S::CONFLICT, "version_not_disabled"),
+                KeyError::DestroyGracePending { .. } => (S::CONFLICT, "destroy_grace_pending"),
                 KeyError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "not_ready"),
                 KeyError::RotationInProgress => (S::CONFLICT, "rotation_in_progress"),
                 KeyError::MasterKeyChanged => (S::CONFLICT, "master_key_changed"),
-                KeyError::RootKeysChanged => (S::CONFLICT, "root_keys_changed"),
                 KeyError::Provider(_) => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 KeyError::Store(_) | KeyError::Integrity(_) | KeyError::UnknownKek(_) => {
                     (S::INTERNAL_SERVER_ERROR, "internal")

@@ -353,15 +353,34 @@ impl Store {
         .await
     }
 
+    /// How long ago (ms, by the database's clock) the version last changed
+    /// state; `None` for an unknown version.
+    pub async fn version_state_age_ms(
+        &self,
+        version: VersionId,
+    ) -> Result<Option<i64>, StoreError> {
+        let sql = format!(
+            "SELECT {} - COALESCE(state_changed_at, 0) FROM encryption_key_versions WHERE id = $1",
+            super::events::db_now_ms(self.backend)
+        );
+        Ok(sqlx::query_scalar::<_, i64>(&sql)
+            .bind(version.to_string())
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
     /// Moves a non-active version to `state`; destroying erases its wrapped key
     /// for good. `Ok(false)` if the version is not (or no longer) in one of the
-    /// `from` states.
+    /// `from` states, or, with `min_age_ms`, changed state less than that long
+    /// ago by the database's clock (the destroy grace period). Records when the
+    /// state changed, by the database's clock.
     pub async fn set_version_state(
         &self,
         encryption: EncryptionId,
         version: VersionId,
         from: &[VersionState],
         state: VersionState,
+        min_age_ms: Option<i64>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
         let from: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
@@ -371,9 +390,17 @@ impl Store {
         } else {
             ""
         };
+        let db_now = super::events::db_now_ms(self.backend);
+        let aged = match min_age_ms {
+            Some(ms) => format!(
+                " AND COALESCE(state_changed_at, 0) <= {db_now} - {}",
+                ms.max(0)
+            ),
+            None => String::new(),
+        };
         let sql = format!(
-            "UPDATE encryption_key_versions SET state = $1{erase} \
-             WHERE id = $2 AND encryption_id = $3 AND state IN ({})",
+            "UPDATE encryption_key_versions SET state = $1, state_changed_at = {db_now}{erase} \
+             WHERE id = $2 AND encryption_id = $3 AND state IN ({}){aged}",
             from.join(", ")
         );
         let mut tx = self.pool.begin().await?;

@@ -17,6 +17,8 @@ crate::on_both_databases!(
     a_second_root_kek_rotation_waits_for_the_first,
     a_root_kek_rotation_after_a_master_key_migration_is_refused,
     a_stalled_root_kek_rotation_is_visible_and_moves_everything_it_can,
+    a_version_is_destroyed_only_after_it_was_disabled_for_the_grace_period,
+    no_replica_uses_a_version_after_its_destroy_returned,
 );
 
 /// A key for the operator's routes.
@@ -253,5 +255,238 @@ async fn a_stalled_root_kek_rotation_is_visible_and_moves_everything_it_can(back
     assert!(st["rootKeks"][0].get("rewrapError").is_none(), "{st}");
     for (i, (e, _)) in made.iter().enumerate() {
         decrypts(&app, &creds, e, &i.to_string()).await;
+    }
+}
+
+/// Settings for tests that destroy: a short grace, longer than the feed's lag
+/// bound plus its poll interval (the test helper polls every 100 ms).
+const SHORT_GRACE: &[(&str, &str)] = &[
+    ("KEYWARD_CHANGE_FEED_MAX_LAG", "2s"),
+    ("KEYWARD_DESTROY_GRACE", "3s"),
+];
+
+async fn set_state(app: &TestApp, creds: &Creds, path: &str, body: Value) -> (StatusCode, Value) {
+    send(app.req(reqwest::Method::PATCH, path, creds).json(&body)).await
+}
+
+/// Destroy is safe by construction: only a version disabled for the grace
+/// period (so every replica has stopped using it and a missed ciphertext has
+/// failed loudly while it was still recoverable), unless `force`.
+async fn a_version_is_destroyed_only_after_it_was_disabled_for_the_grace_period(backend: Backend) {
+    let app = TestApp::spawn_with(backend, SHORT_GRACE).await;
+    let creds = app.create_tenant("acme");
+    let (enc, v1) = app.create_encryption(&creds).await;
+    let e1 = app.encrypt(&creds, &enc, "under v1").await;
+    app.rotate(&creds, &enc).await;
+    let path = format!("/v1/encryptions/{enc}/versions/{v1}");
+
+    let (status, body) = set_state(&app, &creds, &path, json!({"state": "destroyed"})).await;
+    assert_error(status, &body, 409, "version_not_disabled");
+    let (status, body) = set_state(&app, &creds, &path, json!({"state": "disabled"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let disabled_at = Instant::now();
+    let (status, body) = set_state(&app, &creds, &path, json!({"state": "destroyed"})).await;
+    assert_error(status, &body, 409, "destroy_grace_pending");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("s of the destroy grace period remain"),
+        "{body}"
+    );
+    // The missed ciphertext fails loudly meanwhile, and re-enabling recovers it.
+    let (status, body) = app.decrypt(&creds, &e1).await;
+    assert_error(status, &body, 403, "version_disabled");
+    // Re-enabling and disabling again starts the grace period over.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    set_state(&app, &creds, &path, json!({"state": "enabled"})).await;
+    decrypts(&app, &creds, &e1, "under v1").await;
+    set_state(&app, &creds, &path, json!({"state": "disabled"})).await;
+    let disabled_again = Instant::now();
+    while disabled_at.elapsed() < Duration::from_millis(3200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = set_state(&app, &creds, &path, json!({"state": "destroyed"})).await;
+    assert_error(status, &body, 409, "destroy_grace_pending");
+    while disabled_again.elapsed() < Duration::from_millis(3200) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, body) = set_state(&app, &creds, &path, json!({"state": "destroyed"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = app.decrypt(&creds, &e1).await;
+    assert_error(status, &body, 410, "version_destroyed");
+
+    // `force` skips both, for the operator who knows better.
+    let (enc, v1) = app.create_encryption(&creds).await;
+    app.rotate(&creds, &enc).await;
+    let (status, body) = set_state(
+        &app,
+        &creds,
+        &format!("/v1/encryptions/{enc}/versions/{v1}"),
+        json!({"state": "destroyed", "force": true}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Two replicas: one rotates, disables and destroys while the other encrypts
+/// and decrypts as fast as it can. Before, the other acknowledged encrypts
+/// under the destroyed version after the destroy returned, all of them then
+/// undecryptable. Now the destroy waits out the grace period, by which time
+/// the other replica has long stopped using the version.
+async fn no_replica_uses_a_version_after_its_destroy_returned(backend: Backend) {
+    let a = TestApp::spawn_with(backend, SHORT_GRACE).await;
+    let b = a.spawn_replica(&[]);
+    let creds = a.create_tenant("acme");
+    let (enc, v1) = a.create_encryption(&creds).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (url, client, creds, enc, stop) = (
+            b.url("/v1/encrypt"),
+            b.client.clone(),
+            creds.clone(),
+            enc.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            // (version id, when the answer arrived, ciphertext)
+            let mut acks: Vec<(String, Instant, Value)> = vec![];
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let (status, body) = send(
+                    client
+                        .post(&url)
+                        .header("X-Api-Key", &creds.key)
+                        .header("X-Api-Secret", &creds.secret)
+                        .json(&json!({"encryptionId": enc, "data": format!("{i}")})),
+                )
+                .await;
+                if status == StatusCode::OK {
+                    acks.push((
+                        body["encryptionVersionId"].as_str().unwrap().to_string(),
+                        Instant::now(),
+                        body,
+                    ));
+                }
+            }
+            acks
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.rotate(&creds, &enc).await;
+    let path = format!("/v1/encryptions/{enc}/versions/{v1}");
+    let (status, body) = set_state(&a, &creds, &path, json!({"state": "destroyed"})).await;
+    assert_error(status, &body, 409, "version_not_disabled");
+    let (status, body) = set_state(&a, &creds, &path, json!({"state": "disabled"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let destroyed_at = loop {
+        let started = Instant::now();
+        let (status, body) = set_state(&a, &creds, &path, json!({"state": "destroyed"})).await;
+        if status == StatusCode::OK {
+            break started;
+        }
+        assert_error(status, &body, 409, "destroy_grace_pending");
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let acks = worker.await.unwrap();
+    assert!(
+        acks.len() > 20,
+        "the other replica kept encrypting: {}",
+        acks.len()
+    );
+    let late: Vec<_> = acks
+        .iter()
+        .filter(|(v, at, _)| *v == v1 && *at >= destroyed_at)
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} encrypts under the destroyed version were acknowledged after its destroy began",
+        late.len()
+    );
+    // Every acknowledged ciphertext under a live version still decrypts, on
+    // either replica.
+    for (v, _, e) in acks.iter().rev().take(50) {
+        if *v != v1 {
+            assert_eq!(b.decrypt(&creds, e).await.0, StatusCode::OK);
+            assert_eq!(a.decrypt(&creds, e).await.0, StatusCode::OK);
+        }
+    }
+}
+
+/// A replica that cannot read the change feed (its database connection cut)
+/// stops serving key operations from memory once `change_feed_max_lag` has
+/// passed, says why in `/readyz`, and serves again once it can read the feed.
+/// PostgreSQL only: a SQLite file cannot be cut from one process alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_read_the_change_feed_stops_serving_from_memory() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let creds = a.create_tenant("acme");
+    let (enc, _) = a.create_encryption(&creds).await;
+    let pg = a.db.url.clone();
+    let host_port = pg
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_string();
+    let mut forwarder = crate::providers::Forwarder::start(&host_port).await;
+    let through = pg.replace(&host_port, &format!("127.0.0.1:{}", forwarder.port));
+    let b = a.spawn_replica(&[
+        ("KEYWARD_DATABASE_URL", &through),
+        ("KEYWARD_CHANGE_FEED_MAX_LAG", "2s"),
+    ]);
+    // Warm: B holds the encryption's keys in memory.
+    let e = b.encrypt(&creds, &enc, "warm").await;
+    decrypts(&b, &creds, &e, "warm").await;
+
+    forwarder.stop();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = b.decrypt(&creds, &e).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            assert_error(status, &body, 503, "not_ready");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B kept serving from memory: {body}\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, body) = send(b.client.get(b.url("/readyz"))).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap().contains("change feed"),
+        "{body}"
+    );
+    let (status, _) = send(
+        b.client
+            .post(b.url("/v1/encrypt"))
+            .header("X-Api-Key", &creds.key)
+            .header("X-Api-Secret", &creds.secret)
+            .json(&json!({"encryptionId": enc, "data": "x"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    forwarder.resume().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, _) = b.decrypt(&creds, &e).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never recovered:\n{}",
+            b.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

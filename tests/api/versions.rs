@@ -88,8 +88,18 @@ async fn each_version_state_behaves_as_documented(backend: Backend) {
     let (status, body) = patch(&app, &other, &v1_path, json!({"state": "disabled"})).await;
     assert_error(status, &body, 404, "encryption_not_found");
 
-    // destroyed: crypto-shredding, for good; the row stays.
+    // destroyed: crypto-shredding, for good; the row stays. Without `force`
+    // only after the version was disabled for the grace period (see
+    // integrity.rs); `force` skips that.
     let (status, body) = patch(&app, &creds, &v1_path, json!({"state": "destroyed"})).await;
+    assert_error(status, &body, 409, "version_not_disabled");
+    let (status, body) = patch(
+        &app,
+        &creds,
+        &v1_path,
+        json!({"state": "destroyed", "force": true}),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = app.decrypt(&creds, &e1).await;
     assert_error(status, &body, 410, "version_destroyed");

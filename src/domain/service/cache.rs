@@ -16,16 +16,22 @@ use crate::domain::records::{EncryptionRow, VersionRow};
 const VERSION_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl KeyService {
-    /// The tenant's encryption from the ring, loading it on a miss. Another
-    /// tenant's encryption is reported exactly like a missing one.
+    /// The tenant's encryption from the ring, loading it on a miss or when the
+    /// cached entry is older than `entry_max_age`. Another tenant's encryption
+    /// is reported exactly like a missing one. Nothing is served from memory
+    /// while the change feed has gone unread for too long: another replica may
+    /// have disabled or destroyed a version meanwhile.
     pub(super) async fn entry(
         &self,
         tenant: TenantId,
         id: EncryptionId,
     ) -> Result<Arc<VersionedKey>, KeyError> {
+        if let Some(reason) = self.stale_reason() {
+            return Err(KeyError::NotReady(reason));
+        }
         let entry = match self.ring.get(id) {
-            Some(e) => e,
-            None => self
+            Some(e) if e.loaded_at.elapsed() < self.freshness.entry_max_age => e,
+            _ => self
                 .load(id, tenant)
                 .await?
                 .ok_or(KeyError::EncryptionNotFound)?,

@@ -41,7 +41,11 @@ impl KeyService {
     }
 
     /// Moves a version to another state. The active version cannot change
-    /// (rotate first); a destroyed version never comes back.
+    /// (rotate first); a destroyed version never comes back. Without `force`,
+    /// a destroy needs the last job to have found no row on the version, and
+    /// the version to have been `disabled` for `destroy_grace`: by then every
+    /// replica has stopped using it, and any ciphertext a job missed has
+    /// failed loudly (`403 version_disabled`) while it was still recoverable.
     pub async fn set_version_state(
         &self,
         tenant: TenantId,
@@ -64,17 +68,46 @@ impl KeyService {
             if in_use > 0 {
                 return Err(KeyError::VersionInUse(in_use));
             }
+            if current != VersionState::Disabled {
+                return Err(KeyError::DestroyNeedsDisabled);
+            }
         }
-        let from = [
-            VersionState::Enabled,
-            VersionState::DecryptOnly,
-            VersionState::Disabled,
-        ];
+        let guarded = state == VersionState::Destroyed && !force;
+        let from: &[VersionState] = if guarded {
+            &[VersionState::Disabled]
+        } else {
+            &[
+                VersionState::Enabled,
+                VersionState::DecryptOnly,
+                VersionState::Disabled,
+            ]
+        };
+        let grace_ms = self
+            .freshness
+            .destroy_grace
+            .as_millis()
+            .min(i64::MAX as u128) as i64;
         if !self
             .store
-            .set_version_state(id, version, &from, state, now_ms())
+            .set_version_state(
+                id,
+                version,
+                from,
+                state,
+                guarded.then_some(grace_ms),
+                now_ms(),
+            )
             .await?
         {
+            if guarded {
+                if let Some(age) = self.store.version_state_age_ms(version).await? {
+                    if age < grace_ms {
+                        return Err(KeyError::DestroyGracePending {
+                            remaining_s: ((grace_ms - age) as u64).div_ceil(1000),
+                        });
+                    }
+                }
+            }
             return Err(KeyError::InvalidStateChange(
                 "the version changed meanwhile; read it again",
             ));

@@ -104,25 +104,7 @@ impl KeyService {
     pub async fn rotate_root_kek(&self) -> Result<KekId, KeyError> {
         self.root()?;
         let rows = self.store.root_keks().await?;
-        if rows.iter().any(|k| k.state == KekState::Retiring) {
-            return Err(KeyError::RotationInProgress);
-        }
-        let current = rows
-            .iter()
-            .find(|k| k.state == KekState::Active)
-            .ok_or_else(|| KeyError::Integrity("no active root KEK".into()))?;
-        if current.provider != self.provider.name() {
-            return Err(KeyError::MasterKeyChanged);
-        }
-        match self
-            .provider
-            .unwrap_root_kek(current.id, &current.wrapped_key)
-            .await
-        {
-            Ok(_) => {}
-            Err(ProviderError::KeyMismatch) => return Err(KeyError::MasterKeyChanged),
-            Err(e) => return Err(e.into()),
-        }
+        let current = self.check_rotatable(&rows).await?;
         if !self.root()?.keys.contains_key(&current.id) {
             // Another process rotated and finished: learn its KEK first.
             self.load_root_keys()
@@ -143,14 +125,11 @@ impl KeyService {
         match self.store.begin_kek_rotation(&new, current).await {
             Ok(()) => {}
             Err(StoreError::Raced(_)) => {
-                // Say which: a concurrent rotation (the usual case) or a
-                // migration.
+                // Say which: a migration, or (the usual case) another
+                // rotation, which may even have finished already.
                 let now = self.store.root_keks().await?;
-                return Err(if now.iter().any(|k| k.state == KekState::Retiring) {
-                    KeyError::RotationInProgress
-                } else {
-                    KeyError::RootKeysChanged
-                });
+                self.check_rotatable(&now).await?;
+                return Err(KeyError::RotationInProgress);
             }
             Err(e) => return Err(e.into()),
         }
@@ -161,6 +140,34 @@ impl KeyService {
         *self.root.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(root));
         tracing::info!(%kek_id, "root KEK rotation started");
         Ok(kek_id)
+    }
+
+    /// The active root KEK, if a rotation may start from it: no KEK is
+    /// retiring, and the active one is wrapped by this process's own provider
+    /// and unwraps with it.
+    async fn check_rotatable<'a>(
+        &self,
+        rows: &'a [RootKekRow],
+    ) -> Result<&'a RootKekRow, KeyError> {
+        if rows.iter().any(|k| k.state == KekState::Retiring) {
+            return Err(KeyError::RotationInProgress);
+        }
+        let current = rows
+            .iter()
+            .find(|k| k.state == KekState::Active)
+            .ok_or_else(|| KeyError::Integrity("no active root KEK".into()))?;
+        if current.provider != self.provider.name() {
+            return Err(KeyError::MasterKeyChanged);
+        }
+        match self
+            .provider
+            .unwrap_root_kek(current.id, &current.wrapped_key)
+            .await
+        {
+            Ok(_) => Ok(current),
+            Err(ProviderError::KeyMismatch) => Err(KeyError::MasterKeyChanged),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Finishes a root-KEK rotation in the background: after a rotation was

@@ -4,7 +4,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use crate::crypto::CipherKey;
 use crate::domain::apikeys::ApiKeyCache;
@@ -42,6 +44,67 @@ impl RootKeys {
     }
 }
 
+/// How long what this process holds in memory may be trusted, and how long a
+/// version must stay disabled before it may be destroyed.
+#[derive(Debug, Clone, Copy)]
+pub struct Freshness {
+    /// The oldest a key-ring entry may be before it is read again.
+    pub entry_max_age: Duration,
+    /// How long the change feed may go unread (while it is followed) before
+    /// key operations stop with `503 not_ready`.
+    pub feed_max_lag: Duration,
+    /// How long a version must have been `disabled` before a destroy without
+    /// `force`: longer than any replica may take to stop using it.
+    pub destroy_grace: Duration,
+}
+
+impl Default for Freshness {
+    fn default() -> Self {
+        Freshness {
+            entry_max_age: Duration::from_secs(300),
+            feed_max_lag: Duration::from_secs(30),
+            destroy_grace: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// When this process last read the change feed, if it follows it.
+pub(super) struct FeedHealth {
+    base: Instant,
+    /// Milliseconds after `base` of the last successful read; `u64::MAX`:
+    /// the feed is not followed (the CLI), so it can never be stale.
+    last_read_ms: AtomicU64,
+}
+
+impl FeedHealth {
+    fn new() -> Self {
+        FeedHealth {
+            base: Instant::now(),
+            last_read_ms: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    /// The feed was read just now.
+    pub(super) fn read_now(&self) {
+        let ms = self
+            .base
+            .elapsed()
+            .as_millis()
+            .min(u128::from(u64::MAX - 1)) as u64;
+        self.last_read_ms.store(ms, Ordering::Release);
+    }
+
+    /// How long the feed has gone unread, if it is followed.
+    pub(super) fn unread_for(&self) -> Option<Duration> {
+        let last = self.last_read_ms.load(Ordering::Acquire);
+        if last == u64::MAX {
+            return None;
+        }
+        let now = self.base.elapsed().as_millis() as u64;
+        Some(Duration::from_millis(now.saturating_sub(last)))
+    }
+}
+
 /// Owns every operation. Shared by all handlers behind an `Arc`; every field
 /// is safe to use from many requests at once, as each says.
 pub struct KeyService {
@@ -67,6 +130,10 @@ pub struct KeyService {
     /// Where operations Keyward does by itself are recorded (set once, at
     /// construction).
     pub(super) recorder: Option<Arc<dyn SystemRecorder>>,
+    /// How long cached state may be trusted (set once, at construction).
+    pub(super) freshness: Freshness,
+    /// When the change feed was last read; atomic.
+    pub(super) feed: FeedHealth,
 }
 
 impl fmt::Debug for KeyService {
@@ -95,7 +162,34 @@ impl KeyService {
             provider,
             reload: tokio::sync::Mutex::new(()),
             recorder: None,
+            freshness: Freshness::default(),
+            feed: FeedHealth::new(),
         }
+    }
+
+    /// Trusts cached state as long as `freshness` says.
+    pub fn with_freshness(mut self, freshness: Freshness) -> KeyService {
+        self.freshness = freshness;
+        self
+    }
+
+    /// The change feed was read just now (called by its follower, which from
+    /// then on must keep reading it within `feed_max_lag`).
+    pub fn change_feed_read(&self) {
+        self.feed.read_now();
+    }
+
+    /// Why cached state cannot be trusted: the change feed is followed but
+    /// has gone unread for longer than `feed_max_lag`.
+    pub fn stale_reason(&self) -> Option<String> {
+        let unread = self.feed.unread_for()?;
+        (unread > self.freshness.feed_max_lag).then(|| {
+            format!(
+                "the change feed has not been readable for {} s (more than the {} s allowed): changes made by other replicas may be missed",
+                unread.as_secs(),
+                self.freshness.feed_max_lag.as_secs()
+            )
+        })
     }
 
     /// Records the operations Keyward does by itself with `recorder`.
@@ -110,6 +204,7 @@ impl KeyService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+            .or_else(|| self.stale_reason())
     }
 
     /// The master-key provider.
