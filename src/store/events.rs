@@ -10,7 +10,7 @@ pub const CHANNEL: &str = "keyward_events";
 /// Now in Unix milliseconds by the database's clock. Events are stamped and read
 /// by the database's clock, so that a writer (say, the CLI on another host) whose
 /// clock is off cannot hide its events from the pollers.
-fn db_now_ms(backend: Backend) -> &'static str {
+pub(super) fn db_now_ms(backend: Backend) -> &'static str {
     match backend {
         Backend::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT",
         Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",

@@ -10,6 +10,7 @@ mod contract;
 mod dev;
 mod helpers;
 mod input;
+mod job_integrity;
 mod jobs;
 mod lifecycle;
 mod management;
@@ -20,6 +21,7 @@ mod pki;
 mod providers;
 mod replicas;
 mod secrets;
+mod sources;
 mod tls;
 mod versions;
 

@@ -10,7 +10,9 @@ use crate::crypto::CipherKey;
 use crate::domain::apikeys::ApiKeyCache;
 use crate::domain::ids::{EncryptionId, KekId, VersionId};
 use crate::domain::keyring::KeyRing;
+use crate::domain::sources::JobSources;
 use crate::master_key::MasterKeyProvider;
+use crate::store::source::SourceLimits;
 use crate::store::Store;
 
 /// Where the service records what it does by itself, with no request behind
@@ -67,6 +69,9 @@ pub struct KeyService {
     /// Where operations Keyward does by itself are recorded (set once, at
     /// construction).
     pub(super) recorder: Option<Arc<dyn SystemRecorder>>,
+    /// The job sources the operator registered (set once, at construction;
+    /// none by default, so every job is refused).
+    pub(super) job_sources: Arc<JobSources>,
 }
 
 impl fmt::Debug for KeyService {
@@ -95,7 +100,22 @@ impl KeyService {
             provider,
             reload: tokio::sync::Mutex::new(()),
             recorder: None,
+            job_sources: Arc::new(JobSources::none(SourceLimits {
+                connect_timeout: std::time::Duration::from_secs(10),
+                statement_timeout: std::time::Duration::from_secs(30),
+            })),
         }
+    }
+
+    /// Lets jobs reach the operator's `sources` (and nothing else).
+    pub fn with_job_sources(mut self, sources: JobSources) -> KeyService {
+        self.job_sources = Arc::new(sources);
+        self
+    }
+
+    /// The job sources the operator registered.
+    pub fn job_sources(&self) -> &JobSources {
+        &self.job_sources
     }
 
     /// Records the operations Keyward does by itself with `recorder`.
