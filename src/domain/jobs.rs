@@ -706,46 +706,62 @@ async fn tally(service: &KeyService, job: &JobRow, db: &SourceTable) -> Result<T
         rows: BTreeMap::new(),
         active: BTreeMap::new(),
     };
-    let encryptions = job.encryption_id.into_iter().map(|e| (Some(e), None, 0));
-    let rows = histogram
-        .into_iter()
-        .map(|(e, v, n)| (None, Some((e, v)), n));
-    for (own, row, n) in encryptions.chain(rows) {
-        let (encryption, version) = match (own, row, job.encryption_id) {
-            (Some(e), _, _) => (e, None),
-            (None, Some((_, v)), Some(e)) => (e, v),
-            (None, Some((Some(text), v)), None) => match text.parse::<EncryptionId>() {
-                Ok(e) => (e, v),
+    // A job over one encryption covers it even when the table holds no row.
+    if let Some(e) = job.encryption_id {
+        if let Some((active, _)) = versions_of(service, job.tenant_id, e, &mut known).await? {
+            tally.active.insert(e.to_string(), active.to_string());
+            tally.rows.insert(e.to_string(), BTreeMap::new());
+        }
+    }
+    for (column, version, n) in histogram {
+        let encryption = match (job.encryption_id, column) {
+            (Some(e), _) => e,
+            (None, Some(text)) => match text.parse::<EncryptionId>() {
+                Ok(e) => e,
                 Err(_) => continue,
             },
-            _ => continue,
+            (None, None) => continue,
         };
-        if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(encryption) {
-            let versions = match service.encryption_details(job.tenant_id, encryption).await {
-                Ok(d) => Some((
-                    d.encryption.active_version_id,
-                    d.versions.iter().map(|v| v.id).collect(),
-                )),
-                Err(KeyError::EncryptionNotFound) => None,
-                Err(e) => return Err(other(e)),
-            };
-            slot.insert(versions);
-        }
-        let Some(Some((active, ids))) = known.get(&encryption) else {
+        let Some((active, ids)) =
+            versions_of(service, job.tenant_id, encryption, &mut known).await?
+        else {
             continue;
         };
-        let per_version = tally.rows.entry(encryption.to_string()).or_default();
-        tally
-            .active
-            .insert(encryption.to_string(), active.to_string());
-        if own.is_some() {
-            continue;
-        }
         let key = match version.as_deref().map(str::parse::<VersionId>) {
             Some(Ok(v)) if ids.contains(&v) => v.to_string(),
             _ => UNRECOGNIZED.to_string(),
         };
-        *per_version.entry(key).or_insert(0) += n;
+        tally
+            .active
+            .insert(encryption.to_string(), active.to_string());
+        *tally
+            .rows
+            .entry(encryption.to_string())
+            .or_default()
+            .entry(key)
+            .or_insert(0) += n;
     }
     Ok(tally)
+}
+
+/// The active version and version ids of one of the tenant's encryptions
+/// (`None`: not the tenant's), looked up once per job end.
+async fn versions_of<'k>(
+    service: &KeyService,
+    tenant: TenantId,
+    encryption: EncryptionId,
+    known: &'k mut HashMap<EncryptionId, Option<(VersionId, HashSet<VersionId>)>>,
+) -> Result<&'k Option<(VersionId, HashSet<VersionId>)>, RunError> {
+    if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(encryption) {
+        let versions = match service.encryption_details(tenant, encryption).await {
+            Ok(d) => Some((
+                d.encryption.active_version_id,
+                d.versions.iter().map(|v| v.id).collect(),
+            )),
+            Err(KeyError::EncryptionNotFound) => None,
+            Err(e) => return Err(other(e)),
+        };
+        slot.insert(versions);
+    }
+    Ok(&known[&encryption])
 }
