@@ -44,6 +44,11 @@ def main():
     # Audit records (one per call, as in production) go to a file, not the terminal.
     audit = tempfile.NamedTemporaryFile(prefix="keyward-bench-audit-", suffix=".jsonl")
     env["KEYWARD_AUDIT_FILE"] = audit.name
+    # The platform database is a job source the operator grants to the tenant `bench`.
+    sources = tempfile.NamedTemporaryFile(mode="w", prefix="keyward-bench-sources-", suffix=".toml")
+    sources.write(f'[sources.bench]\ndatabase_url = "{pf_url}"\ntenants = ["bench"]\n')
+    sources.flush()
+    env["KEYWARD_JOB_SOURCES_FILE"] = sources.name
     server = subprocess.Popen([BIN, "serve"], env=env, stderr=log, stdout=subprocess.DEVNULL)
     try:
         addr = None
@@ -70,7 +75,7 @@ def main():
         psql(pf_url, "\\copy secrets FROM STDIN", stdin="\n".join(lines) + "\n")
         fill = time.time() - t
         call(base, creds, "POST", "/v1/rotate", {"encryptionId": enc})
-        source = {"databaseUrl": pf_url, "table": "secrets", "keyColumn": "id", "cipherTextColumn": "cipher_text",
+        source = {"name": "bench", "table": "secrets", "keyColumn": "id", "cipherTextColumn": "cipher_text",
                   "versionColumn": "version", "metadataColumn": "metadata"}
         t = time.time()
         job = call(base, creds, "POST", "/v1/jobs", {"kind": "reencrypt", "encryptionId": enc, "source": source})["jobId"]

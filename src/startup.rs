@@ -65,6 +65,28 @@ pub async fn open_store(settings: &Settings) -> anyhow::Result<Store> {
     Ok(store)
 }
 
+/// The operator's job sources, checked (Keyward's own database refused).
+fn job_sources(settings: &Settings) -> anyhow::Result<crate::domain::sources::JobSources> {
+    let specs = settings
+        .job_sources
+        .iter()
+        .map(|s| crate::domain::sources::SourceSpec {
+            name: s.name.clone(),
+            url: zeroize::Zeroizing::new(s.url.expose().to_string()),
+            tenants: s.tenants.clone(),
+        })
+        .collect();
+    crate::domain::sources::JobSources::new(
+        specs,
+        settings.database_url.expose(),
+        crate::store::source::SourceLimits {
+            connect_timeout: settings.job_source_connect_timeout,
+            statement_timeout: settings.job_source_statement_timeout,
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("KEYWARD_JOB_SOURCES_FILE: {e}"))
+}
+
 impl Application {
     /// Builds everything and binds the listener (port 0 picks a free port).
     pub async fn build(settings: &Settings) -> anyhow::Result<Application> {
@@ -90,10 +112,13 @@ impl Application {
         let provider = master_key::build(provider).await;
         let store = open_store(settings).await?;
         let audit = crate::audit::AuditLog::start(&settings.audit, Some(store.clone()))?;
+        let job_sources = job_sources(settings)?;
+        tracing::info!(job_sources = job_sources.len(), "job sources registered");
         let service = Arc::new(
             KeyService::new(store, provider, settings.key_ring_capacity)
                 .with_freshness(settings.freshness)
-                .with_recorder(Arc::new(AuditRecorder(audit.clone()))),
+                .with_recorder(Arc::new(AuditRecorder(audit.clone())))
+                .with_job_sources(job_sources),
         );
         let (background, shutdown_rx) = watch::channel(false);
         {
@@ -138,6 +163,8 @@ impl Application {
                 lease: settings.job_lease,
                 batch: settings.job_batch_rows as i64,
                 poll: Duration::from_millis(500),
+                max_running: settings.job_max_running,
+                max_running_per_tenant: settings.job_max_running_per_tenant,
             },
             shutdown_rx.clone(),
         ));

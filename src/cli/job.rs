@@ -50,9 +50,10 @@ pub(super) struct StartArgs {
     /// The encryption of every row (or --encryption-id-column).
     #[arg(long)]
     encryption_id: Option<String>,
-    /// The platform's database (credentials included; sealed at rest by Keyward).
-    #[arg(long, env = "KEYWARD_JOB_DATABASE_URL", hide_env_values = true)]
-    database_url: String,
+    /// The job source: a name the operator registered (`job_sources_file`)
+    /// and granted to this tenant.
+    #[arg(long)]
+    source: String,
     /// The table.
     #[arg(long)]
     table: String,
@@ -113,7 +114,7 @@ struct CreateJob<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct JobSource<'a> {
-    database_url: &'a str,
+    name: &'a str,
     table: &'a str,
     key_column: &'a str,
     cipher_text_column: &'a str,
@@ -172,7 +173,7 @@ async fn start(remote: &Remote, job: &StartArgs, json: bool) -> anyhow::Result<(
         encryption_id: job.encryption_id.as_deref(),
         max_rows_per_second: job.max_rows_per_second,
         source: JobSource {
-            database_url: &job.database_url,
+            name: &job.source,
             table: &job.table,
             key_column: &job.key_column,
             cipher_text_column: &job.cipher_text_column,
@@ -286,7 +287,7 @@ mod tests {
             encryption_id: None,
             max_rows_per_second: Some(10),
             source: JobSource {
-                database_url: "sqlite:///p.db",
+                name: "billing",
                 table: "t",
                 key_column: "id",
                 cipher_text_column: "ct",
@@ -298,7 +299,7 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&request).unwrap(),
             json!({"kind": "reencrypt", "maxRowsPerSecond": 10, "source": {
-                "databaseUrl": "sqlite:///p.db", "table": "t", "keyColumn": "id",
+                "name": "billing", "table": "t", "keyColumn": "id",
                 "cipherTextColumn": "ct", "versionColumn": "v", "metadataColumn": "m",
                 "encryptionIdColumn": "enc",
             }})

@@ -62,6 +62,10 @@ enum Command {
         /// (kept in the data folder).
         #[arg(long)]
         tls: bool,
+        /// A job sources file: the databases re-encryption jobs may reach
+        /// (see docs/jobs.md; the dev tenant is named `dev`).
+        #[arg(long, value_name = "FILE")]
+        job_sources: Option<PathBuf>,
     },
     /// Run the production server (settings from --config and KEYWARD_* variables).
     Serve(ConfigArg),
@@ -111,12 +115,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             credentials_out,
             tls,
+            job_sources,
         } => {
             server::dev(DevOptions {
                 data_dir,
                 listen,
                 credentials_out,
                 tls,
+                job_sources,
             })
             .await
         }

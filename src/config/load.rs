@@ -138,6 +138,16 @@ impl Raw {
             maintenance_interval: self.required("maintenance_interval", duration)?,
             job_lease: self.required("job_lease", duration)?,
             job_batch_rows: self.required("job_batch_rows", positive)?,
+            job_sources: self
+                .parse("job_sources_file", |v| {
+                    super::sources::read(std::path::Path::new(v))
+                })?
+                .unwrap_or_default(),
+            job_source_connect_timeout: self.required("job_source_connect_timeout", duration)?,
+            job_source_statement_timeout: self
+                .required("job_source_statement_timeout", duration)?,
+            job_max_running: self.required("job_max_running", positive)?,
+            job_max_running_per_tenant: self.required("job_max_running_per_tenant", positive)?,
             sync_interval,
             freshness,
             request_timeout: self.required("request_timeout", duration)?,

@@ -14,6 +14,7 @@
 //! - `values.rs`: the parsers of single values, [`parse_master_key`] among them;
 //! - `raw.rs`: the values as read, by setting and with their source, and
 //!   [`ConfigError`];
+//! - `sources.rs`: the job sources file (`job_sources_file`);
 //! - `settings.rs`: [`Settings`] and the provider settings it yields;
 //! - `load.rs`: [`Settings::load`], which validates the raw values into
 //!   [`Settings`].
@@ -22,12 +23,14 @@ mod load;
 mod raw;
 mod secrets;
 mod settings;
+mod sources;
 mod table;
 mod values;
 
 pub use raw::ConfigError;
 pub use secrets::{DatabaseUrl, SecretString};
 pub use settings::Settings;
+pub use sources::{read as read_job_sources, JobSourceSpec};
 pub use table::{Setting, CLIENT_VARIABLES, SETTINGS};
 pub use values::parse_master_key;
 

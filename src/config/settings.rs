@@ -11,6 +11,7 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 use super::secrets::{DatabaseUrl, SecretString};
+use super::sources::JobSourceSpec;
 use crate::crypto::DataKey;
 use crate::master_key::{
     ProviderConfigError, ProviderKind, ProviderSettings, VaultAuth, VaultSettings,
@@ -77,6 +78,16 @@ pub struct Settings {
     pub job_lease: Duration,
     /// Rows per job batch.
     pub job_batch_rows: usize,
+    /// The operator's job sources (empty: every job is refused).
+    pub job_sources: Vec<JobSourceSpec>,
+    /// Connection bound on job sources.
+    pub job_source_connect_timeout: Duration,
+    /// Statement bound on job sources.
+    pub job_source_statement_timeout: Duration,
+    /// Jobs one process runs at once.
+    pub job_max_running: usize,
+    /// Jobs one process runs at once for one tenant.
+    pub job_max_running_per_tenant: usize,
     /// Change feed poll interval.
     pub sync_interval: Duration,
     /// How long cached state may be trusted, and the destroy grace period.

@@ -52,6 +52,11 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "maintenance_interval", default: Some("5s"), secret: false, doc: "How often use counts are flushed to the database and rotation policies (period, count) are checked." },
     Setting { name: "job_lease", default: Some("30s"), secret: false, doc: "How long a replica's claim on a re-encryption job lasts without renewal (renewed after every batch); after a crash another replica, or this one restarted, takes the job over once it ends." },
     Setting { name: "job_batch_rows", default: Some("500"), secret: false, doc: "Rows a re-encryption job reads and writes per batch (and per progress checkpoint)." },
+    Setting { name: "job_sources_file", default: None, secret: false, doc: "A TOML file declaring the job sources: the only databases re-encryption jobs may reach. Each `[sources.NAME]` has `database_url` (or `database_url_file`, a file holding it) and `tenants`, the tenant names or ids it is granted to. Without it every job is refused. Keyward's own database is refused as a source. Read at start; keep it owner-only, it holds credentials." },
+    Setting { name: "job_source_connect_timeout", default: Some("10s"), secret: false, doc: "Longest wait for a connection to a job source; longer, and the job fails with the generic source error." },
+    Setting { name: "job_source_statement_timeout", default: Some("30s"), secret: false, doc: "Longest time one statement on a job source may take (on PostgreSQL also the session's `statement_timeout`); longer, and the job fails with the generic source error." },
+    Setting { name: "job_max_running", default: Some("4"), secret: false, doc: "Re-encryption jobs one process runs at once, over all tenants." },
+    Setting { name: "job_max_running_per_tenant", default: Some("1"), secret: false, doc: "Re-encryption jobs one process runs at once for one tenant, so that one tenant's slow or hung source holds up its own jobs only." },
     Setting { name: "sync_interval", default: Some("1s"), secret: false, doc: "How often the change feed is polled, bounding how long a rotation or revocation made by another process takes to reach this one." },
     Setting { name: "change_feed_max_lag", default: Some("30s"), secret: false, doc: "Longest the change feed may go unread before this process stops serving key operations from memory (503 `not_ready`, and `/readyz` says why): another replica may have rotated, disabled or destroyed a version meanwhile. At least three times `sync_interval`." },
     Setting { name: "key_cache_max_age", default: Some("5m"), secret: false, doc: "The oldest a cached encryption (its unwrapped keys and version states) may be before it is read from the database again, whatever the change feed said." },
@@ -70,12 +75,7 @@ pub const SETTINGS: &[Setting] = &[
 
 /// Variables read by the CLI's client commands (`keyward job ...`), not by the
 /// server: allowed in the environment, not settings.
-pub const CLIENT_VARIABLES: &[&str] = &[
-    "KEYWARD_URL",
-    "KEYWARD_API_KEY",
-    "KEYWARD_API_SECRET",
-    "KEYWARD_JOB_DATABASE_URL",
-];
+pub const CLIENT_VARIABLES: &[&str] = &["KEYWARD_URL", "KEYWARD_API_KEY", "KEYWARD_API_SECRET"];
 
 /// Kubernetes injects `{SERVICE}_SERVICE_HOST`, `{SERVICE}_PORT...` variables for
 /// every Service in the namespace; a Service named `keyward` yields

@@ -41,6 +41,8 @@ pub struct DevOptions {
     pub credentials_out: Option<PathBuf>,
     /// Serve mutual TLS with generated dev certificates.
     pub tls: bool,
+    /// A job sources file (the same format as `job_sources_file`).
+    pub job_sources: Option<PathBuf>,
 }
 
 /// The dev tenant's credentials, kept in the data folder so that a restart
@@ -87,6 +89,10 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     settings.listen = opts.listen;
     settings.master_key = Some(master_key);
     settings.log_format = LogFormat::Text;
+    if let Some(file) = &opts.job_sources {
+        settings.job_sources = crate::config::read_job_sources(file)
+            .map_err(|e| anyhow::anyhow!("--job-sources {}: {e}", file.display()))?;
+    }
     // Standard output carries the banner; the audit log gets its own file.
     settings.audit = crate::audit::Destination::File(data_dir.join("audit.jsonl"));
     let certs = if opts.tls {

@@ -12,7 +12,7 @@
 //! version (or after a bounded number of passes) the job reports how many rows
 //! still reference each old version.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,20 +22,30 @@ use zeroize::Zeroizing;
 
 use super::keys::Mode;
 use super::service::{KeyError, KeyService, Sealed};
+use super::sources::{is_source_name, SOURCE_UNAVAILABLE};
 use super::time::now_ms;
 use super::{EncryptionId, TenantId, VersionId};
 use crate::crypto::NONCE_LEN;
 use crate::domain::records::JobRow;
 use crate::domain::states::JobState;
-use crate::store::source::{is_plain_identifier, SourceLayout, SourceTable, SourceWrite};
-use crate::store::{Backend, JobProgress};
+use crate::store::source::{
+    is_plain_identifier, SourceError, SourceLayout, SourceTable, SourceWrite,
+};
+use crate::store::JobProgress;
 
-/// Where the platform keeps its ciphertexts.
-#[derive(Clone, Serialize, Deserialize)]
+/// Where the platform keeps its ciphertexts, as a tenant's job names it: a
+/// source the operator registered, and a table in it.
+#[derive(Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct JobSource {
-    /// `postgres://...` or `sqlite://...` (credentials included; sealed at rest).
-    pub database_url: String,
+    /// The name of a source the operator registered and granted to the tenant.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// No longer accepted: a tenant cannot make Keyward connect to a database
+    /// of its choosing. Present, it is refused with the generic source error
+    /// (and not kept).
+    #[serde(default)]
+    pub database_url: Option<serde::de::IgnoredAny>,
     /// The table (optionally `schema.table`).
     pub table: String,
     /// A unique, ordered key column (integer or text).
@@ -47,17 +57,33 @@ pub struct JobSource {
     /// Holds `metadata` as JSON text.
     pub metadata_column: String,
     /// Holds each row's `encryptionId` (text), instead of one `encryptionId`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub encryption_id_column: Option<String>,
 }
 
 impl std::fmt::Debug for JobSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JobSource")
+            .field("name", &self.name)
             .field("table", &self.table)
             .field("key_column", &self.key_column)
             .finish_non_exhaustive()
     }
+}
+
+/// A job's source as stored (sealed): the source's name and the table, never
+/// a URL or credentials, which stay in the operator's configuration.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct StoredSource {
+    name: String,
+    table: String,
+    key_column: String,
+    cipher_text_column: String,
+    version_column: String,
+    metadata_column: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    encryption_id_column: Option<String>,
 }
 
 /// Why a job could not be started.
@@ -69,15 +95,19 @@ pub enum JobError {
     /// Neither or both of `encryptionId` and `encryptionIdColumn`.
     #[error("give either `encryptionId` or `source.encryptionIdColumn`")]
     EncryptionScope,
-    /// The source database cannot be reached or the table does not fit.
-    #[error("the source is not usable: {0}")]
-    Source(String),
+    /// A client-mode encryption cannot be walked without its client key.
+    #[error("a client-mode encryption needs its client key for every row; Keyward cannot walk it")]
+    ClientMode,
+    /// The source is unknown, not granted to the tenant, given as a URL, or
+    /// not usable: one error, whichever it is ([`SOURCE_UNAVAILABLE`]).
+    #[error("{}", SOURCE_UNAVAILABLE)]
+    SourceUnavailable,
     /// A key error (unknown encryption, client mode...).
     #[error(transparent)]
     Key(#[from] KeyError),
 }
 
-impl JobSource {
+impl StoredSource {
     /// Which columns of which table, for the store.
     fn layout(&self) -> SourceLayout<'_> {
         SourceLayout {
@@ -90,19 +120,45 @@ impl JobSource {
         }
     }
 
-    /// Opens the source table.
-    async fn open(&self) -> Result<SourceTable, JobError> {
-        SourceTable::open(&self.database_url, &self.layout())
-            .await
-            .map_err(|e| JobError::Source(e.to_string()))
+    /// What the destroy guard tells tables apart by: a digest of the source's
+    /// name, the table and the columns that hold the ciphertext and version.
+    fn target(&self) -> String {
+        let text = [
+            self.name.as_str(),
+            &self.table,
+            &self.cipher_text_column,
+            &self.version_column,
+        ]
+        .join("\0");
+        crate::crypto::hex(&crate::crypto::sha256(text.as_bytes()))
     }
 
-    fn validate(&self) -> Result<(), JobError> {
-        if Backend::from_url(&self.database_url).is_none() {
-            return Err(JobError::Source(
-                "`databaseUrl` must start with postgres:// or sqlite:".into(),
+    /// Opens the source table with the operator's URL, if the source is
+    /// still registered and granted to the job's tenant and is not Keyward's
+    /// own database. The error is for the operator's log only.
+    async fn open(
+        &self,
+        service: &KeyService,
+        tenant: TenantId,
+        tenant_name: &str,
+    ) -> Result<SourceTable, SourceError> {
+        let sources = service.job_sources();
+        let source = sources
+            .granted(&self.name, tenant, tenant_name)
+            .ok_or_else(|| {
+                SourceError::Connect("no such source is granted to the job's tenant".into())
+            })?;
+        if sources.is_own_database(source) {
+            return Err(SourceError::Connect(
+                "the source is Keyward's own database".into(),
             ));
         }
+        SourceTable::open(source.url(), &self.layout(), sources.limits).await
+    }
+}
+
+impl JobSource {
+    fn validate(&self) -> Result<(), JobError> {
         for (name, value, dotted) in [
             ("source.table", &self.table, true),
             ("source.keyColumn", &self.key_column, false),
@@ -133,28 +189,59 @@ pub struct NewJob {
     pub source: JobSource,
 }
 
-/// Validates and queues a job; the runner picks it up.
+/// The tenant's name (sources may be granted by name).
+async fn tenant_name(service: &KeyService, tenant: TenantId) -> Result<String, KeyError> {
+    Ok(service
+        .store()
+        .tenant(tenant)
+        .await?
+        .map(|t| t.name)
+        .unwrap_or_default())
+}
+
+/// Validates and queues a job; the runner picks it up. The source is not
+/// opened here: a tenant's request never makes Keyward connect anywhere, and
+/// a source that cannot be used fails the job with the same generic error.
 pub async fn start_job(
     service: &KeyService,
     tenant: TenantId,
     job: NewJob,
 ) -> Result<uuid::Uuid, JobError> {
     job.source.validate()?;
+    let tenant_name = tenant_name(service, tenant).await?;
+    let granted = match (&job.source.database_url, &job.source.name) {
+        (None, Some(name)) if is_source_name(name) => service
+            .job_sources()
+            .granted(name, tenant, &tenant_name)
+            .map(|s| s.name().to_string()),
+        _ => None,
+    };
+    let Some(name) = granted else {
+        tracing::info!(tenant_id = %tenant, "job refused: no source of that name is granted to the tenant (or it gave a database URL)");
+        return Err(JobError::SourceUnavailable);
+    };
     match (&job.encryption_id, &job.source.encryption_id_column) {
         (Some(e), None) => {
             let (_, mode) = service.active_version(tenant, *e).await?;
             if mode == Mode::Client {
-                return Err(JobError::Source(
-                    "a client-mode encryption needs its client key for every row; Keyward cannot walk it".into(),
-                ));
+                return Err(JobError::ClientMode);
             }
         }
         (None, Some(_)) => {}
         _ => return Err(JobError::EncryptionScope),
     }
-    job.source.open().await?.close().await;
+    let source = job.source;
+    let stored = StoredSource {
+        name,
+        table: source.table,
+        key_column: source.key_column,
+        cipher_text_column: source.cipher_text_column,
+        version_column: source.version_column,
+        metadata_column: source.metadata_column,
+        encryption_id_column: source.encryption_id_column,
+    };
     let id = uuid::Uuid::new_v4();
-    let spec = Zeroizing::new(serde_json::to_vec(&job.source).expect("a source serializes"));
+    let spec = Zeroizing::new(serde_json::to_vec(&stored).expect("a source serializes"));
     let (kek, sealed) = service.seal_job_source(id, &spec)?;
     service
         .store()
@@ -176,6 +263,7 @@ pub async fn start_job(
             total: None,
             rows_per_second: 0,
             remaining_by_version: None,
+            target: Some(stored.target()),
             error: None,
             started_at: None,
             finished_at: None,
@@ -186,23 +274,13 @@ pub async fn start_job(
     Ok(id)
 }
 
-/// The source of a job as stored (without credentials), for display.
+/// The source of a job as shown to its tenant: the source's name only.
 pub fn describe_source(service: &KeyService, job: &JobRow) -> Option<serde_json::Value> {
     let plain = service
         .open_job_source(job.id, job.source_kek_id, &job.source_sealed)
         .ok()?;
-    let source: JobSource = serde_json::from_slice(&plain).ok()?;
-    let mut v = serde_json::json!({
-        "table": source.table,
-        "keyColumn": source.key_column,
-        "cipherTextColumn": source.cipher_text_column,
-        "versionColumn": source.version_column,
-        "metadataColumn": source.metadata_column,
-    });
-    if let Some(c) = source.encryption_id_column {
-        v["encryptionIdColumn"] = c.into();
-    }
-    Some(v)
+    let source: StoredSource = serde_json::from_slice(&plain).ok()?;
+    Some(serde_json::json!({ "name": source.name }))
 }
 
 /// Tuning of the runner.
@@ -214,47 +292,123 @@ pub struct RunnerSettings {
     pub batch: i64,
     /// How often to look for runnable jobs.
     pub poll: Duration,
+    /// Jobs this process runs at once, over all tenants.
+    pub max_running: usize,
+    /// Jobs this process runs at once for one tenant.
+    pub max_running_per_tenant: usize,
 }
 
-/// Runs jobs until `shutdown`: claims one at a time, runs it, repeats.
+/// Why a running job stopped short.
+enum RunError {
+    /// The source could not be used: the detail is for the operator's log,
+    /// the tenant sees [`SOURCE_UNAVAILABLE`].
+    Source(SourceError),
+    /// Anything else (the text is stored as the job's `error`).
+    Other(String),
+}
+
+impl From<SourceError> for RunError {
+    fn from(e: SourceError) -> Self {
+        RunError::Source(e)
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> RunError {
+    RunError::Other(e.to_string())
+}
+
+/// Runs jobs until `shutdown`: each claimed job in a task of its own, at most
+/// `max_running` at once and `max_running_per_tenant` of one tenant, so that
+/// one tenant's slow or hung source holds up its own jobs only.
 pub async fn run_jobs(
     service: Arc<KeyService>,
     settings: RunnerSettings,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    let owner: Arc<str> =
+        format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()).into();
+    let mut tasks = tokio::task::JoinSet::new();
+    // Job and tenant of each task, by task id.
+    let mut running: HashMap<tokio::task::Id, (uuid::Uuid, TenantId)> = HashMap::new();
     loop {
-        if service.not_ready_reason().is_none() {
+        while let Some(done) = tasks.try_join_next_with_id() {
+            let id = done.map(|(id, ())| id).unwrap_or_else(|e| e.id());
+            running.remove(&id);
+        }
+        let mut claimed = false;
+        if service.not_ready_reason().is_none() && running.len() < settings.max_running {
+            let mut per_tenant: HashMap<TenantId, usize> = HashMap::new();
+            for (_, tenant) in running.values() {
+                *per_tenant.entry(*tenant).or_default() += 1;
+            }
+            let busy: Vec<TenantId> = per_tenant
+                .into_iter()
+                .filter(|(_, n)| *n >= settings.max_running_per_tenant)
+                .map(|(t, _)| t)
+                .collect();
+            let jobs: Vec<uuid::Uuid> = running.values().map(|(j, _)| *j).collect();
             match service
                 .store()
-                .claim_job(&owner, now_ms(), settings.lease.as_millis() as i64)
+                .claim_job(
+                    &owner,
+                    now_ms(),
+                    settings.lease.as_millis() as i64,
+                    &busy,
+                    &jobs,
+                )
                 .await
             {
                 Ok(Some(job)) => {
-                    let id = job.id;
-                    tracing::info!(job_id = %id, pass = job.pass, "running re-encryption job");
-                    let outcome = tokio::select! {
-                        r = run_one(&service, &owner, job, settings) => r,
-                        _ = shutdown.changed() => return,
-                    };
-                    if let Err(e) = outcome {
-                        tracing::warn!(job_id = %id, error = %e, "re-encryption job failed");
-                        let _ = service
-                            .store()
-                            .finish_job(id, &owner, JobState::Failed, None, Some(&e), now_ms())
-                            .await;
-                    }
-                    continue;
+                    let (id, tenant) = (job.id, job.tenant_id);
+                    let task =
+                        tasks.spawn(run_claimed(service.clone(), owner.clone(), job, settings));
+                    running.insert(task.id(), (id, tenant));
+                    claimed = true;
                 }
                 Ok(None) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot look for jobs"),
             }
         }
+        if claimed {
+            continue;
+        }
         tokio::select! {
             _ = tokio::time::sleep(settings.poll) => {}
-            _ = shutdown.changed() => return,
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                let id = done.map(|(id, ())| id).unwrap_or_else(|e| e.id());
+                running.remove(&id);
+            }
+            _ = shutdown.changed() => {
+                // The leases run out; this process or another resumes the jobs.
+                tasks.abort_all();
+                return;
+            }
         }
     }
+}
+
+/// Runs one claimed job to its end, and records a failure.
+async fn run_claimed(
+    service: Arc<KeyService>,
+    owner: Arc<str>,
+    job: JobRow,
+    settings: RunnerSettings,
+) {
+    let id = job.id;
+    tracing::info!(job_id = %id, tenant_id = %job.tenant_id, pass = job.pass, "running re-encryption job");
+    let error = match run_one(&service, &owner, job, settings).await {
+        Ok(()) => return,
+        // Detail already logged by run_one, with the source's name.
+        Err(RunError::Source(_)) => SOURCE_UNAVAILABLE.to_string(),
+        Err(RunError::Other(e)) => {
+            tracing::warn!(job_id = %id, error = %e, "re-encryption job failed");
+            e
+        }
+    };
+    let _ = service
+        .store()
+        .finish_job(id, &owner, JobState::Failed, None, Some(&error), now_ms())
+        .await;
 }
 
 /// Most passes over the table before a job reports what is left.
@@ -265,15 +419,28 @@ async fn run_one(
     owner: &str,
     job: JobRow,
     settings: RunnerSettings,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     let plain = service
         .open_job_source(job.id, job.source_kek_id, &job.source_sealed)
-        .map_err(|e| e.to_string())?;
-    let source: JobSource = serde_json::from_slice(&plain)
-        .map_err(|_| "the stored source does not parse".to_string())?;
-    let db = source.open().await.map_err(|e| e.to_string())?;
-    let result = walk(service, owner, &job, &db, settings).await;
-    db.close().await;
+        .map_err(other)?;
+    let Ok(source) = serde_json::from_slice::<StoredSource>(&plain) else {
+        // A job queued before sources were named (it held a database URL).
+        tracing::warn!(job_id = %job.id, "job source refused: the job names no registered source (queued by an older Keyward with a database URL)");
+        return Err(RunError::Source(SourceError::Connect(
+            "no source name".into(),
+        )));
+    };
+    let tenant_name = tenant_name(service, job.tenant_id).await.map_err(other)?;
+    let result = async {
+        let db = source.open(service, job.tenant_id, &tenant_name).await?;
+        let result = walk(service, owner, &job, &db, settings).await;
+        db.close().await;
+        result
+    }
+    .await;
+    if let Err(RunError::Source(e)) = &result {
+        tracing::warn!(job_id = %job.id, tenant_id = %job.tenant_id, source = %source.name, error = %e, "job source unusable; the job fails with the generic source error");
+    }
     result
 }
 
@@ -283,7 +450,7 @@ async fn walk(
     job: &JobRow,
     db: &SourceTable,
     settings: RunnerSettings,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     let lease_ms = settings.lease.as_millis() as i64;
     // With a rate limit, a batch must fit well inside the lease, which is
     // renewed once per batch.
@@ -292,12 +459,12 @@ async fn walk(
         None => settings.batch,
     };
     if job.total.is_none() {
-        let total = db.count().await.map_err(|e| e.to_string())?;
+        let total = db.count().await?;
         service
             .store()
             .set_job_total(job.id, total)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(other)?;
     }
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut cursor = job.cursor.clone();
@@ -305,28 +472,27 @@ async fn walk(
     let started = Instant::now();
     let mut done_this_run = 0i64;
     loop {
-        let rows = db
-            .batch(cursor.as_deref(), batch)
-            .await
-            .map_err(|e| e.to_string())?;
+        let rows = db.batch(cursor.as_deref(), batch).await?;
         if rows.is_empty() {
             // End of a pass: what still references an old version?
-            let remaining = remaining(service, job, db).await?;
+            let found = tally(service, job, db).await?;
+            let remaining = found.remaining();
             let left: i64 = remaining.values().sum();
             if left == 0 || pass + 1 >= MAX_PASSES {
-                let json = serde_json::to_string(&remaining).expect("a map serializes");
+                let remaining = serde_json::to_string(&remaining).expect("a map serializes");
+                let rows = serde_json::to_string(&found.rows).expect("a map serializes");
                 service
                     .store()
                     .finish_job(
                         job.id,
                         owner,
                         JobState::Succeeded,
-                        Some(&json),
+                        Some((&remaining, &rows)),
                         None,
                         now_ms(),
                     )
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(other)?;
                 tracing::info!(job_id = %job.id, passes = pass + 1, left, "re-encryption job finished");
                 return Ok(());
             }
@@ -351,7 +517,7 @@ async fn walk(
                     lease_ms,
                 )
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(other)?
             {
                 return Ok(());
             }
@@ -391,7 +557,7 @@ async fn walk(
                     skipped += 1;
                     continue;
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(other(e)),
             };
             // Compared as UUIDs, not as text: `ABCD...` is the same version.
             let version: VersionId = match row.version.as_deref().map(str::parse) {
@@ -425,8 +591,11 @@ async fn walk(
                 .await
             {
                 Ok(out) => out,
+                // A version id that is not one of this encryption's is the
+                // row's problem (counted), not the job's.
                 Err(
                     KeyError::DecryptionFailed
+                    | KeyError::VersionNotFound
                     | KeyError::VersionDisabled
                     | KeyError::VersionDestroyed
                     | KeyError::VersionBelowMinimum,
@@ -434,7 +603,7 @@ async fn walk(
                     failed += 1;
                     continue;
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(other(e)),
             };
             let metadata = serde_json::json!({"nonce": b64.encode(out.nonce)}).to_string();
             writes.push((
@@ -450,13 +619,13 @@ async fn walk(
                 .store()
                 .job_is_held(job.id, owner)
                 .await
-                .map_err(|e| e.to_string())?
+                .map_err(other)?
         {
             tracing::info!(job_id = %job.id, "job cancelled or taken over; stopping");
             return Ok(());
         }
         if !writes.is_empty() {
-            let written = db.swap_batch(&writes).await.map_err(|e| e.to_string())?;
+            let written = db.swap_batch(&writes).await?;
             rewrapped += written as i64;
             // The platform wrote the others meanwhile: never overwrite them.
             skipped += (writes.len() - written) as i64;
@@ -479,7 +648,7 @@ async fn walk(
             .store()
             .record_job_progress(job.id, owner, progress, now_ms(), lease_ms)
             .await
-            .map_err(|e| e.to_string())?
+            .map_err(other)?
         {
             tracing::info!(job_id = %job.id, "job cancelled or taken over; stopping");
             return Ok(());
@@ -493,24 +662,59 @@ async fn walk(
     }
 }
 
-/// What [`remaining`] reports rows under when their version column holds no
-/// version id: never the column's text, which the job's caller did not write
-/// into Keyward and may not be meant to read back.
+/// What a job reports rows under when their version column holds no version
+/// id of their encryption: never the column's text, which the job's caller
+/// did not write into Keyward and may not be meant to read back, nor a
+/// version id of another encryption.
 const UNRECOGNIZED: &str = "unrecognized";
 
-/// Rows still on an old version of one of the job's tenant's encryptions, by
-/// version id in its canonical form (the column's text may differ in case), or
-/// [`UNRECOGNIZED`]. Rows of other tenants' encryptions are not the job's
-/// business; rows without a ciphertext have nothing to report.
-async fn remaining(
-    service: &KeyService,
-    job: &JobRow,
-    db: &SourceTable,
-) -> Result<BTreeMap<String, i64>, String> {
-    let histogram = db.histogram().await.map_err(|e| e.to_string())?;
-    let mut out = BTreeMap::new();
-    for (encryption, version, rows) in histogram {
-        let encryption = match (job.encryption_id, encryption) {
+/// What the end of a pass found: for each of the tenant's encryptions the job
+/// saw (its one encryption always), rows by version id in canonical form (the
+/// column's text may differ in case) or [`UNRECOGNIZED`], the active version
+/// included; and which version was active.
+struct Tally {
+    rows: BTreeMap<String, BTreeMap<String, i64>>,
+    active: BTreeMap<String, String>,
+}
+
+impl Tally {
+    /// Rows not on their encryption's active version, by version id (what
+    /// the job reports as `remainingByVersion`).
+    fn remaining(&self) -> BTreeMap<String, i64> {
+        let mut out = BTreeMap::new();
+        for (encryption, versions) in &self.rows {
+            let active = self.active.get(encryption);
+            for (version, n) in versions {
+                if Some(version) != active {
+                    *out.entry(version.clone()).or_insert(0) += n;
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Counts the rows holding a ciphertext by encryption and version. Rows of
+/// other tenants' encryptions, or of no encryption Keyward knows, are not the
+/// job's business and not counted; rows without a ciphertext have nothing to
+/// report.
+async fn tally(service: &KeyService, job: &JobRow, db: &SourceTable) -> Result<Tally, RunError> {
+    let histogram = db.histogram().await?;
+    // Each encryption's active version and version ids; `None`: not the tenant's.
+    let mut known: HashMap<EncryptionId, Option<(VersionId, HashSet<VersionId>)>> = HashMap::new();
+    let mut tally = Tally {
+        rows: BTreeMap::new(),
+        active: BTreeMap::new(),
+    };
+    // A job over one encryption covers it even when the table holds no row.
+    if let Some(e) = job.encryption_id {
+        if let Some((active, _)) = versions_of(service, job.tenant_id, e, &mut known).await? {
+            tally.active.insert(e.to_string(), active.to_string());
+            tally.rows.insert(e.to_string(), BTreeMap::new());
+        }
+    }
+    for (column, version, n) in histogram {
+        let encryption = match (job.encryption_id, column) {
             (Some(e), _) => e,
             (None, Some(text)) => match text.parse::<EncryptionId>() {
                 Ok(e) => e,
@@ -518,17 +722,46 @@ async fn remaining(
             },
             (None, None) => continue,
         };
-        let active = match service.active_version(job.tenant_id, encryption).await {
-            Ok((active, _)) => active,
-            Err(KeyError::EncryptionNotFound) => continue,
-            Err(e) => return Err(e.to_string()),
+        let Some((active, ids)) =
+            versions_of(service, job.tenant_id, encryption, &mut known).await?
+        else {
+            continue;
         };
         let key = match version.as_deref().map(str::parse::<VersionId>) {
-            Some(Ok(v)) if v == active => continue,
-            Some(Ok(v)) => v.to_string(),
+            Some(Ok(v)) if ids.contains(&v) => v.to_string(),
             _ => UNRECOGNIZED.to_string(),
         };
-        *out.entry(key).or_insert(0) += rows;
+        tally
+            .active
+            .insert(encryption.to_string(), active.to_string());
+        *tally
+            .rows
+            .entry(encryption.to_string())
+            .or_default()
+            .entry(key)
+            .or_insert(0) += n;
     }
-    Ok(out)
+    Ok(tally)
+}
+
+/// The active version and version ids of one of the tenant's encryptions
+/// (`None`: not the tenant's), looked up once per job end.
+async fn versions_of<'k>(
+    service: &KeyService,
+    tenant: TenantId,
+    encryption: EncryptionId,
+    known: &'k mut HashMap<EncryptionId, Option<(VersionId, HashSet<VersionId>)>>,
+) -> Result<&'k Option<(VersionId, HashSet<VersionId>)>, RunError> {
+    if let std::collections::hash_map::Entry::Vacant(slot) = known.entry(encryption) {
+        let versions = match service.encryption_details(tenant, encryption).await {
+            Ok(d) => Some((
+                d.encryption.active_version_id,
+                d.versions.iter().map(|v| v.id).collect(),
+            )),
+            Err(KeyError::EncryptionNotFound) => None,
+            Err(e) => return Err(other(e)),
+        };
+        slot.insert(versions);
+    }
+    Ok(&known[&encryption])
 }

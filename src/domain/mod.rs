@@ -15,6 +15,7 @@ pub mod keyring;
 pub mod keys;
 pub mod records;
 pub mod service;
+pub mod sources;
 pub mod states;
 pub mod sync;
 pub mod time;

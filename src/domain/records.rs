@@ -96,6 +96,9 @@ pub struct JobRow {
     pub rows_per_second: i64,
     /// JSON {versionId: rows} at the last scan.
     pub remaining_by_version: Option<String>,
+    /// Digest of the source name, table and columns the job walks: the
+    /// destroy guard reads the last job per target.
+    pub target: Option<String>,
     /// Why it failed.
     pub error: Option<String>,
     /// Start (Unix ms).

@@ -46,9 +46,13 @@ pub enum ApiError {
     /// No such job for this tenant.
     #[error("job not found")]
     JobNotFound,
-    /// A job that cannot run (bad identifiers, unreachable source...).
+    /// A job that cannot run (bad identifiers, client-mode encryption...).
     #[error("{0}")]
     InvalidJob(String),
+    /// The job's source is unknown, not granted to the tenant, given as a URL,
+    /// or unusable: one error for all, which tells nothing about which.
+    #[error("{}", crate::domain::sources::SOURCE_UNAVAILABLE)]
+    JobSourceUnavailable,
     /// A batch has more items than allowed.
     #[error("a batch may hold at most {0} items")]
     TooManyItems(usize),
@@ -126,6 +130,7 @@ impl ApiError {
             ApiError::TooManyItems(_) => (S::PAYLOAD_TOO_LARGE, "too_many_items"),
             ApiError::JobNotFound => (S::NOT_FOUND, "job_not_found"),
             ApiError::InvalidJob(_) => (S::UNPROCESSABLE_ENTITY, "invalid_job"),
+            ApiError::JobSourceUnavailable => (S::UNPROCESSABLE_ENTITY, "job_source_unavailable"),
             ApiError::InvalidMasterKeyHeader => (S::BAD_REQUEST, "invalid_master_key"),
             ApiError::RouteNotFound => (S::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),

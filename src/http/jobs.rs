@@ -1,6 +1,7 @@
 //! Re-encryption jobs: `POST /v1/jobs`, `GET /v1/jobs`, `GET /v1/jobs/{id}`,
-//! `POST /v1/jobs/{id}/cancel` (scope `manage`). The source's database URL is
-//! sealed at rest and never returned.
+//! `POST /v1/jobs/{id}/cancel` (scope `manage`). A job names a source the
+//! operator registered and granted to the tenant; it never gives a database
+//! URL, and its view shows the source's name only.
 
 use std::collections::BTreeMap;
 
@@ -50,14 +51,15 @@ enum KindSchema {
     Reencrypt,
 }
 
-/// Where the ciphertexts are. `databaseUrl` holds credentials: it is sealed at
-/// rest, never logged and never returned.
+/// Where the ciphertexts are: a job source the operator registered and granted
+/// to this tenant, and a table in it. A `databaseUrl` is refused, like an
+/// unknown or ungranted name, with `422 job_source_unavailable`.
 #[derive(ToSchema)]
 #[allow(dead_code)]
 #[schema(rename_all = "camelCase")]
 struct JobSourceSchema {
-    /// `postgres://USER:PASSWORD@HOST/DB` or `sqlite:///path/db`.
-    database_url: String,
+    /// The source's name, as the operator registered it.
+    name: String,
     /// The table (`schema.table` allowed).
     table: String,
     /// A unique, ordered key column (integer or text).
@@ -110,9 +112,10 @@ pub struct JobView {
     remaining_by_version: BTreeMap<String, i64>,
     /// Rate limit.
     max_rows_per_second: Option<i64>,
-    /// Why it failed.
+    /// Why it failed; for any problem with the source, the same generic text
+    /// as `job_source_unavailable`.
     error: Option<String>,
-    /// The source, without its database URL.
+    /// The source: `{"name": ...}`, its name only.
     #[schema(value_type = Object)]
     source: Option<serde_json::Value>,
     #[schema(format = DateTime)]
@@ -167,6 +170,7 @@ impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         match e {
             JobError::Key(k) => ApiError::Key(k),
+            JobError::SourceUnavailable => ApiError::JobSourceUnavailable,
             other => ApiError::InvalidJob(other.to_string()),
         }
     }
@@ -178,7 +182,7 @@ impl From<JobError> for ApiError {
         (status = 202, description = "Queued", body = JobCreated),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
-        (status = 422, description = "`invalid_job` (bad identifiers, unreachable source, client-mode encryption)", body = ErrorBody),
+        (status = 422, description = "`job_source_unavailable` (the source is unknown, not granted to this tenant, or given as a `databaseUrl`), or `invalid_job` (bad identifiers, client-mode encryption)", body = ErrorBody),
     ))]
 pub(super) async fn create(
     State(state): State<AppState>,

@@ -3,13 +3,14 @@
 use sqlx::any::AnyRow;
 use sqlx::Row;
 
+use super::events::db_now_ms;
 use super::pool::{Store, StoreError};
 use super::sql::{get_id, get_opt_id, get_state};
 use crate::domain::ids::{EncryptionId, KekId, TenantId};
 pub use crate::domain::records::JobRow;
 use crate::domain::states::JobState;
 
-const COLUMNS: &str = "id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, cursor, pass, processed, rewrapped, skipped, failed, total, rows_per_second, remaining_by_version, error, started_at, finished_at, created_at";
+const COLUMNS: &str = "id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, cursor, pass, processed, rewrapped, skipped, failed, total, rows_per_second, remaining_by_version, target, error, started_at, finished_at, created_at";
 
 fn from_row(r: &AnyRow) -> Result<JobRow, StoreError> {
     Ok(JobRow {
@@ -30,11 +31,26 @@ fn from_row(r: &AnyRow) -> Result<JobRow, StoreError> {
         total: r.try_get("total")?,
         rows_per_second: r.try_get("rows_per_second")?,
         remaining_by_version: r.try_get("remaining_by_version")?,
+        target: r.try_get("target")?,
         error: r.try_get("error")?,
         started_at: r.try_get("started_at")?,
         finished_at: r.try_get("finished_at")?,
         created_at: r.try_get("created_at")?,
     })
+}
+
+/// What one finished job found, for the destroy guard.
+#[derive(Debug, Clone)]
+pub struct JobEvidence {
+    /// The job's one encryption, or `None` for a per-row job.
+    pub encryption_id: Option<EncryptionId>,
+    /// Which source table it walked (`None`: a job from before migration 0011).
+    pub target: Option<String>,
+    /// JSON `{encryptionId: {versionId: rows}}`, the active version included
+    /// (`None`: a job from before migration 0011).
+    pub rows_by_version: Option<String>,
+    /// JSON `{versionId: rows}` on old versions (what older jobs left).
+    pub remaining_by_version: Option<String>,
 }
 
 /// Progress to record after a batch.
@@ -60,8 +76,8 @@ impl Store {
     /// Inserts a queued job.
     pub async fn insert_job(&self, job: &JobRow) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO jobs (id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8)",
+            "INSERT INTO jobs (id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, created_at, updated_at, target) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8, $9)",
         )
         .bind(job.id.to_string())
         .bind(job.tenant_id.to_string())
@@ -71,6 +87,7 @@ impl Store {
         .bind(job.source_kek_id.to_string())
         .bind(job.max_rows_per_second)
         .bind(job.created_at)
+        .bind(job.target.as_deref())
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -107,28 +124,53 @@ impl Store {
     }
 
     /// Takes the lease of one runnable job (queued, or running with an expired
-    /// lease). The lease condition is in the outer WHERE too, so that of two
-    /// replicas racing for the same job only one gets it.
+    /// lease), oldest first, of a tenant not in `busy_tenants` and not one of
+    /// `running` (jobs this runner already works on, whose lease may have run
+    /// out while a statement hangs). The lease condition is in the outer WHERE
+    /// too, so that of two replicas racing for the same job only one gets it.
     pub async fn claim_job(
         &self,
         owner: &str,
         now_ms: i64,
         lease_ms: i64,
+        busy_tenants: &[TenantId],
+        running: &[uuid::Uuid],
     ) -> Result<Option<JobRow>, StoreError> {
+        let list = |from: usize, n: usize| {
+            (from..from + n)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut exclude = String::new();
+        if !busy_tenants.is_empty() {
+            exclude += &format!(" AND tenant_id NOT IN ({})", list(4, busy_tenants.len()));
+        }
+        if !running.is_empty() {
+            exclude += &format!(
+                " AND id NOT IN ({})",
+                list(4 + busy_tenants.len(), running.len())
+            );
+        }
         let sql = format!(
             "UPDATE jobs SET lease_owner = $1, lease_until = $2, state = 'running', \
              started_at = COALESCE(started_at, $3), updated_at = $3 \
              WHERE id = (SELECT id FROM jobs WHERE state IN ('queued', 'running') \
-                         AND (lease_until IS NULL OR lease_until < $3) ORDER BY created_at LIMIT 1) \
+                         AND (lease_until IS NULL OR lease_until < $3){exclude} ORDER BY created_at LIMIT 1) \
              AND state IN ('queued', 'running') AND (lease_until IS NULL OR lease_until < $3) \
              RETURNING {COLUMNS}"
         );
-        let row = sqlx::query(&sql)
+        let mut q = sqlx::query(&sql)
             .bind(owner)
             .bind(now_ms + lease_ms)
-            .bind(now_ms)
-            .fetch_optional(&self.pool)
-            .await?;
+            .bind(now_ms);
+        for t in busy_tenants {
+            q = q.bind(t.to_string());
+        }
+        for j in running {
+            q = q.bind(j.to_string());
+        }
+        let row = q.fetch_optional(&self.pool).await?;
         row.as_ref().map(from_row).transpose()
     }
 
@@ -186,30 +228,36 @@ impl Store {
         Ok(())
     }
 
-    /// Ends a job this runner holds.
+    /// Ends a job this runner holds; `found` is (`remaining_by_version`,
+    /// `rows_by_version`) of a job that succeeded. Stamped with the database's
+    /// clock too ([`Store::job_evidence`] orders by it).
     pub async fn finish_job(
         &self,
         id: uuid::Uuid,
         owner: &str,
         state: JobState,
-        remaining_by_version: Option<&str>,
+        found: Option<(&str, &str)>,
         error: Option<&str>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
-        let n = sqlx::query(
-            "UPDATE jobs SET state = $1, remaining_by_version = COALESCE($2, remaining_by_version), error = $3, \
-             finished_at = $4, updated_at = $4, lease_owner = NULL, lease_until = NULL \
+        let sql = format!(
+            "UPDATE jobs SET state = $1, remaining_by_version = COALESCE($2, remaining_by_version), \
+             rows_by_version = COALESCE($7, rows_by_version), error = $3, \
+             finished_at = $4, finished_db_ms = {}, updated_at = $4, lease_owner = NULL, lease_until = NULL \
              WHERE id = $5 AND lease_owner = $6 AND state = 'running'",
-        )
-        .bind(state.as_str())
-        .bind(remaining_by_version)
-        .bind(error)
-        .bind(now_ms)
-        .bind(id.to_string())
-        .bind(owner)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+            db_now_ms(self.backend)
+        );
+        let n = sqlx::query(&sql)
+            .bind(state.as_str())
+            .bind(found.map(|f| f.0))
+            .bind(error)
+            .bind(now_ms)
+            .bind(id.to_string())
+            .bind(owner)
+            .bind(found.map(|f| f.1))
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
         Ok(n == 1)
     }
 
@@ -233,30 +281,34 @@ impl Store {
         Ok(self.job(tenant, id).await?.map(|j| j.state))
     }
 
-    /// The last finished job's remaining rows for `version` of `encryption`
-    /// (for refusing to destroy a version still in use).
-    pub async fn rows_last_seen_on(
+    /// What the succeeded jobs of `tenant` that may cover `encryption` found
+    /// (its own jobs and the tenant's per-row jobs), the last finished first
+    /// by the database's clock. The destroy guard decides which count.
+    pub async fn job_evidence(
         &self,
+        tenant: TenantId,
         encryption: EncryptionId,
-        version: &str,
-    ) -> Result<i64, StoreError> {
-        let row = sqlx::query(
-            "SELECT remaining_by_version FROM jobs WHERE state = 'succeeded' \
-             AND (encryption_id = $1 OR (encryption_id IS NULL AND tenant_id = \
-                  (SELECT tenant_id FROM encryptions WHERE id = $1))) \
-             ORDER BY finished_at DESC LIMIT 1",
+    ) -> Result<Vec<JobEvidence>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT encryption_id, target, rows_by_version, remaining_by_version FROM jobs \
+             WHERE tenant_id = $1 AND state = 'succeeded' \
+             AND (encryption_id = $2 OR encryption_id IS NULL) \
+             ORDER BY COALESCE(finished_db_ms, finished_at) DESC, id DESC",
         )
+        .bind(tenant.to_string())
         .bind(encryption.to_string())
-        .fetch_optional(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        let Some(r) = row else { return Ok(0) };
-        let text: Option<String> = r.try_get("remaining_by_version")?;
-        Ok(text
-            .and_then(|t| {
-                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&t).ok()
+        rows.iter()
+            .map(|r| {
+                Ok(JobEvidence {
+                    encryption_id: get_opt_id(r, "encryption_id", "jobs")?,
+                    target: r.try_get("target")?,
+                    rows_by_version: r.try_get("rows_by_version")?,
+                    remaining_by_version: r.try_get("remaining_by_version")?,
+                })
             })
-            .and_then(|m| m.get(version).and_then(|v| v.as_i64()))
-            .unwrap_or(0))
+            .collect()
     }
 
     /// Every queued or running job (for metrics).

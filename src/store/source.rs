@@ -2,11 +2,19 @@
 //! its own small pool, and the SQL over the table and column names the job
 //! named. Names are checked with [`is_plain_identifier`] before any SQL is
 //! built and always quoted; values are always bound.
+//!
+//! Every call is bounded ([`SourceLimits`]): a source that accepts a
+//! connection and never answers costs its job a timeout, never a runner.
+//! [`same_database`] recognises Keyward's own database behind another
+//! spelling of its URL, so that no job source can be it.
 
+use std::future::Future;
+use std::str::FromStr;
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
-use sqlx::{AnyPool, Row};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AnyPool, Executor, Row};
 
 use super::pool::Backend;
 use super::sql::{statement_chunks, values_list};
@@ -28,7 +36,18 @@ pub struct SourceLayout<'a> {
     pub encryption_id_column: Option<&'a str>,
 }
 
-/// Why the source could not be used. The text never holds a password (sqlx
+/// Time bounds on a source.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceLimits {
+    /// Longest wait for a connection (TCP, TLS and authentication).
+    pub connect_timeout: Duration,
+    /// Longest time one statement may take; on PostgreSQL also set as the
+    /// session's `statement_timeout`, so the server stops the work too.
+    pub statement_timeout: Duration,
+}
+
+/// Why the source could not be used: for the operator's log only (the
+/// tenant sees one generic error). The text never holds a password (sqlx
 /// errors can quote a URL's host, never its password) and is kept short.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -41,6 +60,9 @@ pub enum SourceError {
     /// A later query failed.
     #[error("{0}")]
     Query(String),
+    /// A connection or a statement took longer than its limit.
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
 }
 
 impl From<sqlx::Error> for SourceError {
@@ -94,8 +116,78 @@ pub struct SourceRow {
 /// A row's new values: ciphertext, version id and metadata.
 pub type SourceWrite<'r> = (&'r SourceRow, String, String, String);
 
+/// Runs `f` within `limit`, or fails with [`SourceError::TimedOut`].
+async fn bounded<T>(
+    limit: Duration,
+    f: impl Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
+    tokio::time::timeout(limit, f)
+        .await
+        .unwrap_or(Err(SourceError::TimedOut(limit)))
+}
+
+/// What a database URL points at, for comparing two spellings of it.
+#[derive(Debug, PartialEq, Eq)]
+enum Place {
+    /// A SQLite file: its device and inode when it exists (so that a
+    /// symbolic or hard link is the same file), else its canonical path.
+    SqliteFile(u64, u64),
+    SqlitePath(std::path::PathBuf),
+    /// A PostgreSQL database: host (lower case, loopback names as one),
+    /// port and database name.
+    Postgres(String, u16, String),
+}
+
+fn place(url: &str) -> Option<Place> {
+    match Backend::from_url(url)? {
+        Backend::Sqlite => {
+            let rest = url.strip_prefix("sqlite:")?;
+            let rest = rest.strip_prefix("//").unwrap_or(rest);
+            let path = rest.split('?').next().unwrap_or(rest);
+            if path.is_empty() || path == ":memory:" {
+                return None;
+            }
+            let path = std::path::Path::new(path);
+            if let Ok(meta) = std::fs::metadata(path) {
+                use std::os::unix::fs::MetadataExt;
+                return Some(Place::SqliteFile(meta.dev(), meta.ino()));
+            }
+            // Not there (yet): compare the canonical directory and the name.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = dir
+                .map(|d| d.canonicalize().unwrap_or_else(|_| d.to_path_buf()))
+                .unwrap_or_else(|| std::env::current_dir().unwrap_or_default());
+            Some(Place::SqlitePath(dir.join(path.file_name()?)))
+        }
+        Backend::Postgres => {
+            let options = PgConnectOptions::from_str(url).ok()?;
+            let host = options.get_host().to_ascii_lowercase();
+            let host = match host.as_str() {
+                "localhost" | "127.0.0.1" | "::1" | "[::1]" | "" => "localhost".to_string(),
+                _ => host,
+            };
+            let database = options
+                .get_database()
+                .unwrap_or(options.get_username())
+                .to_string();
+            Some(Place::Postgres(host, options.get_port(), database))
+        }
+    }
+}
+
+/// Whether two database URLs name the same database: the same SQLite file
+/// (through any path, link or query string), or the same PostgreSQL host,
+/// port and database (user, password and parameters aside; `localhost`,
+/// `127.0.0.1` and `::1` taken as one host). A host reached under two DNS
+/// names is not recognised: the operator's source role should have no access
+/// to Keyward's database anyway.
+pub fn same_database(a: &str, b: &str) -> bool {
+    matches!((place(a), place(b)), (Some(x), Some(y)) if x == y)
+}
+
 /// An open connection to the platform's table, with its quoted names.
 pub struct SourceTable {
+    limits: SourceLimits,
     pool: AnyPool,
     backend: Backend,
     int_keys: bool,
@@ -108,20 +200,38 @@ pub struct SourceTable {
 }
 
 impl SourceTable {
-    /// Connects (two connections at most, ten seconds to get one) and probes
-    /// the columns, learning whether the key is an integer. The names must
-    /// have passed [`is_plain_identifier`].
-    pub async fn open(url: &str, layout: &SourceLayout<'_>) -> Result<SourceTable, SourceError> {
+    /// Connects (two connections at most, `connect_timeout` to get one) and
+    /// probes the columns, learning whether the key is an integer. The names
+    /// must have passed [`is_plain_identifier`].
+    pub async fn open(
+        url: &str,
+        layout: &SourceLayout<'_>,
+        limits: SourceLimits,
+    ) -> Result<SourceTable, SourceError> {
         let backend = Backend::from_url(url)
             .ok_or_else(|| SourceError::Connect("the database URL is not valid".into()))?;
         sqlx::any::install_default_drivers();
-        let pool = AnyPoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect(url)
-            .await
-            .map_err(|e| SourceError::Connect(short(&e)))?;
+        let statement_ms = limits.statement_timeout.as_millis().max(1);
+        let pool = bounded(limits.connect_timeout, async {
+            AnyPoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(limits.connect_timeout)
+                .after_connect(move |conn, _| {
+                    Box::pin(async move {
+                        if backend == Backend::Postgres {
+                            conn.execute(&*format!("SET statement_timeout = {statement_ms}"))
+                                .await?;
+                        }
+                        Ok(())
+                    })
+                })
+                .connect(url)
+                .await
+                .map_err(|e| SourceError::Connect(short(&e)))
+        })
+        .await?;
         let mut source = SourceTable {
+            limits,
             pool,
             backend,
             int_keys: false,
@@ -133,19 +243,29 @@ impl SourceTable {
             encryption: layout.encryption_id_column.map(quote),
         };
         let sql = format!("SELECT {} FROM {} LIMIT 1", source.columns(), source.table);
-        let probe = sqlx::query(&sql)
-            .fetch_optional(&source.pool)
-            .await
-            .map_err(|e| SourceError::Table(short(&e)))?;
+        let probe = bounded(limits.statement_timeout, async {
+            sqlx::query(&sql)
+                .fetch_optional(&source.pool)
+                .await
+                .map_err(|e| SourceError::Table(short(&e)))
+        })
+        .await;
+        let probe = match probe {
+            Ok(p) => p,
+            Err(e) => {
+                source.close().await;
+                return Err(e);
+            }
+        };
         if let Some(row) = probe {
             source.int_keys = row.try_get::<i64, _>(0).is_ok();
         }
         Ok(source)
     }
 
-    /// Closes the pool.
+    /// Closes the pool (bounded: a hung source is dropped, not waited for).
     pub async fn close(self) {
-        self.pool.close().await;
+        let _ = tokio::time::timeout(self.limits.connect_timeout, self.pool.close()).await;
     }
 
     fn columns(&self) -> String {
@@ -164,7 +284,10 @@ impl SourceTable {
     /// Rows in the table.
     pub async fn count(&self) -> Result<i64, SourceError> {
         let sql = format!("SELECT COUNT(*) FROM {}", self.table);
-        Ok(sqlx::query(&sql).fetch_one(&self.pool).await?.try_get(0)?)
+        bounded(self.limits.statement_timeout, async {
+            Ok(sqlx::query(&sql).fetch_one(&self.pool).await?.try_get(0)?)
+        })
+        .await
     }
 
     /// Up to `limit` rows after the key `after`, in key order.
@@ -192,7 +315,10 @@ impl SourceTable {
                 q.bind(a.to_string())
             };
         }
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = bounded(self.limits.statement_timeout, async {
+            Ok(q.fetch_all(&self.pool).await?)
+        })
+        .await?;
         let decode = |r: &sqlx::any::AnyRow| -> Result<SourceRow, sqlx::Error> {
             let key = if self.int_keys {
                 r.try_get::<i64, _>(0)?.to_string()
@@ -222,6 +348,16 @@ impl SourceTable {
     /// Returns how many rows were written; the others changed meanwhile and
     /// are left alone.
     pub async fn swap_batch(&self, writes: &[SourceWrite<'_>]) -> Result<usize, SourceError> {
+        // One statement timeout per statement, and one for begin and commit.
+        let statements = statement_chunks(self.backend, writes).count() as u32 + 1;
+        bounded(
+            self.limits.statement_timeout.saturating_mul(statements),
+            self.swap_batch_unbounded(writes),
+        )
+        .await
+    }
+
+    async fn swap_batch_unbounded(&self, writes: &[SourceWrite<'_>]) -> Result<usize, SourceError> {
         let mut tx = self.pool.begin().await?;
         let mut written = 0;
         for chunk in statement_chunks(self.backend, writes) {
@@ -273,7 +409,10 @@ impl SourceTable {
             self.table, self.cipher_text
         );
         let per_row = self.encryption.is_some();
-        let rows = sqlx::query(&sql).fetch_all(&self.pool).await?;
+        let rows = bounded(self.limits.statement_timeout, async {
+            Ok(sqlx::query(&sql).fetch_all(&self.pool).await?)
+        })
+        .await?;
         let decode = |r: &sqlx::any::AnyRow| -> Result<_, sqlx::Error> {
             Ok(if per_row {
                 (

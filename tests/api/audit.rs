@@ -642,12 +642,15 @@ async fn the_file_keeps_up_while_the_table_waits_for_the_database(backend: Backe
 /// them), called once with valid credentials, leaves exactly one record, of
 /// its own operation. HEAD on a GET route is that GET's read.
 async fn every_audited_route_called_once_leaves_one_record_of_its_operation(backend: Backend) {
-    let (app, file) = spawn_audited(backend).await;
+    let platform = crate::jobs::Platform::new(backend).await;
+    let dir = tempfile::tempdir().unwrap().keep();
+    let (file, text) = audit_env(&dir);
+    let (k, v) = platform.sources_env(&["acme"]);
+    let app = TestApp::spawn_with(backend, &[("KEYWARD_AUDIT_FILE", text.as_str()), (k, &v)]).await;
     let creds = app.create_tenant("acme");
     let (enc, first_version) = app.create_encryption(&creds).await;
     let encrypted = app.encrypt(&creds, &enc, "audited").await;
     let ciphertext = crate::helpers::decrypt_body(&encrypted);
-    let platform = crate::jobs::Platform::new(backend).await;
     let source = platform.source();
 
     // (method, route as documented, path, body, operation)

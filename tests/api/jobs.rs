@@ -47,6 +47,21 @@ impl Platform {
         Self::connect_url(&self.db.url).await
     }
 
+    /// The platform database's URL.
+    pub(crate) fn url(&self) -> String {
+        self.db.url.clone()
+    }
+
+    /// The directory that holds the platform database's files.
+    pub(crate) fn db_dir(&self) -> &tempfile::TempDir {
+        &self.db.dir
+    }
+
+    /// [`Platform::fill`], for other test modules.
+    pub(crate) async fn fill_rows(&self, app: &TestApp, creds: &Creds, enc: &str, n: usize) {
+        self.fill(app, creds, enc, n).await
+    }
+
     /// Encrypts `n` rows through the API (batches of 1000) and inserts them.
     async fn fill(&self, app: &TestApp, creds: &Creds, enc: &str, n: usize) {
         let mut conn = self.connect().await;
@@ -86,9 +101,15 @@ impl Platform {
             .collect()
     }
 
+    /// Registers this database as job source `platform`, granted to
+    /// `tenants` (names or ids): the `KEYWARD_JOB_SOURCES_FILE` setting.
+    pub(crate) fn sources_env(&self, tenants: &[&str]) -> (&'static str, String) {
+        sources_env(&self.db.dir, &[("platform", &self.db.url, tenants)])
+    }
+
     pub(crate) fn source(&self) -> Value {
         json!({
-            "databaseUrl": self.db.url,
+            "name": "platform",
             "table": "secrets",
             "keyColumn": "id",
             "cipherTextColumn": "cipher_text",
@@ -96,6 +117,56 @@ impl Platform {
             "metadataColumn": "metadata",
         })
     }
+}
+
+/// The generic source error's message, as the API says it (asked with a
+/// source name nobody registered).
+pub(crate) async fn generic_source_message(app: &TestApp, creds: &Creds) -> String {
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            creds,
+            &json!({"kind": "reencrypt", "encryptionId": uuid::Uuid::new_v4().to_string(), "source": {
+                "name": "no-such-source", "table": "t", "keyColumn": "k", "cipherTextColumn": "c",
+                "versionColumn": "v", "metadataColumn": "m"}}),
+        )
+        .await;
+    crate::helpers::assert_error(status, &body, 422, "job_source_unavailable");
+    body["error"]["message"].as_str().unwrap().to_string()
+}
+
+/// Writes a job sources file into `dir` declaring each (name, URL, tenants);
+/// returns the setting that names it.
+pub(crate) fn sources_env(
+    dir: &tempfile::TempDir,
+    sources: &[(&str, &str, &[&str])],
+) -> (&'static str, String) {
+    let mut text = String::new();
+    for (name, url, tenants) in sources {
+        let tenants: Vec<String> = tenants.iter().map(|t| format!("{t:?}")).collect();
+        text += &format!(
+            "[sources.{name}]\ndatabase_url = {url:?}\ntenants = [{}]\n",
+            tenants.join(", ")
+        );
+    }
+    let path = dir
+        .path()
+        .join(format!("sources-{}.toml", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    ("KEYWARD_JOB_SOURCES_FILE", path.display().to_string())
+}
+
+/// Starts Keyward with `platform` registered as source `platform` for the
+/// tenant named `platform`, and `extra` settings.
+pub(crate) async fn spawn_with_platform(
+    backend: Backend,
+    platform: &Platform,
+    extra: &[(&str, &str)],
+) -> TestApp {
+    let (k, v) = platform.sources_env(&["platform"]);
+    let mut env = vec![(k, v.as_str())];
+    env.extend_from_slice(extra);
+    TestApp::spawn_with(backend, &env).await
 }
 
 fn plaintext(i: usize, generation: usize) -> String {
@@ -133,7 +204,12 @@ async fn decrypt_all(
     out
 }
 
-async fn wait_for_job(app: &TestApp, creds: &Creds, job: &str, timeout: Duration) -> Value {
+pub(crate) async fn wait_for_job(
+    app: &TestApp,
+    creds: &Creds,
+    job: &str,
+    timeout: Duration,
+) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
         let (status, body) = app.get(&format!("/v1/jobs/{job}"), creds).await;
@@ -149,10 +225,10 @@ async fn wait_for_job(app: &TestApp, creds: &Creds, job: &str, timeout: Duration
 }
 
 async fn a_job_moves_fifty_thousand_rows_to_the_active_version(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    let platform = Platform::new(backend).await;
+    let app = spawn_with_platform(backend, &platform, &[]).await;
     let creds = app.create_tenant("platform");
     let (enc, _) = app.create_encryption(&creds).await;
-    let platform = Platform::new(backend).await;
     let n = 50_000;
     platform.fill(&app, &creds, &enc, n).await;
     app.rotate(&creds, &enc).await;
@@ -179,11 +255,11 @@ async fn a_job_moves_fifty_thousand_rows_to_the_active_version(backend: Backend)
     assert_eq!(done["processed"], n);
     assert_eq!(done["rewrapped"], n);
     assert_eq!(done["remainingByVersion"], json!({}), "{done}");
-    assert!(
-        done.get("source").unwrap().get("databaseUrl").is_none(),
-        "the database URL is never returned"
+    assert_eq!(
+        done["source"],
+        json!({"name": "platform"}),
+        "the source's name only"
     );
-    assert_eq!(done["source"]["table"], "secrets");
     let rows = platform.rows().await;
     assert_eq!(rows.len(), n);
     assert!(
@@ -213,10 +289,10 @@ async fn a_job_survives_sigkill_and_never_overwrites_platform_writes(backend: Ba
         ("KEYWARD_JOB_LEASE", "1s"),
         ("KEYWARD_JOB_BATCH_ROWS", "100"),
     ];
-    let mut app = TestApp::spawn_with(backend, &env).await;
+    let platform = Platform::new(backend).await;
+    let mut app = spawn_with_platform(backend, &platform, &env).await;
     let creds = app.create_tenant("platform");
     let (enc, v1) = app.create_encryption(&creds).await;
-    let platform = Platform::new(backend).await;
     let n = 6_000;
     platform.fill(&app, &creds, &enc, n).await;
     let active = app.rotate(&creds, &enc).await;
@@ -293,11 +369,11 @@ async fn a_job_survives_sigkill_and_never_overwrites_platform_writes(backend: Ba
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_and_one_job_give_one_runner() {
     let backend = Backend::Postgres;
-    let a = TestApp::spawn(backend).await;
+    let platform = Platform::new(backend).await;
+    let a = spawn_with_platform(backend, &platform, &[]).await;
     let b = a.spawn_replica(&[]);
     let creds = a.create_tenant("platform");
     let (enc, _) = a.create_encryption(&creds).await;
-    let platform = Platform::new(backend).await;
     platform.fill(&a, &creds, &enc, 3000).await;
     a.rotate(&creds, &enc).await;
     let started = Instant::now();
@@ -327,10 +403,10 @@ async fn two_replicas_and_one_job_give_one_runner() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroying_a_version_the_last_job_found_in_use_needs_force() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
+    let platform = Platform::new(Backend::Sqlite).await;
+    let app = spawn_with_platform(Backend::Sqlite, &platform, &[]).await;
     let creds = app.create_tenant("platform");
     let (enc, v1) = app.create_encryption(&creds).await;
-    let platform = Platform::new(Backend::Sqlite).await;
     platform.fill(&app, &creds, &enc, 50).await;
     app.rotate(&creds, &enc).await;
     let v1_path = format!("/v1/encryptions/{enc}/versions/{v1}");
@@ -368,10 +444,10 @@ async fn destroying_a_version_the_last_job_found_in_use_needs_force() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_starts_watches_and_reports_a_job() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
+    let platform = Platform::new(Backend::Sqlite).await;
+    let app = spawn_with_platform(Backend::Sqlite, &platform, &[]).await;
     let creds = app.create_tenant("platform");
     let (enc, _) = app.create_encryption(&creds).await;
-    let platform = Platform::new(Backend::Sqlite).await;
     platform.fill(&app, &creds, &enc, 500).await;
     app.rotate(&creds, &enc).await;
     let cli = |args: &[&str]| {
@@ -380,7 +456,6 @@ async fn the_cli_starts_watches_and_reports_a_job() {
             .env("KEYWARD_URL", format!("http://{}", app.addr))
             .env("KEYWARD_API_KEY", &creds.key)
             .env("KEYWARD_API_SECRET", &creds.secret)
-            .env("KEYWARD_JOB_DATABASE_URL", &platform.db.url)
             .output()
             .unwrap()
     };
@@ -389,6 +464,8 @@ async fn the_cli_starts_watches_and_reports_a_job() {
         "start",
         "--encryption-id",
         &enc,
+        "--source",
+        "platform",
         "--table",
         "secrets",
         "--key-column",
@@ -427,13 +504,21 @@ async fn the_cli_starts_watches_and_reports_a_job() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_follows_a_per_row_encryption_column_and_never_reveals_its_credentials() {
-    let app = TestApp::spawn(Backend::Postgres).await;
+    let platform = TestDatabase::new(Backend::Postgres).await;
+    // Trust authentication ignores the password, so it can be a marker.
+    let password = "PLATFORM-DB-PASSWORD-5150";
+    let url = platform.url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://postgres:{password}@"),
+        1,
+    );
+    let (k, v) = sources_env(&platform.dir, &[("notes", &url, &["platform"])]);
+    let app = TestApp::spawn_with(Backend::Postgres, &[(k, &v)]).await;
     let creds = app.create_tenant("platform");
     let other = app.create_tenant("other");
     let (a, _) = app.create_encryption(&creds).await;
     let (b, _) = app.create_encryption(&creds).await;
     let (foreign, _) = app.create_encryption(&other).await;
-    let platform = TestDatabase::new(Backend::Postgres).await;
     let mut conn = Platform::connect_url(&platform.url).await;
     sqlx::query("CREATE TABLE notes (note_id TEXT PRIMARY KEY, enc TEXT NOT NULL, ct TEXT NOT NULL, ver TEXT NOT NULL, meta TEXT NOT NULL)")
         .execute(&mut conn)
@@ -467,14 +552,7 @@ async fn a_job_follows_a_per_row_encryption_column_and_never_reveals_its_credent
             .await
             .unwrap();
 
-    // Trust authentication ignores the password, so it can be a marker.
-    let password = "PLATFORM-DB-PASSWORD-5150";
-    let url = platform.url.replacen(
-        "postgres://postgres@",
-        &format!("postgres://postgres:{password}@"),
-        1,
-    );
-    let source = json!({"databaseUrl": url, "table": "public.notes", "keyColumn": "note_id", "cipherTextColumn": "ct",
+    let source = json!({"name": "notes", "table": "public.notes", "keyColumn": "note_id", "cipherTextColumn": "ct",
         "versionColumn": "ver", "metadataColumn": "meta", "encryptionIdColumn": "enc"});
     let (status, created) = app
         .post(
@@ -563,10 +641,10 @@ type OptionalRow = (i64, Option<String>, Option<String>, Option<String>);
 /// job skips and counts the empty rows instead of failing, moves the
 /// upper-case row like any other, and reports nothing left.
 async fn a_job_skips_empty_fields_and_reads_version_ids_in_any_case(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
+    let platform = Platform::new(backend).await;
+    let app = spawn_with_platform(backend, &platform, &[]).await;
     let creds = app.create_tenant("platform");
     let (enc, _) = app.create_encryption(&creds).await;
-    let platform = Platform::new(backend).await;
     let mut conn = platform.connect().await;
     sqlx::query("CREATE TABLE profiles (id BIGINT PRIMARY KEY, cipher_text TEXT, version TEXT, metadata TEXT)")
         .execute(&mut conn)

@@ -11,6 +11,7 @@ mod dev;
 mod helpers;
 mod input;
 mod integrity;
+mod job_integrity;
 mod jobs;
 mod lifecycle;
 mod management;
@@ -21,6 +22,7 @@ mod pki;
 mod providers;
 mod replicas;
 mod secrets;
+mod sources;
 mod tls;
 mod versions;
 

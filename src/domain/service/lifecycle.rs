@@ -10,6 +10,55 @@ use crate::domain::states::VersionState;
 use crate::domain::time::now_ms;
 
 use super::management::EncryptionDetails;
+use crate::store::JobEvidence;
+
+/// The destroy guard's count of rows that still need `version` of
+/// `encryption`, from what jobs found (`evidence`, the last finished first by
+/// the database's clock).
+///
+/// Per table (a job's *target*: source, table, ciphertext and version
+/// columns) the last job that covers the encryption counts: a job over the
+/// encryption itself always covers it, a per-row job only if it saw a row of
+/// it. Its count includes the version that was active when it ended, so the
+/// rows a job moved onto a version keep that version in use after the next
+/// rotation until a later job over the same table finds them moved again.
+/// A later job over another table, or over another encryption, clears nothing.
+/// Jobs from before targets were recorded count as one table, by the rows
+/// they reported left on old versions.
+fn rows_found_on(evidence: &[JobEvidence], encryption: EncryptionId, version: VersionId) -> i64 {
+    use std::collections::{BTreeMap, HashSet};
+    let (encryption, version) = (encryption.to_string(), version.to_string());
+    let mut tables: HashSet<Option<&str>> = HashSet::new();
+    let mut rows = 0;
+    for job in evidence {
+        let target = job.target.as_deref();
+        if tables.contains(&target) {
+            continue;
+        }
+        let found = match &job.rows_by_version {
+            Some(text) => {
+                let Ok(map) = serde_json::from_str::<BTreeMap<String, BTreeMap<String, i64>>>(text)
+                else {
+                    continue;
+                };
+                match map.get(&encryption) {
+                    Some(per_version) => per_version.get(&version).copied().unwrap_or(0),
+                    // It never saw the encryption: it covers nothing of it.
+                    None => continue,
+                }
+            }
+            None => job
+                .remaining_by_version
+                .as_deref()
+                .and_then(|t| serde_json::from_str::<BTreeMap<String, i64>>(t).ok())
+                .and_then(|m| m.get(&version).copied())
+                .unwrap_or(0),
+        };
+        tables.insert(target);
+        rows += found;
+    }
+    rows
+}
 
 impl KeyService {
     /// Sets the rotation policy: `period` (`Some(None)` clears it) and the
@@ -61,10 +110,8 @@ impl KeyService {
             .state;
         check_state_change(current, state)?;
         if state == VersionState::Destroyed && !force {
-            let in_use = self
-                .store
-                .rows_last_seen_on(id, &version.to_string())
-                .await?;
+            let evidence = self.store.job_evidence(tenant, id).await?;
+            let in_use = rows_found_on(&evidence, id, version);
             if in_use > 0 {
                 return Err(KeyError::VersionInUse(in_use));
             }
@@ -182,5 +229,51 @@ impl KeyService {
             }
         }
         Ok(done.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(encryption: Option<EncryptionId>, target: &str, rows: serde_json::Value) -> JobEvidence {
+        JobEvidence {
+            encryption_id: encryption,
+            target: Some(target.into()),
+            rows_by_version: Some(rows.to_string()),
+            remaining_by_version: None,
+        }
+    }
+
+    #[test]
+    fn the_last_job_per_table_that_covers_the_encryption_counts() {
+        let (e, other) = (EncryptionId::new_random(), EncryptionId::new_random());
+        let (v1, v2) = (VersionId::new_random(), VersionId::new_random());
+        let found = |rows: i64| serde_json::json!({ e.to_string(): { v1.to_string(): rows } });
+        // Newest first: a later job on table B clears nothing found on table A.
+        let evidence = vec![
+            job(Some(e), "B", serde_json::json!({ e.to_string(): {} })),
+            job(
+                None,
+                "A",
+                serde_json::json!({ other.to_string(): { v2.to_string(): 3 } }),
+            ),
+            job(Some(e), "A", found(20)),
+            job(Some(e), "A", found(99)),
+        ];
+        assert_eq!(rows_found_on(&evidence, e, v1), 20);
+        assert_eq!(rows_found_on(&evidence, e, v2), 0);
+        // A later job on A that saw the rows moved clears v1.
+        let mut later = vec![job(Some(e), "A", found(0))];
+        later.extend(evidence);
+        assert_eq!(rows_found_on(&later, e, v1), 0);
+        // Jobs from before targets were recorded count as one table.
+        let legacy = JobEvidence {
+            encryption_id: Some(e),
+            target: None,
+            rows_by_version: None,
+            remaining_by_version: Some(format!("{{\"{v1}\": 7}}")),
+        };
+        assert_eq!(rows_found_on(&[legacy], e, v1), 7);
     }
 }

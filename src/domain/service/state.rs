@@ -12,7 +12,9 @@ use crate::crypto::CipherKey;
 use crate::domain::apikeys::ApiKeyCache;
 use crate::domain::ids::{EncryptionId, KekId, VersionId};
 use crate::domain::keyring::KeyRing;
+use crate::domain::sources::JobSources;
 use crate::master_key::MasterKeyProvider;
+use crate::store::source::SourceLimits;
 use crate::store::Store;
 
 /// Where the service records what it does by itself, with no request behind
@@ -134,6 +136,9 @@ pub struct KeyService {
     pub(super) freshness: Freshness,
     /// When the change feed was last read; atomic.
     pub(super) feed: FeedHealth,
+    /// The job sources the operator registered (set once, at construction;
+    /// none by default, so every job is refused).
+    pub(super) job_sources: Arc<JobSources>,
 }
 
 impl fmt::Debug for KeyService {
@@ -164,6 +169,10 @@ impl KeyService {
             recorder: None,
             freshness: Freshness::default(),
             feed: FeedHealth::new(),
+            job_sources: Arc::new(JobSources::none(SourceLimits {
+                connect_timeout: std::time::Duration::from_secs(10),
+                statement_timeout: std::time::Duration::from_secs(30),
+            })),
         }
     }
 
@@ -190,6 +199,17 @@ impl KeyService {
                 self.freshness.feed_max_lag.as_secs()
             )
         })
+    }
+
+    /// Lets jobs reach the operator's `sources` (and nothing else).
+    pub fn with_job_sources(mut self, sources: JobSources) -> KeyService {
+        self.job_sources = Arc::new(sources);
+        self
+    }
+
+    /// The job sources the operator registered.
+    pub fn job_sources(&self) -> &JobSources {
+        &self.job_sources
     }
 
     /// Records the operations Keyward does by itself with `recorder`.
