@@ -30,12 +30,14 @@
 //! - `writer.rs`: [`AuditLog`], the writer task and the audit file.
 
 mod chain;
+mod checkpoint;
 mod record;
 mod table;
 mod verify;
 mod writer;
 
 pub use chain::GENESIS;
+pub use checkpoint::Checkpoint;
 pub use record::{Actor, AuditEvent, AuditRecord, Target, OPERATIONS};
-pub use verify::{verify, Broken, VerifyError, VerifyReport};
-pub use writer::{AuditLog, Destination};
+pub use verify::{verify, BreakKind, Broken, VerifyError, VerifyReport};
+pub use writer::{AuditLog, CheckpointKeySource, CheckpointSettings, Destination};

@@ -24,6 +24,7 @@ use crate::dev::DevOptions;
 
 mod accounts;
 mod audit;
+mod exit;
 mod config_arg;
 mod job;
 mod master_key;
@@ -31,6 +32,7 @@ mod server;
 
 use accounts::{ApikeyCommand, TenantCommand};
 use audit::AuditCommand;
+pub use exit::ExitWith;
 use config_arg::ConfigArg;
 use job::JobCommand;
 use master_key::MasterKeyCommand;
@@ -131,7 +133,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant { command } => accounts::run_tenant(command).await,
         Command::Apikey { command } => accounts::run_apikey(command).await,
         Command::Job { command } => job::run(*command).await,
-        Command::Audit { command } => audit::run(command),
+        Command::Audit { command } => audit::run(command).await,
     }
     .context("keyward failed")
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::crypto::CipherKey;
+use crate::crypto::{CheckpointKey, CipherKey};
 use crate::domain::apikeys::ApiKeyCache;
 use crate::domain::ids::{EncryptionId, KekId, VersionId};
 use crate::domain::keyring::KeyRing;
@@ -31,6 +31,8 @@ pub trait SystemRecorder: Send + Sync {
 pub(super) struct RootKeys {
     pub(super) active: KekId,
     pub(super) keys: HashMap<KekId, Arc<CipherKey>>,
+    /// The audit checkpoint key derived from the active KEK.
+    pub(super) checkpoint: Arc<CheckpointKey>,
 }
 
 impl RootKeys {
@@ -38,6 +40,7 @@ impl RootKeys {
         RootKeys {
             active: self.active,
             keys: self.keys.clone(),
+            checkpoint: self.checkpoint.clone(),
         }
     }
 }
