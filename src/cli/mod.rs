@@ -24,16 +24,16 @@ use crate::dev::DevOptions;
 
 mod accounts;
 mod audit;
-mod exit;
 mod config_arg;
+mod exit;
 mod job;
 mod master_key;
 mod server;
 
 use accounts::{ApikeyCommand, TenantCommand};
 use audit::AuditCommand;
-pub use exit::ExitWith;
 use config_arg::ConfigArg;
+pub use exit::ExitWith;
 use job::JobCommand;
 use master_key::MasterKeyCommand;
 
