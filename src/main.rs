@@ -25,9 +25,16 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(keyward::cli::run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+        Err(e) => match e.downcast_ref::<keyward::cli::ExitWith>() {
+            // A documented outcome: its message alone, and its status.
+            Some(exit) => {
+                eprintln!("error: {}", exit.message);
+                ExitCode::from(exit.code)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -111,7 +111,11 @@ impl Application {
         let provider = settings.provider_settings(settings.master_key_provider, false)?;
         let provider = master_key::build(provider).await;
         let store = open_store(settings).await?;
-        let audit = crate::audit::AuditLog::start(&settings.audit, Some(store.clone()))?;
+        let audit = crate::audit::AuditLog::start(
+            &settings.audit,
+            Some(store.clone()),
+            settings.audit_checkpoints,
+        )?;
         let job_sources = job_sources(settings)?;
         tracing::info!(job_sources = job_sources.len(), "job sources registered");
         let service = Arc::new(
@@ -120,6 +124,14 @@ impl Application {
                 .with_recorder(Arc::new(AuditRecorder(audit.clone())))
                 .with_job_sources(job_sources),
         );
+        // Checkpoints are signed with the active root KEK's key from when the
+        // root keys are loaded (a weak reference: the service holds the log).
+        let signing = Arc::downgrade(&service);
+        audit.sign_checkpoints_with(Box::new(move || {
+            signing
+                .upgrade()
+                .and_then(|service| service.checkpoint_key())
+        }));
         let (background, shutdown_rx) = watch::channel(false);
         {
             let service = service.clone();
@@ -279,8 +291,9 @@ impl Application {
             let _ = ops.await;
         }
         let _ = self.background.send(true);
-        // Every request has answered: write out their audit records.
-        if tokio::time::timeout(Duration::from_secs(10), self.audit.flush())
+        // Every request has answered: write out their audit records and a
+        // checkpoint that covers them.
+        if tokio::time::timeout(Duration::from_secs(10), self.audit.close())
             .await
             .is_err()
         {

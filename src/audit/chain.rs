@@ -186,6 +186,6 @@ pub(super) mod tests {
             "{}",
             lines[0]
         );
-        assert_eq!(verify(out.as_bytes()).unwrap().records, 2);
+        assert_eq!(verify(out.as_bytes(), &[]).unwrap().records, 2);
     }
 }

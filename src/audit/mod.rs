@@ -17,25 +17,32 @@
 //! and `hash`, the SHA-256 of the record's own JSON up to (not including) the
 //! `hash` field. Changing, removing, inserting or reordering a record breaks the
 //! chain at that point, which [`verify`](fn@verify) (`keyward audit verify
-//! FILE`) reports. Cutting records off the end cannot be seen from the file
-//! alone: ship the file off the host, or compare with the table.
+//! FILE`) reports. Every so many records or seconds, and at shutdown, the
+//! writer also signs a checkpoint (Ed25519, with a key derived from the
+//! active root KEK; see `checkpoint.rs`) covering every record before it, so
+//! that a chain recomputed without the key, a cut head and a cut tail show
+//! too, with public keys only.
 //!
 //! Layout, each file importing only those listed before it:
 //! - `record.rs`: [`AuditRecord`] and what requests hand over ([`AuditEvent`],
 //!   [`Actor`], [`Target`]), and how an event becomes its records;
 //! - `chain.rs`: the hash chain that numbers, links and seals records into
 //!   lines;
-//! - `verify.rs`: [`verify`](fn@verify), which checks a file's chain;
+//! - `checkpoint.rs`: the signed checkpoint lines;
+//! - `verify.rs`: [`verify`](fn@verify), which checks a file's chain and
+//!   checkpoints;
 //! - `table.rs`: the table task and the queue it takes segments from;
 //! - `writer.rs`: [`AuditLog`], the writer task and the audit file.
 
 mod chain;
+mod checkpoint;
 mod record;
 mod table;
 mod verify;
 mod writer;
 
 pub use chain::GENESIS;
+pub use checkpoint::Checkpoint;
 pub use record::{Actor, AuditEvent, AuditRecord, Target, OPERATIONS};
-pub use verify::{verify, Broken, VerifyError, VerifyReport};
-pub use writer::{AuditLog, Destination};
+pub use verify::{verify, BreakKind, Broken, VerifyError, VerifyReport};
+pub use writer::{AuditLog, CheckpointKeySource, CheckpointSettings, Destination};

@@ -1,13 +1,18 @@
-//! Checking a file's chain: `keyward audit verify FILE`.
+//! Checking a file: `keyward audit verify FILE`. The chain shows any record
+//! changed, removed, inserted or reordered; the signed checkpoints show a
+//! chain recomputed by someone without the key, a cut head and a cut tail
+//! (up to the last checkpoint); records after the last checkpoint are
+//! reported as not covered.
 
 use std::io::BufRead;
 
 use serde::Serialize;
 
+use super::checkpoint;
 use super::record::AuditRecord;
-use crate::crypto::{hex, sha256};
+use crate::crypto::{hex, sha256, CHECKPOINT_PUBLIC_KEY_LEN};
 
-/// What [`verify`] found in an intact file.
+/// What [`verify`] found in a file that shows no tampering.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VerifyReport {
@@ -20,91 +25,282 @@ pub struct VerifyReport {
     pub last_seq: Option<u64>,
     /// The first record's `prev`.
     pub starts_after: Option<String>,
-    /// The last record's `hash`: keep it elsewhere to detect later truncation.
+    /// The last record's `hash`.
     pub last_hash: Option<String>,
+    /// Checkpoint lines seen.
+    pub checkpoints: u64,
+    /// Whether their signatures were checked (trusted public keys given).
+    pub signatures_checked: bool,
+    /// The last `seq` a checkpoint covers (signed by a trusted key when
+    /// `signaturesChecked`).
+    pub covered_to: Option<u64>,
+    /// Records after the last checkpoint, not covered by one: the first and
+    /// last `seq`.
+    pub uncovered: Option<(u64, u64)>,
+    /// The line of the first record not covered.
+    pub uncovered_from_line: Option<u64>,
+    /// The keys that signed the checkpoints, by id.
+    pub key_ids: Vec<String>,
 }
 
-/// The first broken record.
+/// What kind of break [`verify`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakKind {
+    /// A record or checkpoint was changed, forged, removed, inserted or
+    /// reordered, or a line is not one.
+    Tampered,
+    /// Records are missing before the first record of the file.
+    HeadCut,
+    /// Records a checkpoint covers are missing before it.
+    TailCut,
+}
+
+/// The first break.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}{}: {reason}", seq.map(|s| format!(" (seq {s})")).unwrap_or_default())]
 pub struct Broken {
+    /// What kind of break.
+    pub kind: BreakKind,
     /// 1-based line number.
     pub line: u64,
-    /// The record's `seq`, if it could be read.
+    /// The record's `seq` (or the checkpoint's), if it could be read.
     pub seq: Option<u64>,
     /// What is wrong.
     pub reason: String,
 }
 
-/// Checks every record's hash and its link to the one before.
-pub fn verify(input: impl BufRead) -> Result<VerifyReport, VerifyError> {
+/// A record or checkpoint position: line and `seq`.
+#[derive(Debug, Clone, Copy)]
+struct At {
+    line: u64,
+    seq: u64,
+}
+
+/// Checks every record's hash and its link to the one before, and every
+/// checkpoint against the records before it; with `trusted` public keys,
+/// also each checkpoint's signature (a checkpoint signed by any other key is
+/// a break). Without trusted keys the report says the signatures were not
+/// checked.
+pub fn verify(
+    input: impl BufRead,
+    trusted: &[[u8; CHECKPOINT_PUBLIC_KEY_LEN]],
+) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport {
         records: 0,
         first_seq: None,
         last_seq: None,
         starts_after: None,
         last_hash: None,
+        checkpoints: 0,
+        signatures_checked: !trusted.is_empty(),
+        covered_to: None,
+        uncovered: None,
+        uncovered_from_line: None,
+        key_ids: Vec::new(),
     };
+    // The first record; a checkpoint before any record; the last checkpoint
+    // that matched the records before it.
+    let mut first: Option<At> = None;
+    let mut anchor: Option<(At, String)> = None;
+    let mut covered: Option<At> = None;
+    // Whether the file's start is accounted for: it starts at the chain's
+    // genesis, after a checkpoint, or where a checkpoint says it does.
+    let mut head_known = false;
     for (index, line) in input.split(b'\n').enumerate() {
         let line = line.map_err(VerifyError::Io)?;
         let line_no = index as u64 + 1;
-        let broken = |seq: Option<u64>, reason: &str| {
+        let broken = |kind: BreakKind, seq: Option<u64>, reason: String| {
             VerifyError::Broken(Broken {
+                kind,
                 line: line_no,
                 seq,
-                reason: reason.to_string(),
+                reason,
             })
         };
+        let tampered =
+            |seq: Option<u64>, reason: &str| broken(BreakKind::Tampered, seq, reason.to_string());
+        if checkpoint::is_checkpoint(&line) {
+            let signed = checkpoint::parse(&line)
+                .map_err(|reason| tampered(None, &format!("not a valid checkpoint: {reason}")))?;
+            let cp = &signed.checkpoint;
+            let seq = Some(cp.seq);
+            if !trusted.is_empty() {
+                let key = trusted
+                    .iter()
+                    .find(|k| crate::crypto::checkpoint_key_id(k) == cp.key_id)
+                    .ok_or_else(|| {
+                        tampered(seq, &format!(
+                            "the checkpoint names key {}, which is not one of the trusted public keys: it was forged, or that key is missing from --public-key (`keyward audit public-keys` lists them)",
+                            cp.key_id
+                        ))
+                    })?;
+                if !signed.signed_by(key) {
+                    return Err(tampered(seq, &format!(
+                        "the checkpoint's signature does not verify under key {}: the checkpoint was forged or changed",
+                        cp.key_id
+                    )));
+                }
+            }
+            match (report.last_seq, report.last_hash.as_deref()) {
+                (None, _) | (_, None) => {
+                    // Before any record: the file starts after this point of
+                    // the chain (e.g. after log rotation).
+                    anchor = Some((
+                        At {
+                            line: line_no,
+                            seq: cp.seq,
+                        },
+                        cp.hash.clone(),
+                    ));
+                }
+                (Some(last), Some(last_hash)) => {
+                    if cp.seq > last {
+                        return Err(broken(BreakKind::TailCut, seq, format!(
+                            "the checkpoint covers records up to seq {}, but the records before it end at seq {last}: records {}..{} are missing, the file was cut",
+                            cp.seq, last + 1, cp.seq
+                        )));
+                    }
+                    if cp.seq < last {
+                        return Err(tampered(seq, &format!(
+                            "the checkpoint covers records up to seq {}, but records up to seq {last} come before it: records were inserted or moved",
+                            cp.seq
+                        )));
+                    }
+                    if cp.hash != last_hash {
+                        let from = covered.map(|c| c.seq + 1).or(report.first_seq).unwrap_or(1);
+                        return Err(tampered(seq, &format!(
+                            "the checkpoint states hash {} for seq {}, but that record hashes to {last_hash}: records {from}..{} were rewritten after they were signed (the chain was recomputed)",
+                            cp.hash, cp.seq, cp.seq
+                        )));
+                    }
+                    let first = first.expect("records were seen");
+                    if first.seq > cp.file_start {
+                        return Err(VerifyError::Broken(Broken {
+                            kind: BreakKind::HeadCut,
+                            line: first.line,
+                            seq: Some(first.seq),
+                            reason: format!(
+                                "records {}..{} are missing before the first record: the checkpoint at line {line_no} says the file starts at seq {}",
+                                cp.file_start, first.seq - 1, cp.file_start
+                            ),
+                        }));
+                    }
+                    head_known = true;
+                    covered = Some(At {
+                        line: line_no,
+                        seq: cp.seq,
+                    });
+                    report.covered_to = Some(cp.seq);
+                }
+            }
+            // Whatever comes next is not covered (yet).
+            report.uncovered_from_line = None;
+            if !report.key_ids.contains(&cp.key_id) {
+                report.key_ids.push(cp.key_id.clone());
+            }
+            report.checkpoints += 1;
+            continue;
+        }
         let record: AuditRecord = serde_json::from_slice(&line)
-            .map_err(|_| broken(None, "not an audit record (not JSON, or fields missing)"))?;
+            .map_err(|_| tampered(None, "not an audit record (not JSON, or fields missing)"))?;
         let seq = Some(record.seq);
         let stated = record
             .hash
             .as_deref()
-            .ok_or_else(|| broken(seq, "no `hash` field"))?;
+            .ok_or_else(|| tampered(seq, "no `hash` field"))?;
         let suffix = format!(",\"hash\":\"{stated}\"}}");
         let body = line
             .strip_suffix(suffix.as_bytes())
-            .ok_or_else(|| broken(seq, "`hash` is not the last field"))?;
+            .ok_or_else(|| tampered(seq, "`hash` is not the last field"))?;
         let mut hashed = body.to_vec();
         hashed.push(b'}');
         if hex(&sha256(&hashed)) != stated {
-            return Err(broken(
+            return Err(tampered(
                 seq,
                 "the record was changed: its hash does not match its content",
             ));
         }
         match &report.last_hash {
             None => {
+                if let Some((at, hash)) = &anchor {
+                    if record.seq > at.seq + 1 {
+                        return Err(broken(BreakKind::HeadCut, seq, format!(
+                            "records {}..{} are missing between the checkpoint at line {} and the first record",
+                            at.seq + 1, record.seq - 1, at.line
+                        )));
+                    }
+                    if record.seq != at.seq + 1 || &record.prev != hash {
+                        return Err(tampered(seq, &format!(
+                            "the first record does not follow the checkpoint at line {} (seq {}): records were changed or moved",
+                            at.line, at.seq
+                        )));
+                    }
+                    head_known = true;
+                    covered = Some(*at);
+                    report.covered_to = Some(at.seq);
+                }
+                if record.seq == 1 && record.prev == super::GENESIS {
+                    head_known = true;
+                }
+                first = Some(At {
+                    line: line_no,
+                    seq: record.seq,
+                });
                 report.first_seq = seq;
                 report.starts_after = Some(record.prev.clone());
             }
             Some(previous) => {
                 if &record.prev != previous {
-                    return Err(broken(
+                    return Err(tampered(
                         seq,
                         "`prev` is not the hash of the record before it: a record before it was changed, removed or inserted",
                     ));
                 }
                 if report.last_seq.map(|s| s + 1) != seq {
-                    return Err(broken(seq, "`seq` does not follow the record before it"));
+                    return Err(tampered(seq, "`seq` does not follow the record before it"));
                 }
             }
+        }
+        if report.uncovered_from_line.is_none() {
+            report.uncovered_from_line = Some(line_no);
         }
         report.records += 1;
         report.last_seq = seq;
         report.last_hash = Some(stated.to_string());
     }
+    if let Some(first) = first {
+        if !head_known {
+            return Err(VerifyError::Broken(Broken {
+                kind: BreakKind::HeadCut,
+                line: first.line,
+                seq: Some(first.seq),
+                reason: format!(
+                    "records 1..{} are missing before the first record, and no checkpoint says the file starts there: its head was cut (or is in an earlier file: verify the files together, in order)",
+                    first.seq - 1
+                ),
+            }));
+        }
+    }
+    let last = report.last_seq.unwrap_or(0);
+    if report.records > 0 && last > report.covered_to.unwrap_or(0) {
+        let from = match report.covered_to {
+            Some(c) => c + 1,
+            None => report.first_seq.unwrap_or(1),
+        };
+        report.uncovered = Some((from, last));
+    } else {
+        report.uncovered_from_line = None;
+    }
     Ok(report)
 }
-
 /// Why [`verify`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     /// The file could not be read.
     #[error("cannot read: {0}")]
     Io(std::io::Error),
-    /// A record is broken.
+    /// A record or checkpoint is broken, or records are missing.
     #[error("broken at {0}")]
     Broken(Broken),
 }
@@ -117,7 +313,7 @@ mod tests {
     use crate::audit::GENESIS;
 
     fn check(lines: &[String]) -> Result<VerifyReport, VerifyError> {
-        verify(lines.join("\n").as_bytes())
+        verify(lines.join("\n").as_bytes(), &[])
     }
 
     #[test]
@@ -169,5 +365,172 @@ mod tests {
         assert!(
             matches!(check(&garbage), Err(VerifyError::Broken(b)) if b.line == 5 && b.seq.is_none())
         );
+    }
+
+    /// Records 1..=n, a checkpoint after every `every` and after the last,
+    /// each stating that the file starts at `start`.
+    fn signed(
+        key: &crate::crypto::CheckpointKey,
+        n: usize,
+        every: usize,
+        start: u64,
+    ) -> Vec<String> {
+        let mut chain = Chain::new();
+        let mut lines = Vec::new();
+        for i in 0..n {
+            lines.push(seal(
+                &mut chain,
+                &crate::audit::chain::tests::sample(&format!("op{i}")),
+            ));
+            if (i + 1) % every == 0 || i + 1 == n {
+                let mut line = String::new();
+                crate::audit::Checkpoint {
+                    seq: chain.seq,
+                    hash: chain.prev.as_str(),
+                    file_start: start,
+                    file_start_prev: GENESIS,
+                    time: "2026-01-01T00:00:00.000Z",
+                    reason: "interval",
+                    key_id: key.id(),
+                }
+                .write_signed(key, &mut line);
+                lines.push(line);
+            }
+        }
+        lines
+    }
+
+    fn break_of(lines: &[String], key: &[u8; 32]) -> Broken {
+        match verify(lines.join("\n").as_bytes(), &[*key]) {
+            Err(VerifyError::Broken(b)) => b,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn checkpoints_show_a_rewritten_chain_a_cut_head_and_tail_and_what_they_do_not_cover() {
+        let key = crate::crypto::CheckpointKey::derive(
+            &crate::crypto::DataKey::from_slice(&[5; 32]).unwrap(),
+        );
+        let public = *key.public_key();
+        let lines = signed(&key, 10, 4, 1); // records 1-4, cp, 5-8, cp, 9-10, cp
+        assert_eq!(lines.len(), 13);
+        let report = verify(lines.join("\n").as_bytes(), &[public]).unwrap();
+        assert_eq!(
+            (report.records, report.checkpoints, report.covered_to),
+            (10, 3, Some(10))
+        );
+        assert_eq!((report.uncovered, report.signatures_checked), (None, true));
+        assert_eq!(report.key_ids, vec![key.id().to_string()]);
+        // Without a trusted key: intact, but the signatures were not checked.
+        assert!(
+            !verify(lines.join("\n").as_bytes(), &[])
+                .unwrap()
+                .signatures_checked
+        );
+
+        // Rewritten: record 6 changed and the chain recomputed after it.
+        let mut chain = Chain::new();
+        let mut rewritten = Vec::new();
+        for line in &lines {
+            if checkpoint::is_checkpoint(line.as_bytes()) {
+                rewritten.push(line.clone());
+                continue;
+            }
+            let mut r: AuditRecord<&str> = serde_json::from_str(line).unwrap();
+            if r.seq == 6 {
+                r.outcome = "error";
+            }
+            rewritten.push(seal(&mut chain, &r));
+        }
+        assert!(
+            verify(rewritten.join("\n").as_bytes(), &[]).is_err(),
+            "even unsigned, the hash no longer matches the checkpoint"
+        );
+        let b = break_of(&rewritten, &public);
+        assert_eq!((b.kind, b.line, b.seq), (BreakKind::Tampered, 10, Some(8)));
+        assert!(b.reason.contains("records 5..8 were rewritten"), "{b}");
+
+        // A forged checkpoint: another key, or its seq changed.
+        let forger = crate::crypto::CheckpointKey::derive(
+            &crate::crypto::DataKey::from_slice(&[6; 32]).unwrap(),
+        );
+        let forged = signed(&forger, 10, 4, 1);
+        let b = break_of(&forged, &public);
+        assert_eq!((b.kind, b.line), (BreakKind::Tampered, 5));
+        assert!(
+            b.reason.contains("not one of the trusted public keys"),
+            "{b}"
+        );
+        let mut changed = lines.clone();
+        changed[4] = changed[4].replace("\"fileStart\":1", "\"fileStart\":2");
+        assert!(break_of(&changed, &public)
+            .reason
+            .contains("signature does not verify"));
+
+        // Head cut: records 1-2 gone.
+        let b = break_of(&lines[2..], &public);
+        assert_eq!((b.kind, b.line, b.seq), (BreakKind::HeadCut, 1, Some(3)));
+        assert!(
+            b.reason
+                .contains("records 1..2 are missing before the first record"),
+            "{b}"
+        );
+        // ... and with no checkpoint left to say where the file starts.
+        let b = break_of(&lines[2..4], &public);
+        assert_eq!(b.kind, BreakKind::HeadCut);
+        assert!(b.reason.contains("records 1..2 are missing"), "{b}");
+
+        // Tail cut: records 9-10 gone, their checkpoint kept.
+        let mut cut = lines[..10].to_vec();
+        cut.push(lines[12].clone());
+        let b = break_of(&cut, &public);
+        assert_eq!((b.kind, b.line, b.seq), (BreakKind::TailCut, 11, Some(10)));
+        assert!(b.reason.contains("records 9..10 are missing"), "{b}");
+        // Tail cut after a checkpoint: what is left after it is not covered.
+        let report = verify(lines[..11].join("\n").as_bytes(), &[public]).unwrap();
+        assert_eq!(
+            (
+                report.covered_to,
+                report.uncovered,
+                report.uncovered_from_line
+            ),
+            (Some(8), Some((9, 9)), Some(11))
+        );
+
+        // Records appended (with a correct unkeyed chain) are not covered.
+        let mut appended = lines.clone();
+        let mut chain = Chain::new();
+        chain.seq = 10;
+        chain.prev = serde_json::from_str::<AuditRecord>(&lines[11])
+            .unwrap()
+            .hash
+            .unwrap();
+        appended.push(seal(
+            &mut chain,
+            &crate::audit::chain::tests::sample("forged"),
+        ));
+        let report = verify(appended.join("\n").as_bytes(), &[public]).unwrap();
+        assert_eq!(
+            (report.covered_to, report.uncovered),
+            (Some(10), Some((11, 11)))
+        );
+
+        // A file after log rotation: starts after a checkpoint, or where a
+        // checkpoint says it starts.
+        // (`fileStartPrev` is not checked: the hash of the record it names
+        // covers it.)
+        let rotated = signed(&key, 10, 4, 5);
+        for file in [&rotated[4..], &rotated[5..]] {
+            let report = verify(file.join("\n").as_bytes(), &[public]).unwrap();
+            assert_eq!(
+                (report.first_seq, report.covered_to, report.uncovered),
+                (Some(5), Some(10), None)
+            );
+        }
+        // A head cut that kept the checkpoint before the records it cut.
+        let b = break_of(&lines[4..], &public);
+        assert_eq!((b.kind, b.line, b.seq), (BreakKind::HeadCut, 2, Some(5)));
+        assert!(b.reason.contains("records 1..4 are missing"), "{b}");
     }
 }

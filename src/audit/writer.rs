@@ -4,14 +4,16 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use super::chain::Chain;
+use super::checkpoint::{self, Checkpoint};
 use super::record::{AuditEvent, AuditRecord, TextCache};
 use super::table::TableShared;
+use crate::crypto::CheckpointKey;
 use crate::store::{AuditSegment, Store};
 
 /// How many events may wait for the writer before requests wait for room.
@@ -38,10 +40,34 @@ pub enum Destination {
     File(PathBuf),
 }
 
+/// When the writer signs a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointSettings {
+    /// After this many records not yet covered by one.
+    pub every_records: u64,
+    /// Or once the oldest record not yet covered is this old.
+    pub every: Duration,
+}
+
+impl Default for CheckpointSettings {
+    fn default() -> Self {
+        CheckpointSettings {
+            every_records: 1000,
+            every: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where the writer gets the checkpoint key: the active root KEK's, or `None`
+/// while the root keys are not loaded.
+pub type CheckpointKeySource = Box<dyn Fn() -> Option<Arc<CheckpointKey>> + Send + Sync>;
+
 enum Message {
     /// An event with its share of the record budget, released once written.
     Event(AuditEvent, OwnedSemaphorePermit),
     Flush(oneshot::Sender<()>),
+    /// A flush that also signs a final checkpoint (shutdown).
+    Close(oneshot::Sender<()>),
 }
 
 /// The handle requests use to record events. Cheap to clone.
@@ -52,6 +78,8 @@ pub struct AuditLog {
     /// request of 1,000 items takes 1,000, so memory is bounded by records,
     /// not requests.
     budget: Arc<Semaphore>,
+    /// Set once, when the service that holds the root keys exists.
+    keys: Arc<OnceLock<CheckpointKeySource>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -62,27 +90,61 @@ impl std::fmt::Debug for AuditLog {
 
 impl AuditLog {
     /// Opens the destination and starts the writer. A file's chain continues
-    /// from its last record.
-    pub fn start(destination: &Destination, store: Option<Store>) -> anyhow::Result<AuditLog> {
-        let (sink, chain) = match destination {
-            Destination::Stdout => (Sink::Stdout(std::io::stdout()), Chain::new()),
+    /// from its last record. Checkpoints are signed once
+    /// [`AuditLog::sign_checkpoints_with`] has given a key.
+    pub fn start(
+        destination: &Destination,
+        store: Option<Store>,
+        checkpoints: CheckpointSettings,
+    ) -> anyhow::Result<AuditLog> {
+        let (sink, chain, file) = match destination {
+            Destination::Stdout => (
+                Sink::Stdout(std::io::stdout()),
+                Chain::new(),
+                FileState::default(),
+            ),
             Destination::File(path) => {
-                let (file, chain) = open_file(path).map_err(|e| {
+                let (file, chain, state) = open_file(path).map_err(|e| {
                     anyhow::anyhow!(
                         "cannot open the audit file {} (KEYWARD_AUDIT_FILE): {e}",
                         path.display()
                     )
                 })?;
-                (Sink::File(file), chain)
+                (Sink::File(file), chain, state)
             }
         };
         let table = store.map(TableShared::start).transpose()?;
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(write_loop(rx, sink, chain, table));
+        let keys = Arc::new(OnceLock::new());
+        let signer = Signer {
+            settings: checkpoints,
+            keys: keys.clone(),
+            file,
+            last_at: tokio::time::Instant::now(),
+            announced: None,
+        };
+        tokio::spawn(write_loop(rx, sink, chain, signer, table));
         Ok(AuditLog {
             tx,
             budget: Arc::new(Semaphore::new(RECORD_BUDGET)),
+            keys,
         })
+    }
+
+    /// Signs checkpoints with the key `source` gives (at each checkpoint, so
+    /// that a root-KEK rotation changes the key). Only the first call counts.
+    pub fn sign_checkpoints_with(&self, source: CheckpointKeySource) {
+        let _ = self.keys.set(source);
+    }
+
+    /// Writes out everything queued before this call, then a checkpoint
+    /// covering it (reason `shutdown`), and waits as [`AuditLog::flush`]
+    /// does.
+    pub async fn close(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Message::Close(done)).await.is_ok() {
+            let _ = wait.await;
+        }
     }
 
     fn records_of(event: &AuditEvent) -> u32 {
@@ -148,6 +210,14 @@ enum Sink {
 }
 
 impl Sink {
+    /// The file's length, when it is a file (to notice a truncation).
+    fn len(&self) -> Option<u64> {
+        match self {
+            Sink::Stdout(_) => None,
+            Sink::File(file) => file.metadata().ok().map(|m| m.len()),
+        }
+    }
+
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         match self {
             Sink::Stdout(out) => {
@@ -160,9 +230,89 @@ impl Sink {
     }
 }
 
+/// What the writer knows of its file beyond the chain's end.
+#[derive(Debug, Default, PartialEq)]
+struct FileState {
+    /// The `seq` and `prev` of the file's first record (`None` before it).
+    start: Option<(u64, String)>,
+    /// The last `seq` a checkpoint in the file covers.
+    covered: u64,
+    /// How long the file is after the writer's last write: shorter later
+    /// means it was truncated (`copytruncate` log rotation).
+    len: u64,
+}
+
+/// Checkpoints: when to sign one, with what, and what the file holds.
+struct Signer {
+    settings: CheckpointSettings,
+    keys: Arc<OnceLock<CheckpointKeySource>>,
+    file: FileState,
+    /// When the last checkpoint was signed, or signing was last tried.
+    last_at: tokio::time::Instant,
+    /// The key id last logged.
+    announced: Option<String>,
+}
+
+impl Signer {
+    /// When the next checkpoint is due by time, if records wait for one.
+    fn due(&self, chain: &Chain) -> Option<tokio::time::Instant> {
+        (chain.seq > self.file.covered).then(|| self.last_at + self.settings.every)
+    }
+
+    /// Appends a checkpoint line covering the chain's end to `out` when one
+    /// is due (or `closing`) and a key is available.
+    fn maybe_sign(&mut self, chain: &mut Chain, closing: bool, out: &mut String) {
+        let waiting = chain.seq.saturating_sub(self.file.covered);
+        let now = tokio::time::Instant::now();
+        let due = closing
+            || waiting >= self.settings.every_records
+            || now >= self.last_at + self.settings.every;
+        if waiting == 0 || !due {
+            return;
+        }
+        // Tried now: without a key, the next try is an interval later rather
+        // than at every wake-up.
+        self.last_at = now;
+        let Some(key) = self.keys.get().and_then(|source| source()) else {
+            return;
+        };
+        if self.announced.as_deref() != Some(key.id()) {
+            tracing::info!(
+                key_id = key.id(),
+                public_key = %crate::crypto::hex(key.public_key()),
+                "audit checkpoints are signed with this key (verify with `keyward audit verify --public-key`)"
+            );
+            self.announced = Some(key.id().to_string());
+        }
+        let (start_seq, start_prev) = match &self.file.start {
+            Some((seq, prev)) => (*seq, prev.as_str()),
+            None => (chain.seq + 1, chain.prev.as_str()),
+        };
+        let time = crate::domain::time::rfc3339(crate::domain::time::now_ms());
+        if chain.needs_newline {
+            // The file ended mid-line (a crash) and no record came since.
+            out.push('\n');
+            chain.needs_newline = false;
+        }
+        Checkpoint {
+            seq: chain.seq,
+            hash: chain.prev.as_str(),
+            file_start: start_seq,
+            file_start_prev: start_prev,
+            time: &time,
+            reason: if closing { "shutdown" } else { "interval" },
+            key_id: key.id(),
+        }
+        .write_signed(&key, out);
+        out.push('\n');
+        self.file.covered = chain.seq;
+    }
+}
+
 /// Opens `path` for appending (creating it, mode 0600) and reads the chain's
-/// end from its last complete line.
-fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain)> {
+/// end from its last complete line (a record, or a checkpoint that covers
+/// the last record), and where the file starts from its first line.
+fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain, FileState)> {
     let mut file = crate::owner_only::owner_only_options()
         .read(true)
         .append(true)
@@ -170,7 +320,24 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain)> {
         .open(path)?;
     let len = file.metadata()?.len();
     let mut chain = Chain::new();
+    let mut state = FileState {
+        len,
+        ..FileState::default()
+    };
     if len > 0 {
+        file.seek(SeekFrom::Start(0))?;
+        let mut head = Vec::new();
+        (&mut file).take(64 * 1024).read_to_end(&mut head)?;
+        let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
+        state.start = if checkpoint::is_checkpoint(first) {
+            checkpoint::parse(first)
+                .ok()
+                .map(|c| (c.checkpoint.file_start, c.checkpoint.file_start_prev))
+        } else {
+            serde_json::from_slice::<AuditRecord>(first)
+                .ok()
+                .map(|r| (r.seq, r.prev))
+        };
         let start = len.saturating_sub(256 * 1024);
         file.seek(SeekFrom::Start(start))?;
         let mut tail = Vec::new();
@@ -184,22 +351,39 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain)> {
             .rsplit(|b| *b == b'\n')
             .next()
             .filter(|l| !l.is_empty());
-        match last.and_then(|l| serde_json::from_slice::<AuditRecord>(l).ok()) {
-            Some(AuditRecord {
-                seq,
-                hash: Some(hash),
-                ..
-            }) => {
+        let end = match last {
+            Some(l) if checkpoint::is_checkpoint(l) => checkpoint::parse(l)
+                .ok()
+                .map(|c| (c.checkpoint.seq, c.checkpoint.hash, true)),
+            Some(l) => match serde_json::from_slice::<AuditRecord>(l) {
+                Ok(AuditRecord {
+                    seq,
+                    hash: Some(hash),
+                    ..
+                }) => Some((seq, hash, false)),
+                _ => None,
+            },
+            None => None,
+        };
+        match end {
+            Some((seq, hash, covered)) => {
                 chain.seq = seq;
                 chain.prev = hash;
+                if covered {
+                    state.covered = seq;
+                }
             }
-            _ => tracing::warn!(
-                file = %path.display(),
-                "the audit file's last line is not an audit record; starting a new chain (verify will report the break)"
-            ),
+            None => {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the audit file's last line is not an audit record; starting a new chain (verify will report the break)"
+                );
+                // The new chain's first record starts what verify can check.
+                state.start = None;
+            }
         }
     }
-    Ok((file, chain))
+    Ok((file, chain, state))
 }
 
 /// The writer: seals records into the chain, appends them to the file, and
@@ -208,6 +392,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Message>,
     mut sink: Sink,
     mut chain: Chain,
+    mut signer: Signer,
     table: Option<Arc<TableShared>>,
 ) {
     let mut messages = Vec::with_capacity(BATCH);
@@ -219,7 +404,11 @@ async fn write_loop(
     let mut out = String::new();
     let mut time = TextCache::default();
     loop {
-        let received = match current_due {
+        let wake = match (current_due, signer.due(&chain)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let received = match wake {
             None => rx.recv_many(&mut messages, BATCH).await,
             Some(due) => {
                 match tokio::time::timeout_at(due, rx.recv_many(&mut messages, BATCH)).await {
@@ -242,9 +431,17 @@ async fn write_loop(
         let mut permits = Vec::new();
         let mut full = Vec::new();
         let mut started = false;
+        let mut closing = false;
+        // Where this batch starts the chain: where the file starts if it is
+        // new or was truncated.
+        let batch_start = (chain.seq + 1, chain.prev.clone());
         for message in messages.drain(..) {
             match message {
                 Message::Flush(done) => flushes.push(done),
+                Message::Close(done) => {
+                    closing = true;
+                    flushes.push(done);
+                }
                 Message::Event(event, permit) => {
                     permits.push(permit);
                     event.for_each_record(&mut time, |record| {
@@ -273,12 +470,34 @@ async fn write_loop(
                 }
             }
         }
+        if records > 0 || closing || received == usize::MAX {
+            let len = sink.len();
+            if len.is_some_and(|len| len < signer.file.len) {
+                // Truncated under us (`copytruncate`): the file now starts
+                // here, and the chain continues in it.
+                tracing::info!(
+                    seq = batch_start.0,
+                    "the audit file was truncated (log rotation); the chain continues in it"
+                );
+                signer.file.start = None;
+            }
+            if records > 0 && signer.file.start.is_none() {
+                signer.file.start = Some(batch_start);
+            }
+            if let Some(len) = len {
+                signer.file.len = len;
+            }
+        }
+        signer.maybe_sign(&mut chain, closing, &mut out);
         if !out.is_empty() {
             metrics::counter!("keyward_audit_records_total").increment(records);
-            if let Err(e) = sink.write(out.as_bytes()) {
-                metrics::counter!("keyward_audit_write_errors_total", "sink" => "file")
-                    .increment(1);
-                tracing::error!(error = %e, "cannot write the audit file");
+            match sink.write(out.as_bytes()) {
+                Ok(()) => signer.file.len += out.len() as u64,
+                Err(e) => {
+                    metrics::counter!("keyward_audit_write_errors_total", "sink" => "file")
+                        .increment(1);
+                    tracing::error!(error = %e, "cannot write the audit file");
+                }
             }
         }
         drop(permits);
@@ -329,15 +548,19 @@ mod tests {
     fn a_file_continues_its_chain_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let (mut file, mut chain) = open_file(&path).unwrap();
+        let (mut file, mut chain, _) = open_file(&path).unwrap();
         for i in 0..3 {
             writeln!(file, "{}", seal(&mut chain, &sample(&format!("a{i}")))).unwrap();
         }
         drop(file);
-        let (mut file, mut chain) = open_file(&path).unwrap();
+        let (mut file, mut chain, _) = open_file(&path).unwrap();
         assert_eq!(chain.seq, 3);
         writeln!(file, "{}", seal(&mut chain, &sample("b"))).unwrap();
-        let report = verify(std::io::BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
+        let report = verify(
+            std::io::BufReader::new(std::fs::File::open(&path).unwrap()),
+            &[],
+        )
+        .unwrap();
         assert_eq!((report.records, report.last_seq), (4, Some(4)));
     }
 }

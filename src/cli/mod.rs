@@ -25,6 +25,7 @@ use crate::dev::DevOptions;
 mod accounts;
 mod audit;
 mod config_arg;
+mod exit;
 mod job;
 mod master_key;
 mod server;
@@ -32,6 +33,7 @@ mod server;
 use accounts::{ApikeyCommand, TenantCommand};
 use audit::AuditCommand;
 use config_arg::ConfigArg;
+pub use exit::ExitWith;
 use job::JobCommand;
 use master_key::MasterKeyCommand;
 
@@ -137,7 +139,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tenant { command } => accounts::run_tenant(command).await,
         Command::Apikey { command } => accounts::run_apikey(command).await,
         Command::Job { command } => job::run(*command).await,
-        Command::Audit { command } => audit::run(command),
+        Command::Audit { command } => audit::run(command).await,
     }
     .context("keyward failed")
 }

@@ -163,6 +163,12 @@ impl Raw {
                 "" => Err("must be a file path or `-` (standard output)".to_string()),
                 path => Ok(crate::audit::Destination::File(PathBuf::from(path))),
             })?,
+            audit_checkpoints: crate::audit::CheckpointSettings {
+                every_records: self.required("audit_checkpoint_records", |v| {
+                    positive(v).map(|n| n as u64)
+                })?,
+                every: self.required("audit_checkpoint_interval", duration)?,
+            },
             log_format: self.required("log_format", |v| match v {
                 "json" => Ok(LogFormat::Json),
                 "text" => Ok(LogFormat::Text),

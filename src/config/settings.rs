@@ -102,6 +102,8 @@ pub struct Settings {
     pub allow_plaintext: bool,
     /// Where audit records are written.
     pub audit: crate::audit::Destination,
+    /// When the audit writer signs checkpoints.
+    pub audit_checkpoints: crate::audit::CheckpointSettings,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.

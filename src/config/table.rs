@@ -69,6 +69,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "tls_client_crl", default: None, secret: false, doc: "PEM file of CRLs for client certificates: a revoked certificate fails the handshake. Needs `tls_client_ca`." },
     Setting { name: "allow_plaintext", default: Some("false"), secret: false, doc: "Allow plain HTTP on a non-loopback address (e.g. behind a TLS-terminating proxy). Without TLS and without this, `serve` listens on loopback only." },
     Setting { name: "audit_file", default: Some("-"), secret: false, doc: "Where audit records go as hash-chained JSON lines: a file path (appended, created with mode 0600, its chain continued across restarts; one file per replica) or `-` for standard output. Every record also goes to the database (table `audit_segments`), read by `GET /v1/audit`." },
+    Setting { name: "audit_checkpoint_records", default: Some("1000"), secret: false, doc: "The audit writer signs a checkpoint (Ed25519, with a key derived from the root KEK) after this many records not yet covered by one, so that `keyward audit verify` detects a rewritten or cut file. Records after the last checkpoint are reported as not covered." },
+    Setting { name: "audit_checkpoint_interval", default: Some("10s"), secret: false, doc: "Or once the oldest record not yet covered is this old; and always at shutdown. Bounds how long a record stays unsigned." },
     Setting { name: "log_format", default: Some("json"), secret: false, doc: "`json` (one object per line) or `text`." },
     Setting { name: "log_level", default: Some("info"), secret: false, doc: "A tracing filter: `info`, `debug`, or per target like `keyward=debug,info`." },
 ];

@@ -3,18 +3,24 @@
 //! async runtimes.
 //!
 //! Every primitive comes from `aws-lc-rs` (AWS-LC, a maintained BoringSSL fork):
-//! AES-256-GCM with 96-bit random nonces, SHA-256 and HKDF-SHA256. We invent no
+//! AES-256-GCM with 96-bit random nonces, SHA-256, HKDF-SHA256 and Ed25519
+//! (audit checkpoints). We invent no
 //! cryptography; this module only fixes *how* the primitives are combined, most
 //! importantly the associated data that binds every ciphertext and every wrapped
 //! key to the row it belongs to.
 
 mod aead;
+mod checkpoint;
 mod hex;
 mod keys;
 mod wrap;
 
 pub use aead::{open, seal, Sealed, NONCE_LEN, TAG_LEN};
-pub use hex::{hex, hex_into};
+pub use checkpoint::{
+    checkpoint_key_id, verify_checkpoint, CheckpointKey, CHECKPOINT_PUBLIC_KEY_LEN,
+    CHECKPOINT_SIGNATURE_LEN,
+};
+pub use hex::{hex, hex_into, parse_hex};
 pub use keys::{derive_client_wrapping_key, random_bytes, sha256, CipherKey, DataKey, KEY_LEN};
 pub use wrap::{UnwrapError, WrappedKey};
 

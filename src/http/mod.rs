@@ -127,7 +127,12 @@ mod tests {
             let audit_file = dir.path().join("audit.jsonl");
             let destination = crate::audit::Destination::File(audit_file.clone());
             let state = AppState::new(AppParts {
-                audit: crate::audit::AuditLog::start(&destination, None).unwrap(),
+                audit: crate::audit::AuditLog::start(
+                    &destination,
+                    None,
+                    crate::audit::CheckpointSettings::default(),
+                )
+                .unwrap(),
                 service,
                 guard: Arc::new(AuthGuard::new(GuardSettings {
                     rate_limit: 0,

@@ -9,6 +9,7 @@
 
 mod api_keys;
 mod audit;
+mod audit_keys;
 mod encryptions;
 mod events;
 mod jobs;
@@ -20,6 +21,7 @@ mod tenants;
 
 pub use api_keys::ApiKeyRow;
 pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
+pub use audit_keys::CheckpointKeyRow;
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
 pub use jobs::{JobEvidence, JobProgress, JobRow};

@@ -94,15 +94,19 @@ async fn table_holds_encrypts(app: &TestApp, creds: &Creds, request_ids: &[&str]
     }
 }
 
-fn verify(path: &Path) -> std::process::Output {
-    keyward_command()
-        .args(["audit", "verify", path.to_str().unwrap()])
-        .output()
-        .unwrap()
+/// `keyward audit verify FILE`, trusting `keys` (the server's checkpoint
+/// public keys).
+fn verify(path: &Path, keys: &[String]) -> std::process::Output {
+    let mut command = keyward_command();
+    command.args(["audit", "verify", path.to_str().unwrap()]);
+    for key in keys {
+        command.args(["--public-key", key]);
+    }
+    command.output().unwrap()
 }
 
 async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
-    let (app, file) = spawn_audited(backend).await;
+    let (mut app, file) = spawn_audited(backend).await;
     let admin = app.create_tenant("acme");
     let (enc, first_version) = app.create_encryption(&admin).await;
     let plaintext = "audit-plaintext-7f3a9c";
@@ -281,8 +285,10 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
         );
     }
 
-    // The file holds the same records, chained; nothing secret anywhere.
-    let out = verify(&file);
+    // The file holds the same records, chained and, once the server stopped,
+    // covered by a signed checkpoint; nothing secret anywhere.
+    app.stop();
+    let out = verify(&file, &crate::checkpoints::public_keys(&app));
     assert!(
         out.status.success(),
         "{}{}",
@@ -337,7 +343,21 @@ async fn the_chain_continues_across_restarts_and_verify_names_the_first_broken_r
     app.stop(); // SIGTERM: every queued record is written before exit.
 
     let text = std::fs::read_to_string(&file).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
+    // Each run ended with a checkpoint covering its records.
+    let checkpoints: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("{\"checkpoint\":"))
+        .collect();
+    assert_eq!(checkpoints.len(), 2, "{text}");
+    assert!(checkpoints[0].contains("\"seq\":4,"), "{text}");
+    assert!(checkpoints[1].contains("\"seq\":7,"), "{text}");
+    assert!(checkpoints
+        .iter()
+        .all(|c| c.contains("\"reason\":\"shutdown\"")));
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with("{\"checkpoint\":"))
+        .collect();
     assert_eq!(lines.len(), 7, "{text}");
     let seqs: Vec<u64> = lines
         .iter()
@@ -348,19 +368,21 @@ async fn the_chain_continues_across_restarts_and_verify_names_the_first_broken_r
         })
         .collect();
     assert_eq!(seqs, (1..=7).collect::<Vec<_>>());
-    let out = verify(&file);
+    let out = verify(&file, &crate::checkpoints::public_keys(&app));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("7 records"));
+    // The tampering below is on the records alone (no checkpoints): the
+    // chain names the first broken record.
 
     let broken = |lines: Vec<String>| {
         let path = file.with_file_name("tampered.jsonl");
         std::fs::write(&path, lines.join("\n") + "\n").unwrap();
-        let out = verify(&path);
-        assert!(!out.status.success(), "tampering went unnoticed");
+        let out = verify(&path, &[]);
+        assert_eq!(out.status.code(), Some(1), "tampering went unnoticed");
         String::from_utf8_lossy(&out.stderr).to_string()
     };
     let owned = || lines.iter().map(|l| l.to_string()).collect::<Vec<_>>();

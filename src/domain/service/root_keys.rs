@@ -9,13 +9,13 @@ use std::time::Duration;
 use zeroize::Zeroizing;
 
 use super::state::{KeyService, RootKeys};
-use crate::crypto::{self, data_key_aad, DataKey, WrappedKey, NONCE_LEN};
+use crate::crypto::{self, data_key_aad, CheckpointKey, DataKey, WrappedKey, NONCE_LEN};
 use crate::domain::error::{KeyError, RootKeyError};
 use crate::domain::ids::{EncryptionId, KekId, VersionId};
 use crate::domain::states::KekState;
 use crate::domain::time::now_ms;
 use crate::master_key::{MasterKeyProvider, ProviderError};
-use crate::store::{NewVersion, RootKekRow, Store, StoreError};
+use crate::store::{CheckpointKeyRow, NewVersion, RootKekRow, Store, StoreError};
 
 /// Key versions re-wrapped per transaction when a root-KEK rotation finishes.
 const REWRAP_BATCH: u32 = 500;
@@ -51,6 +51,16 @@ impl KeyService {
                 Err(e)
             }
         }
+    }
+
+    /// The key that signs the audit file's checkpoints: derived from the
+    /// active root KEK, so `None` until the root keys are loaded.
+    pub fn checkpoint_key(&self) -> Option<Arc<CheckpointKey>> {
+        self.root
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|root| root.checkpoint.clone())
     }
 
     /// The loaded root KEKs, or why they are not loaded.
@@ -114,6 +124,10 @@ impl KeyService {
         let kek_id = KekId::new_random();
         let kek = DataKey::generate();
         let wrapped = self.provider.wrap_root_kek(kek_id, &kek).await?;
+        // Recorded before the KEK becomes active, so that no checkpoint is
+        // ever signed by a key the database does not list (a rotation that
+        // then loses the race leaves a listed key that never signs).
+        let checkpoint = checkpoint_key(&self.store, kek_id, &kek).await?;
         let new = RootKekRow {
             id: kek_id,
             provider: self.provider.name().to_string(),
@@ -137,6 +151,7 @@ impl KeyService {
         let mut root = (*self.root()?).clone_keys();
         root.keys.insert(kek_id, Arc::new(kek.cipher()));
         root.active = kek_id;
+        root.checkpoint = checkpoint;
         *self.root.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(root));
         tracing::info!(%kek_id, "root KEK rotation started");
         Ok(kek_id)
@@ -452,17 +467,41 @@ async fn load_root_keys(
     for row in rows {
         let kek = unwrap_root_kek(provider, &row).await?;
         if row.state == KekState::Active {
-            active = Some(row.id);
+            active = Some((row.id, checkpoint_key(store, row.id, &kek).await?));
         }
         keys.insert(row.id, Arc::new(kek.cipher()));
     }
-    let active = active.ok_or_else(|| {
+    let (active, checkpoint) = active.ok_or_else(|| {
         RootKeyError::Store(StoreError::Corrupt {
             table: "root_keks",
             detail: "no active root KEK".into(),
         })
     })?;
-    Ok(RootKeys { active, keys })
+    Ok(RootKeys {
+        active,
+        keys,
+        checkpoint,
+    })
+}
+
+/// The audit checkpoint key of root KEK `kek_id`, its public half recorded
+/// in the database (where `keyward audit public-keys` finds it, also after
+/// the KEK is retired).
+async fn checkpoint_key(
+    store: &Store,
+    kek_id: KekId,
+    kek: &DataKey,
+) -> Result<Arc<CheckpointKey>, StoreError> {
+    let key = CheckpointKey::derive(kek);
+    store
+        .record_checkpoint_key(&CheckpointKeyRow {
+            key_id: key.id().to_string(),
+            public_key: crypto::hex(key.public_key()),
+            kek_id: kek_id.to_string(),
+            created_at: now_ms(),
+        })
+        .await?;
+    Ok(Arc::new(key))
 }
 
 /// Unwraps one root-KEK row with `provider`, which must be the provider that

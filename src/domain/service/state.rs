@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crate::crypto::CipherKey;
+use crate::crypto::{CheckpointKey, CipherKey};
 use crate::domain::apikeys::ApiKeyCache;
 use crate::domain::ids::{EncryptionId, KekId, VersionId};
 use crate::domain::keyring::KeyRing;
@@ -35,6 +35,8 @@ pub trait SystemRecorder: Send + Sync {
 pub(super) struct RootKeys {
     pub(super) active: KekId,
     pub(super) keys: HashMap<KekId, Arc<CipherKey>>,
+    /// The audit checkpoint key derived from the active KEK.
+    pub(super) checkpoint: Arc<CheckpointKey>,
 }
 
 impl RootKeys {
@@ -42,6 +44,7 @@ impl RootKeys {
         RootKeys {
             active: self.active,
             keys: self.keys.clone(),
+            checkpoint: self.checkpoint.clone(),
         }
     }
 }
