@@ -138,6 +138,13 @@ impl Application {
             },
             shutdown_rx.clone(),
         ));
+        if let Some(retention) = settings.audit_retention {
+            tokio::spawn(crate::audit::prune_table(
+                service.store().clone(),
+                retention,
+                shutdown_rx.clone(),
+            ));
+        }
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
         }

@@ -27,15 +27,19 @@
 //!   lines;
 //! - `verify.rs`: [`verify`](fn@verify), which checks a file's chain;
 //! - `table.rs`: the table task and the queue it takes segments from;
+//! - `retention.rs`: [`prune_table`], which deletes table segments past
+//!   `audit_retention`;
 //! - `writer.rs`: [`AuditLog`], the writer task and the audit file.
 
 mod chain;
 mod record;
+mod retention;
 mod table;
 mod verify;
 mod writer;
 
 pub use chain::GENESIS;
 pub use record::{Actor, AuditEvent, AuditRecord, Target, OPERATIONS};
+pub use retention::prune_table;
 pub use verify::{verify, Broken, VerifyError, VerifyReport};
 pub use writer::{AuditLog, Destination};

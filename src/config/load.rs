@@ -119,6 +119,12 @@ impl Raw {
                 "" => Err("must be a file path or `-` (standard output)".to_string()),
                 path => Ok(crate::audit::Destination::File(PathBuf::from(path))),
             })?,
+            audit_retention: self.required("audit_retention", |v| match v {
+                "forever" => Ok(None),
+                _ => duration(v).map(Some).map_err(|_| {
+                    "must be a positive duration like `90d` or `400d`, or `forever`".to_string()
+                }),
+            })?,
             log_format: self.required("log_format", |v| match v {
                 "json" => Ok(LogFormat::Json),
                 "text" => Ok(LogFormat::Text),

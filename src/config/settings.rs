@@ -89,6 +89,8 @@ pub struct Settings {
     pub allow_plaintext: bool,
     /// Where audit records are written.
     pub audit: crate::audit::Destination,
+    /// How long the audit table keeps records; `None`: forever.
+    pub audit_retention: Option<Duration>,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.

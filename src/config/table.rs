@@ -61,6 +61,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "tls_client_crl", default: None, secret: false, doc: "PEM file of CRLs for client certificates: a revoked certificate fails the handshake. Needs `tls_client_ca`." },
     Setting { name: "allow_plaintext", default: Some("false"), secret: false, doc: "Allow plain HTTP on a non-loopback address (e.g. behind a TLS-terminating proxy). Without TLS and without this, `serve` listens on loopback only." },
     Setting { name: "audit_file", default: Some("-"), secret: false, doc: "Where audit records go as hash-chained JSON lines: a file path (appended, created with mode 0600, its chain continued across restarts; one file per replica) or `-` for standard output. Every record also goes to the database (table `audit_segments`), read by `GET /v1/audit`." },
+    Setting { name: "audit_retention", default: Some("400d"), secret: false, doc: "How long records stay in the database's audit table (`GET /v1/audit`); older segments are deleted in the background, in batches. `forever` keeps everything. The audit file is never touched: archive or rotate it yourself." },
     Setting { name: "log_format", default: Some("json"), secret: false, doc: "`json` (one object per line) or `text`." },
     Setting { name: "log_level", default: Some("info"), secret: false, doc: "A tracing filter: `info`, `debug`, or per target like `keyward=debug,info`." },
 ];
