@@ -138,6 +138,11 @@ impl Application {
             },
             shutdown_rx.clone(),
         ));
+        tokio::spawn(refresh_metrics(
+            service.clone(),
+            settings.metrics_refresh_interval,
+            shutdown_rx.clone(),
+        ));
         if let Some(retention) = settings.audit_retention {
             tokio::spawn(crate::audit::prune_table(
                 service.store().clone(),
@@ -299,6 +304,24 @@ async fn maintain(
         if let Err(e) = service.rotate_due().await {
             tracing::warn!(error = %e, "could not apply rotation periods");
         }
+    }
+}
+
+/// Refreshes the `/metrics` figures that come from the database every
+/// `interval` (and once at start), so that scrapes never query it.
+async fn refresh_metrics(
+    service: Arc<KeyService>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        http::metrics::refresh_database_gauges(&service).await;
     }
 }
 

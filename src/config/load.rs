@@ -125,6 +125,7 @@ impl Raw {
                     "must be a positive duration like `90d` or `400d`, or `forever`".to_string()
                 }),
             })?,
+            metrics_refresh_interval: self.required("metrics_refresh_interval", duration)?,
             log_format: self.required("log_format", |v| match v {
                 "json" => Ok(LogFormat::Json),
                 "text" => Ok(LogFormat::Text),

@@ -91,6 +91,8 @@ pub struct Settings {
     pub audit: crate::audit::Destination,
     /// How long the audit table keeps records; `None`: forever.
     pub audit_retention: Option<Duration>,
+    /// How often the database-read metrics are refreshed.
+    pub metrics_refresh_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.

@@ -25,7 +25,7 @@ impl Setting {
 /// Every setting Keyward accepts.
 pub const SETTINGS: &[Setting] = &[
     Setting { name: "listen", default: Some("127.0.0.1:8480"), secret: false, doc: "Address and port to listen on." },
-    Setting { name: "ops_listen", default: None, secret: false, doc: "Optional second address serving only `/healthz` and `/readyz` over plain HTTP, for probes that cannot present a client certificate. Carries no secrets." },
+    Setting { name: "ops_listen", default: None, secret: false, doc: "Optional second address serving only `/healthz`, `/readyz` and `/metrics` over plain HTTP, for probes and scrapers that cannot present a client certificate. Carries no secrets, no API and no identifiers." },
     Setting { name: "database_url", default: None, secret: true, doc: "`sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`." },
     Setting { name: "database_max_connections", default: Some("10"), secret: false, doc: "Size of the database connection pool." },
     Setting { name: "master_key_provider", default: Some("env"), secret: false, doc: "What wraps the root KEK: `env` (`master_key`), `aws-kms` or `vault`." },
@@ -62,6 +62,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "allow_plaintext", default: Some("false"), secret: false, doc: "Allow plain HTTP on a non-loopback address (e.g. behind a TLS-terminating proxy). Without TLS and without this, `serve` listens on loopback only." },
     Setting { name: "audit_file", default: Some("-"), secret: false, doc: "Where audit records go as hash-chained JSON lines: a file path (appended, created with mode 0600, its chain continued across restarts; one file per replica) or `-` for standard output. Every record also goes to the database (table `audit_segments`), read by `GET /v1/audit`." },
     Setting { name: "audit_retention", default: Some("400d"), secret: false, doc: "How long records stay in the database's audit table (`GET /v1/audit`); older segments are deleted in the background, in batches. `forever` keeps everything. The audit file is never touched: archive or rotate it yourself." },
+    Setting { name: "metrics_refresh_interval", default: Some("15s"), secret: false, doc: "How often the `/metrics` figures read from the database (key versions and jobs per state) are refreshed. Scrapes never query the database." },
     Setting { name: "log_format", default: Some("json"), secret: false, doc: "`json` (one object per line) or `text`." },
     Setting { name: "log_level", default: Some("info"), secret: false, doc: "A tracing filter: `info`, `debug`, or per target like `keyward=debug,info`." },
 ];

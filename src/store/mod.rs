@@ -22,7 +22,7 @@ pub use api_keys::ApiKeyRow;
 pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
-pub use jobs::{JobProgress, JobRow};
+pub use jobs::{JobProgress, JobRow, JobTotals};
 pub use pool::{Backend, Store, StoreError};
 pub use root_keks::{RootKekRow, VersionToRewrap};
 pub use sql::{rows_per_statement, statement_chunks, values_list};
