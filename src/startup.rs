@@ -31,6 +31,8 @@ pub struct Application {
     /// The use-count bound, for the final flush at shutdown.
     rotate_after_encryptions: u64,
     shutdown_timeout: Duration,
+    /// The bounds on each listener's connections.
+    connection_limits: server::ConnectionLimits,
     background: watch::Sender<bool>,
     audit: crate::audit::AuditLog,
 }
@@ -196,6 +198,11 @@ impl Application {
             ops,
             rotate_after_encryptions: settings.rotate_after_encryptions,
             shutdown_timeout: settings.shutdown_timeout,
+            connection_limits: server::ConnectionLimits {
+                max_connections: settings.max_connections,
+                idle_timeout: settings.connection_idle_timeout,
+                max_age: settings.connection_max_age,
+            },
             background,
             audit,
         })
@@ -238,9 +245,11 @@ impl Application {
             tracing::info!(addr = %ops_addr, "ops endpoints listening (plain HTTP)");
             let stop = stopped(stop_rx.clone());
             tokio::spawn(server::serve(
+                "ops",
                 listener,
                 router,
                 None,
+                self.connection_limits,
                 stop,
                 self.shutdown_timeout,
             ))
@@ -250,9 +259,11 @@ impl Application {
             let _ = stop_tx.send(true);
         });
         server::serve(
+            "api",
             self.listener,
             self.router,
             self.tls,
+            self.connection_limits,
             stopped(stop_rx),
             self.shutdown_timeout,
         )

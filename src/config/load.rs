@@ -108,6 +108,9 @@ impl Raw {
             sync_interval: self.required("sync_interval", duration)?,
             request_timeout: self.required("request_timeout", duration)?,
             shutdown_timeout: self.required("shutdown_timeout", duration)?,
+            max_connections: self.required("max_connections", positive)?,
+            connection_idle_timeout: self.required("connection_idle_timeout", duration)?,
+            connection_max_age: self.required("connection_max_age", duration)?,
             tls: self.tls()?,
             allow_plaintext: self.required("allow_plaintext", |v| match v {
                 "true" | "1" | "yes" => Ok(true),

@@ -83,6 +83,12 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Grace period at shutdown.
     pub shutdown_timeout: Duration,
+    /// Most connections per listener at once.
+    pub max_connections: usize,
+    /// How long a connection may sit with no request in flight.
+    pub connection_idle_timeout: Duration,
+    /// How long a connection may stay open at all.
+    pub connection_max_age: Duration,
     /// TLS files, if HTTPS is on.
     pub tls: Option<TlsFiles>,
     /// Whether plain HTTP may listen on a non-loopback address.

@@ -6,6 +6,7 @@ mod audit;
 mod auth;
 mod cli;
 mod client_key;
+mod connections;
 mod contract;
 mod dev;
 mod helpers;
