@@ -8,9 +8,9 @@
 //! connections wait in the kernel's listen queue), closed after
 //! `idle_timeout` without a request in flight, and closed gracefully at
 //! `max_age` (HTTP/2 GOAWAY, HTTP/1.1 after its current response; requests in
-//! flight finish), so that a connection cannot outlive a revoked client
-//! certificate for longer than that: the next connection's handshake checks
-//! the CRL loaded then.
+//! flight finish, for at most the request time limit), so that a connection
+//! cannot outlive a revoked client certificate for longer than that: the next
+//! connection's handshake checks the CRL loaded then.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,6 +44,11 @@ pub struct ConnectionLimits {
     pub idle_timeout: Duration,
     /// A connection open this long is closed gracefully.
     pub max_age: Duration,
+    /// How long a connection being closed for its age or idleness may take
+    /// to finish its requests before it is dropped: a client that stops
+    /// reading its answers would otherwise hold its slot for ever. The
+    /// request time limit, which bounds every request anyway.
+    pub closing_grace: Duration,
 }
 
 /// Serves `edge` on `listener` (called `name` in metrics and logs) until
@@ -289,9 +294,21 @@ async fn serve_http<IO>(
     };
     tracing::debug!(%peer, reason = ?closing, "closing the connection");
     // Finish requests in flight (HTTP/2: GOAWAY, then the open streams), then
-    // close.
+    // close. At shutdown the server's own grace period bounds this.
     conn.as_mut().graceful_shutdown();
-    if let Err(e) = conn.await {
+    let result = match closing {
+        Closing::Shutdown => conn.await,
+        Closing::Idle | Closing::MaxAge => {
+            match tokio::time::timeout(limits.closing_grace, conn).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::debug!(%peer, "connection still busy after closing; dropped");
+                    return;
+                }
+            }
+        }
+    };
+    if let Err(e) = result {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -202,6 +202,7 @@ impl Application {
                 max_connections: settings.max_connections,
                 idle_timeout: settings.connection_idle_timeout,
                 max_age: settings.connection_max_age,
+                closing_grace: settings.request_timeout,
             },
             background,
             audit,
