@@ -31,6 +31,8 @@ pub struct Application {
     /// The use-count bound, for the final flush at shutdown.
     rotate_after_encryptions: u64,
     shutdown_timeout: Duration,
+    /// The bounds on each listener's connections.
+    connection_limits: server::ConnectionLimits,
     background: watch::Sender<bool>,
     audit: crate::audit::AuditLog,
 }
@@ -180,6 +182,18 @@ impl Application {
             },
             shutdown_rx.clone(),
         ));
+        tokio::spawn(refresh_metrics(
+            service.clone(),
+            settings.metrics_refresh_interval,
+            shutdown_rx.clone(),
+        ));
+        if let Some(retention) = settings.audit_retention {
+            tokio::spawn(crate::audit::prune_table(
+                service.store().clone(),
+                retention,
+                shutdown_rx.clone(),
+            ));
+        }
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
         }
@@ -226,6 +240,12 @@ impl Application {
             ops,
             rotate_after_encryptions: settings.rotate_after_encryptions,
             shutdown_timeout: settings.shutdown_timeout,
+            connection_limits: server::ConnectionLimits {
+                max_connections: settings.max_connections,
+                idle_timeout: settings.connection_idle_timeout,
+                max_age: settings.connection_max_age,
+                closing_grace: settings.request_timeout,
+            },
             background,
             audit,
         })
@@ -268,9 +288,11 @@ impl Application {
             tracing::info!(addr = %ops_addr, "ops endpoints listening (plain HTTP)");
             let stop = stopped(stop_rx.clone());
             tokio::spawn(server::serve(
+                "ops",
                 listener,
                 router,
                 None,
+                self.connection_limits,
                 stop,
                 self.shutdown_timeout,
             ))
@@ -280,9 +302,11 @@ impl Application {
             let _ = stop_tx.send(true);
         });
         server::serve(
+            "api",
             self.listener,
             self.router,
             self.tls,
+            self.connection_limits,
             stopped(stop_rx),
             self.shutdown_timeout,
         )
@@ -335,6 +359,24 @@ async fn maintain(
         if let Err(e) = service.rotate_due().await {
             tracing::warn!(error = %e, "could not apply rotation periods");
         }
+    }
+}
+
+/// Refreshes the `/metrics` figures that come from the database every
+/// `interval` (and once at start), so that scrapes never query it.
+async fn refresh_metrics(
+    service: Arc<KeyService>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        http::metrics::refresh_database_gauges(&service).await;
     }
 }
 

@@ -32,11 +32,14 @@
 //! - `verify.rs`: [`verify`](fn@verify), which checks a file's chain and
 //!   checkpoints;
 //! - `table.rs`: the table task and the queue it takes segments from;
+//! - `retention.rs`: [`prune_table`], which deletes table segments past
+//!   `audit_retention`;
 //! - `writer.rs`: [`AuditLog`], the writer task and the audit file.
 
 mod chain;
 mod checkpoint;
 mod record;
+mod retention;
 mod table;
 mod verify;
 mod writer;
@@ -44,5 +47,6 @@ mod writer;
 pub use chain::GENESIS;
 pub use checkpoint::Checkpoint;
 pub use record::{Actor, AuditEvent, AuditRecord, Target, OPERATIONS};
+pub use retention::prune_table;
 pub use verify::{verify, BreakKind, Broken, VerifyError, VerifyReport};
 pub use writer::{AuditLog, CheckpointKeySource, CheckpointSettings, Destination};

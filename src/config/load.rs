@@ -152,6 +152,9 @@ impl Raw {
             freshness,
             request_timeout: self.required("request_timeout", duration)?,
             shutdown_timeout: self.required("shutdown_timeout", duration)?,
+            max_connections: self.required("max_connections", positive)?,
+            connection_idle_timeout: self.required("connection_idle_timeout", duration)?,
+            connection_max_age: self.required("connection_max_age", duration)?,
             tls: self.tls()?,
             allow_plaintext: self.required("allow_plaintext", |v| match v {
                 "true" | "1" | "yes" => Ok(true),
@@ -169,6 +172,13 @@ impl Raw {
                 })?,
                 every: self.required("audit_checkpoint_interval", duration)?,
             },
+            audit_retention: self.required("audit_retention", |v| match v {
+                "forever" => Ok(None),
+                _ => duration(v).map(Some).map_err(|_| {
+                    "must be a positive duration like `90d` or `400d`, or `forever`".to_string()
+                }),
+            })?,
+            metrics_refresh_interval: self.required("metrics_refresh_interval", duration)?,
             log_format: self.required("log_format", |v| match v {
                 "json" => Ok(LogFormat::Json),
                 "text" => Ok(LogFormat::Text),

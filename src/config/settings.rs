@@ -96,6 +96,12 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Grace period at shutdown.
     pub shutdown_timeout: Duration,
+    /// Most connections per listener at once.
+    pub max_connections: usize,
+    /// How long a connection may sit with no request in flight.
+    pub connection_idle_timeout: Duration,
+    /// How long a connection may stay open at all.
+    pub connection_max_age: Duration,
     /// TLS files, if HTTPS is on.
     pub tls: Option<TlsFiles>,
     /// Whether plain HTTP may listen on a non-loopback address.
@@ -104,6 +110,10 @@ pub struct Settings {
     pub audit: crate::audit::Destination,
     /// When the audit writer signs checkpoints.
     pub audit_checkpoints: crate::audit::CheckpointSettings,
+    /// How long the audit table keeps records; `None`: forever.
+    pub audit_retention: Option<Duration>,
+    /// How often the database-read metrics are refreshed.
+    pub metrics_refresh_interval: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.

@@ -25,7 +25,7 @@ impl Setting {
 /// Every setting Keyward accepts.
 pub const SETTINGS: &[Setting] = &[
     Setting { name: "listen", default: Some("127.0.0.1:8480"), secret: false, doc: "Address and port to listen on." },
-    Setting { name: "ops_listen", default: None, secret: false, doc: "Optional second address serving only `/healthz` and `/readyz` over plain HTTP, for probes that cannot present a client certificate. Carries no secrets." },
+    Setting { name: "ops_listen", default: None, secret: false, doc: "Optional second address serving only `/healthz`, `/readyz` and `/metrics` over plain HTTP, for probes and scrapers that cannot present a client certificate. Carries no secrets, no API and no identifiers." },
     Setting { name: "database_url", default: None, secret: true, doc: "`sqlite://PATH` (created if missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`." },
     Setting { name: "database_max_connections", default: Some("10"), secret: false, doc: "Size of the database connection pool." },
     Setting { name: "master_key_provider", default: Some("env"), secret: false, doc: "What wraps the root KEK: `env` (`master_key`), `aws-kms` or `vault`." },
@@ -63,6 +63,9 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "destroy_grace", default: Some("24h"), secret: false, doc: "How long a version must have been `disabled` before it can be destroyed without `force`: every replica has stopped using it by then, and a ciphertext a job missed fails loudly (403 `version_disabled`) while re-enabling still recovers it. Longer than `change_feed_max_lag` plus `sync_interval`." },
     Setting { name: "request_timeout", default: Some("30s"), secret: false, doc: "Longest time one request may take." },
     Setting { name: "shutdown_timeout", default: Some("30s"), secret: false, doc: "On SIGTERM, how long requests in flight may take to finish." },
+    Setting { name: "max_connections", default: Some("2048"), secret: false, doc: "Most connections each listener serves at once. Over it, new connections wait in the operating system's listen queue until one closes (none is refused outright); the first wait of a burst is logged." },
+    Setting { name: "connection_idle_timeout", default: Some("120s"), secret: false, doc: "A connection (HTTP/1.1 or HTTP/2) with no request in flight for this long is closed. Longer than the usual client and load-balancer keep-alive (60 to 90 s), so that they close first." },
+    Setting { name: "connection_max_age", default: Some("10m"), secret: false, doc: "A connection open this long is closed gracefully: HTTP/2 gets GOAWAY, HTTP/1.1 closes after its current response; requests in flight finish. Bounds how long a connection outlives a revoked client certificate (reloaded CRL) or a replaced server certificate." },
     Setting { name: "tls_cert", default: None, secret: false, doc: "PEM file with the server certificate chain (leaf first). With `tls_key`, serves HTTPS: TLS 1.3 only, HTTP/2 and HTTP/1.1." },
     Setting { name: "tls_key", default: None, secret: false, doc: "PEM file with the server's private key." },
     Setting { name: "tls_client_ca", default: None, secret: false, doc: "PEM bundle of CAs that client certificates must chain to: turns on mutual TLS (a client without a valid certificate fails the handshake)." },
@@ -71,6 +74,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "audit_file", default: Some("-"), secret: false, doc: "Where audit records go as hash-chained JSON lines: a file path (appended, created with mode 0600, its chain continued across restarts; one file per replica) or `-` for standard output. Every record also goes to the database (table `audit_segments`), read by `GET /v1/audit`." },
     Setting { name: "audit_checkpoint_records", default: Some("1000"), secret: false, doc: "The audit writer signs a checkpoint (Ed25519, with a key derived from the root KEK) after this many records not yet covered by one, so that `keyward audit verify` detects a rewritten or cut file. Records after the last checkpoint are reported as not covered." },
     Setting { name: "audit_checkpoint_interval", default: Some("10s"), secret: false, doc: "Or once the oldest record not yet covered is this old; and always at shutdown. Bounds how long a record stays unsigned." },
+    Setting { name: "audit_retention", default: Some("400d"), secret: false, doc: "How long records stay in the database's audit table (`GET /v1/audit`); older segments are deleted in the background, in batches. `forever` keeps everything. The audit file is never touched: archive or rotate it yourself." },
+    Setting { name: "metrics_refresh_interval", default: Some("15s"), secret: false, doc: "How often the `/metrics` figures read from the database (key versions and jobs per state) are refreshed. Scrapes never query the database." },
     Setting { name: "log_format", default: Some("json"), secret: false, doc: "`json` (one object per line) or `text`." },
     Setting { name: "log_level", default: Some("info"), secret: false, doc: "A tracing filter: `info`, `debug`, or per target like `keyward=debug,info`." },
 ];

@@ -239,6 +239,45 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes up to `max_segments` segments whose newest record is older
+    /// than `before_ms` (Unix ms), oldest first, with their keys, in one
+    /// transaction; returns how many went. Idempotent: replicas pruning at
+    /// once delete each segment once, and the others find nothing left. A
+    /// segment that straddles `before_ms` stays whole until its newest
+    /// record passes it.
+    pub async fn prune_audit(&self, before_ms: i64, max_segments: i64) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<i64> = sqlx::query(
+            "SELECT id FROM audit_segments WHERE last_ms < $1 ORDER BY last_ms LIMIT $2",
+        )
+        .bind(before_ms)
+        .bind(max_segments)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut deleted = 0;
+        for chunk in statement_chunks(self.backend, &ids) {
+            let list: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let list = list.join(", ");
+            let keys = format!("DELETE FROM audit_segment_keys WHERE segment_id IN ({list})");
+            let segments = format!("DELETE FROM audit_segments WHERE id IN ({list})");
+            let (mut keys, mut segments) = (sqlx::query(&keys), sqlx::query(&segments));
+            for id in chunk {
+                keys = keys.bind(*id);
+                segments = segments.bind(*id);
+            }
+            keys.execute(&mut *tx).await?;
+            deleted += segments.execute(&mut *tx).await?.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
     /// The records matching `q`, newest first, each with its position (the
     /// cursor for the next page).
     ///

@@ -53,6 +53,21 @@ pub struct JobEvidence {
     pub remaining_by_version: Option<String>,
 }
 
+/// The jobs in one state, with their progress summed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobTotals {
+    /// The state's name.
+    pub state: String,
+    /// How many jobs are in it.
+    pub jobs: i64,
+    /// Rows they looked at.
+    pub processed: i64,
+    /// Rows their tables had when counted (0 where not yet counted).
+    pub total: i64,
+    /// Their current rates, added up.
+    pub rows_per_second: i64,
+}
+
 /// Progress to record after a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct JobProgress<'a> {
@@ -311,16 +326,29 @@ impl Store {
             .collect()
     }
 
-    /// Every queued or running job (for metrics).
-    pub async fn active_jobs(&self) -> Result<Vec<JobRow>, StoreError> {
-        let sql =
-            format!("SELECT {COLUMNS} FROM jobs WHERE state IN ('queued', 'running') LIMIT 100");
-        sqlx::query(&sql)
-            .fetch_all(&self.pool)
-            .await?
-            .iter()
-            .map(from_row)
-            .collect()
+    /// Jobs of every tenant per state, with their progress summed (for
+    /// metrics). One row per state that has jobs.
+    pub async fn jobs_per_state(&self) -> Result<Vec<JobTotals>, StoreError> {
+        sqlx::query(
+            "SELECT state, COUNT(*) AS jobs, \
+                 CAST(COALESCE(SUM(processed), 0) AS BIGINT) AS processed, \
+                 CAST(COALESCE(SUM(total), 0) AS BIGINT) AS total, \
+                 CAST(COALESCE(SUM(rows_per_second), 0) AS BIGINT) AS rate \
+             FROM jobs GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(JobTotals {
+                state: r.try_get("state")?,
+                jobs: r.try_get("jobs")?,
+                processed: r.try_get("processed")?,
+                total: r.try_get("total")?,
+                rows_per_second: r.try_get("rate")?,
+            })
+        })
+        .collect()
     }
 
     /// How many key versions are in each state (for metrics).

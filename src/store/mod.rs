@@ -24,7 +24,7 @@ pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
 pub use audit_keys::CheckpointKeyRow;
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
-pub use jobs::{JobEvidence, JobProgress, JobRow};
+pub use jobs::{JobEvidence, JobProgress, JobRow, JobTotals};
 pub use pool::{Backend, Store, StoreError};
 pub use root_keks::{RootKekRow, VersionToRewrap};
 pub use sql::{rows_per_statement, statement_chunks, values_list};

@@ -325,8 +325,68 @@ on_both_databases!(
     every_audited_route_called_once_leaves_one_record_of_its_operation,
     audit_segments_are_stored_compressed,
     records_the_database_refused_arrive_once_it_accepts_them,
-    the_file_keeps_up_while_the_table_waits_for_the_database
+    the_file_keeps_up_while_the_table_waits_for_the_database,
+    the_table_forgets_records_past_the_retention_and_the_file_keeps_them
 );
+
+/// Issue #17/#25: the audit table had no retention and grew with every call.
+/// With `audit_retention`, segments whose newest record is older are deleted
+/// in the background; `GET /v1/audit` then lists only newer records, while
+/// the audit file keeps every record and its chain still verifies.
+async fn the_table_forgets_records_past_the_retention_and_the_file_keeps_them(backend: Backend) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let (file, text) = audit_env(&dir);
+    let mut app = TestApp::spawn_with(
+        backend,
+        &[
+            ("KEYWARD_AUDIT_FILE", text.as_str()),
+            ("KEYWARD_AUDIT_RETENTION", "3s"),
+        ],
+    )
+    .await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    encrypt_with_id(&app, &creds, &enc, "retention-old-1").await;
+    encrypt_with_id(&app, &creds, &enc, "retention-old-2").await;
+    table_holds_encrypts(&app, &creds, &["retention-old-1", "retention-old-2"]).await;
+
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    encrypt_with_id(&app, &creds, &enc, "retention-new").await;
+    // Checked every second for a 3 s retention: the old ones go, the new
+    // one stays for 3 s.
+    table_holds_encrypts(&app, &creds, &["retention-new"]).await;
+    assert!(
+        app.log_shows("audit retention: deleted expired segments")
+            .await
+    );
+    // The deleted segments' keys went with them.
+    {
+        use sqlx::Connection;
+        sqlx::any::install_default_drivers();
+        let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+        let orphans: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM audit_segment_keys k WHERE NOT EXISTS \
+             (SELECT 1 FROM audit_segments s WHERE s.id = k.segment_id)",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        assert_eq!(orphans, 0);
+    }
+
+    let lines = std::fs::read_to_string(&file).unwrap();
+    for id in ["retention-old-1", "retention-old-2", "retention-new"] {
+        assert!(lines.contains(id), "{id} is not in the audit file");
+    }
+    // Stopped, so a signed checkpoint covers the whole file.
+    app.stop();
+    let verified = verify(&file, &crate::checkpoints::public_keys(&app));
+    assert!(
+        verified.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verified.stdout)
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_chain_continues_across_restarts_and_verify_names_the_first_broken_record() {

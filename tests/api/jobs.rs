@@ -19,7 +19,7 @@ crate::on_both_databases!(
 
 /// The platform's database and its table.
 pub(crate) struct Platform {
-    db: TestDatabase,
+    pub(crate) db: TestDatabase,
 }
 
 impl Platform {
@@ -63,7 +63,7 @@ impl Platform {
     }
 
     /// Encrypts `n` rows through the API (batches of 1000) and inserts them.
-    async fn fill(&self, app: &TestApp, creds: &Creds, enc: &str, n: usize) {
+    pub(crate) async fn fill(&self, app: &TestApp, creds: &Creds, enc: &str, n: usize) {
         let mut conn = self.connect().await;
         for start in (0..n).step_by(1000) {
             let end = (start + 1000).min(n);

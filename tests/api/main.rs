@@ -7,6 +7,7 @@ mod auth;
 mod checkpoints;
 mod cli;
 mod client_key;
+mod connections;
 mod contract;
 mod dev;
 mod helpers;

@@ -16,7 +16,16 @@ async fn a_rotation_on_one_replica_reaches_the_others(backend: Backend) {
         Backend::Postgres => "60s",
         Backend::Sqlite => "100ms",
     };
-    let a = TestApp::spawn_with(backend, &[("KEYWARD_SYNC_INTERVAL", interval)]).await;
+    let a = TestApp::spawn_with(
+        backend,
+        &[
+            ("KEYWARD_SYNC_INTERVAL", interval),
+            // The feed's lag bound must allow for the poll interval.
+            ("KEYWARD_CHANGE_FEED_MAX_LAG", "3m"),
+            ("KEYWARD_DESTROY_GRACE", "5m"),
+        ],
+    )
+    .await;
     let b = a.spawn_replica(&[]);
     let creds = a.create_tenant("acme");
     let (enc, v1) = a.create_encryption(&creds).await;

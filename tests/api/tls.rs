@@ -26,6 +26,11 @@ struct Setup {
 }
 
 async fn spawn_mtls(with_crl_revoking: Option<u64>) -> Setup {
+    spawn_mtls_with(with_crl_revoking, &[]).await
+}
+
+/// [`spawn_mtls`] with extra settings.
+async fn spawn_mtls_with(with_crl_revoking: Option<u64>, extra: &[(&str, &str)]) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new("Keyward test CA");
     let ca_pem = ca.write(dir.path(), "ca.pem");
@@ -53,6 +58,7 @@ async fn spawn_mtls(with_crl_revoking: Option<u64>) -> Setup {
             crl.display().to_string(),
         ));
     }
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut app = TestApp::spawn_with(Backend::Sqlite, &env).await;
     app.client = https_client(&ca_pem, Some(&client));
@@ -315,15 +321,25 @@ async fn a_certificate_bound_key_works_only_with_its_certificate() {
 
 /// One HTTP/1.1 request on an open TLS stream; returns the status code.
 async fn get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream: &mut S) -> u16 {
+    try_get_on(stream).await.expect("connection closed")
+}
+
+/// `GET /healthz` on an open connection: its status, or `None` if the
+/// connection is closed.
+async fn try_get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    stream: &mut S,
+) -> Option<u16> {
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
-        .unwrap();
+        .ok()?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     loop {
-        let n = stream.read(&mut chunk).await.unwrap();
-        assert!(n > 0, "connection closed");
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
         buf.extend_from_slice(&chunk[..n]);
         let text = String::from_utf8_lossy(&buf);
         if let Some(end) = text.find("\r\n\r\n") {
@@ -336,7 +352,7 @@ async fn get_on<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(stream:
                 })
                 .unwrap_or(0);
             if buf.len() >= end + 4 + len {
-                return text[9..12].parse().unwrap();
+                return Some(text[9..12].parse().unwrap());
             }
         }
     }
@@ -419,6 +435,52 @@ async fn sighup_reloads_certificates_while_open_connections_keep_working() {
     assert_eq!(presented(&after_bad), der(&renewed.cert));
     assert_eq!(get_on(&mut after_bad).await, 200);
     assert_eq!(get_on(&mut old_conn).await, 200);
+}
+
+/// Issue #17: the CRL is checked at the handshake, so a client whose
+/// certificate was revoked (CRL reloaded on SIGHUP) kept working for as long
+/// as it kept its connection busy. At `connection_max_age` the server closes
+/// the connection, and the client's next handshake is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_client_loses_its_open_connection_at_the_max_age() {
+    let s = spawn_mtls_with(Some(9999), &[("KEYWARD_CONNECTION_MAX_AGE", "3s")]).await;
+    let config = client_config(&s.ca_pem, Some(&s.client));
+    let mut conn = connect(s.app.port(), config).await;
+    let opened = Instant::now();
+    assert_eq!(get_on(&mut conn).await, 200);
+
+    // Revoke the client's certificate (serial 1001) and reload.
+    s.ca.crl(s.dir.path(), &[9999, 1001]);
+    Command::new("kill")
+        .args(["-HUP", &s.app.pid().to_string()])
+        .status()
+        .unwrap();
+    wait_for_log(&s.app, "reloaded the TLS", 1).await;
+    let refused = https_client(&s.ca_pem, Some(&s.client))
+        .get(s.app.url("/healthz"))
+        .send()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a new connection with the revoked certificate was accepted"
+    );
+
+    // The open connection, kept busy, works until its max age, then closes.
+    let closed_at = loop {
+        assert!(
+            opened.elapsed() < Duration::from_secs(8),
+            "still open after 8 s"
+        );
+        match try_get_on(&mut conn).await {
+            Some(status) => assert_eq!(status, 200),
+            None => break opened.elapsed(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        closed_at >= Duration::from_millis(2800),
+        "closed after {closed_at:?}"
+    );
 }
 
 #[test]

@@ -8,6 +8,7 @@ use crate::domain::ids::{KekId, TenantId};
 use crate::domain::records::{AuditQuery, JobRow};
 use crate::domain::states::KekState;
 use crate::domain::time::now_ms;
+use crate::store::JobTotals;
 
 /// One root KEK as the status endpoint shows it.
 #[derive(Debug, Clone)]
@@ -84,8 +85,8 @@ impl KeyService {
         Ok(self.store.versions_per_state().await?)
     }
 
-    /// Queued and running jobs of every tenant, for `/metrics`.
-    pub async fn active_jobs(&self) -> Result<Vec<JobRow>, KeyError> {
-        Ok(self.store.active_jobs().await?)
+    /// Jobs of every tenant per state, progress summed, for `/metrics`.
+    pub async fn jobs_per_state(&self) -> Result<Vec<JobTotals>, KeyError> {
+        Ok(self.store.jobs_per_state().await?)
     }
 }
