@@ -46,6 +46,10 @@ pub enum KeyError {
     /// The version is numbered below the encryption's minimum decryption version.
     #[error("the encryption version is below the minimum decryption version")]
     VersionBelowMinimum,
+    /// A root-KEK rotation is still re-wrapping key versions; another one is
+    /// refused until it finishes.
+    #[error("a root KEK rotation is already in progress; wait until GET /v1/admin/root-kek shows no retiring KEK")]
+    RotationInProgress,
     /// The requested state change is not allowed (e.g. the active version).
     #[error("{0}")]
     InvalidStateChange(&'static str),

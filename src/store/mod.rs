@@ -18,7 +18,7 @@ pub mod source;
 mod sql;
 mod tenants;
 
-pub use api_keys::ApiKeyRow;
+pub use api_keys::{ApiKeyLookup, ApiKeyRow};
 pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};

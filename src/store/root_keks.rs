@@ -74,12 +74,26 @@ pub struct VersionToRewrap {
 
 impl Store {
     /// Makes `new` the active root KEK and the previous active one `retiring`,
-    /// in one transaction, and announces the change.
-    pub async fn begin_kek_rotation(&self, new: &RootKekRow) -> Result<(), StoreError> {
+    /// in one transaction, and announces the change. `false` (and nothing
+    /// changed) while an earlier rotation is still in progress, i.e. a KEK is
+    /// still `retiring`: the check and the change are one statement, so two
+    /// replicas asked at once start one rotation, not two (on PostgreSQL the
+    /// second waits for the first's row lock, then finds the row no longer
+    /// `active`; SQLite runs one writer at a time).
+    pub async fn begin_kek_rotation(&self, new: &RootKekRow) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE root_keks SET state = 'retiring' WHERE state = 'active'")
-            .execute(&mut *tx)
-            .await?;
+        let started = sqlx::query(
+            "UPDATE root_keks SET state = 'retiring' WHERE state = 'active' \
+             AND NOT EXISTS (SELECT 1 FROM root_keks WHERE state = 'retiring')",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !started {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         sqlx::query(
             "INSERT INTO root_keks (id, provider, wrapped_key, state, created_at) VALUES ($1, $2, $3, 'active', $4)",
         )
@@ -97,7 +111,7 @@ impl Store {
         )
         .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Up to `limit` versions wrapped by `kek`, in id order after `after`.

@@ -92,12 +92,23 @@ impl KeyService {
     /// Starts a root-KEK rotation: a new KEK, wrapped by the provider, becomes
     /// active (new versions are wrapped by it at once) and the previous one
     /// `retiring`. [`KeyService::rewrap_retiring`] then moves every version over.
+    ///
+    /// While an earlier rotation is still re-wrapping (a KEK is `retiring`,
+    /// on any replica) it is [`KeyError::RotationInProgress`]: rotations never
+    /// pile up.
     pub async fn rotate_root_kek(&self) -> Result<KekId, KeyError> {
         self.root()?;
+        let in_progress = |keks: &[RootKekRow]| keks.iter().any(|k| k.state == KekState::Retiring);
+        // Checked before the provider call too, so that a refused request
+        // costs no KMS call; the store checks again atomically.
+        if in_progress(&self.store.root_keks().await?) {
+            return Err(KeyError::RotationInProgress);
+        }
         let kek_id = KekId::new_random();
         let kek = DataKey::generate();
         let wrapped = self.provider.wrap_root_kek(kek_id, &kek).await?;
-        self.store
+        let started = self
+            .store
             .begin_kek_rotation(&RootKekRow {
                 id: kek_id,
                 provider: self.provider.name().to_string(),
@@ -106,6 +117,9 @@ impl KeyService {
                 created_at: now_ms(),
             })
             .await?;
+        if !started {
+            return Err(KeyError::RotationInProgress);
+        }
         // Install the new KEK from what we hold, without another provider call.
         let mut root = (*self.root()?).clone_keys();
         root.keys.insert(kek_id, Arc::new(kek.cipher()));
