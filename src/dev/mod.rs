@@ -254,6 +254,10 @@ async fn print_banner(
         " {tls_args}-H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'",
         creds.api_key, creds.api_secret
     );
+    let operator_auth = format!(
+        " {tls_args}-H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'",
+        creds.operator_api_key, creds.operator_api_secret
+    );
     let banner = format!(
         r#"
 ==> Keyward is running in DEV MODE on {base}
@@ -267,6 +271,8 @@ async fn print_banner(
     API key:       {api_key}
     API secret:    {api_secret}
     Encryption:    {enc}
+    Operator key:  {operator_key} (tenants, API keys, root KEK, every tenant's audit;
+                   no encrypt or decrypt)
 
 Encrypt:
   curl -sS {base}/v1/encrypt {auth} \
@@ -282,7 +288,11 @@ Rotate:
 
 Inspect:
   curl -sS {base}/v1/encryptions/{enc}{get_auth}
+
+Tenants (operator key):
+  curl -sS {base}/v1/tenants{operator_auth}
 "#,
+        operator_key = creds.operator_api_key,
         data_dir = data_dir.display(),
         api_key = creds.api_key,
         api_secret = creds.api_secret,

@@ -361,6 +361,23 @@ impl TestApp {
         }
     }
 
+    /// Creates an operator key (scopes operator, audit) with the CLI; its
+    /// `tenant_id` is empty.
+    pub fn create_operator(&self) -> Creds {
+        let out = self.cli(&["operator-key", "create", "--json"]);
+        assert!(
+            out.status.success(),
+            "operator-key create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Creds {
+            tenant_id: String::new(),
+            key: v["apiKey"].as_str().unwrap().into(),
+            secret: v["apiSecret"].as_str().unwrap().into(),
+        }
+    }
+
     /// Creates an API key with the given scopes with the CLI.
     pub fn create_key(&self, tenant_id: &str, scopes: &str) -> Creds {
         let out = self.cli(&[
