@@ -328,3 +328,60 @@ impl KeyService {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::domain::apikeys::Scope;
+
+    #[tokio::test]
+    async fn keys_made_before_operator_keys_existed_keep_working_inside_their_tenant() {
+        let store = Store::connect("sqlite::memory:", 1).await.unwrap();
+        store.migrate_before(10).await.unwrap();
+        // A tenant and its all-scopes key, as `tenant create` wrote them before.
+        let tenant = TenantId::new_random();
+        let credential = issue_credential();
+        sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, 'old', 1)")
+            .bind(tenant.to_string())
+            .execute(store.pool_for_tests())
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, secret_sha256, scopes, created_at) \
+             VALUES ($1, $2, $3, 'encrypt,decrypt,rotate,manage,admin', 1)",
+        )
+        .bind(&credential.key_id)
+        .bind(tenant.to_string())
+        .bind(credential.secret_sha256.to_vec())
+        .execute(store.pool_for_tests())
+        .await
+        .unwrap();
+        store.migrate().await.unwrap();
+
+        let provider = crate::master_key::EnvMasterKey::new(&crate::crypto::DataKey::generate());
+        let service = KeyService::new(store, Arc::new(provider), 8);
+        let principal = service
+            .authenticate(&credential.key_id, &credential.secret)
+            .await
+            .unwrap();
+        assert_eq!(principal.tenant_id, Some(tenant));
+        assert!(principal.scopes.contains(Scope::Admin));
+        assert!(!principal.scopes.contains(Scope::Operator));
+        // The upgraded table takes operator keys, and the tenant can be disabled.
+        let operator = create_operator_key(service.store(), Scopes::operator_all(), None)
+            .await
+            .unwrap();
+        let op = service
+            .authenticate(&operator.key_id, &operator.secret)
+            .await
+            .unwrap();
+        assert_eq!(op.tenant_id, None);
+        service.disable_tenant(tenant).await.unwrap();
+        assert!(service
+            .authenticate(&credential.key_id, &credential.secret)
+            .await
+            .is_err());
+    }
+}
