@@ -75,20 +75,37 @@ pub struct TenantParams {
     cursor: Option<String>,
 }
 
+/// A tenant key's scope.
+#[derive(ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)]
+pub enum TenantScopeSchema {
+    /// `POST /v1/encrypt` and its batch.
+    Encrypt,
+    /// `POST /v1/decrypt` and its batch.
+    Decrypt,
+    /// `POST /v1/rotate`, rewrap.
+    Rotate,
+    /// Encryptions and jobs.
+    Manage,
+    /// Its own tenant's API keys and audit records.
+    Admin,
+}
+
 /// Input of the routes that create an API key.
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateApiKeyRequest {
     /// Its scopes, some of `encrypt`, `decrypt`, `rotate`, `manage`, `admin`.
     /// A tenant key creating a key may give only scopes it holds itself.
-    #[schema(min_items = 1, max_items = 5)]
+    #[schema(value_type = Vec<TenantScopeSchema>, min_items = 1, max_items = 5)]
     scopes: Vec<String>,
     /// Bind the key to the client certificate whose SubjectPublicKeyInfo has
     /// this SHA-256 (64 hex digits): it then works only on mutual-TLS
     /// connections that present that public key. A key created by a bound key
     /// is always bound to the same certificate.
     #[serde(default)]
-    #[schema(pattern = "^[0-9a-fA-F]{64}$", nullable = false)]
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     certificate_spki_sha256: Option<String>,
 }
 
@@ -178,9 +195,9 @@ fn created(
 
 /// The scopes and binding of a key-creation request.
 fn parse_key_request(req: &CreateApiKeyRequest) -> Result<(Scopes, Option<[u8; 32]>), ApiError> {
-    if req.scopes.len() > 16 {
+    if req.scopes.len() > 5 {
         return Err(ApiError::InvalidRequest(
-            "`scopes`: too many entries".into(),
+            "`scopes`: at most 5 entries".into(),
         ));
     }
     let scopes = Scopes::parse_words(req.scopes.iter().map(String::as_str))

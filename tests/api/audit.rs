@@ -948,9 +948,9 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
         assert_eq!(mine[0]["outcome"], "ok", "{} {}", call.0, call.2);
         let tenant = if !is_operator_route(call.1) {
             json!(creds.tenant_id)
-        } else if call.1.starts_with("/v1/tenants") && call.0 == Method::POST {
-            json!(globex)
-        } else if call.1.starts_with("/v1/tenants/") {
+        } else if call.1.starts_with("/v1/tenants/")
+            || (call.1 == "/v1/tenants" && call.0 == Method::POST)
+        {
             json!(globex)
         } else {
             Value::Null
