@@ -133,8 +133,14 @@ impl Pending {
         let fields = std::mem::take(&mut *self.note.0.lock().unwrap_or_else(|e| e.into_inner()));
         event.status = status;
         event.error = error;
+        // The tenant an operator acted on goes into the record, so that
+        // tenant's admin sees it; a path naming a tenant proves nothing for
+        // anyone else (a refused or unauthenticated caller, a tenant key).
+        event.tenant_id = match &fields.actor {
+            Actor::ApiKey(p) if p.tenant_id.is_none() => fields.tenant,
+            _ => None,
+        };
         event.actor = fields.actor;
-        event.tenant_id = fields.tenant;
         event.targets = fields.targets;
         Some(event)
     }

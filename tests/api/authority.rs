@@ -18,6 +18,7 @@ crate::on_both_databases!(
     an_operator_manages_tenants_and_their_keys_over_the_api,
     a_revoked_key_and_a_disabled_tenant_stop_working_on_every_replica,
     a_second_root_kek_rotation_waits_for_the_first,
+    the_cli_lists_keys_without_secrets_and_disables_a_tenant_on_a_running_server,
 );
 
 /// Everything a tenant has that another must never see.
@@ -167,6 +168,16 @@ async fn a_tenant_create_key_cannot_rotate_the_root_kek_nor_read_other_tenants_a
         .get(&format!("/v1/audit?tenantId={}", uuid::Uuid::new_v4()), &a)
         .await;
     assert_eq!(unknown, json!({"records": [], "nextCursor": null}));
+
+    // Nobody writes into B's audit by naming B in a path: not A, not a caller
+    // without credentials.
+    let disable = format!("/v1/tenants/{}/disable", b.tenant_id);
+    let (status, _) = send(app.client.post(app.url(&disable))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, _) = app.post(&disable, &a, &json!({})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (_, theirs) = app.get("/v1/audit?operation=tenant.disable", &b).await;
+    assert_eq!(theirs["records"], json!([]), "{theirs}");
 
     // B's records are there, for B and for an operator.
     let (_, theirs) = app.get("/v1/audit?operation=encrypt", &b).await;
@@ -820,4 +831,51 @@ async fn a_second_root_kek_rotation_waits_for_the_first(backend: Backend) {
         .find(|k| k["state"] == "active")
         .unwrap();
     assert_eq!(still_active["kekId"], active.as_str(), "{st}");
+}
+
+async fn the_cli_lists_keys_without_secrets_and_disables_a_tenant_on_a_running_server(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let t = app.create_tenant("alpha");
+    let narrow = app.create_key(&t.tenant_id, "encrypt");
+    assert_eq!(app.get("/v1/encryptions", &t).await.0, StatusCode::OK);
+
+    let out = app.cli(&["apikey", "list", "--tenant", &t.tenant_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let keys: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(keys.len(), 2, "{text}");
+    assert_eq!(keys[0]["apiKey"], t.key.as_str());
+    assert_eq!(keys[1]["scopes"], json!(["encrypt"]));
+    assert!(!text.contains(&t.secret) && !text.contains(&narrow.secret));
+
+    let out = app.cli(&["tenant", "disable", &t.tenant_id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Made by another process: the running server hears of it through the
+    // change feed.
+    refused_soon(&app, &t, "disabled by the CLI").await;
+    let out = app.cli(&[
+        "apikey",
+        "create",
+        "--tenant",
+        &t.tenant_id,
+        "--scopes",
+        "encrypt",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("disabled"));
+    let out = app.cli(&["tenant", "disable", &uuid::Uuid::new_v4().to_string()]);
+    assert!(!out.status.success());
 }
