@@ -419,6 +419,8 @@ async fn automatic_rotations_are_audited_as_the_system() {
         let records = all_records(&env_app, &admin, "operation=rotate.automatic", 100).await;
         if let Some(r) = records.first() {
             assert_eq!(r["actor"], "system");
+            // In the tenant's own audit: the record names the tenant.
+            assert_eq!(r["tenantId"], admin.tenant_id.as_str());
             assert_eq!(r["encryptionId"], enc.as_str());
             assert!(r["versionId"].is_string());
             assert!(r.get("apiKeyId").is_none());
