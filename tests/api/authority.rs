@@ -19,6 +19,7 @@ crate::on_both_databases!(
     a_revoked_key_and_a_disabled_tenant_stop_working_on_every_replica,
     a_second_root_kek_rotation_waits_for_the_first,
     the_cli_lists_keys_without_secrets_and_disables_a_tenant_on_a_running_server,
+    a_database_from_before_operator_keys_upgrades_and_its_keys_stay_in_their_tenant,
 );
 
 /// Everything a tenant has that another must never see.
@@ -878,4 +879,79 @@ async fn the_cli_lists_keys_without_secrets_and_disables_a_tenant_on_a_running_s
     assert!(String::from_utf8_lossy(&out.stderr).contains("disabled"));
     let out = app.cli(&["tenant", "disable", &uuid::Uuid::new_v4().to_string()]);
     assert!(!out.status.success());
+}
+
+async fn a_database_from_before_operator_keys_upgrades_and_its_keys_stay_in_their_tenant(
+    backend: Backend,
+) {
+    // The schema as the Keyward before migration 0010 left it.
+    let db = crate::helpers::TestDatabase::new(backend).await;
+    let folder = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(folder);
+    let mut migrator = sqlx::migrate::Migrator::new(dir).await.unwrap();
+    migrator.migrations = std::borrow::Cow::Owned(
+        migrator
+            .migrations
+            .iter()
+            .filter(|m| m.version < 10)
+            .cloned()
+            .collect(),
+    );
+    sqlx::any::install_default_drivers();
+    let url = match backend {
+        Backend::Sqlite => format!("{}?mode=rwc", db.url),
+        Backend::Postgres => db.url.clone(),
+    };
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    migrator.run(&pool).await.unwrap();
+    // A tenant and its all-scopes key, as the old `tenant create` wrote them.
+    let tenant = uuid::Uuid::new_v4().to_string();
+    let key = "kw_0123456789abcdef01234567".to_string();
+    let secret = "kws_an-old-secret-of-the-old-tenant-create-0000".to_string();
+    let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret.as_bytes());
+    sqlx::query("INSERT INTO tenants (id, name, created_at) VALUES ($1, 'old', 1)")
+        .bind(&tenant)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO api_keys (id, tenant_id, secret_sha256, scopes, created_at) \
+         VALUES ($1, $2, $3, 'encrypt,decrypt,rotate,manage,admin', 1)",
+    )
+    .bind(&key)
+    .bind(&tenant)
+    .bind(digest.as_ref().to_vec())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    // The new Keyward migrates at start; the old key works in its tenant.
+    let app = TestApp::spawn_on(db, &[]);
+    let old = Creds {
+        tenant_id: tenant.clone(),
+        key,
+        secret,
+    };
+    let (enc, _) = app.create_encryption(&old).await;
+    let encrypted = app.encrypt(&old, &enc, "kept").await;
+    assert_eq!(app.decrypt(&old, &encrypted).await.0, StatusCode::OK);
+    let (status, keys) = app.get("/v1/api-keys", &old).await;
+    assert_eq!(status, StatusCode::OK, "{keys}");
+    assert_eq!(keys["items"][0]["apiKey"], old.key.as_str());
+    // ... and nothing service-wide any more: that is an operator key's.
+    let (status, body) = app
+        .post("/v1/admin/root-kek/rotate", &old, &json!({}))
+        .await;
+    assert_error(status, &body, 403, "insufficient_scope");
+    let operator = app.create_operator();
+    let (status, tenants) = app.get("/v1/tenants", &operator).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(tenants["items"][0]["tenantId"], tenant.as_str());
+    assert!(tenants["items"][0]["disabledAt"].is_null());
 }

@@ -191,7 +191,12 @@ impl TestApp {
 
     /// Starts Keyward on a fresh database with extra KEYWARD_* settings.
     pub async fn spawn_with(backend: Backend, env: &[(&str, &str)]) -> TestApp {
-        let db = Arc::new(TestDatabase::new(backend).await);
+        Self::spawn_on(TestDatabase::new(backend).await, env)
+    }
+
+    /// Starts Keyward on `db`, which may hold what an older Keyward left.
+    pub fn spawn_on(db: TestDatabase, env: &[(&str, &str)]) -> TestApp {
+        let db = Arc::new(db);
         let mut app = TestApp {
             db,
             master_key: random_master_key(),
