@@ -201,7 +201,12 @@ fn parse_key_request(req: &CreateApiKeyRequest) -> Result<(Scopes, Option<[u8; 3
         ));
     }
     let scopes = Scopes::parse_words(req.scopes.iter().map(String::as_str))
-        .map_err(|e| ApiError::InvalidRequest(format!("`scopes`: {e}")))?;
+        // The message names the field, never the value sent.
+        .map_err(|_| {
+            ApiError::InvalidRequest(
+                "`scopes`: expected one to five of encrypt, decrypt, rotate, manage, admin".into(),
+            )
+        })?;
     let binding = req
         .certificate_spki_sha256
         .as_deref()
