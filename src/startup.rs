@@ -484,6 +484,7 @@ struct AuditRecorder(crate::audit::AuditLog);
 impl crate::domain::service::SystemRecorder for AuditRecorder {
     fn rotated_automatically(
         &self,
+        tenant: Option<crate::domain::TenantId>,
         encryption: crate::domain::EncryptionId,
         new_version: crate::domain::VersionId,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
@@ -491,6 +492,7 @@ impl crate::domain::service::SystemRecorder for AuditRecorder {
             time_ms: crate::domain::time::now_ms(),
             operation: "rotate.automatic",
             actor: crate::audit::Actor::System,
+            tenant_id: tenant,
             targets: vec![crate::audit::Target {
                 encryption_id: Some(encryption),
                 version_id: Some(new_version),

@@ -36,6 +36,12 @@ pub const OPERATIONS: &[&str] = &[
     "root_kek.read",
     "root_kek.rotate",
     "audit.read",
+    "api_key.list",
+    "api_key.create",
+    "api_key.revoke",
+    "tenant.list",
+    "tenant.create",
+    "tenant.disable",
     "rotate.automatic",
 ];
 
@@ -163,7 +169,8 @@ pub struct AuditEvent {
     pub request_id: Option<String>,
     /// Who.
     pub actor: Actor,
-    /// The tenant, when the actor is not an API key (which names its own).
+    /// The tenant acted on, when the actor is not a tenant's API key (which
+    /// names its own): an operator key's target tenant, a system task's.
     pub tenant_id: Option<TenantId>,
     /// The client certificate, on mutual TLS.
     pub client: Option<Arc<ClientIdentity>>,
@@ -238,7 +245,13 @@ impl AuditEvent {
         mut each: impl FnMut(&AuditRecord<&str>),
     ) {
         let (actor, api_key_id, tenant) = match &self.actor {
-            Actor::ApiKey(p) => ("api_key", Some(p.key_id.as_str()), Some(p.tenant_id)),
+            // A tenant key names its own tenant; an operator key none, or the
+            // tenant it acted on (so that tenant's admin sees it too).
+            Actor::ApiKey(p) => (
+                "api_key",
+                Some(p.key_id.as_str()),
+                p.tenant_id.or(self.tenant_id),
+            ),
             Actor::Unauthenticated => ("unauthenticated", None, self.tenant_id),
             Actor::Refused(id) => ("unauthenticated", Some(id.as_str()), self.tenant_id),
             Actor::System => ("system", None, self.tenant_id),

@@ -105,7 +105,12 @@ async fn rotate_kek(
         .await
         .context("cannot load the root key")?;
     if !resume {
-        let kek = service.rotate_root_kek().await?;
+        let kek = match service.rotate_root_kek().await {
+            Err(crate::domain::service::KeyError::RotationInProgress) => anyhow::bail!(
+                "a root KEK rotation is already in progress; finish it with `keyward master-key rotate-kek --resume`"
+            ),
+            other => other?,
+        };
         eprintln!("new root KEK {kek}; re-wrapping every key version under it");
     }
     let n = service

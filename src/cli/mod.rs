@@ -5,7 +5,7 @@
 //!
 //! - `server.rs`: `dev`, `serve`, `migrate`, `healthcheck` (`openapi` is one
 //!   line, here);
-//! - `accounts.rs`: `tenant` and `apikey`, on the database;
+//! - `accounts.rs`: `tenant`, `apikey` and `operator-key`, on the database;
 //! - `master_key.rs`: `master-key migrate | rotate-kek | status`, on the database;
 //! - `job.rs`: re-encryption jobs, over a running Keyward's API ([`crate::client`]);
 //! - `audit.rs`: `audit verify`, on a file;
@@ -30,7 +30,7 @@ mod job;
 mod master_key;
 mod server;
 
-use accounts::{ApikeyCommand, TenantCommand};
+use accounts::{ApikeyCommand, OperatorKeyCommand, TenantCommand};
 use audit::AuditCommand;
 use config_arg::ConfigArg;
 pub use exit::ExitWith;
@@ -92,10 +92,15 @@ enum Command {
         #[command(subcommand)]
         command: TenantCommand,
     },
-    /// Manage API keys.
+    /// Manage tenants' API keys.
     Apikey {
         #[command(subcommand)]
         command: ApikeyCommand,
+    },
+    /// Manage operator keys (keys that run the service and belong to no tenant).
+    OperatorKey {
+        #[command(subcommand)]
+        command: OperatorKeyCommand,
     },
     /// Re-encryption jobs on a running Keyward (over its API).
     Job {
@@ -138,6 +143,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::MasterKey { command } => master_key::run(command).await,
         Command::Tenant { command } => accounts::run_tenant(command).await,
         Command::Apikey { command } => accounts::run_apikey(command).await,
+        Command::OperatorKey { command } => accounts::run_operator_key(command).await,
         Command::Job { command } => job::run(*command).await,
         Command::Audit { command } => audit::run(command).await,
     }

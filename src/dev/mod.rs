@@ -21,6 +21,7 @@ use zeroize::Zeroizing;
 use crate::config::{parse_master_key, DatabaseUrl, Settings};
 use crate::crypto::{random_bytes, DataKey};
 use crate::domain::accounts::{self, AccountError};
+use crate::domain::apikeys::{IssuedCredential, Scopes};
 use crate::domain::service::KeyService;
 use crate::domain::{EncryptionId, TenantId};
 use crate::startup::{shutdown_signal, Application};
@@ -45,8 +46,8 @@ pub struct DevOptions {
     pub job_sources: Option<PathBuf>,
 }
 
-/// The dev tenant's credentials, kept in the data folder so that a restart
-/// prints the same working examples.
+/// The dev tenant's credentials and an operator key, kept in the data folder
+/// so that a restart prints the same working examples.
 #[derive(Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct DevCredentials {
@@ -54,6 +55,12 @@ struct DevCredentials {
     api_key: String,
     api_secret: String,
     encryption_id: String,
+    /// An operator key (tenants, API keys, root KEK, every tenant's audit);
+    /// absent from files written before operator keys existed.
+    #[serde(default)]
+    operator_api_key: String,
+    #[serde(default)]
+    operator_api_secret: String,
 }
 
 /// The default data folder: `$XDG_DATA_HOME/keyward-dev`, else
@@ -142,8 +149,15 @@ async fn load_or_create_credentials(
 ) -> anyhow::Result<DevCredentials> {
     let path = data_dir.join("dev-credentials.json");
     if let Ok(bytes) = std::fs::read(&path) {
-        if let Ok(creds) = serde_json::from_slice::<DevCredentials>(&bytes) {
+        if let Ok(mut creds) = serde_json::from_slice::<DevCredentials>(&bytes) {
             if still_valid(service, &creds).await {
+                if !operator_key_valid(service, &creds).await {
+                    let operator = new_operator_key(service).await?;
+                    creds.operator_api_key = operator.key_id.clone();
+                    creds.operator_api_secret = operator.secret.to_string();
+                    write_private(&path, &serde_json::to_vec_pretty(&creds)?)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                }
                 return Ok(creds);
             }
         }
@@ -163,15 +177,31 @@ async fn load_or_create_credentials(
     let encryption = service
         .create_encryption(tenant.tenant.id, Some("sample".into()), None)
         .await?;
+    let operator = new_operator_key(service).await?;
     let creds = DevCredentials {
         tenant_id: tenant.tenant.id.to_string(),
         api_key: tenant.credential.key_id.clone(),
         api_secret: tenant.credential.secret.to_string(),
         encryption_id: encryption.encryption.id.to_string(),
+        operator_api_key: operator.key_id.clone(),
+        operator_api_secret: operator.secret.to_string(),
     };
     write_private(&path, &serde_json::to_vec_pretty(&creds)?)
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(creds)
+}
+
+async fn new_operator_key(service: &KeyService) -> anyhow::Result<IssuedCredential> {
+    Ok(accounts::create_operator_key(service.store(), Scopes::operator_all(), None).await?)
+}
+
+async fn operator_key_valid(service: &KeyService, creds: &DevCredentials) -> bool {
+    matches!(
+        service
+            .authenticate(&creds.operator_api_key, &creds.operator_api_secret)
+            .await,
+        Ok(p) if p.tenant_id.is_none()
+    )
 }
 
 async fn still_valid(service: &KeyService, creds: &DevCredentials) -> bool {
@@ -185,7 +215,9 @@ async fn still_valid(service: &KeyService, creds: &DevCredentials) -> bool {
         .authenticate(&creds.api_key, &creds.api_secret)
         .await
     {
-        Ok(p) if p.tenant_id == tenant => service.encryption_details(tenant, enc).await.is_ok(),
+        Ok(p) if p.tenant_id == Some(tenant) => {
+            service.encryption_details(tenant, enc).await.is_ok()
+        }
         _ => false,
     }
 }
@@ -228,6 +260,10 @@ async fn print_banner(
         " {tls_args}-H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'",
         creds.api_key, creds.api_secret
     );
+    let operator_auth = format!(
+        " {tls_args}-H 'X-Api-Key: {}' -H 'X-Api-Secret: {}'",
+        creds.operator_api_key, creds.operator_api_secret
+    );
     let banner = format!(
         r#"
 ==> Keyward is running in DEV MODE on {base}
@@ -241,6 +277,8 @@ async fn print_banner(
     API key:       {api_key}
     API secret:    {api_secret}
     Encryption:    {enc}
+    Operator key:  {operator_key} (tenants, API keys, root KEK, every tenant's audit;
+                   no encrypt or decrypt)
 
 Encrypt:
   curl -sS {base}/v1/encrypt {auth} \
@@ -256,7 +294,11 @@ Rotate:
 
 Inspect:
   curl -sS {base}/v1/encryptions/{enc}{get_auth}
+
+Tenants (operator key):
+  curl -sS {base}/v1/tenants{operator_auth}
 "#,
+        operator_key = creds.operator_api_key,
         data_dir = data_dir.display(),
         api_key = creds.api_key,
         api_secret = creds.api_secret,

@@ -21,7 +21,10 @@ use super::ids::TenantId;
 use crate::crypto::{random_bytes, sha256};
 use crate::store::{ApiKeyRow, StoreError};
 
-/// One permission an API key can carry.
+/// One permission an API key can carry. A tenant key carries some of
+/// `encrypt`, `decrypt`, `rotate`, `manage`, `admin`, and acts only inside its
+/// tenant; an operator key carries some of `operator`, `audit`, belongs to no
+/// tenant, and never touches a tenant's keys or data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
     /// `POST /v1/encrypt`.
@@ -32,18 +35,25 @@ pub enum Scope {
     Rotate,
     /// Create and inspect encryptions and jobs.
     Manage,
-    /// Tenants, API keys, master key.
+    /// The administration of its own tenant: its API keys, its audit records.
     Admin,
+    /// The service (operator keys only): tenants, any tenant's API keys, the
+    /// root KEK.
+    Operator,
+    /// Read every tenant's audit records (operator keys only), e.g. for a SIEM.
+    Audit,
 }
 
 impl Scope {
     /// Every scope, in display order.
-    pub const ALL: [Scope; 5] = [
+    pub const ALL: [Scope; 7] = [
         Scope::Encrypt,
         Scope::Decrypt,
         Scope::Rotate,
         Scope::Manage,
         Scope::Admin,
+        Scope::Operator,
+        Scope::Audit,
     ];
 
     /// The name used in the CLI, the API and the database.
@@ -54,7 +64,14 @@ impl Scope {
             Scope::Rotate => "rotate",
             Scope::Manage => "manage",
             Scope::Admin => "admin",
+            Scope::Operator => "operator",
+            Scope::Audit => "audit",
         }
+    }
+
+    /// Whether only an operator key may carry this scope.
+    pub fn is_operator(self) -> bool {
+        matches!(self, Scope::Operator | Scope::Audit)
     }
 
     fn bit(self) -> u8 {
@@ -67,9 +84,23 @@ impl Scope {
 pub struct Scopes(u8);
 
 impl Scopes {
-    /// Every scope.
-    pub fn all() -> Scopes {
-        Scopes(Scope::ALL.iter().fold(0, |acc, s| acc | s.bit()))
+    /// Every scope a tenant key can carry: all it can do inside its tenant.
+    pub fn tenant_all() -> Scopes {
+        Scopes::of(|s| !s.is_operator())
+    }
+
+    /// Every scope an operator key can carry.
+    pub fn operator_all() -> Scopes {
+        Scopes::of(Scope::is_operator)
+    }
+
+    fn of(include: impl Fn(Scope) -> bool) -> Scopes {
+        Scopes(
+            Scope::ALL
+                .iter()
+                .filter(|s| include(**s))
+                .fold(0, |acc, s| acc | s.bit()),
+        )
     }
 
     /// Whether `scope` is in the set.
@@ -77,17 +108,33 @@ impl Scopes {
         self.0 & scope.bit() != 0
     }
 
+    /// Whether every scope of `self` is in `other`.
+    pub fn is_subset_of(self, other: Scopes) -> bool {
+        self.0 & !other.0 == 0
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
     /// Parses `encrypt,decrypt,...`; an unknown or empty list is an error naming
     /// the offending word.
     pub fn parse(list: &str) -> Result<Scopes, String> {
+        Scopes::parse_words(list.split(','))
+    }
+
+    /// Parses scope names one by one, like [`Scopes::parse`].
+    pub fn parse_words<'a>(words: impl IntoIterator<Item = &'a str>) -> Result<Scopes, String> {
         let mut bits = 0;
-        for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        for word in words.into_iter().map(str::trim).filter(|w| !w.is_empty()) {
             let scope = Scope::ALL
                 .iter()
                 .find(|s| s.as_str() == word)
                 .ok_or_else(|| {
+                    let word: String = word.chars().take(32).collect();
                     format!(
-                        "unknown scope `{word}` (expected some of encrypt, decrypt, rotate, manage, admin)"
+                        "unknown scope `{word}` (expected some of encrypt, decrypt, rotate, manage, admin for a tenant key, or operator, audit for an operator key)"
                     )
                 })?;
             bits |= scope.bit();
@@ -96,6 +143,24 @@ impl Scopes {
             return Err("at least one scope is required".into());
         }
         Ok(Scopes(bits))
+    }
+
+    /// Checks that the set suits a key of this kind: a tenant key
+    /// (`tenant == true`) only tenant scopes, an operator key only operator
+    /// scopes.
+    pub fn check_kind(self, tenant: bool) -> Result<(), String> {
+        let allowed = if tenant {
+            Scopes::tenant_all()
+        } else {
+            Scopes::operator_all()
+        };
+        if self.is_subset_of(allowed) {
+            Ok(())
+        } else if tenant {
+            Err("a tenant key takes only encrypt, decrypt, rotate, manage, admin".into())
+        } else {
+            Err("an operator key takes only operator, audit".into())
+        }
     }
 
     /// The scope names, in display order.
@@ -159,8 +224,9 @@ pub fn issue_credential() -> IssuedCredential {
 pub struct ApiKeyRecord {
     /// Public key id.
     pub key_id: String,
-    /// The tenant it acts for.
-    pub tenant_id: TenantId,
+    /// The tenant it acts for; `None`: an operator key, which acts for no
+    /// tenant.
+    pub tenant_id: Option<TenantId>,
     /// SHA-256 of the secret.
     pub secret_sha256: [u8; 32],
     /// What it may do.
@@ -294,6 +360,13 @@ impl ApiKeyCache {
         keys.remove(key_id);
     }
 
+    /// Forgets every key of `tenant` (disabled).
+    pub fn invalidate_tenant(&self, tenant: TenantId) {
+        let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        keys.retain(|_, (k, _)| k.tenant_id != Some(tenant));
+    }
+
     /// Forgets every key.
     pub fn clear(&self) {
         let mut keys = self.keys.write().unwrap_or_else(|e| e.into_inner());
@@ -320,13 +393,18 @@ pub(crate) fn record_from_row(row: ApiKeyRow) -> Result<ApiKeyRecord, StoreError
         table: "api_keys",
         detail: detail.to_string(),
     };
+    let scopes = Scopes::parse(&row.scopes).map_err(|e| corrupt(&e))?;
+    // A row that mixes the two kinds of identity is never a valid key.
+    scopes
+        .check_kind(row.tenant_id.is_some())
+        .map_err(|e| corrupt(&e))?;
     Ok(ApiKeyRecord {
         secret_sha256: row
             .secret_sha256
             .as_slice()
             .try_into()
             .map_err(|_| corrupt("secret digest is not 32 bytes"))?,
-        scopes: Scopes::parse(&row.scopes).map_err(|e| corrupt(&e))?,
+        scopes,
         cert_spki_sha256: row
             .cert_spki_sha256
             .map(|d| d.as_slice().try_into())
@@ -350,9 +428,29 @@ mod tests {
         assert!(Scopes::parse("encrypt,root").unwrap_err().contains("root"));
         assert!(Scopes::parse("").is_err());
         assert_eq!(
-            Scopes::parse(&Scopes::all().to_string()).unwrap(),
-            Scopes::all()
+            Scopes::parse(&Scopes::tenant_all().to_string()).unwrap(),
+            Scopes::tenant_all()
         );
+        assert_eq!(
+            Scopes::tenant_all().to_string(),
+            "encrypt,decrypt,rotate,manage,admin"
+        );
+        assert_eq!(Scopes::operator_all().to_string(), "operator,audit");
+    }
+
+    #[test]
+    fn a_key_holds_the_scopes_of_one_kind_only() {
+        assert!(Scopes::tenant_all().check_kind(true).is_ok());
+        assert!(Scopes::operator_all().check_kind(false).is_ok());
+        assert!(Scopes::parse("admin,operator")
+            .unwrap()
+            .check_kind(true)
+            .is_err());
+        assert!(Scopes::parse("audit").unwrap().check_kind(true).is_err());
+        assert!(Scopes::parse("admin").unwrap().check_kind(false).is_err());
+        let reader = Scopes::parse("encrypt").unwrap();
+        assert!(reader.is_subset_of(Scopes::tenant_all()));
+        assert!(!Scopes::tenant_all().is_subset_of(reader));
     }
 
     #[test]
@@ -362,9 +460,9 @@ mod tests {
         assert!(c.secret.starts_with("kws_") && c.secret.len() == 47);
         let rec = ApiKeyRecord {
             key_id: c.key_id.clone(),
-            tenant_id: TenantId::new_random(),
+            tenant_id: Some(TenantId::new_random()),
             secret_sha256: c.secret_sha256,
-            scopes: Scopes::all(),
+            scopes: Scopes::tenant_all(),
             cert_spki_sha256: None,
         };
         assert!(rec.secret_matches(&c.secret));

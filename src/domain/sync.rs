@@ -78,6 +78,10 @@ pub async fn follow_changes(
                         Some(EventKind::ApiKeyChanged) => {
                             service.api_key_cache().invalidate(&e.subject)
                         }
+                        Some(EventKind::TenantChanged) => match e.subject.parse() {
+                            Ok(tenant) => service.api_key_cache().invalidate_tenant(tenant),
+                            Err(_) => service.api_key_cache().clear(),
+                        },
                         // A root KEK rotation elsewhere: load the new KEK now
                         // (a provider call, in the background) rather than on
                         // the first ring miss that needs it.

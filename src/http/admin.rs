@@ -1,7 +1,8 @@
-//! Operator endpoints (scope `admin`): root-KEK rotation and its status.
+//! Operator endpoints (operator keys with scope `operator`): root-KEK rotation
+//! and its status.
 //!
-//! The root KEK is shared by every tenant, so these act on the whole service:
-//! give `admin` only to the operator's own API keys.
+//! The root KEK is shared by every tenant, so these act on the whole service;
+//! no tenant key, whatever its scopes, reaches them.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -10,7 +11,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{AdminScope, Auth};
+use super::extract::{Auth, OperatorScope};
 use super::state::AppState;
 
 /// One root KEK.
@@ -79,7 +80,7 @@ pub struct RootKekRotation {
 )]
 pub(super) async fn status(
     State(state): State<AppState>,
-    _auth: Auth<AdminScope>,
+    _auth: Auth<OperatorScope>,
 ) -> Result<Json<RootKekStatus>, ApiError> {
     let keks = state.service.root_kek_status().await?;
     let rotation = if keks.iter().any(|k| k.rewrap_error.is_some()) {
@@ -119,7 +120,7 @@ pub(super) async fn status(
 )]
 pub(super) async fn rotate(
     State(state): State<AppState>,
-    auth: Auth<AdminScope>,
+    auth: Auth<OperatorScope>,
 ) -> Result<(StatusCode, Json<RootKekRotation>), ApiError> {
     let kek_id = state.service.rotate_root_kek().await?;
     tracing::info!(%kek_id, api_key = %auth.principal.key_id, "root KEK rotation requested");

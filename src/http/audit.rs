@@ -1,4 +1,6 @@
-//! `GET /v1/audit`: the audit log (every tenant's), filtered and paginated.
+//! `GET /v1/audit`: the audit log, filtered and paginated. An operator key
+//! with `audit` reads every tenant's records; a tenant key with `admin` reads
+//! its own tenant's only.
 
 use axum::extract::State;
 use axum::Json;
@@ -6,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorBody};
-use super::extract::{AdminScope, Auth};
+use super::extract::{AuditReadScope, Auth};
 use super::query::{self, ApiQuery};
 use super::state::AppState;
 use crate::audit::{AuditRecord, OPERATIONS};
@@ -99,7 +101,9 @@ fn operation_schema() -> utoipa::openapi::schema::Object {
         .build()
 }
 
-/// The audit log (every tenant's), newest first, filtered and paginated.
+/// The audit log, newest first, filtered and paginated: every tenant's for an
+/// operator key with `audit`, the caller's own tenant's for a tenant key with
+/// `admin` (a `tenantId` filter naming another tenant then finds nothing).
 ///
 /// Records from every replica are here; each replica also writes its own
 /// hash-chained file (`KEYWARD_AUDIT_FILE`) that `keyward audit verify` checks.
@@ -111,18 +115,36 @@ fn operation_schema() -> utoipa::openapi::schema::Object {
     responses(
         (status = 200, description = "A page of records", body = AuditPage),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
-        (status = 403, description = "`certificate_mismatch` or `insufficient_scope` (needs `admin`)", body = ErrorBody),
+        (status = 403, description = "`certificate_mismatch` or `insufficient_scope` (needs `admin` on a tenant key, `audit` on an operator key)", body = ErrorBody),
     )
 )]
 pub(super) async fn list(
     State(state): State<AppState>,
-    _auth: Auth<AdminScope>,
+    auth: Auth<AuditReadScope>,
     ApiQuery(params): ApiQuery<AuditParams>,
 ) -> Result<Json<AuditPage>, ApiError> {
+    let tenant_id = match auth.tenant {
+        None => params.tenant_id,
+        Some(own) => {
+            // A tenant sees its own records only; asking for another tenant's
+            // finds nothing, exactly like a tenant without records.
+            let asked = params
+                .tenant_id
+                .as_deref()
+                .map(|t| t.parse::<crate::domain::TenantId>().ok());
+            if asked.is_some_and(|t| t != Some(own)) {
+                return Ok(Json(AuditPage {
+                    records: Vec::new(),
+                    next_cursor: None,
+                }));
+            }
+            Some(own.to_string())
+        }
+    };
     let mut q = AuditQuery {
         from_ms: params.from,
         to_ms: params.to,
-        tenant_id: params.tenant_id,
+        tenant_id,
         encryption_id: params.encryption_id,
         operation: params.operation,
         before_id: params.cursor,

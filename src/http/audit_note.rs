@@ -18,11 +18,12 @@ use crate::audit::{Actor, AuditEvent, AuditLog, Target};
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::Principal;
 use crate::domain::time::now_ms;
-use crate::domain::{EncryptionId, VersionId};
+use crate::domain::{EncryptionId, TenantId, VersionId};
 
 #[derive(Default)]
 struct NoteFields {
     actor: Actor,
+    tenant: Option<TenantId>,
     targets: Vec<Target>,
 }
 
@@ -38,6 +39,11 @@ impl AuditNote {
     /// The authenticated caller.
     pub fn caller(&self, principal: &Principal) {
         self.with(|n| n.actor = Actor::ApiKey(principal.clone()));
+    }
+
+    /// The tenant an operator acted on.
+    pub fn tenant(&self, id: TenantId) {
+        self.with(|n| n.tenant = Some(id));
     }
 
     /// A key id whose authentication failed.
@@ -127,6 +133,13 @@ impl Pending {
         let fields = std::mem::take(&mut *self.note.0.lock().unwrap_or_else(|e| e.into_inner()));
         event.status = status;
         event.error = error;
+        // The tenant an operator acted on goes into the record, so that
+        // tenant's admin sees it; a path naming a tenant proves nothing for
+        // anyone else (a refused or unauthenticated caller, a tenant key).
+        event.tenant_id = match &fields.actor {
+            Actor::ApiKey(p) if p.tenant_id.is_none() => fields.tenant,
+            _ => None,
+        };
         event.actor = fields.actor;
         event.targets = fields.targets;
         Some(event)
@@ -173,6 +186,11 @@ pub(super) async fn begin(
                     "id" => {
                         if let Ok(id) = value.parse() {
                             note.encryption(id);
+                        }
+                    }
+                    "tenantId" => {
+                        if let Ok(id) = value.parse() {
+                            note.tenant(id);
                         }
                     }
                     "versionId" => {

@@ -114,7 +114,7 @@ pub(super) struct Call<'a> {
 
 impl<'a> Call<'a> {
     /// A call by `auth`'s caller.
-    pub(super) fn new<S: RequiredScope>(
+    pub(super) fn new<S: RequiredScope<Tenant = TenantId>>(
         state: &'a AppState,
         auth: &Auth<S>,
         note: &'a AuditNote,
@@ -122,7 +122,7 @@ impl<'a> Call<'a> {
     ) -> Call<'a> {
         Call {
             state,
-            tenant: auth.principal.tenant_id,
+            tenant: auth.tenant,
             note,
             client_key: client_key.0.as_ref(),
         }

@@ -239,7 +239,7 @@ pub(super) async fn create(
     }
     let details = state
         .service
-        .create_encryption(auth.principal.tenant_id, req.name, client_key.as_ref())
+        .create_encryption(auth.tenant, req.name, client_key.as_ref())
         .await?;
     note.encryption(details.encryption.id);
     tracing::info!(encryption_id = %details.encryption.id, mode = details.encryption.mode.as_str(), "created encryption");
@@ -264,10 +264,7 @@ pub(super) async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<EncryptionView>, ApiError> {
     let id = parse_id(&id, "encryption id in the path")?;
-    let details = state
-        .service
-        .encryption_details(auth.principal.tenant_id, id)
-        .await?;
+    let details = state.service.encryption_details(auth.tenant, id).await?;
     Ok(Json(view(&details)))
 }
 
@@ -343,7 +340,7 @@ pub(super) async fn update(
     }
     let details = state
         .service
-        .set_policy(auth.principal.tenant_id, id, period, min)
+        .set_policy(auth.tenant, id, period, min)
         .await?;
     Ok(Json(view(&details)))
 }
@@ -394,7 +391,7 @@ pub(super) async fn update_version(
     })?;
     let details = state
         .service
-        .set_version_state(auth.principal.tenant_id, id, version, new_state, req.force)
+        .set_version_state(auth.tenant, id, version, new_state, req.force)
         .await?;
     Ok(Json(view(&details)))
 }
@@ -430,7 +427,7 @@ pub(super) async fn list(
     let limit = params.limit.unwrap_or(query::DEFAULT_PAGE);
     let mut rows = state
         .service
-        .list_encryptions(auth.principal.tenant_id, params.cursor, limit + 1)
+        .list_encryptions(auth.tenant, params.cursor, limit + 1)
         .await?;
     let next_cursor = if rows.len() > limit as usize {
         rows.truncate(limit as usize);

@@ -9,6 +9,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+use crate::domain::accounts::AccountError;
 use crate::domain::apikeys::Scope;
 use crate::domain::service::{AuthError, KeyError};
 
@@ -27,6 +28,12 @@ pub enum ApiError {
     /// The API key lacks the scope the route needs.
     #[error("this API key lacks the `{}` scope", .0.as_str())]
     InsufficientScope(Scope),
+    /// An operator key on a route that acts on a tenant's keys or data.
+    #[error("operator keys act on the service, not on a tenant's keys or data; use a tenant key")]
+    TenantKeyRequired,
+    /// A tenant, tenant key or operator-key operation failed.
+    #[error(transparent)]
+    Account(#[from] crate::domain::accounts::AccountError),
     /// Too many failed authentications for this key or address.
     #[error("too many failed authentications; retry in {} s", retry_secs(*.0))]
     TooManyFailedAttempts(std::time::Duration),
@@ -119,6 +126,21 @@ impl ApiError {
             ApiError::InvalidCredentials => (S::UNAUTHORIZED, "invalid_credentials"),
             ApiError::CertificateMismatch => (S::FORBIDDEN, "certificate_mismatch"),
             ApiError::InsufficientScope(_) => (S::FORBIDDEN, "insufficient_scope"),
+            ApiError::TenantKeyRequired => (S::FORBIDDEN, "tenant_key_required"),
+            ApiError::Account(a) => match a {
+                AccountError::TenantNotFound(_) => (S::NOT_FOUND, "tenant_not_found"),
+                AccountError::TenantExists(_) => (S::CONFLICT, "tenant_exists"),
+                AccountError::TenantDisabled(_) => (S::CONFLICT, "tenant_disabled"),
+                AccountError::InvalidName => (S::BAD_REQUEST, "invalid_request"),
+                AccountError::WrongKindOfScope(_) => (S::UNPROCESSABLE_ENTITY, "invalid_scopes"),
+                AccountError::ScopeNotHeld(_) => (S::FORBIDDEN, "scope_not_held"),
+                AccountError::CertificateBindingRequired => {
+                    (S::FORBIDDEN, "certificate_binding_required")
+                }
+                AccountError::ApiKeyNotFound => (S::NOT_FOUND, "api_key_not_found"),
+                a if a.is_unavailable() => (S::SERVICE_UNAVAILABLE, "unavailable"),
+                AccountError::Store(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
+            },
             ApiError::TooManyFailedAttempts(_) => {
                 (S::TOO_MANY_REQUESTS, "too_many_failed_attempts")
             }

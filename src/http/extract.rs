@@ -2,7 +2,6 @@
 //! in each handler's signature), the optional client master key, and the JSON
 //! body parsed once at the edge with errors that name fields but never values.
 
-use std::marker::PhantomData;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -20,38 +19,130 @@ use super::state::AppState;
 use crate::domain::apikeys::Scope;
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::{ClientKey, Principal};
+use crate::domain::TenantId;
 
 // Parsed once: looking a header up by `&str` parses the name every time.
 const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_API_SECRET: HeaderName = HeaderName::from_static("x-api-secret");
 const X_MASTER_KEY: HeaderName = HeaderName::from_static("x-master-key");
 
-/// A scope a route requires, as a type.
+/// Who may call a route: which kind of API key, holding which scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requirement {
+    /// A tenant key with this scope; it acts on its own tenant only. An
+    /// operator key is refused with `403 tenant_key_required`.
+    Tenant(Scope),
+    /// An operator key with this scope. A tenant key is refused with
+    /// `403 insufficient_scope` (it can never hold an operator scope).
+    Operator(Scope),
+    /// A tenant key with the first scope (acting on its own tenant), or an
+    /// operator key with the second (acting on every tenant).
+    TenantOrOperator(Scope, Scope),
+}
+
+impl Requirement {
+    /// The scope names, for documents: `admin`, or `admin` / `audit`.
+    pub fn describe(self) -> String {
+        match self {
+            Requirement::Tenant(s) => format!("tenant key with `{}`", s.as_str()),
+            Requirement::Operator(s) => format!("operator key with `{}`", s.as_str()),
+            Requirement::TenantOrOperator(t, o) => format!(
+                "tenant key with `{}` (its own tenant) or operator key with `{}`",
+                t.as_str(),
+                o.as_str()
+            ),
+        }
+    }
+}
+
+/// What a route requires of its caller, as a type (a "scope marker").
 pub trait RequiredScope: Send + Sync + 'static {
-    /// The scope.
-    const SCOPE: Scope;
+    /// The requirement.
+    const REQUIRES: Requirement;
+    /// What the handler learns about the caller's tenant: a [`TenantId`] on
+    /// tenant routes, nothing on operator routes, `Option<TenantId>` (`None`:
+    /// an operator) where both are admitted.
+    type Tenant: Copy + Send + Sync + 'static;
+    /// [`Self::Tenant`] from the authenticated key's tenant; `None` if this
+    /// kind of key cannot call the route (the extractor has refused it before).
+    fn tenant(of_key: Option<TenantId>) -> Option<Self::Tenant>;
 }
 
 macro_rules! scope_marker {
-    ($name:ident, $scope:expr) => {
-        #[doc = concat!("The `", stringify!($name), "` scope marker.")]
+    ($name:ident, tenant: $scope:expr) => {
+        #[doc = concat!("Tenant routes needing `", stringify!($scope), "`.")]
         pub struct $name;
         impl RequiredScope for $name {
-            const SCOPE: Scope = $scope;
+            const REQUIRES: Requirement = Requirement::Tenant($scope);
+            type Tenant = TenantId;
+            fn tenant(of_key: Option<TenantId>) -> Option<TenantId> {
+                of_key
+            }
+        }
+    };
+    ($name:ident, operator: $scope:expr) => {
+        #[doc = concat!("Operator routes needing `", stringify!($scope), "`.")]
+        pub struct $name;
+        impl RequiredScope for $name {
+            const REQUIRES: Requirement = Requirement::Operator($scope);
+            type Tenant = ();
+            fn tenant(of_key: Option<TenantId>) -> Option<()> {
+                of_key.is_none().then_some(())
+            }
+        }
+    };
+    ($name:ident, tenant: $tenant:expr, operator: $operator:expr) => {
+        #[doc = concat!("Routes for a tenant key with `", stringify!($tenant), "` or an operator key with `", stringify!($operator), "`.")]
+        pub struct $name;
+        impl RequiredScope for $name {
+            const REQUIRES: Requirement = Requirement::TenantOrOperator($tenant, $operator);
+            type Tenant = Option<TenantId>;
+            fn tenant(of_key: Option<TenantId>) -> Option<Option<TenantId>> {
+                Some(of_key)
+            }
         }
     };
 }
-scope_marker!(EncryptScope, Scope::Encrypt);
-scope_marker!(DecryptScope, Scope::Decrypt);
-scope_marker!(RotateScope, Scope::Rotate);
-scope_marker!(ManageScope, Scope::Manage);
-scope_marker!(AdminScope, Scope::Admin);
+scope_marker!(EncryptScope, tenant: Scope::Encrypt);
+scope_marker!(DecryptScope, tenant: Scope::Decrypt);
+scope_marker!(RotateScope, tenant: Scope::Rotate);
+scope_marker!(ManageScope, tenant: Scope::Manage);
+scope_marker!(AdminScope, tenant: Scope::Admin);
+scope_marker!(OperatorScope, operator: Scope::Operator);
+scope_marker!(AuditReadScope, tenant: Scope::Admin, operator: Scope::Audit);
 
-/// An authenticated caller holding scope `S`.
+/// An authenticated caller allowed by `S`.
 pub struct Auth<S: RequiredScope> {
     /// Who is calling.
     pub principal: Principal,
-    _scope: PhantomData<S>,
+    /// The caller's tenant, as `S` sees it (see [`RequiredScope::Tenant`]).
+    pub tenant: S::Tenant,
+}
+
+/// Whether `principal` meets `requirement`; the refusal if not.
+fn admit(principal: &Principal, requirement: Requirement) -> Result<(), ApiError> {
+    let tenant_key = principal.tenant_id.is_some();
+    match requirement {
+        Requirement::Tenant(_) if !tenant_key => Err(ApiError::TenantKeyRequired),
+        Requirement::Tenant(scope) | Requirement::Operator(scope) => {
+            // A tenant key never holds an operator scope (a row that says
+            // otherwise does not authenticate), so this also keeps tenant keys
+            // off operator routes; the kind is checked as well.
+            if principal.scopes.contains(scope) && (tenant_key != scope.is_operator()) {
+                Ok(())
+            } else {
+                Err(ApiError::InsufficientScope(scope))
+            }
+        }
+        Requirement::TenantOrOperator(tenant, operator) => {
+            let scope = if tenant_key { tenant } else { operator };
+            if principal.scopes.contains(scope) {
+                Ok(())
+            } else {
+                Err(ApiError::InsufficientScope(scope))
+            }
+        }
+    }
 }
 
 fn single_header<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Result<Option<&'a str>, ()> {
@@ -110,13 +201,10 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
                 return Err(ApiError::CertificateMismatch);
             }
         }
-        if !principal.scopes.contains(S::SCOPE) {
-            return Err(ApiError::InsufficientScope(S::SCOPE));
-        }
-        Ok(Auth {
-            principal,
-            _scope: PhantomData,
-        })
+        admit(&principal, S::REQUIRES)?;
+        // `admit` let only the kinds of key that `S` takes through.
+        let tenant = S::tenant(principal.tenant_id).ok_or(ApiError::TenantKeyRequired)?;
+        Ok(Auth { principal, tenant })
     }
 }
 

@@ -201,7 +201,7 @@ pub(super) async fn create(
     }
     let id = start_job(
         &state.service,
-        auth.principal.tenant_id,
+        auth.tenant,
         NewJob {
             encryption_id,
             max_rows_per_second: req.max_rows_per_second.filter(|n| *n > 0),
@@ -233,7 +233,7 @@ pub(super) async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(&id, "job id in the path")?;
-    let job = state.service.job(auth.principal.tenant_id, id).await?;
+    let job = state.service.job(auth.tenant, id).await?;
     found(&state, job)
 }
 
@@ -252,7 +252,7 @@ pub(super) async fn list(
     State(state): State<AppState>,
     auth: Auth<ManageScope>,
 ) -> Result<Json<JobList>, ApiError> {
-    let jobs = state.service.jobs(auth.principal.tenant_id, 100).await?;
+    let jobs = state.service.jobs(auth.tenant, 100).await?;
     Ok(Json(JobList {
         items: jobs.iter().map(|j| view(&state, j)).collect(),
     }))
@@ -272,9 +272,6 @@ pub(super) async fn cancel(
     Path(id): Path<String>,
 ) -> Result<Json<JobView>, ApiError> {
     let id = parse_id(&id, "job id in the path")?;
-    let job = state
-        .service
-        .cancel_job(auth.principal.tenant_id, id)
-        .await?;
+    let job = state.service.cancel_job(auth.tenant, id).await?;
     found(&state, job)
 }

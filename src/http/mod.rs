@@ -9,6 +9,7 @@
 //! `batch`, `encryptions`, `jobs`, `admin`, `audit`, `ops`); `edge`; `routes`;
 //! `openapi`; this file.
 
+mod accounts;
 mod admin;
 mod audit;
 mod audit_note;
@@ -78,7 +79,7 @@ mod tests {
     use axum::http::{header, Method, Request, StatusCode};
     use serde_json::{json, Value};
 
-    use super::routes::ROUTES;
+    use super::routes::{Route, ROUTES};
     use super::{router, AppParts, AppState, BatchLimits, Edge, RouterSettings};
     use crate::domain::guard::{AuthGuard, GuardSettings};
     use crate::domain::service::KeyService;
@@ -99,6 +100,7 @@ mod tests {
         state: AppState,
         key: String,
         secret: String,
+        operator: (String, String),
         audit_file: std::path::PathBuf,
         _dir: tempfile::TempDir,
     }
@@ -124,6 +126,13 @@ mod tests {
             let tenant = crate::domain::accounts::create_tenant(service.store(), "acme")
                 .await
                 .unwrap();
+            let operator = crate::domain::accounts::create_operator_key(
+                service.store(),
+                crate::domain::apikeys::Scopes::operator_all(),
+                None,
+            )
+            .await
+            .unwrap();
             let audit_file = dir.path().join("audit.jsonl");
             let destination = crate::audit::Destination::File(audit_file.clone());
             let state = AppState::new(AppParts {
@@ -145,6 +154,7 @@ mod tests {
                 state,
                 key: tenant.credential.key_id.clone(),
                 secret: tenant.credential.secret.to_string(),
+                operator: (operator.key_id.clone(), operator.secret.to_string()),
                 audit_file,
                 _dir: dir,
             }
@@ -179,6 +189,20 @@ mod tests {
                 .uri(uri)
                 .header("x-api-key", &self.key)
                 .header("x-api-secret", &self.secret)
+        }
+
+        /// A request with the credentials `route` takes: the operator's on
+        /// operator routes, the tenant's on the others.
+        fn authed_for(&self, route: &Route, uri: &str) -> axum::http::request::Builder {
+            if matches!(route.scope, Some(super::extract::Requirement::Operator(_))) {
+                Request::builder()
+                    .method(route.method.clone())
+                    .uri(uri)
+                    .header("x-api-key", &self.operator.0)
+                    .header("x-api-secret", &self.operator.1)
+            } else {
+                self.authed(route.method.clone(), uri)
+            }
         }
 
         /// `method uri` with the tenant's credentials and a JSON body.
@@ -301,6 +325,67 @@ mod tests {
                 expected.extend(route.operation.map(str::to_string));
             }
         }
+        assert_eq!(api.audited_operations().await, expected);
+    }
+
+    #[tokio::test]
+    async fn tenant_keys_are_refused_on_operator_routes_and_operator_keys_on_tenant_routes() {
+        use super::extract::Requirement;
+        let api = TestApi::start().await;
+        let mut expected = Vec::new();
+        for route in ROUTES {
+            let Some(requirement) = route.scope else {
+                continue;
+            };
+            let path = concrete(route.path);
+            let as_tenant = api
+                .authed(route.method.clone(), &path)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))
+                .unwrap();
+            let as_operator = Request::builder()
+                .method(route.method.clone())
+                .uri(&path)
+                .header("x-api-key", &api.operator.0)
+                .header("x-api-secret", &api.operator.1)
+                .header(header::CONTENT_TYPE, "application/json")
+                .body(Body::from("{}"))
+                .unwrap();
+            let what = format!("{} {}", route.method, route.path);
+            let tenant = api.send(as_tenant).await;
+            let operator = api.send(as_operator).await;
+            match requirement {
+                Requirement::Operator(_) => {
+                    assert_eq!(
+                        tenant.is_error(403, "insufficient_scope"),
+                        "this API key lacks the `operator` scope",
+                        "{what}"
+                    );
+                    assert_ne!(
+                        operator.status,
+                        StatusCode::FORBIDDEN,
+                        "{what}: {}",
+                        operator.body
+                    );
+                }
+                Requirement::Tenant(_) => {
+                    operator.is_error(403, "tenant_key_required");
+                    assert_ne!(
+                        tenant.status,
+                        StatusCode::FORBIDDEN,
+                        "{what}: {}",
+                        tenant.body
+                    );
+                }
+                Requirement::TenantOrOperator(..) => {
+                    assert_eq!(tenant.status, StatusCode::OK, "{what}: {}", tenant.body);
+                    assert_eq!(operator.status, StatusCode::OK, "{what}: {}", operator.body);
+                }
+            }
+            let operation = route.operation.unwrap().to_string();
+            expected.extend([operation.clone(), operation]);
+        }
+        // One record per call, refused or not, with the route's operation.
         assert_eq!(api.audited_operations().await, expected);
     }
 
@@ -495,7 +580,7 @@ mod tests {
             }
             assert!(route.scope.is_some(), "{}", route.path);
             let req = api
-                .authed(route.method.clone(), &concrete(route.path))
+                .authed_for(route, &concrete(route.path))
                 .header(header::CONTENT_TYPE, "text/plain")
                 .body(Body::from("{}"))
                 .unwrap();

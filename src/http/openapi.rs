@@ -9,8 +9,9 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, Securi
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
+use super::extract::Requirement;
 use super::routes::ROUTES;
-use super::{admin, audit, batch, contract, encryptions, error, jobs, metrics, ops};
+use super::{accounts, admin, audit, batch, contract, encryptions, error, jobs, metrics, ops};
 
 struct Security;
 
@@ -24,28 +25,41 @@ impl Modify for Security {
             let Some(operation) = operation_mut(&mut api.paths, route.path, &route.method) else {
                 continue;
             };
-            let mut refusals = Vec::new();
-            if route.scope.is_some() {
+            let mut refusals: Vec<(&str, String)> = Vec::new();
+            if let Some(requirement) = route.scope {
                 let none = std::iter::empty::<String>;
                 operation.security = Some(vec![
                     SecurityRequirement::new("apiKey", none()).add("apiSecret", none())
                 ]);
+                let forbidden = match requirement {
+                    Requirement::Tenant(_) => format!(
+                        "`certificate_mismatch`, `insufficient_scope` (needs a {}) or `tenant_key_required` (an operator key)",
+                        requirement.describe()
+                    ),
+                    _ => format!(
+                        "`certificate_mismatch` or `insufficient_scope` (needs a {})",
+                        requirement.describe()
+                    ),
+                };
                 refusals.extend([
-                    ("401", "`missing_credentials` or `invalid_credentials`"),
-                    ("403", "`certificate_mismatch` or `insufficient_scope`"),
+                    (
+                        "401",
+                        "`missing_credentials` or `invalid_credentials`".to_string(),
+                    ),
+                    ("403", forbidden),
                 ]);
             }
             if operation.request_body.is_some() {
                 refusals.extend([
-                    ("413", "`payload_too_large`"),
-                    ("415", "`unsupported_media_type`"),
+                    ("413", "`payload_too_large`".to_string()),
+                    ("415", "`unsupported_media_type`".to_string()),
                 ]);
             }
             let responses = &mut operation.responses.responses;
             for (status, description) in refusals {
                 responses
                     .entry(status.to_string())
-                    .or_insert_with(|| error_response(description));
+                    .or_insert_with(|| error_response(&description));
             }
             if route.scope.is_some() {
                 responses.insert(
@@ -151,6 +165,15 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         jobs::list,
         jobs::show,
         jobs::cancel,
+        accounts::list_own_keys,
+        accounts::create_own_key,
+        accounts::revoke_own_key,
+        accounts::list_tenants,
+        accounts::create_tenant,
+        accounts::disable_tenant,
+        accounts::list_tenant_keys,
+        accounts::create_tenant_key,
+        accounts::revoke_tenant_key,
         admin::status,
         admin::rotate,
         audit::list,
@@ -166,7 +189,9 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
         (name = "lifecycle", description = "Rewrap and batches"),
         (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
-        (name = "admin", description = "Service-wide operations (scope `admin`): root-KEK rotation, the audit log"),
+        (name = "api-keys", description = "A tenant's own API keys (tenant key with `admin`)"),
+        (name = "operator", description = "Tenants and any tenant's API keys (operator key with `operator`)"),
+        (name = "admin", description = "Service-wide operations: root-KEK rotation (operator key with `operator`); the audit log (a tenant key with `admin` reads its own tenant's, an operator key with `audit` every tenant's)"),
         (name = "operations", description = "Health, readiness and Prometheus metrics, no authentication"),
     )
 )]

@@ -18,11 +18,11 @@ use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
 use super::extract::{
-    AdminScope, Auth, DecryptScope, EncryptScope, ManageScope, RequiredScope, RotateScope,
+    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, ManageScope, OperatorScope,
+    RequiredScope, Requirement, RotateScope,
 };
 use super::state::{AppState, RouterSettings};
-use super::{admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops};
-use crate::domain::apikeys::Scope;
+use super::{accounts, admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops};
 
 /// One route.
 pub(crate) struct Route {
@@ -30,8 +30,8 @@ pub(crate) struct Route {
     pub method: Method,
     /// Its path, as the OpenAPI document writes it.
     pub path: &'static str,
-    /// The scope its caller needs; `None`: no credentials at all.
-    pub scope: Option<Scope>,
+    /// Which key and scope its caller needs; `None`: no credentials at all.
+    pub scope: Option<Requirement>,
     /// How large a body it takes.
     pub body: BodySize,
     /// What its audit record calls it; `None`: not audited.
@@ -72,7 +72,7 @@ macro_rules! route {
         Route {
             method: Method::$method,
             path: $path,
-            scope: Some(<$scope as RequiredScope>::SCOPE),
+            scope: Some(<$scope as RequiredScope>::REQUIRES),
             body: BodySize::$body,
             operation: Some($operation),
             on_ops_listener: false,
@@ -115,10 +115,21 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(POST "/v1/jobs", jobs::create, scope: ManageScope, body: Normal, audit: "job.create"),
     route!(GET "/v1/jobs/{id}", jobs::show, scope: ManageScope, body: Normal, audit: "job.read"),
     route!(POST "/v1/jobs/{id}/cancel", jobs::cancel, scope: ManageScope, body: Normal, audit: "job.cancel"),
-    // The operator's.
-    route!(GET "/v1/admin/root-kek", admin::status, scope: AdminScope, body: Normal, audit: "root_kek.read"),
-    route!(POST "/v1/admin/root-kek/rotate", admin::rotate, scope: AdminScope, body: Normal, audit: "root_kek.rotate"),
-    route!(GET "/v1/audit", audit::list, scope: AdminScope, body: Normal, audit: "audit.read"),
+    // A tenant's own API keys (its `admin`).
+    route!(GET "/v1/api-keys", accounts::list_own_keys, scope: AdminScope, body: Normal, audit: "api_key.list"),
+    route!(POST "/v1/api-keys", accounts::create_own_key, scope: AdminScope, body: Normal, audit: "api_key.create"),
+    route!(POST "/v1/api-keys/{keyId}/revoke", accounts::revoke_own_key, scope: AdminScope, body: Normal, audit: "api_key.revoke"),
+    // The operator's: tenants and their keys, the root KEK.
+    route!(GET "/v1/tenants", accounts::list_tenants, scope: OperatorScope, body: Normal, audit: "tenant.list"),
+    route!(POST "/v1/tenants", accounts::create_tenant, scope: OperatorScope, body: Normal, audit: "tenant.create"),
+    route!(POST "/v1/tenants/{tenantId}/disable", accounts::disable_tenant, scope: OperatorScope, body: Normal, audit: "tenant.disable"),
+    route!(GET "/v1/tenants/{tenantId}/api-keys", accounts::list_tenant_keys, scope: OperatorScope, body: Normal, audit: "api_key.list"),
+    route!(POST "/v1/tenants/{tenantId}/api-keys", accounts::create_tenant_key, scope: OperatorScope, body: Normal, audit: "api_key.create"),
+    route!(POST "/v1/tenants/{tenantId}/api-keys/{keyId}/revoke", accounts::revoke_tenant_key, scope: OperatorScope, body: Normal, audit: "api_key.revoke"),
+    route!(GET "/v1/admin/root-kek", admin::status, scope: OperatorScope, body: Normal, audit: "root_kek.read"),
+    route!(POST "/v1/admin/root-kek/rotate", admin::rotate, scope: OperatorScope, body: Normal, audit: "root_kek.rotate"),
+    // The audit log: a tenant's own records, or every tenant's for an operator.
+    route!(GET "/v1/audit", audit::list, scope: AuditReadScope, body: Normal, audit: "audit.read"),
     // Operations, without credentials.
     route!(GET "/healthz", ops::healthz, public, ops_listener: true),
     route!(GET "/readyz", ops::readyz, public, ops_listener: true),

@@ -3,7 +3,7 @@
 use sqlx::Row;
 
 use super::pool::{Store, StoreError};
-use super::sql::get_id;
+use super::sql::get_opt_id;
 use crate::domain::ids::TenantId;
 
 /// One API key as stored: the secret only as its SHA-256 digest.
@@ -11,8 +11,8 @@ use crate::domain::ids::TenantId;
 pub struct ApiKeyRow {
     /// The public key id (`X-Api-Key`).
     pub id: String,
-    /// The tenant it acts for.
-    pub tenant_id: TenantId,
+    /// The tenant it acts for; `None`: an operator key.
+    pub tenant_id: Option<TenantId>,
     /// SHA-256 of the secret.
     pub secret_sha256: Vec<u8>,
     /// Comma-separated scopes.
@@ -25,13 +25,23 @@ pub struct ApiKeyRow {
     pub revoked_at: Option<i64>,
 }
 
+/// An API key as authentication reads it: the row, and whether its tenant is
+/// disabled (which makes the key unusable like a revocation does).
+#[derive(Debug, Clone)]
+pub struct ApiKeyLookup {
+    /// The key.
+    pub key: ApiKeyRow,
+    /// Whether the key's tenant is disabled (always `false` for an operator key).
+    pub tenant_disabled: bool,
+}
+
 const COLUMNS: &str =
-    "id, tenant_id, secret_sha256, scopes, cert_spki_sha256, created_at, revoked_at";
+    "k.id, k.tenant_id, k.secret_sha256, k.scopes, k.cert_spki_sha256, k.created_at, k.revoked_at";
 
 fn from_row(r: &sqlx::any::AnyRow) -> Result<ApiKeyRow, StoreError> {
     Ok(ApiKeyRow {
         id: r.try_get("id")?,
-        tenant_id: get_id(r, "tenant_id", "api_keys")?,
+        tenant_id: get_opt_id(r, "tenant_id", "api_keys")?,
         secret_sha256: r.try_get("secret_sha256")?,
         scopes: r.try_get("scopes")?,
         cert_spki_sha256: r.try_get("cert_spki_sha256")?,
@@ -48,7 +58,7 @@ impl Store {
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
         )
         .bind(&key.id)
-        .bind(key.tenant_id.to_string())
+        .bind(key.tenant_id.map(|t| t.to_string()))
         .bind(&key.secret_sha256)
         .bind(&key.scopes)
         .bind(&key.cert_spki_sha256)
@@ -59,28 +69,81 @@ impl Store {
         Ok(())
     }
 
-    /// The API key with this id, revoked or not.
-    pub async fn api_key(&self, id: &str) -> Result<Option<ApiKeyRow>, StoreError> {
-        let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1");
+    /// The API key with this id, revoked or not, with its tenant's state.
+    pub async fn api_key(&self, id: &str) -> Result<Option<ApiKeyLookup>, StoreError> {
+        let sql = format!(
+            "SELECT {COLUMNS}, t.disabled_at AS tenant_disabled_at FROM api_keys k \
+             LEFT JOIN tenants t ON t.id = k.tenant_id WHERE k.id = $1"
+        );
         let row = sqlx::query(&sql)
             .bind(id)
             .fetch_optional(&self.pool)
             .await?;
-        row.as_ref().map(from_row).transpose()
+        row.as_ref()
+            .map(|r| {
+                let disabled: Option<i64> = r.try_get("tenant_disabled_at")?;
+                Ok(ApiKeyLookup {
+                    key: from_row(r)?,
+                    tenant_disabled: disabled.is_some(),
+                })
+            })
+            .transpose()
     }
 
-    /// Marks a key revoked and announces it to every cache. `false` if there is no
-    /// such key or it was already revoked.
-    pub async fn revoke_api_key(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+    /// Every API key of `tenant` (`None`: every operator key), revoked or
+    /// not, oldest first. Bounded by `limit`.
+    pub async fn api_keys_of(
+        &self,
+        tenant: Option<TenantId>,
+        limit: i64,
+    ) -> Result<Vec<ApiKeyRow>, StoreError> {
+        let rows = match tenant {
+            Some(t) => {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM api_keys k WHERE k.tenant_id = $1 \
+                     ORDER BY k.created_at, k.id LIMIT $2"
+                );
+                sqlx::query(&sql)
+                    .bind(t.to_string())
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?
+            }
+            None => {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM api_keys k WHERE k.tenant_id IS NULL \
+                     ORDER BY k.created_at, k.id LIMIT $1"
+                );
+                sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?
+            }
+        };
+        rows.iter().map(from_row).collect()
+    }
+
+    /// Marks a key revoked and announces it to every cache. With `tenant`,
+    /// only a key of that tenant. `false` if there is no such live key.
+    pub async fn revoke_api_key(
+        &self,
+        id: &str,
+        tenant: Option<TenantId>,
+        now_ms: i64,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let done =
-            sqlx::query("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL")
-                .bind(now_ms)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                == 1;
+        let query = match tenant {
+            None => sqlx::query(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL",
+            )
+            .bind(now_ms)
+            .bind(id),
+            Some(t) => sqlx::query(
+                "UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL \
+                 AND tenant_id = $3",
+            )
+            .bind(now_ms)
+            .bind(id)
+            .bind(t.to_string()),
+        };
+        let done = query.execute(&mut *tx).await?.rows_affected() == 1;
         super::events::commit_change(
             tx,
             self.backend,

@@ -26,6 +26,8 @@ pub enum EventKind {
     ApiKeyChanged,
     /// A root KEK was added or retired.
     RootKeysChanged,
+    /// A tenant changed (disabled): every cached key of it must be read again.
+    TenantChanged,
 }
 
 impl EventKind {
@@ -34,6 +36,7 @@ impl EventKind {
             EventKind::EncryptionChanged => "encryption",
             EventKind::ApiKeyChanged => "api_key",
             EventKind::RootKeysChanged => "root_keys",
+            EventKind::TenantChanged => "tenant",
         }
     }
 }
@@ -121,6 +124,7 @@ impl Store {
                         "encryption" => Some(EventKind::EncryptionChanged),
                         "api_key" => Some(EventKind::ApiKeyChanged),
                         "root_keys" => Some(EventKind::RootKeysChanged),
+                        "tenant" => Some(EventKind::TenantChanged),
                         _ => None,
                     },
                     subject: r.try_get("subject")?,

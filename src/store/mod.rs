@@ -19,7 +19,7 @@ pub mod source;
 mod sql;
 mod tenants;
 
-pub use api_keys::ApiKeyRow;
+pub use api_keys::{ApiKeyLookup, ApiKeyRow};
 pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
 pub use audit_keys::CheckpointKeyRow;
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};

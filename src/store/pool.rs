@@ -158,6 +158,36 @@ impl Store {
             .map_err(|e| StoreError::Other(e.into()))
     }
 
+    /// Applies the migrations numbered below `version` only: a database as an
+    /// older Keyward left it, for upgrade tests.
+    #[cfg(test)]
+    pub(crate) async fn migrate_before(&self, version: i64) -> Result<(), StoreError> {
+        let all = match self.backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        let older = Migrator {
+            migrations: std::borrow::Cow::Owned(
+                all.migrations
+                    .iter()
+                    .filter(|m| m.version < version)
+                    .cloned()
+                    .collect(),
+            ),
+            ..Migrator::DEFAULT
+        };
+        older
+            .run(&self.pool)
+            .await
+            .map_err(|e| StoreError::Other(e.into()))
+    }
+
+    /// The pool itself, for tests that write rows as an older Keyward did.
+    #[cfg(test)]
+    pub(crate) fn pool_for_tests(&self) -> &AnyPool {
+        &self.pool
+    }
+
     /// A cheap round trip, for readiness checks.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;

@@ -108,6 +108,8 @@ fn verify(path: &Path, keys: &[String]) -> std::process::Output {
 async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
     let (mut app, file) = spawn_audited(backend).await;
     let admin = app.create_tenant("acme");
+    // Refused calls name no tenant: only an operator's audit key sees them all.
+    let reader = app.create_operator();
     let (enc, first_version) = app.create_encryption(&admin).await;
     let plaintext = "audit-plaintext-7f3a9c";
 
@@ -149,7 +151,7 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
     // Newest first; filtered by encryption.
-    let records = all_records(&app, &admin, &format!("encryptionId={enc}"), 1000).await;
+    let records = all_records(&app, &reader, &format!("encryptionId={enc}"), 1000).await;
     let ops: Vec<(&str, &str)> = records
         .iter()
         .rev()
@@ -203,7 +205,7 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
     assert_eq!(batch_item["versionId"], new_version.as_str());
 
     // The batch's bad item has no encryption to filter by: find it by operation.
-    let encrypts = all_records(&app, &admin, "operation=encrypt", 2).await;
+    let encrypts = all_records(&app, &reader, "operation=encrypt", 2).await;
     let items: Vec<(i64, &str, Option<&str>)> = encrypts
         .iter()
         .filter(|r| r["batchIndex"].is_number())
@@ -230,8 +232,8 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
 
     // Pages of 2 give exactly the records of one big page, newest first
     // (reading adds `audit.read` records, left out of the comparison).
-    let everything = all_records(&app, &admin, "", 1000).await;
-    let paged = all_records(&app, &admin, "", 2).await;
+    let everything = all_records(&app, &reader, "", 1000).await;
+    let paged = all_records(&app, &reader, "", 2).await;
     let not_reads = |records: &[Value]| -> Vec<Value> {
         records
             .iter()
@@ -249,16 +251,16 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
     // Reading the audit log is itself audited.
     assert!(everything.iter().any(|r| r["operation"] == "audit.read"));
     // Time filters.
-    let none = all_records(&app, &admin, "to=2000-01-01T00:00:00Z", 100).await;
+    let none = all_records(&app, &reader, "to=2000-01-01T00:00:00Z", 100).await;
     assert!(none.is_empty());
-    let recent = all_records(&app, &admin, "from=2000-01-01T00:00:00Z", 1000).await;
+    let recent = all_records(&app, &reader, "from=2000-01-01T00:00:00Z", 1000).await;
     assert!(recent.len() >= everything.len());
     // Any RFC 3339 offset: 02:00+02:00 is midnight UTC.
-    let none = all_records(&app, &admin, "to=2000-01-01T02:00:00%2B02:00", 100).await;
+    let none = all_records(&app, &reader, "to=2000-01-01T02:00:00%2B02:00", 100).await;
     assert!(none.is_empty());
     let tenant_records = all_records(
         &app,
-        &admin,
+        &reader,
         &format!("tenantId={}&operation=decrypt", admin.tenant_id),
         1000,
     )
@@ -499,6 +501,8 @@ async fn automatic_rotations_are_audited_as_the_system() {
         let records = all_records(&env_app, &admin, "operation=rotate.automatic", 100).await;
         if let Some(r) = records.first() {
             assert_eq!(r["actor"], "system");
+            // In the tenant's own audit: the record names the tenant.
+            assert_eq!(r["tenantId"], admin.tenant_id.as_str());
             assert_eq!(r["encryptionId"], enc.as_str());
             assert!(r["versionId"].is_string());
             assert!(r.get("apiKeyId").is_none());
@@ -606,7 +610,11 @@ async fn audit_segments_are_stored_compressed(backend: Backend) {
     .execute(&mut conn)
     .await
     .unwrap();
-    let (status, body) = app.get("/v1/audit?operation=encrypt&limit=1", &creds).await;
+    // The hand-made segment is indexed by operation only: an operator reads it.
+    let operator = app.create_operator();
+    let (status, body) = app
+        .get("/v1/audit?operation=encrypt&limit=1", &operator)
+        .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let mut expected = newest.clone();
     expected["status"] = json!(299);
@@ -618,7 +626,7 @@ async fn audit_segments_are_stored_compressed(backend: Backend) {
         .execute(&mut conn)
         .await
         .unwrap();
-    let (status, body) = app.get("/v1/audit?limit=10", &creds).await;
+    let (status, body) = app.get("/v1/audit?limit=10", &operator).await;
     assert_error(status, &body, 500, "internal");
     assert!(
         !app.log_text().contains("item 1"),
@@ -730,6 +738,7 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
     let (k, v) = platform.sources_env(&["acme"]);
     let app = TestApp::spawn_with(backend, &[("KEYWARD_AUDIT_FILE", text.as_str()), (k, &v)]).await;
     let creds = app.create_tenant("acme");
+    let operator = app.create_operator();
     let (enc, first_version) = app.create_encryption(&creds).await;
     let encrypted = app.encrypt(&creds, &enc, "audited").await;
     let ciphertext = crate::helpers::decrypt_body(&encrypted);
@@ -860,7 +869,40 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
             None,
             "audit.read",
         ),
+        (
+            Method::GET,
+            "/v1/api-keys",
+            "/v1/api-keys".into(),
+            None,
+            "api_key.list",
+        ),
+        (
+            Method::POST,
+            "/v1/api-keys",
+            "/v1/api-keys".into(),
+            Some(json!({"scopes": ["encrypt"]})),
+            "api_key.create",
+        ),
+        (
+            Method::GET,
+            "/v1/tenants",
+            "/v1/tenants".into(),
+            None,
+            "tenant.list",
+        ),
+        (
+            Method::POST,
+            "/v1/tenants",
+            "/v1/tenants".into(),
+            Some(json!({"name": "globex"})),
+            "tenant.create",
+        ),
     ];
+    // Operator routes are called with the operator key, the others with the
+    // tenant's; an operator's record names the tenant it acted on, if any.
+    let is_operator_route =
+        |route: &str| route.starts_with("/v1/tenants") || route.starts_with("/v1/admin");
+    let mut globex = String::new();
 
     let mut request_ids = Vec::new();
     let mut job = String::new();
@@ -868,8 +910,13 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
     while i < calls.len() {
         let (method, route, path, body, _) = calls[i].clone();
         let id = format!("every-route-{i}");
+        let caller = if is_operator_route(route) {
+            &operator
+        } else {
+            &creds
+        };
         let mut req = app
-            .req(method.clone(), &path, &creds)
+            .req(method.clone(), &path, caller)
             .header("x-request-id", &id);
         if let Some(b) = &body {
             req = req.json(b);
@@ -891,6 +938,50 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
                 format!("/v1/jobs/{job}/cancel"),
                 None,
                 "job.cancel",
+            ));
+        }
+        if route == "/v1/api-keys" && method == Method::POST {
+            let key = answer["apiKey"].as_str().unwrap().to_string();
+            calls.push((
+                Method::POST,
+                "/v1/api-keys/{keyId}/revoke",
+                format!("/v1/api-keys/{key}/revoke"),
+                None,
+                "api_key.revoke",
+            ));
+        }
+        if route == "/v1/tenants" && method == Method::POST {
+            globex = answer["tenantId"].as_str().unwrap().to_string();
+            calls.push((
+                Method::POST,
+                "/v1/tenants/{tenantId}/api-keys",
+                format!("/v1/tenants/{globex}/api-keys"),
+                Some(json!({"scopes": ["encrypt", "decrypt"]})),
+                "api_key.create",
+            ));
+            calls.push((
+                Method::GET,
+                "/v1/tenants/{tenantId}/api-keys",
+                format!("/v1/tenants/{globex}/api-keys"),
+                None,
+                "api_key.list",
+            ));
+        }
+        if route == "/v1/tenants/{tenantId}/api-keys" && method == Method::POST {
+            let key = answer["apiKey"].as_str().unwrap().to_string();
+            calls.push((
+                Method::POST,
+                "/v1/tenants/{tenantId}/api-keys/{keyId}/revoke",
+                format!("/v1/tenants/{globex}/api-keys/{key}/revoke"),
+                None,
+                "api_key.revoke",
+            ));
+            calls.push((
+                Method::POST,
+                "/v1/tenants/{tenantId}/disable",
+                format!("/v1/tenants/{globex}/disable"),
+                None,
+                "tenant.disable",
             ));
         }
         request_ids.push(id);
@@ -942,7 +1033,16 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
         assert_eq!(mine.len(), 1, "{} {}: {mine:?}", call.0, call.2);
         assert_eq!(mine[0]["operation"], call.4, "{} {}", call.0, call.2);
         assert_eq!(mine[0]["outcome"], "ok", "{} {}", call.0, call.2);
-        assert_eq!(mine[0]["tenantId"], creds.tenant_id.as_str());
+        let tenant = if !is_operator_route(call.1) {
+            json!(creds.tenant_id)
+        } else if call.1.starts_with("/v1/tenants/")
+            || (call.1 == "/v1/tenants" && call.0 == Method::POST)
+        {
+            json!(globex)
+        } else {
+            Value::Null
+        };
+        assert_eq!(mine[0]["tenantId"], tenant, "{} {}", call.0, call.2);
     }
     let version_update = records
         .iter()

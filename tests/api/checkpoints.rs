@@ -116,8 +116,13 @@ async fn audit_verify_names_a_rewritten_chain_a_cut_head_a_cut_tail_and_uncovere
     }
     // A root-KEK rotation changes the signing key; the old one keeps
     // verifying what it signed.
+    let operator = app.create_operator();
     let (status, body) = app
-        .post("/v1/admin/root-kek/rotate", &creds, &serde_json::json!({}))
+        .post(
+            "/v1/admin/root-kek/rotate",
+            &operator,
+            &serde_json::json!({}),
+        )
         .await;
     assert!(status.is_success(), "{body}");
     for i in 0..4 {

@@ -105,7 +105,17 @@ fn dev_mode_prints_examples_that_work_when_pasted_and_keeps_keys_across_restarts
         .map(String::as_str)
         .collect();
     fields.sort();
-    assert_eq!(fields, ["apiKey", "apiSecret", "encryptionId", "tenantId"]);
+    assert_eq!(
+        fields,
+        [
+            "apiKey",
+            "apiSecret",
+            "encryptionId",
+            "operatorApiKey",
+            "operatorApiSecret",
+            "tenantId"
+        ]
+    );
     assert!(dev.stdout.contains("DEV MODE"), "{}", dev.stdout);
     assert!(dev.stdout.contains("master.key"));
 
@@ -119,6 +129,19 @@ fn dev_mode_prints_examples_that_work_when_pasted_and_keeps_keys_across_restarts
     assert!(rotated["newVersionId"].is_string());
     let details = paste(&example(&dev.stdout, "Inspect:"));
     assert_eq!(details["versions"].as_array().unwrap().len(), 2);
+    // The operator key lists tenants and is refused on a tenant's data.
+    let tenants = paste(&example(&dev.stdout, "Tenants (operator key):"));
+    assert_eq!(tenants["items"][0]["tenantId"], dev.creds["tenantId"]);
+    let inspect = example(&dev.stdout, "Inspect:")
+        .replace(
+            dev.creds["apiKey"].as_str().unwrap(),
+            dev.creds["operatorApiKey"].as_str().unwrap(),
+        )
+        .replace(
+            dev.creds["apiSecret"].as_str().unwrap(),
+            dev.creds["operatorApiSecret"].as_str().unwrap(),
+        );
+    assert_eq!(paste(&inspect)["error"]["code"], "tenant_key_required");
     let first_creds = dev.creds.clone();
     stop_dev(dev);
 

@@ -191,7 +191,12 @@ impl TestApp {
 
     /// Starts Keyward on a fresh database with extra KEYWARD_* settings.
     pub async fn spawn_with(backend: Backend, env: &[(&str, &str)]) -> TestApp {
-        let db = Arc::new(TestDatabase::new(backend).await);
+        Self::spawn_on(TestDatabase::new(backend).await, env)
+    }
+
+    /// Starts Keyward on `db`, which may hold what an older Keyward left.
+    pub fn spawn_on(db: TestDatabase, env: &[(&str, &str)]) -> TestApp {
+        let db = Arc::new(db);
         let mut app = TestApp {
             db,
             master_key: random_master_key(),
@@ -356,6 +361,23 @@ impl TestApp {
             serde_json::from_slice(&out.stdout).expect("tenant create --json prints JSON");
         Creds {
             tenant_id: v["tenantId"].as_str().unwrap().into(),
+            key: v["apiKey"].as_str().unwrap().into(),
+            secret: v["apiSecret"].as_str().unwrap().into(),
+        }
+    }
+
+    /// Creates an operator key (scopes operator, audit) with the CLI; its
+    /// `tenant_id` is empty.
+    pub fn create_operator(&self) -> Creds {
+        let out = self.cli(&["operator-key", "create", "--json"]);
+        assert!(
+            out.status.success(),
+            "operator-key create failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        Creds {
+            tenant_id: String::new(),
             key: v["apiKey"].as_str().unwrap().into(),
             secret: v["apiSecret"].as_str().unwrap().into(),
         }

@@ -23,7 +23,7 @@ crate::on_both_databases!(
 
 /// A key for the operator's routes.
 fn operator(app: &TestApp) -> Creds {
-    app.create_tenant("operator")
+    app.create_operator()
 }
 
 async fn root_kek_status(app: &TestApp, operator: &Creds) -> Value {

@@ -4,6 +4,7 @@
 mod abuse;
 mod audit;
 mod auth;
+mod authority;
 mod checkpoints;
 mod cli;
 mod client_key;

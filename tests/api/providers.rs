@@ -564,13 +564,14 @@ async fn root_kek_rotation_survives_sigkill_and_finishes(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_admin_endpoint_rotates_the_root_kek_in_the_background() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    let admin = app.create_tenant("operator");
-    let manager = app.create_key(&admin.tenant_id, "encrypt,decrypt,manage");
+    let tenant = app.create_tenant("operator");
+    let manager = app.create_key(&tenant.tenant_id, "encrypt,decrypt,manage");
+    let admin = app.create_operator();
     let mut made = vec![];
     for i in 0..10 {
-        let (enc, _) = app.create_encryption(&admin).await;
+        let (enc, _) = app.create_encryption(&tenant).await;
         made.push((
-            app.encrypt(&admin, &enc, &format!("{i}")).await,
+            app.encrypt(&tenant, &enc, &format!("{i}")).await,
             format!("{i}"),
         ));
     }
@@ -600,7 +601,7 @@ async fn the_admin_endpoint_rotates_the_root_kek_in_the_background() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for (e, d) in &made {
-        decrypts(&app, &admin, e, d).await;
+        decrypts(&app, &tenant, e, d).await;
     }
 }
 
@@ -625,7 +626,7 @@ async fn a_short_lived_vault_token_is_renewed_while_keyward_runs() {
     ];
     let app = TestApp::spawn_with(Backend::Sqlite, &env).await;
     wait_ready(&app).await;
-    let admin = app.create_tenant("operator");
+    let admin = app.create_operator();
     // Well past the token's 3-second TTL: only renewal keeps it valid.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let (status, body) = app

@@ -18,8 +18,10 @@ impl KeyService {
                 Lookup::Found(r) => Some(r),
                 Lookup::KnownUnknown => None,
                 Lookup::NotCached(generation) => match self.store.api_key(key_id).await? {
-                    Some(row) if row.revoked_at.is_none() => {
-                        let record = Arc::new(record_from_row(row)?);
+                    // A revoked key and a key of a disabled tenant are refused
+                    // like an unknown one.
+                    Some(found) if found.key.revoked_at.is_none() && !found.tenant_disabled => {
+                        let record = Arc::new(record_from_row(found.key)?);
                         self.api_keys.insert(record.clone(), generation);
                         Some(record)
                     }

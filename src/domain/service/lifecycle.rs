@@ -223,8 +223,17 @@ impl KeyService {
         if let Some(outcome) = &done {
             tracing::info!(encryption_id = %id, new_version = outcome.new_version, "rotated automatically");
             if let Some(recorder) = &self.recorder {
+                // The record names the tenant, so that the tenant's own audit
+                // shows its automatic rotations (a rare event: one query).
+                let tenant = match self.store.encryption_with_versions(id).await {
+                    Ok(found) => found.map(|(e, _)| e.tenant_id),
+                    Err(e) => {
+                        tracing::warn!(error = %e, encryption_id = %id, "cannot read the tenant of an automatic rotation");
+                        None
+                    }
+                };
                 recorder
-                    .rotated_automatically(id, outcome.new_version_id)
+                    .rotated_automatically(tenant, id, outcome.new_version_id)
                     .await;
             }
         }

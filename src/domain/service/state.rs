@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::crypto::{CheckpointKey, CipherKey};
 use crate::domain::apikeys::ApiKeyCache;
-use crate::domain::ids::{EncryptionId, KekId, VersionId};
+use crate::domain::ids::{EncryptionId, KekId, TenantId, VersionId};
 use crate::domain::keyring::KeyRing;
 use crate::domain::sources::JobSources;
 use crate::master_key::MasterKeyProvider;
@@ -21,10 +21,12 @@ use crate::store::Store;
 /// it (an automatic rotation). A running server passes the audit log; the CLI
 /// passes nothing, since it never rotates by itself.
 pub trait SystemRecorder: Send + Sync {
-    /// A policy (a period or the nonce bound) rotated `encryption` to
-    /// `new_version`. Waits only when the recorder's queue is full.
+    /// A policy (a period or the nonce bound) rotated `encryption` (of
+    /// `tenant`, when known) to `new_version`. Waits only when the recorder's
+    /// queue is full.
     fn rotated_automatically(
         &self,
+        tenant: Option<TenantId>,
         encryption: EncryptionId,
         new_version: VersionId,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
