@@ -33,6 +33,18 @@ pub enum KeyError {
     /// The client key is not the one the encryption was created with.
     #[error("the client master key does not match this encryption")]
     MasterKeyMismatch,
+    /// Too many wrong client keys for this encryption lately; retry after.
+    /// Only callers holding the tenant's credentials can cause it.
+    #[error("too many wrong client master keys for this encryption; retry in {} s", .0.as_secs() + u64::from(.0.subsec_nanos() > 0))]
+    TooManyMasterKeyAttempts(std::time::Duration),
+    /// The version has made as many encryptions as its random nonces allow.
+    #[error("this encryption version has made as many encryptions as its nonces allow; rotate, or use the active version")]
+    VersionExhausted,
+    /// This replica's use count of the version is not yet recorded in the
+    /// database, and with it the version would pass the nonce bound: refused
+    /// until the count is recorded (a 503 the caller may retry).
+    #[error("the version's use count is not yet recorded; retry later")]
+    UseCountUnrecorded,
     /// `X-Master-Key` was sent for a platform-managed encryption.
     #[error("this encryption is platform-managed and takes no X-Master-Key")]
     MasterKeyNotApplicable,

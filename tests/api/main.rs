@@ -8,6 +8,7 @@ mod cli;
 mod client_key;
 mod contract;
 mod dev;
+mod guards;
 mod helpers;
 mod input;
 mod jobs;

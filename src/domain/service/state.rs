@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::crypto::CipherKey;
 use crate::domain::apikeys::ApiKeyCache;
+use crate::domain::guard::FailureCounter;
 use crate::domain::ids::{EncryptionId, KekId, VersionId};
 use crate::domain::keyring::KeyRing;
 use crate::master_key::MasterKeyProvider;
@@ -67,6 +68,33 @@ pub struct KeyService {
     /// Where operations Keyward does by itself are recorded (set once, at
     /// construction).
     pub(super) recorder: Option<Arc<dyn SystemRecorder>>,
+    /// Wrong client keys per encryption (internally locked; a lock only once
+    /// a wrong key was ever seen).
+    pub(super) client_key_failures: FailureCounter<EncryptionId>,
+    /// The nonce bound: most encryptions per version.
+    pub(super) max_encryptions_per_version: u64,
+}
+
+/// Limits of the service (defaults: those of the configuration reference).
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceLimits {
+    /// Wrong client keys for one encryption within `client_key_lockout`
+    /// before client-key calls on it are refused for `client_key_lockout`.
+    pub client_key_max_failures: u32,
+    /// See `client_key_max_failures`.
+    pub client_key_lockout: std::time::Duration,
+    /// The nonce bound: no version encrypts more than this many times.
+    pub max_encryptions_per_version: u64,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        ServiceLimits {
+            client_key_max_failures: 10,
+            client_key_lockout: std::time::Duration::from_secs(300),
+            max_encryptions_per_version: 1 << 32,
+        }
+    }
 }
 
 impl fmt::Debug for KeyService {
@@ -95,7 +123,20 @@ impl KeyService {
             provider,
             reload: tokio::sync::Mutex::new(()),
             recorder: None,
+            client_key_failures: FailureCounter::new(
+                ServiceLimits::default().client_key_max_failures,
+                ServiceLimits::default().client_key_lockout,
+            ),
+            max_encryptions_per_version: ServiceLimits::default().max_encryptions_per_version,
         }
+    }
+
+    /// Applies `limits`.
+    pub fn with_limits(mut self, limits: ServiceLimits) -> KeyService {
+        self.client_key_failures =
+            FailureCounter::new(limits.client_key_max_failures, limits.client_key_lockout);
+        self.max_encryptions_per_version = limits.max_encryptions_per_version;
+        self
     }
 
     /// Records the operations Keyward does by itself with `recorder`.
