@@ -14,7 +14,8 @@ use std::net::IpAddr;
 use std::str::FromStr;
 
 /// The client's address as [`TrustedProxies::client_addr`] found it, put in
-/// each request's extensions by the edge: what lockouts, rate limits and audit
+/// each request's extensions by the edge when any proxy is trusted (otherwise
+/// it is the peer's, `ConnectInfo`): what lockouts, rate limits and audit
 /// records count and name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);

@@ -84,12 +84,12 @@ impl Edge {
             }
         };
         req.extensions_mut().insert(ConnectInfo(peer));
+        // Without trusted proxies the client address is the peer's, which
+        // readers take from `ConnectInfo`: nothing more to store per request.
         let proxies = self.guard.trusted_proxies();
-        let client_addr = if proxies.is_empty() {
-            peer.ip()
-        } else {
+        if !proxies.is_empty() {
             let headers = req.headers();
-            proxies.client_addr(
+            let client_addr = proxies.client_addr(
                 peer.ip(),
                 headers
                     .get_all(X_FORWARDED_FOR)
@@ -99,9 +99,9 @@ impl Edge {
                     .get_all(header::FORWARDED)
                     .iter()
                     .map(|v| v.as_bytes()),
-            )
-        };
-        req.extensions_mut().insert(ClientAddr(client_addr));
+            );
+            req.extensions_mut().insert(ClientAddr(client_addr));
+        }
         if let Some(limit) = self.body_limit {
             DefaultBodyLimit::max(limit).apply(&mut req);
             req.extensions_mut().insert(BodyLimit(limit));

@@ -20,6 +20,7 @@ crate::on_both_databases!(
     another_tenants_id_is_answered_from_memory_like_an_unknown_one,
     an_enabled_version_named_explicitly_stops_at_the_nonce_bound,
     a_replica_stops_at_the_nonce_bound_when_its_count_is_not_recorded,
+    a_replica_whose_counts_the_database_refuses_stops_at_the_bound_then_resumes,
 );
 
 /// A client whose connections come from `source` (any 127.x.y.z reaches a
@@ -471,4 +472,78 @@ async fn a_replica_stops_at_the_nonce_bound_when_its_count_is_not_recorded(backe
     let named = json!({"encryptionId": enc, "data": "x", "encryptionVersionId": first});
     let (status, resp) = app.post("/v1/encrypt", &creds, &named).await;
     assert_error(status, &resp, 409, "version_exhausted");
+}
+
+async fn a_replica_whose_counts_the_database_refuses_stops_at_the_bound_then_resumes(
+    backend: Backend,
+) {
+    use sqlx::Connection;
+    let env = [
+        ("KEYWARD_ROTATE_AFTER_ENCRYPTIONS", "5"),
+        ("KEYWARD_MAX_ENCRYPTIONS_PER_VERSION", "6"),
+        ("KEYWARD_MAINTENANCE_INTERVAL", "100ms"),
+    ];
+    let app = TestApp::spawn_with(backend, &env).await;
+    let creds = app.create_tenant("acme");
+    let (enc, first) = app.create_encryption(&creds).await;
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    let (refuse, accept): (&[&str], &str) = match backend {
+        Backend::Sqlite => (
+            &[
+                "CREATE TRIGGER refuse_counts BEFORE UPDATE ON encryption_key_versions \
+               BEGIN SELECT RAISE(ABORT, 'refused by the test'); END",
+            ],
+            "DROP TRIGGER refuse_counts",
+        ),
+        Backend::Postgres => (
+            &[
+                "CREATE FUNCTION refuse_counts() RETURNS trigger LANGUAGE plpgsql \
+                 AS $$ BEGIN RAISE EXCEPTION 'refused by the test'; END $$",
+                "CREATE TRIGGER refuse_counts BEFORE UPDATE ON encryption_key_versions \
+                 FOR EACH ROW EXECUTE FUNCTION refuse_counts()",
+            ],
+            "DROP TRIGGER refuse_counts ON encryption_key_versions",
+        ),
+    };
+    for sql in refuse {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    for _ in 0..6 {
+        app.encrypt(&creds, &enc, "x").await;
+    }
+    // The counts cannot be recorded: at the bound the replica stops on its
+    // own, and stays stopped while the database refuses them.
+    assert!(app.log_shows("could not flush use counts").await);
+    for _ in 0..5 {
+        let (status, resp) = app
+            .post(
+                "/v1/encrypt",
+                &creds,
+                &json!({"encryptionId": enc, "data": "x"}),
+            )
+            .await;
+        assert_error(status, &resp, 503, "use_count_unrecorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once the database takes them, the count is recorded, the spent version
+    // rotated, and encryption resumes under a new version.
+    sqlx::query(accept).execute(&mut conn).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, resp) = app
+            .post(
+                "/v1/encrypt",
+                &creds,
+                &json!({"encryptionId": enc, "data": "y"}),
+            )
+            .await;
+        if status == StatusCode::OK {
+            assert_ne!(resp["encryptionVersionId"], first.as_str());
+            break;
+        }
+        assert_error(status, &resp, 503, "use_count_unrecorded");
+        assert!(std::time::Instant::now() < deadline, "never resumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
