@@ -330,7 +330,9 @@ impl AuthGuard {
         let key = AddrKey::of(a);
         if self.by_addr.fail(&key) {
             tracing::warn!(address = %key, "too many failed authentications: client address locked out");
-            metrics::counter!("keyward_auth_lockouts_total").increment(1);
+            // The label stays for dashboards made when key ids were locked
+            // out too; addresses are all that is locked out now.
+            metrics::counter!("keyward_auth_lockouts_total", "by" => "address").increment(1);
         }
     }
 
