@@ -11,7 +11,7 @@ use super::raw::{ConfigError, Raw};
 use super::secrets::{DatabaseUrl, SecretString};
 use super::settings::Settings;
 use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
-use crate::domain::client_addr::TrustedProxies;
+use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
 use crate::master_key::ProviderKind;
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -105,9 +105,11 @@ impl Raw {
                     "must be a whole number of requests per second (0: no limit)".to_string()
                 })
             })?,
-            trusted_proxies: self
-                .parse("trusted_proxies", TrustedProxies::parse)?
-                .unwrap_or_default(),
+            trusted_proxies: {
+                let header = self.required("trusted_proxy_header", ForwardedHeader::parse)?;
+                self.parse("trusted_proxies", |v| TrustedProxies::parse(v, header))?
+                    .unwrap_or_default()
+            },
             audit_refused_per_minute: self.required("audit_refused_per_minute", |v| {
                 positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
             })?,

@@ -5,10 +5,13 @@
 //! chose, and believing it would let a caller pick the address its failures
 //! are counted under (someone else's, to lock them out) or escape its own
 //! lockout. Behind trusted proxies the client is the right-most address of
-//! `X-Forwarded-For` that is not itself a trusted proxy (each proxy appends
-//! the address it received the request from, so entries further left were
-//! written by the client and are not believed), or, without that header, the
-//! same walk over `Forwarded`'s `for=` parameters (RFC 7239).
+//! the one header the operator names (`trusted_proxy_header`:
+//! `X-Forwarded-For` by default, or `Forwarded`'s `for=` parameters, RFC 7239)
+//! that is not itself a trusted proxy: each proxy appends the address it
+//! received the request from, so entries further left were written by the
+//! client and are not believed. Only one header is read, never "whichever is
+//! present": a proxy that writes one passes the other through from the
+//! client untouched, and reading that would let the client choose.
 
 use std::net::IpAddr;
 use std::str::FromStr;
@@ -86,62 +89,98 @@ fn canonical(addr: IpAddr) -> IpAddr {
     }
 }
 
-/// The proxies whose forwarding headers are believed. Empty by default: no
-/// header is believed.
+/// Which header the trusted proxies write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2`.
+    #[default]
+    XForwardedFor,
+    /// `Forwarded: for=client, for=proxy1` (RFC 7239).
+    Forwarded,
+}
+
+impl ForwardedHeader {
+    /// Parses `x-forwarded-for` or `forwarded` (any case).
+    pub fn parse(v: &str) -> Result<ForwardedHeader, String> {
+        match v.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Ok(ForwardedHeader::XForwardedFor),
+            "forwarded" => Ok(ForwardedHeader::Forwarded),
+            _ => Err("must be `x-forwarded-for` or `forwarded`".into()),
+        }
+    }
+
+    /// The header's name, lower case.
+    pub fn name(self) -> &'static str {
+        match self {
+            ForwardedHeader::XForwardedFor => "x-forwarded-for",
+            ForwardedHeader::Forwarded => "forwarded",
+        }
+    }
+}
+
+/// The proxies whose forwarding header is believed, and which header that
+/// is. No proxy by default: no header is believed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TrustedProxies(Vec<Cidr>);
+pub struct TrustedProxies {
+    blocks: Vec<Cidr>,
+    header: ForwardedHeader,
+}
 
 impl TrustedProxies {
-    /// Parses a comma-separated list of CIDR blocks (empty: none).
-    pub fn parse(list: &str) -> Result<TrustedProxies, String> {
-        list.split(',')
+    /// Parses a comma-separated list of CIDR blocks (empty: none), whose
+    /// proxies write `header`.
+    pub fn parse(list: &str, header: ForwardedHeader) -> Result<TrustedProxies, String> {
+        let blocks = list
+            .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(Cidr::from_str)
-            .collect::<Result<Vec<_>, _>>()
-            .map(TrustedProxies)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TrustedProxies { blocks, header })
     }
 
     /// Whether no proxy is trusted.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.blocks.is_empty()
+    }
+
+    /// The header the proxies write, the only one read.
+    pub fn header(&self) -> ForwardedHeader {
+        self.header
     }
 
     fn trusts(&self, addr: IpAddr) -> bool {
-        self.0.iter().any(|c| c.contains(addr))
+        self.blocks.iter().any(|c| c.contains(addr))
     }
 
-    /// The client's address for a request from `peer` carrying these
-    /// `X-Forwarded-For` and `Forwarded` header values.
+    /// The client's address for a request from `peer` carrying these values
+    /// of [`Self::header`].
     pub fn client_addr<'a>(
         &self,
         peer: IpAddr,
-        x_forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
-        forwarded: impl DoubleEndedIterator<Item = &'a [u8]>,
+        values: impl DoubleEndedIterator<Item = &'a [u8]>,
     ) -> IpAddr {
-        if self.0.is_empty() || !self.trusts(peer) {
+        if self.blocks.is_empty() || !self.trusts(peer) {
             return peer;
         }
-        let mut xff = x_forwarded_for.peekable();
-        if xff.peek().is_some() {
-            let hops = xff.rev().flat_map(|v| split_rev(v, b',')).map(parse_hop);
-            return self.walk(peer, hops);
+        let elements = values.rev().flat_map(|v| split_rev(v, b','));
+        match self.header {
+            ForwardedHeader::XForwardedFor => self.walk(peer, elements.map(parse_hop)),
+            ForwardedHeader::Forwarded => {
+                let hops = elements.filter_map(|element| {
+                    // `for=...` among `;`-separated pairs; an element without
+                    // one says nothing about the client and is skipped.
+                    split_rev(element, b';').find_map(|pair| {
+                        let pair = std::str::from_utf8(pair).ok()?.trim();
+                        let (name, value) = pair.split_once('=')?;
+                        name.trim()
+                            .eq_ignore_ascii_case("for")
+                            .then(|| parse_hop(value.trim().as_bytes()))
+                    })
+                });
+                self.walk(peer, hops)
+            }
         }
-        let hops = forwarded
-            .rev()
-            .flat_map(|v| split_rev(v, b','))
-            .filter_map(|element| {
-                // `for=...` among `;`-separated pairs; an element without one
-                // says nothing about the client and is skipped.
-                split_rev(element, b';').find_map(|pair| {
-                    let pair = std::str::from_utf8(pair).ok()?.trim();
-                    let (name, value) = pair.split_once('=')?;
-                    name.trim()
-                        .eq_ignore_ascii_case("for")
-                        .then(|| parse_hop(value.trim().as_bytes()))
-                })
-            });
-        self.walk(peer, hops)
     }
 
     /// Walks hops from the right: the first one that is not a trusted proxy
@@ -190,19 +229,24 @@ mod tests {
     }
 
     fn client(proxies: &str, peer: &str, xff: &[&str], fwd: &[&str]) -> IpAddr {
-        let t = TrustedProxies::parse(proxies).unwrap();
-        t.client_addr(
-            ip(peer),
-            xff.iter().map(|s| s.as_bytes()),
-            fwd.iter().map(|s| s.as_bytes()),
-        )
+        let (header, values) = if fwd.is_empty() {
+            (ForwardedHeader::XForwardedFor, xff)
+        } else {
+            (ForwardedHeader::Forwarded, fwd)
+        };
+        let t = TrustedProxies::parse(proxies, header).unwrap();
+        t.client_addr(ip(peer), values.iter().map(|s| s.as_bytes()))
     }
 
     #[test]
     fn headers_from_an_untrusted_peer_are_ignored() {
         assert_eq!(client("", "1.2.3.4", &["9.9.9.9"], &[]), ip("1.2.3.4"));
         assert_eq!(
-            client("10.0.0.0/8", "1.2.3.4", &["9.9.9.9"], &["for=9.9.9.9"]),
+            client("10.0.0.0/8", "1.2.3.4", &["9.9.9.9"], &[]),
+            ip("1.2.3.4")
+        );
+        assert_eq!(
+            client("10.0.0.0/8", "1.2.3.4", &[], &["for=9.9.9.9"]),
             ip("1.2.3.4")
         );
     }
@@ -234,6 +278,22 @@ mod tests {
     }
 
     #[test]
+    fn only_the_declared_header_is_read() {
+        // Proxies that write X-Forwarded-For pass a client's Forwarded
+        // through untouched, and the other way round: it is never read.
+        let xff = TrustedProxies::parse("10.0.0.0/8", ForwardedHeader::XForwardedFor).unwrap();
+        assert_eq!(xff.header().name(), "x-forwarded-for");
+        let fwd = TrustedProxies::parse("10.0.0.0/8", ForwardedHeader::Forwarded).unwrap();
+        assert_eq!(fwd.header().name(), "forwarded");
+        assert_eq!(
+            fwd.client_addr(ip("10.0.0.5"), [b"6.6.6.6".as_slice()].into_iter()),
+            ip("10.0.0.5"),
+            "an X-Forwarded-For value is not a Forwarded element"
+        );
+        assert!(ForwardedHeader::parse("X-Real-IP").is_err());
+    }
+
+    #[test]
     fn cidrs_parse_and_match() {
         let c: Cidr = "10.0.0.0/8".parse().unwrap();
         assert!(c.contains(ip("10.255.0.1")) && !c.contains(ip("11.0.0.1")));
@@ -245,6 +305,8 @@ mod tests {
         for bad in ["10.0.0.0/33", "nope", "10.0.0.0/x", "::/129"] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
-        assert!(TrustedProxies::parse("").unwrap().is_empty());
+        assert!(TrustedProxies::parse("", ForwardedHeader::default())
+            .unwrap()
+            .is_empty());
     }
 }

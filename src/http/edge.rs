@@ -33,7 +33,7 @@ use super::error::{ApiError, ErrorCode};
 use super::extract::BodyLimit;
 use super::metrics;
 use super::state::{AppState, BatchLimits};
-use crate::domain::client_addr::ClientAddr;
+use crate::domain::client_addr::{ClientAddr, ForwardedHeader};
 use crate::domain::guard::AuthGuard;
 use crate::domain::identity::ClientIdentity;
 
@@ -88,18 +88,12 @@ impl Edge {
         // readers take from `ConnectInfo`: nothing more to store per request.
         let proxies = self.guard.trusted_proxies();
         if !proxies.is_empty() {
-            let headers = req.headers();
-            let client_addr = proxies.client_addr(
-                peer.ip(),
-                headers
-                    .get_all(X_FORWARDED_FOR)
-                    .iter()
-                    .map(|v| v.as_bytes()),
-                headers
-                    .get_all(header::FORWARDED)
-                    .iter()
-                    .map(|v| v.as_bytes()),
-            );
+            let name = match proxies.header() {
+                ForwardedHeader::XForwardedFor => X_FORWARDED_FOR,
+                ForwardedHeader::Forwarded => header::FORWARDED,
+            };
+            let values = req.headers().get_all(name);
+            let client_addr = proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()));
             req.extensions_mut().insert(ClientAddr(client_addr));
         }
         if let Some(limit) = self.body_limit {

@@ -140,9 +140,15 @@ async fn a_forwarded_address_is_believed_only_from_a_declared_proxy() {
     }
     let (status, resp) = post_from(&app, &proxy, &creds, &mallory, &body).await;
     assert_error(status, &resp, 429, "too_many_failed_attempts");
-    let mallory_rfc7239 = [("Forwarded", "for=203.0.113.7;proto=https")];
-    let (status, _) = post_from(&app, &proxy, &creds, &mallory_rfc7239, &body).await;
-    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "Forwarded too");
+    // Only the declared header (X-Forwarded-For by default) is read: a
+    // `Forwarded` the proxy passed through from a client is not.
+    let not_read = [("Forwarded", "for=203.0.113.7;proto=https")];
+    let (status, _) = post_from(&app, &proxy, &creds, &not_read, &body).await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "Forwarded is not the declared header"
+    );
     // Another client behind the same proxy is not locked out, and so is
     // neither the one whose address mallory put in front.
     for other in ["203.0.113.8", "192.0.2.99"] {
@@ -169,7 +175,7 @@ async fn a_forwarded_address_is_believed_only_from_a_declared_proxy() {
     assert_eq!(status, StatusCode::OK);
 
     // The audit names the client address as found, never a spoofed one.
-    let records = audit_with_at_least(&audit_file, 14).await;
+    let records = audit_with_at_least(&audit_file, 15).await;
     let peers: Vec<&str> = records
         .iter()
         .filter(|r| r["operation"] == "encrypt")
@@ -185,6 +191,42 @@ async fn a_forwarded_address_is_believed_only_from_a_declared_proxy() {
             && !peers.contains(&"10.1.2.3"),
         "{peers:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_that_write_forwarded_are_read_from_forwarded_only() {
+    let env = [
+        ("KEYWARD_AUTH_MAX_FAILURES", "2"),
+        ("KEYWARD_TRUSTED_PROXIES", "127.0.0.1"),
+        ("KEYWARD_TRUSTED_PROXY_HEADER", "forwarded"),
+    ];
+    let app = TestApp::spawn_with(Backend::Sqlite, &env).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let body = json!({"encryptionId": enc, "data": "x"});
+    let wrong = Creds {
+        secret: "kws_wrong".into(),
+        ..creds.clone()
+    };
+    let proxy = app.client.clone();
+    let client = [("Forwarded", r#"for="[2001:db8::9]:4711";proto=https"#)];
+    for _ in 0..2 {
+        let (status, _) = post_from(&app, &proxy, &wrong, &client, &body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let (status, resp) = post_from(&app, &proxy, &creds, &client, &body).await;
+    assert_error(status, &resp, 429, "too_many_failed_attempts");
+    // The same /64 is the same client; another /64 is not.
+    let same = [("Forwarded", "for=\"[2001:db8::ffff]\"")];
+    let (status, _) = post_from(&app, &proxy, &creds, &same, &body).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    let other = [("Forwarded", "for=\"[2001:db8:0:1::9]\"")];
+    let (status, _) = post_from(&app, &proxy, &creds, &other, &body).await;
+    assert_eq!(status, StatusCode::OK);
+    // X-Forwarded-For is not the declared header: not read.
+    let not_read = [("X-Forwarded-For", "2001:db8::9")];
+    let (status, _) = post_from(&app, &proxy, &creds, &not_read, &body).await;
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
