@@ -33,7 +33,7 @@ use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -98,9 +98,11 @@ pub struct FailureCounter<K> {
     max_failures: u32,
     window: Duration,
     map: Mutex<HashMap<K, Failures>>,
-    /// Whether any failure was ever recorded: until then [`Self::locked`],
-    /// which runs on every request, takes no lock.
-    any_failure: AtomicBool,
+    /// When the last lockout ends, in milliseconds since `base` (0: none
+    /// yet). Outside a lockout [`Self::locked`], which runs on every request,
+    /// takes no lock.
+    locks_end_ms: AtomicU64,
+    base: Instant,
 }
 
 impl<K> std::fmt::Debug for FailureCounter<K> {
@@ -120,8 +122,13 @@ impl<K: Hash + Eq + Clone> FailureCounter<K> {
             max_failures: max_failures.max(1),
             window,
             map: Mutex::new(HashMap::new()),
-            any_failure: AtomicBool::new(false),
+            locks_end_ms: AtomicU64::new(0),
+            base: Instant::now(),
         }
+    }
+
+    fn ms_since_base(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.base).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// How long `k` stays locked, if it is.
@@ -130,10 +137,10 @@ impl<K: Hash + Eq + Clone> FailureCounter<K> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        if !self.any_failure.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if self.ms_since_base(now) >= self.locks_end_ms.load(Ordering::Acquire) {
             return None;
         }
-        let now = Instant::now();
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.get(k)
             .and_then(|f| f.locked_until)
@@ -143,7 +150,6 @@ impl<K: Hash + Eq + Clone> FailureCounter<K> {
 
     /// Counts a failure of `k`; true when it starts a lockout.
     pub fn fail(&self, k: &K) -> bool {
-        self.any_failure.store(true, Ordering::Relaxed);
         let now = Instant::now();
         let window = self.window;
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
@@ -171,7 +177,11 @@ impl<K: Hash + Eq + Clone> FailureCounter<K> {
         }
         f.count = f.count.saturating_add(1);
         if f.count >= self.max_failures && f.locked_until.is_none_or(|u| u <= now) {
-            f.locked_until = Some(now + window);
+            let until = now + window;
+            f.locked_until = Some(until);
+            // Rounded up, so the fast path never misses the lockout's end.
+            let until_ms = self.ms_since_base(until).saturating_add(1);
+            self.locks_end_ms.fetch_max(until_ms, Ordering::AcqRel);
             return true;
         }
         false
@@ -425,6 +435,17 @@ mod tests {
         assert!(matches!(g.check_lockout(addr), Err(Refusal::LockedOut(_))));
         assert!(g.check_lockout(Some("10.0.0.2".parse().unwrap())).is_ok());
         assert!(g.check_lockout(None).is_ok());
+    }
+
+    #[test]
+    fn a_lockout_ends_after_its_window() {
+        let c = FailureCounter::new(2, Duration::from_millis(200));
+        assert!(!c.fail(&1u8));
+        assert!(c.locked(&1).is_none());
+        assert!(c.fail(&1));
+        assert!(c.locked(&1).is_some() && c.locked(&2).is_none());
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(c.locked(&1).is_none());
     }
 
     #[test]
