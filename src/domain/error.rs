@@ -40,11 +40,11 @@ pub enum KeyError {
     /// The version has made as many encryptions as its random nonces allow.
     #[error("this encryption version has made as many encryptions as its nonces allow; rotate, or use the active version")]
     VersionExhausted,
-    /// This replica's use count of the version is not yet recorded in the
-    /// database, and with it the version would pass the nonce bound: refused
-    /// until the count is recorded (a 503 the caller may retry).
-    #[error("the version's use count is not yet recorded; retry later")]
-    UseCountUnrecorded,
+    /// The active version of a platform-mode encryption reached the nonce
+    /// bound (counting this replica's uses not yet recorded); an automatic
+    /// rotation replaces it once the count is recorded: a 503 to retry.
+    #[error("the active version reached its encryption bound and is rotated once its use count is recorded; retry shortly")]
+    RotationPending,
     /// `X-Master-Key` was sent for a platform-managed encryption.
     #[error("this encryption is platform-managed and takes no X-Master-Key")]
     MasterKeyNotApplicable,

@@ -49,20 +49,20 @@ pub struct UseCount {
 }
 
 impl UseCount {
-    /// Takes one use under the bound `max`: `Err(true)` when the recorded
-    /// count alone has reached it (the version is spent), `Err(false)` when
-    /// this replica's counts not yet recorded would take it past.
-    pub fn take(&self, max: u64) -> Result<(), bool> {
+    /// Takes one use under the bound `max`: false (and nothing taken) when
+    /// the recorded count plus this replica's not yet recorded count has
+    /// reached it, so the version has made every encryption it may.
+    pub fn take(&self, max: u64) -> bool {
         let recorded = self.recorded.load(Ordering::Acquire);
         if recorded >= max {
-            return Err(true);
+            return false;
         }
         let unflushed = self.unflushed.fetch_add(1, Ordering::AcqRel) + 1;
         if recorded.saturating_add(unflushed) > max {
             self.unflushed.fetch_sub(1, Ordering::AcqRel);
-            return Err(false);
+            return false;
         }
-        Ok(())
+        true
     }
 
     /// Gives back a use taken for an encryption that did not happen.

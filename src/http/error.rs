@@ -148,7 +148,7 @@ impl ApiError {
                     (S::TOO_MANY_REQUESTS, "too_many_master_key_attempts")
                 }
                 KeyError::VersionExhausted => (S::CONFLICT, "version_exhausted"),
-                KeyError::UseCountUnrecorded => (S::SERVICE_UNAVAILABLE, "use_count_unrecorded"),
+                KeyError::RotationPending => (S::SERVICE_UNAVAILABLE, "rotation_pending"),
                 k if k.is_unavailable() => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 KeyError::VersionBelowMinimum => (S::FORBIDDEN, "version_below_min_decryption"),
                 KeyError::InvalidStateChange(_) => (S::CONFLICT, "invalid_state_change"),
@@ -193,7 +193,7 @@ impl ApiError {
         let message = if status.is_server_error() {
             tracing::error!(code, error = %self, "request failed");
             match self {
-                ApiError::Timeout | ApiError::Key(KeyError::UseCountUnrecorded) => {
+                ApiError::Timeout | ApiError::Key(KeyError::RotationPending) => {
                     Cow::Owned(self.to_string())
                 }
                 ApiError::Rejected(_) => Cow::Borrowed(INTERNAL),
@@ -255,7 +255,7 @@ impl IntoResponse for ApiError {
             ApiError::TooManyFailedAttempts(d)
             | ApiError::RateLimited(d)
             | ApiError::Key(KeyError::TooManyMasterKeyAttempts(d)) => Some(retry_secs(*d)),
-            ApiError::Key(KeyError::UseCountUnrecorded) => Some(1),
+            ApiError::Key(KeyError::RotationPending) => Some(1),
             _ => None,
         };
         if let Some(secs) = retry {

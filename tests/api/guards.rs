@@ -457,16 +457,12 @@ async fn an_enabled_version_named_explicitly_stops_at_the_nonce_bound(backend: B
         assert_eq!(status, StatusCode::OK, "{resp}");
         assert_eq!(resp["encryptionVersionId"], first.as_str());
     }
-    // Once the count is recorded, the version is spent: on every replica,
-    // for good.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let (status, resp) = loop {
-        let (status, resp) = app.post("/v1/encrypt", &creds, &named).await;
-        if status != StatusCode::SERVICE_UNAVAILABLE || std::time::Instant::now() > deadline {
-            break (status, resp);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // The version is spent, for good: before its count is recorded (what this
+    // replica counted itself) and after (what every replica counted).
+    let (status, resp) = app.post("/v1/encrypt", &creds, &named).await;
+    assert_error(status, &resp, 409, "version_exhausted");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (status, resp) = app.post("/v1/encrypt", &creds, &named).await;
     assert_error(status, &resp, 409, "version_exhausted");
     // Its ciphertexts still decrypt, and the active version still encrypts.
     let sealed = app.encrypt(&creds, &enc, "y").await;
@@ -499,7 +495,7 @@ async fn a_replica_stops_at_the_nonce_bound_when_its_count_is_not_recorded(backe
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.headers().contains_key("retry-after"));
     let v: Value = resp.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "use_count_unrecorded");
+    assert_eq!(v["error"]["code"], "rotation_pending");
     assert!(!v.to_string().contains("database"), "{v}");
     // Decryption is not affected.
     let (status, body) = app.decrypt(&creds, &sealed[4]).await;
@@ -565,7 +561,7 @@ async fn a_replica_whose_counts_the_database_refuses_stops_at_the_bound_then_res
                 &json!({"encryptionId": enc, "data": "x"}),
             )
             .await;
-        assert_error(status, &resp, 503, "use_count_unrecorded");
+        assert_error(status, &resp, 503, "rotation_pending");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Once the database takes them, the count is recorded, the spent version
@@ -584,7 +580,7 @@ async fn a_replica_whose_counts_the_database_refuses_stops_at_the_bound_then_res
             assert_ne!(resp["encryptionVersionId"], first.as_str());
             break;
         }
-        assert_error(status, &resp, 503, "use_count_unrecorded");
+        assert_error(status, &resp, 503, "rotation_pending");
         assert!(std::time::Instant::now() < deadline, "never resumed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

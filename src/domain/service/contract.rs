@@ -67,18 +67,22 @@ impl KeyService {
         };
         let version = key.key_for_encrypt(version)?;
         // The nonce bound, on every version that encrypts (the active one,
-        // or an enabled one named explicitly), before the nonce is drawn.
-        version
-            .uses
-            .take(self.max_encryptions_per_version)
-            .map_err(|spent| {
-                if spent {
-                    KeyError::VersionExhausted
+        // or an enabled one named explicitly), before the nonce is drawn:
+        // counted with this replica's uses not yet recorded, so a replica
+        // that cannot record them stops here instead of running past it.
+        if !version.uses.take(self.max_encryptions_per_version) {
+            return Err(
+                if version.id == key.active && key.mode == crate::domain::keys::Mode::Platform {
+                    // Spent, and replaced by an automatic rotation as soon
+                    // as its count is recorded: retry shortly.
+                    tracing::warn!(encryption_id = %id, version_id = %version.id, "the active version reached the nonce bound: encryptions wait for its count to be recorded and the version rotated");
+                    KeyError::RotationPending
                 } else {
-                    tracing::warn!(encryption_id = %id, version_id = %version.id, "this replica's unrecorded use count would take the version past the nonce bound: encryptions refused until the count is recorded");
-                    KeyError::UseCountUnrecorded
-                }
-            })?;
+                    // Nothing will make it encrypt again.
+                    KeyError::VersionExhausted
+                },
+            );
+        }
         let aad = data_aad(id.as_bytes(), version.id.as_bytes());
         let sealed = self
             .count_client_key(
