@@ -249,20 +249,16 @@ async fn requests_without_credentials_are_rate_limited_per_address_by_default() 
     let creds = app.create_tenant("acme");
     let (enc, _) = app.create_encryption(&creds).await;
     let body = json!({"encryptionId": enc, "data": "x"});
+    // 300 at once: far over the default burst (5 s of 20 per second),
+    // however slow the machine.
+    let flood = (0..300).map(|_| app.client.post(app.url("/v1/encrypt")).json(&body).send());
     let mut limited = None;
-    for _ in 0..300 {
-        let resp = app
-            .client
-            .post(app.url("/v1/encrypt"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
-            limited = Some(resp);
-            break;
+    for resp in futures::future::join_all(flood).await {
+        let resp = resp.unwrap();
+        match resp.status() {
+            StatusCode::TOO_MANY_REQUESTS => limited = Some(resp),
+            status => assert_eq!(status, StatusCode::UNAUTHORIZED),
         }
-        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     }
     let resp = limited.expect("a flood without credentials is rate limited by default");
     assert!(resp.headers().contains_key("retry-after"));
@@ -339,7 +335,7 @@ async fn a_flood_of_refused_requests_leaves_a_bounded_audit_and_a_visible_count(
 async fn wrong_client_keys_for_one_encryption_are_bounded(backend: Backend) {
     let env = [
         ("KEYWARD_CLIENT_KEY_MAX_FAILURES", "3"),
-        ("KEYWARD_CLIENT_KEY_LOCKOUT", "2s"),
+        ("KEYWARD_CLIENT_KEY_LOCKOUT", "3s"),
     ];
     let app = TestApp::spawn_with(backend, &env).await;
     let creds = app.create_tenant("acme");
@@ -390,7 +386,7 @@ async fn wrong_client_keys_for_one_encryption_are_bounded(backend: Backend) {
             .unwrap()
             .parse()
             .unwrap();
-        assert!((1..=2).contains(&retry), "{retry}");
+        assert!((1..=3).contains(&retry), "{retry}");
         let v: Value = resp.json().await.unwrap();
         assert_eq!(v["error"]["code"], "too_many_master_key_attempts");
     }
@@ -402,7 +398,7 @@ async fn wrong_client_keys_for_one_encryption_are_bounded(backend: Backend) {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{resp}");
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let (status, resp) = call("/v1/decrypt", key.clone(), decrypt_body(&sealed)).await;
     assert_eq!((status, resp), (StatusCode::OK, json!({"data": "zk"})));
     assert!(!app.log_text().contains(&key));
@@ -432,10 +428,10 @@ async fn another_tenants_id_is_answered_from_memory_like_an_unknown_one(backend:
         assert_eq!(answer(theirs.clone()).await, (status, body.clone()));
     }
     let after = counter(&app, "keyward_key_ring_negative_hits_total").await;
-    assert_eq!(
-        after - before,
-        20.0,
-        "no query per request for a foreign id"
+    // At most one query in all (should the 10 s memory lapse mid-loop).
+    assert!(
+        after - before >= 19.0,
+        "a query per request for a foreign id: {before} -> {after}"
     );
     // The owner is not affected by what was remembered for the others.
     app.encrypt(&b, &theirs, "mine").await;
