@@ -124,7 +124,12 @@ impl Application {
             KeyService::new(store, provider, settings.key_ring_capacity)
                 .with_freshness(settings.freshness)
                 .with_recorder(Arc::new(AuditRecorder(audit.clone())))
-                .with_job_sources(job_sources),
+                .with_job_sources(job_sources)
+                .with_limits(crate::domain::service::ServiceLimits {
+                    client_key_max_failures: settings.client_key_max_failures,
+                    client_key_lockout: settings.client_key_lockout,
+                    max_encryptions_per_version: settings.max_encryptions_per_version,
+                }),
         );
         // Checkpoints are signed with the active root KEK's key from when the
         // root keys are loaded (a weak reference: the service holds the log).
@@ -200,13 +205,16 @@ impl Application {
         let state = AppState::new(AppParts {
             audit: audit.clone(),
             service: service.clone(),
-            guard: Arc::new(crate::domain::guard::AuthGuard::new(
-                crate::domain::guard::GuardSettings {
+            guard: Arc::new(
+                crate::domain::guard::AuthGuard::new(crate::domain::guard::GuardSettings {
                     rate_limit: settings.rate_limit,
                     max_failures: settings.auth_max_failures,
                     window: settings.auth_lockout,
-                },
-            )),
+                    unauthenticated_rate_limit: settings.unauthenticated_rate_limit,
+                    audit_refused_per_minute: settings.audit_refused_per_minute,
+                })
+                .with_trusted_proxies(settings.trusted_proxies.clone()),
+            ),
         });
         let router = http::router(
             state.clone(),

@@ -95,7 +95,8 @@ pub struct AuditRecord<S = String> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub client_spki_sha256: Option<S>,
-    /// The peer's IP address.
+    /// The client's IP address: the TCP peer's, or behind a proxy listed in
+    /// `trusted_proxies` the address it forwarded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub peer: Option<S>,

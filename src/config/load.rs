@@ -11,6 +11,7 @@ use super::raw::{ConfigError, Raw};
 use super::secrets::{DatabaseUrl, SecretString};
 use super::settings::Settings;
 use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
+use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
 use crate::master_key::ProviderKind;
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -132,9 +133,27 @@ impl Raw {
                 positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
             })?,
             auth_lockout: self.required("auth_lockout", duration)?,
+            unauthenticated_rate_limit: self.required("unauthenticated_rate_limit", |v| {
+                v.parse::<u32>().map_err(|_| {
+                    "must be a whole number of requests per second (0: no limit)".to_string()
+                })
+            })?,
+            trusted_proxies: {
+                let header = self.required("trusted_proxy_header", ForwardedHeader::parse)?;
+                self.parse("trusted_proxies", |v| TrustedProxies::parse(v, header))?
+                    .unwrap_or_default()
+            },
+            audit_refused_per_minute: self.required("audit_refused_per_minute", |v| {
+                positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+            })?,
+            client_key_max_failures: self.required("client_key_max_failures", |v| {
+                positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
+            })?,
+            client_key_lockout: self.required("client_key_lockout", duration)?,
             rotate_after_encryptions: self.required("rotate_after_encryptions", |v| {
                 positive(v).map(|n| n as u64)
             })?,
+            max_encryptions_per_version: self.max_encryptions_per_version()?,
             maintenance_interval: self.required("maintenance_interval", duration)?,
             job_lease: self.required("job_lease", duration)?,
             job_batch_rows: self.required("job_batch_rows", positive)?,
@@ -189,6 +208,23 @@ impl Raw {
                     .map(|_| v.to_string())
                     .map_err(|e| format!("not a valid log filter: {e}"))
             })?,
+        })
+    }
+
+    /// The nonce bound, at least `rotate_after_encryptions` (a version must
+    /// be rotated before it is stopped).
+    fn max_encryptions_per_version(&self) -> Result<u64, ConfigError> {
+        let rotate_after = self.required("rotate_after_encryptions", |v| {
+            positive(v).map(|n| n as u64)
+        })?;
+        self.required("max_encryptions_per_version", |v| {
+            let n = positive(v)? as u64;
+            if n < rotate_after {
+                return Err(format!(
+                    "must be at least KEYWARD_ROTATE_AFTER_ENCRYPTIONS ({rotate_after})"
+                ));
+            }
+            Ok(n)
         })
     }
 

@@ -70,8 +70,20 @@ pub struct Settings {
     pub auth_max_failures: u32,
     /// Failure window and lockout length.
     pub auth_lockout: Duration,
+    /// Requests without credentials per second per address (0: off).
+    pub unauthenticated_rate_limit: u32,
+    /// Proxies whose forwarding headers are believed.
+    pub trusted_proxies: crate::domain::client_addr::TrustedProxies,
+    /// Refused requests audited in full per address per minute.
+    pub audit_refused_per_minute: u32,
+    /// Wrong client keys per encryption before a refusal.
+    pub client_key_max_failures: u32,
+    /// Window and refusal length for wrong client keys.
+    pub client_key_lockout: Duration,
     /// Rotate after this many encryptions of one version.
     pub rotate_after_encryptions: u64,
+    /// The nonce bound: no version encrypts more than this.
+    pub max_encryptions_per_version: u64,
     /// Count flush and policy check interval.
     pub maintenance_interval: Duration,
     /// Job lease duration.

@@ -33,6 +33,18 @@ pub enum KeyError {
     /// The client key is not the one the encryption was created with.
     #[error("the client master key does not match this encryption")]
     MasterKeyMismatch,
+    /// Too many wrong client keys for this encryption lately; retry after.
+    /// Only callers holding the tenant's credentials can cause it.
+    #[error("too many wrong client master keys for this encryption; retry in {} s", .0.as_secs() + u64::from(.0.subsec_nanos() > 0))]
+    TooManyMasterKeyAttempts(std::time::Duration),
+    /// The version has made as many encryptions as its random nonces allow.
+    #[error("this encryption version has made as many encryptions as its nonces allow; rotate, or use the active version")]
+    VersionExhausted,
+    /// The active version of a platform-mode encryption reached the nonce
+    /// bound (counting this replica's uses not yet recorded); an automatic
+    /// rotation replaces it once the count is recorded: a 503 to retry.
+    #[error("the active version reached its encryption bound and is rotated once its use count is recorded; retry shortly")]
+    RotationPending,
     /// `X-Master-Key` was sent for a platform-managed encryption.
     #[error("this encryption is platform-managed and takes no X-Master-Key")]
     MasterKeyNotApplicable,

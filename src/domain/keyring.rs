@@ -11,19 +11,32 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use super::ids::{EncryptionId, VersionId};
-use super::keys::VersionedKey;
+use super::ids::{EncryptionId, TenantId, VersionId};
+use super::keys::{UseCount, VersionedKey};
 
-/// How long an unknown encryption id is remembered as unknown. Ids are random
-/// UUIDs minted by the server, so a later creation of a remembered id is not a
-/// concern; the point is that probing unknown ids costs no query after the first.
+/// How long an encryption id is remembered as unknown to a tenant (missing,
+/// or another tenant's). Ids are random UUIDs minted by the server, and the
+/// owner of an id never changes, so a remembered answer cannot turn wrong
+/// except by a creation of that id, which drops it ([`KeyRing::invalidate`]);
+/// the point is that probing ids costs no query after the first.
 const NEGATIVE_TTL: Duration = Duration::from_secs(10);
+
+/// What is remembered about an id that is not in the ring for a tenant.
+#[derive(Debug, Clone, Copy)]
+enum Unknown {
+    /// No such encryption.
+    Missing,
+    /// It exists and belongs to this tenant: unknown to every other one.
+    OwnedBy(TenantId),
+}
 
 /// The bounded cache of unwrapped keys. See the module docs.
 #[derive(Debug)]
 pub struct KeyRing {
     entries: RwLock<HashMap<EncryptionId, Arc<VersionedKey>>>,
-    unknown: Mutex<HashMap<EncryptionId, Instant>>,
+    unknown: Mutex<HashMap<EncryptionId, (Unknown, Instant)>>,
+    /// Answers given from `unknown` (no query made).
+    negative_hits: AtomicU64,
     capacity: usize,
     /// Bumped by every invalidation. A loader notes it before reading the
     /// database and inserts its result only if it is unchanged, so a load that
@@ -31,8 +44,8 @@ pub struct KeyRing {
     generation: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
-    /// Per-version use counters not yet flushed to the store.
-    counters: Mutex<HashMap<VersionId, Arc<AtomicU64>>>,
+    /// Per-version use counts: not yet flushed, and recorded.
+    counters: Mutex<HashMap<VersionId, Arc<UseCount>>>,
 }
 
 impl KeyRing {
@@ -41,6 +54,7 @@ impl KeyRing {
         KeyRing {
             entries: RwLock::new(HashMap::new()),
             unknown: Mutex::new(HashMap::new()),
+            negative_hits: AtomicU64::new(0),
             capacity: capacity.max(1),
             generation: AtomicU64::new(0),
             hits: AtomicU64::new(0),
@@ -87,11 +101,17 @@ impl KeyRing {
         map.insert(entry.id, entry);
     }
 
-    /// Drops the cached entry for `id` (after a rotation or state change).
+    /// Drops the cached entry for `id` (after a rotation or state change),
+    /// and anything remembered about it being unknown (after a creation).
     pub fn invalidate(&self, id: EncryptionId) {
         let mut map = self.entries.write().unwrap_or_else(|e| e.into_inner());
         self.generation.fetch_add(1, Ordering::AcqRel);
         map.remove(&id);
+        drop(map);
+        self.unknown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Drops every entry (when a change may have been missed).
@@ -101,60 +121,97 @@ impl KeyRing {
         map.clear();
     }
 
-    /// Whether `id` was recently found not to exist.
-    pub fn is_known_unknown(&self, id: EncryptionId) -> bool {
+    /// Whether `id` was recently found not to exist, or to be another
+    /// tenant's than `tenant`: either way unknown to `tenant`, answered
+    /// without a query.
+    pub fn is_known_unknown(&self, tenant: TenantId, id: EncryptionId) -> bool {
         let mut unknown = self.unknown.lock().unwrap_or_else(|e| e.into_inner());
-        match unknown.get(&id) {
-            Some(at) if at.elapsed() < NEGATIVE_TTL => true,
-            Some(_) => {
+        let known = match unknown.get(&id) {
+            Some((_, at)) if at.elapsed() >= NEGATIVE_TTL => {
                 unknown.remove(&id);
                 false
             }
+            Some((Unknown::Missing, _)) => true,
+            Some((Unknown::OwnedBy(owner), _)) => *owner != tenant,
             None => false,
+        };
+        if known {
+            self.negative_hits.fetch_add(1, Ordering::Relaxed);
         }
+        known
     }
 
-    /// Remembers that `id` does not exist, for a short while.
-    pub fn remember_unknown(&self, id: EncryptionId) {
+    /// Remembers, for a short while, that `id` does not exist (`owner`
+    /// `None`) or belongs to `owner` (so it is unknown to every other tenant).
+    pub fn remember_unknown(&self, id: EncryptionId, owner: Option<TenantId>) {
         let mut unknown = self.unknown.lock().unwrap_or_else(|e| e.into_inner());
         if unknown.len() >= self.capacity {
-            unknown.retain(|_, at| at.elapsed() < NEGATIVE_TTL);
+            unknown.retain(|_, (_, at)| at.elapsed() < NEGATIVE_TTL);
             if unknown.len() >= self.capacity {
                 unknown.clear();
             }
         }
-        unknown.insert(id, Instant::now());
+        let what = match owner {
+            None => Unknown::Missing,
+            Some(t) => Unknown::OwnedBy(t),
+        };
+        unknown.insert(id, (what, Instant::now()));
     }
 
-    /// The use counter of a version (created on first use).
-    pub fn counter(&self, version: VersionId) -> Arc<AtomicU64> {
-        self.counters
+    /// How many lookups were answered as unknown without a query, since start.
+    pub fn negative_hits(&self) -> u64 {
+        self.negative_hits.load(Ordering::Relaxed)
+    }
+
+    /// The use count of a version (created on first use), knowing that the
+    /// store holds at least `recorded` for it.
+    pub fn counter(&self, version: VersionId, recorded: u64) -> Arc<UseCount> {
+        let count = self
+            .counters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(version)
             .or_default()
-            .clone()
+            .clone();
+        count.recorded.fetch_max(recorded, Ordering::AcqRel);
+        count
     }
 
-    /// Takes every non-zero count (resetting it) and forgets counters that no
-    /// cached version uses any more.
+    /// Takes every non-zero count (resetting it, and counting it as recorded
+    /// while it is sent) and forgets counters that no cached version uses any
+    /// more.
     pub fn drain_counts(&self) -> Vec<(VersionId, u64)> {
         let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let mut out = Vec::new();
-        counters.retain(|version, counter| {
-            let n = counter.swap(0, Ordering::AcqRel);
+        counters.retain(|version, count| {
+            let n = count.unflushed.swap(0, Ordering::AcqRel);
             if n > 0 {
+                count.recorded.fetch_add(n, Ordering::AcqRel);
                 out.push((*version, n));
             }
-            Arc::strong_count(counter) > 1
+            Arc::strong_count(count) > 1
         });
         out
     }
 
-    /// Puts counts back after a failed flush.
+    /// Puts counts back after a failed flush: not recorded after all.
     pub fn restore_counts(&self, counts: &[(VersionId, u64)]) {
         for (version, n) in counts {
-            self.counter(*version).fetch_add(*n, Ordering::AcqRel);
+            let count = self.counter(*version, 0);
+            count.recorded.fetch_sub(*n, Ordering::AcqRel);
+            count.unflushed.fetch_add(*n, Ordering::AcqRel);
+        }
+    }
+
+    /// The store's total for `version` after a flush (every replica's counts).
+    pub fn recorded_total(&self, version: VersionId, total: u64) {
+        if let Some(count) = self
+            .counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&version)
+        {
+            count.recorded.fetch_max(total, Ordering::AcqRel);
         }
     }
 
@@ -199,9 +256,35 @@ mod tests {
                 number: 1,
                 state: VersionState::Active,
                 key: VersionKey::Ready(DataKey::generate().cipher()),
-                uses: Arc::new(AtomicU64::new(0)),
+                uses: Arc::new(UseCount::default()),
             }],
         })
+    }
+
+    #[test]
+    fn the_nonce_bound_counts_what_is_recorded_and_what_is_not_yet() {
+        let ring = KeyRing::new(10);
+        let v = VersionId::new_random();
+        let count = ring.counter(v, 3);
+        assert!(count.take(5));
+        assert!(count.take(5));
+        assert!(!count.take(5), "3 recorded + 2 not yet");
+        // A failed flush puts the count back as not recorded; either way it
+        // counts.
+        let drained = ring.drain_counts();
+        assert_eq!(drained, vec![(v, 2)]);
+        assert!(!count.take(5), "counted as recorded while sent");
+        ring.restore_counts(&drained);
+        assert!(!count.take(5));
+        assert_eq!(count.unflushed.load(Ordering::Relaxed), 2);
+        ring.drain_counts();
+        ring.recorded_total(v, 5);
+        assert!(!count.take(5));
+        // Another replica's counts, learned at a flush, count too.
+        let w = VersionId::new_random();
+        let other = ring.counter(w, 0);
+        ring.recorded_total(w, 5);
+        assert!(!other.take(5));
     }
 
     #[test]
@@ -232,10 +315,10 @@ mod tests {
     fn counts_survive_entry_rebuilds_and_drain_once() {
         let ring = KeyRing::new(10);
         let v = VersionId::new_random();
-        let a = ring.counter(v);
-        a.fetch_add(3, Ordering::Relaxed);
-        let b = ring.counter(v);
-        b.fetch_add(2, Ordering::Relaxed);
+        let a = ring.counter(v, 0);
+        a.unflushed.fetch_add(3, Ordering::Relaxed);
+        let b = ring.counter(v, 0);
+        b.unflushed.fetch_add(2, Ordering::Relaxed);
         assert_eq!(ring.drain_counts(), vec![(v, 5)]);
         assert!(ring.drain_counts().is_empty());
         drop((a, b));

@@ -9,7 +9,7 @@
 //! policy) is persisted first and then replaces the whole object in the
 //! [`super::keyring::KeyRing`], so a reader always sees one consistent snapshot.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,43 @@ pub enum VersionKey {
     Destroyed,
 }
 
+/// How many encryptions one version has made, as far as this replica knows:
+/// what the store holds (or is being sent to it) and what only this replica
+/// has counted so far. Their sum is what the nonce bound is checked against
+/// on every encrypt, so a replica that cannot record its counts stops on its
+/// own before the bound instead of running past it.
+#[derive(Debug, Default)]
+pub struct UseCount {
+    /// Encryptions made here and not yet handed to the store.
+    pub unflushed: AtomicU64,
+    /// The store's count when last read (load, flush), plus counts being
+    /// flushed right now.
+    pub recorded: AtomicU64,
+}
+
+impl UseCount {
+    /// Takes one use under the bound `max`: false (and nothing taken) when
+    /// the recorded count plus this replica's not yet recorded count has
+    /// reached it, so the version has made every encryption it may.
+    pub fn take(&self, max: u64) -> bool {
+        let recorded = self.recorded.load(Ordering::Acquire);
+        if recorded >= max {
+            return false;
+        }
+        let unflushed = self.unflushed.fetch_add(1, Ordering::AcqRel) + 1;
+        if recorded.saturating_add(unflushed) > max {
+            self.unflushed.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
+    /// Gives back a use taken for an encryption that did not happen.
+    pub fn give_back(&self) {
+        self.unflushed.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One version of a [`VersionedKey`].
 #[derive(Debug)]
 pub struct KeyVersion {
@@ -45,10 +82,10 @@ pub struct KeyVersion {
     pub state: VersionState,
     /// Its key.
     pub key: VersionKey,
-    /// Encryptions made with it here and not yet added to the stored count.
-    /// Shared by every object built for this version (the key ring hands it
-    /// out), so a rebuilt object loses no count.
-    pub uses: Arc<AtomicU64>,
+    /// Encryptions made with it, recorded and not yet recorded. Shared by
+    /// every object built for this version (the key ring hands it out), so a
+    /// rebuilt object loses no count.
+    pub uses: Arc<UseCount>,
 }
 
 /// One encryption with its versions: what encrypt and decrypt consult.
@@ -271,7 +308,7 @@ mod tests {
                 VersionState::Destroyed => VersionKey::Destroyed,
                 _ => VersionKey::Ready(DataKey::generate().cipher()),
             },
-            uses: Arc::new(AtomicU64::new(0)),
+            uses: Arc::new(UseCount::default()),
         }
     }
 

@@ -15,6 +15,8 @@ use axum::http::request::Parts;
 use super::error::ErrorCode;
 use super::state::AppState;
 use crate::audit::{Actor, AuditEvent, AuditLog, Target};
+use crate::domain::client_addr::ClientAddr;
+use crate::domain::guard::AuthGuard;
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::Principal;
 use crate::domain::time::now_ms;
@@ -125,12 +127,20 @@ pub(super) struct Pending {
     log: AuditLog,
     note: AuditNote,
     event: Option<AuditEvent>,
+    /// Samples the records of refused requests per client address.
+    guard: Arc<AuthGuard>,
 }
 
 impl Pending {
+    /// The event to record, if any: a request refused for its credentials
+    /// (no authenticated caller) is recorded in full only within its
+    /// address's share (see [`AuthGuard::audit_refused`]), otherwise counted.
     fn finish(&mut self, status: Option<u16>, error: Option<&'static str>) -> Option<AuditEvent> {
         let mut event = self.event.take()?;
         let fields = std::mem::take(&mut *self.note.0.lock().unwrap_or_else(|e| e.into_inner()));
+        if !matches!(fields.actor, Actor::ApiKey(_)) && !self.guard.audit_refused(event.peer) {
+            return None;
+        }
         event.status = status;
         event.error = error;
         // The tenant an operator acted on goes into the record, so that
@@ -210,15 +220,24 @@ pub(super) async fn begin(
         // At most 128 visible ASCII characters: the edge replaced any other.
         request_id,
         client: parts.extensions.get::<Arc<ClientIdentity>>().cloned(),
+        // The client's address: the peer's, or behind a trusted proxy the
+        // forwarded one.
         peer: parts
             .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip()),
+            .get::<ClientAddr>()
+            .map(|c| c.0)
+            .or_else(|| {
+                parts
+                    .extensions
+                    .get::<ConnectInfo<SocketAddr>>()
+                    .map(|c| c.0.ip())
+            }),
         ..AuditEvent::default()
     };
     Pending {
         log: state.audit.clone(),
         note,
         event: Some(event),
+        guard: state.guard.clone(),
     }
 }

@@ -83,7 +83,9 @@ pub struct EncryptResponse {
         (status = 403, description = "`certificate_mismatch`, `insufficient_scope`, `version_disabled` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found` or `version_not_found`", body = ErrorBody),
         (status = 410, description = "`version_destroyed`", body = ErrorBody),
+        (status = 409, description = "`version_exhausted`: the version (named explicitly, or the active one of a client-mode encryption) has made as many encryptions as its nonces allow (`max_encryptions_per_version`)", body = ErrorBody),
         (status = 422, description = "`version_not_encryptable`", body = ErrorBody),
+        (status = 503, description = "`rotation_pending` (the active version reached the nonce bound, counting this replica's uses not yet recorded; it is rotated once the count is recorded: retry after Retry-After) or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn encrypt(

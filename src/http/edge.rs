@@ -3,8 +3,9 @@
 //! allocated per request, and nine of them cost more CPU than the encryption.
 //!
 //! - [`Edge`], outside the router: the request id (the client's `X-Request-Id`
-//!   or a new UUID, echoed on the response), the peer address and client
-//!   certificate, the body limit, the `request` tracing span, panic catching,
+//!   or a new UUID, echoed on the response), the peer address, the client's
+//!   address (the peer's, or behind a trusted proxy the forwarded one), the
+//!   client certificate, the body limit, the `request` tracing span, panic catching,
 //!   and JSON error bodies for every error (a rejection some extractor wrote as
 //!   text included).
 //! - [`route`], around each matched route, given the route's entry of the
@@ -32,21 +33,32 @@ use super::error::{ApiError, ErrorCode};
 use super::extract::BodyLimit;
 use super::metrics;
 use super::state::{AppState, BatchLimits};
+use crate::domain::client_addr::{ClientAddr, ForwardedHeader};
+use crate::domain::guard::AuthGuard;
 use crate::domain::identity::ClientIdentity;
 
 /// The request id header, taken from the client when it sends one.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The proxies' forwarding header (believed only from trusted proxies).
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// A router and what every request needs before it reaches a route.
 #[derive(Clone)]
 pub struct Edge {
     router: Router,
     body_limit: Option<usize>,
+    /// Finds the client's address (the proxies it believes).
+    guard: Arc<AuthGuard>,
 }
 
 impl Edge {
-    pub(super) fn new(router: Router, body_limit: Option<usize>) -> Edge {
-        Edge { router, body_limit }
+    pub(super) fn new(router: Router, body_limit: Option<usize>, guard: Arc<AuthGuard>) -> Edge {
+        Edge {
+            router,
+            body_limit,
+            guard,
+        }
     }
 
     /// Answers one request that came from `peer`, on mutual TLS with `client`'s
@@ -72,6 +84,18 @@ impl Edge {
             }
         };
         req.extensions_mut().insert(ConnectInfo(peer));
+        // Without trusted proxies the client address is the peer's, which
+        // readers take from `ConnectInfo`: nothing more to store per request.
+        let proxies = self.guard.trusted_proxies();
+        if !proxies.is_empty() {
+            let name = match proxies.header() {
+                ForwardedHeader::XForwardedFor => X_FORWARDED_FOR,
+                ForwardedHeader::Forwarded => header::FORWARDED,
+            };
+            let values = req.headers().get_all(name);
+            let client_addr = proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()));
+            req.extensions_mut().insert(ClientAddr(client_addr));
+        }
         if let Some(limit) = self.body_limit {
             DefaultBodyLimit::max(limit).apply(&mut req);
             req.extensions_mut().insert(BodyLimit(limit));

@@ -171,6 +171,11 @@ impl ApiError {
                 KeyError::MasterKeyRequired => (S::UNAUTHORIZED, "master_key_required"),
                 KeyError::MasterKeyMismatch => (S::FORBIDDEN, "master_key_mismatch"),
                 KeyError::MasterKeyNotApplicable => (S::BAD_REQUEST, "master_key_not_applicable"),
+                KeyError::TooManyMasterKeyAttempts(_) => {
+                    (S::TOO_MANY_REQUESTS, "too_many_master_key_attempts")
+                }
+                KeyError::VersionExhausted => (S::CONFLICT, "version_exhausted"),
+                KeyError::RotationPending => (S::SERVICE_UNAVAILABLE, "rotation_pending"),
                 k if k.is_unavailable() => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 KeyError::VersionBelowMinimum => (S::FORBIDDEN, "version_below_min_decryption"),
                 KeyError::InvalidStateChange(_) => (S::CONFLICT, "invalid_state_change"),
@@ -219,7 +224,9 @@ impl ApiError {
         let message = if status.is_server_error() {
             tracing::error!(code, error = %self, "request failed");
             match self {
-                ApiError::Timeout => Cow::Owned(self.to_string()),
+                ApiError::Timeout | ApiError::Key(KeyError::RotationPending) => {
+                    Cow::Owned(self.to_string())
+                }
                 ApiError::Rejected(_) => Cow::Borrowed(INTERNAL),
                 _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                     Cow::Borrowed("a dependency is unavailable; retry later")
@@ -275,11 +282,15 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static("ApiKey realm=\"keyward\""),
             );
         }
-        if let ApiError::TooManyFailedAttempts(d) | ApiError::RateLimited(d) = &self {
-            headers.insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_secs(*d).max(1)),
-            );
+        let retry = match &self {
+            ApiError::TooManyFailedAttempts(d)
+            | ApiError::RateLimited(d)
+            | ApiError::Key(KeyError::TooManyMasterKeyAttempts(d)) => Some(retry_secs(*d)),
+            ApiError::Key(KeyError::RotationPending) => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
         }
         response.extensions_mut().insert(ErrorCode(code));
         response

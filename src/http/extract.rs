@@ -17,6 +17,7 @@ use super::audit_note::AuditNote;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::domain::apikeys::Scope;
+use crate::domain::client_addr::ClientAddr;
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::{ClientKey, Principal};
 use crate::domain::TenantId;
@@ -160,20 +161,32 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let key =
-            single_header(&parts.headers, &X_API_KEY).map_err(|()| ApiError::InvalidCredentials)?;
-        let secret = single_header(&parts.headers, &X_API_SECRET)
-            .map_err(|()| ApiError::InvalidCredentials)?;
-        let (key, secret) = match (key, secret) {
-            (None, None) => return Err(ApiError::MissingCredentials),
-            (Some(k), Some(s)) => (k, s),
-            // One without the other is present-but-malformed, not absent.
-            _ => return Err(ApiError::InvalidCredentials),
-        };
         let addr = parts
             .extensions
-            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-            .map(|c| c.0.ip());
+            .get::<ClientAddr>()
+            .map(|c| c.0)
+            .or_else(|| {
+                parts
+                    .extensions
+                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+                    .map(|c| c.0.ip())
+            });
+        let key = single_header(&parts.headers, &X_API_KEY);
+        let secret = single_header(&parts.headers, &X_API_SECRET);
+        let (key, secret) = match (key, secret) {
+            (Ok(Some(k)), Ok(Some(s))) => (k, s),
+            (Ok(None), Ok(None)) => {
+                // No credentials cost nothing to send: bounded per address.
+                state.guard.check_unauthenticated(addr)?;
+                return Err(ApiError::MissingCredentials);
+            }
+            // One without the other, or repeated, or not text: present but
+            // malformed, not absent.
+            _ => {
+                state.guard.check_unauthenticated(addr)?;
+                return Err(ApiError::InvalidCredentials);
+            }
+        };
         let note = parts.extensions.get::<AuditNote>();
         let principal = match check_credentials(state, key, secret, addr).await {
             Ok(p) => p,
@@ -208,20 +221,22 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
     }
 }
 
-/// The lockout check, then the key id and secret; a refusal counts towards the
-/// lockout of the key id and the address.
+/// The lockout check of the client's address, then the key id and secret; a
+/// refusal counts towards the lockout of the address, never of the key id
+/// (see [`crate::domain::guard`]: a lockout per key id could be aimed at its
+/// holder by anyone who knows the id).
 async fn check_credentials(
     state: &AppState,
     key: &str,
     secret: &str,
     addr: Option<std::net::IpAddr>,
 ) -> Result<Principal, ApiError> {
-    state.guard.check_lockout(key, addr)?;
+    state.guard.check_lockout(addr)?;
     match state.service.authenticate(key, secret).await {
         Ok(p) => Ok(p),
         Err(crate::domain::service::AuthError::InvalidCredentials) => {
             metrics::counter!("keyward_auth_failures_total").increment(1);
-            state.guard.record_failure(key, addr);
+            state.guard.record_failure(addr);
             Err(ApiError::InvalidCredentials)
         }
         Err(e) => Err(e.into()),

@@ -350,6 +350,10 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
     metrics::gauge!("keyward_key_ring_entries").set(service.ring().len() as f64);
     metrics::counter!("keyward_key_ring_hits_total").absolute(hits);
     metrics::counter!("keyward_key_ring_misses_total").absolute(misses);
+    // Misses answered as unknown (missing, or another tenant's) from memory:
+    // every other miss is a query.
+    metrics::counter!("keyward_key_ring_negative_hits_total")
+        .absolute(service.ring().negative_hits());
     let provider = service.provider().name();
     let up = if service.not_ready_reason().is_none() {
         1.0

@@ -55,8 +55,8 @@ fn behind_edge(routes: Router<AppState>, state: AppState, body_limit: Option<usi
     let router = routes
         .fallback(edge::not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .with_state(state);
-    Edge::new(router, body_limit)
+        .with_state(state.clone());
+    Edge::new(router, body_limit, state.guard.clone())
 }
 
 #[cfg(test)]
@@ -147,6 +147,8 @@ mod tests {
                     rate_limit: 0,
                     max_failures: 1_000_000,
                     window: Duration::from_secs(60),
+                    unauthenticated_rate_limit: 0,
+                    audit_refused_per_minute: 1_000_000,
                 })),
             });
             TestApi {

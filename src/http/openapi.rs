@@ -65,7 +65,8 @@ impl Modify for Security {
                 responses.insert(
                     "429".to_string(),
                     error_response(
-                        "`rate_limited` or `too_many_failed_attempts`, with Retry-After",
+                        "`rate_limited`, `too_many_failed_attempts` or (calls with `X-Master-Key`) \
+                         `too_many_master_key_attempts`, with Retry-After",
                     ),
                 );
             }

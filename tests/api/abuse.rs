@@ -1,4 +1,5 @@
-//! Rate limits and brute-force lockout.
+//! Rate limits and brute-force lockout (per client address; see also
+//! `guards.rs`).
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use serde_json::json;
 use crate::helpers::{assert_error, Backend, Creds, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_authentications_lock_the_key_even_for_its_right_secret_then_expire() {
+async fn failed_authentications_lock_their_address_even_for_a_right_secret_then_expire() {
     let env = [
         ("KEYWARD_AUTH_MAX_FAILURES", "3"),
         ("KEYWARD_AUTH_LOCKOUT", "2s"),
@@ -40,7 +41,7 @@ async fn failed_authentications_lock_the_key_even_for_its_right_secret_then_expi
     assert!((1..=2).contains(&retry), "{retry}");
     let v: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(v["error"]["code"], "too_many_failed_attempts");
-    assert!(app.log_shows("API key locked out").await);
+    assert!(app.log_shows("client address locked out").await);
     assert!(!app.log_text().contains("kws_wrong"));
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let (status, _) = app.post("/v1/encrypt", &creds, &body).await;

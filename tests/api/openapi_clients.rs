@@ -42,13 +42,17 @@ fn assert_tool(path: &Path, what: &str) {
     );
 }
 
-/// A server whose brute-force lockout does not end the run: schemathesis sends
-/// missing and wrong credentials on purpose, and after `auth_max_failures` of
-/// them from one address every later request would be 429.
+/// A server whose brute-force lockout and per-address limit for requests
+/// without credentials do not end the run: schemathesis sends missing and
+/// wrong credentials on purpose, and after `auth_max_failures` of them from
+/// one address every later request would be 429.
 /// Returns it with an all-scopes key and an encryption (id, active version id).
 async fn app_for_tools() -> (TestApp, Creds, (String, String)) {
-    let app =
-        TestApp::spawn_with(Backend::Sqlite, &[("KEYWARD_AUTH_MAX_FAILURES", "1000000")]).await;
+    let env = [
+        ("KEYWARD_AUTH_MAX_FAILURES", "1000000"),
+        ("KEYWARD_UNAUTHENTICATED_RATE_LIMIT", "0"),
+    ];
+    let app = TestApp::spawn_with(Backend::Sqlite, &env).await;
     let creds = app.create_tenant("acme");
     let encryption = app.create_encryption(&creds).await;
     (app, creds, encryption)

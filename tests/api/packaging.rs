@@ -49,7 +49,7 @@ chart = helm.Chart.load(sys.argv[1])
 out = pathlib.Path(sys.argv[2])
 cases = {
     "mtls": {"tls": {"secretName": "kw-tls", "clientCa": {"secretName": "kw-ca"}, "clientCrl": {"secretName": "kw-crl"}}},
-    "plaintext": {"allowPlaintext": True},
+    "plaintext": {"allowPlaintext": True, "trustedProxies": {"cidrs": "10.0.0.0/8", "header": "forwarded"}},
 }
 result = {}
 for name, values in cases.items():
@@ -97,6 +97,19 @@ fn the_helm_chart_renders_and_validates_against_kubernetes_schemas() {
         result["neither"], "rendered",
         "the chart refuses neither TLS nor allowPlaintext"
     );
+    let plaintext: String = result["plaintext"]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| std::fs::read_to_string(f.as_str().unwrap()).unwrap())
+        .collect();
+    for needed in [
+        "KEYWARD_TRUSTED_PROXIES",
+        "\"10.0.0.0/8\"",
+        "KEYWARD_TRUSTED_PROXY_HEADER",
+    ] {
+        assert!(plaintext.contains(needed), "lacks `{needed}`:\n{plaintext}");
+    }
     let all: String = result["mtls"]["files"]
         .as_array()
         .unwrap()

@@ -80,15 +80,18 @@ impl KeyService {
         id: EncryptionId,
         tenant: TenantId,
     ) -> Result<Option<Arc<VersionedKey>>, KeyError> {
-        if self.ring.is_known_unknown(id) {
+        if self.ring.is_known_unknown(tenant, id) {
             return Ok(None);
         }
         let generation = self.ring.generation();
         let Some((enc, versions)) = self.store.encryption_with_versions(id).await? else {
-            self.ring.remember_unknown(id);
+            self.ring.remember_unknown(id, None);
             return Ok(None);
         };
         if enc.tenant_id != tenant {
+            // Remembered like a missing id, so that probing another tenant's
+            // ids costs a query only once and answers in the same time class.
+            self.ring.remember_unknown(id, Some(enc.tenant_id));
             return Ok(None);
         }
         let entry = match self.build_entry(&enc, &versions, &*self.root()?) {
@@ -150,7 +153,7 @@ impl KeyService {
                 number: row.version,
                 state: row.state,
                 key,
-                uses: self.ring.counter(row.id),
+                uses: self.ring.counter(row.id, row.encrypt_count.max(0) as u64),
             });
         }
         let key = VersionedKey {

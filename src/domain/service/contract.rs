@@ -1,8 +1,6 @@
 //! The v1 contract: encrypt, decrypt, rewrap, rotate. Encrypt and decrypt of a
 //! platform-managed key touch only the key ring in steady state.
 
-use std::sync::atomic::Ordering;
-
 use zeroize::Zeroizing;
 
 use super::state::KeyService;
@@ -62,15 +60,36 @@ impl KeyService {
     ) -> Result<Encrypted, KeyError> {
         let key = self.entry(tenant, id).await?;
         key.check_mode(client_key)?;
+        self.check_client_key_attempts(id, client_key)?;
         let key = match version {
             None => key,
             Some(v) => self.entry_with_version(key, v).await?,
         };
         let version = key.key_for_encrypt(version)?;
+        // The nonce bound, on every version that encrypts (the active one,
+        // or an enabled one named explicitly), before the nonce is drawn:
+        // counted with this replica's uses not yet recorded, so a replica
+        // that cannot record them stops here instead of running past it.
+        if !version.uses.take(self.max_encryptions_per_version) {
+            return Err(
+                if version.id == key.active && key.mode == crate::domain::keys::Mode::Platform {
+                    // Spent, and replaced by an automatic rotation as soon
+                    // as its count is recorded: retry shortly.
+                    tracing::warn!(encryption_id = %id, version_id = %version.id, "the active version reached the nonce bound: encryptions wait for its count to be recorded and the version rotated");
+                    KeyError::RotationPending
+                } else {
+                    // Nothing will make it encrypt again.
+                    KeyError::VersionExhausted
+                },
+            );
+        }
         let aad = data_aad(id.as_bytes(), version.id.as_bytes());
-        let sealed = key.with_key(version, client_key, |k| crypto::seal(k, &aad, plaintext))?;
-        // Counted per version for the nonce bound (flushed in batches).
-        version.uses.fetch_add(1, Ordering::Relaxed);
+        let sealed = self
+            .count_client_key(
+                id,
+                key.with_key(version, client_key, |k| crypto::seal(k, &aad, plaintext)),
+            )
+            .inspect_err(|_| version.uses.give_back())?;
         Ok(Encrypted {
             version_id: version.id,
             nonce: sealed.nonce,
@@ -94,6 +113,7 @@ impl KeyService {
         } = sealed;
         let key = self.entry(tenant, id).await?;
         key.check_mode(client_key)?;
+        self.check_client_key_attempts(id, client_key)?;
         let key = match self.entry_with_version(key, version).await {
             Ok(k) => k,
             // Not this encryption's version: the same answer as any mismatch.
@@ -103,8 +123,11 @@ impl KeyService {
         let v = key.key_for_decrypt(version)?;
         let nonce = nonce.ok_or(KeyError::DecryptionFailed)?;
         let aad = data_aad(id.as_bytes(), v.id.as_bytes());
-        key.with_key(v, client_key, |k| crypto::open(k, &nonce, &aad, ciphertext))?
-            .map_err(|()| KeyError::DecryptionFailed)
+        self.count_client_key(
+            id,
+            key.with_key(v, client_key, |k| crypto::open(k, &nonce, &aad, ciphertext)),
+        )?
+        .map_err(|()| KeyError::DecryptionFailed)
     }
 
     /// Re-encrypts a ciphertext under the active version: decrypt, then encrypt,
@@ -129,6 +152,7 @@ impl KeyService {
     ) -> Result<VersionId, KeyError> {
         let key = self.entry(tenant, id).await?;
         key.check_mode(client_key)?;
+        self.check_client_key_attempts(id, client_key)?;
         let new_id = VersionId::new_random();
         let data_key = DataKey::generate();
         let new_version = match client_key {
@@ -139,7 +163,7 @@ impl KeyService {
                 // nobody else can use.
                 let active = key.active_version();
                 if let VersionKey::ClientWrapped(_) = &active.key {
-                    key.with_key(active, Some(ck), |_| ())?;
+                    self.count_client_key(id, key.with_key(active, Some(ck), |_| ()))?;
                 }
                 wrap_client_key(id, &key.salt, ck, new_id, &data_key)
             }
@@ -152,6 +176,39 @@ impl KeyService {
         self.ring.invalidate(id);
         tracing::info!(encryption_id = %id, new_version = outcome.new_version, version_id = %outcome.new_version_id, "rotated");
         Ok(outcome.new_version_id)
+    }
+}
+
+impl KeyService {
+    /// Refuses a call with a client key on an encryption that has seen too
+    /// many wrong ones lately. Deliberately per encryption, so it can be
+    /// aimed, but only by a caller who already holds the tenant's credentials
+    /// (and could disable the encryption's versions anyway); without it, such
+    /// a caller could try client keys as fast as the service answers.
+    fn check_client_key_attempts(
+        &self,
+        id: EncryptionId,
+        client_key: Option<&ClientKey>,
+    ) -> Result<(), KeyError> {
+        match client_key.and_then(|_| self.client_key_failures.locked(&id)) {
+            Some(left) => Err(KeyError::TooManyMasterKeyAttempts(left)),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts `result` against the encryption if it is a wrong client key.
+    fn count_client_key<R>(
+        &self,
+        id: EncryptionId,
+        result: Result<R, KeyError>,
+    ) -> Result<R, KeyError> {
+        if let Err(KeyError::MasterKeyMismatch) = &result {
+            metrics::counter!("keyward_client_key_failures_total").increment(1);
+            if self.client_key_failures.fail(&id) {
+                tracing::warn!(encryption_id = %id, "too many wrong client master keys: calls with a client key on this encryption refused for a while");
+            }
+        }
+        result
     }
 }
 

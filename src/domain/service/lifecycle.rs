@@ -182,6 +182,7 @@ impl KeyService {
             }
         };
         for (encryption, version, total, state) in totals {
+            self.ring.recorded_total(version, total.max(0) as u64);
             if state == VersionState::Active && total as u64 >= bound {
                 if self.auto_rotate(encryption, version).await? {
                     tracing::info!(encryption_id = %encryption, version_id = %version, total, "encryption count reached the bound; rotated");

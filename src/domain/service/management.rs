@@ -70,6 +70,9 @@ impl KeyService {
                 &first,
             )
             .await?;
+        // Nothing remembered about the id (ids are random, so nothing should
+        // be) may hide the new encryption from its tenant.
+        self.ring.invalidate(id);
         let (encryption, versions) = self
             .store
             .encryption_with_versions(id)

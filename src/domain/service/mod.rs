@@ -35,4 +35,4 @@ pub use contract::{Encrypted, Sealed};
 pub use management::EncryptionDetails;
 pub use queries::RootKekInfo;
 pub use root_keys::migrate_master_key;
-pub use state::{Freshness, KeyService, SystemRecorder};
+pub use state::{Freshness, KeyService, ServiceLimits, SystemRecorder};

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::crypto::{CheckpointKey, CipherKey};
 use crate::domain::apikeys::ApiKeyCache;
+use crate::domain::guard::FailureCounter;
 use crate::domain::ids::{EncryptionId, KekId, TenantId, VersionId};
 use crate::domain::keyring::KeyRing;
 use crate::domain::sources::JobSources;
@@ -144,6 +145,33 @@ pub struct KeyService {
     /// The job sources the operator registered (set once, at construction;
     /// none by default, so every job is refused).
     pub(super) job_sources: Arc<JobSources>,
+    /// Wrong client keys per encryption (internally locked; a lock only once
+    /// a wrong key was ever seen).
+    pub(super) client_key_failures: FailureCounter<EncryptionId>,
+    /// The nonce bound: most encryptions per version.
+    pub(super) max_encryptions_per_version: u64,
+}
+
+/// Limits of the service (defaults: those of the configuration reference).
+#[derive(Debug, Clone, Copy)]
+pub struct ServiceLimits {
+    /// Wrong client keys for one encryption within `client_key_lockout`
+    /// before client-key calls on it are refused for `client_key_lockout`.
+    pub client_key_max_failures: u32,
+    /// See `client_key_max_failures`.
+    pub client_key_lockout: std::time::Duration,
+    /// The nonce bound: no version encrypts more than this many times.
+    pub max_encryptions_per_version: u64,
+}
+
+impl Default for ServiceLimits {
+    fn default() -> Self {
+        ServiceLimits {
+            client_key_max_failures: 10,
+            client_key_lockout: std::time::Duration::from_secs(300),
+            max_encryptions_per_version: 1 << 32,
+        }
+    }
 }
 
 impl fmt::Debug for KeyService {
@@ -178,6 +206,11 @@ impl KeyService {
                 connect_timeout: std::time::Duration::from_secs(10),
                 statement_timeout: std::time::Duration::from_secs(30),
             })),
+            client_key_failures: FailureCounter::new(
+                ServiceLimits::default().client_key_max_failures,
+                ServiceLimits::default().client_key_lockout,
+            ),
+            max_encryptions_per_version: ServiceLimits::default().max_encryptions_per_version,
         }
     }
 
@@ -215,6 +248,14 @@ impl KeyService {
     /// The job sources the operator registered.
     pub fn job_sources(&self) -> &JobSources {
         &self.job_sources
+    }
+
+    /// Applies `limits`.
+    pub fn with_limits(mut self, limits: ServiceLimits) -> KeyService {
+        self.client_key_failures =
+            FailureCounter::new(limits.client_key_max_failures, limits.client_key_lockout);
+        self.max_encryptions_per_version = limits.max_encryptions_per_version;
+        self
     }
 
     /// Records the operations Keyward does by itself with `recorder`.
