@@ -77,13 +77,16 @@ struct At {
     seq: u64,
 }
 
+/// The longest line `verify` reads: records are a few hundred bytes.
+const MAX_LINE: usize = 1 << 20;
+
 /// Checks every record's hash and its link to the one before, and every
 /// checkpoint against the records before it; with `trusted` public keys,
 /// also each checkpoint's signature (a checkpoint signed by any other key is
 /// a break). Without trusted keys the report says the signatures were not
 /// checked.
 pub fn verify(
-    input: impl BufRead,
+    mut input: impl BufRead,
     trusted: &[[u8; CHECKPOINT_PUBLIC_KEY_LEN]],
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport {
@@ -107,9 +110,32 @@ pub fn verify(
     // Whether the file's start is accounted for: it starts at the chain's
     // genesis, after a checkpoint, or where a checkpoint says it does.
     let mut head_known = false;
-    for (index, line) in input.split(b'\n').enumerate() {
-        let line = line.map_err(VerifyError::Io)?;
-        let line_no = index as u64 + 1;
+    let mut line = Vec::new();
+    let mut line_no = 0u64;
+    loop {
+        // One line at a time, at most MAX_LINE bytes: a file with a huge
+        // line is refused, not read into memory whole.
+        line.clear();
+        let read = std::io::Read::take(&mut input, MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(VerifyError::Io)?;
+        if read == 0 {
+            break;
+        }
+        line_no += 1;
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        } else if line.len() > MAX_LINE {
+            return Err(VerifyError::Broken(Broken {
+                kind: BreakKind::Tampered,
+                line: line_no,
+                seq: None,
+                reason: format!(
+                    "the line is longer than {MAX_LINE} bytes, far more than any record"
+                ),
+            }));
+        }
+        let line = line.as_slice();
         let broken = |kind: BreakKind, seq: Option<u64>, reason: String| {
             VerifyError::Broken(Broken {
                 kind,
@@ -120,8 +146,8 @@ pub fn verify(
         };
         let tampered =
             |seq: Option<u64>, reason: &str| broken(BreakKind::Tampered, seq, reason.to_string());
-        if checkpoint::is_checkpoint(&line) {
-            let signed = checkpoint::parse(&line)
+        if checkpoint::is_checkpoint(line) {
+            let signed = checkpoint::parse(line)
                 .map_err(|reason| tampered(None, &format!("not a valid checkpoint: {reason}")))?;
             let cp = &signed.checkpoint;
             let seq = Some(cp.seq);
@@ -168,7 +194,10 @@ pub fn verify(
                         )));
                     }
                     if cp.hash != last_hash {
-                        let from = covered.map(|c| c.seq + 1).or(report.first_seq).unwrap_or(1);
+                        let from = covered
+                            .map(|c| c.seq.saturating_add(1))
+                            .or(report.first_seq)
+                            .unwrap_or(1);
                         return Err(tampered(seq, &format!(
                             "the checkpoint states hash {} for seq {}, but that record hashes to {last_hash}: records {from}..{} were rewritten after they were signed (the chain was recomputed)",
                             cp.hash, cp.seq, cp.seq
@@ -182,7 +211,7 @@ pub fn verify(
                             seq: Some(first.seq),
                             reason: format!(
                                 "records {}..{} are missing before the first record: the checkpoint at line {line_no} says the file starts at seq {}",
-                                cp.file_start, first.seq - 1, cp.file_start
+                                cp.file_start, first.seq.saturating_sub(1), cp.file_start
                             ),
                         }));
                     }
@@ -202,7 +231,7 @@ pub fn verify(
             report.checkpoints += 1;
             continue;
         }
-        let record: AuditRecord = serde_json::from_slice(&line)
+        let record: AuditRecord = serde_json::from_slice(line)
             .map_err(|_| tampered(None, "not an audit record (not JSON, or fields missing)"))?;
         let seq = Some(record.seq);
         let stated = record
@@ -224,13 +253,13 @@ pub fn verify(
         match &report.last_hash {
             None => {
                 if let Some((at, hash)) = &anchor {
-                    if record.seq > at.seq + 1 {
+                    if record.seq > at.seq.saturating_add(1) {
                         return Err(broken(BreakKind::HeadCut, seq, format!(
                             "records {}..{} are missing between the checkpoint at line {} and the first record",
-                            at.seq + 1, record.seq - 1, at.line
+                            at.seq.saturating_add(1), record.seq.saturating_sub(1), at.line
                         )));
                     }
-                    if record.seq != at.seq + 1 || &record.prev != hash {
+                    if record.seq != at.seq.saturating_add(1) || &record.prev != hash {
                         return Err(tampered(seq, &format!(
                             "the first record does not follow the checkpoint at line {} (seq {}): records were changed or moved",
                             at.line, at.seq
@@ -277,7 +306,7 @@ pub fn verify(
                 seq: Some(first.seq),
                 reason: format!(
                     "records 1..{} are missing before the first record, and no checkpoint says the file starts there: its head was cut (or is in an earlier file: verify the files together, in order)",
-                    first.seq - 1
+                    first.seq.saturating_sub(1)
                 ),
             }));
         }

@@ -219,6 +219,19 @@ async fn public_keys(config: &ConfigArg, json_out: bool) -> anyhow::Result<()> {
     let keys = store.checkpoint_keys().await;
     store.close().await;
     let keys = keys.context("cannot read the checkpoint keys")?;
+    // Listed only if each is what its id says (a row edited in the database
+    // would otherwise be trusted by whoever copies this), in both formats.
+    for k in &keys {
+        let consistent = parse_hex(&k.public_key)
+            .and_then(|p| <[u8; CHECKPOINT_PUBLIC_KEY_LEN]>::try_from(p).ok())
+            .is_some_and(|p| checkpoint_key_id(&p) == k.key_id);
+        if !consistent {
+            anyhow::bail!(
+                "checkpoint key {} does not match its public key in the database",
+                k.key_id
+            );
+        }
+    }
     if json_out {
         let list: Vec<_> = keys
             .iter()
@@ -235,17 +248,6 @@ async fn public_keys(config: &ConfigArg, json_out: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     for k in &keys {
-        // Printed only if it is what its id says (a row edited in the
-        // database would otherwise be trusted by whoever copies this).
-        let consistent = parse_hex(&k.public_key)
-            .and_then(|p| <[u8; CHECKPOINT_PUBLIC_KEY_LEN]>::try_from(p).ok())
-            .is_some_and(|p| checkpoint_key_id(&p) == k.key_id);
-        if !consistent {
-            anyhow::bail!(
-                "checkpoint key {} does not match its public key in the database",
-                k.key_id
-            );
-        }
         println!(
             "{} {} {}",
             k.public_key,

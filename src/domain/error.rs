@@ -64,6 +64,10 @@ pub enum KeyError {
     /// The last re-encryption job still found rows on this version.
     #[error("the last re-encryption job found {0} rows still on this version; run a job again, or send \"force\": true")]
     VersionInUse(i64),
+    /// A destroy without `force` of a version no re-encryption job has looked
+    /// for since it stopped being active.
+    #[error("no re-encryption job over this encryption has finished since this version stopped being active, so nothing shows that no data still needs it: run one (over every table that holds its ciphertexts), or send \"force\": true")]
+    VersionUnverified,
     /// A destroy without `force` of a version that is not `disabled`.
     #[error("disable the version first: it can be destroyed once it has been disabled for the destroy grace period (or send \"force\": true)")]
     DestroyNeedsDisabled,

@@ -182,6 +182,7 @@ impl ApiError {
                 KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),
                 KeyError::VersionInUse(_) => (S::CONFLICT, "version_in_use"),
                 KeyError::DestroyNeedsDisabled => (S::CONFLICT, "version_not_disabled"),
+                KeyError::VersionUnverified => (S::CONFLICT, "version_unverified"),
                 KeyError::DestroyGracePending { .. } => (S::CONFLICT, "destroy_grace_pending"),
                 KeyError::NotReady(_) => (S::SERVICE_UNAVAILABLE, "not_ready"),
                 KeyError::RotationInProgress => (S::CONFLICT, "rotation_in_progress"),

@@ -204,16 +204,21 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
         if let Some(note) = note {
             note.caller(&principal);
         }
-        state.guard.check_rate(&principal.key_id)?;
         if let Some(bound) = &principal.cert_spki_sha256 {
             // A key bound to a certificate works only on a connection that
-            // presented that certificate's public key.
+            // presented that certificate's public key. Checked before the
+            // key's rate limit, so that a thief holding the secret but not the
+            // certificate cannot spend the holder's rate; and counted like a
+            // wrong secret against the thief's address.
             let presented = parts.extensions.get::<Arc<ClientIdentity>>();
             let matches = presented.is_some_and(|id| bool::from(id.spki_sha256.ct_eq(bound)));
             if !matches {
+                metrics::counter!("keyward_auth_failures_total").increment(1);
+                state.guard.record_failure(addr);
                 return Err(ApiError::CertificateMismatch);
             }
         }
+        state.guard.check_rate(&principal.key_id)?;
         admit(&principal, S::REQUIRES)?;
         // `admit` let only the kinds of key that `S` takes through.
         let tenant = S::tenant(principal.tenant_id).ok_or(ApiError::TenantKeyRequired)?;
@@ -221,21 +226,28 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
     }
 }
 
-/// The lockout check of the client's address, then the key id and secret; a
-/// refusal counts towards the lockout of the address, never of the key id
-/// (see [`crate::domain::guard`]: a lockout per key id could be aimed at its
-/// holder by anyone who knows the id).
+/// The key id and secret, then the lockout of the client's address for a
+/// wrong one; a refusal counts towards the lockout of the address, never of
+/// the key id (see [`crate::domain::guard`]: a lockout per key id could be
+/// aimed at its holder by anyone who knows the id).
+///
+/// A locked address still gets through with a right secret: the lockout
+/// stops guessing and noise, and a right secret is not a guess (secrets are
+/// 256-bit random). So a lockout earned by someone else behind the same
+/// address (a NAT, a load balancer, a spoofed forwarding header from a
+/// misdeclared proxy) never locks out a key's holder.
 async fn check_credentials(
     state: &AppState,
     key: &str,
     secret: &str,
     addr: Option<std::net::IpAddr>,
 ) -> Result<Principal, ApiError> {
-    state.guard.check_lockout(addr)?;
     match state.service.authenticate(key, secret).await {
         Ok(p) => Ok(p),
         Err(crate::domain::service::AuthError::InvalidCredentials) => {
             metrics::counter!("keyward_auth_failures_total").increment(1);
+            // Already locked: say so (with Retry-After) rather than count on.
+            state.guard.check_lockout(addr)?;
             state.guard.record_failure(addr);
             Err(ApiError::InvalidCredentials)
         }

@@ -161,10 +161,12 @@ struct Filterable<'a> {
 impl AuditQuery {
     /// Whether a record line passes every filter; `from`/`to` are the bounds
     /// as record time text (fixed-width RFC 3339 UTC, so text order is time
-    /// order). A line that does not parse passes, for the caller to report.
+    /// order). A line that does not parse passes, for the caller to report,
+    /// unless the query is limited to a tenant: a tenant's reader must never
+    /// see a line nobody could tell was theirs.
     fn admits(&self, line: &str, from: Option<&str>, to: Option<&str>) -> bool {
         let Ok(r) = serde_json::from_str::<Filterable<'_>>(line) else {
-            return true;
+            return self.tenant_id.is_none();
         };
         from.is_none_or(|f| r.time >= f)
             && to.is_none_or(|t| r.time < t)

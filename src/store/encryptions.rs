@@ -233,14 +233,17 @@ impl Store {
             return Ok(None);
         };
         let new_version: i64 = row.try_get("latest_version")?;
-        let previous = sqlx::query(
-            "UPDATE encryption_key_versions SET state = 'enabled', rotated_at = $1 \
-             WHERE encryption_id = $2 AND state = 'active' RETURNING id",
-        )
-        .bind(now_ms)
-        .bind(id.to_string())
-        .fetch_one(&mut *tx)
-        .await?;
+        // By the database's clock, like the jobs' end times the destroy guard
+        // compares it with.
+        let sql = format!(
+            "UPDATE encryption_key_versions SET state = 'enabled', rotated_at = {} \
+             WHERE encryption_id = $1 AND state = 'active' RETURNING id",
+            super::events::db_now_ms(self.backend)
+        );
+        let previous = sqlx::query(&sql)
+            .bind(id.to_string())
+            .fetch_one(&mut *tx)
+            .await?;
         let previous_version_id = get_id(&previous, "id", "encryption_key_versions")?;
         insert_version(&mut tx, id, new, new_version, now_ms).await?;
         record(
@@ -354,14 +357,24 @@ impl Store {
     }
 
     /// How long ago (ms, by the database's clock) the version last changed
-    /// state; `None` for an unknown version.
+    /// state; `None` for an unknown version. A version whose change time is
+    /// unknown (changed by a Keyward from before migration 0016 during a
+    /// rolling upgrade) has its clock started now, so it waits the whole
+    /// grace period rather than none.
     pub async fn version_state_age_ms(
         &self,
         version: VersionId,
     ) -> Result<Option<i64>, StoreError> {
+        let db_now = super::events::db_now_ms(self.backend);
+        sqlx::query(&format!(
+            "UPDATE encryption_key_versions SET state_changed_at = {db_now} \
+             WHERE id = $1 AND state_changed_at IS NULL"
+        ))
+        .bind(version.to_string())
+        .execute(&self.pool)
+        .await?;
         let sql = format!(
-            "SELECT {} - COALESCE(state_changed_at, 0) FROM encryption_key_versions WHERE id = $1",
-            super::events::db_now_ms(self.backend)
+            "SELECT {db_now} - state_changed_at FROM encryption_key_versions WHERE id = $1"
         );
         Ok(sqlx::query_scalar::<_, i64>(&sql)
             .bind(version.to_string())
@@ -392,8 +405,9 @@ impl Store {
         };
         let db_now = super::events::db_now_ms(self.backend);
         let aged = match min_age_ms {
+            // An unknown change time never counts as old enough.
             Some(ms) => format!(
-                " AND COALESCE(state_changed_at, 0) <= {db_now} - {}",
+                " AND state_changed_at IS NOT NULL AND state_changed_at <= {db_now} - {}",
                 ms.max(0)
             ),
             None => String::new(),

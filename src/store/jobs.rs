@@ -51,6 +51,8 @@ pub struct JobEvidence {
     pub rows_by_version: Option<String>,
     /// JSON `{versionId: rows}` on old versions (what older jobs left).
     pub remaining_by_version: Option<String>,
+    /// When it finished (Unix ms; the database's clock since migration 0011).
+    pub finished_ms: Option<i64>,
 }
 
 /// The jobs in one state, with their progress summed.
@@ -305,7 +307,8 @@ impl Store {
         encryption: EncryptionId,
     ) -> Result<Vec<JobEvidence>, StoreError> {
         let rows = sqlx::query(
-            "SELECT encryption_id, target, rows_by_version, remaining_by_version FROM jobs \
+            "SELECT encryption_id, target, rows_by_version, remaining_by_version, \
+             COALESCE(finished_db_ms, finished_at) AS finished FROM jobs \
              WHERE tenant_id = $1 AND state = 'succeeded' \
              AND (encryption_id = $2 OR encryption_id IS NULL) \
              ORDER BY COALESCE(finished_db_ms, finished_at) DESC, id DESC",
@@ -321,6 +324,7 @@ impl Store {
                     target: r.try_get("target")?,
                     rows_by_version: r.try_get("rows_by_version")?,
                     remaining_by_version: r.try_get("remaining_by_version")?,
+                    finished_ms: r.try_get("finished")?,
                 })
             })
             .collect()

@@ -230,6 +230,25 @@ impl SourceTable {
                 .map_err(|e| SourceError::Connect(short(&e)))
         })
         .await?;
+        // Keyward's own database under another name (a DNS alias, a socket
+        // path, another spelling of the host), which comparing URLs cannot
+        // see: a database that holds Keyward's own tables is refused.
+        let own = bounded(limits.statement_timeout, async {
+            for table in ["root_keks", "key_events", "api_keys"] {
+                let probe = format!("SELECT 1 FROM {table} WHERE 1 = 0");
+                if sqlx::query(&probe).fetch_optional(&pool).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            Ok(true)
+        })
+        .await;
+        if !matches!(own, Ok(false)) {
+            pool.close().await;
+            return Err(SourceError::Connect(
+                "the source holds Keyward's own tables (or did not answer)".into(),
+            ));
+        }
         let mut source = SourceTable {
             limits,
             pool,

@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::helpers::{assert_error, Backend, Creds, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_authentications_lock_their_address_even_for_a_right_secret_then_expire() {
+async fn failed_authentications_lock_their_address_for_guesses_then_expire() {
     let env = [
         ("KEYWARD_AUTH_MAX_FAILURES", "3"),
         ("KEYWARD_AUTH_LOCKOUT", "2s"),
@@ -26,8 +26,9 @@ async fn failed_authentications_lock_their_address_even_for_a_right_secret_then_
         let (status, resp) = app.post("/v1/encrypt", &wrong, &body).await;
         assert_error(status, &resp, 401, "invalid_credentials");
     }
+    // A further guess from the address is refused outright...
     let resp = app
-        .req(reqwest::Method::POST, "/v1/encrypt", &creds)
+        .req(reqwest::Method::POST, "/v1/encrypt", &wrong)
         .json(&body)
         .send()
         .await
@@ -43,13 +44,16 @@ async fn failed_authentications_lock_their_address_even_for_a_right_secret_then_
     assert_eq!(v["error"]["code"], "too_many_failed_attempts");
     assert!(app.log_shows("client address locked out").await);
     assert!(!app.log_text().contains("kws_wrong"));
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // ...while the right secret is no guess and still works from it.
     let (status, _) = app.post("/v1/encrypt", &creds, &body).await;
-    assert_eq!(status, StatusCode::OK, "the lockout ends");
+    assert_eq!(status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (status, resp) = app.post("/v1/encrypt", &wrong, &body).await;
+    assert_error(status, &resp, 401, "invalid_credentials");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failures_from_one_address_lock_that_address_for_every_key() {
+async fn failures_from_one_address_lock_that_address_for_guesses_not_for_right_secrets() {
     let env = [
         ("KEYWARD_AUTH_MAX_FAILURES", "3"),
         ("KEYWARD_AUTH_LOCKOUT", "2s"),
@@ -66,12 +70,24 @@ async fn failures_from_one_address_lock_that_address_for_every_key() {
         let (status, _) = app.post("/v1/encrypt", &spray, &body).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    let (status, resp) = app.post("/v1/encrypt", &creds, &body).await;
+    // The address is locked for guesses: any wrong secret, for any key id,
+    // gets 429 until the lockout ends...
+    let guess = Creds {
+        secret: "kws_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA".into(),
+        ..creds.clone()
+    };
+    let (status, resp) = app.post("/v1/encrypt", &guess, &body).await;
     assert_error(status, &resp, 429, "too_many_failed_attempts");
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    // ...but a right secret is not a guess: whoever else shares the address
+    // (a NAT, a load balancer) earned the lockout, not the key's holder.
     assert_eq!(
         app.post("/v1/encrypt", &creds, &body).await.0,
         StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    assert_eq!(
+        app.post("/v1/encrypt", &guess, &body).await.0,
+        StatusCode::UNAUTHORIZED
     );
 }
 

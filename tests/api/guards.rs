@@ -99,11 +99,13 @@ async fn someone_who_knows_a_key_id_but_not_its_secret_cannot_lock_its_holder_ou
         let (status, resp) = post_from(&app, &attacker, &guess, &[], &body).await;
         assert_error(status, &resp, 401, "invalid_credentials");
     }
-    // The guesser's own address is locked out, for every key and secret...
-    for creds in [&guess, &holder] {
-        let (status, resp) = post_from(&app, &attacker, creds, &[], &body).await;
-        assert_error(status, &resp, 429, "too_many_failed_attempts");
-    }
+    // The guesser's own address is locked out for guesses...
+    let (status, resp) = post_from(&app, &attacker, &guess, &[], &body).await;
+    assert_error(status, &resp, 429, "too_many_failed_attempts");
+    // ...though not for a right secret, which is no guess (whoever shares an
+    // address with a guesser keeps working)...
+    let (status, resp) = post_from(&app, &attacker, &holder, &[], &body).await;
+    assert_eq!(status, StatusCode::OK, "{resp}");
     // ...and the holder, elsewhere, is not.
     for _ in 0..3 {
         let (status, resp) = app.post("/v1/encrypt", &holder, &body).await;
@@ -138,21 +140,24 @@ async fn a_forwarded_address_is_believed_only_from_a_declared_proxy() {
         let (status, _) = post_from(&app, &proxy, &wrong, &mallory, &body).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    let (status, resp) = post_from(&app, &proxy, &creds, &mallory, &body).await;
+    let (status, resp) = post_from(&app, &proxy, &wrong, &mallory, &body).await;
     assert_error(status, &resp, 429, "too_many_failed_attempts");
     // Only the declared header (X-Forwarded-For by default) is read: a
     // `Forwarded` the proxy passed through from a client is not.
     let not_read = [("Forwarded", "for=203.0.113.7;proto=https")];
-    let (status, _) = post_from(&app, &proxy, &creds, &not_read, &body).await;
+    let (status, _) = post_from(&app, &proxy, &wrong, &not_read, &body).await;
     assert_eq!(
         status,
-        StatusCode::OK,
-        "Forwarded is not the declared header"
+        StatusCode::UNAUTHORIZED,
+        "Forwarded is not the declared header: not locked"
     );
     // Another client behind the same proxy is not locked out, and so is
-    // neither the one whose address mallory put in front.
+    // neither the one whose address mallory put in front (a wrong secret
+    // from them is a plain 401, not a lockout).
     for other in ["203.0.113.8", "192.0.2.99"] {
         let hdr = [("X-Forwarded-For", other)];
+        let (status, resp) = post_from(&app, &proxy, &wrong, &hdr, &body).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{other}: {resp}");
         let (status, resp) = post_from(&app, &proxy, &creds, &hdr, &body).await;
         assert_eq!(status, StatusCode::OK, "{other}: {resp}");
     }
@@ -167,10 +172,12 @@ async fn a_forwarded_address_is_believed_only_from_a_declared_proxy() {
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
     let hdr = [("X-Forwarded-For", "198.51.100.200")];
-    let (status, resp) = post_from(&app, &outsider, &creds, &hdr, &body).await;
+    let (status, resp) = post_from(&app, &outsider, &wrong, &hdr, &body).await;
     assert_error(status, &resp, 429, "too_many_failed_attempts");
     // ...and a spoofed header cannot lock out the address it names.
     let hdr = [("X-Forwarded-For", "198.51.100.0")];
+    let (status, _) = post_from(&app, &proxy, &wrong, &hdr, &body).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     let (status, _) = post_from(&app, &proxy, &creds, &hdr, &body).await;
     assert_eq!(status, StatusCode::OK);
 
@@ -214,19 +221,19 @@ async fn proxies_that_write_forwarded_are_read_from_forwarded_only() {
         let (status, _) = post_from(&app, &proxy, &wrong, &client, &body).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
-    let (status, resp) = post_from(&app, &proxy, &creds, &client, &body).await;
+    let (status, resp) = post_from(&app, &proxy, &wrong, &client, &body).await;
     assert_error(status, &resp, 429, "too_many_failed_attempts");
     // The same /64 is the same client; another /64 is not.
     let same = [("Forwarded", "for=\"[2001:db8::ffff]\"")];
-    let (status, _) = post_from(&app, &proxy, &creds, &same, &body).await;
+    let (status, _) = post_from(&app, &proxy, &wrong, &same, &body).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     let other = [("Forwarded", "for=\"[2001:db8:0:1::9]\"")];
-    let (status, _) = post_from(&app, &proxy, &creds, &other, &body).await;
-    assert_eq!(status, StatusCode::OK);
+    let (status, _) = post_from(&app, &proxy, &wrong, &other, &body).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     // X-Forwarded-For is not the declared header: not read.
     let not_read = [("X-Forwarded-For", "2001:db8::9")];
-    let (status, _) = post_from(&app, &proxy, &creds, &not_read, &body).await;
-    assert_eq!(status, StatusCode::OK);
+    let (status, _) = post_from(&app, &proxy, &wrong, &not_read, &body).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

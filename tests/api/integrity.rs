@@ -273,13 +273,21 @@ async fn set_state(app: &TestApp, creds: &Creds, path: &str, body: Value) -> (St
 /// period (so every replica has stopped using it and a missed ciphertext has
 /// failed loudly while it was still recoverable), unless `force`.
 async fn a_version_is_destroyed_only_after_it_was_disabled_for_the_grace_period(backend: Backend) {
-    let app = TestApp::spawn_with(backend, SHORT_GRACE).await;
-    let creds = app.create_tenant("acme");
+    let platform = crate::jobs::Platform::new(backend).await;
+    let app = crate::jobs::spawn_with_platform(backend, &platform, SHORT_GRACE).await;
+    let creds = app.create_tenant("platform");
     let (enc, v1) = app.create_encryption(&creds).await;
     let e1 = app.encrypt(&creds, &enc, "under v1").await;
     app.rotate(&creds, &enc).await;
     let path = format!("/v1/encryptions/{enc}/versions/{v1}");
 
+    // Nothing shows yet that no data needs v1: no job has looked since it
+    // stopped being active.
+    let (status, body) = set_state(&app, &creds, &path, json!({"state": "destroyed"})).await;
+    assert_error(status, &body, 409, "version_unverified");
+    // A job over the platform's table (which holds none of it) now has.
+    let job = crate::job_integrity::run_job(&app, &creds, &platform, "secrets", Some(&enc)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
     let (status, body) = set_state(&app, &creds, &path, json!({"state": "destroyed"})).await;
     assert_error(status, &body, 409, "version_not_disabled");
     let (status, body) = set_state(&app, &creds, &path, json!({"state": "disabled"})).await;
@@ -335,9 +343,10 @@ async fn a_version_is_destroyed_only_after_it_was_disabled_for_the_grace_period(
 /// undecryptable. Now the destroy waits out the grace period, by which time
 /// the other replica has long stopped using the version.
 async fn no_replica_uses_a_version_after_its_destroy_returned(backend: Backend) {
-    let a = TestApp::spawn_with(backend, SHORT_GRACE).await;
+    let platform = crate::jobs::Platform::new(backend).await;
+    let a = crate::jobs::spawn_with_platform(backend, &platform, SHORT_GRACE).await;
     let b = a.spawn_replica(&[]);
-    let creds = a.create_tenant("acme");
+    let creds = a.create_tenant("platform");
     let (enc, v1) = a.create_encryption(&creds).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let worker = {
@@ -376,6 +385,8 @@ async fn no_replica_uses_a_version_after_its_destroy_returned(backend: Backend) 
     tokio::time::sleep(Duration::from_millis(300)).await;
     a.rotate(&creds, &enc).await;
     let path = format!("/v1/encryptions/{enc}/versions/{v1}");
+    let job = crate::job_integrity::run_job(&a, &creds, &platform, "secrets", Some(&enc)).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
     let (status, body) = set_state(&a, &creds, &path, json!({"state": "destroyed"})).await;
     assert_error(status, &body, 409, "version_not_disabled");
     let (status, body) = set_state(&a, &creds, &path, json!({"state": "disabled"})).await;

@@ -20,7 +20,7 @@ crate::on_both_databases!(
 
 /// Runs a job over `table` of the platform with `encryption` (or per row by
 /// `encryption_id_column`), waits for it, returns its view.
-async fn run_job(
+pub(crate) async fn run_job(
     app: &TestApp,
     creds: &Creds,
     platform: &Platform,

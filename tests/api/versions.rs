@@ -89,10 +89,10 @@ async fn each_version_state_behaves_as_documented(backend: Backend) {
     assert_error(status, &body, 404, "encryption_not_found");
 
     // destroyed: crypto-shredding, for good; the row stays. Without `force`
-    // only after the version was disabled for the grace period (see
-    // integrity.rs); `force` skips that.
+    // only after a job showed no data needs it and it was disabled for the
+    // grace period (see integrity.rs); `force` skips that.
     let (status, body) = patch(&app, &creds, &v1_path, json!({"state": "destroyed"})).await;
-    assert_error(status, &body, 409, "version_not_disabled");
+    assert_error(status, &body, 409, "version_unverified");
     let (status, body) = patch(
         &app,
         &creds,

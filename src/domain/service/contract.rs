@@ -181,10 +181,13 @@ impl KeyService {
 
 impl KeyService {
     /// Refuses a call with a client key on an encryption that has seen too
-    /// many wrong ones lately. Deliberately per encryption, so it can be
-    /// aimed, but only by a caller who already holds the tenant's credentials
-    /// (and could disable the encryption's versions anyway); without it, such
-    /// a caller could try client keys as fast as the service answers.
+    /// many wrong ones lately. Per encryption, as the bound on guessing must
+    /// be: it can be aimed, but only by a caller who already holds one of the
+    /// tenant's keys with `encrypt`, `decrypt` or `rotate` (even a key that
+    /// could not otherwise change the encryption); without it, such a caller
+    /// could try client keys as fast as the service answers. A right key is
+    /// refused too while the lock lasts, since letting it through would tell
+    /// a guesser which guess was right.
     fn check_client_key_attempts(
         &self,
         id: EncryptionId,

@@ -60,6 +60,20 @@ fn rows_found_on(evidence: &[JobEvidence], encryption: EncryptionId, version: Ve
     rows
 }
 
+/// Whether some job in `evidence` covers `encryption` (it was started for it,
+/// or, per row, saw a row of it) and finished at or after `since` (Unix ms).
+fn covered_since(evidence: &[JobEvidence], encryption: EncryptionId, since: i64) -> bool {
+    let id = encryption.to_string();
+    evidence.iter().any(|job| {
+        let covers = job.encryption_id == Some(encryption)
+            || job.rows_by_version.as_deref().is_some_and(|text| {
+                serde_json::from_str::<std::collections::BTreeMap<String, serde_json::Value>>(text)
+                    .is_ok_and(|m| m.contains_key(&id))
+            });
+        covers && job.finished_ms.is_some_and(|t| t >= since)
+    })
+}
+
 impl KeyService {
     /// Sets the rotation policy: `period` (`Some(None)` clears it) and the
     /// minimum decryption version (at least 1, at most the active version).
@@ -114,6 +128,16 @@ impl KeyService {
             let in_use = rows_found_on(&evidence, id, version);
             if in_use > 0 {
                 return Err(KeyError::VersionInUse(in_use));
+            }
+            // Zero rows counted means something only if a job looked after
+            // the version stopped receiving new ciphertexts: a job that ended
+            // before saw none of what was written under it later.
+            let stopped = details
+                .version(version)
+                .and_then(|v| v.rotated_at)
+                .unwrap_or(0);
+            if !covered_since(&evidence, id, stopped) {
+                return Err(KeyError::VersionUnverified);
             }
             if current != VersionState::Disabled {
                 return Err(KeyError::DestroyNeedsDisabled);
@@ -252,6 +276,7 @@ mod tests {
             target: Some(target.into()),
             rows_by_version: Some(rows.to_string()),
             remaining_by_version: None,
+            finished_ms: Some(1_000),
         }
     }
 
@@ -283,7 +308,28 @@ mod tests {
             target: None,
             rows_by_version: None,
             remaining_by_version: Some(format!("{{\"{v1}\": 7}}")),
+            finished_ms: None,
         };
         assert_eq!(rows_found_on(&[legacy], e, v1), 7);
+    }
+
+    #[test]
+    fn only_a_job_over_the_encryption_that_ended_after_the_version_stopped_counts() {
+        let (e, other) = (EncryptionId::new_random(), EncryptionId::new_random());
+        let per_row_saw = |enc: EncryptionId| serde_json::json!({ enc.to_string(): {} });
+        // Job evidence finishes at 1,000 ms.
+        let ours = [job(Some(e), "A", per_row_saw(e))];
+        assert!(covered_since(&ours, e, 1_000));
+        assert!(!covered_since(&ours, e, 1_001), "it ended before");
+        assert!(!covered_since(
+            &[job(Some(other), "A", per_row_saw(other))],
+            e,
+            0
+        ));
+        assert!(covered_since(&[job(None, "A", per_row_saw(e))], e, 0));
+        assert!(
+            !covered_since(&[job(None, "A", per_row_saw(other))], e, 0),
+            "a per-row job that never saw the encryption covers nothing of it"
+        );
     }
 }
