@@ -76,6 +76,7 @@ fn job_sources(settings: &Settings) -> anyhow::Result<crate::domain::sources::Jo
             name: s.name.clone(),
             url: zeroize::Zeroizing::new(s.url.expose().to_string()),
             tenants: s.tenants.clone(),
+            tables: s.tables.clone(),
         })
         .collect();
     crate::domain::sources::JobSources::new(

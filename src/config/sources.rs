@@ -5,6 +5,7 @@
 //! [sources.billing]
 //! database_url_file = "/run/secrets/billing-db-url"   # or database_url = "postgres://..."
 //! tenants = ["acme", "0b9e4c1e-4a4b-4f4e-9a59-0c3f2f0c9d11"]
+//! tables = ["secrets", "billing.cards"]                 # optional: only these
 //! ```
 //!
 //! Errors name the source and the problem, never a URL or a credential.
@@ -26,6 +27,9 @@ pub struct JobSourceSpec {
     pub url: DatabaseUrl,
     /// The tenant names or ids it is granted to.
     pub tenants: Vec<String>,
+    /// The tables jobs may walk in it (`None`: any table the URL's user can
+    /// read and write).
+    pub tables: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -43,6 +47,8 @@ struct Entry {
     #[serde(default)]
     database_url_file: Option<PathBuf>,
     tenants: Vec<String>,
+    #[serde(default)]
+    tables: Option<Vec<String>>,
 }
 
 /// Reads and checks the sources file.
@@ -78,10 +84,26 @@ pub fn read(path: &Path) -> Result<Vec<JobSourceSpec>, String> {
         if entry.tenants.iter().any(|t| t.trim().is_empty()) {
             return Err(format!("source `{name}`: a tenant in `tenants` is empty"));
         }
+        if let Some(tables) = &entry.tables {
+            if tables.is_empty() {
+                return Err(format!(
+                    "source `{name}`: `tables` is empty (leave it out to allow any table)"
+                ));
+            }
+            if let Some(bad) = tables
+                .iter()
+                .find(|t| !crate::store::source::is_plain_identifier(t, true))
+            {
+                return Err(format!(
+                    "source `{name}`: `{bad}` in `tables` is not a table name (letters, digits, `_`, one optional `schema.`)"
+                ));
+            }
+        }
         out.push(JobSourceSpec {
             name,
             url: DatabaseUrl::new(url.as_str()),
             tenants: entry.tenants,
+            tables: entry.tables,
         });
     }
     Ok(out)

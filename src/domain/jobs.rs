@@ -145,8 +145,11 @@ impl StoredSource {
         let sources = service.job_sources();
         let source = sources
             .granted(&self.name, tenant, tenant_name)
+            .filter(|s| s.allows_table(&self.table))
             .ok_or_else(|| {
-                SourceError::Connect("no such source is granted to the job's tenant".into())
+                SourceError::Connect(
+                    "no such source is granted to the job's tenant (or not this table)".into(),
+                )
             })?;
         if sources.is_own_database(source) {
             return Err(SourceError::Connect(
@@ -213,6 +216,7 @@ pub async fn start_job(
         (None, Some(name)) if is_source_name(name) => service
             .job_sources()
             .granted(name, tenant, &tenant_name)
+            .filter(|s| s.allows_table(&job.source.table))
             .map(|s| s.name().to_string()),
         _ => None,
     };

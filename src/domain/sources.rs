@@ -42,6 +42,8 @@ pub struct SourceSpec {
     pub url: Zeroizing<String>,
     /// Tenant ids or names it is granted to.
     pub tenants: Vec<String>,
+    /// The only tables jobs may walk in it (`None`: any).
+    pub tables: Option<Vec<String>>,
 }
 
 impl fmt::Debug for SourceSpec {
@@ -58,12 +60,22 @@ pub struct Source {
     name: String,
     url: Zeroizing<String>,
     grants: Vec<Grant>,
+    tables: Option<Vec<String>>,
 }
 
 impl Source {
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether jobs may walk `table` in it: a tenant granted a source shared
+    /// with others, or holding other tables, reads nothing (not even whether
+    /// a table exists or how many rows it has) outside the operator's list.
+    pub fn allows_table(&self, table: &str) -> bool {
+        self.tables
+            .as_ref()
+            .is_none_or(|tables| tables.iter().any(|t| t == table))
     }
 
     /// The URL to connect with (credentials included): for the connection only.
@@ -157,6 +169,7 @@ impl JobSources {
                 name,
                 url: spec.url,
                 grants,
+                tables: spec.tables,
             });
         }
         Ok(JobSources {
@@ -212,6 +225,7 @@ mod tests {
             name: name.into(),
             url: Zeroizing::new(url.into()),
             tenants: tenants.iter().map(|t| t.to_string()).collect(),
+            tables: None,
         }
     }
 

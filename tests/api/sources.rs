@@ -15,6 +15,7 @@ crate::on_both_databases!(
     a_tenant_cannot_aim_a_job_at_a_database_of_its_choosing,
     keywards_own_database_is_never_a_job_source,
     a_hung_source_holds_up_only_its_own_tenants_jobs,
+    a_source_limited_to_tables_refuses_every_other_table,
 );
 
 /// The generic refusal, as the API says it.
@@ -291,4 +292,62 @@ async fn a_hung_source_holds_up_only_its_own_tenants_jobs(backend: Backend) {
     assert_reveals_nothing(&failed.to_string(), &["hung-password", &port.to_string()]);
     assert!(!app.log_text().contains("hung-password"));
     held.abort();
+}
+
+/// A source the operator limited to some tables: a job over any other table
+/// of it (another tenant's, the catalogue) is refused like an unknown source,
+/// before anything is opened, so its existence and row count stay unknown.
+async fn a_source_limited_to_tables_refuses_every_other_table(backend: Backend) {
+    let platform = Platform::new(backend).await;
+    let file = platform.db.dir.path().join("sources-tables.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[sources.platform]\ndatabase_url = {:?}\ntenants = [\"platform\"]\ntables = [\"secrets\"]\n",
+            platform.db.url
+        ),
+    )
+    .unwrap();
+    let app = TestApp::spawn_with(
+        backend,
+        &[("KEYWARD_JOB_SOURCES_FILE", file.to_str().unwrap())],
+    )
+    .await;
+    let creds = app.create_tenant("platform");
+    let (enc, _) = app.create_encryption(&creds).await;
+    platform.fill_rows(&app, &creds, &enc, 3).await;
+    let generic = crate::jobs::generic_source_message(&app, &creds).await;
+    for table in [
+        "other_tenants_secrets",
+        "information_schema.tables",
+        "Secrets",
+    ] {
+        let mut source = platform.source();
+        source["table"] = json!(table);
+        let (status, body) = app
+            .post(
+                "/v1/jobs",
+                &creds,
+                &json!({"kind": "reencrypt", "encryptionId": enc, "source": source}),
+            )
+            .await;
+        assert_error(status, &body, 422, GENERIC);
+        assert_eq!(body["error"]["message"], generic.as_str(), "{table}");
+    }
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            &creds,
+            &json!({"kind": "reencrypt", "encryptionId": enc, "source": platform.source()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let done = wait_for_job(
+        &app,
+        &creds,
+        body["jobId"].as_str().unwrap(),
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(done["state"], "succeeded", "{done}");
 }
