@@ -130,6 +130,7 @@ impl Application {
                     client_key_max_failures: settings.client_key_max_failures,
                     client_key_lockout: settings.client_key_lockout,
                     max_encryptions_per_version: settings.max_encryptions_per_version,
+                    max_api_keys_per_tenant: settings.max_api_keys_per_tenant,
                 }),
         );
         // Checkpoints are signed with the active root KEK's key from when the

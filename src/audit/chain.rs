@@ -168,6 +168,8 @@ pub(super) mod tests {
             encryption_id: Some(e1.to_string()),
             version_id: Some(v1.to_string()),
             job_id: None,
+            target_api_key_id: None,
+            scopes: None,
             batch_index: Some(0),
             prev: GENESIS.into(),
             hash: first.hash.clone(),

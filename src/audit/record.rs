@@ -112,6 +112,16 @@ pub struct AuditRecord<S = String> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = Uuid)]
     pub job_id: Option<S>,
+    /// The API key acted on (`api_key.create`: the key made; `api_key.revoke`:
+    /// the key named), distinct from `apiKeyId`, the caller's. Never a secret
+    /// or its digest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub target_api_key_id: Option<S>,
+    /// The scopes granted, comma-separated (`api_key.create`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub scopes: Option<S>,
     /// The item's position in a batch request (one record per item).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_index: Option<u32>,
@@ -148,6 +158,10 @@ pub struct Target {
     pub version_id: Option<VersionId>,
     /// The job.
     pub job_id: Option<String>,
+    /// The API key acted on (made or revoked).
+    pub api_key_id: Option<String>,
+    /// The scopes granted to a key made.
+    pub scopes: Option<String>,
     /// The item's position, for batch items.
     pub batch_index: Option<u32>,
     /// A batch item's own outcome: `None` while running, `Some(None)` when it
@@ -202,6 +216,8 @@ impl<S: Deref<Target = str>> AuditRecord<S> {
             .opt_str("encryptionId", self.encryption_id.as_deref())
             .opt_str("versionId", self.version_id.as_deref())
             .opt_str("jobId", self.job_id.as_deref())
+            .opt_str("targetApiKeyId", self.target_api_key_id.as_deref())
+            .opt_str("scopes", self.scopes.as_deref())
             .opt_u64("batchIndex", self.batch_index.map(u64::from))
             .str("prev", &self.prev)
             .opt_str("hash", self.hash.as_deref())
@@ -304,6 +320,8 @@ impl AuditEvent {
                 encryption_id: t.encryption_id.as_ref().map(|i| i.encode(&mut enc_buf)),
                 version_id: t.version_id.as_ref().map(|v| v.encode(&mut ver_buf)),
                 job_id: t.job_id.as_deref(),
+                target_api_key_id: t.api_key_id.as_deref(),
+                scopes: t.scopes.as_deref(),
                 batch_index: t.batch_index,
                 ..base
             };
@@ -338,6 +356,8 @@ mod tests {
             encryption_id: Some("00000000-0000-0000-0000-000000000002"),
             version_id: Some("00000000-0000-0000-0000-000000000003"),
             job_id: Some("job"),
+            target_api_key_id: Some("kw_4567"),
+            scopes: Some("encrypt,decrypt"),
             batch_index: Some(u32::MAX),
             prev: GENESIS,
             hash: Some(GENESIS),
@@ -355,6 +375,8 @@ mod tests {
             encryption_id: None,
             version_id: None,
             job_id: None,
+            target_api_key_id: None,
+            scopes: None,
             batch_index: None,
             hash: None,
             ..full

@@ -172,8 +172,16 @@ async fn create_api_key(
         anyhow::anyhow!("--scopes: {e} (operator keys: `keyward operator-key create`)")
     })?;
     let binding = bind_cert.map(crate::tls::spki_sha256_of_pem).transpose()?;
-    let store = open_store(&config.settings()?).await?;
-    let credential = accounts::create_api_key(&store, tenant, scopes, binding).await;
+    let settings = config.settings()?;
+    let store = open_store(&settings).await?;
+    let credential = accounts::create_api_key(
+        &store,
+        tenant,
+        scopes,
+        binding,
+        settings.max_api_keys_per_tenant,
+    )
+    .await;
     store.close().await;
     print_key(&credential?, scopes, binding, json);
     Ok(())
@@ -219,21 +227,37 @@ async fn disable_tenant(tenant: &str, config: &ConfigArg) -> anyhow::Result<()> 
 async fn list_api_keys(tenant: &str, config: &ConfigArg) -> anyhow::Result<()> {
     let tenant = tenant_arg(tenant, "--tenant")?;
     let store = open_store(&config.settings()?).await?;
-    let keys = accounts::api_keys(&store, Some(tenant)).await;
+    let listed = print_api_keys(&store, tenant).await;
     store.close().await;
-    for k in keys? {
-        println!(
-            "{}",
-            json!({
-                "apiKey": k.key_id,
-                "scopes": k.scopes.names(),
-                "boundCertificateSpkiSha256": k.cert_spki_sha256.map(|d| crate::crypto::hex(&d)),
-                "createdAt": crate::domain::time::rfc3339(k.created_at),
-                "revokedAt": k.revoked_at.map(crate::domain::time::rfc3339),
-            })
-        );
+    listed
+}
+
+/// Prints every key of `tenant`, one JSON line each, page after page: the
+/// listing never stops at a page's end, so no key can hide behind others.
+async fn print_api_keys(store: &crate::store::Store, tenant: TenantId) -> anyhow::Result<()> {
+    let mut after = None;
+    loop {
+        let page =
+            accounts::api_keys(store, Some(tenant), after.as_ref(), accounts::LIST_LIMIT).await?;
+        for k in &page {
+            println!(
+                "{}",
+                json!({
+                    "apiKey": k.key_id,
+                    "scopes": k.scopes.names(),
+                    "boundCertificateSpkiSha256": k.cert_spki_sha256.map(|d| crate::crypto::hex(&d)),
+                    "createdAt": crate::domain::time::rfc3339(k.created_at),
+                    "revokedAt": k.revoked_at.map(crate::domain::time::rfc3339),
+                })
+            );
+        }
+        match page.last() {
+            Some(last) if page.len() as i64 == accounts::LIST_LIMIT => {
+                after = Some(accounts::ApiKeyCursor::after(last));
+            }
+            _ => return Ok(()),
+        }
     }
-    Ok(())
 }
 
 /// Prints a new key: JSON, or lines for people.

@@ -150,6 +150,9 @@ impl Raw {
                 positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
             })?,
             client_key_lockout: self.required("client_key_lockout", duration)?,
+            max_api_keys_per_tenant: self.required("max_api_keys_per_tenant", |v| {
+                positive(v).and_then(|n| i64::try_from(n).map_err(|_| "too large".into()))
+            })?,
             rotate_after_encryptions: self.required("rotate_after_encryptions", |v| {
                 positive(v).map(|n| n as u64)
             })?,

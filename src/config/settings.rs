@@ -60,6 +60,8 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Most items per batch.
     pub max_batch_items: usize,
+    /// Most live (not revoked) API keys per tenant.
+    pub max_api_keys_per_tenant: i64,
     /// Largest batch body.
     pub max_batch_body_bytes: usize,
     /// Key ring bound.

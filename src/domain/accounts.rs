@@ -14,7 +14,7 @@ use super::time::now_ms;
 use super::TenantId;
 use crate::store::{ApiKeyRow, Store, StoreError, TenantRow};
 
-/// How many tenants or API keys one listing returns at most.
+/// How many tenants or API keys one page of a listing holds at most.
 pub const LIST_LIMIT: i64 = 1000;
 
 /// Why an account operation failed.
@@ -45,6 +45,10 @@ pub enum AccountError {
     /// No such live API key (or not one of this tenant's).
     #[error("API key not found")]
     ApiKeyNotFound,
+    /// The tenant already holds as many live API keys as
+    /// `max_api_keys_per_tenant` allows: revoke one first.
+    #[error("the tenant already has {0} live API keys, the most allowed (`max_api_keys_per_tenant`); revoke one first")]
+    ApiKeyLimitReached(i64),
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -135,17 +139,21 @@ pub async fn insert_tenant(store: &Store, name: &str) -> Result<TenantRow, Accou
 /// everything inside the tenant and nothing outside it.
 pub async fn create_tenant(store: &Store, name: &str) -> Result<NewTenant, AccountError> {
     let tenant = insert_tenant(store, name).await?;
-    let credential = create_api_key(store, tenant.id, Scopes::tenant_all(), None).await?;
+    // A new tenant has no key yet: any bound of at least one admits this one.
+    let credential = create_api_key(store, tenant.id, Scopes::tenant_all(), None, 1).await?;
     Ok(NewTenant { tenant, credential })
 }
 
 /// Issues an API key for a tenant, optionally bound to a client certificate's
-/// public key (SHA-256 of its SubjectPublicKeyInfo). Tenant scopes only.
+/// public key (SHA-256 of its SubjectPublicKeyInfo). Tenant scopes only; at
+/// most `max_live` live (not revoked) keys per tenant, so that no listing or
+/// cache is flooded by one tenant's keys.
 pub async fn create_api_key(
     store: &Store,
     tenant: TenantId,
     scopes: Scopes,
     cert_spki_sha256: Option<[u8; 32]>,
+    max_live: i64,
 ) -> Result<IssuedCredential, AccountError> {
     scopes
         .check_kind(true)
@@ -155,7 +163,15 @@ pub async fn create_api_key(
         Some(t) if t.disabled_at.is_some() => return Err(AccountError::TenantDisabled(tenant)),
         Some(_) => {}
     }
-    insert_key(store, Some(tenant), scopes, cert_spki_sha256).await
+    let credential = issue_credential();
+    let row = key_row(&credential, Some(tenant), scopes, cert_spki_sha256);
+    if !store
+        .insert_tenant_api_key_within(&row, tenant, max_live)
+        .await?
+    {
+        return Err(AccountError::ApiKeyLimitReached(max_live));
+    }
+    Ok(credential)
 }
 
 /// Issues an operator API key (no tenant), optionally bound to a client
@@ -179,17 +195,27 @@ async fn insert_key(
 ) -> Result<IssuedCredential, AccountError> {
     let credential = issue_credential();
     store
-        .insert_api_key(&ApiKeyRow {
-            id: credential.key_id.clone(),
-            tenant_id: tenant,
-            secret_sha256: credential.secret_sha256.to_vec(),
-            scopes: scopes.to_string(),
-            cert_spki_sha256: cert_spki_sha256.map(|d| d.to_vec()),
-            created_at: now_ms(),
-            revoked_at: None,
-        })
+        .insert_api_key(&key_row(&credential, tenant, scopes, cert_spki_sha256))
         .await?;
     Ok(credential)
+}
+
+/// The row of a new key: its secret only as the digest.
+fn key_row(
+    credential: &IssuedCredential,
+    tenant: Option<TenantId>,
+    scopes: Scopes,
+    cert_spki_sha256: Option<[u8; 32]>,
+) -> ApiKeyRow {
+    ApiKeyRow {
+        id: credential.key_id.clone(),
+        tenant_id: tenant,
+        secret_sha256: credential.secret_sha256.to_vec(),
+        scopes: scopes.to_string(),
+        cert_spki_sha256: cert_spki_sha256.map(|d| d.to_vec()),
+        created_at: now_ms(),
+        revoked_at: None,
+    }
 }
 
 /// Revokes an API key (with `tenant`, only one of that tenant's); every running
@@ -212,13 +238,40 @@ pub async fn disable_tenant(store: &Store, tenant: TenantId) -> Result<bool, Acc
     Ok(store.disable_tenant(tenant, now_ms()).await?)
 }
 
-/// The API keys of `tenant` (`None`: the operator keys), at most
-/// [`LIST_LIMIT`], oldest first, without secrets or digests.
+/// Where a page of API keys starts: after the key created at `created_at`
+/// with id `key_id` (the last key of the previous page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyCursor {
+    /// The previous page's last key's creation time (Unix ms).
+    pub created_at: i64,
+    /// The previous page's last key's id.
+    pub key_id: String,
+}
+
+impl ApiKeyCursor {
+    /// The cursor that continues after `key`.
+    pub fn after(key: &ApiKeyInfo) -> ApiKeyCursor {
+        ApiKeyCursor {
+            created_at: key.created_at,
+            key_id: key.key_id.clone(),
+        }
+    }
+}
+
+/// Up to `limit` API keys of `tenant` (`None`: the operator keys) after
+/// `after`, oldest first, without secrets or digests. `limit` is bounded by
+/// one more than [`LIST_LIMIT`] (a page, and one to tell whether another
+/// follows).
 pub async fn api_keys(
     store: &Store,
     tenant: Option<TenantId>,
+    after: Option<&ApiKeyCursor>,
+    limit: i64,
 ) -> Result<Vec<ApiKeyInfo>, AccountError> {
-    let rows = store.api_keys_of(tenant, LIST_LIMIT).await?;
+    let after = after.map(|c| (c.created_at, c.key_id.as_str()));
+    let rows = store
+        .api_keys_of(tenant, after, limit.clamp(1, LIST_LIMIT + 1))
+        .await?;
     Ok(rows
         .into_iter()
         .map(|row| ApiKeyInfo {
@@ -243,9 +296,17 @@ impl KeyService {
         insert_tenant(self.store(), name).await.map(Into::into)
     }
 
-    /// Up to [`LIST_LIMIT`] tenants after `after`, oldest first.
-    pub async fn tenants(&self, after: Option<TenantId>) -> Result<Vec<TenantInfo>, AccountError> {
-        let rows = self.store().tenants(after, LIST_LIMIT).await?;
+    /// Up to `limit` (at most one more than [`LIST_LIMIT`]) tenants after
+    /// `after`, oldest first.
+    pub async fn tenants(
+        &self,
+        after: Option<TenantId>,
+        limit: i64,
+    ) -> Result<Vec<TenantInfo>, AccountError> {
+        let rows = self
+            .store()
+            .tenants(after, limit.clamp(1, LIST_LIMIT + 1))
+            .await?;
         Ok(rows.into_iter().map(Into::into).collect())
     }
 
@@ -273,7 +334,14 @@ impl KeyService {
         scopes: Scopes,
         cert_spki_sha256: Option<[u8; 32]>,
     ) -> Result<IssuedCredential, AccountError> {
-        create_api_key(self.store(), tenant, scopes, cert_spki_sha256).await
+        create_api_key(
+            self.store(),
+            tenant,
+            scopes,
+            cert_spki_sha256,
+            self.max_api_keys_per_tenant(),
+        )
+        .await
     }
 
     /// Issues a key in the caller's own tenant: only with scopes the caller
@@ -305,12 +373,25 @@ impl KeyService {
             (Some(own), Some(asked)) if own == asked => Some(own),
             (Some(_), Some(_)) => return Err(AccountError::CertificateBindingRequired),
         };
-        create_api_key(self.store(), tenant, scopes, binding).await
+        create_api_key(
+            self.store(),
+            tenant,
+            scopes,
+            binding,
+            self.max_api_keys_per_tenant(),
+        )
+        .await
     }
 
-    /// The API keys of `tenant`, without secrets or digests.
-    pub async fn api_keys(&self, tenant: TenantId) -> Result<Vec<ApiKeyInfo>, AccountError> {
-        api_keys(self.store(), Some(tenant)).await
+    /// Up to `limit` API keys of `tenant` after `after`, oldest first,
+    /// without secrets or digests.
+    pub async fn api_keys(
+        &self,
+        tenant: TenantId,
+        after: Option<&ApiKeyCursor>,
+        limit: i64,
+    ) -> Result<Vec<ApiKeyInfo>, AccountError> {
+        api_keys(self.store(), Some(tenant), after, limit).await
     }
 
     /// Revokes one of `tenant`'s keys; it stops working here at once and

@@ -23,7 +23,9 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_id, AdminScope, ApiJson, Auth, OperatorScope};
 use super::query::{self, ApiQuery};
 use super::state::AppState;
-use crate::domain::accounts::{AccountError, ApiKeyInfo};
+use base64::Engine;
+
+use crate::domain::accounts::{AccountError, ApiKeyCursor, ApiKeyInfo};
 use crate::domain::apikeys::{looks_like_key_id, IssuedCredential, Scopes};
 use crate::domain::time::rfc3339;
 use crate::domain::TenantId;
@@ -69,10 +71,82 @@ pub struct TenantList {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 #[into_params(parameter_in = Query, rename_all = "camelCase")]
 pub struct TenantParams {
+    /// Page size, 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "query::page_limit")]
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
     /// The `nextCursor` of the previous page.
     #[serde(default, deserialize_with = "query::uuid_text")]
     #[param(format = Uuid)]
     cursor: Option<String>,
+}
+
+/// Paging of the API key listings.
+#[derive(Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[into_params(parameter_in = Query, rename_all = "camelCase")]
+pub struct ApiKeyParams {
+    /// Page size, 1 to 1000 (default 100).
+    #[serde(default, deserialize_with = "query::page_limit")]
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+    /// The `nextCursor` of the previous page.
+    #[serde(default, deserialize_with = "key_cursor")]
+    #[param(value_type = Option<String>)]
+    cursor: Option<ApiKeyCursor>,
+}
+
+const CURSOR_B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// An API key listing's cursor: the last listed key's creation time and id,
+/// so the next page starts right after it (keyset pagination).
+fn encode_key_cursor(c: &ApiKeyCursor) -> String {
+    CURSOR_B64.encode(format!("{}:{}", c.created_at, c.key_id))
+}
+
+fn decode_key_cursor(text: &str) -> Option<ApiKeyCursor> {
+    let text = String::from_utf8(CURSOR_B64.decode(text).ok()?).ok()?;
+    let (ms, id) = text.split_once(':')?;
+    if !looks_like_key_id(id) {
+        return None;
+    }
+    Some(ApiKeyCursor {
+        created_at: ms.parse().ok()?,
+        key_id: id.to_string(),
+    })
+}
+
+fn key_cursor<'de, D>(deserializer: D) -> Result<Option<ApiKeyCursor>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    query::value(deserializer, decode_key_cursor, query::NOT_A_CURSOR)
+}
+
+/// One page of a tenant's keys, oldest first: `limit` of them (default
+/// [`query::DEFAULT_PAGE`]) after `cursor`, and the cursor of the next page
+/// if there is one (one more key is read to know).
+async fn key_page(
+    state: &AppState,
+    tenant: TenantId,
+    params: ApiKeyParams,
+) -> Result<ApiKeyList, ApiError> {
+    let limit = params.limit.unwrap_or(query::DEFAULT_PAGE) as usize;
+    let mut keys = state
+        .service
+        .api_keys(tenant, params.cursor.as_ref(), limit as i64 + 1)
+        .await?;
+    let next_cursor = if keys.len() > limit {
+        keys.truncate(limit);
+        keys.last()
+            .map(|k| encode_key_cursor(&ApiKeyCursor::after(k)))
+    } else {
+        None
+    };
+    Ok(ApiKeyList {
+        items: keys.iter().map(key_view).collect(),
+        next_cursor,
+    })
 }
 
 /// A tenant key's scope.
@@ -147,12 +221,15 @@ pub struct ApiKeyView {
     revoked_at: Option<String>,
 }
 
-/// API keys, oldest first (at most 1000).
+/// A page of API keys, oldest first.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiKeyList {
-    /// The keys.
+    /// This page.
     items: Vec<ApiKeyView>,
+    /// Pass as `cursor` for the next page; `null` on the last page. Follow it
+    /// to the end: a key may be on any page.
+    next_cursor: Option<String>,
 }
 
 fn tenant_view(t: &crate::domain::accounts::TenantInfo) -> TenantView {
@@ -256,7 +333,7 @@ pub(super) async fn create_tenant(
     Ok((StatusCode::CREATED, Json(tenant_view(&tenant))))
 }
 
-/// The tenants, oldest first, 1000 per page (operator).
+/// The tenants, oldest first, paginated (operator).
 #[utoipa::path(get, path = "/v1/tenants", tag = "operator",
     params(TenantParams),
     responses(
@@ -273,12 +350,17 @@ pub(super) async fn list_tenants(
         .as_deref()
         .map(|c| parse_id::<TenantId>(c, "cursor"))
         .transpose()?;
-    let tenants = state.service.tenants(after).await?;
-    let full = tenants.len() as i64 >= crate::domain::accounts::LIST_LIMIT;
+    let limit = params.limit.unwrap_or(query::DEFAULT_PAGE) as usize;
+    // One more than the page, to know whether another follows.
+    let mut tenants = state.service.tenants(after, limit as i64 + 1).await?;
+    let next_cursor = if tenants.len() > limit {
+        tenants.truncate(limit);
+        tenants.last().map(|t| t.id.to_string())
+    } else {
+        None
+    };
     Ok(Json(TenantList {
-        next_cursor: full
-            .then(|| tenants.last().map(|t| t.id.to_string()))
-            .flatten(),
+        next_cursor,
         items: tenants.iter().map(tenant_view).collect(),
     }))
 }
@@ -303,25 +385,23 @@ pub(super) async fn disable_tenant(
     Ok(Json(tenant_view(&tenant)))
 }
 
-/// A tenant's API keys (operator).
+/// A tenant's API keys, revoked or not, oldest first, paginated (operator).
 #[utoipa::path(get, path = "/v1/tenants/{tenantId}/api-keys", tag = "operator",
-    params(("tenantId" = String, Path, format = Uuid, description = "The tenant id")),
+    params(("tenantId" = String, Path, format = Uuid, description = "The tenant id"), ApiKeyParams),
     responses(
-        (status = 200, description = "The keys, without secrets", body = ApiKeyList),
-        (status = 400, description = "`invalid_request` (the id is not a UUID)", body = ErrorBody),
+        (status = 200, description = "A page of keys, without secrets", body = ApiKeyList),
+        (status = 400, description = "`invalid_request` (the id is not a UUID, or a bad `limit` or `cursor`)", body = ErrorBody),
         (status = 404, description = "`tenant_not_found`", body = ErrorBody),
     ))]
 pub(super) async fn list_tenant_keys(
     State(state): State<AppState>,
     _auth: Auth<OperatorScope>,
     Path(tenant): Path<String>,
+    ApiQuery(params): ApiQuery<ApiKeyParams>,
 ) -> Result<Json<ApiKeyList>, ApiError> {
     let tenant = parse_id(&tenant, "tenant id in the path")?;
     state.service.tenant(tenant).await?;
-    let keys = state.service.api_keys(tenant).await?;
-    Ok(Json(ApiKeyList {
-        items: keys.iter().map(key_view).collect(),
-    }))
+    Ok(Json(key_page(&state, tenant, params).await?))
 }
 
 /// Create an API key for a tenant (operator), with any tenant scopes.
@@ -332,12 +412,13 @@ pub(super) async fn list_tenant_keys(
         (status = 201, description = "The key and its secret (shown once)", body = CreatedApiKey),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 404, description = "`tenant_not_found`", body = ErrorBody),
-        (status = 409, description = "`tenant_disabled`", body = ErrorBody),
+        (status = 409, description = "`tenant_disabled`, or `api_key_limit_reached` (the tenant has `max_api_keys_per_tenant` live keys)", body = ErrorBody),
         (status = 422, description = "`invalid_scopes` (an operator scope)", body = ErrorBody),
     ))]
 pub(super) async fn create_tenant_key(
     State(state): State<AppState>,
     _auth: Auth<OperatorScope>,
+    note: AuditNote,
     Path(tenant): Path<String>,
     ApiJson(req): ApiJson<CreateApiKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedApiKey>), ApiError> {
@@ -347,6 +428,7 @@ pub(super) async fn create_tenant_key(
         .service
         .create_tenant_key(tenant, scopes, binding)
         .await?;
+    note.api_key(&credential.key_id, Some(&scopes));
     tracing::info!(tenant_id = %tenant, api_key = %credential.key_id, "API key created");
     Ok(created(tenant, scopes, binding, &credential))
 }
@@ -375,19 +457,20 @@ pub(super) async fn revoke_tenant_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The caller's own tenant's API keys (tenant `admin`).
+/// The caller's own tenant's API keys, revoked or not, oldest first,
+/// paginated (tenant `admin`).
 #[utoipa::path(get, path = "/v1/api-keys", tag = "api-keys",
+    params(ApiKeyParams),
     responses(
-        (status = 200, description = "The keys, without secrets", body = ApiKeyList),
+        (status = 200, description = "A page of keys, without secrets", body = ApiKeyList),
+        (status = 400, description = "`invalid_request` (a bad `limit` or `cursor`)", body = ErrorBody),
     ))]
 pub(super) async fn list_own_keys(
     State(state): State<AppState>,
     auth: Auth<AdminScope>,
+    ApiQuery(params): ApiQuery<ApiKeyParams>,
 ) -> Result<Json<ApiKeyList>, ApiError> {
-    let keys = state.service.api_keys(auth.tenant).await?;
-    Ok(Json(ApiKeyList {
-        items: keys.iter().map(key_view).collect(),
-    }))
+    Ok(Json(key_page(&state, auth.tenant, params).await?))
 }
 
 /// Create an API key in the caller's own tenant (tenant `admin`), with at most
@@ -399,11 +482,13 @@ pub(super) async fn list_own_keys(
         (status = 201, description = "The key and its secret (shown once)", body = CreatedApiKey),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 403, description = "`scope_not_held` (a scope the caller lacks) or `certificate_binding_required`", body = ErrorBody),
+        (status = 409, description = "`api_key_limit_reached` (the tenant has `max_api_keys_per_tenant` live keys: revoke one first)", body = ErrorBody),
         (status = 422, description = "`invalid_scopes` (an operator scope)", body = ErrorBody),
     ))]
 pub(super) async fn create_own_key(
     State(state): State<AppState>,
     auth: Auth<AdminScope>,
+    note: AuditNote,
     ApiJson(req): ApiJson<CreateApiKeyRequest>,
 ) -> Result<(StatusCode, Json<CreatedApiKey>), ApiError> {
     let (scopes, binding) = parse_key_request(&req)?;
@@ -411,6 +496,7 @@ pub(super) async fn create_own_key(
         .service
         .create_own_key(&auth.principal, auth.tenant, scopes, binding)
         .await?;
+    note.api_key(&credential.key_id, Some(&scopes));
     // What the key was bound to: the caller's binding if it had one.
     let binding = binding.or(auth.principal.cert_spki_sha256);
     tracing::info!(api_key = %credential.key_id, "API key created");

@@ -15,6 +15,7 @@ use axum::http::request::Parts;
 use super::error::ErrorCode;
 use super::state::AppState;
 use crate::audit::{Actor, AuditEvent, AuditLog, Target};
+use crate::domain::apikeys::{looks_like_key_id, Scopes};
 use crate::domain::client_addr::ClientAddr;
 use crate::domain::guard::AuthGuard;
 use crate::domain::identity::ClientIdentity;
@@ -85,6 +86,24 @@ impl AuditNote {
                 job_id: Some(id),
                 ..Target::default()
             }),
+        });
+    }
+
+    /// The API key acted on: made (with the `scopes` granted) or revoked.
+    /// Only an id, never a secret or digest.
+    pub fn api_key(&self, key_id: &str, scopes: Option<&Scopes>) {
+        self.with(|n| {
+            let target = match n.targets.last_mut() {
+                Some(t) if t.api_key_id.is_none() && t.batch_index.is_none() => t,
+                _ => {
+                    n.targets.push(Target::default());
+                    n.targets.last_mut().expect("just pushed")
+                }
+            };
+            target.api_key_id = Some(key_id.to_string());
+            if let Some(scopes) = scopes {
+                target.scopes = Some(scopes.to_string());
+            }
         });
     }
 
@@ -203,6 +222,8 @@ pub(super) async fn begin(
                             note.tenant(id);
                         }
                     }
+                    // Only a well-formed key id: never attacker-chosen text.
+                    "keyId" if looks_like_key_id(value) => note.api_key(value, None),
                     "versionId" => {
                         if let Ok(id) = value.parse() {
                             note.version(id);

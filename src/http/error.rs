@@ -138,6 +138,7 @@ impl ApiError {
                     (S::FORBIDDEN, "certificate_binding_required")
                 }
                 AccountError::ApiKeyNotFound => (S::NOT_FOUND, "api_key_not_found"),
+                AccountError::ApiKeyLimitReached(_) => (S::CONFLICT, "api_key_limit_reached"),
                 a if a.is_unavailable() => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 AccountError::Store(_) => (S::INTERNAL_SERVER_ERROR, "internal"),
             },

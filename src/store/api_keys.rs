@@ -2,7 +2,7 @@
 
 use sqlx::Row;
 
-use super::pool::{Store, StoreError};
+use super::pool::{Backend, Store, StoreError};
 use super::sql::get_opt_id;
 use crate::domain::ids::TenantId;
 
@@ -69,6 +69,48 @@ impl Store {
         Ok(())
     }
 
+    /// Inserts a tenant's API key unless the tenant already has `max_live`
+    /// keys that are not revoked; `false` (nothing inserted) if it has.
+    ///
+    /// The count and the insert are one statement in one transaction, and on
+    /// PostgreSQL the tenant's row is locked first, so concurrent creations
+    /// (on any replica) cannot together pass the bound: SQLite runs one
+    /// writing statement at a time, PostgreSQL queues them on the row lock.
+    pub async fn insert_tenant_api_key_within(
+        &self,
+        key: &ApiKeyRow,
+        tenant: TenantId,
+        max_live: i64,
+    ) -> Result<bool, StoreError> {
+        let tenant = tenant.to_string();
+        let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT id FROM tenants WHERE id = $1 FOR UPDATE")
+                .bind(&tenant)
+                .fetch_optional(&mut *tx)
+                .await?;
+        }
+        let inserted = sqlx::query(
+            "INSERT INTO api_keys (id, tenant_id, secret_sha256, scopes, cert_spki_sha256, created_at, revoked_at) \
+             SELECT $1, $2, $3, $4, $5, $6, $7 \
+             WHERE (SELECT COUNT(*) FROM api_keys WHERE tenant_id = $2 AND revoked_at IS NULL) < $8",
+        )
+        .bind(&key.id)
+        .bind(&tenant)
+        .bind(&key.secret_sha256)
+        .bind(&key.scopes)
+        .bind(&key.cert_spki_sha256)
+        .bind(key.created_at)
+        .bind(key.revoked_at)
+        .bind(max_live)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
     /// The API key with this id, revoked or not, with its tenant's state.
     pub async fn api_key(&self, id: &str) -> Result<Option<ApiKeyLookup>, StoreError> {
         let sql = format!(
@@ -90,33 +132,39 @@ impl Store {
             .transpose()
     }
 
-    /// Every API key of `tenant` (`None`: every operator key), revoked or
-    /// not, oldest first. Bounded by `limit`.
+    /// Up to `limit` API keys of `tenant` (`None`: operator keys), revoked or
+    /// not, oldest first (by creation, then id), after the key that was
+    /// created at `after.0` with id `after.1` (keyset pagination: a page costs
+    /// the same however deep it is, and keys created meanwhile are not
+    /// skipped).
     pub async fn api_keys_of(
         &self,
         tenant: Option<TenantId>,
+        after: Option<(i64, &str)>,
         limit: i64,
     ) -> Result<Vec<ApiKeyRow>, StoreError> {
-        let rows = match tenant {
-            Some(t) => {
-                let sql = format!(
-                    "SELECT {COLUMNS} FROM api_keys k WHERE k.tenant_id = $1 \
-                     ORDER BY k.created_at, k.id LIMIT $2"
-                );
-                sqlx::query(&sql)
-                    .bind(t.to_string())
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?
-            }
-            None => {
-                let sql = format!(
-                    "SELECT {COLUMNS} FROM api_keys k WHERE k.tenant_id IS NULL \
-                     ORDER BY k.created_at, k.id LIMIT $1"
-                );
-                sqlx::query(&sql).bind(limit).fetch_all(&self.pool).await?
-            }
+        let owner = match tenant {
+            Some(_) => "k.tenant_id = $1",
+            None => "k.tenant_id IS NULL AND $1 IS NULL",
         };
+        let (after_ms, after_id) = match after {
+            Some((ms, id)) => (Some(ms), Some(id)),
+            None => (None, None),
+        };
+        // Spelled out rather than as a row comparison, which SQLite and
+        // PostgreSQL both accept but plan less predictably with NULLs.
+        let sql = format!(
+            "SELECT {COLUMNS} FROM api_keys k WHERE {owner} \
+             AND ($2 IS NULL OR k.created_at > $2 OR (k.created_at = $2 AND k.id > $3)) \
+             ORDER BY k.created_at, k.id LIMIT $4"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(tenant.map(|t| t.to_string()))
+            .bind(after_ms)
+            .bind(after_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(from_row).collect()
     }
 

@@ -299,11 +299,19 @@ async fn a_tenant_key_finds_nothing_of_another_tenant_anywhere(backend: Backend)
         let (status, answer) = app.get(path, &a.creds).await;
         assert_eq!(status, StatusCode::OK, "{path}: {answer}");
         if path.starts_with("/v1/audit") {
-            // A's own records name the ids A sent (B's, above), as A's
-            // requests; nothing B did or owns.
+            // A's own records name the ids A sent (B's encryption and API
+            // key ids, above), as A's requests; nothing B did or owns.
             let text = answer.to_string();
-            for id in [&b.creds.tenant_id, &b.creds.key, &b.name] {
+            for id in [&b.creds.tenant_id, &b.name] {
                 assert!(!text.contains(id.as_str()), "{path} reveals {id}");
+            }
+            // B's key id only where A named it: the revoke A tried.
+            for record in answer["records"].as_array().unwrap() {
+                if record.to_string().contains(b.creds.key.as_str()) {
+                    assert_eq!(record["apiKeyId"], a.creds.key.as_str(), "{record}");
+                    assert_eq!(record["operation"], "api_key.revoke", "{record}");
+                    assert_eq!(record["targetApiKeyId"], b.creds.key.as_str());
+                }
             }
         } else {
             reveals_nothing_of(&answer, &b, path);

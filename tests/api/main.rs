@@ -17,6 +17,7 @@ mod input;
 mod integrity;
 mod job_integrity;
 mod jobs;
+mod key_listings;
 mod lifecycle;
 mod management;
 mod metrics;

@@ -150,6 +150,8 @@ pub struct KeyService {
     pub(super) client_key_failures: FailureCounter<EncryptionId>,
     /// The nonce bound: most encryptions per version.
     pub(super) max_encryptions_per_version: u64,
+    /// Most live (not revoked) API keys per tenant.
+    pub(super) max_api_keys_per_tenant: i64,
 }
 
 /// Limits of the service (defaults: those of the configuration reference).
@@ -162,6 +164,8 @@ pub struct ServiceLimits {
     pub client_key_lockout: std::time::Duration,
     /// The nonce bound: no version encrypts more than this many times.
     pub max_encryptions_per_version: u64,
+    /// Most live (not revoked) API keys one tenant may hold.
+    pub max_api_keys_per_tenant: i64,
 }
 
 impl Default for ServiceLimits {
@@ -170,6 +174,7 @@ impl Default for ServiceLimits {
             client_key_max_failures: 10,
             client_key_lockout: std::time::Duration::from_secs(300),
             max_encryptions_per_version: 1 << 32,
+            max_api_keys_per_tenant: 1000,
         }
     }
 }
@@ -211,6 +216,7 @@ impl KeyService {
                 ServiceLimits::default().client_key_lockout,
             ),
             max_encryptions_per_version: ServiceLimits::default().max_encryptions_per_version,
+            max_api_keys_per_tenant: ServiceLimits::default().max_api_keys_per_tenant,
         }
     }
 
@@ -255,7 +261,13 @@ impl KeyService {
         self.client_key_failures =
             FailureCounter::new(limits.client_key_max_failures, limits.client_key_lockout);
         self.max_encryptions_per_version = limits.max_encryptions_per_version;
+        self.max_api_keys_per_tenant = limits.max_api_keys_per_tenant;
         self
+    }
+
+    /// Most live (not revoked) API keys one tenant may hold.
+    pub fn max_api_keys_per_tenant(&self) -> i64 {
+        self.max_api_keys_per_tenant
     }
 
     /// Records the operations Keyward does by itself with `recorder`.
