@@ -173,7 +173,9 @@ impl Store {
             "UPDATE jobs SET lease_owner = $1, lease_until = $2, state = 'running', \
              started_at = COALESCE(started_at, $3), updated_at = $3 \
              WHERE id = (SELECT id FROM jobs WHERE state IN ('queued', 'running') \
-                         AND (lease_until IS NULL OR lease_until < $3){exclude} ORDER BY created_at LIMIT 1) \
+                         AND (lease_until IS NULL OR lease_until < $3){exclude} \
+                         AND tenant_id NOT IN (SELECT id FROM tenants WHERE disabled_at IS NOT NULL) \
+                         ORDER BY created_at LIMIT 1) \
              AND state IN ('queued', 'running') AND (lease_until IS NULL OR lease_until < $3) \
              RETURNING {COLUMNS}"
         );
