@@ -3,6 +3,7 @@
 use aws_lc_rs::aead::{Aad, Nonce};
 
 use super::keys::{random_bytes, CipherKey};
+use super::secret::SecretBytes;
 
 /// Length of the random nonce (96 bits, the GCM standard).
 pub const NONCE_LEN: usize = 12;
@@ -71,23 +72,29 @@ fn fresh_nonce() -> [u8; NONCE_LEN] {
 /// Decrypts and authenticates `ciphertext` (with its tag). Any mismatch of key,
 /// nonce, associated data or ciphertext gives the same `Err(())`: the caller must
 /// not learn which part was wrong.
+///
+/// The plaintext comes in a [`SecretBytes`]: the one buffer it is decrypted
+/// into, in place, is cleared when the caller drops it. A failed open clears
+/// it too: what GCM decrypted before the tag check failed is the keystream
+/// XOR the caller's bytes, which would give away the keystream under that
+/// nonce.
 #[allow(clippy::result_unit_err)]
 pub fn open(
     key: &CipherKey,
     nonce: &[u8; NONCE_LEN],
     aad: &[u8],
     ciphertext: &[u8],
-) -> Result<Vec<u8>, ()> {
+) -> Result<SecretBytes, ()> {
     if ciphertext.len() < TAG_LEN {
         return Err(());
     }
-    let mut buf = ciphertext.to_vec();
+    let mut buf = SecretBytes::new(ciphertext.to_vec());
     let len = key
         .aead()
         .open_in_place(
             Nonce::assume_unique_for_key(*nonce),
             Aad::from(aad),
-            &mut buf,
+            buf.vec_mut(),
         )
         .map_err(|_| ())?
         .len();
@@ -128,9 +135,23 @@ mod tests {
         assert_ne!(a.nonce, b.nonce);
         assert_ne!(a.ciphertext, b.ciphertext);
         assert_eq!(
-            open(&key, &a.nonce, b"aad", &a.ciphertext).unwrap(),
+            &*open(&key, &a.nonce, b"aad", &a.ciphertext).unwrap(),
             b"hello"
         );
+    }
+
+    /// The plaintext's only buffer is one that clears itself: a change of
+    /// `open`'s type back to a plain `Vec` does not compile.
+    #[test]
+    fn open_hands_out_the_plaintext_in_zeroizing_memory() {
+        type Open = fn(&CipherKey, &[u8; NONCE_LEN], &[u8], &[u8]) -> Result<SecretBytes, ()>;
+        fn clears_on_drop<T: zeroize::ZeroizeOnDrop>(_: &T) {}
+        let open: Open = open;
+        let key = DataKey::generate().cipher();
+        let s = seal(&key, b"aad", b"hello");
+        let plain = open(&key, &s.nonce, b"aad", &s.ciphertext).unwrap();
+        clears_on_drop(&plain);
+        assert_eq!(&*plain, b"hello");
     }
 
     #[test]

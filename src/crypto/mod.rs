@@ -13,6 +13,7 @@ mod aead;
 mod checkpoint;
 mod hex;
 mod keys;
+mod secret;
 mod wrap;
 
 pub use aead::{open, seal, Sealed, NONCE_LEN, TAG_LEN};
@@ -22,6 +23,7 @@ pub use checkpoint::{
 };
 pub use hex::{hex, hex_into, parse_hex};
 pub use keys::{derive_client_wrapping_key, random_bytes, sha256, CipherKey, DataKey, KEY_LEN};
+pub use secret::{SecretBytes, SecretString};
 pub use wrap::{UnwrapError, WrappedKey};
 
 /// Associated data for a ciphertext produced by `/v1/encrypt`: it binds the

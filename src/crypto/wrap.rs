@@ -3,8 +3,6 @@
 
 use std::fmt;
 
-use zeroize::Zeroizing;
-
 use super::aead::{open, seal, NONCE_LEN, TAG_LEN};
 use super::keys::{CipherKey, DataKey, KEY_LEN};
 
@@ -41,7 +39,7 @@ impl CipherKey {
         }
         let (nonce, ct) = wrapped.0.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at NONCE_LEN");
-        let plain = Zeroizing::new(open(self, &nonce, aad, ct).map_err(|_| UnwrapError)?);
+        let plain = open(self, &nonce, aad, ct).map_err(|_| UnwrapError)?;
         DataKey::from_slice(&plain).ok_or(UnwrapError)
     }
 }

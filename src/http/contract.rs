@@ -15,8 +15,9 @@ use super::extract::{parse_id, parse_optional_id, MasterKeyParam};
 use super::extract::{
     ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RequiredScope, RotateScope,
 };
+use super::secret::{plain_str, secret_string, SecretBody};
 use super::state::AppState;
-use crate::crypto::NONCE_LEN;
+use crate::crypto::{SecretString, NONCE_LEN};
 use crate::domain::service::{ClientKey, Encrypted, KeyError, Sealed};
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
@@ -33,7 +34,9 @@ pub struct EncryptRequest {
     #[schema(format = Uuid)]
     encryption_id: String,
     /// The data: any string (plain text or base64), returned byte for byte by decrypt.
-    data: String,
+    #[serde(deserialize_with = "secret_string")]
+    #[schema(value_type = String)]
+    data: SecretString,
     /// Encrypt under this version (active or enabled) instead of the active one.
     #[serde(default)]
     #[schema(format = Uuid, nullable = false)]
@@ -155,12 +158,13 @@ impl<'a> Call<'a> {
         let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
         let opened = service.decrypt(tenant, id, Sealed::new(version, nonce, &ciphertext), key);
         let plaintext = opened.await?;
+        super::metrics::bytes_decrypted().increment(plaintext.len() as u64);
         // The plaintext was a JSON string's UTF-8 bytes, and GCM authenticated
         // it, so this cannot fail unless the key itself is wrong, which GCM
-        // already refused.
-        super::metrics::bytes_decrypted().increment(plaintext.len() as u64);
-        let data =
-            String::from_utf8(plaintext).map_err(|_| ApiError::Key(KeyError::DecryptionFailed))?;
+        // already refused. The buffer becomes the string (no copy).
+        let data = plaintext
+            .into_string()
+            .map_err(|_| ApiError::Key(KeyError::DecryptionFailed))?;
         Ok(DecryptResponse { data })
     }
 
@@ -223,7 +227,9 @@ pub struct DecryptRequest {
 #[derive(Serialize, ToSchema)]
 pub struct DecryptResponse {
     /// Exactly the string that was encrypted.
-    pub(super) data: String,
+    #[serde(serialize_with = "plain_str")]
+    #[schema(value_type = String)]
+    pub(super) data: SecretString,
 }
 
 /// Decrypt's `metadata`: any JSON object (anything else is bad input, as for
@@ -361,7 +367,10 @@ pub(super) async fn decrypt(
     let out = Call::new(&state, &auth, &note, &client_key)
         .decrypt(req)
         .await?;
-    Ok(json_response(&out, out.data.len() + 32))
+    // Room for a few escapes; more, and the body moves to a larger buffer.
+    let mut body = SecretBody::with_capacity(out.data.len() + out.data.len() / 16 + 16);
+    out.write_secret_json(&mut body);
+    Ok(body.into_response())
 }
 
 /// A response body written straight to JSON: the same bytes serde_json writes
@@ -387,9 +396,13 @@ impl WriteJson for EncryptResponse {
     }
 }
 
-impl WriteJson for DecryptResponse {
-    fn write_json(&self, out: &mut String) {
-        crate::json::Object::new(out).str("data", &self.data).end();
+impl DecryptResponse {
+    /// `{"data":"..."}`, as serde_json writes it, into memory cleared on drop.
+    fn write_secret_json(&self, out: &mut SecretBody) {
+        out.push(b"{\"data\":");
+        // Writing to a `SecretBody` cannot fail.
+        let _ = crate::json::write_str(out, &self.data);
+        out.push(b"}");
     }
 }
 
@@ -544,10 +557,16 @@ mod tests {
             "ünïcödé 日本語 🔐 \u{2028}",
             &"x".repeat(17_000),
         ] {
-            let decrypted = DecryptResponse { data: data.into() };
+            let decrypted = DecryptResponse {
+                data: SecretString::new(data.into()),
+            };
+            let mut body = SecretBody::with_capacity(1);
+            decrypted.write_secret_json(&mut body);
             assert_eq!(
-                written(&decrypted),
-                serde_json::to_string(&decrypted).expect("serializes")
+                body.as_bytes(),
+                serde_json::to_vec(&decrypted)
+                    .expect("serializes")
+                    .as_slice()
             );
         }
     }

@@ -262,14 +262,20 @@ pub struct MasterKeyHeader(pub Option<ClientKey>);
 impl<St: Send + Sync> FromRequestParts<St> for MasterKeyHeader {
     type Rejection = ApiError;
 
+    /// The key is decoded into zeroizing memory, and the header taken out of
+    /// the request, so that nothing after this extractor (a later layer, the
+    /// request's drop at the end of the response) holds it. Its bytes are
+    /// hyper's: `HeaderValue` offers no way to clear them.
     async fn from_request_parts(parts: &mut Parts, _: &St) -> Result<Self, ApiError> {
-        match single_header(&parts.headers, &X_MASTER_KEY) {
+        let key = match single_header(&parts.headers, &X_MASTER_KEY) {
             Ok(None) => Ok(MasterKeyHeader(None)),
             Ok(Some(v)) => ClientKey::from_base64(v)
                 .map(|k| MasterKeyHeader(Some(k)))
                 .ok_or(ApiError::InvalidMasterKeyHeader),
             Err(()) => Err(ApiError::InvalidMasterKeyHeader),
-        }
+        };
+        parts.headers.remove(&X_MASTER_KEY);
+        key
     }
 }
 
@@ -338,12 +344,15 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
                 ApiError::InvalidRequest("the request body could not be read".into())
             }
         })?;
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
+        let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
+            parse_json(b"{}")
         } else {
-            &bytes
+            parse_json(&bytes)
         };
-        parse_json(bytes).map(ApiJson)
+        // An encrypt body holds plaintext: cleared once parsed, when it is
+        // Keyward's alone to clear.
+        super::secret::clear_if_unique(bytes);
+        parsed.map(ApiJson)
     }
 }
 

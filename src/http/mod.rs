@@ -25,6 +25,7 @@ pub mod openapi;
 mod ops;
 mod query;
 mod routes;
+mod secret;
 mod state;
 
 use std::time::Duration;

@@ -116,10 +116,48 @@ impl MasterKeyProvider for AwsKms {
                 .send()
                 .await
                 .map_err(classify)?;
-            let plain = zeroize::Zeroizing::new(out.plaintext.map(|b| b.into_inner()).ok_or_else(
-                || ProviderError::Unavailable("AWS KMS returned no plaintext".into()),
-            )?);
-            DataKey::from_slice(&plain).ok_or(ProviderError::KeyMismatch)
+            kek_from_kms(out.plaintext)
         })
+    }
+}
+
+/// The root KEK from KMS's answer. `Blob::into_inner` hands over the buffer
+/// the SDK decoded the KEK into (no copy), which is cleared here whatever
+/// the outcome.
+fn kek_from_kms(plaintext: Option<Blob>) -> Result<DataKey, ProviderError> {
+    let plain = zeroize::Zeroizing::new(
+        plaintext
+            .map(Blob::into_inner)
+            .ok_or_else(|| ProviderError::Unavailable("AWS KMS returned no plaintext".into()))?,
+    );
+    DataKey::from_slice(&plain).ok_or(ProviderError::KeyMismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The buffer cleared is the SDK's own (the same allocation, not a copy
+    /// that would leave the original behind), and only a 32-byte answer is
+    /// a KEK.
+    #[test]
+    fn the_kms_answer_buffer_itself_is_taken_into_zeroizing_memory() {
+        let kek = DataKey::generate();
+        let buffer = kek.expose().to_vec();
+        let at = buffer.as_ptr();
+        let blob = Blob::new(buffer);
+        let back = zeroize::Zeroizing::new(Blob::into_inner(blob));
+        assert_eq!(back.as_ptr(), at, "into_inner moves, never copies");
+        assert_eq!(back.len(), 32);
+        let blob = Blob::new(kek.expose().to_vec());
+        assert_eq!(kek_from_kms(Some(blob)).unwrap().expose(), kek.expose());
+        assert!(matches!(
+            kek_from_kms(Some(Blob::new(vec![7u8; 31]))),
+            Err(ProviderError::KeyMismatch)
+        ));
+        assert!(matches!(
+            kek_from_kms(None),
+            Err(ProviderError::Unavailable(_))
+        ));
     }
 }

@@ -254,7 +254,7 @@ impl MasterKeyProvider for Vault {
             let ciphertext =
                 std::str::from_utf8(wrapped).map_err(|_| ProviderError::KeyMismatch)?;
             let client = self.client().await?;
-            let out = match vaultrs::transit::data::decrypt(
+            let mut out = match vaultrs::transit::data::decrypt(
                 &*client,
                 &self.settings.mount,
                 &self.settings.key,
@@ -278,18 +278,59 @@ impl MasterKeyProvider for Vault {
                 }
                 Err(e) => return Err(unavailable("transit decrypt", e)),
             };
-            let plain = Zeroizing::new(
-                base64::engine::general_purpose::STANDARD
-                    .decode(out.plaintext.as_bytes())
-                    .map_err(|_| ProviderError::KeyMismatch)?,
-            );
-            if plain.len() != 32 + KEY_LEN
-                || &plain[..16] != PREFIX
-                || &plain[16..32] != kek_id.as_bytes()
-            {
-                return Err(ProviderError::KeyMismatch);
-            }
-            DataKey::from_slice(&plain[32..]).ok_or(ProviderError::KeyMismatch)
+            kek_from_transit(kek_id, std::mem::take(&mut out.plaintext))
         })
+    }
+}
+
+/// The root KEK from transit's answer (base64 of the prefix, the KEK id and
+/// the KEK). The answer's string is the one copy of the KEK that is ours (the
+/// HTTP body it was parsed from is vaultrs's): taken by value into zeroizing
+/// memory before anything can fail, and its decoding likewise.
+fn kek_from_transit(kek_id: KekId, plaintext: String) -> Result<DataKey, ProviderError> {
+    let b64 = Zeroizing::new(plaintext);
+    let plain = Zeroizing::new(
+        base64::engine::general_purpose::STANDARD
+            .decode(b64.as_bytes())
+            .map_err(|_| ProviderError::KeyMismatch)?,
+    );
+    if plain.len() != 32 + KEY_LEN || &plain[..16] != PREFIX || &plain[16..32] != kek_id.as_bytes()
+    {
+        return Err(ProviderError::KeyMismatch);
+    }
+    DataKey::from_slice(&plain[32..]).ok_or(ProviderError::KeyMismatch)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Transit's answer is read into a KEK only when it carries this KEK's
+    /// id; the answer string is taken by value (the type says so: a borrow
+    /// would leave the caller's copy uncleared).
+    #[test]
+    fn the_transit_answer_is_taken_whole_and_checked_against_the_kek_id() {
+        let read: fn(KekId, String) -> Result<DataKey, ProviderError> = kek_from_transit;
+        let (id, other) = (KekId::new_random(), KekId::new_random());
+        let kek = DataKey::generate();
+        let answer = |id: &KekId| {
+            let mut plain = PREFIX.to_vec();
+            plain.extend_from_slice(id.as_bytes());
+            plain.extend_from_slice(kek.expose());
+            base64::engine::general_purpose::STANDARD.encode(plain)
+        };
+        assert_eq!(read(id, answer(&id)).unwrap().expose(), kek.expose());
+        assert!(matches!(
+            read(id, answer(&other)),
+            Err(ProviderError::KeyMismatch)
+        ));
+        assert!(matches!(
+            read(id, "not base64!".into()),
+            Err(ProviderError::KeyMismatch)
+        ));
+        assert!(matches!(
+            read(id, String::new()),
+            Err(ProviderError::KeyMismatch)
+        ));
     }
 }

@@ -10,6 +10,7 @@
 
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use sqlx::any::AnyPoolOptions;
@@ -97,11 +98,24 @@ fn quote(name: &str) -> String {
         .join(".")
 }
 
+/// How the key column's values are read and bound. Learned from the first
+/// row read, never assumed from a table that was empty at the time: a job
+/// that started on an empty table, or resumed on one, still reads the
+/// integer keys of rows that arrive later, and binds its cursor as an
+/// integer (PostgreSQL refuses `bigint > text`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyKind {
+    Integer,
+    Text,
+}
+
 /// One row as read.
 #[derive(Debug)]
 pub struct SourceRow {
     /// The key column's value, as text.
     pub key: String,
+    /// How the key was stored, so the write binds it the same way.
+    key_kind: KeyKind,
     /// The ciphertext column; `None` (NULL) for a row whose encrypted field
     /// is empty, which has nothing to move.
     pub cipher_text: Option<String>,
@@ -190,7 +204,8 @@ pub struct SourceTable {
     limits: SourceLimits,
     pool: AnyPool,
     backend: Backend,
-    int_keys: bool,
+    /// Unset until a row has been read (see [`KeyKind`]).
+    key_kind: OnceLock<KeyKind>,
     table: String,
     key: String,
     cipher_text: String,
@@ -201,7 +216,8 @@ pub struct SourceTable {
 
 impl SourceTable {
     /// Connects (two connections at most, `connect_timeout` to get one) and
-    /// probes the columns, learning whether the key is an integer. The names
+    /// probes the columns, learning whether the key is an integer if the
+    /// table has a row (else the first row read later decides). The names
     /// must have passed [`is_plain_identifier`].
     pub async fn open(
         url: &str,
@@ -249,11 +265,11 @@ impl SourceTable {
                 "the source holds Keyward's own tables (or did not answer)".into(),
             ));
         }
-        let mut source = SourceTable {
+        let source = SourceTable {
             limits,
             pool,
             backend,
-            int_keys: false,
+            key_kind: OnceLock::new(),
             table: quote(layout.table),
             key: quote(layout.key_column),
             cipher_text: quote(layout.cipher_text_column),
@@ -261,25 +277,32 @@ impl SourceTable {
             metadata: quote(layout.metadata_column),
             encryption: layout.encryption_id_column.map(quote),
         };
-        let sql = format!("SELECT {} FROM {} LIMIT 1", source.columns(), source.table);
-        let probe = bounded(limits.statement_timeout, async {
-            sqlx::query(&sql)
-                .fetch_optional(&source.pool)
-                .await
-                .map_err(|e| SourceError::Table(short(&e)))
-        })
-        .await;
-        let probe = match probe {
-            Ok(p) => p,
-            Err(e) => {
-                source.close().await;
-                return Err(e);
-            }
-        };
-        if let Some(row) = probe {
-            source.int_keys = row.try_get::<i64, _>(0).is_ok();
+        if let Err(e) = source.learn_key_kind().await {
+            source.close().await;
+            return Err(match e {
+                SourceError::Query(e) => SourceError::Table(e),
+                e => e,
+            });
         }
         Ok(source)
+    }
+
+    /// The key column's kind: the one learned, or else read from any one
+    /// row (`None`: the table is empty).
+    async fn learn_key_kind(&self) -> Result<Option<KeyKind>, SourceError> {
+        if let Some(kind) = self.key_kind.get() {
+            return Ok(Some(*kind));
+        }
+        let sql = format!("SELECT {} FROM {} LIMIT 1", self.columns(), self.table);
+        let probe = bounded(self.limits.statement_timeout, async {
+            Ok(sqlx::query(&sql).fetch_optional(&self.pool).await?)
+        })
+        .await?;
+        // A row whose key reads as neither (NULL) teaches nothing; the
+        // batch that reads it says why.
+        Ok(probe
+            .and_then(|row| read_key(&row).ok())
+            .map(|(_, kind)| *self.key_kind.get_or_init(|| kind)))
     }
 
     /// Closes the pool (bounded: a hung source is dropped, not waited for).
@@ -328,10 +351,17 @@ impl SourceTable {
         );
         let mut q = sqlx::query(&sql);
         if let Some(a) = after {
-            q = if self.int_keys {
-                q.bind(a.parse::<i64>().unwrap_or(i64::MIN))
-            } else {
-                q.bind(a.to_string())
+            // A cursor is bound as the column's kind. Not known yet (a job
+            // resumed on a table that is empty now): ask the table; still
+            // empty, and no row lies after the cursor either.
+            let Some(kind) = self.learn_key_kind().await? else {
+                return Ok(Vec::new());
+            };
+            q = match kind {
+                KeyKind::Integer => q.bind(a.parse::<i64>().map_err(|_| {
+                    SourceError::Query("the job's cursor is not an integer key".into())
+                })?),
+                KeyKind::Text => q.bind(a.to_string()),
             };
         }
         let rows = bounded(self.limits.statement_timeout, async {
@@ -339,13 +369,11 @@ impl SourceTable {
         })
         .await?;
         let decode = |r: &sqlx::any::AnyRow| -> Result<SourceRow, sqlx::Error> {
-            let key = if self.int_keys {
-                r.try_get::<i64, _>(0)?.to_string()
-            } else {
-                r.try_get::<String, _>(0)?
-            };
+            let (key, key_kind) = read_key(r)?;
+            self.key_kind.get_or_init(|| key_kind);
             Ok(SourceRow {
                 key,
+                key_kind,
                 cipher_text: r.try_get(1)?,
                 version: r.try_get(2)?,
                 metadata: r.try_get(3)?,
@@ -394,10 +422,10 @@ impl SourceTable {
             );
             let mut q = sqlx::query(&sql);
             for (row, cipher_text, version, metadata) in chunk {
-                q = if self.int_keys {
-                    q.bind(row.key.parse::<i64>().unwrap_or(i64::MIN))
-                } else {
-                    q.bind(row.key.clone())
+                // Bound as it was read (the text of an integer read as one).
+                q = match row.key_kind {
+                    KeyKind::Integer => q.bind(row.key.parse::<i64>().unwrap_or(i64::MIN)),
+                    KeyKind::Text => q.bind(row.key.clone()),
                 };
                 q = q
                     .bind(row.cipher_text.as_deref())
@@ -451,6 +479,15 @@ impl SourceTable {
     }
 }
 
+/// A row's key (column 0) as text, and how it was stored: an integer if it
+/// reads as one, else text.
+fn read_key(row: &sqlx::any::AnyRow) -> Result<(String, KeyKind), sqlx::Error> {
+    match row.try_get::<i64, _>(0) {
+        Ok(k) => Ok((k.to_string(), KeyKind::Integer)),
+        Err(_) => Ok((row.try_get::<String, _>(0)?, KeyKind::Text)),
+    }
+}
+
 /// An error message without anything from a URL (sqlx errors can quote the
 /// connection string's host; they never contain the password, but keep it short).
 fn short(e: &sqlx::Error) -> String {
@@ -460,5 +497,92 @@ fn short(e: &sqlx::Error) -> String {
         sqlx::Error::PoolTimedOut => "timed out".into(),
         sqlx::Error::Configuration(_) => "the database URL is not valid".into(),
         other => other.to_string().chars().take(200).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(pool: &AnyPool, sql: &str) {
+        sqlx::query(sql).execute(pool).await.unwrap();
+    }
+
+    /// A table empty when the job opened it (or resumed on it) learns its
+    /// key column's kind from the first row that arrives: integer keys are
+    /// read, the cursor is bound and the compare-and-swap finds its row;
+    /// text keys likewise.
+    #[tokio::test]
+    async fn a_table_empty_when_opened_reads_and_writes_the_keys_of_rows_that_arrive_later() {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/platform.db?mode=rwc", dir.path().display());
+        let platform = AnyPoolOptions::new()
+            .max_connections(1)
+            .connect(&url)
+            .await
+            .unwrap();
+        let limits = SourceLimits {
+            connect_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(5),
+        };
+        for (table, key_type, keys) in [
+            ("by_number", "BIGINT", ["1", "2", "10", "11"]),
+            ("by_name", "TEXT", ["a", "b", "c", "d"]),
+        ] {
+            run(
+                &platform,
+                &format!(
+                    "CREATE TABLE {table} (id {key_type} PRIMARY KEY, ct TEXT, v TEXT, m TEXT)"
+                ),
+            )
+            .await;
+            let layout = SourceLayout {
+                table,
+                key_column: "id",
+                cipher_text_column: "ct",
+                version_column: "v",
+                metadata_column: "m",
+                encryption_id_column: None,
+            };
+            let source = SourceTable::open(&url, &layout, limits).await.unwrap();
+            assert!(source.batch(None, 10).await.unwrap().is_empty());
+            // A job resumed with a cursor on a table that is empty now.
+            assert!(source.batch(Some(keys[1]), 10).await.unwrap().is_empty());
+            for key in keys {
+                let value = if key_type == "BIGINT" {
+                    key.to_string()
+                } else {
+                    format!("'{key}'")
+                };
+                run(
+                    &platform,
+                    &format!("INSERT INTO {table} VALUES ({value}, 'old', 'v1', '{{}}')"),
+                )
+                .await;
+            }
+            let first = source.batch(None, 2).await.unwrap();
+            let first: Vec<&str> = first.iter().map(|r| r.key.as_str()).collect();
+            assert_eq!(first, keys[..2], "{table}");
+            let rest = source.batch(Some(keys[1]), 10).await.unwrap();
+            let rest_keys: Vec<&str> = rest.iter().map(|r| r.key.as_str()).collect();
+            assert_eq!(
+                rest_keys,
+                keys[2..],
+                "{table}: in key order after the cursor"
+            );
+            let writes: Vec<SourceWrite<'_>> =
+                vec![(&rest[0], "new".into(), "v2".into(), "{}".into())];
+            assert_eq!(source.swap_batch(&writes).await.unwrap(), 1, "{table}");
+            let (key, v): (String, String) = sqlx::query_as(&format!(
+                "SELECT CAST(id AS TEXT), v FROM {table} WHERE ct = 'new'"
+            ))
+            .fetch_one(&platform)
+            .await
+            .unwrap();
+            assert_eq!((key.as_str(), v.as_str()), (keys[2], "v2"), "{table}");
+            source.close().await;
+        }
+        platform.close().await;
     }
 }

@@ -15,6 +15,7 @@ crate::on_both_databases!(
     a_job_moves_fifty_thousand_rows_to_the_active_version,
     a_job_survives_sigkill_and_never_overwrites_platform_writes,
     a_job_skips_empty_fields_and_reads_version_ids_in_any_case,
+    integrity_a_job_resumed_on_a_table_emptied_meanwhile_binds_its_cursor_as_the_key_type,
 );
 
 /// The platform's database and its table.
@@ -729,4 +730,62 @@ async fn a_job_skips_empty_fields_and_reads_version_ids_in_any_case(backend: Bac
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(body["data"], want);
     }
+}
+
+/// A job is killed mid-walk (its cursor, an integer key, is stored); while
+/// Keyward is down the platform empties the table. The resumed job opens a
+/// table with no row to learn the key column's type from: it must still bind
+/// its cursor as an integer (PostgreSQL refuses `bigint > text`; before the
+/// fix the job failed there) and finish with nothing left. Rows arriving
+/// after an empty start are read by their own type (the unit test
+/// `store::source::tests::a_table_empty_when_opened_reads_and_writes_the_keys_of_rows_that_arrive_later`
+/// shows it deterministically; from outside the arrival cannot be timed).
+async fn integrity_a_job_resumed_on_a_table_emptied_meanwhile_binds_its_cursor_as_the_key_type(
+    backend: Backend,
+) {
+    let env = [
+        ("KEYWARD_JOB_LEASE", "1s"),
+        ("KEYWARD_JOB_BATCH_ROWS", "100"),
+    ];
+    let platform = Platform::new(backend).await;
+    let mut app = spawn_with_platform(backend, &platform, &env).await;
+    let creds = app.create_tenant("platform");
+    let (enc, _) = app.create_encryption(&creds).await;
+    platform.fill(&app, &creds, &enc, 3_000).await;
+    app.rotate(&creds, &enc).await;
+    let (status, created) = app
+        .post("/v1/jobs", &creds, &json!({"kind": "reencrypt", "encryptionId": enc, "maxRowsPerSecond": 500, "source": platform.source()}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let job = created["jobId"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, view) = app.get(&format!("/v1/jobs/{job}"), &creds).await;
+        assert!(
+            matches!(view["state"].as_str(), Some("queued" | "running")),
+            "the job is still walking: {view}"
+        );
+        if view["processed"].as_i64().unwrap_or(0) >= 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job makes no progress: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::process::Command::new("kill")
+        .args(["-KILL", &app.pid().to_string()])
+        .status()
+        .unwrap();
+    app.kill_wait();
+    let mut conn = platform.connect().await;
+    sqlx::query("DELETE FROM secrets")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    app.start();
+    let done = wait_for_job(&app, &creds, &job, Duration::from_secs(60)).await;
+    assert_eq!(done["remainingByVersion"], json!({}), "{done}");
+    assert!(done["rewrapped"].as_i64().unwrap() >= 200, "{done}");
 }

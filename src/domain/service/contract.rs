@@ -1,8 +1,6 @@
 //! The v1 contract: encrypt, decrypt, rewrap, rotate. Encrypt and decrypt of a
 //! platform-managed key touch only the key ring in steady state.
 
-use zeroize::Zeroizing;
-
 use super::state::KeyService;
 use crate::crypto::{self, data_aad, data_key_aad, DataKey, NONCE_LEN};
 use crate::domain::client_key::ClientKey;
@@ -99,13 +97,14 @@ impl KeyService {
 
     /// Decrypts a ciphertext made by [`KeyService::encrypt`]. A wrong version,
     /// nonce, ciphertext or encryption all give [`KeyError::DecryptionFailed`].
+    /// The plaintext comes in memory cleared on drop (see [`crypto::open`]).
     pub async fn decrypt(
         &self,
         tenant: TenantId,
         id: EncryptionId,
         sealed: Sealed<'_>,
         client_key: Option<&ClientKey>,
-    ) -> Result<Vec<u8>, KeyError> {
+    ) -> Result<crypto::SecretBytes, KeyError> {
         let Sealed {
             version,
             nonce,
@@ -139,7 +138,7 @@ impl KeyService {
         sealed: Sealed<'_>,
         client_key: Option<&ClientKey>,
     ) -> Result<Encrypted, KeyError> {
-        let plaintext = Zeroizing::new(self.decrypt(tenant, id, sealed, client_key).await?);
+        let plaintext = self.decrypt(tenant, id, sealed, client_key).await?;
         self.encrypt(tenant, id, None, &plaintext, client_key).await
     }
 

@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use zeroize::Zeroizing;
-
 use super::state::{KeyService, RootKeys};
 use crate::crypto::{self, data_key_aad, CheckpointKey, DataKey, WrappedKey, NONCE_LEN};
 use crate::domain::error::{KeyError, RootKeyError};
@@ -403,7 +401,7 @@ impl KeyService {
         job: uuid::Uuid,
         kek: KekId,
         sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    ) -> Result<crypto::SecretBytes, KeyError> {
         let root = self.root()?;
         let key = root.keys.get(&kek).ok_or(KeyError::UnknownKek(kek))?;
         if sealed.len() < NONCE_LEN {
@@ -418,7 +416,6 @@ impl KeyService {
             &job_aad(job),
             ct,
         )
-        .map(Zeroizing::new)
         .map_err(|()| {
             KeyError::Integrity(format!("job {job}: sealed source fails to authenticate"))
         })
