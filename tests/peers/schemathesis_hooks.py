@@ -13,12 +13,14 @@ request still fails:
 - a well-formed `X-Master-Key` sent for a platform-managed encryption: 400
   `master_key_not_applicable`;
 - a `cursor` this endpoint did not hand out: 400 `invalid_request` on `cursor`
-  (GET /v1/encryptions, GET /v1/audit);
+  (GET /v1/encryptions, GET /v1/audit, GET /v1/api-keys,
+  GET /v1/tenants/{tenantId}/api-keys);
 - a policy out of range for this encryption (`minDecryptionVersion` above the
   active version, a period on a client-mode encryption) or an `autoRotatePeriod`
   that does not parse as a duration: 422 `invalid_policy`, 400 on
   `autoRotatePeriod` (PATCH /v1/encryptions/{id});
-- a re-encryption source that cannot be opened: 422 `invalid_job` (POST /v1/jobs);
+- a re-encryption source that is not registered and granted: 422
+  `job_source_unavailable`, or a bad identifier: 422 `invalid_job` (POST /v1/jobs);
 - a version whose state forbids the operation: 410 `version_destroyed`, 422
   `version_not_encryptable`.
 """
@@ -37,11 +39,13 @@ SEMANTIC_REFUSALS = {
     ("POST", "/v1/encrypt"): {(422, "version_not_encryptable", None)},
     ("GET", "/v1/encryptions"): {(400, "invalid_request", "`cursor`")},
     ("GET", "/v1/audit"): {(400, "invalid_request", "`cursor`")},
+    ("GET", "/v1/api-keys"): {(400, "invalid_request", "`cursor`")},
+    ("GET", "/v1/tenants/{tenantId}/api-keys"): {(400, "invalid_request", "`cursor`")},
     ("PATCH", "/v1/encryptions/{id}"): {
         (422, "invalid_policy", None),
         (400, "invalid_request", "`autoRotatePeriod`: not a duration"),
     },
-    ("POST", "/v1/jobs"): {(422, "invalid_job", None)},
+    ("POST", "/v1/jobs"): {(422, "invalid_job", None), (422, "job_source_unavailable", None)},
 }
 
 
