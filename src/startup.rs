@@ -31,8 +31,10 @@ pub struct Application {
     /// The use-count bound, for the final flush at shutdown.
     rotate_after_encryptions: u64,
     shutdown_timeout: Duration,
-    /// The bounds on each listener's connections.
+    /// The bounds on the API listener's connections.
     connection_limits: server::ConnectionLimits,
+    /// The bounds on the ops listener's connections: its own, smaller budget.
+    ops_connection_limits: server::ConnectionLimits,
     background: watch::Sender<bool>,
     audit: crate::audit::AuditLog,
 }
@@ -252,9 +254,28 @@ impl Application {
             shutdown_timeout: settings.shutdown_timeout,
             connection_limits: server::ConnectionLimits {
                 max_connections: settings.max_connections,
+                max_connections_per_address: settings.max_connections_per_address,
+                first_request_timeout: settings.connection_first_request_timeout,
                 idle_timeout: settings.connection_idle_timeout,
                 max_age: settings.connection_max_age,
                 closing_grace: settings.request_timeout,
+                evict_idle_at_limit: false,
+            },
+            ops_connection_limits: server::ConnectionLimits {
+                max_connections: settings.ops_max_connections,
+                // Probes come from one address (the kubelet's) and the
+                // scraper from another: no single address may take every
+                // slot of the ops listener.
+                max_connections_per_address: settings
+                    .max_connections_per_address
+                    .min((settings.ops_max_connections / 2).max(1)),
+                first_request_timeout: settings.connection_first_request_timeout,
+                idle_timeout: settings.connection_idle_timeout,
+                max_age: settings.connection_max_age,
+                closing_grace: settings.request_timeout,
+                // Probes and scrapers: at the limit, an idle connection is
+                // closed rather than a probe left waiting.
+                evict_idle_at_limit: true,
             },
             background,
             audit,
@@ -302,7 +323,7 @@ impl Application {
                 listener,
                 router,
                 None,
-                self.connection_limits,
+                self.ops_connection_limits,
                 stop,
                 self.shutdown_timeout,
             ))

@@ -175,6 +175,10 @@ impl Raw {
             request_timeout: self.required("request_timeout", duration)?,
             shutdown_timeout: self.required("shutdown_timeout", duration)?,
             max_connections: self.required("max_connections", positive)?,
+            max_connections_per_address: self.required("max_connections_per_address", positive)?,
+            connection_first_request_timeout: self
+                .required("connection_first_request_timeout", duration)?,
+            ops_max_connections: self.required("ops_max_connections", positive)?,
             connection_idle_timeout: self.required("connection_idle_timeout", duration)?,
             connection_max_age: self.required("connection_max_age", duration)?,
             tls: self.tls()?,

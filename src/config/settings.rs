@@ -110,8 +110,15 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Grace period at shutdown.
     pub shutdown_timeout: Duration,
-    /// Most connections per listener at once.
+    /// Most connections the API listener serves at once.
     pub max_connections: usize,
+    /// Most connections one client address holds on each listener.
+    pub max_connections_per_address: usize,
+    /// How long a new connection may take to complete its TLS handshake and
+    /// send its first request.
+    pub connection_first_request_timeout: Duration,
+    /// Most connections the ops listener serves at once.
+    pub ops_max_connections: usize,
     /// How long a connection may sit with no request in flight.
     pub connection_idle_timeout: Duration,
     /// How long a connection may stay open at all.

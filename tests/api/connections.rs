@@ -1,6 +1,9 @@
 //! Connection limits: an idle connection is closed after
 //! `connection_idle_timeout`, a busy one gracefully at `connection_max_age`
-//! (its requests in flight finish), and connections over `max_connections`
+//! (its requests in flight finish), one that sends no request within
+//! `connection_first_request_timeout` is closed, one client address holds at
+//! most `max_connections_per_address`, and at `max_connections` the oldest
+//! connection that has sent nothing makes room; if none has, new connections
 //! wait, unserved, until one closes.
 
 use std::convert::Infallible;
@@ -12,15 +15,15 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helpers::{Backend, TestApp};
 
 type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
 /// Sends `GET /healthz` on a raw HTTP/1.1 connection and reads its answer.
-async fn healthz_over(stream: &mut TcpStream) {
+pub(crate) async fn healthz_over<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
     stream
         .write_all(b"GET /healthz HTTP/1.1\r\nHost: keyward\r\n\r\n")
         .await
@@ -38,8 +41,12 @@ async fn healthz_over(stream: &mut TcpStream) {
     assert!(answer.starts_with(b"HTTP/1.1 200"));
 }
 
-/// How long until the server closes `stream` (reads EOF), at most `within`.
-async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Duration> {
+/// How long until the server closes `stream` (reads EOF, or a reset), at
+/// most `within`.
+pub(crate) async fn closed_within<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> Option<Duration> {
     let started = Instant::now();
     let mut buf = [0u8; 64];
     match tokio::time::timeout(within, stream.read(&mut buf)).await {
@@ -47,6 +54,14 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> Option<Durat
         Ok(Ok(n)) => panic!("unexpected bytes: {:?}", &buf[..n]),
         Err(_) => None,
     }
+}
+
+/// A TCP connection to `addr` from the local address `source` (such as
+/// `127.0.0.2`: all of 127.0.0.0/8 is loopback), to stand for another client.
+pub(crate) async fn connect_from(source: &str, addr: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr.parse().unwrap()).await.unwrap()
 }
 
 /// An HTTP/2 connection (prior knowledge, plain) to `addr`: its request
@@ -200,8 +215,9 @@ async fn a_busy_http2_connection_ends_at_its_max_age_and_its_last_request_comple
     assert!(late.is_err(), "a request went over an ended connection");
 }
 
-/// Over `max_connections`, a new connection is not served: it waits in the
-/// listen queue until a served one closes, and the first wait is logged.
+/// Over `max_connections`, when every connection has sent a request, a new
+/// connection is not served: it waits in the listen queue until a served one
+/// closes, and the first wait is logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_limit_wait_unserved_until_one_closes() {
     let app = TestApp::spawn_with(
@@ -239,4 +255,307 @@ async fn connections_over_the_limit_wait_unserved_until_one_closes() {
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
     // The two served connections still work.
     healthz_over(&mut second).await;
+}
+
+/// The value of the sample `series` (name and labels, as the scrape writes
+/// them) in a Prometheus text scrape; 0 if absent.
+fn sample(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Security review of #17: one client address could take every slot of a
+/// listener. Over `max_connections_per_address`, its extra connections are
+/// accepted and closed at once (and counted, without the address), while
+/// another address is served, and its own connections keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_over_its_limit_is_closed_while_another_address_is_served() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_MAX_CONNECTIONS_PER_ADDRESS", "3"),
+            ("KEYWARD_CONNECTION_IDLE_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    // 127.0.0.3 floods; the test client's own pool uses 127.0.0.1.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = connect_from("127.0.0.3", &app.addr).await;
+        healthz_over(&mut conn).await;
+        held.push(conn);
+    }
+    for _ in 0..2 {
+        let mut extra = connect_from("127.0.0.3", &app.addr).await;
+        // Closed without a byte read or written, well before any timeout.
+        let closed = closed_within(&mut extra, Duration::from_secs(2))
+            .await
+            .expect("a connection over the per-address limit is closed");
+        assert!(closed < Duration::from_secs(1), "{closed:?}");
+    }
+    // Another address is served, the flooding address's own connections
+    // still are, and a slot freed is a slot usable again.
+    let mut other = connect_from("127.0.0.2", &app.addr).await;
+    healthz_over(&mut other).await;
+    for conn in &mut held {
+        healthz_over(conn).await;
+    }
+    drop(held.pop());
+    // The server notices the close when it reads EOF; give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut again = connect_from("127.0.0.3", &app.addr).await;
+    healthz_over(&mut again).await;
+
+    let scrape = app.get_text("/metrics").await;
+    assert_eq!(
+        sample(
+            &scrape,
+            r#"keyward_connections_dropped_total{listener="api",reason="address_limit"}"#
+        ),
+        2.0,
+        "{scrape}"
+    );
+    assert!(
+        !scrape.contains("127.0.0.3"),
+        "a client address in the metrics"
+    );
+    assert!(app.log_shows("per-address connection limit reached").await);
+    assert!(
+        !app.log_text().contains("127.0.0.3"),
+        "a client address in the log"
+    );
+}
+
+/// Security review of #17: a connection that never sent a request held its
+/// slot for the idle timeout (120 s), so 14 connections a second kept the
+/// ops listener full and its probes failing. One that sends nothing, or only
+/// part of a request's headers, is now closed at
+/// `connection_first_request_timeout`; one whose first request came in time
+/// then lives by the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_first_request_are_closed_at_the_first_request_timeout() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_OPS_LISTEN", "127.0.0.1:0"),
+            ("KEYWARD_CONNECTION_FIRST_REQUEST_TIMEOUT", "1s"),
+            ("KEYWARD_CONNECTION_IDLE_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let ops = crate::metrics::ops_addr(&app).await;
+    for addr in [ops.as_str(), app.addr.as_str()] {
+        let opened = Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        partial
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: k 4 2")
+            .await
+            .unwrap();
+        let mut asked = TcpStream::connect(addr).await.unwrap();
+        healthz_over(&mut asked).await;
+        for (what, conn) in [("silent", &mut silent), ("partial", &mut partial)] {
+            closed_within(conn, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("a {what} connection to {addr} is closed"));
+            let closed = opened.elapsed();
+            assert!(
+                closed >= Duration::from_millis(700),
+                "{what}: closed after {closed:?}, before the deadline"
+            );
+        }
+        // Past the deadline, the connection that asked in time still works.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        healthz_over(&mut asked).await;
+    }
+    let scrape = app.get_text("/metrics").await;
+    for listener in ["api", "ops"] {
+        let series = format!(
+            r#"keyward_connections_dropped_total{{listener="{listener}",reason="first_request_timeout"}}"#
+        );
+        assert_eq!(sample(&scrape, &series), 2.0, "{series}\n{scrape}");
+    }
+}
+
+/// Security review of #17: at `max_connections`, connections that never sent
+/// a request kept every newcomer waiting. Now the oldest of them is closed to
+/// make room, so a client that asks at once is served at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_limit_the_oldest_silent_connection_makes_room_for_a_new_one() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_MAX_CONNECTIONS", "3"),
+            ("KEYWARD_CONNECTION_FIRST_REQUEST_TIMEOUT", "60s"),
+            ("KEYWARD_CONNECTION_IDLE_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let mut served = TcpStream::connect(&app.addr).await.unwrap();
+    healthz_over(&mut served).await;
+    let mut oldest_silent = TcpStream::connect(&app.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut younger_silent = TcpStream::connect(&app.addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut newcomer = TcpStream::connect(&app.addr).await.unwrap();
+    let started = Instant::now();
+    healthz_over(&mut newcomer).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        closed_within(&mut oldest_silent, Duration::from_secs(2))
+            .await
+            .is_some(),
+        "the oldest silent connection made room"
+    );
+    assert!(
+        closed_within(&mut younger_silent, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "only one connection is closed per newcomer"
+    );
+    // The connection that had asked was never a candidate.
+    healthz_over(&mut served).await;
+    assert!(app.log_shows("connection limit reached").await);
+    let scrape = app.get_text("/metrics").await;
+    assert!(
+        sample(
+            &scrape,
+            r#"keyward_connections_dropped_total{listener="api",reason="evicted_silent"}"#
+        ) >= 1.0,
+        "{scrape}"
+    );
+}
+
+/// Security review of #17: the ops listener had the API's 2,048 slots and no
+/// per-address bound. It has `ops_max_connections`, and one address may hold
+/// at most half of them, so a flood from one address leaves room for the
+/// probes' address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ops_listener_has_its_own_small_budget_that_one_address_cannot_fill() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_OPS_LISTEN", "127.0.0.1:0"),
+            ("KEYWARD_OPS_MAX_CONNECTIONS", "4"),
+            ("KEYWARD_CONNECTION_IDLE_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let ops = crate::metrics::ops_addr(&app).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut conn = connect_from("127.0.0.3", &ops).await;
+        healthz_over(&mut conn).await;
+        held.push(conn);
+    }
+    let mut third = connect_from("127.0.0.3", &ops).await;
+    assert!(
+        closed_within(&mut third, Duration::from_secs(2))
+            .await
+            .is_some(),
+        "one address holds at most half of the ops listener"
+    );
+    // The probes' address is served, twice over.
+    let mut probe = connect_from("127.0.0.2", &ops).await;
+    healthz_over(&mut probe).await;
+    let mut probe2 = connect_from("127.0.0.2", &ops).await;
+    healthz_over(&mut probe2).await;
+    // The API listener is not bound by the ops budget.
+    let mut api = Vec::new();
+    for _ in 0..6 {
+        let mut conn = connect_from("127.0.0.3", &app.addr).await;
+        healthz_over(&mut conn).await;
+        api.push(conn);
+    }
+}
+
+/// On the ops listener (probes and scrapers, idempotent GETs), a full set of
+/// connections that each asked once and then sat idle does not keep a probe
+/// waiting: at `ops_max_connections`, the connection idle the longest is
+/// closed to make room. (The API listener keeps its idle connections and
+/// makes newcomers wait instead: see above.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_ops_limit_the_longest_idle_connection_makes_room_for_a_probe() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_OPS_LISTEN", "127.0.0.1:0"),
+            ("KEYWARD_OPS_MAX_CONNECTIONS", "4"),
+            ("KEYWARD_CONNECTION_IDLE_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let ops = crate::metrics::ops_addr(&app).await;
+    // Two addresses, two connections each: every slot, each asked once.
+    let mut idle = Vec::new();
+    for source in ["127.0.0.3", "127.0.0.3", "127.0.0.4", "127.0.0.4"] {
+        let mut conn = connect_from(source, &ops).await;
+        healthz_over(&mut conn).await;
+        idle.push(conn);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Keep all but the first busy-ish: the first is idle the longest.
+    for conn in idle.iter_mut().skip(1) {
+        healthz_over(conn).await;
+    }
+    let mut probe = connect_from("127.0.0.2", &ops).await;
+    let started = Instant::now();
+    healthz_over(&mut probe).await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        closed_within(&mut idle[0], Duration::from_secs(2))
+            .await
+            .is_some(),
+        "the connection idle the longest made room"
+    );
+    for conn in idle.iter_mut().skip(1) {
+        healthz_over(conn).await;
+    }
+    let scrape = app.get_text("/metrics").await;
+    assert_eq!(
+        sample(
+            &scrape,
+            r#"keyward_connections_dropped_total{listener="ops",reason="evicted_idle"}"#
+        ),
+        1.0,
+        "{scrape}"
+    );
+}
+
+/// A connection that waited for a slot longer than the first-request timeout
+/// is still served: its clocks start when it gets its slot, not at accept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_waited_for_a_slot_is_served_despite_the_first_request_timeout() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_MAX_CONNECTIONS", "1"),
+            ("KEYWARD_CONNECTION_FIRST_REQUEST_TIMEOUT", "1s"),
+            ("KEYWARD_CONNECTION_IDLE_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let mut first = TcpStream::connect(&app.addr).await.unwrap();
+    healthz_over(&mut first).await;
+    let mut waiting = TcpStream::connect(&app.addr).await.unwrap();
+    waiting
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: keyward\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(2000), waiting.read(&mut buf))
+            .await
+            .is_err(),
+        "a connection over the limit was served or closed"
+    );
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), waiting.read(&mut buf))
+        .await
+        .expect("served once a slot is free")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
 }

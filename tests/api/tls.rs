@@ -540,3 +540,50 @@ fn plain_http_on_a_non_loopback_address_needs_an_explicit_opt_in() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEYWARD_TLS_KEY"));
 }
+
+/// Security review of #17: the TLS handshake had 10 s, inside a connection
+/// slot, and a connection could then sit silent for the idle timeout, so
+/// connections that never finish (or never start) a handshake filled the
+/// listener without a certificate. A connection must now be through its
+/// handshake and have sent its first request within
+/// `connection_first_request_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_that_never_handshake_or_never_ask_are_closed_at_the_first_request_timeout()
+{
+    let s = spawn_mtls_with(
+        None,
+        &[
+            ("KEYWARD_CONNECTION_FIRST_REQUEST_TIMEOUT", "1s"),
+            ("KEYWARD_CONNECTION_IDLE_TIMEOUT", "60s"),
+        ],
+    )
+    .await;
+    let port = s.app.port();
+    let config = client_config(&s.ca_pem, Some(&s.client));
+    // Plain TCP, no ClientHello ever.
+    let opened = Instant::now();
+    let mut no_handshake = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // A whole handshake, then nothing.
+    let mut no_request = connect(port, config.clone()).await;
+    // A whole handshake and a request in time: lives by the idle timeout.
+    let mut asked = connect(port, config).await;
+    crate::connections::healthz_over(&mut asked).await;
+    let closed = crate::connections::closed_within(&mut no_handshake, Duration::from_secs(5))
+        .await
+        .map(|_| opened.elapsed());
+    assert!(
+        closed.is_some_and(|at| at >= Duration::from_millis(800)),
+        "no handshake: closed at {closed:?}"
+    );
+    let closed = crate::connections::closed_within(&mut no_request, Duration::from_secs(5))
+        .await
+        .map(|_| opened.elapsed());
+    assert!(
+        closed.is_some_and(|at| at >= Duration::from_millis(800)),
+        "no request: closed at {closed:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    crate::connections::healthz_over(&mut asked).await;
+}
