@@ -19,14 +19,15 @@ impl KeyService {
     /// The tenant's encryption from the ring, loading it on a miss or when the
     /// cached entry is older than `entry_max_age`. Another tenant's encryption
     /// is reported exactly like a missing one. Nothing is served from memory
-    /// while the change feed has gone unread for too long: another replica may
-    /// have disabled or destroyed a version meanwhile.
+    /// while the change feed has gone unread for too long (another replica may
+    /// have disabled or destroyed a version meanwhile), nor while this process
+    /// cannot follow the root keys (see `stop_if_root_keys_moved_on`).
     pub(super) async fn entry(
         &self,
         tenant: TenantId,
         id: EncryptionId,
     ) -> Result<Arc<VersionedKey>, KeyError> {
-        if let Some(reason) = self.stale_reason() {
+        if let Some(reason) = self.not_ready_reason() {
             return Err(KeyError::NotReady(reason));
         }
         let entry = match self.ring.get(id) {

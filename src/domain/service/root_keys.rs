@@ -32,7 +32,12 @@ impl KeyService {
                 Ok(())
             }
             Err(e) => {
-                if self.root().is_err() {
+                let loaded = self
+                    .root
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some();
+                if !loaded {
                     // Readiness is unauthenticated: say which provider and what
                     // kind of failure, and leave details (ARNs, URLs) to the log.
                     let reason = match &e {
@@ -47,9 +52,43 @@ impl KeyService {
                         }
                     };
                     *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                } else if matches!(
+                    e,
+                    RootKeyError::MasterKeyMismatch { .. } | RootKeyError::ProviderMismatch { .. }
+                ) {
+                    self.stop_if_root_keys_moved_on().await;
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// After a master-key migration this process, still on the old master
+    /// key, keeps every root KEK it holds and may go on serving with them
+    /// until it is restarted. But once a root KEK it does not hold is in use
+    /// (a replica started with the new key rotated the root KEK), it can
+    /// neither unwrap the versions re-wrapped under that KEK nor wrap new
+    /// versions under the active one (its own active KEK is retiring or
+    /// gone): it stops serving key operations (`503 not_ready`, `/readyz`
+    /// says why) until it is restarted with the new master key, rather than
+    /// failing some requests with 500 or wrapping new versions under a KEK
+    /// about to be deleted.
+    async fn stop_if_root_keys_moved_on(&self) {
+        let Ok(rows) = self.store.root_keks().await else {
+            return;
+        };
+        let Some(root) = self.root.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let follows = rows.iter().all(|row| root.keys.contains_key(&row.id))
+            && rows
+                .iter()
+                .any(|row| row.state == KekState::Active && row.id == root.active);
+        if !follows {
+            tracing::warn!("a root KEK this process cannot unwrap is in use after a master-key change; key operations stop until it is restarted with the new master key");
+            *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+                "the master key changed and a root KEK made since cannot be unwrapped with this process's: restart it with the new master key".into(),
+            );
         }
     }
 
@@ -65,6 +104,14 @@ impl KeyService {
 
     /// The loaded root KEKs, or why they are not loaded.
     pub(super) fn root(&self) -> Result<Arc<RootKeys>, KeyError> {
+        if let Some(reason) = self
+            .not_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(KeyError::NotReady(reason));
+        }
         self.root
             .read()
             .unwrap_or_else(|e| e.into_inner())
