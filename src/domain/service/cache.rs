@@ -107,7 +107,12 @@ impl KeyService {
                     self.load_root_keys().await.map_err(|e| match e {
                         RootKeyError::Provider(p) => KeyError::Provider(p),
                         RootKeyError::Store(s) => KeyError::Store(s),
-                        other => KeyError::Integrity(other.to_string()),
+                        // A master key migrated away from under this process,
+                        // and a KEK made since: it stopped serving (503).
+                        other => match self.not_ready_reason() {
+                            Some(reason) => KeyError::NotReady(reason),
+                            None => KeyError::Integrity(other.to_string()),
+                        },
                     })?;
                 }
                 self.build_entry(&enc, &versions, &*self.root()?)?
