@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::state::{KeyService, RootKeys};
 use crate::crypto::{data_key_aad, WrappedKey};
-use crate::domain::error::{KeyError, RootKeyError};
+use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
 use crate::domain::keys::{KeyVersion, Mode, VersionKey, VersionState, VersionedKey};
 use crate::domain::records::{EncryptionRow, VersionRow};
@@ -101,20 +101,7 @@ impl KeyService {
                 // call, rare, and never for a key already in the ring) and retry.
                 // One reload at a time: requests that missed together wait for
                 // it instead of each calling the provider.
-                let _one = self.reload.lock().await;
-                if !self.root()?.keys.contains_key(&kek_id) {
-                    tracing::info!(%kek_id, "a key version names a root KEK not loaded here; reloading the root keys");
-                    self.load_root_keys().await.map_err(|e| match e {
-                        RootKeyError::Provider(p) => KeyError::Provider(p),
-                        RootKeyError::Store(s) => KeyError::Store(s),
-                        // A master key migrated away from under this process,
-                        // and a KEK made since: it stopped serving (503).
-                        other => match self.not_ready_reason() {
-                            Some(reason) => KeyError::NotReady(reason),
-                            None => KeyError::Integrity(other.to_string()),
-                        },
-                    })?;
-                }
+                self.load_root_keys_for(kek_id).await?;
                 self.build_entry(&enc, &versions, &*self.root()?)?
             }
             other => other?,

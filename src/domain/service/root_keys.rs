@@ -444,6 +444,46 @@ impl KeyService {
         Ok((root.active, out))
     }
 
+    /// [`KeyService::open_job_source`], loading the root keys first when the
+    /// source is sealed under a root KEK this process has not loaded yet: one
+    /// that another replica made moments ago by a root-KEK rotation, before
+    /// it created the job. Without this the job failed for good.
+    pub async fn open_job_source_loading(
+        &self,
+        job: uuid::Uuid,
+        kek: KekId,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        match self.open_job_source(job, kek, sealed) {
+            Err(KeyError::UnknownKek(_)) => {
+                self.load_root_keys_for(kek).await?;
+                self.open_job_source(job, kek, sealed)
+            }
+            other => other,
+        }
+    }
+
+    /// Loads the root keys again unless `kek` is loaded meanwhile: one reload
+    /// at a time, so that requests that missed together wait for one
+    /// provider call instead of each making one.
+    pub(super) async fn load_root_keys_for(&self, kek: KekId) -> Result<(), KeyError> {
+        let _one = self.reload.lock().await;
+        if self.root()?.keys.contains_key(&kek) {
+            return Ok(());
+        }
+        tracing::info!(%kek, "a root KEK not loaded here is named; reloading the root keys");
+        self.load_root_keys().await.map_err(|e| match e {
+            RootKeyError::Provider(p) => KeyError::Provider(p),
+            RootKeyError::Store(s) => KeyError::Store(s),
+            // A master key migrated away from under this process, and a KEK
+            // made since: it stopped serving (503).
+            other => match self.not_ready_reason() {
+                Some(reason) => KeyError::NotReady(reason),
+                None => KeyError::Integrity(other.to_string()),
+            },
+        })
+    }
+
     /// Opens a sealed job source.
     pub fn open_job_source(
         &self,
@@ -714,6 +754,26 @@ mod tests {
             Err(KeyError::MasterKeyChanged)
         ));
         assert_eq!(store.root_keks().await.unwrap().len(), 1);
+    }
+
+    /// Replica B has not loaded the root KEK that replica A made and sealed
+    /// a job's source under: B, running the job, loads it instead of
+    /// failing the job for good (found by the integrity schedule).
+    #[tokio::test]
+    async fn a_job_sealed_under_a_root_kek_made_elsewhere_opens_after_a_reload() {
+        let master = DataKey::generate();
+        let (store, a) = service(&master).await;
+        let b = KeyService::new(store.clone(), Arc::new(EnvMasterKey::new(&master)), 16);
+        b.load_root_keys().await.unwrap();
+        a.rotate_root_kek().await.unwrap();
+        let job = uuid::Uuid::new_v4();
+        let (kek, sealed) = a.seal_job_source(job, b"the source").unwrap();
+        assert!(matches!(
+            b.open_job_source(job, kek, &sealed),
+            Err(KeyError::UnknownKek(_))
+        ));
+        let plain = b.open_job_source_loading(job, kek, &sealed).await.unwrap();
+        assert_eq!(plain.as_slice(), b"the source");
     }
 
     #[tokio::test]
