@@ -425,7 +425,8 @@ async fn run_one(
     settings: RunnerSettings,
 ) -> Result<(), RunError> {
     let plain = service
-        .open_job_source(job.id, job.source_kek_id, &job.source_sealed)
+        .open_job_source_loading(job.id, job.source_kek_id, &job.source_sealed)
+        .await
         .map_err(other)?;
     let Ok(source) = serde_json::from_slice::<StoredSource>(&plain) else {
         // A job queued before sources were named (it held a database URL).

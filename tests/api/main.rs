@@ -15,6 +15,7 @@ mod guards;
 mod helpers;
 mod input;
 mod integrity;
+mod integrity_schedule;
 mod job_integrity;
 mod jobs;
 mod key_listings;

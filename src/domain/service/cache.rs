@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use super::state::{KeyService, RootKeys};
 use crate::crypto::{data_key_aad, WrappedKey};
-use crate::domain::error::{KeyError, RootKeyError};
+use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
 use crate::domain::keys::{KeyVersion, Mode, VersionKey, VersionState, VersionedKey};
 use crate::domain::records::{EncryptionRow, VersionRow};
@@ -19,14 +19,15 @@ impl KeyService {
     /// The tenant's encryption from the ring, loading it on a miss or when the
     /// cached entry is older than `entry_max_age`. Another tenant's encryption
     /// is reported exactly like a missing one. Nothing is served from memory
-    /// while the change feed has gone unread for too long: another replica may
-    /// have disabled or destroyed a version meanwhile.
+    /// while the change feed has gone unread for too long (another replica may
+    /// have disabled or destroyed a version meanwhile), nor while this process
+    /// cannot follow the root keys (see `stop_if_root_keys_moved_on`).
     pub(super) async fn entry(
         &self,
         tenant: TenantId,
         id: EncryptionId,
     ) -> Result<Arc<VersionedKey>, KeyError> {
-        if let Some(reason) = self.stale_reason() {
+        if let Some(reason) = self.not_ready_reason() {
             return Err(KeyError::NotReady(reason));
         }
         let entry = match self.ring.get(id) {
@@ -100,15 +101,7 @@ impl KeyService {
                 // call, rare, and never for a key already in the ring) and retry.
                 // One reload at a time: requests that missed together wait for
                 // it instead of each calling the provider.
-                let _one = self.reload.lock().await;
-                if !self.root()?.keys.contains_key(&kek_id) {
-                    tracing::info!(%kek_id, "a key version names a root KEK not loaded here; reloading the root keys");
-                    self.load_root_keys().await.map_err(|e| match e {
-                        RootKeyError::Provider(p) => KeyError::Provider(p),
-                        RootKeyError::Store(s) => KeyError::Store(s),
-                        other => KeyError::Integrity(other.to_string()),
-                    })?;
-                }
+                self.load_root_keys_for(kek_id).await?;
                 self.build_entry(&enc, &versions, &*self.root()?)?
             }
             other => other?,

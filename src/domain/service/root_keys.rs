@@ -30,7 +30,12 @@ impl KeyService {
                 Ok(())
             }
             Err(e) => {
-                if self.root().is_err() {
+                let loaded = self
+                    .root
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some();
+                if !loaded {
                     // Readiness is unauthenticated: say which provider and what
                     // kind of failure, and leave details (ARNs, URLs) to the log.
                     let reason = match &e {
@@ -45,9 +50,43 @@ impl KeyService {
                         }
                     };
                     *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                } else if matches!(
+                    e,
+                    RootKeyError::MasterKeyMismatch { .. } | RootKeyError::ProviderMismatch { .. }
+                ) {
+                    self.stop_if_root_keys_moved_on().await;
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// After a master-key migration this process, still on the old master
+    /// key, keeps every root KEK it holds and may go on serving with them
+    /// until it is restarted. But once a root KEK it does not hold is in use
+    /// (a replica started with the new key rotated the root KEK), it can
+    /// neither unwrap the versions re-wrapped under that KEK nor wrap new
+    /// versions under the active one (its own active KEK is retiring or
+    /// gone): it stops serving key operations (`503 not_ready`, `/readyz`
+    /// says why) until it is restarted with the new master key, rather than
+    /// failing some requests with 500 or wrapping new versions under a KEK
+    /// about to be deleted.
+    async fn stop_if_root_keys_moved_on(&self) {
+        let Ok(rows) = self.store.root_keks().await else {
+            return;
+        };
+        let Some(root) = self.root.read().unwrap_or_else(|e| e.into_inner()).clone() else {
+            return;
+        };
+        let follows = rows.iter().all(|row| root.keys.contains_key(&row.id))
+            && rows
+                .iter()
+                .any(|row| row.state == KekState::Active && row.id == root.active);
+        if !follows {
+            tracing::warn!("a root KEK this process cannot unwrap is in use after a master-key change; key operations stop until it is restarted with the new master key");
+            *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+                "the master key changed and a root KEK made since cannot be unwrapped with this process's: restart it with the new master key".into(),
+            );
         }
     }
 
@@ -63,6 +102,14 @@ impl KeyService {
 
     /// The loaded root KEKs, or why they are not loaded.
     pub(super) fn root(&self) -> Result<Arc<RootKeys>, KeyError> {
+        if let Some(reason) = self
+            .not_ready
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Err(KeyError::NotReady(reason));
+        }
         self.root
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -395,6 +442,46 @@ impl KeyService {
         Ok((root.active, out))
     }
 
+    /// [`KeyService::open_job_source`], loading the root keys first when the
+    /// source is sealed under a root KEK this process has not loaded yet: one
+    /// that another replica made moments ago by a root-KEK rotation, before
+    /// it created the job. Without this the job failed for good.
+    pub async fn open_job_source_loading(
+        &self,
+        job: uuid::Uuid,
+        kek: KekId,
+        sealed: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        match self.open_job_source(job, kek, sealed) {
+            Err(KeyError::UnknownKek(_)) => {
+                self.load_root_keys_for(kek).await?;
+                self.open_job_source(job, kek, sealed)
+            }
+            other => other,
+        }
+    }
+
+    /// Loads the root keys again unless `kek` is loaded meanwhile: one reload
+    /// at a time, so that requests that missed together wait for one
+    /// provider call instead of each making one.
+    pub(super) async fn load_root_keys_for(&self, kek: KekId) -> Result<(), KeyError> {
+        let _one = self.reload.lock().await;
+        if self.root()?.keys.contains_key(&kek) {
+            return Ok(());
+        }
+        tracing::info!(%kek, "a root KEK not loaded here is named; reloading the root keys");
+        self.load_root_keys().await.map_err(|e| match e {
+            RootKeyError::Provider(p) => KeyError::Provider(p),
+            RootKeyError::Store(s) => KeyError::Store(s),
+            // A master key migrated away from under this process, and a KEK
+            // made since: it stopped serving (503).
+            other => match self.not_ready_reason() {
+                Some(reason) => KeyError::NotReady(reason),
+                None => KeyError::Integrity(other.to_string()),
+            },
+        })
+    }
+
     /// Opens a sealed job source.
     pub fn open_job_source(
         &self,
@@ -664,6 +751,26 @@ mod tests {
             Err(KeyError::MasterKeyChanged)
         ));
         assert_eq!(store.root_keks().await.unwrap().len(), 1);
+    }
+
+    /// Replica B has not loaded the root KEK that replica A made and sealed
+    /// a job's source under: B, running the job, loads it instead of
+    /// failing the job for good (found by the integrity schedule).
+    #[tokio::test]
+    async fn a_job_sealed_under_a_root_kek_made_elsewhere_opens_after_a_reload() {
+        let master = DataKey::generate();
+        let (store, a) = service(&master).await;
+        let b = KeyService::new(store.clone(), Arc::new(EnvMasterKey::new(&master)), 16);
+        b.load_root_keys().await.unwrap();
+        a.rotate_root_kek().await.unwrap();
+        let job = uuid::Uuid::new_v4();
+        let (kek, sealed) = a.seal_job_source(job, b"the source").unwrap();
+        assert!(matches!(
+            b.open_job_source(job, kek, &sealed),
+            Err(KeyError::UnknownKek(_))
+        ));
+        let plain = b.open_job_source_loading(job, kek, &sealed).await.unwrap();
+        assert_eq!(plain.as_slice(), b"the source");
     }
 
     #[tokio::test]
