@@ -451,7 +451,7 @@ impl KeyService {
         job: uuid::Uuid,
         kek: KekId,
         sealed: &[u8],
-    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+    ) -> Result<crypto::SecretBytes, KeyError> {
         match self.open_job_source(job, kek, sealed) {
             Err(KeyError::UnknownKek(_)) => {
                 self.load_root_keys_for(kek).await?;
@@ -770,7 +770,7 @@ mod tests {
             Err(KeyError::UnknownKek(_))
         ));
         let plain = b.open_job_source_loading(job, kek, &sealed).await.unwrap();
-        assert_eq!(plain.as_slice(), b"the source");
+        assert_eq!(plain.as_ref(), b"the source");
     }
 
     #[tokio::test]
