@@ -307,6 +307,11 @@ enum RunError {
     /// The source could not be used: the detail is for the operator's log,
     /// the tenant sees [`SOURCE_UNAVAILABLE`].
     Source(SourceError),
+    /// A condition that passes (this replica not ready: its change feed
+    /// unread, its root keys not loaded; the database or the master-key
+    /// provider unavailable): the job is not failed, its lease runs out and
+    /// it is taken up again, here or on another replica.
+    Transient(String),
     /// Anything else (the text is stored as the job's `error`).
     Other(String),
 }
@@ -319,6 +324,20 @@ impl From<SourceError> for RunError {
 
 fn other(e: impl std::fmt::Display) -> RunError {
     RunError::Other(e.to_string())
+}
+
+/// A database error: unavailable pauses the job, the rest fail it.
+fn store_error(e: crate::store::StoreError) -> RunError {
+    key_error(KeyError::Store(e))
+}
+
+/// A key error: transient ones pause the job, the rest fail it.
+fn key_error(e: KeyError) -> RunError {
+    if matches!(e, KeyError::NotReady(_) | KeyError::Provider(_)) || e.is_unavailable() {
+        RunError::Transient(e.to_string())
+    } else {
+        other(e)
+    }
 }
 
 /// Runs jobs until `shutdown`: each claimed job in a task of its own, at most
@@ -402,6 +421,10 @@ async fn run_claimed(
     tracing::info!(job_id = %id, tenant_id = %job.tenant_id, pass = job.pass, "running re-encryption job");
     let error = match run_one(&service, &owner, job, settings).await {
         Ok(()) => return,
+        Err(RunError::Transient(e)) => {
+            tracing::warn!(job_id = %id, error = %e, "re-encryption job paused; it is taken up again when its lease ends");
+            return;
+        }
         // Detail already logged by run_one, with the source's name.
         Err(RunError::Source(_)) => SOURCE_UNAVAILABLE.to_string(),
         Err(RunError::Other(e)) => {
@@ -427,7 +450,7 @@ async fn run_one(
     let plain = service
         .open_job_source_loading(job.id, job.source_kek_id, &job.source_sealed)
         .await
-        .map_err(other)?;
+        .map_err(key_error)?;
     let Ok(source) = serde_json::from_slice::<StoredSource>(&plain) else {
         // A job queued before sources were named (it held a database URL).
         tracing::warn!(job_id = %job.id, "job source refused: the job names no registered source (queued by an older Keyward with a database URL)");
@@ -435,7 +458,9 @@ async fn run_one(
             "no source name".into(),
         )));
     };
-    let tenant_name = tenant_name(service, job.tenant_id).await.map_err(other)?;
+    let tenant_name = tenant_name(service, job.tenant_id)
+        .await
+        .map_err(key_error)?;
     let result = async {
         let db = source.open(service, job.tenant_id, &tenant_name).await?;
         let result = walk(service, owner, &job, &db, settings).await;
@@ -469,7 +494,7 @@ async fn walk(
             .store()
             .set_job_total(job.id, total)
             .await
-            .map_err(other)?;
+            .map_err(store_error)?;
     }
     let b64 = base64::engine::general_purpose::STANDARD;
     let mut cursor = job.cursor.clone();
@@ -497,7 +522,7 @@ async fn walk(
                         now_ms(),
                     )
                     .await
-                    .map_err(other)?;
+                    .map_err(store_error)?;
                 tracing::info!(job_id = %job.id, passes = pass + 1, left, "re-encryption job finished");
                 return Ok(());
             }
@@ -522,7 +547,7 @@ async fn walk(
                     lease_ms,
                 )
                 .await
-                .map_err(other)?
+                .map_err(store_error)?
             {
                 return Ok(());
             }
@@ -562,7 +587,7 @@ async fn walk(
                     skipped += 1;
                     continue;
                 }
-                Err(e) => return Err(other(e)),
+                Err(e) => return Err(key_error(e)),
             };
             // Compared as UUIDs, not as text: `ABCD...` is the same version.
             let version: VersionId = match row.version.as_deref().map(str::parse) {
@@ -608,7 +633,7 @@ async fn walk(
                     failed += 1;
                     continue;
                 }
-                Err(e) => return Err(other(e)),
+                Err(e) => return Err(key_error(e)),
             };
             let metadata = serde_json::json!({"nonce": b64.encode(out.nonce)}).to_string();
             writes.push((
@@ -624,7 +649,7 @@ async fn walk(
                 .store()
                 .job_is_held(job.id, owner)
                 .await
-                .map_err(other)?
+                .map_err(store_error)?
         {
             tracing::info!(job_id = %job.id, "job cancelled or taken over; stopping");
             return Ok(());
@@ -653,7 +678,7 @@ async fn walk(
             .store()
             .record_job_progress(job.id, owner, progress, now_ms(), lease_ms)
             .await
-            .map_err(other)?
+            .map_err(store_error)?
         {
             tracing::info!(job_id = %job.id, "job cancelled or taken over; stopping");
             return Ok(());
@@ -764,7 +789,7 @@ async fn versions_of<'k>(
                 d.versions.iter().map(|v| v.id).collect(),
             )),
             Err(KeyError::EncryptionNotFound) => None,
-            Err(e) => return Err(other(e)),
+            Err(e) => return Err(key_error(e)),
         };
         slot.insert(versions);
     }

@@ -252,7 +252,14 @@ async fn a_malformed_trusted_proxy_list_is_a_startup_error_naming_the_setting() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_credentials_are_rate_limited_per_address_by_default() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
+    // Only the per-address connection cap (256) is raised, so that 300
+    // requests at once from one address open their connections; the rate
+    // limit under test keeps its default.
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[("KEYWARD_MAX_CONNECTIONS_PER_ADDRESS", "1024")],
+    )
+    .await;
     let creds = app.create_tenant("acme");
     let (enc, _) = app.create_encryption(&creds).await;
     let body = json!({"encryptionId": enc, "data": "x"});

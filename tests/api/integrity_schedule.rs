@@ -142,6 +142,8 @@ impl Version {
 /// What the last job over an encryption's table found: rows by version.
 struct JobFinding {
     rows_on: HashMap<String, Vec<i64>>,
+    /// When the request that started it was sent (it ended after that).
+    started: Instant,
 }
 
 struct Encryption {
@@ -891,6 +893,20 @@ impl Schedule {
                         sent.duration_since(disabled_at)
                     );
                 }
+                // No job over the encryption ended after the version stopped
+                // being active: wrong only if the last one began after that.
+                "version_unverified" => {
+                    let retired = version
+                        .history
+                        .windows(2)
+                        .find(|w| w[0].1 == State::Active)
+                        .map(|w| w[1].0);
+                    let job_started = self.encs[enc].last_job.as_ref().map(|j| j.started);
+                    assert!(
+                        !matches!((retired, job_started), (Some(r), Some(j)) if j > r),
+                        "{ctx}: version_unverified, but a job began after the version was retired: {answer}"
+                    );
+                }
                 "version_in_use" => assert!(
                     !rows_found.is_empty(),
                     "{ctx}: version_in_use, but the last job over the table found no row on it: {answer}"
@@ -950,6 +966,7 @@ impl Schedule {
         }
         let r = self.rng.below(2);
         let enc = self.rng.below(self.encs.len());
+        let started = Instant::now();
         let mut source = self.platform.source();
         source["table"] = json!(self.encs[enc].table);
         let creds = self.creds.clone();
@@ -1060,7 +1077,7 @@ impl Schedule {
             }
             self.held[h].ct = ct;
         }
-        self.encs[enc].last_job = Some(JobFinding { rows_on });
+        self.encs[enc].last_job = Some(JobFinding { rows_on, started });
     }
 
     /// A root-KEK rotation through the operator's route: refused with `409
