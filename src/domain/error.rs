@@ -106,7 +106,10 @@ impl KeyError {
     /// Whether a dependency (the database) is down, rather than anything
     /// being wrong: a 503 the caller may retry.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, KeyError::Store(StoreError::Unavailable(_)))
+        matches!(
+            self,
+            KeyError::Store(StoreError::Unavailable(_) | StoreError::StaleReference(_))
+        )
     }
 }
 

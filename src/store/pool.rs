@@ -48,6 +48,11 @@ pub enum StoreError {
     /// process got there first; nothing was changed.
     #[error("{0}")]
     Raced(String),
+    /// A row would name something another process deleted meanwhile (a
+    /// retired root KEK this process still took for active): nothing was
+    /// written; retry once this process has reloaded what it holds.
+    #[error("a referenced row is gone: {0}")]
+    StaleReference(sqlx::Error),
     /// Any other database error, or a row that does not decode.
     #[error("database error: {0}")]
     Other(sqlx::Error),
@@ -70,6 +75,9 @@ impl From<sqlx::Error> for StoreError {
             | sqlx::Error::PoolClosed
             | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
             sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(e),
+            sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                StoreError::StaleReference(e)
+            }
             _ => StoreError::Other(e),
         }
     }

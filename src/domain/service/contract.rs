@@ -8,7 +8,7 @@ use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
 use crate::domain::keys::{client_wrapping_key, VersionKey, CLIENT_WRAPPING_ID};
 use crate::domain::time::now_ms;
-use crate::store::NewVersion;
+use crate::store::{NewVersion, StoreError};
 
 /// The result of an encryption.
 #[derive(Debug)]
@@ -167,11 +167,20 @@ impl KeyService {
                 wrap_client_key(id, &key.salt, ck, new_id, &data_key)
             }
         };
-        let outcome = self
-            .store
-            .rotate(tenant, id, &new_version, now_ms())
-            .await?
-            .ok_or(KeyError::EncryptionNotFound)?;
+        let outcome = match self.store.rotate(tenant, id, &new_version, now_ms()).await {
+            Err(StoreError::StaleReference(e)) => {
+                // Wrapped under a root KEK another replica retired after a
+                // root-KEK rotation this process has not heard of yet: learn
+                // the new one (or find out this process is stranded on a
+                // replaced master key), and let the caller retry: 503.
+                if let Err(reload) = self.load_root_keys().await {
+                    tracing::warn!(error = %reload, "cannot reload the root keys after a stale root KEK");
+                }
+                return Err(KeyError::Store(StoreError::StaleReference(e)));
+            }
+            other => other?,
+        }
+        .ok_or(KeyError::EncryptionNotFound)?;
         self.ring.invalidate(id);
         tracing::info!(encryption_id = %id, new_version = outcome.new_version, version_id = %outcome.new_version_id, "rotated");
         Ok(outcome.new_version_id)

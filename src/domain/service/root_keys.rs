@@ -788,4 +788,33 @@ mod tests {
         assert_eq!(store.root_keks().await.unwrap().len(), 1);
         service.rotate_root_kek().await.unwrap();
     }
+
+    #[tokio::test]
+    async fn a_rotate_under_a_root_kek_another_replica_retired_is_a_503_and_the_next_works() {
+        let master = DataKey::generate();
+        let (store, a) = service(&master).await;
+        let b = KeyService::new(store.clone(), Arc::new(EnvMasterKey::new(&master)), 16);
+        b.load_root_keys().await.unwrap();
+        let tenant = crate::domain::accounts::create_tenant(&store, "acme")
+            .await
+            .unwrap()
+            .tenant
+            .id;
+        let enc = b
+            .create_encryption(tenant, None, None)
+            .await
+            .unwrap()
+            .encryption
+            .id;
+        b.entry(tenant, enc).await.unwrap();
+        // A rotates the root KEK and retires the old one before B hears of it.
+        a.rotate_root_kek().await.unwrap();
+        a.rewrap_retiring(10, Duration::ZERO, |_, _| {})
+            .await
+            .unwrap();
+        let refused = b.rotate(tenant, enc, None).await.unwrap_err();
+        assert!(refused.is_unavailable(), "{refused:?}");
+        // B reloaded its root keys on the way out: the retry works.
+        b.rotate(tenant, enc, None).await.unwrap();
+    }
 }
