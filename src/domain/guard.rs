@@ -226,11 +226,11 @@ impl<K: Hash + Eq + Clone> Buckets<K> {
                 return Err(Duration::from_secs(1));
             }
         }
-        if !map.contains_key(k) {
-            map.insert(k.to_owned(), (full, now));
-        }
-        let Some((tokens, at)) = map.get_mut(k) else {
-            return Ok(());
+        // One lookup for a known key (every request of a busy key); a new
+        // key is inserted (and its id copied) once.
+        let (tokens, at) = match map.get_mut(k) {
+            Some(bucket) => bucket,
+            None => map.entry(k.to_owned()).or_insert((full, now)),
         };
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(full);
         *at = now;

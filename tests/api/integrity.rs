@@ -8,9 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Connection;
 
-use crate::helpers::{
-    assert_error, keyward_command, random_master_key, send, Backend, Creds, TestApp,
-};
+use crate::helpers::{assert_error, random_master_key, send, Backend, Creds, TestApp};
 
 crate::on_both_databases!(
     a_destroyed_version_does_not_pin_a_root_kek,
@@ -141,17 +139,10 @@ async fn a_root_kek_rotation_after_a_master_key_migration_is_refused(backend: Ba
     let e1 = app.encrypt(&creds, &enc, "before the migration").await;
 
     let new_key = random_master_key();
-    let out = keyward_command()
-        .args(["master-key", "migrate", "--to", "env"])
-        .env("KEYWARD_DATABASE_URL", &app.db.url)
-        .env("KEYWARD_MASTER_KEY", &app.master_key)
-        .env("KEYWARD_NEW_MASTER_KEY", &new_key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    crate::providers::migrate(
+        &app,
+        &[("KEYWARD_NEW_MASTER_KEY".into(), new_key.clone())],
+        "env",
     );
 
     // The server still on the old key keeps serving, but does not rotate.

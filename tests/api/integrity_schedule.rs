@@ -1378,17 +1378,10 @@ async fn integrity_a_replica_on_the_replaced_master_key_stops_once_a_root_kek_it
     let cold_ct = a.encrypt(&creds, &cold, "cold").await;
 
     let new_key = random_master_key();
-    let out = keyward_command()
-        .args(["master-key", "migrate", "--to", "env"])
-        .env("KEYWARD_DATABASE_URL", &a.db.url)
-        .env("KEYWARD_MASTER_KEY", &a.master_key)
-        .env("KEYWARD_NEW_MASTER_KEY", &new_key)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    crate::providers::migrate(
+        &a,
+        &[("KEYWARD_NEW_MASTER_KEY".into(), new_key.clone())],
+        "env",
     );
     // A migration alone: B keeps serving with the KEKs it holds.
     let (status, body) = b.decrypt(&creds, &before).await;

@@ -357,7 +357,7 @@ async fn vault_provider_logs_in_with_approle() {
     );
 }
 
-fn migrate(app: &TestApp, env: &[(String, String)], to: &str) {
+pub(crate) fn migrate(app: &TestApp, env: &[(String, String)], to: &str) {
     let mut cmd = crate::helpers::keyward_command();
     cmd.args(["master-key", "migrate", "--to", to])
         .env("KEYWARD_DATABASE_URL", &app.db.url)

@@ -26,7 +26,7 @@ impl KeyService {
         match load_root_keys(&self.store, self.provider.as_ref()).await {
             Ok(keys) => {
                 *self.root.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keys));
-                *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                self.set_not_ready(None);
                 Ok(())
             }
             Err(e) => {
@@ -49,7 +49,7 @@ impl KeyService {
                             "the master key does not match this database (see the log)".to_string()
                         }
                     };
-                    *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+                    self.set_not_ready(Some(reason));
                 } else if matches!(
                     e,
                     RootKeyError::MasterKeyMismatch { .. } | RootKeyError::ProviderMismatch { .. }
@@ -84,9 +84,9 @@ impl KeyService {
                 .any(|row| row.state == KekState::Active && row.id == root.active);
         if !follows {
             tracing::warn!("a root KEK this process cannot unwrap is in use after a master-key change; key operations stop until it is restarted with the new master key");
-            *self.not_ready.lock().unwrap_or_else(|e| e.into_inner()) = Some(
+            self.set_not_ready(Some(
                 "the master key changed and a root KEK made since cannot be unwrapped with this process's: restart it with the new master key".into(),
-            );
+            ));
         }
     }
 
@@ -102,12 +102,7 @@ impl KeyService {
 
     /// The loaded root KEKs, or why they are not loaded.
     pub(super) fn root(&self) -> Result<Arc<RootKeys>, KeyError> {
-        if let Some(reason) = self
-            .not_ready
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(reason) = self.stored_not_ready() {
             return Err(KeyError::NotReady(reason));
         }
         self.root

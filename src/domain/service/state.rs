@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -126,8 +126,12 @@ pub struct KeyService {
     /// Read on ring misses, creates and rotations, never on a ring hit; a
     /// rotation swaps in a whole new `Arc`, so readers never see half of one.
     pub(super) root: RwLock<Option<Arc<RootKeys>>>,
-    /// Why the root keys are not loaded, while they are not.
-    pub(super) not_ready: Mutex<Option<String>>,
+    /// Why the root keys are not loaded, while they are not. Written only
+    /// through [`KeyService::set_not_ready`], which keeps `is_not_ready` in
+    /// step, so that key operations check an atomic, not this lock.
+    not_ready: Mutex<Option<String>>,
+    /// Whether `not_ready` holds a reason.
+    is_not_ready: AtomicBool,
     /// Wraps and unwraps the root KEKs; called at start and on KEK changes,
     /// never on the request path.
     pub(super) provider: Arc<dyn MasterKeyProvider>,
@@ -202,6 +206,7 @@ impl KeyService {
             api_keys: ApiKeyCache::new(ring_capacity),
             root: RwLock::new(None),
             not_ready: Mutex::new(Some("the root key is not loaded yet".into())),
+            is_not_ready: AtomicBool::new(true),
             provider,
             reload: tokio::sync::Mutex::new(()),
             recorder: None,
@@ -278,11 +283,26 @@ impl KeyService {
 
     /// Why the service cannot serve key operations, if it cannot.
     pub fn not_ready_reason(&self) -> Option<String> {
+        self.stored_not_ready().or_else(|| self.stale_reason())
+    }
+
+    /// The reason set by [`KeyService::set_not_ready`]: an atomic load while
+    /// there is none.
+    pub(super) fn stored_not_ready(&self) -> Option<String> {
+        if !self.is_not_ready.load(Ordering::Acquire) {
+            return None;
+        }
         self.not_ready
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .or_else(|| self.stale_reason())
+    }
+
+    /// Sets (or clears) why key operations cannot be served.
+    pub(super) fn set_not_ready(&self, reason: Option<String>) {
+        let mut slot = self.not_ready.lock().unwrap_or_else(|e| e.into_inner());
+        self.is_not_ready.store(reason.is_some(), Ordering::Release);
+        *slot = reason;
     }
 
     /// The master-key provider.
