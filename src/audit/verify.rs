@@ -203,8 +203,8 @@ pub fn verify(
                             cp.hash, cp.seq, cp.seq
                         )));
                     }
-                    let first = first.expect("records were seen");
-                    if first.seq > cp.file_start {
+                    // `first` is set with the first record, before `last_seq`.
+                    if let Some(first) = first.filter(|f| f.seq > cp.file_start) {
                         return Err(VerifyError::Broken(Broken {
                             kind: BreakKind::HeadCut,
                             line: first.line,

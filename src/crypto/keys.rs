@@ -15,6 +15,7 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     // AWS-LC's RNG fails only if the OS entropy source is broken; nothing safe can
     // continue then.
+    #[allow(clippy::expect_used)]
     rand::fill(&mut out).expect("the system random number generator failed");
     out
 }
@@ -36,6 +37,8 @@ impl DataKey {
     /// A fresh random key.
     pub fn generate() -> Self {
         let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        // As in `random_bytes`: only a broken OS entropy source fails here.
+        #[allow(clippy::expect_used)]
         rand::fill(key.as_mut()).expect("the system random number generator failed");
         DataKey(key)
     }
@@ -57,6 +60,8 @@ impl DataKey {
 
     /// Prepares the AES-256-GCM context for this key.
     pub fn cipher(&self) -> CipherKey {
+        // The type holds exactly 32 bytes, and every 32 bytes are an AES-256 key.
+        #[allow(clippy::expect_used)]
         let unbound = UnboundKey::new(&AES_256_GCM, self.0.as_ref())
             .expect("a 32-byte key is valid for AES-256-GCM");
         CipherKey(LessSafeKey::new(unbound))
@@ -94,20 +99,50 @@ pub fn derive_client_wrapping_key(
     salt: &[u8],
     encryption_id: &[u8; 16],
 ) -> DataKey {
-    struct Len;
+    DataKey(hkdf_sha256_key(
+        salt,
+        client_key,
+        &[b"keyward:client-wrap:v1", encryption_id],
+    ))
+}
+
+/// HKDF-SHA256's output is at most 255 blocks of 32 bytes (RFC 5869, 2.3).
+pub const HKDF_SHA256_MAX_LEN: usize = 255 * 32;
+
+/// An HKDF output longer than [`HKDF_SHA256_MAX_LEN`] was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HkdfLengthError;
+
+/// HKDF-SHA256 (RFC 5869): extracts from `ikm` with `salt`, then expands with
+/// the concatenation of `info` into all of `out`. An empty salt is the RFC's
+/// default (32 zero bytes). Fails only for an `out` longer than
+/// [`HKDF_SHA256_MAX_LEN`].
+pub fn hkdf_sha256(
+    salt: &[u8],
+    ikm: &[u8],
+    info: &[&[u8]],
+    out: &mut [u8],
+) -> Result<(), HkdfLengthError> {
+    struct Len(usize);
     impl hkdf::KeyType for Len {
         fn len(&self) -> usize {
-            KEY_LEN
+            self.0
         }
     }
-    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(client_key);
-    let info: [&[u8]; 2] = [b"keyward:client-wrap:v1", encryption_id];
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(ikm);
     let okm = prk
-        .expand(&info, Len)
-        .expect("32 bytes is within HKDF-SHA256's output bound");
+        .expand(info, Len(out.len()))
+        .map_err(|_| HkdfLengthError)?;
+    okm.fill(out).map_err(|_| HkdfLengthError)
+}
+
+/// [`hkdf_sha256`] into a 32-byte key, in zeroizing memory.
+pub(crate) fn hkdf_sha256_key(salt: &[u8], ikm: &[u8], info: &[&[u8]]) -> Zeroizing<[u8; KEY_LEN]> {
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
-    okm.fill(key.as_mut()).expect("lengths match");
-    DataKey(key)
+    // 32 bytes is far within HKDF-SHA256's bound, the one way it can fail.
+    #[allow(clippy::expect_used)]
+    hkdf_sha256(salt, ikm, info, key.as_mut()).expect("32 bytes is within HKDF-SHA256's bound");
+    key
 }
 
 #[cfg(test)]

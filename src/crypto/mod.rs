@@ -22,7 +22,10 @@ pub use checkpoint::{
     CHECKPOINT_SIGNATURE_LEN,
 };
 pub use hex::{hex, hex_into, parse_hex};
-pub use keys::{derive_client_wrapping_key, random_bytes, sha256, CipherKey, DataKey, KEY_LEN};
+pub use keys::{
+    derive_client_wrapping_key, hkdf_sha256, random_bytes, sha256, CipherKey, DataKey,
+    HkdfLengthError, HKDF_SHA256_MAX_LEN, KEY_LEN,
+};
 pub use secret::{SecretBytes, SecretString};
 pub use wrap::{UnwrapError, WrappedKey};
 

@@ -37,9 +37,11 @@ impl CipherKey {
         if wrapped.0.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
             return Err(UnwrapError);
         }
-        let (nonce, ct) = wrapped.0.split_at(NONCE_LEN);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at NONCE_LEN");
-        let plain = open(self, &nonce, aad, ct).map_err(|_| UnwrapError)?;
+        let (nonce, ct) = wrapped
+            .0
+            .split_first_chunk::<NONCE_LEN>()
+            .ok_or(UnwrapError)?;
+        let plain = open(self, nonce, aad, ct).map_err(|_| UnwrapError)?;
         DataKey::from_slice(&plain).ok_or(UnwrapError)
     }
 }

@@ -115,10 +115,15 @@ impl VersionedKey {
         self.versions.iter().rev().find(|v| v.id == id)
     }
 
-    /// The active version.
-    pub fn active_version(&self) -> &KeyVersion {
-        self.version(self.active)
-            .expect("a versioned key is checked to hold its active version")
+    /// The active version. A key that passed [`VersionedKey::check`] always
+    /// holds it; one that did not is an integrity error, not a panic.
+    pub fn active_version(&self) -> Result<&KeyVersion, KeyError> {
+        self.version(self.active).ok_or_else(|| {
+            KeyError::Integrity(format!(
+                "encryption {}: no row for its active version",
+                self.id
+            ))
+        })
     }
 
     /// Whether the caller brought the kind of key this encryption needs: a
@@ -137,7 +142,7 @@ impl VersionedKey {
     /// making).
     pub fn key_for_encrypt(&self, version: Option<VersionId>) -> Result<&KeyVersion, KeyError> {
         let v = match version {
-            None => self.active_version(),
+            None => self.active_version()?,
             Some(id) => self.version(id).ok_or(KeyError::VersionNotFound)?,
         };
         match v.state {

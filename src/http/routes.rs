@@ -39,7 +39,7 @@ pub(crate) struct Route {
     /// Whether the separate operations listener serves it too.
     pub on_ops_listener: bool,
     /// Its handler, as a method router for `method`.
-    handler: fn(MethodFilter) -> MethodRouter<AppState>,
+    handler: fn() -> MethodRouter<AppState>,
 }
 
 /// The body limit of a route.
@@ -76,7 +76,7 @@ macro_rules! route {
             body: BodySize::$body,
             operation: Some($operation),
             on_ops_listener: false,
-            handler: |filter| on(filter, scoped::<$scope, _, _>($handler)),
+            handler: || on(MethodFilter::$method, scoped::<$scope, _, _>($handler)),
         }
     };
     ($method:ident $path:literal, $handler:path, public, ops_listener: $ops:literal) => {
@@ -87,7 +87,7 @@ macro_rules! route {
             body: BodySize::Normal,
             operation: None,
             on_ops_listener: $ops,
-            handler: |filter| on(filter, $handler),
+            handler: || on(MethodFilter::$method, $handler),
         }
     };
 }
@@ -195,9 +195,7 @@ pub(super) fn build(
                     .filter(|_| route.body == BodySize::Batch)
                     .map(|s| s.batch),
             };
-            let filter = MethodFilter::try_from(route.method.clone())
-                .expect("every route's method has a filter");
-            let handler = (route.handler)(filter)
+            let handler = (route.handler)()
                 .route_layer(axum::middleware::from_fn_with_state(context, edge::route));
             router.route(route.path, handler)
         })

@@ -160,7 +160,7 @@ impl KeyService {
                 // Prove the caller's key is the encryption's key before adding a
                 // version under it: otherwise a wrong key would create a version
                 // nobody else can use.
-                let active = key.active_version();
+                let active = key.active_version()?;
                 if let VersionKey::ClientWrapped(_) = &active.key {
                     self.count_client_key(id, key.with_key(active, Some(ck), |_| ()))?;
                 }
