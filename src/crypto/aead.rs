@@ -24,7 +24,18 @@ pub struct Sealed {
 /// passes NIST's bound (SP 800-38D); callers count uses per key and rotate well
 /// before that.
 pub fn seal(key: &CipherKey, aad: &[u8], plaintext: &[u8]) -> Sealed {
-    let nonce = fresh_nonce();
+    seal_with_nonce(key, fresh_nonce(), aad, plaintext)
+}
+
+/// [`seal`] with a given nonce. Only [`seal`] (a fresh nonce) and the
+/// known-answer tests (the standard vectors' nonces) call it: a nonce must
+/// never be used twice under one key.
+pub(super) fn seal_with_nonce(
+    key: &CipherKey,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Sealed {
     let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN);
     buf.extend_from_slice(plaintext);
     #[allow(clippy::expect_used)] // see the comment below

@@ -15,6 +15,8 @@ mod hex;
 mod keys;
 mod secret;
 mod wrap;
+#[cfg(test)]
+mod wycheproof;
 
 pub use aead::{open, seal, Sealed, NONCE_LEN, TAG_LEN};
 pub use checkpoint::{

@@ -570,4 +570,78 @@ mod tests {
             );
         }
     }
+
+    /// Known answers for the contract's own encoding of a ciphertext (see
+    /// docs/security.md, "Byte layouts"); `crypto::wycheproof` checks the
+    /// bytes themselves. Run with `scripts/test wycheproof`.
+    mod wycheproof {
+        use super::*;
+        use ::wycheproof::aead::{TestName, TestSet};
+
+        /// `scripts/known-answers.py`'s `SEALED_DATA` (sealed under nonce
+        /// 00..0b), as the contract carries it.
+        const SEALED_DATA_B64: &str =
+            "DGevbKSXpjvmL/j838kZA/Ch4kbKW25c2uVJIpFa+NfdF+qNhrmS/BwS6Q==";
+        const SEALED_DATA: &str = "0c67af6ca497a63be62ff8fcdfc91903f0a1e246ca5b6e5cdae54922915af8d7dd17ea8d86b992fc1c12e9";
+        const ENCRYPTION_ID: &str = "00112233-4455-6677-8899-aabbccddeeff";
+        const VERSION_ID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+        #[test]
+        fn wycheproof_aes_gcm_nonces_are_a_nonce_in_decrypt_metadata_only_at_96_bits() {
+            let set = TestSet::load(TestName::AesGcm).unwrap();
+            let (mut taken, mut refused) = (0, 0);
+            for group in set.test_groups {
+                for t in group.tests {
+                    let json = format!(r#"{{"nonce":"{}"}}"#, B64.encode(t.nonce.as_slice()));
+                    let parsed = serde_json::from_str::<DecryptMetadata>(&json).unwrap().0;
+                    if group.nonce_size == 96 {
+                        assert_eq!(
+                            parsed.as_ref().map(|n| n.as_slice()),
+                            Some(t.nonce.as_slice())
+                        );
+                        taken += 1;
+                    } else {
+                        // Decrypt answers `decryption_failed`, as for any tampering.
+                        assert_eq!(
+                            parsed, None,
+                            "tcId {}: a {}-bit nonce",
+                            t.tc_id, group.nonce_size
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            assert!(taken > 0 && refused > 0, "{taken} taken, {refused} refused");
+        }
+
+        #[test]
+        fn wycheproof_keyward_encrypt_response_of_format_v1_is_fixed() {
+            let out = Encrypted {
+                version_id: VERSION_ID.parse().unwrap(),
+                nonce: std::array::from_fn(|i| i as u8),
+                ciphertext: crate::crypto::parse_hex(SEALED_DATA).unwrap(),
+            };
+            let response = encrypted_response(ENCRYPTION_ID.parse().unwrap(), out);
+            assert_eq!(
+                written(&response),
+                format!(
+                    r#"{{"cipherText":"{SEALED_DATA_B64}","encryptionId":"{ENCRYPTION_ID}","encryptionVersionId":"{VERSION_ID}","algorithm":"AES-256-GCM","metadata":{{"nonce":"AAECAwQFBgcICQoL"}}}}"#
+                )
+            );
+        }
+
+        #[test]
+        fn wycheproof_keyward_decrypt_request_of_format_v1_parses_to_its_bytes() {
+            let body = format!(
+                r#"{{"encryptionId":"{ENCRYPTION_ID}","cipherText":"{SEALED_DATA_B64}","encryptionVersionId":"{VERSION_ID}","metadata":{{"nonce":"AAECAwQFBgcICQoL"}}}}"#
+            );
+            let request: DecryptRequest = serde_json::from_str(&body).unwrap();
+            let (id, version, nonce, ciphertext) =
+                request.parse_noted(&AuditNote::default()).unwrap();
+            assert_eq!(id.to_string(), ENCRYPTION_ID);
+            assert_eq!(version.to_string(), VERSION_ID);
+            assert_eq!(nonce, Some(std::array::from_fn(|i| i as u8)));
+            assert_eq!(crate::crypto::hex(&ciphertext), SEALED_DATA);
+        }
+    }
 }
