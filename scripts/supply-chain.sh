@@ -5,7 +5,8 @@
 # among the normal dependencies (RSA private-key operations only through a
 # constant-time implementation; `rsa` is not one).
 #
-#   scripts/supply-chain.sh
+#   scripts/supply-chain.sh             # the checks
+#   scripts/supply-chain.sh --vendor    # refresh supply-chain/advisory-db
 #
 # KEYWARD_ADVISORY_DB names another snapshot folder. cargo-deny is installed
 # (pinned, --locked) if missing. Run by scripts/test.
@@ -15,10 +16,43 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/keyward/target}"
 CARGO_DENY_VERSION=0.20.2
 
-snapshot="${KEYWARD_ADVISORY_DB:-$(pwd)/../shared/advisory-db}"
-if [ ! -f "$snapshot/SNAPSHOT" ]; then
-  echo "scripts/supply-chain.sh: no advisory database snapshot at $snapshot (set KEYWARD_ADVISORY_DB)" >&2
-  exit 1
+# The full snapshot: KEYWARD_ADVISORY_DB, else ../shared/advisory-db beside the
+# checkout, else /work/shared/advisory-db. A clone elsewhere (a CI runner that
+# has no copy) falls back to supply-chain/advisory-db: the advisories of the
+# same snapshot for every crate in Cargo.lock, refreshed from the full one with
+# `scripts/supply-chain.sh --vendor` whenever Cargo.lock gains a crate.
+vendored="$(pwd)/supply-chain/advisory-db"
+snapshot=
+for candidate in "${KEYWARD_ADVISORY_DB:-}" "$(pwd)/../shared/advisory-db" /work/shared/advisory-db; do
+  if [ -n "$candidate" ] && [ -f "$candidate/SNAPSHOT" ]; then
+    snapshot=$candidate
+    break
+  fi
+done
+
+if [ "${1:-}" = "--vendor" ]; then
+  if [ -z "$snapshot" ]; then
+    echo "scripts/supply-chain.sh --vendor: no full snapshot found (set KEYWARD_ADVISORY_DB)" >&2
+    exit 1
+  fi
+  rm -rf "$vendored"
+  mkdir -p "$vendored/crates"
+  cp "$snapshot/SNAPSHOT" "$vendored/SNAPSHOT"
+  [ -d "$snapshot/rust" ] && cp -r "$snapshot/rust" "$vendored/rust"
+  sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.lock | sort -u | while read -r crate; do
+    if [ -d "$snapshot/crates/$crate" ]; then cp -r "$snapshot/crates/$crate" "$vendored/crates/$crate"; fi
+  done
+  echo "supply-chain/advisory-db: $(ls "$vendored/crates" | wc -l) crates' advisories from $(head -1 "$snapshot/SNAPSHOT")"
+  exit 0
+fi
+
+if [ -z "$snapshot" ]; then
+  if [ ! -f "$vendored/SNAPSHOT" ]; then
+    echo "scripts/supply-chain.sh: no advisory database snapshot (set KEYWARD_ADVISORY_DB)" >&2
+    exit 1
+  fi
+  echo "scripts/supply-chain.sh: no full snapshot beside the checkout; using the vendored subset in supply-chain/advisory-db"
+  snapshot=$vendored
 fi
 
 if ! cargo deny --version 2>/dev/null | grep -q " $CARGO_DENY_VERSION\$"; then
