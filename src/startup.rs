@@ -123,6 +123,7 @@ impl Application {
             Some(store.clone()),
             settings.audit_checkpoints,
         )?;
+        audit.rotate_file_at(settings.audit_file_max_bytes);
         let job_sources = job_sources(settings)?;
         tracing::info!(job_sources = job_sources.len(), "job sources registered");
         let service = Arc::new(
@@ -231,6 +232,7 @@ impl Application {
                     max_items: settings.max_batch_items,
                     max_body_bytes: settings.max_batch_body_bytes,
                 },
+                max_concurrent_body_bytes: settings.max_concurrent_body_bytes,
             },
         );
         let listener = TcpListener::bind(settings.listen)

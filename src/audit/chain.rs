@@ -72,7 +72,7 @@ pub(super) mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::audit::record::{Actor, AuditEvent, Target, TextCache};
+    use crate::audit::record::{Actor, AuditEvent, ItemGroup, Target, TextCache};
     use crate::audit::verify;
     use crate::domain::identity::ClientIdentity;
     use crate::domain::{EncryptionId, TenantId, VersionId};
@@ -128,14 +128,19 @@ pub(super) mod tests {
                 Target {
                     encryption_id: Some(e1),
                     version_id: Some(v1),
-                    batch_index: Some(0),
-                    item_outcome: Some(None),
+                    items: Some(ItemGroup {
+                        count: 998,
+                        ..ItemGroup::default()
+                    }),
                     ..Target::default()
                 },
                 Target {
                     encryption_id: Some(e2),
-                    batch_index: Some(1),
-                    item_outcome: Some(Some("encryption_not_found")),
+                    items: Some(ItemGroup {
+                        count: 2,
+                        error: Some("encryption_not_found"),
+                        failed: vec![(3, 3), (7, 7)],
+                    }),
                     ..Target::default()
                 },
             ],
@@ -170,13 +175,19 @@ pub(super) mod tests {
             job_id: None,
             target_api_key_id: None,
             scopes: None,
-            batch_index: Some(0),
+            batch_index: None,
+            items: Some(998),
+            item_indexes: None,
             prev: GENESIS.into(),
             hash: first.hash.clone(),
         };
         assert_eq!(first, expected);
         assert_eq!((second.seq, second.outcome.as_str()), (2, "error"));
         assert_eq!(second.error.as_deref(), Some("encryption_not_found"));
+        assert_eq!(
+            (second.items, second.item_indexes.as_deref()),
+            (Some(2), Some("3,7"))
+        );
         assert_eq!(second.prev, first.hash.clone().unwrap());
         // The writer's bytes are exactly what serde writes for the record:
         // the same fields in the same order.

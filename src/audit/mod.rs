@@ -46,7 +46,9 @@ mod writer;
 
 pub use chain::GENESIS;
 pub use checkpoint::Checkpoint;
-pub use record::{Actor, AuditEvent, AuditRecord, Target, OPERATIONS};
+pub use record::{Actor, AuditEvent, AuditRecord, ItemGroup, Target, OPERATIONS};
 pub use retention::prune_table;
-pub use verify::{verify, BreakKind, Broken, VerifyError, VerifyReport};
-pub use writer::{AuditLog, CheckpointKeySource, CheckpointSettings, Destination};
+pub use verify::{verify, verify_files, BreakKind, Broken, VerifyError, VerifyReport};
+pub use writer::{
+    rotated_name, AuditLog, CheckpointKeySource, CheckpointSettings, Destination, QUEUE_BYTES,
+};

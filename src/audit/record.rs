@@ -122,9 +122,20 @@ pub struct AuditRecord<S = String> {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub scopes: Option<S>,
-    /// The item's position in a batch request (one record per item).
+    /// The item's position in a batch request, in records written before
+    /// batches were grouped (one record per item); no longer written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_index: Option<u32>,
+    /// A batch request's record: how many of its items acted on this
+    /// encryption and version with this outcome (one record per such group,
+    /// not per item).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub items: Option<u32>,
+    /// The positions of those items in the batch, as ranges (`3,17-20`);
+    /// written for failed items.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub item_indexes: Option<S>,
     /// The previous record's `hash` (all zeros for the first record of a chain).
     #[schema(value_type = String)]
     pub prev: S,
@@ -149,7 +160,8 @@ pub enum Actor {
     System,
 }
 
-/// What an operation acted on. A batch request has one per item.
+/// What an operation acted on. A batch request has one per group of items
+/// that acted on the same encryption and version with the same outcome.
 #[derive(Debug, Clone, Default)]
 pub struct Target {
     /// The encryption.
@@ -162,11 +174,56 @@ pub struct Target {
     pub api_key_id: Option<String>,
     /// The scopes granted to a key made.
     pub scopes: Option<String>,
-    /// The item's position, for batch items.
-    pub batch_index: Option<u32>,
-    /// A batch item's own outcome: `None` while running, `Some(None)` when it
-    /// succeeded, `Some(Some(code))` when it failed.
-    pub item_outcome: Option<Option<&'static str>>,
+    /// For a batch request: the items of this group.
+    pub items: Option<ItemGroup>,
+}
+
+/// Batch items that acted on the same encryption and version with the same
+/// outcome: one record however many there are.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ItemGroup {
+    /// How many items.
+    pub count: u32,
+    /// Their error code; `None`: they succeeded.
+    pub error: Option<&'static str>,
+    /// The positions of failed items, as ascending inclusive ranges (empty
+    /// for items that succeeded: their count is what matters).
+    pub failed: Vec<(u32, u32)>,
+}
+
+impl ItemGroup {
+    /// Adds the item at `index` (items come in ascending order).
+    pub fn add(&mut self, index: u32) {
+        self.count = self.count.saturating_add(1);
+        if self.error.is_none() {
+            return;
+        }
+        match self.failed.last_mut() {
+            Some((_, end)) if end.checked_add(1) == Some(index) => *end = index,
+            _ => self.failed.push((index, index)),
+        }
+    }
+
+    /// The failed positions as `3,17-20`, into `out` (cleared first).
+    fn write_indexes(&self, out: &mut String) {
+        out.clear();
+        let mut buf = itoa::Buffer::new();
+        for (i, &(start, end)) in self.failed.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            out.push_str(buf.format(start));
+            if end != start {
+                out.push('-');
+                out.push_str(buf.format(end));
+            }
+        }
+    }
+
+    /// About how many bytes it holds besides itself.
+    fn heap_bytes(&self) -> usize {
+        self.failed.capacity() * std::mem::size_of::<(u32, u32)>()
+    }
 }
 
 /// One operation, as handed to the writer.
@@ -219,6 +276,8 @@ impl<S: Deref<Target = str>> AuditRecord<S> {
             .opt_str("targetApiKeyId", self.target_api_key_id.as_deref())
             .opt_str("scopes", self.scopes.as_deref())
             .opt_u64("batchIndex", self.batch_index.map(u64::from))
+            .opt_u64("items", self.items.map(u64::from))
+            .opt_str("itemIndexes", self.item_indexes.as_deref())
             .str("prev", &self.prev)
             .opt_str("hash", self.hash.as_deref())
             .end();
@@ -306,12 +365,20 @@ impl AuditEvent {
         } else {
             &self.targets[..]
         };
+        let mut indexes = String::new();
         for t in targets {
-            let (o, e) = match t.item_outcome {
-                // A batch item reports its own outcome when the request as a
-                // whole succeeded.
-                Some(item) if !request_failed => outcome(item, item.is_some()),
+            let (o, e) = match &t.items {
+                // A batch's items report their own outcome when the request
+                // as a whole succeeded.
+                Some(group) if !request_failed => outcome(group.error, group.error.is_some()),
                 _ => outcome(self.error, request_failed),
+            };
+            let item_indexes = match &t.items {
+                Some(group) if !group.failed.is_empty() => {
+                    group.write_indexes(&mut indexes);
+                    Some(indexes.as_str())
+                }
+                _ => None,
             };
             let (mut enc_buf, mut ver_buf) = ([0; 36], [0; 36]);
             let record = AuditRecord {
@@ -322,13 +389,43 @@ impl AuditEvent {
                 job_id: t.job_id.as_deref(),
                 target_api_key_id: t.api_key_id.as_deref(),
                 scopes: t.scopes.as_deref(),
-                batch_index: t.batch_index,
+                items: t.items.as_ref().map(|g| g.count),
+                item_indexes,
                 ..base
             };
             each(&record);
         }
     }
+
+    /// How many records it becomes.
+    pub(super) fn records(&self) -> usize {
+        self.targets.len().max(1)
+    }
+
+    /// About how much memory it holds while queued, and its lines take once
+    /// written (each record's line, about [`LINE_ESTIMATE`] bytes): what the
+    /// writer's queue is bounded by.
+    pub(super) fn queued_bytes(&self) -> usize {
+        let targets: usize = self
+            .targets
+            .iter()
+            .map(|t| {
+                t.job_id.as_ref().map_or(0, String::capacity)
+                    + t.api_key_id.as_ref().map_or(0, String::capacity)
+                    + t.scopes.as_ref().map_or(0, String::capacity)
+                    + t.items.as_ref().map_or(0, |g| g.heap_bytes() * 3)
+            })
+            .sum();
+        std::mem::size_of::<AuditEvent>()
+            + self.request_id.as_ref().map_or(0, String::capacity)
+            + self.targets.capacity() * std::mem::size_of::<Target>()
+            + targets
+            + self.records() * LINE_ESTIMATE
+    }
 }
+
+/// About how long a record's line is (a request's: ids, time, hashes).
+pub(super) const LINE_ESTIMATE: usize = 512;
 
 #[cfg(test)]
 mod tests {
@@ -359,6 +456,8 @@ mod tests {
             target_api_key_id: Some("kw_4567"),
             scopes: Some("encrypt,decrypt"),
             batch_index: Some(u32::MAX),
+            items: Some(u32::MAX),
+            item_indexes: Some("0-3,7"),
             prev: GENESIS,
             hash: Some(GENESIS),
         };
@@ -378,6 +477,8 @@ mod tests {
             target_api_key_id: None,
             scopes: None,
             batch_index: None,
+            items: None,
+            item_indexes: None,
             hash: None,
             ..full
         };

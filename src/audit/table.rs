@@ -14,9 +14,10 @@ const TABLE_RETRY: Duration = Duration::from_secs(1);
 /// The longest one table write may take before it counts as failed (a
 /// database that hangs rather than refuses).
 const TABLE_ATTEMPT: Duration = Duration::from_secs(30);
-/// Most records kept for the table while the database is unreachable (they are
-/// in the file already); beyond, the oldest are dropped from the table copy.
-const MAX_PENDING_RECORDS: usize = 200_000;
+/// Most bytes of lines kept for the table while the database is unreachable
+/// (they are in the file already); beyond, the oldest segments are dropped
+/// from the table copy.
+pub const MAX_PENDING_BYTES: usize = 16 << 20;
 /// The line buffer the writer keeps for its next segment, if its capacity is
 /// at most this (a full segment's lines fit).
 const SPARE_LINES_CAPACITY: usize = 1024 * 1024;
@@ -29,6 +30,8 @@ struct TableQueue {
     segments: VecDeque<AuditSegment>,
     /// Records in `segments`.
     records: usize,
+    /// Bytes of lines in `segments`.
+    bytes: usize,
     /// Reads (and shutdown) waiting for what was queued before them.
     flushes: Vec<oneshot::Sender<()>>,
     /// A stored segment's line buffer, emptied, for the writer's next segment:
@@ -62,12 +65,13 @@ impl TableShared {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `segments` in order; beyond [`MAX_PENDING_RECORDS`] the oldest
+    /// Queues `segments` in order; beyond [`MAX_PENDING_BYTES`] the oldest
     /// are dropped from the table copy (they are in the file).
     pub(super) fn push(&self, segments: Vec<AuditSegment>) {
         let dropped = {
             let mut q = self.lock();
             q.records += segments.iter().map(|s| s.records).sum::<usize>();
+            q.bytes += segments.iter().map(|s| s.lines.len()).sum::<usize>();
             q.segments.extend(segments);
             q.trim()
         };
@@ -99,6 +103,7 @@ impl TableQueue {
         let n = self.segments.len().min(n);
         let taken: Vec<AuditSegment> = self.segments.drain(..n).collect();
         self.records -= taken.iter().map(|s| s.records).sum::<usize>();
+        self.bytes -= taken.iter().map(|s| s.lines.len()).sum::<usize>();
         taken
     }
 
@@ -106,21 +111,23 @@ impl TableQueue {
     /// then trims; how many records the trim dropped.
     fn put_front(&mut self, segments: Vec<AuditSegment>) -> usize {
         self.records += segments.iter().map(|s| s.records).sum::<usize>();
+        self.bytes += segments.iter().map(|s| s.lines.len()).sum::<usize>();
         for segment in segments.into_iter().rev() {
             self.segments.push_front(segment);
         }
         self.trim()
     }
 
-    /// Drops the oldest segments beyond [`MAX_PENDING_RECORDS`]; how many
+    /// Drops the oldest segments beyond [`MAX_PENDING_BYTES`]; how many
     /// records went.
     fn trim(&mut self) -> usize {
         let mut dropped = 0;
-        while self.records > MAX_PENDING_RECORDS {
+        while self.bytes > MAX_PENDING_BYTES {
             let Some(oldest) = self.segments.pop_front() else {
                 break;
             };
             self.records -= oldest.records;
+            self.bytes -= oldest.lines.len();
             dropped += oldest.records;
         }
         dropped

@@ -323,6 +323,102 @@ pub fn verify(
     }
     Ok(report)
 }
+/// Checks a set of files as one chain: the audit file and the files it was
+/// rotated to (`FILE.SEQ`), in any order. Each must verify alone (a rotated
+/// file ends with a checkpoint and its successor starts with the same one),
+/// and, taken in chain order, each file's first record must follow the
+/// previous file's last (`seq` and `prev`): a file missing from the middle
+/// is a head cut of the file after the gap. A checkpoint covers every record
+/// before it in the chain, in whichever file, so the set's records are
+/// covered up to its last trusted checkpoint. On failure, the name of the
+/// file where the break is.
+pub fn verify_files<R: BufRead>(
+    files: Vec<(String, R)>,
+    trusted: &[[u8; CHECKPOINT_PUBLIC_KEY_LEN]],
+) -> Result<VerifyReport, (String, VerifyError)> {
+    let mut reports = Vec::with_capacity(files.len());
+    for (name, input) in files {
+        let report = verify(input, trusted).map_err(|e| (name.clone(), e))?;
+        reports.push((name, report));
+    }
+    // Chain order: by first record, or for a file with none yet (a new
+    // file holding only its opening checkpoint) by the checkpoint.
+    reports.sort_by_key(|(_, r)| {
+        r.first_seq
+            .unwrap_or_else(|| r.covered_to.unwrap_or(0).saturating_add(1))
+    });
+    let mut set = VerifyReport {
+        records: 0,
+        first_seq: None,
+        last_seq: None,
+        starts_after: None,
+        last_hash: None,
+        checkpoints: 0,
+        signatures_checked: !trusted.is_empty(),
+        covered_to: None,
+        uncovered: None,
+        uncovered_from_line: None,
+        key_ids: Vec::new(),
+    };
+    let mut previous: Option<&str> = None;
+    for (name, report) in &reports {
+        if let (Some(first), Some(last)) = (report.first_seq, set.last_seq) {
+            let broken = |kind, reason: String| {
+                (
+                    name.clone(),
+                    VerifyError::Broken(Broken {
+                        kind,
+                        line: report.uncovered_from_line.unwrap_or(1),
+                        seq: Some(first),
+                        reason,
+                    }),
+                )
+            };
+            let before = previous.unwrap_or_default();
+            if first > last.saturating_add(1) {
+                return Err(broken(BreakKind::HeadCut, format!(
+                    "records {}..{} are missing between {before} and this file: a file of the set is missing or was cut",
+                    last + 1, first - 1
+                )));
+            }
+            if first != last.saturating_add(1) || report.starts_after != set.last_hash {
+                return Err(broken(BreakKind::Tampered, format!(
+                    "the first record does not follow the last record of {before} (seq {last}): the files overlap or were changed"
+                )));
+            }
+        }
+        set.records += report.records;
+        set.checkpoints += report.checkpoints;
+        set.covered_to = set.covered_to.max(report.covered_to);
+        for id in &report.key_ids {
+            if !set.key_ids.contains(id) {
+                set.key_ids.push(id.clone());
+            }
+        }
+        if report.first_seq.is_some() {
+            if set.first_seq.is_none() {
+                set.first_seq = report.first_seq;
+                set.starts_after = report.starts_after.clone();
+            }
+            set.last_seq = report.last_seq;
+            set.last_hash = report.last_hash.clone();
+            set.uncovered_from_line = report.uncovered_from_line;
+            previous = Some(name);
+        }
+    }
+    let last = set.last_seq.unwrap_or(0);
+    if set.records > 0 && last > set.covered_to.unwrap_or(0) {
+        let from = match set.covered_to {
+            Some(c) => c + 1,
+            None => set.first_seq.unwrap_or(1),
+        };
+        set.uncovered = Some((from, last));
+    } else {
+        set.uncovered_from_line = None;
+    }
+    Ok(set)
+}
+
 /// Why [`verify`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {

@@ -4,6 +4,7 @@
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -18,8 +19,12 @@ use crate::store::{AuditSegment, Store};
 
 /// How many events may wait for the writer before requests wait for room.
 const QUEUE: usize = 8_192;
-/// How many records may wait for the writer (a batch item is one).
-const RECORD_BUDGET: usize = 65_536;
+/// How many bytes queued events may hold, counting the lines they become
+/// (see [`AuditEvent::queued_bytes`]), before requests wait for room: the
+/// queue's memory is bounded in bytes, whatever the events are.
+pub const QUEUE_BYTES: usize = 8 << 20;
+/// The writer's line buffer is given back when a burst left it larger.
+const KEEP_LINES_CAPACITY: usize = 1 << 20;
 /// Most events the writer takes at once.
 const BATCH: usize = 4096;
 /// How long the writer lets events gather after a batch when more are coming.
@@ -74,12 +79,13 @@ enum Message {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Message>,
-    /// Records queued and not yet written, at most [`RECORD_BUDGET`]: a batch
-    /// request of 1,000 items takes 1,000, so memory is bounded by records,
-    /// not requests.
+    /// Bytes queued and not yet written, at most [`QUEUE_BYTES`]: memory is
+    /// bounded in bytes, not in requests or records.
     budget: Arc<Semaphore>,
     /// Set once, when the service that holds the root keys exists.
     keys: Arc<OnceLock<CheckpointKeySource>>,
+    /// The size at which the audit file is rotated (0: never).
+    rotate_at: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -110,7 +116,7 @@ impl AuditLog {
                         path.display()
                     )
                 })?;
-                (Sink::File(file), chain, state)
+                (Sink::File(file, path.clone()), chain, state)
             }
         };
         let table = store.map(TableShared::start).transpose()?;
@@ -123,12 +129,28 @@ impl AuditLog {
             last_at: tokio::time::Instant::now(),
             announced: None,
         };
-        tokio::spawn(write_loop(rx, sink, chain, signer, table));
+        let rotate_at = Arc::new(AtomicU64::new(0));
+        tokio::spawn(write_loop(
+            rx,
+            sink,
+            chain,
+            signer,
+            table,
+            rotate_at.clone(),
+        ));
         Ok(AuditLog {
             tx,
-            budget: Arc::new(Semaphore::new(RECORD_BUDGET)),
+            budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
             keys,
+            rotate_at,
         })
+    }
+
+    /// Rotates the audit file (not standard output) once it reaches `bytes`
+    /// (`audit_file_max_bytes`; `None`: never), after the write that took it
+    /// there: see [`rotated_name`].
+    pub fn rotate_file_at(&self, bytes: Option<u64>) {
+        self.rotate_at.store(bytes.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Signs checkpoints with the key `source` gives (at each checkpoint, so
@@ -147,13 +169,14 @@ impl AuditLog {
         }
     }
 
-    fn records_of(event: &AuditEvent) -> u32 {
-        event.targets.len().clamp(1, RECORD_BUDGET) as u32
+    /// The event's share of [`QUEUE_BYTES`] (all of it at most).
+    fn cost_of(event: &AuditEvent) -> u32 {
+        event.queued_bytes().clamp(1, QUEUE_BYTES) as u32
     }
 
     /// Queues an event. Waits only when the queue is full.
     pub async fn record(&self, event: AuditEvent) {
-        let n = Self::records_of(&event);
+        let n = Self::cost_of(&event);
         let permit = match self.budget.clone().try_acquire_many_owned(n) {
             Ok(p) => p,
             Err(_) => {
@@ -182,7 +205,7 @@ impl AuditLog {
         let sent = match self
             .budget
             .clone()
-            .try_acquire_many_owned(Self::records_of(&event))
+            .try_acquire_many_owned(Self::cost_of(&event))
         {
             Ok(permit) => self.tx.try_send(Message::Event(event, permit)).is_ok(),
             Err(_) => false,
@@ -206,7 +229,7 @@ impl AuditLog {
 
 enum Sink {
     Stdout(std::io::Stdout),
-    File(std::fs::File),
+    File(std::fs::File, PathBuf),
 }
 
 impl Sink {
@@ -214,7 +237,7 @@ impl Sink {
     fn len(&self) -> Option<u64> {
         match self {
             Sink::Stdout(_) => None,
-            Sink::File(file) => file.metadata().ok().map(|m| m.len()),
+            Sink::File(file, _) => file.metadata().ok().map(|m| m.len()),
         }
     }
 
@@ -225,7 +248,7 @@ impl Sink {
                 out.write_all(bytes)?;
                 out.flush()
             }
-            Sink::File(file) => file.write_all(bytes),
+            Sink::File(file, _) => file.write_all(bytes),
         }
     }
 }
@@ -273,8 +296,14 @@ impl Signer {
         // Tried now: without a key, the next try is an interval later rather
         // than at every wake-up.
         self.last_at = now;
+        self.sign(chain, if closing { "shutdown" } else { "interval" }, out);
+    }
+
+    /// Appends a checkpoint line covering the chain's end to `out`, for
+    /// `reason`; whether a key was available to sign it.
+    fn sign(&mut self, chain: &mut Chain, reason: &str, out: &mut String) -> bool {
         let Some(key) = self.keys.get().and_then(|source| source()) else {
-            return;
+            return false;
         };
         if self.announced.as_deref() != Some(key.id()) {
             tracing::info!(
@@ -300,12 +329,76 @@ impl Signer {
             file_start: start_seq,
             file_start_prev: start_prev,
             time: &time,
-            reason: if closing { "shutdown" } else { "interval" },
+            reason,
             key_id: key.id(),
         }
         .write_signed(&key, out);
         out.push('\n');
         self.file.covered = chain.seq;
+        true
+    }
+}
+
+/// The name a file starting at record `start_seq` is rotated to: `FILE.SEQ`,
+/// 20 digits, so that a directory listing is in chain order.
+pub fn rotated_name(path: &Path, start_seq: u64) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(format!(".{start_seq:020}"));
+    PathBuf::from(name)
+}
+
+/// Rotates the audit file once it has reached `limit` bytes: signs a
+/// checkpoint covering the chain's end (reason `rotate`) at its end, renames
+/// it to [`rotated_name`], and starts a new file at `path` with the same
+/// checkpoint as its first line, so that each file verifies alone and the
+/// chain runs on from one to the next. Without a checkpoint key yet, or on
+/// any file error, the writer stays in the file it has (and says why).
+fn rotate(file: &mut std::fs::File, path: &Path, chain: &mut Chain, signer: &mut Signer) {
+    let Some(start_seq) = signer.file.start.as_ref().map(|(seq, _)| *seq) else {
+        return; // No record in this file yet.
+    };
+    let mut line = String::new();
+    if !signer.sign(chain, "rotate", &mut line) {
+        return;
+    }
+    if let Err(e) = file.write_all(line.as_bytes()) {
+        tracing::error!(error = %e, "cannot write the audit file");
+        return;
+    }
+    signer.file.len += line.len() as u64;
+    let rotated = rotated_name(path, start_seq);
+    if rotated.exists() {
+        tracing::error!(file = %rotated.display(), "cannot rotate the audit file: the rotated file's name is taken; writing on");
+        return;
+    }
+    if let Err(e) = std::fs::rename(path, &rotated) {
+        tracing::error!(error = %e, file = %path.display(), "cannot rotate the audit file; writing on");
+        return;
+    }
+    let opened = crate::owner_only::owner_only_options()
+        .append(true)
+        .create(true)
+        .open(path)
+        .and_then(|mut new| new.write_all(line.as_bytes()).map(|()| new));
+    match opened {
+        Ok(new) => {
+            *file = new;
+            signer.file = FileState {
+                start: Some((chain.seq + 1, chain.prev.clone())),
+                covered: chain.seq,
+                len: line.len() as u64,
+            };
+            tracing::info!(
+                rotated = %rotated.display(),
+                next_seq = chain.seq + 1,
+                "audit file rotated; the chain continues in a new file"
+            );
+        }
+        Err(e) => {
+            // The handle still writes to the rotated file: records go on
+            // there, chained, rather than nowhere.
+            tracing::error!(error = %e, file = %path.display(), "cannot start a new audit file; writing on in the rotated one");
+        }
     }
 }
 
@@ -330,9 +423,11 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain, FileState)> 
         (&mut file).take(64 * 1024).read_to_end(&mut head)?;
         let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
         state.start = if checkpoint::is_checkpoint(first) {
+            // A file that starts with a checkpoint (a rotated file's
+            // successor) starts with the record after the one it covers.
             checkpoint::parse(first)
                 .ok()
-                .map(|c| (c.checkpoint.file_start, c.checkpoint.file_start_prev))
+                .map(|c| (c.checkpoint.seq + 1, c.checkpoint.hash))
         } else {
             serde_json::from_slice::<AuditRecord>(first)
                 .ok()
@@ -394,6 +489,7 @@ async fn write_loop(
     mut chain: Chain,
     mut signer: Signer,
     table: Option<Arc<TableShared>>,
+    rotate_at: Arc<AtomicU64>,
 ) {
     let mut messages = Vec::with_capacity(BATCH);
     // The segment being filled, and when it goes to the table even if not
@@ -500,7 +596,16 @@ async fn write_loop(
                 }
             }
         }
+        let limit = rotate_at.load(Ordering::Relaxed);
+        if limit > 0 && signer.file.len >= limit {
+            if let Sink::File(file, path) = &mut sink {
+                rotate(file, path, &mut chain, &mut signer);
+            }
+        }
         drop(permits);
+        if out.capacity() > KEEP_LINES_CAPACITY {
+            out = String::new();
+        }
         let waited_on = !flushes.is_empty();
         match &table {
             None => {
@@ -562,5 +667,147 @@ mod tests {
         )
         .unwrap();
         assert_eq!((report.records, report.last_seq), (4, Some(4)));
+    }
+
+    #[tokio::test]
+    async fn the_file_rotates_by_size_and_the_files_verify_as_one_chain() {
+        use crate::audit::record::{Actor, AuditEvent};
+        use crate::audit::{verify_files, BreakKind, VerifyError};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::start(
+            &Destination::File(path.clone()),
+            None,
+            CheckpointSettings::default(),
+        )
+        .unwrap();
+        let key = Arc::new(CheckpointKey::derive(
+            &crate::crypto::DataKey::from_slice(&[5; 32]).unwrap(),
+        ));
+        let public = *key.public_key();
+        log.sign_checkpoints_with(Box::new(move || Some(key.clone())));
+        log.rotate_file_at(Some(1500));
+        for i in 0..40 {
+            let event = AuditEvent {
+                time_ms: 1_780_000_000_000 + i,
+                operation: "encrypt",
+                actor: Actor::System,
+                ..AuditEvent::default()
+            };
+            log.record(event).await;
+            if i % 4 == 3 {
+                log.flush().await;
+            }
+        }
+        log.close().await;
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        assert!(files.len() >= 4, "{files:?}");
+        assert_eq!(files[0], path, "the current file sorts first");
+        assert_eq!(files[1], rotated_name(&path, 1), "{files:?}");
+        let open = |f: &PathBuf| {
+            let name = f.display().to_string();
+            (
+                name,
+                std::io::BufReader::new(std::fs::File::open(f).unwrap()),
+            )
+        };
+        // Each file verifies alone, covered from its first line to its last.
+        for f in &files {
+            let report = verify(open(f).1, &[public]).unwrap();
+            assert_eq!(report.uncovered, None, "{f:?}: {report:?}");
+            assert!(report.records > 0 || *f == path, "{f:?}");
+        }
+        // Together, in any order: one chain of every record.
+        for set in [files.clone(), files.iter().rev().cloned().collect()] {
+            let report = verify_files(set.iter().map(open).collect(), &[public]).unwrap();
+            assert_eq!(
+                (report.records, report.first_seq, report.last_seq),
+                (40, Some(1), Some(40))
+            );
+            assert_eq!((report.covered_to, report.uncovered), (Some(40), None));
+        }
+        // A rotated file missing from the middle is a cut, named.
+        let mut gap = files.clone();
+        let missing = gap.remove(2);
+        match verify_files(gap.iter().map(open).collect(), &[public]) {
+            Err((name, VerifyError::Broken(b))) => {
+                assert_eq!(b.kind, BreakKind::HeadCut, "{b}");
+                assert!(b.reason.contains("missing between"), "{b}");
+                assert_ne!(name, missing.display().to_string());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A restart continues the chain in the current file.
+        let log = AuditLog::start(
+            &Destination::File(path.clone()),
+            None,
+            CheckpointSettings::default(),
+        )
+        .unwrap();
+        log.record(AuditEvent {
+            time_ms: 1_780_000_000_100,
+            operation: "decrypt",
+            actor: Actor::System,
+            ..AuditEvent::default()
+        })
+        .await;
+        log.flush().await;
+        let report = verify_files(files.iter().map(open).collect(), &[]).unwrap();
+        assert_eq!((report.records, report.last_seq), (41, Some(41)));
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_a_thousand_items_on_one_key_is_one_short_record() {
+        use crate::audit::record::{Actor, AuditEvent, ItemGroup, Target};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::start(
+            &Destination::File(path.clone()),
+            None,
+            CheckpointSettings::default(),
+        )
+        .unwrap();
+        let event = |targets| AuditEvent {
+            time_ms: 1_780_000_000_000,
+            operation: "encrypt",
+            status: Some(200),
+            request_id: Some(uuid::Uuid::new_v4().to_string()),
+            actor: Actor::Refused("kw_0123456789abcdef01234567".into()),
+            tenant_id: Some(crate::domain::TenantId::new_random()),
+            peer: Some("10.1.2.3".parse().unwrap()),
+            targets,
+            ..AuditEvent::default()
+        };
+        let target = |items| Target {
+            encryption_id: Some(crate::domain::EncryptionId::new_random()),
+            version_id: Some(crate::domain::VersionId::new_random()),
+            items,
+            ..Target::default()
+        };
+        let single = event(vec![target(None)]);
+        let batch = event(vec![target(Some(ItemGroup {
+            count: 1000,
+            ..ItemGroup::default()
+        }))]);
+        log.record(single).await;
+        log.flush().await;
+        let single_bytes = std::fs::metadata(&path).unwrap().len();
+        log.record(batch).await;
+        log.flush().await;
+        let batch_bytes = std::fs::metadata(&path).unwrap().len() - single_bytes;
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2);
+        // A request's record, with every id a request has: about 520
+        // bytes, most of it four UUIDs and the two SHA-256 hashes.
+        assert!(single_bytes < 560, "{single_bytes}");
+        assert!(batch_bytes < single_bytes + 16, "{batch_bytes}");
+        println!(
+            "audit bytes: single request {single_bytes}, batch of 1000 {batch_bytes} ({:.2} per item)",
+            batch_bytes as f64 / 1000.0
+        );
     }
 }

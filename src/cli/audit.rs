@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::config_arg::ConfigArg;
 use super::exit::ExitWith;
-use crate::audit::{verify, BreakKind, VerifyError, VerifyReport};
+use crate::audit::{verify, verify_files, BreakKind, VerifyError, VerifyReport};
 use crate::crypto::{checkpoint_key_id, parse_hex, CHECKPOINT_PUBLIC_KEY_LEN};
 use crate::startup::open_store;
 
@@ -36,8 +36,11 @@ pub(super) enum AuditCommand {
     /// 5: records after the last checkpoint not covered; 6: no trusted key
     /// given, signatures not checked.
     Verify {
-        /// The audit file (KEYWARD_AUDIT_FILE), or `-` for standard input.
-        file: PathBuf,
+        /// The audit file (KEYWARD_AUDIT_FILE), or `-` for standard input;
+        /// or several: the file and those it was rotated to (`FILE.*`),
+        /// checked as one chain, in any order.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
         /// A trusted checkpoint public key, hex (repeatable); `keyward audit
         /// public-keys` lists them.
         #[arg(long = "public-key", value_name = "HEX")]
@@ -67,14 +70,14 @@ pub(super) enum AuditCommand {
 pub(super) async fn run(command: AuditCommand) -> anyhow::Result<()> {
     match command {
         AuditCommand::Verify {
-            file,
+            files,
             public_keys,
             public_keys_file,
             json,
         } => {
             let trusted = trusted_keys(&public_keys, public_keys_file.as_deref())
                 .map_err(|e| ExitWith::new(EXIT_UNREADABLE, format!("{e:#}")))?;
-            verify_file(&file, &trusted, json)
+            verify_file(&files, &trusted, json)
         }
         AuditCommand::PublicKeys { config, json } => public_keys(&config, json).await,
     }
@@ -109,22 +112,36 @@ fn trusted_keys(
 }
 
 fn verify_file(
-    file: &Path,
+    files: &[PathBuf],
     trusted: &[[u8; CHECKPOINT_PUBLIC_KEY_LEN]],
     json_out: bool,
 ) -> anyhow::Result<()> {
-    let result = if file.as_os_str() == "-" {
-        verify(std::io::stdin().lock(), trusted)
-    } else {
-        let f = std::fs::File::open(file).map_err(|e| {
-            ExitWith::new(
-                EXIT_UNREADABLE,
-                format!("cannot open {}: {e}", file.display()),
-            )
-        })?;
-        verify(std::io::BufReader::new(f), trusted)
+    let mut inputs: Vec<(String, Box<dyn std::io::BufRead>)> = Vec::with_capacity(files.len());
+    for file in files {
+        let name = file.display().to_string();
+        if file.as_os_str() == "-" {
+            inputs.push((name, Box::new(std::io::stdin().lock())));
+            continue;
+        }
+        let f = std::fs::File::open(file)
+            .map_err(|e| ExitWith::new(EXIT_UNREADABLE, format!("cannot open {name}: {e}")))?;
+        inputs.push((name, Box::new(std::io::BufReader::new(f))));
+    }
+    let all = files
+        .iter()
+        .map(|f| f.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (name, result) = match (inputs.len(), inputs.pop()) {
+        (1, Some((name, input))) => (name, verify(input, trusted)),
+        (_, last) => {
+            inputs.extend(last);
+            match verify_files(inputs, trusted) {
+                Ok(report) => (all, Ok(report)),
+                Err((name, e)) => (name, Err(e)),
+            }
+        }
     };
-    let name = file.display();
     match result {
         Ok(report) => {
             let (code, outcome) = outcome_of(&report);

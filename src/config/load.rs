@@ -122,6 +122,13 @@ impl Raw {
             max_body_bytes: self.required("max_body_bytes", positive)?,
             max_batch_items: self.required("max_batch_items", positive)?,
             max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,
+            max_concurrent_body_bytes: self.required("max_concurrent_body_bytes", |v| {
+                positive(v).and_then(|n| {
+                    u32::try_from(n)
+                        .map(|_| n)
+                        .map_err(|_| "must be below 4 GiB".to_string())
+                })
+            })?,
             key_ring_capacity: self.required("key_ring_capacity", positive)?,
             rate_limit: self.required("rate_limit", |v| {
                 v.parse::<u32>().map_err(|_| {
@@ -190,6 +197,11 @@ impl Raw {
                 "-" => Ok(crate::audit::Destination::Stdout),
                 "" => Err("must be a file path or `-` (standard output)".to_string()),
                 path => Ok(crate::audit::Destination::File(PathBuf::from(path))),
+            })?,
+            audit_file_max_bytes: self.required("audit_file_max_bytes", |v| {
+                v.parse::<u64>()
+                    .map(|n| (n > 0).then_some(n))
+                    .map_err(|_| "must be a whole number of bytes (0: never rotate)".to_string())
             })?,
             audit_checkpoints: crate::audit::CheckpointSettings {
                 every_records: self.required("audit_checkpoint_records", |v| {

@@ -64,6 +64,8 @@ pub struct Settings {
     pub max_api_keys_per_tenant: i64,
     /// Largest batch body.
     pub max_batch_body_bytes: usize,
+    /// Most body bytes batch and large requests hold at once.
+    pub max_concurrent_body_bytes: usize,
     /// Key ring bound.
     pub key_ring_capacity: usize,
     /// Requests per second per API key (0: off).
@@ -129,6 +131,8 @@ pub struct Settings {
     pub allow_plaintext: bool,
     /// Where audit records are written.
     pub audit: crate::audit::Destination,
+    /// The size at which the audit file is rotated; `None`: never.
+    pub audit_file_max_bytes: Option<u64>,
     /// When the audit writer signs checkpoints.
     pub audit_checkpoints: crate::audit::CheckpointSettings,
     /// How long the audit table keeps records; `None`: forever.

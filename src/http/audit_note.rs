@@ -14,7 +14,7 @@ use axum::http::request::Parts;
 
 use super::error::ErrorCode;
 use super::state::AppState;
-use crate::audit::{Actor, AuditEvent, AuditLog, Target};
+use crate::audit::{Actor, AuditEvent, AuditLog, ItemGroup, Target};
 use crate::domain::apikeys::{looks_like_key_id, Scopes};
 use crate::domain::client_addr::ClientAddr;
 use crate::domain::guard::AuthGuard;
@@ -28,6 +28,52 @@ struct NoteFields {
     actor: Actor,
     tenant: Option<TenantId>,
     targets: Vec<Target>,
+    /// The batch item running, until it ends and joins its group.
+    item: Option<OpenItem>,
+}
+
+/// A batch item that has not ended yet.
+struct OpenItem {
+    index: u32,
+    encryption: Option<EncryptionId>,
+    version: Option<VersionId>,
+}
+
+impl NoteFields {
+    /// Ends the open batch item: it joins the group of the items with its
+    /// encryption, version and outcome (the last such group is usually the
+    /// one: a batch mostly names one encryption), or starts one.
+    fn end_item(&mut self, error: Option<&'static str>) {
+        let Some(item) = self.item.take() else {
+            return;
+        };
+        let found = self.targets.iter_mut().rev().find(|t| {
+            t.items.as_ref().is_some_and(|g| g.error == error)
+                && t.encryption_id == item.encryption
+                && t.version_id == item.version
+        });
+        let target = match found {
+            Some(t) => t,
+            None => {
+                self.targets.push(Target {
+                    encryption_id: item.encryption,
+                    version_id: item.version,
+                    items: Some(ItemGroup {
+                        error,
+                        ..ItemGroup::default()
+                    }),
+                    ..Target::default()
+                });
+                let Some(t) = self.targets.last_mut() else {
+                    return;
+                };
+                t
+            }
+        };
+        if let Some(group) = &mut target.items {
+            group.add(item.index);
+        }
+    }
 }
 
 /// What a request did, filled in as it runs. Handlers take it as an extractor.
@@ -56,8 +102,9 @@ impl AuditNote {
 
     /// The encryption acted on (the open batch item's, or the request's).
     pub fn encryption(&self, id: EncryptionId) {
-        self.with(|n| match n.targets.last_mut() {
-            Some(t) if t.item_outcome.is_none() && t.encryption_id.is_none() => {
+        self.with(|n| match (&mut n.item, n.targets.last_mut()) {
+            (Some(item), _) => item.encryption = Some(id),
+            (None, Some(t)) if t.items.is_none() && t.encryption_id.is_none() => {
                 t.encryption_id = Some(id)
             }
             _ => n.targets.push(Target {
@@ -69,9 +116,10 @@ impl AuditNote {
 
     /// The version used or made, for the current target.
     pub fn version(&self, id: VersionId) {
-        self.with(|n| match n.targets.last_mut() {
-            Some(t) => t.version_id = Some(id),
-            None => n.targets.push(Target {
+        self.with(|n| match (&mut n.item, n.targets.last_mut()) {
+            (Some(item), _) => item.version = Some(id),
+            (None, Some(t)) if t.items.is_none() => t.version_id = Some(id),
+            (None, _) => n.targets.push(Target {
                 version_id: Some(id),
                 ..Target::default()
             }),
@@ -96,7 +144,7 @@ impl AuditNote {
             let reusable = n
                 .targets
                 .last()
-                .is_some_and(|t| t.api_key_id.is_none() && t.batch_index.is_none());
+                .is_some_and(|t| t.api_key_id.is_none() && t.items.is_none());
             if !reusable {
                 n.targets.push(Target::default());
             }
@@ -113,20 +161,19 @@ impl AuditNote {
     /// Starts batch item `index`.
     pub fn begin_item(&self, index: usize) {
         self.with(|n| {
-            n.targets.push(Target {
-                batch_index: Some(index as u32),
-                ..Target::default()
-            })
+            n.end_item(Some("incomplete"));
+            n.item = Some(OpenItem {
+                index: u32::try_from(index).unwrap_or(u32::MAX),
+                encryption: None,
+                version: None,
+            });
         });
     }
 
-    /// Ends the open batch item with its error code, if it failed.
+    /// Ends the open batch item with its error code, if it failed: it joins
+    /// the group of items with the same encryption, version and outcome.
     pub fn end_item(&self, error: Option<&'static str>) {
-        self.with(|n| {
-            if let Some(t) = n.targets.last_mut() {
-                t.item_outcome = Some(error);
-            }
-        });
+        self.with(|n| n.end_item(error));
     }
 }
 
@@ -159,7 +206,11 @@ impl Pending {
     /// address's share (see [`AuthGuard::audit_refused`]), otherwise counted.
     fn finish(&mut self, status: Option<u16>, error: Option<&'static str>) -> Option<AuditEvent> {
         let mut event = self.event.take()?;
-        let fields = std::mem::take(&mut *self.note.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut fields =
+            std::mem::take(&mut *self.note.0.lock().unwrap_or_else(|e| e.into_inner()));
+        // An item still running when the request ended (a time limit, the
+        // client gone) joins a group with the request's error.
+        fields.end_item(Some(error.unwrap_or("failed")));
         if !matches!(fields.actor, Actor::ApiKey(_)) && !self.guard.audit_refused(event.peer) {
             return None;
         }

@@ -91,6 +91,11 @@ enum BatchRefusals {
     BadInput(ErrorBody),
     #[response(status = 413, description = "`too_many_items` or `payload_too_large`")]
     TooLarge(ErrorBody),
+    #[response(
+        status = 503,
+        description = "`server_busy`: batch and large requests already hold `max_concurrent_body_bytes`; retry after Retry-After"
+    )]
+    Busy(ErrorBody),
 }
 
 /// A batch's results, in item order.

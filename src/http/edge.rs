@@ -173,6 +173,62 @@ pub(super) struct RouteContext {
     pub(super) body_limit: Option<usize>,
     /// For batch routes, the batch limits (the handlers take them).
     pub(super) batch: Option<BatchLimits>,
+    /// The memory batch and large requests share (not on the operations
+    /// listener, which takes no bodies).
+    pub(super) bodies: Option<BodyBudget>,
+}
+
+/// A body above this size makes a request large: it takes its share of the
+/// [`BodyBudget`], as every batch does.
+pub(super) const LARGE_BODY: usize = 64 * 1024;
+
+/// The body bytes batch and large requests may hold at once
+/// (`max_concurrent_body_bytes`): a request that would go over is refused at
+/// once with 503 `server_busy` and Retry-After, before its body is read, so
+/// that concurrent large requests cost bounded memory rather than an
+/// out-of-memory kill. Each holds its share until its response is ready.
+#[derive(Clone)]
+pub(super) struct BodyBudget {
+    permits: Arc<tokio::sync::Semaphore>,
+    total: usize,
+}
+
+impl BodyBudget {
+    /// A budget of `total` bytes (at most `u32::MAX`).
+    pub(super) fn new(total: usize) -> BodyBudget {
+        let total = total.clamp(1, u32::MAX as usize);
+        BodyBudget {
+            permits: Arc::new(tokio::sync::Semaphore::new(total)),
+            total,
+        }
+    }
+
+    /// Takes `req`'s share, if it is a batch (`always`) or its body is over
+    /// [`LARGE_BODY`]: its declared length, or `limit` when it declares none;
+    /// all of the budget at most (such a request runs alone).
+    fn claim(
+        &self,
+        req: &Request,
+        limit: usize,
+        always: bool,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ApiError> {
+        let hint = hyper::body::Body::size_hint(req.body());
+        let bytes = hint
+            .upper()
+            .map_or(limit, |n| usize::try_from(n).unwrap_or(usize::MAX))
+            .min(limit);
+        if !always && bytes <= LARGE_BODY {
+            return Ok(None);
+        }
+        let share = bytes.clamp(1, self.total) as u32;
+        match self.permits.clone().try_acquire_many_owned(share) {
+            Ok(permit) => Ok(Some(permit)),
+            Err(_) => {
+                metrics::busy().increment(1);
+                Err(ApiError::Busy)
+            }
+        }
+    }
 }
 
 /// Around every matched route: its body limit, then the time limit and panic
@@ -204,11 +260,26 @@ pub(super) async fn route(
             (Some(pending), Request::from_parts(parts, body))
         }
     };
-    let answered = AssertUnwindSafe(next.run(req)).catch_unwind();
-    let response = match tokio::time::timeout(ctx.timeout, answered).await {
-        Ok(Ok(response)) => response,
-        Ok(Err(_panic)) => ApiError::Panic.into_response(),
-        Err(_elapsed) => ApiError::Timeout.into_response(),
+    let limit = req
+        .extensions()
+        .get::<BodyLimit>()
+        .map_or(usize::MAX, |l| l.0);
+    let share = match &ctx.bodies {
+        Some(bodies) => bodies.claim(&req, limit, ctx.batch.is_some()),
+        None => Ok(None),
+    };
+    let response = match share {
+        Err(busy) => busy.into_response(),
+        Ok(share) => {
+            let answered = AssertUnwindSafe(next.run(req)).catch_unwind();
+            let response = match tokio::time::timeout(ctx.timeout, answered).await {
+                Ok(Ok(response)) => response,
+                Ok(Err(_panic)) => ApiError::Panic.into_response(),
+                Err(_elapsed) => ApiError::Timeout.into_response(),
+            };
+            drop(share);
+            response
+        }
     };
     let status = response.status().as_u16();
     if let Some(pending) = pending {

@@ -84,6 +84,10 @@ pub enum ApiError {
     /// The request took longer than the time limit.
     #[error("the request timed out")]
     Timeout,
+    /// Batch and large requests already hold the memory set aside for them
+    /// (`max_concurrent_body_bytes`).
+    #[error("too many large requests are in progress; retry after Retry-After seconds")]
+    Busy,
     /// An error response some extractor or layer wrote as text, with its status.
     #[error("{}", rejected_message(*.0))]
     Rejected(StatusCode),
@@ -159,6 +163,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => (S::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Panic => (S::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Timeout => (S::SERVICE_UNAVAILABLE, "timeout"),
+            ApiError::Busy => (S::SERVICE_UNAVAILABLE, "server_busy"),
             ApiError::Rejected(status) => (*status, rejected_code(*status)),
             ApiError::Key(k) => match k {
                 KeyError::EncryptionNotFound => (S::NOT_FOUND, "encryption_not_found"),
@@ -226,7 +231,7 @@ impl ApiError {
         let message = if status.is_server_error() {
             tracing::error!(code, error = %self, "request failed");
             match self {
-                ApiError::Timeout | ApiError::Key(KeyError::RotationPending) => {
+                ApiError::Timeout | ApiError::Busy | ApiError::Key(KeyError::RotationPending) => {
                     Cow::Owned(self.to_string())
                 }
                 ApiError::Rejected(_) => Cow::Borrowed(INTERNAL),
@@ -288,7 +293,7 @@ impl IntoResponse for ApiError {
             ApiError::TooManyFailedAttempts(d)
             | ApiError::RateLimited(d)
             | ApiError::Key(KeyError::TooManyMasterKeyAttempts(d)) => Some(retry_secs(*d)),
-            ApiError::Key(KeyError::RotationPending) => Some(1),
+            ApiError::Key(KeyError::RotationPending) | ApiError::Busy => Some(1),
             _ => None,
         };
         if let Some(secs) = retry {

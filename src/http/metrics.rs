@@ -158,6 +158,13 @@ pub(super) fn bytes_encrypted() -> &'static metrics::Counter {
     COUNTER.get_or_init(|| metrics::counter!("keyward_bytes_encrypted_total"))
 }
 
+/// `keyward_requests_busy_total`: requests refused with `server_busy`
+/// because batch and large requests held `max_concurrent_body_bytes`.
+pub(super) fn busy() -> &'static metrics::Counter {
+    static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| metrics::counter!("keyward_requests_busy_total"))
+}
+
 /// `keyward_bytes_decrypted_total`, kept like [`bytes_encrypted`].
 pub(super) fn bytes_decrypted() -> &'static metrics::Counter {
     static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();

@@ -93,6 +93,7 @@ mod tests {
             max_items: 3,
             max_body_bytes: 16 * 1024,
         },
+        max_concurrent_body_bytes: 16 * 1024,
     };
 
     /// The router, what it stands on, and a tenant's all-scopes credentials.
@@ -569,6 +570,86 @@ mod tests {
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
         let answer = api.get("/v1/encryptions?limit=1000").await;
         assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    }
+
+    /// Every audit record written so far, in order.
+    async fn audit_records(api: &TestApi) -> Vec<Value> {
+        api.state.audit.flush().await;
+        std::fs::read_to_string(&api.audit_file)
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_audited_as_one_record_per_encryption_version_and_outcome() {
+        let api = TestApi::start().await;
+        let created = api
+            .call(Method::POST, "/v1/encryptions", &json!({}))
+            .await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+        let enc = created.body["encryptionId"].as_str().unwrap().to_string();
+        let missing = uuid::Uuid::new_v4().to_string();
+        let item = |id: &str| json!({"encryptionId": id, "data": "x"});
+        let answer = api
+            .call(
+                Method::POST,
+                "/v1/encrypt/batch",
+                &json!({"items": [item(&enc), item(&missing), item(&enc)]}),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        let records = audit_records(&api).await;
+        let batch: Vec<&Value> = records.iter().filter(|r| r["items"].is_number()).collect();
+        assert_eq!(batch.len(), 2, "{records:#?}");
+        assert_eq!(batch[0]["encryptionId"], enc.as_str());
+        assert_eq!((&batch[0]["items"], &batch[0]["outcome"]), (&json!(2), &json!("ok")));
+        assert!(batch[0]["versionId"].is_string());
+        assert_eq!(batch[1]["encryptionId"], missing.as_str());
+        assert_eq!(batch[1]["error"], "encryption_not_found");
+        assert_eq!((&batch[1]["items"], &batch[1]["itemIndexes"]), (&json!(1), &json!("1")));
+        assert_eq!(batch[0]["requestId"], batch[1]["requestId"]);
+    }
+
+    #[tokio::test]
+    async fn batches_beyond_the_body_budget_are_refused_with_503_and_retry_after() {
+        let api = TestApi::start().await;
+        // A batch whose body never ends holds the whole budget (it declares
+        // no length, so it counts as the route's limit: all of it).
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+        tx.send(Ok(bytes::Bytes::from_static(b"{\"items\": ["))).await.unwrap();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|chunk| (chunk, rx))
+        });
+        let held = api
+            .authed(Method::POST, "/v1/encrypt/batch")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(stream))
+            .unwrap();
+        let edge = api.edge.clone();
+        let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let holder = tokio::spawn(edge.handle(held, peer, None));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let batch = json!({"items": [{"encryptionId": uuid::Uuid::new_v4(), "data": "x"}]});
+        let busy = api.call(Method::POST, "/v1/encrypt/batch", &batch).await;
+        busy.is_error(503, "server_busy");
+        assert_eq!(busy.headers[header::RETRY_AFTER], "1");
+        // A small single call does not need the budget.
+        let single = json!({"encryptionId": uuid::Uuid::new_v4(), "data": "x"});
+        let answer = api.call(Method::POST, "/v1/encrypt", &single).await;
+        answer.is_error(404, "encryption_not_found");
+        // Once the holder is done, its share is back.
+        drop(tx);
+        let _ = holder.await.unwrap();
+        let answer = api.call(Method::POST, "/v1/encrypt/batch", &batch).await;
+        assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+        let refused = audit_records(&api)
+            .await
+            .into_iter()
+            .filter(|r| r["error"] == "server_busy")
+            .count();
+        assert_eq!(refused, 1, "the refusal is audited");
     }
 
     #[tokio::test]

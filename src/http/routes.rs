@@ -175,6 +175,7 @@ pub(super) fn build(
     timeout: std::time::Duration,
     include: impl Fn(&Route) -> bool,
 ) -> Router<AppState> {
+    let bodies = settings.map(|s| edge::BodyBudget::new(s.max_concurrent_body_bytes));
     ROUTES
         .iter()
         .enumerate()
@@ -194,6 +195,7 @@ pub(super) fn build(
                 batch: settings
                     .filter(|_| route.body == BodySize::Batch)
                     .map(|s| s.batch),
+                bodies: bodies.clone(),
             };
             let handler = (route.handler)()
                 .route_layer(axum::middleware::from_fn_with_state(context, edge::route));

@@ -45,6 +45,9 @@ pub struct RouterSettings {
     pub request_timeout: Duration,
     /// Batch limits.
     pub batch: BatchLimits,
+    /// Most body bytes batch and large requests hold at once
+    /// (`max_concurrent_body_bytes`).
+    pub max_concurrent_body_bytes: usize,
 }
 
 /// Limits of batch requests.

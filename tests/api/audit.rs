@@ -133,7 +133,14 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
         .post(
             "/v1/encrypt/batch",
             &admin,
-            &json!({"items": [{"encryptionId": enc, "data": "batch-secret-1"}, {"encryptionId": "nope", "data": "batch-secret-2"}]}),
+            &json!({"items": [
+                {"encryptionId": enc, "data": "batch-secret-1"},
+                {"encryptionId": "nope", "data": "batch-secret-2"},
+                {"encryptionId": enc, "data": "batch-secret-3"},
+                {"encryptionId": "nope", "data": "batch-secret-4"},
+                {"encryptionId": "nope", "data": "batch-secret-5"},
+                {"encryptionId": enc, "data": "batch-secret-6"},
+            ]}),
         )
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -198,28 +205,40 @@ async fn every_operation_becomes_one_record_without_secrets(backend: Backend) {
     assert_eq!(failed["error"], "decryption_failed");
     assert_eq!(failed["status"], 400);
     assert_eq!(by_op("rotate", "ok")["versionId"], new_version.as_str());
-    let batch_item = records
+    // A batch is one record per encryption, version and outcome, not one
+    // per item: the three good items in one, with their count.
+    let batch_ok = records
         .iter()
-        .find(|r| r["batchIndex"] == 0)
-        .expect("the batch's first item is recorded");
-    assert_eq!(batch_item["versionId"], new_version.as_str());
+        .find(|r| r["items"].is_number())
+        .expect("the batch's items are recorded");
+    assert_eq!(batch_ok["versionId"], new_version.as_str());
+    assert_eq!(
+        (&batch_ok["items"], &batch_ok["outcome"]),
+        (&json!(3), &json!("ok"))
+    );
+    assert!(batch_ok.get("itemIndexes").is_none(), "{batch_ok}");
 
-    // The batch's bad item has no encryption to filter by: find it by operation.
+    // The batch's bad items have no encryption to filter by: find them by
+    // operation; one record names the three, and where they were.
     let encrypts = all_records(&app, &reader, "operation=encrypt", 2).await;
-    let items: Vec<(i64, &str, Option<&str>)> = encrypts
+    let groups: Vec<(i64, &str, Option<&str>, Option<&str>)> = encrypts
         .iter()
-        .filter(|r| r["batchIndex"].is_number())
+        .filter(|r| r["items"].is_number())
         .map(|r| {
             (
-                r["batchIndex"].as_i64().unwrap(),
+                r["items"].as_i64().unwrap(),
                 r["outcome"].as_str().unwrap(),
                 r["error"].as_str(),
+                r["itemIndexes"].as_str(),
             )
         })
         .collect();
     assert_eq!(
-        items,
-        [(1, "error", Some("invalid_request")), (0, "ok", None)]
+        groups,
+        [
+            (3, "error", Some("invalid_request"), Some("1,3-4")),
+            (3, "ok", None, None)
+        ]
     );
     let refused = encrypts
         .iter()
@@ -526,13 +545,12 @@ async fn automatic_rotations_are_audited_as_the_system() {
 /// a crash and not a silently shorter page.
 async fn audit_segments_are_stored_compressed(backend: Backend) {
     let (app, file, creds, enc, mut conn) = audited_with_database(backend).await;
-    let items: Vec<Value> = (0..200)
-        .map(|i| json!({"encryptionId": enc, "data": format!("item {i}")}))
-        .collect();
-    let (status, body) = app
-        .post("/v1/encrypt/batch", &creds, &json!({ "items": items }))
-        .await;
-    assert_eq!(status, StatusCode::OK, "{body}");
+    // 200 calls (a batch would be one record).
+    for i in 0..200 {
+        let item = json!({"encryptionId": enc, "data": format!("item {i}")});
+        let (status, body) = app.post("/v1/encrypt", &creds, &item).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
 
     // A segment that is not full reaches the table on its own within about
     // 100 ms, with no read waiting for it.
