@@ -64,7 +64,10 @@ impl DataKey {
         #[allow(clippy::expect_used)]
         let unbound = UnboundKey::new(&AES_256_GCM, self.0.as_ref())
             .expect("a 32-byte key is valid for AES-256-GCM");
-        CipherKey(LessSafeKey::new(unbound))
+        CipherKey {
+            aead: LessSafeKey::new(unbound),
+            raw: self.clone(),
+        }
     }
 }
 
@@ -76,12 +79,49 @@ impl fmt::Debug for DataKey {
 
 /// A key prepared for AES-256-GCM (its expanded key schedule lives in AWS-LC's
 /// memory, which AWS-LC zeroes when it frees it). This is what the key ring keeps,
-/// so that the hot path does no key expansion.
-pub struct CipherKey(LessSafeKey);
+/// so that the hot path does no key expansion. It keeps the key's bytes too
+/// (zeroed on drop), from which the keys of deterministic encryption and blind
+/// indexes are derived ([`CipherKey::derive`]).
+pub struct CipherKey {
+    aead: LessSafeKey,
+    raw: DataKey,
+}
 
 impl CipherKey {
     pub(super) fn aead(&self) -> &LessSafeKey {
-        &self.0
+        &self.aead
+    }
+
+    /// A key for another purpose, derived from this one with HKDF-SHA256:
+    /// `label` names the purpose, `parts` what the key is for (each part is
+    /// length-prefixed, so no two lists of parts give the same input). The
+    /// key itself is never used for anything but AES-256-GCM.
+    pub fn derive(&self, label: &str, parts: &[&[u8]]) -> DataKey {
+        struct Len;
+        impl hkdf::KeyType for Len {
+            fn len(&self) -> usize {
+                KEY_LEN
+            }
+        }
+        let mut info = Vec::with_capacity(64);
+        info.extend_from_slice(label.as_bytes());
+        info.push(0);
+        for part in parts {
+            info.extend_from_slice(&(part.len() as u32).to_be_bytes());
+            info.extend_from_slice(part);
+        }
+        let prk =
+            hkdf::Salt::new(hkdf::HKDF_SHA256, b"keyward:derive:v1").extract(self.raw.expose());
+        let info = [info.as_slice()];
+        // Infallible: 32 bytes is far within HKDF-SHA256's output bound.
+        #[allow(clippy::expect_used)]
+        let okm = prk
+            .expand(&info, Len)
+            .expect("32 bytes is within HKDF-SHA256's output bound");
+        let mut key = Zeroizing::new([0u8; KEY_LEN]);
+        #[allow(clippy::expect_used)]
+        okm.fill(key.as_mut()).expect("lengths match");
+        DataKey(key)
     }
 }
 
@@ -157,6 +197,18 @@ mod tests {
             !s.contains("171") && !s.to_lowercase().contains("ab"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn derived_keys_differ_by_key_label_and_parts_and_from_the_key() {
+        let k = DataKey::from_slice(&[1; 32]).unwrap().cipher();
+        let a = k.derive("x", &[b"ab", b"c"]);
+        assert_eq!(a.expose(), k.derive("x", &[b"ab", b"c"]).expose());
+        assert_ne!(a.expose(), k.derive("x", &[b"a", b"bc"]).expose());
+        assert_ne!(a.expose(), k.derive("y", &[b"ab", b"c"]).expose());
+        assert_ne!(a.expose(), &[1; 32]);
+        let other = DataKey::from_slice(&[2; 32]).unwrap().cipher();
+        assert_ne!(a.expose(), other.derive("x", &[b"ab", b"c"]).expose());
     }
 
     #[test]

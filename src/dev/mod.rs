@@ -232,7 +232,7 @@ async fn print_banner(
     let tenant: TenantId = creds.tenant_id.parse()?;
     let enc: EncryptionId = creds.encryption_id.parse()?;
     let sample = service
-        .encrypt(tenant, enc, None, b"hello, keyward", None)
+        .encrypt(tenant, enc, None, b"hello, keyward", b"", None)
         .await?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let (base, transport, tls_args) = match certs {

@@ -18,10 +18,12 @@ use super::extract::{
 use super::secret::{plain_str, secret_string, SecretBody};
 use super::state::AppState;
 use crate::crypto::{SecretString, NONCE_LEN};
-use crate::domain::service::{ClientKey, Encrypted, KeyError, Sealed};
+use crate::domain::apikeys::Scope;
+use crate::domain::service::{ClientKey, Encrypted, IndexSelection, IndexValue, KeyError, Sealed};
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
-/// The only algorithm v1 offers.
+/// The default algorithm (see [`crate::domain::algorithm::Algorithm`] for
+/// every one offered).
 pub const ALGORITHM: &str = "AES-256-GCM";
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -41,6 +43,32 @@ pub struct EncryptRequest {
     #[serde(default)]
     #[schema(format = Uuid, nullable = false)]
     encryption_version_id: Option<String>,
+    /// Deterministic encryptions only (`AES-256-GCM-SIV`): what separates
+    /// equal plaintexts, e.g. `users.email` (up to 1024 bytes; absent or empty:
+    /// none). Decrypt needs the same context. Any other encryption refuses it
+    /// (`context_not_supported`).
+    #[serde(default)]
+    #[schema(max_length = 1024, nullable = false)]
+    pub(super) context: Option<String>,
+    /// Also return the value of these blind indexes (under their active
+    /// versions) for the data. Needs the `index` scope besides `encrypt`.
+    #[serde(default)]
+    #[schema(nullable = false)]
+    indexes: Option<Vec<String>>,
+}
+
+/// The longest `context`, in bytes.
+pub(super) const MAX_CONTEXT_BYTES: usize = 1024;
+
+/// A request's `context` as bytes (empty: none), checked for length.
+pub(super) fn context_bytes(context: &Option<String>) -> Result<&[u8], ApiError> {
+    let context = context.as_deref().unwrap_or("").as_bytes();
+    if context.len() > MAX_CONTEXT_BYTES {
+        return Err(ApiError::InvalidRequest(format!(
+            "`context`: at most {MAX_CONTEXT_BYTES} bytes"
+        )));
+    }
+    Ok(context)
 }
 
 /// What decrypt needs besides the ciphertext: pass it back unchanged.
@@ -65,11 +93,73 @@ pub struct EncryptResponse {
     /// The version used: store it with the ciphertext.
     #[schema(format = Uuid)]
     encryption_version_id: String,
-    /// Always `AES-256-GCM`.
+    /// The encryption's algorithm: `AES-256-GCM`, or `AES-256-GCM-SIV` for a
+    /// deterministic encryption.
     #[schema(example = "AES-256-GCM")]
     algorithm: &'static str,
     /// What decrypt needs: store it with the ciphertext.
     metadata: Metadata,
+    /// The blind-index values asked for with `indexes`; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(super) indexes: Option<Vec<IndexValueView>>,
+}
+
+/// `POST /v1/index` input.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IndexRequest {
+    /// The encryption whose indexes to compute.
+    #[schema(format = Uuid)]
+    pub(super) encryption_id: String,
+    /// The plaintext, as encrypt would take it.
+    #[serde(deserialize_with = "secret_string")]
+    #[schema(value_type = String)]
+    pub(super) data: SecretString,
+    /// These indexes only (each must exist); absent: every index of the
+    /// encryption.
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub(super) indexes: Option<Vec<String>>,
+    /// Values under every live version of each index (newest first), not
+    /// only the active one: what a lookup asks for while an index rotation
+    /// is being rolled out (`WHERE email_idx IN (...)`).
+    #[serde(default)]
+    pub(super) all_versions: bool,
+}
+
+/// `POST /v1/index` output.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexResponse {
+    /// The encryption.
+    #[schema(format = Uuid)]
+    pub(super) encryption_id: String,
+    /// One value per index (per live version with `allVersions`).
+    pub(super) indexes: Vec<IndexValueView>,
+}
+
+/// One blind-index value.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexValueView {
+    /// The index.
+    pub(super) name: String,
+    /// The index version it was computed under.
+    pub(super) version: i64,
+    /// The value: lower-case hex of `ceil(bits / 8)` bytes.
+    pub(super) value: String,
+}
+
+impl IndexValueView {
+    /// The view of a computed value.
+    pub(super) fn of(v: IndexValue) -> IndexValueView {
+        IndexValueView {
+            name: v.name,
+            version: v.version,
+            value: crate::crypto::hex(&v.value),
+        }
+    }
 }
 
 /// Encrypt data under the encryption's active version (or a named one).
@@ -115,6 +205,8 @@ pub(super) struct Call<'a> {
     tenant: TenantId,
     note: &'a AuditNote,
     client_key: Option<&'a ClientKey>,
+    /// Whether the caller holds `index` (encrypt's `indexes` option needs it).
+    may_index: bool,
 }
 
 impl<'a> Call<'a> {
@@ -130,6 +222,7 @@ impl<'a> Call<'a> {
             tenant: auth.tenant,
             note,
             client_key: client_key.0.as_ref(),
+            may_index: auth.principal.scopes.contains(Scope::Index),
         }
     }
 
@@ -143,20 +236,60 @@ impl<'a> Call<'a> {
             self.note.version(v);
         }
         let data = req.data.as_bytes();
+        let context = context_bytes(&req.context)?;
+        if req.indexes.is_some() && !self.may_index {
+            return Err(ApiError::InsufficientScope(Scope::Index));
+        }
         let service = &self.state.service;
         let out = service
-            .encrypt(self.tenant, id, version, data, self.client_key)
+            .encrypt(self.tenant, id, version, data, context, self.client_key)
             .await?;
         super::metrics::bytes_encrypted().increment(data.len() as u64);
         self.note.version(out.version_id);
-        Ok(encrypted_response(id, out))
+        let mut response = encrypted_response(id, out);
+        if let Some(names) = &req.indexes {
+            let which = IndexSelection {
+                names: Some(names),
+                all_versions: false,
+            };
+            let values = service
+                .index_values(self.tenant, id, &req.data, which, self.client_key)
+                .await?;
+            response.indexes = Some(values.into_iter().map(IndexValueView::of).collect());
+        }
+        Ok(response)
+    }
+
+    /// Blind-index values of the data (no ciphertext, no decryption).
+    pub(super) async fn index(self, req: IndexRequest) -> Result<IndexResponse, ApiError> {
+        let id = parse_id(&req.encryption_id, "encryptionId")?;
+        self.note.encryption(id);
+        let which = IndexSelection {
+            names: req.indexes.as_deref(),
+            all_versions: req.all_versions,
+        };
+        let values = self
+            .state
+            .service
+            .index_values(self.tenant, id, &req.data, which, self.client_key)
+            .await?;
+        Ok(IndexResponse {
+            encryption_id: id.to_string(),
+            indexes: values.into_iter().map(IndexValueView::of).collect(),
+        })
     }
 
     /// Decrypts a ciphertext made by encrypt.
-    pub(super) async fn decrypt(self, req: DecryptRequest) -> Result<DecryptResponse, ApiError> {
+    pub(super) async fn decrypt(
+        self,
+        mut req: DecryptRequest,
+    ) -> Result<DecryptResponse, ApiError> {
+        let context = req.context.take();
         let (id, version, nonce, ciphertext) = req.parse_noted(self.note)?;
+        let context = context_bytes(&context)?;
         let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
-        let opened = service.decrypt(tenant, id, Sealed::new(version, nonce, &ciphertext), key);
+        let sealed = Sealed::new(version, nonce, &ciphertext).with_context(context);
+        let opened = service.decrypt(tenant, id, sealed, key);
         let plaintext = opened.await?;
         super::metrics::bytes_decrypted().increment(plaintext.len() as u64);
         // The plaintext was a JSON string's UTF-8 bytes, and GCM authenticated
@@ -170,10 +303,13 @@ impl<'a> Call<'a> {
 
     /// Re-encrypts a ciphertext under the active version; the plaintext never
     /// leaves the service.
-    pub(super) async fn rewrap(self, req: DecryptRequest) -> Result<EncryptResponse, ApiError> {
+    pub(super) async fn rewrap(self, mut req: DecryptRequest) -> Result<EncryptResponse, ApiError> {
+        let context = req.context.take();
         let (id, version, nonce, ciphertext) = req.parse_noted(self.note)?;
+        let context = context_bytes(&context)?;
         let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
-        let rewrapped = service.rewrap(tenant, id, Sealed::new(version, nonce, &ciphertext), key);
+        let sealed = Sealed::new(version, nonce, &ciphertext).with_context(context);
+        let rewrapped = service.rewrap(tenant, id, sealed, key);
         let out = rewrapped.await?;
         self.note.version(out.version_id);
         Ok(encrypted_response(id, out))
@@ -198,10 +334,11 @@ fn encrypted_response(id: EncryptionId, out: Encrypted) -> EncryptResponse {
         cipher_text: B64.encode(&out.ciphertext),
         encryption_id: id.to_string(),
         encryption_version_id: out.version_id.to_string(),
-        algorithm: ALGORITHM,
+        algorithm: out.algorithm.as_str(),
         metadata: Metadata {
             nonce: B64.encode(out.nonce),
         },
+        indexes: None,
     }
 }
 
@@ -221,6 +358,10 @@ pub struct DecryptRequest {
     /// The metadata encrypt returned, unchanged.
     #[schema(value_type = Object)]
     metadata: DecryptMetadata,
+    /// The `context` encrypt was given (deterministic encryptions only).
+    #[serde(default)]
+    #[schema(max_length = 1024, nullable = false)]
+    context: Option<String>,
 }
 
 /// `POST /v1/decrypt` output.
@@ -382,7 +523,8 @@ trait WriteJson {
 
 impl WriteJson for EncryptResponse {
     fn write_json(&self, out: &mut String) {
-        crate::json::Object::new(out)
+        let mut object = crate::json::Object::new(out);
+        object
             .str("cipherText", &self.cipher_text)
             .str("encryptionId", &self.encryption_id)
             .str("encryptionVersionId", &self.encryption_version_id)
@@ -391,9 +533,28 @@ impl WriteJson for EncryptResponse {
                 crate::json::Object::new(out)
                     .str("nonce", &self.metadata.nonce)
                     .end()
-            })
+            });
+        if let Some(values) = &self.indexes {
+            object.with("indexes", |out| write_index_values(out, values));
+        }
+        object.end();
+    }
+}
+
+/// `[{"name","version","value"}, ...]`, as serde_json writes it.
+pub(super) fn write_index_values(out: &mut String, values: &[IndexValueView]) {
+    out.push('[');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        crate::json::Object::new(out)
+            .str("name", &v.name)
+            .u64("version", v.version.max(0) as u64)
+            .str("value", &v.value)
             .end();
     }
+    out.push(']');
 }
 
 impl DecryptResponse {
@@ -545,7 +706,40 @@ mod tests {
             metadata: Metadata {
                 nonce: "AAECAwQFBgcICQoL".into(),
             },
+            indexes: None,
         };
+        let mut indexed = EncryptResponse {
+            indexes: Some(vec![
+                IndexValueView {
+                    name: "email".into(),
+                    version: 2,
+                    value: "0a1b".into(),
+                },
+                IndexValueView {
+                    name: "phone".into(),
+                    version: 1,
+                    value: "ff".into(),
+                },
+            ]),
+            ..encrypted_response(
+                crate::domain::EncryptionId::new_random(),
+                Encrypted {
+                    algorithm: crate::domain::algorithm::Algorithm::Aes256GcmSiv,
+                    version_id: crate::domain::VersionId::new_random(),
+                    nonce: [7; NONCE_LEN],
+                    ciphertext: vec![1, 2, 3],
+                },
+            )
+        };
+        assert_eq!(
+            written(&indexed),
+            serde_json::to_string(&indexed).expect("serializes")
+        );
+        indexed.indexes = Some(vec![]);
+        assert_eq!(
+            written(&indexed),
+            serde_json::to_string(&indexed).expect("serializes")
+        );
         assert_eq!(
             written(&encrypted),
             serde_json::to_string(&encrypted).expect("serializes")

@@ -18,11 +18,13 @@ use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
 use super::extract::{
-    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, ManageScope, OperatorScope,
-    RequiredScope, Requirement, RotateScope,
+    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, IndexScope, ManageScope,
+    OperatorScope, RequiredScope, Requirement, RotateScope,
 };
 use super::state::{AppState, RouterSettings};
-use super::{accounts, admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops};
+use super::{
+    accounts, admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops, search,
+};
 
 /// One route.
 pub(crate) struct Route {
@@ -110,6 +112,13 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(GET "/v1/encryptions/{id}", encryptions::show, scope: ManageScope, body: Normal, audit: "encryption.read"),
     route!(PATCH "/v1/encryptions/{id}", encryptions::update, scope: ManageScope, body: Normal, audit: "encryption.update"),
     route!(PATCH "/v1/encryptions/{id}/versions/{versionId}", encryptions::update_version, scope: ManageScope, body: Normal, audit: "version.update"),
+    // Search over encrypted fields: blind indexes.
+    route!(POST "/v1/index", search::index, scope: IndexScope, body: Normal, audit: "index.compute"),
+    route!(POST "/v1/index/batch", search::index_batch, scope: IndexScope, body: Batch, audit: "index.compute"),
+    route!(GET "/v1/encryptions/{id}/indexes", search::list_indexes, scope: ManageScope, body: Normal, audit: "index.list"),
+    route!(POST "/v1/encryptions/{id}/indexes", search::create_index, scope: ManageScope, body: Normal, audit: "index.create"),
+    route!(PATCH "/v1/encryptions/{id}/indexes/{name}", search::update_index, scope: ManageScope, body: Normal, audit: "index.update"),
+    route!(POST "/v1/encryptions/{id}/indexes/{name}/rotate", search::rotate_index, scope: RotateScope, body: Normal, audit: "index.rotate"),
     // Re-encryption jobs.
     route!(GET "/v1/jobs", jobs::list, scope: ManageScope, body: Normal, audit: "job.list"),
     route!(POST "/v1/jobs", jobs::create, scope: ManageScope, body: Normal, audit: "job.create"),
