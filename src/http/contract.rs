@@ -811,6 +811,7 @@ mod tests {
         #[test]
         fn wycheproof_keyward_encrypt_response_of_format_v1_is_fixed() {
             let out = Encrypted {
+                algorithm: crate::domain::algorithm::Algorithm::Aes256Gcm,
                 version_id: VERSION_ID.parse().unwrap(),
                 nonce: std::array::from_fn(|i| i as u8),
                 ciphertext: crate::crypto::parse_hex(SEALED_DATA).unwrap(),
