@@ -4,6 +4,7 @@
 //! [`service::KeyService`]; it talks to the store and to the pure crypto module.
 
 pub mod accounts;
+pub mod algorithm;
 pub mod apikeys;
 pub mod client_addr;
 pub mod client_key;

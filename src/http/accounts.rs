@@ -164,6 +164,10 @@ pub enum TenantScopeSchema {
     Manage,
     /// Its own tenant's API keys and audit records.
     Admin,
+    /// Import key material as a new version (bring your own key).
+    Import,
+    /// Export an exportable encryption's key, wrapped to a caller's public key.
+    Export,
 }
 
 /// Input of the routes that create an API key.
@@ -172,7 +176,7 @@ pub enum TenantScopeSchema {
 pub struct CreateApiKeyRequest {
     /// Its scopes, some of `encrypt`, `decrypt`, `rotate`, `manage`, `admin`.
     /// A tenant key creating a key may give only scopes it holds itself.
-    #[schema(value_type = Vec<TenantScopeSchema>, min_items = 1, max_items = 5)]
+    #[schema(value_type = Vec<TenantScopeSchema>, min_items = 1, max_items = 7)]
     scopes: Vec<String>,
     /// Bind the key to the client certificate whose SubjectPublicKeyInfo has
     /// this SHA-256 (64 hex digits): it then works only on mutual-TLS
@@ -272,16 +276,16 @@ fn created(
 
 /// The scopes and binding of a key-creation request.
 fn parse_key_request(req: &CreateApiKeyRequest) -> Result<(Scopes, Option<[u8; 32]>), ApiError> {
-    if req.scopes.len() > 5 {
+    if req.scopes.len() > 7 {
         return Err(ApiError::InvalidRequest(
-            "`scopes`: at most 5 entries".into(),
+            "`scopes`: at most 7 entries".into(),
         ));
     }
     let scopes = Scopes::parse_words(req.scopes.iter().map(String::as_str))
         // The message names the field, never the value sent.
         .map_err(|_| {
             ApiError::InvalidRequest(
-                "`scopes`: expected one to five of encrypt, decrypt, rotate, manage, admin".into(),
+                "`scopes`: expected one to seven of encrypt, decrypt, rotate, manage, admin, import, export".into(),
             )
         })?;
     let binding = req

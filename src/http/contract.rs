@@ -21,7 +21,7 @@ use crate::crypto::{SecretString, NONCE_LEN};
 use crate::domain::service::{ClientKey, Encrypted, KeyError, Sealed};
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
-/// The only algorithm v1 offers.
+/// The default algorithm (an encryption created without `algorithm`).
 pub const ALGORITHM: &str = "AES-256-GCM";
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -44,19 +44,24 @@ pub struct EncryptRequest {
 }
 
 /// What decrypt needs besides the ciphertext: pass it back unchanged.
+/// `{}` for RSA-OAEP-256, whose ciphertext carries everything.
 #[derive(Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
-    /// The 96-bit AES-GCM nonce, base64.
+    /// The 96-bit AES-GCM nonce, base64 (AES-256-GCM only).
     #[schema(format = Byte)]
-    nonce: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nonce: Option<String>,
 }
 
 /// `POST /v1/encrypt` output.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptResponse {
-    /// Ciphertext with the 16-byte GCM tag, base64.
+    /// Base64 of: for AES-256-GCM the ciphertext with the 16-byte GCM tag;
+    /// for RSA-OAEP-256 one RSA-OAEP block (plaintexts up to the modulus
+    /// size less 66 bytes) or a compact JWE (RSA-OAEP-256 + A256GCM) as
+    /// ASCII (docs/algorithms.md).
     #[schema(format = Byte)]
     cipher_text: String,
     /// The encryption used.
@@ -65,7 +70,7 @@ pub struct EncryptResponse {
     /// The version used: store it with the ciphertext.
     #[schema(format = Uuid)]
     encryption_version_id: String,
-    /// Always `AES-256-GCM`.
+    /// The encryption's algorithm: `AES-256-GCM` or `RSA-OAEP-256`.
     #[schema(example = "AES-256-GCM")]
     algorithm: &'static str,
     /// What decrypt needs: store it with the ciphertext.
@@ -198,9 +203,9 @@ fn encrypted_response(id: EncryptionId, out: Encrypted) -> EncryptResponse {
         cipher_text: B64.encode(&out.ciphertext),
         encryption_id: id.to_string(),
         encryption_version_id: out.version_id.to_string(),
-        algorithm: ALGORITHM,
+        algorithm: out.algorithm.as_str(),
         metadata: Metadata {
-            nonce: B64.encode(out.nonce),
+            nonce: out.nonce.map(|n| B64.encode(n)),
         },
     }
 }
@@ -387,10 +392,9 @@ impl WriteJson for EncryptResponse {
             .str("encryptionId", &self.encryption_id)
             .str("encryptionVersionId", &self.encryption_version_id)
             .str("algorithm", self.algorithm)
-            .with("metadata", |out| {
-                crate::json::Object::new(out)
-                    .str("nonce", &self.metadata.nonce)
-                    .end()
+            .with("metadata", |out| match &self.metadata.nonce {
+                Some(nonce) => crate::json::Object::new(out).str("nonce", nonce).end(),
+                None => crate::json::Object::new(out).end(),
             })
             .end();
     }
@@ -543,12 +547,21 @@ mod tests {
             encryption_version_id: "00000000-0000-0000-0000-000000000002".into(),
             algorithm: ALGORITHM,
             metadata: Metadata {
-                nonce: "AAECAwQFBgcICQoL".into(),
+                nonce: Some("AAECAwQFBgcICQoL".into()),
             },
         };
         assert_eq!(
             written(&encrypted),
             serde_json::to_string(&encrypted).expect("serializes")
+        );
+        let rsa = EncryptResponse {
+            algorithm: "RSA-OAEP-256",
+            metadata: Metadata { nonce: None },
+            ..encrypted
+        };
+        assert_eq!(
+            written(&rsa),
+            serde_json::to_string(&rsa).expect("serializes")
         );
         for data in [
             "",

@@ -16,9 +16,11 @@ use super::extract::{parse_id, MasterKeyParam};
 use super::extract::{ApiJson, Auth, ManageScope, MasterKeyHeader};
 use super::query::{self, ApiQuery};
 use super::state::AppState;
+use crate::crypto::RsaBits;
+use crate::domain::algorithm::Algorithm;
 use crate::domain::keys::VersionState;
 use crate::domain::records::{EncryptionRow, VersionRow};
-use crate::domain::service::EncryptionDetails;
+use crate::domain::service::{EncryptionDetails, EncryptionOptions};
 use crate::domain::time::rfc3339;
 use crate::domain::EncryptionId;
 
@@ -36,10 +38,20 @@ pub struct CreateRequest {
         pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
     )]
     name: Option<String>,
-    /// Only `AES-256-GCM` is offered.
+    /// `AES-256-GCM` (the default) or `RSA-OAEP-256` (platform-managed
+    /// only: without `X-Master-Key`).
     #[serde(default)]
     #[schema(value_type = Option<AlgorithmSchema>, nullable = true)]
     algorithm: Option<String>,
+    /// RSA modulus size for `RSA-OAEP-256`: 3072 (the default) or 4096.
+    #[serde(default)]
+    #[schema(nullable = true, minimum = 3072, maximum = 4096)]
+    key_size: Option<u32>,
+    /// Whether this encryption's keys may ever be exported (wrapped to a
+    /// public key the caller supplies, with the `export` scope). Fixed now:
+    /// it cannot be turned on later. Default `false`.
+    #[serde(default)]
+    exportable: bool,
 }
 
 /// The algorithms offered.
@@ -49,6 +61,10 @@ enum AlgorithmSchema {
     /// AES-256-GCM with 96-bit random nonces.
     #[schema(rename = "AES-256-GCM")]
     Aes256Gcm,
+    /// RSA-OAEP with SHA-256 and MGF1-SHA-256; longer data as a JWE
+    /// (RSA-OAEP-256 + A256GCM).
+    #[schema(rename = "RSA-OAEP-256")]
+    RsaOaep256,
 }
 
 /// Who wraps an encryption's data keys.
@@ -81,8 +97,14 @@ pub struct EncryptionSummary {
     encryption_id: String,
     /// Its name, if given.
     name: Option<String>,
-    /// Always `AES-256-GCM`.
+    /// `AES-256-GCM` or `RSA-OAEP-256`.
+    #[schema(value_type = AlgorithmSchema)]
     algorithm: String,
+    /// RSA modulus size (`RSA-OAEP-256` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_size: Option<i64>,
+    /// Whether its keys may be exported (fixed at creation).
+    exportable: bool,
     /// `platform` (root KEK) or `client` (X-Master-Key).
     #[schema(value_type = ModeSchema)]
     mode: &'static str,
@@ -124,6 +146,8 @@ pub struct VersionView {
     rotated_at: Option<String>,
     /// Encryptions made with it (counted in memory, flushed every few seconds).
     encrypt_count: i64,
+    /// Its key material was imported by the tenant (bring your own key).
+    imported: bool,
 }
 
 /// One encryption with its versions.
@@ -173,6 +197,8 @@ fn summary(e: &EncryptionRow) -> EncryptionSummary {
         encryption_id: e.id.to_string(),
         name: e.name.clone(),
         algorithm: e.algorithm.clone(),
+        key_size: e.key_bits,
+        exportable: e.exportable,
         mode: e.mode.as_str(),
         active_version_id: e.active_version_id.to_string(),
         latest_version: e.latest_version,
@@ -194,6 +220,7 @@ fn version_view(v: &VersionRow) -> VersionView {
         created_at: rfc3339(v.created_at),
         rotated_at: v.rotated_at.map(rfc3339),
         encrypt_count: v.encrypt_count,
+        imported: v.imported,
     }
 }
 
@@ -223,12 +250,32 @@ pub(super) async fn create(
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<CreateRequest>,
 ) -> Result<(StatusCode, Json<EncryptionView>), ApiError> {
-    if let Some(alg) = &req.algorithm {
-        if alg != ALGORITHM {
-            return Err(ApiError::InvalidRequest(format!(
-                "`algorithm`: unsupported, expected `{ALGORITHM}`"
-            )));
+    let algorithm = match req.algorithm.as_deref() {
+        None => Algorithm::Aes256Gcm,
+        Some(alg) => Algorithm::parse(alg).ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "`algorithm`: unsupported, expected `{ALGORITHM}` or `RSA-OAEP-256`"
+            ))
+        })?,
+    };
+    let rsa_bits = match (algorithm, req.key_size) {
+        (_, None) => None,
+        (Algorithm::RsaOaep256, Some(bits)) => {
+            Some(RsaBits::from_bits(bits as usize).ok_or_else(|| {
+                ApiError::InvalidRequest("`keySize`: expected 3072 or 4096".into())
+            })?)
         }
+        (Algorithm::Aes256Gcm, Some(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "`keySize`: only for `RSA-OAEP-256` (AES-256-GCM keys are 256 bits)".into(),
+            ))
+        }
+    };
+    if algorithm == Algorithm::RsaOaep256 && client_key.is_some() {
+        return Err(ApiError::InvalidRequest(
+            "an `RSA-OAEP-256` encryption is platform-managed: create it without X-Master-Key"
+                .into(),
+        ));
     }
     if let Some(name) = &req.name {
         if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
@@ -239,7 +286,16 @@ pub(super) async fn create(
     }
     let details = state
         .service
-        .create_encryption(auth.tenant, req.name, client_key.as_ref())
+        .create_encryption(
+            auth.tenant,
+            EncryptionOptions {
+                name: req.name,
+                algorithm,
+                rsa_bits,
+                exportable: req.exportable,
+            },
+            client_key.as_ref(),
+        )
         .await?;
     note.encryption(details.encryption.id);
     tracing::info!(encryption_id = %details.encryption.id, mode = details.encryption.mode.as_str(), "created encryption");

@@ -11,7 +11,9 @@ use utoipa::{Modify, OpenApi};
 
 use super::extract::Requirement;
 use super::routes::ROUTES;
-use super::{accounts, admin, audit, batch, contract, encryptions, error, jobs, metrics, ops};
+use super::{
+    accounts, admin, audit, batch, contract, encryptions, error, jobs, keys, metrics, ops,
+};
 
 struct Security;
 
@@ -162,6 +164,10 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         batch::rewrap_batch,
         encryptions::update,
         encryptions::update_version,
+        keys::public_key,
+        keys::wrapping_key,
+        keys::import,
+        keys::export,
         jobs::create,
         jobs::list,
         jobs::show,
@@ -189,6 +195,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         (name = "contract", description = "The fixed v1 contract"),
         (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
         (name = "lifecycle", description = "Rewrap and batches"),
+        (name = "keys", description = "RSA public keys (scope `encrypt`), key import (scope `import`) and controlled export (scope `export`)"),
         (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
         (name = "api-keys", description = "A tenant's own API keys (tenant key with `admin`)"),
         (name = "operator", description = "Tenants and any tenant's API keys (operator key with `operator`)"),

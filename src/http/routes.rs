@@ -18,11 +18,11 @@ use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
 use super::extract::{
-    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, ManageScope, OperatorScope,
-    RequiredScope, Requirement, RotateScope,
+    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, ExportScope, ImportScope,
+    ManageScope, OperatorScope, RequiredScope, Requirement, RotateScope,
 };
 use super::state::{AppState, RouterSettings};
-use super::{accounts, admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops};
+use super::{accounts, admin, audit, batch, contract, edge, encryptions, jobs, keys, metrics, ops};
 
 /// One route.
 pub(crate) struct Route {
@@ -110,6 +110,11 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(GET "/v1/encryptions/{id}", encryptions::show, scope: ManageScope, body: Normal, audit: "encryption.read"),
     route!(PATCH "/v1/encryptions/{id}", encryptions::update, scope: ManageScope, body: Normal, audit: "encryption.update"),
     route!(PATCH "/v1/encryptions/{id}/versions/{versionId}", encryptions::update_version, scope: ManageScope, body: Normal, audit: "version.update"),
+    // Asymmetric keys, key import (bring your own key) and controlled export.
+    route!(GET "/v1/encryptions/{id}/versions/{versionId}/public-key", keys::public_key, scope: EncryptScope, body: Normal, audit: "version.public_key"),
+    route!(GET "/v1/import/wrapping-key", keys::wrapping_key, scope: ImportScope, body: Normal, audit: "import.wrapping_key"),
+    route!(POST "/v1/encryptions/{id}/import", keys::import, scope: ImportScope, body: Normal, audit: "version.import"),
+    route!(POST "/v1/encryptions/{id}/versions/{versionId}/export", keys::export, scope: ExportScope, body: Normal, audit: "version.export"),
     // Re-encryption jobs.
     route!(GET "/v1/jobs", jobs::list, scope: ManageScope, body: Normal, audit: "job.list"),
     route!(POST "/v1/jobs", jobs::create, scope: ManageScope, body: Normal, audit: "job.create"),

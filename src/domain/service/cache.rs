@@ -5,7 +5,8 @@
 use std::sync::Arc;
 
 use super::state::{KeyService, RootKeys};
-use crate::crypto::{data_key_aad, WrappedKey};
+use crate::crypto::{data_key_aad, RsaBits, RsaPrivateKey, WrappedKey};
+use crate::domain::algorithm::Algorithm;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
 use crate::domain::keys::{KeyVersion, Mode, VersionKey, VersionState, VersionedKey};
@@ -117,6 +118,23 @@ impl KeyService {
         rows: &[VersionRow],
         root: &RootKeys,
     ) -> Result<VersionedKey, KeyError> {
+        let algorithm = Algorithm::parse(&enc.algorithm).ok_or_else(|| {
+            KeyError::Integrity(format!(
+                "encryption {} has an unknown algorithm `{}`",
+                enc.id, enc.algorithm
+            ))
+        })?;
+        let rsa_bits = enc
+            .key_bits
+            .and_then(|b| usize::try_from(b).ok())
+            .and_then(RsaBits::from_bits);
+        if algorithm == Algorithm::RsaOaep256 && (rsa_bits.is_none() || enc.mode != Mode::Platform)
+        {
+            return Err(KeyError::Integrity(format!(
+                "RSA encryption {} has no key size or is not platform-managed",
+                enc.id
+            )));
+        }
         let mut versions = Vec::with_capacity(rows.len());
         for row in rows {
             let key = match (&row.wrapped_key, row.state, enc.mode) {
@@ -132,13 +150,32 @@ impl KeyService {
                     })?;
                     let kek = root.keys.get(&kek_id).ok_or(KeyError::UnknownKek(kek_id))?;
                     let aad = data_key_aad(enc.id.as_bytes(), row.id.as_bytes(), kek_id.as_bytes());
-                    let key = kek.unwrap_key(&WrappedKey(w.clone()), &aad).map_err(|_| {
+                    let failed = || {
                         KeyError::Integrity(format!(
                             "the data key of version {} failed to authenticate under root KEK {kek_id}",
                             row.id
                         ))
-                    })?;
-                    VersionKey::Ready(key.cipher())
+                    };
+                    match algorithm {
+                        Algorithm::Aes256Gcm => {
+                            let key = kek
+                                .unwrap_key(&WrappedKey(w.clone()), &aad)
+                                .map_err(|_| failed())?;
+                            VersionKey::Ready(key.cipher())
+                        }
+                        Algorithm::RsaOaep256 => {
+                            let der = kek
+                                .unwrap_bytes(&WrappedKey(w.clone()), &aad)
+                                .map_err(|_| failed())?;
+                            let key = RsaPrivateKey::from_pkcs8(&der).map_err(|e| {
+                                KeyError::Integrity(format!(
+                                    "the RSA key of version {} is unusable: {e}",
+                                    row.id
+                                ))
+                            })?;
+                            VersionKey::Rsa(key)
+                        }
+                    }
                 }
             };
             versions.push(KeyVersion {
@@ -154,6 +191,8 @@ impl KeyService {
             id: enc.id,
             tenant_id: enc.tenant_id,
             mode: enc.mode,
+            algorithm,
+            rsa_bits,
             salt: enc.salt.clone(),
             active: enc.active_version_id,
             min_decryption_version: enc.min_decryption_version,

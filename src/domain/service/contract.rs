@@ -3,6 +3,7 @@
 
 use super::state::KeyService;
 use crate::crypto::{self, data_aad, data_key_aad, DataKey, NONCE_LEN};
+use crate::domain::algorithm::Algorithm;
 use crate::domain::client_key::ClientKey;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
@@ -15,9 +16,13 @@ use crate::store::{NewVersion, StoreError};
 pub struct Encrypted {
     /// The version used.
     pub version_id: VersionId,
-    /// The nonce (goes into the response's metadata).
-    pub nonce: [u8; NONCE_LEN],
-    /// Ciphertext with tag.
+    /// The encryption's algorithm.
+    pub algorithm: Algorithm,
+    /// The nonce (goes into the response's metadata); `None` for
+    /// RSA-OAEP-256, whose ciphertext carries all it needs.
+    pub nonce: Option<[u8; NONCE_LEN]>,
+    /// Ciphertext with tag (AES-256-GCM), or one RSA-OAEP block or a compact
+    /// JWE (RSA-OAEP-256, see `crypto::RsaPrivateKey`).
     pub ciphertext: Vec<u8>,
 }
 
@@ -81,6 +86,17 @@ impl KeyService {
                 },
             );
         }
+        if let VersionKey::Rsa(rsa) = &version.key {
+            // Public-key encryption: no nonce to bound, but counted all the
+            // same (the versions' counts stay comparable).
+            let ciphertext = rsa.public().seal(plaintext, &version.id.to_string());
+            return Ok(Encrypted {
+                version_id: version.id,
+                algorithm: Algorithm::RsaOaep256,
+                nonce: None,
+                ciphertext,
+            });
+        }
         let aad = data_aad(id.as_bytes(), version.id.as_bytes());
         let sealed = self
             .count_client_key(
@@ -90,7 +106,8 @@ impl KeyService {
             .inspect_err(|_| version.uses.give_back())?;
         Ok(Encrypted {
             version_id: version.id,
-            nonce: sealed.nonce,
+            algorithm: Algorithm::Aes256Gcm,
+            nonce: Some(sealed.nonce),
             ciphertext: sealed.ciphertext,
         })
     }
@@ -120,6 +137,13 @@ impl KeyService {
             Err(e) => return Err(e),
         };
         let v = key.key_for_decrypt(version)?;
+        if let VersionKey::Rsa(rsa) = &v.key {
+            // The metadata carries nothing for RSA-OAEP-256 (the JWE header
+            // is authenticated by the tag; a block has no header): ignored.
+            return rsa
+                .open(ciphertext, &v.id.to_string())
+                .map_err(|()| KeyError::DecryptionFailed);
+        }
         let nonce = nonce.ok_or(KeyError::DecryptionFailed)?;
         let aad = data_aad(id.as_bytes(), v.id.as_bytes());
         self.count_client_key(
@@ -155,6 +179,11 @@ impl KeyService {
         let new_id = VersionId::new_random();
         let data_key = DataKey::generate();
         let new_version = match client_key {
+            None if key.algorithm == Algorithm::RsaOaep256 => {
+                let bits = key.rsa_bits.unwrap_or(crypto::RsaBits::B3072);
+                let rsa = crate::domain::keys::generate_rsa(bits).await?;
+                self.wrap_platform_material(id, new_id, rsa.pkcs8(), false)?
+            }
             None => self.wrap_platform_key(id, new_id, &data_key)?,
             Some(ck) => {
                 // Prove the caller's key is the encryption's key before adding a
@@ -239,5 +268,6 @@ pub(super) fn wrap_client_key(
             .wrap(data_key, &aad)
             .0,
         kek_id: None,
+        imported: false,
     }
 }
