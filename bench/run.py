@@ -778,6 +778,32 @@ def batch_encrypt(bench, server, payload, duration, conns=4, items=1000):
     return r
 
 
+def rsa_decrypt(bench, server, duration, conns=32):
+    """Decrypt requests/s of an RSA-OAEP-256 (3072-bit) encryption next to
+    the AES-256-GCM one on the same server: 64 B (one RSA block) and 1 KiB
+    (a JWE: RSA-OAEP-256 of the content key, then AES-256-GCM), and encrypt
+    of 64 B (the public-key operation)."""
+    aes_id = server.encryption_id
+    rsa_id = server.call("POST", "/v1/encryptions", {"name": "bench-rsa", "algorithm": "RSA-OAEP-256"})["encryptionId"]
+    cells = []
+    try:
+        for algorithm, enc_id, payload, op in (("AES-256-GCM", aes_id, 64, "decrypt"),
+                                               ("RSA-OAEP-256", rsa_id, 64, "decrypt"),
+                                               ("RSA-OAEP-256", rsa_id, 1024, "decrypt"),
+                                               ("RSA-OAEP-256", rsa_id, 64, "encrypt")):
+            server.encryption_id = enc_id
+            enc_body, dec_body = server.bodies(make_data(payload))
+            body = dec_body if op == "decrypt" else enc_body
+            r = bench.wrk_run(server, server.paths()[op], body, conns, duration=duration)
+            r.update(algorithm=algorithm, payload=payload, op=op, conns=conns)
+            cells.append(r)
+            log(f"{server.name:<24} {algorithm:<13} {op:<7} {fmt_size(payload):>6} c={conns:<3} "
+                f"{r['rps']:>9,.0f} req/s  p99 {r['p99']:.2f} ms  errors {r['errors']}")
+    finally:
+        server.encryption_id = aes_id
+    return {"server": server.name, "cells": cells}
+
+
 def rss_with_encryptions(n):
     """A fresh `keyward serve` on SQLite: create n encryptions over the API,
     encrypt once under each (batches of 1000), then read its RSS."""
@@ -1090,6 +1116,17 @@ def report(args, rows, sbs, extras, env_info, failures):
                       f"{r['conns']} connections, SQLite): **{r['items_per_s']:,.0f} items/s** "
                       f"({r['rps']:,.1f} batches/s, p99 {r['p99']:.1f} ms, errors {r['errors']}, "
                       f"peak RSS {fmt_num(r['rss'], '.0f')} MiB).")
+    if "rsa" in extras:
+        cells = extras["rsa"]["cells"]
+        aes = next((c["rps"] for c in cells if c["algorithm"] == "AES-256-GCM"), None)
+        parts = [f"{c['algorithm']} {c['op']} {fmt_size(c['payload'])}: {c['rps']:,.0f} req/s "
+                 f"(p99 {c['p99']:.2f} ms, errors {c['errors']})" for c in cells]
+        rsa64 = next((c["rps"] for c in cells if c["algorithm"] == "RSA-OAEP-256" and c["op"] == "decrypt"
+                      and c["payload"] == 64), None)
+        share = f"; RSA decrypt at {rsa64 / aes:.1%} of AES's rate" if aes and rsa64 else ""
+        ext_txt.append(f"RSA vs AES on {extras['rsa']['server']} (c={cells[0]['conns']}): " + "; ".join(parts) + share)
+        ext_md.append(f"- RSA-OAEP-256 (3072-bit) next to AES-256-GCM ({extras['rsa']['server']}, "
+                      f"{cells[0]['conns']} connections; 1 KiB RSA is a JWE): " + "; ".join(parts) + share + ".")
     if "reencrypt" in extras:
         r = extras["reencrypt"]
         ext_txt.append(f"re-encryption job on PostgreSQL ({r['rows']:,} rows of ~1 KiB): {r['job_line']}")
@@ -1217,6 +1254,9 @@ def main():
                 r = step(f"batch encrypt {fmt_size(p)}", lambda p=p: batch_encrypt(bench, s, p, duration))
                 if r:
                     extras.setdefault("batch", []).append(r)
+            r = step("RSA-OAEP-256 decrypt next to AES", lambda: rsa_decrypt(bench, s, duration))
+            if r:
+                extras["rsa"] = r
             CLEANUP.stop(s.proc)
 
         # Keyward on PostgreSQL.

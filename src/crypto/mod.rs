@@ -3,7 +3,8 @@
 //! async runtimes.
 //!
 //! Every primitive comes from `aws-lc-rs` (AWS-LC, a maintained BoringSSL fork):
-//! AES-256-GCM with 96-bit random nonces, SHA-256, HKDF-SHA256 and Ed25519
+//! AES-256-GCM with 96-bit random nonces, RSA-OAEP-256 (constant-time
+//! private-key operations), AES Key Wrap with Padding (key import), SHA-256, HKDF-SHA256 and Ed25519
 //! (audit checkpoints). We invent no
 //! cryptography; this module only fixes *how* the primitives are combined, most
 //! importantly the associated data that binds every ciphertext and every wrapped
@@ -13,6 +14,7 @@ mod aead;
 mod checkpoint;
 mod hex;
 mod keys;
+mod rsa_oaep;
 mod search;
 mod secret;
 mod wrap;
@@ -29,6 +31,7 @@ pub use keys::{
     derive_client_wrapping_key, hkdf_sha256, random_bytes, sha256, CipherKey, DataKey,
     HkdfLengthError, HKDF_SHA256_MAX_LEN, KEY_LEN,
 };
+pub use rsa_oaep::{ImportWrapping, RsaBits, RsaKeyError, RsaPrivateKey, RsaPublicKey};
 pub use search::{blind_index, siv_nonce, siv_open, siv_seal, IndexKey, SivKey, MAX_INDEX_BITS};
 pub use secret::{SecretBytes, SecretString};
 pub use wrap::{UnwrapError, WrappedKey};
@@ -74,6 +77,16 @@ pub fn data_key_aad(
     aad[16..32].copy_from_slice(encryption_id);
     aad[32..48].copy_from_slice(version_id);
     aad[48..].copy_from_slice(wrapping_key_id);
+    aad
+}
+
+/// Associated data for a tenant's import wrapping key (its PKCS#8 DER)
+/// wrapped under a root KEK: bound to the tenant and the KEK.
+pub fn wrapping_key_aad(tenant_id: &[u8; 16], kek_id: &[u8; 16]) -> [u8; 48] {
+    let mut aad = [0u8; 48];
+    aad[..16].copy_from_slice(b"keyward:import\0\0");
+    aad[16..32].copy_from_slice(tenant_id);
+    aad[32..].copy_from_slice(kek_id);
     aad
 }
 

@@ -5,6 +5,7 @@ use std::fmt;
 
 use super::aead::{open, seal, Sealed, NONCE_LEN, TAG_LEN};
 use super::keys::{CipherKey, DataKey, KEY_LEN};
+use super::secret::SecretBytes;
 
 /// A key wrapped (encrypted) under another key: `nonce || ciphertext || tag`.
 #[derive(Clone, PartialEq, Eq)]
@@ -52,6 +53,36 @@ impl CipherKey {
     }
 }
 
+impl CipherKey {
+    /// Wraps key material of any length (an RSA private key's PKCS#8 DER)
+    /// the way [`CipherKey::wrap`] wraps a data key: `nonce || ciphertext ||
+    /// tag`, binding `aad`.
+    pub fn wrap_bytes(&self, material: &[u8], aad: &[u8]) -> WrappedKey {
+        let sealed = seal(self, aad, material);
+        let mut out = Vec::with_capacity(NONCE_LEN + sealed.ciphertext.len());
+        out.extend_from_slice(&sealed.nonce);
+        out.extend_from_slice(&sealed.ciphertext);
+        WrappedKey(out)
+    }
+
+    /// Unwraps key material of any length wrapped by
+    /// [`CipherKey::wrap_bytes`] or [`CipherKey::wrap`], into memory cleared
+    /// on drop.
+    pub fn unwrap_bytes(
+        &self,
+        wrapped: &WrappedKey,
+        aad: &[u8],
+    ) -> Result<SecretBytes, UnwrapError> {
+        if wrapped.0.len() < NONCE_LEN + TAG_LEN {
+            return Err(UnwrapError);
+        }
+        let (nonce, ct) = wrapped.0.split_at(NONCE_LEN);
+        let mut n = [0u8; NONCE_LEN];
+        n.copy_from_slice(nonce);
+        open(self, &n, aad, ct).map_err(|_| UnwrapError)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,5 +98,16 @@ mod tests {
         let other = DataKey::generate().cipher();
         assert!(other.unwrap_key(&wrapped, b"row-1").is_err());
         assert!(kek.unwrap_key(&WrappedKey(vec![0; 10]), b"row-1").is_err());
+        // The same format for material of any length.
+        let long = kek.wrap_bytes(&[9u8; 1800], b"row-1");
+        assert_eq!(
+            &*kek.unwrap_bytes(&long, b"row-1").unwrap(),
+            &[9u8; 1800][..]
+        );
+        assert!(kek.unwrap_bytes(&long, b"row-2").is_err());
+        assert_eq!(
+            &*kek.unwrap_bytes(&wrapped, b"row-1").unwrap(),
+            dek.expose()
+        );
     }
 }

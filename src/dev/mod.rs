@@ -175,7 +175,11 @@ async fn load_or_create_credentials(
         }
     };
     let encryption = service
-        .create_encryption(tenant.tenant.id, Some("sample".into()), None)
+        .create_encryption(
+            tenant.tenant.id,
+            crate::domain::service::EncryptionOptions::aes(Some("sample".into())),
+            None,
+        )
         .await?;
     let operator = new_operator_key(service).await?;
     let creds = DevCredentials {
@@ -304,7 +308,7 @@ Tenants (operator key):
         api_secret = creds.api_secret,
         ct = b64.encode(&sample.ciphertext),
         ver = sample.version_id,
-        nonce = b64.encode(sample.nonce),
+        nonce = b64.encode(sample.nonce.unwrap_or_default()),
     );
     let mut out = std::io::stdout().lock();
     out.write_all(banner.as_bytes())?;

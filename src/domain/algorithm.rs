@@ -1,8 +1,9 @@
-//! The algorithms an encryption can be created with. Fixed at creation: every
-//! version of an encryption uses its algorithm.
+//! The algorithms an encryption can be created with: fixed at creation (every
+//! version of an encryption uses its algorithm), stored as text in its row,
+//! reported by encrypt.
 
 /// An encryption's algorithm.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Algorithm {
     /// AES-256-GCM with a fresh random 96-bit nonce per call: the default.
     Aes256Gcm,
@@ -10,13 +11,21 @@ pub enum Algorithm {
     /// context: deterministic (equal plaintexts under the same version and
     /// context give equal ciphertexts), opt-in, for equality lookups.
     Aes256GcmSiv,
+    /// RSA-OAEP with SHA-256 and MGF1-SHA-256 (3072 or 4096 bits); longer
+    /// plaintexts as a JWE with an AES-256-GCM content key
+    /// (docs/algorithms.md).
+    RsaOaep256,
 }
 
 impl Algorithm {
-    /// Every algorithm, in display order.
-    pub const ALL: [Algorithm; 2] = [Algorithm::Aes256Gcm, Algorithm::Aes256GcmSiv];
+    /// Every algorithm, the default first.
+    pub const ALL: [Algorithm; 3] = [
+        Algorithm::Aes256Gcm,
+        Algorithm::Aes256GcmSiv,
+        Algorithm::RsaOaep256,
+    ];
 
-    /// The algorithm named `s` (as the API and the database write it).
+    /// The algorithm named `s` exactly as [`Algorithm::as_str`] writes it.
     pub fn parse(s: &str) -> Option<Self> {
         Algorithm::ALL.into_iter().find(|a| a.as_str() == s)
     }
@@ -26,6 +35,7 @@ impl Algorithm {
         match self {
             Algorithm::Aes256Gcm => "AES-256-GCM",
             Algorithm::Aes256GcmSiv => "AES-256-GCM-SIV",
+            Algorithm::RsaOaep256 => "RSA-OAEP-256",
         }
     }
 

@@ -45,17 +45,26 @@ pub enum Scope {
     /// Compute blind-index values (`POST /v1/index`, and `indexes` on
     /// encrypt). Never grants `decrypt`, and is not needed for it.
     Index,
+    /// Import key material as a new version (bring your own key). Its own
+    /// scope: a key that can choose an encryption's key can read whatever
+    /// is encrypted under it afterwards.
+    Import,
+    /// Export an exportable encryption's key material, wrapped to a public
+    /// key the caller supplies.
+    Export,
 }
 
 impl Scope {
     /// Every scope, in display order.
-    pub const ALL: [Scope; 8] = [
+    pub const ALL: [Scope; 10] = [
         Scope::Encrypt,
         Scope::Decrypt,
         Scope::Rotate,
         Scope::Manage,
         Scope::Admin,
         Scope::Index,
+        Scope::Import,
+        Scope::Export,
         Scope::Operator,
         Scope::Audit,
     ];
@@ -71,6 +80,8 @@ impl Scope {
             Scope::Operator => "operator",
             Scope::Audit => "audit",
             Scope::Index => "index",
+            Scope::Import => "import",
+            Scope::Export => "export",
         }
     }
 
@@ -79,14 +90,14 @@ impl Scope {
         matches!(self, Scope::Operator | Scope::Audit)
     }
 
-    fn bit(self) -> u8 {
-        1 << (self as u8)
+    fn bit(self) -> u16 {
+        1 << (self as u16)
     }
 }
 
 /// A set of scopes.
 #[derive(Clone, Copy, PartialEq, Eq, Default)]
-pub struct Scopes(u8);
+pub struct Scopes(u16);
 
 impl Scopes {
     /// Every scope a tenant key can carry: all it can do inside its tenant.
@@ -139,7 +150,7 @@ impl Scopes {
                 .ok_or_else(|| {
                     let word: String = word.chars().take(32).collect();
                     format!(
-                        "unknown scope `{word}` (expected some of encrypt, decrypt, rotate, manage, admin, index for a tenant key, or operator, audit for an operator key)"
+                        "unknown scope `{word}` (expected some of encrypt, decrypt, rotate, manage, admin, index, import, export for a tenant key, or operator, audit for an operator key)"
                     )
                 })?;
             bits |= scope.bit();
@@ -162,7 +173,10 @@ impl Scopes {
         if self.is_subset_of(allowed) {
             Ok(())
         } else if tenant {
-            Err("a tenant key takes only encrypt, decrypt, rotate, manage, admin".into())
+            Err(
+                "a tenant key takes only encrypt, decrypt, rotate, manage, admin, import, export"
+                    .into(),
+            )
         } else {
             Err("an operator key takes only operator, audit".into())
         }
@@ -438,7 +452,7 @@ mod tests {
         );
         assert_eq!(
             Scopes::tenant_all().to_string(),
-            "encrypt,decrypt,rotate,manage,admin,index"
+            "encrypt,decrypt,rotate,manage,admin,index,import,export"
         );
         assert_eq!(Scopes::operator_all().to_string(), "operator,audit");
     }

@@ -48,6 +48,20 @@ pub enum KeyError {
     /// `X-Master-Key` was sent for a platform-managed encryption.
     #[error("this encryption is platform-managed and takes no X-Master-Key")]
     MasterKeyNotApplicable,
+    /// A public key was asked of an encryption that has none (AES-256-GCM).
+    #[error("this encryption's algorithm has no public key (only RSA-OAEP-256 encryptions do)")]
+    NotAsymmetric,
+    /// Imported key material failed to unwrap or is not a key this
+    /// encryption can use: one answer for every cause, so that an import
+    /// tells nothing about a wrapped key it did not unwrap.
+    #[error("the wrapped key does not unwrap to a valid key for this encryption: check the wrapping key (GET /v1/import/wrapping-key), the wrapping algorithm, and the key material (32 raw bytes for AES-256-GCM, PKCS#8 DER of RSA 3072 or 4096 for RSA-OAEP-256)")]
+    ImportFailed,
+    /// Import into this encryption is not possible.
+    #[error("{0}")]
+    ImportNotSupported(&'static str),
+    /// The encryption was not created exportable: its keys never leave Keyward.
+    #[error("this encryption was not created exportable: its key material never leaves Keyward")]
+    ExportNotAllowed,
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),

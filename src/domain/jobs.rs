@@ -638,7 +638,11 @@ async fn walk(
                 }
                 Err(e) => return Err(key_error(e)),
             };
-            let metadata = serde_json::json!({"nonce": b64.encode(out.nonce)}).to_string();
+            let metadata = match out.nonce {
+                Some(nonce) => serde_json::json!({"nonce": b64.encode(nonce)}),
+                None => serde_json::json!({}),
+            }
+            .to_string();
             writes.push((
                 row,
                 b64.encode(&out.ciphertext),

@@ -250,6 +250,7 @@ mod tests {
             mode: Mode::Platform,
             algorithm: crate::domain::algorithm::Algorithm::Aes256Gcm,
             indexes: Vec::new(),
+            rsa_bits: None,
             salt: vec![],
             active: v,
             min_decryption_version: 1,

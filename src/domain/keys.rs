@@ -18,7 +18,10 @@ use super::client_key::ClientKey;
 use super::error::KeyError;
 use super::ids::{EncryptionId, TenantId, VersionId};
 use super::search::BlindIndex;
-use crate::crypto::{data_key_aad, derive_client_wrapping_key, CipherKey, DataKey, WrappedKey};
+use crate::crypto::{
+    data_key_aad, derive_client_wrapping_key, CipherKey, DataKey, RsaBits, RsaPrivateKey,
+    WrappedKey,
+};
 
 /// The id bound into the wrapping of client-mode data keys in place of a KEK id.
 pub const CLIENT_WRAPPING_ID: [u8; 16] = [0u8; 16];
@@ -30,6 +33,9 @@ pub use super::states::{Mode, VersionState};
 pub enum VersionKey {
     /// Platform mode: unwrapped and prepared.
     Ready(CipherKey),
+    /// An RSA-OAEP-256 version (platform mode only): its private key,
+    /// unwrapped and parsed, with its public half.
+    Rsa(RsaPrivateKey),
     /// Client mode: still wrapped; the request's client key unwraps it.
     ClientWrapped(WrappedKey),
     /// Destroyed: no key material exists any more.
@@ -105,6 +111,8 @@ pub struct VersionedKey {
     pub algorithm: Algorithm,
     /// Its blind indexes, by name.
     pub indexes: Vec<BlindIndex>,
+    /// The RSA size new versions get (RSA-OAEP-256 only).
+    pub rsa_bits: Option<RsaBits>,
     /// Salt for client-mode key derivation.
     pub salt: Vec<u8>,
     /// The active version.
@@ -205,6 +213,9 @@ impl VersionedKey {
         match (&version.key, client_key) {
             (VersionKey::Destroyed, _) => Err(KeyError::VersionDestroyed),
             (VersionKey::Ready(key), None) => Ok(f(key)),
+            // Not an AES key: the caller's algorithm check failed to route
+            // it; answer like any mismatch rather than panic.
+            (VersionKey::Rsa(_), _) => Err(KeyError::DecryptionFailed),
             (VersionKey::ClientWrapped(wrapped), Some(ck)) => {
                 let wrapping = self.client_wrapping_key(ck);
                 let aad = data_key_aad(
@@ -323,6 +334,15 @@ pub fn check_policy(
     Ok(())
 }
 
+/// A fresh RSA key of `bits`, made on a blocking thread (RSA key generation
+/// takes tens to hundreds of milliseconds, which would stall the runtime).
+pub async fn generate_rsa(bits: RsaBits) -> Result<RsaPrivateKey, KeyError> {
+    tokio::task::spawn_blocking(move || RsaPrivateKey::generate(bits))
+        .await
+        .map_err(|e| KeyError::Integrity(format!("RSA key generation stopped: {e}")))?
+        .map_err(|e| KeyError::Integrity(format!("RSA key generation failed: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,6 +380,7 @@ mod tests {
             mode: Mode::Platform,
             algorithm: Algorithm::Aes256Gcm,
             indexes: Vec::new(),
+            rsa_bits: None,
             salt: vec![0; 32],
             active,
             min_decryption_version: min,

@@ -15,8 +15,13 @@ pub struct EncryptionRow {
     pub tenant_id: TenantId,
     /// An optional human name.
     pub name: Option<String>,
-    /// Always `AES-256-GCM` today.
+    /// `AES-256-GCM` or `RSA-OAEP-256` (see `domain::algorithm`).
     pub algorithm: String,
+    /// Whether its keys may be exported (wrapped to a caller's public key);
+    /// fixed at creation.
+    pub exportable: bool,
+    /// RSA modulus size of new versions (`None` for AES-256-GCM).
+    pub key_bits: Option<i64>,
     /// Who wraps the data keys.
     pub mode: Mode,
     /// Random salt for deriving the client-mode wrapping key.
@@ -90,6 +95,8 @@ pub struct VersionRow {
     pub rotated_at: Option<i64>,
     /// Encryptions made with it, as flushed by every process.
     pub encrypt_count: i64,
+    /// Its key material was imported by the tenant (BYOK).
+    pub imported: bool,
 }
 
 /// One job as stored.

@@ -167,15 +167,20 @@ pub enum TenantScopeSchema {
     /// Blind-index values (`POST /v1/index`, `indexes` on encrypt); grants
     /// no `decrypt`.
     Index,
+    /// Import key material as a new version (bring your own key).
+    Import,
+    /// Export an exportable encryption's key, wrapped to a caller's public key.
+    Export,
 }
 
 /// Input of the routes that create an API key.
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateApiKeyRequest {
-    /// Its scopes, some of `encrypt`, `decrypt`, `rotate`, `manage`, `admin`.
+    /// Its scopes, some of `encrypt`, `decrypt`, `rotate`, `manage`, `admin`,
+    /// `index`, `import`, `export`.
     /// A tenant key creating a key may give only scopes it holds itself.
-    #[schema(value_type = Vec<TenantScopeSchema>, min_items = 1, max_items = 6)]
+    #[schema(value_type = Vec<TenantScopeSchema>, min_items = 1, max_items = 8)]
     scopes: Vec<String>,
     /// Bind the key to the client certificate whose SubjectPublicKeyInfo has
     /// this SHA-256 (64 hex digits): it then works only on mutual-TLS
@@ -275,17 +280,16 @@ fn created(
 
 /// The scopes and binding of a key-creation request.
 fn parse_key_request(req: &CreateApiKeyRequest) -> Result<(Scopes, Option<[u8; 32]>), ApiError> {
-    if req.scopes.len() > 6 {
+    if req.scopes.len() > 8 {
         return Err(ApiError::InvalidRequest(
-            "`scopes`: at most 6 entries".into(),
+            "`scopes`: at most 8 entries".into(),
         ));
     }
     let scopes = Scopes::parse_words(req.scopes.iter().map(String::as_str))
         // The message names the field, never the value sent.
         .map_err(|_| {
             ApiError::InvalidRequest(
-                "`scopes`: expected one to six of encrypt, decrypt, rotate, manage, admin, index"
-                    .into(),
+                "`scopes`: expected one to eight of encrypt, decrypt, rotate, manage, admin, index, import, export".into(),
             )
         })?;
     let binding = req

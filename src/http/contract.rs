@@ -22,8 +22,8 @@ use crate::domain::apikeys::Scope;
 use crate::domain::service::{ClientKey, Encrypted, IndexSelection, IndexValue, KeyError, Sealed};
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
-/// The default algorithm (see [`crate::domain::algorithm::Algorithm`] for
-/// every one offered).
+/// The default algorithm (an encryption created without `algorithm`; see
+/// [`crate::domain::algorithm::Algorithm`] for every one offered).
 pub const ALGORITHM: &str = "AES-256-GCM";
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -72,19 +72,24 @@ pub(super) fn context_bytes(context: &Option<String>) -> Result<&[u8], ApiError>
 }
 
 /// What decrypt needs besides the ciphertext: pass it back unchanged.
+/// `{}` for RSA-OAEP-256, whose ciphertext carries everything.
 #[derive(Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Metadata {
-    /// The 96-bit AES-GCM nonce, base64.
+    /// The 96-bit AES-GCM nonce, base64 (AES-256-GCM only).
     #[schema(format = Byte)]
-    nonce: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nonce: Option<String>,
 }
 
 /// `POST /v1/encrypt` output.
 #[derive(Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EncryptResponse {
-    /// Ciphertext with the 16-byte GCM tag, base64.
+    /// Base64 of: for AES-256-GCM the ciphertext with the 16-byte GCM tag;
+    /// for RSA-OAEP-256 one RSA-OAEP block (plaintexts up to the modulus
+    /// size less 66 bytes) or a compact JWE (RSA-OAEP-256 + A256GCM) as
+    /// ASCII (docs/algorithms.md).
     #[schema(format = Byte)]
     cipher_text: String,
     /// The encryption used.
@@ -93,8 +98,8 @@ pub struct EncryptResponse {
     /// The version used: store it with the ciphertext.
     #[schema(format = Uuid)]
     encryption_version_id: String,
-    /// The encryption's algorithm: `AES-256-GCM`, or `AES-256-GCM-SIV` for a
-    /// deterministic encryption.
+    /// The encryption's algorithm: `AES-256-GCM`, `AES-256-GCM-SIV` for a
+    /// deterministic encryption, or `RSA-OAEP-256`.
     #[schema(example = "AES-256-GCM")]
     algorithm: &'static str,
     /// What decrypt needs: store it with the ciphertext.
@@ -336,7 +341,7 @@ fn encrypted_response(id: EncryptionId, out: Encrypted) -> EncryptResponse {
         encryption_version_id: out.version_id.to_string(),
         algorithm: out.algorithm.as_str(),
         metadata: Metadata {
-            nonce: B64.encode(out.nonce),
+            nonce: out.nonce.map(|n| B64.encode(n)),
         },
         indexes: None,
     }
@@ -529,10 +534,9 @@ impl WriteJson for EncryptResponse {
             .str("encryptionId", &self.encryption_id)
             .str("encryptionVersionId", &self.encryption_version_id)
             .str("algorithm", self.algorithm)
-            .with("metadata", |out| {
-                crate::json::Object::new(out)
-                    .str("nonce", &self.metadata.nonce)
-                    .end()
+            .with("metadata", |out| match &self.metadata.nonce {
+                Some(nonce) => crate::json::Object::new(out).str("nonce", nonce).end(),
+                None => crate::json::Object::new(out).end(),
             });
         if let Some(values) = &self.indexes {
             object.with("indexes", |out| write_index_values(out, values));
@@ -704,7 +708,7 @@ mod tests {
             encryption_version_id: "00000000-0000-0000-0000-000000000002".into(),
             algorithm: ALGORITHM,
             metadata: Metadata {
-                nonce: "AAECAwQFBgcICQoL".into(),
+                nonce: Some("AAECAwQFBgcICQoL".into()),
             },
             indexes: None,
         };
@@ -726,7 +730,7 @@ mod tests {
                 Encrypted {
                     algorithm: crate::domain::algorithm::Algorithm::Aes256GcmSiv,
                     version_id: crate::domain::VersionId::new_random(),
-                    nonce: [7; NONCE_LEN],
+                    nonce: Some([7; NONCE_LEN]),
                     ciphertext: vec![1, 2, 3],
                 },
             )
@@ -743,6 +747,15 @@ mod tests {
         assert_eq!(
             written(&encrypted),
             serde_json::to_string(&encrypted).expect("serializes")
+        );
+        let rsa = EncryptResponse {
+            algorithm: "RSA-OAEP-256",
+            metadata: Metadata { nonce: None },
+            ..encrypted
+        };
+        assert_eq!(
+            written(&rsa),
+            serde_json::to_string(&rsa).expect("serializes")
         );
         for data in [
             "",
@@ -813,7 +826,7 @@ mod tests {
             let out = Encrypted {
                 algorithm: crate::domain::algorithm::Algorithm::Aes256Gcm,
                 version_id: VERSION_ID.parse().unwrap(),
-                nonce: std::array::from_fn(|i| i as u8),
+                nonce: Some(std::array::from_fn(|i| i as u8)),
                 ciphertext: crate::crypto::parse_hex(SEALED_DATA).unwrap(),
             };
             let response = encrypted_response(ENCRYPTION_ID.parse().unwrap(), out);

@@ -16,10 +16,11 @@ use super::extract::{parse_id, MasterKeyParam};
 use super::extract::{ApiJson, Auth, ManageScope, MasterKeyHeader};
 use super::query::{self, ApiQuery};
 use super::state::AppState;
+use crate::crypto::RsaBits;
 use crate::domain::algorithm::Algorithm;
 use crate::domain::keys::VersionState;
 use crate::domain::records::{EncryptionRow, VersionRow};
-use crate::domain::service::EncryptionDetails;
+use crate::domain::service::{EncryptionDetails, EncryptionOptions};
 use crate::domain::time::rfc3339;
 use crate::domain::EncryptionId;
 
@@ -37,13 +38,24 @@ pub struct CreateRequest {
         pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
     )]
     name: Option<String>,
-    /// `AES-256-GCM` (the default: a random nonce per call), or
+    /// `AES-256-GCM` (the default: a random nonce per call),
     /// `AES-256-GCM-SIV` for deterministic encryption (equal plaintexts under
     /// the same version and `context` give equal ciphertexts: see
-    /// docs/search.md for what that leaks). Fixed for the encryption's life.
+    /// docs/search.md for what that leaks), or `RSA-OAEP-256`
+    /// (platform-managed only: without `X-Master-Key`). Fixed for the
+    /// encryption's life.
     #[serde(default)]
     #[schema(value_type = Option<AlgorithmSchema>, nullable = true)]
     algorithm: Option<String>,
+    /// RSA modulus size for `RSA-OAEP-256`: 3072 (the default) or 4096.
+    #[serde(default)]
+    #[schema(nullable = true, minimum = 3072, maximum = 4096)]
+    key_size: Option<u32>,
+    /// Whether this encryption's keys may ever be exported (wrapped to a
+    /// public key the caller supplies, with the `export` scope). Fixed now:
+    /// it cannot be turned on later. Default `false`.
+    #[serde(default)]
+    exportable: bool,
 }
 
 /// The algorithms offered.
@@ -56,6 +68,10 @@ enum AlgorithmSchema {
     /// AES-256-GCM-SIV (RFC 8452), deterministic under a context.
     #[schema(rename = "AES-256-GCM-SIV")]
     Aes256GcmSiv,
+    /// RSA-OAEP with SHA-256 and MGF1-SHA-256; longer data as a JWE
+    /// (RSA-OAEP-256 + A256GCM).
+    #[schema(rename = "RSA-OAEP-256")]
+    RsaOaep256,
 }
 
 /// Who wraps an encryption's data keys.
@@ -88,9 +104,14 @@ pub struct EncryptionSummary {
     encryption_id: String,
     /// Its name, if given.
     name: Option<String>,
-    /// `AES-256-GCM`, or `AES-256-GCM-SIV` (deterministic).
+    /// `AES-256-GCM`, `AES-256-GCM-SIV` (deterministic) or `RSA-OAEP-256`.
     #[schema(value_type = AlgorithmSchema)]
     algorithm: String,
+    /// RSA modulus size (`RSA-OAEP-256` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_size: Option<i64>,
+    /// Whether its keys may be exported (fixed at creation).
+    exportable: bool,
     /// `platform` (root KEK) or `client` (X-Master-Key).
     #[schema(value_type = ModeSchema)]
     mode: &'static str,
@@ -132,6 +153,8 @@ pub struct VersionView {
     rotated_at: Option<String>,
     /// Encryptions made with it (counted in memory, flushed every few seconds).
     encrypt_count: i64,
+    /// Its key material was imported by the tenant (bring your own key).
+    imported: bool,
 }
 
 /// One encryption with its versions.
@@ -181,6 +204,8 @@ fn summary(e: &EncryptionRow) -> EncryptionSummary {
         encryption_id: e.id.to_string(),
         name: e.name.clone(),
         algorithm: e.algorithm.clone(),
+        key_size: e.key_bits,
+        exportable: e.exportable,
         mode: e.mode.as_str(),
         active_version_id: e.active_version_id.to_string(),
         latest_version: e.latest_version,
@@ -202,6 +227,7 @@ fn version_view(v: &VersionRow) -> VersionView {
         created_at: rfc3339(v.created_at),
         rotated_at: v.rotated_at.map(rfc3339),
         encrypt_count: v.encrypt_count,
+        imported: v.imported,
     }
 }
 
@@ -235,11 +261,31 @@ pub(super) async fn create(
         None => Algorithm::Aes256Gcm,
         Some(name) => Algorithm::parse(name).ok_or_else(|| {
             ApiError::InvalidRequest(format!(
-                "`algorithm`: unsupported, expected `{ALGORITHM}` or `{}`",
-                Algorithm::Aes256GcmSiv.as_str()
+                "`algorithm`: unsupported, expected `{ALGORITHM}`, `{}` or `{}`",
+                Algorithm::Aes256GcmSiv.as_str(),
+                Algorithm::RsaOaep256.as_str()
             ))
         })?,
     };
+    let rsa_bits = match (algorithm, req.key_size) {
+        (_, None) => None,
+        (Algorithm::RsaOaep256, Some(bits)) => {
+            Some(RsaBits::from_bits(bits as usize).ok_or_else(|| {
+                ApiError::InvalidRequest("`keySize`: expected 3072 or 4096".into())
+            })?)
+        }
+        (Algorithm::Aes256Gcm | Algorithm::Aes256GcmSiv, Some(_)) => {
+            return Err(ApiError::InvalidRequest(
+                "`keySize`: only for `RSA-OAEP-256` (AES keys are 256 bits)".into(),
+            ))
+        }
+    };
+    if algorithm == Algorithm::RsaOaep256 && client_key.is_some() {
+        return Err(ApiError::InvalidRequest(
+            "an `RSA-OAEP-256` encryption is platform-managed: create it without X-Master-Key"
+                .into(),
+        ));
+    }
     if let Some(name) = &req.name {
         if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
             return Err(ApiError::InvalidRequest(
@@ -249,7 +295,16 @@ pub(super) async fn create(
     }
     let details = state
         .service
-        .create_encryption_with(auth.tenant, req.name, algorithm, client_key.as_ref())
+        .create_encryption(
+            auth.tenant,
+            EncryptionOptions {
+                name: req.name,
+                algorithm,
+                rsa_bits,
+                exportable: req.exportable,
+            },
+            client_key.as_ref(),
+        )
         .await?;
     note.encryption(details.encryption.id);
     tracing::info!(encryption_id = %details.encryption.id, mode = details.encryption.mode.as_str(), "created encryption");

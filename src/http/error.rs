@@ -169,6 +169,12 @@ impl ApiError {
                 KeyError::EncryptionNotFound => (S::NOT_FOUND, "encryption_not_found"),
                 KeyError::VersionNotFound => (S::NOT_FOUND, "version_not_found"),
                 KeyError::DecryptionFailed => (S::BAD_REQUEST, "decryption_failed"),
+                KeyError::NotAsymmetric => (S::UNPROCESSABLE_ENTITY, "not_asymmetric"),
+                KeyError::ImportFailed => (S::BAD_REQUEST, "import_failed"),
+                KeyError::ImportNotSupported(_) => {
+                    (S::UNPROCESSABLE_ENTITY, "import_not_supported")
+                }
+                KeyError::ExportNotAllowed => (S::FORBIDDEN, "export_not_allowed"),
                 KeyError::VersionDisabled => (S::FORBIDDEN, "version_disabled"),
                 KeyError::VersionDestroyed => (S::GONE, "version_destroyed"),
                 KeyError::VersionNotEncryptable => {

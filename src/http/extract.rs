@@ -110,6 +110,8 @@ scope_marker!(RotateScope, tenant: Scope::Rotate);
 scope_marker!(ManageScope, tenant: Scope::Manage);
 scope_marker!(AdminScope, tenant: Scope::Admin);
 scope_marker!(IndexScope, tenant: Scope::Index);
+scope_marker!(ImportScope, tenant: Scope::Import);
+scope_marker!(ExportScope, tenant: Scope::Export);
 scope_marker!(OperatorScope, operator: Scope::Operator);
 scope_marker!(AuditReadScope, tenant: Scope::Admin, operator: Scope::Audit);
 

@@ -20,6 +20,7 @@ mod encryptions;
 pub mod error;
 pub mod extract;
 mod jobs;
+mod keys;
 pub mod metrics;
 pub mod openapi;
 mod ops;

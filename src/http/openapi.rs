@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi};
 use super::extract::Requirement;
 use super::routes::ROUTES;
 use super::{
-    accounts, admin, audit, batch, contract, encryptions, error, jobs, metrics, ops, search,
+    accounts, admin, audit, batch, contract, encryptions, error, jobs, keys, metrics, ops, search,
 };
 
 struct Security;
@@ -170,6 +170,10 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         search::list_indexes,
         search::update_index,
         search::rotate_index,
+        keys::public_key,
+        keys::wrapping_key,
+        keys::import,
+        keys::export,
         jobs::create,
         jobs::list,
         jobs::show,
@@ -198,6 +202,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
         (name = "lifecycle", description = "Rewrap and batches"),
         (name = "search", description = "Search over encrypted fields: blind-index values (scope `index`, never `decrypt`), index definitions (`manage`) and index-key rotation (`rotate`); see docs/search.md"),
+        (name = "keys", description = "RSA public keys (scope `encrypt`), key import (scope `import`) and controlled export (scope `export`)"),
         (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
         (name = "api-keys", description = "A tenant's own API keys (tenant key with `admin`)"),
         (name = "operator", description = "Tenants and any tenant's API keys (operator key with `operator`)"),

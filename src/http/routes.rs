@@ -18,12 +18,12 @@ use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
 use super::extract::{
-    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, IndexScope, ManageScope,
-    OperatorScope, RequiredScope, Requirement, RotateScope,
+    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, ExportScope, ImportScope,
+    IndexScope, ManageScope, OperatorScope, RequiredScope, Requirement, RotateScope,
 };
 use super::state::{AppState, RouterSettings};
 use super::{
-    accounts, admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops, search,
+    accounts, admin, audit, batch, contract, edge, encryptions, jobs, keys, metrics, ops, search,
 };
 
 /// One route.
@@ -119,6 +119,11 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(POST "/v1/encryptions/{id}/indexes", search::create_index, scope: ManageScope, body: Normal, audit: "index.create"),
     route!(PATCH "/v1/encryptions/{id}/indexes/{name}", search::update_index, scope: ManageScope, body: Normal, audit: "index.update"),
     route!(POST "/v1/encryptions/{id}/indexes/{name}/rotate", search::rotate_index, scope: RotateScope, body: Normal, audit: "index.rotate"),
+    // Asymmetric keys, key import (bring your own key) and controlled export.
+    route!(GET "/v1/encryptions/{id}/versions/{versionId}/public-key", keys::public_key, scope: EncryptScope, body: Normal, audit: "version.public_key"),
+    route!(GET "/v1/import/wrapping-key", keys::wrapping_key, scope: ImportScope, body: Normal, audit: "import.wrapping_key"),
+    route!(POST "/v1/encryptions/{id}/import", keys::import, scope: ImportScope, body: Normal, audit: "version.import"),
+    route!(POST "/v1/encryptions/{id}/versions/{versionId}/export", keys::export, scope: ExportScope, body: Normal, audit: "version.export"),
     // Re-encryption jobs.
     route!(GET "/v1/jobs", jobs::list, scope: ManageScope, body: Normal, audit: "job.list"),
     route!(POST "/v1/jobs", jobs::create, scope: ManageScope, body: Normal, audit: "job.create"),

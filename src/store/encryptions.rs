@@ -22,10 +22,14 @@ pub struct NewEncryption {
     pub name: Option<String>,
     /// Who wraps the data keys.
     pub mode: Mode,
-    /// Its algorithm's name (`AES-256-GCM`, `AES-256-GCM-SIV`).
-    pub algorithm: &'static str,
     /// Random salt (client mode key derivation).
     pub salt: Vec<u8>,
+    /// Its algorithm's name (`AES-256-GCM`, `AES-256-GCM-SIV`, `RSA-OAEP-256`).
+    pub algorithm: &'static str,
+    /// Whether its keys may ever be exported.
+    pub exportable: bool,
+    /// RSA modulus size of its versions (`None` for AES).
+    pub key_bits: Option<i64>,
     /// Creation time (Unix ms).
     pub now_ms: i64,
 }
@@ -40,6 +44,8 @@ pub struct NewVersion {
     pub wrapped_key: Vec<u8>,
     /// The root KEK that wraps it (`None` in client mode).
     pub kek_id: Option<KekId>,
+    /// Its key material was imported by the tenant.
+    pub imported: bool,
 }
 
 /// What a rotation did.
@@ -53,9 +59,9 @@ pub struct RotateOutcome {
     pub previous_version_id: VersionId,
 }
 
-const ENCRYPTION_COLUMNS: &str = "id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at, auto_rotate_period_ms, min_decryption_version";
+const ENCRYPTION_COLUMNS: &str = "id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at, auto_rotate_period_ms, min_decryption_version, exportable, key_bits";
 const VERSION_COLUMNS: &str =
-    "id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at, encrypt_count";
+    "id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at, encrypt_count, imported";
 
 fn encryption_from_row(r: &AnyRow) -> Result<EncryptionRow, StoreError> {
     Ok(EncryptionRow {
@@ -71,6 +77,8 @@ fn encryption_from_row(r: &AnyRow) -> Result<EncryptionRow, StoreError> {
         updated_at: r.try_get("updated_at")?,
         auto_rotate_period_ms: r.try_get("auto_rotate_period_ms")?,
         min_decryption_version: r.try_get("min_decryption_version")?,
+        exportable: r.try_get::<i64, _>("exportable")? != 0,
+        key_bits: r.try_get("key_bits")?,
     })
 }
 
@@ -85,6 +93,7 @@ fn version_from_row(r: &AnyRow) -> Result<VersionRow, StoreError> {
         created_at: r.try_get("created_at")?,
         rotated_at: r.try_get("rotated_at")?,
         encrypt_count: r.try_get("encrypt_count")?,
+        imported: r.try_get::<i64, _>("imported")? != 0,
     })
 }
 
@@ -97,8 +106,8 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO encryptions (id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at) \
-             VALUES ($1, $2, $3, $8, $4, $5, $6, 1, $7, $7)",
+            "INSERT INTO encryptions (id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at, exportable, key_bits) \
+             VALUES ($1, $2, $3, $8, $4, $5, $6, 1, $7, $7, $9, $10)",
         )
         .bind(enc.id.to_string())
         .bind(enc.tenant_id.to_string())
@@ -108,6 +117,8 @@ impl Store {
         .bind(first.id.to_string())
         .bind(enc.now_ms)
         .bind(enc.algorithm)
+        .bind(i64::from(enc.exportable))
+        .bind(enc.key_bits)
         .execute(&mut *tx)
         .await?;
         insert_version(&mut tx, enc.id, first, 1, enc.now_ms).await?;
@@ -454,8 +465,8 @@ async fn insert_version(
     now_ms: i64,
 ) -> Result<(), StoreError> {
     sqlx::query(
-        "INSERT INTO encryption_key_versions (id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at) \
-         VALUES ($1, $2, $3, 'active', $4, $5, $6, NULL)",
+        "INSERT INTO encryption_key_versions (id, encryption_id, version, state, wrapped_key, kek_id, created_at, rotated_at, imported) \
+         VALUES ($1, $2, $3, 'active', $4, $5, $6, NULL, $7)",
     )
     .bind(v.id.to_string())
     .bind(encryption.to_string())
@@ -463,6 +474,7 @@ async fn insert_version(
     .bind(&v.wrapped_key)
     .bind(v.kek_id.map(|k| k.to_string()))
     .bind(now_ms)
+    .bind(i64::from(v.imported))
     .execute(&mut **tx)
     .await?;
     Ok(())

@@ -19,6 +19,7 @@ mod root_keks;
 pub mod source;
 mod sql;
 mod tenants;
+mod wrapping_keys;
 
 pub use api_keys::{ApiKeyLookup, ApiKeyRow};
 pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
@@ -31,3 +32,4 @@ pub use pool::{Backend, Store, StoreError};
 pub use root_keks::{RootKekRow, VersionToRewrap};
 pub use sql::{rows_per_statement, statement_chunks, values_list};
 pub use tenants::TenantRow;
+pub use wrapping_keys::WrappingKeyRow;

@@ -213,7 +213,8 @@ impl Store {
         let done = sqlx::query(
             "DELETE FROM root_keks WHERE id = $1 AND state = 'retiring' \
              AND NOT EXISTS (SELECT 1 FROM encryption_key_versions WHERE kek_id = $1) \
-             AND NOT EXISTS (SELECT 1 FROM jobs WHERE source_kek_id = $1)",
+             AND NOT EXISTS (SELECT 1 FROM jobs WHERE source_kek_id = $1) \
+             AND NOT EXISTS (SELECT 1 FROM tenant_wrapping_keys WHERE kek_id = $1)",
         )
         .bind(kek.to_string())
         .execute(&mut *tx)

@@ -546,3 +546,33 @@ pub fn read_tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 pub fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && memchr::memmem::find(haystack, needle).is_some()
 }
+
+/// Runs `script` with the peers' Python (pyca/cryptography, joserfc: see
+/// scripts/peers.sh), `input` as JSON on its standard input; returns what it
+/// prints as JSON.
+pub fn run_python(script: &str, input: &Value) -> Value {
+    use std::io::Write;
+    let python = std::env::var("KEYWARD_TEST_PYTHON").expect(
+        "KEYWARD_TEST_PYTHON is not set: run the tests through scripts/test (it installs cryptography and joserfc)",
+    );
+    let mut child = Command::new(python)
+        .args(["-c", script])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start python");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("python printed JSON")
+}

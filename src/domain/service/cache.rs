@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::state::{KeyService, RootKeys};
-use crate::crypto::{data_key_aad, WrappedKey};
+use crate::crypto::{data_key_aad, RsaBits, RsaPrivateKey, WrappedKey};
 use crate::domain::algorithm::Algorithm;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
@@ -146,6 +146,23 @@ impl KeyService {
         index_rows: &[BlindIndexRow],
         root: &RootKeys,
     ) -> Result<VersionedKey, KeyError> {
+        let algorithm = Algorithm::parse(&enc.algorithm).ok_or_else(|| {
+            KeyError::Integrity(format!(
+                "encryption {} has an unknown algorithm `{}`",
+                enc.id, enc.algorithm
+            ))
+        })?;
+        let rsa_bits = enc
+            .key_bits
+            .and_then(|b| usize::try_from(b).ok())
+            .and_then(RsaBits::from_bits);
+        if algorithm == Algorithm::RsaOaep256 && (rsa_bits.is_none() || enc.mode != Mode::Platform)
+        {
+            return Err(KeyError::Integrity(format!(
+                "RSA encryption {} has no key size or is not platform-managed",
+                enc.id
+            )));
+        }
         let mut versions = Vec::with_capacity(rows.len());
         for row in rows {
             let key = match (&row.wrapped_key, row.state, enc.mode) {
@@ -161,13 +178,32 @@ impl KeyService {
                     })?;
                     let kek = root.keys.get(&kek_id).ok_or(KeyError::UnknownKek(kek_id))?;
                     let aad = data_key_aad(enc.id.as_bytes(), row.id.as_bytes(), kek_id.as_bytes());
-                    let key = kek.unwrap_key(&WrappedKey(w.clone()), &aad).map_err(|_| {
+                    let failed = || {
                         KeyError::Integrity(format!(
                             "the data key of version {} failed to authenticate under root KEK {kek_id}",
                             row.id
                         ))
-                    })?;
-                    VersionKey::Ready(key.cipher())
+                    };
+                    match algorithm {
+                        Algorithm::Aes256Gcm | Algorithm::Aes256GcmSiv => {
+                            let key = kek
+                                .unwrap_key(&WrappedKey(w.clone()), &aad)
+                                .map_err(|_| failed())?;
+                            VersionKey::Ready(key.cipher())
+                        }
+                        Algorithm::RsaOaep256 => {
+                            let der = kek
+                                .unwrap_bytes(&WrappedKey(w.clone()), &aad)
+                                .map_err(|_| failed())?;
+                            let key = RsaPrivateKey::from_pkcs8(&der).map_err(|e| {
+                                KeyError::Integrity(format!(
+                                    "the RSA key of version {} is unusable: {e}",
+                                    row.id
+                                ))
+                            })?;
+                            VersionKey::Rsa(key)
+                        }
+                    }
                 }
             };
             versions.push(KeyVersion {
@@ -178,9 +214,6 @@ impl KeyService {
                 uses: self.ring.counter(row.id, row.encrypt_count.max(0) as u64),
             });
         }
-        let algorithm = Algorithm::parse(&enc.algorithm).ok_or_else(|| {
-            KeyError::Integrity(format!("encryption {}: unknown algorithm", enc.id))
-        })?;
         let indexes = index_rows
             .iter()
             .map(BlindIndex::from_row)
@@ -192,6 +225,7 @@ impl KeyService {
             mode: enc.mode,
             algorithm,
             indexes,
+            rsa_bits,
             salt: enc.salt.clone(),
             active: enc.active_version_id,
             min_decryption_version: enc.min_decryption_version,

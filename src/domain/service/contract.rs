@@ -21,9 +21,11 @@ pub struct Encrypted {
     pub algorithm: Algorithm,
     /// The version used.
     pub version_id: VersionId,
-    /// The nonce (goes into the response's metadata).
-    pub nonce: [u8; NONCE_LEN],
-    /// Ciphertext with tag.
+    /// The nonce (goes into the response's metadata); `None` for
+    /// RSA-OAEP-256, whose ciphertext carries all it needs.
+    pub nonce: Option<[u8; NONCE_LEN]>,
+    /// Ciphertext with tag (AES-256-GCM), or one RSA-OAEP block or a compact
+    /// JWE (RSA-OAEP-256, see `crypto::RsaPrivateKey`).
     pub ciphertext: Vec<u8>,
 }
 
@@ -111,12 +113,19 @@ impl KeyService {
                 },
             );
         }
+        if let VersionKey::Rsa(rsa) = &version.key {
+            // Public-key encryption: no nonce to bound, but counted all the
+            // same (the versions' counts stay comparable).
+            let ciphertext = rsa.public().seal(plaintext, &version.id.to_string());
+            return Ok(Encrypted {
+                version_id: version.id,
+                algorithm: Algorithm::RsaOaep256,
+                nonce: None,
+                ciphertext,
+            });
+        }
         let vid = version.id;
         let sealed = key.with_key(version, client_key, |k| match key.algorithm {
-            Algorithm::Aes256Gcm => {
-                let sealed = crypto::seal(k, &data_aad(id.as_bytes(), vid.as_bytes()), plaintext);
-                (sealed.nonce, sealed.ciphertext)
-            }
             Algorithm::Aes256GcmSiv => {
                 let nonce = siv_nonce(context);
                 let aad = deterministic_aad(id.as_bytes(), vid.as_bytes(), context);
@@ -125,6 +134,12 @@ impl KeyService {
                     siv_seal(&siv_key(k, id, vid), &nonce, &aad, plaintext),
                 )
             }
+            // An RSA encryption's versions hold RSA keys (handled above); an
+            // AES key under one would still only ever run AES-256-GCM.
+            Algorithm::Aes256Gcm | Algorithm::RsaOaep256 => {
+                let sealed = crypto::seal(k, &data_aad(id.as_bytes(), vid.as_bytes()), plaintext);
+                (sealed.nonce, sealed.ciphertext)
+            }
         });
         let (nonce, ciphertext) = self
             .count_client_key(id, sealed)
@@ -132,7 +147,7 @@ impl KeyService {
         Ok(Encrypted {
             algorithm: key.algorithm,
             version_id: vid,
-            nonce,
+            nonce: Some(nonce),
             ciphertext,
         })
     }
@@ -166,19 +181,26 @@ impl KeyService {
             Err(e) => return Err(e),
         };
         let v = key.key_for_decrypt(version)?;
+        if let VersionKey::Rsa(rsa) = &v.key {
+            // The metadata carries nothing for RSA-OAEP-256 (the JWE header
+            // is authenticated by the tag; a block has no header): ignored.
+            return rsa
+                .open(ciphertext, &v.id.to_string())
+                .map_err(|()| KeyError::DecryptionFailed);
+        }
         let nonce = nonce.ok_or(KeyError::DecryptionFailed)?;
         let vid = v.id;
         let opened = key.with_key(v, client_key, |k| match key.algorithm {
-            Algorithm::Aes256Gcm => crypto::open(
+            Algorithm::Aes256GcmSiv => {
+                let aad = deterministic_aad(id.as_bytes(), vid.as_bytes(), context);
+                siv_open(&siv_key(k, id, vid), &nonce, &aad, ciphertext)
+            }
+            Algorithm::Aes256Gcm | Algorithm::RsaOaep256 => crypto::open(
                 k,
                 &nonce,
                 &data_aad(id.as_bytes(), vid.as_bytes()),
                 ciphertext,
             ),
-            Algorithm::Aes256GcmSiv => {
-                let aad = deterministic_aad(id.as_bytes(), vid.as_bytes(), context);
-                siv_open(&siv_key(k, id, vid), &nonce, &aad, ciphertext)
-            }
         });
         self.count_client_key(id, opened)?
             .map_err(|()| KeyError::DecryptionFailed)
@@ -211,6 +233,11 @@ impl KeyService {
         let new_id = VersionId::new_random();
         let data_key = DataKey::generate();
         let new_version = match client_key {
+            None if key.algorithm == Algorithm::RsaOaep256 => {
+                let bits = key.rsa_bits.unwrap_or(crypto::RsaBits::B3072);
+                let rsa = crate::domain::keys::generate_rsa(bits).await?;
+                self.wrap_platform_material(id, new_id, rsa.pkcs8(), false)?
+            }
             None => self.wrap_platform_key(id, new_id, &data_key)?,
             Some(ck) => {
                 // Prove the caller's key is the encryption's key before adding a
@@ -295,5 +322,6 @@ pub(super) fn wrap_client_key(
             .wrap(data_key, &aad)
             .0,
         kek_id: None,
+        imported: false,
     }
 }

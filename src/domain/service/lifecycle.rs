@@ -246,7 +246,22 @@ impl KeyService {
         expected_active: VersionId,
     ) -> Result<bool, KeyError> {
         let new_id = VersionId::new_random();
-        let new_version = self.wrap_platform_key(id, new_id, &DataKey::generate())?;
+        // An RSA encryption gets a new RSA key of its size (one query: a
+        // rare event).
+        let rsa_bits = match self.store.encryption_with_versions(id).await? {
+            Some((e, _)) => e
+                .key_bits
+                .and_then(|b| usize::try_from(b).ok())
+                .and_then(crate::crypto::RsaBits::from_bits),
+            None => return Ok(false),
+        };
+        let new_version = match rsa_bits {
+            None => self.wrap_platform_key(id, new_id, &DataKey::generate())?,
+            Some(bits) => {
+                let rsa = crate::domain::keys::generate_rsa(bits).await?;
+                self.wrap_platform_material(id, new_id, rsa.pkcs8(), false)?
+            }
+        };
         let done = self
             .store
             .rotate_if_active(id, expected_active, &new_version, now_ms())

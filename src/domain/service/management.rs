@@ -2,11 +2,12 @@
 
 use super::contract::wrap_client_key;
 use super::state::KeyService;
-use crate::crypto::{self, DataKey};
+use crate::crypto::{self, DataKey, RsaBits};
 use crate::domain::algorithm::Algorithm;
 use crate::domain::client_key::ClientKey;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
+use crate::domain::keys::generate_rsa;
 use crate::domain::records::{EncryptionRow, VersionRow};
 use crate::domain::states::Mode;
 use crate::domain::time::now_ms;
@@ -35,41 +36,75 @@ impl EncryptionDetails {
     }
 }
 
+/// What an encryption is created with besides its tenant.
+#[derive(Debug, Clone)]
+pub struct EncryptionOptions {
+    /// An optional human name.
+    pub name: Option<String>,
+    /// Its algorithm.
+    pub algorithm: Algorithm,
+    /// The RSA size (RSA-OAEP-256 only; 3072 when not given).
+    pub rsa_bits: Option<RsaBits>,
+    /// Whether its keys may ever be exported (fixed now, for good).
+    pub exportable: bool,
+}
+
+impl EncryptionOptions {
+    /// An AES-256-GCM encryption named `name`, not exportable.
+    pub fn aes(name: Option<String>) -> EncryptionOptions {
+        EncryptionOptions {
+            name,
+            algorithm: Algorithm::Aes256Gcm,
+            rsa_bits: None,
+            exportable: false,
+        }
+    }
+}
+
 impl KeyService {
     /// Creates an encryption with its first version. With a client key the
     /// encryption is client-mode: every later call must bring the same key.
+    /// An RSA-OAEP-256 encryption is platform-managed only.
     pub async fn create_encryption(
         &self,
         tenant: TenantId,
-        name: Option<String>,
+        options: EncryptionOptions,
         client_key: Option<&ClientKey>,
     ) -> Result<EncryptionDetails, KeyError> {
-        self.create_encryption_with(tenant, name, Algorithm::Aes256Gcm, client_key)
-            .await
-    }
-
-    /// [`KeyService::create_encryption`] with the algorithm chosen: every
-    /// version of the encryption uses it.
-    pub async fn create_encryption_with(
-        &self,
-        tenant: TenantId,
-        name: Option<String>,
-        algorithm: Algorithm,
-        client_key: Option<&ClientKey>,
-    ) -> Result<EncryptionDetails, KeyError> {
+        let EncryptionOptions {
+            name,
+            algorithm,
+            rsa_bits,
+            exportable,
+        } = options;
         let id = EncryptionId::new_random();
         let version_id = VersionId::new_random();
         let salt: [u8; 32] = crypto::random_bytes();
-        let data_key = DataKey::generate();
-        let (mode, first) = match client_key {
-            None => (
+        let rsa_bits = match algorithm {
+            Algorithm::Aes256Gcm | Algorithm::Aes256GcmSiv => None,
+            Algorithm::RsaOaep256 => Some(rsa_bits.unwrap_or(RsaBits::B3072)),
+        };
+        let (mode, first) = match (client_key, rsa_bits) {
+            (None, None) => (
                 Mode::Platform,
-                self.wrap_platform_key(id, version_id, &data_key)?,
+                self.wrap_platform_key(id, version_id, &DataKey::generate())?,
             ),
-            Some(ck) => (
+            (Some(ck), None) => (
                 Mode::Client,
-                wrap_client_key(id, &salt, ck, version_id, &data_key),
+                wrap_client_key(id, &salt, ck, version_id, &DataKey::generate()),
             ),
+            (None, Some(bits)) => {
+                self.root()?;
+                let key = generate_rsa(bits).await?;
+                (
+                    Mode::Platform,
+                    self.wrap_platform_material(id, version_id, key.pkcs8(), false)?,
+                )
+            }
+            (Some(_), Some(_)) => return Err(KeyError::InvalidPolicy(
+                "an RSA-OAEP-256 encryption is platform-managed: create it without X-Master-Key"
+                    .into(),
+            )),
         };
         self.store
             .insert_encryption(
@@ -78,8 +113,10 @@ impl KeyService {
                     tenant_id: tenant,
                     name,
                     mode,
-                    algorithm: algorithm.as_str(),
                     salt: salt.to_vec(),
+                    algorithm: algorithm.as_str(),
+                    exportable,
+                    key_bits: rsa_bits.map(|b| b.bits() as i64),
                     now_ms: now_ms(),
                 },
                 &first,

@@ -22,6 +22,7 @@
 mod cache;
 mod contract;
 mod identity;
+mod import;
 mod lifecycle;
 mod management;
 mod queries;
@@ -33,7 +34,7 @@ pub use super::apikeys::{looks_like_key_id, Principal};
 pub use super::client_key::ClientKey;
 pub use super::error::{AuthError, KeyError, RootKeyError};
 pub use contract::{Encrypted, Sealed};
-pub use management::EncryptionDetails;
+pub use management::{EncryptionDetails, EncryptionOptions};
 pub use queries::RootKekInfo;
 pub use root_keys::migrate_master_key;
 pub use search::{IndexSelection, IndexValue};

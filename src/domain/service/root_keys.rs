@@ -124,18 +124,31 @@ impl KeyService {
         version: VersionId,
         key: &DataKey,
     ) -> Result<NewVersion, KeyError> {
+        self.wrap_platform_material(id, version, key.expose(), false)
+    }
+
+    /// A new version's key material (a data key, or an RSA private key's
+    /// PKCS#8 DER) wrapped under the active root KEK.
+    pub(super) fn wrap_platform_material(
+        &self,
+        id: EncryptionId,
+        version: VersionId,
+        material: &[u8],
+        imported: bool,
+    ) -> Result<NewVersion, KeyError> {
         let root = self.root()?;
         let kek_id = root.active;
-        let kek = &root.keys[&kek_id];
+        let kek = root.keys.get(&kek_id).ok_or(KeyError::UnknownKek(kek_id))?;
         Ok(NewVersion {
             id: version,
             wrapped_key: kek
-                .wrap(
-                    key,
+                .wrap_bytes(
+                    material,
                     &data_key_aad(id.as_bytes(), version.as_bytes(), kek_id.as_bytes()),
                 )
                 .0,
             kek_id: Some(kek_id),
+            imported,
         })
     }
 
@@ -366,8 +379,9 @@ impl KeyService {
                         row.id.as_bytes(),
                         old_id.as_bytes(),
                     );
+                    // Any length: a data key or an RSA private key.
                     let Ok(key) =
-                        old_kek.unwrap_key(&WrappedKey(row.wrapped_key.clone()), &old_aad)
+                        old_kek.unwrap_bytes(&WrappedKey(row.wrapped_key.clone()), &old_aad)
                     else {
                         if !failed.contains(&row.id) {
                             failed.push(row.id);
@@ -382,7 +396,7 @@ impl KeyService {
                     updates.push((
                         row.id,
                         row.wrapped_key.clone(),
-                        new_kek.wrap(&key, &new_aad).0,
+                        new_kek.wrap_bytes(&key, &new_aad).0,
                     ));
                 }
                 if !updates.is_empty() {
@@ -412,6 +426,22 @@ impl KeyService {
             let plain = self.open_job_source(job, old_id, &sealed)?;
             let (kek, resealed) = self.seal_job_source(job, &plain)?;
             self.store.reseal_job(job, &sealed, &resealed, kek).await?;
+        }
+        for row in self.store.wrapping_keys_wrapped_by(old_id).await? {
+            let old_aad = crypto::wrapping_key_aad(row.tenant_id.as_bytes(), old_id.as_bytes());
+            let der = old_kek
+                .unwrap_bytes(&WrappedKey(row.wrapped_key.clone()), &old_aad)
+                .map_err(|_| {
+                    KeyError::Integrity(format!(
+                        "the import wrapping key of tenant {} fails to unwrap under root KEK {old_id}",
+                        row.tenant_id
+                    ))
+                })?;
+            let new_aad = crypto::wrapping_key_aad(row.tenant_id.as_bytes(), new_id.as_bytes());
+            let rewrapped = new_kek.wrap_bytes(&der, &new_aad).0;
+            self.store
+                .rewrap_wrapping_key(row.tenant_id, old_id, &row.wrapped_key, new_id, &rewrapped)
+                .await?;
         }
         if self.store.retire_root_kek(old_id).await? {
             tracing::info!(kek_id = %old_id, "root KEK retired: no version needs it any more");
@@ -789,7 +819,11 @@ mod tests {
             .tenant
             .id;
         let enc = b
-            .create_encryption(tenant, None, None)
+            .create_encryption(
+                tenant,
+                crate::domain::service::EncryptionOptions::aes(None),
+                None,
+            )
             .await
             .unwrap()
             .encryption

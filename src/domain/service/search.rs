@@ -130,6 +130,13 @@ impl KeyService {
         normalizations: &[Normalization],
     ) -> Result<BlindIndexRow, KeyError> {
         let key = self.entry(tenant, id).await?;
+        if key.algorithm == crate::domain::algorithm::Algorithm::RsaOaep256 {
+            // Index keys derive from a version's AES data key; an RSA
+            // encryption's versions hold RSA keys.
+            return Err(KeyError::InvalidPolicy(
+                "blind indexes need an AES encryption (`AES-256-GCM` or `AES-256-GCM-SIV`)".into(),
+            ));
+        }
         if self.store.blind_indexes(id).await?.len() >= MAX_INDEXES {
             return Err(KeyError::TooManyIndexes(MAX_INDEXES));
         }
