@@ -35,7 +35,7 @@ LAYERS = [
     ("audit", ["audit"]),
     ("http", ["http"]),
     ("entry", ["lib", "main", "allocator", "cli", "client", "config", "startup",
-               "server", "tls", "dev", "telemetry"]),
+               "server", "tls", "dev", "telemetry", "fuzzing"]),
 ]
 
 # Imports that the ranks allow but the design does not: handlers reach the

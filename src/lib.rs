@@ -69,6 +69,8 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod domain;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod http;
 pub mod json;
 pub mod master_key;

@@ -46,7 +46,7 @@ impl Settings {
 }
 
 impl Raw {
-    fn validate(self) -> Result<Settings, ConfigError> {
+    pub(super) fn validate(self) -> Result<Settings, ConfigError> {
         let sync_interval = self.required("sync_interval", duration)?;
         let feed_max_lag = self.required("change_feed_max_lag", |v| {
             let d = duration(v)?;

@@ -36,3 +36,37 @@ pub use values::parse_master_key;
 
 /// The log format is telemetry's own type; re-exported under its old path.
 pub use crate::telemetry::LogFormat;
+
+/// Entry points for the fuzz targets (`fuzz/`, through `crate::fuzzing`),
+/// compiled only with the `fuzzing` feature: the two files an operator
+/// writes, parsed from text exactly as from a file, reading no other file.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use zeroize::Zeroizing;
+
+    use crate::config::raw::Raw;
+
+    /// `text` as the settings file (`--config`), with a database URL
+    /// defaulted so that validation goes past it; a `job_sources_file` it
+    /// names is not read (see [`job_sources_file`] for that file).
+    pub fn settings_file(text: &str) {
+        let mut raw = Raw(BTreeMap::new());
+        raw.0.insert(
+            "database_url",
+            (Zeroizing::new("sqlite::memory:".into()), "fuzz".into()),
+        );
+        if raw.read_text(text, Path::new("fuzz.toml")).is_ok() {
+            raw.0.remove("job_sources_file");
+            let _ = raw.validate();
+        }
+    }
+
+    /// `text` as the job sources file; a `database_url_file` it names reads
+    /// as a fixed URL.
+    pub fn job_sources_file(text: &str) {
+        let _ = crate::config::sources::parse(text, |_| Ok("postgres://fuzz@localhost/db".into()));
+    }
+}

@@ -70,6 +70,15 @@ impl Raw {
             reason,
         };
         let text = std::fs::read_to_string(path).map_err(|e| file_err(e.to_string()))?;
+        self.read_text(&text, path)
+    }
+
+    /// [`Raw::read_file`] of a file's text; `path` names it in errors.
+    pub(super) fn read_text(&mut self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let file_err = |reason: String| ConfigError::File {
+            path: path.display().to_string(),
+            reason,
+        };
         let table: toml::Table = text
             .parse()
             .map_err(|e: toml::de::Error| file_err(e.message().to_string()))?;

@@ -56,13 +56,21 @@ pub fn read(path: &Path) -> Result<Vec<JobSourceSpec>, String> {
     let text = Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| format!("cannot read the file: {e}"))?,
     );
-    let file: File = toml::from_str(&text).map_err(|e| e.message().to_string())?;
+    parse(&text, |file| std::fs::read_to_string(file))
+}
+
+/// [`read`] of the file's text; `read_url_file` reads a `database_url_file`.
+pub(super) fn parse(
+    text: &str,
+    read_url_file: impl Fn(&Path) -> std::io::Result<String>,
+) -> Result<Vec<JobSourceSpec>, String> {
+    let file: File = toml::from_str(text).map_err(|e| e.message().to_string())?;
     let mut out = Vec::with_capacity(file.sources.len());
     for (name, entry) in file.sources {
         let url = match (entry.database_url, entry.database_url_file) {
             (Some(url), None) => Zeroizing::new(url),
             (None, Some(file)) => {
-                let text = Zeroizing::new(std::fs::read_to_string(&file).map_err(|e| {
+                let text = Zeroizing::new(read_url_file(&file).map_err(|e| {
                     format!("source `{name}`: cannot read its `database_url_file`: {e}")
                 })?);
                 Zeroizing::new(text.trim().to_string())

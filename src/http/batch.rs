@@ -62,6 +62,14 @@ pub struct BatchRequest {
     items: Vec<Box<RawValue>>,
 }
 
+#[cfg(feature = "fuzzing")]
+impl BatchRequest {
+    /// The items' JSON text (for the fuzz targets).
+    pub(super) fn items(&self) -> &[Box<RawValue>] {
+        &self.items
+    }
+}
+
 /// One item's outcome: the single call's output, or an error.
 #[derive(Serialize)]
 #[serde(untagged)]

@@ -35,6 +35,44 @@ use std::time::Duration;
 use axum::Router;
 
 pub use edge::Edge;
+
+/// Entry points for the fuzz targets (`fuzz/`, through `crate::fuzzing`),
+/// compiled only with the `fuzzing` feature.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use crate::http::extract::parse_json;
+    use crate::http::query::parse;
+    use crate::http::{accounts, audit, batch, contract, encryptions, jobs};
+
+    /// `bytes` as the body of every route that takes one, parsed as the
+    /// route's extractor parses it (and a decrypt body, and each batch item
+    /// as the single call's input, as far as the handler goes before a key).
+    pub fn request_body(bytes: &[u8]) {
+        let _ = parse_json::<contract::EncryptRequest>(bytes);
+        contract::parse_decrypt_body(bytes);
+        let _ = parse_json::<contract::RotateRequest>(bytes);
+        if let Ok(batch) = parse_json::<batch::BatchRequest>(bytes) {
+            for item in batch.items() {
+                let _ = parse_json::<contract::EncryptRequest>(item.get().as_bytes());
+                contract::parse_decrypt_body(item.get().as_bytes());
+            }
+        }
+        let _ = parse_json::<encryptions::CreateRequest>(bytes);
+        let _ = parse_json::<encryptions::VersionStateRequest>(bytes);
+        let _ = parse_json::<serde_json::Map<String, serde_json::Value>>(bytes);
+        let _ = parse_json::<jobs::CreateJobRequest>(bytes);
+        let _ = parse_json::<accounts::CreateTenantRequest>(bytes);
+        let _ = parse_json::<accounts::CreateApiKeyRequest>(bytes);
+    }
+
+    /// `query` as the query string of every route that reads one.
+    pub fn query_string(query: &str) {
+        let _ = parse::<encryptions::ListParams>(query);
+        let _ = parse::<audit::AuditParams>(query);
+        let _ = parse::<accounts::TenantParams>(query);
+        let _ = parse::<accounts::ApiKeyParams>(query);
+    }
+}
 use error::ApiError;
 pub use state::{AppParts, AppState, BatchLimits, RouterSettings};
 

@@ -4,6 +4,7 @@
 //! openapi/keyward.json` regenerates it).
 
 use axum::http::Method;
+use utoipa::openapi::link::{Link, LinkBuilder};
 use utoipa::openapi::path::{Operation, Paths};
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
@@ -112,6 +113,115 @@ impl Modify for Security {
 }
 
 /// The operation of `method` on `path`.
+/// OpenAPI links between the operations that hand each other ids and
+/// ciphertexts, so that a stateful client (schemathesis) chains real calls:
+/// create → encrypt, rotate; encrypt → decrypt, rewrap, rotate; rewrap →
+/// decrypt; rotate → encrypt with the new version.
+struct Links;
+
+/// A link and its name in a response's `links`.
+type NamedLink = (&'static str, RefOr<Link>);
+
+/// A link to the operation at `path` (POST) whose request body takes these
+/// fields from runtime expressions.
+fn post_link(description: &str, path: &str, body: &[(&str, &str)]) -> RefOr<Link> {
+    let body: serde_json::Map<String, serde_json::Value> = body
+        .iter()
+        .map(|(field, expression)| (field.to_string(), (*expression).into()))
+        .collect();
+    RefOr::T(
+        LinkBuilder::new()
+            .operation_ref(format!("#/paths/{}/post", path.replace('/', "~1")))
+            .request_body(Some(serde_json::Value::Object(body)))
+            .description(description)
+            .build(),
+    )
+}
+
+impl Modify for Links {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        const CIPHERTEXT: [(&str, &str); 4] = [
+            ("encryptionId", "$response.body#/encryptionId"),
+            ("cipherText", "$response.body#/cipherText"),
+            ("encryptionVersionId", "$response.body#/encryptionVersionId"),
+            ("metadata", "$response.body#/metadata"),
+        ];
+        let decrypt = || {
+            post_link(
+                "Decrypt the ciphertext just made",
+                "/v1/decrypt",
+                &CIPHERTEXT,
+            )
+        };
+        let rewrap = || {
+            post_link(
+                "Re-encrypt the ciphertext just made under the active version",
+                "/v1/rewrap",
+                &CIPHERTEXT,
+            )
+        };
+        let rotate = |from: &'static str| {
+            post_link(
+                "Rotate the encryption",
+                "/v1/rotate",
+                &[("encryptionId", from)],
+            )
+        };
+        let links: [(&str, &str, Vec<NamedLink>); 4] = [
+            (
+                "/v1/encryptions",
+                "201",
+                vec![
+                    (
+                        "Encrypt",
+                        post_link(
+                            "Encrypt under the new encryption",
+                            "/v1/encrypt",
+                            &[("encryptionId", "$response.body#/encryptionId")],
+                        ),
+                    ),
+                    ("Rotate", rotate("$response.body#/encryptionId")),
+                ],
+            ),
+            (
+                "/v1/encrypt",
+                "200",
+                vec![
+                    ("Decrypt", decrypt()),
+                    ("Rewrap", rewrap()),
+                    ("Rotate", rotate("$response.body#/encryptionId")),
+                ],
+            ),
+            ("/v1/rewrap", "200", vec![("Decrypt", decrypt())]),
+            (
+                "/v1/rotate",
+                "200",
+                vec![(
+                    "EncryptWithNewVersion",
+                    post_link(
+                        "Encrypt under the version the rotation made",
+                        "/v1/encrypt",
+                        &[
+                            ("encryptionId", "$request.body#/encryptionId"),
+                            ("encryptionVersionId", "$response.body#/newVersionId"),
+                        ],
+                    ),
+                )],
+            ),
+        ];
+        for (path, status, targets) in links {
+            let Some(operation) = operation_mut(&mut api.paths, path, &Method::POST) else {
+                continue;
+            };
+            if let Some(RefOr::T(response)) = operation.responses.responses.get_mut(status) {
+                for (name, link) in targets {
+                    response.links.insert(name.to_string(), link);
+                }
+            }
+        }
+    }
+}
+
 fn operation_mut<'a>(
     paths: &'a mut Paths,
     path: &str,
@@ -196,7 +306,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         ops::openapi_json,
     ),
     components(schemas(error::ErrorBody)),
-    modifiers(&Security),
+    modifiers(&Security, &Links),
     tags(
         (name = "contract", description = "The fixed v1 contract"),
         (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
@@ -223,7 +333,11 @@ pub fn document() -> String {
         .to_pretty_json()
         .expect("the OpenAPI document serializes");
     json.push('\n');
-    json
+    // utoipa 5 writes a Link's `operationRef` and `requestBody` under their
+    // Rust names; the document's keys are otherwise all camelCase, so these
+    // two (with the pretty printer's `": "`) appear nowhere else.
+    json.replace("\"operation_ref\": ", "\"operationRef\": ")
+        .replace("\"request_body\": ", "\"requestBody\": ")
 }
 
 #[cfg(test)]
@@ -236,5 +350,44 @@ mod tests {
             checked_in == super::document(),
             "openapi/keyward.json is out of date: run `cargo run -- openapi > openapi/keyward.json`"
         );
+    }
+
+    #[test]
+    fn every_link_names_an_operation_of_the_document_and_fields_of_its_body() {
+        let doc: serde_json::Value = serde_json::from_str(&super::document()).unwrap();
+        let mut links = 0;
+        for (_, item) in doc["paths"].as_object().unwrap() {
+            for (_, operation) in item.as_object().unwrap() {
+                for (_, response) in operation["responses"].as_object().unwrap() {
+                    let Some(named) = response.get("links") else {
+                        continue;
+                    };
+                    for (name, link) in named.as_object().unwrap() {
+                        links += 1;
+                        let target = link["operationRef"].as_str().unwrap();
+                        let pointer = target.strip_prefix('#').unwrap();
+                        let operation = doc.pointer(pointer).unwrap_or_else(|| {
+                            panic!("link {name} points at {target}, which is not in the document")
+                        });
+                        let schema = &operation["requestBody"]["content"]["application/json"]
+                            ["schema"]["$ref"];
+                        let schema = schema.as_str().unwrap().strip_prefix('#').unwrap();
+                        let properties = &doc.pointer(schema).unwrap()["properties"];
+                        for (field, expression) in link["requestBody"].as_object().unwrap() {
+                            assert!(
+                                properties.get(field).is_some(),
+                                "link {name}: no field {field}"
+                            );
+                            assert!(expression.as_str().unwrap().starts_with('$'));
+                        }
+                        assert!(
+                            link.get("operation_ref").is_none()
+                                && link.get("request_body").is_none()
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(links, 7);
     }
 }

@@ -3,9 +3,12 @@
 //! fails these tests, it does not skip them):
 //!
 //! - schemathesis (`tests/peers/schemathesis.sh`) generates requests from the
-//!   served spec, valid and invalid, with an all-scopes key, and checks every
-//!   answer: no 5xx, only documented status codes, content types and bodies,
-//!   schema-violating input refused and schema-valid input accepted;
+//!   served spec, valid and invalid, once with an all-scopes tenant key and
+//!   once with an operator key, and checks every answer: no 5xx, only
+//!   documented status codes, content types and bodies, schema-violating input
+//!   refused and schema-valid input accepted; its stateful phase follows the
+//!   spec's links (create → encrypt → decrypt, rewrap, rotate → encrypt with
+//!   the new version), so it decrypts ciphertexts the server made;
 //! - openapi-python-client (`tests/peers/generated_client.py`) generates a
 //!   typed Python client from `openapi/keyward.json` into a temporary folder
 //!   and runs encrypt, decrypt and rotate through it.
@@ -72,6 +75,7 @@ async fn run_script(
         .env("KEYWARD_API_SECRET", &creds.secret)
         .env("KEYWARD_ENCRYPTION_ID", encryption_id)
         .env("KEYWARD_VERSION_ID", version_id)
+        .env("KEYWARD_TENANT_ID", &creds.tenant_id)
         .env("KEYWARD_PEER_VENV", venv())
         // A throwaway server and key: show the real values so the printed curl
         // commands reproduce a failure as they are.
@@ -99,16 +103,16 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn schemathesis_finds_no_failure_against_the_served_spec() {
+/// Runs tests/peers/schemathesis.sh with `creds` and checks it passed and the
+/// server never answered 500 or panicked.
+async fn schemathesis_passes(app: &TestApp, creds: &Creds, encryption: &(String, String)) {
     let st = venv().join("bin/st");
     assert_tool(&st, "schemathesis (st)");
-    let (app, creds, encryption) = app_for_tools().await;
     let mut cmd = Command::new("bash");
     cmd.arg(root().join("tests/peers/schemathesis.sh"))
         .env("KEYWARD_ST", &st);
-    let out = run_script(cmd, &app, &creds, &encryption).await;
-    assert_script_passed("tests/peers/schemathesis.sh", &out, &app);
+    let out = run_script(cmd, app, creds, encryption).await;
+    assert_script_passed("tests/peers/schemathesis.sh", &out, app);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout.contains("schemathesis.sh: OK"),
@@ -121,6 +125,60 @@ async fn schemathesis_finds_no_failure_against_the_served_spec() {
         "the server answered 500 or panicked during the run:\n{}",
         tail(&log, 100)
     );
+}
+
+/// How many `operation` records of `tenant` succeeded, read with an
+/// operator key (which the run cannot revoke: it is not the tenant's).
+async fn succeeded(app: &TestApp, operator: &Creds, tenant: &str, operation: &str) -> usize {
+    let (status, page) = app
+        .get(
+            &format!("/v1/audit?tenantId={tenant}&operation={operation}&limit=1000"),
+            operator,
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["outcome"] == "ok")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_with_a_tenant_key_finds_no_failure_and_decrypts_real_ciphertexts() {
+    let (app, creds, encryption) = app_for_tools().await;
+    let operator = app.create_operator();
+    schemathesis_passes(&app, &creds, &encryption).await;
+    // Only a ciphertext the server made decrypts: the stateful phase followed
+    // the links (encrypt → decrypt, encrypt → rewrap → decrypt). The audit
+    // table is written in batches: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let decrypted = succeeded(&app, &operator, &creds.tenant_id, "decrypt").await;
+        let rewrapped = succeeded(&app, &operator, &creds.tenant_id, "rewrap").await;
+        if decrypted > 0 && rewrapped > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the run decrypted {decrypted} and rewrapped {rewrapped} real ciphertexts: \
+             the spec's links were not followed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_with_an_operator_key_finds_no_failure() {
+    let (app, creds, encryption) = app_for_tools().await;
+    let operator = app.create_operator();
+    let operator = Creds {
+        // Bound to `{tenantId}` so the tenant routes get past 404.
+        tenant_id: creds.tenant_id.clone(),
+        ..operator
+    };
+    schemathesis_passes(&app, &operator, &encryption).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

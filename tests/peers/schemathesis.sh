@@ -3,13 +3,16 @@
 # against a live Keyward with every check: no 5xx, every status code, content
 # type, header and body as documented, schema-violating requests refused,
 # schema-valid ones accepted, auth enforced, and the stateful phase that chains
-# operations through the spec's links (create an encryption, then use its id).
+# operations through the spec's links (create an encryption → encrypt, rotate;
+# encrypt → decrypt, rewrap, rotate; rewrap → decrypt; rotate → encrypt with
+# the new version), so it decrypts real ciphertexts.
 # Exits non-zero on any failure, printing each with a curl command that
 # reproduces it.
 #
 # Required:
 #   KEYWARD_URL            base URL, e.g. http://127.0.0.1:8480
-#   KEYWARD_API_KEY        an API key id (kw_...) with all five scopes
+#   KEYWARD_API_KEY        an API key id (kw_...): a tenant key with all five
+#                          scopes, or an operator key
 #   KEYWARD_API_SECRET     its secret (kws_...)
 # Optional:
 #   KEYWARD_ENCRYPTION_ID  an existing encryption of the key's tenant, and
@@ -17,8 +20,10 @@
 #                          about half of the `encryptionId` / `{id}` and
 #                          `encryptionVersionId` / `{versionId}` values it sends, so
 #                          encrypt, decrypt, rotate, rewrap and the version routes
-#                          get past 404 (the spec has no links that would lead
-#                          there); both may be rotated, re-policied or disabled
+#                          get past 404 before the stateful phase has made its
+#                          own; both may be rotated, re-policied or disabled
+#   KEYWARD_TENANT_ID      a tenant: used the same way for `{tenantId}` and the
+#                          `tenantId` query parameter (operator routes)
 #   KEYWARD_SPEC           the OpenAPI document, a file or a URL
 #                          (default: $KEYWARD_URL/openapi.json, what the server serves)
 #   KEYWARD_ST_MAX_EXAMPLES  test cases per operation and phase (default 25: ~30 s)
@@ -103,6 +108,7 @@ bind() { # bind DICTIONARY VALUE FIELD...
 bindings=()
 [ -n "${KEYWARD_ENCRYPTION_ID:-}" ] && bind encryption_ids "$KEYWARD_ENCRYPTION_ID" body.encryptionId path.id
 [ -n "${KEYWARD_VERSION_ID:-}" ] && bind version_ids "$KEYWARD_VERSION_ID" body.encryptionVersionId path.versionId
+[ -n "${KEYWARD_TENANT_ID:-}" ] && bind tenant_ids "$KEYWARD_TENANT_ID" path.tenantId query.tenantId
 if [ "${#bindings[@]}" -gt 0 ]; then
   printf '[parameters]\n' >>"$config"
   printf '%s\n' "${bindings[@]}" >>"$config"

@@ -325,3 +325,158 @@ pub(super) fn wrap_client_key(
         imported: false,
     }
 }
+
+/// Properties over random inputs (proptest): whatever the plaintexts, the
+/// mode, the versions named and the rotations between them, every ciphertext
+/// decrypts to its plaintext under the version that made it, and any single
+/// flipped bit in its ciphertext, tag, nonce (the contract's metadata),
+/// version id or encryption id is refused.
+#[cfg(test)]
+mod properties {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::crypto::TAG_LEN;
+    use crate::master_key::EnvMasterKey;
+    use crate::store::Store;
+
+    /// What one step does before it encrypts.
+    #[derive(Debug, Clone, Copy)]
+    enum Step {
+        /// Encrypt under the active version.
+        Active,
+        /// Rotate, then encrypt under the new active version.
+        RotateFirst,
+        /// Encrypt naming an older version (`enabled` after a rotation).
+        NameEarlier(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            Just(Step::Active),
+            Just(Step::RotateFirst),
+            any::<usize>().prop_map(Step::NameEarlier),
+        ]
+    }
+
+    /// Where a bit is flipped.
+    #[derive(Debug, Clone, Copy)]
+    enum Part {
+        Ciphertext,
+        Tag,
+        Nonce,
+        Version,
+        Encryption,
+    }
+
+    fn part() -> impl Strategy<Value = Part> {
+        prop_oneof![
+            Just(Part::Ciphertext),
+            Just(Part::Tag),
+            Just(Part::Nonce),
+            Just(Part::Version),
+            Just(Part::Encryption),
+        ]
+    }
+
+    fn flip<const N: usize>(mut bytes: [u8; N], bit: usize) -> [u8; N] {
+        bytes[(bit / 8) % N] ^= 1 << (bit % 8);
+        bytes
+    }
+
+    fn run(
+        client_mode: bool,
+        steps: Vec<(Vec<u8>, Step)>,
+        flips: Vec<(usize, Part, usize)>,
+    ) -> Result<(), TestCaseError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+        rt.block_on(async move {
+            let store = Store::connect("sqlite::memory:", 1).await.unwrap();
+            store.migrate().await.unwrap();
+            let service = KeyService::new(
+                store.clone(),
+                Arc::new(EnvMasterKey::new(&DataKey::generate())),
+                16,
+            );
+            service.load_root_keys().await.unwrap();
+            let tenant = crate::domain::accounts::create_tenant(&store, "acme")
+                .await
+                .unwrap()
+                .tenant
+                .id;
+            let ck = client_mode.then(|| ClientKey::from_base64(&"Q".repeat(44)).unwrap());
+            let ck = ck.as_ref();
+            let created = service.create_encryption(tenant, None, ck).await.unwrap();
+            let id = created.encryption.id;
+            let mut versions = vec![created.encryption.active_version_id];
+            let mut made = Vec::new();
+            for (plaintext, step) in &steps {
+                let named = match *step {
+                    Step::Active => None,
+                    Step::RotateFirst => {
+                        versions.push(service.rotate(tenant, id, ck).await.unwrap());
+                        None
+                    }
+                    Step::NameEarlier(i) => Some(versions[i % versions.len()]),
+                };
+                let out = service
+                    .encrypt(tenant, id, named, plaintext, ck)
+                    .await
+                    .unwrap();
+                if let Some(v) = named {
+                    prop_assert_eq!(out.version_id, v);
+                }
+                made.push((plaintext.clone(), out));
+            }
+            for (plaintext, out) in &made {
+                let sealed = Sealed::new(out.version_id, Some(out.nonce), &out.ciphertext);
+                let opened = service.decrypt(tenant, id, sealed, ck).await.unwrap();
+                prop_assert_eq!(&*opened, plaintext.as_slice());
+            }
+            for (which, part, bit) in flips {
+                let (_, out) = &made[which % made.len()];
+                let body = out.ciphertext.len() - TAG_LEN;
+                let mut ciphertext = out.ciphertext.clone();
+                let (mut nonce, mut version, mut enc) = (out.nonce, out.version_id, id);
+                match part {
+                    Part::Ciphertext if body > 0 => ciphertext[(bit / 8) % body] ^= 1 << (bit % 8),
+                    Part::Ciphertext | Part::Tag => {
+                        ciphertext[body + (bit / 8) % TAG_LEN] ^= 1 << (bit % 8)
+                    }
+                    Part::Nonce => nonce = flip(nonce, bit),
+                    Part::Version => {
+                        version = VersionId(uuid::Uuid::from_bytes(flip(*version.as_bytes(), bit)))
+                    }
+                    Part::Encryption => {
+                        enc = EncryptionId(uuid::Uuid::from_bytes(flip(*enc.as_bytes(), bit)))
+                    }
+                }
+                let sealed = Sealed::new(version, Some(nonce), &ciphertext);
+                let result = service.decrypt(tenant, enc, sealed, ck).await;
+                prop_assert!(result.is_err(), "a flipped bit in {:?} decrypted", part);
+            }
+            Ok(())
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_ciphertext_round_trips_and_any_flipped_bit_is_refused(
+            client_mode in any::<bool>(),
+            steps in proptest::collection::vec(
+                (proptest::collection::vec(any::<u8>(), 0..300), step()),
+                1..8,
+            ),
+            flips in proptest::collection::vec((any::<usize>(), part(), any::<usize>()), 1..16),
+        ) {
+            run(client_mode, steps, flips)?;
+        }
+    }
+}

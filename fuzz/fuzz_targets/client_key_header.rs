@@ -1,0 +1,4 @@
+//! `keyward::fuzzing::client_key_header`: see its documentation for what the bytes are.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| keyward::fuzzing::client_key_header(data));
