@@ -82,8 +82,9 @@ impl RsaBits {
 pub struct RsaPrivateKey {
     private: OaepPrivateDecryptingKey,
     public: RsaPublicKey,
-    /// Kept only to wrap it again (root-KEK rotation, export): PKCS#8 DER.
-    pkcs8: Zeroizing<Vec<u8>>,
+    /// The same AWS-LC key (a second reference, no copy of the material),
+    /// for serializing it to PKCS#8 when it is wrapped.
+    key: PrivateDecryptingKey,
 }
 
 impl fmt::Debug for RsaPrivateKey {
@@ -123,20 +124,21 @@ impl RsaPrivateKey {
     }
 
     fn from_key(key: PrivateDecryptingKey) -> Result<RsaPrivateKey, RsaKeyError> {
-        let der = key.as_der().map_err(|_| RsaKeyError::Malformed)?;
-        let pkcs8 = Zeroizing::new(der.as_ref().to_vec());
         let public = RsaPublicKey::from_key(key.public_key())?;
-        let private = OaepPrivateDecryptingKey::new(key).map_err(|_| RsaKeyError::Malformed)?;
+        let private =
+            OaepPrivateDecryptingKey::new(key.clone()).map_err(|_| RsaKeyError::Malformed)?;
         Ok(RsaPrivateKey {
             private,
             public,
-            pkcs8,
+            key,
         })
     }
 
-    /// The key as PKCS#8 DER, to be wrapped at once.
-    pub fn pkcs8(&self) -> &[u8] {
-        &self.pkcs8
+    /// The key as PKCS#8 DER, to be wrapped at once: in memory cleared on
+    /// drop (as is AWS-LC's own buffer).
+    pub fn pkcs8(&self) -> Result<Zeroizing<Vec<u8>>, RsaKeyError> {
+        let der = self.key.as_der().map_err(|_| RsaKeyError::Malformed)?;
+        Ok(Zeroizing::new(der.as_ref().to_vec()))
     }
 
     /// The public half.
@@ -518,7 +520,7 @@ mod tests {
     #[test]
     fn rsa_oaep_keys_round_trip_through_pkcs8_pem_and_jwk() {
         let k = key();
-        let again = RsaPrivateKey::from_pkcs8(k.pkcs8()).unwrap();
+        let again = RsaPrivateKey::from_pkcs8(&k.pkcs8().unwrap()).unwrap();
         assert_eq!(again.public().spki_der(), k.public().spki_der());
         let public = RsaPublicKey::from_pem(&k.public().pem()).unwrap();
         assert_eq!(public.spki_der(), k.public().spki_der());

@@ -343,6 +343,12 @@ pub async fn generate_rsa(bits: RsaBits) -> Result<RsaPrivateKey, KeyError> {
         .map_err(|e| KeyError::Integrity(format!("RSA key generation failed: {e}")))
 }
 
+/// `key` as PKCS#8 DER (cleared on drop), to be wrapped.
+pub fn pkcs8(key: &RsaPrivateKey) -> Result<zeroize::Zeroizing<Vec<u8>>, KeyError> {
+    key.pkcs8()
+        .map_err(|e| KeyError::Integrity(format!("cannot serialize an RSA key: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -167,8 +167,20 @@ pub struct ImportRequest {
     #[schema(format = Byte)]
     wrapped_key: String,
     /// `RSA-OAEP-256` or `RSA_AES_KEY_WRAP_SHA_256`.
-    #[schema(example = "RSA_AES_KEY_WRAP_SHA_256")]
+    #[schema(value_type = WrappingAlgorithmSchema)]
     wrapping_algorithm: String,
+}
+
+/// How imported key material is wrapped.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+enum WrappingAlgorithmSchema {
+    /// RSA-OAEP-256 of the material itself (an AES-256 key).
+    #[schema(rename = "RSA-OAEP-256")]
+    RsaOaep256,
+    /// An ephemeral AES-256 key under RSA-OAEP-256, then AES-KWP (RFC 5649).
+    #[schema(rename = "RSA_AES_KEY_WRAP_SHA_256")]
+    RsaAesKeyWrapSha256,
 }
 
 /// `POST /v1/encryptions/{id}/import` output.

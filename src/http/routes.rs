@@ -56,13 +56,14 @@ pub(crate) enum BodySize {
     Batch,
 }
 
-/// The body limit of calls that carry a ciphertext (decrypt, rewrap): a third
-/// more than `max_body_bytes`, plus room for ids and metadata, so that anything
-/// encrypt accepted comes back (base64 makes the ciphertext 4/3 the size of
-/// the data).
+/// The body limit of calls that carry a ciphertext (decrypt, rewrap): 16/9 of
+/// `max_body_bytes`, plus room for ids and metadata, so that anything encrypt
+/// accepted comes back. An AES-256-GCM ciphertext is base64, 4/3 the size of
+/// the data; an RSA-OAEP-256 one for long data is base64 of a compact JWE,
+/// itself base64url of the data: 4/3 of 4/3.
 pub fn ciphertext_body_limit(max_body_bytes: usize) -> usize {
     max_body_bytes
-        .saturating_add(max_body_bytes / 3)
+        .saturating_add(max_body_bytes / 9 * 7)
         .saturating_add(64 * 1024)
 }
 

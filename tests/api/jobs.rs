@@ -91,7 +91,7 @@ impl Platform {
     }
 
     /// Every row as (id, cipherText, version, metadata).
-    async fn rows(&self) -> Vec<(i64, String, String, String)> {
+    pub(crate) async fn rows(&self) -> Vec<(i64, String, String, String)> {
         let mut conn = self.connect().await;
         sqlx::query("SELECT id, cipher_text, version, metadata FROM secrets ORDER BY id")
             .fetch_all(&mut conn)
@@ -170,12 +170,12 @@ pub(crate) async fn spawn_with_platform(
     TestApp::spawn_with(backend, &env).await
 }
 
-fn plaintext(i: usize, generation: usize) -> String {
+pub(crate) fn plaintext(i: usize, generation: usize) -> String {
     format!("row {i} generation {generation}: {}", "p".repeat(40))
 }
 
 /// Decrypts every row through the batch API; returns the plaintexts by id.
-async fn decrypt_all(
+pub(crate) async fn decrypt_all(
     app: &TestApp,
     creds: &Creds,
     enc: &str,

@@ -17,6 +17,7 @@ crate::on_both_databases!(
     rsa_oaep_every_decryption_failure_is_one_answer,
     rsa_oaep_creation_is_validated,
     rsa_oaep_wycheproof_vectors_through_import_and_decrypt,
+    rsa_oaep_reencryption_jobs_and_root_kek_rotation_carry_rsa_keys,
 );
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -59,7 +60,9 @@ async fn rsa_oaep_round_trips_of_every_size_as_blocks_or_jwe(backend: Backend) {
         (
             &enc,
             384usize,
-            &[0usize, 1, 190, 318, 319, 400, 100_000][..],
+            // 1,000,000 bytes: about the most `max_body_bytes` (1 MiB) lets
+            // encrypt take; its JWE, base64, must still fit decrypt's limit.
+            &[0usize, 1, 190, 318, 319, 400, 100_000, 1_000_000][..],
         ),
         (&big, 512, &[400, 446, 447, 100_000][..]),
     ] {
@@ -460,4 +463,79 @@ async fn rsa_oaep_wycheproof_vectors_through_import_and_decrypt(backend: Backend
     }
     eprintln!("Wycheproof through /v1/decrypt: {decrypted} decrypted, {refused} refused");
     assert!(decrypted > 5 && refused > 20, "{decrypted} {refused}");
+}
+
+/// A re-encryption job moves RSA ciphertexts in the platform's table to the
+/// active version; a root-KEK rotation re-wraps the RSA private keys and the
+/// tenant's import wrapping key, and after a restart (everything unwrapped
+/// afresh under the new KEK) every row still decrypts and imports still work.
+async fn rsa_oaep_reencryption_jobs_and_root_kek_rotation_carry_rsa_keys(backend: Backend) {
+    use crate::jobs::{decrypt_all, plaintext, spawn_with_platform, wait_for_job, Platform};
+    use std::time::{Duration, Instant};
+    let platform = Platform::new(backend).await;
+    let mut app = spawn_with_platform(backend, &platform, &[]).await;
+    let creds = app.create_tenant("platform");
+    let (enc, _) = create_rsa(&app, &creds, json!({"algorithm": "RSA-OAEP-256"})).await;
+    let (_, wrapping) = app.get("/v1/import/wrapping-key", &creds).await;
+    let n = 120;
+    platform.fill_rows(&app, &creds, &enc, n).await;
+    let active = app.rotate(&creds, &enc).await;
+    let (status, created) = app
+        .post(
+            "/v1/jobs",
+            &creds,
+            &json!({"kind": "reencrypt", "encryptionId": enc, "source": platform.source()}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{created}");
+    let done = wait_for_job(
+        &app,
+        &creds,
+        created["jobId"].as_str().unwrap(),
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(done["rewrapped"], n, "{done}");
+    let rows = platform.rows().await;
+    assert!(rows.iter().all(|(_, _, v, m)| v == &active && m == "{}"));
+    // Root-KEK rotation: every RSA version and the wrapping key move.
+    let operator = app.create_operator();
+    let (status, body) = app
+        .post("/v1/admin/root-kek/rotate", &operator, &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, st) = app.get("/v1/admin/root-kek", &operator).await;
+        if st["rootKeks"].as_array().unwrap().len() == 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old root KEK was not retired: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.restart();
+    let plain = decrypt_all(&app, &creds, &enc, &rows).await;
+    for (i, p) in plain.iter().enumerate() {
+        assert_eq!(p, &plaintext(i, 0));
+    }
+    let (status, again) = app.get("/v1/import/wrapping-key", &creds).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["publicKeyPem"], wrapping["publicKeyPem"]);
+    let key: String = (0..32).map(|i| format!("{:02x}", i * 7)).collect();
+    let (aes, _) = app.create_encryption(&creds).await;
+    let wrapped = run_python(
+        WRAP_FOR_IMPORT,
+        &json!({"pem": again["publicKeyPem"], "keys": [key]}),
+    );
+    let (status, body) = app
+        .post(
+            &format!("/v1/encryptions/{aes}/import"),
+            &creds,
+            &json!({"wrappedKey": wrapped[0], "wrappingAlgorithm": "RSA_AES_KEY_WRAP_SHA_256"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
 }

@@ -22,7 +22,14 @@ request still fails:
 - a re-encryption source that is not registered and granted: 422
   `job_source_unavailable`, or a bad identifier: 422 `invalid_job` (POST /v1/jobs);
 - a version whose state forbids the operation: 410 `version_destroyed`, 422
-  `version_not_encryptable`.
+  `version_not_encryptable`;
+- RSA and key import (docs/algorithms.md): a `keySize` other than 3072 or 4096
+  or for AES, an RSA encryption asked with `X-Master-Key` (400 on `keySize` /
+  platform-managed, POST /v1/encryptions); the public key of an AES encryption
+  (422 `not_asymmetric`); key material that does not unwrap under the
+  tenant's wrapping key (400 `import_failed`) or a client-mode target (422
+  `import_not_supported`); an export target that is not an RSA public key of
+  3072 bits or more in PEM (400 on `publicKey`).
 """
 
 import threading
@@ -69,6 +76,18 @@ SEMANTIC_REFUSALS = {
         (400, "invalid_request", "`autoRotatePeriod`: not a duration"),
     },
     ("POST", "/v1/jobs"): {(422, "invalid_job", None), (422, "job_source_unavailable", None)},
+    ("POST", "/v1/encryptions"): {
+        (400, "invalid_request", "`keySize`"),
+        (400, "invalid_request", "an `RSA-OAEP-256` encryption is platform-managed"),
+    },
+    ("GET", "/v1/encryptions/{id}/versions/{versionId}/public-key"): {(422, "not_asymmetric", None)},
+    ("POST", "/v1/encryptions/{id}/import"): {
+        (400, "import_failed", None),
+        (422, "import_not_supported", None),
+    },
+    ("POST", "/v1/encryptions/{id}/versions/{versionId}/export"): {
+        (400, "invalid_request", "`publicKey`"),
+    },
 }
 
 

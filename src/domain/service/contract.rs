@@ -236,7 +236,7 @@ impl KeyService {
             None if key.algorithm == Algorithm::RsaOaep256 => {
                 let bits = key.rsa_bits.unwrap_or(crypto::RsaBits::B3072);
                 let rsa = crate::domain::keys::generate_rsa(bits).await?;
-                self.wrap_platform_material(id, new_id, rsa.pkcs8(), false)?
+                self.wrap_platform_material(id, new_id, &crate::domain::keys::pkcs8(&rsa)?, false)?
             }
             None => self.wrap_platform_key(id, new_id, &data_key)?,
             Some(ck) => {

@@ -61,7 +61,7 @@ impl KeyService {
             tenant_id: tenant,
             wrapped_key: kek
                 .wrap_bytes(
-                    key.pkcs8(),
+                    &crate::domain::keys::pkcs8(&key)?,
                     &wrapping_key_aad(tenant.as_bytes(), kek_id.as_bytes()),
                 )
                 .0,

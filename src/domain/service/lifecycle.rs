@@ -259,7 +259,7 @@ impl KeyService {
             None => self.wrap_platform_key(id, new_id, &DataKey::generate())?,
             Some(bits) => {
                 let rsa = crate::domain::keys::generate_rsa(bits).await?;
-                self.wrap_platform_material(id, new_id, rsa.pkcs8(), false)?
+                self.wrap_platform_material(id, new_id, &crate::domain::keys::pkcs8(&rsa)?, false)?
             }
         };
         let done = self

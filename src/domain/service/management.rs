@@ -7,7 +7,7 @@ use crate::domain::algorithm::Algorithm;
 use crate::domain::client_key::ClientKey;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
-use crate::domain::keys::generate_rsa;
+use crate::domain::keys::{generate_rsa, pkcs8};
 use crate::domain::records::{EncryptionRow, VersionRow};
 use crate::domain::states::Mode;
 use crate::domain::time::now_ms;
@@ -98,7 +98,7 @@ impl KeyService {
                 let key = generate_rsa(bits).await?;
                 (
                     Mode::Platform,
-                    self.wrap_platform_material(id, version_id, key.pkcs8(), false)?,
+                    self.wrap_platform_material(id, version_id, &pkcs8(&key)?, false)?,
                 )
             }
             (Some(_), Some(_)) => return Err(KeyError::InvalidPolicy(
