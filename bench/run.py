@@ -28,7 +28,8 @@ What it does, from a fresh machine (Python 3 standard library only):
    turn, five rounds (--rounds): the targets are checked on those medians.
 4. Also measures cold start to the first served request, RSS with 10,000
    encryptions warm in the key ring, p99 and errors of encrypt load while
-   `POST /v1/rotate` runs every 100 ms, batch encrypt items/s, and the
+   `POST /v1/rotate` runs every 100 ms, batch encrypt items/s, blind-index
+   values/s (`/v1/index/batch` and `/v1/index`), and the
    re-encryption job's rows/s on PostgreSQL (bench/reencrypt.py).
 5. Prints one table and writes it as Markdown (default docs/benchmarks-latest.md;
    with --smoke, a file in the temporary folder) with the other measurements
@@ -804,6 +805,31 @@ def rsa_decrypt(bench, server, duration, conns=32):
     return {"server": server.name, "cells": cells}
 
 
+def index_values(bench, server, duration, batch, conns):
+    """Blind-index values/s (docs/search.md): `POST /v1/index/batch` with
+    1,000 items per call when `batch`, else `POST /v1/index` one value per
+    call; one 32-bit index with three normalisations (NFKC, trim, case)."""
+    if not getattr(server, "has_index", False):
+        server.call("POST", f"/v1/encryptions/{server.encryption_id}/indexes",
+                    {"name": "email", "bits": 32, "normalizations": ["nfkc", "trim", "casefold"]})
+        server.has_index = True
+    item = lambda i: {"encryptionId": server.encryption_id, "data": f" User{i}@Example.com "}
+    if batch:
+        items = 1000
+        path, payload = "/v1/index/batch", {"items": [item(i) for i in range(items)]}
+        out = server.call("POST", path, payload)
+        if len(out["results"]) != items or any("error" in x for x in out["results"]):
+            raise RuntimeError("index batch returned errors")
+    else:
+        items = 1
+        path, payload = "/v1/index", item(7)
+        if len(server.call("POST", path, payload)["indexes"]) != 1:
+            raise RuntimeError("index returned no value")
+    r = bench.wrk_run(server, path, json.dumps(payload).encode(), conns, duration=duration)
+    r.update(path=path, items=items, conns=conns, values_per_s=r["rps"] * items)
+    return r
+
+
 def rss_with_encryptions(n):
     """A fresh `keyward serve` on SQLite: create n encryptions over the API,
     encrypt once under each (batches of 1000), then read its RSS."""
@@ -1127,6 +1153,13 @@ def report(args, rows, sbs, extras, env_info, failures):
         ext_txt.append(f"RSA vs AES on {extras['rsa']['server']} (c={cells[0]['conns']}): " + "; ".join(parts) + share)
         ext_md.append(f"- RSA-OAEP-256 (3072-bit) next to AES-256-GCM ({extras['rsa']['server']}, "
                       f"{cells[0]['conns']} connections; 1 KiB RSA is a JWE): " + "; ".join(parts) + share + ".")
+    for r in extras.get("index", []):
+        how = f"`{r['path']}`, {r['items']} item{'s' if r['items'] > 1 else ''} per call, c={r['conns']}"
+        ext_txt.append(f"blind-index values ({how}): {r['values_per_s']:,.0f} values/s "
+                       f"({r['rps']:,.1f} calls/s, p99 {r['p99']:.1f} ms, errors {r['errors']})")
+        ext_md.append(f"- Blind-index values ({how}, SQLite, 32 bits, NFKC + trim + casefold): "
+                      f"**{r['values_per_s']:,.0f} values/s** ({r['rps']:,.1f} calls/s, p99 {r['p99']:.1f} ms, "
+                      f"errors {r['errors']}).")
     if "reencrypt" in extras:
         r = extras["reencrypt"]
         ext_txt.append(f"re-encryption job on PostgreSQL ({r['rows']:,} rows of ~1 KiB): {r['job_line']}")
@@ -1257,6 +1290,11 @@ def main():
             r = step("RSA-OAEP-256 decrypt next to AES", lambda: rsa_decrypt(bench, s, duration))
             if r:
                 extras["rsa"] = r
+            for batched, c in ((True, 4), (False, 32)):
+                r = step(f"index values (batch={batched})",
+                         lambda b=batched, c=c: index_values(bench, s, duration, b, c))
+                if r:
+                    extras.setdefault("index", []).append(r)
             CLEANUP.stop(s.proc)
 
         # Keyward on PostgreSQL.

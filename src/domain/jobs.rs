@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::keys::Mode;
-use super::service::{KeyError, KeyService, Sealed};
+use super::service::{IndexSelection, KeyError, KeyService, Sealed};
 use super::sources::{is_source_name, SOURCE_UNAVAILABLE};
 use super::time::now_ms;
 use super::{EncryptionId, TenantId, VersionId};
@@ -59,7 +59,31 @@ pub struct JobSource {
     /// Holds each row's `encryptionId` (text), instead of one `encryptionId`.
     #[serde(default)]
     pub encryption_id_column: Option<String>,
+    /// Holds each row's `context` (text) for a deterministic encryption
+    /// (AES-256-GCM-SIV); without it, rows are taken to have none.
+    #[serde(default)]
+    pub context_column: Option<String>,
+    /// Blind-index columns to recompute (under each index's active version)
+    /// while the job moves each row; with any, the job also rewrites rows
+    /// already on the active version whose index values are stale, so a
+    /// job after an index-key rotation leaves every row findable under the
+    /// new index version (docs/search.md).
+    #[serde(default)]
+    pub index_columns: Vec<IndexColumn>,
 }
+
+/// One blind-index column of a job's table.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IndexColumn {
+    /// The index (declared on the row's encryption).
+    pub index: String,
+    /// The column that holds its value (hex text).
+    pub column: String,
+}
+
+/// Most index columns one job recomputes.
+pub const MAX_INDEX_COLUMNS: usize = 8;
 
 impl std::fmt::Debug for JobSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -84,6 +108,10 @@ struct StoredSource {
     metadata_column: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     encryption_id_column: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    context_column: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    index_columns: Vec<IndexColumn>,
 }
 
 /// Why a job could not be started.
@@ -95,6 +123,9 @@ pub enum JobError {
     /// Neither or both of `encryptionId` and `encryptionIdColumn`.
     #[error("give either `encryptionId` or `source.encryptionIdColumn`")]
     EncryptionScope,
+    /// Too many index columns, or one naming no possible index.
+    #[error("`source.indexColumns`: at most 8, each naming an index of the encryption")]
+    IndexColumns,
     /// A client-mode encryption cannot be walked without its client key.
     #[error("a client-mode encryption needs its client key for every row; Keyward cannot walk it")]
     ClientMode,
@@ -117,7 +148,18 @@ impl StoredSource {
             version_column: &self.version_column,
             metadata_column: &self.metadata_column,
             encryption_id_column: self.encryption_id_column.as_deref(),
+            context_column: self.context_column.as_deref(),
+            index_columns: self
+                .index_columns
+                .iter()
+                .map(|c| c.column.as_str())
+                .collect(),
         }
+    }
+
+    /// The names of the indexes the job recomputes, in column order.
+    fn index_names(&self) -> Vec<String> {
+        self.index_columns.iter().map(|c| c.index.clone()).collect()
     }
 
     /// What the destroy guard tells tables apart by: a digest of the source's
@@ -178,6 +220,22 @@ impl JobSource {
                 return Err(JobError::BadIdentifier("source.encryptionIdColumn"));
             }
         }
+        if let Some(c) = &self.context_column {
+            if !is_plain_identifier(c, false) {
+                return Err(JobError::BadIdentifier("source.contextColumn"));
+            }
+        }
+        if self.index_columns.len() > MAX_INDEX_COLUMNS {
+            return Err(JobError::IndexColumns);
+        }
+        for c in &self.index_columns {
+            if !is_plain_identifier(&c.column, false) {
+                return Err(JobError::BadIdentifier("source.indexColumns[].column"));
+            }
+            if !crate::domain::search::is_index_name(&c.index) {
+                return Err(JobError::IndexColumns);
+            }
+        }
         Ok(())
     }
 }
@@ -230,6 +288,15 @@ pub async fn start_job(
             if mode == Mode::Client {
                 return Err(JobError::ClientMode);
             }
+            let declared = service.list_indexes(tenant, *e).await?;
+            if job
+                .source
+                .index_columns
+                .iter()
+                .any(|c| !declared.iter().any(|i| i.name == c.index))
+            {
+                return Err(JobError::IndexColumns);
+            }
         }
         (None, Some(_)) => {}
         _ => return Err(JobError::EncryptionScope),
@@ -243,6 +310,8 @@ pub async fn start_job(
         version_column: source.version_column,
         metadata_column: source.metadata_column,
         encryption_id_column: source.encryption_id_column,
+        context_column: source.context_column,
+        index_columns: source.index_columns,
     };
     let id = uuid::Uuid::new_v4();
     let spec = Zeroizing::new(
@@ -466,7 +535,8 @@ async fn run_one(
         .map_err(key_error)?;
     let result = async {
         let db = source.open(service, job.tenant_id, &tenant_name).await?;
-        let result = walk(service, owner, &job, &db, settings).await;
+        let indexes = source.index_names();
+        let result = walk(service, owner, &job, &db, &indexes, settings).await;
         db.close().await;
         result
     }
@@ -482,6 +552,7 @@ async fn walk(
     owner: &str,
     job: &JobRow,
     db: &SourceTable,
+    indexes: &[String],
     settings: RunnerSettings,
 ) -> Result<(), RunError> {
     let lease_ms = settings.lease.as_millis() as i64;
@@ -600,7 +671,9 @@ async fn walk(
                     continue;
                 }
             };
-            if version == active {
+            // With index columns, a row on the active version is still
+            // looked at: its index values may be under an older index key.
+            if version == active && indexes.is_empty() {
                 continue;
             }
             let nonce = row
@@ -614,41 +687,59 @@ async fn walk(
                 failed += 1;
                 continue;
             };
-            let out = match service
-                .rewrap(
-                    job.tenant_id,
-                    encryption,
-                    Sealed::new(version, nonce, &ciphertext),
-                    None,
-                )
-                .await
-            {
-                Ok(out) => out,
-                // A version id that is not one of this encryption's is the
-                // row's problem (counted), not the job's.
-                Err(
-                    KeyError::DecryptionFailed
-                    | KeyError::VersionNotFound
-                    | KeyError::VersionDisabled
-                    | KeyError::VersionDestroyed
-                    | KeyError::VersionBelowMinimum,
-                ) => {
-                    failed += 1;
-                    continue;
+            let context = row.context.as_deref().unwrap_or("").as_bytes();
+            let sealed = Sealed::new(version, nonce, &ciphertext).with_context(context);
+            let moved =
+                match move_row(service, job.tenant_id, encryption, sealed, active, indexes).await {
+                    Ok(moved) => moved,
+                    // A version id that is not one of this encryption's, an index
+                    // the row's encryption does not have: the row's problem
+                    // (counted), not the job's.
+                    Err(
+                        KeyError::DecryptionFailed
+                        | KeyError::VersionNotFound
+                        | KeyError::VersionDisabled
+                        | KeyError::VersionDestroyed
+                        | KeyError::VersionBelowMinimum
+                        | KeyError::IndexNotFound
+                        | KeyError::ContextNotSupported,
+                    ) => {
+                        failed += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(key_error(e)),
+                };
+            let (cipher_text, version, metadata) = match moved.encrypted {
+                Some(out) => (
+                    b64.encode(&out.ciphertext),
+                    out.version_id.to_string(),
+                    match out.nonce {
+                        Some(nonce) => serde_json::json!({"nonce": b64.encode(nonce)}),
+                        // RSA-OAEP-256: the ciphertext carries all it needs.
+                        None => serde_json::json!({}),
+                    }
+                    .to_string(),
+                ),
+                None => {
+                    let current: Vec<Option<&str>> =
+                        row.index_values.iter().map(Option::as_deref).collect();
+                    let fresh: Vec<Option<&str>> = moved
+                        .index_values
+                        .iter()
+                        .map(|v| Some(v.as_str()))
+                        .collect();
+                    if current == fresh {
+                        continue;
+                    }
+                    // Same ciphertext, new index values.
+                    (
+                        cipher_text.to_string(),
+                        row.version.clone().unwrap_or_default(),
+                        row.metadata.clone().unwrap_or_default(),
+                    )
                 }
-                Err(e) => return Err(key_error(e)),
             };
-            let metadata = match out.nonce {
-                Some(nonce) => serde_json::json!({"nonce": b64.encode(nonce)}),
-                None => serde_json::json!({}),
-            }
-            .to_string();
-            writes.push((
-                row,
-                b64.encode(&out.ciphertext),
-                out.version_id.to_string(),
-                metadata,
-            ));
+            writes.push((row, cipher_text, version, metadata, moved.index_values));
         }
         // A job cancelled (or taken over) meanwhile writes nothing more.
         if !writes.is_empty()
@@ -697,6 +788,60 @@ async fn walk(
             }
         }
     }
+}
+
+/// What moving one row gives: its new ciphertext (`None`: it is on the
+/// active version already) and its index columns' values under each index's
+/// active version.
+struct Moved {
+    encrypted: Option<crate::domain::service::Encrypted>,
+    index_values: Vec<String>,
+}
+
+/// Decrypts a row, encrypts it again under the active version if it is on
+/// another, and computes its index values, with the plaintext held only in
+/// memory cleared on drop inside this call.
+async fn move_row(
+    service: &KeyService,
+    tenant: TenantId,
+    encryption: EncryptionId,
+    sealed: Sealed<'_>,
+    active: VersionId,
+    indexes: &[String],
+) -> Result<Moved, KeyError> {
+    if indexes.is_empty() {
+        let out = service.rewrap(tenant, encryption, sealed, None).await?;
+        return Ok(Moved {
+            encrypted: Some(out),
+            index_values: Vec::new(),
+        });
+    }
+    let plaintext = service.decrypt(tenant, encryption, sealed, None).await?;
+    let encrypted = if sealed.version == active {
+        None
+    } else {
+        Some(
+            service
+                .encrypt(tenant, encryption, None, &plaintext, sealed.context, None)
+                .await?,
+        )
+    };
+    // Encrypt took a JSON string: its bytes are UTF-8.
+    let text = std::str::from_utf8(&plaintext).map_err(|_| KeyError::DecryptionFailed)?;
+    let which = IndexSelection {
+        names: Some(indexes),
+        all_versions: false,
+    };
+    let values = service
+        .index_values(tenant, encryption, text, which, None)
+        .await?;
+    Ok(Moved {
+        encrypted,
+        index_values: values
+            .into_iter()
+            .map(|v| crate::crypto::hex(&v.value))
+            .collect(),
+    })
 }
 
 /// What a job reports rows under when their version column holds no version

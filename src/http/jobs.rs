@@ -72,6 +72,24 @@ struct JobSourceSchema {
     metadata_column: String,
     /// A column with each row's encryption id, instead of one `encryptionId`.
     encryption_id_column: Option<String>,
+    /// A column with each row's `context` (deterministic encryptions).
+    context_column: Option<String>,
+    /// Blind-index columns to recompute under each index's active version
+    /// (at most 8); with any, rows already on the active key version whose
+    /// index values are stale are rewritten too.
+    #[schema(max_items = 8)]
+    index_columns: Vec<IndexColumnSchema>,
+}
+
+/// A blind-index column of the job's table.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+#[schema(rename_all = "camelCase")]
+struct IndexColumnSchema {
+    /// The index, as declared on the encryption.
+    index: String,
+    /// The column holding its value (hex text).
+    column: String,
 }
 
 /// `POST /v1/jobs` output.

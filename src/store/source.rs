@@ -21,7 +21,7 @@ use super::pool::Backend;
 use super::sql::{statement_chunks, values_list};
 
 /// Which columns of which table hold the ciphertexts, as the job named them.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct SourceLayout<'a> {
     /// The table (optionally `schema.table`).
     pub table: &'a str,
@@ -35,6 +35,11 @@ pub struct SourceLayout<'a> {
     pub metadata_column: &'a str,
     /// Holds each row's `encryptionId` (text), when the table has several.
     pub encryption_id_column: Option<&'a str>,
+    /// Holds each row's `context` (text) of a deterministic encryption.
+    pub context_column: Option<&'a str>,
+    /// Hold blind-index values (hex text) the job recomputes as it moves
+    /// each row.
+    pub index_columns: Vec<&'a str>,
 }
 
 /// Time bounds on a source.
@@ -125,10 +130,15 @@ pub struct SourceRow {
     pub metadata: Option<String>,
     /// The encryption id column, when the layout has one.
     pub encryption: Option<String>,
+    /// The context column, when the layout has one.
+    pub context: Option<String>,
+    /// The index columns' values, in the layout's order.
+    pub index_values: Vec<Option<String>>,
 }
 
-/// A row's new values: ciphertext, version id and metadata.
-pub type SourceWrite<'r> = (&'r SourceRow, String, String, String);
+/// A row's new values: ciphertext, version id, metadata and the index
+/// columns' values (one per index column of the layout, in its order).
+pub type SourceWrite<'r> = (&'r SourceRow, String, String, String, Vec<String>);
 
 /// Runs `f` within `limit`, or fails with [`SourceError::TimedOut`].
 async fn bounded<T>(
@@ -212,6 +222,8 @@ pub struct SourceTable {
     version: String,
     metadata: String,
     encryption: Option<String>,
+    context: Option<String>,
+    indexes: Vec<String>,
 }
 
 impl SourceTable {
@@ -276,6 +288,8 @@ impl SourceTable {
             version: quote(layout.version_column),
             metadata: quote(layout.metadata_column),
             encryption: layout.encryption_id_column.map(quote),
+            context: layout.context_column.map(quote),
+            indexes: layout.index_columns.iter().map(|c| quote(c)).collect(),
         };
         if let Err(e) = source.learn_key_kind().await {
             source.close().await;
@@ -320,6 +334,10 @@ impl SourceTable {
         if let Some(c) = &self.encryption {
             cols.push(c);
         }
+        if let Some(c) = &self.context {
+            cols.push(c);
+        }
+        cols.extend(self.indexes.iter().map(String::as_str));
         cols.join(", ")
     }
 
@@ -371,7 +389,22 @@ impl SourceTable {
         let decode = |r: &sqlx::any::AnyRow| -> Result<SourceRow, sqlx::Error> {
             let (key, key_kind) = read_key(r)?;
             self.key_kind.get_or_init(|| key_kind);
+            // After the fixed columns: the encryption's, the context's, then
+            // the index columns, each only if the layout has it.
+            let mut next = 4 + usize::from(self.encryption.is_some());
+            let context = match &self.context {
+                Some(_) => {
+                    next += 1;
+                    r.try_get(next - 1)?
+                }
+                None => None,
+            };
+            let index_values = (0..self.indexes.len())
+                .map(|i| r.try_get(next + i))
+                .collect::<Result<Vec<Option<String>>, _>>()?;
             Ok(SourceRow {
+                context,
+                index_values,
                 key,
                 key_kind,
                 cipher_text: r.try_get(1)?,
@@ -408,10 +441,15 @@ impl SourceTable {
         let mut tx = self.pool.begin().await?;
         let mut written = 0;
         for chunk in statement_chunks(self.backend, writes) {
-            let values = values_list(self.backend, chunk.len(), 6);
+            let values = values_list(self.backend, chunk.len(), 6 + self.indexes.len());
+            let (mut names, mut sets) = (String::new(), String::new());
+            for (i, column) in self.indexes.iter().enumerate() {
+                names.push_str(&format!(", new_idx{i}"));
+                sets.push_str(&format!(", {column} = v.new_idx{i}"));
+            }
             let sql = format!(
-                "WITH v(k, old_ct, old_ver, new_ct, new_ver, new_meta) AS (VALUES {values}) \
-                 UPDATE {table} AS t SET {ct} = v.new_ct, {ver} = v.new_ver, {meta} = v.new_meta \
+                "WITH v(k, old_ct, old_ver, new_ct, new_ver, new_meta{names}) AS (VALUES {values}) \
+                 UPDATE {table} AS t SET {ct} = v.new_ct, {ver} = v.new_ver, {meta} = v.new_meta{sets} \
                  FROM v WHERE t.{key} = v.k AND t.{ct} = v.old_ct AND t.{ver} = v.old_ver \
                  RETURNING 1",
                 table = self.table,
@@ -421,7 +459,7 @@ impl SourceTable {
                 key = self.key,
             );
             let mut q = sqlx::query(&sql);
-            for (row, cipher_text, version, metadata) in chunk {
+            for (row, cipher_text, version, metadata, index_values) in chunk {
                 // Bound as it was read (the text of an integer read as one).
                 q = match row.key_kind {
                     KeyKind::Integer => q.bind(row.key.parse::<i64>().unwrap_or(i64::MIN)),
@@ -433,6 +471,9 @@ impl SourceTable {
                     .bind(cipher_text.as_str())
                     .bind(version.as_str())
                     .bind(metadata.as_str());
+                for i in 0..self.indexes.len() {
+                    q = q.bind(index_values.get(i).map(String::as_str));
+                }
             }
             written += q.fetch_all(&mut *tx).await?.len();
         }
@@ -544,6 +585,8 @@ mod tests {
                 version_column: "v",
                 metadata_column: "m",
                 encryption_id_column: None,
+                context_column: None,
+                index_columns: vec![],
             };
             let source = SourceTable::open(&url, &layout, limits).await.unwrap();
             assert!(source.batch(None, 10).await.unwrap().is_empty());
@@ -572,7 +615,7 @@ mod tests {
                 "{table}: in key order after the cursor"
             );
             let writes: Vec<SourceWrite<'_>> =
-                vec![(&rest[0], "new".into(), "v2".into(), "{}".into())];
+                vec![(&rest[0], "new".into(), "v2".into(), "{}".into(), vec![])];
             assert_eq!(source.swap_batch(&writes).await.unwrap(), 1, "{table}");
             let (key, v): (String, String) = sqlx::query_as(&format!(
                 "SELECT CAST(id AS TEXT), v FROM {table} WHERE ct = 'new'"
