@@ -99,11 +99,14 @@ pub(super) async fn encrypt(
     ApiJson(req): ApiJson<EncryptRequest>,
 ) -> Result<Response, ApiError> {
     let data_len = req.data.len();
-    let out = Call::new(&state, &auth, &note, &client_key)
-        .encrypt(req)
+    let (id, out) = Call::new(&state, &auth, &note, &client_key)
+        .encrypt_sealed(req)
         .await?;
     // Base64 of the data and tag, two ids, the nonce and the field names.
-    Ok(json_response(&out, (data_len + 16) * 4 / 3 + 256))
+    Ok(json_response(
+        &SealedResponse(id, &out),
+        (data_len + 16) * 4 / 3 + 256,
+    ))
 }
 
 /// One call of the contract, a request's or a batch item's: the service, the
@@ -135,6 +138,16 @@ impl<'a> Call<'a> {
 
     /// Encrypts under the active version, or the one named.
     pub(super) async fn encrypt(self, req: EncryptRequest) -> Result<EncryptResponse, ApiError> {
+        let (id, out) = self.encrypt_sealed(req).await?;
+        Ok(encrypted_response(id, out))
+    }
+
+    /// [`Call::encrypt`], before its output becomes the response's strings
+    /// (the single call writes its response straight from it).
+    async fn encrypt_sealed(
+        self,
+        req: EncryptRequest,
+    ) -> Result<(EncryptionId, Encrypted), ApiError> {
         let id = parse_id(&req.encryption_id, "encryptionId")?;
         self.note.encryption(id);
         let version = req.encryption_version_id.as_deref();
@@ -149,7 +162,7 @@ impl<'a> Call<'a> {
             .await?;
         super::metrics::bytes_encrypted().increment(data.len() as u64);
         self.note.version(out.version_id);
-        Ok(encrypted_response(id, out))
+        Ok((id, out))
     }
 
     /// Decrypts a ciphertext made by encrypt.
@@ -396,6 +409,40 @@ impl WriteJson for EncryptResponse {
     }
 }
 
+/// Encrypt's output written straight from the sealed bytes and ids: the same
+/// JSON as [`EncryptResponse`]'s, without making its strings first (four
+/// allocations fewer per request).
+struct SealedResponse<'a>(EncryptionId, &'a Encrypted);
+
+impl WriteJson for SealedResponse<'_> {
+    fn write_json(&self, out: &mut String) {
+        let SealedResponse(id, sealed) = self;
+        let (mut id_buf, mut version_buf) = ([0; 36], [0; 36]);
+        let mut nonce = [0u8; 16];
+        let nonce = match B64.encode_slice(sealed.nonce, &mut nonce) {
+            Ok(n) => std::str::from_utf8(&nonce[..n]).unwrap_or_default(),
+            Err(_) => "",
+        };
+        crate::json::Object::new(out)
+            .with("cipherText", |out| {
+                // Base64 never needs escaping.
+                out.push('"');
+                B64.encode_string(&sealed.ciphertext, out);
+                out.push('"');
+            })
+            .str("encryptionId", id.encode(&mut id_buf))
+            .str(
+                "encryptionVersionId",
+                sealed.version_id.encode(&mut version_buf),
+            )
+            .str("algorithm", ALGORITHM)
+            .with("metadata", |out| {
+                crate::json::Object::new(out).str("nonce", nonce).end()
+            })
+            .end();
+    }
+}
+
 impl DecryptResponse {
     /// `{"data":"..."}`, as serde_json writes it, into memory cleared on drop.
     fn write_secret_json(&self, out: &mut SecretBody) {
@@ -550,6 +597,20 @@ mod tests {
             written(&encrypted),
             serde_json::to_string(&encrypted).expect("serializes")
         );
+        for len in [0, 1, 2, 3, 64, 1024] {
+            let sealed = Encrypted {
+                version_id: VersionId::new_random(),
+                nonce: [7; NONCE_LEN],
+                ciphertext: (0..len + 16).map(|i| i as u8).collect(),
+            };
+            let id = EncryptionId::new_random();
+            let direct = written(&SealedResponse(id, &sealed));
+            let via_strings = encrypted_response(id, sealed);
+            assert_eq!(
+                direct,
+                serde_json::to_string(&via_strings).expect("serializes")
+            );
+        }
         for data in [
             "",
             "plain",

@@ -585,9 +585,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_is_audited_as_one_record_per_encryption_version_and_outcome() {
         let api = TestApi::start().await;
-        let created = api
-            .call(Method::POST, "/v1/encryptions", &json!({}))
-            .await;
+        let created = api.call(Method::POST, "/v1/encryptions", &json!({})).await;
         assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
         let enc = created.body["encryptionId"].as_str().unwrap().to_string();
         let missing = uuid::Uuid::new_v4().to_string();
@@ -604,11 +602,17 @@ mod tests {
         let batch: Vec<&Value> = records.iter().filter(|r| r["items"].is_number()).collect();
         assert_eq!(batch.len(), 2, "{records:#?}");
         assert_eq!(batch[0]["encryptionId"], enc.as_str());
-        assert_eq!((&batch[0]["items"], &batch[0]["outcome"]), (&json!(2), &json!("ok")));
+        assert_eq!(
+            (&batch[0]["items"], &batch[0]["outcome"]),
+            (&json!(2), &json!("ok"))
+        );
         assert!(batch[0]["versionId"].is_string());
         assert_eq!(batch[1]["encryptionId"], missing.as_str());
         assert_eq!(batch[1]["error"], "encryption_not_found");
-        assert_eq!((&batch[1]["items"], &batch[1]["itemIndexes"]), (&json!(1), &json!("1")));
+        assert_eq!(
+            (&batch[1]["items"], &batch[1]["itemIndexes"]),
+            (&json!(1), &json!("1"))
+        );
         assert_eq!(batch[0]["requestId"], batch[1]["requestId"]);
     }
 
@@ -618,7 +622,9 @@ mod tests {
         // A batch whose body never ends holds the whole budget (it declares
         // no length, so it counts as the route's limit: all of it).
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
-        tx.send(Ok(bytes::Bytes::from_static(b"{\"items\": ["))).await.unwrap();
+        tx.send(Ok(bytes::Bytes::from_static(b"{\"items\": [")))
+            .await
+            .unwrap();
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|chunk| (chunk, rx))
         });
