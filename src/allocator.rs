@@ -28,6 +28,7 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 /// `mi_option_purge_delay` in the same header.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
+#[allow(unsafe_code)]
 extern "C" fn tune() {
     // SAFETY: plain option setters of the C library; they only store a value
     // (no allocation), and run before any other thread exists.
@@ -37,7 +38,10 @@ extern "C" fn tune() {
     }
 }
 
+// Placing a function pointer in `.preinit_array` is `unsafe_code` to the
+// compiler: the loader calls it before `main`. `tune` only stores two integers.
 #[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
 #[used]
 #[link_section = ".preinit_array"]
 static TUNE: extern "C" fn() = tune;

@@ -31,11 +31,11 @@ pub fn write_str<W: fmt::Write + ?Sized>(out: &mut W, s: &str) -> fmt::Result {
     let mut at = 0;
     while at < bytes.len() {
         let end = bytes.len().min(at + 8);
-        let clean = if end - at == 8 {
-            !word_needs_escape(word(&bytes[at..end]))
-        } else if bytes.len() >= 8 {
+        let clean = if let Some(next) = bytes[at..].first_chunk::<8>() {
+            !word_needs_escape(word(next))
+        } else if let Some(last) = bytes.last_chunk::<8>() {
             // The last few bytes, as the word that ends with them.
-            !word_needs_escape(word(&bytes[bytes.len() - 8..]))
+            !word_needs_escape(word(last))
         } else {
             !bytes[at..end].iter().any(|&b| needs_escape(b))
         };
@@ -57,8 +57,8 @@ pub fn write_str<W: fmt::Write + ?Sized>(out: &mut W, s: &str) -> fmt::Result {
     out.write_char('"')
 }
 
-fn word(bytes: &[u8]) -> u64 {
-    u64::from_le_bytes(bytes.try_into().expect("eight bytes"))
+fn word(bytes: &[u8; 8]) -> u64 {
+    u64::from_le_bytes(*bytes)
 }
 
 /// Whether any of the eight bytes in `x` is below 0x20, `"` or `\`, without

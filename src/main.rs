@@ -1,4 +1,11 @@
 //! The `keyward` binary: parse the command line and hand over to the library.
+//!
+//! The library forbids `unsafe` code; the binary denies it everywhere but the
+//! allocator's tuning ([`allocator`]), which calls two C option setters before
+//! `main`, and says there why that is sound.
+
+#![deny(unsafe_code)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::process::ExitCode;
 

@@ -167,7 +167,11 @@ pub async fn serve(
                     );
                 }
                 tokio::select! {
-                    slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+                    // Only a closed semaphore is an error, and nothing closes it.
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        Err(_) => break,
+                    },
                     _ = &mut shutdown => break,
                 }
             }

@@ -23,6 +23,8 @@ use crate::tls::ReloadableTls;
 /// A built, bound, not yet serving Keyward.
 pub struct Application {
     listener: TcpListener,
+    /// The address `listener` is bound to.
+    local_addr: SocketAddr,
     service: Arc<KeyService>,
     router: http::Edge,
     tls: Option<Arc<ReloadableTls>>,
@@ -236,6 +238,9 @@ impl Application {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {} (KEYWARD_LISTEN)", settings.listen))?;
+        let local_addr = listener
+            .local_addr()
+            .with_context(|| format!("cannot read the address bound for {}", settings.listen))?;
         let ops = match settings.ops_listen {
             None => None,
             Some(addr) => {
@@ -248,6 +253,7 @@ impl Application {
         };
         Ok(Application {
             listener,
+            local_addr,
             service,
             router,
             tls,
@@ -286,9 +292,7 @@ impl Application {
 
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener
-            .local_addr()
-            .expect("a bound listener has an address")
+        self.local_addr
     }
 
     /// The service (for dev-mode bootstrap).

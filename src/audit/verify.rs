@@ -203,8 +203,8 @@ pub fn verify(
                             cp.hash, cp.seq, cp.seq
                         )));
                     }
-                    let first = first.expect("records were seen");
-                    if first.seq > cp.file_start {
+                    // `first` is set with the first record, before `last_seq`.
+                    if let Some(first) = first.filter(|f| f.seq > cp.file_start) {
                         return Err(VerifyError::Broken(Broken {
                             kind: BreakKind::HeadCut,
                             line: first.line,
@@ -657,5 +657,105 @@ mod tests {
         let b = break_of(&lines[4..], &public);
         assert_eq!((b.kind, b.line, b.seq), (BreakKind::HeadCut, 2, Some(5)));
         assert!(b.reason.contains("records 1..4 are missing"), "{b}");
+    }
+
+    /// Known answers for the audit file format (docs/security.md, "Byte
+    /// layouts"): a file written by `scripts/known-answers.py` from the
+    /// layout alone, which this verifier must keep accepting and this writer
+    /// must keep producing byte for byte. Run with `scripts/test wycheproof`.
+    mod wycheproof {
+        use super::*;
+        use crate::audit::checkpoint::Checkpoint;
+        use crate::audit::record::AuditRecord;
+        use crate::crypto::{parse_hex, CheckpointKey, DataKey};
+
+        const FILE: &str = include_str!("../../tests/known-answers/audit-format-v1.log");
+        const TENANT: &str = "11111111-1111-4111-8111-111111111111";
+        const ENCRYPTION: &str = "00112233-4455-6677-8899-aabbccddeeff";
+        const VERSION: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+        /// The root KEK of `scripts/known-answers.py` (bytes 0x20..0x3f).
+        fn checkpoint_key() -> CheckpointKey {
+            let kek: [u8; 32] = std::array::from_fn(|i| 0x20 + i as u8);
+            CheckpointKey::derive(&DataKey::from_slice(&kek).unwrap())
+        }
+
+        #[test]
+        fn wycheproof_keyward_audit_file_of_format_v1_verifies_under_its_public_key() {
+            let key = checkpoint_key();
+            let public: [u8; 32] =
+                parse_hex("6190544cba389083aa03dfba511ec77a555e45116368f08b1a2411031e7ed0a3")
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+            assert_eq!(key.public_key(), &public);
+            let report = verify(FILE.as_bytes(), &[public]).unwrap();
+            assert_eq!(report.records, 3);
+            assert_eq!(report.checkpoints, 1);
+            assert_eq!(report.covered_to, Some(3));
+            assert!(report.signatures_checked);
+            assert_eq!(report.key_ids, vec!["2657b19b9bf14f4b".to_string()]);
+            // One byte changed anywhere in a record breaks it.
+            let changed = FILE.replacen("\"status\":400", "\"status\":401", 1);
+            assert!(verify(changed.as_bytes(), &[public]).is_err());
+        }
+
+        #[test]
+        fn wycheproof_keyward_audit_writer_produces_format_v1_byte_for_byte() {
+            let mut chain = Chain::new();
+            let records = [
+                AuditRecord {
+                    time: "2026-01-01T00:00:00.000Z",
+                    operation: "encryption.create",
+                    outcome: "ok",
+                    status: Some(200),
+                    request_id: Some("req-1"),
+                    actor: "api_key",
+                    api_key_id: Some("kw_test"),
+                    tenant_id: Some(TENANT),
+                    encryption_id: Some(ENCRYPTION),
+                    version_id: Some(VERSION),
+                    ..AuditRecord::default()
+                },
+                AuditRecord {
+                    time: "2026-01-01T00:00:01.000Z",
+                    operation: "decrypt",
+                    outcome: "error",
+                    error: Some("decryption_failed"),
+                    status: Some(400),
+                    request_id: Some("req-2"),
+                    actor: "api_key",
+                    api_key_id: Some("kw_test"),
+                    tenant_id: Some(TENANT),
+                    peer: Some("127.0.0.1"),
+                    encryption_id: Some(ENCRYPTION),
+                    version_id: Some(VERSION),
+                    batch_index: Some(0),
+                    ..AuditRecord::default()
+                },
+                AuditRecord {
+                    time: "2026-01-01T00:00:02.000Z",
+                    operation: "rotate.automatic",
+                    outcome: "ok",
+                    actor: "system",
+                    ..AuditRecord::default()
+                },
+            ];
+            let mut lines: Vec<String> = records.iter().map(|r| seal(&mut chain, r)).collect();
+            let key = checkpoint_key();
+            let mut checkpoint = String::new();
+            Checkpoint {
+                seq: 3,
+                hash: chain.prev.as_str(),
+                file_start: 1,
+                file_start_prev: GENESIS,
+                time: "2026-01-01T00:00:03.000Z",
+                reason: "shutdown",
+                key_id: key.id(),
+            }
+            .write_signed(&key, &mut checkpoint);
+            lines.push(checkpoint);
+            assert_eq!(lines, FILE.lines().collect::<Vec<_>>());
+        }
     }
 }

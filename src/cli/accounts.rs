@@ -69,7 +69,7 @@ pub(super) enum ApikeyCommand {
         /// The tenant's id.
         #[arg(long, value_name = "ID")]
         tenant: String,
-        /// Comma-separated scopes: encrypt, decrypt, rotate, manage, admin
+        /// Comma-separated scopes: encrypt, decrypt, rotate, manage, admin, index
         /// (the administration of its own tenant only).
         #[arg(long, value_name = "LIST")]
         scopes: String,

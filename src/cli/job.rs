@@ -199,7 +199,7 @@ async fn watch(remote: &Remote, job: &str) -> anyhow::Result<()> {
         indicatif::ProgressStyle::with_template(
             "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} rows  {msg}",
         )
-        .expect("a valid template"),
+        .map_err(|e| anyhow::anyhow!("progress bar template: {e}"))?,
     );
     loop {
         // Kept whole to print at the end as Keyward sent it (like `status`).

@@ -32,7 +32,7 @@ impl Settings {
 
     /// Settings with every default and the given database URL (for dev mode and
     /// tests); the caller fills in the rest.
-    pub fn with_defaults(database_url: DatabaseUrl) -> Settings {
+    pub fn with_defaults(database_url: DatabaseUrl) -> Result<Settings, ConfigError> {
         let mut raw = Raw(BTreeMap::new());
         raw.0.insert(
             "database_url",
@@ -42,7 +42,6 @@ impl Settings {
             ),
         );
         raw.validate()
-            .expect("the defaults and a given database URL are valid")
     }
 }
 

@@ -172,17 +172,15 @@ impl Raw {
         name: &'static str,
         parse: impl FnOnce(&str) -> Result<T, String>,
     ) -> Result<T, ConfigError> {
-        self.parse(name, parse)?.ok_or_else(|| {
-            let s = SETTINGS
-                .iter()
-                .find(|s| s.name == name)
-                .expect("known setting");
-            ConfigError::Missing {
-                name: s.name,
-                env: s.env_var(),
-                doc: s.doc,
-            }
-        })
+        self.parse(name, parse)?
+            .ok_or_else(|| ConfigError::Missing {
+                name,
+                env: format!("KEYWARD_{}", name.to_ascii_uppercase()),
+                doc: SETTINGS
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map_or("", |s| s.doc),
+            })
     }
 }
 

@@ -24,9 +24,21 @@ pub struct Sealed {
 /// passes NIST's bound (SP 800-38D); callers count uses per key and rotate well
 /// before that.
 pub fn seal(key: &CipherKey, aad: &[u8], plaintext: &[u8]) -> Sealed {
-    let nonce = fresh_nonce();
+    seal_with_nonce(key, fresh_nonce(), aad, plaintext)
+}
+
+/// [`seal`] with a given nonce. Only [`seal`] (a fresh nonce) and the
+/// known-answer tests (the standard vectors' nonces) call it: a nonce must
+/// never be used twice under one key.
+pub(super) fn seal_with_nonce(
+    key: &CipherKey,
+    nonce: [u8; NONCE_LEN],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Sealed {
     let mut buf = Vec::with_capacity(plaintext.len() + TAG_LEN);
     buf.extend_from_slice(plaintext);
+    #[allow(clippy::expect_used)] // see the comment below
     key.aead()
         .seal_in_place_append_tag(
             Nonce::assume_unique_for_key(nonce),
@@ -35,6 +47,7 @@ pub fn seal(key: &CipherKey, aad: &[u8], plaintext: &[u8]) -> Sealed {
         )
         // Sealing fails only for inputs longer than GCM's 64 GiB bound, far beyond any
         // request body limit; treat it as the invariant violation it would be.
+        // (`Vec` itself cannot grow past `isize::MAX` bytes either.)
         .expect("AES-256-GCM seal of a bounded message cannot fail");
     Sealed {
         nonce,

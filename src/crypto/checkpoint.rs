@@ -11,11 +11,9 @@
 
 use std::fmt;
 
-use aws_lc_rs::hkdf;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
-use zeroize::Zeroizing;
 
-use super::keys::{sha256, DataKey, KEY_LEN};
+use super::keys::{hkdf_sha256_key, sha256, DataKey};
 
 /// Length of an Ed25519 public key.
 pub const CHECKPOINT_PUBLIC_KEY_LEN: usize = 32;
@@ -35,20 +33,10 @@ pub struct CheckpointKey {
 impl CheckpointKey {
     /// The checkpoint key of the root KEK `kek`.
     pub fn derive(kek: &DataKey) -> CheckpointKey {
-        struct Len;
-        impl hkdf::KeyType for Len {
-            fn len(&self) -> usize {
-                KEY_LEN
-            }
-        }
         // HKDF with an empty salt: the KEK is already uniformly random.
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, &[]).extract(kek.expose());
-        let info: [&[u8]; 1] = [b"keyward:audit-checkpoint:v1"];
-        let okm = prk
-            .expand(&info, Len)
-            .expect("32 bytes is within HKDF-SHA256's output bound");
-        let mut seed = Zeroizing::new([0u8; KEY_LEN]);
-        okm.fill(seed.as_mut()).expect("lengths match");
+        let seed = hkdf_sha256_key(&[], kek.expose(), &[b"keyward:audit-checkpoint:v1"]);
+        // Every 32-byte seed is an Ed25519 private key (RFC 8032, 5.1.5).
+        #[allow(clippy::expect_used)]
         let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
             .expect("every 32-byte seed is an Ed25519 private key");
         let mut public = [0u8; CHECKPOINT_PUBLIC_KEY_LEN];
@@ -75,6 +63,9 @@ impl CheckpointKey {
         let mut message = Vec::with_capacity(CHECKPOINT_CONTEXT.len() + body.len());
         message.extend_from_slice(CHECKPOINT_CONTEXT);
         message.extend_from_slice(body);
+        // Ed25519 signing is deterministic and total over any message; AWS-LC
+        // reports an error only for an allocation failure, which aborts anyway.
+        #[allow(clippy::expect_used)]
         let signature = self
             .pair
             .try_sign(&message)

@@ -13,8 +13,11 @@ mod aead;
 mod checkpoint;
 mod hex;
 mod keys;
+mod search;
 mod secret;
 mod wrap;
+#[cfg(test)]
+mod wycheproof;
 
 pub use aead::{open, seal, Sealed, NONCE_LEN, TAG_LEN};
 pub use checkpoint::{
@@ -22,7 +25,11 @@ pub use checkpoint::{
     CHECKPOINT_SIGNATURE_LEN,
 };
 pub use hex::{hex, hex_into, parse_hex};
-pub use keys::{derive_client_wrapping_key, random_bytes, sha256, CipherKey, DataKey, KEY_LEN};
+pub use keys::{
+    derive_client_wrapping_key, hkdf_sha256, random_bytes, sha256, CipherKey, DataKey,
+    HkdfLengthError, HKDF_SHA256_MAX_LEN, KEY_LEN,
+};
+pub use search::{blind_index, siv_nonce, siv_open, siv_seal, IndexKey, SivKey, MAX_INDEX_BITS};
 pub use secret::{SecretBytes, SecretString};
 pub use wrap::{UnwrapError, WrappedKey};
 
@@ -34,6 +41,23 @@ pub fn data_aad(encryption_id: &[u8; 16], version_id: &[u8; 16]) -> [u8; 48] {
     aad[..16].copy_from_slice(b"keyward:data:v1\0");
     aad[16..32].copy_from_slice(encryption_id);
     aad[32..].copy_from_slice(version_id);
+    aad
+}
+
+/// Associated data for a deterministic (AES-256-GCM-SIV) ciphertext: the
+/// same binding to encryption and version as [`data_aad`] under its own label,
+/// followed by the caller's context (the prefix has a fixed length, so the
+/// context needs no length of its own).
+pub fn deterministic_aad(
+    encryption_id: &[u8; 16],
+    version_id: &[u8; 16],
+    context: &[u8],
+) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(48 + context.len());
+    aad.extend_from_slice(b"keyward:siv:v1\0\0");
+    aad.extend_from_slice(encryption_id);
+    aad.extend_from_slice(version_id);
+    aad.extend_from_slice(context);
     aad
 }
 

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use super::aead::{open, seal, NONCE_LEN, TAG_LEN};
+use super::aead::{open, seal, Sealed, NONCE_LEN, TAG_LEN};
 use super::keys::{CipherKey, DataKey, KEY_LEN};
 
 /// A key wrapped (encrypted) under another key: `nonce || ciphertext || tag`.
@@ -22,14 +22,20 @@ impl fmt::Debug for WrappedKey {
 #[error("the wrapped key failed to authenticate")]
 pub struct UnwrapError;
 
-impl CipherKey {
-    /// Wraps `key` under this key, binding `aad`.
-    pub fn wrap(&self, key: &DataKey, aad: &[u8]) -> WrappedKey {
-        let sealed = seal(self, aad, key.expose());
+impl WrappedKey {
+    /// The wrapped form of a sealed key: `nonce || ciphertext || tag`.
+    pub(super) fn frame(sealed: &Sealed) -> WrappedKey {
         let mut out = Vec::with_capacity(NONCE_LEN + KEY_LEN + TAG_LEN);
         out.extend_from_slice(&sealed.nonce);
         out.extend_from_slice(&sealed.ciphertext);
         WrappedKey(out)
+    }
+}
+
+impl CipherKey {
+    /// Wraps `key` under this key, binding `aad`.
+    pub fn wrap(&self, key: &DataKey, aad: &[u8]) -> WrappedKey {
+        WrappedKey::frame(&seal(self, aad, key.expose()))
     }
 
     /// Unwraps a key wrapped by [`CipherKey::wrap`] under the same `aad`.
@@ -37,9 +43,11 @@ impl CipherKey {
         if wrapped.0.len() != NONCE_LEN + KEY_LEN + TAG_LEN {
             return Err(UnwrapError);
         }
-        let (nonce, ct) = wrapped.0.split_at(NONCE_LEN);
-        let nonce: [u8; NONCE_LEN] = nonce.try_into().expect("split at NONCE_LEN");
-        let plain = open(self, &nonce, aad, ct).map_err(|_| UnwrapError)?;
+        let (nonce, ct) = wrapped
+            .0
+            .split_first_chunk::<NONCE_LEN>()
+            .ok_or(UnwrapError)?;
+        let plain = open(self, nonce, aad, ct).map_err(|_| UnwrapError)?;
         DataKey::from_slice(&plain).ok_or(UnwrapError)
     }
 }

@@ -92,7 +92,7 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let mut settings = Settings::with_defaults(DatabaseUrl::new(format!(
         "sqlite://{}",
         data_dir.join("keyward.db").display()
-    )));
+    )))?;
     settings.listen = opts.listen;
     settings.master_key = Some(master_key);
     settings.log_format = LogFormat::Text;
@@ -136,11 +136,11 @@ fn load_or_create_master_key(path: &Path) -> anyhow::Result<DataKey> {
             anyhow::anyhow!("the dev master key in {} {reason}", path.display())
         });
     }
-    let bytes = Zeroizing::new(random_bytes::<32>());
-    let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(bytes.as_ref()));
+    let key = DataKey::generate();
+    let text = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(key.expose()));
     write_private(path, format!("{}\n", text.as_str()).as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(DataKey::from_slice(bytes.as_ref()).expect("32 bytes"))
+    Ok(key)
 }
 
 async fn load_or_create_credentials(
@@ -232,7 +232,7 @@ async fn print_banner(
     let tenant: TenantId = creds.tenant_id.parse()?;
     let enc: EncryptionId = creds.encryption_id.parse()?;
     let sample = service
-        .encrypt(tenant, enc, None, b"hello, keyward", None)
+        .encrypt(tenant, enc, None, b"hello, keyward", b"", None)
         .await?;
     let b64 = base64::engine::general_purpose::STANDARD;
     let (base, transport, tls_args) = match certs {

@@ -42,16 +42,20 @@ pub enum Scope {
     Operator,
     /// Read every tenant's audit records (operator keys only), e.g. for a SIEM.
     Audit,
+    /// Compute blind-index values (`POST /v1/index`, and `indexes` on
+    /// encrypt). Never grants `decrypt`, and is not needed for it.
+    Index,
 }
 
 impl Scope {
     /// Every scope, in display order.
-    pub const ALL: [Scope; 7] = [
+    pub const ALL: [Scope; 8] = [
         Scope::Encrypt,
         Scope::Decrypt,
         Scope::Rotate,
         Scope::Manage,
         Scope::Admin,
+        Scope::Index,
         Scope::Operator,
         Scope::Audit,
     ];
@@ -66,6 +70,7 @@ impl Scope {
             Scope::Admin => "admin",
             Scope::Operator => "operator",
             Scope::Audit => "audit",
+            Scope::Index => "index",
         }
     }
 
@@ -134,7 +139,7 @@ impl Scopes {
                 .ok_or_else(|| {
                     let word: String = word.chars().take(32).collect();
                     format!(
-                        "unknown scope `{word}` (expected some of encrypt, decrypt, rotate, manage, admin for a tenant key, or operator, audit for an operator key)"
+                        "unknown scope `{word}` (expected some of encrypt, decrypt, rotate, manage, admin, index for a tenant key, or operator, audit for an operator key)"
                     )
                 })?;
             bits |= scope.bit();
@@ -433,7 +438,7 @@ mod tests {
         );
         assert_eq!(
             Scopes::tenant_all().to_string(),
-            "encrypt,decrypt,rotate,manage,admin"
+            "encrypt,decrypt,rotate,manage,admin,index"
         );
         assert_eq!(Scopes::operator_all().to_string(), "operator,audit");
     }

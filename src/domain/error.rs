@@ -58,6 +58,26 @@ pub enum KeyError {
     /// The version is numbered below the encryption's minimum decryption version.
     #[error("the encryption version is below the minimum decryption version")]
     VersionBelowMinimum,
+    /// The encryption has no blind index of that name.
+    #[error("blind index not found")]
+    IndexNotFound,
+    /// A blind index of that name exists already.
+    #[error("the encryption already has a blind index of that name")]
+    IndexExists,
+    /// The encryption has as many blind indexes as it may.
+    #[error("an encryption has at most {0} blind indexes")]
+    TooManyIndexes(usize),
+    /// A blind-index change that does not fit the index (e.g. a minimum
+    /// version above the active one).
+    #[error("{0}")]
+    InvalidIndexChange(String),
+    /// A `context` on an encryption that does not take one.
+    #[error("`context`: only deterministic encryptions (AES-256-GCM-SIV) take a context")]
+    ContextNotSupported,
+    /// A destroy of a version whose data key a live blind-index version's
+    /// key is derived from.
+    #[error("a live blind-index version derives its key from this version: rotate the index and retire its older versions (minVersion) first")]
+    VersionAnchorsIndex,
     /// The requested state change is not allowed (e.g. the active version).
     #[error("{0}")]
     InvalidStateChange(&'static str),

@@ -245,7 +245,10 @@ pub async fn start_job(
         encryption_id_column: source.encryption_id_column,
     };
     let id = uuid::Uuid::new_v4();
-    let spec = Zeroizing::new(serde_json::to_vec(&stored).expect("a source serializes"));
+    let spec = Zeroizing::new(
+        serde_json::to_vec(&stored)
+            .map_err(|e| KeyError::Integrity(format!("job source does not serialize: {e}")))?,
+    );
     let (kek, sealed) = service.seal_job_source(id, &spec)?;
     service
         .store()
@@ -509,8 +512,8 @@ async fn walk(
             let remaining = found.remaining();
             let left: i64 = remaining.values().sum();
             if left == 0 || pass + 1 >= MAX_PASSES {
-                let remaining = serde_json::to_string(&remaining).expect("a map serializes");
-                let rows = serde_json::to_string(&found.rows).expect("a map serializes");
+                let remaining = serde_json::to_string(&remaining).map_err(other)?;
+                let rows = serde_json::to_string(&found.rows).map_err(other)?;
                 service
                     .store()
                     .finish_job(

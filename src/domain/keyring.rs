@@ -248,6 +248,8 @@ mod tests {
             id,
             tenant_id: TenantId::new_random(),
             mode: Mode::Platform,
+            algorithm: crate::domain::algorithm::Algorithm::Aes256Gcm,
+            indexes: Vec::new(),
             salt: vec![],
             active: v,
             min_decryption_version: 1,

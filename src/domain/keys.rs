@@ -13,10 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::algorithm::Algorithm;
 use super::client_key::ClientKey;
 use super::error::KeyError;
 use super::ids::{EncryptionId, TenantId, VersionId};
-use crate::crypto::{data_key_aad, derive_client_wrapping_key, CipherKey, WrappedKey};
+use super::search::BlindIndex;
+use crate::crypto::{data_key_aad, derive_client_wrapping_key, CipherKey, DataKey, WrappedKey};
 
 /// The id bound into the wrapping of client-mode data keys in place of a KEK id.
 pub const CLIENT_WRAPPING_ID: [u8; 16] = [0u8; 16];
@@ -99,6 +101,10 @@ pub struct VersionedKey {
     pub tenant_id: TenantId,
     /// Who wraps the keys.
     pub mode: Mode,
+    /// Its algorithm (fixed at creation).
+    pub algorithm: Algorithm,
+    /// Its blind indexes, by name.
+    pub indexes: Vec<BlindIndex>,
     /// Salt for client-mode key derivation.
     pub salt: Vec<u8>,
     /// The active version.
@@ -115,10 +121,33 @@ impl VersionedKey {
         self.versions.iter().rev().find(|v| v.id == id)
     }
 
-    /// The active version.
-    pub fn active_version(&self) -> &KeyVersion {
-        self.version(self.active)
-            .expect("a versioned key is checked to hold its active version")
+    /// The active version. A key that passed [`VersionedKey::check`] always
+    /// holds it; one that did not is an integrity error, not a panic.
+    pub fn active_version(&self) -> Result<&KeyVersion, KeyError> {
+        self.version(self.active).ok_or_else(|| {
+            KeyError::Integrity(format!(
+                "encryption {}: no row for its active version",
+                self.id
+            ))
+        })
+    }
+
+    /// The blind index named `name`.
+    pub fn index(&self, name: &str) -> Option<&BlindIndex> {
+        self.indexes.iter().find(|i| i.name == name)
+    }
+
+    /// Runs `f` with the key of version `id` for a derivation (a blind-index
+    /// key): any state but destroyed will do, since no ciphertext is made or
+    /// opened with it.
+    pub fn with_key_of(
+        &self,
+        id: VersionId,
+        client_key: Option<&ClientKey>,
+        f: impl FnOnce(&CipherKey) -> DataKey,
+    ) -> Result<DataKey, KeyError> {
+        let version = self.version(id).ok_or(KeyError::IndexNotFound)?;
+        self.with_key(version, client_key, f)
     }
 
     /// Whether the caller brought the kind of key this encryption needs: a
@@ -137,7 +166,7 @@ impl VersionedKey {
     /// making).
     pub fn key_for_encrypt(&self, version: Option<VersionId>) -> Result<&KeyVersion, KeyError> {
         let v = match version {
-            None => self.active_version(),
+            None => self.active_version()?,
             Some(id) => self.version(id).ok_or(KeyError::VersionNotFound)?,
         };
         match v.state {
@@ -329,6 +358,8 @@ mod tests {
             id: EncryptionId::new_random(),
             tenant_id: TenantId::new_random(),
             mode: Mode::Platform,
+            algorithm: Algorithm::Aes256Gcm,
+            indexes: Vec::new(),
             salt: vec![0; 32],
             active,
             min_decryption_version: min,

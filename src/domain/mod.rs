@@ -4,6 +4,7 @@
 //! [`service::KeyService`]; it talks to the store and to the pure crypto module.
 
 pub mod accounts;
+pub mod algorithm;
 pub mod apikeys;
 pub mod client_addr;
 pub mod client_key;
@@ -15,6 +16,7 @@ pub mod jobs;
 pub mod keyring;
 pub mod keys;
 pub mod records;
+pub mod search;
 pub mod service;
 pub mod sources;
 pub mod states;

@@ -35,6 +35,40 @@ pub struct EncryptionRow {
     pub min_decryption_version: i64,
 }
 
+/// One blind index of an encryption, as stored (see docs/search.md).
+#[derive(Debug, Clone)]
+pub struct BlindIndexRow {
+    /// The encryption it belongs to.
+    pub encryption_id: EncryptionId,
+    /// Its name, unique within the encryption.
+    pub name: String,
+    /// How many bits of HMAC-SHA256 a value keeps (1 to 256).
+    pub bits: i64,
+    /// The normalisations, comma-separated, in the order applied.
+    pub normalizations: String,
+    /// The index version new values are computed under.
+    pub active_version: i64,
+    /// Index versions from this one to the active one are live.
+    pub min_version: i64,
+    /// Creation time (Unix ms).
+    pub created_at: i64,
+    /// Last change (Unix ms).
+    pub updated_at: i64,
+    /// Its versions, in number order.
+    pub versions: Vec<BlindIndexVersionRow>,
+}
+
+/// One version of a blind index's key, as stored.
+#[derive(Debug, Clone)]
+pub struct BlindIndexVersionRow {
+    /// 1, 2, 3...
+    pub version: i64,
+    /// The key version whose data key its key is derived from.
+    pub anchor_version_id: VersionId,
+    /// Creation time (Unix ms).
+    pub created_at: i64,
+}
+
 /// One key version as stored.
 #[derive(Debug, Clone)]
 pub struct VersionRow {

@@ -164,6 +164,9 @@ pub enum TenantScopeSchema {
     Manage,
     /// Its own tenant's API keys and audit records.
     Admin,
+    /// Blind-index values (`POST /v1/index`, `indexes` on encrypt); grants
+    /// no `decrypt`.
+    Index,
 }
 
 /// Input of the routes that create an API key.
@@ -172,7 +175,7 @@ pub enum TenantScopeSchema {
 pub struct CreateApiKeyRequest {
     /// Its scopes, some of `encrypt`, `decrypt`, `rotate`, `manage`, `admin`.
     /// A tenant key creating a key may give only scopes it holds itself.
-    #[schema(value_type = Vec<TenantScopeSchema>, min_items = 1, max_items = 5)]
+    #[schema(value_type = Vec<TenantScopeSchema>, min_items = 1, max_items = 6)]
     scopes: Vec<String>,
     /// Bind the key to the client certificate whose SubjectPublicKeyInfo has
     /// this SHA-256 (64 hex digits): it then works only on mutual-TLS
@@ -272,16 +275,17 @@ fn created(
 
 /// The scopes and binding of a key-creation request.
 fn parse_key_request(req: &CreateApiKeyRequest) -> Result<(Scopes, Option<[u8; 32]>), ApiError> {
-    if req.scopes.len() > 5 {
+    if req.scopes.len() > 6 {
         return Err(ApiError::InvalidRequest(
-            "`scopes`: at most 5 entries".into(),
+            "`scopes`: at most 6 entries".into(),
         ));
     }
     let scopes = Scopes::parse_words(req.scopes.iter().map(String::as_str))
         // The message names the field, never the value sent.
         .map_err(|_| {
             ApiError::InvalidRequest(
-                "`scopes`: expected one to five of encrypt, decrypt, rotate, manage, admin".into(),
+                "`scopes`: expected one to six of encrypt, decrypt, rotate, manage, admin, index"
+                    .into(),
             )
         })?;
     let binding = req

@@ -141,12 +141,15 @@ impl AuditNote {
     /// Only an id, never a secret or digest.
     pub fn api_key(&self, key_id: &str, scopes: Option<&Scopes>) {
         self.with(|n| {
-            let target = match n.targets.last_mut() {
-                Some(t) if t.api_key_id.is_none() && t.items.is_none() => t,
-                _ => {
-                    n.targets.push(Target::default());
-                    n.targets.last_mut().expect("just pushed")
-                }
+            let reusable = n
+                .targets
+                .last()
+                .is_some_and(|t| t.api_key_id.is_none() && t.items.is_none());
+            if !reusable {
+                n.targets.push(Target::default());
+            }
+            let Some(target) = n.targets.last_mut() else {
+                return;
             };
             target.api_key_id = Some(key_id.to_string());
             if let Some(scopes) = scopes {

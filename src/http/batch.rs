@@ -86,7 +86,7 @@ impl ItemResult<DecryptResponse> {
 /// the OpenAPI document; a bad item is an item's error).
 #[derive(IntoResponses)]
 #[allow(dead_code)]
-enum BatchRefusals {
+pub(super) enum BatchRefusals {
     #[response(status = 400, description = "Bad input")]
     BadInput(ErrorBody),
     #[response(status = 413, description = "`too_many_items` or `payload_too_large`")]
@@ -110,7 +110,7 @@ pub struct BatchResponse<T> {
 /// gets its own audit target and outcome. The items' JSON text (an encrypt
 /// item holds its plaintext) is cleared when the batch is done, whichever
 /// way it ends.
-async fn run<I, O, F, Fut>(
+pub(super) async fn run<I, O, F, Fut>(
     req: BatchRequest,
     limits: BatchLimits,
     note: &AuditNote,

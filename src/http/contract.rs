@@ -18,10 +18,12 @@ use super::extract::{
 use super::secret::{plain_str, secret_string, SecretBody};
 use super::state::AppState;
 use crate::crypto::{SecretString, NONCE_LEN};
-use crate::domain::service::{ClientKey, Encrypted, KeyError, Sealed};
+use crate::domain::apikeys::Scope;
+use crate::domain::service::{ClientKey, Encrypted, IndexSelection, IndexValue, KeyError, Sealed};
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
-/// The only algorithm v1 offers.
+/// The default algorithm (see [`crate::domain::algorithm::Algorithm`] for
+/// every one offered).
 pub const ALGORITHM: &str = "AES-256-GCM";
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -41,6 +43,32 @@ pub struct EncryptRequest {
     #[serde(default)]
     #[schema(format = Uuid, nullable = false)]
     encryption_version_id: Option<String>,
+    /// Deterministic encryptions only (`AES-256-GCM-SIV`): what separates
+    /// equal plaintexts, e.g. `users.email` (up to 1024 bytes; absent or empty:
+    /// none). Decrypt needs the same context. Any other encryption refuses it
+    /// (`context_not_supported`).
+    #[serde(default)]
+    #[schema(max_length = 1024, nullable = false)]
+    pub(super) context: Option<String>,
+    /// Also return the value of these blind indexes (under their active
+    /// versions) for the data. Needs the `index` scope besides `encrypt`.
+    #[serde(default)]
+    #[schema(nullable = false)]
+    indexes: Option<Vec<String>>,
+}
+
+/// The longest `context`, in bytes.
+pub(super) const MAX_CONTEXT_BYTES: usize = 1024;
+
+/// A request's `context` as bytes (empty: none), checked for length.
+pub(super) fn context_bytes(context: &Option<String>) -> Result<&[u8], ApiError> {
+    let context = context.as_deref().unwrap_or("").as_bytes();
+    if context.len() > MAX_CONTEXT_BYTES {
+        return Err(ApiError::InvalidRequest(format!(
+            "`context`: at most {MAX_CONTEXT_BYTES} bytes"
+        )));
+    }
+    Ok(context)
 }
 
 /// What decrypt needs besides the ciphertext: pass it back unchanged.
@@ -65,11 +93,73 @@ pub struct EncryptResponse {
     /// The version used: store it with the ciphertext.
     #[schema(format = Uuid)]
     encryption_version_id: String,
-    /// Always `AES-256-GCM`.
+    /// The encryption's algorithm: `AES-256-GCM`, or `AES-256-GCM-SIV` for a
+    /// deterministic encryption.
     #[schema(example = "AES-256-GCM")]
     algorithm: &'static str,
     /// What decrypt needs: store it with the ciphertext.
     metadata: Metadata,
+    /// The blind-index values asked for with `indexes`; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub(super) indexes: Option<Vec<IndexValueView>>,
+}
+
+/// `POST /v1/index` input.
+#[derive(Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IndexRequest {
+    /// The encryption whose indexes to compute.
+    #[schema(format = Uuid)]
+    pub(super) encryption_id: String,
+    /// The plaintext, as encrypt would take it.
+    #[serde(deserialize_with = "secret_string")]
+    #[schema(value_type = String)]
+    pub(super) data: SecretString,
+    /// These indexes only (each must exist); absent: every index of the
+    /// encryption.
+    #[serde(default)]
+    #[schema(nullable = false)]
+    pub(super) indexes: Option<Vec<String>>,
+    /// Values under every live version of each index (newest first), not
+    /// only the active one: what a lookup asks for while an index rotation
+    /// is being rolled out (`WHERE email_idx IN (...)`).
+    #[serde(default)]
+    pub(super) all_versions: bool,
+}
+
+/// `POST /v1/index` output.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexResponse {
+    /// The encryption.
+    #[schema(format = Uuid)]
+    pub(super) encryption_id: String,
+    /// One value per index (per live version with `allVersions`).
+    pub(super) indexes: Vec<IndexValueView>,
+}
+
+/// One blind-index value.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IndexValueView {
+    /// The index.
+    pub(super) name: String,
+    /// The index version it was computed under.
+    pub(super) version: i64,
+    /// The value: lower-case hex of `ceil(bits / 8)` bytes.
+    pub(super) value: String,
+}
+
+impl IndexValueView {
+    /// The view of a computed value.
+    pub(super) fn of(v: IndexValue) -> IndexValueView {
+        IndexValueView {
+            name: v.name,
+            version: v.version,
+            value: crate::crypto::hex(&v.value),
+        }
+    }
 }
 
 /// Encrypt data under the encryption's active version (or a named one).
@@ -99,12 +189,12 @@ pub(super) async fn encrypt(
     ApiJson(req): ApiJson<EncryptRequest>,
 ) -> Result<Response, ApiError> {
     let data_len = req.data.len();
-    let (id, out) = Call::new(&state, &auth, &note, &client_key)
+    let (id, out, indexes) = Call::new(&state, &auth, &note, &client_key)
         .encrypt_sealed(req)
         .await?;
     // Base64 of the data and tag, two ids, the nonce and the field names.
     Ok(json_response(
-        &SealedResponse(id, &out),
+        &SealedResponse(id, &out, indexes.as_deref()),
         (data_len + 16) * 4 / 3 + 256,
     ))
 }
@@ -118,6 +208,8 @@ pub(super) struct Call<'a> {
     tenant: TenantId,
     note: &'a AuditNote,
     client_key: Option<&'a ClientKey>,
+    /// Whether the caller holds `index` (encrypt's `indexes` option needs it).
+    may_index: bool,
 }
 
 impl<'a> Call<'a> {
@@ -133,13 +225,16 @@ impl<'a> Call<'a> {
             tenant: auth.tenant,
             note,
             client_key: client_key.0.as_ref(),
+            may_index: auth.principal.scopes.contains(Scope::Index),
         }
     }
 
     /// Encrypts under the active version, or the one named.
     pub(super) async fn encrypt(self, req: EncryptRequest) -> Result<EncryptResponse, ApiError> {
-        let (id, out) = self.encrypt_sealed(req).await?;
-        Ok(encrypted_response(id, out))
+        let (id, out, indexes) = self.encrypt_sealed(req).await?;
+        let mut response = encrypted_response(id, out);
+        response.indexes = indexes;
+        Ok(response)
     }
 
     /// [`Call::encrypt`], before its output becomes the response's strings
@@ -147,7 +242,7 @@ impl<'a> Call<'a> {
     async fn encrypt_sealed(
         self,
         req: EncryptRequest,
-    ) -> Result<(EncryptionId, Encrypted), ApiError> {
+    ) -> Result<(EncryptionId, Encrypted, Option<Vec<IndexValueView>>), ApiError> {
         let id = parse_id(&req.encryption_id, "encryptionId")?;
         self.note.encryption(id);
         let version = req.encryption_version_id.as_deref();
@@ -156,20 +251,62 @@ impl<'a> Call<'a> {
             self.note.version(v);
         }
         let data = req.data.as_bytes();
+        let context = context_bytes(&req.context)?;
+        if req.indexes.is_some() && !self.may_index {
+            return Err(ApiError::InsufficientScope(Scope::Index));
+        }
         let service = &self.state.service;
         let out = service
-            .encrypt(self.tenant, id, version, data, self.client_key)
+            .encrypt(self.tenant, id, version, data, context, self.client_key)
             .await?;
         super::metrics::bytes_encrypted().increment(data.len() as u64);
         self.note.version(out.version_id);
-        Ok((id, out))
+        let indexes = match &req.indexes {
+            Some(names) => {
+                let which = IndexSelection {
+                    names: Some(names),
+                    all_versions: false,
+                };
+                let values = service
+                    .index_values(self.tenant, id, &req.data, which, self.client_key)
+                    .await?;
+                Some(values.into_iter().map(IndexValueView::of).collect())
+            }
+            None => None,
+        };
+        Ok((id, out, indexes))
+    }
+
+    /// Blind-index values of the data (no ciphertext, no decryption).
+    pub(super) async fn index(self, req: IndexRequest) -> Result<IndexResponse, ApiError> {
+        let id = parse_id(&req.encryption_id, "encryptionId")?;
+        self.note.encryption(id);
+        let which = IndexSelection {
+            names: req.indexes.as_deref(),
+            all_versions: req.all_versions,
+        };
+        let values = self
+            .state
+            .service
+            .index_values(self.tenant, id, &req.data, which, self.client_key)
+            .await?;
+        Ok(IndexResponse {
+            encryption_id: id.to_string(),
+            indexes: values.into_iter().map(IndexValueView::of).collect(),
+        })
     }
 
     /// Decrypts a ciphertext made by encrypt.
-    pub(super) async fn decrypt(self, req: DecryptRequest) -> Result<DecryptResponse, ApiError> {
+    pub(super) async fn decrypt(
+        self,
+        mut req: DecryptRequest,
+    ) -> Result<DecryptResponse, ApiError> {
+        let context = req.context.take();
         let (id, version, nonce, ciphertext) = req.parse_noted(self.note)?;
+        let context = context_bytes(&context)?;
         let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
-        let opened = service.decrypt(tenant, id, Sealed::new(version, nonce, &ciphertext), key);
+        let sealed = Sealed::new(version, nonce, &ciphertext).with_context(context);
+        let opened = service.decrypt(tenant, id, sealed, key);
         let plaintext = opened.await?;
         super::metrics::bytes_decrypted().increment(plaintext.len() as u64);
         // The plaintext was a JSON string's UTF-8 bytes, and GCM authenticated
@@ -183,10 +320,13 @@ impl<'a> Call<'a> {
 
     /// Re-encrypts a ciphertext under the active version; the plaintext never
     /// leaves the service.
-    pub(super) async fn rewrap(self, req: DecryptRequest) -> Result<EncryptResponse, ApiError> {
+    pub(super) async fn rewrap(self, mut req: DecryptRequest) -> Result<EncryptResponse, ApiError> {
+        let context = req.context.take();
         let (id, version, nonce, ciphertext) = req.parse_noted(self.note)?;
+        let context = context_bytes(&context)?;
         let (service, tenant, key) = (&self.state.service, self.tenant, self.client_key);
-        let rewrapped = service.rewrap(tenant, id, Sealed::new(version, nonce, &ciphertext), key);
+        let sealed = Sealed::new(version, nonce, &ciphertext).with_context(context);
+        let rewrapped = service.rewrap(tenant, id, sealed, key);
         let out = rewrapped.await?;
         self.note.version(out.version_id);
         Ok(encrypted_response(id, out))
@@ -211,10 +351,11 @@ fn encrypted_response(id: EncryptionId, out: Encrypted) -> EncryptResponse {
         cipher_text: B64.encode(&out.ciphertext),
         encryption_id: id.to_string(),
         encryption_version_id: out.version_id.to_string(),
-        algorithm: ALGORITHM,
+        algorithm: out.algorithm.as_str(),
         metadata: Metadata {
             nonce: B64.encode(out.nonce),
         },
+        indexes: None,
     }
 }
 
@@ -234,6 +375,10 @@ pub struct DecryptRequest {
     /// The metadata encrypt returned, unchanged.
     #[schema(value_type = Object)]
     metadata: DecryptMetadata,
+    /// The `context` encrypt was given (deterministic encryptions only).
+    #[serde(default)]
+    #[schema(max_length = 1024, nullable = false)]
+    context: Option<String>,
 }
 
 /// `POST /v1/decrypt` output.
@@ -395,7 +540,8 @@ trait WriteJson {
 
 impl WriteJson for EncryptResponse {
     fn write_json(&self, out: &mut String) {
-        crate::json::Object::new(out)
+        let mut object = crate::json::Object::new(out);
+        object
             .str("cipherText", &self.cipher_text)
             .str("encryptionId", &self.encryption_id)
             .str("encryptionVersionId", &self.encryption_version_id)
@@ -404,26 +550,46 @@ impl WriteJson for EncryptResponse {
                 crate::json::Object::new(out)
                     .str("nonce", &self.metadata.nonce)
                     .end()
-            })
+            });
+        if let Some(values) = &self.indexes {
+            object.with("indexes", |out| write_index_values(out, values));
+        }
+        object.end();
+    }
+}
+
+/// `[{"name","version","value"}, ...]`, as serde_json writes it.
+pub(super) fn write_index_values(out: &mut String, values: &[IndexValueView]) {
+    out.push('[');
+    for (i, v) in values.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        crate::json::Object::new(out)
+            .str("name", &v.name)
+            .u64("version", v.version.max(0) as u64)
+            .str("value", &v.value)
             .end();
     }
+    out.push(']');
 }
 
 /// Encrypt's output written straight from the sealed bytes and ids: the same
 /// JSON as [`EncryptResponse`]'s, without making its strings first (four
 /// allocations fewer per request).
-struct SealedResponse<'a>(EncryptionId, &'a Encrypted);
+struct SealedResponse<'a>(EncryptionId, &'a Encrypted, Option<&'a [IndexValueView]>);
 
 impl WriteJson for SealedResponse<'_> {
     fn write_json(&self, out: &mut String) {
-        let SealedResponse(id, sealed) = self;
+        let SealedResponse(id, sealed, indexes) = self;
         let (mut id_buf, mut version_buf) = ([0; 36], [0; 36]);
         let mut nonce = [0u8; 16];
         let nonce = match B64.encode_slice(sealed.nonce, &mut nonce) {
             Ok(n) => std::str::from_utf8(&nonce[..n]).unwrap_or_default(),
             Err(_) => "",
         };
-        crate::json::Object::new(out)
+        let mut object = crate::json::Object::new(out);
+        object
             .with("cipherText", |out| {
                 // Base64 never needs escaping.
                 out.push('"');
@@ -435,11 +601,14 @@ impl WriteJson for SealedResponse<'_> {
                 "encryptionVersionId",
                 sealed.version_id.encode(&mut version_buf),
             )
-            .str("algorithm", ALGORITHM)
+            .str("algorithm", sealed.algorithm.as_str())
             .with("metadata", |out| {
                 crate::json::Object::new(out).str("nonce", nonce).end()
-            })
-            .end();
+            });
+        if let Some(values) = indexes {
+            object.with("indexes", |out| write_index_values(out, values));
+        }
+        object.end();
     }
 }
 
@@ -592,24 +761,80 @@ mod tests {
             metadata: Metadata {
                 nonce: "AAECAwQFBgcICQoL".into(),
             },
+            indexes: None,
         };
+        let mut indexed = EncryptResponse {
+            indexes: Some(vec![
+                IndexValueView {
+                    name: "email".into(),
+                    version: 2,
+                    value: "0a1b".into(),
+                },
+                IndexValueView {
+                    name: "phone".into(),
+                    version: 1,
+                    value: "ff".into(),
+                },
+            ]),
+            ..encrypted_response(
+                crate::domain::EncryptionId::new_random(),
+                Encrypted {
+                    algorithm: crate::domain::algorithm::Algorithm::Aes256GcmSiv,
+                    version_id: crate::domain::VersionId::new_random(),
+                    nonce: [7; NONCE_LEN],
+                    ciphertext: vec![1, 2, 3],
+                },
+            )
+        };
+        assert_eq!(
+            written(&indexed),
+            serde_json::to_string(&indexed).expect("serializes")
+        );
+        indexed.indexes = Some(vec![]);
+        assert_eq!(
+            written(&indexed),
+            serde_json::to_string(&indexed).expect("serializes")
+        );
         assert_eq!(
             written(&encrypted),
             serde_json::to_string(&encrypted).expect("serializes")
         );
         for len in [0, 1, 2, 3, 64, 1024] {
-            let sealed = Encrypted {
-                version_id: VersionId::new_random(),
-                nonce: [7; NONCE_LEN],
-                ciphertext: (0..len + 16).map(|i| i as u8).collect(),
-            };
-            let id = EncryptionId::new_random();
-            let direct = written(&SealedResponse(id, &sealed));
-            let via_strings = encrypted_response(id, sealed);
-            assert_eq!(
-                direct,
-                serde_json::to_string(&via_strings).expect("serializes")
-            );
+            for algorithm in crate::domain::algorithm::Algorithm::ALL {
+                let sealed = Encrypted {
+                    algorithm,
+                    version_id: VersionId::new_random(),
+                    nonce: [7; NONCE_LEN],
+                    ciphertext: (0..len + 16).map(|i| i as u8).collect(),
+                };
+                let id = EncryptionId::new_random();
+                let indexes = [IndexValueView {
+                    name: "email".into(),
+                    version: 2,
+                    value: "ab12".into(),
+                }];
+                for with in [None, Some(&indexes[..])] {
+                    let direct = written(&SealedResponse(id, &sealed, with));
+                    let copy = Encrypted {
+                        ciphertext: sealed.ciphertext.clone(),
+                        ..sealed
+                    };
+                    let mut via_strings = encrypted_response(id, copy);
+                    via_strings.indexes = with.map(|v| {
+                        v.iter()
+                            .map(|i| IndexValueView {
+                                name: i.name.clone(),
+                                version: i.version,
+                                value: i.value.clone(),
+                            })
+                            .collect()
+                    });
+                    assert_eq!(
+                        direct,
+                        serde_json::to_string(&via_strings).expect("serializes")
+                    );
+                }
+            }
         }
         for data in [
             "",
@@ -629,6 +854,81 @@ mod tests {
                     .expect("serializes")
                     .as_slice()
             );
+        }
+    }
+
+    /// Known answers for the contract's own encoding of a ciphertext (see
+    /// docs/security.md, "Byte layouts"); `crypto::wycheproof` checks the
+    /// bytes themselves. Run with `scripts/test wycheproof`.
+    mod wycheproof {
+        use super::*;
+        use ::wycheproof::aead::{TestName, TestSet};
+
+        /// `scripts/known-answers.py`'s `SEALED_DATA` (sealed under nonce
+        /// 00..0b), as the contract carries it.
+        const SEALED_DATA_B64: &str =
+            "DGevbKSXpjvmL/j838kZA/Ch4kbKW25c2uVJIpFa+NfdF+qNhrmS/BwS6Q==";
+        const SEALED_DATA: &str = "0c67af6ca497a63be62ff8fcdfc91903f0a1e246ca5b6e5cdae54922915af8d7dd17ea8d86b992fc1c12e9";
+        const ENCRYPTION_ID: &str = "00112233-4455-6677-8899-aabbccddeeff";
+        const VERSION_ID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
+
+        #[test]
+        fn wycheproof_aes_gcm_nonces_are_a_nonce_in_decrypt_metadata_only_at_96_bits() {
+            let set = TestSet::load(TestName::AesGcm).unwrap();
+            let (mut taken, mut refused) = (0, 0);
+            for group in set.test_groups {
+                for t in group.tests {
+                    let json = format!(r#"{{"nonce":"{}"}}"#, B64.encode(t.nonce.as_slice()));
+                    let parsed = serde_json::from_str::<DecryptMetadata>(&json).unwrap().0;
+                    if group.nonce_size == 96 {
+                        assert_eq!(
+                            parsed.as_ref().map(|n| n.as_slice()),
+                            Some(t.nonce.as_slice())
+                        );
+                        taken += 1;
+                    } else {
+                        // Decrypt answers `decryption_failed`, as for any tampering.
+                        assert_eq!(
+                            parsed, None,
+                            "tcId {}: a {}-bit nonce",
+                            t.tc_id, group.nonce_size
+                        );
+                        refused += 1;
+                    }
+                }
+            }
+            assert!(taken > 0 && refused > 0, "{taken} taken, {refused} refused");
+        }
+
+        #[test]
+        fn wycheproof_keyward_encrypt_response_of_format_v1_is_fixed() {
+            let out = Encrypted {
+                algorithm: crate::domain::algorithm::Algorithm::Aes256Gcm,
+                version_id: VERSION_ID.parse().unwrap(),
+                nonce: std::array::from_fn(|i| i as u8),
+                ciphertext: crate::crypto::parse_hex(SEALED_DATA).unwrap(),
+            };
+            let response = encrypted_response(ENCRYPTION_ID.parse().unwrap(), out);
+            assert_eq!(
+                written(&response),
+                format!(
+                    r#"{{"cipherText":"{SEALED_DATA_B64}","encryptionId":"{ENCRYPTION_ID}","encryptionVersionId":"{VERSION_ID}","algorithm":"AES-256-GCM","metadata":{{"nonce":"AAECAwQFBgcICQoL"}}}}"#
+                )
+            );
+        }
+
+        #[test]
+        fn wycheproof_keyward_decrypt_request_of_format_v1_parses_to_its_bytes() {
+            let body = format!(
+                r#"{{"encryptionId":"{ENCRYPTION_ID}","cipherText":"{SEALED_DATA_B64}","encryptionVersionId":"{VERSION_ID}","metadata":{{"nonce":"AAECAwQFBgcICQoL"}}}}"#
+            );
+            let request: DecryptRequest = serde_json::from_str(&body).unwrap();
+            let (id, version, nonce, ciphertext) =
+                request.parse_noted(&AuditNote::default()).unwrap();
+            assert_eq!(id.to_string(), ENCRYPTION_ID);
+            assert_eq!(version.to_string(), VERSION_ID);
+            assert_eq!(nonce, Some(std::array::from_fn(|i| i as u8)));
+            assert_eq!(crate::crypto::hex(&ciphertext), SEALED_DATA);
         }
     }
 }

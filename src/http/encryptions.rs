@@ -16,6 +16,7 @@ use super::extract::{parse_id, MasterKeyParam};
 use super::extract::{ApiJson, Auth, ManageScope, MasterKeyHeader};
 use super::query::{self, ApiQuery};
 use super::state::AppState;
+use crate::domain::algorithm::Algorithm;
 use crate::domain::keys::VersionState;
 use crate::domain::records::{EncryptionRow, VersionRow};
 use crate::domain::service::EncryptionDetails;
@@ -36,7 +37,10 @@ pub struct CreateRequest {
         pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
     )]
     name: Option<String>,
-    /// Only `AES-256-GCM` is offered.
+    /// `AES-256-GCM` (the default: a random nonce per call), or
+    /// `AES-256-GCM-SIV` for deterministic encryption (equal plaintexts under
+    /// the same version and `context` give equal ciphertexts: see
+    /// docs/search.md for what that leaks). Fixed for the encryption's life.
     #[serde(default)]
     #[schema(value_type = Option<AlgorithmSchema>, nullable = true)]
     algorithm: Option<String>,
@@ -49,6 +53,9 @@ enum AlgorithmSchema {
     /// AES-256-GCM with 96-bit random nonces.
     #[schema(rename = "AES-256-GCM")]
     Aes256Gcm,
+    /// AES-256-GCM-SIV (RFC 8452), deterministic under a context.
+    #[schema(rename = "AES-256-GCM-SIV")]
+    Aes256GcmSiv,
 }
 
 /// Who wraps an encryption's data keys.
@@ -81,7 +88,8 @@ pub struct EncryptionSummary {
     encryption_id: String,
     /// Its name, if given.
     name: Option<String>,
-    /// Always `AES-256-GCM`.
+    /// `AES-256-GCM`, or `AES-256-GCM-SIV` (deterministic).
+    #[schema(value_type = AlgorithmSchema)]
     algorithm: String,
     /// `platform` (root KEK) or `client` (X-Master-Key).
     #[schema(value_type = ModeSchema)]
@@ -223,13 +231,15 @@ pub(super) async fn create(
     MasterKeyHeader(client_key): MasterKeyHeader,
     ApiJson(req): ApiJson<CreateRequest>,
 ) -> Result<(StatusCode, Json<EncryptionView>), ApiError> {
-    if let Some(alg) = &req.algorithm {
-        if alg != ALGORITHM {
-            return Err(ApiError::InvalidRequest(format!(
-                "`algorithm`: unsupported, expected `{ALGORITHM}`"
-            )));
-        }
-    }
+    let algorithm = match req.algorithm.as_deref() {
+        None => Algorithm::Aes256Gcm,
+        Some(name) => Algorithm::parse(name).ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "`algorithm`: unsupported, expected `{ALGORITHM}` or `{}`",
+                Algorithm::Aes256GcmSiv.as_str()
+            ))
+        })?,
+    };
     if let Some(name) = &req.name {
         if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
             return Err(ApiError::InvalidRequest(
@@ -239,7 +249,7 @@ pub(super) async fn create(
     }
     let details = state
         .service
-        .create_encryption(auth.tenant, req.name, client_key.as_ref())
+        .create_encryption_with(auth.tenant, req.name, algorithm, client_key.as_ref())
         .await?;
     note.encryption(details.encryption.id);
     tracing::info!(encryption_id = %details.encryption.id, mode = details.encryption.mode.as_str(), "created encryption");

@@ -185,6 +185,14 @@ impl ApiError {
                 k if k.is_unavailable() => (S::SERVICE_UNAVAILABLE, "unavailable"),
                 KeyError::VersionBelowMinimum => (S::FORBIDDEN, "version_below_min_decryption"),
                 KeyError::InvalidStateChange(_) => (S::CONFLICT, "invalid_state_change"),
+                KeyError::IndexNotFound => (S::NOT_FOUND, "index_not_found"),
+                KeyError::IndexExists => (S::CONFLICT, "index_exists"),
+                KeyError::TooManyIndexes(_) => (S::CONFLICT, "too_many_indexes"),
+                KeyError::InvalidIndexChange(_) => {
+                    (S::UNPROCESSABLE_ENTITY, "invalid_index_change")
+                }
+                KeyError::ContextNotSupported => (S::BAD_REQUEST, "context_not_supported"),
+                KeyError::VersionAnchorsIndex => (S::CONFLICT, "version_anchors_index"),
                 KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),
                 KeyError::VersionInUse(_) => (S::CONFLICT, "version_in_use"),
                 KeyError::DestroyNeedsDisabled => (S::CONFLICT, "version_not_disabled"),

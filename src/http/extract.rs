@@ -109,6 +109,7 @@ scope_marker!(DecryptScope, tenant: Scope::Decrypt);
 scope_marker!(RotateScope, tenant: Scope::Rotate);
 scope_marker!(ManageScope, tenant: Scope::Manage);
 scope_marker!(AdminScope, tenant: Scope::Admin);
+scope_marker!(IndexScope, tenant: Scope::Index);
 scope_marker!(OperatorScope, operator: Scope::Operator);
 scope_marker!(AuditReadScope, tenant: Scope::Admin, operator: Scope::Audit);
 

@@ -25,6 +25,7 @@ pub mod openapi;
 mod ops;
 mod query;
 mod routes;
+mod search;
 mod secret;
 mod state;
 

@@ -11,7 +11,9 @@ use utoipa::{Modify, OpenApi};
 
 use super::extract::Requirement;
 use super::routes::ROUTES;
-use super::{accounts, admin, audit, batch, contract, encryptions, error, jobs, metrics, ops};
+use super::{
+    accounts, admin, audit, batch, contract, encryptions, error, jobs, metrics, ops, search,
+};
 
 struct Security;
 
@@ -162,6 +164,12 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         batch::rewrap_batch,
         encryptions::update,
         encryptions::update_version,
+        search::index,
+        search::index_batch,
+        search::create_index,
+        search::list_indexes,
+        search::update_index,
+        search::rotate_index,
         jobs::create,
         jobs::list,
         jobs::show,
@@ -189,6 +197,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         (name = "contract", description = "The fixed v1 contract"),
         (name = "encryptions", description = "Creating and inspecting encryptions (scope `manage`)"),
         (name = "lifecycle", description = "Rewrap and batches"),
+        (name = "search", description = "Search over encrypted fields: blind-index values (scope `index`, never `decrypt`), index definitions (`manage`) and index-key rotation (`rotate`); see docs/search.md"),
         (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
         (name = "api-keys", description = "A tenant's own API keys (tenant key with `admin`)"),
         (name = "operator", description = "Tenants and any tenant's API keys (operator key with `operator`)"),
@@ -202,6 +211,9 @@ pub struct ApiDoc;
 pub fn document() -> String {
     let mut doc = ApiDoc::openapi();
     doc.info.version = env!("CARGO_PKG_VERSION").to_string();
+    // A tree of structs, strings and string-keyed maps, written to memory:
+    // serde_json has nothing to fail on (a failure would show in every test).
+    #[allow(clippy::expect_used)]
     let mut json = doc
         .to_pretty_json()
         .expect("the OpenAPI document serializes");

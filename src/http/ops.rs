@@ -57,7 +57,10 @@ pub(super) static DOCUMENT: std::sync::OnceLock<String> = std::sync::OnceLock::n
 #[utoipa::path(get, path = "/openapi.json", tag = "operations",
     responses((status = 200, description = "The OpenAPI document", body = Object)))]
 pub(super) async fn openapi_json() -> Response {
-    let document = DOCUMENT.get().expect("set when the router is built");
+    // Set before the router that serves this route exists.
+    let Some(document) = DOCUMENT.get() else {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    };
     (
         [(header::CONTENT_TYPE, "application/json")],
         document.as_str(),

@@ -18,11 +18,13 @@ use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
 use super::extract::{
-    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, ManageScope, OperatorScope,
-    RequiredScope, Requirement, RotateScope,
+    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, IndexScope, ManageScope,
+    OperatorScope, RequiredScope, Requirement, RotateScope,
 };
 use super::state::{AppState, RouterSettings};
-use super::{accounts, admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops};
+use super::{
+    accounts, admin, audit, batch, contract, edge, encryptions, jobs, metrics, ops, search,
+};
 
 /// One route.
 pub(crate) struct Route {
@@ -39,7 +41,7 @@ pub(crate) struct Route {
     /// Whether the separate operations listener serves it too.
     pub on_ops_listener: bool,
     /// Its handler, as a method router for `method`.
-    handler: fn(MethodFilter) -> MethodRouter<AppState>,
+    handler: fn() -> MethodRouter<AppState>,
 }
 
 /// The body limit of a route.
@@ -76,7 +78,7 @@ macro_rules! route {
             body: BodySize::$body,
             operation: Some($operation),
             on_ops_listener: false,
-            handler: |filter| on(filter, scoped::<$scope, _, _>($handler)),
+            handler: || on(MethodFilter::$method, scoped::<$scope, _, _>($handler)),
         }
     };
     ($method:ident $path:literal, $handler:path, public, ops_listener: $ops:literal) => {
@@ -87,7 +89,7 @@ macro_rules! route {
             body: BodySize::Normal,
             operation: None,
             on_ops_listener: $ops,
-            handler: |filter| on(filter, $handler),
+            handler: || on(MethodFilter::$method, $handler),
         }
     };
 }
@@ -110,6 +112,13 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(GET "/v1/encryptions/{id}", encryptions::show, scope: ManageScope, body: Normal, audit: "encryption.read"),
     route!(PATCH "/v1/encryptions/{id}", encryptions::update, scope: ManageScope, body: Normal, audit: "encryption.update"),
     route!(PATCH "/v1/encryptions/{id}/versions/{versionId}", encryptions::update_version, scope: ManageScope, body: Normal, audit: "version.update"),
+    // Search over encrypted fields: blind indexes.
+    route!(POST "/v1/index", search::index, scope: IndexScope, body: Normal, audit: "index.compute"),
+    route!(POST "/v1/index/batch", search::index_batch, scope: IndexScope, body: Batch, audit: "index.compute"),
+    route!(GET "/v1/encryptions/{id}/indexes", search::list_indexes, scope: ManageScope, body: Normal, audit: "index.list"),
+    route!(POST "/v1/encryptions/{id}/indexes", search::create_index, scope: ManageScope, body: Normal, audit: "index.create"),
+    route!(PATCH "/v1/encryptions/{id}/indexes/{name}", search::update_index, scope: ManageScope, body: Normal, audit: "index.update"),
+    route!(POST "/v1/encryptions/{id}/indexes/{name}/rotate", search::rotate_index, scope: RotateScope, body: Normal, audit: "index.rotate"),
     // Re-encryption jobs.
     route!(GET "/v1/jobs", jobs::list, scope: ManageScope, body: Normal, audit: "job.list"),
     route!(POST "/v1/jobs", jobs::create, scope: ManageScope, body: Normal, audit: "job.create"),
@@ -197,9 +206,7 @@ pub(super) fn build(
                     .map(|s| s.batch),
                 bodies: bodies.clone(),
             };
-            let filter = MethodFilter::try_from(route.method.clone())
-                .expect("every route's method has a filter");
-            let handler = (route.handler)(filter)
+            let handler = (route.handler)()
                 .route_layer(axum::middleware::from_fn_with_state(context, edge::route));
             router.route(route.path, handler)
         })

@@ -109,9 +109,9 @@ impl Vault {
                 },
             }
         }
-        Ok(tokio::sync::MutexGuard::map(guard, |s| {
-            &mut s.as_mut().expect("just set").client
-        }))
+        // Set above, or returned early.
+        tokio::sync::MutexGuard::try_map(guard, |s| s.as_mut().map(|s| &mut s.client))
+            .map_err(|_| ProviderError::Unavailable("no Vault session".to_string()))
     }
 
     fn new_client(&self, token: &str) -> Result<VaultClient, ProviderError> {

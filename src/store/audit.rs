@@ -203,13 +203,18 @@ impl Store {
         }
         let mut tx = self.pool.begin().await?;
         for segment in segments.iter() {
-            let packed = segment.packed.as_deref().expect("packed above");
+            // Packed by the loop above (packing here would be as correct,
+            // only inside the transaction).
+            let packed = match segment.packed.as_deref() {
+                Some(packed) => std::borrow::Cow::Borrowed(packed),
+                None => std::borrow::Cow::Owned(packer.pack(&segment.lines)?),
+            };
             let id: i64 = sqlx::query(
                 "INSERT INTO audit_segments (first_ms, last_ms, records, packed) VALUES ($1, $2, '', $3) RETURNING id",
             )
             .bind(segment.first_ms)
             .bind(segment.last_ms)
-            .bind(packed)
+            .bind(packed.as_ref())
             .fetch_one(&mut *tx)
             .await?
             .try_get(0)?;

@@ -22,6 +22,8 @@ pub struct NewEncryption {
     pub name: Option<String>,
     /// Who wraps the data keys.
     pub mode: Mode,
+    /// Its algorithm's name (`AES-256-GCM`, `AES-256-GCM-SIV`).
+    pub algorithm: &'static str,
     /// Random salt (client mode key derivation).
     pub salt: Vec<u8>,
     /// Creation time (Unix ms).
@@ -96,7 +98,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO encryptions (id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at) \
-             VALUES ($1, $2, $3, 'AES-256-GCM', $4, $5, $6, 1, $7, $7)",
+             VALUES ($1, $2, $3, $8, $4, $5, $6, 1, $7, $7)",
         )
         .bind(enc.id.to_string())
         .bind(enc.tenant_id.to_string())
@@ -105,6 +107,7 @@ impl Store {
         .bind(&enc.salt)
         .bind(first.id.to_string())
         .bind(enc.now_ms)
+        .bind(enc.algorithm)
         .execute(&mut *tx)
         .await?;
         insert_version(&mut tx, enc.id, first, 1, enc.now_ms).await?;

@@ -10,6 +10,7 @@
 mod api_keys;
 mod audit;
 mod audit_keys;
+mod blind_indexes;
 mod encryptions;
 mod events;
 mod jobs;
@@ -22,6 +23,7 @@ mod tenants;
 pub use api_keys::{ApiKeyLookup, ApiKeyRow};
 pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
 pub use audit_keys::CheckpointKeyRow;
+pub use blind_indexes::{BlindIndexRow, BlindIndexVersionRow, IndexChange};
 pub use encryptions::{EncryptionRow, NewEncryption, NewVersion, RotateOutcome, VersionRow};
 pub use events::{EventKind, KeyEvent};
 pub use jobs::{JobEvidence, JobProgress, JobRow, JobTotals};

@@ -6,10 +6,12 @@ use std::sync::Arc;
 
 use super::state::{KeyService, RootKeys};
 use crate::crypto::{data_key_aad, WrappedKey};
+use crate::domain::algorithm::Algorithm;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
 use crate::domain::keys::{KeyVersion, Mode, VersionKey, VersionState, VersionedKey};
-use crate::domain::records::{EncryptionRow, VersionRow};
+use crate::domain::records::{BlindIndexRow, EncryptionRow, VersionRow};
+use crate::domain::search::BlindIndex;
 
 /// How soon a cached encryption may be reloaded to look for a version it does
 /// not know (one made moments ago by another replica).
@@ -72,6 +74,27 @@ impl KeyService {
         Ok(fresh)
     }
 
+    /// `entry` reloaded from the store, to find something (a blind index)
+    /// another replica made moments ago; at most once per entry per
+    /// interval, so a caller naming unknown things cannot turn every request
+    /// into a query.
+    pub(super) async fn entry_reloaded(
+        &self,
+        entry: Arc<VersionedKey>,
+    ) -> Result<Arc<VersionedKey>, KeyError> {
+        if entry.loaded_at.elapsed() < VERSION_RELOAD_INTERVAL {
+            return Ok(entry);
+        }
+        let fresh = self
+            .load(entry.id, entry.tenant_id)
+            .await?
+            .ok_or(KeyError::EncryptionNotFound)?;
+        if fresh.tenant_id != entry.tenant_id {
+            return Err(KeyError::EncryptionNotFound);
+        }
+        Ok(fresh)
+    }
+
     /// Loads the tenant's encryption into the ring. Another tenant's encryption
     /// is treated exactly like a missing one *before* any key is touched: not
     /// unwrapped, not cached, no root-key or provider access, so it cannot be
@@ -95,14 +118,19 @@ impl KeyService {
             self.ring.remember_unknown(id, Some(enc.tenant_id));
             return Ok(None);
         }
-        let entry = match self.build_entry(&enc, &versions, &*self.root()?) {
+        // Read after the versions: an index version created meanwhile names
+        // a key version that is at worst missing from this object, which
+        // then answers that index as not found until the change feed
+        // reloads it.
+        let indexes = self.store.blind_indexes(id).await?;
+        let entry = match self.build_entry(&enc, &versions, &indexes, &*self.root()?) {
             Err(KeyError::UnknownKek(kek_id)) => {
                 // A root KEK rotation elsewhere: load the new KEK (a provider
                 // call, rare, and never for a key already in the ring) and retry.
                 // One reload at a time: requests that missed together wait for
                 // it instead of each calling the provider.
                 self.load_root_keys_for(kek_id).await?;
-                self.build_entry(&enc, &versions, &*self.root()?)?
+                self.build_entry(&enc, &versions, &indexes, &*self.root()?)?
             }
             other => other?,
         };
@@ -115,6 +143,7 @@ impl KeyService {
         &self,
         enc: &EncryptionRow,
         rows: &[VersionRow],
+        index_rows: &[BlindIndexRow],
         root: &RootKeys,
     ) -> Result<VersionedKey, KeyError> {
         let mut versions = Vec::with_capacity(rows.len());
@@ -149,11 +178,20 @@ impl KeyService {
                 uses: self.ring.counter(row.id, row.encrypt_count.max(0) as u64),
             });
         }
+        let algorithm = Algorithm::parse(&enc.algorithm).ok_or_else(|| {
+            KeyError::Integrity(format!("encryption {}: unknown algorithm", enc.id))
+        })?;
+        let indexes = index_rows
+            .iter()
+            .map(BlindIndex::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
         let key = VersionedKey {
             loaded_at: std::time::Instant::now(),
             id: enc.id,
             tenant_id: enc.tenant_id,
             mode: enc.mode,
+            algorithm,
+            indexes,
             salt: enc.salt.clone(),
             active: enc.active_version_id,
             min_decryption_version: enc.min_decryption_version,

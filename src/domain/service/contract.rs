@@ -2,7 +2,11 @@
 //! platform-managed key touch only the key ring in steady state.
 
 use super::state::KeyService;
-use crate::crypto::{self, data_aad, data_key_aad, DataKey, NONCE_LEN};
+use crate::crypto::{
+    self, data_aad, data_key_aad, deterministic_aad, siv_nonce, siv_open, siv_seal, DataKey,
+    SivKey, NONCE_LEN,
+};
+use crate::domain::algorithm::Algorithm;
 use crate::domain::client_key::ClientKey;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
@@ -13,6 +17,8 @@ use crate::store::{NewVersion, StoreError};
 /// The result of an encryption.
 #[derive(Debug)]
 pub struct Encrypted {
+    /// The encryption's algorithm.
+    pub algorithm: Algorithm,
     /// The version used.
     pub version_id: VersionId,
     /// The nonce (goes into the response's metadata).
@@ -32,6 +38,9 @@ pub struct Sealed<'a> {
     pub nonce: Option<[u8; NONCE_LEN]>,
     /// Ciphertext with tag.
     pub ciphertext: &'a [u8],
+    /// The context it was made under (deterministic encryptions; empty:
+    /// none).
+    pub context: &'a [u8],
 }
 
 impl<'a> Sealed<'a> {
@@ -41,23 +50,44 @@ impl<'a> Sealed<'a> {
             version,
             nonce,
             ciphertext,
+            context: &[],
         }
     }
+
+    /// The same ciphertext, made under `context`.
+    pub fn with_context(self, context: &'a [u8]) -> Self {
+        Sealed { context, ..self }
+    }
+}
+
+/// The label of the deterministic-encryption key's derivation.
+const SIV_KEY_LABEL: &str = "keyward:siv:v1";
+
+/// The AES-256-GCM-SIV key of encryption `id`'s version `version`: derived
+/// from the version's data key, which itself only ever runs AES-256-GCM.
+fn siv_key(k: &crypto::CipherKey, id: EncryptionId, version: VersionId) -> SivKey {
+    SivKey::new(&k.derive(SIV_KEY_LABEL, &[id.as_bytes(), version.as_bytes()]))
 }
 
 impl KeyService {
     /// Encrypts `plaintext` under the active version, or under `version` if given
-    /// (which must be `active` or `enabled`).
+    /// (which must be `active` or `enabled`). A deterministic encryption
+    /// (AES-256-GCM-SIV) gives equal ciphertexts for equal plaintexts under
+    /// the same version and `context`; any other takes no context.
     pub async fn encrypt(
         &self,
         tenant: TenantId,
         id: EncryptionId,
         version: Option<VersionId>,
         plaintext: &[u8],
+        context: &[u8],
         client_key: Option<&ClientKey>,
     ) -> Result<Encrypted, KeyError> {
         let key = self.entry(tenant, id).await?;
         key.check_mode(client_key)?;
+        if !context.is_empty() && !key.algorithm.is_deterministic() {
+            return Err(KeyError::ContextNotSupported);
+        }
         self.check_client_key_attempts(id, client_key)?;
         let key = match version {
             None => key,
@@ -81,17 +111,29 @@ impl KeyService {
                 },
             );
         }
-        let aad = data_aad(id.as_bytes(), version.id.as_bytes());
-        let sealed = self
-            .count_client_key(
-                id,
-                key.with_key(version, client_key, |k| crypto::seal(k, &aad, plaintext)),
-            )
+        let vid = version.id;
+        let sealed = key.with_key(version, client_key, |k| match key.algorithm {
+            Algorithm::Aes256Gcm => {
+                let sealed = crypto::seal(k, &data_aad(id.as_bytes(), vid.as_bytes()), plaintext);
+                (sealed.nonce, sealed.ciphertext)
+            }
+            Algorithm::Aes256GcmSiv => {
+                let nonce = siv_nonce(context);
+                let aad = deterministic_aad(id.as_bytes(), vid.as_bytes(), context);
+                (
+                    nonce,
+                    siv_seal(&siv_key(k, id, vid), &nonce, &aad, plaintext),
+                )
+            }
+        });
+        let (nonce, ciphertext) = self
+            .count_client_key(id, sealed)
             .inspect_err(|_| version.uses.give_back())?;
         Ok(Encrypted {
-            version_id: version.id,
-            nonce: sealed.nonce,
-            ciphertext: sealed.ciphertext,
+            algorithm: key.algorithm,
+            version_id: vid,
+            nonce,
+            ciphertext,
         })
     }
 
@@ -109,9 +151,13 @@ impl KeyService {
             version,
             nonce,
             ciphertext,
+            context,
         } = sealed;
         let key = self.entry(tenant, id).await?;
         key.check_mode(client_key)?;
+        if !context.is_empty() && !key.algorithm.is_deterministic() {
+            return Err(KeyError::ContextNotSupported);
+        }
         self.check_client_key_attempts(id, client_key)?;
         let key = match self.entry_with_version(key, version).await {
             Ok(k) => k,
@@ -121,12 +167,21 @@ impl KeyService {
         };
         let v = key.key_for_decrypt(version)?;
         let nonce = nonce.ok_or(KeyError::DecryptionFailed)?;
-        let aad = data_aad(id.as_bytes(), v.id.as_bytes());
-        self.count_client_key(
-            id,
-            key.with_key(v, client_key, |k| crypto::open(k, &nonce, &aad, ciphertext)),
-        )?
-        .map_err(|()| KeyError::DecryptionFailed)
+        let vid = v.id;
+        let opened = key.with_key(v, client_key, |k| match key.algorithm {
+            Algorithm::Aes256Gcm => crypto::open(
+                k,
+                &nonce,
+                &data_aad(id.as_bytes(), vid.as_bytes()),
+                ciphertext,
+            ),
+            Algorithm::Aes256GcmSiv => {
+                let aad = deterministic_aad(id.as_bytes(), vid.as_bytes(), context);
+                siv_open(&siv_key(k, id, vid), &nonce, &aad, ciphertext)
+            }
+        });
+        self.count_client_key(id, opened)?
+            .map_err(|()| KeyError::DecryptionFailed)
     }
 
     /// Re-encrypts a ciphertext under the active version: decrypt, then encrypt,
@@ -139,7 +194,8 @@ impl KeyService {
         client_key: Option<&ClientKey>,
     ) -> Result<Encrypted, KeyError> {
         let plaintext = self.decrypt(tenant, id, sealed, client_key).await?;
-        self.encrypt(tenant, id, None, &plaintext, client_key).await
+        self.encrypt(tenant, id, None, &plaintext, sealed.context, client_key)
+            .await
     }
 
     /// Makes a new version active; every older version keeps decrypting.
@@ -160,7 +216,7 @@ impl KeyService {
                 // Prove the caller's key is the encryption's key before adding a
                 // version under it: otherwise a wrong key would create a version
                 // nobody else can use.
-                let active = key.active_version();
+                let active = key.active_version()?;
                 if let VersionKey::ClientWrapped(_) = &active.key {
                     self.count_client_key(id, key.with_key(active, Some(ck), |_| ()))?;
                 }
@@ -196,7 +252,7 @@ impl KeyService {
     /// could try client keys as fast as the service answers. A right key is
     /// refused too while the lock lasts, since letting it through would tell
     /// a guesser which guess was right.
-    fn check_client_key_attempts(
+    pub(super) fn check_client_key_attempts(
         &self,
         id: EncryptionId,
         client_key: Option<&ClientKey>,
@@ -208,7 +264,7 @@ impl KeyService {
     }
 
     /// Counts `result` against the encryption if it is a wrong client key.
-    fn count_client_key<R>(
+    pub(super) fn count_client_key<R>(
         &self,
         id: EncryptionId,
         result: Result<R, KeyError>,

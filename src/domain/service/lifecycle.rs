@@ -123,6 +123,13 @@ impl KeyService {
             .ok_or(KeyError::VersionNotFound)?
             .state;
         check_state_change(current, state)?;
+        // Even with `force`: a live blind-index key is derived from the
+        // version's data key, and every index value under it would be
+        // stranded. (Index versions are anchored at the active version,
+        // which cannot be destroyed, so none can appear meanwhile.)
+        if state == VersionState::Destroyed && self.store.anchors_live_index(version).await? {
+            return Err(KeyError::VersionAnchorsIndex);
+        }
         if state == VersionState::Destroyed && !force {
             let evidence = self.store.job_evidence(tenant, id).await?;
             let in_use = rows_found_on(&evidence, id, version);

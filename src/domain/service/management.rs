@@ -3,6 +3,7 @@
 use super::contract::wrap_client_key;
 use super::state::KeyService;
 use crate::crypto::{self, DataKey};
+use crate::domain::algorithm::Algorithm;
 use crate::domain::client_key::ClientKey;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
@@ -43,6 +44,19 @@ impl KeyService {
         name: Option<String>,
         client_key: Option<&ClientKey>,
     ) -> Result<EncryptionDetails, KeyError> {
+        self.create_encryption_with(tenant, name, Algorithm::Aes256Gcm, client_key)
+            .await
+    }
+
+    /// [`KeyService::create_encryption`] with the algorithm chosen: every
+    /// version of the encryption uses it.
+    pub async fn create_encryption_with(
+        &self,
+        tenant: TenantId,
+        name: Option<String>,
+        algorithm: Algorithm,
+        client_key: Option<&ClientKey>,
+    ) -> Result<EncryptionDetails, KeyError> {
         let id = EncryptionId::new_random();
         let version_id = VersionId::new_random();
         let salt: [u8; 32] = crypto::random_bytes();
@@ -64,6 +78,7 @@ impl KeyService {
                     tenant_id: tenant,
                     name,
                     mode,
+                    algorithm: algorithm.as_str(),
                     salt: salt.to_vec(),
                     now_ms: now_ms(),
                 },

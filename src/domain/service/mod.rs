@@ -26,6 +26,7 @@ mod lifecycle;
 mod management;
 mod queries;
 mod root_keys;
+mod search;
 pub mod state;
 
 pub use super::apikeys::{looks_like_key_id, Principal};
@@ -35,4 +36,5 @@ pub use contract::{Encrypted, Sealed};
 pub use management::EncryptionDetails;
 pub use queries::RootKekInfo;
 pub use root_keys::migrate_master_key;
+pub use search::{IndexSelection, IndexValue};
 pub use state::{Freshness, KeyService, ServiceLimits, SystemRecorder};

@@ -486,19 +486,12 @@ impl KeyService {
     ) -> Result<crypto::SecretBytes, KeyError> {
         let root = self.root()?;
         let key = root.keys.get(&kek).ok_or(KeyError::UnknownKek(kek))?;
-        if sealed.len() < NONCE_LEN {
+        let Some((nonce, ct)) = sealed.split_first_chunk::<NONCE_LEN>() else {
             return Err(KeyError::Integrity(format!(
                 "job {job}: sealed source too short"
             )));
-        }
-        let (nonce, ct) = sealed.split_at(NONCE_LEN);
-        crypto::open(
-            key,
-            nonce.try_into().expect("split at NONCE_LEN"),
-            &job_aad(job),
-            ct,
-        )
-        .map_err(|()| {
+        };
+        crypto::open(key, nonce, &job_aad(job), ct).map_err(|()| {
             KeyError::Integrity(format!("job {job}: sealed source fails to authenticate"))
         })
     }
