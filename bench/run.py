@@ -791,9 +791,16 @@ def memory_and_audit(bench, soak_s):
     connections; RSS with 1,000 idle keep-alive connections; and RSS at the
     start and end of soak_s seconds of single encrypts with nobody scraping
     /metrics."""
+    import resource
+    # 1,000 connections on each side: the server inherits the raised limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
     d = CLEANUP.tempdir("memory")
     audit = os.path.join(d, "audit.jsonl")
-    s = start_keyward("keyward-memory", f"sqlite://{d}/keyward.db", extra_env={"KEYWARD_AUDIT_FILE": audit})
+    # All from one loopback address: lift the per-address connection cap.
+    s = start_keyward("keyward-memory", f"sqlite://{d}/keyward.db", extra_env={
+        "KEYWARD_AUDIT_FILE": audit, "KEYWARD_MAX_CONNECTIONS_PER_ADDRESS": "2048"})
     out = {}
     try:
         def audit_bytes():
