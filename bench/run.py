@@ -29,8 +29,13 @@ What it does, from a fresh machine (Python 3 standard library only):
 4. Also measures cold start to the first served request, RSS with 10,000
    encryptions warm in the key ring, p99 and errors of encrypt load while
    `POST /v1/rotate` runs every 100 ms, batch encrypt items/s, blind-index
-   values/s (`/v1/index/batch` and `/v1/index`), and the
-   re-encryption job's rows/s on PostgreSQL (bench/reencrypt.py).
+   values/s (`/v1/index/batch` and `/v1/index`), the
+   re-encryption job's rows/s on PostgreSQL (bench/reencrypt.py), and issue
+   #25's memory and audit figures: audit bytes per single request and per
+   batch item, peak RSS under batch encrypt (1,000 items of 64 B) at 4, 16 and
+   64 connections, RSS with 1,000 idle keep-alive connections, and RSS at the
+   start and end of 5 minutes (--smoke: 5 s) of single encrypts with nobody
+   scraping /metrics. Instructions per request: bench/callgrind.py.
 5. Prints one table and writes it as Markdown (default docs/benchmarks-latest.md;
    with --smoke, a file in the temporary folder) with the other measurements
    and, unless --smoke, each target of issue #8 and whether it was reached.
@@ -470,13 +475,14 @@ def keyward_env(db_url, master_key, listen="127.0.0.1:0", tls=None):
     return env
 
 
-def start_keyward(name, db_url, tls=None, binary=None):
+def start_keyward(name, db_url, tls=None, binary=None, extra_env=None):
     """`keyward serve` (default settings: JSON logs at info) on db_url, with a
     tenant (all scopes) and one encryption; `binary` instead of the one built."""
     binary = binary or KEYWARD
     d = CLEANUP.tempdir(name)
     master_key = base64.b64encode(os.urandom(32)).decode()
     env = keyward_env(db_url, master_key, tls=tls)
+    env.update(extra_env or {})
     log_path = os.path.join(d, "keyward.log")
     # Logs go to stderr; stdout (audit records, where configured so) is discarded.
     proc = CLEANUP.spawn([binary, "serve"], env=env, log_path=log_path, stdout_to_log=False)
@@ -830,6 +836,72 @@ def index_values(bench, server, duration, batch, conns):
     return r
 
 
+def memory_and_audit(bench, soak_s):
+    """Issue #25's figures on one `keyward serve` (SQLite, audit to a file,
+    defaults otherwise): audit bytes per single request and per batch item;
+    peak RSS under batch encrypt (1,000 items of 64 B) at 4, 16 and 64
+    connections; RSS with 1,000 idle keep-alive connections; and RSS at the
+    start and end of soak_s seconds of single encrypts with nobody scraping
+    /metrics."""
+    import resource
+    # 1,000 connections on each side: the server inherits the raised limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    d = CLEANUP.tempdir("memory")
+    audit = os.path.join(d, "audit.jsonl")
+    # All from one loopback address: lift the per-address connection cap.
+    s = start_keyward("keyward-memory", f"sqlite://{d}/keyward.db", extra_env={
+        "KEYWARD_AUDIT_FILE": audit, "KEYWARD_MAX_CONNECTIONS_PER_ADDRESS": "2048"})
+    out = {}
+    try:
+        def audit_bytes():
+            s.call("GET", "/v1/audit?limit=1")  # flushes the writer
+            return os.path.getsize(audit)
+
+        single = {"encryptionId": s.encryption_id, "data": make_data(64)}
+        before = audit_bytes()
+        for _ in range(200):
+            s.call("POST", "/v1/encrypt", single)
+        # 200 encrypts and the audit.read record of the flush.
+        out["audit_per_request"] = (audit_bytes() - before) / 201
+        items = {"items": [single] * 1000}
+        before = audit_bytes()
+        s.call("POST", "/v1/encrypt/batch", items, timeout=60)
+        out["audit_per_batch_item"] = (audit_bytes() - before) / 1000
+        body = json.dumps(items).encode()
+        out["batch"] = []
+        for conns in (4, 16, 64):
+            r = bench.wrk_run(s, "/v1/encrypt/batch", body, conns, count_status=True)
+            out["batch"].append({"conns": conns, "rss": r["rss"], "rps": r["rps"], "non2xx": r.get("non2xx", 0)})
+        wait_idle(s.pid)
+        host, port = s.base[len("http://"):].rsplit(":", 1)
+        socks = []
+        try:
+            for _ in range(1000):
+                c = socket.create_connection((host, int(port)), timeout=10)
+                c.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                socks.append(c)
+            for c in socks:
+                c.recv(4096)
+            time.sleep(1)
+            out["idle_conns_rss"] = proc_status(s.pid, "VmRSS")
+        finally:
+            for c in socks:
+                c.close()
+        enc = json.dumps(single).encode()
+        bench.wrk_run(s, "/v1/encrypt", enc, 32, duration=5)
+        wait_idle(s.pid)
+        out["soak_start_rss"] = proc_status(s.pid, "VmRSS")
+        bench.wrk_run(s, "/v1/encrypt", enc, 32, duration=soak_s)
+        wait_idle(s.pid)
+        out["soak_end_rss"] = proc_status(s.pid, "VmRSS")
+        out["soak_s"] = soak_s
+        return out
+    finally:
+        CLEANUP.stop(s.proc)
+
+
 def rss_with_encryptions(n):
     """A fresh `keyward serve` on SQLite: create n encryptions over the API,
     encrypt once under each (batches of 1000), then read its RSS."""
@@ -1160,6 +1232,23 @@ def report(args, rows, sbs, extras, env_info, failures):
         ext_md.append(f"- Blind-index values ({how}, SQLite, 32 bits, NFKC + trim + casefold): "
                       f"**{r['values_per_s']:,.0f} values/s** ({r['rps']:,.1f} calls/s, p99 {r['p99']:.1f} ms, "
                       f"errors {r['errors']}).")
+    if "memory" in extras:
+        m = extras["memory"]
+        batch = ", ".join(f"{b['conns']} connections {fmt_num(b['rss'], '.0f')} MiB" for b in m["batch"])
+        s = (f"audit bytes: {m['audit_per_request']:.0f} per single request, {m['audit_per_batch_item']:.2f} per batch item; "
+             f"peak RSS under batch encrypt (1,000 items of 64 B): {batch}; RSS with 1,000 idle keep-alive "
+             f"connections {fmt_num(m['idle_conns_rss'], '.0f')} MiB; single encrypts for {m['soak_s']} s with nobody "
+             f"scraping: RSS {fmt_num(m['soak_start_rss'], '.0f')} MiB at the start, {fmt_num(m['soak_end_rss'], '.0f')} MiB at the end")
+        ext_txt.append(s)
+        ext_md.append(f"- Audit bytes: **{m['audit_per_request']:.0f} per single request**, "
+                      f"**{m['audit_per_batch_item']:.2f} per batch item** (a batch of 1,000 on one key is one record).")
+        ext_md.append(f"- Peak RSS under batch encrypt (1,000 items of 64 B, SQLite, defaults): {batch}"
+                      f" (non-2xx: {', '.join(str(b['non2xx']) for b in m['batch'])}, `server_busy` when "
+                      f"`max_concurrent_body_bytes` is held).")
+        ext_md.append(f"- RSS with 1,000 idle keep-alive connections: {fmt_num(m['idle_conns_rss'], '.1f')} MiB.")
+        ext_md.append(f"- Single encrypts (64 B, 32 connections) for {m['soak_s']} s with nobody scraping `/metrics`: "
+                      f"RSS {fmt_num(m['soak_start_rss'], '.1f')} MiB after warm-up, "
+                      f"{fmt_num(m['soak_end_rss'], '.1f')} MiB at the end.")
     if "reencrypt" in extras:
         r = extras["reencrypt"]
         ext_txt.append(f"re-encryption job on PostgreSQL ({r['rows']:,} rows of ~1 KiB): {r['job_line']}")
@@ -1352,6 +1441,11 @@ def main():
         r = step("RSS with encryptions warm", lambda: rss_with_encryptions(n))
         if r:
             extras["rss"] = r
+        soak_s = 5 if args.smoke else 300
+        log(f"memory and audit volume (batch RSS, idle connections, {soak_s} s without scrapes)")
+        r = step("memory and audit volume", lambda: memory_and_audit(bench, soak_s))
+        if r:
+            extras["memory"] = r
         rows_n = 5000 if args.smoke else 50000
         log(f"re-encryption job, {rows_n:,} rows (bench/reencrypt.py)")
         r = step("re-encryption job", lambda: reencrypt(pg_url, rows_n))

@@ -154,6 +154,48 @@ pub struct AuditRecord<S = String> {
     pub hash: Option<S>,
 }
 
+/// A request id, held inline: at most [`RequestId::MAX`] bytes (the edge
+/// replaces a longer or non-ASCII one), so that handing an event to the
+/// writer allocates nothing for it.
+#[derive(Clone, Copy)]
+pub struct RequestId {
+    len: u8,
+    bytes: [u8; RequestId::MAX],
+}
+
+impl RequestId {
+    /// The longest request id kept.
+    pub const MAX: usize = 128;
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        // Only ever filled from a `&str` cut at a character boundary.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl From<&str> for RequestId {
+    /// `id`, cut to [`RequestId::MAX`] bytes at a character boundary.
+    fn from(id: &str) -> RequestId {
+        let mut end = id.len().min(RequestId::MAX);
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; RequestId::MAX];
+        bytes[..end].copy_from_slice(&id.as_bytes()[..end]);
+        RequestId {
+            len: end as u8,
+            bytes,
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
 /// Who acted.
 #[derive(Debug, Clone, Default)]
 pub enum Actor {
@@ -247,7 +289,7 @@ pub struct AuditEvent {
     /// The error code, if it failed.
     pub error: Option<&'static str>,
     /// The request id, for requests.
-    pub request_id: Option<String>,
+    pub request_id: Option<RequestId>,
     /// Who.
     pub actor: Actor,
     /// The tenant acted on, when the actor is not a tenant's API key (which
@@ -350,7 +392,7 @@ impl AuditEvent {
             operation: self.operation,
             outcome: "ok",
             status: self.status,
-            request_id: self.request_id.as_deref(),
+            request_id: self.request_id.as_ref().map(RequestId::as_str),
             actor,
             api_key_id,
             tenant_id,
@@ -426,7 +468,6 @@ impl AuditEvent {
             })
             .sum();
         std::mem::size_of::<AuditEvent>()
-            + self.request_id.as_ref().map_or(0, String::capacity)
             + self.targets.capacity() * std::mem::size_of::<Target>()
             + targets
             + self.records() * LINE_ESTIMATE

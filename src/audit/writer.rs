@@ -67,6 +67,9 @@ impl Default for CheckpointSettings {
 /// while the root keys are not loaded.
 pub type CheckpointKeySource = Box<dyn Fn() -> Option<Arc<CheckpointKey>> + Send + Sync>;
 
+// Events are held inline (boxing them would be an allocation per request);
+// flushes are rare.
+#[allow(clippy::large_enum_variant)]
 enum Message {
     /// An event with its share of the record budget, released once written.
     Event(AuditEvent, OwnedSemaphorePermit),
@@ -775,7 +778,7 @@ mod tests {
             time_ms: 1_780_000_000_000,
             operation: "encrypt",
             status: Some(200),
-            request_id: Some(uuid::Uuid::new_v4().to_string()),
+            request_id: Some(uuid::Uuid::new_v4().to_string().as_str().into()),
             actor: Actor::Refused("kw_0123456789abcdef01234567".into()),
             tenant_id: Some(crate::domain::TenantId::new_random()),
             peer: Some("10.1.2.3".parse().unwrap()),

@@ -14,7 +14,7 @@ use axum::http::request::Parts;
 
 use super::error::ErrorCode;
 use super::state::AppState;
-use crate::audit::{Actor, AuditEvent, AuditLog, ItemGroup, Target};
+use crate::audit::{Actor, AuditEvent, AuditLog, ItemGroup, RequestId, Target};
 use crate::domain::apikeys::{looks_like_key_id, Scopes};
 use crate::domain::client_addr::ClientAddr;
 use crate::domain::guard::AuthGuard;
@@ -251,7 +251,7 @@ impl Drop for Pending {
 pub(super) async fn begin(
     state: &AppState,
     parts: &mut Parts,
-    request_id: Option<String>,
+    request_id: Option<RequestId>,
     operation: &'static str,
     route: &str,
 ) -> Pending {

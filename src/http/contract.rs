@@ -194,11 +194,14 @@ pub(super) async fn encrypt(
     ApiJson(req): ApiJson<EncryptRequest>,
 ) -> Result<Response, ApiError> {
     let data_len = req.data.len();
-    let out = Call::new(&state, &auth, &note, &client_key)
-        .encrypt(req)
+    let (id, out, indexes) = Call::new(&state, &auth, &note, &client_key)
+        .encrypt_sealed(req)
         .await?;
     // Base64 of the data and tag, two ids, the nonce and the field names.
-    Ok(json_response(&out, (data_len + 16) * 4 / 3 + 256))
+    Ok(json_response(
+        &SealedResponse(id, &out, indexes.as_deref()),
+        (data_len + 16) * 4 / 3 + 256,
+    ))
 }
 
 /// One call of the contract, a request's or a batch item's: the service, the
@@ -233,6 +236,18 @@ impl<'a> Call<'a> {
 
     /// Encrypts under the active version, or the one named.
     pub(super) async fn encrypt(self, req: EncryptRequest) -> Result<EncryptResponse, ApiError> {
+        let (id, out, indexes) = self.encrypt_sealed(req).await?;
+        let mut response = encrypted_response(id, out);
+        response.indexes = indexes;
+        Ok(response)
+    }
+
+    /// [`Call::encrypt`], before its output becomes the response's strings
+    /// (the single call writes its response straight from it).
+    async fn encrypt_sealed(
+        self,
+        req: EncryptRequest,
+    ) -> Result<(EncryptionId, Encrypted, Option<Vec<IndexValueView>>), ApiError> {
         let id = parse_id(&req.encryption_id, "encryptionId")?;
         self.note.encryption(id);
         let version = req.encryption_version_id.as_deref();
@@ -251,18 +266,20 @@ impl<'a> Call<'a> {
             .await?;
         super::metrics::bytes_encrypted().increment(data.len() as u64);
         self.note.version(out.version_id);
-        let mut response = encrypted_response(id, out);
-        if let Some(names) = &req.indexes {
-            let which = IndexSelection {
-                names: Some(names),
-                all_versions: false,
-            };
-            let values = service
-                .index_values(self.tenant, id, &req.data, which, self.client_key)
-                .await?;
-            response.indexes = Some(values.into_iter().map(IndexValueView::of).collect());
-        }
-        Ok(response)
+        let indexes = match &req.indexes {
+            Some(names) => {
+                let which = IndexSelection {
+                    names: Some(names),
+                    all_versions: false,
+                };
+                let values = service
+                    .index_values(self.tenant, id, &req.data, which, self.client_key)
+                    .await?;
+                Some(values.into_iter().map(IndexValueView::of).collect())
+            }
+            None => None,
+        };
+        Ok((id, out, indexes))
     }
 
     /// Blind-index values of the data (no ciphertext, no decryption).
@@ -561,6 +578,46 @@ pub(super) fn write_index_values(out: &mut String, values: &[IndexValueView]) {
     out.push(']');
 }
 
+/// Encrypt's output written straight from the sealed bytes and ids: the same
+/// JSON as [`EncryptResponse`]'s, without making its strings first (four
+/// allocations fewer per request).
+struct SealedResponse<'a>(EncryptionId, &'a Encrypted, Option<&'a [IndexValueView]>);
+
+impl WriteJson for SealedResponse<'_> {
+    fn write_json(&self, out: &mut String) {
+        let SealedResponse(id, sealed, indexes) = self;
+        let (mut id_buf, mut version_buf) = ([0; 36], [0; 36]);
+        let mut nonce_buf = [0u8; 16];
+        // RSA-OAEP-256 has no nonce: its metadata is `{}`.
+        let nonce = sealed
+            .nonce
+            .and_then(|n| B64.encode_slice(n, &mut nonce_buf).ok())
+            .map(|n| std::str::from_utf8(&nonce_buf[..n]).unwrap_or_default());
+        let mut object = crate::json::Object::new(out);
+        object
+            .with("cipherText", |out| {
+                // Base64 never needs escaping.
+                out.push('"');
+                B64.encode_string(&sealed.ciphertext, out);
+                out.push('"');
+            })
+            .str("encryptionId", id.encode(&mut id_buf))
+            .str(
+                "encryptionVersionId",
+                sealed.version_id.encode(&mut version_buf),
+            )
+            .str("algorithm", sealed.algorithm.as_str())
+            .with("metadata", |out| match nonce {
+                Some(nonce) => crate::json::Object::new(out).str("nonce", nonce).end(),
+                None => crate::json::Object::new(out).end(),
+            });
+        if let Some(values) = indexes {
+            object.with("indexes", |out| write_index_values(out, values));
+        }
+        object.end();
+    }
+}
+
 impl DecryptResponse {
     /// `{"data":"..."}`, as serde_json writes it, into memory cleared on drop.
     fn write_secret_json(&self, out: &mut SecretBody) {
@@ -766,6 +823,44 @@ mod tests {
             written(&rsa),
             serde_json::to_string(&rsa).expect("serializes")
         );
+        for len in [0, 1, 2, 3, 64, 1024] {
+            for algorithm in crate::domain::algorithm::Algorithm::ALL {
+                let sealed = Encrypted {
+                    algorithm,
+                    version_id: VersionId::new_random(),
+                    nonce: (algorithm != crate::domain::algorithm::Algorithm::RsaOaep256)
+                        .then_some([7; NONCE_LEN]),
+                    ciphertext: (0..len + 16).map(|i| i as u8).collect(),
+                };
+                let id = EncryptionId::new_random();
+                let indexes = [IndexValueView {
+                    name: "email".into(),
+                    version: 2,
+                    value: "ab12".into(),
+                }];
+                for with in [None, Some(&indexes[..])] {
+                    let direct = written(&SealedResponse(id, &sealed, with));
+                    let copy = Encrypted {
+                        ciphertext: sealed.ciphertext.clone(),
+                        ..sealed
+                    };
+                    let mut via_strings = encrypted_response(id, copy);
+                    via_strings.indexes = with.map(|v| {
+                        v.iter()
+                            .map(|i| IndexValueView {
+                                name: i.name.clone(),
+                                version: i.version,
+                                value: i.value.clone(),
+                            })
+                            .collect()
+                    });
+                    assert_eq!(
+                        direct,
+                        serde_json::to_string(&via_strings).expect("serializes")
+                    );
+                }
+            }
+        }
         for data in [
             "",
             "plain",

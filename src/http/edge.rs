@@ -255,7 +255,7 @@ pub(super) async fn route(
             let (mut parts, body) = req.into_parts();
             // At most 128 visible ASCII characters: the edge replaced any other.
             let id = parts.headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok());
-            let id = id.map(str::to_owned);
+            let id = id.map(crate::audit::RequestId::from);
             let pending = audit_note::begin(&ctx.state, &mut parts, id, operation, ctx.path).await;
             (Some(pending), Request::from_parts(parts, body))
         }
