@@ -26,7 +26,7 @@ use crate::domain::service::KeyService;
 use crate::domain::{EncryptionId, TenantId};
 use crate::startup::{shutdown_signal, Application};
 use crate::telemetry::LogFormat;
-use crate::tls::TlsFiles;
+use crate::tls::{ServerCert, TlsFiles};
 
 use certs::DevCerts;
 use private::{create_private_dir, write_private};
@@ -105,8 +105,10 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let certs = if opts.tls {
         let certs = certs::ensure(&data_dir.join("tls"))?;
         settings.tls = Some(TlsFiles {
-            cert: certs.server_cert.clone(),
-            key: certs.server_key.clone(),
+            server: ServerCert::Files {
+                cert: certs.server_cert.clone(),
+                key: certs.server_key.clone(),
+            },
             client_ca: Some(certs.ca.clone()),
             client_crl: None,
         });

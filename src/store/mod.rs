@@ -7,6 +7,7 @@
 //!
 //! Nothing here knows about HTTP; nothing here sees a key in the clear.
 
+mod acme;
 mod api_keys;
 mod audit;
 mod audit_keys;
@@ -19,6 +20,7 @@ pub mod source;
 mod sql;
 mod tenants;
 
+pub use acme::{AcmeChallengeRow, AcmeRow};
 pub use api_keys::{ApiKeyLookup, ApiKeyRow};
 pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
 pub use audit_keys::CheckpointKeyRow;
