@@ -249,15 +249,14 @@ async fn serve_http(stream: TcpStream, challenges: Arc<Challenges>) -> Result<()
                 }
                 _ => None,
             };
-            let response = match answer {
+            match answer {
                 Some(ka) => Response::builder()
                     .header("content-type", "application/octet-stream")
                     .body(Body::from(ka)),
                 None => Response::builder()
                     .status(StatusCode::NOT_FOUND)
                     .body(Body::empty()),
-            };
-            response
+            }
         }
     });
     hyper::server::conn::http1::Builder::new()
