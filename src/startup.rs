@@ -309,6 +309,12 @@ impl Application {
         self.local_addr
     }
 
+    /// The TLS configuration, if HTTPS is on (dev mode reloads renewed
+    /// dev certificates through it).
+    pub fn tls(&self) -> Option<Arc<ReloadableTls>> {
+        self.tls.clone()
+    }
+
     /// The service (for dev-mode bootstrap).
     pub fn service(&self) -> &Arc<KeyService> {
         &self.service
