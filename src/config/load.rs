@@ -378,6 +378,61 @@ mod tests {
     use crate::config::raw::env;
 
     #[test]
+    fn acme_settings_are_checked_at_start() {
+        let base = [
+            ("KEYWARD_DATABASE_URL", "sqlite://x"),
+            (
+                "KEYWARD_MASTER_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+        ];
+        let load = |extra: &[(&str, &str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            Settings::load(None, env(&all))
+        };
+        let acme = [
+            ("KEYWARD_ACME_DIRECTORY", "https://acme.example/dir"),
+            ("KEYWARD_ACME_DOMAINS", "b.example, a.example"),
+            ("KEYWARD_ACME_CHALLENGE_LISTEN", "0.0.0.0:443"),
+        ];
+        let s = load(&acme).unwrap();
+        let a = s.acme.unwrap();
+        assert_eq!(a.domains, ["b.example", "a.example"]);
+        assert_eq!(a.challenge, crate::acme::ChallengeKind::TlsAlpn01);
+        assert_eq!(s.tls.unwrap().server, ServerCert::Managed);
+
+        let e = load(&[("KEYWARD_ACME_DOMAINS", "a.example")]).unwrap_err();
+        assert!(e.to_string().contains("KEYWARD_ACME_DOMAINS"), "{e}");
+        let mut bad = acme.to_vec();
+        bad[1] = ("KEYWARD_ACME_DOMAINS", "*.example");
+        assert!(load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("not a DNS name"));
+        let mut bad = acme.to_vec();
+        bad.push(("KEYWARD_ACME_CONTACT", "ops@example.com"));
+        assert!(load(&bad).unwrap_err().to_string().contains("mailto:"));
+        let mut bad = acme.to_vec();
+        bad.push(("KEYWARD_ACME_CHALLENGE", "dns-01"));
+        assert!(load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("KEYWARD_ACME_CHALLENGE"));
+        let mut bad = acme.to_vec();
+        bad.push(("KEYWARD_ACME_RETRY_MIN", "2h"));
+        assert!(load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("KEYWARD_ACME_RETRY_MAX"));
+        let no_listen = &acme[..2];
+        assert!(load(no_listen)
+            .unwrap_err()
+            .to_string()
+            .contains("KEYWARD_ACME_CHALLENGE_LISTEN"));
+    }
+
+    #[test]
     fn bad_values_name_the_setting_and_never_echo_secrets() {
         let e = Settings::load(
             None,
