@@ -315,3 +315,98 @@ EOF
   secret_id=$(printf '%s' "$out" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["data"]["secret_id"])') || return 1
   echo "$role_id $secret_id"
 }
+
+# Pebble, Let's Encrypt's ACME test server (Debian package `pebble`, installed
+# with apt-get when missing), for tests/api/acme.rs.
+#   start_pebble         exports KEYWARD_TEST_PEBBLE_DIRECTORY (https://localhost:PORT/dir),
+#                        KEYWARD_TEST_PEBBLE_CA (the PEM CA that signed Pebble's own
+#                        HTTPS certificate: trust it for the directory),
+#                        KEYWARD_TEST_PEBBLE_MANAGEMENT (https://localhost:PORT: GET
+#                        /roots/0 is the root that issued certificates chain to),
+#                        KEYWARD_TEST_PEBBLE_BIN, KEYWARD_TEST_PEBBLE_VALIDITY (seconds),
+#                        KEYWARD_TEST_PEBBLE_PID, KEYWARD_TEST_PEBBLE_DIR (config, log)
+#   stop_pebble
+# Pebble runs with PEBBLE_VA_ALWAYS_VALID=1: its validation authority would
+# otherwise connect to the challenge's domain on the fixed ports of its config
+# (5001 for tls-alpn-01, 5002 for http-01), which the tests' servers, each on a
+# free port, do not listen on; so the tests prove the ACME exchange (account,
+# order, authorization, finalize, download, renewal) and that the challenge
+# listener answers, not Pebble's validation of it. PEBBLE_VA_NOSLEEP=1 and
+# PEBBLE_WFE_NONCEREJECT=0 keep it fast and deterministic; certificates live
+# KEYWARD_TEST_PEBBLE_VALIDITY seconds (default 45), short enough that a test
+# sees Keyward renew.
+start_pebble() {
+  if ! command -v pebble >/dev/null; then
+    if [ "$(id -u)" -ne 0 ]; then local SUDO=sudo; else local SUDO=; fi
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq pebble >/dev/null || {
+      echo "scripts/peers.sh: cannot install pebble with apt-get" >&2
+      return 1
+    }
+  fi
+  local validity="${KEYWARD_TEST_PEBBLE_VALIDITY:-45}" attempt port mport dir
+  for attempt in 1 2 3; do
+    port=$(_peer_free_port) && mport=$(_peer_free_port) || return 1
+    [ "$port" != "$mport" ] || continue
+    dir=$(mktemp -d /tmp/keyward-pebble.XXXXXX)
+    # Pebble's own HTTPS certificate, from a throwaway CA made here.
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+      -subj "/CN=Keyward test Pebble CA" -keyout "$dir/ca-key.pem" -out "$dir/ca.pem" \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign >/dev/null 2>&1 &&
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+      -keyout "$dir/key.pem" -out "$dir/req.pem" >/dev/null 2>&1 &&
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$dir/ext.cnf" &&
+    openssl x509 -req -in "$dir/req.pem" -CA "$dir/ca.pem" -CAkey "$dir/ca-key.pem" -CAcreateserial \
+      -days 2 -extfile "$dir/ext.cnf" -out "$dir/cert.pem" >/dev/null 2>&1 || {
+      echo "scripts/peers.sh: cannot make Pebble's certificate with openssl" >&2
+      rm -rf "$dir"
+      return 1
+    }
+    cat >"$dir/pebble-config.json" <<JSON
+{"pebble": {"listenAddress": "127.0.0.1:$port", "managementListenAddress": "127.0.0.1:$mport",
+  "certificate": "$dir/cert.pem", "privateKey": "$dir/key.pem", "httpPort": 5002, "tlsPort": 5001,
+  "ocspResponderURL": "", "externalAccountBindingRequired": false,
+  "certificateValidityPeriod": $validity}}
+JSON
+    _peer_spawn "$dir/pebble.log" "$dir" env PEBBLE_VA_ALWAYS_VALID=1 PEBBLE_VA_NOSLEEP=1 \
+      PEBBLE_WFE_NONCEREJECT=0 pebble -config "$dir/pebble-config.json"
+    local i ok=
+    for i in $(seq 100); do
+      _peer_alive "$_peer_pid" || break
+      if curl -s --noproxy '*' --max-time 2 --cacert "$dir/ca.pem" -o /dev/null "https://localhost:$port/dir" &&
+         curl -s --noproxy '*' --max-time 2 --cacert "$dir/ca.pem" -o /dev/null "https://localhost:$mport/roots/0"; then
+        ok=1
+        break
+      fi
+      sleep 0.1
+    done
+    if [ -n "$ok" ]; then
+      export KEYWARD_TEST_PEBBLE_DIRECTORY="https://localhost:$port/dir"
+      export KEYWARD_TEST_PEBBLE_MANAGEMENT="https://localhost:$mport"
+      export KEYWARD_TEST_PEBBLE_CA="$dir/ca.pem"
+      export KEYWARD_TEST_PEBBLE_BIN="$(command -v pebble)"
+      export KEYWARD_TEST_PEBBLE_VALIDITY="$validity"
+      export KEYWARD_TEST_PEBBLE_PID="$_peer_pid"
+      export KEYWARD_TEST_PEBBLE_DIR="$dir"
+      echo "scripts/peers.sh: pebble on $KEYWARD_TEST_PEBBLE_DIRECTORY (management $KEYWARD_TEST_PEBBLE_MANAGEMENT, pid $_peer_pid, log $dir/pebble.log)" >&2
+      return 0
+    fi
+    _peer_kill "$_peer_pid"
+    if [ "$attempt" -lt 3 ] && grep -qi 'address already in use' "$dir/pebble.log"; then
+      rm -rf "$dir"
+      continue
+    fi
+    echo "scripts/peers.sh: pebble failed to start; its log ($dir/pebble.log):" >&2
+    cat "$dir/pebble.log" >&2
+    rm -rf "$dir"
+    return 1
+  done
+  return 1
+}
+
+stop_pebble() {
+  [ -n "${KEYWARD_TEST_PEBBLE_PID:-}" ] && _peer_kill "$KEYWARD_TEST_PEBBLE_PID"
+  [ -n "${KEYWARD_TEST_PEBBLE_DIR:-}" ] && [ -z "${KEYWARD_PEER_KEEP_LOGS:-}" ] && rm -rf "$KEYWARD_TEST_PEBBLE_DIR"
+  unset KEYWARD_TEST_PEBBLE_DIRECTORY KEYWARD_TEST_PEBBLE_MANAGEMENT KEYWARD_TEST_PEBBLE_CA \
+    KEYWARD_TEST_PEBBLE_PID KEYWARD_TEST_PEBBLE_DIR
+  return 0
+}

@@ -62,6 +62,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod acme;
 pub mod audit;
 pub mod cli;
 pub mod client;

@@ -98,8 +98,12 @@ impl Application {
     /// Builds everything and binds the listener (port 0 picks a free port).
     pub async fn build(settings: &Settings) -> anyhow::Result<Application> {
         http::metrics::install_metrics_recorder();
+        let managed = settings
+            .acme
+            .as_ref()
+            .map(|_| Arc::new(crate::tls::ManagedCert::default()));
         let tls = match &settings.tls {
-            Some(files) => Some(Arc::new(ReloadableTls::load(files.clone())?)),
+            Some(files) => Some(Arc::new(ReloadableTls::load(files.clone(), managed.clone())?)),
             None if settings.listen.ip().is_loopback() => None,
             None if settings.allow_plaintext => {
                 tracing::warn!(
@@ -206,10 +210,22 @@ impl Application {
                 shutdown_rx.clone(),
             ));
         }
+        let certificate = Arc::new(crate::domain::cert_status::CertStatus::default());
+        if let (Some(acme), Some(managed)) = (&settings.acme, &managed) {
+            crate::acme::start(
+                acme.clone(),
+                service.clone(),
+                managed.clone(),
+                certificate.clone(),
+                shutdown_rx.clone(),
+            )
+            .await?;
+        }
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
         }
         let state = AppState::new(AppParts {
+            certificate,
             audit: audit.clone(),
             service: service.clone(),
             guard: Arc::new(
@@ -293,6 +309,12 @@ impl Application {
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The TLS configuration, if HTTPS is on (dev mode reloads renewed
+    /// dev certificates through it).
+    pub fn tls(&self) -> Option<Arc<ReloadableTls>> {
+        self.tls.clone()
     }
 
     /// The service (for dev-mode bootstrap).

@@ -20,13 +20,25 @@ use rustls::{RootCertStore, ServerConfig};
 use crate::crypto::sha256;
 use crate::domain::identity::ClientIdentity;
 
-/// The PEM files that make up the TLS configuration.
+/// Where the server certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerCert {
+    /// PEM files, read at start and on SIGHUP.
+    Files {
+        /// Server certificate chain (leaf first).
+        cert: PathBuf,
+        /// Server private key.
+        key: PathBuf,
+    },
+    /// Obtained and renewed by Keyward itself (ACME): a [`ManagedCert`].
+    Managed,
+}
+
+/// The TLS configuration: the server certificate and the client CA and CRL files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
-    /// Server certificate chain (leaf first).
-    pub cert: PathBuf,
-    /// Server private key.
-    pub key: PathBuf,
+    /// The server certificate.
+    pub server: ServerCert,
     /// CA bundle that client certificates must chain to; enables mutual TLS.
     pub client_ca: Option<PathBuf>,
     /// CRLs for client certificates.
@@ -79,20 +91,66 @@ pub fn read_certs(
     Ok(certs)
 }
 
-/// Builds the server configuration from the files.
-pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
+/// A server certificate swapped in place by whoever obtains it (the ACME
+/// renewal task): every new handshake gets the current one, connections
+/// already established keep theirs. Until the first is set, handshakes fail.
+#[derive(Debug, Default)]
+pub struct ManagedCert {
+    current: arc_swap::ArcSwapOption<rustls::sign::CertifiedKey>,
+}
+
+impl ManagedCert {
+    /// Builds a certified key from a PEM chain (leaf first) and a PEM private key.
+    pub fn certified_key(
+        chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<rustls::sign::CertifiedKey, String> {
+        let chain = CertificateDer::pem_slice_iter(chain_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not a PEM certificate chain: {e}"))?;
+        if chain.is_empty() {
+            return Err("no certificate in the chain".into());
+        }
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| format!("no usable private key: {e}"))?;
+        rustls::sign::CertifiedKey::from_der(chain, key, &provider())
+            .map_err(|e| format!("the key does not match the certificate: {e}"))
+    }
+
+    /// Serves `key` from the next handshake on.
+    pub fn set(&self, key: rustls::sign::CertifiedKey) {
+        self.current.store(Some(Arc::new(key)));
+    }
+
+    /// Whether a certificate is set.
+    pub fn is_set(&self) -> bool {
+        self.current.load().is_some()
+    }
+}
+
+impl rustls::server::ResolvesServerCert for ManagedCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.current.load_full()
+    }
+}
+
+/// Builds the server configuration from the files (and, for
+/// [`ServerCert::Managed`], the managed certificate).
+pub fn server_config(
+    files: &TlsFiles,
+    managed: Option<&Arc<ManagedCert>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
-    let chain = read_certs("KEYWARD_TLS_CERT", &files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        err(
-            "KEYWARD_TLS_KEY",
-            &files.key,
-            format!("no usable private key: {e}"),
-        )
-    })?;
+    let cert_setting = match &files.server {
+        ServerCert::Files { cert, .. } => cert.clone(),
+        ServerCert::Managed => PathBuf::from("(ACME)"),
+    };
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| err("KEYWARD_TLS_CERT", &files.cert, e))?;
+        .map_err(|e| err("KEYWARD_TLS_CERT", &cert_setting, e))?;
     let builder = match &files.client_ca {
         None => builder.with_no_client_auth(),
         Some(ca_path) => {
@@ -137,13 +195,33 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut config = builder.with_single_cert(chain, key).map_err(|e| {
-        err(
-            "KEYWARD_TLS_KEY",
-            &files.key,
-            format!("does not match the certificate: {e}"),
-        )
-    })?;
+    let mut config = match (&files.server, managed) {
+        (ServerCert::Files { cert, key }, _) => {
+            let chain = read_certs("KEYWARD_TLS_CERT", cert)?;
+            let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                err(
+                    "KEYWARD_TLS_KEY",
+                    key,
+                    format!("no usable private key: {e}"),
+                )
+            })?;
+            builder.with_single_cert(chain, key_der).map_err(|e| {
+                err(
+                    "KEYWARD_TLS_KEY",
+                    key,
+                    format!("does not match the certificate: {e}"),
+                )
+            })?
+        }
+        (ServerCert::Managed, Some(managed)) => builder.with_cert_resolver(managed.clone()),
+        (ServerCert::Managed, None) => {
+            return Err(err(
+                "KEYWARD_ACME_DIRECTORY",
+                &cert_setting,
+                "no managed certificate to serve",
+            ))
+        }
+    };
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -152,15 +230,21 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
 /// the new one, established connections keep theirs.
 pub struct ReloadableTls {
     files: TlsFiles,
+    managed: Option<Arc<ManagedCert>>,
     current: ArcSwap<ServerConfig>,
 }
 
 impl ReloadableTls {
-    /// Loads the files; an error names the bad file.
-    pub fn load(files: TlsFiles) -> Result<ReloadableTls, TlsError> {
-        let config = server_config(&files)?;
+    /// Loads the files; an error names the bad file. `managed` serves the
+    /// server certificate for [`ServerCert::Managed`].
+    pub fn load(
+        files: TlsFiles,
+        managed: Option<Arc<ManagedCert>>,
+    ) -> Result<ReloadableTls, TlsError> {
+        let config = server_config(&files, managed.as_ref())?;
         Ok(ReloadableTls {
             files,
+            managed,
             current: ArcSwap::new(config),
         })
     }
@@ -177,7 +261,7 @@ impl ReloadableTls {
 
     /// Reads the files again. On error the previous configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.files)?;
+        let config = server_config(&self.files, self.managed.as_ref())?;
         self.current.store(config);
         Ok(())
     }

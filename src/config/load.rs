@@ -14,7 +14,7 @@ use super::values::{duration, non_empty, parse_master_key, positive, readable_fi
 use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
 use crate::master_key::ProviderKind;
 use crate::telemetry::LogFormat;
-use crate::tls::TlsFiles;
+use crate::tls::{ServerCert, TlsFiles};
 
 impl Settings {
     /// Reads the optional TOML file and the `KEYWARD_*` variables in `env`.
@@ -188,6 +188,7 @@ impl Raw {
             connection_idle_timeout: self.required("connection_idle_timeout", duration)?,
             connection_max_age: self.required("connection_max_age", duration)?,
             tls: self.tls()?,
+            acme: self.acme()?,
             allow_plaintext: self.required("allow_plaintext", |v| match v {
                 "true" | "1" | "yes" => Ok(true),
                 "false" | "0" | "no" => Ok(false),
@@ -246,6 +247,82 @@ impl Raw {
         })
     }
 
+    fn acme(&self) -> Result<Option<crate::acme::AcmeSettings>, ConfigError> {
+        let Some(directory) = self.parse("acme_directory", url)? else {
+            for name in [
+                "acme_domains",
+                "acme_contact",
+                "acme_directory_ca",
+                "acme_challenge_listen",
+            ] {
+                if self.get(name).is_some() {
+                    return Err(invalid(name, "needs KEYWARD_ACME_DIRECTORY as well"));
+                }
+            }
+            return Ok(None);
+        };
+        let list = |v: &str| -> Vec<String> {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
+        let domains = self.required("acme_domains", |v| {
+            let domains = list(v);
+            if domains.is_empty() {
+                return Err("must name at least one DNS name".into());
+            }
+            for d in &domains {
+                if d.contains('*')
+                    || d.parse::<std::net::IpAddr>().is_ok()
+                    || d.contains('/')
+                    || d.contains(':')
+                {
+                    return Err(format!(
+                        "`{d}` is not a DNS name (no wildcards, addresses or ports)"
+                    ));
+                }
+            }
+            Ok(domains)
+        })?;
+        let contact = self
+            .parse("acme_contact", |v| {
+                let contact = list(v);
+                match contact.iter().find(|c| !c.starts_with("mailto:")) {
+                    Some(c) => Err(format!("`{c}` must be a `mailto:` URL")),
+                    None => Ok(contact),
+                }
+            })?
+            .unwrap_or_default();
+        let retry_min = self.required("acme_retry_min", duration)?;
+        let retry_max = self.required("acme_retry_max", |v| {
+            let d = duration(v)?;
+            if d < retry_min {
+                return Err("must be at least KEYWARD_ACME_RETRY_MIN".into());
+            }
+            Ok(d)
+        })?;
+        Ok(Some(crate::acme::AcmeSettings {
+            directory,
+            domains,
+            contact,
+            directory_ca: self.parse("acme_directory_ca", readable_file)?,
+            challenge: self.required("acme_challenge", |v| match v {
+                "tls-alpn-01" => Ok(crate::acme::ChallengeKind::TlsAlpn01),
+                "http-01" => Ok(crate::acme::ChallengeKind::Http01),
+                _ => Err("must be `tls-alpn-01` or `http-01`".into()),
+            })?,
+            challenge_listen: self.required("acme_challenge_listen", |v| {
+                v.parse::<std::net::SocketAddr>()
+                    .map_err(|_| "must be an address and port like `0.0.0.0:443`".to_string())
+            })?,
+            check_interval: self.required("acme_check_interval", duration)?,
+            retry_min,
+            retry_max,
+        }))
+    }
+
     fn tls(&self) -> Result<Option<TlsFiles>, ConfigError> {
         let path = |name: &'static str| self.parse(name, readable_file);
         let (cert, key) = (path("tls_cert")?, path("tls_key")?);
@@ -256,6 +333,22 @@ impl Raw {
             source_desc: "configuration".into(),
             reason: format!("needs KEYWARD_{} as well", needed.to_ascii_uppercase()),
         };
+        if self.get("acme_directory").is_some() {
+            if cert.is_some() || key.is_some() {
+                return Err(invalid(
+                    "tls_cert",
+                    "cannot be set with KEYWARD_ACME_DIRECTORY (the certificate comes from ACME)",
+                ));
+            }
+            if client_crl.is_some() && client_ca.is_none() {
+                return Err(needs("tls_client_crl", "tls_client_ca"));
+            }
+            return Ok(Some(TlsFiles {
+                server: ServerCert::Managed,
+                client_ca,
+                client_crl,
+            }));
+        }
         match (cert, key) {
             (None, None) => {
                 if client_ca.is_some() {
@@ -273,8 +366,7 @@ impl Raw {
                     return Err(needs("tls_client_crl", "tls_client_ca"));
                 }
                 Ok(Some(TlsFiles {
-                    cert,
-                    key,
+                    server: ServerCert::Files { cert, key },
                     client_ca,
                     client_crl,
                 }))
@@ -283,10 +375,74 @@ impl Raw {
     }
 }
 
+/// An invalid-value error for setting `name`.
+fn invalid(name: &str, reason: &str) -> ConfigError {
+    ConfigError::Invalid {
+        setting: format!("KEYWARD_{}", name.to_ascii_uppercase()),
+        source_desc: "configuration".into(),
+        reason: reason.into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::raw::env;
+
+    #[test]
+    fn acme_settings_are_checked_at_start() {
+        let base = [
+            ("KEYWARD_DATABASE_URL", "sqlite://x"),
+            (
+                "KEYWARD_MASTER_KEY",
+                "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+            ),
+        ];
+        let load = |extra: &[(&str, &str)]| {
+            let mut all = base.to_vec();
+            all.extend_from_slice(extra);
+            Settings::load(None, env(&all))
+        };
+        let acme = [
+            ("KEYWARD_ACME_DIRECTORY", "https://acme.example/dir"),
+            ("KEYWARD_ACME_DOMAINS", "b.example, a.example"),
+            ("KEYWARD_ACME_CHALLENGE_LISTEN", "0.0.0.0:443"),
+        ];
+        let s = load(&acme).unwrap();
+        let a = s.acme.unwrap();
+        assert_eq!(a.domains, ["b.example", "a.example"]);
+        assert_eq!(a.challenge, crate::acme::ChallengeKind::TlsAlpn01);
+        assert_eq!(s.tls.unwrap().server, ServerCert::Managed);
+
+        let e = load(&[("KEYWARD_ACME_DOMAINS", "a.example")]).unwrap_err();
+        assert!(e.to_string().contains("KEYWARD_ACME_DOMAINS"), "{e}");
+        let mut bad = acme.to_vec();
+        bad[1] = ("KEYWARD_ACME_DOMAINS", "*.example");
+        assert!(load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("not a DNS name"));
+        let mut bad = acme.to_vec();
+        bad.push(("KEYWARD_ACME_CONTACT", "ops@example.com"));
+        assert!(load(&bad).unwrap_err().to_string().contains("mailto:"));
+        let mut bad = acme.to_vec();
+        bad.push(("KEYWARD_ACME_CHALLENGE", "dns-01"));
+        assert!(load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("KEYWARD_ACME_CHALLENGE"));
+        let mut bad = acme.to_vec();
+        bad.push(("KEYWARD_ACME_RETRY_MIN", "2h"));
+        assert!(load(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("KEYWARD_ACME_RETRY_MAX"));
+        let no_listen = &acme[..2];
+        assert!(load(no_listen)
+            .unwrap_err()
+            .to_string()
+            .contains("KEYWARD_ACME_CHALLENGE_LISTEN"));
+    }
 
     #[test]
     fn bad_values_name_the_setting_and_never_echo_secrets() {

@@ -148,7 +148,7 @@ impl Raw {
     }
 
     /// The value of `name` (or its default) with its source, or `None`.
-    fn get(&self, name: &'static str) -> Option<(&str, &str)> {
+    pub(super) fn get(&self, name: &'static str) -> Option<(&str, &str)> {
         if let Some((v, src)) = self.0.get(name) {
             return Some((v.as_str(), src.as_str()));
         }

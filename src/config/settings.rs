@@ -127,6 +127,8 @@ pub struct Settings {
     pub connection_max_age: Duration,
     /// TLS files, if HTTPS is on.
     pub tls: Option<TlsFiles>,
+    /// ACME for the server certificate, if on (then `tls` is `Managed`).
+    pub acme: Option<crate::acme::AcmeSettings>,
     /// Whether plain HTTP may listen on a non-loopback address.
     pub allow_plaintext: bool,
     /// Where audit records are written.

@@ -26,7 +26,7 @@ use crate::domain::service::KeyService;
 use crate::domain::{EncryptionId, TenantId};
 use crate::startup::{shutdown_signal, Application};
 use crate::telemetry::LogFormat;
-use crate::tls::TlsFiles;
+use crate::tls::{ServerCert, TlsFiles};
 
 use certs::DevCerts;
 use private::{create_private_dir, write_private};
@@ -105,8 +105,10 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     let certs = if opts.tls {
         let certs = certs::ensure(&data_dir.join("tls"))?;
         settings.tls = Some(TlsFiles {
-            cert: certs.server_cert.clone(),
-            key: certs.server_key.clone(),
+            server: ServerCert::Files {
+                cert: certs.server_cert.clone(),
+                key: certs.server_key.clone(),
+            },
             client_ca: Some(certs.ca.clone()),
             client_crl: None,
         });
@@ -122,6 +124,9 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     if let Some(path) = &opts.credentials_out {
         write_private(path, &serde_json::to_vec_pretty(&creds)?)
             .with_context(|| format!("cannot write --credentials-out {}", path.display()))?;
+    }
+    if let (Some(tls), Some(_)) = (app.tls(), &certs) {
+        tokio::spawn(renew_dev_certificates(data_dir.join("tls"), tls));
     }
     app.run_until_stopped(shutdown_signal()).await
 }
@@ -314,4 +319,26 @@ Tenants (operator key):
     out.write_all(banner.as_bytes())?;
     out.flush()?;
     Ok(())
+}
+
+/// How often a running dev server checks its certificates' expiry.
+const DEV_CERT_CHECK: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// Renews the dev certificates of a long-running dev server when they near
+/// expiry, and serves the new ones without a restart.
+async fn renew_dev_certificates(dir: PathBuf, tls: std::sync::Arc<crate::tls::ReloadableTls>) {
+    loop {
+        tokio::time::sleep(DEV_CERT_CHECK).await;
+        let before = std::fs::read(dir.join("server.pem")).ok();
+        match certs::ensure(&dir) {
+            Ok(certs) if std::fs::read(&certs.server_cert).ok() != before => match tls.reload() {
+                Ok(()) => tracing::info!("dev certificates renewed and reloaded"),
+                Err(e) => tracing::warn!(error = %e, "renewed dev certificates do not load"),
+            },
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "cannot renew the dev certificates")
+            }
+        }
+    }
 }

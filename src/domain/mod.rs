@@ -6,6 +6,7 @@
 pub mod accounts;
 pub mod algorithm;
 pub mod apikeys;
+pub mod cert_status;
 pub mod client_addr;
 pub mod client_key;
 pub mod error;

@@ -178,6 +178,7 @@ mod tests {
             let audit_file = dir.path().join("audit.jsonl");
             let destination = crate::audit::Destination::File(audit_file.clone());
             let state = AppState::new(AppParts {
+                certificate: Default::default(),
                 audit: crate::audit::AuditLog::start(
                     &destination,
                     None,

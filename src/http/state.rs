@@ -34,6 +34,8 @@ pub struct AppParts {
     pub guard: Arc<crate::domain::guard::AuthGuard>,
     /// Where audit events go.
     pub audit: crate::audit::AuditLog,
+    /// The ACME server certificate's state, for `/readyz` (empty without ACME).
+    pub certificate: Arc<crate::domain::cert_status::CertStatus>,
 }
 
 /// Settings the router needs.

@@ -7,6 +7,7 @@
 //!
 //! Nothing here knows about HTTP; nothing here sees a key in the clear.
 
+mod acme;
 mod api_keys;
 mod audit;
 mod audit_keys;
@@ -21,6 +22,7 @@ mod sql;
 mod tenants;
 mod wrapping_keys;
 
+pub use acme::{AcmeChallengeRow, AcmeRow};
 pub use api_keys::{ApiKeyLookup, ApiKeyRow};
 pub use audit::{AuditQuery, AuditSegment, SegmentPacker};
 pub use audit_keys::CheckpointKeyRow;

@@ -303,7 +303,9 @@ impl TestApp {
 
     /// Whether this app serves HTTPS.
     pub fn tls(&self) -> bool {
-        self.extra_env.iter().any(|(k, _)| k == "KEYWARD_TLS_CERT")
+        self.extra_env
+            .iter()
+            .any(|(k, _)| k == "KEYWARD_TLS_CERT" || k == "KEYWARD_ACME_DIRECTORY")
     }
 
     /// The port the app listens on.

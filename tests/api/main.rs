@@ -2,6 +2,7 @@
 //! file or PostgreSQL database per test. Each file reads as a specification.
 
 mod abuse;
+mod acme;
 mod audit;
 mod auth;
 mod authority;

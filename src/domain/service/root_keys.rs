@@ -527,6 +527,46 @@ impl KeyService {
     }
 }
 
+impl KeyService {
+    /// Seals a small secret Keyward keeps for itself (the ACME account and
+    /// certificate keys, the client CA's key) under the active root KEK,
+    /// bound to `purpose` (a row copied onto another purpose fails to open).
+    /// Returns the KEK id and `nonce || ciphertext || tag`.
+    pub fn seal_secret(&self, purpose: &str, plain: &[u8]) -> Result<(KekId, Vec<u8>), KeyError> {
+        let root = self.root()?;
+        let sealed = crypto::seal(&root.keys[&root.active], &secret_aad(purpose), plain);
+        let mut out = sealed.nonce.to_vec();
+        out.extend_from_slice(&sealed.ciphertext);
+        Ok((root.active, out))
+    }
+
+    /// Opens what [`KeyService::seal_secret`] sealed, loading the root keys
+    /// first when `kek` is one another replica made since this one loaded them.
+    pub async fn open_secret(
+        &self,
+        purpose: &str,
+        kek: KekId,
+        sealed: &[u8],
+    ) -> Result<crypto::SecretBytes, KeyError> {
+        if !self.root()?.keys.contains_key(&kek) {
+            self.load_root_keys_for(kek).await?;
+        }
+        let root = self.root()?;
+        let key = root.keys.get(&kek).ok_or(KeyError::UnknownKek(kek))?;
+        let Some((nonce, ct)) = sealed.split_first_chunk::<NONCE_LEN>() else {
+            return Err(KeyError::Integrity(format!("sealed {purpose}: too short")));
+        };
+        crypto::open(key, nonce, &secret_aad(purpose), ct)
+            .map_err(|()| KeyError::Integrity(format!("sealed {purpose} fails to authenticate")))
+    }
+}
+
+fn secret_aad(purpose: &str) -> Vec<u8> {
+    let mut aad = b"keyward:secret:v1:".to_vec();
+    aad.extend_from_slice(purpose.as_bytes());
+    aad
+}
+
 fn job_aad(job: uuid::Uuid) -> [u8; 32] {
     let mut aad = [0u8; 32];
     aad[..16].copy_from_slice(b"keyward:job:v1\0\0");
