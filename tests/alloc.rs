@@ -100,6 +100,7 @@ impl Api {
                 unauthenticated_rate_limit: 0,
                 audit_refused_per_minute: 10,
             })),
+            certificate: Default::default(),
         });
         let settings = RouterSettings {
             max_body_bytes: 1 << 20,

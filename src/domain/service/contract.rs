@@ -411,7 +411,10 @@ mod properties {
                 .id;
             let ck = client_mode.then(|| ClientKey::from_base64(&"Q".repeat(44)).unwrap());
             let ck = ck.as_ref();
-            let created = service.create_encryption(tenant, None, ck).await.unwrap();
+            let created = service
+                .create_encryption(tenant, super::super::EncryptionOptions::aes(None), ck)
+                .await
+                .unwrap();
             let id = created.encryption.id;
             let mut versions = vec![created.encryption.active_version_id];
             let mut made = Vec::new();
@@ -425,7 +428,7 @@ mod properties {
                     Step::NameEarlier(i) => Some(versions[i % versions.len()]),
                 };
                 let out = service
-                    .encrypt(tenant, id, named, plaintext, ck)
+                    .encrypt(tenant, id, named, plaintext, &[], ck)
                     .await
                     .unwrap();
                 if let Some(v) = named {
@@ -434,7 +437,7 @@ mod properties {
                 made.push((plaintext.clone(), out));
             }
             for (plaintext, out) in &made {
-                let sealed = Sealed::new(out.version_id, Some(out.nonce), &out.ciphertext);
+                let sealed = Sealed::new(out.version_id, out.nonce, &out.ciphertext);
                 let opened = service.decrypt(tenant, id, sealed, ck).await.unwrap();
                 prop_assert_eq!(&*opened, plaintext.as_slice());
             }
@@ -442,7 +445,7 @@ mod properties {
                 let (_, out) = &made[which % made.len()];
                 let body = out.ciphertext.len() - TAG_LEN;
                 let mut ciphertext = out.ciphertext.clone();
-                let (mut nonce, mut version, mut enc) = (out.nonce, out.version_id, id);
+                let (mut nonce, mut version, mut enc) = (out.nonce.unwrap(), out.version_id, id);
                 match part {
                     Part::Ciphertext if body > 0 => ciphertext[(bit / 8) % body] ^= 1 << (bit % 8),
                     Part::Ciphertext | Part::Tag => {
