@@ -761,6 +761,28 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
     let encrypted = app.encrypt(&creds, &enc, "audited").await;
     let ciphertext = crate::helpers::decrypt_body(&encrypted);
     let source = platform.source();
+    // An exportable RSA encryption (public key, export) and an AES one to
+    // import a key into, wrapped outside Keyward; the export goes to the
+    // wrapping key's public half (any RSA key of 3072 bits or more does).
+    let (status, rsa) = app
+        .post(
+            "/v1/encryptions",
+            &creds,
+            &json!({"algorithm": "RSA-OAEP-256", "exportable": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{rsa}");
+    let rsa_path = format!(
+        "/v1/encryptions/{}/versions/{}",
+        rsa["encryptionId"].as_str().unwrap(),
+        rsa["activeVersionId"].as_str().unwrap()
+    );
+    let (byok, _) = app.create_encryption(&creds).await;
+    let (_, wrapping) = app.get("/v1/import/wrapping-key", &creds).await;
+    let wrapped = crate::helpers::run_python(
+        crate::rsa_oaep::WRAP_FOR_IMPORT,
+        &json!({"pem": wrapping["publicKeyPem"], "keys": ["33".repeat(32)]}),
+    );
 
     // (method, route as documented, path, body, operation)
     use reqwest::Method;
@@ -857,6 +879,36 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
             format!("{enc_path}/versions/{first_version}"),
             Some(json!({"state": "decrypt_only"})),
             "version.update",
+        ),
+        (
+            Method::GET,
+            "/v1/encryptions/{id}/versions/{versionId}/public-key",
+            format!("{rsa_path}/public-key"),
+            None,
+            "version.public_key",
+        ),
+        (
+            Method::GET,
+            "/v1/import/wrapping-key",
+            "/v1/import/wrapping-key".into(),
+            None,
+            "import.wrapping_key",
+        ),
+        (
+            Method::POST,
+            "/v1/encryptions/{id}/import",
+            format!("/v1/encryptions/{byok}/import"),
+            Some(
+                json!({"wrappedKey": wrapped[0], "wrappingAlgorithm": "RSA_AES_KEY_WRAP_SHA_256"}),
+            ),
+            "version.import",
+        ),
+        (
+            Method::POST,
+            "/v1/encryptions/{id}/versions/{versionId}/export",
+            format!("{rsa_path}/export"),
+            Some(json!({"publicKey": wrapping["publicKeyPem"]})),
+            "version.export",
         ),
         (
             Method::POST,
