@@ -78,10 +78,48 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
                 StoreError::StaleReference(e)
             }
+            sqlx::Error::Database(db) if is_capacity(db.code().as_deref()) => {
+                StoreError::Unavailable(e)
+            }
             _ => StoreError::Other(e),
         }
     }
 }
+
+/// Whether a database error code says the database cannot answer now (busy,
+/// locked, full, shutting down, out of connections, failed over) rather than
+/// that the statement is wrong: a 503 the caller retries, never a 500.
+///
+/// SQLite codes are numbers, the primary code in the low byte (`517` is
+/// `SQLITE_BUSY_SNAPSHOT`): BUSY (5), LOCKED (6), NOMEM (7), READONLY (8, a
+/// file made read-only under us), IOERR (10), FULL (13), CANTOPEN (14),
+/// PROTOCOL (15). PostgreSQL codes are SQLSTATEs: class 08 (connection
+/// exception), 53 (insufficient resources: disk full, out of memory, too many
+/// connections), 57P01 to 57P05 (administrator shutdown, crash shutdown,
+/// cannot connect now, idle session timeouts), 25006 (read-only transaction:
+/// a standby after a failover), 40001 and 40P01 (serialization failure and
+/// deadlock: nothing was written, a retry succeeds).
+fn is_capacity(code: Option<&str>) -> bool {
+    let Some(code) = code else {
+        return false;
+    };
+    // A SQLSTATE is five characters, often all digits; SQLite's extended
+    // codes stay below 10,000.
+    if code.len() < 5 {
+        if let Ok(n) = code.parse::<u32>() {
+            return matches!(n & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15);
+        }
+    }
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || matches!(code, "25006" | "40001" | "40P01")
+}
+
+/// The longest a SQLite writer waits for its turn behind the others: past
+/// SQLite's own busy timeout (10 s), so a turn times out only when the file
+/// itself cannot be written.
+const WRITE_TURN_WAIT: Duration = Duration::from_secs(15);
 
 /// The database behind Keyward. Cheap to clone (a pool handle).
 #[derive(Clone)]
@@ -90,6 +128,13 @@ pub struct Store {
     pub(super) backend: Backend,
     /// The PostgreSQL URL, kept for the LISTEN connection (it may hold a password).
     pub(super) listen_url: Option<std::sync::Arc<zeroize::Zeroizing<String>>>,
+    /// SQLite only: one writer at a time in this process. SQLite takes one
+    /// write lock for the whole file; without this, writers (rotations,
+    /// management, the audit table, job bookkeeping) each hold a pooled
+    /// connection while they sleep in SQLite's busy handler, and the reads
+    /// key operations need (a key reloaded after a rotation) wait behind them
+    /// for a connection. With it, writers queue here, holding nothing.
+    pub(super) write_turn: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -146,7 +191,30 @@ impl Store {
             pool,
             backend,
             listen_url,
+            write_turn: (backend == Backend::Sqlite)
+                .then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(1))),
         })
+    }
+
+    /// Waits for this process's turn to write (SQLite; on PostgreSQL at
+    /// once, rows lock one by one there). Hold the permit until the write is
+    /// committed; never ask for a second one while holding it. Longer than
+    /// [`WRITE_TURN_WAIT`] (the writers ahead are stuck on a locked or
+    /// unwritable file): unavailable, a 503 the caller retries.
+    pub(super) async fn write_turn(
+        &self,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, StoreError> {
+        let Some(turn) = &self.write_turn else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(WRITE_TURN_WAIT, turn.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            Ok(Err(_)) => Err(StoreError::Unavailable(sqlx::Error::PoolClosed)),
+            Err(_) => {
+                metrics::counter!("keyward_database_write_turn_timeouts_total").increment(1);
+                Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
+            }
+        }
     }
 
     /// Which database this is.
@@ -225,4 +293,63 @@ fn create_private_sqlite_file(url: &str) {
         .write(true)
         .create_new(true)
         .open(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// A real SQLite error from `sql` on a fresh file, after `setup`.
+    async fn sqlite_error(setup: &str, hold_lock: bool, sql: &str) -> StoreError {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let mut a = sqlx::AnyConnection::connect(&url).await.unwrap();
+        a.execute("PRAGMA journal_mode = WAL; CREATE TABLE t (v TEXT)")
+            .await
+            .unwrap();
+        let mut b = sqlx::AnyConnection::connect(&url).await.unwrap();
+        b.execute(setup).await.unwrap();
+        if hold_lock {
+            a.execute("BEGIN IMMEDIATE").await.unwrap();
+        }
+        StoreError::from(b.execute(sql).await.unwrap_err())
+    }
+
+    #[tokio::test]
+    async fn a_locked_or_full_sqlite_database_is_unavailable_not_an_internal_error() {
+        let locked = sqlite_error(
+            "PRAGMA busy_timeout = 0",
+            true,
+            "INSERT INTO t VALUES ('x')",
+        )
+        .await;
+        assert!(matches!(locked, StoreError::Unavailable(_)), "{locked:?}");
+        // A database at its size limit answers SQLITE_FULL, as a full disk does.
+        let full = sqlite_error(
+            "PRAGMA max_page_count = 2",
+            false,
+            "INSERT INTO t SELECT hex(zeroblob(100000))",
+        )
+        .await;
+        assert!(matches!(full, StoreError::Unavailable(_)), "{full:?}");
+        // A statement that is wrong stays an error of its own.
+        let wrong = sqlite_error("SELECT 1", false, "INSERT INTO missing VALUES (1)").await;
+        assert!(matches!(wrong, StoreError::Other(_)), "{wrong:?}");
+    }
+
+    #[test]
+    fn capacity_codes_are_told_from_statement_errors() {
+        for code in [
+            "5", "517", "6", "13", "10", "778", "14", "08006", "57P01", "57P03", "53100", "53300",
+            "25006", "40001", "40P01",
+        ] {
+            assert!(is_capacity(Some(code)), "{code}");
+        }
+        for code in ["1", "19", "2067", "787", "42P01", "23505", "22P02", "XX000"] {
+            assert!(!is_capacity(Some(code)), "{code}");
+        }
+        assert!(!is_capacity(None));
+    }
 }

@@ -11,6 +11,7 @@ mod client_key;
 mod connections;
 mod contract;
 mod dev;
+mod faults;
 mod guards;
 mod helpers;
 mod input;
