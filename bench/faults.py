@@ -227,7 +227,7 @@ class Client:
         self.server, self.creds, self.stats = server, creds, stats
         self.conn, self.gen = None, 0
 
-    def call(self, method, path, body=None, expect=(200, 201), allowed_4xx=()):
+    def call(self, method, path, body=None, expect=(200, 201, 202), allowed_4xx=()):
         """The JSON of a success, or None after counting the failure."""
         started = time.time()
         opened_before = self.conn is not None and self.gen != self.server.generation
@@ -631,7 +631,10 @@ def job_sigkill(args):
     c.call("POST", "/v1/rotate", {"encryptionId": enc})
     source = {"name": "platform", "table": "secrets", "keyColumn": "id", "cipherTextColumn": "cipher_text",
               "versionColumn": "version", "metadataColumn": "metadata"}
-    job = c.call("POST", "/v1/jobs", {"kind": "reencrypt", "encryptionId": enc, "source": source})["jobId"]
+    job = c.call("POST", "/v1/jobs", {"kind": "reencrypt", "encryptionId": enc, "source": source})
+    if job is None:
+        raise RuntimeError(f"cannot create the job: {run.stats.bad}")
+    job = job["jobId"]
     stop = threading.Event()
     lock = threading.Lock()
 

@@ -128,12 +128,14 @@ pub struct Store {
     pub(super) backend: Backend,
     /// The PostgreSQL URL, kept for the LISTEN connection (it may hold a password).
     pub(super) listen_url: Option<std::sync::Arc<zeroize::Zeroizing<String>>>,
-    /// SQLite only: one writer at a time in this process. SQLite takes one
-    /// write lock for the whole file; without this, writers (rotations,
+    /// Writers' turns. SQLite takes one write lock for the whole file: one
+    /// writer at a time in this process. Without this, writers (rotations,
     /// management, the audit table, job bookkeeping) each hold a pooled
     /// connection while they sleep in SQLite's busy handler, and the reads
     /// key operations need (a key reloaded after a rotation) wait behind them
-    /// for a connection. With it, writers queue here, holding nothing.
+    /// for a connection. With it, writers queue here, holding nothing. On
+    /// PostgreSQL, writers to the same row wait on its lock the same way:
+    /// they may hold half the pool, never all of it.
     pub(super) write_turn: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
@@ -185,22 +187,41 @@ impl Store {
                     Ok(())
                 })
             })
+            .after_release(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // A COMMIT that failed for a full disk leaves SQLite's
+                        // transaction open, and the pool would keep the
+                        // connection with the write lock held: every writer
+                        // after it waits out the busy timeout and fails, long
+                        // after the disk has room again. End whatever is left
+                        // open; with nothing open this fails at once and
+                        // changes nothing.
+                        let _ = conn.execute("ROLLBACK").await;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Store {
             pool,
             backend,
             listen_url,
-            write_turn: (backend == Backend::Sqlite)
-                .then(|| std::sync::Arc::new(tokio::sync::Semaphore::new(1))),
+            write_turn: Some(std::sync::Arc::new(tokio::sync::Semaphore::new(
+                match backend {
+                    Backend::Sqlite => 1,
+                    Backend::Postgres => (max_connections as usize / 2).max(1),
+                },
+            ))),
         })
     }
 
-    /// Waits for this process's turn to write (SQLite; on PostgreSQL at
-    /// once, rows lock one by one there). Hold the permit until the write is
-    /// committed; never ask for a second one while holding it. Longer than
-    /// [`WRITE_TURN_WAIT`] (the writers ahead are stuck on a locked or
-    /// unwritable file): unavailable, a 503 the caller retries.
+    /// Waits for this process's turn to write (see `write_turn`). Hold the
+    /// permit until the write is committed; never ask for a second one while
+    /// holding it. Longer than [`WRITE_TURN_WAIT`] (the writers ahead are
+    /// stuck on a locked or unwritable database): unavailable, a 503 the
+    /// caller retries.
     pub(super) async fn write_turn(
         &self,
     ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, StoreError> {
@@ -351,5 +372,89 @@ mod tests {
             assert!(!is_capacity(Some(code)), "{code}");
         }
         assert!(!is_capacity(None));
+    }
+}
+
+/// A real full disk: a tmpfs of 2 MiB, mounted for the test (root only; the
+/// fault run `bench/faults` covers the same through the whole server).
+#[cfg(test)]
+mod full_disk_tests {
+    use super::*;
+
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount() -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(Tmpfs(dir))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_work_again_once_a_full_disk_has_room() {
+        let Some(fs) = Tmpfs::mount() else {
+            assert_ne!(
+                std::process::Command::new("id")
+                    .arg("-u")
+                    .output()
+                    .unwrap()
+                    .stdout,
+                b"0\n",
+                "root could not mount a tmpfs"
+            );
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        };
+        let dir = fs.0.path();
+        let url = format!("sqlite://{}", dir.join("k.db").display());
+        let store = Store::connect(&url, 3).await.unwrap();
+        let insert = "INSERT INTO t VALUES (hex(randomblob(3000)))";
+        sqlx::query("CREATE TABLE t (v TEXT)")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let filler = dir.join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            while f.write_all(&[0u8; 65536]).is_ok() {}
+            while f.write_all(&[0u8; 512]).is_ok() {}
+        }
+        let mut refused = 0;
+        for _ in 0..10 {
+            let mut tx = store.pool.begin().await.unwrap();
+            let result = match sqlx::query(insert).execute(&mut *tx).await {
+                Ok(_) => tx.commit().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                let e = StoreError::from(e);
+                assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+                refused += 1;
+            }
+        }
+        assert!(refused > 0, "the disk was never full");
+        // Room again: every writer gets through at once; none waits out the
+        // busy timeout behind a transaction a failed COMMIT left open.
+        std::fs::remove_file(&filler).unwrap();
+        for _ in 0..6 {
+            let started = std::time::Instant::now();
+            sqlx::query(insert).execute(&store.pool).await.unwrap();
+            assert!(started.elapsed() < Duration::from_secs(2));
+        }
     }
 }

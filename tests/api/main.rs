@@ -29,6 +29,7 @@ mod pki;
 mod providers;
 mod replicas;
 mod secrets;
+mod slow_input;
 mod sources;
 mod tls;
 mod versions;
