@@ -24,7 +24,11 @@ pub fn init(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
+        // Its own report of a failed write is an `eprintln!`, which panics
+        // when standard error cannot be written (a full disk under
+        // redirected output): a failed log line must never kill the process.
+        .log_internal_errors(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = match format {
@@ -37,6 +41,29 @@ pub fn init(format: LogFormat, level: &str) {
             .try_init(),
         LogFormat::Text => builder.compact().try_init(),
     };
+}
+
+/// Standard error for log lines, where a line that cannot be written (a full
+/// disk, a closed pipe) is dropped and counted in
+/// `keyward_log_write_errors_total` rather than reported: the log is not
+/// worth the service.
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match std::io::stderr().write(buf) {
+            Ok(n) => Ok(n),
+            Err(_) => {
+                metrics::counter!("keyward_log_write_errors_total").increment(1);
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
 }
 
 /// Span fields as a JSON object, written straight out. `tracing-subscriber`'s

@@ -157,12 +157,17 @@ async fn table_loop(shared: Arc<TableShared>, store: Store, mut packer: SegmentP
                 let _ = tokio::time::timeout_at(at + TABLE_RETRY, shared.wake.notified()).await;
             }
         }
-        let (flushes, closed) = {
+        let (flushes, closed, queued) = {
             let mut q = shared.lock();
-            (std::mem::take(&mut q.flushes), q.closed)
+            (std::mem::take(&mut q.flushes), q.closed, q.segments.len())
         };
+        // One round stores what was queued when it began, then answers the
+        // reads that came meanwhile: a read waits for what was queued before
+        // it, not for what keeps arriving after (under steady load the queue
+        // never empties, and a read that waited for it to would time out).
+        let limit = (!closed).then_some(queued);
         if failed_at.is_none_or(|at| at.elapsed() >= TABLE_RETRY) {
-            failed_at = store_queued(&shared, &store, &mut packer, failed_at).await;
+            failed_at = store_queued(&shared, &store, &mut packer, failed_at, limit).await;
         }
         for done in flushes {
             let _ = done.send(());
@@ -170,23 +175,31 @@ async fn table_loop(shared: Arc<TableShared>, store: Store, mut packer: SegmentP
         if closed {
             return;
         }
+        if failed_at.is_none() && !shared.lock().segments.is_empty() {
+            // Stopped at the read's limit: carry on with the rest at once.
+            shared.wake.notify_one();
+        }
     }
 }
 
-/// Stores the queued segments, 16 per transaction, until the queue is empty
-/// or an attempt fails. Returns when the last attempt failed, or None;
-/// `failed_at` is the previous failure, so that an outage is logged once.
+/// Stores the queued segments, 16 per transaction, until the queue is empty,
+/// `limit` segments are stored, or an attempt fails. Returns when the last
+/// attempt failed, or None; `failed_at` is the previous failure, so that an
+/// outage is logged once.
 async fn store_queued(
     shared: &TableShared,
     store: &Store,
     packer: &mut SegmentPacker,
     mut failed_at: Option<tokio::time::Instant>,
+    limit: Option<usize>,
 ) -> Option<tokio::time::Instant> {
+    let mut left = limit.unwrap_or(usize::MAX);
     loop {
-        let mut batch = shared.lock().take_front(16);
+        let mut batch = shared.lock().take_front(left.min(16));
         if batch.is_empty() {
             return failed_at;
         }
+        left -= batch.len();
         let error =
             match tokio::time::timeout(TABLE_ATTEMPT, store.insert_audit(&mut batch, packer)).await
             {

@@ -502,6 +502,8 @@ async fn write_loop(
     // The lines of one batch, reused from batch to batch.
     let mut out = String::new();
     let mut time = TextCache::default();
+    // Whether the last write to the file failed.
+    let mut file_failing = false;
     loop {
         let wake = match (current_due, signer.due(&chain)) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -591,11 +593,21 @@ async fn write_loop(
         if !out.is_empty() {
             metrics::counter!("keyward_audit_records_total").increment(records);
             match sink.write(out.as_bytes()) {
-                Ok(()) => signer.file.len += out.len() as u64,
+                Ok(()) => {
+                    signer.file.len += out.len() as u64;
+                    if std::mem::take(&mut file_failing) {
+                        tracing::info!("the audit file is written again");
+                    }
+                }
                 Err(e) => {
                     metrics::counter!("keyward_audit_write_errors_total", "sink" => "file")
                         .increment(1);
-                    tracing::error!(error = %e, "cannot write the audit file");
+                    // Once per outage: a full disk fails every batch, and a
+                    // line per batch would fill what is left of it (often the
+                    // same disk) with the news.
+                    if !std::mem::replace(&mut file_failing, true) {
+                        tracing::error!(error = %e, "cannot write the audit file; records are lost from it until it can be written again (counted in keyward_audit_write_errors_total)");
+                    }
                 }
             }
         }

@@ -263,6 +263,9 @@ impl ApiError {
     }
 }
 
+/// The Retry-After of a 503 that names no wait of its own.
+pub const UNAVAILABLE_RETRY_SECS: u64 = 1;
+
 /// The message of every server error that does not say more.
 const INTERNAL: &str = "internal error; see the server log";
 
@@ -308,6 +311,11 @@ impl IntoResponse for ApiError {
             | ApiError::RateLimited(d)
             | ApiError::Key(KeyError::TooManyMasterKeyAttempts(d)) => Some(retry_secs(*d)),
             ApiError::Key(KeyError::RotationPending) | ApiError::Busy => Some(1),
+            // Every other 503 (a database busy, locked, full or restarting, a
+            // master-key provider down, not ready, a request over its time):
+            // a dependency that comes back on its own; a client that honours
+            // Retry-After spreads its retries instead of hammering it.
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(UNAVAILABLE_RETRY_SECS),
             _ => None,
         };
         if let Some(secs) = retry {

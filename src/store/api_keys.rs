@@ -53,6 +53,7 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<ApiKeyRow, StoreError> {
 impl Store {
     /// Inserts an API key.
     pub async fn insert_api_key(&self, key: &ApiKeyRow) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query(
             "INSERT INTO api_keys (id, tenant_id, secret_sha256, scopes, cert_spki_sha256, created_at, revoked_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7)",
@@ -82,6 +83,7 @@ impl Store {
         tenant: TenantId,
         max_live: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await?;
         let tenant = tenant.to_string();
         let mut tx = self.pool.begin().await?;
         if self.backend == Backend::Postgres {
@@ -176,6 +178,7 @@ impl Store {
         tenant: Option<TenantId>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         let query = match tenant {
             None => sqlx::query(

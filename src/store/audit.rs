@@ -201,6 +201,9 @@ impl Store {
                 tokio::task::yield_now().await;
             }
         }
+        // Compressed before the turn too: other writers wait only for the
+        // statements.
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         for segment in segments.iter() {
             // Packed by the loop above (packing here would be as correct,
@@ -253,6 +256,7 @@ impl Store {
     /// segment that straddles `before_ms` stays whole until its newest
     /// record passes it.
     pub async fn prune_audit(&self, before_ms: i64, max_segments: i64) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         let ids: Vec<i64> = sqlx::query(
             "SELECT id FROM audit_segments WHERE last_ms < $1 ORDER BY last_ms LIMIT $2",

@@ -23,6 +23,7 @@ impl Store {
     /// Records a checkpoint key's public half; one already recorded (by this
     /// process before, or by another replica) is left as it is.
     pub async fn record_checkpoint_key(&self, key: &CheckpointKeyRow) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query(
             "INSERT INTO audit_checkpoint_keys (key_id, public_key, kek_id, created_at) \
              VALUES ($1, $2, $3, $4) ON CONFLICT (key_id) DO NOTHING",

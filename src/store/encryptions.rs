@@ -104,6 +104,7 @@ impl Store {
         enc: &NewEncryption,
         first: &NewVersion,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO encryptions (id, tenant_id, name, algorithm, mode, salt, active_version_id, latest_version, created_at, updated_at, exportable, key_bits) \
@@ -230,6 +231,7 @@ impl Store {
         new: &NewVersion,
         now_ms: i64,
     ) -> Result<Option<RotateOutcome>, StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query(
             "UPDATE encryptions SET latest_version = latest_version + 1, active_version_id = $1, updated_at = $2 \
@@ -283,6 +285,7 @@ impl Store {
         &self,
         counts: &[(VersionId, u64)],
     ) -> Result<Vec<(EncryptionId, VersionId, i64, VersionState)>, StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         let mut out = Vec::with_capacity(counts.len());
         for (version, n) in counts {
@@ -344,6 +347,7 @@ impl Store {
         min_decryption_version: Option<i64>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE encryptions SET \
@@ -379,6 +383,7 @@ impl Store {
         &self,
         version: VersionId,
     ) -> Result<Option<i64>, StoreError> {
+        let _turn = self.write_turn().await?;
         let db_now = super::events::db_now_ms(self.backend);
         sqlx::query(&format!(
             "UPDATE encryption_key_versions SET state_changed_at = {db_now} \
@@ -410,6 +415,7 @@ impl Store {
         min_age_ms: Option<i64>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await?;
         let from: Vec<String> = from.iter().map(|s| format!("'{}'", s.as_str())).collect();
         let erase = if state == VersionState::Destroyed {
             // No key left: no root KEK is needed for it any more either.

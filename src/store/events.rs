@@ -136,6 +136,7 @@ impl Store {
 
     /// Deletes events older than `age_ms` (every poller has seen them).
     pub async fn prune_events(&self, age_ms: i64) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await?;
         let sql = format!(
             "DELETE FROM key_events WHERE created_at < {} - $1",
             db_now_ms(self.backend)

@@ -92,6 +92,7 @@ pub struct JobProgress<'a> {
 impl Store {
     /// Inserts a queued job.
     pub async fn insert_job(&self, job: &JobRow) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query(
             "INSERT INTO jobs (id, tenant_id, kind, encryption_id, source_sealed, source_kek_id, max_rows_per_second, state, created_at, updated_at, target) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', $8, $8, $9)",
@@ -153,6 +154,7 @@ impl Store {
         busy_tenants: &[TenantId],
         running: &[uuid::Uuid],
     ) -> Result<Option<JobRow>, StoreError> {
+        let _turn = self.write_turn().await?;
         let list = |from: usize, n: usize| {
             (from..from + n)
                 .map(|i| format!("${i}"))
@@ -203,6 +205,7 @@ impl Store {
         now_ms: i64,
         lease_ms: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await?;
         let n = sqlx::query(
             "UPDATE jobs SET cursor = $1, pass = $2, processed = processed + $3, rewrapped = rewrapped + $4, \
              skipped = skipped + $5, failed = failed + $6, rows_per_second = $7, lease_until = $8, updated_at = $9 \
@@ -239,6 +242,7 @@ impl Store {
 
     /// Sets the row count in scope (once, at the first start).
     pub async fn set_job_total(&self, id: uuid::Uuid, total: i64) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query("UPDATE jobs SET total = $1 WHERE id = $2 AND total IS NULL")
             .bind(total)
             .bind(id.to_string())
@@ -259,6 +263,7 @@ impl Store {
         error: Option<&str>,
         now_ms: i64,
     ) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await?;
         let sql = format!(
             "UPDATE jobs SET state = $1, remaining_by_version = COALESCE($2, remaining_by_version), \
              rows_by_version = COALESCE($7, rows_by_version), error = $3, \
@@ -288,6 +293,7 @@ impl Store {
         id: uuid::Uuid,
         now_ms: i64,
     ) -> Result<Option<JobState>, StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query(
             "UPDATE jobs SET state = 'cancelled', finished_at = $1, updated_at = $1, lease_owner = NULL, lease_until = NULL \
              WHERE id = $2 AND tenant_id = $3 AND state IN ('queued', 'running')",
@@ -394,6 +400,7 @@ impl Store {
         new: &[u8],
         kek: KekId,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query("UPDATE jobs SET source_sealed = $1, source_kek_id = $2 WHERE id = $3 AND source_sealed = $4")
             .bind(new)
             .bind(kek.to_string())

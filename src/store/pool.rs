@@ -78,10 +78,48 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
                 StoreError::StaleReference(e)
             }
+            sqlx::Error::Database(db) if is_capacity(db.code().as_deref()) => {
+                StoreError::Unavailable(e)
+            }
             _ => StoreError::Other(e),
         }
     }
 }
+
+/// Whether a database error code says the database cannot answer now (busy,
+/// locked, full, shutting down, out of connections, failed over) rather than
+/// that the statement is wrong: a 503 the caller retries, never a 500.
+///
+/// SQLite codes are numbers, the primary code in the low byte (`517` is
+/// `SQLITE_BUSY_SNAPSHOT`): BUSY (5), LOCKED (6), NOMEM (7), READONLY (8, a
+/// file made read-only under us), IOERR (10), FULL (13), CANTOPEN (14),
+/// PROTOCOL (15). PostgreSQL codes are SQLSTATEs: class 08 (connection
+/// exception), 53 (insufficient resources: disk full, out of memory, too many
+/// connections), 57P01 to 57P05 (administrator shutdown, crash shutdown,
+/// cannot connect now, idle session timeouts), 25006 (read-only transaction:
+/// a standby after a failover), 40001 and 40P01 (serialization failure and
+/// deadlock: nothing was written, a retry succeeds).
+fn is_capacity(code: Option<&str>) -> bool {
+    let Some(code) = code else {
+        return false;
+    };
+    // A SQLSTATE is five characters, often all digits; SQLite's extended
+    // codes stay below 10,000.
+    if code.len() < 5 {
+        if let Ok(n) = code.parse::<u32>() {
+            return matches!(n & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15);
+        }
+    }
+    code.starts_with("08")
+        || code.starts_with("53")
+        || code.starts_with("57P")
+        || matches!(code, "25006" | "40001" | "40P01")
+}
+
+/// The longest a SQLite writer waits for its turn behind the others: past
+/// SQLite's own busy timeout (10 s), so a turn times out only when the file
+/// itself cannot be written.
+const WRITE_TURN_WAIT: Duration = Duration::from_secs(15);
 
 /// The database behind Keyward. Cheap to clone (a pool handle).
 #[derive(Clone)]
@@ -90,6 +128,15 @@ pub struct Store {
     pub(super) backend: Backend,
     /// The PostgreSQL URL, kept for the LISTEN connection (it may hold a password).
     pub(super) listen_url: Option<std::sync::Arc<zeroize::Zeroizing<String>>>,
+    /// Writers' turns. SQLite takes one write lock for the whole file: one
+    /// writer at a time in this process. Without this, writers (rotations,
+    /// management, the audit table, job bookkeeping) each hold a pooled
+    /// connection while they sleep in SQLite's busy handler, and the reads
+    /// key operations need (a key reloaded after a rotation) wait behind them
+    /// for a connection. With it, writers queue here, holding nothing. On
+    /// PostgreSQL, writers to the same row wait on its lock the same way:
+    /// they may hold half the pool, never all of it.
+    pub(super) write_turn: Option<std::sync::Arc<tokio::sync::Semaphore>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -140,13 +187,55 @@ impl Store {
                     Ok(())
                 })
             })
+            .after_release(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // A COMMIT that failed for a full disk leaves SQLite's
+                        // transaction open, and the pool would keep the
+                        // connection with the write lock held: every writer
+                        // after it waits out the busy timeout and fails, long
+                        // after the disk has room again. End whatever is left
+                        // open; with nothing open this fails at once and
+                        // changes nothing.
+                        let _ = conn.execute("ROLLBACK").await;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Store {
             pool,
             backend,
             listen_url,
+            write_turn: Some(std::sync::Arc::new(tokio::sync::Semaphore::new(
+                match backend {
+                    Backend::Sqlite => 1,
+                    Backend::Postgres => (max_connections as usize / 2).max(1),
+                },
+            ))),
         })
+    }
+
+    /// Waits for this process's turn to write (see `write_turn`). Hold the
+    /// permit until the write is committed; never ask for a second one while
+    /// holding it. Longer than [`WRITE_TURN_WAIT`] (the writers ahead are
+    /// stuck on a locked or unwritable database): unavailable, a 503 the
+    /// caller retries.
+    pub(super) async fn write_turn(
+        &self,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, StoreError> {
+        let Some(turn) = &self.write_turn else {
+            return Ok(None);
+        };
+        match tokio::time::timeout(WRITE_TURN_WAIT, turn.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(Some(permit)),
+            Ok(Err(_)) => Err(StoreError::Unavailable(sqlx::Error::PoolClosed)),
+            Err(_) => {
+                metrics::counter!("keyward_database_write_turn_timeouts_total").increment(1);
+                Err(StoreError::Unavailable(sqlx::Error::PoolTimedOut))
+            }
+        }
     }
 
     /// Which database this is.
@@ -225,4 +314,147 @@ fn create_private_sqlite_file(url: &str) {
         .write(true)
         .create_new(true)
         .open(path);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    /// A real SQLite error from `sql` on a fresh file, after `setup`.
+    async fn sqlite_error(setup: &str, hold_lock: bool, sql: &str) -> StoreError {
+        sqlx::any::install_default_drivers();
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("t.db").display());
+        let mut a = sqlx::AnyConnection::connect(&url).await.unwrap();
+        a.execute("PRAGMA journal_mode = WAL; CREATE TABLE t (v TEXT)")
+            .await
+            .unwrap();
+        let mut b = sqlx::AnyConnection::connect(&url).await.unwrap();
+        b.execute(setup).await.unwrap();
+        if hold_lock {
+            a.execute("BEGIN IMMEDIATE").await.unwrap();
+        }
+        StoreError::from(b.execute(sql).await.unwrap_err())
+    }
+
+    #[tokio::test]
+    async fn a_locked_or_full_sqlite_database_is_unavailable_not_an_internal_error() {
+        let locked = sqlite_error(
+            "PRAGMA busy_timeout = 0",
+            true,
+            "INSERT INTO t VALUES ('x')",
+        )
+        .await;
+        assert!(matches!(locked, StoreError::Unavailable(_)), "{locked:?}");
+        // A database at its size limit answers SQLITE_FULL, as a full disk does.
+        let full = sqlite_error(
+            "PRAGMA max_page_count = 2",
+            false,
+            "INSERT INTO t SELECT hex(zeroblob(100000))",
+        )
+        .await;
+        assert!(matches!(full, StoreError::Unavailable(_)), "{full:?}");
+        // A statement that is wrong stays an error of its own.
+        let wrong = sqlite_error("SELECT 1", false, "INSERT INTO missing VALUES (1)").await;
+        assert!(matches!(wrong, StoreError::Other(_)), "{wrong:?}");
+    }
+
+    #[test]
+    fn capacity_codes_are_told_from_statement_errors() {
+        for code in [
+            "5", "517", "6", "13", "10", "778", "14", "08006", "57P01", "57P03", "53100", "53300",
+            "25006", "40001", "40P01",
+        ] {
+            assert!(is_capacity(Some(code)), "{code}");
+        }
+        for code in ["1", "19", "2067", "787", "42P01", "23505", "22P02", "XX000"] {
+            assert!(!is_capacity(Some(code)), "{code}");
+        }
+        assert!(!is_capacity(None));
+    }
+}
+
+/// A real full disk: a tmpfs of 2 MiB, mounted for the test (root only; the
+/// fault run `bench/faults` covers the same through the whole server).
+#[cfg(test)]
+mod full_disk_tests {
+    use super::*;
+
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        fn mount() -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(Tmpfs(dir))
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_work_again_once_a_full_disk_has_room() {
+        let Some(fs) = Tmpfs::mount() else {
+            assert_ne!(
+                std::process::Command::new("id")
+                    .arg("-u")
+                    .output()
+                    .unwrap()
+                    .stdout,
+                b"0\n",
+                "root could not mount a tmpfs"
+            );
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        };
+        let dir = fs.0.path();
+        let url = format!("sqlite://{}", dir.join("k.db").display());
+        let store = Store::connect(&url, 3).await.unwrap();
+        let insert = "INSERT INTO t VALUES (hex(randomblob(3000)))";
+        sqlx::query("CREATE TABLE t (v TEXT)")
+            .execute(&store.pool)
+            .await
+            .unwrap();
+        let filler = dir.join("filler");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&filler).unwrap();
+            while f.write_all(&[0u8; 65536]).is_ok() {}
+            while f.write_all(&[0u8; 512]).is_ok() {}
+        }
+        let mut refused = 0;
+        for _ in 0..10 {
+            let mut tx = store.pool.begin().await.unwrap();
+            let result = match sqlx::query(insert).execute(&mut *tx).await {
+                Ok(_) => tx.commit().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                let e = StoreError::from(e);
+                assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}");
+                refused += 1;
+            }
+        }
+        assert!(refused > 0, "the disk was never full");
+        // Room again: every writer gets through at once; none waits out the
+        // busy timeout behind a transaction a failed COMMIT left open.
+        std::fs::remove_file(&filler).unwrap();
+        for _ in 0..6 {
+            let started = std::time::Instant::now();
+            sqlx::query(insert).execute(&store.pool).await.unwrap();
+            assert!(started.elapsed() < Duration::from_secs(2));
+        }
+    }
 }

@@ -51,6 +51,7 @@ impl Store {
     /// Inserts the first root KEK as active. When another process won the race,
     /// returns [`StoreError::Conflict`] (the unique index on the active state).
     pub async fn insert_active_root_kek(&self, kek: &RootKekRow) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query(
             "INSERT INTO root_keks (id, provider, wrapped_key, state, created_at) \
              VALUES ($1, $2, $3, 'active', $4)",
@@ -88,6 +89,7 @@ impl Store {
         new: &RootKekRow,
         expected: &RootKekRow,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         let n = sqlx::query(
             "UPDATE root_keks SET state = 'retiring' \
@@ -162,6 +164,7 @@ impl Store {
         new: KekId,
         batch: &[(crate::domain::ids::VersionId, Vec<u8>, Vec<u8>)],
     ) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         let mut changed = 0;
         for (id, old_wrapped, new_wrapped) in batch {
@@ -202,6 +205,7 @@ impl Store {
     /// Destroyed versions hold no key: the name of their old KEK (kept by
     /// versions destroyed before Keyward cleared it) is cleared first.
     pub async fn retire_root_kek(&self, kek: KekId) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE encryption_key_versions SET kek_id = NULL \
@@ -242,6 +246,7 @@ impl Store {
         kek: KekId,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query("UPDATE root_keks SET rewrap_error = $1 WHERE id = $2")
             .bind(error)
             .bind(kek.to_string())
@@ -260,6 +265,7 @@ impl Store {
         &self,
         rows: &[(KekId, Vec<u8>, String, Vec<u8>)],
     ) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         for (id, old, provider, new) in rows {
             let n = sqlx::query("UPDATE root_keks SET provider = $1, wrapped_key = $2 WHERE id = $3 AND wrapped_key = $4")

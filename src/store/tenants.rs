@@ -33,6 +33,7 @@ fn from_row(r: &sqlx::any::AnyRow) -> Result<TenantRow, StoreError> {
 impl Store {
     /// Inserts a tenant; a taken name is [`StoreError::Conflict`].
     pub async fn insert_tenant(&self, tenant: &TenantRow) -> Result<(), StoreError> {
+        let _turn = self.write_turn().await?;
         sqlx::query(
             "INSERT INTO tenants (id, name, created_at, disabled_at) VALUES ($1, $2, $3, $4)",
         )
@@ -87,6 +88,7 @@ impl Store {
     /// API keys of the tenant. `false` if there is no such tenant or it was
     /// already disabled.
     pub async fn disable_tenant(&self, id: TenantId, now_ms: i64) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await?;
         let mut tx = self.pool.begin().await?;
         let done = sqlx::query(
             "UPDATE tenants SET disabled_at = $1 WHERE id = $2 AND disabled_at IS NULL",
