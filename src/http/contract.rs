@@ -19,6 +19,7 @@ use super::secret::{plain_str, secret_string, SecretBody};
 use super::state::AppState;
 use crate::crypto::{SecretString, NONCE_LEN};
 use crate::domain::apikeys::Scope;
+use crate::domain::search::MAX_INDEXES;
 use crate::domain::service::{ClientKey, Encrypted, IndexSelection, IndexValue, KeyError, Sealed};
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
@@ -44,7 +45,7 @@ pub struct EncryptRequest {
     #[schema(format = Uuid, nullable = false)]
     encryption_version_id: Option<String>,
     /// Deterministic encryptions only (`AES-256-GCM-SIV`): what separates
-    /// equal plaintexts, e.g. `users.email` (up to 1024 bytes; absent or empty:
+    /// equal plaintexts, e.g. `users.email` (up to 1024 characters; absent or empty:
     /// none). Decrypt needs the same context. Any other encryption refuses it
     /// (`context_not_supported`).
     #[serde(default)]
@@ -53,22 +54,33 @@ pub struct EncryptRequest {
     /// Also return the value of these blind indexes (under their active
     /// versions) for the data. Needs the `index` scope besides `encrypt`.
     #[serde(default)]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, max_items = 32)]
     indexes: Option<Vec<String>>,
 }
 
-/// The longest `context`, in bytes.
-pub(super) const MAX_CONTEXT_BYTES: usize = 1024;
+/// The longest `context`, in characters.
+pub(super) const MAX_CONTEXT_CHARS: usize = 1024;
+
+/// A request's `indexes` list, checked for length (it names indexes of one
+/// encryption, which has at most [`MAX_INDEXES`]).
+fn index_names(names: &Option<Vec<String>>) -> Result<Option<&[String]>, ApiError> {
+    match names {
+        Some(n) if n.len() > MAX_INDEXES => Err(ApiError::InvalidRequest(format!(
+            "`indexes`: at most {MAX_INDEXES} names"
+        ))),
+        other => Ok(other.as_deref()),
+    }
+}
 
 /// A request's `context` as bytes (empty: none), checked for length.
 pub(super) fn context_bytes(context: &Option<String>) -> Result<&[u8], ApiError> {
-    let context = context.as_deref().unwrap_or("").as_bytes();
-    if context.len() > MAX_CONTEXT_BYTES {
+    let context = context.as_deref().unwrap_or("");
+    if context.chars().count() > MAX_CONTEXT_CHARS {
         return Err(ApiError::InvalidRequest(format!(
-            "`context`: at most {MAX_CONTEXT_BYTES} bytes"
+            "`context`: at most {MAX_CONTEXT_CHARS} characters"
         )));
     }
-    Ok(context)
+    Ok(context.as_bytes())
 }
 
 /// What decrypt needs besides the ciphertext: pass it back unchanged.
@@ -124,7 +136,7 @@ pub struct IndexRequest {
     /// These indexes only (each must exist); absent: every index of the
     /// encryption.
     #[serde(default)]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, max_items = 32)]
     pub(super) indexes: Option<Vec<String>>,
     /// Values under every live version of each index (newest first), not
     /// only the active one: what a lookup asks for while an index rotation
@@ -257,7 +269,8 @@ impl<'a> Call<'a> {
         }
         let data = req.data.as_bytes();
         let context = context_bytes(&req.context)?;
-        if req.indexes.is_some() && !self.may_index {
+        let names = index_names(&req.indexes)?;
+        if names.is_some() && !self.may_index {
             return Err(ApiError::InsufficientScope(Scope::Index));
         }
         let service = &self.state.service;
@@ -266,7 +279,7 @@ impl<'a> Call<'a> {
             .await?;
         super::metrics::bytes_encrypted().increment(data.len() as u64);
         self.note.version(out.version_id);
-        let indexes = match &req.indexes {
+        let indexes = match names {
             Some(names) => {
                 let which = IndexSelection {
                     names: Some(names),
@@ -287,7 +300,7 @@ impl<'a> Call<'a> {
         let id = parse_id(&req.encryption_id, "encryptionId")?;
         self.note.encryption(id);
         let which = IndexSelection {
-            names: req.indexes.as_deref(),
+            names: index_names(&req.indexes)?,
             all_versions: req.all_versions,
         };
         let values = self

@@ -85,9 +85,9 @@ pub struct CreateIndexRequest {
     #[schema(minimum = 1, maximum = 256)]
     bits: u16,
     /// Applied in this order before the HMAC: `trim`, `casefold`, `nfkc`,
-    /// `digits` (each at most once).
+    /// `digits` (each at most once: a repeated step is `400 invalid_request`).
     #[serde(default)]
-    #[schema(value_type = Vec<NormalizationSchema>)]
+    #[schema(value_type = Vec<NormalizationSchema>, max_items = 4)]
     normalizations: Vec<String>,
 }
 

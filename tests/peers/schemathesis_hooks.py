@@ -30,6 +30,14 @@ request still fails:
   tenant's wrapping key (400 `import_failed`) or a client-mode target (422
   `import_not_supported`); an export target that is not an RSA public key of
   3072 bits or more in PEM (400 on `publicKey`).
+- a `context` on an encryption that is not deterministic: 400
+  `context_not_supported` (the algorithm is the encryption's, not the
+  request's);
+- blind indexes: a normalisation step given twice (400 `invalid_request`),
+  a name already taken or the per-encryption limit reached (409
+  `index_exists`, `too_many_indexes`), a `minVersion` above the index's active
+  version (422 `invalid_index_change`), a destroy of a key version a live index
+  version derives from (409 `version_anchors_index`).
 """
 
 import threading
@@ -63,7 +71,16 @@ SEMANTIC_REFUSALS = {
     ("*", "*"): {
         (400, "master_key_not_applicable", None),
         (410, "version_destroyed", None),
+        (400, "context_not_supported", None),
     },
+    ("POST", "/v1/encryptions/{id}/indexes"): {
+        # A repeated step: OpenAPI 3.1 can say uniqueItems, utoipa cannot.
+        (400, "invalid_request", "`normalizations`: normalization"),
+        (409, "index_exists", None),
+        (409, "too_many_indexes", None),
+    },
+    ("PATCH", "/v1/encryptions/{id}/indexes/{name}"): {(422, "invalid_index_change", None)},
+    ("PATCH", "/v1/encryptions/{id}/versions/{versionId}"): {(409, "version_anchors_index", None)},
     ("POST", "/v1/decrypt"): {(400, "decryption_failed", None)},
     ("POST", "/v1/rewrap"): {(400, "decryption_failed", None)},
     ("POST", "/v1/encrypt"): {(422, "version_not_encryptable", None)},
