@@ -114,9 +114,9 @@ def lex(text):
 def strip(text):
     """Source without comments, literals and test modules."""
     text = lex(text)
-    m = STRIP_TESTS.search(text)
-    if m:
-        # The test module runs to its matching brace.
+    # Every test module (a file may hold more than one), each to its
+    # matching brace.
+    while m := STRIP_TESTS.search(text):
         depth, i = 0, m.end() - 1
         while i < len(text):
             if text[i] == "{":

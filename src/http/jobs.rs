@@ -213,6 +213,18 @@ pub(super) async fn create(
             "`kind`: expected `reencrypt`".into(),
         ));
     }
+    // A job that writes blind-index columns computes index values: the
+    // `index` scope, as on `/v1/index`, besides `manage`.
+    if !req.source.index_columns.is_empty()
+        && !auth
+            .principal
+            .scopes
+            .contains(crate::domain::apikeys::Scope::Index)
+    {
+        return Err(ApiError::InsufficientScope(
+            crate::domain::apikeys::Scope::Index,
+        ));
+    }
     let encryption_id = parse_optional_id(req.encryption_id.as_deref(), "encryptionId")?;
     if let Some(e) = encryption_id {
         note.encryption(e);

@@ -214,17 +214,20 @@ impl Store {
             return Ok(IndexChange::NoEncryption);
         }
         let exists = sqlx::query(
-            "SELECT active_version FROM blind_indexes WHERE encryption_id = $1 AND name = $2",
+            "SELECT active_version, min_version FROM blind_indexes WHERE encryption_id = $1 AND name = $2",
         )
         .bind(id.to_string())
         .bind(name)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(active) = exists else {
+        let Some(row) = exists else {
             return Ok(IndexChange::NoIndex);
         };
-        let active: i64 = active.try_get("active_version")?;
-        if !(1..=active).contains(&min_version) {
+        let active: i64 = row.try_get("active_version")?;
+        let current: i64 = row.try_get("min_version")?;
+        // Raise only: a retired index version stays retired, since the key
+        // version it derives from may be destroyed once it is.
+        if !(current..=active).contains(&min_version) {
             return Ok(IndexChange::Conflict);
         }
         sqlx::query(

@@ -540,6 +540,40 @@ async fn an_index_key_rotation_then_a_job_leaves_every_row_findable_under_the_ne
             [&("email".to_string(), 3)],
         latest
     );
+    // A retired index version stays retired: its anchor is gone now, and
+    // lowering `minVersion` would make every all-versions lookup fail.
+    let (status, body) = crate::helpers::send(
+        app.req(
+            reqwest::Method::PATCH,
+            &format!("/v1/encryptions/{enc}/indexes/email"),
+            &creds,
+        )
+        .json(&json!({"minVersion": 1})),
+    )
+    .await;
+    assert_error(status, &body, 422, "invalid_index_change");
+    assert_eq!(
+        index_values(&app, &creds, &enc, "user7@example.com", true)
+            .await
+            .len(),
+        1
+    );
+    // A job that writes index columns computes index values: `manage`
+    // alone is not enough.
+    let manager = app.create_key(&creds.tenant_id, "manage");
+    let source = json!({
+        "name": "platform", "table": "users", "keyColumn": "id",
+        "cipherTextColumn": "email", "versionColumn": "version", "metadataColumn": "metadata",
+        "indexColumns": [{"index": "email", "column": "email_idx"}],
+    });
+    let (status, body) = app
+        .post(
+            "/v1/jobs",
+            &manager,
+            &json!({"kind": "reencrypt", "encryptionId": enc, "source": source}),
+        )
+        .await;
+    assert_error(status, &body, 403, "insufficient_scope");
 }
 
 async fn a_key_without_decrypt_computes_index_values_and_cannot_decrypt(backend: Backend) {

@@ -237,7 +237,7 @@ impl KeyService {
             IndexChange::NoIndex => return Err(KeyError::IndexNotFound),
             IndexChange::Conflict => {
                 return Err(KeyError::InvalidIndexChange(
-                    "`minVersion` must be from 1 to the index's active version".into(),
+                    "`minVersion` must be from the index's current minimum to its active version (a retired index version stays retired)".into(),
                 ))
             }
         }
