@@ -86,7 +86,7 @@ impl Modify for Security {
         }
         let components = api.components.get_or_insert_with(Default::default);
         // Request objects whose unknown fields are refused, described by hand.
-        for name in ["PolicyRequest", "JobSourceSchema"] {
+        for name in ["PolicyRequest", "JobSourceSchema", "IndexColumnSchema"] {
             if let Some(utoipa::openapi::RefOr::T(utoipa::openapi::schema::Schema::Object(o))) =
                 components.schemas.get_mut(name)
             {

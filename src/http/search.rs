@@ -83,6 +83,7 @@ pub struct CreateIndexRequest {
     name: String,
     /// Bits kept of each value, 1 to 256 (docs/search.md: how to choose).
     #[schema(minimum = 1, maximum = 256)]
+    #[serde(deserialize_with = "whole_number")]
     bits: u16,
     /// Applied in this order before the HMAC: `trim`, `casefold`, `nfkc`,
     /// `digits` (each at most once: a repeated step is `400 invalid_request`).
@@ -261,7 +262,28 @@ pub struct UpdateIndexRequest {
     /// with `allVersions` no longer get values under them, and the key
     /// versions they were anchored at may be destroyed.
     #[schema(minimum = 1)]
+    #[serde(deserialize_with = "whole_number")]
     min_version: i64,
+}
+
+/// An integer field that also takes a JSON number with no fraction (`8.0`),
+/// as JSON Schema's `integer` does; anything else, or out of `T`'s range,
+/// is a type error naming the field.
+fn whole_number<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    let n = serde_json::Number::deserialize(deserializer)?;
+    let whole = n
+        .as_i64()
+        .or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                .map(|f| f as i64)
+        })
+        .and_then(|i| T::try_from(i).ok());
+    whole.ok_or_else(|| serde::de::Error::custom("expected an integer in range"))
 }
 
 /// Retire a blind index's older key versions.
