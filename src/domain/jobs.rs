@@ -522,7 +522,15 @@ async fn run_one(
     let plain = service
         .open_job_source_loading(job.id, job.source_kek_id, &job.source_sealed)
         .await
-        .map_err(key_error)?;
+        .map_err(|e| match e {
+            // Still unknown after reloading the root keys: a root-KEK
+            // rotation re-sealed this job's source under the new KEK and
+            // retired the old one after this row was read (retire waits for
+            // no job to name it). The row read again names the new KEK, so
+            // the job pauses and is taken up again instead of failing.
+            KeyError::UnknownKek(_) => RunError::Transient(e.to_string()),
+            e => key_error(e),
+        })?;
     let Ok(source) = serde_json::from_slice::<StoredSource>(&plain) else {
         // A job queued before sources were named (it held a database URL).
         tracing::warn!(job_id = %job.id, "job source refused: the job names no registered source (queued by an older Keyward with a database URL)");
