@@ -580,7 +580,9 @@ def disk_full(args):
         filler = os.path.join(mnt, "filler")
 
         def inject():
-            with open(filler, "wb") as f:
+            # Unbuffered: every write reaches the file system inside the
+            # try, and closing has nothing left to flush onto the full disk.
+            with open(filler, "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
