@@ -80,6 +80,26 @@ struct At {
 /// The longest line `verify` reads: records are a few hundred bytes.
 const MAX_LINE: usize = 1 << 20;
 
+impl VerifyReport {
+    /// The report of nothing read yet; signatures count as checked when
+    /// there are trusted keys to check them with.
+    fn empty(trusted: &[[u8; CHECKPOINT_PUBLIC_KEY_LEN]]) -> VerifyReport {
+        VerifyReport {
+            records: 0,
+            first_seq: None,
+            last_seq: None,
+            starts_after: None,
+            last_hash: None,
+            checkpoints: 0,
+            signatures_checked: !trusted.is_empty(),
+            covered_to: None,
+            uncovered: None,
+            uncovered_from_line: None,
+            key_ids: Vec::new(),
+        }
+    }
+}
+
 /// Checks every record's hash and its link to the one before, and every
 /// checkpoint against the records before it; with `trusted` public keys,
 /// also each checkpoint's signature (a checkpoint signed by any other key is
@@ -89,19 +109,7 @@ pub fn verify(
     mut input: impl BufRead,
     trusted: &[[u8; CHECKPOINT_PUBLIC_KEY_LEN]],
 ) -> Result<VerifyReport, VerifyError> {
-    let mut report = VerifyReport {
-        records: 0,
-        first_seq: None,
-        last_seq: None,
-        starts_after: None,
-        last_hash: None,
-        checkpoints: 0,
-        signatures_checked: !trusted.is_empty(),
-        covered_to: None,
-        uncovered: None,
-        uncovered_from_line: None,
-        key_ids: Vec::new(),
-    };
+    let mut report = VerifyReport::empty(trusted);
     // The first record; a checkpoint before any record; the last checkpoint
     // that matched the records before it.
     let mut first: Option<At> = None;
@@ -347,19 +355,7 @@ pub fn verify_files<R: BufRead>(
         r.first_seq
             .unwrap_or_else(|| r.covered_to.unwrap_or(0).saturating_add(1))
     });
-    let mut set = VerifyReport {
-        records: 0,
-        first_seq: None,
-        last_seq: None,
-        starts_after: None,
-        last_hash: None,
-        checkpoints: 0,
-        signatures_checked: !trusted.is_empty(),
-        covered_to: None,
-        uncovered: None,
-        uncovered_from_line: None,
-        key_ids: Vec::new(),
-    };
+    let mut set = VerifyReport::empty(trusted);
     let mut previous: Option<&str> = None;
     for (name, report) in &reports {
         if let (Some(first), Some(last)) = (report.first_seq, set.last_seq) {
