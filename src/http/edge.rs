@@ -183,10 +183,11 @@ pub(super) struct RouteContext {
 pub(super) const LARGE_BODY: usize = 64 * 1024;
 
 /// The body bytes batch and large requests may hold at once
-/// (`max_concurrent_body_bytes`): a request that would go over is refused at
-/// once with 503 `server_busy` and Retry-After, before its body is read, so
-/// that concurrent large requests cost bounded memory rather than an
-/// out-of-memory kill. Each holds its share until its response is ready.
+/// (`max_concurrent_body_bytes`): a request that would go over is refused
+/// with 503 `server_busy` and Retry-After once its caller is authenticated,
+/// before its body is read, so that concurrent large requests cost bounded
+/// memory rather than an out-of-memory kill. Each holds its share (a
+/// [`BodyClaim`]) until its response is ready.
 #[derive(Clone)]
 pub(super) struct BodyBudget {
     permits: Arc<tokio::sync::Semaphore>,
@@ -203,30 +204,67 @@ impl BodyBudget {
         }
     }
 
-    /// Takes `req`'s share, if it is a batch (`always`) or its body is over
-    /// [`LARGE_BODY`]: its declared length, or `limit` when it declares none;
-    /// all of the budget at most (such a request runs alone).
-    fn claim(
-        &self,
-        req: &Request,
-        limit: usize,
-        always: bool,
-    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, ApiError> {
+    /// The claim `req` must take before its body is read, if it is a batch
+    /// (`always`) or its body is over [`LARGE_BODY`]: its declared length, or
+    /// `limit` when it declares none; all of the budget at most (such a
+    /// request runs alone).
+    fn claim_for(&self, req: &Request, limit: usize, always: bool) -> Option<BodyClaim> {
         let hint = hyper::body::Body::size_hint(req.body());
         let bytes = hint
             .upper()
             .map_or(limit, |n| usize::try_from(n).unwrap_or(usize::MAX))
             .min(limit);
         if !always && bytes <= LARGE_BODY {
-            return Ok(None);
+            return None;
         }
-        let share = bytes.clamp(1, self.total) as u32;
-        match self.permits.clone().try_acquire_many_owned(share) {
-            Ok(permit) => Ok(Some(permit)),
+        Some(BodyClaim {
+            budget: self.clone(),
+            share: bytes.clamp(1, self.total) as u32,
+            held: Arc::new(std::sync::Mutex::new(None)),
+        })
+    }
+}
+
+/// A request's share of the [`BodyBudget`], put in its extensions by
+/// [`route`] and taken by the body extractor just before it reads the body:
+/// after the caller was authenticated (axum runs the authentication
+/// extractor, which reads only headers, before the one extractor that reads
+/// the body), so that a caller without credentials never holds any of it,
+/// and one with credentials holds it at most for the request's time limit.
+/// [`route`] releases it when the response is ready.
+#[derive(Clone)]
+pub(crate) struct BodyClaim {
+    budget: BodyBudget,
+    share: u32,
+    held: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+}
+
+impl BodyClaim {
+    /// Takes the share, or refuses with 503 `server_busy` when the budget
+    /// cannot hold it now.
+    pub(crate) fn take(&self) -> Result<(), ApiError> {
+        let permit = match self
+            .budget
+            .permits
+            .clone()
+            .try_acquire_many_owned(self.share)
+        {
+            Ok(permit) => permit,
             Err(_) => {
                 metrics::busy().increment(1);
-                Err(ApiError::Busy)
+                return Err(ApiError::Busy);
             }
+        };
+        if let Ok(mut held) = self.held.lock() {
+            *held = Some(permit);
+        }
+        Ok(())
+    }
+
+    /// Gives the share back.
+    fn release(&self) {
+        if let Ok(mut held) = self.held.lock() {
+            held.take();
         }
     }
 }
@@ -249,7 +287,7 @@ pub(super) async fn route(
     if let Some(limits) = ctx.batch {
         req.extensions_mut().insert(limits);
     }
-    let (pending, req) = match ctx.operation {
+    let (pending, mut req) = match ctx.operation {
         None => (None, req),
         Some(operation) => {
             let (mut parts, body) = req.into_parts();
@@ -264,22 +302,29 @@ pub(super) async fn route(
         .extensions()
         .get::<BodyLimit>()
         .map_or(usize::MAX, |l| l.0);
-    let share = match &ctx.bodies {
-        Some(bodies) => bodies.claim(&req, limit, ctx.batch.is_some()),
-        None => Ok(None),
-    };
-    let response = match share {
-        Err(busy) => busy.into_response(),
-        Ok(share) => {
-            let answered = AssertUnwindSafe(next.run(req)).catch_unwind();
-            let response = match tokio::time::timeout(ctx.timeout, answered).await {
-                Ok(Ok(response)) => response,
-                Ok(Err(_panic)) => ApiError::Panic.into_response(),
-                Err(_elapsed) => ApiError::Timeout.into_response(),
-            };
-            drop(share);
-            response
+    // A declared length over the limit is refused at once, before a byte of
+    // the body is read (or waited for).
+    let declared = hyper::body::Body::size_hint(req.body()).lower();
+    let response = if usize::try_from(declared).map_or(true, |n| n > limit) {
+        ApiError::PayloadTooLarge(limit).into_response()
+    } else {
+        let claim = ctx
+            .bodies
+            .as_ref()
+            .and_then(|bodies| bodies.claim_for(&req, limit, ctx.batch.is_some()));
+        if let Some(claim) = &claim {
+            req.extensions_mut().insert(claim.clone());
         }
+        let answered = AssertUnwindSafe(next.run(req)).catch_unwind();
+        let response = match tokio::time::timeout(ctx.timeout, answered).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(_panic)) => ApiError::Panic.into_response(),
+            Err(_elapsed) => ApiError::Timeout.into_response(),
+        };
+        if let Some(claim) = claim {
+            claim.release();
+        }
+        response
     };
     let status = response.status().as_u16();
     if let Some(pending) = pending {

@@ -340,6 +340,11 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
             .get::<BodyLimit>()
             .map(|l| l.0)
             .unwrap_or(usize::MAX);
+        // Batch and large bodies take their share of the memory budget now,
+        // after the caller was authenticated and before a byte is read.
+        if let Some(claim) = req.extensions().get::<super::edge::BodyClaim>() {
+            claim.take()?;
+        }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::PayloadTooLarge(limit)

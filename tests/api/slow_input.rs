@@ -124,3 +124,123 @@ async fn the_headers_of_a_later_request_that_trickle_in_are_cut() {
     let mut other = TcpStream::connect(&app.addr).await.unwrap();
     crate::connections::healthz_over(&mut other).await;
 }
+
+/// Sends `head` (a request's headers declaring a body it never sends) and
+/// returns what the server answered within two seconds.
+async fn answer_to_headers_alone(app: &TestApp, head: &str) -> String {
+    let mut s = TcpStream::connect(&app.addr).await.unwrap();
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout_at(deadline.into(), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_over_the_limit_is_refused_before_the_body_arrives() {
+    let app = TestApp::spawn_with(Backend::Sqlite, &[("KEYWARD_MAX_BODY_BYTES", "65536")]).await;
+    let creds = app.create_tenant("acme");
+    for (path, authenticated) in [
+        ("/v1/encrypt", true),
+        ("/v1/encrypt", false),
+        ("/v1/encrypt/batch", true),
+        ("/v1/decrypt", false),
+    ] {
+        let auth = if authenticated {
+            format!(
+                "X-Api-Key: {}\r\nX-Api-Secret: {}\r\n",
+                creds.key, creds.secret
+            )
+        } else {
+            String::new()
+        };
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: keyward\r\nContent-Type: application/json\r\n\
+             {auth}Content-Length: 1000000000\r\n\r\n"
+        );
+        let text = answer_to_headers_alone(&app, &head).await;
+        assert!(
+            text.starts_with("HTTP/1.1 413"),
+            "{path} (authenticated: {authenticated}): no 413 before the body: {text:?}"
+        );
+    }
+}
+
+/// Opens a batch request whose chunked body never ends (its first chunk
+/// only), with `creds` or none; returns the connection, still open.
+async fn endless_batch(app: &TestApp, creds: Option<&crate::helpers::Creds>) -> TcpStream {
+    let auth = creds.map_or(String::new(), |c| {
+        format!("X-Api-Key: {}\r\nX-Api-Secret: {}\r\n", c.key, c.secret)
+    });
+    let mut s = TcpStream::connect(&app.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/encrypt/batch HTTP/1.1\r\nHost: keyward\r\nContent-Type: application/json\r\n\
+         {auth}Transfer-Encoding: chunked\r\n\r\n1\r\n{{\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s
+}
+
+/// Review finding: the memory budget of batch and large bodies was taken
+/// before the caller was authenticated, and a chunked batch (no declared
+/// length) counts as its route's whole limit, so a stream of requests
+/// without valid credentials each held the whole budget while they were
+/// being refused, and real batch callers saw `server_busy`. Now the share is
+/// taken after authentication: callers without valid credentials are
+/// answered before their body and hold nothing; an authenticated caller
+/// holds its share until its response (here: its time limit), and others get
+/// 503 `server_busy` with Retry-After meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_budget_is_taken_only_after_authentication() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_MAX_BATCH_BODY_BYTES", "1048576"),
+            ("KEYWARD_MAX_CONCURRENT_BODY_BYTES", "1048576"),
+            ("KEYWARD_REQUEST_TIMEOUT", "10s"),
+        ],
+    )
+    .await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let batch = serde_json::json!({"items": [{"encryptionId": enc, "data": "aGk="}]});
+
+    // Unauthenticated endless batches: each answered 401 before its body.
+    let wrong = crate::helpers::Creds {
+        secret: "x".repeat(43),
+        ..creds.clone()
+    };
+    let mut held = Vec::new();
+    for who in [None, Some(&wrong), None] {
+        let mut s = endless_batch(&app, who).await;
+        let (text, _) = read_until_closed(&mut s, Duration::from_secs(2)).await;
+        let text = String::from_utf8_lossy(&text).into_owned();
+        assert!(text.starts_with("HTTP/1.1 401"), "{text:?}");
+        held.push(s);
+    }
+    let (status, body) = app.post("/v1/encrypt/batch", &creds, &batch).await;
+    assert_eq!(status, 200, "{body}");
+
+    // An authenticated endless batch holds the whole budget (its size is
+    // unknown) until its time limit: a second batch is refused at once.
+    let _open = endless_batch(&app, Some(&creds)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resp = app
+        .req(reqwest::Method::POST, "/v1/encrypt/batch", &creds)
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "server_busy", "{body}");
+    // Single small requests never take a share.
+    app.encrypt(&creds, &enc, "still here").await;
+}
