@@ -85,6 +85,14 @@ pub enum KeyError {
     /// version above the active one).
     #[error("{0}")]
     InvalidIndexChange(String),
+    /// A value over `MAX_INDEXED_BYTES` (before or after its index's
+    /// normalizations) asked for a blind-index value.
+    #[error("a value given a blind-index value may have at most 65536 bytes, before and after its index's normalizations")]
+    IndexValueTooLong,
+    /// A blind index has as many live versions as it may: `minVersion` must
+    /// be raised before it rotates again.
+    #[error("a blind index keeps at most {0} live versions: raise its `minVersion` before rotating it again")]
+    TooManyIndexVersions(i64),
     /// A `context` on an encryption that does not take one.
     #[error("`context`: only deterministic encryptions (AES-256-GCM-SIV) take a context")]
     ContextNotSupported,

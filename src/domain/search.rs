@@ -14,6 +14,11 @@ use crate::domain::records::BlindIndexRow;
 /// Most blind indexes one encryption may have.
 pub const MAX_INDEXES: usize = 32;
 
+/// The most live versions (from `minVersion` to the active one) a blind index
+/// keeps: an all-versions lookup computes one value per live version, so this
+/// bounds its cost. Raising `minVersion` makes room for another rotation.
+pub const MAX_LIVE_INDEX_VERSIONS: i64 = 8;
+
 /// One normalisation step, applied before a value is indexed so that every
 /// caller computes the same value for what the platform considers equal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,14 +61,48 @@ impl Normalization {
         Normalization::ALL.into_iter().find(|n| n.as_str() == s)
     }
 
-    fn apply(self, input: &str) -> Zeroizing<String> {
-        Zeroizing::new(match self {
-            Normalization::Trim => input.trim().to_string(),
-            Normalization::Casefold => input.to_lowercase(),
-            Normalization::Nfkc => input.nfkc().collect(),
-            Normalization::Digits => input.chars().filter(char::is_ascii_digit).collect(),
-        })
+    /// `input` after this step; `None` when the result would be over
+    /// [`MAX_INDEXED_BYTES`] (NFKC and lower-casing can make a text many
+    /// times longer: up to 18 times for NFKC).
+    fn apply(self, input: &str) -> Option<Zeroizing<String>> {
+        match self {
+            Normalization::Trim => Some(Zeroizing::new(input.trim().to_string())),
+            Normalization::Casefold => {
+                bounded(input.chars().flat_map(char::to_lowercase), input.len())
+            }
+            Normalization::Nfkc => bounded(input.nfkc(), input.len()),
+            Normalization::Digits => {
+                bounded(input.chars().filter(char::is_ascii_digit), input.len())
+            }
+        }
     }
+}
+
+/// The most bytes a value may have, before and after each normalization, to
+/// be given a blind-index value: indexed fields are short (an e-mail
+/// address, a name, a number), and a bound keeps one request from making
+/// the server normalize (and hash) megabytes per item.
+pub const MAX_INDEXED_BYTES: usize = 64 * 1024;
+
+/// Collects `chars` into memory cleared on drop, `None` once over
+/// [`MAX_INDEXED_BYTES`]: grown by hand, so that no buffer it outgrows is
+/// left behind uncleared (as `String`'s own growth would).
+fn bounded(chars: impl Iterator<Item = char>, hint: usize) -> Option<Zeroizing<String>> {
+    let mut out = Zeroizing::new(String::with_capacity(hint.min(MAX_INDEXED_BYTES) + 4));
+    for c in chars {
+        if out.len() + c.len_utf8() > MAX_INDEXED_BYTES {
+            return None;
+        }
+        if out.len() + c.len_utf8() > out.capacity() {
+            let mut grown = Zeroizing::new(String::with_capacity(
+                (out.capacity() * 2).min(MAX_INDEXED_BYTES + 4),
+            ));
+            grown.push_str(&out);
+            out = grown;
+        }
+        out.push(c);
+    }
+    Some(out)
 }
 
 /// Parses a list of step names: each known, none twice.
@@ -86,13 +125,17 @@ pub fn parse_normalizations<'a>(
     Ok(out)
 }
 
-/// `input` after `steps`, in order, in memory cleared on drop.
-pub fn normalize(steps: &[Normalization], input: &str) -> Zeroizing<String> {
+/// `input` after `steps`, in order, in memory cleared on drop; `None` when
+/// it is, or becomes, longer than [`MAX_INDEXED_BYTES`].
+pub fn normalize(steps: &[Normalization], input: &str) -> Option<Zeroizing<String>> {
+    if input.len() > MAX_INDEXED_BYTES {
+        return None;
+    }
     let mut value = Zeroizing::new(input.to_string());
     for step in steps {
-        value = step.apply(&value);
+        value = step.apply(&value)?;
     }
-    value
+    Some(value)
 }
 
 /// Whether `name` can name an index: 1 to 64 of `a-z`, `0-9`, `_`, `-`,
@@ -183,7 +226,30 @@ mod tests {
 
     fn norm(list: &[&str], input: &str) -> String {
         let steps = parse_normalizations(list.iter().copied()).unwrap();
-        normalize(&steps, input).to_string()
+        normalize(&steps, input).unwrap().to_string()
+    }
+
+    #[test]
+    fn values_over_the_bound_are_refused_before_and_after_each_step() {
+        let steps = parse_normalizations(["nfkc"]).unwrap();
+        let at_bound = "a".repeat(MAX_INDEXED_BYTES);
+        assert_eq!(
+            normalize(&steps, &at_bound).unwrap().len(),
+            MAX_INDEXED_BYTES
+        );
+        assert!(normalize(&steps, &"a".repeat(MAX_INDEXED_BYTES + 1)).is_none());
+        // U+FDFA is one character (3 bytes) that NFKC makes 18 (33 bytes):
+        // 4 KiB of it would become 45 KiB, 8 KiB of it 90 KiB.
+        let expands = "\u{fdfa}".repeat(1400);
+        assert!(normalize(&steps, &expands).is_some());
+        assert!(normalize(&steps, &"\u{fdfa}".repeat(2800)).is_none());
+        // Growth by hand keeps every character.
+        let mixed: String = "Straße ﬁ ".repeat(500);
+        let steps = parse_normalizations(["nfkc", "casefold"]).unwrap();
+        assert_eq!(
+            *normalize(&steps, &mixed).unwrap(),
+            mixed.nfkc().collect::<String>().to_lowercase()
+        );
     }
 
     #[test]

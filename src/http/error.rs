@@ -198,6 +198,8 @@ impl ApiError {
                     (S::UNPROCESSABLE_ENTITY, "invalid_index_change")
                 }
                 KeyError::ContextNotSupported => (S::BAD_REQUEST, "context_not_supported"),
+                KeyError::IndexValueTooLong => (S::BAD_REQUEST, "index_value_too_long"),
+                KeyError::TooManyIndexVersions(_) => (S::CONFLICT, "too_many_index_versions"),
                 KeyError::VersionAnchorsIndex => (S::CONFLICT, "version_anchors_index"),
                 KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),
                 KeyError::VersionInUse(_) => (S::CONFLICT, "version_in_use"),

@@ -33,7 +33,7 @@ use crate::domain::EncryptionId;
     request_body = IndexRequest,
     responses(
         (status = 200, description = "The values", body = IndexResponse),
-        (status = 400, description = "Bad input", body = ErrorBody),
+        (status = 400, description = "Bad input; `index_value_too_long` (over 64 KiB before or after the index's normalizations)", body = ErrorBody),
         (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` (needs `index`), `certificate_mismatch` or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found` or `index_not_found`", body = ErrorBody),
@@ -334,6 +334,7 @@ pub(super) async fn update_index(
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` (needs `rotate`)", body = ErrorBody),
         (status = 404, description = "`encryption_not_found` or `index_not_found`", body = ErrorBody),
+        (status = 409, description = "`too_many_index_versions`: the index has 8 live versions; raise `minVersion` first", body = ErrorBody),
     )
 )]
 pub(super) async fn rotate_index(

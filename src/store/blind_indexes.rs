@@ -151,6 +151,7 @@ impl Store {
         id: EncryptionId,
         name: &str,
         anchor: VersionId,
+        max_live_versions: i64,
         now_ms: i64,
     ) -> Result<Result<i64, IndexChange>, StoreError> {
         let mut tx = self.pool.begin().await?;
@@ -167,15 +168,28 @@ impl Store {
         }
         let Some(row) = sqlx::query(
             "UPDATE blind_indexes SET active_version = active_version + 1, updated_at = $1 \
-             WHERE encryption_id = $2 AND name = $3 RETURNING active_version",
+             WHERE encryption_id = $2 AND name = $3 AND active_version - min_version + 1 < $4 \
+             RETURNING active_version",
         )
         .bind(now_ms)
         .bind(id.to_string())
         .bind(name)
+        .bind(max_live_versions)
         .fetch_optional(&mut *tx)
         .await?
         else {
-            return Ok(Err(IndexChange::NoIndex));
+            let exists =
+                sqlx::query("SELECT 1 FROM blind_indexes WHERE encryption_id = $1 AND name = $2")
+                    .bind(id.to_string())
+                    .bind(name)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+            return Ok(Err(if exists {
+                IndexChange::Conflict
+            } else {
+                IndexChange::NoIndex
+            }));
         };
         let version: i64 = row.try_get("active_version")?;
         insert_index_version(&mut tx, id, name, version, anchor, now_ms).await?;

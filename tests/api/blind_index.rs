@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::{Connection, Row};
 
-use crate::helpers::{assert_error, rand_bytes, Backend, Creds, TestApp};
+use crate::helpers::{assert_error, rand_bytes, send, Backend, Creds, TestApp};
 use crate::jobs::{spawn_with_platform, wait_for_job, Platform};
 
 crate::on_both_databases!(
@@ -18,6 +18,7 @@ crate::on_both_databases!(
     index_definitions_are_checked_listed_and_kept_per_tenant,
     an_index_key_rotation_then_a_job_leaves_every_row_findable_under_the_new_version,
     a_key_without_decrypt_computes_index_values_and_cannot_decrypt,
+    what_one_lookup_may_cost_is_bounded,
 );
 
 /// Declares an index; returns its view.
@@ -666,4 +667,67 @@ async fn a_key_without_decrypt_computes_index_values_and_cannot_decrypt(backend:
         body["indexes"][0]["value"].as_str().unwrap(),
         expected[&("email".to_string(), 1)]
     );
+}
+
+/// Review finding: an index could be rotated without end, and an
+/// all-versions lookup computes a value per live version; and a value's
+/// normalization (NFKC: up to 18 times longer) was unbounded. At most 8 live
+/// versions (raising `minVersion` makes room), at most 64 KiB per value
+/// before and after each normalization.
+async fn what_one_lookup_may_cost_is_bounded(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    create_index(
+        &app,
+        &creds,
+        &enc,
+        json!({"name": "name", "bits": 64, "normalizations": ["nfkc"]}),
+    )
+    .await;
+    let rotate = format!("/v1/encryptions/{enc}/indexes/name/rotate");
+    for version in 2..=8 {
+        let (status, view) = app.post(&rotate, &creds, &json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{view}");
+        assert_eq!(view["activeVersion"], version);
+    }
+    let (status, body) = app.post(&rotate, &creds, &json!({})).await;
+    assert_error(status, &body, 409, "too_many_index_versions");
+    assert_eq!(index_values(&app, &creds, &enc, "x", true).await.len(), 8);
+    let (status, view) = send(
+        app.req(
+            reqwest::Method::PATCH,
+            &format!("/v1/encryptions/{enc}/indexes/name"),
+            &creds,
+        )
+        .json(&json!({"minVersion": 2})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    let (status, view) = app.post(&rotate, &creds, &json!({})).await;
+    assert_eq!(status, StatusCode::OK, "{view}");
+    assert_eq!(view["activeVersion"], 9);
+
+    // 8,400 bytes that NFKC makes 92,400: refused, as is a longer input;
+    // one that stays within 64 KiB is indexed.
+    for data in ["\u{fdfa}".repeat(2800), "a".repeat(65537)] {
+        let (status, body) = app
+            .post(
+                "/v1/index",
+                &creds,
+                &json!({"encryptionId": enc, "data": data}),
+            )
+            .await;
+        assert_error(status, &body, 400, "index_value_too_long");
+        let (status, body) = app
+            .post(
+                "/v1/encrypt",
+                &creds,
+                &json!({"encryptionId": enc, "data": data, "indexes": ["name"]}),
+            )
+            .await;
+        assert_error(status, &body, 400, "index_value_too_long");
+    }
+    let fits = index_values(&app, &creds, &enc, &"\u{fdfa}".repeat(1400), false).await;
+    assert_eq!(fits.len(), 1);
 }

@@ -15,7 +15,9 @@ use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId};
 use crate::domain::keys::VersionedKey;
 use crate::domain::records::BlindIndexRow;
-use crate::domain::search::{normalize, BlindIndex, Normalization, MAX_INDEXES};
+use crate::domain::search::{
+    normalize, BlindIndex, Normalization, MAX_INDEXES, MAX_LIVE_INDEX_VERSIONS,
+};
 use crate::domain::time::now_ms;
 use crate::store::IndexChange;
 
@@ -74,7 +76,8 @@ impl KeyService {
                 .collect::<Result<_, _>>()?,
         };
         for index in selected {
-            let normalized = normalize(&index.normalizations, data);
+            let normalized =
+                normalize(&index.normalizations, data).ok_or(KeyError::IndexValueTooLong)?;
             let versions: Vec<(i64, crate::domain::VersionId)> = if which.all_versions {
                 index.live_versions().collect()
             } else {
@@ -205,11 +208,21 @@ impl KeyService {
         let key = self.entry(tenant, id).await?;
         let version = match self
             .store
-            .rotate_blind_index(tenant, id, name, key.active, now_ms())
+            .rotate_blind_index(
+                tenant,
+                id,
+                name,
+                key.active,
+                MAX_LIVE_INDEX_VERSIONS,
+                now_ms(),
+            )
             .await?
         {
             Ok(v) => v,
             Err(IndexChange::NoEncryption) => return Err(KeyError::EncryptionNotFound),
+            Err(IndexChange::Conflict) => {
+                return Err(KeyError::TooManyIndexVersions(MAX_LIVE_INDEX_VERSIONS))
+            }
             Err(_) => return Err(KeyError::IndexNotFound),
         };
         self.ring.invalidate(id);
