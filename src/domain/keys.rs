@@ -337,10 +337,37 @@ pub fn check_policy(
 /// A fresh RSA key of `bits`, made on a blocking thread (RSA key generation
 /// takes tens to hundreds of milliseconds, which would stall the runtime).
 pub async fn generate_rsa(bits: RsaBits) -> Result<RsaPrivateKey, KeyError> {
-    tokio::task::spawn_blocking(move || RsaPrivateKey::generate(bits))
-        .await
-        .map_err(|e| KeyError::Integrity(format!("RSA key generation stopped: {e}")))?
+    rsa_private_work(move || RsaPrivateKey::generate(bits))
+        .await?
         .map_err(|e| KeyError::Integrity(format!("RSA key generation failed: {e}")))
+}
+
+/// Runs RSA private-key work (a decryption: about a millisecond at 3072
+/// bits; an unwrap; a key generation) on tokio's blocking threads, at most
+/// as many at once as there are CPUs: on the async workers it would stall
+/// every other request on the same worker, and unbounded it would start a
+/// blocking thread per waiting request. Callers beyond the bound wait here,
+/// within their request's time limit.
+pub async fn rsa_private_work<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, KeyError> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let slots = SLOTS.get_or_init(|| {
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Arc::new(tokio::sync::Semaphore::new(cpus))
+    });
+    let slot = slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| KeyError::Integrity("the RSA work pool is closed".into()))?;
+    tokio::task::spawn_blocking(move || {
+        let out = work();
+        drop(slot);
+        out
+    })
+    .await
+    .map_err(|e| KeyError::Integrity(format!("RSA work stopped: {e}")))
 }
 
 /// `key` as PKCS#8 DER (cleared on drop), to be wrapped.

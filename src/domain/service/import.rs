@@ -123,9 +123,12 @@ impl KeyService {
             ));
         }
         let unwrapping = self.wrapping_key(tenant).await?;
-        let material = unwrapping
-            .unwrap_import(wrapping, wrapped)
-            .map_err(|()| KeyError::ImportFailed)?;
+        let wrapped = wrapped.to_vec();
+        let material = crate::domain::keys::rsa_private_work(move || {
+            unwrapping.unwrap_import(wrapping, &wrapped)
+        })
+        .await?
+        .map_err(|()| KeyError::ImportFailed)?;
         let usable = match key.algorithm {
             Algorithm::Aes256Gcm | Algorithm::Aes256GcmSiv => material.len() == crypto::KEY_LEN,
             Algorithm::RsaOaep256 => RsaPrivateKey::from_pkcs8(&material).is_ok(),
