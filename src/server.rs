@@ -19,8 +19,9 @@
 //!   loop stops accepting, and new connections wait in the kernel's listen
 //!   queue until one closes;
 //! - closed after `idle_timeout` without a request in flight, and closed
-//!   gracefully at `max_age` (HTTP/2 GOAWAY, HTTP/1.1 after its current
-//!   response; requests in flight finish, for at most the request time
+//!   gracefully at `max_age` (HTTP/2 GOAWAY; HTTP/1.1 with `Connection:
+//!   close` on the answer in flight or, if idle, the next one, never between
+//!   two requests; requests in flight finish, for at most the request time
 //!   limit), so that a connection cannot outlive a revoked client certificate
 //!   for longer than that: the next connection's handshake checks the CRL
 //!   loaded then.
@@ -31,7 +32,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -476,6 +477,11 @@ struct Activity {
     /// Notified when the listener, at its limit, closes this connection to
     /// make room (only while it has sent no request).
     evict: Notify,
+    /// Set once the connection reached its maximum age while idle: the next
+    /// request to begin notifies `request_began`, and is the connection's
+    /// last.
+    closing_due: AtomicBool,
+    request_began: Notify,
 }
 
 impl Activity {
@@ -485,6 +491,8 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             last_ended: AtomicU64::new(0),
             evict: Notify::new(),
+            closing_due: AtomicBool::new(false),
+            request_began: Notify::new(),
         }
     }
 
@@ -510,6 +518,9 @@ struct Busy(Arc<Activity>);
 impl Busy {
     fn begin(activity: &Arc<Activity>) -> Busy {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        if activity.closing_due.load(Ordering::Acquire) {
+            activity.request_began.notify_one();
+        }
         Busy(activity.clone())
     }
 }
@@ -556,9 +567,19 @@ async fn serve_http<IO>(
         let activity = activity.clone();
         tower::service_fn(move |req: http::Request<Incoming>| {
             let busy = Busy::begin(&activity);
+            let http1 = req.version() < http::Version::HTTP_2;
             let answer = edge.clone().handle(req, peer, identity.clone());
             async move {
-                let response = answer.await;
+                let mut response = answer.await;
+                // Past its maximum age, an HTTP/1.1 connection's answer says
+                // it is the last, so the client sends no request into a
+                // connection about to close (hyper then closes it).
+                if http1 && busy.0.closing_due.load(Ordering::Acquire) {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 drop(busy);
                 Ok::<_, std::convert::Infallible>(response)
             }
@@ -584,7 +605,31 @@ async fn serve_http<IO>(
                 return;
             }
             _ = stop.changed() => break Closing::Shutdown,
-            _ = &mut too_old => break Closing::MaxAge,
+            _ = &mut too_old => {
+                // Closed with a request in flight, which HTTP/1.1 answers
+                // with `Connection: close` (see the service above): closing
+                // an idle kept-alive connection races the client's next
+                // request, which then fails without an answer. So an idle
+                // one waits for its next request (or its idle timeout).
+                activity.closing_due.store(true, Ordering::Release);
+                if activity.in_flight.load(Ordering::Acquire) > 0 {
+                    break Closing::MaxAge;
+                }
+                let idle_at = activity
+                    .idle_deadline(limits.idle_timeout)
+                    .unwrap_or_else(Instant::now);
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = stop.changed() => break Closing::Shutdown,
+                    _ = activity.request_began.notified() => break Closing::MaxAge,
+                    _ = tokio::time::sleep_until(idle_at) => break Closing::Idle,
+                }
+            }
             _ = &mut first_request_due, if awaiting_first_request => {
                 awaiting_first_request = false;
                 if !activity.ever_requested() {

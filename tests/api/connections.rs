@@ -559,3 +559,58 @@ async fn a_connection_that_waited_for_a_slot_is_served_despite_the_first_request
         .unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
 }
+
+/// Found by the soak (bench/soak): at `connection_max_age` an HTTP/1.1
+/// connection that was idle for a moment between two requests was closed,
+/// racing the client's next request, which then failed without an answer.
+/// Now an idle connection at its maximum age waits for its next request and
+/// answers it with `Connection: close`: a client that sends one request after
+/// another, with short pauses, never sees one go unanswered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_connection_at_its_max_age_closes_after_an_answer_never_between_requests() {
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        &[
+            ("KEYWARD_CONNECTION_MAX_AGE", "1s"),
+            ("KEYWARD_CONNECTION_IDLE_TIMEOUT", "30s"),
+        ],
+    )
+    .await;
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(&app.addr).await.unwrap();
+        let started = Instant::now();
+        let mut answered = 0;
+        loop {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "still open after 10 s"
+            );
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: keyward\r\n\r\n")
+                .await
+                .unwrap_or_else(|e| panic!("closed before request {answered}: {e}"));
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !crate::helpers::contains(&answer, br#"{"status":"ok"}"#) {
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                    .await
+                    .expect("an answer within 5 s")
+                    .unwrap_or(0);
+                assert!(
+                    n > 0,
+                    "request {answered} went unanswered: the connection closed between requests"
+                );
+                answer.extend_from_slice(&buf[..n]);
+            }
+            answered += 1;
+            let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+            if head.contains("connection: close") {
+                assert!(started.elapsed() >= Duration::from_millis(900));
+                assert!(closed_within(&mut s, Duration::from_secs(5))
+                    .await
+                    .is_some());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
