@@ -79,6 +79,11 @@ impl TableShared {
         self.wake.notify_one();
     }
 
+    /// Bytes of lines queued for the table.
+    pub(super) fn backlog_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// The line buffer of a stored segment, emptied, or a new one.
     pub(super) fn spare_lines(&self) -> String {
         self.lock().spare_lines.take().unwrap_or_default()

@@ -89,6 +89,8 @@ pub struct AuditLog {
     keys: Arc<OnceLock<CheckpointKeySource>>,
     /// The size at which the audit file is rotated (0: never).
     rotate_at: Arc<AtomicU64>,
+    /// The table's queue, for its backlog gauge.
+    table: Option<Arc<TableShared>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -138,7 +140,7 @@ impl AuditLog {
             sink,
             chain,
             signer,
-            table,
+            table.clone(),
             rotate_at.clone(),
         ));
         Ok(AuditLog {
@@ -146,7 +148,19 @@ impl AuditLog {
             budget: Arc::new(Semaphore::new(QUEUE_BYTES)),
             keys,
             rotate_at,
+            table,
         })
+    }
+
+    /// Bytes of events queued for the writer now (at most [`QUEUE_BYTES`]).
+    pub fn queued_bytes(&self) -> usize {
+        QUEUE_BYTES.saturating_sub(self.budget.available_permits())
+    }
+
+    /// Bytes of lines written to the file and waiting for the table (at most
+    /// the table's `MAX_PENDING_BYTES`); 0 without a table.
+    pub fn table_backlog_bytes(&self) -> usize {
+        self.table.as_ref().map_or(0, |t| t.backlog_bytes())
     }
 
     /// Rotates the audit file (not standard output) once it reaches `bytes`

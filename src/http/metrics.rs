@@ -368,6 +368,9 @@ pub(super) async fn metrics(State(state): State<AppState>) -> Response {
         0.0
     };
     metrics::gauge!("keyward_master_key_provider_up", "provider" => provider).set(up);
+    metrics::gauge!("keyward_audit_queue_bytes").set(state.audit.queued_bytes() as f64);
+    metrics::gauge!("keyward_audit_table_backlog_bytes")
+        .set(state.audit.table_backlog_bytes() as f64);
     let mut text = install_metrics_recorder().render();
     render_requests(&mut text);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
