@@ -2,17 +2,17 @@
 //! validates every value into [`Settings`] at once, so a bad value fails at
 //! start with the setting's name, never later in use.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
 use super::raw::{ConfigError, Raw};
-use super::secrets::{DatabaseUrl, SecretString};
+use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::settings::Settings;
 use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
 use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
 use crate::master_key::ProviderKind;
+use crate::secret_cell::SecretCell;
 use crate::telemetry::LogFormat;
 use crate::tls::{ServerCert, TlsFiles};
 
@@ -22,18 +22,19 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let mut raw = Raw(BTreeMap::new());
+        let mut raw = Raw::default();
         if let Some(path) = file {
             raw.read_file(path)?;
         }
         raw.read_env(env)?;
+        raw.resolve_references()?;
         raw.validate()
     }
 
     /// Settings with every default and the given database URL (for dev mode and
     /// tests); the caller fills in the rest.
     pub fn with_defaults(database_url: DatabaseUrl) -> Result<Settings, ConfigError> {
-        let mut raw = Raw(BTreeMap::new());
+        let mut raw = Raw::default();
         raw.0.insert(
             "database_url",
             (
@@ -45,8 +46,21 @@ impl Settings {
     }
 }
 
+/// A value that may be a secret reference (`env://`, `file://`; `vault://`
+/// needs the Vault settings, which only [`Settings::load`] has), resolved
+/// against the process environment: for `keyward dev --job-sources`.
+pub fn resolve_reference(value: &str) -> Result<Zeroizing<String>, String> {
+    let mut raw = Raw::default();
+    raw.read_env(std::env::vars().filter(|(k, _)| !k.starts_with("KEYWARD_")))
+        .map_err(|e| e.to_string())?;
+    raw.resolve_value(value)
+}
+
 impl Raw {
     pub(super) fn validate(self) -> Result<Settings, ConfigError> {
+        let mut secret_files = SecretFiles::default();
+        let vault_token = self.secret("vault_token", &mut secret_files)?;
+        let vault_secret_id = self.secret("vault_secret_id", &mut secret_files)?;
         let sync_interval = self.required("sync_interval", duration)?;
         let feed_max_lag = self.required("change_feed_max_lag", |v| {
             let d = duration(v)?;
@@ -89,16 +103,26 @@ impl Raw {
                 v.parse()
                     .map_err(|_| format!("`{v}` is not an address like 0.0.0.0:8481"))
             })?,
-            database_url: self.required("database_url", |v| {
-                if v.starts_with("sqlite:")
-                    || v.starts_with("postgres://")
-                    || v.starts_with("postgresql://")
-                {
-                    Ok(DatabaseUrl::new(v))
-                } else {
-                    Err("must start with sqlite: or postgres://".into())
+            database_url: {
+                let url = self.required("database_url", |v| {
+                    if v.starts_with("sqlite:")
+                        || v.starts_with("postgres://")
+                        || v.starts_with("postgresql://")
+                    {
+                        Ok(DatabaseUrl::new(v))
+                    } else {
+                        Err("must start with sqlite: or postgres://".into())
+                    }
+                })?;
+                if let Some(path) = self.1.files.get("database_url") {
+                    secret_files.add(
+                        "KEYWARD_DATABASE_URL".into(),
+                        path.clone(),
+                        SecretCell::new(Zeroizing::new(url.expose().to_string())),
+                    );
                 }
-            })?,
+                url
+            },
             database_max_connections: self.required("database_max_connections", |v| {
                 positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
             })?,
@@ -111,10 +135,9 @@ impl Raw {
             aws_kms_key_id: self.parse("aws_kms_key_id", non_empty)?,
             aws_kms_endpoint: self.parse("aws_kms_endpoint", url)?,
             vault_addr: self.parse("vault_addr", url)?,
-            vault_token: self.parse("vault_token", |v| non_empty(v).map(SecretString::new))?,
+            vault_token,
             vault_role_id: self.parse("vault_role_id", non_empty)?,
-            vault_secret_id: self
-                .parse("vault_secret_id", |v| non_empty(v).map(SecretString::new))?,
+            vault_secret_id,
             vault_approle_mount: self.required("vault_approle_mount", non_empty)?,
             vault_transit_mount: self.required("vault_transit_mount", non_empty)?,
             vault_transit_key: self.parse("vault_transit_key", non_empty)?,
@@ -168,7 +191,7 @@ impl Raw {
             job_batch_rows: self.required("job_batch_rows", positive)?,
             job_sources: self
                 .parse("job_sources_file", |v| {
-                    super::sources::read(std::path::Path::new(v))
+                    super::sources::read(std::path::Path::new(v), &|url| self.resolve_value(url))
                 })?
                 .unwrap_or_default(),
             job_source_connect_timeout: self.required("job_source_connect_timeout", duration)?,
@@ -227,7 +250,26 @@ impl Raw {
                     .map(|_| v.to_string())
                     .map_err(|e| format!("not a valid log filter: {e}"))
             })?,
+            secret_files,
         })
+    }
+
+    /// A secret setting as a [`SecretString`]; one that came from a
+    /// `file://` reference is recorded in `files`, to be re-read on SIGHUP.
+    fn secret(
+        &self,
+        name: &'static str,
+        files: &mut SecretFiles,
+    ) -> Result<Option<SecretString>, ConfigError> {
+        let secret = self.parse(name, |v| non_empty(v).map(SecretString::new))?;
+        if let (Some(secret), Some(path)) = (&secret, self.1.files.get(name)) {
+            files.add(
+                format!("KEYWARD_{}", name.to_ascii_uppercase()),
+                path.clone(),
+                secret.cell(),
+            );
+        }
+        Ok(secret)
     }
 
     /// The nonce bound, at least `rotate_after_encryptions` (a version must

@@ -8,9 +8,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use zeroize::Zeroizing;
-
-use super::secrets::{DatabaseUrl, SecretString};
+use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::sources::JobSourceSpec;
 use crate::crypto::DataKey;
 use crate::master_key::{
@@ -145,6 +143,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// The secret settings that came from `file://` references, re-read on
+    /// SIGHUP.
+    pub secret_files: SecretFiles,
 }
 
 impl Settings {
@@ -196,12 +197,12 @@ impl Settings {
                     .ok_or_else(|| missing("KEYWARD_VAULT_TRANSIT_KEY", ""))?;
                 let auth = match (&self.vault_token, &self.vault_role_id, &self.vault_secret_id) {
                     (Some(token), None, None) => {
-                        VaultAuth::Token(Zeroizing::new(token.expose().to_string()))
+                        VaultAuth::Token(token.cell())
                     }
                     (None, Some(role_id), Some(secret_id)) => VaultAuth::AppRole {
                         mount: self.vault_approle_mount.clone(),
                         role_id: role_id.clone(),
-                        secret_id: Zeroizing::new(secret_id.expose().to_string()),
+                        secret_id: secret_id.cell(),
                     },
                     _ => {
                         return Err(ProviderConfigError {

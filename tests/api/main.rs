@@ -33,6 +33,7 @@ mod pki;
 mod providers;
 mod replicas;
 mod rsa_oaep;
+mod secret_ref;
 mod secrets;
 mod slow_input;
 mod sources;

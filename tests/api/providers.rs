@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::helpers::{assert_error, random_master_key, send, Backend, Creds, TestApp};
 
-fn peer_env(name: &str) -> String {
+pub(crate) fn peer_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the tests through scripts/test, which starts moto_server and OpenBao")
     })
@@ -91,7 +91,7 @@ async fn forward(listener: TcpListener, target: String) {
 }
 
 /// A fresh KMS key in moto; returns its id.
-async fn new_kms_key() -> String {
+pub(crate) async fn new_kms_key() -> String {
     let creds = aws_sdk_kms::config::Credentials::new(
         peer_env("KEYWARD_TEST_AWS_ACCESS_KEY_ID"),
         peer_env("KEYWARD_TEST_AWS_SECRET_ACCESS_KEY"),
@@ -118,7 +118,7 @@ async fn new_kms_key() -> String {
 }
 
 /// A fresh transit key in OpenBao; returns its name.
-async fn new_transit_key() -> String {
+pub(crate) async fn new_transit_key() -> String {
     let name = format!("kw-{}", uuid::Uuid::new_v4().simple());
     let resp = crate::helpers::http_client()
         .post(format!(
@@ -138,7 +138,7 @@ async fn new_transit_key() -> String {
     name
 }
 
-async fn vault_api(method: reqwest::Method, path: &str, body: Value) -> Value {
+pub(crate) async fn vault_api(method: reqwest::Method, path: &str, body: Value) -> Value {
     let resp = crate::helpers::http_client()
         .request(
             method,
@@ -156,7 +156,7 @@ async fn vault_api(method: reqwest::Method, path: &str, body: Value) -> Value {
 }
 
 /// A policy named `key` allowing transit encrypt and decrypt with `key`.
-async fn write_policy(key: &str) {
+pub(crate) async fn write_policy(key: &str) {
     let policy = format!(
         "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\npath \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}"
     );
@@ -204,7 +204,7 @@ async fn new_approle(key: &str) -> (String, String) {
     )
 }
 
-fn aws_env(endpoint: &str, key_id: &str) -> Vec<(String, String)> {
+pub(crate) fn aws_env(endpoint: &str, key_id: &str) -> Vec<(String, String)> {
     vec![
         ("KEYWARD_MASTER_KEY_PROVIDER".into(), "aws-kms".into()),
         ("KEYWARD_AWS_KMS_KEY_ID".into(), key_id.into()),
@@ -222,7 +222,7 @@ fn aws_env(endpoint: &str, key_id: &str) -> Vec<(String, String)> {
     ]
 }
 
-fn vault_env(addr: &str, key: &str) -> Vec<(String, String)> {
+pub(crate) fn vault_env(addr: &str, key: &str) -> Vec<(String, String)> {
     vec![
         ("KEYWARD_MASTER_KEY_PROVIDER".into(), "vault".into()),
         ("KEYWARD_VAULT_ADDR".into(), addr.into()),
@@ -234,15 +234,15 @@ fn vault_env(addr: &str, key: &str) -> Vec<(String, String)> {
     ]
 }
 
-fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+pub(crate) fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-async fn readiness(app: &TestApp) -> (StatusCode, Value) {
+pub(crate) async fn readiness(app: &TestApp) -> (StatusCode, Value) {
     send(app.client.get(app.url("/readyz"))).await
 }
 
-async fn wait_ready(app: &TestApp) {
+pub(crate) async fn wait_ready(app: &TestApp) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (status, body) = readiness(app).await;
@@ -254,7 +254,7 @@ async fn wait_ready(app: &TestApp) {
     }
 }
 
-async fn decrypts(app: &TestApp, creds: &Creds, encrypted: &Value, data: &str) {
+pub(crate) async fn decrypts(app: &TestApp, creds: &Creds, encrypted: &Value, data: &str) {
     let (status, body) = app.decrypt(creds, encrypted).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["data"], data);
