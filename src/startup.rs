@@ -120,7 +120,7 @@ impl Application {
             ),
         };
         let provider = settings.provider_settings(settings.master_key_provider, false)?;
-        let provider = master_key::build(provider).await;
+        let provider = master_key::build(provider).await?;
         let store = open_store(settings).await?;
         let audit = crate::audit::AuditLog::start(
             &settings.audit,

@@ -61,6 +61,7 @@ impl Raw {
         let mut secret_files = SecretFiles::default();
         let vault_token = self.secret("vault_token", &mut secret_files)?;
         let vault_secret_id = self.secret("vault_secret_id", &mut secret_files)?;
+        let pkcs11_pin = self.secret("pkcs11_pin", &mut secret_files)?;
         let sync_interval = self.required("sync_interval", duration)?;
         let feed_max_lag = self.required("change_feed_max_lag", |v| {
             let d = duration(v)?;
@@ -128,7 +129,7 @@ impl Raw {
             })?,
             master_key_provider: self.required("master_key_provider", |v| {
                 ProviderKind::parse(v)
-                    .ok_or_else(|| "must be `env`, `aws-kms` or `vault`".to_string())
+                    .ok_or_else(|| "must be `env`, `aws-kms`, `vault` or `pkcs11`".to_string())
             })?,
             master_key: self.parse("master_key", parse_master_key)?,
             new_master_key: self.parse("new_master_key", parse_master_key)?,
@@ -142,6 +143,14 @@ impl Raw {
             vault_transit_mount: self.required("vault_transit_mount", non_empty)?,
             vault_transit_key: self.parse("vault_transit_key", non_empty)?,
             vault_ca_file: self.parse("vault_ca_file", readable_file)?,
+            pkcs11_module: self.parse("pkcs11_module", |v| non_empty(v).map(PathBuf::from))?,
+            pkcs11_token_label: self.parse("pkcs11_token_label", non_empty)?,
+            pkcs11_slot: self.parse("pkcs11_slot", |v| {
+                v.parse::<u64>()
+                    .map_err(|_| "must be a slot id (a whole number)".to_string())
+            })?,
+            pkcs11_pin,
+            pkcs11_key_label: self.parse("pkcs11_key_label", non_empty)?,
             max_body_bytes: self.required("max_body_bytes", positive)?,
             max_batch_items: self.required("max_batch_items", positive)?,
             max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,

@@ -12,7 +12,8 @@ use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::sources::JobSourceSpec;
 use crate::crypto::DataKey;
 use crate::master_key::{
-    ProviderConfigError, ProviderKind, ProviderSettings, VaultAuth, VaultSettings,
+    Pkcs11Settings, ProviderConfigError, ProviderKind, ProviderSettings, TokenSelector, VaultAuth,
+    VaultSettings,
 };
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -54,6 +55,16 @@ pub struct Settings {
     pub vault_transit_key: Option<String>,
     /// CA bundle for Vault's TLS.
     pub vault_ca_file: Option<PathBuf>,
+    /// The PKCS#11 module.
+    pub pkcs11_module: Option<PathBuf>,
+    /// The PKCS#11 token's label.
+    pub pkcs11_token_label: Option<String>,
+    /// The PKCS#11 token's slot id.
+    pub pkcs11_slot: Option<u64>,
+    /// The PKCS#11 user PIN.
+    pub pkcs11_pin: Option<SecretString>,
+    /// The label of the PKCS#11 AES key.
+    pub pkcs11_key_label: Option<String>,
     /// Body size limit.
     pub max_body_bytes: usize,
     /// Most items per batch.
@@ -217,6 +228,34 @@ impl Settings {
                     mount: self.vault_transit_mount.clone(),
                     key,
                     ca_file: self.vault_ca_file.as_ref().map(|p| p.display().to_string()),
+                })
+            }
+            ProviderKind::Pkcs11 => {
+                let token = match (&self.pkcs11_token_label, self.pkcs11_slot) {
+                    (Some(label), None) => TokenSelector::Label(label.clone()),
+                    (None, Some(slot)) => TokenSelector::Slot(slot),
+                    _ => {
+                        return Err(ProviderConfigError {
+                            provider: "pkcs11",
+                            reason: "set either KEYWARD_PKCS11_TOKEN_LABEL or KEYWARD_PKCS11_SLOT"
+                                .into(),
+                        })
+                    }
+                };
+                ProviderSettings::Pkcs11(Pkcs11Settings {
+                    module: self.pkcs11_module.clone().ok_or_else(|| {
+                        missing("KEYWARD_PKCS11_MODULE", " (the PKCS#11 library)")
+                    })?,
+                    token,
+                    pin: self
+                        .pkcs11_pin
+                        .as_ref()
+                        .ok_or_else(|| missing("KEYWARD_PKCS11_PIN", " (the token's user PIN)"))?
+                        .cell(),
+                    key_label: self
+                        .pkcs11_key_label
+                        .clone()
+                        .ok_or_else(|| missing("KEYWARD_PKCS11_KEY_LABEL", ""))?,
                 })
             }
         })

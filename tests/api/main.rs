@@ -29,6 +29,7 @@ mod management;
 mod metrics;
 mod openapi_clients;
 mod packaging;
+mod pkcs11;
 mod pki;
 mod providers;
 mod replicas;
