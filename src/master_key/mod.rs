@@ -35,7 +35,14 @@ pub async fn build(
     Ok(match settings {
         ProviderSettings::Env { key } => Arc::new(EnvMasterKey::new(&key)),
         ProviderSettings::AwsKms { key_id, endpoint } => {
-            Arc::new(AwsKms::new(key_id, endpoint).await)
+            let kms = AwsKms::new(key_id, endpoint).await;
+            kms.check_key()
+                .await
+                .map_err(|reason| ProviderConfigError {
+                    provider: "aws-kms",
+                    reason,
+                })?;
+            Arc::new(kms)
         }
         ProviderSettings::Vault(settings) => Arc::new(Vault::new(settings)),
         ProviderSettings::Pkcs11(settings) => Arc::new(Pkcs11::connect(settings).await.map_err(

@@ -641,3 +641,47 @@ async fn a_short_lived_vault_token_is_renewed_while_keyward_runs() {
     assert!(app.log_shows("renewed the Vault token").await);
     assert!(!app.log_text().contains(&token), "the token is logged");
 }
+
+/// A KMS key id that does not exist, or a key looked for in another region,
+/// stops `serve` at start with a configuration error (not retried as an
+/// outage, which would leave Keyward up and never ready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_kms_key_not_found_or_wrong_region_is_a_startup_error() {
+    let key = new_kms_key().await;
+    let moto = peer_env("KEYWARD_TEST_MOTO_URL");
+    let app = TestApp::spawn_with(Backend::Sqlite, &[]).await;
+    let missing = uuid::Uuid::new_v4().to_string();
+    let mut wrong_region = aws_env(&moto, &key);
+    for (k, v) in wrong_region.iter_mut() {
+        if k == "AWS_REGION" {
+            *v = "eu-north-1".into();
+        }
+    }
+    for (env, words) in [
+        (
+            aws_env(&moto, &missing),
+            vec![missing.as_str(), "does not exist"],
+        ),
+        (
+            wrong_region,
+            vec![key.as_str(), "eu-north-1", "does not exist"],
+        ),
+    ] {
+        let mut cmd = app.serve_command();
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let started = Instant::now();
+        let out = cmd.output().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "retried instead of failing"
+        );
+        assert!(!out.status.success(), "started with {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("master-key provider `aws-kms`"), "{err}");
+        for w in words {
+            assert!(err.contains(w), "`{w}` not in {err}");
+        }
+    }
+}

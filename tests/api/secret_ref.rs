@@ -291,3 +291,165 @@ async fn an_unresolvable_reference_is_a_startup_error_naming_the_setting_not_the
         }
     }
 }
+
+/// `bao server -dev -dev-tls` on a free loopback port: TLS with a CA that
+/// OpenBao generates into a temp folder. Killed on drop.
+struct TlsBao {
+    addr: String,
+    ca: std::path::PathBuf,
+    token: String,
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for TlsBao {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TlsBao {
+    async fn start() -> TlsBao {
+        let bin = peer_env("KEYWARD_PEER_BAO_BIN");
+        let dir = tempfile::tempdir().unwrap();
+        // The dev server's cluster listener takes the next port: find two.
+        let port = loop {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = l.local_addr().unwrap().port();
+            if port < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+                break port;
+            }
+        };
+        let token = format!("tls-root-{}", uuid::Uuid::new_v4().simple());
+        let log = std::fs::File::create(dir.path().join("bao.log")).unwrap();
+        let child = std::process::Command::new(bin)
+            .env_remove("BAO_ADDR")
+            .env_remove("VAULT_ADDR")
+            .env("HOME", "/nonexistent")
+            .args(["server", "-dev", "-dev-tls", "-dev-no-store-token"])
+            .arg(format!("-dev-root-token-id={token}"))
+            .arg(format!("-dev-listen-address=127.0.0.1:{port}"))
+            .arg(format!("-dev-tls-cert-dir={}", dir.path().display()))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let bao = TlsBao {
+            addr: format!("https://127.0.0.1:{port}"),
+            ca: dir.path().join("vault-ca.pem"),
+            token,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if bao.ca.exists() {
+                if let Ok(resp) = bao
+                    .client()
+                    .get(format!("{}/v1/sys/health", bao.addr))
+                    .send()
+                    .await
+                {
+                    if resp.status() == StatusCode::OK {
+                        break;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "bao -dev-tls did not start: {}",
+                std::fs::read_to_string(bao._dir.path().join("bao.log")).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        bao
+    }
+
+    fn client(&self) -> reqwest::Client {
+        crate::helpers::install_crypto_provider();
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(&self.ca).unwrap()).unwrap();
+        reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap()
+    }
+
+    async fn api(&self, path: &str, body: Value) {
+        let resp = self
+            .client()
+            .post(format!("{}/v1/{path}", self.addr))
+            .header("X-Vault-Token", &self.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    }
+}
+
+/// `KEYWARD_VAULT_CA_FILE` against OpenBao serving TLS with its own CA: the
+/// transit provider and a `vault://` reference both reach it through the CA
+/// file (start, encrypt, restart, decrypt); without the CA file the
+/// certificate is refused and Keyward is not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vault_ca_file_verifies_openbao_over_tls() {
+    let bao = TlsBao::start().await;
+    bao.api("sys/mounts/transit", json!({"type": "transit"}))
+        .await;
+    bao.api("transit/keys/kek", json!({"type": "aes256-gcm96"}))
+        .await;
+    bao.api(
+        "sys/mounts/kv",
+        json!({"type": "kv", "options": {"version": "2"}}),
+    )
+    .await;
+    let master_key = random_master_key();
+    bao.api(
+        "kv/data/keyward",
+        json!({"data": {"master_key": master_key}}),
+    )
+    .await;
+    let ca = bao.ca.display().to_string();
+    let mut env = vec![
+        ("KEYWARD_MASTER_KEY_PROVIDER", "vault"),
+        ("KEYWARD_VAULT_ADDR", bao.addr.as_str()),
+        ("KEYWARD_VAULT_TOKEN", bao.token.as_str()),
+        ("KEYWARD_VAULT_TRANSIT_KEY", "kek"),
+        ("KEYWARD_VAULT_CA_FILE", ca.as_str()),
+        ("KEYWARD_MASTER_KEY", "vault://kv/keyward#master_key"),
+    ];
+    let mut app = TestApp::spawn_with(Backend::Sqlite, &env).await;
+    crate::providers::wait_ready(&app).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let made = app.encrypt(&creds, &enc, "over tls").await;
+    app.restart();
+    wait_ready(&app).await;
+    decrypts(&app, &creds, &made, "over tls").await;
+    app.stop();
+
+    // Without the CA file: the reference cannot be read (a startup error),
+    // and with a plain master key the provider cannot be reached (not ready).
+    env.retain(|(k, _)| *k != "KEYWARD_VAULT_CA_FILE");
+    app.extra_env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let out = app.serve_command().output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("KEYWARD_MASTER_KEY") && err.contains("vault://kv/keyward#master_key"),
+        "{err}"
+    );
+    app.extra_env.retain(|(k, _)| k != "KEYWARD_MASTER_KEY");
+    app.start();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = crate::providers::readiness(&app).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        body["reason"].as_str().unwrap_or("").contains("vault"),
+        "{body}"
+    );
+}
