@@ -496,6 +496,85 @@ mod tests {
     }
 
     #[test]
+    fn secret_references_resolve_for_settings_and_job_sources_and_files_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "1234\n").unwrap();
+        let sources = dir.path().join("sources.toml");
+        std::fs::write(
+            &sources,
+            "[sources.billing]\ndatabase_url = \"env://BILLING_URL\"\ntenants = [\"acme\"]\n",
+        )
+        .unwrap();
+        let pin_ref = format!("file://{}", pin.display());
+        let sources_path = sources.display().to_string();
+        let s = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "env://DB_URL"),
+                ("DB_URL", "postgres://k:pw-1@db/k"),
+                ("KEYWARD_PKCS11_PIN", &pin_ref),
+                ("KEYWARD_JOB_SOURCES_FILE", &sources_path),
+                ("BILLING_URL", "postgres://j:pw-2@db/billing"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.database_url.expose(), "postgres://k:pw-1@db/k");
+        assert_eq!(s.pkcs11_pin.as_ref().unwrap().expose().as_str(), "1234");
+        assert_eq!(
+            s.job_sources[0].url.expose(),
+            "postgres://j:pw-2@db/billing"
+        );
+        let pin_cell = s.secret_files.cell("KEYWARD_PKCS11_PIN").unwrap();
+        std::fs::write(&pin, "5678").unwrap();
+        let reloaded = s.secret_files.reload();
+        assert_eq!(reloaded.len(), 1);
+        assert!(matches!(reloaded[0].1, Ok(true)));
+        assert_eq!(pin_cell.get().as_str(), "5678");
+        assert_eq!(s.pkcs11_pin.unwrap().expose().as_str(), "5678");
+
+        // Errors name the setting and the reference, never a value.
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_MASTER_KEY", "env://MK"),
+                ("MK", "c2VjcmV0LXNlY3JldA=="),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("KEYWARD_MASTER_KEY") && e.contains("env://MK"),
+            "{e}"
+        );
+        assert!(!e.contains("c2VjcmV0"), "{e}");
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_VAULT_TOKEN", "vault://secret/x#token"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot come from Vault"), "{e}");
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_JOB_SOURCES_FILE", &sources_path),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("billing") && e.contains("BILLING_URL is not set"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn bad_values_name_the_setting_and_never_echo_secrets() {
         let e = Settings::load(
             None,
