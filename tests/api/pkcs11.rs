@@ -261,3 +261,36 @@ async fn a_wrong_pin_or_a_missing_key_is_a_startup_error() {
         );
     }
 }
+
+/// The token pulled after start: a call that needs it (a root-KEK rotation)
+/// fails cleanly with 503 while encrypt and decrypt go on; with the token
+/// back, the next call opens a new session, logs in again and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_pulled_after_start_fails_a_rotation_cleanly_then_reconnects() {
+    let token = Token::new();
+    let app = TestApp::spawn_with(Backend::Sqlite, &as_refs(&token.env())).await;
+    wait_ready(&app).await;
+    let admin = app.create_operator();
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let made = app.encrypt(&creds, &enc, "kept").await;
+
+    token.remove();
+    let (status, body) = app
+        .post("/v1/admin/root-kek/rotate", &admin, &json!({}))
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{body}\n{}",
+        app.log_text()
+    );
+    decrypts(&app, &creds, &made, "kept").await;
+
+    token.put_back();
+    let (status, body) = app
+        .post("/v1/admin/root-kek/rotate", &admin, &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}\n{}", app.log_text());
+    decrypts(&app, &creds, &made, "kept").await;
+}
