@@ -11,7 +11,7 @@ use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::settings::Settings;
 use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
 use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
-use crate::master_key::ProviderKind;
+use crate::master_key::{Pkcs11Mechanism, ProviderKind};
 use crate::secret_cell::SecretCell;
 use crate::telemetry::LogFormat;
 use crate::tls::{ServerCert, TlsFiles};
@@ -151,6 +151,10 @@ impl Raw {
             })?,
             pkcs11_pin,
             pkcs11_key_label: self.parse("pkcs11_key_label", non_empty)?,
+            pkcs11_mechanism: self.required("pkcs11_mechanism", |v| {
+                Pkcs11Mechanism::parse(v)
+                    .ok_or_else(|| "must be `auto`, `aes-gcm` or `aes-key-wrap-pad`".to_string())
+            })?,
             max_body_bytes: self.required("max_body_bytes", positive)?,
             max_batch_items: self.required("max_batch_items", positive)?,
             max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,

@@ -12,8 +12,8 @@ use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::sources::JobSourceSpec;
 use crate::crypto::DataKey;
 use crate::master_key::{
-    Pkcs11Settings, ProviderConfigError, ProviderKind, ProviderSettings, TokenSelector, VaultAuth,
-    VaultSettings,
+    Pkcs11Mechanism, Pkcs11Settings, ProviderConfigError, ProviderKind, ProviderSettings,
+    TokenSelector, VaultAuth, VaultSettings,
 };
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -65,6 +65,8 @@ pub struct Settings {
     pub pkcs11_pin: Option<SecretString>,
     /// The label of the PKCS#11 AES key.
     pub pkcs11_key_label: Option<String>,
+    /// The PKCS#11 wrapping mechanism.
+    pub pkcs11_mechanism: Pkcs11Mechanism,
     /// Body size limit.
     pub max_body_bytes: usize,
     /// Most items per batch.
@@ -256,6 +258,7 @@ impl Settings {
                         .pkcs11_key_label
                         .clone()
                         .ok_or_else(|| missing("KEYWARD_PKCS11_KEY_LABEL", ""))?,
+                    mechanism: self.pkcs11_mechanism,
                 })
             }
         })

@@ -46,6 +46,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "pkcs11_slot", default: None, secret: false, doc: "The slot id of the token, instead of `pkcs11_token_label`." },
     Setting { name: "pkcs11_pin", default: None, secret: true, doc: "The token's user PIN; best given as a reference (`env://`, `file://`, `vault://`)." },
     Setting { name: "pkcs11_key_label", default: None, secret: false, doc: "The label of the token's AES key that wraps the root KEK (AES-GCM where the token offers it, else AES key wrap with padding). Never leaves the token." },
+    Setting { name: "pkcs11_mechanism", default: Some("auto"), secret: false, doc: "How the token wraps the root KEK: `auto` (AES-GCM where the token offers it, else AES key wrap with padding), `aes-gcm`, or `aes-key-wrap-pad` (RFC 5649 through `C_WrapKey`, for tokens without GCM or that refuse an IV from the caller, as some in FIPS mode do). Either unwraps what the other wrapped." },
     Setting { name: "max_body_bytes", default: Some("1048576"), secret: false, doc: "Largest accepted request body; larger bodies get 413." },
     Setting { name: "max_batch_items", default: Some("1000"), secret: false, doc: "Most items in one batch request; more get 413 `too_many_items`." },
     Setting { name: "max_batch_body_bytes", default: Some("16777216"), secret: false, doc: "Largest accepted batch request body." },

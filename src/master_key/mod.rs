@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 pub use aws_kms::AwsKms;
 pub use env::EnvMasterKey;
-pub use pkcs11::{Pkcs11, Pkcs11Settings, TokenSelector};
+pub use pkcs11::{Pkcs11, Pkcs11Mechanism, Pkcs11Settings, TokenSelector};
 pub use provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 pub use settings::{ProviderConfigError, ProviderKind, ProviderSettings};
 pub use vault::{Vault, VaultAuth, VaultSettings};

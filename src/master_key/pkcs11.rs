@@ -23,11 +23,11 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11 as Module};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::aead::GcmParams;
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, KeyType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use super::provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 use crate::crypto::{random_bytes, root_kek_aad, DataKey, KEY_LEN};
@@ -52,6 +52,31 @@ pub enum TokenSelector {
     Slot(u64),
 }
 
+/// Which mechanism wraps the root KEK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pkcs11Mechanism {
+    /// AES-GCM where the token offers it, else AES key wrap with padding.
+    Auto,
+    /// AES-GCM (`CKM_AES_GCM`) through `C_Encrypt`, with an IV from Keyward.
+    AesGcm,
+    /// AES key wrap with padding (`CKM_AES_KEY_WRAP_PAD`, RFC 5649) through
+    /// `C_WrapKey`: for tokens that offer no GCM or refuse a caller's IV
+    /// (FIPS mode on some HSMs).
+    AesKeyWrapPad,
+}
+
+impl Pkcs11Mechanism {
+    /// Parses `auto`, `aes-gcm` or `aes-key-wrap-pad`.
+    pub fn parse(s: &str) -> Option<Pkcs11Mechanism> {
+        match s {
+            "auto" => Some(Pkcs11Mechanism::Auto),
+            "aes-gcm" => Some(Pkcs11Mechanism::AesGcm),
+            "aes-key-wrap-pad" => Some(Pkcs11Mechanism::AesKeyWrapPad),
+            _ => None,
+        }
+    }
+}
+
 /// Settings of the PKCS#11 provider.
 pub struct Pkcs11Settings {
     /// The PKCS#11 library, e.g. `/usr/lib/softhsm/libsofthsm2.so`.
@@ -63,6 +88,8 @@ pub struct Pkcs11Settings {
     pub pin: SecretCell,
     /// The label of the AES key (CKO_SECRET_KEY) that wraps the root KEK.
     pub key_label: String,
+    /// The mechanism for new wraps (either unwraps what the other made).
+    pub mechanism: Pkcs11Mechanism,
 }
 
 /// Why connecting failed.
@@ -241,12 +268,25 @@ impl Inner {
         let mechanisms = module
             .get_mechanism_list(slot)
             .map_err(|e| outage("C_GetMechanismList", e))?;
-        let gcm = mechanisms.contains(&MechanismType::AES_GCM);
-        if !gcm && !mechanisms.contains(&MechanismType::AES_KEY_WRAP_PAD) {
-            return Err(ConnectError::Config(
-                "the token offers neither AES-GCM nor AES key wrap with padding".into(),
-            ));
-        }
+        let has_gcm = mechanisms.contains(&MechanismType::AES_GCM);
+        let has_kwp = mechanisms.contains(&MechanismType::AES_KEY_WRAP_PAD);
+        let gcm = match self.settings.mechanism {
+            Pkcs11Mechanism::Auto if has_gcm => true,
+            Pkcs11Mechanism::Auto if has_kwp => false,
+            Pkcs11Mechanism::Auto => {
+                return Err(ConnectError::Config(
+                    "the token offers neither AES-GCM nor AES key wrap with padding".into(),
+                ))
+            }
+            Pkcs11Mechanism::AesGcm if has_gcm => true,
+            Pkcs11Mechanism::AesKeyWrapPad if has_kwp => false,
+            Pkcs11Mechanism::AesGcm | Pkcs11Mechanism::AesKeyWrapPad => {
+                return Err(ConnectError::Config(format!(
+                    "the token does not offer {:?} (KEYWARD_PKCS11_MECHANISM)",
+                    self.settings.mechanism
+                )))
+            }
+        };
         let session = module
             .open_ro_session(slot)
             .map_err(|e| outage("C_OpenSession", e))?;
@@ -314,10 +354,27 @@ impl Connected {
             plain.extend_from_slice(PREFIX);
             plain.extend_from_slice(kek_id.as_bytes());
             plain.extend_from_slice(kek.expose());
+            // The plaintext becomes a session object (never stored on the
+            // token, gone with the session) that the token wraps.
+            let mut template = [
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::GENERIC_SECRET),
+                Attribute::Token(false),
+                Attribute::Sensitive(false),
+                Attribute::Extractable(true),
+                Attribute::Value(plain.to_vec()),
+            ];
+            let created = self.session.create_object(&template);
+            if let Attribute::Value(v) = &mut template[5] {
+                v.zeroize();
+            }
+            let object = created.map_err(|e| unavailable("C_CreateObject", e))?;
             let sealed = self
                 .session
-                .encrypt(&Mechanism::AesKeyWrapPad, self.key, &plain)
-                .map_err(|e| unavailable("C_Encrypt (AES key wrap with padding)", e))?;
+                .wrap_key(&Mechanism::AesKeyWrapPad, self.key, object);
+            let _ = self.session.destroy_object(object);
+            let sealed =
+                sealed.map_err(|e| unavailable("C_WrapKey (AES key wrap with padding)", e))?;
             let mut out = Vec::with_capacity(1 + sealed.len());
             out.push(TAG_KWP);
             out.extend_from_slice(&sealed);
@@ -361,17 +418,36 @@ impl Connected {
                 DataKey::from_slice(&plain).ok_or(ProviderError::KeyMismatch)
             }
             Some((&TAG_KWP, sealed)) => {
-                let plain = Zeroizing::new(
-                    self.session
-                        .decrypt(&Mechanism::AesKeyWrapPad, self.key, sealed)
-                        .map_err(|e| {
-                            if refused(&e) {
-                                ProviderError::KeyMismatch
-                            } else {
-                                unavailable("C_Decrypt (AES key wrap with padding)", e)
-                            }
-                        })?,
-                );
+                let object = self
+                    .session
+                    .unwrap_key(
+                        &Mechanism::AesKeyWrapPad,
+                        self.key,
+                        sealed,
+                        &[
+                            Attribute::Class(ObjectClass::SECRET_KEY),
+                            Attribute::KeyType(KeyType::GENERIC_SECRET),
+                            Attribute::Token(false),
+                            Attribute::Sensitive(false),
+                            Attribute::Extractable(true),
+                        ],
+                    )
+                    .map_err(|e| {
+                        if refused(&e) {
+                            ProviderError::KeyMismatch
+                        } else {
+                            unavailable("C_UnwrapKey (AES key wrap with padding)", e)
+                        }
+                    })?;
+                let attributes = self.session.get_attributes(object, &[AttributeType::Value]);
+                let _ = self.session.destroy_object(object);
+                let mut plain = Zeroizing::new(Vec::new());
+                for attribute in attributes.map_err(|e| unavailable("C_GetAttributeValue", e))? {
+                    if let Attribute::Value(mut v) = attribute {
+                        plain.extend_from_slice(&v);
+                        v.zeroize();
+                    }
+                }
                 if plain.len() != 32 + KEY_LEN
                     || &plain[..16] != PREFIX
                     || &plain[16..32] != kek_id.as_bytes()

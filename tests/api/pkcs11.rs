@@ -294,3 +294,51 @@ async fn a_token_pulled_after_start_fails_a_rotation_cleanly_then_reconnects() {
     assert_eq!(status, StatusCode::ACCEPTED, "{body}\n{}", app.log_text());
     decrypts(&app, &creds, &made, "kept").await;
 }
+
+/// AES key wrap with padding (`C_WrapKey`, for tokens without GCM or that
+/// refuse a caller's IV): start, encrypt, restart, decrypt; then the
+/// mechanism switched to AES-GCM still unwraps the key-wrapped root KEK (the
+/// stored value names its mechanism), and a root-KEK rotation under GCM
+/// survives another restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_key_wrap_with_padding_works_and_either_mechanism_unwraps_the_other() {
+    let token = Token::new();
+    let mut env = token.env();
+    env.push(("KEYWARD_PKCS11_MECHANISM".into(), "aes-key-wrap-pad".into()));
+    let mut app = TestApp::spawn_with(Backend::Sqlite, &as_refs(&env)).await;
+    wait_ready(&app).await;
+    assert!(app.log_shows("AES key wrap with padding").await);
+    let creds = app.create_tenant("acme");
+    let admin = app.create_operator();
+    let (enc, _) = app.create_encryption(&creds).await;
+    let made = app.encrypt(&creds, &enc, "under kwp").await;
+    app.restart();
+    wait_ready(&app).await;
+    decrypts(&app, &creds, &made, "under kwp").await;
+
+    app.stop();
+    for (k, v) in app.extra_env.iter_mut() {
+        if k == "KEYWARD_PKCS11_MECHANISM" {
+            *v = "aes-gcm".into();
+        }
+    }
+    app.start();
+    wait_ready(&app).await;
+    decrypts(&app, &creds, &made, "under kwp").await;
+    let (status, body) = app
+        .post("/v1/admin/root-kek/rotate", &admin, &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let (_, st) = app.get("/v1/admin/root-kek", &admin).await;
+        if st["rootKeks"].as_array().map(|k| k.len()) == Some(1) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{st}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    app.restart();
+    wait_ready(&app).await;
+    decrypts(&app, &creds, &made, "under kwp").await;
+}
