@@ -4,7 +4,7 @@ src/config/table.rs (a unit test checks that the two agree)."""
 import re, pathlib
 root = pathlib.Path(__file__).resolve().parent.parent
 src = (root / "src/config/table.rs").read_text()
-rows = re.findall(r'Setting \{\s*name: "([a-z_]+)",\s*default: (None|Some\("([^"]*)"\)),\s*secret: (true|false),\s*doc: "((?:[^"\\]|\\.)*)",?\s*\}', src)
+rows = re.findall(r'Setting \{\s*name: "([a-z0-9_]+)",\s*default: (None|Some\("([^"]*)"\)),\s*secret: (true|false),\s*doc: "((?:[^"\\]|\\.)*)",?\s*\}', src)
 table = ["| Setting (TOML key) | Environment variable | Default | Meaning |", "|---|---|---|---|"]
 for name, _, default, secret, doc in rows:
     dv = f"`{default}`" if default else "—"

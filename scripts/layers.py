@@ -28,7 +28,7 @@ SRC = os.path.join(ROOT, "src")
 LAYERS = [
     ("vocabulary", ["domain::ids", "domain::time", "domain::states", "domain::records",
                     "domain::algorithm",
-                    "json", "owner_only"]),
+                    "json", "owner_only", "secret_cell"]),
     ("crypto", ["crypto"]),
     ("store and providers", ["store", "master_key"]),
     ("domain", ["domain"]),

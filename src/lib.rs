@@ -26,7 +26,7 @@
 //! crypto    pure: AES-256-GCM, key wrapping, HKDF, digests, hex
 //!   │
 //! vocabulary  domain::ids, domain::time, domain::states, domain::records, json,
-//!             owner_only
+//!             owner_only, secret_cell
 //! ```
 //!
 //! Handlers never import the store: the domain offers the views and queries
@@ -76,6 +76,7 @@ pub mod http;
 pub mod json;
 pub mod master_key;
 pub mod owner_only;
+pub mod secret_cell;
 pub mod server;
 pub mod startup;
 pub mod store;

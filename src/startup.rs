@@ -120,7 +120,7 @@ impl Application {
             ),
         };
         let provider = settings.provider_settings(settings.master_key_provider, false)?;
-        let provider = master_key::build(provider).await;
+        let provider = master_key::build(provider).await?;
         let store = open_store(settings).await?;
         let audit = crate::audit::AuditLog::start(
             &settings.audit,
@@ -220,6 +220,13 @@ impl Application {
                 shutdown_rx.clone(),
             )
             .await?;
+        }
+        if !settings.secret_files.is_empty() {
+            tokio::spawn(reload_secrets_on_sighup(
+                settings.secret_files.clone(),
+                service.store().clone(),
+                shutdown_rx.clone(),
+            ));
         }
         if let Some(tls) = &tls {
             tokio::spawn(reload_tls_on_sighup(tls.clone(), shutdown_rx));
@@ -486,6 +493,54 @@ async fn retry_root_keys(service: Arc<KeyService>, mut shutdown: watch::Receiver
                 return;
             }
         }
+    }
+}
+
+/// Re-reads the secrets given as `file://` references on every SIGHUP: the
+/// Vault token or secret id and the PKCS#11 PIN take effect at the provider's
+/// next login, the database URL for new connections. An unreadable file keeps
+/// the old value. Logs setting names only.
+async fn reload_secrets_on_sighup(
+    files: crate::config::SecretFiles,
+    store: Store,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            tracing::warn!("cannot listen for SIGHUP; secret files will not be re-read");
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {}
+                _ = shutdown.changed() => return,
+            }
+            for (setting, result) in files.reload() {
+                match result {
+                    Ok(changed) => {
+                        tracing::info!(setting = %setting, changed, "SIGHUP: re-read the secret file");
+                        if changed && setting == "KEYWARD_DATABASE_URL" {
+                            let applied = match files.cell(&setting) {
+                                Some(url) => store.replace_url(&url.get()),
+                                None => Ok(()),
+                            };
+                            if let Err(e) = applied {
+                                tracing::error!(error = %e, "SIGHUP: kept the previous database URL");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(setting = %setting, error = %e, "SIGHUP: kept the previous secret")
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (files, store, shutdown.changed().await);
     }
 }
 

@@ -71,10 +71,10 @@ async fn migrate(to: &str, config: &ConfigArg) -> anyhow::Result<()> {
     let target = ProviderKind::parse(to)
         .ok_or_else(|| anyhow::anyhow!("--to: `{to}` is not a provider (env, aws-kms or vault)"))?;
     let from = settings.provider_settings(settings.master_key_provider, false)?;
-    let from = master_key::build(from).await;
+    let from = master_key::build(from).await?;
     let env_to_env =
         target == ProviderKind::Env && settings.master_key_provider == ProviderKind::Env;
-    let to_provider = master_key::build(settings.provider_settings(target, env_to_env)?).await;
+    let to_provider = master_key::build(settings.provider_settings(target, env_to_env)?).await?;
     let store = open_store(&settings).await?;
     let n = migrate_master_key(&store, from.as_ref(), to_provider.as_ref()).await?;
     store.close().await;
@@ -97,7 +97,7 @@ async fn rotate_kek(
     let settings = config.settings()?;
     telemetry::init(settings.log_format, &settings.log_level);
     let provider = settings.provider_settings(settings.master_key_provider, false)?;
-    let provider = master_key::build(provider).await;
+    let provider = master_key::build(provider).await?;
     let store = open_store(&settings).await?;
     let service = KeyService::new(store.clone(), provider, 1);
     service

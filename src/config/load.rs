@@ -2,17 +2,17 @@
 //! validates every value into [`Settings`] at once, so a bad value fails at
 //! start with the setting's name, never later in use.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
 use super::raw::{ConfigError, Raw};
-use super::secrets::{DatabaseUrl, SecretString};
+use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::settings::Settings;
 use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
 use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
-use crate::master_key::ProviderKind;
+use crate::master_key::{Pkcs11Mechanism, ProviderKind};
+use crate::secret_cell::SecretCell;
 use crate::telemetry::LogFormat;
 use crate::tls::{ServerCert, TlsFiles};
 
@@ -22,18 +22,19 @@ impl Settings {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Settings, ConfigError> {
-        let mut raw = Raw(BTreeMap::new());
+        let mut raw = Raw::default();
         if let Some(path) = file {
             raw.read_file(path)?;
         }
         raw.read_env(env)?;
+        raw.resolve_references()?;
         raw.validate()
     }
 
     /// Settings with every default and the given database URL (for dev mode and
     /// tests); the caller fills in the rest.
     pub fn with_defaults(database_url: DatabaseUrl) -> Result<Settings, ConfigError> {
-        let mut raw = Raw(BTreeMap::new());
+        let mut raw = Raw::default();
         raw.0.insert(
             "database_url",
             (
@@ -45,8 +46,22 @@ impl Settings {
     }
 }
 
+/// A value that may be a secret reference (`env://`, `file://`; `vault://`
+/// needs the Vault settings, which only [`Settings::load`] has), resolved
+/// against the process environment: for `keyward dev --job-sources`.
+pub fn resolve_reference(value: &str) -> Result<Zeroizing<String>, String> {
+    let mut raw = Raw::default();
+    raw.read_env(std::env::vars().filter(|(k, _)| !k.starts_with("KEYWARD_")))
+        .map_err(|e| e.to_string())?;
+    raw.resolve_value(value)
+}
+
 impl Raw {
     pub(super) fn validate(self) -> Result<Settings, ConfigError> {
+        let mut secret_files = SecretFiles::default();
+        let vault_token = self.secret("vault_token", &mut secret_files)?;
+        let vault_secret_id = self.secret("vault_secret_id", &mut secret_files)?;
+        let pkcs11_pin = self.secret("pkcs11_pin", &mut secret_files)?;
         let sync_interval = self.required("sync_interval", duration)?;
         let feed_max_lag = self.required("change_feed_max_lag", |v| {
             let d = duration(v)?;
@@ -89,36 +104,57 @@ impl Raw {
                 v.parse()
                     .map_err(|_| format!("`{v}` is not an address like 0.0.0.0:8481"))
             })?,
-            database_url: self.required("database_url", |v| {
-                if v.starts_with("sqlite:")
-                    || v.starts_with("postgres://")
-                    || v.starts_with("postgresql://")
-                {
-                    Ok(DatabaseUrl::new(v))
-                } else {
-                    Err("must start with sqlite: or postgres://".into())
+            database_url: {
+                let url = self.required("database_url", |v| {
+                    if v.starts_with("sqlite:")
+                        || v.starts_with("postgres://")
+                        || v.starts_with("postgresql://")
+                    {
+                        Ok(DatabaseUrl::new(v))
+                    } else {
+                        Err("must start with sqlite: or postgres://".into())
+                    }
+                })?;
+                if let Some(path) = self.1.files.get("database_url") {
+                    secret_files.add(
+                        "KEYWARD_DATABASE_URL".into(),
+                        path.clone(),
+                        SecretCell::new(Zeroizing::new(url.expose().to_string())),
+                    );
                 }
-            })?,
+                url
+            },
             database_max_connections: self.required("database_max_connections", |v| {
                 positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
             })?,
             master_key_provider: self.required("master_key_provider", |v| {
                 ProviderKind::parse(v)
-                    .ok_or_else(|| "must be `env`, `aws-kms` or `vault`".to_string())
+                    .ok_or_else(|| "must be `env`, `aws-kms`, `vault` or `pkcs11`".to_string())
             })?,
             master_key: self.parse("master_key", parse_master_key)?,
             new_master_key: self.parse("new_master_key", parse_master_key)?,
             aws_kms_key_id: self.parse("aws_kms_key_id", non_empty)?,
             aws_kms_endpoint: self.parse("aws_kms_endpoint", url)?,
             vault_addr: self.parse("vault_addr", url)?,
-            vault_token: self.parse("vault_token", |v| non_empty(v).map(SecretString::new))?,
+            vault_token,
             vault_role_id: self.parse("vault_role_id", non_empty)?,
-            vault_secret_id: self
-                .parse("vault_secret_id", |v| non_empty(v).map(SecretString::new))?,
+            vault_secret_id,
             vault_approle_mount: self.required("vault_approle_mount", non_empty)?,
             vault_transit_mount: self.required("vault_transit_mount", non_empty)?,
             vault_transit_key: self.parse("vault_transit_key", non_empty)?,
             vault_ca_file: self.parse("vault_ca_file", readable_file)?,
+            pkcs11_module: self.parse("pkcs11_module", |v| non_empty(v).map(PathBuf::from))?,
+            pkcs11_token_label: self.parse("pkcs11_token_label", non_empty)?,
+            pkcs11_slot: self.parse("pkcs11_slot", |v| {
+                v.parse::<u64>()
+                    .map_err(|_| "must be a slot id (a whole number)".to_string())
+            })?,
+            pkcs11_pin,
+            pkcs11_key_label: self.parse("pkcs11_key_label", non_empty)?,
+            pkcs11_mechanism: self.required("pkcs11_mechanism", |v| {
+                Pkcs11Mechanism::parse(v)
+                    .ok_or_else(|| "must be `auto`, `aes-gcm` or `aes-key-wrap-pad`".to_string())
+            })?,
             max_body_bytes: self.required("max_body_bytes", positive)?,
             max_batch_items: self.required("max_batch_items", positive)?,
             max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,
@@ -168,7 +204,7 @@ impl Raw {
             job_batch_rows: self.required("job_batch_rows", positive)?,
             job_sources: self
                 .parse("job_sources_file", |v| {
-                    super::sources::read(std::path::Path::new(v))
+                    super::sources::read(std::path::Path::new(v), &|url| self.resolve_value(url))
                 })?
                 .unwrap_or_default(),
             job_source_connect_timeout: self.required("job_source_connect_timeout", duration)?,
@@ -227,7 +263,26 @@ impl Raw {
                     .map(|_| v.to_string())
                     .map_err(|e| format!("not a valid log filter: {e}"))
             })?,
+            secret_files,
         })
+    }
+
+    /// A secret setting as a [`SecretString`]; one that came from a
+    /// `file://` reference is recorded in `files`, to be re-read on SIGHUP.
+    fn secret(
+        &self,
+        name: &'static str,
+        files: &mut SecretFiles,
+    ) -> Result<Option<SecretString>, ConfigError> {
+        let secret = self.parse(name, |v| non_empty(v).map(SecretString::new))?;
+        if let (Some(secret), Some(path)) = (&secret, self.1.files.get(name)) {
+            files.add(
+                format!("KEYWARD_{}", name.to_ascii_uppercase()),
+                path.clone(),
+                secret.cell(),
+            );
+        }
+        Ok(secret)
     }
 
     /// The nonce bound, at least `rotate_after_encryptions` (a version must
@@ -442,6 +497,85 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("KEYWARD_ACME_CHALLENGE_LISTEN"));
+    }
+
+    #[test]
+    fn secret_references_resolve_for_settings_and_job_sources_and_files_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pin = dir.path().join("pin");
+        std::fs::write(&pin, "1234\n").unwrap();
+        let sources = dir.path().join("sources.toml");
+        std::fs::write(
+            &sources,
+            "[sources.billing]\ndatabase_url = \"env://BILLING_URL\"\ntenants = [\"acme\"]\n",
+        )
+        .unwrap();
+        let pin_ref = format!("file://{}", pin.display());
+        let sources_path = sources.display().to_string();
+        let s = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "env://DB_URL"),
+                ("DB_URL", "postgres://k:pw-1@db/k"),
+                ("KEYWARD_PKCS11_PIN", &pin_ref),
+                ("KEYWARD_JOB_SOURCES_FILE", &sources_path),
+                ("BILLING_URL", "postgres://j:pw-2@db/billing"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.database_url.expose(), "postgres://k:pw-1@db/k");
+        assert_eq!(s.pkcs11_pin.as_ref().unwrap().expose().as_str(), "1234");
+        assert_eq!(
+            s.job_sources[0].url.expose(),
+            "postgres://j:pw-2@db/billing"
+        );
+        let pin_cell = s.secret_files.cell("KEYWARD_PKCS11_PIN").unwrap();
+        std::fs::write(&pin, "5678").unwrap();
+        let reloaded = s.secret_files.reload();
+        assert_eq!(reloaded.len(), 1);
+        assert!(matches!(reloaded[0].1, Ok(true)));
+        assert_eq!(pin_cell.get().as_str(), "5678");
+        assert_eq!(s.pkcs11_pin.unwrap().expose().as_str(), "5678");
+
+        // Errors name the setting and the reference, never a value.
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_MASTER_KEY", "env://MK"),
+                ("MK", "c2VjcmV0LXNlY3JldA=="),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("KEYWARD_MASTER_KEY") && e.contains("env://MK"),
+            "{e}"
+        );
+        assert!(!e.contains("c2VjcmV0"), "{e}");
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_VAULT_TOKEN", "vault://secret/x#token"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot come from Vault"), "{e}");
+        let e = Settings::load(
+            None,
+            env(&[
+                ("KEYWARD_DATABASE_URL", "sqlite://x"),
+                ("KEYWARD_JOB_SOURCES_FILE", &sources_path),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("billing") && e.contains("BILLING_URL is not set"),
+            "{e}"
+        );
     }
 
     #[test]

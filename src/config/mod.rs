@@ -9,8 +9,10 @@
 //! Layout, each file importing only those listed before it:
 //! - `table.rs`: [`Setting`] and [`SETTINGS`], and the `KEYWARD_*` variables
 //!   that are allowed without being settings;
+//! - `refs.rs`: secret references (`env://`, `file://`, `vault://`) in
+//!   place of a secret setting's value, resolved at start;
 //! - `secrets.rs`: [`DatabaseUrl`] and [`SecretString`], zeroed and never
-//!   printed;
+//!   printed, and [`SecretFiles`], the `file://` secrets SIGHUP re-reads;
 //! - `values.rs`: the parsers of single values, [`parse_master_key`] among them;
 //! - `raw.rs`: the values as read, by setting and with their source, and
 //!   [`ConfigError`];
@@ -21,14 +23,16 @@
 
 mod load;
 mod raw;
+mod refs;
 mod secrets;
 mod settings;
 mod sources;
 mod table;
 mod values;
 
+pub use load::resolve_reference;
 pub use raw::ConfigError;
-pub use secrets::{DatabaseUrl, SecretString};
+pub use secrets::{DatabaseUrl, SecretFiles, SecretString};
 pub use settings::Settings;
 pub use sources::{read as read_job_sources, JobSourceSpec};
 pub use table::{Setting, CLIENT_VARIABLES, SETTINGS};
@@ -42,7 +46,6 @@ pub use crate::telemetry::LogFormat;
 /// writes, parsed from text exactly as from a file, reading no other file.
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing {
-    use std::collections::BTreeMap;
     use std::path::Path;
 
     use zeroize::Zeroizing;
@@ -53,7 +56,7 @@ pub mod fuzzing {
     /// defaulted so that validation goes past it; a `job_sources_file` it
     /// names is not read (see [`job_sources_file`] for that file).
     pub fn settings_file(text: &str) {
-        let mut raw = Raw(BTreeMap::new());
+        let mut raw = Raw::default();
         raw.0.insert(
             "database_url",
             (Zeroizing::new("sqlite::memory:".into()), "fuzz".into()),
@@ -67,6 +70,10 @@ pub mod fuzzing {
     /// `text` as the job sources file; a `database_url_file` it names reads
     /// as a fixed URL.
     pub fn job_sources_file(text: &str) {
-        let _ = crate::config::sources::parse(text, |_| Ok("postgres://fuzz@localhost/db".into()));
+        let _ = crate::config::sources::parse(
+            text,
+            |_| Ok("postgres://fuzz@localhost/db".into()),
+            &|v| Ok(zeroize::Zeroizing::new(v.to_string())),
+        );
     }
 }

@@ -3,11 +3,14 @@
 //! [`ConfigError`], which names the setting and that source.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use zeroize::Zeroizing;
 
+use super::refs::{read_secret_file, read_vault, SecretRef, VaultAccess};
 use super::table::{is_service_link, CLIENT_VARIABLES, SETTINGS};
+use crate::master_key::VaultAuth;
+use crate::secret_cell::SecretCell;
 
 /// A configuration problem, naming the setting and where its value came from.
 #[derive(Debug, thiserror::Error)]
@@ -52,8 +55,22 @@ pub enum ConfigError {
     },
 }
 
-/// Raw values by setting name, with where each came from.
-pub(super) struct Raw(pub(super) BTreeMap<&'static str, (Zeroizing<String>, String)>);
+/// Raw values by setting name, with where each came from; and what secret
+/// references need: the environment (`env://`) and which settings came from
+/// a file (`file://`, re-read on SIGHUP).
+#[derive(Default)]
+pub(super) struct Raw(
+    pub(super) BTreeMap<&'static str, (Zeroizing<String>, String)>,
+    pub(super) RefState,
+);
+
+/// The environment as read, for `env://` references, and the settings whose
+/// value came from a `file://` reference.
+#[derive(Default)]
+pub(super) struct RefState {
+    env: BTreeMap<String, Zeroizing<String>>,
+    pub(super) files: BTreeMap<&'static str, PathBuf>,
+}
 
 fn known_names() -> String {
     SETTINGS
@@ -122,6 +139,7 @@ impl Raw {
     ) -> Result<(), ConfigError> {
         for (var, value) in env {
             let Some(rest) = var.strip_prefix("KEYWARD_") else {
+                self.1.env.insert(var, Zeroizing::new(value));
                 continue;
             };
             if is_service_link(rest) || CLIENT_VARIABLES.contains(&var.as_str()) {
@@ -145,6 +163,100 @@ impl Raw {
             );
         }
         Ok(())
+    }
+
+    /// Replaces every secret setting's reference (`env://`, `file://`,
+    /// `vault://`) by the value it names: Vault's own credentials first (they
+    /// cannot come from Vault), then the rest. An error names the setting and
+    /// the reference, never a value.
+    pub(super) fn resolve_references(&mut self) -> Result<(), ConfigError> {
+        let mut names: Vec<&'static str> = SETTINGS
+            .iter()
+            .filter(|s| s.secret)
+            .map(|s| s.name)
+            .collect();
+        names.sort_by_key(|n| !VAULT_CREDENTIALS.contains(n));
+        for name in names {
+            let Some((value, source)) = self.0.get(name) else {
+                continue;
+            };
+            let source = source.clone();
+            let fail = |reason: String| ConfigError::Invalid {
+                setting: format!("KEYWARD_{}", name.to_ascii_uppercase()),
+                source_desc: source.clone(),
+                reason,
+            };
+            let Some(reference) = SecretRef::parse(value.trim()).map_err(fail)? else {
+                continue;
+            };
+            if VAULT_CREDENTIALS.contains(&name) && matches!(reference, SecretRef::Vault { .. }) {
+                return Err(fail(
+                    "Vault's own credentials cannot come from Vault: use `env://` or `file://`"
+                        .into(),
+                ));
+            }
+            let value = self
+                .resolve(&reference)
+                .map_err(|e| fail(format!("{reference}: {e}")))?;
+            if let SecretRef::File(path) = &reference {
+                self.1.files.insert(name, path.clone());
+            }
+            self.0
+                .insert(name, (value, format!("{source}, through {reference}")));
+        }
+        Ok(())
+    }
+
+    /// A job source's URL, or any other secret, that may be a reference:
+    /// the value it names, or the literal value.
+    pub(super) fn resolve_value(&self, value: &str) -> Result<Zeroizing<String>, String> {
+        match SecretRef::parse(value.trim())? {
+            None => Ok(Zeroizing::new(value.to_string())),
+            Some(reference) => self
+                .resolve(&reference)
+                .map_err(|e| format!("{reference}: {e}")),
+        }
+    }
+
+    fn resolve(&self, reference: &SecretRef) -> Result<Zeroizing<String>, String> {
+        match reference {
+            SecretRef::Env(name) => match self.1.env.get(name) {
+                Some(v) if !v.is_empty() => Ok(v.clone()),
+                Some(_) => Err(format!("the environment variable {name} is empty")),
+                None => Err(format!("the environment variable {name} is not set")),
+            },
+            SecretRef::File(path) => read_secret_file(path),
+            SecretRef::Vault { mount, path, field } => {
+                read_vault(&self.vault_access()?, mount, path, field)
+            }
+        }
+    }
+
+    /// Vault's address, login and CA for `vault://` references, from the
+    /// provider's own settings (already resolved: they are read first).
+    fn vault_access(&self) -> Result<VaultAccess, String> {
+        let value = |name: &'static str| self.get(name).map(|(v, _)| v.trim().to_string());
+        let addr = value("vault_addr")
+            .ok_or("a `vault://` reference needs KEYWARD_VAULT_ADDR and a Vault login")?;
+        let secret = |name: &'static str| {
+            self.0
+                .get(name)
+                .map(|(v, _)| SecretCell::new(Zeroizing::new(v.trim().to_string())))
+        };
+        let auth = match (secret("vault_token"), value("vault_role_id"), secret("vault_secret_id")) {
+            (Some(token), None, None) => VaultAuth::Token(token),
+            (None, Some(role_id), Some(secret_id)) => VaultAuth::AppRole {
+                mount: value("vault_approle_mount").unwrap_or_else(|| "approle".into()),
+                role_id,
+                secret_id,
+            },
+            _ => return Err("a `vault://` reference needs either KEYWARD_VAULT_TOKEN, or KEYWARD_VAULT_ROLE_ID and KEYWARD_VAULT_SECRET_ID".into()),
+        };
+        Ok(VaultAccess {
+            addr,
+            auth,
+            ca_file: value("vault_ca_file"),
+        })
     }
 
     /// The value of `name` (or its default) with its source, or `None`.
@@ -192,6 +304,9 @@ impl Raw {
             })
     }
 }
+
+/// The settings that log in to Vault, resolved before the others.
+const VAULT_CREDENTIALS: [&str; 2] = ["vault_token", "vault_secret_id"];
 
 /// The `env` argument of [`Settings::load`](super::Settings::load) from
 /// literal pairs, for the tests of every part of config.

@@ -8,13 +8,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use zeroize::Zeroizing;
-
-use super::secrets::{DatabaseUrl, SecretString};
+use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::sources::JobSourceSpec;
 use crate::crypto::DataKey;
 use crate::master_key::{
-    ProviderConfigError, ProviderKind, ProviderSettings, VaultAuth, VaultSettings,
+    Pkcs11Mechanism, Pkcs11Settings, ProviderConfigError, ProviderKind, ProviderSettings,
+    TokenSelector, VaultAuth, VaultSettings,
 };
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -56,6 +55,18 @@ pub struct Settings {
     pub vault_transit_key: Option<String>,
     /// CA bundle for Vault's TLS.
     pub vault_ca_file: Option<PathBuf>,
+    /// The PKCS#11 module.
+    pub pkcs11_module: Option<PathBuf>,
+    /// The PKCS#11 token's label.
+    pub pkcs11_token_label: Option<String>,
+    /// The PKCS#11 token's slot id.
+    pub pkcs11_slot: Option<u64>,
+    /// The PKCS#11 user PIN.
+    pub pkcs11_pin: Option<SecretString>,
+    /// The label of the PKCS#11 AES key.
+    pub pkcs11_key_label: Option<String>,
+    /// The PKCS#11 wrapping mechanism.
+    pub pkcs11_mechanism: Pkcs11Mechanism,
     /// Body size limit.
     pub max_body_bytes: usize,
     /// Most items per batch.
@@ -145,6 +156,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// The secret settings that came from `file://` references, re-read on
+    /// SIGHUP.
+    pub secret_files: SecretFiles,
 }
 
 impl Settings {
@@ -196,12 +210,12 @@ impl Settings {
                     .ok_or_else(|| missing("KEYWARD_VAULT_TRANSIT_KEY", ""))?;
                 let auth = match (&self.vault_token, &self.vault_role_id, &self.vault_secret_id) {
                     (Some(token), None, None) => {
-                        VaultAuth::Token(Zeroizing::new(token.expose().to_string()))
+                        VaultAuth::Token(token.cell())
                     }
                     (None, Some(role_id), Some(secret_id)) => VaultAuth::AppRole {
                         mount: self.vault_approle_mount.clone(),
                         role_id: role_id.clone(),
-                        secret_id: Zeroizing::new(secret_id.expose().to_string()),
+                        secret_id: secret_id.cell(),
                     },
                     _ => {
                         return Err(ProviderConfigError {
@@ -216,6 +230,35 @@ impl Settings {
                     mount: self.vault_transit_mount.clone(),
                     key,
                     ca_file: self.vault_ca_file.as_ref().map(|p| p.display().to_string()),
+                })
+            }
+            ProviderKind::Pkcs11 => {
+                let token = match (&self.pkcs11_token_label, self.pkcs11_slot) {
+                    (Some(label), None) => TokenSelector::Label(label.clone()),
+                    (None, Some(slot)) => TokenSelector::Slot(slot),
+                    _ => {
+                        return Err(ProviderConfigError {
+                            provider: "pkcs11",
+                            reason: "set either KEYWARD_PKCS11_TOKEN_LABEL or KEYWARD_PKCS11_SLOT"
+                                .into(),
+                        })
+                    }
+                };
+                ProviderSettings::Pkcs11(Pkcs11Settings {
+                    module: self.pkcs11_module.clone().ok_or_else(|| {
+                        missing("KEYWARD_PKCS11_MODULE", " (the PKCS#11 library)")
+                    })?,
+                    token,
+                    pin: self
+                        .pkcs11_pin
+                        .as_ref()
+                        .ok_or_else(|| missing("KEYWARD_PKCS11_PIN", " (the token's user PIN)"))?
+                        .cell(),
+                    key_label: self
+                        .pkcs11_key_label
+                        .clone()
+                        .ok_or_else(|| missing("KEYWARD_PKCS11_KEY_LABEL", ""))?,
+                    mechanism: self.pkcs11_mechanism,
                 })
             }
         })

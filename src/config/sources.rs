@@ -51,24 +51,33 @@ struct Entry {
     tables: Option<Vec<String>>,
 }
 
-/// Reads and checks the sources file.
-pub fn read(path: &Path) -> Result<Vec<JobSourceSpec>, String> {
+/// A `database_url` that may be a secret reference (`env://`, `file://`,
+/// `vault://`): the value it names, or the literal.
+pub type ResolveReference<'a> = &'a dyn Fn(&str) -> Result<Zeroizing<String>, String>;
+
+/// Reads and checks the sources file; `resolve` resolves a `database_url`
+/// that is a secret reference.
+pub fn read(path: &Path, resolve: ResolveReference<'_>) -> Result<Vec<JobSourceSpec>, String> {
     let text = Zeroizing::new(
         std::fs::read_to_string(path).map_err(|e| format!("cannot read the file: {e}"))?,
     );
-    parse(&text, |file| std::fs::read_to_string(file))
+    parse(&text, |file| std::fs::read_to_string(file), resolve)
 }
 
 /// [`read`] of the file's text; `read_url_file` reads a `database_url_file`.
 pub(super) fn parse(
     text: &str,
     read_url_file: impl Fn(&Path) -> std::io::Result<String>,
+    resolve: ResolveReference<'_>,
 ) -> Result<Vec<JobSourceSpec>, String> {
     let file: File = toml::from_str(text).map_err(|e| e.message().to_string())?;
     let mut out = Vec::with_capacity(file.sources.len());
     for (name, entry) in file.sources {
         let url = match (entry.database_url, entry.database_url_file) {
-            (Some(url), None) => Zeroizing::new(url),
+            (Some(url), None) => {
+                let url = Zeroizing::new(url);
+                resolve(&url).map_err(|e| format!("source `{name}`: `database_url`: {e}"))?
+            }
             (None, Some(file)) => {
                 let text = Zeroizing::new(read_url_file(&file).map_err(|e| {
                     format!("source `{name}`: cannot read its `database_url_file`: {e}")
@@ -136,7 +145,8 @@ mod tests {
             ),
         )
         .unwrap();
-        let sources = read(&file).unwrap();
+        let literal = |v: &str| Ok(Zeroizing::new(v.to_string()));
+        let sources = read(&file, &literal).unwrap();
         assert_eq!(sources.len(), 2);
         assert_eq!(sources[0].name, "billing");
         assert_eq!(
@@ -161,7 +171,7 @@ mod tests {
             ),
         ] {
             std::fs::write(&file, body).unwrap();
-            let e = read(&file).unwrap_err();
+            let e = read(&file, &literal).unwrap_err();
             assert!(e.contains(want) && !e.contains("pw-9"), "{e}");
         }
     }

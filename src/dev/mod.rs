@@ -97,8 +97,9 @@ pub async fn run(opts: DevOptions) -> anyhow::Result<()> {
     settings.master_key = Some(master_key);
     settings.log_format = LogFormat::Text;
     if let Some(file) = &opts.job_sources {
-        settings.job_sources = crate::config::read_job_sources(file)
-            .map_err(|e| anyhow::anyhow!("--job-sources {}: {e}", file.display()))?;
+        settings.job_sources =
+            crate::config::read_job_sources(file, &crate::config::resolve_reference)
+                .map_err(|e| anyhow::anyhow!("--job-sources {}: {e}", file.display()))?;
     }
     // Standard output carries the banner; the audit log gets its own file.
     settings.audit = crate::audit::Destination::File(data_dir.join("audit.jsonl"));

@@ -41,6 +41,38 @@ impl AwsKms {
             key_id,
         }
     }
+
+    /// Checks at start that the key exists where the client looks for it
+    /// (`DescribeKey`): a key id that does not exist, or exists in another
+    /// region, is a configuration error, reported at once instead of being
+    /// retried as an outage. Unreachable, throttled or not allowed to
+    /// describe keys: not decided here (the first real call reports it).
+    pub async fn check_key(&self) -> Result<(), String> {
+        let region = self
+            .client
+            .config()
+            .region()
+            .map(|r| r.to_string())
+            .ok_or("no AWS region is configured (set AWS_REGION)")?;
+        match self.client.describe_key().key_id(&self.key_id).send().await {
+            Ok(_) => Ok(()),
+            Err(SdkError::ServiceError(service))
+                if service.err().code() == Some("NotFoundException") =>
+            {
+                Err(format!(
+                    "the KMS key `{}` (KEYWARD_AWS_KMS_KEY_ID) does not exist in region {region} (AWS_REGION): a wrong key id, or the wrong region",
+                    self.key_id
+                ))
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %classify(e),
+                    "could not check the AWS KMS key at start; the first call will tell"
+                );
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Sorts a KMS failure: a key that cannot decrypt this ciphertext is a

@@ -3,6 +3,7 @@
 
 use crate::crypto::DataKey;
 
+use super::pkcs11::Pkcs11Settings;
 use super::vault::VaultSettings;
 
 /// Which provider wraps the root KEK.
@@ -14,15 +15,18 @@ pub enum ProviderKind {
     AwsKms,
     /// Vault or OpenBao transit.
     Vault,
+    /// An AES key in an HSM or other PKCS#11 token.
+    Pkcs11,
 }
 
 impl ProviderKind {
-    /// Parses `env`, `aws-kms` or `vault`.
+    /// Parses `env`, `aws-kms`, `vault` or `pkcs11`.
     pub fn parse(s: &str) -> Option<ProviderKind> {
         match s {
             "env" => Some(ProviderKind::Env),
             "aws-kms" => Some(ProviderKind::AwsKms),
             "vault" => Some(ProviderKind::Vault),
+            "pkcs11" => Some(ProviderKind::Pkcs11),
             _ => None,
         }
     }
@@ -33,6 +37,7 @@ impl ProviderKind {
             ProviderKind::Env => "env",
             ProviderKind::AwsKms => "aws-kms",
             ProviderKind::Vault => "vault",
+            ProviderKind::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -65,4 +70,6 @@ pub enum ProviderSettings {
     },
     /// The `vault` provider.
     Vault(VaultSettings),
+    /// The `pkcs11` provider.
+    Pkcs11(Pkcs11Settings),
 }

@@ -16,13 +16,17 @@ use zeroize::Zeroizing;
 use super::provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 use crate::crypto::{DataKey, KEY_LEN};
 use crate::domain::ids::KekId;
+use crate::secret_cell::SecretCell;
 
 const PREFIX: &[u8; 16] = b"keyward:kek:v1\0\0";
 
-/// How to log in.
+/// How to log in. The token and the secret id are cells: a `file://`
+/// reference re-read on SIGHUP replaces them, and the next call logs in with
+/// the new value.
+#[derive(Clone)]
 pub enum VaultAuth {
     /// A token, renewed when renewable.
-    Token(Zeroizing<String>),
+    Token(SecretCell),
     /// AppRole credentials.
     AppRole {
         /// The auth mount (usually `approle`).
@@ -30,7 +34,7 @@ pub enum VaultAuth {
         /// The role id.
         role_id: String,
         /// The secret id.
-        secret_id: Zeroizing<String>,
+        secret_id: SecretCell,
     },
 }
 
@@ -52,6 +56,9 @@ struct Session {
     client: VaultClient,
     /// When the token must be renewed or replaced (None: never expires).
     refresh_at: Option<Instant>,
+    /// The generation of the configured secret this session was made with:
+    /// a newer one (re-read on SIGHUP) means log in again with it.
+    secret_generation: u64,
 }
 
 /// A transit key in Vault or OpenBao.
@@ -91,9 +98,13 @@ impl Vault {
         &self,
     ) -> Result<tokio::sync::MappedMutexGuard<'_, VaultClient>, ProviderError> {
         let mut guard = self.session.lock().await;
+        let generation = self.secret_generation();
         let stale = match &*guard {
             None => true,
-            Some(s) => s.refresh_at.is_some_and(|at| Instant::now() >= at),
+            Some(s) => {
+                s.refresh_at.is_some_and(|at| Instant::now() >= at)
+                    || s.secret_generation != generation
+            }
         };
         if stale {
             match self.refresh().await {
@@ -112,6 +123,40 @@ impl Vault {
         // Set above, or returned early.
         tokio::sync::MutexGuard::try_map(guard, |s| s.as_mut().map(|s| &mut s.client))
             .map_err(|_| ProviderError::Unavailable("no Vault session".to_string()))
+    }
+
+    fn secret_generation(&self) -> u64 {
+        match &self.settings.auth {
+            VaultAuth::Token(token) => token.generation(),
+            VaultAuth::AppRole { secret_id, .. } => secret_id.generation(),
+        }
+    }
+
+    /// One field of a KV version 2 secret (`vault://MOUNT/PATH#FIELD` secret
+    /// references), read with this provider's address, CA and login. The
+    /// error names the reference's parts, never a value.
+    pub async fn read_kv2_field(
+        &self,
+        mount: &str,
+        path: &str,
+        field: &str,
+    ) -> Result<Zeroizing<String>, String> {
+        let client = self.client().await.map_err(|e| e.to_string())?;
+        let mut data: serde_json::Map<String, serde_json::Value> =
+            match vaultrs::kv2::read(&*client, mount, path).await {
+                Ok(data) => data,
+                Err(ClientError::APIError { code: 404, .. }) => {
+                    return Err(format!(
+                        "no KV v2 secret `{path}` in mount `{mount}` (or no such mount)"
+                    ))
+                }
+                Err(e) => return Err(format!("Vault KV read failed: {}", describe(&e))),
+            };
+        match data.remove(field) {
+            Some(serde_json::Value::String(value)) => Ok(Zeroizing::new(value)),
+            Some(_) => Err(format!("the field `{field}` is not a string")),
+            None => Err(format!("the secret has no field `{field}`")),
+        }
     }
 
     fn new_client(&self, token: &str) -> Result<VaultClient, ProviderError> {
@@ -140,8 +185,10 @@ impl Vault {
                 role_id,
                 secret_id,
             } => {
+                let generation = secret_id.generation();
+                let secret_id = secret_id.get();
                 let client = self.new_client("")?;
-                let auth = vaultrs::auth::approle::login(&client, mount, role_id, secret_id)
+                let auth = vaultrs::auth::approle::login(&client, mount, role_id, &secret_id)
                     .await
                     .map_err(|e| unavailable("AppRole login", e))?;
                 let mut client = self.new_client(&auth.client_token)?;
@@ -153,10 +200,12 @@ impl Vault {
                 Ok(Session {
                     client,
                     refresh_at: refresh_after(auth.lease_duration),
+                    secret_generation: generation,
                 })
             }
             VaultAuth::Token(token) => {
-                let client = self.new_client(token)?;
+                let generation = token.generation();
+                let client = self.new_client(&token.get())?;
                 let info = vaultrs::token::lookup_self(&client)
                     .await
                     .map_err(|e| unavailable("token lookup", e))?;
@@ -170,6 +219,7 @@ impl Vault {
                             return Ok(Session {
                                 client,
                                 refresh_at: refresh_after(auth.lease_duration),
+                                secret_generation: generation,
                             });
                         }
                         Err(e) => {
@@ -180,6 +230,7 @@ impl Vault {
                 Ok(Session {
                     client,
                     refresh_at: refresh_after(info.ttl),
+                    secret_generation: generation,
                 })
             }
         }

@@ -151,8 +151,8 @@ impl Store {
     /// On PostgreSQL, a listener for change announcements (see [`CHANNEL`]);
     /// `None` on SQLite, where polling alone carries changes.
     pub async fn change_listener(&self) -> Option<sqlx::postgres::PgListener> {
-        let url = self.listen_url.as_ref()?;
-        match sqlx::postgres::PgListener::connect(url).await {
+        let url = self.listen_url.as_ref()?.get();
+        match sqlx::postgres::PgListener::connect(&url).await {
             Ok(mut listener) => match listener.listen(CHANNEL).await {
                 Ok(()) => Some(listener),
                 Err(e) => {

@@ -126,8 +126,9 @@ const WRITE_TURN_WAIT: Duration = Duration::from_secs(15);
 pub struct Store {
     pub(super) pool: AnyPool,
     pub(super) backend: Backend,
-    /// The PostgreSQL URL, kept for the LISTEN connection (it may hold a password).
-    pub(super) listen_url: Option<std::sync::Arc<zeroize::Zeroizing<String>>>,
+    /// The PostgreSQL URL, kept for the LISTEN connection (it may hold a
+    /// password); replaced by [`Store::replace_url`].
+    pub(super) listen_url: Option<crate::secret_cell::SecretCell>,
     /// Writers' turns. SQLite takes one write lock for the whole file: one
     /// writer at a time in this process. Without this, writers (rotations,
     /// management, the audit table, job bookkeeping) each hold a pooled
@@ -158,7 +159,7 @@ impl Store {
             ))
         })?;
         let listen_url = (backend == Backend::Postgres)
-            .then(|| std::sync::Arc::new(zeroize::Zeroizing::new(url.to_string())));
+            .then(|| crate::secret_cell::SecretCell::new(zeroize::Zeroizing::new(url.to_string())));
         if backend == Backend::Sqlite {
             create_private_sqlite_file(url);
         }
@@ -215,6 +216,28 @@ impl Store {
                 },
             ))),
         })
+    }
+
+    /// Connects with `url` from now on (a password rotated and its
+    /// `file://` reference re-read on SIGHUP): new pool connections and the
+    /// next LISTEN connection use it; open connections stay as they are. Only
+    /// on PostgreSQL (a SQLite URL carries no credential); the URL must name
+    /// the same kind of database.
+    pub fn replace_url(&self, url: &str) -> Result<(), StoreError> {
+        let (Backend::Postgres, Some(listen)) = (self.backend, &self.listen_url) else {
+            return Err(StoreError::Other(sqlx::Error::Configuration(
+                "only a PostgreSQL URL is replaced while running".into(),
+            )));
+        };
+        if Backend::from_url(url) != Some(Backend::Postgres) {
+            return Err(StoreError::Other(sqlx::Error::Configuration(
+                "the new URL is not a PostgreSQL URL".into(),
+            )));
+        }
+        let options = sqlx::any::AnyConnectOptions::from_str(url)?;
+        self.pool.set_connect_options(options);
+        listen.replace(zeroize::Zeroizing::new(url.to_string()));
+        Ok(())
     }
 
     /// Waits for this process's turn to write (see `write_turn`). Hold the

@@ -50,6 +50,28 @@ out = pathlib.Path(sys.argv[2])
 cases = {
     "mtls": {"tls": {"secretName": "kw-tls", "clientCa": {"secretName": "kw-ca"}, "clientCrl": {"secretName": "kw-crl"}}},
     "plaintext": {"allowPlaintext": True, "trustedProxies": {"cidrs": "10.0.0.0/8", "header": "forwarded"}},
+    "aws-kms": {"tls": {"secretName": "kw-tls"}, "serviceAccountName": "keyward-kms",
+                "masterKey": {"provider": "aws-kms", "awsKms": {"keyId": "alias/keyward", "region": "eu-north-1"}}},
+    "vault": {"tls": {"secretName": "kw-tls"},
+              "masterKey": {"provider": "vault", "vault": {"addr": "https://vault:8200", "transitKey": "keyward",
+                            "tokenSecret": {"name": "kw-vault-token"}, "caSecret": {"name": "kw-vault-ca"}}}},
+    "vault-approle": {"tls": {"secretName": "kw-tls"},
+              "masterKey": {"provider": "vault", "vault": {"addr": "https://vault:8200", "transitKey": "keyward",
+                            "roleId": "role-1", "secretIdSecret": {"name": "kw-vault-approle"}}}},
+    "pkcs11": {"tls": {"secretName": "kw-tls"},
+               "masterKey": {"provider": "pkcs11", "pkcs11": {
+                   "moduleVolume": {"hostPath": {"path": "/opt/hsm-client/lib", "type": "Directory"}},
+                   "modulePath": "libvendor-pkcs11.so", "tokenLabel": "keyward", "keyLabel": "root-kek-wrapper",
+                   "pinSecret": {"name": "kw-hsm-pin"},
+                   "extraEnv": [{"name": "VENDOR_HSM_CONF", "value": "/opt/pkcs11/vendor.conf"}]}}},
+}
+refused = {
+    "pkcs11-no-module": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "pkcs11", "pkcs11": {
+        "modulePath": "x.so", "tokenLabel": "t", "keyLabel": "k", "pinSecret": {"name": "p"}}}},
+    "vault-no-login": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "vault", "vault": {
+        "addr": "https://vault:8200", "transitKey": "k"}}},
+    "aws-no-region": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "aws-kms", "awsKms": {"keyId": "k"}}},
+    "unknown-provider": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "tpm2"}},
 }
 result = {}
 for name, values in cases.items():
@@ -67,6 +89,12 @@ try:
     result["neither"] = "rendered"
 except Exception as e:
     result["neither"] = str(e)
+for name, values in refused.items():
+    try:
+        chart.render(values=values, name="kw")
+        result[name] = "rendered"
+    except Exception as e:
+        result[name] = str(e)
 print(json.dumps(result))
 "#;
 
@@ -86,12 +114,91 @@ fn the_helm_chart_renders_and_validates_against_kubernetes_schemas() {
         String::from_utf8_lossy(&out.stderr)
     );
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for case in ["mtls", "plaintext"] {
+    for case in [
+        "mtls",
+        "plaintext",
+        "aws-kms",
+        "vault",
+        "vault-approle",
+        "pkcs11",
+    ] {
         assert_eq!(
             result[case]["validate_rc"], 0,
             "{case}: {}",
             result[case]["validate_out"]
         );
+    }
+    // Each provider wired: its settings, its secrets as file:// references
+    // to mounted Secrets (never values), the PKCS#11 module from a volume.
+    let rendered = |case: &str| -> String {
+        result[case]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| std::fs::read_to_string(f.as_str().unwrap()).unwrap())
+            .collect()
+    };
+    for (case, needed) in [
+        (
+            "aws-kms",
+            &[
+                "value: \"aws-kms\"",
+                "KEYWARD_AWS_KMS_KEY_ID",
+                "value: \"eu-north-1\"",
+                "serviceAccountName: keyward-kms",
+            ][..],
+        ),
+        (
+            "vault",
+            &[
+                "KEYWARD_VAULT_ADDR",
+                "value: \"file:///etc/keyward/provider/vault-token\"",
+                "KEYWARD_VAULT_CA_FILE",
+                "name: kw-vault-token",
+                "name: kw-vault-ca",
+            ][..],
+        ),
+        (
+            "vault-approle",
+            &[
+                "KEYWARD_VAULT_ROLE_ID",
+                "value: \"file:///etc/keyward/provider/vault-secret-id\"",
+                "name: kw-vault-approle",
+            ][..],
+        ),
+        (
+            "pkcs11",
+            &[
+                "value: \"pkcs11\"",
+                "value: \"/opt/pkcs11/libvendor-pkcs11.so\"",
+                "KEYWARD_PKCS11_TOKEN_LABEL",
+                "KEYWARD_PKCS11_KEY_LABEL",
+                "value: \"file:///etc/keyward/provider/pkcs11-pin\"",
+                "name: kw-hsm-pin",
+                "mountPath: /opt/pkcs11",
+                "path: /opt/hsm-client/lib",
+                "VENDOR_HSM_CONF",
+            ][..],
+        ),
+    ] {
+        let text = rendered(case);
+        for n in needed {
+            assert!(text.contains(n), "{case} lacks `{n}`:\n{text}");
+        }
+        assert!(
+            !text.contains("KEYWARD_MASTER_KEY\n"),
+            "{case} still sets KEYWARD_MASTER_KEY:\n{text}"
+        );
+        assert!(!text.contains("name: KEYWARD_MASTER_KEY\n"), "{case}");
+    }
+    for (case, word) in [
+        ("pkcs11-no-module", "moduleVolume"),
+        ("vault-no-login", "tokenSecret"),
+        ("aws-no-region", "region"),
+        ("unknown-provider", "masterKey.provider"),
+    ] {
+        let e = result[case].as_str().unwrap_or_default();
+        assert!(e != "rendered" && e.contains(word), "{case}: {e}");
     }
     assert_ne!(
         result["neither"], "rendered",

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::helpers::{assert_error, random_master_key, send, Backend, Creds, TestApp};
 
-fn peer_env(name: &str) -> String {
+pub(crate) fn peer_env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
         panic!("{name} is not set: run the tests through scripts/test, which starts moto_server and OpenBao")
     })
@@ -91,7 +91,7 @@ async fn forward(listener: TcpListener, target: String) {
 }
 
 /// A fresh KMS key in moto; returns its id.
-async fn new_kms_key() -> String {
+pub(crate) async fn new_kms_key() -> String {
     let creds = aws_sdk_kms::config::Credentials::new(
         peer_env("KEYWARD_TEST_AWS_ACCESS_KEY_ID"),
         peer_env("KEYWARD_TEST_AWS_SECRET_ACCESS_KEY"),
@@ -118,7 +118,7 @@ async fn new_kms_key() -> String {
 }
 
 /// A fresh transit key in OpenBao; returns its name.
-async fn new_transit_key() -> String {
+pub(crate) async fn new_transit_key() -> String {
     let name = format!("kw-{}", uuid::Uuid::new_v4().simple());
     let resp = crate::helpers::http_client()
         .post(format!(
@@ -138,7 +138,7 @@ async fn new_transit_key() -> String {
     name
 }
 
-async fn vault_api(method: reqwest::Method, path: &str, body: Value) -> Value {
+pub(crate) async fn vault_api(method: reqwest::Method, path: &str, body: Value) -> Value {
     let resp = crate::helpers::http_client()
         .request(
             method,
@@ -156,7 +156,7 @@ async fn vault_api(method: reqwest::Method, path: &str, body: Value) -> Value {
 }
 
 /// A policy named `key` allowing transit encrypt and decrypt with `key`.
-async fn write_policy(key: &str) {
+pub(crate) async fn write_policy(key: &str) {
     let policy = format!(
         "path \"transit/encrypt/{key}\" {{ capabilities = [\"update\"] }}\npath \"transit/decrypt/{key}\" {{ capabilities = [\"update\"] }}"
     );
@@ -204,7 +204,7 @@ async fn new_approle(key: &str) -> (String, String) {
     )
 }
 
-fn aws_env(endpoint: &str, key_id: &str) -> Vec<(String, String)> {
+pub(crate) fn aws_env(endpoint: &str, key_id: &str) -> Vec<(String, String)> {
     vec![
         ("KEYWARD_MASTER_KEY_PROVIDER".into(), "aws-kms".into()),
         ("KEYWARD_AWS_KMS_KEY_ID".into(), key_id.into()),
@@ -222,7 +222,7 @@ fn aws_env(endpoint: &str, key_id: &str) -> Vec<(String, String)> {
     ]
 }
 
-fn vault_env(addr: &str, key: &str) -> Vec<(String, String)> {
+pub(crate) fn vault_env(addr: &str, key: &str) -> Vec<(String, String)> {
     vec![
         ("KEYWARD_MASTER_KEY_PROVIDER".into(), "vault".into()),
         ("KEYWARD_VAULT_ADDR".into(), addr.into()),
@@ -234,15 +234,15 @@ fn vault_env(addr: &str, key: &str) -> Vec<(String, String)> {
     ]
 }
 
-fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+pub(crate) fn as_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
     env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
 
-async fn readiness(app: &TestApp) -> (StatusCode, Value) {
+pub(crate) async fn readiness(app: &TestApp) -> (StatusCode, Value) {
     send(app.client.get(app.url("/readyz"))).await
 }
 
-async fn wait_ready(app: &TestApp) {
+pub(crate) async fn wait_ready(app: &TestApp) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (status, body) = readiness(app).await;
@@ -254,7 +254,7 @@ async fn wait_ready(app: &TestApp) {
     }
 }
 
-async fn decrypts(app: &TestApp, creds: &Creds, encrypted: &Value, data: &str) {
+pub(crate) async fn decrypts(app: &TestApp, creds: &Creds, encrypted: &Value, data: &str) {
     let (status, body) = app.decrypt(creds, encrypted).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["data"], data);
@@ -640,4 +640,48 @@ async fn a_short_lived_vault_token_is_renewed_while_keyward_runs() {
     );
     assert!(app.log_shows("renewed the Vault token").await);
     assert!(!app.log_text().contains(&token), "the token is logged");
+}
+
+/// A KMS key id that does not exist, or a key looked for in another region,
+/// stops `serve` at start with a configuration error (not retried as an
+/// outage, which would leave Keyward up and never ready).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aws_kms_key_not_found_or_wrong_region_is_a_startup_error() {
+    let key = new_kms_key().await;
+    let moto = peer_env("KEYWARD_TEST_MOTO_URL");
+    let app = TestApp::spawn_with(Backend::Sqlite, &[]).await;
+    let missing = uuid::Uuid::new_v4().to_string();
+    let mut wrong_region = aws_env(&moto, &key);
+    for (k, v) in wrong_region.iter_mut() {
+        if k == "AWS_REGION" {
+            *v = "eu-north-1".into();
+        }
+    }
+    for (env, words) in [
+        (
+            aws_env(&moto, &missing),
+            vec![missing.as_str(), "does not exist"],
+        ),
+        (
+            wrong_region,
+            vec![key.as_str(), "eu-north-1", "does not exist"],
+        ),
+    ] {
+        let mut cmd = app.serve_command();
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        let started = Instant::now();
+        let out = cmd.output().unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "retried instead of failing"
+        );
+        assert!(!out.status.success(), "started with {env:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("master-key provider `aws-kms`"), "{err}");
+        for w in words {
+            assert!(err.contains(w), "`{w}` not in {err}");
+        }
+    }
 }

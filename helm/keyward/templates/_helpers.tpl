@@ -40,4 +40,38 @@ crash loop.
 {{- if and $tls.clientCrl.secretName (not $tls.clientCa.secretName) -}}
 {{- fail "keyward: tls.clientCrl needs tls.clientCa.secretName: CRLs apply to client certificates" -}}
 {{- end -}}
+{{- $mk := .Values.masterKey -}}
+{{- if not (has $mk.provider (list "env" "aws-kms" "vault" "pkcs11")) -}}
+{{- fail "keyward: masterKey.provider must be env, aws-kms, vault or pkcs11" -}}
+{{- end -}}
+{{- if eq $mk.provider "aws-kms" -}}
+{{- if not (and $mk.awsKms.keyId $mk.awsKms.region) -}}
+{{- fail "keyward: masterKey.provider aws-kms needs masterKey.awsKms.keyId and masterKey.awsKms.region" -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $mk.provider "vault" -}}
+{{- if not (and $mk.vault.addr $mk.vault.transitKey) -}}
+{{- fail "keyward: masterKey.provider vault needs masterKey.vault.addr and masterKey.vault.transitKey" -}}
+{{- end -}}
+{{- if eq (not $mk.vault.tokenSecret.name) (not (and $mk.vault.roleId $mk.vault.secretIdSecret.name)) -}}
+{{- fail "keyward: masterKey.provider vault needs either masterKey.vault.tokenSecret.name, or masterKey.vault.roleId and masterKey.vault.secretIdSecret.name (AppRole)" -}}
+{{- end -}}
+{{- end -}}
+{{- if eq $mk.provider "pkcs11" -}}
+{{- if not (and $mk.pkcs11.moduleVolume $mk.pkcs11.modulePath $mk.pkcs11.keyLabel $mk.pkcs11.pinSecret.name) -}}
+{{- fail "keyward: masterKey.provider pkcs11 needs masterKey.pkcs11.moduleVolume, modulePath, keyLabel and pinSecret.name" -}}
+{{- end -}}
+{{- if eq (not $mk.pkcs11.tokenLabel) (not $mk.pkcs11.slot) -}}
+{{- fail "keyward: masterKey.provider pkcs11 needs either masterKey.pkcs11.tokenLabel or masterKey.pkcs11.slot" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where provider secrets (Vault token, AppRole secret id, Vault CA, PKCS#11 PIN) are mounted. */}}
+{{- define "keyward.providerDir" -}}/etc/keyward/provider{{- end -}}
+
+{{/* Whether the provider needs the provider-secrets volume. */}}
+{{- define "keyward.providerFiles" -}}
+{{- $mk := .Values.masterKey -}}
+{{- if or (and (eq $mk.provider "vault") (or $mk.vault.tokenSecret.name $mk.vault.secretIdSecret.name $mk.vault.caSecret.name)) (eq $mk.provider "pkcs11") -}}true{{- end -}}
 {{- end -}}
