@@ -12,7 +12,7 @@ use super::secrets::{DatabaseUrl, SecretString};
 use super::settings::Settings;
 use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
 use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
-use crate::master_key::ProviderKind;
+use crate::master_key::{ProviderKind, TpmSettings};
 use crate::telemetry::LogFormat;
 use crate::tls::{ServerCert, TlsFiles};
 
@@ -103,8 +103,7 @@ impl Raw {
                 positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
             })?,
             master_key_provider: self.required("master_key_provider", |v| {
-                ProviderKind::parse(v)
-                    .ok_or_else(|| "must be `env`, `aws-kms` or `vault`".to_string())
+                ProviderKind::parse(v).ok_or_else(|| format!("must be {}", ProviderKind::NAMES))
             })?,
             master_key: self.parse("master_key", parse_master_key)?,
             new_master_key: self.parse("new_master_key", parse_master_key)?,
@@ -119,6 +118,12 @@ impl Raw {
             vault_transit_mount: self.required("vault_transit_mount", non_empty)?,
             vault_transit_key: self.parse("vault_transit_key", non_empty)?,
             vault_ca_file: self.parse("vault_ca_file", readable_file)?,
+            tpm_tcti: self.required("tpm_tcti", |v| {
+                TpmSettings::check_tcti(v).map(|()| v.to_string())
+            })?,
+            tpm_pcrs: self
+                .parse("tpm_pcrs", TpmSettings::parse_pcrs)?
+                .unwrap_or_default(),
             max_body_bytes: self.required("max_body_bytes", positive)?,
             max_batch_items: self.required("max_batch_items", positive)?,
             max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,

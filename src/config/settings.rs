@@ -14,7 +14,7 @@ use super::secrets::{DatabaseUrl, SecretString};
 use super::sources::JobSourceSpec;
 use crate::crypto::DataKey;
 use crate::master_key::{
-    ProviderConfigError, ProviderKind, ProviderSettings, VaultAuth, VaultSettings,
+    ProviderConfigError, ProviderKind, ProviderSettings, TpmSettings, VaultAuth, VaultSettings,
 };
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -56,6 +56,10 @@ pub struct Settings {
     pub vault_transit_key: Option<String>,
     /// CA bundle for Vault's TLS.
     pub vault_ca_file: Option<PathBuf>,
+    /// How to reach the TPM (a TCTI string).
+    pub tpm_tcti: String,
+    /// The PCRs (SHA-256 bank) the TPM provider seals to.
+    pub tpm_pcrs: Vec<u8>,
     /// Body size limit.
     pub max_body_bytes: usize,
     /// Most items per batch.
@@ -218,6 +222,10 @@ impl Settings {
                     ca_file: self.vault_ca_file.as_ref().map(|p| p.display().to_string()),
                 })
             }
+            ProviderKind::Tpm => ProviderSettings::Tpm(TpmSettings {
+                tcti: self.tpm_tcti.clone(),
+                pcrs: self.tpm_pcrs.clone(),
+            }),
         })
     }
 }

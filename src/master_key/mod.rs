@@ -3,8 +3,8 @@
 //! never on the encrypt or decrypt path: after start every data key is unwrapped
 //! by the root KEK held in memory.
 //!
-//! Each provider is one file behind [`MasterKeyProvider`]; adding Azure Key Vault
-//! or PKCS#11 means adding a file, not touching the request path. What a
+//! Each provider is one file behind [`MasterKeyProvider`]; adding a provider
+//! means adding a file, not touching the request path. What a
 //! provider needs is a [`ProviderSettings`], which the configuration produces:
 //! nothing here reads settings.
 
@@ -12,6 +12,7 @@ mod aws_kms;
 mod env;
 mod provider;
 mod settings;
+mod tpm;
 mod vault;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ pub use aws_kms::AwsKms;
 pub use env::EnvMasterKey;
 pub use provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 pub use settings::{ProviderConfigError, ProviderKind, ProviderSettings};
+pub use tpm::{Tpm, TpmSettings};
 pub use vault::{Vault, VaultAuth, VaultSettings};
 
 /// Builds the provider its settings describe (the configuration's
@@ -31,5 +33,6 @@ pub async fn build(settings: ProviderSettings) -> Arc<dyn MasterKeyProvider> {
             Arc::new(AwsKms::new(key_id, endpoint).await)
         }
         ProviderSettings::Vault(settings) => Arc::new(Vault::new(settings)),
+        ProviderSettings::Tpm(settings) => Arc::new(Tpm::new(settings)),
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::crypto::DataKey;
 
+use super::tpm::TpmSettings;
 use super::vault::VaultSettings;
 
 /// Which provider wraps the root KEK.
@@ -14,15 +15,21 @@ pub enum ProviderKind {
     AwsKms,
     /// Vault or OpenBao transit.
     Vault,
+    /// A TPM 2.0.
+    Tpm,
 }
 
 impl ProviderKind {
-    /// Parses `env`, `aws-kms` or `vault`.
+    /// Every provider's name, for messages.
+    pub const NAMES: &'static str = "`env`, `aws-kms`, `vault` or `tpm`";
+
+    /// Parses a provider's name ([`ProviderKind::NAMES`]).
     pub fn parse(s: &str) -> Option<ProviderKind> {
         match s {
             "env" => Some(ProviderKind::Env),
             "aws-kms" => Some(ProviderKind::AwsKms),
             "vault" => Some(ProviderKind::Vault),
+            "tpm" => Some(ProviderKind::Tpm),
             _ => None,
         }
     }
@@ -33,6 +40,7 @@ impl ProviderKind {
             ProviderKind::Env => "env",
             ProviderKind::AwsKms => "aws-kms",
             ProviderKind::Vault => "vault",
+            ProviderKind::Tpm => "tpm",
         }
     }
 }
@@ -65,4 +73,6 @@ pub enum ProviderSettings {
     },
     /// The `vault` provider.
     Vault(VaultSettings),
+    /// The `tpm` provider.
+    Tpm(TpmSettings),
 }

@@ -37,6 +37,7 @@ mod secrets;
 mod slow_input;
 mod sources;
 mod tls;
+mod tpm;
 mod versions;
 
 /// SHA-256 of the SubjectPublicKeyInfo of the certificate in a PEM file, hex.

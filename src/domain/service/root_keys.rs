@@ -48,6 +48,10 @@ impl KeyService {
                         | RootKeyError::ProviderMismatch { .. } => {
                             "the master key does not match this database (see the log)".to_string()
                         }
+                        RootKeyError::ProviderRefused { .. } => format!(
+                            "master-key provider `{}` refused its configuration (see the log)",
+                            self.provider.name()
+                        ),
                     };
                     self.set_not_ready(Some(reason));
                 } else if matches!(
@@ -497,6 +501,9 @@ impl KeyService {
         tracing::info!(%kek, "a root KEK not loaded here is named; reloading the root keys");
         self.load_root_keys().await.map_err(|e| match e {
             RootKeyError::Provider(p) => KeyError::Provider(p),
+            RootKeyError::ProviderRefused { reason, .. } => {
+                KeyError::Provider(ProviderError::Misconfigured(reason))
+            }
             RootKeyError::Store(s) => KeyError::Store(s),
             // A master key migrated away from under this process, and a KEK
             // made since: it stopped serving (503).
@@ -666,6 +673,11 @@ async fn unwrap_root_kek(
             ProviderError::KeyMismatch => RootKeyError::MasterKeyMismatch {
                 setting: provider.key_setting(),
                 kek_id: row.id,
+            },
+            ProviderError::Misconfigured(reason) => RootKeyError::ProviderRefused {
+                provider: provider.name(),
+                kek_id: row.id,
+                reason,
             },
             other => RootKeyError::Provider(other),
         })
