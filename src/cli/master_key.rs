@@ -20,7 +20,7 @@ pub(super) enum MasterKeyCommand {
     /// current provider is KEYWARD_MASTER_KEY_PROVIDER; the target's settings
     /// come from its own variables (KEYWARD_NEW_MASTER_KEY for env to env).
     Migrate {
-        /// The target provider: env, aws-kms, vault or tpm.
+        /// The target provider: env, aws-kms, vault, tpm or azure-key-vault.
         #[arg(long, value_name = "PROVIDER")]
         to: String,
         #[command(flatten)]

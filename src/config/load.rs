@@ -12,7 +12,7 @@ use super::secrets::{DatabaseUrl, SecretString};
 use super::settings::Settings;
 use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
 use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
-use crate::master_key::{ProviderKind, TpmSettings};
+use crate::master_key::{AzureAlgorithm, ProviderKind, TpmSettings};
 use crate::telemetry::LogFormat;
 use crate::tls::{ServerCert, TlsFiles};
 
@@ -120,6 +120,40 @@ impl Raw {
             vault_ca_file: self.parse("vault_ca_file", readable_file)?,
             tpm_tcti: self.required("tpm_tcti", |v| {
                 TpmSettings::check_tcti(v).map(|()| v.to_string())
+            })?,
+            azure_key_vault_url: self.parse("azure_key_vault_url", |v| {
+                if v.starts_with("https://") {
+                    Ok(v.trim_end_matches('/').to_string())
+                } else {
+                    Err("must be an https:// URL like https://NAME.vault.azure.net".into())
+                }
+            })?,
+            azure_key_vault_key: self.parse("azure_key_vault_key", non_empty)?,
+            azure_key_vault_algorithm: self.required("azure_key_vault_algorithm", |v| {
+                AzureAlgorithm::parse(v)
+                    .ok_or_else(|| "must be `RSA-OAEP-256` or `A256KW` (Managed HSM)".to_string())
+            })?,
+            azure_key_vault_ca_file: self.parse("azure_key_vault_ca_file", readable_file)?,
+            azure_key_vault_verify_challenge_resource: self.required(
+                "azure_key_vault_verify_challenge_resource",
+                |v| match v {
+                    "true" => Ok(true),
+                    "false" => Ok(false),
+                    _ => Err("must be `true` or `false`".into()),
+                },
+            )?,
+            azure_credential: self.required("azure_credential", |v| match v {
+                "client-secret" | "managed-identity" | "workload-identity" => Ok(v.to_string()),
+                _ => {
+                    Err("must be `client-secret`, `managed-identity` or `workload-identity`".into())
+                }
+            })?,
+            azure_tenant_id: self.parse("azure_tenant_id", non_empty)?,
+            azure_client_id: self.parse("azure_client_id", non_empty)?,
+            // The secret-reference resolver (env://, file://, vault://)
+            // applies to this setting like to every secret one.
+            azure_client_secret: self.parse("azure_client_secret", |v| {
+                non_empty(v).map(SecretString::new)
             })?,
             tpm_pcrs: self
                 .parse("tpm_pcrs", TpmSettings::parse_pcrs)?

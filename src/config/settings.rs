@@ -14,7 +14,8 @@ use super::secrets::{DatabaseUrl, SecretString};
 use super::sources::JobSourceSpec;
 use crate::crypto::DataKey;
 use crate::master_key::{
-    ProviderConfigError, ProviderKind, ProviderSettings, TpmSettings, VaultAuth, VaultSettings,
+    AzureAlgorithm, AzureCredential, AzureSettings, ProviderConfigError, ProviderKind,
+    ProviderSettings, TpmSettings, VaultAuth, VaultSettings,
 };
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -56,6 +57,24 @@ pub struct Settings {
     pub vault_transit_key: Option<String>,
     /// CA bundle for Vault's TLS.
     pub vault_ca_file: Option<PathBuf>,
+    /// The Azure Key Vault (or Managed HSM) URL.
+    pub azure_key_vault_url: Option<String>,
+    /// The Key Vault key's name.
+    pub azure_key_vault_key: Option<String>,
+    /// RSA-OAEP-256 or A256KW.
+    pub azure_key_vault_algorithm: AzureAlgorithm,
+    /// A CA bundle for Key Vault's and Entra ID's TLS, besides the system's.
+    pub azure_key_vault_ca_file: Option<PathBuf>,
+    /// Whether the vault's challenge must name the vault's domain.
+    pub azure_key_vault_verify_challenge_resource: bool,
+    /// `client-secret`, `managed-identity` or `workload-identity`.
+    pub azure_credential: String,
+    /// Directory (tenant) id, for a client secret.
+    pub azure_tenant_id: Option<String>,
+    /// Application (client) id, or a user-assigned managed identity's.
+    pub azure_client_id: Option<String>,
+    /// A service principal's client secret.
+    pub azure_client_secret: Option<SecretString>,
     /// How to reach the TPM (a TCTI string).
     pub tpm_tcti: String,
     /// The PCRs (SHA-256 bank) the TPM provider seals to.
@@ -220,6 +239,61 @@ impl Settings {
                     mount: self.vault_transit_mount.clone(),
                     key,
                     ca_file: self.vault_ca_file.as_ref().map(|p| p.display().to_string()),
+                })
+            }
+            ProviderKind::AzureKeyVault => {
+                let vault_url = self.azure_key_vault_url.clone().ok_or_else(|| {
+                    missing(
+                        "KEYWARD_AZURE_KEY_VAULT_URL",
+                        " (https://NAME.vault.azure.net)",
+                    )
+                })?;
+                let key = self
+                    .azure_key_vault_key
+                    .clone()
+                    .ok_or_else(|| missing("KEYWARD_AZURE_KEY_VAULT_KEY", " (the key's name)"))?;
+                let credential = match self.azure_credential.as_str() {
+                    "client-secret" => AzureCredential::ClientSecret {
+                        tenant_id: self.azure_tenant_id.clone().ok_or_else(|| {
+                            missing(
+                                "KEYWARD_AZURE_TENANT_ID",
+                                " with KEYWARD_AZURE_CREDENTIAL=client-secret",
+                            )
+                        })?,
+                        client_id: self.azure_client_id.clone().ok_or_else(|| {
+                            missing(
+                                "KEYWARD_AZURE_CLIENT_ID",
+                                " with KEYWARD_AZURE_CREDENTIAL=client-secret",
+                            )
+                        })?,
+                        secret: Zeroizing::new(
+                            self.azure_client_secret
+                                .as_ref()
+                                .ok_or_else(|| {
+                                    missing(
+                                        "KEYWARD_AZURE_CLIENT_SECRET",
+                                        " with KEYWARD_AZURE_CREDENTIAL=client-secret",
+                                    )
+                                })?
+                                .expose()
+                                .to_string(),
+                        ),
+                    },
+                    "managed-identity" => AzureCredential::ManagedIdentity {
+                        client_id: self.azure_client_id.clone(),
+                    },
+                    _ => AzureCredential::WorkloadIdentity,
+                };
+                ProviderSettings::AzureKeyVault(AzureSettings {
+                    vault_url,
+                    key,
+                    algorithm: self.azure_key_vault_algorithm,
+                    credential,
+                    ca_file: self
+                        .azure_key_vault_ca_file
+                        .as_ref()
+                        .map(|p| p.display().to_string()),
+                    verify_challenge_resource: self.azure_key_vault_verify_challenge_resource,
                 })
             }
             ProviderKind::Tpm => ProviderSettings::Tpm(TpmSettings {

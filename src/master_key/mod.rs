@@ -9,6 +9,7 @@
 //! nothing here reads settings.
 
 mod aws_kms;
+mod azure;
 mod env;
 mod provider;
 mod settings;
@@ -18,6 +19,7 @@ mod vault;
 use std::sync::Arc;
 
 pub use aws_kms::AwsKms;
+pub use azure::{AzureAlgorithm, AzureCredential, AzureKeyVault, AzureSettings};
 pub use env::EnvMasterKey;
 pub use provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 pub use settings::{ProviderConfigError, ProviderKind, ProviderSettings};
@@ -34,5 +36,6 @@ pub async fn build(settings: ProviderSettings) -> Arc<dyn MasterKeyProvider> {
         }
         ProviderSettings::Vault(settings) => Arc::new(Vault::new(settings)),
         ProviderSettings::Tpm(settings) => Arc::new(Tpm::new(settings)),
+        ProviderSettings::AzureKeyVault(settings) => Arc::new(AzureKeyVault::new(settings)),
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::crypto::DataKey;
 
+use super::azure::AzureSettings;
 use super::tpm::TpmSettings;
 use super::vault::VaultSettings;
 
@@ -17,11 +18,13 @@ pub enum ProviderKind {
     Vault,
     /// A TPM 2.0.
     Tpm,
+    /// Azure Key Vault or Managed HSM.
+    AzureKeyVault,
 }
 
 impl ProviderKind {
     /// Every provider's name, for messages.
-    pub const NAMES: &'static str = "`env`, `aws-kms`, `vault` or `tpm`";
+    pub const NAMES: &'static str = "`env`, `aws-kms`, `vault`, `tpm` or `azure-key-vault`";
 
     /// Parses a provider's name ([`ProviderKind::NAMES`]).
     pub fn parse(s: &str) -> Option<ProviderKind> {
@@ -30,6 +33,7 @@ impl ProviderKind {
             "aws-kms" => Some(ProviderKind::AwsKms),
             "vault" => Some(ProviderKind::Vault),
             "tpm" => Some(ProviderKind::Tpm),
+            "azure-key-vault" => Some(ProviderKind::AzureKeyVault),
             _ => None,
         }
     }
@@ -41,6 +45,7 @@ impl ProviderKind {
             ProviderKind::AwsKms => "aws-kms",
             ProviderKind::Vault => "vault",
             ProviderKind::Tpm => "tpm",
+            ProviderKind::AzureKeyVault => "azure-key-vault",
         }
     }
 }
@@ -75,4 +80,6 @@ pub enum ProviderSettings {
     Vault(VaultSettings),
     /// The `tpm` provider.
     Tpm(TpmSettings),
+    /// The `azure-key-vault` provider.
+    AzureKeyVault(AzureSettings),
 }

@@ -6,6 +6,7 @@ mod acme;
 mod audit;
 mod auth;
 mod authority;
+mod azure;
 mod blind_index;
 mod checkpoints;
 mod cli;

@@ -592,7 +592,7 @@ async fn load_root_keys(
         let wrapped = provider
             .wrap_root_kek(kek_id, &kek)
             .await
-            .map_err(RootKeyError::Provider)?;
+            .map_err(|e| wrap_failed(provider, kek_id, e))?;
         let row = RootKekRow {
             id: kek_id,
             provider: provider.name().to_string(),
@@ -683,6 +683,19 @@ async fn unwrap_root_kek(
         })
 }
 
+/// A failed wrap: a provider that refuses its configuration (credentials,
+/// key) says so and is not retried; anything else is an outage.
+fn wrap_failed(provider: &dyn MasterKeyProvider, kek_id: KekId, e: ProviderError) -> RootKeyError {
+    match e {
+        ProviderError::Misconfigured(reason) => RootKeyError::ProviderRefused {
+            provider: provider.name(),
+            kek_id,
+            reason,
+        },
+        other => RootKeyError::Provider(other),
+    }
+}
+
 /// Re-wraps every root KEK, now wrapped by `from`, under `to`, in one
 /// transaction. Returns how many KEKs moved. Running servers keep working (they
 /// hold the unwrapped KEKs); after this they must start with `to`'s settings.
@@ -698,12 +711,12 @@ pub async fn migrate_master_key(
         let wrapped = to
             .wrap_root_kek(row.id, &kek)
             .await
-            .map_err(RootKeyError::Provider)?;
+            .map_err(|e| wrap_failed(to, row.id, e))?;
         // Prove the new wrapping before committing to it.
         let back = to
             .unwrap_root_kek(row.id, &wrapped)
             .await
-            .map_err(RootKeyError::Provider)?;
+            .map_err(|e| wrap_failed(to, row.id, e))?;
         if back.expose() != kek.expose() {
             return Err(RootKeyError::Provider(ProviderError::Unavailable(
                 "the target provider returned a different key on unwrap".into(),
