@@ -50,6 +50,17 @@ out = pathlib.Path(sys.argv[2])
 cases = {
     "mtls": {"tls": {"secretName": "kw-tls", "clientCa": {"secretName": "kw-ca"}, "clientCrl": {"secretName": "kw-crl"}}},
     "plaintext": {"allowPlaintext": True, "trustedProxies": {"cidrs": "10.0.0.0/8", "header": "forwarded"}},
+    "azure": {"tls": {"secretName": "kw-tls"}, "masterKeyProvider": "azure-key-vault",
+              "azure": {"vaultUrl": "https://kw-prod.vault.azure.net", "key": "keyward-root",
+                        "workloadIdentity": {"clientId": "0f5fd1b4-c3d9-4a4a-8c3b-0a7d2e3b6c1d"}}},
+    "tpm": {"tls": {"secretName": "kw-tls"}, "masterKeyProvider": "tpm", "replicaCount": 1,
+            "nodeSelector": {"kubernetes.io/hostname": "node-with-tpm"},
+            "tpm": {"pcrs": "7", "hostDevice": True, "deviceResource": "squat.ai/tpmrm", "deviceGroup": 59}},
+}
+refused = {
+    "tpm_replicas": {"tls": {"secretName": "kw-tls"}, "masterKeyProvider": "tpm", "tpm": {"hostDevice": True}},
+    "azure_no_identity": {"tls": {"secretName": "kw-tls"}, "masterKeyProvider": "azure-key-vault",
+                          "azure": {"vaultUrl": "https://kw.vault.azure.net", "key": "k"}},
 }
 result = {}
 for name, values in cases.items():
@@ -67,6 +78,12 @@ try:
     result["neither"] = "rendered"
 except Exception as e:
     result["neither"] = str(e)
+for name, values in refused.items():
+    try:
+        chart.render(values=values, name="kw")
+        result[name] = "rendered"
+    except Exception as e:
+        result[name] = str(e)
 print(json.dumps(result))
 "#;
 
@@ -86,7 +103,7 @@ fn the_helm_chart_renders_and_validates_against_kubernetes_schemas() {
         String::from_utf8_lossy(&out.stderr)
     );
     let result: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    for case in ["mtls", "plaintext"] {
+    for case in ["mtls", "plaintext", "azure", "tpm"] {
         assert_eq!(
             result[case]["validate_rc"], 0,
             "{case}: {}",
@@ -97,6 +114,55 @@ fn the_helm_chart_renders_and_validates_against_kubernetes_schemas() {
         result["neither"], "rendered",
         "the chart refuses neither TLS nor allowPlaintext"
     );
+    let rendered = |case: &str| -> String {
+        result[case]["files"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| std::fs::read_to_string(f.as_str().unwrap()).unwrap())
+            .collect()
+    };
+    // Azure Key Vault with workload identity: the service account carries the
+    // identity's client id, the pods the webhook's label, no master key.
+    let azure = rendered("azure");
+    for needed in [
+        "kind: ServiceAccount",
+        "azure.workload.identity/client-id: \"0f5fd1b4-c3d9-4a4a-8c3b-0a7d2e3b6c1d\"",
+        "azure.workload.identity/use: \"true\"",
+        "serviceAccountName: kw-keyward",
+        "value: \"azure-key-vault\"",
+        "KEYWARD_AZURE_KEY_VAULT_URL",
+        "value: \"https://kw-prod.vault.azure.net\"",
+        "KEYWARD_AZURE_CREDENTIAL",
+    ] {
+        assert!(azure.contains(needed), "azure lacks `{needed}`:\n{azure}");
+    }
+    assert!(!azure.contains("KEYWARD_MASTER_KEY\n"), "{azure}");
+    // The TPM: the device from the host and from a device plugin, its group,
+    // the node, one replica.
+    let tpm = rendered("tpm");
+    for needed in [
+        "value: \"tpm\"",
+        "KEYWARD_TPM_TCTI",
+        "value: \"device:/dev/tpmrm0\"",
+        "KEYWARD_TPM_PCRS",
+        "path: /dev/tpmrm0",
+        "type: CharDevice",
+        "mountPath: /dev/tpmrm0",
+        "squat.ai/tpmrm: \"1\"",
+        "supplementalGroups: [59]",
+        "kubernetes.io/hostname: node-with-tpm",
+        "replicas: 1",
+    ] {
+        assert!(tpm.contains(needed), "tpm lacks `{needed}`:\n{tpm}");
+    }
+    for (case, why) in [
+        ("tpm_replicas", "replicaCount=1"),
+        ("azure_no_identity", "azure.workloadIdentity.clientId"),
+    ] {
+        let msg = result[case].as_str().unwrap();
+        assert!(msg.contains(why), "{case}: {msg}");
+    }
     let plaintext: String = result["plaintext"]["files"]
         .as_array()
         .unwrap()
