@@ -4,16 +4,26 @@
 # /var/lib/keyward (for SQLite), which should be a mounted volume.
 
 FROM rust:1.95-bookworm AS build
+# tpm2-tss for the `tpm` master-key provider (tss-esapi links it).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libtss2-dev=3.2.1-3 \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
 COPY migrations ./migrations
 COPY openapi ./openapi
 RUN cargo build --release --locked --bin keyward \
- && install -D -m 0755 target/release/keyward /out/keyward
+ && install -D -m 0755 target/release/keyward /out/keyward \
+ && mkdir -p /out/lib \
+ && cp -a /usr/lib/"$(gcc -dumpmachine)"/libtss2-*.so.* /out/lib/
 
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/keyward /usr/local/bin/keyward
+# The tpm2-tss libraries the binary links, and the TCTIs it loads at run time
+# (device, swtpm, mssim); OpenSSL's libcrypto, which they need, is in
+# the distroless base. /usr/lib is on the loader's default path.
+COPY --from=build /out/lib/ /usr/lib/
 # No secret and no certificate is baked in. Supply at run time:
 # - KEYWARD_MASTER_KEY and KEYWARD_DATABASE_URL, from the orchestrator's secret store;
 # - transport, one of:

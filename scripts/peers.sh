@@ -410,3 +410,75 @@ stop_pebble() {
     KEYWARD_TEST_PEBBLE_PID KEYWARD_TEST_PEBBLE_DIR
   return 0
 }
+
+# A software TPM 2.0 for the `tpm` master-key provider's tests (tests/api/tpm.rs):
+# swtpm (Debian `swtpm`, `swtpm-tools`) on two free loopback ports (commands on
+# PORT, control on PORT+1) with a fresh state folder, so a new owner seed, and
+# tpm2-tools for looking at it by hand. libtss2-dev and pkg-config are what
+# the tss-esapi crate builds against; ensure_swtpm installs all of them with
+# apt-get when one is missing, and fails (never skips) when it cannot.
+#   ensure_swtpm   exports KEYWARD_TEST_SWTPM_BIN (the tests start their own
+#                  swtpm instances too: a second TPM, one to stop and restart)
+#   start_swtpm    exports KEYWARD_TEST_SWTPM_TCTI (swtpm:host=127.0.0.1,port=PORT),
+#                  KEYWARD_TEST_SWTPM_PID and KEYWARD_TEST_SWTPM_DIR (state and log)
+#   stop_swtpm
+# By hand: tpm2_getrandom -T "$KEYWARD_TEST_SWTPM_TCTI" --hex 8
+ensure_swtpm() {
+  local missing=() pkg
+  command -v swtpm >/dev/null || missing+=(swtpm)
+  command -v swtpm_setup >/dev/null || missing+=(swtpm-tools)
+  command -v tpm2_getrandom >/dev/null || missing+=(tpm2-tools)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  pkg-config --exists tss2-esys 2>/dev/null || missing+=(libtss2-dev)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    echo "scripts/peers.sh: installing ${missing[*]} with apt-get" >&2
+    if [ "$(id -u)" -ne 0 ]; then local SUDO=sudo; else local SUDO=; fi
+    $SUDO apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2 || {
+      echo "scripts/peers.sh: cannot install ${missing[*]} with apt-get" >&2
+      return 1
+    }
+  fi
+  KEYWARD_TEST_SWTPM_BIN="$(command -v swtpm)"
+  export KEYWARD_TEST_SWTPM_BIN
+}
+
+start_swtpm() {
+  ensure_swtpm || return 1
+  local attempt port dir i
+  for attempt in 1 2 3; do
+    port=$(_peer_free_port 1) || return 1
+    dir=$(mktemp -d /tmp/keyward-swtpm.XXXXXX)
+    mkdir "$dir/state"
+    _peer_spawn "$dir/swtpm.log" "$dir" "$KEYWARD_TEST_SWTPM_BIN" socket --tpm2 \
+      --server "type=tcp,bindaddr=127.0.0.1,port=$port" --ctrl "type=tcp,bindaddr=127.0.0.1,port=$((port + 1))" \
+      --flags not-need-init,startup-clear --tpmstate "dir=$dir/state"
+    for i in $(seq 100); do
+      _peer_alive "$_peer_pid" || break
+      if tpm2_getrandom -T "swtpm:host=127.0.0.1,port=$port" 8 >/dev/null 2>&1; then
+        export KEYWARD_TEST_SWTPM_TCTI="swtpm:host=127.0.0.1,port=$port"
+        export KEYWARD_TEST_SWTPM_PID="$_peer_pid"
+        export KEYWARD_TEST_SWTPM_DIR="$dir"
+        echo "scripts/peers.sh: swtpm $(swtpm --version 2>/dev/null | grep -o 'version [0-9.]*' | head -1) on $KEYWARD_TEST_SWTPM_TCTI (pid $_peer_pid, state and log in $dir)" >&2
+        return 0
+      fi
+      sleep 0.1
+    done
+    _peer_kill "$_peer_pid"
+    if [ "$attempt" -lt 3 ] && grep -qi 'address already in use' "$dir/swtpm.log"; then
+      rm -rf "$dir"
+      continue
+    fi
+    echo "scripts/peers.sh: swtpm failed to start; its log ($dir/swtpm.log):" >&2
+    cat "$dir/swtpm.log" >&2
+    rm -rf "$dir"
+    return 1
+  done
+  return 1
+}
+
+stop_swtpm() {
+  [ -n "${KEYWARD_TEST_SWTPM_PID:-}" ] && _peer_kill "$KEYWARD_TEST_SWTPM_PID"
+  [ -n "${KEYWARD_TEST_SWTPM_DIR:-}" ] && [ -z "${KEYWARD_PEER_KEEP_LOGS:-}" ] && rm -rf "$KEYWARD_TEST_SWTPM_DIR"
+  unset KEYWARD_TEST_SWTPM_TCTI KEYWARD_TEST_SWTPM_PID KEYWARD_TEST_SWTPM_DIR
+  return 0
+}

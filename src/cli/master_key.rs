@@ -20,7 +20,7 @@ pub(super) enum MasterKeyCommand {
     /// current provider is KEYWARD_MASTER_KEY_PROVIDER; the target's settings
     /// come from its own variables (KEYWARD_NEW_MASTER_KEY for env to env).
     Migrate {
-        /// The target provider: env, aws-kms or vault.
+        /// The target provider: env, aws-kms, vault, tpm or azure-key-vault.
         #[arg(long, value_name = "PROVIDER")]
         to: String,
         #[command(flatten)]
@@ -68,8 +68,9 @@ pub(super) async fn run(command: MasterKeyCommand) -> anyhow::Result<()> {
 
 async fn migrate(to: &str, config: &ConfigArg) -> anyhow::Result<()> {
     let settings = config.settings()?;
-    let target = ProviderKind::parse(to)
-        .ok_or_else(|| anyhow::anyhow!("--to: `{to}` is not a provider (env, aws-kms or vault)"))?;
+    let target = ProviderKind::parse(to).ok_or_else(|| {
+        anyhow::anyhow!("--to: `{to}` is not a provider ({})", ProviderKind::NAMES)
+    })?;
     let from = settings.provider_settings(settings.master_key_provider, false)?;
     let from = master_key::build(from).await?;
     let env_to_env =

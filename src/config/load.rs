@@ -11,7 +11,7 @@ use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::settings::Settings;
 use super::values::{duration, non_empty, parse_master_key, positive, readable_file, url};
 use crate::domain::client_addr::{ForwardedHeader, TrustedProxies};
-use crate::master_key::{Pkcs11Mechanism, ProviderKind};
+use crate::master_key::{AzureAlgorithm, Pkcs11Mechanism, ProviderKind, TpmSettings};
 use crate::secret_cell::SecretCell;
 use crate::telemetry::LogFormat;
 use crate::tls::{ServerCert, TlsFiles};
@@ -62,6 +62,7 @@ impl Raw {
         let vault_token = self.secret("vault_token", &mut secret_files)?;
         let vault_secret_id = self.secret("vault_secret_id", &mut secret_files)?;
         let pkcs11_pin = self.secret("pkcs11_pin", &mut secret_files)?;
+        let azure_client_secret = self.secret("azure_client_secret", &mut secret_files)?;
         let sync_interval = self.required("sync_interval", duration)?;
         let feed_max_lag = self.required("change_feed_max_lag", |v| {
             let d = duration(v)?;
@@ -128,8 +129,7 @@ impl Raw {
                 positive(v).and_then(|n| u32::try_from(n).map_err(|_| "too large".into()))
             })?,
             master_key_provider: self.required("master_key_provider", |v| {
-                ProviderKind::parse(v)
-                    .ok_or_else(|| "must be `env`, `aws-kms`, `vault` or `pkcs11`".to_string())
+                ProviderKind::parse(v).ok_or_else(|| format!("must be {}", ProviderKind::NAMES))
             })?,
             master_key: self.parse("master_key", parse_master_key)?,
             new_master_key: self.parse("new_master_key", parse_master_key)?,
@@ -155,6 +155,42 @@ impl Raw {
                 Pkcs11Mechanism::parse(v)
                     .ok_or_else(|| "must be `auto`, `aes-gcm` or `aes-key-wrap-pad`".to_string())
             })?,
+            tpm_tcti: self.required("tpm_tcti", |v| {
+                TpmSettings::check_tcti(v).map(|()| v.to_string())
+            })?,
+            azure_key_vault_url: self.parse("azure_key_vault_url", |v| {
+                if v.starts_with("https://") {
+                    Ok(v.trim_end_matches('/').to_string())
+                } else {
+                    Err("must be an https:// URL like https://NAME.vault.azure.net".into())
+                }
+            })?,
+            azure_key_vault_key: self.parse("azure_key_vault_key", non_empty)?,
+            azure_key_vault_algorithm: self.required("azure_key_vault_algorithm", |v| {
+                AzureAlgorithm::parse(v)
+                    .ok_or_else(|| "must be `RSA-OAEP-256` or `A256KW` (Managed HSM)".to_string())
+            })?,
+            azure_key_vault_ca_file: self.parse("azure_key_vault_ca_file", readable_file)?,
+            azure_key_vault_verify_challenge_resource: self.required(
+                "azure_key_vault_verify_challenge_resource",
+                |v| match v {
+                    "true" => Ok(true),
+                    "false" => Ok(false),
+                    _ => Err("must be `true` or `false`".into()),
+                },
+            )?,
+            azure_credential: self.required("azure_credential", |v| match v {
+                "client-secret" | "managed-identity" | "workload-identity" => Ok(v.to_string()),
+                _ => {
+                    Err("must be `client-secret`, `managed-identity` or `workload-identity`".into())
+                }
+            })?,
+            azure_tenant_id: self.parse("azure_tenant_id", non_empty)?,
+            azure_client_id: self.parse("azure_client_id", non_empty)?,
+            azure_client_secret,
+            tpm_pcrs: self
+                .parse("tpm_pcrs", TpmSettings::parse_pcrs)?
+                .unwrap_or_default(),
             max_body_bytes: self.required("max_body_bytes", positive)?,
             max_batch_items: self.required("max_batch_items", positive)?,
             max_batch_body_bytes: self.required("max_batch_body_bytes", positive)?,

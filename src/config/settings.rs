@@ -7,13 +7,15 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use zeroize::Zeroizing;
 
 use super::secrets::{DatabaseUrl, SecretFiles, SecretString};
 use super::sources::JobSourceSpec;
 use crate::crypto::DataKey;
 use crate::master_key::{
-    Pkcs11Mechanism, Pkcs11Settings, ProviderConfigError, ProviderKind, ProviderSettings,
-    TokenSelector, VaultAuth, VaultSettings,
+    AzureAlgorithm, AzureCredential, AzureSettings, Pkcs11Mechanism, Pkcs11Settings,
+    ProviderConfigError, ProviderKind, ProviderSettings, TokenSelector, TpmSettings, VaultAuth,
+    VaultSettings,
 };
 use crate::telemetry::LogFormat;
 use crate::tls::TlsFiles;
@@ -67,6 +69,28 @@ pub struct Settings {
     pub pkcs11_key_label: Option<String>,
     /// The PKCS#11 wrapping mechanism.
     pub pkcs11_mechanism: Pkcs11Mechanism,
+    /// The Azure Key Vault (or Managed HSM) URL.
+    pub azure_key_vault_url: Option<String>,
+    /// The Key Vault key's name.
+    pub azure_key_vault_key: Option<String>,
+    /// RSA-OAEP-256 or A256KW.
+    pub azure_key_vault_algorithm: AzureAlgorithm,
+    /// A CA bundle for Key Vault's and Entra ID's TLS, besides the system's.
+    pub azure_key_vault_ca_file: Option<PathBuf>,
+    /// Whether the vault's challenge must name the vault's domain.
+    pub azure_key_vault_verify_challenge_resource: bool,
+    /// `client-secret`, `managed-identity` or `workload-identity`.
+    pub azure_credential: String,
+    /// Directory (tenant) id, for a client secret.
+    pub azure_tenant_id: Option<String>,
+    /// Application (client) id, or a user-assigned managed identity's.
+    pub azure_client_id: Option<String>,
+    /// A service principal's client secret.
+    pub azure_client_secret: Option<SecretString>,
+    /// How to reach the TPM (a TCTI string).
+    pub tpm_tcti: String,
+    /// The PCRs (SHA-256 bank) the TPM provider seals to.
+    pub tpm_pcrs: Vec<u8>,
     /// Body size limit.
     pub max_body_bytes: usize,
     /// Most items per batch.
@@ -261,6 +285,65 @@ impl Settings {
                     mechanism: self.pkcs11_mechanism,
                 })
             }
+            ProviderKind::AzureKeyVault => {
+                let vault_url = self.azure_key_vault_url.clone().ok_or_else(|| {
+                    missing(
+                        "KEYWARD_AZURE_KEY_VAULT_URL",
+                        " (https://NAME.vault.azure.net)",
+                    )
+                })?;
+                let key = self
+                    .azure_key_vault_key
+                    .clone()
+                    .ok_or_else(|| missing("KEYWARD_AZURE_KEY_VAULT_KEY", " (the key's name)"))?;
+                let credential = match self.azure_credential.as_str() {
+                    "client-secret" => AzureCredential::ClientSecret {
+                        tenant_id: self.azure_tenant_id.clone().ok_or_else(|| {
+                            missing(
+                                "KEYWARD_AZURE_TENANT_ID",
+                                " with KEYWARD_AZURE_CREDENTIAL=client-secret",
+                            )
+                        })?,
+                        client_id: self.azure_client_id.clone().ok_or_else(|| {
+                            missing(
+                                "KEYWARD_AZURE_CLIENT_ID",
+                                " with KEYWARD_AZURE_CREDENTIAL=client-secret",
+                            )
+                        })?,
+                        secret: Zeroizing::new(
+                            self.azure_client_secret
+                                .as_ref()
+                                .ok_or_else(|| {
+                                    missing(
+                                        "KEYWARD_AZURE_CLIENT_SECRET",
+                                        " with KEYWARD_AZURE_CREDENTIAL=client-secret",
+                                    )
+                                })?
+                                .expose()
+                                .to_string(),
+                        ),
+                    },
+                    "managed-identity" => AzureCredential::ManagedIdentity {
+                        client_id: self.azure_client_id.clone(),
+                    },
+                    _ => AzureCredential::WorkloadIdentity,
+                };
+                ProviderSettings::AzureKeyVault(AzureSettings {
+                    vault_url,
+                    key,
+                    algorithm: self.azure_key_vault_algorithm,
+                    credential,
+                    ca_file: self
+                        .azure_key_vault_ca_file
+                        .as_ref()
+                        .map(|p| p.display().to_string()),
+                    verify_challenge_resource: self.azure_key_vault_verify_challenge_resource,
+                })
+            }
+            ProviderKind::Tpm => ProviderSettings::Tpm(TpmSettings {
+                tcti: self.tpm_tcti.clone(),
+                pcrs: self.tpm_pcrs.clone(),
+            }),
         })
     }
 }

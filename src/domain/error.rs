@@ -195,6 +195,17 @@ pub enum RootKeyError {
     /// The provider could not be reached.
     #[error(transparent)]
     Provider(ProviderError),
+    /// The provider refused its configuration (credentials, key, TPM):
+    /// retrying will not help.
+    #[error("cannot unwrap root KEK {kek_id} with the `{provider}` master-key provider: {reason}")]
+    ProviderRefused {
+        /// The configured provider.
+        provider: &'static str,
+        /// The root KEK.
+        kek_id: KekId,
+        /// What the provider said.
+        reason: String,
+    },
     /// The database failed.
     #[error(transparent)]
     Store(#[from] StoreError),

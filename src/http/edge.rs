@@ -30,7 +30,6 @@ use tracing::Instrument;
 
 use super::audit_note;
 use super::error::{ApiError, ErrorCode};
-use super::extract::BodyLimit;
 use super::metrics;
 use super::state::{AppState, BatchLimits};
 use crate::domain::client_addr::{ClientAddr, ForwardedHeader};
@@ -224,6 +223,11 @@ impl BodyBudget {
         })
     }
 }
+
+/// The configured body limit, put in request extensions so that the 413 message
+/// can name it.
+#[derive(Clone, Copy)]
+pub struct BodyLimit(pub usize);
 
 /// A request's share of the [`BodyBudget`], put in its extensions by
 /// [`route`] and taken by the body extractor just before it reads the body:

@@ -14,6 +14,7 @@ use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
 
 use super::audit_note::AuditNote;
+use super::edge::{BodyClaim, BodyLimit};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::domain::apikeys::Scope;
@@ -342,7 +343,7 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
             .unwrap_or(usize::MAX);
         // Batch and large bodies take their share of the memory budget now,
         // after the caller was authenticated and before a byte is read.
-        if let Some(claim) = req.extensions().get::<super::edge::BodyClaim>() {
+        if let Some(claim) = req.extensions().get::<BodyClaim>() {
             claim.take()?;
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
@@ -363,11 +364,6 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
         parsed.map(ApiJson)
     }
 }
-
-/// The configured body limit, put in request extensions so that the 413 message
-/// can name it.
-#[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
 
 /// Deserializes `bytes`, turning serde's errors into messages that name the
 /// field and the problem but never echo a value from the request.

@@ -4,24 +4,29 @@
 //! by the root KEK held in memory.
 //!
 //! Each provider is one file behind [`MasterKeyProvider`] (env, AWS KMS,
-//! Vault, PKCS#11); adding Azure Key Vault means adding a file, not touching the request path. What a
+//! Vault, PKCS#11, TPM, Azure Key Vault); adding a provider means adding a
+//! file, not touching the request path. What a
 //! provider needs is a [`ProviderSettings`], which the configuration produces:
 //! nothing here reads settings.
 
 mod aws_kms;
+mod azure;
 mod env;
 mod pkcs11;
 mod provider;
 mod settings;
+mod tpm;
 mod vault;
 
 use std::sync::Arc;
 
 pub use aws_kms::AwsKms;
+pub use azure::{AzureAlgorithm, AzureCredential, AzureKeyVault, AzureSettings};
 pub use env::EnvMasterKey;
 pub use pkcs11::{Pkcs11, Pkcs11Mechanism, Pkcs11Settings, TokenSelector};
 pub use provider::{MasterKeyProvider, ProviderError, ProviderFuture};
 pub use settings::{ProviderConfigError, ProviderKind, ProviderSettings};
+pub use tpm::{Tpm, TpmSettings};
 pub use vault::{Vault, VaultAuth, VaultSettings};
 
 /// Builds the provider its settings describe (the configuration's
@@ -51,5 +56,7 @@ pub async fn build(
                 reason,
             },
         )?),
+        ProviderSettings::Tpm(settings) => Arc::new(Tpm::new(settings)),
+        ProviderSettings::AzureKeyVault(settings) => Arc::new(AzureKeyVault::new(settings)),
     })
 }

@@ -15,6 +15,11 @@ pub enum ProviderError {
     /// The provider could not be reached or refused the call; worth retrying.
     #[error("master-key provider unavailable: {0}")]
     Unavailable(String),
+    /// The provider answered but refuses this configuration: wrong
+    /// credentials, a key that does not exist, a TPM that is not the one the
+    /// key was sealed to. Retrying will not help; the operator must act.
+    #[error("master-key provider refused: {0}")]
+    Misconfigured(String),
 }
 
 /// A boxed future, so that providers can live behind `dyn`.

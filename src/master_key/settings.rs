@@ -3,7 +3,9 @@
 
 use crate::crypto::DataKey;
 
+use super::azure::AzureSettings;
 use super::pkcs11::Pkcs11Settings;
+use super::tpm::TpmSettings;
 use super::vault::VaultSettings;
 
 /// Which provider wraps the root KEK.
@@ -17,16 +19,26 @@ pub enum ProviderKind {
     Vault,
     /// An AES key in an HSM or other PKCS#11 token.
     Pkcs11,
+    /// A TPM 2.0.
+    Tpm,
+    /// Azure Key Vault or Managed HSM.
+    AzureKeyVault,
 }
 
 impl ProviderKind {
-    /// Parses `env`, `aws-kms`, `vault` or `pkcs11`.
+    /// Every provider's name, for messages.
+    pub const NAMES: &'static str =
+        "`env`, `aws-kms`, `vault`, `pkcs11`, `tpm` or `azure-key-vault`";
+
+    /// Parses a provider's name ([`ProviderKind::NAMES`]).
     pub fn parse(s: &str) -> Option<ProviderKind> {
         match s {
             "env" => Some(ProviderKind::Env),
             "aws-kms" => Some(ProviderKind::AwsKms),
             "vault" => Some(ProviderKind::Vault),
             "pkcs11" => Some(ProviderKind::Pkcs11),
+            "tpm" => Some(ProviderKind::Tpm),
+            "azure-key-vault" => Some(ProviderKind::AzureKeyVault),
             _ => None,
         }
     }
@@ -38,6 +50,8 @@ impl ProviderKind {
             ProviderKind::AwsKms => "aws-kms",
             ProviderKind::Vault => "vault",
             ProviderKind::Pkcs11 => "pkcs11",
+            ProviderKind::Tpm => "tpm",
+            ProviderKind::AzureKeyVault => "azure-key-vault",
         }
     }
 }
@@ -72,4 +86,8 @@ pub enum ProviderSettings {
     Vault(VaultSettings),
     /// The `pkcs11` provider.
     Pkcs11(Pkcs11Settings),
+    /// The `tpm` provider.
+    Tpm(TpmSettings),
+    /// The `azure-key-vault` provider.
+    AzureKeyVault(AzureSettings),
 }

@@ -6,6 +6,7 @@ mod acme;
 mod audit;
 mod auth;
 mod authority;
+mod azure;
 mod blind_index;
 mod checkpoints;
 mod cli;
@@ -39,6 +40,7 @@ mod secrets;
 mod slow_input;
 mod sources;
 mod tls;
+mod tpm;
 mod versions;
 
 /// SHA-256 of the SubjectPublicKeyInfo of the certificate in a PEM file, hex.

@@ -442,7 +442,7 @@ async fn migrating_env_to_vault_to_aws_kms_and_back_keeps_every_ciphertext() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("KEYWARD_MASTER_KEY does not match"));
 }
 
-fn status(app: &TestApp) -> Vec<Value> {
+pub(crate) fn status(app: &TestApp) -> Vec<Value> {
     let out = app.cli(&["master-key", "status", "--json"]);
     assert!(
         out.status.success(),

@@ -48,6 +48,10 @@ impl KeyService {
                         | RootKeyError::ProviderMismatch { .. } => {
                             "the master key does not match this database (see the log)".to_string()
                         }
+                        RootKeyError::ProviderRefused { .. } => format!(
+                            "master-key provider `{}` refused its configuration (see the log)",
+                            self.provider.name()
+                        ),
                     };
                     self.set_not_ready(Some(reason));
                 } else if matches!(
@@ -497,6 +501,9 @@ impl KeyService {
         tracing::info!(%kek, "a root KEK not loaded here is named; reloading the root keys");
         self.load_root_keys().await.map_err(|e| match e {
             RootKeyError::Provider(p) => KeyError::Provider(p),
+            RootKeyError::ProviderRefused { reason, .. } => {
+                KeyError::Provider(ProviderError::Misconfigured(reason))
+            }
             RootKeyError::Store(s) => KeyError::Store(s),
             // A master key migrated away from under this process, and a KEK
             // made since: it stopped serving (503).
@@ -585,7 +592,7 @@ async fn load_root_keys(
         let wrapped = provider
             .wrap_root_kek(kek_id, &kek)
             .await
-            .map_err(RootKeyError::Provider)?;
+            .map_err(|e| wrap_failed(provider, kek_id, e))?;
         let row = RootKekRow {
             id: kek_id,
             provider: provider.name().to_string(),
@@ -667,8 +674,26 @@ async fn unwrap_root_kek(
                 setting: provider.key_setting(),
                 kek_id: row.id,
             },
+            ProviderError::Misconfigured(reason) => RootKeyError::ProviderRefused {
+                provider: provider.name(),
+                kek_id: row.id,
+                reason,
+            },
             other => RootKeyError::Provider(other),
         })
+}
+
+/// A failed wrap: a provider that refuses its configuration (credentials,
+/// key) says so and is not retried; anything else is an outage.
+fn wrap_failed(provider: &dyn MasterKeyProvider, kek_id: KekId, e: ProviderError) -> RootKeyError {
+    match e {
+        ProviderError::Misconfigured(reason) => RootKeyError::ProviderRefused {
+            provider: provider.name(),
+            kek_id,
+            reason,
+        },
+        other => RootKeyError::Provider(other),
+    }
 }
 
 /// Re-wraps every root KEK, now wrapped by `from`, under `to`, in one
@@ -686,12 +711,12 @@ pub async fn migrate_master_key(
         let wrapped = to
             .wrap_root_kek(row.id, &kek)
             .await
-            .map_err(RootKeyError::Provider)?;
+            .map_err(|e| wrap_failed(to, row.id, e))?;
         // Prove the new wrapping before committing to it.
         let back = to
             .unwrap_root_kek(row.id, &wrapped)
             .await
-            .map_err(RootKeyError::Provider)?;
+            .map_err(|e| wrap_failed(to, row.id, e))?;
         if back.expose() != kek.expose() {
             return Err(RootKeyError::Provider(ProviderError::Unavailable(
                 "the target provider returned a different key on unwrap".into(),
