@@ -463,7 +463,96 @@ async fn acme_server_down_at_renewal_keeps_the_certificate_and_retries_with_back
     }
 }
 
+async fn root_kek_rotation_reseals_the_acme_account_and_renewal_goes_on(backend: Backend) {
+    use sqlx::Connection;
+    let pebble = pebble();
+    let dir = tempfile::tempdir().unwrap();
+    let root = pebble.root(dir.path()).await;
+    let env = acme_env(&pebble.directory, &pebble.ca);
+    let mut app = TestApp::spawn_with(backend, &as_refs(&env)).await;
+    let (first, _) = wait_for_certificate(&app, &root, None, Duration::from_secs(60)).await;
+    app.client = https_client(&root, None);
+    let operator = app.create_operator();
+
+    // Rotate the root KEK; the rotation re-seals the ACME account and
+    // certificate key, and only then retires the old KEK.
+    let (status, body) = app
+        .post(
+            "/v1/admin/root-kek/rotate",
+            &operator,
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let active = loop {
+        let (_, st) = app.get("/v1/admin/root-kek", &operator).await;
+        let keks = st["rootKeks"].as_array().unwrap();
+        if keks.len() == 1 {
+            break keks[0]["kekId"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old root KEK is not retired: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    let (account_kek, key_kek): (String, String) =
+        sqlx::query_as("SELECT account_kek, key_kek FROM acme_certificates WHERE name = 'server'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        (account_kek.as_str(), key_kek.as_str()),
+        (active.as_str(), active.as_str())
+    );
+
+    // A restarted process opens the re-sealed key and serves the certificate.
+    app.restart();
+    let (again, _) = wait_for_certificate(&app, &root, None, Duration::from_secs(20)).await;
+    let count = |app: &TestApp, what: &str| app.log_text().matches(what).count();
+    assert!(count(&app, "ACME: serving the stored server certificate") >= 2);
+
+    // Renewal, due two thirds into the certificate's life, uses the re-sealed
+    // account: no new account is created.
+    let (second, _) = wait_for_certificate(
+        &app,
+        &root,
+        Some(&again),
+        Duration::from_secs(pebble.validity + 30),
+    )
+    .await;
+    assert_ne!(second, first);
+    // (The log spans both processes: the one account is the first process's.)
+    let log = app.log_text();
+    assert_eq!(count(&app, "ACME: account created"), 1, "{log}");
+    assert!(!log.contains("stored account cannot be opened"), "{log}");
+
+    // An account that cannot be opened at all (here: damaged) is replaced
+    // by a new account, and renewals go on.
+    sqlx::query("UPDATE acme_certificates SET account_sealed = $1 WHERE name = 'server'")
+        .bind(vec![7u8; 60])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    wait_for_certificate(
+        &app,
+        &root,
+        Some(&second),
+        Duration::from_secs(pebble.validity + 30),
+    )
+    .await;
+    assert!(
+        app.log_shows("ACME: the stored account cannot be opened; creating a new one")
+            .await
+    );
+    assert_eq!(count(&app, "ACME: account created"), 2);
+}
+
 on_both_databases!(
+    root_kek_rotation_reseals_the_acme_account_and_renewal_goes_on,
     first_issuance_is_served_and_verifies_against_pebbles_root,
     renewal_swaps_the_certificate_while_a_keep_alive_client_keeps_working,
     acme_server_down_at_renewal_keeps_the_certificate_and_retries_with_backoff,
