@@ -1,6 +1,6 @@
 //! The small secrets Keyward seals for itself under the root KEK, wherever
 //! they are kept: the ACME account credentials and certificate key
-//! (`acme_certificates`). A root-KEK
+//! (`acme_certificates`) and the client CA's key (`client_cas`). A root-KEK
 //! rotation re-seals them and may retire the old KEK only once none is left
 //! under it; this file is the one list of where they are.
 
@@ -16,6 +16,8 @@ pub enum SealedSlot {
     AcmeAccount(String),
     /// `acme_certificates.key_sealed` of the named certificate.
     AcmeKey(String),
+    /// `client_cas.key_sealed` of the named client CA.
+    ClientCaKey(String),
 }
 
 impl SealedSlot {
@@ -25,6 +27,7 @@ impl SealedSlot {
         match self {
             SealedSlot::AcmeAccount(name) => format!("acme-account:{name}"),
             SealedSlot::AcmeKey(name) => format!("acme-key:{name}"),
+            SealedSlot::ClientCaKey(name) => format!("client-ca:{name}"),
         }
     }
 
@@ -39,6 +42,7 @@ impl SealedSlot {
                 n,
             ),
             SealedSlot::AcmeKey(n) => ("acme_certificates", "key_sealed", "key_kek", "name", n),
+            SealedSlot::ClientCaKey(n) => ("client_cas", "key_sealed", "key_kek", "name", n),
         }
     }
 }
@@ -60,9 +64,10 @@ impl Store {
     pub async fn secrets_sealed_by(&self, kek: KekId) -> Result<Vec<SealedSecretRow>, StoreError> {
         let kek = kek.to_string();
         let mut out = Vec::new();
-        let kinds: [(SlotOf, &str); 2] = [
+        let kinds: [(SlotOf, &str); 3] = [
             (SealedSlot::AcmeAccount, "SELECT name, account_sealed AS sealed FROM acme_certificates WHERE account_kek = $1 AND account_sealed IS NOT NULL"),
             (SealedSlot::AcmeKey, "SELECT name, key_sealed AS sealed FROM acme_certificates WHERE key_kek = $1 AND key_sealed IS NOT NULL"),
+            (SealedSlot::ClientCaKey, "SELECT name, key_sealed AS sealed FROM client_cas WHERE key_kek = $1"),
         ];
         for (slot, query) in kinds {
             for r in sqlx::query(query).bind(&kek).fetch_all(&self.pool).await? {

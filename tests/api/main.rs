@@ -9,6 +9,7 @@ mod authority;
 mod blind_index;
 mod checkpoints;
 mod cli;
+mod client_cert;
 mod client_key;
 mod connections;
 mod contract;
