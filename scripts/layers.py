@@ -34,7 +34,7 @@ LAYERS = [
     ("domain", ["domain"]),
     ("audit", ["audit"]),
     ("http", ["http"]),
-    ("entry", ["lib", "main", "allocator", "acme", "cli", "client", "config", "startup",
+    ("entry", ["lib", "main", "allocator", "acme", "cli", "client", "client_ca", "config", "startup",
                "server", "tls", "dev", "telemetry", "fuzzing"]),
 ]
 

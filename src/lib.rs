@@ -66,6 +66,7 @@ pub mod acme;
 pub mod audit;
 pub mod cli;
 pub mod client;
+pub mod client_ca;
 pub mod config;
 pub mod crypto;
 pub mod dev;

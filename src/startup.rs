@@ -201,6 +201,7 @@ impl Application {
         tokio::spawn(refresh_metrics(
             service.clone(),
             settings.metrics_refresh_interval,
+            settings.client_cert_expiry_warning,
             shutdown_rx.clone(),
         ));
         if let Some(retention) = settings.audit_retention {
@@ -225,6 +226,13 @@ impl Application {
             tokio::spawn(reload_secrets_on_sighup(
                 settings.secret_files.clone(),
                 service.store().clone(),
+                shutdown_rx.clone(),
+            ));
+        }
+        if let Some(tls) = tls.as_ref().filter(|t| t.mutual()) {
+            tokio::spawn(crate::client_ca::follow(
+                service.clone(),
+                tls.clone(),
                 shutdown_rx.clone(),
             ));
         }
@@ -433,6 +441,7 @@ async fn maintain(
 async fn refresh_metrics(
     service: Arc<KeyService>,
     interval: Duration,
+    cert_expiry_warning: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -442,7 +451,7 @@ async fn refresh_metrics(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        http::metrics::refresh_database_gauges(&service).await;
+        http::metrics::refresh_database_gauges(&service, cert_expiry_warning).await;
     }
 }
 

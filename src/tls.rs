@@ -137,11 +137,33 @@ impl rustls::server::ResolvesServerCert for ManagedCert {
     }
 }
 
+/// The client CA Keyward holds itself (`keyward client-cert`), as the
+/// mutual-TLS verifier uses it: trusted in addition to
+/// `KEYWARD_TLS_CLIENT_CA`, with its CRL always enforced.
+#[derive(Debug, Clone)]
+pub struct KeywardClientCa {
+    /// The CA certificate.
+    pub cert: CertificateDer<'static>,
+    /// Its current CRL.
+    pub crl: CertificateRevocationListDer<'static>,
+    /// The CRL's number (for the log).
+    pub crl_number: i64,
+}
+
 /// Builds the server configuration from the files (and, for
-/// [`ServerCert::Managed`], the managed certificate).
+/// [`ServerCert::Managed`], the managed certificate), trusting `keyward_ca`
+/// for client certificates too when mutual TLS is on.
+///
+/// How the two CAs combine: a client certificate is accepted when it chains
+/// to either. The Keyward CA's CRL is always checked for its certificates.
+/// With `KEYWARD_TLS_CLIENT_CRL`, the file's CRLs are checked too and, as
+/// without the Keyward CA, a certificate whose issuer has no CRL is refused;
+/// without it, certificates of the configured CA are not checked for
+/// revocation, as before.
 pub fn server_config(
     files: &TlsFiles,
     managed: Option<&Arc<ManagedCert>>,
+    keyward_ca: Option<&KeywardClientCa>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = provider();
     let cert_setting = match &files.server {
@@ -164,8 +186,29 @@ pub fn server_config(
                     )
                 })?;
             }
+            if let Some(ca) = keyward_ca {
+                roots.add(ca.cert.clone()).map_err(|e| {
+                    err(
+                        "KEYWARD_TLS_CLIENT_CA",
+                        Path::new("(Keyward client CA)"),
+                        format!("unusable CA certificate: {e}"),
+                    )
+                })?;
+            }
             let mut verifier =
                 WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let keyward_crl = keyward_ca.map(|ca| ca.crl.clone());
+            if files.client_crl.is_none() {
+                if let Some(crl) = keyward_crl.clone() {
+                    // Certificates of the configured CA have no CRL here
+                    // and are not checked, as without the Keyward CA; the
+                    // Keyward CA's always are (its CRL is always present).
+                    verifier = verifier
+                        .with_crls([crl])
+                        .allow_unknown_revocation_status()
+                        .only_check_end_entity_revocation();
+                }
+            }
             if let Some(crl_path) = &files.client_crl {
                 let crls = CertificateRevocationListDer::pem_file_iter(crl_path)
                     .map_err(|e| {
@@ -186,6 +229,8 @@ pub fn server_config(
                 if crls.is_empty() {
                     return Err(err("KEYWARD_TLS_CLIENT_CRL", crl_path, "contains no CRL"));
                 }
+                let mut crls = crls;
+                crls.extend(keyward_crl);
                 // A CRL past its nextUpdate is refused, not trusted forever.
                 verifier = verifier.with_crls(crls).enforce_revocation_expiration();
             }
@@ -231,6 +276,11 @@ pub fn server_config(
 pub struct ReloadableTls {
     files: TlsFiles,
     managed: Option<Arc<ManagedCert>>,
+    /// The Keyward client CA as last read from the database.
+    keyward_ca: arc_swap::ArcSwapOption<KeywardClientCa>,
+    /// Held while a configuration is built and stored, so that a SIGHUP
+    /// reload and a CRL change cannot store an older one last.
+    rebuild: std::sync::Mutex<()>,
     current: ArcSwap<ServerConfig>,
 }
 
@@ -241,10 +291,12 @@ impl ReloadableTls {
         files: TlsFiles,
         managed: Option<Arc<ManagedCert>>,
     ) -> Result<ReloadableTls, TlsError> {
-        let config = server_config(&files, managed.as_ref())?;
+        let config = server_config(&files, managed.as_ref(), None)?;
         Ok(ReloadableTls {
             files,
             managed,
+            keyward_ca: arc_swap::ArcSwapOption::empty(),
+            rebuild: std::sync::Mutex::new(()),
             current: ArcSwap::new(config),
         })
     }
@@ -261,7 +313,21 @@ impl ReloadableTls {
 
     /// Reads the files again. On error the previous configuration stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let config = server_config(&self.files, self.managed.as_ref())?;
+        let _one = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let ca = self.keyward_ca.load_full();
+        let config = server_config(&self.files, self.managed.as_ref(), ca.as_deref())?;
+        self.current.store(config);
+        Ok(())
+    }
+
+    /// Trusts the Keyward client CA with this CRL from the next handshake
+    /// on (nothing changes without mutual TLS). On error the previous
+    /// configuration stays.
+    pub fn set_keyward_ca(&self, ca: Option<KeywardClientCa>) -> Result<(), TlsError> {
+        let _one = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        let ca = ca.map(Arc::new);
+        let config = server_config(&self.files, self.managed.as_ref(), ca.as_deref())?;
+        self.keyward_ca.store(ca);
         self.current.store(config);
         Ok(())
     }

@@ -4,10 +4,23 @@
 //! `http-01` (`GET /.well-known/acme-challenge/TOKEN`, RFC 8555 §8.3).
 //!
 //! It is reachable by anyone, so: the responses are read from the database
-//! at most once a second whatever the traffic, at most [`MAX_CONNECTIONS`]
-//! connections are served at once, each for at most [`CONNECTION_TIMEOUT`];
-//! it answers nothing but pending challenges (public by design).
+//! at most once a second whatever the traffic; it answers nothing but
+//! pending challenges (public by design); and its connections are bounded so
+//! that nobody can hold it while the CA's validation waits outside:
+//! - at most [`MAX_CONNECTIONS`] at once, each served for at most
+//!   [`CONNECTION_TIMEOUT`], one request each (http-01 without keep-alive);
+//! - at most [`MAX_PER_ADDRESS`] from one address (an IPv6 /64 counting as one);
+//! - a connection that sends nothing within [`FIRST_BYTE_TIMEOUT`] is closed;
+//! - when all slots are taken, a new connection takes the slot of the oldest
+//!   one that has not sent a byte yet (closed), rather than being refused; it
+//!   is refused only when every slot is serving one that did.
+//!
+//! So an attacker who opens connections and sends nothing loses them to the
+//! CA's validation; one who sends a byte and stalls holds at most
+//! [`MAX_PER_ADDRESS`] slots per address for [`CONNECTION_TIMEOUT`] each.
 
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,7 +28,7 @@ use axum::body::Body;
 use hyper::{Request, Response, StatusCode};
 use rcgen::{CertificateParams, CustomExtension, KeyPair};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use crate::crypto::sha256;
 use crate::store::{AcmeChallengeRow, Store};
@@ -45,8 +58,14 @@ impl ChallengeKind {
     }
 }
 
-/// Most challenge connections served at once.
-const MAX_CONNECTIONS: usize = 64;
+/// Most challenge connections open at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Most challenge connections open at once from one address (IPv4), or one
+/// /64 (IPv6). A CA validates from a handful of addresses, a few
+/// connections each.
+pub const MAX_PER_ADDRESS: usize = 8;
+/// A connection that sends no byte within this is closed.
+pub const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest one challenge connection is served.
 const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a read of the pending responses is reused.
@@ -144,6 +163,113 @@ fn alpn_certificate(
     crate::tls::ManagedCert::certified_key(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
 }
 
+/// The open challenge connections (at most [`MAX_CONNECTIONS`]: scanned
+/// linearly).
+#[derive(Default)]
+struct Connections {
+    next_id: u64,
+    open: Vec<Open>,
+}
+
+struct Open {
+    id: u64,
+    /// The peer's address as counted ([`address_key`]).
+    address: IpAddr,
+    accepted: Instant,
+    /// Whether it has sent a byte.
+    started: Arc<AtomicBool>,
+    /// Ends its task (set right after the spawn).
+    task: Option<tokio::task::AbortHandle>,
+}
+
+/// Why a new connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// Its address has [`MAX_PER_ADDRESS`] open.
+    PerAddress,
+    /// Every slot serves a connection that has sent a byte.
+    Full,
+}
+
+impl Connections {
+    /// Admits a connection from `address`, evicting the oldest one that has
+    /// sent nothing when every slot is taken. Returns its id and started flag.
+    fn admit(&mut self, address: IpAddr) -> Result<(u64, Arc<AtomicBool>), Refusal> {
+        if self.open.iter().filter(|o| o.address == address).count() >= MAX_PER_ADDRESS {
+            return Err(Refusal::PerAddress);
+        }
+        if self.open.len() >= MAX_CONNECTIONS {
+            let oldest_idle = self
+                .open
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| !o.started.load(Ordering::Acquire))
+                .min_by_key(|(_, o)| o.accepted)
+                .map(|(i, _)| i)
+                .ok_or(Refusal::Full)?;
+            let evicted = self.open.swap_remove(oldest_idle);
+            if let Some(task) = evicted.task {
+                task.abort();
+            }
+            metrics::counter!("keyward_acme_challenge_connections_closed_total", "reason" => "evicted_idle").increment(1);
+        }
+        self.next_id += 1;
+        let started = Arc::new(AtomicBool::new(false));
+        self.open.push(Open {
+            id: self.next_id,
+            address,
+            accepted: Instant::now(),
+            started: started.clone(),
+            task: None,
+        });
+        Ok((self.next_id, started))
+    }
+
+    fn set_task(&mut self, id: u64, task: tokio::task::AbortHandle) {
+        if let Some(o) = self.open.iter_mut().find(|o| o.id == id) {
+            o.task = Some(task);
+        }
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(i) = self.open.iter().position(|o| o.id == id) {
+            self.open.swap_remove(i);
+        }
+    }
+}
+
+/// The address a connection counts against: IPv4 as is, IPv6 by its /64
+/// (one host usually holds a whole /64).
+fn address_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// Removes its connection from the table when its task ends (or is
+/// aborted).
+struct Slot {
+    connections: Arc<Mutex<Connections>>,
+    id: u64,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        lock(&self.connections).remove(self.id);
+    }
+}
+
+fn lock(connections: &Mutex<Connections>) -> std::sync::MutexGuard<'_, Connections> {
+    connections.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Serves challenges on `listener` until `shutdown`.
 pub async fn serve(
     listener: TcpListener,
@@ -151,11 +277,11 @@ pub async fn serve(
     challenges: Arc<Challenges>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let connections: Arc<Mutex<Connections>> = Arc::default();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(error = %e, "ACME challenge: accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -164,12 +290,36 @@ pub async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        // At the limit, the connection is closed at once.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
+        let admitted = lock(&connections).admit(address_key(peer.ip()));
+        let (id, started) = match admitted {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                // Closed at once.
+                let reason = match refusal {
+                    Refusal::PerAddress => "per_address",
+                    Refusal::Full => "full",
+                };
+                metrics::counter!("keyward_acme_challenge_connections_closed_total", "reason" => reason).increment(1);
+                tracing::debug!(%peer, reason, "ACME challenge connection refused");
+                continue;
+            }
+        };
+        let slot = Slot {
+            connections: connections.clone(),
+            id,
         };
         let challenges = challenges.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
+            let _slot = slot;
+            let mut first = [0u8; 1];
+            match tokio::time::timeout(FIRST_BYTE_TIMEOUT, stream.peek(&mut first)).await {
+                Ok(Ok(n)) if n > 0 => started.store(true, Ordering::Release),
+                Ok(_) => return,
+                Err(_) => {
+                    metrics::counter!("keyward_acme_challenge_connections_closed_total", "reason" => "first_byte_timeout").increment(1);
+                    return;
+                }
+            }
             let served = match kind {
                 ChallengeKind::TlsAlpn01 => {
                     tokio::time::timeout(CONNECTION_TIMEOUT, serve_alpn(stream, challenges)).await
@@ -181,8 +331,8 @@ pub async fn serve(
             if let Ok(Err(e)) = served {
                 tracing::debug!(error = %e, "ACME challenge connection");
             }
-            drop(slot);
         });
+        lock(&connections).set_task(id, task.abort_handle());
     }
 }
 
@@ -259,8 +409,61 @@ async fn serve_http(stream: TcpStream, challenges: Arc<Challenges>) -> Result<()
             }
         }
     });
+    // One request per connection: a kept-alive connection would hold a
+    // slot as if it had never been idle.
     hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
         .await
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        address_key(s.parse().unwrap())
+    }
+
+    #[test]
+    fn one_address_gets_at_most_its_share() {
+        let mut c = Connections::default();
+        for _ in 0..MAX_PER_ADDRESS {
+            c.admit(ip("192.0.2.1")).unwrap();
+        }
+        assert_eq!(c.admit(ip("192.0.2.1")).unwrap_err(), Refusal::PerAddress);
+        c.admit(ip("192.0.2.2")).unwrap();
+        // An IPv6 /64 is one address.
+        for i in 0..MAX_PER_ADDRESS {
+            c.admit(ip(&format!("2001:db8:0:1::{:x}", i + 1))).unwrap();
+        }
+        assert_eq!(
+            c.admit(ip("2001:db8:0:1:ffff::1")).unwrap_err(),
+            Refusal::PerAddress
+        );
+        c.admit(ip("2001:db8:0:2::1")).unwrap();
+    }
+
+    #[test]
+    fn when_full_the_oldest_silent_connection_makes_room_and_busy_ones_do_not() {
+        let mut c = Connections::default();
+        let mut flags = Vec::new();
+        for i in 0..MAX_CONNECTIONS {
+            let (id, started) = c.admit(ip(&format!("10.0.{}.{}", i / 8, i % 8))).unwrap();
+            flags.push((id, started));
+        }
+        // The first one has sent a byte; the second is the oldest silent one.
+        flags[0].1.store(true, Ordering::Release);
+        c.admit(ip("10.9.9.9")).unwrap();
+        let open: Vec<u64> = c.open.iter().map(|o| o.id).collect();
+        assert!(open.contains(&flags[0].0));
+        assert!(!open.contains(&flags[1].0));
+        assert_eq!(c.open.len(), MAX_CONNECTIONS);
+        // Every slot busy: a new one is refused.
+        for o in &c.open {
+            o.started.store(true, Ordering::Release);
+        }
+        assert_eq!(c.admit(ip("10.9.9.10")).unwrap_err(), Refusal::Full);
+    }
 }

@@ -39,7 +39,7 @@ use crate::domain::cert_status::{CertState, CertStatus};
 use crate::domain::ids::KekId;
 use crate::domain::service::KeyService;
 use crate::domain::time::now_ms;
-use crate::store::{AcmeChallengeRow, AcmeRow};
+use crate::store::{AcmeChallengeRow, AcmeRow, SealedSlot};
 use crate::tls::ManagedCert;
 
 /// The row name of the server certificate.
@@ -305,20 +305,23 @@ impl Renewer {
         let stored = row
             .filter(|r| r.directory == s.directory)
             .and_then(|r| Some((r.account_sealed.as_ref()?, r.account_kek.as_ref()?)));
-        let account = match stored {
-            Some((sealed, kek)) => {
-                let kek: KekId = kek.parse().map_err(|_| anyhow!("bad KEK id"))?;
-                let plain = self
-                    .service
-                    .open_secret(ACCOUNT_PURPOSE, kek, sealed)
-                    .await?;
-                let creds: AccountCredentials = serde_json::from_slice(&plain)
-                    .context("the stored ACME account does not parse")?;
-                builder()?
-                    .from_credentials(creds)
-                    .await
-                    .context("ACME account")?
-            }
+        // A stored account that cannot be opened (sealed under a root KEK
+        // that is gone, say) is replaced by a new one: renewals go on.
+        let opened = match stored {
+            Some((sealed, kek)) => match self.open_account(sealed, kek).await {
+                Ok(creds) => Some(creds),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "ACME: the stored account cannot be opened; creating a new one");
+                    None
+                }
+            },
+            None => None,
+        };
+        let account = match opened {
+            Some(creds) => builder()?
+                .from_credentials(creds)
+                .await
+                .context("ACME account")?,
             None => {
                 let contact: Vec<&str> = s.contact.iter().map(String::as_str).collect();
                 let (account, creds) = builder()?
@@ -334,7 +337,7 @@ impl Renewer {
                     .await
                     .context("creating the ACME account")?;
                 let json = Zeroizing::new(serde_json::to_vec(&creds)?);
-                let (kek, sealed) = self.service.seal_secret(ACCOUNT_PURPOSE, &json)?;
+                let (kek, sealed) = self.service.seal_secret(&account_purpose(), &json)?;
                 if !store
                     .acme_store_account(NAME, &self.holder, &s.directory, &sealed, &kek.to_string())
                     .await?
@@ -385,6 +388,16 @@ impl Renewer {
         Ok(())
     }
 
+    /// The stored account's credentials.
+    async fn open_account(&self, sealed: &[u8], kek: &str) -> anyhow::Result<AccountCredentials> {
+        let kek: KekId = kek.parse().map_err(|_| anyhow!("bad KEK id"))?;
+        let plain = self
+            .service
+            .open_secret(&account_purpose(), kek, sealed)
+            .await?;
+        serde_json::from_slice(&plain).context("the stored ACME account does not parse")
+    }
+
     /// Answers the authorizations and finalizes: the chain and its key.
     async fn complete(
         &self,
@@ -429,10 +442,12 @@ impl Renewer {
     }
 }
 
-const ACCOUNT_PURPOSE: &str = "acme-account:server";
+fn account_purpose() -> String {
+    SealedSlot::AcmeAccount(NAME.into()).purpose()
+}
 
 fn key_purpose() -> String {
-    format!("acme-key:{NAME}")
+    SealedSlot::AcmeKey(NAME.into()).purpose()
 }
 
 fn ms(ms: i64) -> Duration {

@@ -52,6 +52,9 @@ pub const OPERATIONS: &[&str] = &[
     "tenant.create",
     "tenant.disable",
     "rotate.automatic",
+    "client_cert.issue",
+    "client_cert.revoke",
+    "client_cert.list",
 ];
 
 /// One audit record, as written: a JSON object per line, fields in this order,
@@ -84,7 +87,8 @@ pub struct AuditRecord<S = String> {
     #[schema(value_type = Option<String>)]
     pub request_id: Option<S>,
     /// `api_key` (an authenticated caller), `unauthenticated` (credentials
-    /// missing or refused) or `system` (Keyward itself, e.g. a rotation policy).
+    /// missing or refused), `system` (Keyward itself, e.g. a rotation policy)
+    /// or `operator_cli` (an operator command run on the database).
     #[schema(value_type = String)]
     pub actor: S,
     /// The API key id used, or presented when authentication failed (only if
@@ -209,6 +213,9 @@ pub enum Actor {
     Refused(String),
     /// Keyward itself (a rotation policy, a background task).
     System,
+    /// An operator at the command line (`keyward client-cert ...`), who
+    /// holds the configuration and the master key: no API key.
+    OperatorCli,
 }
 
 /// What an operation acted on. A batch request has one per group of items
@@ -382,6 +389,7 @@ impl AuditEvent {
             Actor::Unauthenticated => ("unauthenticated", None, self.tenant_id),
             Actor::Refused(id) => ("unauthenticated", Some(id.as_str()), self.tenant_id),
             Actor::System => ("system", None, self.tenant_id),
+            Actor::OperatorCli => ("operator_cli", None, self.tenant_id),
         };
         let mut tenant_buf = [0; 36];
         let tenant_id = tenant.map(|t| t.encode(&mut tenant_buf));

@@ -43,6 +43,9 @@ pub enum Destination {
     Stdout,
     /// Appended to this file (created with mode 0600).
     File(PathBuf),
+    /// Only the database's audit table: the operator CLI's commands, whose
+    /// records must not fork the chain of the file a running server writes.
+    TableOnly,
 }
 
 /// When the writer signs a checkpoint.
@@ -114,6 +117,7 @@ impl AuditLog {
                 Chain::new(),
                 FileState::default(),
             ),
+            Destination::TableOnly => (Sink::Nowhere, Chain::new(), FileState::default()),
             Destination::File(path) => {
                 let (file, chain, state) = open_file(path).map_err(|e| {
                     anyhow::anyhow!(
@@ -247,13 +251,15 @@ impl AuditLog {
 enum Sink {
     Stdout(std::io::Stdout),
     File(std::fs::File, PathBuf),
+    /// No lines: the table has the records.
+    Nowhere,
 }
 
 impl Sink {
     /// The file's length, when it is a file (to notice a truncation).
     fn len(&self) -> Option<u64> {
         match self {
-            Sink::Stdout(_) => None,
+            Sink::Stdout(_) | Sink::Nowhere => None,
             Sink::File(file, _) => file.metadata().ok().map(|m| m.len()),
         }
     }
@@ -266,6 +272,7 @@ impl Sink {
                 out.flush()
             }
             Sink::File(file, _) => file.write_all(bytes),
+            Sink::Nowhere => Ok(()),
         }
     }
 }

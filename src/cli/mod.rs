@@ -24,6 +24,7 @@ use crate::dev::DevOptions;
 
 mod accounts;
 mod audit;
+mod client_cert;
 mod config_arg;
 mod exit;
 mod job;
@@ -32,6 +33,7 @@ mod server;
 
 use accounts::{ApikeyCommand, OperatorKeyCommand, TenantCommand};
 use audit::AuditCommand;
+use client_cert::ClientCertCommand;
 use config_arg::ConfigArg;
 pub use exit::ExitWith;
 use job::JobCommand;
@@ -102,6 +104,12 @@ enum Command {
         #[command(subcommand)]
         command: OperatorKeyCommand,
     },
+    /// Client certificates from the client CA Keyward holds: issue (binding
+    /// an API key), revoke (onto the CRL every listener enforces), list.
+    ClientCert {
+        #[command(subcommand)]
+        command: ClientCertCommand,
+    },
     /// Re-encryption jobs on a running Keyward (over its API).
     Job {
         #[command(subcommand)]
@@ -143,6 +151,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::MasterKey { command } => master_key::run(command).await,
         Command::Tenant { command } => accounts::run_tenant(command).await,
         Command::Apikey { command } => accounts::run_apikey(command).await,
+        Command::ClientCert { command } => client_cert::run(command).await,
         Command::OperatorKey { command } => accounts::run_operator_key(command).await,
         Command::Job { command } => job::run(*command).await,
         Command::Audit { command } => audit::run(command).await,

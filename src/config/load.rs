@@ -289,6 +289,7 @@ impl Raw {
                 }),
             })?,
             metrics_refresh_interval: self.required("metrics_refresh_interval", duration)?,
+            client_cert_expiry_warning: self.required("client_cert_expiry_warning", duration)?,
             log_format: self.required("log_format", |v| match v {
                 "json" => Ok(LogFormat::Json),
                 "text" => Ok(LogFormat::Text),

@@ -176,6 +176,9 @@ pub struct Settings {
     pub audit_retention: Option<Duration>,
     /// How often the database-read metrics are refreshed.
     pub metrics_refresh_interval: Duration,
+    /// How far ahead a Keyward-issued client certificate counts as
+    /// expiring soon.
+    pub client_cert_expiry_warning: Duration,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.

@@ -115,6 +115,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { name: "audit_checkpoint_interval", default: Some("10s"), secret: false, doc: "Or once the oldest record not yet covered is this old; and always at shutdown. Bounds how long a record stays unsigned." },
     Setting { name: "audit_retention", default: Some("400d"), secret: false, doc: "How long records stay in the database's audit table (`GET /v1/audit`); older segments are deleted in the background, in batches. `forever` keeps everything. The audit file is never touched by retention: it rotates by size (`audit_file_max_bytes`)." },
     Setting { name: "metrics_refresh_interval", default: Some("15s"), secret: false, doc: "How often the `/metrics` figures read from the database (key versions and jobs per state) are refreshed. Scrapes never query the database." },
+    Setting { name: "client_cert_expiry_warning", default: Some("14d"), secret: false, doc: "How far ahead a client certificate issued by `keyward client-cert issue` counts as expiring soon: `/metrics` carries the number of live, bound certificates expiring within it (`keyward_client_certificates_expiring_soon`, no identifiers); `GET /v1/admin/client-certificates` (operator) names them." },
     Setting { name: "log_format", default: Some("json"), secret: false, doc: "`json` (one object per line) or `text`." },
     Setting { name: "log_level", default: Some("info"), secret: false, doc: "A tracing filter: `info`, `debug`, or per target like `keyward=debug,info`." },
 ];

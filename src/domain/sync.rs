@@ -93,6 +93,9 @@ pub async fn follow_changes(
                                 }
                             });
                         }
+                        Some(EventKind::ClientCaChanged) => {
+                            service.client_ca_changed().notify_one()
+                        }
                         // Written by a newer Keyward: be safe and drop everything.
                         None => {
                             service.ring().clear();

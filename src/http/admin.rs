@@ -1,5 +1,5 @@
 //! Operator endpoints (operator keys with scope `operator`): root-KEK rotation
-//! and its status.
+//! and its status, and the client certificates Keyward issued.
 //!
 //! The root KEK is shared by every tenant, so these act on the whole service;
 //! no tenant key, whatever its scopes, reaches them.
@@ -134,4 +134,68 @@ pub(super) async fn rotate(
             kek_id: kek_id.to_string(),
         }),
     ))
+}
+
+/// One client certificate issued by `keyward client-cert issue`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertView {
+    /// Its serial number, lower-case hex.
+    serial: String,
+    /// The tenant of the API key bound to it.
+    #[schema(format = Uuid)]
+    tenant_id: String,
+    /// The API key bound to it.
+    api_key: String,
+    /// SHA-256 of its public key, hex (what the key is bound to).
+    spki_sha256: String,
+    /// When it expires, RFC 3339.
+    not_after: String,
+    /// Seconds until it expires.
+    seconds_left: i64,
+    /// Whether the API key is still bound to it (a later certificate for the
+    /// same key, or the key's revocation, ends the binding).
+    bound: bool,
+}
+
+/// The live client certificates.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertList {
+    /// Live (neither revoked nor expired) certificates issued by the Keyward
+    /// client CA, soonest to expire first, at most 1,000.
+    certificates: Vec<ClientCertView>,
+}
+
+/// The live client certificates issued by the Keyward client CA, with the
+/// API key each is bound to and its expiry: the per-key detail behind the
+/// `keyward_client_certificates_expiring_soon` gauge.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/client-certificates",
+    tag = "admin",
+    responses(
+        (status = 200, description = "Live client certificates", body = ClientCertList),
+    )
+)]
+pub(super) async fn client_certificates(
+    State(state): State<AppState>,
+    _auth: Auth<OperatorScope>,
+) -> Result<Json<ClientCertList>, ApiError> {
+    let now = crate::domain::time::now_ms();
+    let mut rows = state.service.client_certificates(None, true, 1000).await?;
+    rows.sort_by_key(|c| c.not_after);
+    let certificates = rows
+        .into_iter()
+        .map(|c| ClientCertView {
+            serial: c.serial,
+            tenant_id: c.tenant_id,
+            api_key: c.api_key_id,
+            spki_sha256: crate::crypto::hex(&c.spki_sha256),
+            not_after: crate::domain::time::rfc3339(c.not_after),
+            seconds_left: (c.not_after - now) / 1000,
+            bound: c.bound,
+        })
+        .collect();
+    Ok(Json(ClientCertList { certificates }))
 }

@@ -20,7 +20,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::header;
@@ -307,7 +307,14 @@ fn escape_label(value: &str) -> std::borrow::Cow<'_, str> {
 /// scrape only renders what the last call left, so a flood of scrapes costs
 /// the database nothing. Every state gets its gauge (0 when none), so the
 /// series are the same from the first refresh on.
-pub async fn refresh_database_gauges(service: &KeyService) {
+pub async fn refresh_database_gauges(service: &KeyService, cert_expiry_warning: Duration) {
+    match service.bound_client_certificates(cert_expiry_warning).await {
+        Ok((live, soon)) => {
+            metrics::gauge!("keyward_client_certificates_bound").set(live as f64);
+            metrics::gauge!("keyward_client_certificates_expiring_soon").set(soon as f64);
+        }
+        Err(e) => tracing::warn!(error = %e, "metrics: cannot count client certificates"),
+    }
     match service.versions_per_state().await {
         Ok(counts) => {
             for state in VersionState::ALL {

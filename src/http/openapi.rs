@@ -299,6 +299,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         accounts::revoke_tenant_key,
         admin::status,
         admin::rotate,
+        admin::client_certificates,
         audit::list,
         ops::healthz,
         ops::readyz,
@@ -316,7 +317,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
         (name = "api-keys", description = "A tenant's own API keys (tenant key with `admin`)"),
         (name = "operator", description = "Tenants and any tenant's API keys (operator key with `operator`)"),
-        (name = "admin", description = "Service-wide operations: root-KEK rotation (operator key with `operator`); the audit log (a tenant key with `admin` reads its own tenant's, an operator key with `audit` every tenant's)"),
+        (name = "admin", description = "Service-wide operations: root-KEK rotation and the client certificates Keyward issued (operator key with `operator`); the audit log (a tenant key with `admin` reads its own tenant's, an operator key with `audit` every tenant's)"),
         (name = "operations", description = "Health, readiness and Prometheus metrics, no authentication"),
     )
 )]

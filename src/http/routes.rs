@@ -143,6 +143,7 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(POST "/v1/tenants/{tenantId}/api-keys/{keyId}/revoke", accounts::revoke_tenant_key, scope: OperatorScope, body: Normal, audit: "api_key.revoke"),
     route!(GET "/v1/admin/root-kek", admin::status, scope: OperatorScope, body: Normal, audit: "root_kek.read"),
     route!(POST "/v1/admin/root-kek/rotate", admin::rotate, scope: OperatorScope, body: Normal, audit: "root_kek.rotate"),
+    route!(GET "/v1/admin/client-certificates", admin::client_certificates, scope: OperatorScope, body: Normal, audit: "client_cert.list"),
     // The audit log: a tenant's own records, or every tenant's for an operator.
     route!(GET "/v1/audit", audit::list, scope: AuditReadScope, body: Normal, audit: "audit.read"),
     // Operations, without credentials.
@@ -228,6 +229,9 @@ mod tests {
     fn the_audit_log_knows_exactly_the_operations_of_the_table_and_automatic_rotation() {
         let mut operations: BTreeSet<&str> = ROUTES.iter().filter_map(|r| r.operation).collect();
         operations.insert("rotate.automatic");
+        // Operator commands at the command line (`keyward client-cert`).
+        operations.insert("client_cert.issue");
+        operations.insert("client_cert.revoke");
         let known: BTreeSet<&str> = crate::audit::OPERATIONS.iter().copied().collect();
         assert_eq!(operations, known);
         assert_eq!(

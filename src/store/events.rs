@@ -28,6 +28,9 @@ pub enum EventKind {
     RootKeysChanged,
     /// A tenant changed (disabled): every cached key of it must be read again.
     TenantChanged,
+    /// The Keyward client CA was made or its CRL changed (a client
+    /// certificate revoked): every mutual-TLS listener rebuilds its verifier.
+    ClientCaChanged,
 }
 
 impl EventKind {
@@ -37,6 +40,7 @@ impl EventKind {
             EventKind::ApiKeyChanged => "api_key",
             EventKind::RootKeysChanged => "root_keys",
             EventKind::TenantChanged => "tenant",
+            EventKind::ClientCaChanged => "client_ca",
         }
     }
 }
@@ -125,6 +129,7 @@ impl Store {
                         "api_key" => Some(EventKind::ApiKeyChanged),
                         "root_keys" => Some(EventKind::RootKeysChanged),
                         "tenant" => Some(EventKind::TenantChanged),
+                        "client_ca" => Some(EventKind::ClientCaChanged),
                         _ => None,
                     },
                     subject: r.try_get("subject")?,

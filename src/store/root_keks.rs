@@ -201,7 +201,8 @@ impl Store {
     }
 
     /// Deletes a retiring root KEK that no version needs any more. `false` if
-    /// some version still holds a key wrapped by it (or a job's sealed source).
+    /// some version still holds a key wrapped by it (or a job's sealed source,
+    /// a tenant's import wrapping key, a sealed ACME account or key, the client CA's key).
     /// Destroyed versions hold no key: the name of their old KEK (kept by
     /// versions destroyed before Keyward cleared it) is cleared first.
     pub async fn retire_root_kek(&self, kek: KekId) -> Result<bool, StoreError> {
@@ -218,7 +219,10 @@ impl Store {
             "DELETE FROM root_keks WHERE id = $1 AND state = 'retiring' \
              AND NOT EXISTS (SELECT 1 FROM encryption_key_versions WHERE kek_id = $1) \
              AND NOT EXISTS (SELECT 1 FROM jobs WHERE source_kek_id = $1) \
-             AND NOT EXISTS (SELECT 1 FROM tenant_wrapping_keys WHERE kek_id = $1)",
+             AND NOT EXISTS (SELECT 1 FROM tenant_wrapping_keys WHERE kek_id = $1) \
+             AND NOT EXISTS (SELECT 1 FROM acme_certificates \
+                             WHERE account_kek = $1 OR key_kek = $1) \
+             AND NOT EXISTS (SELECT 1 FROM client_cas WHERE key_kek = $1)",
         )
         .bind(kek.to_string())
         .execute(&mut *tx)

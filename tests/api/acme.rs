@@ -463,7 +463,96 @@ async fn acme_server_down_at_renewal_keeps_the_certificate_and_retries_with_back
     }
 }
 
+async fn root_kek_rotation_reseals_the_acme_account_and_renewal_goes_on(backend: Backend) {
+    use sqlx::Connection;
+    let pebble = pebble();
+    let dir = tempfile::tempdir().unwrap();
+    let root = pebble.root(dir.path()).await;
+    let env = acme_env(&pebble.directory, &pebble.ca);
+    let mut app = TestApp::spawn_with(backend, &as_refs(&env)).await;
+    let (first, _) = wait_for_certificate(&app, &root, None, Duration::from_secs(60)).await;
+    app.client = https_client(&root, None);
+    let operator = app.create_operator();
+
+    // Rotate the root KEK; the rotation re-seals the ACME account and
+    // certificate key, and only then retires the old KEK.
+    let (status, body) = app
+        .post(
+            "/v1/admin/root-kek/rotate",
+            &operator,
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let active = loop {
+        let (_, st) = app.get("/v1/admin/root-kek", &operator).await;
+        let keks = st["rootKeks"].as_array().unwrap();
+        if keks.len() == 1 {
+            break keks[0]["kekId"].as_str().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old root KEK is not retired: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(&app.db.url).await.unwrap();
+    let (account_kek, key_kek): (String, String) =
+        sqlx::query_as("SELECT account_kek, key_kek FROM acme_certificates WHERE name = 'server'")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(
+        (account_kek.as_str(), key_kek.as_str()),
+        (active.as_str(), active.as_str())
+    );
+
+    // A restarted process opens the re-sealed key and serves the certificate.
+    app.restart();
+    let (again, _) = wait_for_certificate(&app, &root, None, Duration::from_secs(20)).await;
+    let count = |app: &TestApp, what: &str| app.log_text().matches(what).count();
+    assert!(count(&app, "ACME: serving the stored server certificate") >= 2);
+
+    // Renewal, due two thirds into the certificate's life, uses the re-sealed
+    // account: no new account is created.
+    let (second, _) = wait_for_certificate(
+        &app,
+        &root,
+        Some(&again),
+        Duration::from_secs(pebble.validity + 30),
+    )
+    .await;
+    assert_ne!(second, first);
+    // (The log spans both processes: the one account is the first process's.)
+    let log = app.log_text();
+    assert_eq!(count(&app, "ACME: account created"), 1, "{log}");
+    assert!(!log.contains("stored account cannot be opened"), "{log}");
+
+    // An account that cannot be opened at all (here: damaged) is replaced
+    // by a new account, and renewals go on.
+    sqlx::query("UPDATE acme_certificates SET account_sealed = $1 WHERE name = 'server'")
+        .bind(vec![7u8; 60])
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    wait_for_certificate(
+        &app,
+        &root,
+        Some(&second),
+        Duration::from_secs(pebble.validity + 30),
+    )
+    .await;
+    assert!(
+        app.log_shows("ACME: the stored account cannot be opened; creating a new one")
+            .await
+    );
+    assert_eq!(count(&app, "ACME: account created"), 2);
+}
+
 on_both_databases!(
+    root_kek_rotation_reseals_the_acme_account_and_renewal_goes_on,
     first_issuance_is_served_and_verifies_against_pebbles_root,
     renewal_swaps_the_certificate_while_a_keep_alive_client_keeps_working,
     acme_server_down_at_renewal_keeps_the_certificate_and_retries_with_backoff,
@@ -488,4 +577,133 @@ async fn replicas_share_one_certificate_and_one_of_them_orders() {
             .count()
     };
     assert_eq!(ordered(&a) + ordered(&b), 1, "exactly one replica ordered");
+}
+
+/// Connects to `addr` from loopback address `from` (any 127.x.y.z is this
+/// machine), so that one test plays several peers.
+async fn connect_from(from: &str, addr: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Reads until the peer closes or `within` passes: the bytes, and whether it closed.
+async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> (Vec<u8>, bool) {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + within;
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(deadline.into(), stream.read(&mut buf)).await {
+            Err(_) => return (got, false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (got, true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// An http-01 request on a new connection from `from`: the answer's first line.
+async fn ask_challenge(from: &str, addr: std::net::SocketAddr) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut s = connect_from(from, addr).await;
+    s.write_all(
+        b"GET /.well-known/acme-challenge/no-such-token HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (answer, _) = read_until_closed(&mut s, Duration::from_secs(3)).await;
+    String::from_utf8_lossy(&answer)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The challenge listener cannot be held by connections that send nothing:
+/// they are closed after the first-byte timeout, one address gets at most 8,
+/// and when all 64 slots are taken the CA's connection takes the oldest
+/// silent one's. Raw sockets from several loopback addresses; no ACME server
+/// is needed (the directory does not answer, so orders fail meanwhile).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_challenge_listener_cannot_be_starved_by_silent_connections() {
+    let env = [
+        ("KEYWARD_ACME_DIRECTORY", "https://127.0.0.1:9/dir"),
+        ("KEYWARD_ACME_DOMAINS", "localhost"),
+        ("KEYWARD_ACME_CHALLENGE", "http-01"),
+        ("KEYWARD_ACME_CHALLENGE_LISTEN", "127.0.0.1:0"),
+        ("KEYWARD_ACME_RETRY_MIN", "30s"),
+        ("KEYWARD_OPS_LISTEN", "127.0.0.1:0"),
+    ];
+    let app = TestApp::spawn_with(Backend::Sqlite, &env).await;
+    assert!(app.log_shows("ACME challenge listener").await);
+    let addr: std::net::SocketAddr = app
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == "ACME challenge listener")
+        .and_then(|v| v["address"].as_str().map(|a| a.parse().unwrap()))
+        .expect("the challenge listener's address is logged");
+    assert!(ask_challenge("127.0.0.2", addr)
+        .await
+        .starts_with("HTTP/1.1 404"));
+
+    // A connection that sends nothing is closed after the first-byte timeout (3 s).
+    let started = Instant::now();
+    let mut silent = connect_from("127.0.0.3", addr).await;
+    let (got, closed) = read_until_closed(&mut silent, Duration::from_secs(8)).await;
+    let waited = started.elapsed();
+    assert!(closed && got.is_empty(), "not closed within 8 s");
+    assert!(
+        waited >= Duration::from_millis(2500) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+
+    // One address holds at most 8: the 9th is closed at once; another
+    // address is still served.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(connect_from("127.0.0.4", addr).await);
+    }
+    let mut ninth = connect_from("127.0.0.4", addr).await;
+    let (got, closed) = read_until_closed(&mut ninth, Duration::from_millis(1500)).await;
+    assert!(
+        closed && got.is_empty(),
+        "a 9th connection from one address was kept"
+    );
+    assert!(ask_challenge("127.0.0.5", addr)
+        .await
+        .starts_with("HTTP/1.1 404"));
+    drop(held);
+    drop(ninth);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // 64 silent connections from 8 addresses take every slot; the CA's
+    // connection is served all the same, in the oldest one's place.
+    let mut flood = Vec::new();
+    for a in 1..=8 {
+        for _ in 0..8 {
+            flood.push(connect_from(&format!("127.0.1.{a}"), addr).await);
+        }
+    }
+    let answered = Instant::now();
+    assert!(ask_challenge("127.0.2.1", addr)
+        .await
+        .starts_with("HTTP/1.1 404"));
+    assert!(answered.elapsed() < Duration::from_secs(2));
+    let (_, closed) = read_until_closed(&mut flood[0], Duration::from_millis(500)).await;
+    assert!(
+        closed,
+        "the oldest silent connection was not the one evicted"
+    );
+    let (_, closed) = read_until_closed(&mut flood[63], Duration::from_millis(200)).await;
+    assert!(!closed, "a newer silent connection was evicted first");
+
+    // Each way of closing is counted.
+    let ops = crate::metrics::ops_addr(&app).await;
+    let m = metrics_text(&ops).await;
+    for reason in ["first_byte_timeout", "per_address", "evicted_idle"] {
+        let series =
+            format!("keyward_acme_challenge_connections_closed_total{{reason=\"{reason}\"}}");
+        assert!(metric(&m, &series).unwrap_or(0.0) >= 1.0, "{series}:\n{m}");
+    }
 }

@@ -976,6 +976,13 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
         ),
         (
             Method::GET,
+            "/v1/admin/client-certificates",
+            "/v1/admin/client-certificates".into(),
+            None,
+            "client_cert.list",
+        ),
+        (
+            Method::GET,
             "/v1/audit",
             "/v1/audit".into(),
             None,

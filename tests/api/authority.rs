@@ -125,6 +125,7 @@ fn operator_routes(tenant: &Tenant) -> Vec<(Method, String, Option<Value>)> {
         ),
         (Method::GET, "/v1/admin/root-kek".into(), None),
         (Method::POST, "/v1/admin/root-kek/rotate".into(), None),
+        (Method::GET, "/v1/admin/client-certificates".into(), None),
     ]
 }
 

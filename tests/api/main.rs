@@ -10,6 +10,7 @@ mod azure;
 mod blind_index;
 mod checkpoints;
 mod cli;
+mod client_cert;
 mod client_key;
 mod connections;
 mod contract;

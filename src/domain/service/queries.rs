@@ -89,4 +89,31 @@ impl KeyService {
     pub async fn jobs_per_state(&self) -> Result<Vec<JobTotals>, KeyError> {
         Ok(self.store.jobs_per_state().await?)
     }
+
+    /// Keyward-issued client certificates that are live (not revoked, not
+    /// expired) and still bound to their API key, and how many of them
+    /// expire within `warning`: for `/metrics`, counts only.
+    pub async fn bound_client_certificates(
+        &self,
+        warning: std::time::Duration,
+    ) -> Result<(i64, i64), KeyError> {
+        let now = crate::domain::time::now_ms();
+        let soon = now.saturating_add(i64::try_from(warning.as_millis()).unwrap_or(i64::MAX));
+        Ok(self.store.bound_client_certificates(now, soon).await?)
+    }
+
+    /// Up to `limit` Keyward-issued client certificates after `after`
+    /// (issued at, serial), oldest first; with `live_only`, neither revoked
+    /// nor expired.
+    pub async fn client_certificates(
+        &self,
+        after: Option<(i64, &str)>,
+        live_only: bool,
+        limit: i64,
+    ) -> Result<Vec<crate::store::ClientCertRow>, KeyError> {
+        Ok(self
+            .store
+            .client_certificates(after, live_only, crate::domain::time::now_ms(), limit)
+            .await?)
+    }
 }

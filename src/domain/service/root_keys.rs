@@ -447,6 +447,31 @@ impl KeyService {
                 .rewrap_wrapping_key(row.tenant_id, old_id, &row.wrapped_key, new_id, &rewrapped)
                 .await?;
         }
+        // Keyward's own sealed secrets (the ACME account and certificate
+        // key): without this, retiring the KEK would leave them unopenable.
+        // One that fails to open stays under the old KEK, which then is not
+        // retired, and is named.
+        for row in self.store.secrets_sealed_by(old_id).await? {
+            let purpose = row.slot.purpose();
+            let aad = secret_aad(&purpose);
+            let plain = row
+                .sealed
+                .split_first_chunk::<NONCE_LEN>()
+                .and_then(|(nonce, ct)| crypto::open(old_kek, nonce, &aad, ct).ok())
+                .ok_or_else(|| {
+                    KeyError::Integrity(format!(
+                        "sealed {purpose} fails to open under root KEK {old_id}"
+                    ))
+                })?;
+            let sealed = crypto::seal(new_kek, &aad, &plain);
+            let mut resealed = sealed.nonce.to_vec();
+            resealed.extend_from_slice(&sealed.ciphertext);
+            // A slot replaced meanwhile (a renewal stored a new key under the
+            // active KEK) needs nothing.
+            self.store
+                .reseal_secret(&row.slot, &row.sealed, &resealed, new_id)
+                .await?;
+        }
         if self.store.retire_root_kek(old_id).await? {
             tracing::info!(kek_id = %old_id, "root KEK retired: no version needs it any more");
             Ok(())

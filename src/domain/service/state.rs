@@ -156,6 +156,9 @@ pub struct KeyService {
     pub(super) max_encryptions_per_version: u64,
     /// Most live (not revoked) API keys per tenant.
     pub(super) max_api_keys_per_tenant: i64,
+    /// Signalled when the change feed says the Keyward client CA or its CRL
+    /// changed: the mutual-TLS listener rebuilds its verifier.
+    pub(super) client_ca_changed: tokio::sync::Notify,
 }
 
 /// Limits of the service (defaults: those of the configuration reference).
@@ -222,7 +225,15 @@ impl KeyService {
             ),
             max_encryptions_per_version: ServiceLimits::default().max_encryptions_per_version,
             max_api_keys_per_tenant: ServiceLimits::default().max_api_keys_per_tenant,
+            client_ca_changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Signalled when the change feed says the Keyward client CA or its CRL
+    /// changed (one waiter, the mutual-TLS listener's follower; the signal is
+    /// kept while it is busy).
+    pub fn client_ca_changed(&self) -> &tokio::sync::Notify {
+        &self.client_ca_changed
     }
 
     /// Trusts cached state as long as `freshness` says.
