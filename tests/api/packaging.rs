@@ -64,6 +64,22 @@ cases = {
                    "modulePath": "libvendor-pkcs11.so", "tokenLabel": "keyward", "keyLabel": "root-kek-wrapper",
                    "pinSecret": {"name": "kw-hsm-pin"},
                    "extraEnv": [{"name": "VENDOR_HSM_CONF", "value": "/opt/pkcs11/vendor.conf"}]}}},
+    "azure": {"tls": {"secretName": "kw-tls"},
+              "masterKey": {"provider": "azure-key-vault", "azure": {
+                  "vaultUrl": "https://kw-prod.vault.azure.net", "key": "keyward-root",
+                  "workloadIdentity": {"clientId": "0f5fd1b4-c3d9-4a4a-8c3b-0a7d2e3b6c1d"}}}},
+    "azure-existing-sa": {"tls": {"secretName": "kw-tls"}, "serviceAccountName": "kw-azure-identity",
+              "masterKey": {"provider": "azure-key-vault", "azure": {
+                  "vaultUrl": "https://kw-hsm.managedhsm.azure.net", "key": "keyward-root", "algorithm": "A256KW",
+                  "workloadIdentity": {"createServiceAccount": False}}}},
+    "tpm": {"tls": {"secretName": "kw-tls"}, "replicaCount": 1,
+            "masterKey": {"provider": "tpm", "tpm": {
+                "pcrs": "7", "hostDevice": True, "deviceGroup": 59,
+                "nodeSelector": {"kubernetes.io/hostname": "node-with-tpm"}}}},
+    "tpm-plugin": {"tls": {"secretName": "kw-tls"}, "replicaCount": 1,
+            "masterKey": {"provider": "tpm", "tpm": {
+                "deviceResource": "squat.ai/tpmrm", "deviceGroup": 59,
+                "nodeSelector": {"kubernetes.io/hostname": "node-with-tpm"}}}},
 }
 refused = {
     "pkcs11-no-module": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "pkcs11", "pkcs11": {
@@ -72,6 +88,19 @@ refused = {
         "addr": "https://vault:8200", "transitKey": "k"}}},
     "aws-no-region": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "aws-kms", "awsKms": {"keyId": "k"}}},
     "unknown-provider": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "tpm2"}},
+    "tpm-replicas": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "tpm", "tpm": {
+        "hostDevice": True, "nodeSelector": {"kubernetes.io/hostname": "n"}}}},
+    "tpm-no-device": {"tls": {"secretName": "kw-tls"}, "replicaCount": 1, "masterKey": {"provider": "tpm", "tpm": {
+        "nodeSelector": {"kubernetes.io/hostname": "n"}}}},
+    "tpm-no-node": {"tls": {"secretName": "kw-tls"}, "replicaCount": 1, "masterKey": {"provider": "tpm", "tpm": {
+        "hostDevice": True}}},
+    "azure-no-identity": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "azure-key-vault", "azure": {
+        "vaultUrl": "https://kw.vault.azure.net", "key": "k"}}},
+    "azure-existing-sa-unnamed": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "azure-key-vault",
+        "azure": {"vaultUrl": "https://kw.vault.azure.net", "key": "k",
+                  "workloadIdentity": {"createServiceAccount": False}}}},
+    "azure-no-key": {"tls": {"secretName": "kw-tls"}, "masterKey": {"provider": "azure-key-vault", "azure": {
+        "vaultUrl": "https://kw.vault.azure.net", "workloadIdentity": {"clientId": "c"}}}},
 }
 result = {}
 for name, values in cases.items():
@@ -121,6 +150,10 @@ fn the_helm_chart_renders_and_validates_against_kubernetes_schemas() {
         "vault",
         "vault-approle",
         "pkcs11",
+        "azure",
+        "azure-existing-sa",
+        "tpm",
+        "tpm-plugin",
     ] {
         assert_eq!(
             result[case]["validate_rc"], 0,
@@ -180,6 +213,61 @@ fn the_helm_chart_renders_and_validates_against_kubernetes_schemas() {
                 "VENDOR_HSM_CONF",
             ][..],
         ),
+        // Azure Key Vault with workload identity: the ServiceAccount the chart
+        // makes carries the identity's client id, the pods the webhook's label.
+        (
+            "azure",
+            &[
+                "kind: ServiceAccount",
+                "azure.workload.identity/client-id: \"0f5fd1b4-c3d9-4a4a-8c3b-0a7d2e3b6c1d\"",
+                "azure.workload.identity/use: \"true\"",
+                "serviceAccountName: kw-keyward",
+                "value: \"azure-key-vault\"",
+                "KEYWARD_AZURE_KEY_VAULT_URL",
+                "value: \"https://kw-prod.vault.azure.net\"",
+                "KEYWARD_AZURE_KEY_VAULT_KEY",
+                "value: \"keyward-root\"",
+                "value: \"RSA-OAEP-256\"",
+                "KEYWARD_AZURE_CREDENTIAL",
+                "value: workload-identity",
+            ][..],
+        ),
+        (
+            "azure-existing-sa",
+            &[
+                "azure.workload.identity/use: \"true\"",
+                "serviceAccountName: kw-azure-identity",
+                "value: \"A256KW\"",
+                "value: \"https://kw-hsm.managedhsm.azure.net\"",
+            ][..],
+        ),
+        // The TPM: the device from the host or from a device plugin, its
+        // group, the node, one replica.
+        (
+            "tpm",
+            &[
+                "value: \"tpm\"",
+                "KEYWARD_TPM_TCTI",
+                "value: \"device:/dev/tpmrm0\"",
+                "KEYWARD_TPM_PCRS",
+                "path: /dev/tpmrm0",
+                "type: CharDevice",
+                "mountPath: /dev/tpmrm0",
+                "supplementalGroups: [59]",
+                "kubernetes.io/hostname: node-with-tpm",
+                "replicas: 1",
+            ][..],
+        ),
+        (
+            "tpm-plugin",
+            &[
+                "value: \"tpm\"",
+                "squat.ai/tpmrm: \"1\"",
+                "memory: 256Mi",
+                "supplementalGroups: [59]",
+                "kubernetes.io/hostname: node-with-tpm",
+            ][..],
+        ),
     ] {
         let text = rendered(case);
         for n in needed {
@@ -191,11 +279,34 @@ fn the_helm_chart_renders_and_validates_against_kubernetes_schemas() {
         );
         assert!(!text.contains("name: KEYWARD_MASTER_KEY\n"), "{case}");
     }
+    // What one provider needs stays out of the others' releases.
+    assert!(!rendered("tpm-plugin").contains("hostPath"));
+    assert!(!rendered("tpm").contains("squat.ai/tpmrm"));
+    assert!(!rendered("azure-existing-sa").contains("kind: ServiceAccount"));
+    for case in ["mtls", "aws-kms", "vault", "pkcs11", "tpm"] {
+        let text = rendered(case);
+        assert!(!text.contains("kind: ServiceAccount"), "{case}:\n{text}");
+        assert!(!text.contains("azure.workload.identity"), "{case}:\n{text}");
+    }
+    for case in ["mtls", "aws-kms", "azure"] {
+        let text = rendered(case);
+        assert!(!text.contains("nodeSelector"), "{case}:\n{text}");
+        assert!(!text.contains("supplementalGroups"), "{case}:\n{text}");
+    }
     for (case, word) in [
         ("pkcs11-no-module", "moduleVolume"),
         ("vault-no-login", "tokenSecret"),
         ("aws-no-region", "region"),
         ("unknown-provider", "masterKey.provider"),
+        ("tpm-replicas", "replicaCount=1"),
+        ("tpm-no-device", "masterKey.tpm.deviceResource"),
+        ("tpm-no-node", "masterKey.tpm.nodeSelector"),
+        (
+            "azure-no-identity",
+            "masterKey.azure.workloadIdentity.clientId",
+        ),
+        ("azure-existing-sa-unnamed", "serviceAccountName"),
+        ("azure-no-key", "masterKey.azure.key"),
     ] {
         let e = result[case].as_str().unwrap_or_default();
         assert!(e != "rendered" && e.contains(word), "{case}: {e}");
