@@ -59,7 +59,7 @@ pub struct JobSource {
     /// Holds each row's `encryptionId` (text), instead of one `encryptionId`.
     #[serde(default)]
     pub encryption_id_column: Option<String>,
-    /// Holds each row's `context` (text) for a deterministic encryption
+    /// Holds each row's `context` (text), kept through re-encryption
     /// (AES-256-GCM-SIV); without it, rows are taken to have none.
     #[serde(default)]
     pub context_column: Option<String>,
@@ -709,8 +709,7 @@ async fn walk(
                         | KeyError::VersionDisabled
                         | KeyError::VersionDestroyed
                         | KeyError::VersionBelowMinimum
-                        | KeyError::IndexNotFound
-                        | KeyError::ContextNotSupported,
+                        | KeyError::IndexNotFound,
                     ) => {
                         failed += 1;
                         continue;

@@ -197,7 +197,6 @@ impl ApiError {
                 KeyError::InvalidIndexChange(_) => {
                     (S::UNPROCESSABLE_ENTITY, "invalid_index_change")
                 }
-                KeyError::ContextNotSupported => (S::BAD_REQUEST, "context_not_supported"),
                 KeyError::VersionAnchorsIndex => (S::CONFLICT, "version_anchors_index"),
                 KeyError::InvalidPolicy(_) => (S::UNPROCESSABLE_ENTITY, "invalid_policy"),
                 KeyError::VersionInUse(_) => (S::CONFLICT, "version_in_use"),

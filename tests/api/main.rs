@@ -14,6 +14,7 @@ mod connections;
 mod contract;
 mod deterministic;
 mod dev;
+mod envelope_context;
 mod faults;
 mod guards;
 mod helpers;
