@@ -66,6 +66,26 @@ pub fn context_binding(encryption_id: &[u8; 16], version_id: &[u8; 16], context:
     aad
 }
 
+/// The binding of a data key from `POST /v1/datakey`, wrapped under
+/// encryption `encryption_id`'s version `version_id`, with the caller's
+/// `context` (possibly empty): `"keyward:dkey:v1\0" ‖ encryption id ‖
+/// version id ‖ "keyward:ctx:v1\0\0" ‖ context`. Its own first label, so a
+/// wrapped data key never opens through `/v1/decrypt` (whose bindings all
+/// start `"keyward:data:v1\0"`), nor a ciphertext through the unwrap route.
+pub fn wrapped_data_key_binding(
+    encryption_id: &[u8; 16],
+    version_id: &[u8; 16],
+    context: &[u8],
+) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64 + context.len());
+    aad.extend_from_slice(b"keyward:dkey:v1\0");
+    aad.extend_from_slice(encryption_id);
+    aad.extend_from_slice(version_id);
+    aad.extend_from_slice(CONTEXT_LABEL);
+    aad.extend_from_slice(context);
+    aad
+}
+
 /// Associated data for a deterministic (AES-256-GCM-SIV) ciphertext: the
 /// same binding to encryption and version as [`data_aad`] under its own label,
 /// followed by the caller's context (the prefix has a fixed length, so the

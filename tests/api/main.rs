@@ -12,6 +12,7 @@ mod cli;
 mod client_key;
 mod connections;
 mod contract;
+mod datakey;
 mod deterministic;
 mod dev;
 mod envelope_context;
