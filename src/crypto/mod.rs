@@ -17,6 +17,7 @@ mod keys;
 mod rsa_oaep;
 mod search;
 mod secret;
+pub mod stream;
 mod wrap;
 #[cfg(test)]
 mod wycheproof;
