@@ -26,6 +26,7 @@ mod accounts;
 mod audit;
 mod config_arg;
 mod exit;
+mod files;
 mod job;
 mod master_key;
 mod server;
@@ -107,6 +108,11 @@ enum Command {
         #[command(subcommand)]
         command: Box<JobCommand>,
     },
+    /// Encrypt a file of any size through a running Keyward's data keys
+    /// (the file never crosses the network): docs/envelope.md.
+    EncryptFile(files::EncryptFileArgs),
+    /// Decrypt a file made by encrypt-file.
+    DecryptFile(files::DecryptFileArgs),
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -145,6 +151,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apikey { command } => accounts::run_apikey(command).await,
         Command::OperatorKey { command } => accounts::run_operator_key(command).await,
         Command::Job { command } => job::run(*command).await,
+        Command::EncryptFile(args) => files::encrypt_file(args).await,
+        Command::DecryptFile(args) => files::decrypt_file(args).await,
         Command::Audit { command } => audit::run(command).await,
     }
     .context("keyward failed")

@@ -38,6 +38,7 @@ mod rsa_oaep;
 mod secrets;
 mod slow_input;
 mod sources;
+mod stream;
 mod tls;
 mod versions;
 
