@@ -9,12 +9,14 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::helpers::{assert_error, send, Backend, Creds, TestApp};
+use crate::jobs::{spawn_with_platform, wait_for_job, Platform};
 use crate::rsa_oaep::create_rsa;
 
 crate::on_both_databases!(
     a_data_key_is_minted_used_locally_unwrapped_rotated_rewrapped_and_refused_once_disabled,
     a_key_that_mints_wrapped_data_keys_cannot_unwrap_them,
     a_wrapped_data_key_is_bound_to_its_context_encryption_and_purpose,
+    a_reencryption_job_moves_wrapped_data_keys_under_their_contexts,
 );
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -299,4 +301,91 @@ async fn a_wrapped_data_key_is_bound_to_its_context_encryption_and_purpose(backe
         )
         .await;
     assert_error(status, &body, 400, "decryption_failed");
+}
+
+async fn a_reencryption_job_moves_wrapped_data_keys_under_their_contexts(backend: Backend) {
+    use sqlx::{Connection, Row};
+    let platform = Platform::new(backend).await;
+    let app = spawn_with_platform(backend, &platform, &[]).await;
+    let creds = app.create_tenant("platform");
+    let (enc, v1) = app.create_encryption(&creds).await;
+    sqlx::any::install_default_drivers();
+    let url = if platform.url().starts_with("sqlite:") {
+        format!("{}?mode=rwc", platform.url())
+    } else {
+        platform.url()
+    };
+    let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+    sqlx::query("CREATE TABLE files (id BIGINT PRIMARY KEY, dk TEXT NOT NULL, version TEXT NOT NULL, metadata TEXT NOT NULL, ctx TEXT)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut keys = Vec::new();
+    for i in 0..30i64 {
+        let made = mint(
+            &app,
+            &creds,
+            json!({"encryptionId": enc, "context": format!("files/{i}")}),
+        )
+        .await;
+        sqlx::query(
+            "INSERT INTO files (id, dk, version, metadata, ctx) VALUES ($1, $2, $3, '{}', $4)",
+        )
+        .bind(i)
+        .bind(made["wrappedKey"].as_str().unwrap())
+        .bind(made["encryptionVersionId"].as_str().unwrap())
+        .bind(format!("files/{i}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        keys.push(made["plaintextKey"].clone());
+    }
+    let v2 = app.rotate(&creds, &enc).await;
+    let source = json!({
+        "name": "platform", "table": "files", "keyColumn": "id",
+        "cipherTextColumn": "dk", "versionColumn": "version", "metadataColumn": "metadata",
+        "contextColumn": "ctx", "wrappedKeys": true,
+    });
+    let (status, created) = app
+        .post(
+            "/v1/jobs",
+            &creds,
+            &json!({"kind": "reencrypt", "encryptionId": enc, "source": source}),
+        )
+        .await;
+    assert_eq!(status, reqwest::StatusCode::ACCEPTED, "{created}");
+    let done = wait_for_job(
+        &app,
+        &creds,
+        created["jobId"].as_str().unwrap(),
+        std::time::Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(done["rewrapped"], 30, "{done}");
+    assert_eq!(done["failed"], 0, "{done}");
+    let rows = sqlx::query("SELECT id, dk, version FROM files ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    for row in &rows {
+        let i: i64 = row.get(0);
+        assert_eq!(row.get::<String, _>(2), v2, "row {i}");
+        let wrapped = json!(row.get::<String, _>(1));
+        let (status, opened) =
+            unwrap(&app, &creds, &enc, &wrapped, Some(&format!("files/{i}"))).await;
+        assert_eq!(status, StatusCode::OK, "{opened}");
+        assert_eq!(
+            opened["plaintextKey"], keys[i as usize],
+            "row {i}: the same key"
+        );
+        assert_eq!(opened["encryptionVersionId"], v2.as_str());
+    }
+    // Nothing is left on the first version: it can be disabled.
+    let v1_path = format!("/v1/encryptions/{enc}/versions/{v1}");
+    let (status, body) = send(
+        app.req(Method::PATCH, &v1_path, &creds)
+            .json(&json!({"state": "disabled"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
