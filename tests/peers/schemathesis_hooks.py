@@ -9,7 +9,7 @@ by operation, status and error code, so any other refusal of a schema-valid
 request still fails:
 
 - a ciphertext, nonce or version that does not authenticate: 400
-  `decryption_failed` (decrypt, rewrap);
+  `decryption_failed` (decrypt, rewrap, data-key unwrap and rewrap);
 - a well-formed `X-Master-Key` sent for a platform-managed encryption: 400
   `master_key_not_applicable`;
 - a `cursor` this endpoint did not hand out: 400 `invalid_request` on `cursor`
@@ -89,6 +89,9 @@ SEMANTIC_REFUSALS = {
     ("PATCH", "/v1/encryptions/{id}/versions/{versionId}"): {(409, "version_anchors_index", None)},
     ("POST", "/v1/decrypt"): {(400, "decryption_failed", None)},
     ("POST", "/v1/rewrap"): {(400, "decryption_failed", None)},
+    # A schema-valid wrapped data key that is not one (issue #20).
+    ("POST", "/v1/datakey/unwrap"): {(400, "decryption_failed", None)},
+    ("POST", "/v1/datakey/rewrap"): {(400, "decryption_failed", None)},
     ("POST", "/v1/encrypt"): {(422, "version_not_encryptable", None)},
     ("GET", "/v1/encryptions"): {(400, "invalid_request", "`cursor`")},
     ("GET", "/v1/audit"): {(400, "invalid_request", "`cursor`")},
