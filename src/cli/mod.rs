@@ -27,6 +27,7 @@ mod audit;
 mod client_cert;
 mod config_arg;
 mod exit;
+mod files;
 mod job;
 mod master_key;
 mod server;
@@ -115,6 +116,11 @@ enum Command {
         #[command(subcommand)]
         command: Box<JobCommand>,
     },
+    /// Encrypt a file of any size through a running Keyward's data keys
+    /// (the file never crosses the network): docs/envelope.md.
+    EncryptFile(files::EncryptFileArgs),
+    /// Decrypt a file made by encrypt-file.
+    DecryptFile(files::DecryptFileArgs),
     /// The audit log.
     Audit {
         #[command(subcommand)]
@@ -154,6 +160,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ClientCert { command } => client_cert::run(command).await,
         Command::OperatorKey { command } => accounts::run_operator_key(command).await,
         Command::Job { command } => job::run(*command).await,
+        Command::EncryptFile(args) => files::encrypt_file(args).await,
+        Command::DecryptFile(args) => files::decrypt_file(args).await,
         Command::Audit { command } => audit::run(command).await,
     }
     .context("keyward failed")

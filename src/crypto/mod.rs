@@ -17,6 +17,7 @@ mod keys;
 mod rsa_oaep;
 mod search;
 mod secret;
+pub mod stream;
 mod wrap;
 #[cfg(test)]
 mod wycheproof;
@@ -44,6 +45,45 @@ pub fn data_aad(encryption_id: &[u8; 16], version_id: &[u8; 16]) -> [u8; 48] {
     aad[..16].copy_from_slice(b"keyward:data:v1\0");
     aad[16..32].copy_from_slice(encryption_id);
     aad[32..].copy_from_slice(version_id);
+    aad
+}
+
+/// What a caller's context adds after the 48 bytes of [`data_aad`]: a label
+/// of its own, then the context's bytes (the prefix has a fixed length, so the
+/// context needs no length). Only built when a context is given: a ciphertext
+/// without one keeps exactly the associated data it always had.
+pub const CONTEXT_LABEL: &[u8; 16] = b"keyward:ctx:v1\0\0";
+
+/// The context binding of a ciphertext of encryption `encryption_id`'s
+/// version `version_id` made under the caller's `context` (not empty):
+/// `data_aad ‖ "keyward:ctx:v1\0\0" ‖ context`. AES-256-GCM takes it as its
+/// associated data; RSA-OAEP-256 as the OAEP label of a block, or the JWE's
+/// additional authenticated data (see `RsaPublicKey::seal`).
+pub fn context_binding(encryption_id: &[u8; 16], version_id: &[u8; 16], context: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64 + context.len());
+    aad.extend_from_slice(&data_aad(encryption_id, version_id));
+    aad.extend_from_slice(CONTEXT_LABEL);
+    aad.extend_from_slice(context);
+    aad
+}
+
+/// The binding of a data key from `POST /v1/datakey`, wrapped under
+/// encryption `encryption_id`'s version `version_id`, with the caller's
+/// `context` (possibly empty): `"keyward:dkey:v1\0" ‖ encryption id ‖
+/// version id ‖ "keyward:ctx:v1\0\0" ‖ context`. Its own first label, so a
+/// wrapped data key never opens through `/v1/decrypt` (whose bindings all
+/// start `"keyward:data:v1\0"`), nor a ciphertext through the unwrap route.
+pub fn wrapped_data_key_binding(
+    encryption_id: &[u8; 16],
+    version_id: &[u8; 16],
+    context: &[u8],
+) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(64 + context.len());
+    aad.extend_from_slice(b"keyward:dkey:v1\0");
+    aad.extend_from_slice(encryption_id);
+    aad.extend_from_slice(version_id);
+    aad.extend_from_slice(CONTEXT_LABEL);
+    aad.extend_from_slice(context);
     aad
 }
 

@@ -157,13 +157,23 @@ impl RsaPrivateKey {
     /// against it).
     #[allow(clippy::result_unit_err)]
     pub fn decrypt_block(&self, ciphertext: &[u8]) -> Result<SecretBytes, ()> {
+        self.decrypt_block_labelled(ciphertext, None)
+    }
+
+    /// [`RsaPrivateKey::decrypt_block`] with an OAEP label (a caller's
+    /// context binding: see [`crate::crypto::context_binding`]).
+    fn decrypt_block_labelled(
+        &self,
+        ciphertext: &[u8],
+        label: Option<&[u8]>,
+    ) -> Result<SecretBytes, ()> {
         if ciphertext.len() != self.private.key_size_bytes() {
             return Err(());
         }
         let mut out = SecretBytes::new(vec![0u8; self.private.min_output_size()]);
         let len = self
             .private
-            .decrypt(&OAEP_SHA256_MGF1SHA256, ciphertext, out.vec_mut(), None)
+            .decrypt(&OAEP_SHA256_MGF1SHA256, ciphertext, out.vec_mut(), label)
             .map_err(|_| ())?
             .len();
         out.truncate(len);
@@ -171,16 +181,28 @@ impl RsaPrivateKey {
     }
 
     /// Decrypts either form (see the module docs). `kid`: a JWE whose header
-    /// names another key id fails.
+    /// names another key id fails. `binding`: the caller's context binding
+    /// the ciphertext was sealed with (see [`RsaPublicKey::seal`]); a
+    /// different or missing one fails.
     #[allow(clippy::result_unit_err)]
-    pub fn open(&self, ciphertext: &[u8], kid: &str) -> Result<SecretBytes, ()> {
+    pub fn open(
+        &self,
+        ciphertext: &[u8],
+        kid: &str,
+        binding: Option<&[u8]>,
+    ) -> Result<SecretBytes, ()> {
         if ciphertext.len() == self.private.key_size_bytes() {
-            return self.decrypt_block(ciphertext);
+            return self.decrypt_block_labelled(ciphertext, binding);
         }
-        self.open_jwe(ciphertext, kid)
+        self.open_jwe(ciphertext, kid, binding)
     }
 
-    fn open_jwe(&self, compact: &[u8], kid: &str) -> Result<SecretBytes, ()> {
+    fn open_jwe(
+        &self,
+        compact: &[u8],
+        kid: &str,
+        binding: Option<&[u8]>,
+    ) -> Result<SecretBytes, ()> {
         let text = std::str::from_utf8(compact).map_err(|_| ())?;
         let mut parts = text.split('.');
         let (Some(header), Some(ek), Some(iv), Some(ct), Some(tag), None) = (
@@ -208,8 +230,21 @@ impl RsaPrivateKey {
         sealed.extend_from_slice(&tag);
         let cek = self.decrypt_block(&ek)?;
         let cek = DataKey::from_slice(&cek).ok_or(())?;
-        open(&cek.cipher(), &iv, header.as_bytes(), &sealed)
+        open(&cek.cipher(), &iv, &jwe_aad(header, binding), &sealed)
     }
+}
+
+/// The GCM associated data of a compact JWE: the protected header as ASCII,
+/// and with a context binding, `"." ‖ BASE64URL(binding)` after it (RFC 7516
+/// §5.1 step 14, the rule for the JSON serialization's `aad` member; the
+/// compact form cannot carry it, so the caller supplies it again to decrypt).
+fn jwe_aad(header: &str, binding: Option<&[u8]>) -> Vec<u8> {
+    let mut aad = header.as_bytes().to_vec();
+    if let Some(b) = binding {
+        aad.push(b'.');
+        aad.extend_from_slice(B64URL.encode(b).as_bytes());
+    }
+    aad
 }
 
 /// The JWE protected header must be exactly what RSA-OAEP-256 + A256GCM
@@ -335,13 +370,18 @@ impl RsaPublicKey {
 
     /// RSA-OAEP-256 of one block; `None` if `plaintext` is too long for one.
     pub fn encrypt_block(&self, plaintext: &[u8]) -> Option<Vec<u8>> {
+        self.encrypt_block_labelled(plaintext, None)
+    }
+
+    /// [`RsaPublicKey::encrypt_block`] with an OAEP label.
+    fn encrypt_block_labelled(&self, plaintext: &[u8], label: Option<&[u8]>) -> Option<Vec<u8>> {
         if plaintext.len() > self.max_block_plaintext() {
             return None;
         }
         let mut out = vec![0u8; self.block_len()];
         let len = self
             .key
-            .encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, None)
+            .encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, label)
             .ok()?
             .len();
         out.truncate(len);
@@ -349,16 +389,19 @@ impl RsaPublicKey {
     }
 
     /// Encrypts `plaintext`: one block when it fits, else a compact JWE
-    /// (RSA-OAEP-256 + A256GCM) whose header names `kid`.
-    pub fn seal(&self, plaintext: &[u8], kid: &str) -> Vec<u8> {
-        if let Some(block) = self.encrypt_block(plaintext) {
+    /// (RSA-OAEP-256 + A256GCM) whose header names `kid`. `binding`: a
+    /// caller's context binding ([`crate::crypto::context_binding`]), the
+    /// block's OAEP label or the JWE's additional authenticated data (see
+    /// `jwe_aad`); `None` seals exactly as before contexts existed.
+    pub fn seal(&self, plaintext: &[u8], kid: &str, binding: Option<&[u8]>) -> Vec<u8> {
+        if let Some(block) = self.encrypt_block_labelled(plaintext, binding) {
             return block;
         }
-        self.seal_jwe(plaintext, kid)
+        self.seal_jwe(plaintext, kid, binding)
     }
 
     /// A compact JWE (RSA-OAEP-256 + A256GCM) of `plaintext`, as ASCII bytes.
-    pub fn seal_jwe(&self, plaintext: &[u8], kid: &str) -> Vec<u8> {
+    pub fn seal_jwe(&self, plaintext: &[u8], kid: &str, binding: Option<&[u8]>) -> Vec<u8> {
         let header = serde_json::json!({"alg": "RSA-OAEP-256", "enc": "A256GCM", "kid": kid});
         let header = B64URL.encode(header.to_string());
         let cek = DataKey::generate();
@@ -366,7 +409,7 @@ impl RsaPublicKey {
             .encrypt_block(cek.expose())
             // A 32-byte key always fits one block of a 2048-bit or larger key.
             .unwrap_or_default();
-        let sealed = seal(&cek.cipher(), header.as_bytes(), plaintext);
+        let sealed = seal(&cek.cipher(), &jwe_aad(&header, binding), plaintext);
         let (ct, tag) = sealed
             .ciphertext
             .split_at(sealed.ciphertext.len() - TAG_LEN);
@@ -458,23 +501,37 @@ mod tests {
         assert_eq!(k.public().max_block_plaintext(), 318);
         for len in [0usize, 1, 190, 318, 319, 400, 100_000] {
             let pt: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let ct = k.public().seal(&pt, "v1");
+            let ct = k.public().seal(&pt, "v1", None);
             assert_eq!(ct.len() == 384, len <= 318, "{len}");
-            assert_eq!(&*k.open(&ct, "v1").unwrap(), &pt[..], "{len}");
+            assert_eq!(&*k.open(&ct, "v1", None).unwrap(), &pt[..], "{len}");
             let mut bad = ct.clone();
             let at = bad.len() - 3;
             bad[at] ^= 1;
-            assert!(k.open(&bad, "v1").is_err(), "{len}");
+            assert!(k.open(&bad, "v1", None).is_err(), "{len}");
             if len > 318 {
-                assert!(k.open(&ct, "v2").is_err(), "another kid");
+                assert!(k.open(&ct, "v2", None).is_err(), "another kid");
             }
+        }
+    }
+
+    #[test]
+    fn a_context_binding_is_needed_again_in_both_forms() {
+        let k = key();
+        for len in [5usize, 1000] {
+            let pt = vec![7u8; len];
+            let ct = k.public().seal(&pt, "v1", Some(b"ctx-a"));
+            assert_eq!(&*k.open(&ct, "v1", Some(b"ctx-a")).unwrap(), &pt[..]);
+            assert!(k.open(&ct, "v1", Some(b"ctx-b")).is_err(), "{len}");
+            assert!(k.open(&ct, "v1", None).is_err(), "{len}");
+            let plain = k.public().seal(&pt, "v1", None);
+            assert!(k.open(&plain, "v1", Some(b"ctx-a")).is_err(), "{len}");
         }
     }
 
     #[test]
     fn rsa_oaep_jwe_headers_other_than_rsa_oaep_256_with_a256gcm_fail() {
         let k = key();
-        let ct = String::from_utf8(k.public().seal_jwe(b"x", "v1")).unwrap();
+        let ct = String::from_utf8(k.public().seal_jwe(b"x", "v1", None)).unwrap();
         let rest = ct.split_once('.').unwrap().1;
         for header in [
             r#"{"alg":"RSA-OAEP","enc":"A256GCM"}"#,
@@ -485,10 +542,10 @@ mod tests {
             // Other headers fail the checks or the GCM tag (the header is the
             // associated data).
             let forged = format!("{}.{rest}", B64URL.encode(header));
-            assert!(k.open(forged.as_bytes(), "v1").is_err(), "{header}");
+            assert!(k.open(forged.as_bytes(), "v1", None).is_err(), "{header}");
         }
-        assert!(k.open(b"a.b.c.d", "v1").is_err());
-        assert!(k.open(b"", "v1").is_err());
+        assert!(k.open(b"a.b.c.d", "v1", None).is_err());
+        assert!(k.open(b"", "v1", None).is_err());
     }
 
     #[test]

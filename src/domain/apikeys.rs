@@ -52,11 +52,17 @@ pub enum Scope {
     /// Export an exportable encryption's key material, wrapped to a public
     /// key the caller supplies.
     Export,
+    /// Mint data keys (`POST /v1/datakey`, in plaintext and wrapped, or
+    /// wrapped only). Cannot unwrap one.
+    DataKey,
+    /// Unwrap a data key (`POST /v1/datakey/unwrap`). Its own scope, so a
+    /// key that mints wrapped data keys for others cannot open them.
+    Unwrap,
 }
 
 impl Scope {
     /// Every scope, in display order.
-    pub const ALL: [Scope; 10] = [
+    pub const ALL: [Scope; 12] = [
         Scope::Encrypt,
         Scope::Decrypt,
         Scope::Rotate,
@@ -65,6 +71,8 @@ impl Scope {
         Scope::Index,
         Scope::Import,
         Scope::Export,
+        Scope::DataKey,
+        Scope::Unwrap,
         Scope::Operator,
         Scope::Audit,
     ];
@@ -82,6 +90,8 @@ impl Scope {
             Scope::Index => "index",
             Scope::Import => "import",
             Scope::Export => "export",
+            Scope::DataKey => "datakey",
+            Scope::Unwrap => "unwrap",
         }
     }
 
@@ -150,7 +160,7 @@ impl Scopes {
                 .ok_or_else(|| {
                     let word: String = word.chars().take(32).collect();
                     format!(
-                        "unknown scope `{word}` (expected some of encrypt, decrypt, rotate, manage, admin, index, import, export for a tenant key, or operator, audit for an operator key)"
+                        "unknown scope `{word}` (expected some of encrypt, decrypt, rotate, manage, admin, index, import, export, datakey, unwrap for a tenant key, or operator, audit for an operator key)"
                     )
                 })?;
             bits |= scope.bit();
@@ -452,7 +462,7 @@ mod tests {
         );
         assert_eq!(
             Scopes::tenant_all().to_string(),
-            "encrypt,decrypt,rotate,manage,admin,index,import,export"
+            "encrypt,decrypt,rotate,manage,admin,index,import,export,datakey,unwrap"
         );
         assert_eq!(Scopes::operator_all().to_string(), "operator,audit");
     }

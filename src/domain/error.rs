@@ -93,9 +93,6 @@ pub enum KeyError {
     /// be raised before it rotates again.
     #[error("a blind index keeps at most {0} live versions: raise its `minVersion` before rotating it again")]
     TooManyIndexVersions(i64),
-    /// A `context` on an encryption that does not take one.
-    #[error("`context`: only deterministic encryptions (AES-256-GCM-SIV) take a context")]
-    ContextNotSupported,
     /// A destroy of a version whose data key a live blind-index version's
     /// key is derived from.
     #[error("a live blind-index version derives its key from this version: rotate the index and retire its older versions (minVersion) first")]

@@ -59,10 +59,16 @@ pub struct JobSource {
     /// Holds each row's `encryptionId` (text), instead of one `encryptionId`.
     #[serde(default)]
     pub encryption_id_column: Option<String>,
-    /// Holds each row's `context` (text) for a deterministic encryption
+    /// Holds each row's `context` (text), kept through re-encryption
     /// (AES-256-GCM-SIV); without it, rows are taken to have none.
     #[serde(default)]
     pub context_column: Option<String>,
+    /// The cipher-text column holds wrapped data keys (from `/v1/datakey`,
+    /// base64) rather than ciphertexts: each is moved as
+    /// `/v1/datakey/rewrap` moves it (under the row's context), and the
+    /// metadata column is written `{}`. Takes no index columns.
+    #[serde(default)]
+    pub wrapped_keys: bool,
     /// Blind-index columns to recompute (under each index's active version)
     /// while the job moves each row; with any, the job also rewrites rows
     /// already on the active version whose index values are stale, so a
@@ -110,6 +116,8 @@ struct StoredSource {
     encryption_id_column: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     context_column: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    wrapped_keys: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     index_columns: Vec<IndexColumn>,
 }
@@ -124,7 +132,7 @@ pub enum JobError {
     #[error("give either `encryptionId` or `source.encryptionIdColumn`")]
     EncryptionScope,
     /// Too many index columns, or one naming no possible index.
-    #[error("`source.indexColumns`: at most 8, each naming an index of the encryption")]
+    #[error("`source.indexColumns`: at most 8, each naming an index of the encryption, and none with `wrappedKeys`")]
     IndexColumns,
     /// A client-mode encryption cannot be walked without its client key.
     #[error("a client-mode encryption needs its client key for every row; Keyward cannot walk it")]
@@ -225,7 +233,9 @@ impl JobSource {
                 return Err(JobError::BadIdentifier("source.contextColumn"));
             }
         }
-        if self.index_columns.len() > MAX_INDEX_COLUMNS {
+        if self.index_columns.len() > MAX_INDEX_COLUMNS
+            || (self.wrapped_keys && !self.index_columns.is_empty())
+        {
             return Err(JobError::IndexColumns);
         }
         for c in &self.index_columns {
@@ -311,6 +321,7 @@ pub async fn start_job(
         metadata_column: source.metadata_column,
         encryption_id_column: source.encryption_id_column,
         context_column: source.context_column,
+        wrapped_keys: source.wrapped_keys,
         index_columns: source.index_columns,
     };
     let id = uuid::Uuid::new_v4();
@@ -544,7 +555,16 @@ async fn run_one(
     let result = async {
         let db = source.open(service, job.tenant_id, &tenant_name).await?;
         let indexes = source.index_names();
-        let result = walk(service, owner, &job, &db, &indexes, settings).await;
+        let result = walk(
+            service,
+            owner,
+            &job,
+            &db,
+            &indexes,
+            source.wrapped_keys,
+            settings,
+        )
+        .await;
         db.close().await;
         result
     }
@@ -561,6 +581,7 @@ async fn walk(
     job: &JobRow,
     db: &SourceTable,
     indexes: &[String],
+    wrapped_keys: bool,
     settings: RunnerSettings,
 ) -> Result<(), RunError> {
     let lease_ms = settings.lease.as_millis() as i64;
@@ -684,6 +705,34 @@ async fn walk(
             if version == active && indexes.is_empty() {
                 continue;
             }
+            if wrapped_keys {
+                let Ok(wrapped) = b64.decode(cipher_text) else {
+                    failed += 1;
+                    continue;
+                };
+                let context = row.context.as_deref().unwrap_or("").as_bytes();
+                let moved = service
+                    .rewrap_data_key(job.tenant_id, encryption, &wrapped, context, None)
+                    .await;
+                match moved {
+                    Ok((rewrapped, version)) => writes.push((
+                        row,
+                        b64.encode(rewrapped),
+                        version.to_string(),
+                        "{}".to_string(),
+                        Vec::new(),
+                    )),
+                    Err(
+                        KeyError::DecryptionFailed
+                        | KeyError::VersionNotFound
+                        | KeyError::VersionDisabled
+                        | KeyError::VersionDestroyed
+                        | KeyError::VersionBelowMinimum,
+                    ) => failed += 1,
+                    Err(e) => return Err(key_error(e)),
+                }
+                continue;
+            }
             let nonce = row
                 .metadata
                 .as_deref()
@@ -709,8 +758,7 @@ async fn walk(
                         | KeyError::VersionDisabled
                         | KeyError::VersionDestroyed
                         | KeyError::VersionBelowMinimum
-                        | KeyError::IndexNotFound
-                        | KeyError::ContextNotSupported,
+                        | KeyError::IndexNotFound,
                     ) => {
                         failed += 1;
                         continue;

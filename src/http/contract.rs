@@ -44,10 +44,12 @@ pub struct EncryptRequest {
     #[serde(default)]
     #[schema(format = Uuid, nullable = false)]
     encryption_version_id: Option<String>,
-    /// Deterministic encryptions only (`AES-256-GCM-SIV`): what separates
-    /// equal plaintexts, e.g. `users.email` (up to 1024 characters; absent or empty:
-    /// none). Decrypt needs the same context. Any other encryption refuses it
-    /// (`context_not_supported`).
+    /// The caller's context (up to 1024 characters; absent or empty: none),
+    /// e.g. `users/42/email`: bound into the associated data of every
+    /// algorithm, and needed again, byte for byte, to decrypt (a missing or
+    /// different one is `decryption_failed`). Deterministic encryptions
+    /// (`AES-256-GCM-SIV`) also derive their nonce from it. A string only;
+    /// never logged or audited (docs/envelope.md).
     #[serde(default)]
     #[schema(max_length = 1024, nullable = false)]
     pub(super) context: Option<String>,
@@ -393,7 +395,7 @@ pub struct DecryptRequest {
     /// The metadata encrypt returned, unchanged.
     #[schema(value_type = Object)]
     metadata: DecryptMetadata,
-    /// The `context` encrypt was given (deterministic encryptions only).
+    /// The `context` encrypt was given, byte for byte (absent or empty: none).
     #[serde(default)]
     #[schema(max_length = 1024, nullable = false)]
     context: Option<String>,

@@ -197,7 +197,6 @@ impl ApiError {
                 KeyError::InvalidIndexChange(_) => {
                     (S::UNPROCESSABLE_ENTITY, "invalid_index_change")
                 }
-                KeyError::ContextNotSupported => (S::BAD_REQUEST, "context_not_supported"),
                 KeyError::IndexValueTooLong => (S::BAD_REQUEST, "index_value_too_long"),
                 KeyError::TooManyIndexVersions(_) => (S::CONFLICT, "too_many_index_versions"),
                 KeyError::VersionAnchorsIndex => (S::CONFLICT, "version_anchors_index"),

@@ -113,6 +113,8 @@ scope_marker!(AdminScope, tenant: Scope::Admin);
 scope_marker!(IndexScope, tenant: Scope::Index);
 scope_marker!(ImportScope, tenant: Scope::Import);
 scope_marker!(ExportScope, tenant: Scope::Export);
+scope_marker!(DataKeyScope, tenant: Scope::DataKey);
+scope_marker!(UnwrapScope, tenant: Scope::Unwrap);
 scope_marker!(OperatorScope, operator: Scope::Operator);
 scope_marker!(AuditReadScope, tenant: Scope::Admin, operator: Scope::Audit);
 

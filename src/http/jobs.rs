@@ -72,8 +72,13 @@ struct JobSourceSchema {
     metadata_column: String,
     /// A column with each row's encryption id, instead of one `encryptionId`.
     encryption_id_column: Option<String>,
-    /// A column with each row's `context` (deterministic encryptions).
+    /// A text column with each row's `context` (any algorithm): each row is
+    /// decrypted and re-encrypted under it, so the context is kept.
     context_column: Option<String>,
+    /// The cipher-text column holds wrapped data keys (`/v1/datakey`), moved
+    /// as `/v1/datakey/rewrap` moves them; metadata is written `{}`; no index
+    /// columns.
+    wrapped_keys: bool,
     /// Blind-index columns to recompute under each index's active version
     /// (at most 8); with any, rows already on the active key version whose
     /// index values are stale are rewritten too.

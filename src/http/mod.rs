@@ -15,6 +15,7 @@ mod audit;
 mod audit_note;
 mod batch;
 mod contract;
+mod datakeys;
 mod edge;
 mod encryptions;
 pub mod error;

@@ -13,7 +13,8 @@ use utoipa::{Modify, OpenApi};
 use super::extract::Requirement;
 use super::routes::ROUTES;
 use super::{
-    accounts, admin, audit, batch, contract, encryptions, error, jobs, keys, metrics, ops, search,
+    accounts, admin, audit, batch, contract, datakeys, encryptions, error, jobs, keys, metrics,
+    ops, search,
 };
 
 struct Security;
@@ -272,6 +273,9 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         batch::encrypt_batch,
         batch::decrypt_batch,
         batch::rewrap_batch,
+        datakeys::generate,
+        datakeys::unwrap,
+        datakeys::rewrap,
         encryptions::update,
         encryptions::update_version,
         search::index,
@@ -314,6 +318,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         (name = "lifecycle", description = "Rewrap and batches"),
         (name = "search", description = "Search over encrypted fields: blind-index values (scope `index`, never `decrypt`), index definitions (`manage`) and index-key rotation (`rotate`); see docs/search.md"),
         (name = "keys", description = "RSA public keys (scope `encrypt`), key import (scope `import`) and controlled export (scope `export`)"),
+        (name = "envelope", description = "Envelope encryption: data keys minted (scope `datakey`), unwrapped (scope `unwrap`) and rewrapped (scope `rotate`); see docs/envelope.md"),
         (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
         (name = "api-keys", description = "A tenant's own API keys (tenant key with `admin`)"),
         (name = "operator", description = "Tenants and any tenant's API keys (operator key with `operator`)"),

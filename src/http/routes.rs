@@ -18,12 +18,14 @@ use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
 use super::extract::{
-    AdminScope, AuditReadScope, Auth, DecryptScope, EncryptScope, ExportScope, ImportScope,
-    IndexScope, ManageScope, OperatorScope, RequiredScope, Requirement, RotateScope,
+    AdminScope, AuditReadScope, Auth, DataKeyScope, DecryptScope, EncryptScope, ExportScope,
+    ImportScope, IndexScope, ManageScope, OperatorScope, RequiredScope, Requirement, RotateScope,
+    UnwrapScope,
 };
 use super::state::{AppState, RouterSettings};
 use super::{
-    accounts, admin, audit, batch, contract, edge, encryptions, jobs, keys, metrics, ops, search,
+    accounts, admin, audit, batch, contract, datakeys, edge, encryptions, jobs, keys, metrics, ops,
+    search,
 };
 
 /// One route.
@@ -107,6 +109,10 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(POST "/v1/encrypt/batch", batch::encrypt_batch, scope: EncryptScope, body: Batch, audit: "encrypt"),
     route!(POST "/v1/decrypt/batch", batch::decrypt_batch, scope: DecryptScope, body: Batch, audit: "decrypt"),
     route!(POST "/v1/rewrap/batch", batch::rewrap_batch, scope: RotateScope, body: Batch, audit: "rewrap"),
+    // Envelope encryption: data keys.
+    route!(POST "/v1/datakey", datakeys::generate, scope: DataKeyScope, body: Normal, audit: "datakey.generate"),
+    route!(POST "/v1/datakey/unwrap", datakeys::unwrap, scope: UnwrapScope, body: Normal, audit: "datakey.unwrap"),
+    route!(POST "/v1/datakey/rewrap", datakeys::rewrap, scope: RotateScope, body: Normal, audit: "datakey.rewrap"),
     // Encryptions and their versions.
     route!(GET "/v1/encryptions", encryptions::list, scope: ManageScope, body: Normal, audit: "encryption.list"),
     route!(POST "/v1/encryptions", encryptions::create, scope: ManageScope, body: Normal, audit: "encryption.create"),

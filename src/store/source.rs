@@ -35,7 +35,7 @@ pub struct SourceLayout<'a> {
     pub metadata_column: &'a str,
     /// Holds each row's `encryptionId` (text), when the table has several.
     pub encryption_id_column: Option<&'a str>,
-    /// Holds each row's `context` (text) of a deterministic encryption.
+    /// Holds each row's `context` (text), kept through re-encryption.
     pub context_column: Option<&'a str>,
     /// Hold blind-index values (hex text) the job recomputes as it moves
     /// each row.

@@ -940,6 +940,13 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
         ),
         (
             Method::POST,
+            "/v1/datakey",
+            "/v1/datakey".into(),
+            Some(json!({"encryptionId": enc})),
+            "datakey.generate",
+        ),
+        (
+            Method::POST,
             "/v1/index",
             "/v1/index".into(),
             Some(json!({"encryptionId": enc, "data": "a"})),
@@ -1057,6 +1064,24 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
                 format!("/v1/jobs/{job}/cancel"),
                 None,
                 "job.cancel",
+            ));
+        }
+        if route == "/v1/datakey" {
+            let wrapped = answer["wrappedKey"].clone();
+            let body = json!({"encryptionId": enc, "wrappedKey": wrapped});
+            calls.push((
+                Method::POST,
+                "/v1/datakey/unwrap",
+                "/v1/datakey/unwrap".into(),
+                Some(body.clone()),
+                "datakey.unwrap",
+            ));
+            calls.push((
+                Method::POST,
+                "/v1/datakey/rewrap",
+                "/v1/datakey/rewrap".into(),
+                Some(body),
+                "datakey.rewrap",
             ));
         }
         if route == "/v1/api-keys" && method == Method::POST {

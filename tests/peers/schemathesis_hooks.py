@@ -9,7 +9,7 @@ by operation, status and error code, so any other refusal of a schema-valid
 request still fails:
 
 - a ciphertext, nonce or version that does not authenticate: 400
-  `decryption_failed` (decrypt, rewrap);
+  `decryption_failed` (decrypt, rewrap, data-key unwrap and rewrap);
 - a well-formed `X-Master-Key` sent for a platform-managed encryption: 400
   `master_key_not_applicable`;
 - a `cursor` this endpoint did not hand out: 400 `invalid_request` on `cursor`
@@ -30,9 +30,6 @@ request still fails:
   tenant's wrapping key (400 `import_failed`) or a client-mode target (422
   `import_not_supported`); an export target that is not an RSA public key of
   3072 bits or more in PEM (400 on `publicKey`).
-- a `context` on an encryption that is not deterministic: 400
-  `context_not_supported` (the algorithm is the encryption's, not the
-  request's);
 - blind indexes: a normalisation step given twice (400 `invalid_request`),
   a name already taken or the per-encryption limit reached (409
   `index_exists`, `too_many_indexes`), a `minVersion` above the index's active
@@ -77,7 +74,6 @@ SEMANTIC_REFUSALS = {
     ("*", "*"): {
         (400, "master_key_not_applicable", None),
         (410, "version_destroyed", None),
-        (400, "context_not_supported", None),
     },
     ("POST", "/v1/encryptions/{id}/indexes"): {
         # A repeated step: OpenAPI 3.1 can say uniqueItems, utoipa cannot.
@@ -86,9 +82,14 @@ SEMANTIC_REFUSALS = {
         (409, "too_many_indexes", None),
     },
     ("PATCH", "/v1/encryptions/{id}/indexes/{name}"): {(422, "invalid_index_change", None)},
+    # Eight live index versions: raise minVersion first.
+    ("POST", "/v1/encryptions/{id}/indexes/{name}/rotate"): {(409, "too_many_index_versions", None)},
     ("PATCH", "/v1/encryptions/{id}/versions/{versionId}"): {(409, "version_anchors_index", None)},
     ("POST", "/v1/decrypt"): {(400, "decryption_failed", None)},
     ("POST", "/v1/rewrap"): {(400, "decryption_failed", None)},
+    # A schema-valid wrapped data key that is not one (issue #20).
+    ("POST", "/v1/datakey/unwrap"): {(400, "decryption_failed", None)},
+    ("POST", "/v1/datakey/rewrap"): {(400, "decryption_failed", None)},
     ("POST", "/v1/encrypt"): {(422, "version_not_encryptable", None)},
     ("GET", "/v1/encryptions"): {(400, "invalid_request", "`cursor`")},
     ("GET", "/v1/audit"): {(400, "invalid_request", "`cursor`")},

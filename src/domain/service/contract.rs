@@ -3,8 +3,8 @@
 
 use super::state::KeyService;
 use crate::crypto::{
-    self, data_aad, data_key_aad, deterministic_aad, siv_nonce, siv_open, siv_seal, DataKey,
-    SivKey, NONCE_LEN,
+    self, context_binding, data_aad, data_key_aad, deterministic_aad, siv_nonce, siv_open,
+    siv_seal, DataKey, SivKey, NONCE_LEN,
 };
 use crate::domain::algorithm::Algorithm;
 use crate::domain::client_key::ClientKey;
@@ -75,7 +75,8 @@ impl KeyService {
     /// Encrypts `plaintext` under the active version, or under `version` if given
     /// (which must be `active` or `enabled`). A deterministic encryption
     /// (AES-256-GCM-SIV) gives equal ciphertexts for equal plaintexts under
-    /// the same version and `context`; any other takes no context.
+    /// the same version and `context`. A `context` (empty: none) is bound
+    /// into every algorithm's associated data and needed again to decrypt.
     pub async fn encrypt(
         &self,
         tenant: TenantId,
@@ -87,9 +88,6 @@ impl KeyService {
     ) -> Result<Encrypted, KeyError> {
         let key = self.entry(tenant, id).await?;
         key.check_mode(client_key)?;
-        if !context.is_empty() && !key.algorithm.is_deterministic() {
-            return Err(KeyError::ContextNotSupported);
-        }
         self.check_client_key_attempts(id, client_key)?;
         let key = match version {
             None => key,
@@ -116,7 +114,11 @@ impl KeyService {
         if let VersionKey::Rsa(rsa) = &version.key {
             // Public-key encryption: no nonce to bound, but counted all the
             // same (the versions' counts stay comparable).
-            let ciphertext = rsa.public().seal(plaintext, &version.id.to_string());
+            let binding = (!context.is_empty())
+                .then(|| context_binding(id.as_bytes(), version.id.as_bytes(), context));
+            let ciphertext =
+                rsa.public()
+                    .seal(plaintext, &version.id.to_string(), binding.as_deref());
             return Ok(Encrypted {
                 version_id: version.id,
                 algorithm: Algorithm::RsaOaep256,
@@ -137,7 +139,17 @@ impl KeyService {
             // An RSA encryption's versions hold RSA keys (handled above); an
             // AES key under one would still only ever run AES-256-GCM.
             Algorithm::Aes256Gcm | Algorithm::RsaOaep256 => {
-                let sealed = crypto::seal(k, &data_aad(id.as_bytes(), vid.as_bytes()), plaintext);
+                // No context: the 48-byte associated data on the stack, as
+                // always; a context appends its binding (`context_binding`).
+                let sealed = if context.is_empty() {
+                    crypto::seal(k, &data_aad(id.as_bytes(), vid.as_bytes()), plaintext)
+                } else {
+                    crypto::seal(
+                        k,
+                        &context_binding(id.as_bytes(), vid.as_bytes(), context),
+                        plaintext,
+                    )
+                };
                 (sealed.nonce, sealed.ciphertext)
             }
         });
@@ -170,9 +182,6 @@ impl KeyService {
         } = sealed;
         let key = self.entry(tenant, id).await?;
         key.check_mode(client_key)?;
-        if !context.is_empty() && !key.algorithm.is_deterministic() {
-            return Err(KeyError::ContextNotSupported);
-        }
         self.check_client_key_attempts(id, client_key)?;
         let key = match self.entry_with_version(key, version).await {
             Ok(k) => k,
@@ -187,13 +196,15 @@ impl KeyService {
             // Off the async workers (see `rsa_private_work`); the ciphertext
             // is copied, the key is the cached entry's.
             let vid = v.id;
+            let binding = (!context.is_empty())
+                .then(|| context_binding(id.as_bytes(), vid.as_bytes(), context));
             let ciphertext = ciphertext.to_vec();
             let key = key.clone();
             return crate::domain::keys::rsa_private_work(move || match key.version(vid) {
                 Some(KeyVersion {
                     key: VersionKey::Rsa(rsa),
                     ..
-                }) => rsa.open(&ciphertext, &vid.to_string()),
+                }) => rsa.open(&ciphertext, &vid.to_string(), binding.as_deref()),
                 _ => Err(()),
             })
             .await?
@@ -206,10 +217,16 @@ impl KeyService {
                 let aad = deterministic_aad(id.as_bytes(), vid.as_bytes(), context);
                 siv_open(&siv_key(k, id, vid), &nonce, &aad, ciphertext)
             }
-            Algorithm::Aes256Gcm | Algorithm::RsaOaep256 => crypto::open(
+            Algorithm::Aes256Gcm | Algorithm::RsaOaep256 if context.is_empty() => crypto::open(
                 k,
                 &nonce,
                 &data_aad(id.as_bytes(), vid.as_bytes()),
+                ciphertext,
+            ),
+            Algorithm::Aes256Gcm | Algorithm::RsaOaep256 => crypto::open(
+                k,
+                &nonce,
+                &context_binding(id.as_bytes(), vid.as_bytes(), context),
                 ciphertext,
             ),
         });

@@ -21,6 +21,7 @@
 
 mod cache;
 mod contract;
+mod datakeys;
 mod identity;
 mod import;
 mod lifecycle;
@@ -34,6 +35,7 @@ pub use super::apikeys::{looks_like_key_id, Principal};
 pub use super::client_key::ClientKey;
 pub use super::error::{AuthError, KeyError, RootKeyError};
 pub use contract::{Encrypted, Sealed};
+pub use datakeys::{wrapped_key_version, GeneratedDataKey};
 pub use management::{EncryptionDetails, EncryptionOptions};
 pub use queries::RootKekInfo;
 pub use root_keys::migrate_master_key;
