@@ -62,7 +62,12 @@ impl Raw {
         let vault_token = self.secret("vault_token", &mut secret_files)?;
         let vault_secret_id = self.secret("vault_secret_id", &mut secret_files)?;
         let pkcs11_pin = self.secret("pkcs11_pin", &mut secret_files)?;
-        let azure_client_secret = self.secret("azure_client_secret", &mut secret_files)?;
+        // Resolved at start like every secret (references apply), but not
+        // re-read on SIGHUP: the Azure credential is built once with it, so
+        // a changed secret needs a restart (docs/master-keys.md).
+        let azure_client_secret = self.parse("azure_client_secret", |v| {
+            non_empty(v).map(SecretString::new)
+        })?;
         let sync_interval = self.required("sync_interval", duration)?;
         let feed_max_lag = self.required("change_feed_max_lag", |v| {
             let d = duration(v)?;

@@ -85,10 +85,41 @@ impl std::fmt::Display for SecretRef {
     }
 }
 
+/// The largest secret file read: a PEM bundle or a database URL is far
+/// smaller, and a bound keeps `file:///dev/zero` from filling memory.
+const MAX_SECRET_FILE: u64 = 64 * 1024;
+
 /// A secret file's contents, one trailing newline (`\n` or `\r\n`) dropped.
-/// The error is the I/O error's kind, never a value.
+/// Only a regular file of at most [`MAX_SECRET_FILE`] bytes, read into a
+/// buffer allocated once (nothing outgrown is left uncleared), and refused
+/// if its size or modification time changed while it was read (a file being
+/// rewritten in place: the old value is kept). The error is the I/O error's
+/// kind, never a value.
 pub(super) fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, String> {
-    let mut text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| e.to_string())?);
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    let before = file.metadata().map_err(|e| e.to_string())?;
+    if !before.is_file() {
+        return Err("not a regular file".into());
+    }
+    if before.len() > MAX_SECRET_FILE {
+        return Err(format!("larger than {MAX_SECRET_FILE} bytes"));
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(MAX_SECRET_FILE as usize + 1));
+    (&mut file)
+        .take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| e.to_string())?;
+    let after = std::fs::metadata(path).map_err(|e| e.to_string())?;
+    let same = |m: &std::fs::Metadata| (m.len(), m.modified().ok());
+    if bytes.len() as u64 != before.len() || same(&before) != same(&after) {
+        return Err("the file changed while it was read (kept the old value; send SIGHUP again once it is written)".into());
+    }
+    let mut text = Zeroizing::new(
+        std::str::from_utf8(&bytes)
+            .map_err(|_| "not UTF-8 text".to_string())?
+            .to_string(),
+    );
     if text.ends_with('\n') {
         text.pop();
         if text.ends_with('\r') {
@@ -143,6 +174,25 @@ pub(super) fn read_vault(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_small_regular_files_are_read_as_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("pin");
+        std::fs::write(&ok, "1234\r\n").unwrap();
+        assert_eq!(read_secret_file(&ok).unwrap().as_str(), "1234");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'a'; MAX_SECRET_FILE as usize + 1]).unwrap();
+        assert!(read_secret_file(&big).unwrap_err().contains("larger"));
+        assert!(read_secret_file(dir.path()).is_err());
+        assert_eq!(
+            read_secret_file(Path::new("/dev/zero")).unwrap_err(),
+            "not a regular file"
+        );
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        assert!(read_secret_file(&empty).unwrap_err().contains("empty"));
+    }
 
     #[test]
     fn references_parse_and_print_back_and_literals_are_not_references() {

@@ -175,10 +175,12 @@ impl Pkcs11 {
         tokio::task::spawn_blocking(move || {
             let mut guard = lock(&inner.session);
             if guard.is_none() {
+                // A wrong PIN or a missing key is the operator's to fix, not
+                // an outage to retry: retrying a login with a wrong PIN
+                // every few seconds would lock the token's user PIN.
                 let connected = inner.connect().map_err(|e| match e {
-                    ConnectError::Outage(r) | ConnectError::Config(r) => {
-                        ProviderError::Unavailable(format!("pkcs11: {r}"))
-                    }
+                    ConnectError::Outage(r) => ProviderError::Unavailable(format!("pkcs11: {r}")),
+                    ConnectError::Config(r) => ProviderError::Misconfigured(format!("pkcs11: {r}")),
                 })?;
                 *guard = Some(connected);
             }

@@ -164,10 +164,13 @@ impl Vault {
         builder
             .address(&self.settings.addr)
             .token(token)
-            .timeout(Some(Duration::from_secs(10)));
-        if let Some(ca) = &self.settings.ca_file {
-            builder.ca_certs(vec![ca.clone()]);
-        }
+            .timeout(Some(Duration::from_secs(10)))
+            // Set explicitly: vaultrs's defaults come from the environment
+            // (VAULT_SKIP_VERIFY turns verification off, VAULT_CACERT and
+            // VAULT_CAPATH add CAs), which an image or CI could set
+            // unnoticed. Only KEYWARD_VAULT_CA_FILE adds a CA.
+            .verify(true)
+            .ca_certs(self.settings.ca_file.iter().cloned().collect());
         let settings = builder
             .build()
             .map_err(|e| ProviderError::Unavailable(format!("Vault settings: {e}")))?;

@@ -49,6 +49,12 @@ pub struct ClientCertRow {
     pub bound: bool,
 }
 
+/// The binding an API key gets when its certificate is revoked: the SHA-256
+/// of no public key (all zeros), so that no certificate matches it and the key
+/// is refused (`403 certificate_mismatch`) until a new certificate is issued
+/// for it.
+pub const REVOKED_BINDING: [u8; 32] = [0; 32];
+
 const CERT_COLUMNS: &str = "c.serial, c.ca_name, c.tenant_id, c.api_key_id, c.spki_sha256, \
      c.not_before, c.not_after, c.issued_at, c.revoked_at, \
      CAST(CASE WHEN k.id IS NOT NULL AND k.revoked_at IS NULL AND k.cert_spki_sha256 = c.spki_sha256 \
@@ -278,6 +284,26 @@ impl Store {
             .bind(serial)
             .execute(&mut *tx)
             .await?;
+            // The API key bound to it stops working at once, on every
+            // replica, also on connections opened before the revocation (the
+            // CRL only refuses new handshakes) and with any other certificate
+            // of the same key pair: its binding becomes one no certificate
+            // matches, until a new certificate is issued for it. Unbinding
+            // it instead would free the key for any connection.
+            let unbound = sqlx::query(
+                "UPDATE api_keys SET cert_spki_sha256 = $1 \
+                 WHERE id = (SELECT api_key_id FROM client_certificates WHERE serial = $2) \
+                 AND cert_spki_sha256 = (SELECT spki_sha256 FROM client_certificates WHERE serial = $2) \
+                 RETURNING id",
+            )
+            .bind(REVOKED_BINDING.to_vec())
+            .bind(serial)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(row) = unbound {
+                let key_id: String = row.try_get("id")?;
+                events::record(&mut tx, self.backend, EventKind::ApiKeyChanged, &key_id).await?;
+            }
         }
         events::commit_change(tx, self.backend, true, EventKind::ClientCaChanged, ca_name).await?;
         Ok(())

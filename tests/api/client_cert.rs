@@ -296,6 +296,23 @@ async fn revocation_refuses_new_handshakes_on_every_replica_without_restart(back
         wait_until(&s, a, &cert, &creds, &enc, true).await;
     }
 
+    // A kept-alive connection opened before the revocation, per replica.
+    let open: Vec<reqwest::Client> = apps
+        .iter()
+        .map(|_| https_client(&s.server_ca, Some(&cert)))
+        .collect();
+    for (a, client) in apps.iter().zip(&open) {
+        let resp = client
+            .post(a.url("/v1/encrypt"))
+            .header("x-api-key", &creds.key)
+            .header("x-api-secret", &creds.secret)
+            .json(&json!({"encryptionId": enc, "data": "before"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+
     let serial = issued["serial"].as_str().unwrap();
     let out_revoke = client_cert(app, &["revoke", "--serial", serial]);
     assert!(
@@ -316,6 +333,36 @@ async fn revocation_refuses_new_handshakes_on_every_replica_without_restart(back
         );
     }
     assert_eq!(pids, apps.iter().map(|a| a.pid()).collect::<Vec<_>>());
+    // Review finding: the CRL refuses only new handshakes. The key bound to
+    // the revoked certificate is refused on connections opened before, too
+    // (its binding now matches no certificate), on every replica.
+    for (a, client) in apps.iter().zip(&open) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let resp = client
+                .post(a.url("/v1/encrypt"))
+                .header("x-api-key", &creds.key)
+                .header("x-api-secret", &creds.secret)
+                .json(&json!({"encryptionId": enc, "data": "after"}))
+                .send()
+                .await;
+            match resp {
+                Ok(r) if r.status() == StatusCode::FORBIDDEN => {
+                    let body: Value = r.json().await.unwrap();
+                    assert_eq!(body["error"]["code"], "certificate_mismatch", "{body}");
+                    break;
+                }
+                // Reconnected: the handshake is refused, as above.
+                Err(_) => break,
+                Ok(r) => assert!(
+                    Instant::now() < deadline,
+                    "a connection opened before the revocation still gets {}",
+                    r.status()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     // Revoking it again finds nothing live.
     assert!(!client_cert(app, &["revoke", "--serial", serial])
         .status
