@@ -34,11 +34,12 @@ use crate::domain::TenantId;
 #[derive(Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateTenantRequest {
-    /// A unique name, 1 to 100 printable characters (no control characters).
+    /// A unique name, 1 to 100 printable characters (no control characters),
+    /// not only whitespace (it is trimmed).
     #[schema(
         min_length = 1,
         max_length = 100,
-        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$"
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
     )]
     name: String,
 }
