@@ -20,7 +20,7 @@ use super::ids::{EncryptionId, TenantId, VersionId};
 use super::search::BlindIndex;
 use crate::crypto::{
     data_key_aad, derive_client_wrapping_key, CipherKey, DataKey, RsaBits, RsaPrivateKey,
-    WrappedKey,
+    SecretBytes, WrappedKey,
 };
 
 /// The id bound into the wrapping of client-mode data keys in place of a KEK id.
@@ -340,6 +340,28 @@ pub async fn generate_rsa(bits: RsaBits) -> Result<RsaPrivateKey, KeyError> {
     rsa_private_work(move || RsaPrivateKey::generate(bits))
         .await?
         .map_err(|e| KeyError::Integrity(format!("RSA key generation failed: {e}")))
+}
+
+/// Opens `ciphertext` (a JWE or one OAEP block, the `kid` being version
+/// `vid`'s id, `label` the caller's binding) with `key`'s RSA version `vid`,
+/// through [`rsa_private_work`]: the one way every RSA decryption runs.
+/// Anything that does not open, or a version that is not RSA, is
+/// [`KeyError::DecryptionFailed`].
+pub async fn rsa_open(
+    key: Arc<VersionedKey>,
+    vid: VersionId,
+    ciphertext: Vec<u8>,
+    label: Option<Vec<u8>>,
+) -> Result<SecretBytes, KeyError> {
+    rsa_private_work(move || match key.version(vid) {
+        Some(KeyVersion {
+            key: VersionKey::Rsa(rsa),
+            ..
+        }) => rsa.open(&ciphertext, &vid.to_string(), label.as_deref()),
+        _ => Err(()),
+    })
+    .await?
+    .map_err(|()| KeyError::DecryptionFailed)
 }
 
 /// Runs RSA private-key work (a decryption: about a millisecond at 3072

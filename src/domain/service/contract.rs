@@ -10,7 +10,7 @@ use crate::domain::algorithm::Algorithm;
 use crate::domain::client_key::ClientKey;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
-use crate::domain::keys::{client_wrapping_key, KeyVersion, VersionKey, CLIENT_WRAPPING_ID};
+use crate::domain::keys::{client_wrapping_key, rsa_open, VersionKey, CLIENT_WRAPPING_ID};
 use crate::domain::time::now_ms;
 use crate::store::{NewVersion, StoreError};
 
@@ -193,22 +193,10 @@ impl KeyService {
         if let VersionKey::Rsa(_) = &v.key {
             // The metadata carries nothing for RSA-OAEP-256 (the JWE header
             // is authenticated by the tag; a block has no header): ignored.
-            // Off the async workers (see `rsa_private_work`); the ciphertext
-            // is copied, the key is the cached entry's.
             let vid = v.id;
             let binding = (!context.is_empty())
                 .then(|| context_binding(id.as_bytes(), vid.as_bytes(), context));
-            let ciphertext = ciphertext.to_vec();
-            let key = key.clone();
-            return crate::domain::keys::rsa_private_work(move || match key.version(vid) {
-                Some(KeyVersion {
-                    key: VersionKey::Rsa(rsa),
-                    ..
-                }) => rsa.open(&ciphertext, &vid.to_string(), binding.as_deref()),
-                _ => Err(()),
-            })
-            .await?
-            .map_err(|()| KeyError::DecryptionFailed);
+            return rsa_open(key.clone(), vid, ciphertext.to_vec(), binding).await;
         }
         let nonce = nonce.ok_or(KeyError::DecryptionFailed)?;
         let vid = v.id;

@@ -24,7 +24,7 @@ use crate::crypto::{self, wrapped_data_key_binding, DataKey, NONCE_LEN, TAG_LEN}
 use crate::domain::client_key::ClientKey;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{EncryptionId, TenantId, VersionId};
-use crate::domain::keys::{Mode, VersionKey};
+use crate::domain::keys::{rsa_open, Mode, VersionKey};
 
 /// The label of the key that wraps an AES encryption's data keys.
 const WRAPPING_LABEL: &str = "keyward:datakey:v1";
@@ -103,9 +103,9 @@ impl KeyService {
         let binding = wrapped_data_key_binding(id.as_bytes(), version.as_bytes(), context);
         let body = &wrapped[17..];
         let opened = match (&v.key, wrapped[0]) {
-            (VersionKey::Rsa(rsa), FORM_RSA) => rsa
-                .open(body, &version.to_string(), Some(&binding))
-                .map_err(|()| KeyError::DecryptionFailed)?,
+            (VersionKey::Rsa(_), FORM_RSA) => {
+                rsa_open(key.clone(), version, body.to_vec(), Some(binding.to_vec())).await?
+            }
             (VersionKey::Rsa(_), _) => return Err(KeyError::DecryptionFailed),
             (_, FORM_AES) => {
                 let (nonce, sealed) = body.split_at(NONCE_LEN);
