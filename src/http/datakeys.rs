@@ -20,7 +20,7 @@ use super::extract::{
 use super::secret::{plain_str, SecretBody};
 use super::state::AppState;
 use crate::crypto::{DataKey, SecretString};
-use crate::domain::service::KeyError;
+use crate::domain::EncryptionId;
 
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
@@ -128,6 +128,21 @@ fn wrapped_bytes(text: &str) -> Result<Vec<u8>, ApiError> {
         .map_err(|_| ApiError::InvalidRequest("`wrappedKey`: not valid base64".into()))
 }
 
+/// What unwrap and rewrap take from their input: the encryption (noted for
+/// the audit record), the wrapped key's bytes and the context.
+fn wrapped_input<'a>(
+    req: &'a WrappedKeyRequest,
+    note: &AuditNote,
+) -> Result<(EncryptionId, Vec<u8>, &'a [u8]), ApiError> {
+    let id = parse_id(&req.encryption_id, "encryptionId")?;
+    note.encryption(id);
+    Ok((
+        id,
+        wrapped_bytes(&req.wrapped_key)?,
+        context_bytes(&req.context)?,
+    ))
+}
+
 /// Mint a fresh 256-bit data key, wrapped under the encryption's active
 /// version (and, unless `wrappedOnly`, in plaintext too).
 #[utoipa::path(
@@ -195,13 +210,10 @@ pub(super) async fn unwrap(
     client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<WrappedKeyRequest>,
 ) -> Result<Response, ApiError> {
-    let id = parse_id(&req.encryption_id, "encryptionId")?;
-    note.encryption(id);
-    let wrapped = wrapped_bytes(&req.wrapped_key)?;
+    let (id, wrapped, context) = wrapped_input(&req, &note)?;
     if let Some(v) = crate::domain::service::wrapped_key_version(&wrapped) {
         note.version(v);
     }
-    let context = context_bytes(&req.context)?;
     let (key, version) = state
         .service
         .unwrap_data_key(auth.tenant, id, &wrapped, context, client_key.0.as_ref())
@@ -238,18 +250,13 @@ pub(super) async fn rewrap(
     client_key: MasterKeyHeader,
     ApiJson(req): ApiJson<WrappedKeyRequest>,
 ) -> Result<Json<RewrapKeyResponse>, ApiError> {
-    let id = parse_id(&req.encryption_id, "encryptionId")?;
-    note.encryption(id);
-    let wrapped = wrapped_bytes(&req.wrapped_key)?;
-    let context = context_bytes(&req.context)?;
+    // A version that is not the encryption's is already
+    // `decryption_failed` in the service, as for unwrap.
+    let (id, wrapped, context) = wrapped_input(&req, &note)?;
     let (rewrapped, version) = state
         .service
         .rewrap_data_key(auth.tenant, id, &wrapped, context, client_key.0.as_ref())
-        .await
-        .map_err(|e| match e {
-            KeyError::VersionNotFound => ApiError::Key(KeyError::DecryptionFailed),
-            other => ApiError::Key(other),
-        })?;
+        .await?;
     note.version(version);
     Ok(Json(RewrapKeyResponse {
         wrapped_key: B64.encode(rewrapped),
