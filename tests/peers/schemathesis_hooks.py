@@ -37,37 +37,9 @@ request still fails:
   version derives from (409 `version_anchors_index`).
 """
 
-import threading
-
 import schemathesis
-from hypothesis.internal import filtering as hypothesis_filtering
-from hypothesis.internal import lambda_sources
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-# Hypothesis describes lambdas by parsing their source with `ast.parse` and
-# compiling candidates, keeping the results in LRU caches that are not
-# thread-safe. With two schemathesis workers, CPython 3.11 (the venv's) raised
-# "SystemError: AST constructor recursion depth mismatch" when two threads
-# parsed at once (the AST converter's recursion counter was shared between
-# threads; later CPython releases fixed it), and two threads updating the same
-# LRU cache raised a KeyError from inside Hypothesis. No Hypothesis release
-# that schemathesis 4.32 accepts avoids either, so the whole description
-# (caches and parse) is serialized here, under every name it is called by; it
-# is cached per lambda, so the lock costs nothing after the first examples.
-_LAMBDA_SOURCE_LOCK = threading.RLock()
-
-
-def _serialized(function):
-    def serialized(*args, **kwargs):
-        with _LAMBDA_SOURCE_LOCK:
-            return function(*args, **kwargs)
-
-    return serialized
-
-
-lambda_sources._lambda_description = _serialized(lambda_sources._lambda_description)
-lambda_sources.lambda_description = _serialized(lambda_sources.lambda_description)
-hypothesis_filtering.lambda_description = lambda_sources.lambda_description
 
 # (method, path or "*") -> {(status, error code, message prefix or None)}
 SEMANTIC_REFUSALS = {
