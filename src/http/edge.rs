@@ -381,9 +381,7 @@ impl StreamGate {
             read_timeout,
         }
     }
-}
 
-impl StreamGate {
     /// A slot for one stream, held until the stream ends; 503
     /// `server_busy` when every slot is taken.
     pub(super) fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
@@ -404,8 +402,9 @@ impl StreamGate {
 #[derive(Debug, thiserror::Error)]
 #[error("stream aborted: {code}")]
 pub(super) struct StreamAbort {
-    /// `decryption_failed`, `stream_truncated`, `stream_timeout`,
-    /// `stream_read_failed` or `stream_too_long`.
+    /// `decryption_failed`, `stream_truncated`, `stream_timeout` (the
+    /// client sent nothing for the read timeout), `stream_not_read` (it read
+    /// nothing for as long), `stream_read_failed` or `stream_too_long`.
     pub(super) code: &'static str,
 }
 

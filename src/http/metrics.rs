@@ -178,6 +178,13 @@ pub(super) fn stream_bytes(operation: &'static str) -> &'static metrics::Counter
     cell.get_or_init(|| metrics::counter!("keyward_stream_bytes_total", "operation" => operation))
 }
 
+/// `keyward_streams_unread_total`: streams given up because their client
+/// read no response for `stream_read_timeout`.
+pub(super) fn stream_unread() -> &'static metrics::Counter {
+    static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| metrics::counter!("keyward_streams_unread_total"))
+}
+
 /// `keyward_streams_total{operation, outcome}`: streams ended, by audited
 /// operation and outcome (`ok`, the error code that aborted it, or
 /// `cancelled` when the client went away). Once per stream, so looked up.

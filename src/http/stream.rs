@@ -193,6 +193,9 @@ const READ_FAILED: StreamAbort = StreamAbort {
 const TOO_LONG: StreamAbort = StreamAbort {
     code: "stream_too_long",
 };
+const UNREAD: StreamAbort = StreamAbort {
+    code: "stream_not_read",
+};
 
 /// The request body, frame by frame, each awaited at most `read_timeout`.
 struct BodyReader {
@@ -220,6 +223,73 @@ impl BodyReader {
         }
         Ok(false)
     }
+}
+
+/// One stream's work: sealing or opening.
+enum Job {
+    Seal(Sealing),
+    Open(Opening),
+}
+
+impl Job {
+    async fn next(&mut self) -> Option<Result<Bytes, StreamAbort>> {
+        match self {
+            Job::Seal(s) => s.next().await,
+            Job::Open(o) => o.next().await,
+        }
+    }
+
+    fn write_timeout(&self) -> Duration {
+        match self {
+            Job::Seal(s) => s.input.read_timeout,
+            Job::Open(o) => o.input.read_timeout,
+        }
+    }
+}
+
+/// The streamed `application/octet-stream` response of `job`, which runs
+/// in a task of its own, one piece ahead of the response. A client that
+/// reads no response for the read timeout (and so, with a full socket,
+/// would hold the stream's slot forever: nothing polls a body hyper cannot
+/// write) ends the task and frees its slot; the connection is then bounded
+/// by `connection_max_age`. The body ends cleanly only when the job did:
+/// if the task ended any other way, the body ends with an error.
+fn respond(mut job: Job) -> Response {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::mpsc::error::SendTimeoutError;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, StreamAbort>>(1);
+    let ended = std::sync::Arc::new(AtomicBool::new(false));
+    let job_ended = ended.clone();
+    tokio::spawn(async move {
+        let timeout = job.write_timeout();
+        loop {
+            let Some(item) = job.next().await else {
+                job_ended.store(true, Ordering::Release);
+                return;
+            };
+            let failed = item.is_err();
+            match tx.send_timeout(item, timeout).await {
+                Ok(()) if !failed => {}
+                Ok(()) | Err(SendTimeoutError::Closed(_)) => return,
+                Err(SendTimeoutError::Timeout(_)) => {
+                    metrics::stream_unread().increment(1);
+                    return;
+                }
+            }
+        }
+    });
+    let pieces = futures_util::stream::unfold(Some(rx), move |rx| {
+        let ended = ended.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(item) => Some((item, Some(rx))),
+                None if ended.load(Ordering::Acquire) => None,
+                None => Some((Err(UNREAD), None)),
+            }
+        }
+    });
+    octet_stream(Body::from_stream(pieces))
 }
 
 /// A streamed `application/octet-stream` response of `body`.
@@ -294,11 +364,7 @@ pub(super) async fn encrypt(
         done: false,
         _slot: input.slot,
     };
-    let chunks = futures_util::stream::unfold(sealing, |mut s| async move {
-        let item = s.next().await?;
-        Some((item, s))
-    });
-    Ok(octet_stream(Body::from_stream(chunks)))
+    Ok(respond(Job::Seal(sealing)))
 }
 
 /// The state of one encrypting stream.
@@ -431,11 +497,7 @@ pub(super) async fn decrypt(
         done: false,
         _slot: input.slot,
     };
-    let chunks = futures_util::stream::unfold(opening, |mut s| async move {
-        let item = s.next().await?;
-        Some((item, s))
-    });
-    Ok(octet_stream(Body::from_stream(chunks)))
+    Ok(respond(Job::Open(opening)))
 }
 
 /// Reads the stream's header from the body; what follows it stays in `buf`.

@@ -288,6 +288,8 @@ enum Sink {
     Hash,
     /// Forwarded (and hashed).
     Channel(mpsc::Sender<Vec<u8>>),
+    /// Never read: the client only sends.
+    Never,
 }
 
 /// A streamed answer.
@@ -408,6 +410,9 @@ async fn stream_call(
     let mut chunked = false;
     let mut length: Option<usize> = None;
     'read: {
+        if matches!(sink, Sink::Never) {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
         if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
             break 'read;
         }
@@ -468,7 +473,7 @@ async fn stream_call(
             let data = take(&data, &mut answer);
             match &sink {
                 Sink::Keep => answer.body.extend_from_slice(&data),
-                Sink::Hash => {}
+                Sink::Hash | Sink::Never => {}
                 Sink::Channel(tx) => {
                     if tx.send(data).await.is_err() {
                         break 'read;
@@ -983,6 +988,53 @@ async fn a_stalled_client_is_cut_off_and_streams_beyond_the_limit_are_busy(backe
     // Its slot is free again.
     let answer = stream_bytes(&app, &enc_path, &creds, &[], b"hello").await;
     assert!(answer.complete, "{}", answer.json);
+    // A client that sends but never reads: once the socket is full the
+    // server cannot write, and after the read timeout it gives the stream
+    // up and frees its slot.
+    let deaf = tokio::spawn({
+        let (addr, key, secret, path) = (
+            app.addr.clone(),
+            creds.key.clone(),
+            creds.secret.clone(),
+            enc_path.clone(),
+        );
+        async move {
+            let creds = Creds {
+                tenant_id: String::new(),
+                key,
+                secret,
+            };
+            stream_call(
+                &addr,
+                &path,
+                &creds,
+                &[],
+                Source::Pattern(1 << 30),
+                Sink::Never,
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let busy = stream_bytes(&app, &enc_path, &creds, &[], b"hello").await;
+    assert_eq!(busy.status, 503, "{}", busy.json);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = stream_bytes(&app, &enc_path, &creds, &[], b"hello").await;
+        if answer.status == 200 {
+            assert!(answer.complete);
+            break;
+        }
+        assert_eq!(answer.status, 503, "{}", answer.json);
+        assert!(Instant::now() < deadline, "the unread stream kept its slot");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    deaf.abort();
+    let metrics = app.get_text("/metrics").await;
+    assert!(
+        metrics.contains("keyward_streams_unread_total 1"),
+        "{metrics}"
+    );
     // Silent before the header is complete: 408 request_timeout.
     let header_only = answer.body[..20].to_vec();
     let answer = stream_call(
