@@ -52,6 +52,10 @@ use crate::domain::{EncryptionId, VersionId};
 /// The header that carries the caller's context, percent-encoded UTF-8.
 pub(crate) const X_KEYWARD_CONTEXT: HeaderName = HeaderName::from_static("x-keyward-context");
 
+/// Room for one body frame beyond a chunk (hyper's HTTP/1.1 read buffer
+/// holds at most about 400 KiB; HTTP/2 frames are 16 KiB by default).
+const MAX_FRAME: usize = 512 * 1024;
+
 /// The AES-GCM tag each sealed chunk carries.
 const TAG_LEN: usize = 16;
 
@@ -359,7 +363,10 @@ pub(super) async fn encrypt(
     let sealing = Sealing {
         cipher,
         header: Some(header_bytes),
-        plain: Zeroizing::new(Vec::with_capacity(2 * chunk)),
+        // A chunk and the largest frame hyper hands over (its HTTP/1.1 read
+        // buffer is at most about 400 KiB): `plain` never reallocates, so no
+        // copy of the plaintext is freed without being cleared.
+        plain: Zeroizing::new(Vec::with_capacity(chunk + MAX_FRAME)),
         input: input.body,
         done: false,
         _slot: input.slot,
