@@ -26,6 +26,7 @@ crate::on_both_databases!(
     a_damaged_stream_aborts_the_transfer_and_releases_no_damaged_plaintext,
     a_stalled_client_is_cut_off_and_streams_beyond_the_limit_are_busy,
     a_disabled_version_is_refused_before_any_byte,
+    a_client_mode_stream_needs_the_same_master_key,
 );
 
 /// The server's peak resident set (VmHWM), in KiB.
@@ -1097,4 +1098,48 @@ async fn a_disabled_version_is_refused_before_any_byte(backend: Backend) {
     let answer = stream_bytes(&app, "/v1/decrypt/stream", &creds, &[], &sealed.body).await;
     assert!(answer.complete);
     assert_eq!(answer.body, plain);
+}
+
+async fn a_client_mode_stream_needs_the_same_master_key(backend: Backend) {
+    use base64::Engine;
+    let app = TestApp::spawn(backend).await;
+    let creds = app.create_tenant("acme");
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let key = b64.encode(crate::helpers::rand_bytes::<32>());
+    let wrong = b64.encode(crate::helpers::rand_bytes::<32>());
+    let (status, created) = send(
+        app.req(Method::POST, "/v1/encryptions", &creds)
+            .header("X-Master-Key", &key)
+            .json(&serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let enc = created["encryptionId"].as_str().unwrap();
+    let enc_path = format!("/v1/encrypt/stream?encryptionId={enc}");
+    let plain = some_bytes(150_000);
+    let with = [("X-Master-Key", key.as_str())];
+    let sealed = stream_bytes(&app, &enc_path, &creds, &with, &plain).await;
+    assert_eq!(sealed.status, 200, "{}", sealed.json);
+    assert!(sealed.complete);
+    let opened = stream_bytes(&app, "/v1/decrypt/stream", &creds, &with, &sealed.body).await;
+    assert!(opened.complete);
+    assert_eq!(opened.body, plain);
+    for (path, body) in [
+        (enc_path.as_str(), &plain),
+        ("/v1/decrypt/stream", &sealed.body),
+    ] {
+        let answer = stream_bytes(&app, path, &creds, &[], body).await;
+        assert_eq!(answer.status, 401, "{path}: {}", answer.json);
+        assert_eq!(answer.json["error"]["code"], "master_key_required");
+        let answer = stream_bytes(
+            &app,
+            path,
+            &creds,
+            &[("X-Master-Key", wrong.as_str())],
+            body,
+        )
+        .await;
+        assert_eq!(answer.status, 403, "{path}: {}", answer.json);
+        assert_eq!(answer.json["error"]["code"], "master_key_mismatch");
+    }
 }
