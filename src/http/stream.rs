@@ -21,8 +21,14 @@
 //! end. A chunk's plaintext is released only once the chunk verified.
 //!
 //! Memory: each stream holds the chunk being filled plus at most one body
-//! frame from hyper, whatever the body's size; at most
-//! `stream_max_concurrent` streams run at once.
+//! frame from hyper, and one finished piece waiting for hyper to write it,
+//! whatever the body's size; at most `stream_max_concurrent` streams run at
+//! once. The work runs in a task of its own, one piece ahead of the response
+//! (see [`respond`]), so that a client that stops reading frees its slot
+//! after `stream_read_timeout`, as one that stops sending does.
+//!
+//! Not cleared: a decrypted chunk, once handed to hyper as `Bytes`, is
+//! hyper's to write and free (as every JSON answer's plaintext is).
 
 use std::time::Duration;
 
