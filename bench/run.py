@@ -3,6 +3,7 @@
 
     bench/run                 # the whole benchmark (about 15 minutes after the build), checks the targets
     bench/run --smoke         # under a minute: 1 s per run, 64 B / 32 connections only, no targets
+    bench/run --only envelope # data keys/s and stream MiB/s only (add --binary BIN to try a debug build)
     bench/run --before BIN    # a change's cost: BIN (the build before it) against this build,
                               # encrypt and decrypt side by side on SQLite, paired ratios
 
@@ -836,6 +837,114 @@ def index_values(bench, server, duration, batch, conns):
     return r
 
 
+def stream_call(server, path, source, sink, chunk=1 << 20):
+    """POSTs the file object `source` to `path` on `server` (chunked) while it
+    copies the answer to `sink`, as a streaming client must (full duplex: the
+    upload runs in a thread); raises unless the whole answer arrived."""
+    host, port = server.base.split("://", 1)[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", path)
+    for name, value in dict(server.headers, **{"Content-Type": "application/octet-stream",
+                                               "Transfer-Encoding": "chunked"}).items():
+        conn.putheader(name, value)
+    conn.endheaders()
+
+    def send():
+        try:
+            while block := source.read(chunk):
+                conn.send(b"%x\r\n%s\r\n" % (len(block), block))
+            conn.send(b"0\r\n\r\n")
+        except OSError:
+            pass
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    answer = conn.getresponse()
+    if answer.status != 200:
+        raise RuntimeError(f"{server.name}: POST {path} answered {answer.status}: {answer.read()[:300]!r}")
+    while block := answer.read(chunk):
+        sink.write(block)
+    sender.join()
+    conn.close()
+
+
+class PatternSource:
+    """`size` bytes of one random MiB repeated, read like a file."""
+
+    def __init__(self, size):
+        self.left, self.block = size, os.urandom(1 << 20)
+
+    def read(self, n):
+        n = min(n, self.left, len(self.block))
+        self.left -= n
+        return self.block[:n]
+
+
+class CountingSink:
+    def __init__(self):
+        self.n = 0
+
+    def write(self, b):
+        self.n += len(b)
+
+
+def envelope(bench, server, duration, stream_mib, scratch):
+    """Issue #20's rows: data keys per second (`POST /v1/datakey`, 32
+    connections), and plaintext MiB/s through `/v1/encrypt/stream` and
+    `/v1/decrypt/stream` (one stream of `stream_mib` MiB each, 64 KiB chunks,
+    one connection, the server's peak RSS) against the JSON encrypt path at
+    16 KiB (32 connections, MiB/s of plaintext)."""
+    body = {"encryptionId": server.encryption_id}
+    if "wrappedKey" not in server.call("POST", "/v1/datakey", body):
+        raise RuntimeError("/v1/datakey returned no wrapped key")
+    dk = bench.wrk_run(server, "/v1/datakey", json.dumps(body).encode(), 32, duration=duration)
+    enc_body, _ = server.bodies(make_data(16384))
+    js = bench.wrk_run(server, "/v1/encrypt", enc_body, 32, duration=duration)
+    size = stream_mib << 20
+    sealed = os.path.join(scratch, "stream.kw")
+    streams = {}
+    for op in ("encrypt", "decrypt"):
+        wait_idle(server.pid)
+        peak_ok = reset_peak_rss(server.pid)
+        started = time.monotonic()
+        if op == "encrypt":
+            with open(sealed, "wb") as out:
+                stream_call(server, f"/v1/encrypt/stream?encryptionId={server.encryption_id}",
+                            PatternSource(size), out)
+        else:
+            sink = CountingSink()
+            with open(sealed, "rb") as src:
+                stream_call(server, "/v1/decrypt/stream", src, sink)
+            if sink.n != size:
+                raise RuntimeError(f"decrypt stream gave {sink.n} bytes, not {size}")
+        took = time.monotonic() - started
+        streams[op] = {"mib_s": stream_mib / took, "seconds": took,
+                       "rss": proc_status(server.pid, "VmHWM" if peak_ok else "VmRSS")}
+    os.unlink(sealed)
+    return {"server": server.name, "datakey": dk, "json": js, "json_mib_s": js["rps"] * 16384 / (1 << 20),
+            "stream_mib": stream_mib, "streams": streams}
+
+
+def envelope_lines(e):
+    """The envelope rows, as text and Markdown lines."""
+    dk, st = e["datakey"], e["streams"]
+    txt = [f"data keys (/v1/datakey, c=32) on {e['server']}: {dk['rps']:,.0f} keys/s "
+           f"(p99 {dk['p99']:.2f} ms, errors {dk['errors']})",
+           f"stream throughput on {e['server']} ({e['stream_mib']} MiB, one connection): "
+           f"/v1/encrypt/stream {st['encrypt']['mib_s']:,.0f} MiB/s (peak RSS {fmt_num(st['encrypt']['rss'], '.0f')} MiB), "
+           f"/v1/decrypt/stream {st['decrypt']['mib_s']:,.0f} MiB/s (peak RSS {fmt_num(st['decrypt']['rss'], '.0f')} MiB); "
+           f"JSON /v1/encrypt 16 KiB c=32: {e['json_mib_s']:,.0f} MiB/s ({e['json']['rps']:,.0f} req/s, "
+           f"errors {e['json']['errors']})"]
+    md = [f"- Data keys (`POST /v1/datakey`, 32 connections, {e['server']}): **{dk['rps']:,.0f} keys/s** "
+          f"(p99 {dk['p99']:.2f} ms, errors {dk['errors']}).",
+          f"- Streams ({e['stream_mib']} MiB, 64 KiB chunks, one connection, {e['server']}): "
+          f"`/v1/encrypt/stream` **{st['encrypt']['mib_s']:,.0f} MiB/s** (peak RSS "
+          f"{fmt_num(st['encrypt']['rss'], '.0f')} MiB), `/v1/decrypt/stream` **{st['decrypt']['mib_s']:,.0f} MiB/s** "
+          f"(peak RSS {fmt_num(st['decrypt']['rss'], '.0f')} MiB), against the JSON path: `/v1/encrypt` with 16 KiB "
+          f"of data at 32 connections, {e['json_mib_s']:,.0f} MiB/s of plaintext ({e['json']['rps']:,.0f} req/s)."]
+    return txt, md
+
+
 def memory_and_audit(bench, soak_s):
     """Issue #25's figures on one `keyward serve` (SQLite, audit to a file,
     defaults otherwise): audit bytes per single request and per batch item;
@@ -1232,6 +1341,10 @@ def report(args, rows, sbs, extras, env_info, failures):
         ext_md.append(f"- Blind-index values ({how}, SQLite, 32 bits, NFKC + trim + casefold): "
                       f"**{r['values_per_s']:,.0f} values/s** ({r['rps']:,.1f} calls/s, p99 {r['p99']:.1f} ms, "
                       f"errors {r['errors']}).")
+    if "envelope" in extras:
+        t, m = envelope_lines(extras["envelope"])
+        ext_txt += t
+        ext_md += m
     if "memory" in extras:
         m = extras["memory"]
         batch = ", ".join(f"{b['conns']} connections {fmt_num(b['rss'], '.0f')} MiB" for b in m["batch"])
@@ -1308,6 +1421,21 @@ def env_info(args, duration, wrk, oha, bao, pg_url):
 
 # --------------------------------------------------------------------------
 
+def only_envelope(args, duration):
+    """`--only envelope`: issue #20's rows on one Keyward on SQLite."""
+    wrk = ensure_wrk()
+    bench = Bench(duration, wrk, None, CLEANUP.tempdir("bodies"))
+    d = CLEANUP.tempdir("sqlite")
+    s = start_keyward("keyward-sqlite", f"sqlite://{d}/keyward.db", binary=args.binary)
+    try:
+        e = envelope(bench, s, duration, 16 if args.smoke else 256, CLEANUP.tempdir("streams"))
+    finally:
+        CLEANUP.stop(s.proc)
+    for line in envelope_lines(e)[0]:
+        log(line)
+    return 1 if e["datakey"]["errors"] or e["json"]["errors"] else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1322,6 +1450,12 @@ def main():
     ap.add_argument("--before", metavar="BINARY",
                     help="only compare: this keyward binary (e.g. a build of the commit before a change) "
                          "against the one built, both on SQLite, side by side for --rounds rounds")
+    ap.add_argument("--only", choices=["envelope"],
+                    help="run only these rows and print them: `envelope` = data keys/s and stream MiB/s "
+                         "against the 16 KiB JSON encrypt path, on SQLite (with --smoke: a 16 MiB stream)")
+    ap.add_argument("--binary", metavar="BINARY",
+                    help="with --only: this keyward binary instead of the release build (a debug build "
+                         "checks that the rows work; its figures mean nothing)")
     args = ap.parse_args()
     duration = int(os.environ.get("BENCH_DURATION") or (1 if args.smoke else 5))
     if not args.out:
@@ -1340,13 +1474,15 @@ def main():
 
     failures, rows, sbs, extras = [], [], [], {}
     try:
-        if not args.no_build:
+        if not args.no_build and not args.binary:
             build()
-        for b in (KEYWARD, CEILING):
+        for b in ([args.binary or KEYWARD] if args.only else (KEYWARD, CEILING)):
             if not os.access(b, os.X_OK):
                 raise RuntimeError(f"{b} is missing: run without --no-build")
         if args.before:
             return compare_builds(args, duration)
+        if args.only == "envelope":
+            return only_envelope(args, duration)
         wrk, oha, bao = ensure_wrk(), ensure_oha(), ensure_bao()
         pg_url = start_postgres()
         info = env_info(args, duration, wrk, oha, bao, pg_url)
@@ -1384,6 +1520,9 @@ def main():
                          lambda b=batched, c=c: index_values(bench, s, duration, b, c))
                 if r:
                     extras.setdefault("index", []).append(r)
+            r = step("data keys and streams", lambda: envelope(bench, s, duration, 16 if args.smoke else 256, scratch))
+            if r:
+                extras["envelope"] = r
             CLEANUP.stop(s.proc)
 
         # Keyward on PostgreSQL.

@@ -537,6 +537,33 @@ impl Drop for Busy {
     }
 }
 
+/// A streamed response's body, which keeps its request counted in flight
+/// until it ends or is dropped.
+struct InFlight {
+    inner: axum::body::Body,
+    _busy: Busy,
+}
+
+impl hyper::body::Body for InFlight {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Why a connection is being closed.
 #[derive(Debug, Clone, Copy)]
 enum Closing {
@@ -579,6 +606,16 @@ async fn serve_http<IO>(
                         http::header::CONNECTION,
                         http::HeaderValue::from_static("close"),
                     );
+                }
+                // A streamed answer is in flight until its body ends (the
+                // body holds `busy`); every other one ends here.
+                if response
+                    .extensions()
+                    .get::<crate::http::Streamed>()
+                    .is_some()
+                {
+                    return Ok(response
+                        .map(|inner| axum::body::Body::new(InFlight { inner, _busy: busy })));
                 }
                 drop(busy);
                 Ok::<_, std::convert::Infallible>(response)

@@ -264,6 +264,10 @@ impl Application {
                     max_body_bytes: settings.max_batch_body_bytes,
                 },
                 max_concurrent_body_bytes: settings.max_concurrent_body_bytes,
+                stream: http::StreamLimits {
+                    max_concurrent: settings.stream_max_concurrent,
+                    read_timeout: settings.stream_read_timeout,
+                },
             },
         );
         let listener = TcpListener::bind(settings.listen)

@@ -110,6 +110,10 @@ impl Api {
                 max_body_bytes: 16 << 20,
             },
             max_concurrent_body_bytes: 16 << 20,
+            stream: keyward::http::StreamLimits {
+                max_concurrent: 16,
+                read_timeout: Duration::from_secs(30),
+            },
         };
         let mut api = Api {
             edge: router(state.clone(), settings),

@@ -27,6 +27,8 @@ pub const OPERATIONS: &[&str] = &[
     "datakey.generate",
     "datakey.unwrap",
     "datakey.rewrap",
+    "encrypt.stream",
+    "decrypt.stream",
     "encryption.create",
     "encryption.read",
     "encryption.list",

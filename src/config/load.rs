@@ -206,6 +206,8 @@ impl Raw {
                         .map_err(|_| "must be below 4 GiB".to_string())
                 })
             })?,
+            stream_max_concurrent: self.required("stream_max_concurrent", positive)?,
+            stream_read_timeout: self.required("stream_read_timeout", duration)?,
             key_ring_capacity: self.required("key_ring_capacity", positive)?,
             rate_limit: self.required("rate_limit", |v| {
                 v.parse::<u32>().map_err(|_| {

@@ -101,6 +101,10 @@ pub struct Settings {
     pub max_batch_body_bytes: usize,
     /// Most body bytes batch and large requests hold at once.
     pub max_concurrent_body_bytes: usize,
+    /// Most streaming requests served at once.
+    pub stream_max_concurrent: usize,
+    /// How long a streaming request's body may send nothing.
+    pub stream_read_timeout: Duration,
     /// Key ring bound.
     pub key_ring_capacity: usize,
     /// Requests per second per API key (0: off).

@@ -237,6 +237,17 @@ impl Pending {
     }
 }
 
+impl Pending {
+    /// Like [`Pending::answered`], without waiting for room in the writer's
+    /// queue (as a dropped request's record is): for a streamed answer,
+    /// recorded from its body when the stream ends.
+    pub(super) fn answered_now(mut self, status: u16, error: Option<&'static str>) {
+        if let Some(event) = self.finish(Some(status), error) {
+            self.log.record_now(event);
+        }
+    }
+}
+
 impl Drop for Pending {
     fn drop(&mut self) {
         if let Some(event) = self.finish(None, Some("cancelled")) {

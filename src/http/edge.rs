@@ -175,6 +175,9 @@ pub(super) struct RouteContext {
     /// The memory batch and large requests share (not on the operations
     /// listener, which takes no bodies).
     pub(super) bodies: Option<BodyBudget>,
+    /// For streaming routes ([`super::routes::BodySize::Stream`]), their
+    /// slots and read timeout; `None` on every other route.
+    pub(super) stream: Option<StreamGate>,
 }
 
 /// A body above this size makes a request large: it takes its share of the
@@ -291,6 +294,10 @@ pub(super) async fn route(
     if let Some(limits) = ctx.batch {
         req.extensions_mut().insert(limits);
     }
+    let streaming = ctx.stream.is_some();
+    if let Some(gate) = &ctx.stream {
+        req.extensions_mut().insert(gate.clone());
+    }
     let (pending, mut req) = match ctx.operation {
         None => (None, req),
         Some(operation) => {
@@ -302,10 +309,12 @@ pub(super) async fn route(
             (Some(pending), Request::from_parts(parts, body))
         }
     };
-    let limit = req
-        .extensions()
-        .get::<BodyLimit>()
-        .map_or(usize::MAX, |l| l.0);
+    // A streaming route has no body limit: it holds two chunks whatever
+    // the body's size.
+    let limit = match req.extensions().get::<BodyLimit>() {
+        Some(l) if !streaming => l.0,
+        _ => usize::MAX,
+    };
     // A declared length over the limit is refused at once, before a byte of
     // the body is read (or waited for).
     let declared = hyper::body::Body::size_hint(req.body()).lower();
@@ -315,6 +324,7 @@ pub(super) async fn route(
         let claim = ctx
             .bodies
             .as_ref()
+            .filter(|_| !streaming)
             .and_then(|bodies| bodies.claim_for(&req, limit, ctx.batch.is_some()));
         if let Some(claim) = &claim {
             req.extensions_mut().insert(claim.clone());
@@ -331,6 +341,13 @@ pub(super) async fn route(
         response
     };
     let status = response.status().as_u16();
+    // A streamed answer is recorded when its body ends, not when it starts.
+    let (response, pending) = match (pending, ctx.operation) {
+        (Some(pending), Some(operation)) if streaming && response.status().is_success() => {
+            (StreamEnd::wrap(response, pending, operation), None)
+        }
+        (pending, _) => (response, pending),
+    };
     if let Some(pending) = pending {
         let error = response.extensions().get::<ErrorCode>().copied();
         pending.answered(status, error).await;
@@ -341,6 +358,142 @@ pub(super) async fn route(
     };
     metrics::record(route, method, status, started);
     response
+}
+
+/// What streaming routes share: how many may run at once, and how long a
+/// client may send nothing (`stream_max_concurrent`, `stream_read_timeout`).
+/// Built once with the router; each streaming request finds it in its
+/// extensions (the route layer puts it there).
+#[derive(Clone)]
+pub(super) struct StreamGate {
+    slots: Arc<tokio::sync::Semaphore>,
+    read_timeout: Duration,
+}
+
+impl StreamGate {
+    /// A gate for `max_concurrent` streams that cuts off a client silent for
+    /// `read_timeout`.
+    pub(super) fn new(max_concurrent: usize, read_timeout: Duration) -> StreamGate {
+        StreamGate {
+            slots: Arc::new(tokio::sync::Semaphore::new(
+                max_concurrent.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
+            )),
+            read_timeout,
+        }
+    }
+
+    /// A slot for one stream, held until the stream ends; 503
+    /// `server_busy` when every slot is taken.
+    pub(super) fn enter(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.slots.clone().try_acquire_owned().map_err(|_| {
+            metrics::busy().increment(1);
+            ApiError::Busy
+        })
+    }
+
+    /// How long a streaming request's client may send nothing.
+    pub(super) fn read_timeout(&self) -> Duration {
+        self.read_timeout
+    }
+}
+
+/// Why a stream failed after its response started: the code its audit
+/// record names (the client sees only a failed transfer).
+#[derive(Debug, thiserror::Error)]
+#[error("stream aborted: {code}")]
+pub(super) struct StreamAbort {
+    /// `decryption_failed`, `stream_truncated`, `stream_timeout` (the
+    /// client sent nothing for the read timeout), `stream_not_read` (it read
+    /// nothing for as long), `stream_read_failed` or `stream_too_long`.
+    pub(super) code: &'static str,
+}
+
+/// Marks a response whose body is a stream that outlives the handler: the
+/// connection counts its request in flight until the body ends (see
+/// `crate::server`), so that its idle timeout does not close it mid-stream.
+#[derive(Clone, Copy)]
+pub struct Streamed;
+
+/// The body of a streamed answer: records the request's audit record (and
+/// the streams counter) when the body ends, with the code of the
+/// [`StreamAbort`] that ended it early, if one did; a body
+/// dropped before its end (the client went away) is recorded as
+/// `cancelled`.
+struct StreamEnd {
+    inner: Body,
+    pending: Option<audit_note::Pending>,
+    operation: &'static str,
+}
+
+impl StreamEnd {
+    fn wrap(response: Response, pending: audit_note::Pending, operation: &'static str) -> Response {
+        let mut response = response.map(|inner| {
+            Body::new(StreamEnd {
+                inner,
+                pending: Some(pending),
+                operation,
+            })
+        });
+        response.extensions_mut().insert(Streamed);
+        response
+    }
+
+    fn end(&mut self, error: Option<&'static str>) {
+        if let Some(pending) = self.pending.take() {
+            metrics::stream_ended(self.operation, error.unwrap_or("ok"));
+            pending.answered_now(200, error);
+        }
+    }
+}
+
+/// The code of the [`StreamAbort`] inside `error`.
+fn abort_code(error: &axum::Error) -> &'static str {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = cause {
+        if let Some(abort) = e.downcast_ref::<StreamAbort>() {
+            return abort.code;
+        }
+        cause = e.source();
+    }
+    "stream_failed"
+}
+
+impl hyper::body::Body for StreamEnd {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(None) => self.end(None),
+            std::task::Poll::Ready(Some(Err(e))) => {
+                let code = abort_code(e);
+                self.end(Some(code));
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        if self.pending.is_some() {
+            metrics::stream_ended(self.operation, "cancelled");
+            // The pending record's own drop records it as `cancelled`.
+        }
+    }
 }
 
 /// The router's fallback: no route has this path.

@@ -88,6 +88,14 @@ pub enum ApiError {
     /// (`max_concurrent_body_bytes`).
     #[error("too many large requests are in progress; retry after Retry-After seconds")]
     Busy,
+    /// A streaming decrypt's body does not start with a Keyward stream
+    /// (version 1) header.
+    #[error("the body is not a Keyward stream (version 1)")]
+    InvalidStream,
+    /// A streaming request's client sent nothing for `stream_read_timeout`
+    /// before its response started.
+    #[error("the client sent nothing for the stream read timeout")]
+    StreamTimeout,
     /// An error response some extractor or layer wrote as text, with its status.
     #[error("{}", rejected_message(*.0))]
     Rejected(StatusCode),
@@ -164,6 +172,8 @@ impl ApiError {
             ApiError::Panic => (S::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Timeout => (S::SERVICE_UNAVAILABLE, "timeout"),
             ApiError::Busy => (S::SERVICE_UNAVAILABLE, "server_busy"),
+            ApiError::InvalidStream => (S::BAD_REQUEST, "invalid_stream"),
+            ApiError::StreamTimeout => (S::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::Rejected(status) => (*status, rejected_code(*status)),
             ApiError::Key(k) => match k {
                 KeyError::EncryptionNotFound => (S::NOT_FOUND, "encryption_not_found"),

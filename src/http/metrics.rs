@@ -165,6 +165,34 @@ pub(super) fn busy() -> &'static metrics::Counter {
     COUNTER.get_or_init(|| metrics::counter!("keyward_requests_busy_total"))
 }
 
+/// `keyward_stream_bytes_total{operation}`: plaintext bytes through the
+/// streaming routes (`encrypt` or `decrypt`), counted per chunk.
+pub(super) fn stream_bytes(operation: &'static str) -> &'static metrics::Counter {
+    static ENCRYPT: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    static DECRYPT: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    let cell = if operation == "encrypt" {
+        &ENCRYPT
+    } else {
+        &DECRYPT
+    };
+    cell.get_or_init(|| metrics::counter!("keyward_stream_bytes_total", "operation" => operation))
+}
+
+/// `keyward_streams_unread_total`: streams given up because their client
+/// read no response for `stream_read_timeout`.
+pub(super) fn stream_unread() -> &'static metrics::Counter {
+    static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+    COUNTER.get_or_init(|| metrics::counter!("keyward_streams_unread_total"))
+}
+
+/// `keyward_streams_total{operation, outcome}`: streams ended, by audited
+/// operation and outcome (`ok`, the error code that aborted it, or
+/// `cancelled` when the client went away). Once per stream, so looked up.
+pub(super) fn stream_ended(operation: &'static str, outcome: &'static str) {
+    metrics::counter!("keyward_streams_total", "operation" => operation, "outcome" => outcome)
+        .increment(1);
+}
+
 /// `keyward_bytes_decrypted_total`, kept like [`bytes_encrypted`].
 pub(super) fn bytes_decrypted() -> &'static metrics::Counter {
     static COUNTER: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();

@@ -30,12 +30,13 @@ mod routes;
 mod search;
 mod secret;
 mod state;
+mod stream;
 
 use std::time::Duration;
 
 use axum::Router;
 
-pub use edge::Edge;
+pub use edge::{Edge, Streamed};
 
 /// Entry points for the fuzz targets (`fuzz/`, through `crate::fuzzing`),
 /// compiled only with the `fuzzing` feature.
@@ -75,7 +76,7 @@ pub mod fuzzing {
     }
 }
 use error::ApiError;
-pub use state::{AppParts, AppState, BatchLimits, RouterSettings};
+pub use state::{AppParts, AppState, BatchLimits, RouterSettings, StreamLimits};
 
 /// The whole API ([`routes::ROUTES`]), with what every request passes through.
 pub fn router(state: AppState, settings: RouterSettings) -> Edge {
@@ -135,6 +136,10 @@ mod tests {
             max_body_bytes: 16 * 1024,
         },
         max_concurrent_body_bytes: 16 * 1024,
+        stream: super::StreamLimits {
+            max_concurrent: 2,
+            read_timeout: Duration::from_secs(10),
+        },
     };
 
     /// The router, what it stands on, and a tenant's all-scopes credentials.

@@ -11,10 +11,10 @@ use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
 use super::extract::Requirement;
-use super::routes::ROUTES;
+use super::routes::{BodySize, ROUTES};
 use super::{
     accounts, admin, audit, batch, contract, datakeys, encryptions, error, jobs, keys, metrics,
-    ops, search,
+    ops, search, stream,
 };
 
 struct Security;
@@ -54,10 +54,11 @@ impl Modify for Security {
                 ]);
             }
             if operation.request_body.is_some() {
-                refusals.extend([
-                    ("413", "`payload_too_large`".to_string()),
-                    ("415", "`unsupported_media_type`".to_string()),
-                ]);
+                // A streamed body has no size limit.
+                if route.body != BodySize::Stream {
+                    refusals.push(("413", "`payload_too_large`".to_string()));
+                }
+                refusals.push(("415", "`unsupported_media_type`".to_string()));
             }
             let responses = &mut operation.responses.responses;
             for (status, description) in refusals {
@@ -276,6 +277,8 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         datakeys::generate,
         datakeys::unwrap,
         datakeys::rewrap,
+        stream::encrypt,
+        stream::decrypt,
         encryptions::update,
         encryptions::update_version,
         search::index,
@@ -318,7 +321,7 @@ fn error_response(description: &str) -> RefOr<utoipa::openapi::Response> {
         (name = "lifecycle", description = "Rewrap and batches"),
         (name = "search", description = "Search over encrypted fields: blind-index values (scope `index`, never `decrypt`), index definitions (`manage`) and index-key rotation (`rotate`); see docs/search.md"),
         (name = "keys", description = "RSA public keys (scope `encrypt`), key import (scope `import`) and controlled export (scope `export`)"),
-        (name = "envelope", description = "Envelope encryption: data keys minted (scope `datakey`), unwrapped (scope `unwrap`) and rewrapped (scope `rotate`); see docs/envelope.md"),
+        (name = "envelope", description = "Envelope encryption: data keys minted (scope `datakey`), unwrapped (scope `unwrap`) and rewrapped (scope `rotate`); bodies of any size streamed through encryption (scope `encrypt`) and decryption (scope `decrypt`) in Keyward's stream format; see docs/envelope.md"),
         (name = "jobs", description = "Re-encryption of data at rest (scope `manage`)"),
         (name = "api-keys", description = "A tenant's own API keys (tenant key with `admin`)"),
         (name = "operator", description = "Tenants and any tenant's API keys (operator key with `operator`)"),

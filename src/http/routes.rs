@@ -25,7 +25,7 @@ use super::extract::{
 use super::state::{AppState, RouterSettings};
 use super::{
     accounts, admin, audit, batch, contract, datakeys, edge, encryptions, jobs, keys, metrics, ops,
-    search,
+    search, stream,
 };
 
 /// One route.
@@ -56,6 +56,13 @@ pub(crate) enum BodySize {
     Ciphertext,
     /// A batch: `batch.max_body_bytes`.
     Batch,
+    /// A raw body streamed through in constant memory: no body limit, no
+    /// share of `max_concurrent_body_bytes` and no time limit on the body
+    /// (the time limit covers the answer's start only); instead one of
+    /// `stream_max_concurrent` slots, a read timeout per body frame
+    /// (`stream_read_timeout`), and an audit record written when the
+    /// streamed response ends (see [`edge::route`]).
+    Stream,
 }
 
 /// The body limit of calls that carry a ciphertext (decrypt, rewrap): 16/9 of
@@ -113,6 +120,9 @@ pub(crate) static ROUTES: &[Route] = &[
     route!(POST "/v1/datakey", datakeys::generate, scope: DataKeyScope, body: Normal, audit: "datakey.generate"),
     route!(POST "/v1/datakey/unwrap", datakeys::unwrap, scope: UnwrapScope, body: Normal, audit: "datakey.unwrap"),
     route!(POST "/v1/datakey/rewrap", datakeys::rewrap, scope: RotateScope, body: Normal, audit: "datakey.rewrap"),
+    // Envelope encryption: bodies of any size, streamed.
+    route!(POST "/v1/encrypt/stream", stream::encrypt, scope: EncryptScope, body: Stream, audit: "encrypt.stream"),
+    route!(POST "/v1/decrypt/stream", stream::decrypt, scope: DecryptScope, body: Stream, audit: "decrypt.stream"),
     // Encryptions and their versions.
     route!(GET "/v1/encryptions", encryptions::list, scope: ManageScope, body: Normal, audit: "encryption.list"),
     route!(POST "/v1/encryptions", encryptions::create, scope: ManageScope, body: Normal, audit: "encryption.create"),
@@ -198,6 +208,8 @@ pub(super) fn build(
     include: impl Fn(&Route) -> bool,
 ) -> Router<AppState> {
     let bodies = settings.map(|s| edge::BodyBudget::new(s.max_concurrent_body_bytes));
+    let streams =
+        settings.map(|s| edge::StreamGate::new(s.stream.max_concurrent, s.stream.read_timeout));
     ROUTES
         .iter()
         .enumerate()
@@ -213,11 +225,13 @@ pub(super) fn build(
                     BodySize::Normal => None,
                     BodySize::Ciphertext => Some(ciphertext_body_limit(s.max_body_bytes)),
                     BodySize::Batch => Some(s.batch.max_body_bytes),
+                    BodySize::Stream => None,
                 }),
                 batch: settings
                     .filter(|_| route.body == BodySize::Batch)
                     .map(|s| s.batch),
                 bodies: bodies.clone(),
+                stream: streams.clone().filter(|_| route.body == BodySize::Stream),
             };
             let handler = (route.handler)()
                 .route_layer(axum::middleware::from_fn_with_state(context, edge::route));

@@ -50,6 +50,18 @@ pub struct RouterSettings {
     /// Most body bytes batch and large requests hold at once
     /// (`max_concurrent_body_bytes`).
     pub max_concurrent_body_bytes: usize,
+    /// Limits of the streaming routes.
+    pub stream: StreamLimits,
+}
+
+/// Limits of the streaming routes (`/v1/encrypt/stream`,
+/// `/v1/decrypt/stream`), which have no body limit and no overall time limit.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamLimits {
+    /// Most streams served at once (`stream_max_concurrent`).
+    pub max_concurrent: usize,
+    /// How long a client may send nothing (`stream_read_timeout`).
+    pub read_timeout: Duration,
 }
 
 /// Limits of batch requests.

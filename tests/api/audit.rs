@@ -945,6 +945,14 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
             Some(json!({"encryptionId": enc})),
             "datakey.generate",
         ),
+        // A raw body (below); its stream is then decrypted.
+        (
+            Method::POST,
+            "/v1/encrypt/stream",
+            format!("/v1/encrypt/stream?encryptionId={enc}"),
+            None,
+            "encrypt.stream",
+        ),
         (
             Method::POST,
             "/v1/index",
@@ -1032,6 +1040,7 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
 
     let mut request_ids = Vec::new();
     let mut job = String::new();
+    let mut sealed = Vec::new();
     let mut i = 0;
     while i < calls.len() {
         let (method, route, path, body, _) = calls[i].clone();
@@ -1046,6 +1055,37 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
             .header("x-request-id", &id);
         if let Some(b) = &body {
             req = req.json(b);
+        }
+        if route.ends_with("/stream") {
+            // The streaming routes take and give raw bytes.
+            let raw = if route == "/v1/encrypt/stream" {
+                b"audited".to_vec()
+            } else {
+                sealed.clone()
+            };
+            let resp = req
+                .header("content-type", "application/octet-stream")
+                .body(raw)
+                .send()
+                .await
+                .unwrap();
+            assert!(resp.status().is_success(), "{method} {path}");
+            let bytes = resp.bytes().await.unwrap().to_vec();
+            if route == "/v1/encrypt/stream" {
+                sealed = bytes;
+                calls.push((
+                    Method::POST,
+                    "/v1/decrypt/stream",
+                    "/v1/decrypt/stream".into(),
+                    None,
+                    "decrypt.stream",
+                ));
+            } else {
+                assert_eq!(bytes, b"audited");
+            }
+            request_ids.push(id);
+            i += 1;
+            continue;
         }
         let (status, answer) = crate::helpers::send(req).await;
         assert!(status.is_success(), "{method} {path}: {status} {answer}");

@@ -9,7 +9,10 @@ by operation, status and error code, so any other refusal of a schema-valid
 request still fails:
 
 - a ciphertext, nonce or version that does not authenticate: 400
-  `decryption_failed` (decrypt, rewrap, data-key unwrap and rewrap);
+  `decryption_failed` (decrypt, rewrap, data-key unwrap and rewrap, decrypt
+  stream); a body that is not a Keyward stream: 400 `invalid_stream`; an
+  `X-Keyward-Context` that is not percent-encoded UTF-8 of at most 1024
+  characters: 400 `invalid_request` (the streaming routes);
 - a well-formed `X-Master-Key` sent for a platform-managed encryption: 400
   `master_key_not_applicable`;
 - a `cursor` this endpoint did not hand out: 400 `invalid_request` on `cursor`
@@ -62,6 +65,15 @@ SEMANTIC_REFUSALS = {
     # A schema-valid wrapped data key that is not one (issue #20).
     ("POST", "/v1/datakey/unwrap"): {(400, "decryption_failed", None)},
     ("POST", "/v1/datakey/rewrap"): {(400, "decryption_failed", None)},
+    # Streams: a body that is not a Keyward stream, or one whose key does
+    # not unwrap; a context header that is not percent-encoded UTF-8 of at
+    # most 1024 characters (the schema says string: no pattern says that).
+    ("POST", "/v1/decrypt/stream"): {
+        (400, "invalid_stream", None),
+        (400, "decryption_failed", None),
+        (400, "invalid_request", "`X-Keyward-Context`"),
+    },
+    ("POST", "/v1/encrypt/stream"): {(400, "invalid_request", "`X-Keyward-Context`")},
     ("POST", "/v1/encrypt"): {(422, "version_not_encryptable", None)},
     ("GET", "/v1/encryptions"): {(400, "invalid_request", "`cursor`")},
     ("GET", "/v1/audit"): {(400, "invalid_request", "`cursor`")},
