@@ -368,18 +368,44 @@ pub(super) async fn route(
 pub(super) struct StreamGate {
     slots: Arc<tokio::sync::Semaphore>,
     read_timeout: Duration,
+    /// Where a stream's working memory comes from: the budget batch and
+    /// large requests share (`max_concurrent_body_bytes`).
+    memory: BodyBudget,
 }
 
 impl StreamGate {
     /// A gate for `max_concurrent` streams that cuts off a client silent for
     /// `read_timeout`.
-    pub(super) fn new(max_concurrent: usize, read_timeout: Duration) -> StreamGate {
+    pub(super) fn new(
+        max_concurrent: usize,
+        read_timeout: Duration,
+        memory: BodyBudget,
+    ) -> StreamGate {
         StreamGate {
             slots: Arc::new(tokio::sync::Semaphore::new(
                 max_concurrent.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
             )),
             read_timeout,
+            memory,
         }
+    }
+
+    /// The working memory of one stream, `bytes`, taken from the budget
+    /// batch and large requests share and held until the stream ends (all
+    /// of the budget at most: such a stream runs alone); 503 `server_busy`
+    /// when the budget cannot hold it now. A stream's chunk size is its
+    /// caller's choice (up to 16 MiB), so the count of streams alone does
+    /// not bound their memory.
+    pub(super) fn hold(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let share = bytes.clamp(1, self.memory.total) as u32;
+        self.memory
+            .permits
+            .clone()
+            .try_acquire_many_owned(share)
+            .map_err(|_| {
+                metrics::busy().increment(1);
+                ApiError::Busy
+            })
     }
 
     /// A slot for one stream, held until the stream ends; 503

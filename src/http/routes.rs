@@ -208,8 +208,9 @@ pub(super) fn build(
     include: impl Fn(&Route) -> bool,
 ) -> Router<AppState> {
     let bodies = settings.map(|s| edge::BodyBudget::new(s.max_concurrent_body_bytes));
-    let streams =
-        settings.map(|s| edge::StreamGate::new(s.stream.max_concurrent, s.stream.read_timeout));
+    let streams = settings.zip(bodies.clone()).map(|(s, memory)| {
+        edge::StreamGate::new(s.stream.max_concurrent, s.stream.read_timeout, memory)
+    });
     ROUTES
         .iter()
         .enumerate()

@@ -23,7 +23,9 @@
 //! Memory: each stream holds the chunk being filled plus at most one body
 //! frame from hyper, and one finished piece waiting for hyper to write it,
 //! whatever the body's size; at most `stream_max_concurrent` streams run at
-//! once. The work runs in a task of its own, one piece ahead of the response
+//! once, and each takes that memory from `max_concurrent_body_bytes` (the
+//! budget batch and large requests share) before its first chunk, so that
+//! callers choosing 16 MiB chunks cannot add up past it. The work runs in a task of its own, one piece ahead of the response
 //! (see [`respond`]), so that a client that stops reading frees its slot
 //! after `stream_read_timeout`, as one that stops sending does.
 //!
@@ -152,6 +154,7 @@ pub struct StreamInput {
     context: Option<String>,
     body: BodyReader,
     slot: tokio::sync::OwnedSemaphorePermit,
+    gate: StreamGate,
 }
 
 impl FromRequest<AppState> for StreamInput {
@@ -184,8 +187,16 @@ impl FromRequest<AppState> for StreamInput {
                 ended: false,
             },
             slot,
+            gate,
         })
     }
+}
+
+/// What one stream of `chunk`-byte chunks holds at most: the chunk being
+/// filled and a body frame, the piece being made, the piece waiting in the
+/// channel and the piece hyper is writing.
+fn stream_memory(chunk: usize) -> usize {
+    3 * (chunk + TAG_LEN) + MAX_FRAME
 }
 
 const TAMPERED: StreamAbort = StreamAbort {
@@ -330,7 +341,7 @@ fn octet_stream(body: Body) -> Response {
         (status = 401, description = "`missing_credentials`, `invalid_credentials` or `master_key_required`", body = ErrorBody),
         (status = 403, description = "`insufficient_scope` (needs `encrypt`) or `master_key_mismatch`", body = ErrorBody),
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
-        (status = 503, description = "`server_busy` (`stream_max_concurrent` streams run already; retry after Retry-After), `rotation_pending` or `unavailable`", body = ErrorBody),
+        (status = 503, description = "`server_busy` (`stream_max_concurrent` streams run already, or `max_concurrent_body_bytes` cannot hold its working memory now; retry after Retry-After), `rotation_pending` or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn encrypt(
@@ -366,6 +377,7 @@ pub(super) async fn encrypt(
     let cipher = StreamCipher::new(&made.key, &header, &header_bytes);
     drop(made.key);
     let chunk = cipher.chunk_size();
+    let memory = input.gate.hold(stream_memory(chunk))?;
     let sealing = Sealing {
         cipher,
         header: Some(header_bytes),
@@ -375,7 +387,7 @@ pub(super) async fn encrypt(
         plain: Zeroizing::new(Vec::with_capacity(chunk + MAX_FRAME)),
         input: input.body,
         done: false,
-        _slot: input.slot,
+        _slot: (input.slot, memory),
     };
     Ok(respond(Job::Seal(sealing)))
 }
@@ -389,7 +401,11 @@ struct Sealing {
     plain: Zeroizing<Vec<u8>>,
     input: BodyReader,
     done: bool,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Its slot and its working memory, held until it ends.
+    _slot: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
 }
 
 impl Sealing {
@@ -461,7 +477,7 @@ impl Sealing {
         (status = 404, description = "`encryption_not_found`", body = ErrorBody),
         (status = 408, description = "`request_timeout`: the client sent nothing for `stream_read_timeout` before the stream's header was complete", body = ErrorBody),
         (status = 410, description = "`version_destroyed`", body = ErrorBody),
-        (status = 503, description = "`server_busy` (`stream_max_concurrent` streams run already; retry after Retry-After) or `unavailable`", body = ErrorBody),
+        (status = 503, description = "`server_busy` (`stream_max_concurrent` streams run already, or `max_concurrent_body_bytes` cannot hold its working memory now; retry after Retry-After) or `unavailable`", body = ErrorBody),
     )
 )]
 pub(super) async fn decrypt(
@@ -500,6 +516,7 @@ pub(super) async fn decrypt(
     }
     let cipher = StreamCipher::new(&key, &header, &header_bytes);
     drop(key);
+    let memory = input.gate.hold(stream_memory(cipher.chunk_size()))?;
     let sealed = cipher.chunk_size() + TAG_LEN;
     let mut rest = Vec::with_capacity(2 * sealed);
     rest.extend_from_slice(&buf);
@@ -508,7 +525,7 @@ pub(super) async fn decrypt(
         sealed: rest,
         input: input.body,
         done: false,
-        _slot: input.slot,
+        _slot: (input.slot, memory),
     };
     Ok(respond(Job::Open(opening)))
 }
@@ -555,7 +572,11 @@ struct Opening {
     sealed: Vec<u8>,
     input: BodyReader,
     done: bool,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Its slot and its working memory, held until it ends.
+    _slot: (
+        tokio::sync::OwnedSemaphorePermit,
+        tokio::sync::OwnedSemaphorePermit,
+    ),
 }
 
 impl Opening {

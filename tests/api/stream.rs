@@ -27,6 +27,7 @@ crate::on_both_databases!(
     a_stalled_client_is_cut_off_and_streams_beyond_the_limit_are_busy,
     a_disabled_version_is_refused_before_any_byte,
     a_client_mode_stream_needs_the_same_master_key,
+    streams_take_their_working_memory_from_the_shared_budget,
 );
 
 /// The server's peak resident set (VmHWM), in KiB.
@@ -1142,4 +1143,65 @@ async fn a_client_mode_stream_needs_the_same_master_key(backend: Backend) {
         assert_eq!(answer.status, 403, "{path}: {}", answer.json);
         assert_eq!(answer.json["error"]["code"], "master_key_mismatch");
     }
+}
+
+/// A stream's chunk size is its caller's choice: the streams' memory comes
+/// from `max_concurrent_body_bytes`, the budget batches share, not from the
+/// count of streams alone. A stream of 16 MiB chunks takes all of it (it
+/// runs alone); other streams and batches are 503 `server_busy` meanwhile,
+/// and served again once it ended.
+async fn streams_take_their_working_memory_from_the_shared_budget(backend: Backend) {
+    let app = TestApp::spawn_with(backend, &[("KEYWARD_STREAM_READ_TIMEOUT", "2s")]).await;
+    let creds = app.create_tenant("acme");
+    let (enc, _) = app.create_encryption(&creds).await;
+    let small = format!("/v1/encrypt/stream?encryptionId={enc}");
+    let large = format!("/v1/encrypt/stream?encryptionId={enc}&chunkSize=16777216");
+    // Two streams of 64 KiB chunks run side by side.
+    let (tx, rx) = mpsc::channel(4);
+    let open = tokio::spawn({
+        let (addr, creds, path) = (app.addr.clone(), creds.clone(), small.clone());
+        async move { stream_call(&addr, &path, &creds, &[], Source::Channel(rx), Sink::Keep).await }
+    });
+    tx.send(some_bytes(1000)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = stream_bytes(&app, &small, &creds, &[], b"beside it").await;
+    assert!(answer.complete, "{}", answer.json);
+    // A stream of 16 MiB chunks cannot have the whole budget while one runs.
+    let busy = stream_bytes(&app, &large, &creds, &[], b"hello").await;
+    assert_eq!(busy.status, 503, "{}", busy.json);
+    assert_eq!(busy.json["error"]["code"], "server_busy");
+    drop(tx);
+    assert!(open.await.unwrap().complete);
+    // Alone, it holds the whole budget until it ends: a small stream and a
+    // batch are busy meanwhile.
+    let holder = tokio::spawn({
+        let (addr, creds, path) = (app.addr.clone(), creds.clone(), large.clone());
+        async move {
+            stream_call(
+                &addr,
+                &path,
+                &creds,
+                &[],
+                Source::Stall(some_bytes(1000)),
+                Sink::Keep,
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let busy = stream_bytes(&app, &small, &creds, &[], b"hello").await;
+    assert_eq!(busy.status, 503, "{}", busy.json);
+    assert_eq!(busy.json["error"]["code"], "server_busy");
+    let items: Vec<Value> = (0..10)
+        .map(|_| serde_json::json!({"encryptionId": enc, "data": "hello"}))
+        .collect();
+    let batch = serde_json::json!({ "items": items });
+    let (status, body) = app.post("/v1/encrypt/batch", &creds, &batch).await;
+    assert_error(status, &body, 503, "server_busy");
+    // Cut off by the read timeout, it gives the budget back.
+    assert!(!holder.await.unwrap().complete);
+    let answer = stream_bytes(&app, &small, &creds, &[], b"hello").await;
+    assert!(answer.complete, "{}", answer.json);
+    let (status, body) = app.post("/v1/encrypt/batch", &creds, &batch).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
