@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
@@ -322,18 +322,13 @@ pub struct ApiJson<T>(pub T);
 impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &St) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, _: &St) -> Result<Self, ApiError> {
         if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
             let ok = ct
                 .to_str()
                 .ok()
                 .and_then(|v| v.split(';').next())
-                .map(|mime| {
-                    let mime = mime.trim().to_ascii_lowercase();
-                    mime == "application/json"
-                        || (mime.starts_with("application/") && mime.ends_with("+json"))
-                })
-                .unwrap_or(false);
+                .is_some_and(|mime| is_json_mime(mime.trim()));
             if !ok {
                 return Err(ApiError::UnsupportedMediaType);
             }
@@ -341,20 +336,13 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
         let limit = req
             .extensions()
             .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or(usize::MAX);
+            .map_or(AXUM_DEFAULT_BODY_LIMIT, |l| l.0);
         // Batch and large bodies take their share of the memory budget now,
         // after the caller was authenticated and before a byte is read.
         if let Some(claim) = req.extensions().get::<BodyClaim>() {
             claim.take()?;
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(limit)
-            } else {
-                ApiError::InvalidRequest("the request body could not be read".into())
-            }
-        })?;
+        let bytes = read_body(req.into_body(), limit).await?;
         let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
             parse_json(b"{}")
         } else {
@@ -365,6 +353,52 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
         super::secret::clear_if_unique(bytes);
         parsed.map(ApiJson)
     }
+}
+
+/// The body limit where none was set (axum's default): no route that takes a
+/// body is built without one.
+const AXUM_DEFAULT_BODY_LIMIT: usize = 2 << 20;
+
+/// Whether a media type (without its parameters) is JSON:
+/// `application/json` or `application/*+json`, in any case.
+fn is_json_mime(mime: &str) -> bool {
+    const APPLICATION: &str = "application/";
+    const SUFFIX: &str = "+json";
+    let (bytes, n) = (mime.as_bytes(), mime.len());
+    mime.eq_ignore_ascii_case("application/json")
+        || (n >= APPLICATION.len() + SUFFIX.len()
+            && bytes[..APPLICATION.len()].eq_ignore_ascii_case(APPLICATION.as_bytes())
+            && bytes[n - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX.as_bytes()))
+}
+
+/// The whole body, at most `limit` bytes (`payload_too_large` beyond, as soon
+/// as a frame goes over). A body that comes in one frame is that frame's
+/// bytes, not a copy; more frames are joined into one buffer.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let (mut single, mut joined, mut total) = (None::<Bytes>, bytes::BytesMut::new(), 0usize);
+    let mut frames = body.into_data_stream();
+    while let Some(data) = frames.next().await {
+        let data = data
+            .map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
+        if data.is_empty() {
+            continue;
+        }
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        match single.take() {
+            None if joined.is_empty() => single = Some(data),
+            first => {
+                if let Some(first) = first {
+                    joined.extend_from_slice(&first);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(single.unwrap_or_else(|| joined.freeze()))
 }
 
 /// Deserializes `bytes`, turning serde's errors into messages that name the
