@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -36,11 +36,12 @@ use futures_util::FutureExt;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use super::audit_note;
+use super::audit_note::{self, RequestFacts};
 use super::error::{ApiError, ErrorCode};
 use super::metrics;
 use super::state::{AppState, BatchLimits};
-use crate::domain::client_addr::{ClientAddr, ForwardedHeader};
+use crate::audit::RequestId;
+use crate::domain::client_addr::ForwardedHeader;
 use crate::domain::guard::AuthGuard;
 use crate::domain::identity::ClientIdentity;
 
@@ -90,29 +91,34 @@ impl Edge {
     {
         let started = Instant::now();
         let mut req = req.map(Body::new);
-        let request_id = match req.headers().get(&REQUEST_ID) {
-            Some(id) if acceptable_request_id(id) => id.clone(),
-            _ => {
-                let id = new_request_id();
-                req.headers_mut().insert(REQUEST_ID, id.clone());
-                id
-            }
+        // The client's id is echoed as it came; a new one is made from the
+        // text the audit record keeps.
+        let (request_id, echoed) = match req.headers().get(&REQUEST_ID) {
+            Some(id) if acceptable_request_id(id) => (
+                RequestId::from(id.to_str().unwrap_or("-")),
+                Some(id.clone()),
+            ),
+            _ => (new_request_id(), None),
         };
-        req.extensions_mut().insert(ConnectInfo(peer));
-        // Without trusted proxies the client address is the peer's, which
-        // readers take from `ConnectInfo`: nothing more to store per request.
+        // The client's address: the peer's, or behind a trusted proxy the
+        // forwarded one.
         let proxies = self.guard.trusted_proxies();
-        if !proxies.is_empty() {
+        let client_addr = if proxies.is_empty() {
+            peer.ip()
+        } else {
             let name = match proxies.header() {
                 ForwardedHeader::XForwardedFor => X_FORWARDED_FOR,
                 ForwardedHeader::Forwarded => header::FORWARDED,
             };
             let values = req.headers().get_all(name);
-            let client_addr = proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()));
-            req.extensions_mut().insert(ClientAddr(client_addr));
-        }
+            proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()))
+        };
+        req.extensions_mut().insert(RequestFacts {
+            client_addr: Some(client_addr),
+            request_id: Some(request_id),
+            note: None,
+        });
         if let Some(limit) = self.body_limit {
-            DefaultBodyLimit::max(limit).apply(&mut req);
             req.extensions_mut().insert(BodyLimit(limit));
         }
         // Only the method, path, request id and client identity: never headers
@@ -122,7 +128,7 @@ impl Edge {
             "request",
             method = req.method().as_str(),
             path = req.uri().path(),
-            request_id = request_id.to_str().unwrap_or("-"),
+            request_id = request_id.as_str(),
             client_subject = client.as_ref().map(|c| c.subject.as_str()),
             client_spki = client.as_ref().map(|c| c.spki_hex()),
         );
@@ -157,7 +163,10 @@ impl Edge {
         }
         .instrument(span)
         .await;
-        response.headers_mut().insert(REQUEST_ID, request_id);
+        let echoed = echoed.or_else(|| HeaderValue::from_str(request_id.as_str()).ok());
+        if let Some(id) = echoed {
+            response.headers_mut().insert(REQUEST_ID, id);
+        }
         response
     }
 }
@@ -175,12 +184,9 @@ fn acceptable_request_id(id: &HeaderValue) -> bool {
 }
 
 /// A new request id: a random UUID.
-fn new_request_id() -> HeaderValue {
+fn new_request_id() -> RequestId {
     let mut buf = [0u8; 36];
-    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    // A hyphenated UUID is 36 visible ASCII characters, always a valid value.
-    #[allow(clippy::expect_used)]
-    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+    RequestId::from(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
 }
 
 /// What [`route`] needs: what one route's entry of the table says, with the
@@ -251,10 +257,24 @@ impl BodyBudget {
     }
 }
 
-/// The configured body limit, put in request extensions so that the 413 message
-/// can name it.
+/// The configured body limit, put in request extensions: the one body
+/// extractor ([`super::extract::ApiJson`]) reads at most this much, and its
+/// 413 message names it. (Not axum's `DefaultBodyLimit`, which only axum's
+/// own body extractors read: none is used, and each is one more allocation
+/// per request.)
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+/// Sets `req`'s [`BodyLimit`], in place when it has one (a new extension is
+/// an allocation).
+fn set_body_limit(req: &mut Request, limit: usize) {
+    match req.extensions_mut().get_mut::<BodyLimit>() {
+        Some(set) => set.0 = limit,
+        None => {
+            req.extensions_mut().insert(BodyLimit(limit));
+        }
+    }
+}
 
 /// A request's share of the [`BodyBudget`], put in its extensions by
 /// [`route`] and taken by the body extractor just before it reads the body:
@@ -356,8 +376,7 @@ where
     let started = Instant::now();
     let method = metrics::method_label(req.method());
     if let Some(limit) = ctx.body_limit {
-        DefaultBodyLimit::max(limit).apply(&mut req);
-        req.extensions_mut().insert(BodyLimit(limit));
+        set_body_limit(&mut req, limit);
     }
     if let Some(limits) = ctx.batch {
         req.extensions_mut().insert(limits);
@@ -366,10 +385,7 @@ where
         None => (None, req),
         Some(operation) => {
             let (mut parts, body) = req.into_parts();
-            // At most 128 visible ASCII characters: the edge replaced any other.
-            let id = parts.headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok());
-            let id = id.map(crate::audit::RequestId::from);
-            let pending = audit_note::begin(&ctx.state, &mut parts, id, operation, ctx.path).await;
+            let pending = audit_note::begin(&ctx.state, &mut parts, operation, ctx.path).await;
             (Some(pending), Request::from_parts(parts, body))
         }
     };

@@ -13,12 +13,11 @@ use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
 
-use super::audit_note::AuditNote;
+use super::audit_note::RequestFacts;
 use super::edge::{BodyClaim, BodyLimit};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::domain::apikeys::Scope;
-use crate::domain::client_addr::ClientAddr;
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::{ClientKey, Principal};
 use crate::domain::TenantId;
@@ -167,16 +166,8 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let addr = parts
-            .extensions
-            .get::<ClientAddr>()
-            .map(|c| c.0)
-            .or_else(|| {
-                parts
-                    .extensions
-                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                    .map(|c| c.0.ip())
-            });
+        let facts = parts.extensions.get::<RequestFacts>();
+        let addr = facts.and_then(|f| f.client_addr);
         let key = single_header(&parts.headers, &X_API_KEY);
         let secret = single_header(&parts.headers, &X_API_SECRET);
         let (key, secret) = match (key, secret) {
@@ -193,7 +184,7 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
                 return Err(ApiError::InvalidCredentials);
             }
         };
-        let note = parts.extensions.get::<AuditNote>();
+        let note = facts.and_then(|f| f.note.as_ref());
         let principal = match check_credentials(state, key, secret, addr).await {
             Ok(p) => p,
             Err(e) => {
@@ -305,6 +296,41 @@ pub(crate) fn parse_id<T: FromStr>(value: &str, field: &str) -> Result<T, ApiErr
     value
         .parse()
         .map_err(|_| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
+}
+
+/// A UUID member of a request body, parsed as it is read instead of copied
+/// into a `String` first (an allocation per member). A value that is not a
+/// UUID is kept as such, for the handler to refuse with the member's name
+/// ([`IdField::parse`]) at the point, and with the message, of [`parse_id`];
+/// a value that is not a string is serde's error, as for a `String`.
+#[derive(Clone, Copy)]
+pub struct IdField(Option<uuid::Uuid>);
+
+impl IdField {
+    /// The id, or `invalid_request` naming `field` (as [`parse_id`]).
+    pub(crate) fn parse<T: From<uuid::Uuid>>(self, field: &str) -> Result<T, ApiError> {
+        self.0
+            .map(T::from)
+            .ok_or_else(|| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IdField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = IdField;
+            // What `String`'s visitor expects: the same error messages.
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IdField, E> {
+                // `FromStr` of the id types.
+                Ok(IdField(uuid::Uuid::try_parse(v).ok()))
+            }
+        }
+        d.deserialize_str(Text)
+    }
 }
 
 /// Like [`parse_id`], for a field that may be left out.
