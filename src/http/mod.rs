@@ -2,7 +2,9 @@
 //! declared once in [`routes::ROUTES`] (method, path, scope, body limit,
 //! audited operation), from which the router is built here, behind [`Edge`]
 //! (request ids, tracing, body limit, time limit, panic catching, audit,
-//! metrics, JSON errors for everything).
+//! metrics, JSON errors for everything). The edge answers `POST /v1/encrypt`
+//! and `POST /v1/decrypt` itself, with the same route layer and handlers
+//! (`routes::hot`), without the router's per-request boxes.
 //!
 //! Inside the layer, files import downwards only: `error` and `state`;
 //! `audit_note`; `extract`, `query` and `metrics`; the resources (`contract`,
