@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::Principal;
-use crate::domain::time::rfc3339;
+use crate::domain::time::write_rfc3339;
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
 /// Every operation name a record can carry.
@@ -363,12 +363,14 @@ impl TextCache {
     fn of(&mut self, ms: i64, peer: Option<IpAddr>) -> (&str, Option<&str>) {
         if self.ms != Some(ms) {
             self.ms = Some(ms);
-            self.text = rfc3339(ms);
+            write_rfc3339(ms, &mut self.text);
         }
         if let Some(ip) = peer {
             if self.peer != Some(ip) {
                 self.peer = Some(ip);
-                self.peer_text = ip.to_string();
+                self.peer_text.clear();
+                // Writing to a `String` cannot fail.
+                let _ = std::fmt::Write::write_fmt(&mut self.peer_text, format_args!("{ip}"));
             }
         }
         (&self.text, peer.map(|_| self.peer_text.as_str()))

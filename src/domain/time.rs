@@ -13,6 +13,17 @@ pub fn now_ms() -> i64 {
 
 /// Unix milliseconds as an RFC 3339 UTC timestamp with millisecond precision.
 pub fn rfc3339(ms: i64) -> String {
+    let mut out = String::new();
+    write_rfc3339(ms, &mut out);
+    out
+}
+
+/// [`rfc3339`] into `out`, which is cleared first: no allocation once `out`
+/// has room (the audit writer formats one per record).
+pub fn write_rfc3339(ms: i64, out: &mut String) {
+    use std::fmt::Write;
     let t = UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+    out.clear();
+    // Writing to a `String` cannot fail.
+    let _ = write!(out, "{}", humantime::format_rfc3339_millis(t));
 }

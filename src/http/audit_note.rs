@@ -6,17 +6,16 @@
 //! waiting for it. A request that is dropped before it answers (time limit,
 //! client gone) is recorded as `cancelled`.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::{ConnectInfo, FromRequestParts, RawPathParams};
+use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
 
 use super::error::ErrorCode;
 use super::state::AppState;
 use crate::audit::{Actor, AuditEvent, AuditLog, ItemGroup, RequestId, Target};
 use crate::domain::apikeys::{looks_like_key_id, Scopes};
-use crate::domain::client_addr::ClientAddr;
 use crate::domain::guard::AuthGuard;
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::Principal;
@@ -74,6 +73,21 @@ impl NoteFields {
             group.add(item.index);
         }
     }
+}
+
+/// What the edge learned about a request, with the audit note the route
+/// layer gives it: one extension, inserted once by the edge (each extension
+/// is an allocation, and so is the growth of their map).
+#[derive(Clone, Default)]
+pub(crate) struct RequestFacts {
+    /// The client's address: the peer's, or behind a trusted proxy the
+    /// forwarded one (what lockouts, rate limits and records use).
+    pub(crate) client_addr: Option<IpAddr>,
+    /// The request id: the client's `X-Request-Id` when acceptable (at most
+    /// 128 visible ASCII characters), otherwise a new one.
+    pub(crate) request_id: Option<RequestId>,
+    /// The audit note of an audited route (see [`begin`]).
+    pub(crate) note: Option<AuditNote>,
 }
 
 /// What a request did, filled in as it runs. Handlers take it as an extractor.
@@ -184,8 +198,8 @@ impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
         // Outside the audit layer (never, for audited routes), a detached note.
         Ok(parts
             .extensions
-            .get::<AuditNote>()
-            .cloned()
+            .get::<RequestFacts>()
+            .and_then(|f| f.note.clone())
             .unwrap_or_default())
     }
 }
@@ -256,13 +270,12 @@ impl Drop for Pending {
     }
 }
 
-/// Starts the audit record of request `request_id` to `route`, which performs
+/// Starts the audit record of a request to `route`, which performs
 /// `operation`: puts the [`AuditNote`] the handlers fill in the request's
-/// extensions, with the targets its path names.
+/// [`RequestFacts`], with the targets its path names.
 pub(super) async fn begin(
     state: &AppState,
     parts: &mut Parts,
-    request_id: Option<RequestId>,
     operation: &'static str,
     route: &str,
 ) -> Pending {
@@ -299,25 +312,17 @@ pub(super) async fn begin(
             }
         }
     }
-    parts.extensions.insert(note.clone());
+    // Every request has its facts from the edge; one that had none would
+    // still get the note.
+    let facts = parts.extensions.get_or_insert_default::<RequestFacts>();
+    facts.note = Some(note.clone());
+    let (request_id, peer) = (facts.request_id, facts.client_addr);
     let event = AuditEvent {
         time_ms: now_ms(),
         operation,
-        // At most 128 visible ASCII characters: the edge replaced any other.
         request_id,
         client: parts.extensions.get::<Arc<ClientIdentity>>().cloned(),
-        // The client's address: the peer's, or behind a trusted proxy the
-        // forwarded one.
-        peer: parts
-            .extensions
-            .get::<ClientAddr>()
-            .map(|c| c.0)
-            .or_else(|| {
-                parts
-                    .extensions
-                    .get::<ConnectInfo<SocketAddr>>()
-                    .map(|c| c.0.ip())
-            }),
+        peer,
         ..AuditEvent::default()
     };
     Pending {

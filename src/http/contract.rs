@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use super::audit_note::AuditNote;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{parse_id, parse_optional_id, MasterKeyParam};
+use super::extract::{parse_id, IdField, MasterKeyParam};
 use super::extract::{
     ApiJson, Auth, DecryptScope, EncryptScope, MasterKeyHeader, RequiredScope, RotateScope,
 };
@@ -34,16 +34,16 @@ const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STA
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EncryptRequest {
     /// The encryption (key context) to encrypt under.
-    #[schema(format = Uuid)]
-    encryption_id: String,
+    #[schema(value_type = String, format = Uuid)]
+    encryption_id: IdField,
     /// The data: any string (plain text or base64), returned byte for byte by decrypt.
     #[serde(deserialize_with = "secret_string")]
     #[schema(value_type = String)]
     data: SecretString,
     /// Encrypt under this version (active or enabled) instead of the active one.
     #[serde(default)]
-    #[schema(format = Uuid, nullable = false)]
-    encryption_version_id: Option<String>,
+    #[schema(value_type = Option<String>, format = Uuid, nullable = false)]
+    encryption_version_id: Option<IdField>,
     /// The caller's context (up to 1024 characters; absent or empty: none),
     /// e.g. `users/42/email`: bound into the associated data of every
     /// algorithm, and needed again, byte for byte, to decrypt (a missing or
@@ -262,10 +262,12 @@ impl<'a> Call<'a> {
         self,
         req: EncryptRequest,
     ) -> Result<(EncryptionId, Encrypted, Option<Vec<IndexValueView>>), ApiError> {
-        let id = parse_id(&req.encryption_id, "encryptionId")?;
+        let id = req.encryption_id.parse("encryptionId")?;
         self.note.encryption(id);
-        let version = req.encryption_version_id.as_deref();
-        let version = parse_optional_id(version, "encryptionVersionId")?;
+        let version = req.encryption_version_id;
+        let version = version
+            .map(|v| v.parse("encryptionVersionId"))
+            .transpose()?;
         if let Some(v) = version {
             self.note.version(v);
         }
@@ -384,14 +386,14 @@ fn encrypted_response(id: EncryptionId, out: Encrypted) -> EncryptResponse {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct DecryptRequest {
     /// The encryption the ciphertext was made under.
-    #[schema(format = Uuid)]
-    encryption_id: String,
+    #[schema(value_type = String, format = Uuid)]
+    encryption_id: IdField,
     /// The ciphertext, base64.
     #[schema(format = Byte)]
     cipher_text: String,
     /// The version that made it.
-    #[schema(format = Uuid)]
-    encryption_version_id: String,
+    #[schema(value_type = String, format = Uuid)]
+    encryption_version_id: IdField,
     /// The metadata encrypt returned, unchanged.
     #[schema(value_type = Object)]
     metadata: DecryptMetadata,
@@ -667,9 +669,9 @@ impl DecryptRequest {
     /// bad nonce or metadata is left for `decryption_failed`. The ids go into
     /// the audit note as soon as they parse.
     fn parse_noted(self, note: &AuditNote) -> Result<ParsedCiphertext, ApiError> {
-        let id = parse_id(&self.encryption_id, "encryptionId")?;
+        let id = self.encryption_id.parse("encryptionId")?;
         note.encryption(id);
-        let version = parse_id(&self.encryption_version_id, "encryptionVersionId")?;
+        let version = self.encryption_version_id.parse("encryptionVersionId")?;
         note.version(version);
         let ciphertext = B64
             .decode(self.cipher_text.as_bytes())

@@ -12,6 +12,13 @@
 //!   table: its body limit, the time limit, panic catching (so that both are
 //!   answered inside the audit record and the metrics, with their own status),
 //!   the audit record and the request metrics.
+//! - [`HotRoute`]s: `POST /v1/encrypt` and `POST /v1/decrypt`, most of the
+//!   traffic, are matched here and answered without the router: the same
+//!   [`route`] layer around the same handler (its extractors, so the same
+//!   credentials, scopes, rate limits, body checks and audit note), without
+//!   the router's, method router's and middleware's boxed services and
+//!   futures (about ten allocations per request). What the router adds to a
+//!   response (its `Content-Length`) is added here too.
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -19,20 +26,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
-use axum::http::{header, HeaderName, HeaderValue};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use super::audit_note;
+use super::audit_note::{self, RequestFacts};
 use super::error::{ApiError, ErrorCode};
 use super::metrics;
 use super::state::{AppState, BatchLimits};
-use crate::domain::client_addr::{ClientAddr, ForwardedHeader};
+use crate::audit::RequestId;
+use crate::domain::client_addr::ForwardedHeader;
 use crate::domain::guard::AuthGuard;
 use crate::domain::identity::ClientIdentity;
 
@@ -46,15 +55,23 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 #[derive(Clone)]
 pub struct Edge {
     router: Router,
+    /// Routes answered without the router (none on the operations listener).
+    hot: Arc<[HotRoute]>,
     body_limit: Option<usize>,
     /// Finds the client's address (the proxies it believes).
     guard: Arc<AuthGuard>,
 }
 
 impl Edge {
-    pub(super) fn new(router: Router, body_limit: Option<usize>, guard: Arc<AuthGuard>) -> Edge {
+    pub(super) fn new(
+        router: Router,
+        hot: Vec<HotRoute>,
+        body_limit: Option<usize>,
+        guard: Arc<AuthGuard>,
+    ) -> Edge {
         Edge {
             router,
+            hot: hot.into(),
             body_limit,
             guard,
         }
@@ -74,29 +91,34 @@ impl Edge {
     {
         let started = Instant::now();
         let mut req = req.map(Body::new);
-        let request_id = match req.headers().get(&REQUEST_ID) {
-            Some(id) if acceptable_request_id(id) => id.clone(),
-            _ => {
-                let id = new_request_id();
-                req.headers_mut().insert(REQUEST_ID, id.clone());
-                id
-            }
+        // The client's id is echoed as it came; a new one is made from the
+        // text the audit record keeps.
+        let (request_id, echoed) = match req.headers().get(&REQUEST_ID) {
+            Some(id) if acceptable_request_id(id) => (
+                RequestId::from(id.to_str().unwrap_or("-")),
+                Some(id.clone()),
+            ),
+            _ => (new_request_id(), None),
         };
-        req.extensions_mut().insert(ConnectInfo(peer));
-        // Without trusted proxies the client address is the peer's, which
-        // readers take from `ConnectInfo`: nothing more to store per request.
+        // The client's address: the peer's, or behind a trusted proxy the
+        // forwarded one.
         let proxies = self.guard.trusted_proxies();
-        if !proxies.is_empty() {
+        let client_addr = if proxies.is_empty() {
+            peer.ip()
+        } else {
             let name = match proxies.header() {
                 ForwardedHeader::XForwardedFor => X_FORWARDED_FOR,
                 ForwardedHeader::Forwarded => header::FORWARDED,
             };
             let values = req.headers().get_all(name);
-            let client_addr = proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()));
-            req.extensions_mut().insert(ClientAddr(client_addr));
-        }
+            proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()))
+        };
+        req.extensions_mut().insert(RequestFacts {
+            client_addr: Some(client_addr),
+            request_id: Some(request_id),
+            note: None,
+        });
         if let Some(limit) = self.body_limit {
-            DefaultBodyLimit::max(limit).apply(&mut req);
             req.extensions_mut().insert(BodyLimit(limit));
         }
         // Only the method, path, request id and client identity: never headers
@@ -106,18 +128,29 @@ impl Edge {
             "request",
             method = req.method().as_str(),
             path = req.uri().path(),
-            request_id = request_id.to_str().unwrap_or("-"),
+            request_id = request_id.as_str(),
             client_subject = client.as_ref().map(|c| c.subject.as_str()),
             client_spki = client.as_ref().map(|c| c.spki_hex()),
         );
         if let Some(client) = client {
             req.extensions_mut().insert(client);
         }
-        let router = self.router;
+        let (router, hot_routes) = (self.router, self.hot);
+        let hot = hot_routes
+            .iter()
+            .position(|r| r.method == req.method() && r.path == req.uri().path());
         let mut response = async move {
-            let response = match AssertUnwindSafe(router.oneshot(req)).catch_unwind().await {
-                Ok(Ok(response)) => response,
-                Ok(Err(never)) => match never {},
+            let answered = async {
+                match hot.and_then(|i| hot_routes.get(i)) {
+                    Some(hot) => hot.answer(req).await,
+                    None => match router.oneshot(req).await {
+                        Ok(response) => response,
+                        Err(never) => match never {},
+                    },
+                }
+            };
+            let response = match AssertUnwindSafe(answered).catch_unwind().await {
+                Ok(response) => response,
                 Err(_panic) => ApiError::Panic.into_response(),
             };
             let response = json_errors(response);
@@ -130,7 +163,10 @@ impl Edge {
         }
         .instrument(span)
         .await;
-        response.headers_mut().insert(REQUEST_ID, request_id);
+        let echoed = echoed.or_else(|| HeaderValue::from_str(request_id.as_str()).ok());
+        if let Some(id) = echoed {
+            response.headers_mut().insert(REQUEST_ID, id);
+        }
         response
     }
 }
@@ -148,12 +184,9 @@ fn acceptable_request_id(id: &HeaderValue) -> bool {
 }
 
 /// A new request id: a random UUID.
-fn new_request_id() -> HeaderValue {
+fn new_request_id() -> RequestId {
     let mut buf = [0u8; 36];
-    let text = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    // A hyphenated UUID is 36 visible ASCII characters, always a valid value.
-    #[allow(clippy::expect_used)]
-    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+    RequestId::from(&*uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf))
 }
 
 /// What [`route`] needs: what one route's entry of the table says, with the
@@ -227,10 +260,24 @@ impl BodyBudget {
     }
 }
 
-/// The configured body limit, put in request extensions so that the 413 message
-/// can name it.
+/// The configured body limit, put in request extensions: the one body
+/// extractor ([`super::extract::ApiJson`]) reads at most this much, and its
+/// 413 message names it. (Not axum's `DefaultBodyLimit`, which only axum's
+/// own body extractors read: none is used, and each is one more allocation
+/// per request.)
 #[derive(Clone, Copy)]
 pub struct BodyLimit(pub usize);
+
+/// Sets `req`'s [`BodyLimit`], in place when it has one (a new extension is
+/// an allocation).
+fn set_body_limit(req: &mut Request, limit: usize) {
+    match req.extensions_mut().get_mut::<BodyLimit>() {
+        Some(set) => set.0 = limit,
+        None => {
+            req.extensions_mut().insert(BodyLimit(limit));
+        }
+    }
+}
 
 /// A request's share of the [`BodyBudget`], put in its extensions by
 /// [`route`] and taken by the body extractor just before it reads the body:
@@ -276,20 +323,63 @@ impl BodyClaim {
     }
 }
 
+/// A handler called as the router would call it (its extractors, then it).
+pub(super) type HotHandler = fn(Request, AppState) -> BoxFuture<'static, Response>;
+
+/// A route the edge answers itself, without the router: its entry of the
+/// table, as [`route`] is given it, and its handler.
+pub(super) struct HotRoute {
+    pub(super) method: Method,
+    pub(super) path: &'static str,
+    pub(super) context: RouteContext,
+    pub(super) handler: HotHandler,
+}
+
+impl HotRoute {
+    /// What the router answers for this route: [`route`] around the
+    /// handler, then the response's `Content-Length`.
+    async fn answer(&self, req: Request) -> Response {
+        let (handler, state) = (self.handler, self.context.state.clone());
+        let mut response = around_route(&self.context, req, move |req| handler(req, state)).await;
+        set_content_length(&mut response);
+        response
+    }
+}
+
+/// What axum's router does to every response it answers (but to a
+/// `CONNECT`'s or a `405`'s, which no hot route gives): a body of known
+/// length gets a `Content-Length` unless it has one.
+fn set_content_length(response: &mut Response) {
+    if response.headers().contains_key(header::CONTENT_LENGTH) {
+        return;
+    }
+    let Some(size) = hyper::body::Body::size_hint(response.body()).exact() else {
+        return;
+    };
+    let mut buffer = itoa::Buffer::new();
+    if let Ok(value) = HeaderValue::from_str(buffer.format(size)) {
+        response.headers_mut().insert(header::CONTENT_LENGTH, value);
+    }
+}
+
 /// Around every matched route: its body limit, then the time limit and panic
 /// catching, inside the audit record and the request metrics, so that a
 /// request that times out or panics is recorded with the status it was
 /// answered with.
-pub(super) async fn route(
-    State(ctx): State<RouteContext>,
-    mut req: Request,
-    next: Next,
-) -> Response {
+pub(super) async fn route(State(ctx): State<RouteContext>, req: Request, next: Next) -> Response {
+    around_route(&ctx, req, |req| next.run(req)).await
+}
+
+/// [`route`] for a route whose handler is `run`.
+async fn around_route<F, Fut>(ctx: &RouteContext, mut req: Request, run: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: std::future::Future<Output = Response>,
+{
     let started = Instant::now();
     let method = metrics::method_label(req.method());
     if let Some(limit) = ctx.body_limit {
-        DefaultBodyLimit::max(limit).apply(&mut req);
-        req.extensions_mut().insert(BodyLimit(limit));
+        set_body_limit(&mut req, limit);
     }
     if let Some(limits) = ctx.batch {
         req.extensions_mut().insert(limits);
@@ -302,10 +392,7 @@ pub(super) async fn route(
         None => (None, req),
         Some(operation) => {
             let (mut parts, body) = req.into_parts();
-            // At most 128 visible ASCII characters: the edge replaced any other.
-            let id = parts.headers.get(&REQUEST_ID).and_then(|v| v.to_str().ok());
-            let id = id.map(crate::audit::RequestId::from);
-            let pending = audit_note::begin(&ctx.state, &mut parts, id, operation, ctx.path).await;
+            let pending = audit_note::begin(&ctx.state, &mut parts, operation, ctx.path).await;
             (Some(pending), Request::from_parts(parts, body))
         }
     };
@@ -329,7 +416,7 @@ pub(super) async fn route(
         if let Some(claim) = &claim {
             req.extensions_mut().insert(claim.clone());
         }
-        let answered = AssertUnwindSafe(next.run(req)).catch_unwind();
+        let answered = AssertUnwindSafe(run(req)).catch_unwind();
         let response = match tokio::time::timeout(ctx.timeout, answered).await {
             Ok(Ok(response)) => response,
             Ok(Err(_panic)) => ApiError::Panic.into_response(),

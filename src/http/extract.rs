@@ -8,17 +8,16 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderName, StatusCode};
+use axum::http::{header, HeaderMap, HeaderName};
 use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
 
-use super::audit_note::AuditNote;
+use super::audit_note::RequestFacts;
 use super::edge::{BodyClaim, BodyLimit};
 use super::error::ApiError;
 use super::state::AppState;
 use crate::domain::apikeys::Scope;
-use crate::domain::client_addr::ClientAddr;
 use crate::domain::identity::ClientIdentity;
 use crate::domain::service::{ClientKey, Principal};
 use crate::domain::TenantId;
@@ -167,16 +166,8 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let addr = parts
-            .extensions
-            .get::<ClientAddr>()
-            .map(|c| c.0)
-            .or_else(|| {
-                parts
-                    .extensions
-                    .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-                    .map(|c| c.0.ip())
-            });
+        let facts = parts.extensions.get::<RequestFacts>();
+        let addr = facts.and_then(|f| f.client_addr);
         let key = single_header(&parts.headers, &X_API_KEY);
         let secret = single_header(&parts.headers, &X_API_SECRET);
         let (key, secret) = match (key, secret) {
@@ -193,7 +184,7 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
                 return Err(ApiError::InvalidCredentials);
             }
         };
-        let note = parts.extensions.get::<AuditNote>();
+        let note = facts.and_then(|f| f.note.as_ref());
         let principal = match check_credentials(state, key, secret, addr).await {
             Ok(p) => p,
             Err(e) => {
@@ -307,6 +298,41 @@ pub(crate) fn parse_id<T: FromStr>(value: &str, field: &str) -> Result<T, ApiErr
         .map_err(|_| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
 }
 
+/// A UUID member of a request body, parsed as it is read instead of copied
+/// into a `String` first (an allocation per member). A value that is not a
+/// UUID is kept as such, for the handler to refuse with the member's name
+/// ([`IdField::parse`]) at the point, and with the message, of [`parse_id`];
+/// a value that is not a string is serde's error, as for a `String`.
+#[derive(Clone, Copy)]
+pub struct IdField(Option<uuid::Uuid>);
+
+impl IdField {
+    /// The id, or `invalid_request` naming `field` (as [`parse_id`]).
+    pub(crate) fn parse<T: From<uuid::Uuid>>(self, field: &str) -> Result<T, ApiError> {
+        self.0
+            .map(T::from)
+            .ok_or_else(|| ApiError::InvalidRequest(format!("`{field}`: not a UUID")))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for IdField {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = IdField;
+            // What `String`'s visitor expects: the same error messages.
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<IdField, E> {
+                // `FromStr` of the id types.
+                Ok(IdField(uuid::Uuid::try_parse(v).ok()))
+            }
+        }
+        d.deserialize_str(Text)
+    }
+}
+
 /// Like [`parse_id`], for a field that may be left out.
 pub(crate) fn parse_optional_id<T: FromStr>(
     value: Option<&str>,
@@ -322,18 +348,13 @@ pub struct ApiJson<T>(pub T);
 impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &St) -> Result<Self, ApiError> {
+    async fn from_request(req: Request, _: &St) -> Result<Self, ApiError> {
         if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
             let ok = ct
                 .to_str()
                 .ok()
                 .and_then(|v| v.split(';').next())
-                .map(|mime| {
-                    let mime = mime.trim().to_ascii_lowercase();
-                    mime == "application/json"
-                        || (mime.starts_with("application/") && mime.ends_with("+json"))
-                })
-                .unwrap_or(false);
+                .is_some_and(|mime| is_json_mime(mime.trim()));
             if !ok {
                 return Err(ApiError::UnsupportedMediaType);
             }
@@ -341,20 +362,13 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
         let limit = req
             .extensions()
             .get::<BodyLimit>()
-            .map(|l| l.0)
-            .unwrap_or(usize::MAX);
+            .map_or(AXUM_DEFAULT_BODY_LIMIT, |l| l.0);
         // Batch and large bodies take their share of the memory budget now,
         // after the caller was authenticated and before a byte is read.
         if let Some(claim) = req.extensions().get::<BodyClaim>() {
             claim.take()?;
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(limit)
-            } else {
-                ApiError::InvalidRequest("the request body could not be read".into())
-            }
-        })?;
+        let bytes = read_body(req.into_body(), limit).await?;
         let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
             parse_json(b"{}")
         } else {
@@ -365,6 +379,52 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
         super::secret::clear_if_unique(bytes);
         parsed.map(ApiJson)
     }
+}
+
+/// The body limit where none was set (axum's default): no route that takes a
+/// body is built without one.
+const AXUM_DEFAULT_BODY_LIMIT: usize = 2 << 20;
+
+/// Whether a media type (without its parameters) is JSON:
+/// `application/json` or `application/*+json`, in any case.
+fn is_json_mime(mime: &str) -> bool {
+    const APPLICATION: &str = "application/";
+    const SUFFIX: &str = "+json";
+    let (bytes, n) = (mime.as_bytes(), mime.len());
+    mime.eq_ignore_ascii_case("application/json")
+        || (n >= APPLICATION.len() + SUFFIX.len()
+            && bytes[..APPLICATION.len()].eq_ignore_ascii_case(APPLICATION.as_bytes())
+            && bytes[n - SUFFIX.len()..].eq_ignore_ascii_case(SUFFIX.as_bytes()))
+}
+
+/// The whole body, at most `limit` bytes (`payload_too_large` beyond, as soon
+/// as a frame goes over). A body that comes in one frame is that frame's
+/// bytes, not a copy; more frames are joined into one buffer.
+async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiError> {
+    use futures_util::StreamExt;
+    let (mut single, mut joined, mut total) = (None::<Bytes>, bytes::BytesMut::new(), 0usize);
+    let mut frames = body.into_data_stream();
+    while let Some(data) = frames.next().await {
+        let data = data
+            .map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
+        if data.is_empty() {
+            continue;
+        }
+        total = total.saturating_add(data.len());
+        if total > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        match single.take() {
+            None if joined.is_empty() => single = Some(data),
+            first => {
+                if let Some(first) = first {
+                    joined.extend_from_slice(&first);
+                }
+                joined.extend_from_slice(&data);
+            }
+        }
+    }
+    Ok(single.unwrap_or_else(|| joined.freeze()))
 }
 
 /// Deserializes `bytes`, turning serde's errors into messages that name the

@@ -2,7 +2,9 @@
 //! declared once in [`routes::ROUTES`] (method, path, scope, body limit,
 //! audited operation), from which the router is built here, behind [`Edge`]
 //! (request ids, tracing, body limit, time limit, panic catching, audit,
-//! metrics, JSON errors for everything).
+//! metrics, JSON errors for everything). The edge answers `POST /v1/encrypt`
+//! and `POST /v1/decrypt` itself, with the same route layer and handlers
+//! (`routes::hot`), without the router's per-request boxes.
 //!
 //! Inside the layer, files import downwards only: `error` and `state`;
 //! `audit_note`; `extract`, `query` and `metrics`; the resources (`contract`,
@@ -81,8 +83,11 @@ pub use state::{AppParts, AppState, BatchLimits, RouterSettings, StreamLimits};
 /// The whole API ([`routes::ROUTES`]), with what every request passes through.
 pub fn router(state: AppState, settings: RouterSettings) -> Edge {
     ops::DOCUMENT.get_or_init(openapi::document);
-    let routes = routes::build(&state, Some(&settings), settings.request_timeout, |_| true);
-    behind_edge(routes, state, Some(settings.max_body_bytes))
+    let bodies = edge::BodyBudget::new(settings.max_concurrent_body_bytes);
+    let with = Some((&settings, &bodies));
+    let routes = routes::build(&state, with, settings.request_timeout, |_| true);
+    let hot = routes::hot(&state, &settings, &bodies);
+    behind_edge(routes, hot, state, Some(settings.max_body_bytes))
 }
 
 /// The operational endpoints alone (health, readiness, metrics), for a
@@ -90,16 +95,22 @@ pub fn router(state: AppState, settings: RouterSettings) -> Edge {
 /// certificate.
 pub fn ops_router(state: AppState, request_timeout: Duration) -> Edge {
     let routes = routes::build(&state, None, request_timeout, |r| r.on_ops_listener);
-    behind_edge(routes, state, None)
+    behind_edge(routes, Vec::new(), state, None)
 }
 
-/// `routes` with the fallbacks and the state, behind an [`Edge`].
-fn behind_edge(routes: Router<AppState>, state: AppState, body_limit: Option<usize>) -> Edge {
+/// `routes` with the fallbacks and the state, behind an [`Edge`] that
+/// answers the `hot` routes itself.
+fn behind_edge(
+    routes: Router<AppState>,
+    hot: Vec<edge::HotRoute>,
+    state: AppState,
+    body_limit: Option<usize>,
+) -> Edge {
     let router = routes
         .fallback(edge::not_found)
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state.clone());
-    Edge::new(router, body_limit, state.guard.clone())
+    Edge::new(router, hot, body_limit, state.guard.clone())
 }
 
 #[cfg(test)]
@@ -703,6 +714,202 @@ mod tests {
             .filter(|r| r["error"] == "server_busy")
             .count();
         assert_eq!(refused, 1, "the refusal is audited");
+    }
+
+    /// `POST /v1/encrypt` and `/v1/decrypt` are answered by the edge itself
+    /// (`edge::HotRoute`): every answer, header and audit record is the
+    /// router's, for requests that succeed and for each way to fail.
+    #[tokio::test]
+    async fn the_edge_answers_encrypt_and_decrypt_exactly_as_the_router_does() {
+        let api = TestApi::start().await;
+        let bodies = super::edge::BodyBudget::new(SETTINGS.max_concurrent_body_bytes);
+        let with = Some((&SETTINGS, &bodies));
+        let routes = super::routes::build(&api.state, with, SETTINGS.request_timeout, |_| true);
+        let routed = super::behind_edge(
+            routes,
+            Vec::new(),
+            api.state.clone(),
+            Some(SETTINGS.max_body_bytes),
+        );
+        let created = api.call(Method::POST, "/v1/encryptions", &json!({})).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+        let enc = created.body["encryptionId"].as_str().unwrap().to_string();
+        let sealed = api
+            .call(
+                Method::POST,
+                "/v1/encrypt",
+                &json!({"encryptionId": enc, "data": "secret-value", "context": "users/42"}),
+            )
+            .await;
+        assert_eq!(sealed.status, StatusCode::OK, "{}", sealed.body);
+        let decrypt = |context: &str, cipher_text: &Value| {
+            json!({"encryptionId": enc, "cipherText": cipher_text,
+                "encryptionVersionId": sealed.body["encryptionVersionId"],
+                "metadata": sealed.body["metadata"], "context": context})
+        };
+        let tenant = (api.key.as_str(), api.secret.as_str());
+        let operator = (api.operator.0.as_str(), api.operator.1.as_str());
+        let json_type = "application/json";
+        let big = "x".repeat(SETTINGS.max_body_bytes + 1);
+        #[rustfmt::skip]
+        // Path, credentials, content type, X-Master-Key, body.
+        type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, &'a str, Option<&'a str>, String);
+        let cases: Vec<Case> = vec![
+            (
+                "/v1/encrypt",
+                Some(tenant),
+                json_type,
+                None,
+                json!({"encryptionId": enc, "data": "x"}).to_string(),
+            ),
+            (
+                "/v1/encrypt?x=1",
+                Some(tenant),
+                "application/merge+JSON; charset=utf-8",
+                None,
+                json!({"encryptionId": enc, "data": "x", "context": "c"}).to_string(),
+            ),
+            (
+                "/v1/encrypt",
+                None,
+                json_type,
+                None,
+                json!({"encryptionId": enc, "data": "x"}).to_string(),
+            ),
+            (
+                "/v1/encrypt",
+                Some((tenant.0, "wrong")),
+                json_type,
+                None,
+                json!({"encryptionId": enc, "data": "x"}).to_string(),
+            ),
+            (
+                "/v1/encrypt",
+                Some(operator),
+                json_type,
+                None,
+                json!({"encryptionId": enc, "data": "x"}).to_string(),
+            ),
+            ("/v1/encrypt", Some(tenant), "text/plain", None, "{}".into()),
+            ("/v1/encrypt", Some(tenant), json_type, None, "{".into()),
+            ("/v1/encrypt", Some(tenant), json_type, None, "".into()),
+            (
+                "/v1/encrypt",
+                Some(tenant),
+                json_type,
+                None,
+                json!({"encryptionId": enc, "data": big}).to_string(),
+            ),
+            (
+                "/v1/encrypt",
+                Some(tenant),
+                json_type,
+                None,
+                json!({"encryptionId": uuid::Uuid::new_v4(), "data": "x"}).to_string(),
+            ),
+            (
+                "/v1/encrypt",
+                Some(tenant),
+                json_type,
+                Some("not base64"),
+                json!({"encryptionId": enc, "data": "x"}).to_string(),
+            ),
+            (
+                "/v1/encrypt",
+                Some(tenant),
+                json_type,
+                Some("AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+                json!({"encryptionId": enc, "data": "x"}).to_string(),
+            ),
+            (
+                "/v1/encrypt",
+                Some(tenant),
+                json_type,
+                None,
+                json!({"encryptionId": enc, "data": "x", "indexes": ["none"]}).to_string(),
+            ),
+            (
+                "/v1/decrypt",
+                Some(tenant),
+                json_type,
+                None,
+                decrypt("users/42", &sealed.body["cipherText"]).to_string(),
+            ),
+            (
+                "/v1/decrypt",
+                Some(tenant),
+                json_type,
+                None,
+                decrypt("users/43", &sealed.body["cipherText"]).to_string(),
+            ),
+            (
+                "/v1/decrypt",
+                Some(tenant),
+                json_type,
+                None,
+                decrypt("users/42", &json!("AAAA")).to_string(),
+            ),
+            (
+                "/v1/decrypt",
+                Some(tenant),
+                json_type,
+                None,
+                decrypt("users/42", &json!("not base64!")).to_string(),
+            ),
+            ("/v1/decrypt", None, json_type, None, "{}".into()),
+        ];
+        let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
+        let mut answers = Vec::new();
+        for (uri, credentials, content_type, master_key, body) in &cases {
+            for edge in [&api.edge, &routed] {
+                let mut req = Request::builder()
+                    .method(Method::POST)
+                    .uri(*uri)
+                    .header(header::CONTENT_TYPE, *content_type);
+                if let Some((key, secret)) = credentials {
+                    req = req
+                        .header("x-api-key", *key)
+                        .header("x-api-secret", *secret);
+                }
+                if let Some(master_key) = master_key {
+                    req = req.header("x-master-key", *master_key);
+                }
+                let req = req.body(Body::from(body.clone())).unwrap();
+                let response = edge.clone().handle(req, peer, None).await;
+                let mut headers = response.headers().clone();
+                assert!(headers.remove("x-request-id").is_some());
+                let status = response.status();
+                let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+                    .await
+                    .unwrap();
+                let mut body: Value = serde_json::from_slice(&bytes).unwrap();
+                if status == StatusCode::OK && uri.starts_with("/v1/encrypt") {
+                    // Fresh nonces: the rest must be the same.
+                    assert!(body["cipherText"].take().is_string(), "{body}");
+                    assert!(body["metadata"]["nonce"].take().is_string(), "{body}");
+                }
+                answers.push((status, headers, body));
+            }
+            let (routed, hot) = (answers.pop().unwrap(), answers.pop().unwrap());
+            assert_eq!(hot.0, routed.0, "{uri} {body:.80}: {}", routed.2);
+            assert_eq!(hot.1, routed.1, "{uri} {body:.80}");
+            assert_eq!(hot.2, routed.2, "{uri} {body:.80}");
+        }
+        let records = audit_records(&api).await;
+        let records: Vec<Value> = records[records.len() - 2 * cases.len()..]
+            .iter()
+            .map(|record| {
+                let mut record = record.clone();
+                for volatile in ["seq", "time", "requestId", "prev", "hash"] {
+                    record.as_object_mut().unwrap().remove(volatile);
+                }
+                record
+            })
+            .collect();
+        for (pair, (uri, ..)) in records.chunks(2).zip(&cases) {
+            assert_eq!(pair[0], pair[1], "{uri}");
+        }
+        assert!(records.iter().any(|r| r["status"] == 200));
     }
 
     #[tokio::test]

@@ -200,44 +200,99 @@ fn scoped<S, Rest, H: TakesAuth<S, Rest>>(handler: H) -> H {
 /// The routes for which `include` holds, each with its own layer: the time
 /// limit, its body limit, the audit record and the request metrics (see
 /// [`edge::route`]). Without `settings` (the operations listener), no route
-/// gets a body limit of its own.
+/// gets a body limit of its own; with them, `bodies` is the memory the
+/// routes' batch and large requests share.
 pub(super) fn build(
     state: &AppState,
-    settings: Option<&RouterSettings>,
+    settings: Option<(&RouterSettings, &edge::BodyBudget)>,
     timeout: std::time::Duration,
     include: impl Fn(&Route) -> bool,
 ) -> Router<AppState> {
-    let bodies = settings.map(|s| edge::BodyBudget::new(s.max_concurrent_body_bytes));
-    let streams = settings.zip(bodies.clone()).map(|(s, memory)| {
-        edge::StreamGate::new(s.stream.max_concurrent, s.stream.read_timeout, memory)
+    let streams = settings.map(|(s, memory)| {
+        edge::StreamGate::new(
+            s.stream.max_concurrent,
+            s.stream.read_timeout,
+            memory.clone(),
+        )
     });
     ROUTES
         .iter()
         .enumerate()
         .filter(|(_, route)| include(route))
         .fold(Router::new(), |router, (index, route)| {
-            let context = edge::RouteContext {
-                state: state.clone(),
-                timeout,
-                path: route.path,
-                operation: route.operation,
-                index,
-                body_limit: settings.and_then(|s| match route.body {
-                    BodySize::Normal => None,
-                    BodySize::Ciphertext => Some(ciphertext_body_limit(s.max_body_bytes)),
-                    BodySize::Batch => Some(s.batch.max_body_bytes),
-                    BodySize::Stream => None,
-                }),
-                batch: settings
-                    .filter(|_| route.body == BodySize::Batch)
-                    .map(|s| s.batch),
-                bodies: bodies.clone(),
-                stream: streams.clone().filter(|_| route.body == BodySize::Stream),
-            };
+            let context = context(state, settings, streams.as_ref(), timeout, index, route);
             let handler = (route.handler)()
                 .route_layer(axum::middleware::from_fn_with_state(context, edge::route));
             router.route(route.path, handler)
         })
+}
+
+/// What [`edge::route`] is given for `route`, entry `index` of the table.
+fn context(
+    state: &AppState,
+    settings: Option<(&RouterSettings, &edge::BodyBudget)>,
+    streams: Option<&edge::StreamGate>,
+    timeout: std::time::Duration,
+    index: usize,
+    route: &Route,
+) -> edge::RouteContext {
+    edge::RouteContext {
+        state: state.clone(),
+        timeout,
+        path: route.path,
+        operation: route.operation,
+        index,
+        body_limit: settings.and_then(|(s, _)| match route.body {
+            BodySize::Normal => None,
+            BodySize::Ciphertext => Some(ciphertext_body_limit(s.max_body_bytes)),
+            BodySize::Batch => Some(s.batch.max_body_bytes),
+            BodySize::Stream => None,
+        }),
+        batch: settings
+            .filter(|_| route.body == BodySize::Batch)
+            .map(|(s, _)| s.batch),
+        bodies: settings.map(|(_, bodies)| bodies.clone()),
+        stream: streams.filter(|_| route.body == BodySize::Stream).cloned(),
+    }
+}
+
+/// A handler called as the router calls it, once the compiler has checked
+/// that it enforces scope `$scope`.
+macro_rules! hot_handler {
+    ($scope:ident, $handler:path) => {
+        |req, state| axum::handler::Handler::call(scoped::<$scope, _, _>($handler), req, state)
+    };
+}
+
+/// The routes the edge answers without the router (see [`edge::HotRoute`]):
+/// the two that carry most of the traffic, each with its entry of the table
+/// and the same handler (a test in `http` compares their answers with the
+/// router's).
+pub(super) fn hot(
+    state: &AppState,
+    settings: &RouterSettings,
+    bodies: &edge::BodyBudget,
+) -> Vec<edge::HotRoute> {
+    let handlers: [(&str, edge::HotHandler); 2] = [
+        ("/v1/encrypt", hot_handler!(EncryptScope, contract::encrypt)),
+        ("/v1/decrypt", hot_handler!(DecryptScope, contract::decrypt)),
+    ];
+    handlers
+        .into_iter()
+        .filter_map(|(path, handler)| {
+            let (index, route) = ROUTES
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.method == Method::POST && r.path == path)?;
+            let timeout = settings.request_timeout;
+            Some(edge::HotRoute {
+                method: Method::POST,
+                path: route.path,
+                context: context(state, Some((settings, bodies)), None, timeout, index, route),
+                handler,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
