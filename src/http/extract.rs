@@ -404,27 +404,55 @@ async fn read_body(body: axum::body::Body, limit: usize) -> Result<Bytes, ApiErr
     use futures_util::StreamExt;
     let (mut single, mut joined, mut total) = (None::<Bytes>, bytes::BytesMut::new(), 0usize);
     let mut frames = body.into_data_stream();
+    // An encrypt body is plaintext: every copy this makes of it is cleared
+    // before it is freed (a frame once copied, the joined buffer when it
+    // grows or the body is refused).
+    let refuse = |single: Option<Bytes>, joined: &mut bytes::BytesMut, error: ApiError| {
+        if let Some(single) = single {
+            super::secret::clear_if_unique(single);
+        }
+        zeroize::Zeroize::zeroize(&mut joined[..]);
+        Err(error)
+    };
     while let Some(data) = frames.next().await {
-        let data = data
-            .map_err(|_| ApiError::InvalidRequest("the request body could not be read".into()))?;
+        let Ok(data) = data else {
+            let error = ApiError::InvalidRequest("the request body could not be read".into());
+            return refuse(single, &mut joined, error);
+        };
         if data.is_empty() {
             continue;
         }
         total = total.saturating_add(data.len());
         if total > limit {
-            return Err(ApiError::PayloadTooLarge(limit));
+            super::secret::clear_if_unique(data);
+            return refuse(single, &mut joined, ApiError::PayloadTooLarge(limit));
         }
         match single.take() {
             None if joined.is_empty() => single = Some(data),
             first => {
                 if let Some(first) = first {
-                    joined.extend_from_slice(&first);
+                    append_cleared(&mut joined, &first);
+                    super::secret::clear_if_unique(first);
                 }
-                joined.extend_from_slice(&data);
+                append_cleared(&mut joined, &data);
+                super::secret::clear_if_unique(data);
             }
         }
     }
     Ok(single.unwrap_or_else(|| joined.freeze()))
+}
+
+/// Appends `data` to `joined`, growing it by hand so that the buffer it
+/// outgrows is cleared before it is freed.
+fn append_cleared(joined: &mut bytes::BytesMut, data: &[u8]) {
+    if joined.capacity() - joined.len() < data.len() {
+        let needed = joined.len() + data.len();
+        let mut grown = bytes::BytesMut::with_capacity(needed.max(2 * joined.capacity()));
+        grown.extend_from_slice(joined);
+        zeroize::Zeroize::zeroize(&mut joined[..]);
+        *joined = grown;
+    }
+    joined.extend_from_slice(data);
 }
 
 /// Deserializes `bytes`, turning serde's errors into messages that name the
