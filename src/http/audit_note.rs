@@ -252,12 +252,23 @@ impl Pending {
 }
 
 impl Pending {
-    /// Like [`Pending::answered`], without waiting for room in the writer's
-    /// queue (as a dropped request's record is): for a streamed answer,
-    /// recorded from its body when the stream ends.
-    pub(super) fn answered_now(mut self, status: u16, error: Option<&'static str>) {
-        if let Some(event) = self.finish(Some(status), error) {
-            self.log.record_now(event);
+    /// Like [`Pending::answered`], from code that cannot wait: a streamed
+    /// answer's body, when the stream ends or is dropped. The record is
+    /// queued by a task of its own, which waits for room in the writer's
+    /// queue as every request's record does (a record that did not wait
+    /// would be lost whenever the queue is under pressure: a stream must
+    /// not go unrecorded because other calls keep the writer busy). Outside
+    /// a runtime (never, in the server), queued without waiting.
+    pub(super) fn answered_later(mut self, status: Option<u16>, error: Option<&'static str>) {
+        let Some(event) = self.finish(status, error) else {
+            return;
+        };
+        let log = self.log.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move { log.record(event).await });
+            }
+            Err(_) => log.record_now(event),
         }
     }
 }

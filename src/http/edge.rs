@@ -456,8 +456,12 @@ pub(super) struct StreamGate {
     slots: Arc<tokio::sync::Semaphore>,
     read_timeout: Duration,
     /// Where a stream's working memory comes from: the budget batch and
-    /// large requests share (`max_concurrent_body_bytes`).
+    /// large requests share (`max_concurrent_body_bytes`)...
     memory: BodyBudget,
+    /// ...of which all streams together may hold at most half, so that
+    /// streams, which may last up to `connection_max_age`, never leave
+    /// batches without room.
+    streams_memory: Arc<tokio::sync::Semaphore>,
 }
 
 impl StreamGate {
@@ -473,26 +477,41 @@ impl StreamGate {
                 max_concurrent.clamp(1, tokio::sync::Semaphore::MAX_PERMITS),
             )),
             read_timeout,
+            streams_memory: Arc::new(tokio::sync::Semaphore::new(memory.total / 2)),
             memory,
         }
     }
 
-    /// The working memory of one stream, `bytes`, taken from the budget
-    /// batch and large requests share and held until the stream ends (all
-    /// of the budget at most: such a stream runs alone); 503 `server_busy`
-    /// when the budget cannot hold it now. A stream's chunk size is its
-    /// caller's choice (up to 16 MiB), so the count of streams alone does
-    /// not bound their memory.
-    pub(super) fn hold(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        let share = bytes.clamp(1, self.memory.total) as u32;
-        self.memory
+    /// The most working memory one stream may hold: what all streams
+    /// together may (half of `max_concurrent_body_bytes`).
+    pub(super) fn max_stream_memory(&self) -> usize {
+        self.memory.total / 2
+    }
+
+    /// The working memory of one stream, `bytes` (at most
+    /// [`StreamGate::max_stream_memory`]), taken from the streams' half and
+    /// from the budget batch and large requests share, and held until the
+    /// stream ends; 503 `server_busy` when either cannot hold it now. A
+    /// stream's chunk size is its caller's choice, so the count of streams
+    /// alone does not bound their memory.
+    pub(super) fn hold(&self, bytes: usize) -> Result<StreamMemory, ApiError> {
+        let share = bytes.clamp(1, self.max_stream_memory().max(1)) as u32;
+        let busy = |_| {
+            metrics::busy().increment(1);
+            ApiError::Busy
+        };
+        let streams = self
+            .streams_memory
+            .clone()
+            .try_acquire_many_owned(share)
+            .map_err(busy)?;
+        let shared = self
+            .memory
             .permits
             .clone()
             .try_acquire_many_owned(share)
-            .map_err(|_| {
-                metrics::busy().increment(1);
-                ApiError::Busy
-            })
+            .map_err(busy)?;
+        Ok(StreamMemory(streams, shared))
     }
 
     /// A slot for one stream, held until the stream ends; 503
@@ -509,6 +528,12 @@ impl StreamGate {
         self.read_timeout
     }
 }
+
+/// A stream's working memory, held until it ends (see [`StreamGate::hold`]).
+pub(super) struct StreamMemory(
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+    #[allow(dead_code)] tokio::sync::OwnedSemaphorePermit,
+);
 
 /// Why a stream failed after its response started: the code its audit
 /// record names (the client sees only a failed transfer).
@@ -554,7 +579,7 @@ impl StreamEnd {
     fn end(&mut self, error: Option<&'static str>) {
         if let Some(pending) = self.pending.take() {
             metrics::stream_ended(self.operation, error.unwrap_or("ok"));
-            pending.answered_now(200, error);
+            pending.answered_later(Some(200), error);
         }
     }
 }
@@ -602,9 +627,9 @@ impl hyper::body::Body for StreamEnd {
 
 impl Drop for StreamEnd {
     fn drop(&mut self) {
-        if self.pending.is_some() {
+        if let Some(pending) = self.pending.take() {
             metrics::stream_ended(self.operation, "cancelled");
-            // The pending record's own drop records it as `cancelled`.
+            pending.answered_later(None, Some("cancelled"));
         }
     }
 }

@@ -24,8 +24,13 @@
 //! frame from hyper, and one finished piece waiting for hyper to write it,
 //! whatever the body's size; at most `stream_max_concurrent` streams run at
 //! once, and each takes that memory from `max_concurrent_body_bytes` (the
-//! budget batch and large requests share) before its first chunk, so that
-//! callers choosing 16 MiB chunks cannot add up past it. The work runs in a task of its own, one piece ahead of the response
+//! budget batch and large requests share) before its first chunk, all
+//! streams together at most half of it, so that callers choosing large
+//! chunks cannot add up past it nor leave batches without room; a chunk
+//! size whose memory one stream may not hold is refused (400).
+//!
+//! HTTP/1.1 or HTTP/2 only: over HTTP/1.0 the end of a body of unknown
+//! length is the connection's close, which an abort cannot be told from. The work runs in a task of its own, one piece ahead of the response
 //! (see [`respond`]), so that a client that stops reading frees its slot
 //! after `stream_read_timeout`, as one that stops sending does.
 //!
@@ -45,7 +50,7 @@ use zeroize::Zeroizing;
 
 use super::audit_note::AuditNote;
 use super::contract::context_bytes;
-use super::edge::{StreamAbort, StreamGate};
+use super::edge::{StreamAbort, StreamGate, StreamMemory};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_id, Auth, DecryptScope, EncryptScope, MasterKeyHeader, MasterKeyParam};
 use super::metrics;
@@ -76,7 +81,9 @@ pub struct EncryptStreamParams {
     #[serde(default, deserialize_with = "query::uuid_text")]
     #[param(format = Uuid, required = true)]
     encryption_id: Option<String>,
-    /// Plaintext bytes per chunk, 1024 to 16777216 (default 65536).
+    /// Plaintext bytes per chunk, 1024 to 16777216 (default 65536), and at
+    /// most what one stream may hold: four chunks in half of
+    /// `max_concurrent_body_bytes` (1834992 at the defaults; more is 400).
     #[serde(default, deserialize_with = "chunk_size")]
     #[param(minimum = 1024, maximum = 16777216)]
     chunk_size: Option<u32>,
@@ -161,6 +168,16 @@ impl FromRequest<AppState> for StreamInput {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &AppState) -> Result<Self, ApiError> {
+        // Over HTTP/1.0 a body of unknown length ends by closing the
+        // connection, so an aborted stream would look complete to the client
+        // (or to a proxy speaking HTTP/1.0 to Keyward, nginx's default).
+        if req.version() < axum::http::Version::HTTP_11 {
+            return Err(ApiError::InvalidRequest(
+                "the streaming routes need HTTP/1.1 or HTTP/2: over HTTP/1.0 an aborted \
+                 stream cannot be told from a complete one"
+                    .into(),
+            ));
+        }
         if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
             let mime = ct
                 .to_str()
@@ -193,10 +210,27 @@ impl FromRequest<AppState> for StreamInput {
 }
 
 /// What one stream of `chunk`-byte chunks holds at most: the chunk being
-/// filled and a body frame, the piece being made, the piece waiting in the
-/// channel and the piece hyper is writing.
+/// filled and a body frame, the piece waiting for room in the channel, the
+/// piece in the channel, the piece hyper is writing, and hyper's write
+/// buffer (about a frame).
 fn stream_memory(chunk: usize) -> usize {
-    3 * (chunk + TAG_LEN) + MAX_FRAME
+    4 * (chunk + TAG_LEN) + 2 * MAX_FRAME
+}
+
+/// Refuses a chunk size whose working memory is more than one stream may
+/// hold (half of `max_concurrent_body_bytes`: about 1.8 MiB chunks at the
+/// defaults), before any of it is taken.
+fn check_chunk_size(gate: &StreamGate, chunk: usize, what: &str) -> Result<(), ApiError> {
+    let max = gate.max_stream_memory();
+    if stream_memory(chunk) > max {
+        let largest = (max.saturating_sub(2 * MAX_FRAME) / 4).saturating_sub(TAG_LEN);
+        return Err(ApiError::InvalidRequest(format!(
+            "{what} is over the {largest} bytes per chunk this server streams \
+             (a stream may hold four chunks of half of `max_concurrent_body_bytes`); \
+             use a smaller chunk size, or `keyward decrypt-file` for a file made with a larger one"
+        )));
+    }
+    Ok(())
 }
 
 const TAMPERED: StreamAbort = StreamAbort {
@@ -361,6 +395,8 @@ pub(super) async fn encrypt(
     };
     let id: EncryptionId = parse_id(id, "encryptionId")?;
     note.encryption(id);
+    let chunk_size = params.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE);
+    check_chunk_size(&input.gate, chunk_size as usize, "`chunkSize`")?;
     let context = context_bytes(&input.context)?;
     let made = state
         .service
@@ -368,7 +404,7 @@ pub(super) async fn encrypt(
         .await?;
     note.version(made.version_id);
     let header = StreamHeader::new(
-        params.chunk_size.unwrap_or(DEFAULT_CHUNK_SIZE),
+        chunk_size,
         *id.as_bytes(),
         *made.version_id.as_bytes(),
         made.wrapped,
@@ -402,10 +438,7 @@ struct Sealing {
     input: BodyReader,
     done: bool,
     /// Its slot and its working memory, held until it ends.
-    _slot: (
-        tokio::sync::OwnedSemaphorePermit,
-        tokio::sync::OwnedSemaphorePermit,
-    ),
+    _slot: (tokio::sync::OwnedSemaphorePermit, StreamMemory),
 }
 
 impl Sealing {
@@ -492,6 +525,11 @@ pub(super) async fn decrypt(
     let (header, header_bytes) = read_header(&mut input.body, &mut buf).await?;
     let id = EncryptionId(uuid::Uuid::from_bytes(header.encryption_id));
     note.encryption(id);
+    check_chunk_size(
+        &input.gate,
+        header.chunk_size as usize,
+        "the stream's chunk size",
+    )?;
     if let Some(v) = crate::domain::service::wrapped_key_version(&header.wrapped_key) {
         note.version(v);
     }
@@ -573,10 +611,7 @@ struct Opening {
     input: BodyReader,
     done: bool,
     /// Its slot and its working memory, held until it ends.
-    _slot: (
-        tokio::sync::OwnedSemaphorePermit,
-        tokio::sync::OwnedSemaphorePermit,
-    ),
+    _slot: (tokio::sync::OwnedSemaphorePermit, StreamMemory),
 }
 
 impl Opening {

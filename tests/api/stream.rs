@@ -1146,36 +1146,34 @@ async fn a_client_mode_stream_needs_the_same_master_key(backend: Backend) {
 }
 
 /// A stream's chunk size is its caller's choice: the streams' memory comes
-/// from `max_concurrent_body_bytes`, the budget batches share, not from the
-/// count of streams alone. A stream of 16 MiB chunks takes all of it (it
-/// runs alone); other streams and batches are 503 `server_busy` meanwhile,
-/// and served again once it ended.
+/// from `max_concurrent_body_bytes`, the budget batches share, all streams
+/// together at most half of it, and a chunk size whose memory one stream may
+/// not hold is refused, on encrypt and on decrypt. At the defaults (16 MiB):
+/// a stream of 1 MiB chunks holds 5 MiB, so a second one is 503
+/// `server_busy` while batches are still served; HTTP/1.0 is refused, since
+/// an aborted stream would look complete there.
 async fn streams_take_their_working_memory_from_the_shared_budget(backend: Backend) {
     let app = TestApp::spawn_with(backend, &[("KEYWARD_STREAM_READ_TIMEOUT", "2s")]).await;
     let creds = app.create_tenant("acme");
     let (enc, _) = app.create_encryption(&creds).await;
     let small = format!("/v1/encrypt/stream?encryptionId={enc}");
-    let large = format!("/v1/encrypt/stream?encryptionId={enc}&chunkSize=16777216");
-    // Two streams of 64 KiB chunks run side by side.
-    let (tx, rx) = mpsc::channel(4);
-    let open = tokio::spawn({
-        let (addr, creds, path) = (app.addr.clone(), creds.clone(), small.clone());
-        async move { stream_call(&addr, &path, &creds, &[], Source::Channel(rx), Sink::Keep).await }
-    });
-    tx.send(some_bytes(1000)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let answer = stream_bytes(&app, &small, &creds, &[], b"beside it").await;
-    assert!(answer.complete, "{}", answer.json);
-    // A stream of 16 MiB chunks cannot have the whole budget while one runs.
-    let busy = stream_bytes(&app, &large, &creds, &[], b"hello").await;
-    assert_eq!(busy.status, 503, "{}", busy.json);
-    assert_eq!(busy.json["error"]["code"], "server_busy");
-    drop(tx);
-    assert!(open.await.unwrap().complete);
-    // Alone, it holds the whole budget until it ends: a small stream and a
-    // batch are busy meanwhile.
+    let one_mib = format!("/v1/encrypt/stream?encryptionId={enc}&chunkSize=1048576");
+    // Chunks whose memory one stream may not hold: 400, before any of it.
+    let too_large = format!("/v1/encrypt/stream?encryptionId={enc}&chunkSize=2097152");
+    let refused = stream_bytes(&app, &too_large, &creds, &[], b"hello").await;
+    assert_eq!(refused.status, 400, "{}", refused.json);
+    assert_eq!(refused.json["error"]["code"], "invalid_request");
+    assert!(
+        refused.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("1834992"),
+        "{}",
+        refused.json
+    );
+    // One stream of 1 MiB chunks holds 5 MiB of the streams' 8 MiB.
     let holder = tokio::spawn({
-        let (addr, creds, path) = (app.addr.clone(), creds.clone(), large.clone());
+        let (addr, creds, path) = (app.addr.clone(), creds.clone(), one_mib.clone());
         async move {
             stream_call(
                 &addr,
@@ -1189,19 +1187,62 @@ async fn streams_take_their_working_memory_from_the_shared_budget(backend: Backe
         }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let busy = stream_bytes(&app, &small, &creds, &[], b"hello").await;
+    // A stream of 64 KiB chunks fits beside it; a second of 1 MiB chunks not.
+    let answer = stream_bytes(&app, &small, &creds, &[], b"beside it").await;
+    assert!(answer.complete, "{}", answer.json);
+    let busy = stream_bytes(&app, &one_mib, &creds, &[], b"hello").await;
     assert_eq!(busy.status, 503, "{}", busy.json);
     assert_eq!(busy.json["error"]["code"], "server_busy");
+    // Batches keep the other half.
     let items: Vec<Value> = (0..10)
         .map(|_| serde_json::json!({"encryptionId": enc, "data": "hello"}))
         .collect();
     let batch = serde_json::json!({ "items": items });
     let (status, body) = app.post("/v1/encrypt/batch", &creds, &batch).await;
-    assert_error(status, &body, 503, "server_busy");
-    // Cut off by the read timeout, it gives the budget back.
-    assert!(!holder.await.unwrap().complete);
-    let answer = stream_bytes(&app, &small, &creds, &[], b"hello").await;
-    assert!(answer.complete, "{}", answer.json);
-    let (status, body) = app.post("/v1/encrypt/batch", &creds, &batch).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // Cut off by the read timeout, the holder gives its memory back.
+    assert!(!holder.await.unwrap().complete);
+    let answer = stream_bytes(&app, &one_mib, &creds, &[], b"hello").await;
+    assert!(answer.complete, "{}", answer.json);
+    // A file made with larger chunks than the server streams: 400 on
+    // decrypt too (keyward decrypt-file opens it).
+    let dir = tempfile::tempdir().unwrap();
+    let (plain, sealed) = (dir.path().join("in"), dir.path().join("in.kw"));
+    std::fs::write(&plain, b"made with 4 MiB chunks").unwrap();
+    let out = cli(
+        &app,
+        &creds,
+        &[
+            "encrypt-file",
+            plain.to_str().unwrap(),
+            sealed.to_str().unwrap(),
+            "--encryption-id",
+            &enc,
+            "--chunk-size",
+            "4194304",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file = std::fs::read(&sealed).unwrap();
+    let refused = stream_bytes(&app, "/v1/decrypt/stream", &creds, &[], &file).await;
+    assert_eq!(refused.status, 400, "{}", refused.json);
+    assert_eq!(refused.json["error"]["code"], "invalid_request");
+    // HTTP/1.0: refused, since its end is the connection's close.
+    let mut conn = tokio::net::TcpStream::connect(&app.addr).await.unwrap();
+    let request = format!(
+        "POST {small} HTTP/1.0\r\nHost: {}\r\nX-Api-Key: {}\r\nX-Api-Secret: {}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: 5\r\n\r\nhello",
+        app.addr, creds.key, creds.secret
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    conn.read_to_end(&mut answer).await.unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    let status_line = answer.lines().next().unwrap_or_default();
+    assert!(status_line.contains(" 400 "), "{answer}");
+    assert!(answer.contains("HTTP/1.1 or HTTP/2"), "{answer}");
 }

@@ -72,8 +72,15 @@ SEMANTIC_REFUSALS = {
         (400, "invalid_stream", None),
         (400, "decryption_failed", None),
         (400, "invalid_request", "`X-Keyward-Context`"),
+        (400, "invalid_request", "the stream's chunk size is over"),
     },
-    ("POST", "/v1/encrypt/stream"): {(400, "invalid_request", "`X-Keyward-Context`")},
+    # A chunk size whose memory is over what this server's
+    # `max_concurrent_body_bytes` lets one stream hold (the schema's maximum
+    # is the format's, 16 MiB: the server's depends on its configuration).
+    ("POST", "/v1/encrypt/stream"): {
+        (400, "invalid_request", "`X-Keyward-Context`"),
+        (400, "invalid_request", "`chunkSize` is over"),
+    },
     ("POST", "/v1/encrypt"): {(422, "version_not_encryptable", None)},
     ("GET", "/v1/encryptions"): {(400, "invalid_request", "`cursor`")},
     ("GET", "/v1/audit"): {(400, "invalid_request", "`cursor`")},
