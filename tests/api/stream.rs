@@ -324,6 +324,19 @@ fn base_block() -> Vec<u8> {
         .collect()
 }
 
+/// [`stream_call`] to `app` with no extra headers, in a task of its own, so
+/// that the test can call meanwhile.
+fn spawn_stream_call(
+    app: &TestApp,
+    path: &str,
+    creds: &Creds,
+    source: Source,
+    sink: Sink,
+) -> tokio::task::JoinHandle<Answer> {
+    let (addr, path, creds) = (app.addr.clone(), path.to_string(), creds.clone());
+    tokio::spawn(async move { stream_call(&addr, &path, &creds, &[], source, sink).await })
+}
+
 /// Sends `source` as the chunked body of `POST path` with `creds` and
 /// `headers`, reading the answer into `sink` meanwhile.
 async fn stream_call(
@@ -948,30 +961,13 @@ async fn a_stalled_client_is_cut_off_and_streams_beyond_the_limit_are_busy(backe
     let (enc, _) = app.create_encryption(&creds).await;
     let enc_path = format!("/v1/encrypt/stream?encryptionId={enc}");
     let started = Instant::now();
-    let stalled = tokio::spawn({
-        let (addr, key, secret, path) = (
-            app.addr.clone(),
-            creds.key.clone(),
-            creds.secret.clone(),
-            enc_path.clone(),
-        );
-        async move {
-            let creds = Creds {
-                tenant_id: String::new(),
-                key,
-                secret,
-            };
-            stream_call(
-                &addr,
-                &path,
-                &creds,
-                &[],
-                Source::Stall(some_bytes(100_000)),
-                Sink::Keep,
-            )
-            .await
-        }
-    });
+    let stalled = spawn_stream_call(
+        &app,
+        &enc_path,
+        &creds,
+        Source::Stall(some_bytes(100_000)),
+        Sink::Keep,
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     // The one slot is taken: 503 server_busy with Retry-After, before a byte.
     let busy = stream_bytes(&app, &enc_path, &creds, &[], b"hello").await;
@@ -993,30 +989,13 @@ async fn a_stalled_client_is_cut_off_and_streams_beyond_the_limit_are_busy(backe
     // A client that sends but never reads: once the socket is full the
     // server cannot write, and after the read timeout it gives the stream
     // up and frees its slot.
-    let deaf = tokio::spawn({
-        let (addr, key, secret, path) = (
-            app.addr.clone(),
-            creds.key.clone(),
-            creds.secret.clone(),
-            enc_path.clone(),
-        );
-        async move {
-            let creds = Creds {
-                tenant_id: String::new(),
-                key,
-                secret,
-            };
-            stream_call(
-                &addr,
-                &path,
-                &creds,
-                &[],
-                Source::Pattern(1 << 30),
-                Sink::Never,
-            )
-            .await
-        }
-    });
+    let deaf = spawn_stream_call(
+        &app,
+        &enc_path,
+        &creds,
+        Source::Pattern(1 << 30),
+        Sink::Never,
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     let busy = stream_bytes(&app, &enc_path, &creds, &[], b"hello").await;
     assert_eq!(busy.status, 503, "{}", busy.json);
@@ -1172,20 +1151,13 @@ async fn streams_take_their_working_memory_from_the_shared_budget(backend: Backe
         refused.json
     );
     // One stream of 1 MiB chunks holds 5 MiB of the streams' 8 MiB.
-    let holder = tokio::spawn({
-        let (addr, creds, path) = (app.addr.clone(), creds.clone(), one_mib.clone());
-        async move {
-            stream_call(
-                &addr,
-                &path,
-                &creds,
-                &[],
-                Source::Stall(some_bytes(1000)),
-                Sink::Keep,
-            )
-            .await
-        }
-    });
+    let holder = spawn_stream_call(
+        &app,
+        &one_mib,
+        &creds,
+        Source::Stall(some_bytes(1000)),
+        Sink::Keep,
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     // A stream of 64 KiB chunks fits beside it; a second of 1 MiB chunks not.
     let answer = stream_bytes(&app, &small, &creds, &[], b"beside it").await;
