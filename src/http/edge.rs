@@ -206,7 +206,8 @@ pub(super) struct RouteContext {
     /// For batch routes, the batch limits (the handlers take them).
     pub(super) batch: Option<BatchLimits>,
     /// The memory batch and large requests share (not on the operations
-    /// listener, which takes no bodies).
+    /// listener, which takes no bodies, nor on streaming routes, whose
+    /// memory their [`StreamGate`] takes).
     pub(super) bodies: Option<BodyBudget>,
     /// For streaming routes ([`super::routes::BodySize::Stream`]), their
     /// slots and read timeout; `None` on every other route.
@@ -396,12 +397,10 @@ where
             (Some(pending), Request::from_parts(parts, body))
         }
     };
-    // A streaming route has no body limit: it holds two chunks whatever
-    // the body's size.
-    let limit = match req.extensions().get::<BodyLimit>() {
-        Some(l) if !streaming => l.0,
-        _ => usize::MAX,
-    };
+    let limit = req
+        .extensions()
+        .get::<BodyLimit>()
+        .map_or(usize::MAX, |l| l.0);
     // A declared length over the limit is refused at once, before a byte of
     // the body is read (or waited for).
     let declared = hyper::body::Body::size_hint(req.body()).lower();
@@ -411,7 +410,6 @@ where
         let claim = ctx
             .bodies
             .as_ref()
-            .filter(|_| !streaming)
             .and_then(|bodies| bodies.claim_for(&req, limit, ctx.batch.is_some()));
         if let Some(claim) = &claim {
             req.extensions_mut().insert(claim.clone());

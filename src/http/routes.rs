@@ -246,12 +246,17 @@ fn context(
             BodySize::Normal => None,
             BodySize::Ciphertext => Some(ciphertext_body_limit(s.max_body_bytes)),
             BodySize::Batch => Some(s.batch.max_body_bytes),
-            BodySize::Stream => None,
+            // No limit: a stream holds four chunks whatever the body's size
+            // (replacing the listener's limit, which the edge set).
+            BodySize::Stream => Some(usize::MAX),
         }),
         batch: settings
             .filter(|_| route.body == BodySize::Batch)
             .map(|(s, _)| s.batch),
-        bodies: settings.map(|(_, bodies)| bodies.clone()),
+        // A stream takes its memory through its gate, not a body claim.
+        bodies: settings
+            .filter(|_| route.body != BodySize::Stream)
+            .map(|(_, bodies)| bodies.clone()),
         stream: streams.filter(|_| route.body == BodySize::Stream).cloned(),
     }
 }
