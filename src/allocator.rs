@@ -51,3 +51,22 @@ static TUNE: extern "C" fn() = tune;
 pub fn tune_late() {
     tune();
 }
+
+/// Gives the free pages both allocators hold back to the operating system:
+/// mimalloc's (Rust's allocations) and, with glibc, the C library's (SQLite's
+/// page caches and AWS-LC's keys live there, in one arena per thread that
+/// allocated). Called by [`keyward::memory`] when the server has gone idle;
+/// it takes a few milliseconds, and the next allocations refill from the
+/// operating system as they would after a start.
+#[allow(unsafe_code, dead_code)]
+pub fn release_free_memory() {
+    // SAFETY: `mi_collect` frees only pages mimalloc itself holds free and may
+    // be called from any thread at any time.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+    // SAFETY: `malloc_trim` is thread-safe (it locks each arena in turn) and
+    // only returns memory no allocation uses.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -76,6 +76,7 @@ pub mod fuzzing;
 pub mod http;
 pub mod json;
 pub mod master_key;
+pub mod memory;
 pub mod owner_only;
 pub mod secret_cell;
 pub mod server;

@@ -1,8 +1,9 @@
 //! The `keyward` binary: parse the command line and hand over to the library.
 //!
 //! The library forbids `unsafe` code; the binary denies it everywhere but the
-//! allocator's tuning ([`allocator`]), which calls two C option setters before
-//! `main`, and says there why that is sound.
+//! allocator's tuning and release ([`allocator`]), which call C option setters
+//! before `main` and the allocators' release functions when idle, and says
+//! there why that is sound.
 
 #![deny(unsafe_code)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
@@ -16,6 +17,7 @@ mod allocator;
 fn main() -> ExitCode {
     #[cfg(not(target_os = "linux"))]
     allocator::tune_late();
+    keyward::memory::register_allocator_release(allocator::release_free_memory);
     let cli = keyward::cli::Cli::parse();
     // One TLS provider for every client in the process (AWS-LC; Vault's HTTP
     // client expects a process default).

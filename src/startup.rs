@@ -204,6 +204,13 @@ impl Application {
             settings.client_cert_expiry_warning,
             shutdown_rx.clone(),
         ));
+        if let Some(after) = settings.memory_release_idle_after {
+            tokio::spawn(crate::memory::release_when_idle(
+                service.store().clone(),
+                after,
+                shutdown_rx.clone(),
+            ));
+        }
         if let Some(retention) = settings.audit_retention {
             tokio::spawn(crate::audit::prune_table(
                 service.store().clone(),

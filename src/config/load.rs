@@ -3,6 +3,7 @@
 //! start with the setting's name, never later in use.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use zeroize::Zeroizing;
 
@@ -296,6 +297,16 @@ impl Raw {
                 }),
             })?,
             metrics_refresh_interval: self.required("metrics_refresh_interval", duration)?,
+            memory_release_idle_after: self.required("memory_release_idle_after", |v| match v {
+                "off" => Ok(None),
+                _ => match duration(v) {
+                    Ok(d) if d >= Duration::from_secs(1) => Ok(Some(d)),
+                    _ => Err(
+                        "must be a duration of at least `1s`, like `2s` or `1m`, or `off`"
+                            .to_string(),
+                    ),
+                },
+            })?,
             client_cert_expiry_warning: self.required("client_cert_expiry_warning", duration)?,
             log_format: self.required("log_format", |v| match v {
                 "json" => Ok(LogFormat::Json),

@@ -180,6 +180,9 @@ pub struct Settings {
     pub audit_retention: Option<Duration>,
     /// How often the database-read metrics are refreshed.
     pub metrics_refresh_interval: Duration,
+    /// How long the server must be idle before it gives memory back
+    /// ([`crate::memory`]); `None`: never.
+    pub memory_release_idle_after: Option<Duration>,
     /// How far ahead a Keyward-issued client certificate counts as
     /// expiring soon.
     pub client_cert_expiry_warning: Duration,

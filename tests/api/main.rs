@@ -30,6 +30,7 @@ mod key_import;
 mod key_listings;
 mod lifecycle;
 mod management;
+mod memory;
 mod metrics;
 mod openapi_clients;
 mod packaging;
