@@ -46,7 +46,9 @@ mod writer;
 
 pub use chain::GENESIS;
 pub use checkpoint::Checkpoint;
-pub use record::{Actor, AuditEvent, AuditRecord, ItemGroup, RequestId, Target, OPERATIONS};
+pub use record::{
+    read_records, Actor, AuditEvent, AuditRecord, ItemGroup, RequestId, Target, OPERATIONS,
+};
 pub use retention::prune_table;
 pub use verify::{verify, verify_files, BreakKind, Broken, VerifyError, VerifyReport};
 pub use writer::{
