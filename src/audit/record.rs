@@ -354,14 +354,29 @@ impl<S: Deref<Target = str>> AuditRecord<S> {
 /// How every line of format v2 starts (and no v1 line or checkpoint does).
 pub(super) const V2_PREFIX: &str = "{\"v\":2,";
 
+/// `N` bytes given as `2 * N` lower-case hex digits (only those: upper case
+/// would not come back the same), without allocating.
+fn lower_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    let digits = hex.as_bytes();
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let nibble = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0; N];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 /// The 16-character base64url form of an API key id (`kw_` + 24 lower-case
 /// hex digits: 12 bytes), written into `buf`; `None` for any other text.
 fn compact_key_id<'b>(id: &str, buf: &'b mut [u8; 16]) -> Option<&'b str> {
-    let hex = id.strip_prefix("kw_")?;
-    if hex.len() != 24 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return None;
-    }
-    let bytes: [u8; 12] = crate::crypto::parse_hex(hex)?.try_into().ok()?;
+    let bytes = lower_hex::<12>(id.strip_prefix("kw_")?)?;
     compact_bytes(&bytes, buf)
 }
 
@@ -372,12 +387,10 @@ fn expand_key_id(compact: &str) -> Option<String> {
         .then(|| format!("kw_{}", crate::crypto::hex(&bytes)))
 }
 
-/// A SHA-256 digest given as 64 hex digits, in base64url (43 characters).
+/// A SHA-256 digest given as 64 lower-case hex digits, in base64url (43
+/// characters).
 fn compact_digest<'b>(hex: &str, buf: &'b mut [u8; 43]) -> Option<&'b str> {
-    let bytes = crate::crypto::parse_hex(hex).filter(|_| hex.len() == 64)?;
-    let text = compact_bytes(&bytes, buf)?;
-    // Upper-case hex would not come back the same.
-    (crate::crypto::hex(&bytes) == hex).then_some(text)
+    compact_bytes(&lower_hex::<32>(hex)?, buf)
 }
 
 /// A 32-byte digest given in base64url (43 characters).

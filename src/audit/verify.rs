@@ -912,6 +912,124 @@ mod tests {
             assert!(verify(changed.as_bytes(), &[public]).is_err());
         }
 
+        /// The v1 file continued in format v2 by a restarted writer.
+        const FILE_V2: &str = include_str!("../../tests/known-answers/audit-format-v2.log");
+
+        #[test]
+        fn wycheproof_keyward_audit_file_continued_in_format_v2_verifies_and_reads_back() {
+            let key = checkpoint_key();
+            let report = verify(FILE_V2.as_bytes(), &[*key.public_key()]).unwrap();
+            assert_eq!((report.records, report.checkpoints), (5, 2));
+            assert_eq!((report.covered_to, report.uncovered), (Some(5), None));
+            let records: Vec<AuditRecord> = crate::audit::read_records(FILE_V2)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            let (fourth, fifth) = (&records[3], &records[4]);
+            assert_eq!(fourth.prev, records[2].hash.clone().unwrap());
+            assert_eq!(fifth.prev, fourth.hash.clone().unwrap());
+            assert_eq!(
+                (
+                    fourth.time.as_str(),
+                    fourth.request_id.as_deref(),
+                    fourth.api_key_id.as_deref(),
+                    fourth.tenant_id.as_deref(),
+                    fourth.actor.as_str(),
+                    fourth.outcome.as_str(),
+                ),
+                (
+                    "2026-01-01T00:00:04.000Z",
+                    Some("a258363d-c1c2-4faa-bc21-929259815394"),
+                    Some("kw_bcf8ecd166f2eada597f837c"),
+                    Some(TENANT),
+                    "api_key",
+                    "ok",
+                )
+            );
+            assert_eq!(
+                (
+                    fifth.outcome.as_str(),
+                    fifth.error.as_deref(),
+                    fifth.items,
+                    fifth.item_indexes.as_deref()
+                ),
+                ("error", Some("decryption_failed"), Some(2), Some("3,17"))
+            );
+            // One byte changed in a v2 record breaks it.
+            let changed = FILE_V2.replacen("\"st\":200", "\"st\":201", 1);
+            assert!(verify(changed.as_bytes(), &[*key.public_key()]).is_err());
+        }
+
+        #[test]
+        fn wycheproof_keyward_audit_writer_continues_a_v1_file_in_format_v2_byte_for_byte() {
+            // The writer restarted on the v1 file: it continues after its
+            // closing checkpoint.
+            let v1_end = FILE.lines().last().unwrap();
+            let hash = checkpoint::parse(v1_end.as_bytes())
+                .unwrap()
+                .checkpoint
+                .hash;
+            let mut chain = Chain::new();
+            chain.seq = 3;
+            chain.prev = crate::audit::chain::hex32(&hash).unwrap();
+            let records = [
+                (
+                    1_767_225_604_000,
+                    AuditRecord {
+                        operation: "encrypt",
+                        outcome: "ok",
+                        status: Some(200),
+                        request_id: Some("a258363d-c1c2-4faa-bc21-929259815394"),
+                        actor: "api_key",
+                        api_key_id: Some("kw_bcf8ecd166f2eada597f837c"),
+                        tenant_id: Some(TENANT),
+                        peer: Some("10.1.2.3"),
+                        encryption_id: Some(ENCRYPTION),
+                        version_id: Some(VERSION),
+                        ..AuditRecord::default()
+                    },
+                ),
+                (
+                    1_767_225_605_000,
+                    AuditRecord {
+                        operation: "decrypt",
+                        outcome: "error",
+                        error: Some("decryption_failed"),
+                        status: Some(200),
+                        request_id: Some("req-5"),
+                        actor: "api_key",
+                        api_key_id: Some("kw_bcf8ecd166f2eada597f837c"),
+                        tenant_id: Some(TENANT),
+                        encryption_id: Some(ENCRYPTION),
+                        version_id: Some(VERSION),
+                        items: Some(2),
+                        item_indexes: Some("3,17"),
+                        ..AuditRecord::default()
+                    },
+                ),
+            ];
+            let mut lines: Vec<String> = FILE.lines().map(str::to_string).collect();
+            for (ms, record) in &records {
+                let mut line = String::new();
+                chain.seal(record, *ms, &mut line);
+                lines.push(line);
+            }
+            let key = checkpoint_key();
+            let mut checkpoint = String::new();
+            Checkpoint {
+                seq: 5,
+                hash: chain.prev_hex().as_str(),
+                file_start: 1,
+                file_start_prev: GENESIS,
+                time: "2026-01-01T00:00:06.000Z",
+                reason: "shutdown",
+                key_id: key.id(),
+            }
+            .write_signed(&key, &mut checkpoint);
+            lines.push(checkpoint);
+            assert_eq!(lines, FILE_V2.lines().collect::<Vec<_>>());
+        }
+
         #[test]
         fn wycheproof_keyward_audit_format_v1_is_sealed_byte_for_byte() {
             let mut chain = Chain::new();
