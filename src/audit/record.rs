@@ -158,7 +158,9 @@ pub struct AuditRecord<S = String> {
     /// The previous record's `hash` (all zeros for the first record of a chain).
     #[schema(value_type = String)]
     pub prev: S,
-    /// SHA-256, hex, of this record's JSON without the `hash` field.
+    /// This record's hash, hex: SHA-256 of its line without the `hash`
+    /// field (format v1), or of the previous record's hash followed by its
+    /// line without `prev` and `h` (format v2; see docs/audit.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub hash: Option<S>,
