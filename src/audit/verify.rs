@@ -961,6 +961,31 @@ mod tests {
         }
 
         #[test]
+        fn wycheproof_keyward_audit_file_v2_any_byte_changed_is_caught_and_nothing_panics() {
+            let public = *checkpoint_key().public_key();
+            let bytes = FILE_V2.as_bytes();
+            for i in 0..bytes.len() {
+                if bytes[i] == b'\n' {
+                    continue;
+                }
+                // Flipping the lowest bit never turns a hex digit into its
+                // upper-case twin (which would parse to the same bytes).
+                let mut changed = bytes.to_vec();
+                changed[i] ^= 1;
+                assert!(
+                    verify(changed.as_slice(), &[public]).is_err(),
+                    "byte {i} changed went unnoticed"
+                );
+                if let Ok(text) = std::str::from_utf8(&changed) {
+                    let _ = crate::audit::read_records(text);
+                }
+                // Cut anywhere: an answer, never a panic.
+                let _ = verify(&bytes[..i], &[public]);
+                let _ = crate::audit::read_records(&FILE_V2[..FILE_V2.floor_char_boundary(i)]);
+            }
+        }
+
+        #[test]
         fn wycheproof_keyward_audit_writer_continues_a_v1_file_in_format_v2_byte_for_byte() {
             // The writer restarted on the v1 file: it continues after its
             // closing checkpoint.
