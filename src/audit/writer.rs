@@ -866,6 +866,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_copytruncate_the_new_file_verifies_alone_and_joined_to_the_copy() {
+        use crate::audit::record::{Actor, AuditEvent};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::start(
+            &Destination::File(path.clone()),
+            None,
+            CheckpointSettings::default(),
+        )
+        .unwrap();
+        let key = Arc::new(CheckpointKey::derive(
+            &crate::crypto::DataKey::from_slice(&[5; 32]).unwrap(),
+        ));
+        let public = *key.public_key();
+        log.sign_checkpoints_with(Box::new(move || Some(key.clone())));
+        let event = |i: i64| AuditEvent {
+            time_ms: 1_780_000_000_000 + i,
+            operation: "encrypt",
+            actor: Actor::System,
+            ..AuditEvent::default()
+        };
+        for i in 0..3 {
+            log.record(event(i)).await;
+        }
+        log.flush().await;
+        // logrotate's copytruncate: copy, then truncate in place.
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        for i in 3..5 {
+            log.record(event(i)).await;
+        }
+        log.close().await;
+        let new = std::fs::read_to_string(&path).unwrap();
+        // The new file's first record states the hash it follows.
+        let first = new.lines().next().unwrap();
+        assert!(
+            first.starts_with("{\"v\":2,\"seq\":4,") && first.contains("\"prev\":\""),
+            "{new}"
+        );
+        let alone = verify(new.as_bytes(), &[public]).unwrap();
+        assert_eq!(
+            (alone.first_seq, alone.last_seq, alone.uncovered),
+            (Some(4), Some(5), None)
+        );
+        let joined = verify(format!("{old}{new}").as_bytes(), &[public]).unwrap();
+        assert_eq!(
+            (joined.records, joined.covered_to, joined.uncovered),
+            (5, Some(5), None)
+        );
+    }
+
+    #[tokio::test]
     async fn a_batch_of_a_thousand_items_on_one_key_is_one_short_record() {
         use crate::audit::record::{Actor, AuditEvent, ItemGroup, Target};
         let dir = tempfile::tempdir().unwrap();
