@@ -63,8 +63,11 @@ pub const OPERATIONS: &[&str] = &[
     "client_cert.list",
 ];
 
-/// One audit record, as written: a JSON object per line, fields in this order,
-/// `hash` last.
+/// One audit record, as `GET /v1/audit` answers it and as format v1 lines
+/// were written (fields in this order, `hash` last). The audit file now
+/// writes format v2, the same record with short names and compact values
+/// (docs/audit.md, "Record format"), and every reader gives it back in this
+/// form.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord<S = String> {
