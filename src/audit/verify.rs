@@ -676,6 +676,66 @@ mod tests {
         assert!(matches!(check(&removed), Err(VerifyError::Broken(b)) if b.line == 3));
     }
 
+    #[test]
+    fn a_v1_file_rotated_into_a_v2_file_verifies_as_one_chain() {
+        let key = crate::crypto::CheckpointKey::derive(
+            &crate::crypto::DataKey::from_slice(&[5; 32]).unwrap(),
+        );
+        let public = *key.public_key();
+        let checkpoint = |chain: &Chain, file_start: u64, start_prev: &str| {
+            let mut line = String::new();
+            crate::audit::Checkpoint {
+                seq: chain.seq,
+                hash: chain.prev_hex().as_str(),
+                file_start,
+                file_start_prev: start_prev,
+                time: "2026-01-01T00:00:00.000Z",
+                reason: "rotate",
+                key_id: key.id(),
+            }
+            .write_signed(&key, &mut line);
+            line
+        };
+        // A v1 writer's file, rotated at seq 3: it ends with the rotation's
+        // checkpoint, and the new file (written by v2) starts with it.
+        let mut chain = Chain::new();
+        let mut old: Vec<String> = (0..3)
+            .map(|i| seal_v1(&mut chain, &sample(&format!("old{i}"))))
+            .collect();
+        let rotation = checkpoint(&chain, 1, GENESIS);
+        old.push(rotation.clone());
+        let start_prev = chain.prev_hex();
+        chain.state_prev = true;
+        let mut new = vec![rotation];
+        for i in 0..2 {
+            new.push(seal(&mut chain, &sample(&format!("new{i}"))));
+        }
+        new.push(checkpoint(&chain, 4, &start_prev));
+        let (old, new) = (old.join("\n"), new.join("\n"));
+        for order in [[&old, &new], [&new, &old]] {
+            let set = order
+                .iter()
+                .enumerate()
+                .map(|(i, text)| (format!("file{i}"), text.as_bytes()))
+                .collect();
+            let report = verify_files(set, &[public]).unwrap();
+            assert_eq!(
+                (report.records, report.first_seq, report.last_seq),
+                (5, Some(1), Some(5))
+            );
+            assert_eq!((report.covered_to, report.uncovered), (Some(5), None));
+        }
+        let alone = verify(new.as_bytes(), &[public]).unwrap();
+        assert_eq!((alone.first_seq, alone.covered_to), (Some(4), Some(5)));
+        // A v1 record of the old file changed: the set is refused.
+        let changed = old.replacen("old1", "oldX", 1);
+        let set = vec![
+            ("old".to_string(), changed.as_bytes()),
+            ("new".to_string(), new.as_bytes()),
+        ];
+        assert!(verify_files(set, &[public]).is_err());
+    }
+
     /// Records 1..=n, a checkpoint after every `every` and after the last,
     /// each stating that the file starts at `start`.
     fn signed(
