@@ -11,6 +11,7 @@ shares no code with Keyward's (AWS-LC through aws-lc-rs). The values are
 checked in; this script is how they were made, and how to check them again.
 Nothing here is secret: every key is a fixed test pattern.
 """
+import base64
 import hashlib
 import json
 
@@ -109,6 +110,57 @@ def audit_file():
     return lines, public
 
 
+def b64url(data):
+    """base64url without padding, as format v2 writes ids and hashes."""
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def record_v2(seq, prev, state_prev, **fields):
+    """An audit record line of format v2: `"v":2`, `seq`, the fields in the
+    record's order; `h` = SHA-256(previous hash || the line without `prev`
+    and `h`), `prev` stated only when `state_prev`."""
+    obj = {"v": 2, "seq": seq}
+    obj.update(fields)
+    body = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+    digest = hashlib.sha256(prev + body.encode()).digest()
+    stated = ',"prev":"' + b64url(prev) + '"' if state_prev else ""
+    return body[:-1] + stated + ',"h":"' + b64url(digest) + '"}', digest
+
+
+def audit_file_v2():
+    """The v1 file above, continued in format v2 by a restarted writer: its
+    first record states `prev` (the last v1 record's hash), the next does
+    not; then a checkpoint covering all five."""
+    private, public, key_id = checkpoint_key(ROOT_KEK)
+    lines, _ = audit_file()
+    h3 = bytes.fromhex(json.loads(lines[2])["hash"])
+    uuid = lambda text: b64url(bytes.fromhex(text.replace("-", "")))
+    fourth, h4 = record_v2(
+        4, h3, True, t=1767225604000, op="encrypt", st=200,
+        rid=uuid("a258363d-c1c2-4faa-bc21-929259815394"),
+        key=b64url(bytes.fromhex("bcf8ecd166f2eada597f837c")),
+        ten=uuid("11111111-1111-4111-8111-111111111111"), ip="10.1.2.3",
+        enc=uuid("00112233-4455-6677-8899-aabbccddeeff"),
+        ver=uuid("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"),
+    )
+    fifth, h5 = record_v2(
+        5, h4, False, t=1767225605000, op="decrypt", err="decryption_failed",
+        st=200, requestId="req-5", key=b64url(bytes.fromhex("bcf8ecd166f2eada597f837c")),
+        ten=uuid("11111111-1111-4111-8111-111111111111"),
+        enc=uuid("00112233-4455-6677-8899-aabbccddeeff"),
+        ver=uuid("0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0"), n=2, idx="3,17",
+    )
+    lines += [fourth, fifth]
+    body = json.dumps(
+        {"seq": 5, "hash": h5.hex(), "fileStart": 1, "fileStartPrev": "0" * 64,
+         "time": "2026-01-01T00:00:06.000Z", "reason": "shutdown", "keyId": key_id},
+        separators=(",", ":"),
+    )
+    signature = private.sign(b"keyward:audit-checkpoint:v1\n" + body.encode())
+    lines.append('{"checkpoint":' + body + ',"signature":"' + signature.hex() + '"}')
+    return lines, public
+
+
 def main():
     client_wrapping_key = hkdf(SALT, CLIENT_KEY, b"keyward:client-wrap:v1" + ENCRYPTION_ID)
     _, public, key_id = checkpoint_key(ROOT_KEK)
@@ -134,7 +186,12 @@ def main():
     print(f'const CHECKPOINT_KEY_ID: &str = "{key_id}";')
     print()
     lines, _ = audit_file()
-    print("audit file (src/audit/known-answer.log):")
+    print("audit file (tests/known-answers/audit-format-v1.log):")
+    for line in lines:
+        print(line)
+    print()
+    lines, _ = audit_file_v2()
+    print("audit file (tests/known-answers/audit-format-v2.log):")
     for line in lines:
         print(line)
 

@@ -65,8 +65,12 @@ pub fn client_key_header(data: &[u8]) {
 
 /// An audit file, as `keyward audit verify` reads it, without and with a
 /// trusted public key (the checkpoint key of the known-answer root KEK, so
-/// that the seed file's signatures verify).
+/// that the seed files' signatures verify), and its lines as `GET
+/// /v1/audit` reads them back (format v1 or v2).
 pub fn audit_file(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = crate::audit::read_records(text);
+    }
     let _ = crate::audit::verify(data, &[]);
     let kek: [u8; 32] = std::array::from_fn(|i| 0x20 + i as u8);
     let key = crypto::CheckpointKey::derive(&match DataKey::from_slice(&kek) {

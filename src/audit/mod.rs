@@ -13,10 +13,11 @@
 //! writer falls far behind, requests wait for room in the queue rather than
 //! lose records.
 //!
-//! Tamper evidence: each record carries `prev`, the hash of the record before it,
-//! and `hash`, the SHA-256 of the record's own JSON up to (not including) the
-//! `hash` field. Changing, removing, inserting or reordering a record breaks the
-//! chain at that point, which [`verify`](fn@verify) (`keyward audit verify
+//! Tamper evidence: each record ends in its hash, the SHA-256 of the hash of
+//! the record before it and of the record's own line up to (not including)
+//! its `prev` and `h` (format v2; v1 lines, still read, state `prev` on every
+//! line and hash their JSON up to `hash`). Changing, removing, inserting or
+//! reordering a record breaks the chain at that point, which [`verify`](fn@verify) (`keyward audit verify
 //! FILE`) reports. Every so many records or seconds, and at shutdown, the
 //! writer also signs a checkpoint (Ed25519, with a key derived from the
 //! active root KEK; see `checkpoint.rs`) covering every record before it, so
@@ -46,7 +47,9 @@ mod writer;
 
 pub use chain::GENESIS;
 pub use checkpoint::Checkpoint;
-pub use record::{Actor, AuditEvent, AuditRecord, ItemGroup, RequestId, Target, OPERATIONS};
+pub use record::{
+    read_records, Actor, AuditEvent, AuditRecord, ItemGroup, RequestId, Target, OPERATIONS,
+};
 pub use retention::prune_table;
 pub use verify::{verify, verify_files, BreakKind, Broken, VerifyError, VerifyReport};
 pub use writer::{

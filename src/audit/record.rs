@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::domain::identity::ClientIdentity;
+use crate::domain::ids::{compact_bytes, compact_uuid, decode_b64url, expand_uuid};
 use crate::domain::service::Principal;
 use crate::domain::time::write_rfc3339;
 use crate::domain::{EncryptionId, TenantId, VersionId};
@@ -62,8 +63,11 @@ pub const OPERATIONS: &[&str] = &[
     "client_cert.list",
 ];
 
-/// One audit record, as written: a JSON object per line, fields in this order,
-/// `hash` last.
+/// One audit record, as `GET /v1/audit` answers it and as format v1 lines
+/// were written (fields in this order, `hash` last). The audit file now
+/// writes format v2, the same record with short names and compact values
+/// (docs/audit.md, "Record format"), and every reader gives it back in this
+/// form.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditRecord<S = String> {
@@ -157,7 +161,9 @@ pub struct AuditRecord<S = String> {
     /// The previous record's `hash` (all zeros for the first record of a chain).
     #[schema(value_type = String)]
     pub prev: S,
-    /// SHA-256, hex, of this record's JSON without the `hash` field.
+    /// This record's hash, hex: SHA-256 of its line without the `hash`
+    /// field (format v1), or of the previous record's hash followed by its
+    /// line without `prev` and `h` (format v2; see docs/audit.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub hash: Option<S>,
@@ -317,7 +323,10 @@ pub struct AuditEvent {
 
 impl<S: Deref<Target = str>> AuditRecord<S> {
     /// Appends the record as a JSON object, byte for byte what serde_json
-    /// writes for the derived `Serialize` (the tests compare the two).
+    /// writes for the derived `Serialize` (the tests compare the two): a
+    /// line of format v1 without its `hash`, which the tests write to check
+    /// that v1 files still verify.
+    #[cfg(test)]
     pub(super) fn write_json(&self, out: &mut String) {
         crate::json::Object::new(out)
             .u64("seq", self.seq)
@@ -345,6 +354,283 @@ impl<S: Deref<Target = str>> AuditRecord<S> {
             .opt_str("hash", self.hash.as_deref())
             .end();
     }
+}
+
+/// How every line of format v2 starts (and no v1 line or checkpoint does).
+pub(super) const V2_PREFIX: &str = "{\"v\":2,";
+
+/// `N` bytes given as `2 * N` lower-case hex digits (only those: upper case
+/// would not come back the same), without allocating.
+fn lower_hex<const N: usize>(hex: &str) -> Option<[u8; N]> {
+    let digits = hex.as_bytes();
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let nibble = |d: u8| match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0; N];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// The 16-character base64url form of an API key id (`kw_` + 24 lower-case
+/// hex digits: 12 bytes), written into `buf`; `None` for any other text.
+fn compact_key_id<'b>(id: &str, buf: &'b mut [u8; 16]) -> Option<&'b str> {
+    let bytes = lower_hex::<12>(id.strip_prefix("kw_")?)?;
+    compact_bytes(&bytes, buf)
+}
+
+/// The key id a [`compact_key_id`] form stands for.
+fn expand_key_id(compact: &str) -> Option<String> {
+    let mut bytes = [0; 12];
+    (compact.len() == 16 && decode_b64url(compact, &mut bytes) == Some(12))
+        .then(|| format!("kw_{}", crate::crypto::hex(&bytes)))
+}
+
+/// A SHA-256 digest given as 64 lower-case hex digits, in base64url (43
+/// characters).
+fn compact_digest<'b>(hex: &str, buf: &'b mut [u8; 43]) -> Option<&'b str> {
+    compact_bytes(&lower_hex::<32>(hex)?, buf)
+}
+
+/// A 32-byte digest given in base64url (43 characters).
+pub(super) fn digest_of(compact: &str) -> Option<[u8; 32]> {
+    let mut bytes = [0; 32];
+    (compact.len() == 43 && decode_b64url(compact, &mut bytes) == Some(32)).then_some(bytes)
+}
+
+/// A UUID field: the short name with the 22-character form when the text is
+/// a canonical UUID, else the v1 name with the text as it is.
+fn uuid_member(o: &mut crate::json::Object<'_>, short: &str, long: &str, value: Option<&str>) {
+    let Some(text) = value else {
+        return;
+    };
+    let mut buf = [0; 22];
+    match compact_uuid(text, &mut buf) {
+        Some(compact) => o.str(short, compact),
+        None => o.str(long, text),
+    };
+}
+
+/// An API key id field, likewise.
+fn key_member(o: &mut crate::json::Object<'_>, short: &str, long: &str, value: Option<&str>) {
+    let Some(text) = value else {
+        return;
+    };
+    let mut buf = [0; 16];
+    match compact_key_id(text, &mut buf) {
+        Some(compact) => o.str(short, compact),
+        None => o.str(long, text),
+    };
+}
+
+impl<S: Deref<Target = str>> AuditRecord<S> {
+    /// Appends the record in format v2 (docs/audit.md, "Record format"),
+    /// every field but `prev` and `h`, the object left open: `{"v":2,...`.
+    /// Short names carry compact values (UUIDs and key ids in base64url, the
+    /// time in Unix ms); a value that has no compact form goes under its v1
+    /// name as it is; a value that is the default is left out (`outcome`
+    /// when `err` says it, `actor` when it is `api_key`). `time_ms` is the
+    /// record's time (`self.time` is not read). [`AuditRecord::from_line`]
+    /// gives back exactly the record.
+    pub(super) fn write_compact(&self, time_ms: i64, out: &mut String) {
+        let mut o = crate::json::Object::new(out);
+        o.u64("v", 2)
+            .u64("seq", self.seq)
+            .u64("t", u64::try_from(time_ms).unwrap_or(0))
+            .str("op", &self.operation);
+        let implied = if self.error.is_some() { "error" } else { "ok" };
+        if *self.outcome != *implied {
+            o.str("outcome", &self.outcome);
+        }
+        o.opt_str("err", self.error.as_deref())
+            .opt_u64("st", self.status.map(u64::from));
+        uuid_member(&mut o, "rid", "requestId", self.request_id.as_deref());
+        if *self.actor != *"api_key" {
+            o.str("act", &self.actor);
+        }
+        key_member(&mut o, "key", "apiKeyId", self.api_key_id.as_deref());
+        uuid_member(&mut o, "ten", "tenantId", self.tenant_id.as_deref());
+        o.opt_str("sub", self.client_subject.as_deref());
+        if let Some(spki) = self.client_spki_sha256.as_deref() {
+            let mut buf = [0; 43];
+            match compact_digest(spki, &mut buf) {
+                Some(compact) => o.str("spki", compact),
+                None => o.str("clientSpkiSha256", spki),
+            };
+        }
+        o.opt_str("ip", self.peer.as_deref());
+        uuid_member(&mut o, "enc", "encryptionId", self.encryption_id.as_deref());
+        uuid_member(&mut o, "ver", "versionId", self.version_id.as_deref());
+        uuid_member(&mut o, "job", "jobId", self.job_id.as_deref());
+        key_member(
+            &mut o,
+            "tkey",
+            "targetApiKeyId",
+            self.target_api_key_id.as_deref(),
+        );
+        o.opt_str("scopes", self.scopes.as_deref())
+            .opt_u64("batchIndex", self.batch_index.map(u64::from))
+            .opt_u64("n", self.items.map(u64::from))
+            .opt_str("idx", self.item_indexes.as_deref());
+    }
+}
+
+/// A line of format v2 as written: short names, compact values (see
+/// [`AuditRecord::write_compact`]).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct CompactRecord {
+    v: u8,
+    pub(super) seq: u64,
+    t: i64,
+    op: String,
+    outcome: Option<String>,
+    err: Option<String>,
+    st: Option<u16>,
+    rid: Option<String>,
+    request_id: Option<String>,
+    act: Option<String>,
+    key: Option<String>,
+    api_key_id: Option<String>,
+    ten: Option<String>,
+    tenant_id: Option<String>,
+    sub: Option<String>,
+    spki: Option<String>,
+    client_spki_sha256: Option<String>,
+    ip: Option<String>,
+    enc: Option<String>,
+    encryption_id: Option<String>,
+    ver: Option<String>,
+    version_id: Option<String>,
+    job: Option<String>,
+    job_id: Option<String>,
+    tkey: Option<String>,
+    target_api_key_id: Option<String>,
+    scopes: Option<String>,
+    batch_index: Option<u32>,
+    n: Option<u32>,
+    idx: Option<String>,
+    /// The previous record's hash, base64url: on the first record of a file
+    /// (and of a table segment) only.
+    pub(super) prev: Option<String>,
+    /// This record's hash, base64url.
+    pub(super) h: String,
+}
+
+/// Why a line is not a record.
+pub(super) const NOT_A_RECORD: &str = "not an audit record (not JSON, or fields missing)";
+
+impl CompactRecord {
+    /// Parses a line of format v2.
+    pub(super) fn parse(line: &[u8]) -> Result<CompactRecord, &'static str> {
+        match serde_json::from_slice::<CompactRecord>(line) {
+            Ok(r) if r.v == 2 => Ok(r),
+            _ => Err(NOT_A_RECORD),
+        }
+    }
+
+    /// The record it stands for, its `prev` and `hash` in hex: `prev` from
+    /// the line or else `previous`, the record before it's hash.
+    fn expand(self, previous: Option<[u8; 32]>) -> Result<AuditRecord, &'static str> {
+        let uuid = |short: Option<String>, long: Option<String>| match short {
+            Some(c) => {
+                let mut buf = [0; 36];
+                expand_uuid(&c, &mut buf)
+                    .map(|t| Some(t.to_string()))
+                    .ok_or("a compact id is not 22 characters of base64url")
+            }
+            None => Ok(long),
+        };
+        let key = |short: Option<String>, long: Option<String>| match short {
+            Some(c) => expand_key_id(&c)
+                .map(Some)
+                .ok_or("a compact key id is not 16 characters of base64url"),
+            None => Ok(long),
+        };
+        let hash = digest_of(&self.h).ok_or("`h` is not 43 characters of base64url")?;
+        let prev = match self.prev.as_deref() {
+            Some(p) => Some(digest_of(p).ok_or("`prev` is not 43 characters of base64url")?),
+            None => previous,
+        };
+        let spki = match self.spki {
+            Some(c) => Some(
+                digest_of(&c)
+                    .map(|d| crate::crypto::hex(&d))
+                    .ok_or("`spki` is not 43 characters of base64url")?,
+            ),
+            None => self.client_spki_sha256,
+        };
+        let outcome = self
+            .outcome
+            .unwrap_or_else(|| if self.err.is_some() { "error" } else { "ok" }.to_string());
+        Ok(AuditRecord {
+            seq: self.seq,
+            time: crate::domain::time::rfc3339(self.t),
+            operation: self.op,
+            outcome,
+            error: self.err,
+            status: self.st,
+            request_id: uuid(self.rid, self.request_id)?,
+            actor: self.act.unwrap_or_else(|| "api_key".to_string()),
+            api_key_id: key(self.key, self.api_key_id)?,
+            tenant_id: uuid(self.ten, self.tenant_id)?,
+            client_subject: self.sub,
+            client_spki_sha256: spki,
+            peer: self.ip,
+            encryption_id: uuid(self.enc, self.encryption_id)?,
+            version_id: uuid(self.ver, self.version_id)?,
+            job_id: uuid(self.job, self.job_id)?,
+            target_api_key_id: key(self.tkey, self.target_api_key_id)?,
+            scopes: self.scopes,
+            batch_index: self.batch_index,
+            items: self.n,
+            item_indexes: self.idx,
+            prev: prev.map(|p| crate::crypto::hex(&p)).unwrap_or_default(),
+            hash: Some(crate::crypto::hex(&hash)),
+        })
+    }
+}
+
+impl AuditRecord {
+    /// A record line of either format, as the record it stands for (v2's
+    /// compact values given back in v1's form: RFC 3339 time, UUID text, hex
+    /// hashes). `previous_hash` is the hash of the line before it (hex or
+    /// base64url), for a v2 line that does not state its `prev`; without it
+    /// such a record's `prev` is empty.
+    pub fn from_line(line: &str, previous_hash: Option<&str>) -> Result<AuditRecord, &'static str> {
+        if !line.starts_with(V2_PREFIX) {
+            return serde_json::from_str(line).map_err(|_| NOT_A_RECORD);
+        }
+        let previous = previous_hash.and_then(|p| {
+            digest_of(p).or_else(|| {
+                crate::crypto::parse_hex(p)
+                    .filter(|_| p.len() == 64)
+                    .and_then(|b| b.try_into().ok())
+            })
+        });
+        CompactRecord::parse(line.as_bytes())?.expand(previous)
+    }
+}
+
+/// Every record of `text`, the lines of an audit file (checkpoint lines
+/// left out), each read as [`AuditRecord::from_line`] reads it with the hash
+/// of the record before it.
+pub fn read_records(text: &str) -> Vec<Result<AuditRecord, &'static str>> {
+    let mut previous: Option<String> = None;
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("{\"checkpoint\":"))
+        .map(|line| {
+            let record = AuditRecord::from_line(line, previous.as_deref());
+            previous = record.as_ref().ok().and_then(|r| r.hash.clone());
+            record
+        })
+        .collect()
 }
 
 /// The RFC 3339 text of the last timestamp written (records come in bursts

@@ -8,9 +8,9 @@ use std::io::BufRead;
 
 use serde::Serialize;
 
+use super::chain::{hex32, parse_sealed};
 use super::checkpoint;
-use super::record::AuditRecord;
-use crate::crypto::{hex, sha256, CHECKPOINT_PUBLIC_KEY_LEN};
+use crate::crypto::{hex, CHECKPOINT_PUBLIC_KEY_LEN};
 
 /// What [`verify`] found in a file that shows no tampering.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -113,7 +113,9 @@ pub fn verify(
     // The first record; a checkpoint before any record; the last checkpoint
     // that matched the records before it.
     let mut first: Option<At> = None;
-    let mut anchor: Option<(At, String)> = None;
+    let mut anchor: Option<(At, Option<[u8; 32]>)> = None;
+    // The last record's hash.
+    let mut last: Option<[u8; 32]> = None;
     let mut covered: Option<At> = None;
     // Whether the file's start is accounted for: it starts at the chain's
     // genesis, after a checkpoint, or where a checkpoint says it does.
@@ -185,7 +187,7 @@ pub fn verify(
                             line: line_no,
                             seq: cp.seq,
                         },
-                        cp.hash.clone(),
+                        hex32(&cp.hash),
                     ));
                 }
                 (Some(last), Some(last_hash)) => {
@@ -239,35 +241,51 @@ pub fn verify(
             report.checkpoints += 1;
             continue;
         }
-        let record: AuditRecord = serde_json::from_slice(line)
-            .map_err(|_| tampered(None, "not an audit record (not JSON, or fields missing)"))?;
-        let seq = Some(record.seq);
-        let stated = record
-            .hash
-            .as_deref()
-            .ok_or_else(|| tampered(seq, "no `hash` field"))?;
-        let suffix = format!(",\"hash\":\"{stated}\"}}");
-        let body = line
-            .strip_suffix(suffix.as_bytes())
-            .ok_or_else(|| tampered(seq, "`hash` is not the last field"))?;
-        let mut hashed = body.to_vec();
-        hashed.push(b'}');
-        if hex(&sha256(&hashed)) != stated {
-            return Err(tampered(
-                seq,
-                "the record was changed: its hash does not match its content",
-            ));
+        let sealed = parse_sealed(line).map_err(|(seq, reason)| tampered(seq, reason))?;
+        let seq = Some(sealed.seq);
+        // The hash this record follows: the record before it, or for the
+        // file's first record the `prev` it states, the checkpoint before
+        // it, or the genesis.
+        let follows = match (last, sealed.prev, &anchor) {
+            (Some(last), Some(stated), _) if stated != last => {
+                return Err(tampered(
+                    seq,
+                    "`prev` is not the hash of the record before it: a record before it was changed, removed or inserted",
+                ));
+            }
+            (Some(last), _, _) => last,
+            (None, Some(stated), _) => stated,
+            (None, None, Some((_, Some(hash)))) => *hash,
+            (None, None, _) if sealed.seq == 1 => [0; 32],
+            (None, None, _) => {
+                return Err(broken(BreakKind::HeadCut, seq, format!(
+                    "records 1..{} are missing before the first record, and it does not state the hash it follows (the first record of a file does): its head was cut (or is in an earlier file: verify the files together, in order)",
+                    sealed.seq.saturating_sub(1)
+                )));
+            }
+        };
+        if last.is_none() {
+            if let Some((at, _)) = &anchor {
+                if sealed.seq > at.seq.saturating_add(1) {
+                    return Err(broken(BreakKind::HeadCut, seq, format!(
+                        "records {}..{} are missing between the checkpoint at line {} and the first record",
+                        at.seq.saturating_add(1), sealed.seq.saturating_sub(1), at.line
+                    )));
+                }
+            }
         }
-        match &report.last_hash {
+        if !sealed.hash_matches(&follows) {
+            let reason = if sealed.v2 && sealed.prev.is_none() && last.is_some() {
+                "its hash does not match its content and the record before it: the record was changed, or one before it was changed, removed or inserted"
+            } else {
+                "the record was changed: its hash does not match its content"
+            };
+            return Err(tampered(seq, reason));
+        }
+        match last {
             None => {
                 if let Some((at, hash)) = &anchor {
-                    if record.seq > at.seq.saturating_add(1) {
-                        return Err(broken(BreakKind::HeadCut, seq, format!(
-                            "records {}..{} are missing between the checkpoint at line {} and the first record",
-                            at.seq.saturating_add(1), record.seq.saturating_sub(1), at.line
-                        )));
-                    }
-                    if record.seq != at.seq.saturating_add(1) || &record.prev != hash {
+                    if sealed.seq != at.seq.saturating_add(1) || *hash != Some(follows) {
                         return Err(tampered(seq, &format!(
                             "the first record does not follow the checkpoint at line {} (seq {}): records were changed or moved",
                             at.line, at.seq
@@ -277,23 +295,18 @@ pub fn verify(
                     covered = Some(*at);
                     report.covered_to = Some(at.seq);
                 }
-                if record.seq == 1 && record.prev == super::GENESIS {
+                if sealed.seq == 1 && follows == [0; 32] {
                     head_known = true;
                 }
                 first = Some(At {
                     line: line_no,
-                    seq: record.seq,
+                    seq: sealed.seq,
                 });
                 report.first_seq = seq;
-                report.starts_after = Some(record.prev.clone());
+                report.starts_after = Some(hex(&follows));
             }
-            Some(previous) => {
-                if &record.prev != previous {
-                    return Err(tampered(
-                        seq,
-                        "`prev` is not the hash of the record before it: a record before it was changed, removed or inserted",
-                    ));
-                }
+            Some(_) => {
+                // `prev` was checked above.
                 if report.last_seq.map(|s| s + 1) != seq {
                     return Err(tampered(seq, "`seq` does not follow the record before it"));
                 }
@@ -304,7 +317,8 @@ pub fn verify(
         }
         report.records += 1;
         report.last_seq = seq;
-        report.last_hash = Some(stated.to_string());
+        last = Some(sealed.hash);
+        report.last_hash = Some(hex(&sealed.hash));
     }
     if let Some(first) = first {
         if !head_known {
@@ -429,68 +443,303 @@ pub enum VerifyError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::chain::tests::{chain_of, seal};
+    use crate::audit::chain::tests::{sample, seal, seal_v1};
     use crate::audit::chain::Chain;
+    use crate::audit::record::AuditRecord;
     use crate::audit::GENESIS;
+
+    /// How a format seals a record into a chain.
+    type Sealer = fn(&mut Chain, &AuditRecord<&str>) -> String;
+    /// Every tamper case runs on both formats: v1 lines (files written
+    /// before v2) and v2 lines (what the writer writes).
+    const FORMATS: [(&str, Sealer); 2] = [("v1", seal_v1), ("v2", seal)];
 
     fn check(lines: &[String]) -> Result<VerifyReport, VerifyError> {
         verify(lines.join("\n").as_bytes(), &[])
     }
 
+    /// An intact chain of `n` lines.
+    fn chain_with(sealer: Sealer, n: usize) -> Vec<String> {
+        let mut chain = Chain::new();
+        (0..n)
+            .map(|i| sealer(&mut chain, &sample(&format!("op{i}"))))
+            .collect()
+    }
+
+    /// The record on `lines[i]`, read as `GET /v1/audit` reads it.
+    fn record_at(lines: &[String], i: usize) -> AuditRecord {
+        let previous = i
+            .checked_sub(1)
+            .map(|p| record_at(lines, p).hash.unwrap_or_default());
+        AuditRecord::from_line(&lines[i], previous.as_deref()).unwrap()
+    }
+
+    /// `r`, borrowed, to seal again.
+    fn borrowed(r: &AuditRecord) -> AuditRecord<&str> {
+        AuditRecord {
+            seq: r.seq,
+            time: &r.time,
+            operation: &r.operation,
+            outcome: &r.outcome,
+            error: r.error.as_deref(),
+            status: r.status,
+            request_id: r.request_id.as_deref(),
+            actor: &r.actor,
+            api_key_id: r.api_key_id.as_deref(),
+            tenant_id: r.tenant_id.as_deref(),
+            client_subject: r.client_subject.as_deref(),
+            client_spki_sha256: r.client_spki_sha256.as_deref(),
+            peer: r.peer.as_deref(),
+            encryption_id: r.encryption_id.as_deref(),
+            version_id: r.version_id.as_deref(),
+            job_id: r.job_id.as_deref(),
+            target_api_key_id: r.target_api_key_id.as_deref(),
+            scopes: r.scopes.as_deref(),
+            batch_index: r.batch_index,
+            items: r.items,
+            item_indexes: r.item_indexes.as_deref(),
+            prev: &r.prev,
+            hash: None,
+        }
+    }
+
+    /// A chain that continues after `hash_hex` at `seq`, as a restarted
+    /// writer's does.
+    fn chain_after(seq: u64, hash_hex: &str) -> Chain {
+        let mut chain = Chain::new();
+        chain.seq = seq;
+        chain.prev = crate::audit::chain::hex32(hash_hex).unwrap();
+        chain
+    }
+
     #[test]
     fn an_intact_chain_verifies_and_any_edit_is_named() {
-        let lines = chain_of(5);
-        let report = check(&lines).unwrap();
-        assert_eq!(
-            (report.records, report.first_seq, report.last_seq),
-            (5, Some(1), Some(5))
-        );
-        assert_eq!(report.starts_after.as_deref(), Some(GENESIS));
+        for (format, sealer) in FORMATS {
+            let lines = chain_with(sealer, 5);
+            let report = check(&lines).unwrap();
+            assert_eq!(
+                (report.records, report.first_seq, report.last_seq),
+                (5, Some(1), Some(5)),
+                "{format}"
+            );
+            assert_eq!(report.starts_after.as_deref(), Some(GENESIS));
+            assert_eq!(report.last_hash, record_at(&lines, 4).hash);
 
-        let mut changed = lines.clone();
-        changed[2] = changed[2].replace("op2", "opX");
-        match check(&changed) {
+            let mut changed = lines.clone();
+            changed[2] = changed[2].replace("op2", "opX");
+            match check(&changed) {
+                Err(VerifyError::Broken(b)) => {
+                    assert_eq!((b.line, b.seq), (3, Some(3)), "{format}");
+                    assert!(b.reason.contains("changed"), "{b}");
+                }
+                other => panic!("{format}: {other:?}"),
+            }
+
+            let mut removed = lines.clone();
+            removed.remove(1);
+            match check(&removed) {
+                Err(VerifyError::Broken(b)) => {
+                    assert_eq!((b.line, b.seq), (2, Some(3)), "{format}");
+                    assert!(b.reason.contains("removed"), "{b}");
+                }
+                other => panic!("{format}: {other:?}"),
+            }
+
+            let mut swapped = lines.clone();
+            swapped.swap(3, 4);
+            assert!(
+                matches!(check(&swapped), Err(VerifyError::Broken(b)) if b.line == 4),
+                "{format}"
+            );
+
+            // A record inserted (a copy of another, or one sealed after the
+            // record before it, with its seq) breaks the chain.
+            let mut duplicated = lines.clone();
+            duplicated.insert(3, lines[1].clone());
+            assert!(
+                matches!(check(&duplicated), Err(VerifyError::Broken(b)) if b.line == 4),
+                "{format}"
+            );
+            let mut inserted = lines.clone();
+            let hash2 = record_at(&lines, 1).hash.unwrap();
+            inserted.insert(2, sealer(&mut chain_after(2, &hash2), &sample("inserted")));
+            match check(&inserted) {
+                Err(VerifyError::Broken(b)) => assert_eq!(b.line, 4, "{format}: {b}"),
+                other => panic!("{format}: {other:?}"),
+            }
+
+            // The seq changed alone.
+            let mut renumbered = lines.clone();
+            renumbered[3] = renumbered[3].replace("\"seq\":4,", "\"seq\":9,");
+            assert!(
+                matches!(check(&renumbered), Err(VerifyError::Broken(b)) if b.line == 4),
+                "{format}"
+            );
+
+            // Re-hashing a changed record does not help: the next link breaks.
+            let original = record_at(&lines, 1);
+            let mut forged = borrowed(&original);
+            forged.operation = "forged";
+            let mut chain = chain_after(1, &record_at(&lines, 0).hash.unwrap());
+            chain.state_prev = false;
+            let mut rehashed = lines.clone();
+            rehashed[1] = sealer(&mut chain, &forged);
+            match check(&rehashed) {
+                Err(VerifyError::Broken(b)) => {
+                    assert_eq!((b.line, b.seq), (3, Some(3)), "{format}")
+                }
+                other => panic!("{format}: {other:?}"),
+            }
+
+            let mut garbage = lines.clone();
+            garbage[4] = "not json".into();
+            assert!(
+                matches!(check(&garbage), Err(VerifyError::Broken(b)) if b.line == 5 && b.seq.is_none()),
+                "{format}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_v2_line_with_its_prev_or_hash_damaged_is_named() {
+        let lines = chain_with(seal, 3);
+        assert!(lines[0].contains("\"prev\":\"") && !lines[1].contains("\"prev\""));
+        // The first line's stated `prev` is what its hash follows.
+        let zeros = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+        let mut other_prev = lines.clone();
+        other_prev[0] = other_prev[0].replace(zeros, "BAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+        assert!(matches!(check(&other_prev), Err(VerifyError::Broken(b)) if b.line == 1));
+        // A `prev` added to a later line must be the hash before it.
+        let mut wrong_prev = lines.clone();
+        wrong_prev[2] = wrong_prev[2].replace(",\"h\":", &format!(",\"prev\":\"{zeros}\",\"h\":"));
+        match check(&wrong_prev) {
             Err(VerifyError::Broken(b)) => {
-                assert_eq!((b.line, b.seq), (3, Some(3)));
-                assert!(b.reason.contains("changed"), "{b}");
+                assert_eq!((b.line, b.kind), (3, BreakKind::Tampered));
+                assert!(b.reason.contains("`prev` is not the hash"), "{b}");
             }
             other => panic!("{other:?}"),
         }
-
-        let mut removed = lines.clone();
-        removed.remove(1);
-        match check(&removed) {
-            Err(VerifyError::Broken(b)) => assert_eq!((b.line, b.seq), (2, Some(3))),
-            other => panic!("{other:?}"),
+        // ... and a correct one changes nothing (the table's copy of a
+        // segment's first line states it).
+        let mut stated = lines.clone();
+        let hash1 = record_at(&lines, 1).hash.unwrap();
+        let mut buf = [0; 43];
+        let b64 = crate::domain::ids::compact_bytes(
+            &crate::audit::chain::hex32(&hash1).unwrap(),
+            &mut buf,
+        )
+        .unwrap();
+        stated[2] = stated[2].replace(",\"h\":", &format!(",\"prev\":\"{b64}\",\"h\":"));
+        assert_eq!(check(&stated).unwrap().records, 3);
+        for damaged in [
+            lines[1].replace(",\"h\":\"", ",\"h\":\"A"),
+            lines[1].replace("\"v\":2,", "\"v\":3,"),
+            lines[1].replace(",\"h\":", ",\"x\":1,\"h\":"),
+            lines[1][..lines[1].len() - 2].to_string() + "\",\"extra\":1}",
+        ] {
+            let mut bad = lines.clone();
+            bad[1] = damaged.clone();
+            assert!(
+                matches!(check(&bad), Err(VerifyError::Broken(b)) if b.line == 2),
+                "{damaged}"
+            );
         }
+    }
 
-        let mut swapped = lines.clone();
-        swapped.swap(3, 4);
-        assert!(matches!(check(&swapped), Err(VerifyError::Broken(b)) if b.line == 4));
-
-        // Re-hashing a changed record does not help: the next link breaks.
-        let mut forged: AuditRecord<&str> = serde_json::from_str(&lines[1]).unwrap();
-        forged.operation = "forged";
+    #[test]
+    fn a_v1_file_continued_in_v2_after_a_restart_verifies_and_breaks_where_edited() {
         let mut chain = Chain::new();
-        chain.seq = 1;
-        chain.prev = forged.prev.to_string();
-        let mut rehashed = lines.clone();
-        rehashed[1] = seal(&mut chain, &forged);
-        match check(&rehashed) {
-            Err(VerifyError::Broken(b)) => assert_eq!((b.line, b.seq), (3, Some(3))),
-            other => panic!("{other:?}"),
+        let mut lines: Vec<String> = (0..3)
+            .map(|i| seal_v1(&mut chain, &sample(&format!("old{i}"))))
+            .collect();
+        // A restarted writer reads the last v1 line and goes on in v2; its
+        // first record states the hash it follows.
+        let last = record_at(&lines, 2);
+        let mut chain = chain_after(3, &last.hash.unwrap());
+        for i in 0..3 {
+            lines.push(seal(&mut chain, &sample(&format!("new{i}"))));
         }
-
-        let mut garbage = lines.clone();
-        garbage[4] = "not json".into();
-        assert!(
-            matches!(check(&garbage), Err(VerifyError::Broken(b)) if b.line == 5 && b.seq.is_none())
+        assert!(lines[3].starts_with("{\"v\":2,\"seq\":4,") && lines[3].contains("\"prev\""));
+        let report = check(&lines).unwrap();
+        assert_eq!((report.records, report.last_seq), (6, Some(6)));
+        assert_eq!(report.last_hash, record_at(&lines, 5).hash);
+        assert_eq!(
+            record_at(&lines, 3).prev,
+            record_at(&lines, 2).hash.unwrap()
         );
+        // The last v1 record changed: the first v2 record no longer follows it.
+        let mut changed = lines.clone();
+        changed[2] = changed[2].replace("old2", "oldX");
+        assert!(matches!(check(&changed), Err(VerifyError::Broken(b)) if b.line == 3));
+        let mut removed = lines.clone();
+        removed.remove(2);
+        assert!(matches!(check(&removed), Err(VerifyError::Broken(b)) if b.line == 3));
+    }
+
+    #[test]
+    fn a_v1_file_rotated_into_a_v2_file_verifies_as_one_chain() {
+        let key = crate::crypto::CheckpointKey::derive(
+            &crate::crypto::DataKey::from_slice(&[5; 32]).unwrap(),
+        );
+        let public = *key.public_key();
+        let checkpoint = |chain: &Chain, file_start: u64, start_prev: &str| {
+            let mut line = String::new();
+            crate::audit::Checkpoint {
+                seq: chain.seq,
+                hash: chain.prev_hex().as_str(),
+                file_start,
+                file_start_prev: start_prev,
+                time: "2026-01-01T00:00:00.000Z",
+                reason: "rotate",
+                key_id: key.id(),
+            }
+            .write_signed(&key, &mut line);
+            line
+        };
+        // A v1 writer's file, rotated at seq 3: it ends with the rotation's
+        // checkpoint, and the new file (written by v2) starts with it.
+        let mut chain = Chain::new();
+        let mut old: Vec<String> = (0..3)
+            .map(|i| seal_v1(&mut chain, &sample(&format!("old{i}"))))
+            .collect();
+        let rotation = checkpoint(&chain, 1, GENESIS);
+        old.push(rotation.clone());
+        let start_prev = chain.prev_hex();
+        chain.state_prev = true;
+        let mut new = vec![rotation];
+        for i in 0..2 {
+            new.push(seal(&mut chain, &sample(&format!("new{i}"))));
+        }
+        new.push(checkpoint(&chain, 4, &start_prev));
+        let (old, new) = (old.join("\n"), new.join("\n"));
+        for order in [[&old, &new], [&new, &old]] {
+            let set = order
+                .iter()
+                .enumerate()
+                .map(|(i, text)| (format!("file{i}"), text.as_bytes()))
+                .collect();
+            let report = verify_files(set, &[public]).unwrap();
+            assert_eq!(
+                (report.records, report.first_seq, report.last_seq),
+                (5, Some(1), Some(5))
+            );
+            assert_eq!((report.covered_to, report.uncovered), (Some(5), None));
+        }
+        let alone = verify(new.as_bytes(), &[public]).unwrap();
+        assert_eq!((alone.first_seq, alone.covered_to), (Some(4), Some(5)));
+        // A v1 record of the old file changed: the set is refused.
+        let changed = old.replacen("old1", "oldX", 1);
+        let set = vec![
+            ("old".to_string(), changed.as_bytes()),
+            ("new".to_string(), new.as_bytes()),
+        ];
+        assert!(verify_files(set, &[public]).is_err());
     }
 
     /// Records 1..=n, a checkpoint after every `every` and after the last,
     /// each stating that the file starts at `start`.
     fn signed(
+        sealer: Sealer,
         key: &crate::crypto::CheckpointKey,
         n: usize,
         every: usize,
@@ -499,15 +748,12 @@ mod tests {
         let mut chain = Chain::new();
         let mut lines = Vec::new();
         for i in 0..n {
-            lines.push(seal(
-                &mut chain,
-                &crate::audit::chain::tests::sample(&format!("op{i}")),
-            ));
+            lines.push(sealer(&mut chain, &sample(&format!("op{i}"))));
             if (i + 1) % every == 0 || i + 1 == n {
                 let mut line = String::new();
                 crate::audit::Checkpoint {
                     seq: chain.seq,
-                    hash: chain.prev.as_str(),
+                    hash: chain.prev_hex().as_str(),
                     file_start: start,
                     file_start_prev: GENESIS,
                     time: "2026-01-01T00:00:00.000Z",
@@ -530,16 +776,23 @@ mod tests {
 
     #[test]
     fn checkpoints_show_a_rewritten_chain_a_cut_head_and_tail_and_what_they_do_not_cover() {
+        for (format, sealer) in FORMATS {
+            checkpoints_in(format, sealer);
+        }
+    }
+
+    fn checkpoints_in(format: &str, sealer: Sealer) {
         let key = crate::crypto::CheckpointKey::derive(
             &crate::crypto::DataKey::from_slice(&[5; 32]).unwrap(),
         );
         let public = *key.public_key();
-        let lines = signed(&key, 10, 4, 1); // records 1-4, cp, 5-8, cp, 9-10, cp
+        let lines = signed(sealer, &key, 10, 4, 1); // records 1-4, cp, 5-8, cp, 9-10, cp
         assert_eq!(lines.len(), 13);
         let report = verify(lines.join("\n").as_bytes(), &[public]).unwrap();
         assert_eq!(
             (report.records, report.checkpoints, report.covered_to),
-            (10, 3, Some(10))
+            (10, 3, Some(10)),
+            "{format}"
         );
         assert_eq!((report.uncovered, report.signatures_checked), (None, true));
         assert_eq!(report.key_ids, vec![key.id().to_string()]);
@@ -549,34 +802,47 @@ mod tests {
                 .unwrap()
                 .signatures_checked
         );
+        // The record lines alone, without checkpoints, in order.
+        let records: Vec<String> = lines
+            .iter()
+            .filter(|l| !checkpoint::is_checkpoint(l.as_bytes()))
+            .cloned()
+            .collect();
 
         // Rewritten: record 6 changed and the chain recomputed after it.
         let mut chain = Chain::new();
         let mut rewritten = Vec::new();
+        let mut index = 0;
         for line in &lines {
             if checkpoint::is_checkpoint(line.as_bytes()) {
                 rewritten.push(line.clone());
                 continue;
             }
-            let mut r: AuditRecord<&str> = serde_json::from_str(line).unwrap();
+            let original = record_at(&records, index);
+            index += 1;
+            let mut r = borrowed(&original);
             if r.seq == 6 {
                 r.outcome = "error";
             }
-            rewritten.push(seal(&mut chain, &r));
+            rewritten.push(sealer(&mut chain, &r));
         }
         assert!(
             verify(rewritten.join("\n").as_bytes(), &[]).is_err(),
-            "even unsigned, the hash no longer matches the checkpoint"
+            "{format}: even unsigned, the hash no longer matches the checkpoint"
         );
         let b = break_of(&rewritten, &public);
-        assert_eq!((b.kind, b.line, b.seq), (BreakKind::Tampered, 10, Some(8)));
+        assert_eq!(
+            (b.kind, b.line, b.seq),
+            (BreakKind::Tampered, 10, Some(8)),
+            "{format}"
+        );
         assert!(b.reason.contains("records 5..8 were rewritten"), "{b}");
 
         // A forged checkpoint: another key, or its seq changed.
         let forger = crate::crypto::CheckpointKey::derive(
             &crate::crypto::DataKey::from_slice(&[6; 32]).unwrap(),
         );
-        let forged = signed(&forger, 10, 4, 1);
+        let forged = signed(sealer, &forger, 10, 4, 1);
         let b = break_of(&forged, &public);
         assert_eq!((b.kind, b.line), (BreakKind::Tampered, 5));
         assert!(
@@ -591,7 +857,11 @@ mod tests {
 
         // Head cut: records 1-2 gone.
         let b = break_of(&lines[2..], &public);
-        assert_eq!((b.kind, b.line, b.seq), (BreakKind::HeadCut, 1, Some(3)));
+        assert_eq!(
+            (b.kind, b.line, b.seq),
+            (BreakKind::HeadCut, 1, Some(3)),
+            "{format}"
+        );
         assert!(
             b.reason
                 .contains("records 1..2 are missing before the first record"),
@@ -621,37 +891,43 @@ mod tests {
 
         // Records appended (with a correct unkeyed chain) are not covered.
         let mut appended = lines.clone();
-        let mut chain = Chain::new();
-        chain.seq = 10;
-        chain.prev = serde_json::from_str::<AuditRecord>(&lines[11])
-            .unwrap()
-            .hash
-            .unwrap();
-        appended.push(seal(
-            &mut chain,
-            &crate::audit::chain::tests::sample("forged"),
-        ));
+        let mut chain = chain_after(10, &record_at(&records, 9).hash.unwrap());
+        chain.state_prev = false;
+        appended.push(sealer(&mut chain, &sample("forged")));
         let report = verify(appended.join("\n").as_bytes(), &[public]).unwrap();
         assert_eq!(
             (report.covered_to, report.uncovered),
-            (Some(10), Some((11, 11)))
+            (Some(10), Some((11, 11))),
+            "{format}"
         );
 
         // A file after log rotation: starts after a checkpoint, or where a
         // checkpoint says it starts.
         // (`fileStartPrev` is not checked: the hash of the record it names
         // covers it.)
-        let rotated = signed(&key, 10, 4, 5);
-        for file in [&rotated[4..], &rotated[5..]] {
+        let rotated = signed(sealer, &key, 10, 4, 5);
+        let mut starts_with_record = rotated[5..].to_vec();
+        if format == "v2" {
+            // A v2 file's first record states the hash it follows, as the
+            // writer writes it.
+            let mut chain = chain_after(4, &record_at(&records, 3).hash.unwrap());
+            starts_with_record[0] = sealer(&mut chain, &sample("op4"));
+        }
+        for file in [&rotated[4..], &starts_with_record[..]] {
             let report = verify(file.join("\n").as_bytes(), &[public]).unwrap();
             assert_eq!(
                 (report.first_seq, report.covered_to, report.uncovered),
-                (Some(5), Some(10), None)
+                (Some(5), Some(10), None),
+                "{format}"
             );
         }
         // A head cut that kept the checkpoint before the records it cut.
         let b = break_of(&lines[4..], &public);
-        assert_eq!((b.kind, b.line, b.seq), (BreakKind::HeadCut, 2, Some(5)));
+        assert_eq!(
+            (b.kind, b.line, b.seq),
+            (BreakKind::HeadCut, 2, Some(5)),
+            "{format}"
+        );
         assert!(b.reason.contains("records 1..4 are missing"), "{b}");
     }
 
@@ -696,8 +972,151 @@ mod tests {
             assert!(verify(changed.as_bytes(), &[public]).is_err());
         }
 
+        /// The v1 file continued in format v2 by a restarted writer.
+        const FILE_V2: &str = include_str!("../../tests/known-answers/audit-format-v2.log");
+
         #[test]
-        fn wycheproof_keyward_audit_writer_produces_format_v1_byte_for_byte() {
+        fn wycheproof_keyward_audit_file_continued_in_format_v2_verifies_and_reads_back() {
+            let key = checkpoint_key();
+            let report = verify(FILE_V2.as_bytes(), &[*key.public_key()]).unwrap();
+            assert_eq!((report.records, report.checkpoints), (5, 2));
+            assert_eq!((report.covered_to, report.uncovered), (Some(5), None));
+            let records: Vec<AuditRecord> = crate::audit::read_records(FILE_V2)
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+            let (fourth, fifth) = (&records[3], &records[4]);
+            assert_eq!(fourth.prev, records[2].hash.clone().unwrap());
+            assert_eq!(fifth.prev, fourth.hash.clone().unwrap());
+            assert_eq!(
+                (
+                    fourth.time.as_str(),
+                    fourth.request_id.as_deref(),
+                    fourth.api_key_id.as_deref(),
+                    fourth.tenant_id.as_deref(),
+                    fourth.actor.as_str(),
+                    fourth.outcome.as_str(),
+                ),
+                (
+                    "2026-01-01T00:00:04.000Z",
+                    Some("a258363d-c1c2-4faa-bc21-929259815394"),
+                    Some("kw_bcf8ecd166f2eada597f837c"),
+                    Some(TENANT),
+                    "api_key",
+                    "ok",
+                )
+            );
+            assert_eq!(
+                (
+                    fifth.outcome.as_str(),
+                    fifth.error.as_deref(),
+                    fifth.items,
+                    fifth.item_indexes.as_deref()
+                ),
+                ("error", Some("decryption_failed"), Some(2), Some("3,17"))
+            );
+            // One byte changed in a v2 record breaks it.
+            let changed = FILE_V2.replacen("\"st\":200", "\"st\":201", 1);
+            assert!(verify(changed.as_bytes(), &[*key.public_key()]).is_err());
+        }
+
+        #[test]
+        fn wycheproof_keyward_audit_file_v2_any_byte_changed_is_caught_and_nothing_panics() {
+            let public = *checkpoint_key().public_key();
+            let bytes = FILE_V2.as_bytes();
+            for i in 0..bytes.len() {
+                if bytes[i] == b'\n' {
+                    continue;
+                }
+                // Flipping the lowest bit never turns a hex digit into its
+                // upper-case twin (which would parse to the same bytes).
+                let mut changed = bytes.to_vec();
+                changed[i] ^= 1;
+                assert!(
+                    verify(changed.as_slice(), &[public]).is_err(),
+                    "byte {i} changed went unnoticed"
+                );
+                if let Ok(text) = std::str::from_utf8(&changed) {
+                    let _ = crate::audit::read_records(text);
+                }
+                // Cut anywhere: an answer, never a panic.
+                let _ = verify(&bytes[..i], &[public]);
+                let _ = crate::audit::read_records(&FILE_V2[..FILE_V2.floor_char_boundary(i)]);
+            }
+        }
+
+        #[test]
+        fn wycheproof_keyward_audit_writer_continues_a_v1_file_in_format_v2_byte_for_byte() {
+            // The writer restarted on the v1 file: it continues after its
+            // closing checkpoint.
+            let v1_end = FILE.lines().last().unwrap();
+            let hash = checkpoint::parse(v1_end.as_bytes())
+                .unwrap()
+                .checkpoint
+                .hash;
+            let mut chain = Chain::new();
+            chain.seq = 3;
+            chain.prev = crate::audit::chain::hex32(&hash).unwrap();
+            let records = [
+                (
+                    1_767_225_604_000,
+                    AuditRecord {
+                        operation: "encrypt",
+                        outcome: "ok",
+                        status: Some(200),
+                        request_id: Some("a258363d-c1c2-4faa-bc21-929259815394"),
+                        actor: "api_key",
+                        api_key_id: Some("kw_bcf8ecd166f2eada597f837c"),
+                        tenant_id: Some(TENANT),
+                        peer: Some("10.1.2.3"),
+                        encryption_id: Some(ENCRYPTION),
+                        version_id: Some(VERSION),
+                        ..AuditRecord::default()
+                    },
+                ),
+                (
+                    1_767_225_605_000,
+                    AuditRecord {
+                        operation: "decrypt",
+                        outcome: "error",
+                        error: Some("decryption_failed"),
+                        status: Some(200),
+                        request_id: Some("req-5"),
+                        actor: "api_key",
+                        api_key_id: Some("kw_bcf8ecd166f2eada597f837c"),
+                        tenant_id: Some(TENANT),
+                        encryption_id: Some(ENCRYPTION),
+                        version_id: Some(VERSION),
+                        items: Some(2),
+                        item_indexes: Some("3,17"),
+                        ..AuditRecord::default()
+                    },
+                ),
+            ];
+            let mut lines: Vec<String> = FILE.lines().map(str::to_string).collect();
+            for (ms, record) in &records {
+                let mut line = String::new();
+                chain.seal(record, *ms, &mut line);
+                lines.push(line);
+            }
+            let key = checkpoint_key();
+            let mut checkpoint = String::new();
+            Checkpoint {
+                seq: 5,
+                hash: chain.prev_hex().as_str(),
+                file_start: 1,
+                file_start_prev: GENESIS,
+                time: "2026-01-01T00:00:06.000Z",
+                reason: "shutdown",
+                key_id: key.id(),
+            }
+            .write_signed(&key, &mut checkpoint);
+            lines.push(checkpoint);
+            assert_eq!(lines, FILE_V2.lines().collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn wycheproof_keyward_audit_format_v1_is_sealed_byte_for_byte() {
             let mut chain = Chain::new();
             let records = [
                 AuditRecord {
@@ -737,12 +1156,12 @@ mod tests {
                     ..AuditRecord::default()
                 },
             ];
-            let mut lines: Vec<String> = records.iter().map(|r| seal(&mut chain, r)).collect();
+            let mut lines: Vec<String> = records.iter().map(|r| seal_v1(&mut chain, r)).collect();
             let key = checkpoint_key();
             let mut checkpoint = String::new();
             Checkpoint {
                 seq: 3,
-                hash: chain.prev.as_str(),
+                hash: chain.prev_hex().as_str(),
                 file_start: 1,
                 file_start_prev: GENESIS,
                 time: "2026-01-01T00:00:03.000Z",

@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use super::chain::Chain;
+use super::chain::{hex32, parse_sealed, Chain};
 use super::checkpoint::{self, Checkpoint};
-use super::record::{AuditEvent, AuditRecord, TextCache};
+use super::record::{AuditEvent, TextCache};
 use super::table::TableShared;
 use crate::crypto::CheckpointKey;
 use crate::store::{AuditSegment, Store};
@@ -281,7 +281,7 @@ impl Sink {
 #[derive(Debug, Default, PartialEq)]
 struct FileState {
     /// The `seq` and `prev` of the file's first record (`None` before it).
-    start: Option<(u64, String)>,
+    start: Option<(u64, [u8; 32])>,
     /// The last `seq` a checkpoint in the file covers.
     covered: u64,
     /// How long the file is after the writer's last write: shorter later
@@ -338,9 +338,10 @@ impl Signer {
             self.announced = Some(key.id().to_string());
         }
         let (start_seq, start_prev) = match &self.file.start {
-            Some((seq, prev)) => (*seq, prev.as_str()),
-            None => (chain.seq + 1, chain.prev.as_str()),
+            Some((seq, prev)) => (*seq, crate::crypto::hex(prev)),
+            None => (chain.seq + 1, chain.prev_hex()),
         };
+        let hash = chain.prev_hex();
         let time = crate::domain::time::rfc3339(crate::domain::time::now_ms());
         if chain.needs_newline {
             // The file ended mid-line (a crash) and no record came since.
@@ -349,9 +350,9 @@ impl Signer {
         }
         Checkpoint {
             seq: chain.seq,
-            hash: chain.prev.as_str(),
+            hash: hash.as_str(),
             file_start: start_seq,
-            file_start_prev: start_prev,
+            file_start_prev: start_prev.as_str(),
             time: &time,
             reason,
             key_id: key.id(),
@@ -407,8 +408,10 @@ fn rotate(file: &mut std::fs::File, path: &Path, chain: &mut Chain, signer: &mut
     match opened {
         Ok(new) => {
             *file = new;
+            // The new file's first record states the hash it follows.
+            chain.state_prev = true;
             signer.file = FileState {
-                start: Some((chain.seq + 1, chain.prev.clone())),
+                start: Some((chain.seq + 1, chain.prev)),
                 covered: chain.seq,
                 len: line.len() as u64,
             };
@@ -451,11 +454,13 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain, FileState)> 
             // successor) starts with the record after the one it covers.
             checkpoint::parse(first)
                 .ok()
-                .map(|c| (c.checkpoint.seq + 1, c.checkpoint.hash))
+                .and_then(|c| hex32(&c.checkpoint.hash).map(|hash| (c.checkpoint.seq + 1, hash)))
         } else {
-            serde_json::from_slice::<AuditRecord>(first)
+            // A first record states its `prev` (v1: every record does; v2:
+            // the first of a file), or follows the genesis.
+            parse_sealed(first)
                 .ok()
-                .map(|r| (r.seq, r.prev))
+                .map(|r| (r.seq, r.prev.unwrap_or([0; 32])))
         };
         let start = len.saturating_sub(256 * 1024);
         file.seek(SeekFrom::Start(start))?;
@@ -473,15 +478,9 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain, FileState)> 
         let end = match last {
             Some(l) if checkpoint::is_checkpoint(l) => checkpoint::parse(l)
                 .ok()
-                .map(|c| (c.checkpoint.seq, c.checkpoint.hash, true)),
-            Some(l) => match serde_json::from_slice::<AuditRecord>(l) {
-                Ok(AuditRecord {
-                    seq,
-                    hash: Some(hash),
-                    ..
-                }) => Some((seq, hash, false)),
-                _ => None,
-            },
+                .and_then(|c| hex32(&c.checkpoint.hash).map(|hash| (c.checkpoint.seq, hash, true))),
+            // A v1 line too: a file written before format v2 continues in v2.
+            Some(l) => parse_sealed(l).ok().map(|r| (r.seq, r.hash, false)),
             None => None,
         };
         match end {
@@ -505,6 +504,24 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain, FileState)> 
     Ok((file, chain, state))
 }
 
+/// `line` (format v2, without `prev`) with `"prev"` stated before its `h`,
+/// into `out` (cleared first).
+fn stating_prev(line: &str, prev: &[u8; 32], out: &mut String) {
+    out.clear();
+    // The line ends in `,"h":"` + 43 characters + `"}`.
+    let cut = line.len().saturating_sub(51);
+    let (body, hash) = (
+        line.get(..cut).unwrap_or(line),
+        line.get(cut..).unwrap_or(""),
+    );
+    let mut buf = [0; 43];
+    out.push_str(body);
+    out.push_str(",\"prev\":\"");
+    out.push_str(crate::domain::ids::compact_bytes(prev, &mut buf).unwrap_or_default());
+    out.push('"');
+    out.push_str(hash);
+}
+
 /// The writer: seals records into the chain, appends them to the file, and
 /// hands segments to the table task.
 async fn write_loop(
@@ -522,6 +539,8 @@ async fn write_loop(
     let mut current_due: Option<tokio::time::Instant> = None;
     // The lines of one batch, reused from batch to batch.
     let mut out = String::new();
+    // A segment's first line with its `prev`, reused.
+    let mut first_line = String::new();
     let mut time = TextCache::default();
     // Whether the last write to the file failed.
     let mut file_failing = false;
@@ -556,7 +575,25 @@ async fn write_loop(
         let mut closing = false;
         // Where this batch starts the chain: where the file starts if it is
         // new or was truncated.
-        let batch_start = (chain.seq + 1, chain.prev.clone());
+        let batch_start = (chain.seq + 1, chain.prev);
+        if received == usize::MAX || messages.iter().any(|m| !matches!(m, Message::Flush(_))) {
+            // Before the lines are made: the first record written into a
+            // truncated file states the hash it follows.
+            let len = sink.len();
+            if len.is_some_and(|len| len < signer.file.len) {
+                // Truncated under us (`copytruncate`): the file now starts
+                // here, and the chain continues in it.
+                tracing::info!(
+                    seq = batch_start.0,
+                    "the audit file was truncated (log rotation); the chain continues in it"
+                );
+                signer.file.start = None;
+                chain.state_prev = true;
+            }
+            if let Some(len) = len {
+                signer.file.len = len;
+            }
+        }
         for message in messages.drain(..) {
             match message {
                 Message::Flush(done) => flushes.push(done),
@@ -567,7 +604,8 @@ async fn write_loop(
                 Message::Event(event, permit) => {
                     permits.push(permit);
                     event.for_each_record(&mut time, |record| {
-                        let line = chain.append(record, &mut out);
+                        let (follows, stated) = (chain.prev, chain.state_prev);
+                        let line = chain.append(record, event.time_ms, &mut out);
                         records += 1;
                         let Some(table) = &table else {
                             return;
@@ -578,9 +616,19 @@ async fn write_loop(
                             segment.lines = table.spare_lines();
                             segment
                         });
+                        let mut text = &out[line];
+                        if segment.records == 0 && !stated {
+                            // A segment's first line states the hash it
+                            // follows, so that a read of the table gives
+                            // every record its `prev` from its own segment
+                            // (the hash does not cover `prev`: the line
+                            // still verifies).
+                            stating_prev(text, &follows, &mut first_line);
+                            text = &first_line;
+                        }
                         segment.push(
                             event.time_ms,
-                            &out[line],
+                            text,
                             record.tenant_id,
                             record.encryption_id,
                             event.operation,
@@ -592,23 +640,8 @@ async fn write_loop(
                 }
             }
         }
-        if records > 0 || closing || received == usize::MAX {
-            let len = sink.len();
-            if len.is_some_and(|len| len < signer.file.len) {
-                // Truncated under us (`copytruncate`): the file now starts
-                // here, and the chain continues in it.
-                tracing::info!(
-                    seq = batch_start.0,
-                    "the audit file was truncated (log rotation); the chain continues in it"
-                );
-                signer.file.start = None;
-            }
-            if records > 0 && signer.file.start.is_none() {
-                signer.file.start = Some(batch_start);
-            }
-            if let Some(len) = len {
-                signer.file.len = len;
-            }
+        if records > 0 && signer.file.start.is_none() {
+            signer.file.start = Some(batch_start);
         }
         signer.maybe_sign(&mut chain, closing, &mut out);
         if !out.is_empty() {
@@ -694,15 +727,51 @@ mod tests {
             writeln!(file, "{}", seal(&mut chain, &sample(&format!("a{i}")))).unwrap();
         }
         drop(file);
-        let (mut file, mut chain, _) = open_file(&path).unwrap();
-        assert_eq!(chain.seq, 3);
-        writeln!(file, "{}", seal(&mut chain, &sample("b"))).unwrap();
+        let (mut file, mut chain, state) = open_file(&path).unwrap();
+        assert_eq!((chain.seq, state.start), (3, Some((1, [0; 32]))));
+        let line = seal(&mut chain, &sample("b"));
+        // The first record a writer writes into a file states its `prev`.
+        assert!(line.contains("\"prev\":\""), "{line}");
+        writeln!(file, "{line}").unwrap();
         let report = verify(
             std::io::BufReader::new(std::fs::File::open(&path).unwrap()),
             &[],
         )
         .unwrap();
         assert_eq!((report.records, report.last_seq), (4, Some(4)));
+    }
+
+    #[test]
+    fn a_file_of_format_v1_continues_in_format_v2_after_a_restart() {
+        use crate::audit::chain::tests::seal_v1;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (mut file, mut chain, _) = open_file(&path).unwrap();
+        let mut v1 = Vec::new();
+        for i in 0..3 {
+            let line = seal_v1(&mut chain, &sample(&format!("a{i}")));
+            writeln!(file, "{line}").unwrap();
+            v1.push(line);
+        }
+        drop(file);
+        let last_v1 = crate::audit::AuditRecord::from_line(&v1[2], None).unwrap();
+        let (mut file, mut chain, state) = open_file(&path).unwrap();
+        assert_eq!(chain.seq, 3);
+        assert_eq!(chain.prev_hex(), last_v1.hash.unwrap());
+        assert_eq!(state.start, Some((1, [0; 32])));
+        for i in 0..2 {
+            writeln!(file, "{}", seal(&mut chain, &sample(&format!("b{i}")))).unwrap();
+        }
+        drop(file);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[3].starts_with("{\"v\":2,\"seq\":4,") && lines[3].contains("\"prev\""));
+        assert!(!lines[4].contains("\"prev\""));
+        let report = verify(text.as_bytes(), &[]).unwrap();
+        assert_eq!((report.records, report.last_seq), (5, Some(5)));
+        // And a v2 file continues in v2.
+        let (_, chain, _) = open_file(&path).unwrap();
+        assert_eq!(Some(chain.prev_hex()), report.last_hash);
     }
 
     #[tokio::test]
@@ -797,6 +866,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn after_copytruncate_the_new_file_verifies_alone_and_joined_to_the_copy() {
+        use crate::audit::record::{Actor, AuditEvent};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::start(
+            &Destination::File(path.clone()),
+            None,
+            CheckpointSettings::default(),
+        )
+        .unwrap();
+        let key = Arc::new(CheckpointKey::derive(
+            &crate::crypto::DataKey::from_slice(&[5; 32]).unwrap(),
+        ));
+        let public = *key.public_key();
+        log.sign_checkpoints_with(Box::new(move || Some(key.clone())));
+        let event = |i: i64| AuditEvent {
+            time_ms: 1_780_000_000_000 + i,
+            operation: "encrypt",
+            actor: Actor::System,
+            ..AuditEvent::default()
+        };
+        for i in 0..3 {
+            log.record(event(i)).await;
+        }
+        log.flush().await;
+        // logrotate's copytruncate: copy, then truncate in place.
+        let old = std::fs::read_to_string(&path).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        for i in 3..5 {
+            log.record(event(i)).await;
+        }
+        log.close().await;
+        let new = std::fs::read_to_string(&path).unwrap();
+        // The new file's first record states the hash it follows.
+        let first = new.lines().next().unwrap();
+        assert!(
+            first.starts_with("{\"v\":2,\"seq\":4,") && first.contains("\"prev\":\""),
+            "{new}"
+        );
+        let alone = verify(new.as_bytes(), &[public]).unwrap();
+        assert_eq!(
+            (alone.first_seq, alone.last_seq, alone.uncovered),
+            (Some(4), Some(5), None)
+        );
+        let joined = verify(format!("{old}{new}").as_bytes(), &[public]).unwrap();
+        assert_eq!(
+            (joined.records, joined.covered_to, joined.uncovered),
+            (5, Some(5), None)
+        );
+    }
+
+    #[tokio::test]
     async fn a_batch_of_a_thousand_items_on_one_key_is_one_short_record() {
         use crate::audit::record::{Actor, AuditEvent, ItemGroup, Target};
         let dir = tempfile::tempdir().unwrap();
@@ -811,9 +937,16 @@ mod tests {
             time_ms: 1_780_000_000_000,
             operation: "encrypt",
             status: Some(200),
+            // What the edge generates when the client sends none.
             request_id: Some(uuid::Uuid::new_v4().to_string().as_str().into()),
-            actor: Actor::Refused("kw_0123456789abcdef01234567".into()),
-            tenant_id: Some(crate::domain::TenantId::new_random()),
+            // A tenant's API key, which names its tenant.
+            actor: Actor::ApiKey(Arc::new(crate::domain::apikeys::ApiKeyRecord {
+                key_id: "kw_3c8e0d1f2a4b5c6d7e8f9a0b".into(),
+                tenant_id: Some(crate::domain::TenantId::new_random()),
+                secret_sha256: [0; 32],
+                scopes: crate::domain::apikeys::Scopes::tenant_all(),
+                cert_spki_sha256: None,
+            })),
             peer: Some("10.1.2.3".parse().unwrap()),
             targets,
             ..AuditEvent::default()
@@ -829,17 +962,23 @@ mod tests {
             count: 1000,
             ..ItemGroup::default()
         }))]);
+        // The file's first record also states the hash it follows (the
+        // genesis): the typical record is the one after it.
+        log.record(single.clone()).await;
+        log.flush().await;
+        let first_bytes = std::fs::metadata(&path).unwrap().len();
         log.record(single).await;
         log.flush().await;
-        let single_bytes = std::fs::metadata(&path).unwrap().len();
+        let single_bytes = std::fs::metadata(&path).unwrap().len() - first_bytes;
         log.record(batch).await;
         log.flush().await;
-        let batch_bytes = std::fs::metadata(&path).unwrap().len() - single_bytes;
+        let batch_bytes = std::fs::metadata(&path).unwrap().len() - first_bytes - single_bytes;
         let text = std::fs::read_to_string(&path).unwrap();
-        assert_eq!(text.lines().count(), 2);
-        // A request's record, with every id a request has: about 520
-        // bytes, most of it four UUIDs and the two SHA-256 hashes.
-        assert!(single_bytes < 560, "{single_bytes}");
+        assert_eq!(text.lines().count(), 3);
+        // A request's record, with every id a request has (issue #25: at
+        // most 300 bytes; 533 in format v1).
+        assert!(single_bytes <= 300, "{single_bytes}: {text}");
+        assert!(first_bytes <= single_bytes + 60, "{first_bytes}");
         assert!(batch_bytes < single_bytes + 16, "{batch_bytes}");
         println!(
             "audit bytes: single request {single_bytes}, batch of 1000 {batch_bytes} ({:.2} per item)",

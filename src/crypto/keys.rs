@@ -28,6 +28,17 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
     out
 }
 
+/// SHA-256 of `parts`, one after the other (without joining them first).
+pub fn sha256_parts(parts: &[&[u8]]) -> [u8; 32] {
+    let mut context = digest::Context::new(&digest::SHA256);
+    for part in parts {
+        context.update(part);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(context.finish().as_ref());
+    out
+}
+
 /// A 256-bit symmetric key in memory that is zeroed when dropped. `Debug` prints
 /// no key bytes.
 #[derive(Clone)]

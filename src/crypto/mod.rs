@@ -29,8 +29,8 @@ pub use checkpoint::{
 };
 pub use hex::{hex, hex_into, parse_hex};
 pub use keys::{
-    derive_client_wrapping_key, hkdf_sha256, random_bytes, sha256, CipherKey, DataKey,
-    HkdfLengthError, HKDF_SHA256_MAX_LEN, KEY_LEN,
+    derive_client_wrapping_key, hkdf_sha256, random_bytes, sha256, sha256_parts, CipherKey,
+    DataKey, HkdfLengthError, HKDF_SHA256_MAX_LEN, KEY_LEN,
 };
 pub use rsa_oaep::{ImportWrapping, RsaBits, RsaKeyError, RsaPrivateKey, RsaPublicKey};
 pub use search::{blind_index, siv_nonce, siv_open, siv_seal, IndexKey, SivKey, MAX_INDEX_BITS};

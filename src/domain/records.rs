@@ -150,6 +150,18 @@ pub struct JobRow {
     pub created_at: i64,
 }
 
+/// One record line read from the audit table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditLine {
+    /// Its position (the cursor for the next page).
+    pub position: i64,
+    /// The line, as the writer wrote it.
+    pub line: String,
+    /// The hash on the line before it in its segment (the last member of
+    /// every record line), for a line that does not state its `prev`.
+    pub previous_hash: Option<String>,
+}
+
 /// Which records to read: every filter is optional; newest first.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {

@@ -157,22 +157,26 @@ pub(super) async fn list(
     let mut rows = state.service.audit_records(&q).await?;
     let next_cursor = if rows.len() as i64 > limit {
         rows.truncate(limit as usize);
-        rows.last().map(|(id, _)| id.to_string())
+        rows.last().map(|row| row.position.to_string())
     } else {
         None
     };
+    // Lines of either format, read back as records of the v1 form (the
+    // response is the same whatever the file's format).
     let records = rows
         .into_iter()
-        .filter_map(|(position, text)| match serde_json::from_str(&text) {
-            Ok(r) => Some(r),
-            Err(_) => {
-                tracing::error!(
-                    position,
-                    "an audit record in the table does not parse; skipped"
-                );
-                None
-            }
-        })
+        .filter_map(
+            |row| match AuditRecord::from_line(&row.line, row.previous_hash.as_deref()) {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    tracing::error!(
+                        position = row.position,
+                        "an audit record in the table does not parse; skipped"
+                    );
+                    None
+                }
+            },
+        )
         .collect();
     Ok(Json(AuditPage {
         records,

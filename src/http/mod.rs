@@ -286,13 +286,10 @@ mod tests {
         /// The operation of every audit record written so far, in order.
         async fn audited_operations(&self) -> Vec<String> {
             self.state.audit.flush().await;
-            std::fs::read_to_string(&self.audit_file)
-                .unwrap_or_default()
-                .lines()
-                .map(|line| {
-                    let record: Value = serde_json::from_str(line).unwrap();
-                    record["operation"].as_str().unwrap().to_string()
-                })
+            let text = std::fs::read_to_string(&self.audit_file).unwrap_or_default();
+            crate::audit::read_records(&text)
+                .into_iter()
+                .map(|record| record.unwrap().operation)
                 .collect()
         }
     }
@@ -633,10 +630,10 @@ mod tests {
     /// Every audit record written so far, in order.
     async fn audit_records(api: &TestApi) -> Vec<Value> {
         api.state.audit.flush().await;
-        std::fs::read_to_string(&api.audit_file)
-            .unwrap_or_default()
-            .lines()
-            .map(|line| serde_json::from_str(line).unwrap())
+        let text = std::fs::read_to_string(&api.audit_file).unwrap_or_default();
+        crate::audit::read_records(&text)
+            .into_iter()
+            .map(|record| serde_json::to_value(record.unwrap()).unwrap())
             .collect()
     }
 

@@ -22,7 +22,7 @@ use sqlx::Row;
 
 use super::pool::{Store, StoreError};
 use super::sql::{statement_chunks, values_list};
-pub use crate::domain::records::AuditQuery;
+pub use crate::domain::records::{AuditLine, AuditQuery};
 
 /// Most records in one segment. A read cursor is a record's position,
 /// `segment id * POSITIONS + line`, so this stays below [`POSITIONS`].
@@ -144,42 +144,112 @@ impl AuditSegment {
     }
 }
 
-/// The fields of a record that reads filter on.
+/// The fields of a record that reads filter on, in either record format:
+/// v1 (`time` as RFC 3339 text, ids as UUID text) or v2 (`t` in Unix ms,
+/// `op`, ids in their 22-character form under `ten` and `enc`, or as text
+/// under their v1 names when they are not canonical UUIDs).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Filterable<'a> {
-    #[serde(borrow)]
-    time: &'a str,
-    #[serde(borrow)]
-    operation: &'a str,
+    #[serde(borrow, default)]
+    time: Option<&'a str>,
+    #[serde(default)]
+    t: Option<i64>,
+    #[serde(borrow, default, alias = "op")]
+    operation: Option<&'a str>,
     #[serde(borrow, default)]
     tenant_id: Option<&'a str>,
     #[serde(borrow, default)]
+    ten: Option<&'a str>,
+    #[serde(borrow, default)]
     encryption_id: Option<&'a str>,
+    #[serde(borrow, default)]
+    enc: Option<&'a str>,
+}
+
+/// A query's filters in the forms records state them, worked out once per
+/// read.
+struct Bounds {
+    /// `from`/`to` as v1 record time text (fixed-width RFC 3339 UTC, so
+    /// text order is time order).
+    from: Option<String>,
+    to: Option<String>,
+    /// The tenant and encryption filters in v2's compact form.
+    tenant: Option<String>,
+    encryption: Option<String>,
+}
+
+impl Bounds {
+    fn of(q: &AuditQuery) -> Bounds {
+        let compact = |id: Option<&str>| {
+            id.and_then(|id| {
+                let mut buf = [0; 22];
+                crate::domain::ids::compact_uuid(id, &mut buf).map(str::to_string)
+            })
+        };
+        Bounds {
+            from: q.from_ms.map(crate::domain::time::rfc3339),
+            to: q.to_ms.map(crate::domain::time::rfc3339),
+            tenant: compact(q.tenant_id.as_deref()),
+            encryption: compact(q.encryption_id.as_deref()),
+        }
+    }
 }
 
 impl AuditQuery {
-    /// Whether a record line passes every filter; `from`/`to` are the bounds
-    /// as record time text (fixed-width RFC 3339 UTC, so text order is time
-    /// order). A line that does not parse passes, for the caller to report,
-    /// unless the query is limited to a tenant: a tenant's reader must never
-    /// see a line nobody could tell was theirs.
-    fn admits(&self, line: &str, from: Option<&str>, to: Option<&str>) -> bool {
-        let Ok(r) = serde_json::from_str::<Filterable<'_>>(line) else {
+    /// Whether a record line passes every filter. A line that does not
+    /// parse passes, for the caller to report, unless the query is limited
+    /// to a tenant: a tenant's reader must never see a line nobody could
+    /// tell was theirs.
+    fn admits(&self, line: &str, b: &Bounds) -> bool {
+        let parsed = serde_json::from_str::<Filterable<'_>>(line)
+            .ok()
+            .filter(|r| r.operation.is_some() && (r.time.is_some() || r.t.is_some()));
+        let Some(r) = parsed else {
             return self.tenant_id.is_none();
         };
-        from.is_none_or(|f| r.time >= f)
-            && to.is_none_or(|t| r.time < t)
-            && self.operation.as_deref().is_none_or(|o| r.operation == o)
+        let in_time = match (r.t, r.time) {
+            (Some(ms), _) => {
+                self.from_ms.is_none_or(|f| ms >= f) && self.to_ms.is_none_or(|t| ms < t)
+            }
+            (None, time) => {
+                b.from.as_deref().is_none_or(|f| time >= Some(f))
+                    && b.to.as_deref().is_none_or(|t| time < Some(t))
+            }
+        };
+        // An id matches in its compact form (v2) or its text (v1, or v2's
+        // fallback for a non-canonical id).
+        let id_matches = |wanted: Option<&str>,
+                          compact: Option<&str>,
+                          short: Option<&str>,
+                          long: Option<&str>| {
+            wanted.is_none_or(|w| long == Some(w) || (short.is_some() && short == compact))
+        };
+        in_time
             && self
-                .tenant_id
+                .operation
                 .as_deref()
-                .is_none_or(|t| r.tenant_id == Some(t))
-            && self
-                .encryption_id
-                .as_deref()
-                .is_none_or(|e| r.encryption_id == Some(e))
+                .is_none_or(|o| r.operation == Some(o))
+            && id_matches(
+                self.tenant_id.as_deref(),
+                b.tenant.as_deref(),
+                r.ten,
+                r.tenant_id,
+            )
+            && id_matches(
+                self.encryption_id.as_deref(),
+                b.encryption.as_deref(),
+                r.enc,
+                r.encryption_id,
+            )
     }
+}
+
+/// The last member's value of a record line: its hash (`hash` in v1, `h`
+/// in v2; both formats end with it).
+fn last_value(line: &str) -> Option<&str> {
+    let rest = line.strip_suffix("\"}")?;
+    Some(&rest[rest.rfind('"')? + 1..])
 }
 
 impl Store {
@@ -295,9 +365,8 @@ impl Store {
     /// Pages go backwards by position: a segment committed late with a lower
     /// id than the first page's (PostgreSQL hands out ids before commit) still
     /// shows up on a later page instead of being skipped.
-    pub async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<(i64, String)>, StoreError> {
-        let from = q.from_ms.map(crate::domain::time::rfc3339);
-        let to = q.to_ms.map(crate::domain::time::rfc3339);
+    pub async fn audit_records(&self, q: &AuditQuery) -> Result<Vec<AuditLine>, StoreError> {
+        let bounds = Bounds::of(q);
         let mut out = Vec::new();
         let mut before = q.before_id;
         while (out.len() as i64) < q.limit {
@@ -315,10 +384,13 @@ impl Store {
                     if before.is_some_and(|b| position >= b) {
                         continue;
                     }
-                    if (out.len() as i64) < q.limit
-                        && q.admits(line, from.as_deref(), to.as_deref())
-                    {
-                        out.push((position, line.to_string()));
+                    if (out.len() as i64) < q.limit && q.admits(line, &bounds) {
+                        let previous = index.checked_sub(1).and_then(|i| lines.get(i));
+                        out.push(AuditLine {
+                            position,
+                            line: line.to_string(),
+                            previous_hash: previous.and_then(|l| last_value(l)).map(str::to_string),
+                        });
                     }
                 }
             }
@@ -502,7 +574,7 @@ mod tests {
         };
         let records = store.audit_records(&q).await.unwrap();
         assert_eq!(records.len(), SEGMENT_RECORDS + 2);
-        assert_eq!(records[0].1, line(SEGMENT_RECORDS + 1));
-        assert_eq!(records.last().unwrap().1, line(0));
+        assert_eq!(records[0].line, line(SEGMENT_RECORDS + 1));
+        assert_eq!(records.last().unwrap().line, line(0));
     }
 }

@@ -470,7 +470,8 @@ async fn the_chain_continues_across_restarts_and_verify_names_the_first_broken_r
 
     // An edited field.
     let mut edited = owned();
-    edited[3] = edited[3].replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"");
+    edited[3] = edited[3].replacen(",\"t\":1", ",\"t\":2", 1);
+    assert_ne!(edited[3], lines[3]);
     let message = broken(edited);
     assert!(
         message.contains("line 4 (seq 4)") && message.contains("changed"),
@@ -533,16 +534,32 @@ async fn automatic_rotations_are_audited_as_the_system() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    // With KEYWARD_AUDIT_FILE=-, the records are lines on standard output.
-    assert!(env_app
-        .log_text()
-        .contains("\"operation\":\"rotate.automatic\""));
+    // With KEYWARD_AUDIT_FILE=-, the records are lines on standard output,
+    // as in a file (format v2).
+    assert!(env_app.log_text().contains("\"op\":\"rotate.automatic\""));
 }
 
 /// Segments are stored as zstd frames (`packed`, migrations 0006/0007) with
 /// `records` empty, several times smaller than their text, and unpack to the
 /// lines of the audit file; one still filling is written after a short delay. A row that does not unpack is an error answer, not
 /// a crash and not a silently shorter page.
+/// `line` (format v2) as the first line of a table segment: stating
+/// `prev`, which the writer adds there so that every record read from the
+/// table has it (the hash does not cover `prev`).
+fn as_segment_start(line: &str, record: &Value) -> String {
+    use base64::Engine;
+    if line.contains("\"prev\":") {
+        return line.to_string();
+    }
+    let hex = record["prev"].as_str().unwrap();
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    let prev = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    line.replacen(",\"h\":", &format!(",\"prev\":\"{prev}\",\"h\":"), 1)
+}
+
 async fn audit_segments_are_stored_compressed(backend: Backend) {
     let (app, file, creds, enc, mut conn) = audited_with_database(backend).await;
     // 200 calls (a batch would be one record).
@@ -567,7 +584,7 @@ async fn audit_segments_are_stored_compressed(backend: Backend) {
                 let text = zstd::decode_all(f.as_slice()).unwrap();
                 let text = String::from_utf8(text).unwrap();
                 assert!(text.lines().count() <= 1000);
-                text.matches("\"operation\":\"encrypt\"").count()
+                text.matches("\"op\":\"encrypt\"").count()
             })
             .sum();
         if encrypts == 200 {
@@ -591,9 +608,19 @@ async fn audit_segments_are_stored_compressed(backend: Backend) {
         let packed = packed.as_ref().expect("every new segment is packed");
         let unpacked = String::from_utf8(zstd::decode_all(packed.as_slice()).unwrap()).unwrap();
         assert!(unpacked.ends_with('\n'), "segment {id}");
-        // What the table holds is what the file holds, line for line.
-        for line in unpacked.lines() {
-            assert!(lines.contains(line), "segment {id}: {line}");
+        // What the table holds is what the file holds, line for line,
+        // except that a segment's first line states its `prev` (the file
+        // states it on the file's first record only).
+        for (i, line) in unpacked.lines().enumerate() {
+            let in_file = if i == 0 && !lines.contains(line) {
+                let at = line.find(",\"prev\":\"").unwrap();
+                let end = line.find(",\"h\":\"").unwrap();
+                assert_eq!(end - at, 53, "{line}");
+                format!("{}{}", &line[..at], &line[end..])
+            } else {
+                line.to_string()
+            };
+            assert!(lines.contains(&in_file), "segment {id}: {line}");
         }
         unpacked_total += unpacked.len();
         packed_total += packed.len();
@@ -609,14 +636,14 @@ async fn audit_segments_are_stored_compressed(backend: Backend) {
     let newest = records.iter().max_by_key(|r| r["seq"].as_u64()).unwrap();
     let line = lines
         .lines()
-        .find(|l| l.starts_with(&format!("{{\"seq\":{},", newest["seq"])))
+        .find(|l| l.starts_with(&format!("{{\"v\":2,\"seq\":{},", newest["seq"])))
         .unwrap();
     let old: i64 = sqlx::query_scalar(
         "INSERT INTO audit_segments (first_ms, last_ms, records) VALUES (1, 2, $1) RETURNING id",
     )
     .bind(format!(
         "{}\n",
-        line.replace("\"status\":200", "\"status\":299")
+        as_segment_start(line, newest).replace("\"st\":200", "\"st\":299")
     ))
     .fetch_one(&mut conn)
     .await
@@ -1199,9 +1226,9 @@ async fn every_audited_route_called_once_leaves_one_record_of_its_operation(back
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     let records: Vec<Value> = loop {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let records: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
+        let records: Vec<Value> = keyward::audit::read_records(&text)
+            .into_iter()
+            .map(|r| serde_json::to_value(r.unwrap()).unwrap())
             .collect();
         if records.iter().any(|r| r["requestId"] == last.as_str()) {
             break records;

@@ -45,46 +45,51 @@ fn is_checkpoint(line: &str) -> bool {
     line.starts_with("{\"checkpoint\":")
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// What an attacker with write access to the file but without the key
 /// does: edits the record with `seq`, then recomputes the unkeyed chain from
-/// there on (each `prev`, each `hash`: SHA-256 of the line up to `,"hash":`
-/// closed with `}`), keeping every other line as it is.
+/// there on (format v2: each `h` is the SHA-256 of the previous record's
+/// hash followed by the line up to its `prev` and `h`, closed with `}`),
+/// keeping every other line as it is.
 fn rewrite_chain(lines: &[String], seq: u64, edit: impl Fn(&str) -> String) -> Vec<String> {
-    let mut prev: Option<String> = None;
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut prev: Option<Vec<u8>> = None;
     lines
         .iter()
         .map(|line| {
             if is_checkpoint(line) {
                 return line.clone();
             }
+            assert!(line.starts_with("{\"v\":2,"), "{line}");
             let record: Value = serde_json::from_str(line).unwrap();
-            let old_hash = record["hash"].as_str().unwrap().to_string();
-            let old_prev = record["prev"].as_str().unwrap().to_string();
+            let old_hash = record["h"].as_str().unwrap().to_string();
+            let stated = record["prev"]
+                .as_str()
+                .map(|p| format!(",\"prev\":\"{p}\""));
             let mut text = line.clone();
             if record["seq"] == seq {
                 text = edit(&text);
             }
-            if let Some(p) = &prev {
-                text = text.replace(
-                    &format!("\"prev\":\"{old_prev}\""),
-                    &format!("\"prev\":\"{p}\""),
-                );
-            }
             let body = text
-                .strip_suffix(&format!(",\"hash\":\"{old_hash}\"}}"))
-                .unwrap()
-                .to_string();
-            let hash = sha256_hex(format!("{body}}}").as_bytes());
-            prev = Some(hash.clone());
-            format!("{body},\"hash\":\"{hash}\"}}")
+                .strip_suffix(&format!(",\"h\":\"{old_hash}\"}}"))
+                .unwrap();
+            let body = match &stated {
+                Some(s) => body.strip_suffix(s.as_str()).unwrap(),
+                None => body,
+            };
+            let follows = match (&prev, &record["prev"]) {
+                (Some(p), _) => p.clone(),
+                (None, p) => b64.decode(p.as_str().unwrap()).unwrap(),
+            };
+            let mut hashed = follows;
+            hashed.extend_from_slice(format!("{body}}}").as_bytes());
+            let hash = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &hashed);
+            prev = Some(hash.as_ref().to_vec());
+            format!(
+                "{body}{},\"h\":\"{}\"}}",
+                stated.unwrap_or_default(),
+                b64.encode(hash.as_ref())
+            )
         })
         .collect()
 }
@@ -175,9 +180,7 @@ async fn audit_verify_names_a_rewritten_chain_a_cut_head_a_cut_tail_and_uncovere
 
     // Rewritten, chain recomputed with SHA-256: the unkeyed chain holds, the
     // signatures do not.
-    let rewritten = rewrite_chain(&lines, 3, |l| {
-        l.replace("\"outcome\":\"ok\"", "\"outcome\":\"error\"")
-    });
+    let rewritten = rewrite_chain(&lines, 3, |l| l.replace("\"st\":200", "\"st\":500"));
     assert_ne!(rewritten, lines);
     let path = write(dir.path(), "rewritten.jsonl", &rewritten);
     let (code, _, stderr) = verify(&path, &keys);
@@ -231,12 +234,10 @@ async fn audit_verify_names_a_rewritten_chain_a_cut_head_a_cut_tail_and_uncovere
     let mut appended = lines.clone();
     let template = lines[closing - 1].clone();
     let last_record: Value = serde_json::from_str(&template).unwrap();
-    let forged = template
-        .replace(&format!("\"seq\":{}", last_record["seq"]), "\"seq\":12")
-        .replace(
-            &format!("\"prev\":\"{}\"", last_record["prev"].as_str().unwrap()),
-            &format!("\"prev\":\"{}\"", last_record["hash"].as_str().unwrap()),
-        );
+    // (Format v2: the record before it is not named on the line; the
+    // rechaining below hashes it in.)
+    assert!(last_record["prev"].is_null(), "{template}");
+    let forged = template.replace(&format!("\"seq\":{},", last_record["seq"]), "\"seq\":12,");
     appended.push(forged);
     let appended = rewrite_chain(&appended, 0, |l| l.to_string());
     let path = write(dir.path(), "appended.jsonl", &appended);

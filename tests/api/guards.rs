@@ -64,10 +64,10 @@ async fn counter(app: &TestApp, name: &str) -> f64 {
 
 /// Every record of an audit file.
 fn audit_records(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    keyward::audit::read_records(&text)
+        .into_iter()
+        .map(|r| serde_json::to_value(r.unwrap()).unwrap())
         .collect()
 }
 

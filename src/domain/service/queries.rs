@@ -5,7 +5,7 @@
 use super::state::KeyService;
 use crate::domain::error::KeyError;
 use crate::domain::ids::{KekId, TenantId};
-use crate::domain::records::{AuditQuery, JobRow};
+use crate::domain::records::{AuditLine, AuditQuery, JobRow};
 use crate::domain::states::KekState;
 use crate::domain::time::now_ms;
 use crate::store::JobTotals;
@@ -71,7 +71,7 @@ impl KeyService {
     }
 
     /// Stored audit records matching `query`, newest first, as (position, line).
-    pub async fn audit_records(&self, query: &AuditQuery) -> Result<Vec<(i64, String)>, KeyError> {
+    pub async fn audit_records(&self, query: &AuditQuery) -> Result<Vec<AuditLine>, KeyError> {
         Ok(self.store.audit_records(query).await?)
     }
 
