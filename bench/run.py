@@ -4,6 +4,7 @@
     bench/run                 # the whole benchmark (about 15 minutes after the build), checks the targets
     bench/run --smoke         # under a minute: 1 s per run, 64 B / 32 connections only, no targets
     bench/run --only envelope # data keys/s and stream MiB/s only (add --binary BIN to try a debug build)
+    bench/run --only memory   # issue #25's memory and audit rows only
     bench/run --before BIN    # a change's cost: BIN (the build before it) against this build,
                               # encrypt and decrypt side by side on SQLite, paired ratios
 
@@ -1464,6 +1465,27 @@ def only_envelope(args, duration):
     return 1 if e["datakey"]["errors"] or e["json"]["errors"] else 0
 
 
+def only_memory(args, duration):
+    """`--only memory`: issue #25's memory and audit rows on SQLite, printed
+    as they are measured (the release build, or --binary)."""
+    global KEYWARD
+    KEYWARD = args.binary or KEYWARD
+    bench = Bench(duration, ensure_wrk(), None, CLEANUP.tempdir("bodies"))
+    m = memory_and_audit(bench, 5 if args.smoke else 300)
+    r = rss_with_encryptions(2000 if args.smoke else 10000)
+    log(f"audit bytes per single request {m['audit_per_request']:.0f}, per batch item {m['audit_per_batch_item']:.2f}")
+    log("batch encrypt peak RSS: " + ", ".join(f"{b['conns']} connections {fmt_num(b['rss'], '.1f')} MiB"
+                                               for b in m["batch"]))
+    log(f"1,000 idle keep-alive connections: {fmt_num(m['idle_conns_rss'], '.1f')} MiB")
+    log(f"single encrypts for {m['soak_s']} s, nobody scraping, RSS under load: "
+        f"{fmt_num(m['soak_start_rss'], '.1f')} MiB after the first fifth, {fmt_num(m['soak_end_rss'], '.1f')} MiB "
+        f"at the end, highest {fmt_num(m['soak_max_rss'], '.1f')} MiB")
+    log(f"{r['encryptions']:,} encryptions warm: {fmt_num(r['rss_busy'], '.1f')} MiB right after the load, "
+        f"{fmt_num(r['rss'], '.1f')} MiB idle ({fmt_num(r['anon'], '.1f')} anonymous, "
+        f"{fmt_num(r['file'], '.1f')} mapped files), {fmt_num(r['rss_start'], '.1f')} MiB at start")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1478,9 +1500,10 @@ def main():
     ap.add_argument("--before", metavar="BINARY",
                     help="only compare: this keyward binary (e.g. a build of the commit before a change) "
                          "against the one built, both on SQLite, side by side for --rounds rounds")
-    ap.add_argument("--only", choices=["envelope"],
+    ap.add_argument("--only", choices=["envelope", "memory"],
                     help="run only these rows and print them: `envelope` = data keys/s and stream MiB/s "
-                         "against the 16 KiB JSON encrypt path, on SQLite (with --smoke: a 16 MiB stream)")
+                         "against the 16 KiB JSON encrypt path, on SQLite (with --smoke: a 16 MiB stream); "
+                         "`memory` = issue #25's memory and audit rows (about 7 minutes; --smoke: 40 s)")
     ap.add_argument("--binary", metavar="BINARY",
                     help="with --only: this keyward binary instead of the release build (a debug build "
                          "checks that the rows work; its figures mean nothing)")
@@ -1511,6 +1534,8 @@ def main():
             return compare_builds(args, duration)
         if args.only == "envelope":
             return only_envelope(args, duration)
+        if args.only == "memory":
+            return only_memory(args, duration)
         wrk, oha, bao = ensure_wrk(), ensure_oha(), ensure_bao()
         pg_url = start_postgres()
         info = env_info(args, duration, wrk, oha, bao, pg_url)
