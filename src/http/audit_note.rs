@@ -6,6 +6,8 @@
 //! waiting for it. A request that is dropped before it answers (time limit,
 //! client gone) is recorded as `cancelled`.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -75,9 +77,18 @@ impl NoteFields {
     }
 }
 
-/// What the edge learned about a request, with the audit note the route
-/// layer gives it: one extension, inserted once by the edge (each extension
-/// is an allocation, and so is the growth of their map).
+tokio::task_local! {
+    /// The facts of the request the task is answering, set by the edge for
+    /// the time it answers (see [`RequestFacts::scope`]).
+    static FACTS: RefCell<RequestFacts>;
+}
+
+/// What the edge learned about a request, with its body limit and the audit
+/// note the route layer gives it. Not a request extension: the first
+/// extension costs three allocations (the map's box, its table, the boxed
+/// value) and each further one a box; these are in a task-local value that
+/// lives inside the request's future (none). Extractors and the route
+/// layer, which run in the task that answers the request, read it there.
 #[derive(Clone, Default)]
 pub(crate) struct RequestFacts {
     /// The client's address: the peer's, or behind a trusted proxy the
@@ -86,8 +97,35 @@ pub(crate) struct RequestFacts {
     /// The request id: the client's `X-Request-Id` when acceptable (at most
     /// 128 visible ASCII characters), otherwise a new one.
     pub(crate) request_id: Option<RequestId>,
+    /// The most body bytes read: the listener's, or the route's own (see
+    /// [`super::extract::ApiJson`]); `None`: axum's default.
+    pub(crate) body_limit: Option<usize>,
     /// The audit note of an audited route (see [`begin`]).
     pub(crate) note: Option<AuditNote>,
+}
+
+impl RequestFacts {
+    /// `answer`, run with these as the facts of its request.
+    pub(crate) fn scope<F: Future>(self, answer: F) -> impl Future<Output = F::Output> {
+        FACTS.scope(RefCell::new(self), answer)
+    }
+
+    /// `f` of the current request's facts; `None` outside a request (never
+    /// on the server: every request passes the edge).
+    pub(crate) fn read<R>(f: impl FnOnce(&RequestFacts) -> R) -> Option<R> {
+        FACTS
+            .try_with(|facts| facts.try_borrow().ok().map(|facts| f(&facts)))
+            .ok()
+            .flatten()
+    }
+
+    /// `f` of the current request's facts, changing them.
+    pub(crate) fn change<R>(f: impl FnOnce(&mut RequestFacts) -> R) -> Option<R> {
+        FACTS
+            .try_with(|facts| facts.try_borrow_mut().ok().map(|mut facts| f(&mut facts)))
+            .ok()
+            .flatten()
+    }
 }
 
 /// What a request did, filled in as it runs. Handlers take it as an extractor.
@@ -194,12 +232,10 @@ impl AuditNote {
 impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         // Outside the audit layer (never, for audited routes), a detached note.
-        Ok(parts
-            .extensions
-            .get::<RequestFacts>()
-            .and_then(|f| f.note.clone())
+        Ok(RequestFacts::read(|f| f.note.clone())
+            .flatten()
             .unwrap_or_default())
     }
 }
@@ -324,10 +360,12 @@ pub(super) async fn begin(
         }
     }
     // Every request has its facts from the edge; one that had none would
-    // still get the note.
-    let facts = parts.extensions.get_or_insert_default::<RequestFacts>();
-    facts.note = Some(note.clone());
-    let (request_id, peer) = (facts.request_id, facts.client_addr);
+    // still be recorded, without its request id and address.
+    let (request_id, peer) = RequestFacts::change(|facts| {
+        facts.note = Some(note.clone());
+        (facts.request_id, facts.client_addr)
+    })
+    .unwrap_or_default();
     let event = AuditEvent {
         time_ms: now_ms(),
         operation,

@@ -113,14 +113,12 @@ impl Edge {
             let values = req.headers().get_all(name);
             proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()))
         };
-        req.extensions_mut().insert(RequestFacts {
+        let facts = RequestFacts {
             client_addr: Some(client_addr),
             request_id: Some(request_id),
+            body_limit: self.body_limit,
             note: None,
-        });
-        if let Some(limit) = self.body_limit {
-            req.extensions_mut().insert(BodyLimit(limit));
-        }
+        };
         // Only the method, path, request id and client identity: never headers
         // (they carry secrets) or bodies (they carry plaintext). Who called is
         // in the request's audit record, found by its request id.
@@ -139,7 +137,7 @@ impl Edge {
         let hot = hot_routes
             .iter()
             .position(|r| r.method == req.method() && r.path == req.uri().path());
-        let mut response = async move {
+        let response = async move {
             let answered = async {
                 match hot.and_then(|i| hot_routes.get(i)) {
                     Some(hot) => hot.answer(req).await,
@@ -161,8 +159,8 @@ impl Edge {
             );
             response
         }
-        .instrument(span)
-        .await;
+        .instrument(span);
+        let mut response = facts.scope(response).await;
         let echoed = echoed.or_else(|| HeaderValue::from_str(request_id.as_str()).ok());
         if let Some(id) = echoed {
             response.headers_mut().insert(REQUEST_ID, id);
@@ -261,23 +259,9 @@ impl BodyBudget {
     }
 }
 
-/// The configured body limit, put in request extensions: the one body
-/// extractor ([`super::extract::ApiJson`]) reads at most this much, and its
-/// 413 message names it. (Not axum's `DefaultBodyLimit`, which only axum's
-/// own body extractors read: none is used, and each is one more allocation
-/// per request.)
-#[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
-
-/// Sets `req`'s [`BodyLimit`], in place when it has one (a new extension is
-/// an allocation).
-fn set_body_limit(req: &mut Request, limit: usize) {
-    match req.extensions_mut().get_mut::<BodyLimit>() {
-        Some(set) => set.0 = limit,
-        None => {
-            req.extensions_mut().insert(BodyLimit(limit));
-        }
-    }
+/// Sets the request's body limit (see [`RequestFacts::body_limit`]).
+fn set_body_limit(limit: usize) {
+    RequestFacts::change(|facts| facts.body_limit = Some(limit));
 }
 
 /// A request's share of the [`BodyBudget`], put in its extensions by
@@ -380,7 +364,7 @@ where
     let started = Instant::now();
     let method = metrics::method_label(req.method());
     if let Some(limit) = ctx.body_limit {
-        set_body_limit(&mut req, limit);
+        set_body_limit(limit);
     }
     if let Some(limits) = ctx.batch {
         req.extensions_mut().insert(limits);
@@ -397,10 +381,9 @@ where
             (Some(pending), Request::from_parts(parts, body))
         }
     };
-    let limit = req
-        .extensions()
-        .get::<BodyLimit>()
-        .map_or(usize::MAX, |l| l.0);
+    let limit = RequestFacts::read(|f| f.body_limit)
+        .flatten()
+        .unwrap_or(usize::MAX);
     // A declared length over the limit is refused at once, before a byte of
     // the body is read (or waited for).
     let declared = hyper::body::Body::size_hint(req.body()).lower();
