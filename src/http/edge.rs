@@ -20,6 +20,7 @@
 //!   futures (about ten allocations per request). What the router adds to a
 //!   response (its `Content-Length`) is added here too.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -31,7 +32,6 @@ use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tower::ServiceExt;
 use tracing::Instrument;
@@ -51,24 +51,25 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The proxies' forwarding header (believed only from trusted proxies).
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// A router and what every request needs before it reaches a route.
+/// A router and what every request needs before it reaches a route, and the
+/// routes answered without it, whose handlers `H` calls.
 #[derive(Clone)]
-pub struct Edge {
+pub struct Edge<H> {
     router: Router,
     /// Routes answered without the router (none on the operations listener).
-    hot: Arc<[HotRoute]>,
+    hot: Arc<[HotRoute<H>]>,
     body_limit: Option<usize>,
     /// Finds the client's address (the proxies it believes).
     guard: Arc<AuthGuard>,
 }
 
-impl Edge {
+impl<H: HotHandler> Edge<H> {
     pub(super) fn new(
         router: Router,
-        hot: Vec<HotRoute>,
+        hot: Vec<HotRoute<H>>,
         body_limit: Option<usize>,
         guard: Arc<AuthGuard>,
-    ) -> Edge {
+    ) -> Edge<H> {
         Edge {
             router,
             hot: hot.into(),
@@ -308,24 +309,30 @@ impl BodyClaim {
     }
 }
 
-/// A handler called as the router would call it (its extractors, then it).
-pub(super) type HotHandler = fn(Request, AppState) -> BoxFuture<'static, Response>;
+/// The handlers of the routes an edge answers itself, called as the router
+/// would call them (their extractors, then them), without the boxed future
+/// axum's `Handler` makes per call: the future is part of the request's.
+pub trait HotHandler: Clone + Send + Sync + 'static {
+    /// Answers `req`.
+    fn call(&self, req: Request, state: AppState) -> impl Future<Output = Response> + Send;
+}
 
 /// A route the edge answers itself, without the router: its entry of the
 /// table, as [`route`] is given it, and its handler.
-pub(super) struct HotRoute {
+pub(super) struct HotRoute<H> {
     pub(super) method: Method,
     pub(super) path: &'static str,
     pub(super) context: RouteContext,
-    pub(super) handler: HotHandler,
+    pub(super) handler: H,
 }
 
-impl HotRoute {
+impl<H: HotHandler> HotRoute<H> {
     /// What the router answers for this route: [`route`] around the
     /// handler, then the response's `Content-Length`.
     async fn answer(&self, req: Request) -> Response {
-        let (handler, state) = (self.handler, self.context.state.clone());
-        let mut response = around_route(&self.context, req, move |req| handler(req, state)).await;
+        let (handler, state) = (&self.handler, self.context.state.clone());
+        let mut response =
+            around_route(&self.context, req, move |req| handler.call(req, state)).await;
         set_content_length(&mut response);
         response
     }
