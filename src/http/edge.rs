@@ -162,9 +162,13 @@ impl<H: HotHandler> Edge<H> {
         }
         .instrument(span);
         let mut response = facts.scope(response).await;
-        let echoed = echoed.or_else(|| HeaderValue::from_str(request_id.as_str()).ok());
-        if let Some(id) = echoed {
-            response.headers_mut().insert(REQUEST_ID, id);
+        // Encrypt's and decrypt's answers carry it already (written in their
+        // body's buffer, to save an allocation).
+        if !response.headers().contains_key(&REQUEST_ID) {
+            let echoed = echoed.or_else(|| HeaderValue::from_str(request_id.as_str()).ok());
+            if let Some(id) = echoed {
+                response.headers_mut().insert(REQUEST_ID, id);
+            }
         }
         response
     }
