@@ -89,7 +89,7 @@ tokio::task_local! {
 /// value) and each further one a box; these are in a task-local value that
 /// lives inside the request's future (none). Extractors and the route
 /// layer, which run in the task that answers the request, read it there.
-#[derive(Clone, Default)]
+#[derive(Default)]
 pub(crate) struct RequestFacts {
     /// The client's address: the peer's, or behind a trusted proxy the
     /// forwarded one (what lockouts, rate limits and records use).
@@ -102,9 +102,26 @@ pub(crate) struct RequestFacts {
     pub(crate) body_limit: Option<usize>,
     /// The audit note of an audited route (see [`begin`]).
     pub(crate) note: Option<AuditNote>,
+    /// What that note holds, unless it has its own (see [`AuditNote`]).
+    fields: Option<NoteFields>,
 }
 
 impl RequestFacts {
+    /// The facts of a request from `client_addr` with id `request_id`,
+    /// whose body may be `body_limit` bytes.
+    pub(crate) fn new(
+        client_addr: IpAddr,
+        request_id: RequestId,
+        body_limit: Option<usize>,
+    ) -> RequestFacts {
+        RequestFacts {
+            client_addr: Some(client_addr),
+            request_id: Some(request_id),
+            body_limit,
+            ..RequestFacts::default()
+        }
+    }
+
     /// `answer`, run with these as the facts of its request.
     pub(crate) fn scope<F: Future>(self, answer: F) -> impl Future<Output = F::Output> {
         FACTS.scope(RefCell::new(self), answer)
@@ -129,12 +146,50 @@ impl RequestFacts {
 }
 
 /// What a request did, filled in as it runs. Handlers take it as an extractor.
-#[derive(Clone, Default)]
-pub struct AuditNote(Arc<Mutex<NoteFields>>);
+///
+/// Its fields are in the request's [`RequestFacts`] (no allocation of its
+/// own) when the request has them and is answered inside the edge's scope,
+/// which the route layer and handlers always are; a streamed answer, whose
+/// record is made when its body ends (outside that scope), and a note made
+/// outside any request have fields of their own.
+#[derive(Clone)]
+pub struct AuditNote(NoteRef);
+
+#[derive(Clone)]
+enum NoteRef {
+    /// In the current request's facts.
+    Request,
+    /// Its own.
+    Own(Arc<Mutex<NoteFields>>),
+}
+
+impl Default for AuditNote {
+    /// A note with fields of its own.
+    fn default() -> AuditNote {
+        AuditNote(NoteRef::Own(Arc::default()))
+    }
+}
 
 impl AuditNote {
-    fn with<R>(&self, f: impl FnOnce(&mut NoteFields) -> R) -> R {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    fn with(&self, f: impl FnOnce(&mut NoteFields)) {
+        match &self.0 {
+            NoteRef::Request => {
+                RequestFacts::change(|facts| facts.fields.as_mut().map(f));
+            }
+            NoteRef::Own(fields) => f(&mut fields.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+
+    /// Takes what the note holds, leaving it empty.
+    fn take(&self) -> NoteFields {
+        match &self.0 {
+            NoteRef::Request => RequestFacts::change(|facts| facts.fields.take())
+                .flatten()
+                .unwrap_or_default(),
+            NoteRef::Own(fields) => {
+                std::mem::take(&mut *fields.lock().unwrap_or_else(|e| e.into_inner()))
+            }
+        }
     }
 
     /// The authenticated caller.
@@ -256,8 +311,7 @@ impl Pending {
     /// address's share (see [`AuthGuard::audit_refused`]), otherwise counted.
     fn finish(&mut self, status: Option<u16>, error: Option<&'static str>) -> Option<AuditEvent> {
         let mut event = self.event.take()?;
-        let mut fields =
-            std::mem::take(&mut *self.note.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut fields = self.note.take();
         // An item still running when the request ended (a time limit, the
         // client gone) joins a group with the request's error.
         fields.end_item(Some(error.unwrap_or("failed")));
@@ -319,14 +373,23 @@ impl Drop for Pending {
 
 /// Starts the audit record of a request to `route`, which performs
 /// `operation`: puts the [`AuditNote`] the handlers fill in the request's
-/// [`RequestFacts`], with the targets its path names.
+/// [`RequestFacts`], with the targets its path names. A `streamed` answer's
+/// note has fields of its own (its record is made after the request's
+/// scope ended).
 pub(super) async fn begin(
     state: &AppState,
     parts: &mut Parts,
     operation: &'static str,
     route: &str,
+    streamed: bool,
 ) -> Pending {
-    let note = AuditNote::default();
+    let in_facts = !streamed
+        && RequestFacts::change(|facts| facts.fields = Some(NoteFields::default())).is_some();
+    let note = if in_facts {
+        AuditNote(NoteRef::Request)
+    } else {
+        AuditNote::default()
+    };
     if route.contains('{') {
         if let Ok(params) = RawPathParams::from_request_parts(parts, state).await {
             for (name, value) in &params {

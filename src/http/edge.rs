@@ -114,12 +114,7 @@ impl<H: HotHandler> Edge<H> {
             let values = req.headers().get_all(name);
             proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()))
         };
-        let facts = RequestFacts {
-            client_addr: Some(client_addr),
-            request_id: Some(request_id),
-            body_limit: self.body_limit,
-            note: None,
-        };
+        let facts = RequestFacts::new(client_addr, request_id, self.body_limit);
         // Only the method, path, request id and client identity: never headers
         // (they carry secrets) or bodies (they carry plaintext). Who called is
         // in the request's audit record, found by its request id.
@@ -388,7 +383,8 @@ where
         None => (None, req),
         Some(operation) => {
             let (mut parts, body) = req.into_parts();
-            let pending = audit_note::begin(&ctx.state, &mut parts, operation, ctx.path).await;
+            let pending =
+                audit_note::begin(&ctx.state, &mut parts, operation, ctx.path, streaming).await;
             (Some(pending), Request::from_parts(parts, body))
         }
     };
