@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 
 use super::error::ErrorCode;
 use super::state::AppState;
@@ -104,6 +105,11 @@ pub(crate) struct RequestFacts {
     pub(crate) note: Option<AuditNote>,
     /// What that note holds, unless it has its own (see [`AuditNote`]).
     fields: Option<NoteFields>,
+    /// The request's header map, emptied once the body extractor (the last
+    /// to read headers) has checked them: an answer may take it for its own
+    /// headers rather than allocate a map (its room, not its content: every
+    /// header was dropped).
+    pub(crate) spare_headers: Option<HeaderMap>,
 }
 
 impl RequestFacts {

@@ -366,7 +366,13 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
         if let Some(claim) = req.extensions().get::<BodyClaim>() {
             claim.take()?;
         }
-        let bytes = read_body(req.into_body(), limit).await?;
+        // Nothing reads the request's headers after this extractor: the
+        // answer may reuse their map (see `RequestFacts::spare_headers`).
+        let (mut parts, body) = req.into_parts();
+        parts.headers.clear();
+        RequestFacts::change(|f| f.spare_headers = Some(std::mem::take(&mut parts.headers)));
+        drop(parts);
+        let bytes = read_body(body, limit).await?;
         let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
             parse_json(b"{}")
         } else {
