@@ -212,4 +212,4 @@ async fn encrypt_and_decrypt_allocate_little_per_request() {
 }
 
 /// What a request may allocate, at most, on average.
-const BOUND: f64 = 22.0;
+const BOUND: f64 = 10.0;

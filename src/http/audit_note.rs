@@ -6,11 +6,14 @@
 //! waiting for it. A request that is dropped before it answers (time limit,
 //! client gone) is recorded as `cancelled`.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{FromRequestParts, RawPathParams};
 use axum::http::request::Parts;
+use axum::http::HeaderMap;
 
 use super::error::ErrorCode;
 use super::state::AppState;
@@ -75,10 +78,19 @@ impl NoteFields {
     }
 }
 
-/// What the edge learned about a request, with the audit note the route
-/// layer gives it: one extension, inserted once by the edge (each extension
-/// is an allocation, and so is the growth of their map).
-#[derive(Clone, Default)]
+tokio::task_local! {
+    /// The facts of the request the task is answering, set by the edge for
+    /// the time it answers (see [`RequestFacts::scope`]).
+    static FACTS: RefCell<RequestFacts>;
+}
+
+/// What the edge learned about a request, with its body limit and the audit
+/// note the route layer gives it. Not a request extension: the first
+/// extension costs three allocations (the map's box, its table, the boxed
+/// value) and each further one a box; these are in a task-local value that
+/// lives inside the request's future (none). Extractors and the route
+/// layer, which run in the task that answers the request, read it there.
+#[derive(Default)]
 pub(crate) struct RequestFacts {
     /// The client's address: the peer's, or behind a trusted proxy the
     /// forwarded one (what lockouts, rate limits and records use).
@@ -86,17 +98,104 @@ pub(crate) struct RequestFacts {
     /// The request id: the client's `X-Request-Id` when acceptable (at most
     /// 128 visible ASCII characters), otherwise a new one.
     pub(crate) request_id: Option<RequestId>,
+    /// The most body bytes read: the listener's, or the route's own (see
+    /// [`super::extract::ApiJson`]); `None`: axum's default.
+    pub(crate) body_limit: Option<usize>,
     /// The audit note of an audited route (see [`begin`]).
     pub(crate) note: Option<AuditNote>,
+    /// What that note holds, unless it has its own (see [`AuditNote`]).
+    fields: Option<NoteFields>,
+    /// The request's header map, emptied once the body extractor (the last
+    /// to read headers) has checked them: an answer may take it for its own
+    /// headers rather than allocate a map (its room, not its content: every
+    /// header was dropped).
+    pub(crate) spare_headers: Option<HeaderMap>,
+}
+
+impl RequestFacts {
+    /// The facts of a request from `client_addr` with id `request_id`,
+    /// whose body may be `body_limit` bytes.
+    pub(crate) fn new(
+        client_addr: IpAddr,
+        request_id: RequestId,
+        body_limit: Option<usize>,
+    ) -> RequestFacts {
+        RequestFacts {
+            client_addr: Some(client_addr),
+            request_id: Some(request_id),
+            body_limit,
+            ..RequestFacts::default()
+        }
+    }
+
+    /// `answer`, run with these as the facts of its request.
+    pub(crate) fn scope<F: Future>(self, answer: F) -> impl Future<Output = F::Output> {
+        FACTS.scope(RefCell::new(self), answer)
+    }
+
+    /// `f` of the current request's facts; `None` outside a request (never
+    /// on the server: every request passes the edge).
+    pub(crate) fn read<R>(f: impl FnOnce(&RequestFacts) -> R) -> Option<R> {
+        FACTS
+            .try_with(|facts| facts.try_borrow().ok().map(|facts| f(&facts)))
+            .ok()
+            .flatten()
+    }
+
+    /// `f` of the current request's facts, changing them.
+    pub(crate) fn change<R>(f: impl FnOnce(&mut RequestFacts) -> R) -> Option<R> {
+        FACTS
+            .try_with(|facts| facts.try_borrow_mut().ok().map(|mut facts| f(&mut facts)))
+            .ok()
+            .flatten()
+    }
 }
 
 /// What a request did, filled in as it runs. Handlers take it as an extractor.
-#[derive(Clone, Default)]
-pub struct AuditNote(Arc<Mutex<NoteFields>>);
+///
+/// Its fields are in the request's [`RequestFacts`] (no allocation of its
+/// own) when the request has them and is answered inside the edge's scope,
+/// which the route layer and handlers always are; a streamed answer, whose
+/// record is made when its body ends (outside that scope), and a note made
+/// outside any request have fields of their own.
+#[derive(Clone)]
+pub struct AuditNote(NoteRef);
+
+#[derive(Clone)]
+enum NoteRef {
+    /// In the current request's facts.
+    Request,
+    /// Its own.
+    Own(Arc<Mutex<NoteFields>>),
+}
+
+impl Default for AuditNote {
+    /// A note with fields of its own.
+    fn default() -> AuditNote {
+        AuditNote(NoteRef::Own(Arc::default()))
+    }
+}
 
 impl AuditNote {
-    fn with<R>(&self, f: impl FnOnce(&mut NoteFields) -> R) -> R {
-        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    fn with(&self, f: impl FnOnce(&mut NoteFields)) {
+        match &self.0 {
+            NoteRef::Request => {
+                RequestFacts::change(|facts| facts.fields.as_mut().map(f));
+            }
+            NoteRef::Own(fields) => f(&mut fields.lock().unwrap_or_else(|e| e.into_inner())),
+        }
+    }
+
+    /// Takes what the note holds, leaving it empty.
+    fn take(&self) -> NoteFields {
+        match &self.0 {
+            NoteRef::Request => RequestFacts::change(|facts| facts.fields.take())
+                .flatten()
+                .unwrap_or_default(),
+            NoteRef::Own(fields) => {
+                std::mem::take(&mut *fields.lock().unwrap_or_else(|e| e.into_inner()))
+            }
+        }
     }
 
     /// The authenticated caller.
@@ -194,12 +293,10 @@ impl AuditNote {
 impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         // Outside the audit layer (never, for audited routes), a detached note.
-        Ok(parts
-            .extensions
-            .get::<RequestFacts>()
-            .and_then(|f| f.note.clone())
+        Ok(RequestFacts::read(|f| f.note.clone())
+            .flatten()
             .unwrap_or_default())
     }
 }
@@ -220,8 +317,7 @@ impl Pending {
     /// address's share (see [`AuthGuard::audit_refused`]), otherwise counted.
     fn finish(&mut self, status: Option<u16>, error: Option<&'static str>) -> Option<AuditEvent> {
         let mut event = self.event.take()?;
-        let mut fields =
-            std::mem::take(&mut *self.note.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut fields = self.note.take();
         // An item still running when the request ended (a time limit, the
         // client gone) joins a group with the request's error.
         fields.end_item(Some(error.unwrap_or("failed")));
@@ -283,14 +379,23 @@ impl Drop for Pending {
 
 /// Starts the audit record of a request to `route`, which performs
 /// `operation`: puts the [`AuditNote`] the handlers fill in the request's
-/// [`RequestFacts`], with the targets its path names.
+/// [`RequestFacts`], with the targets its path names. A `streamed` answer's
+/// note has fields of its own (its record is made after the request's
+/// scope ended).
 pub(super) async fn begin(
     state: &AppState,
     parts: &mut Parts,
     operation: &'static str,
     route: &str,
+    streamed: bool,
 ) -> Pending {
-    let note = AuditNote::default();
+    let in_facts = !streamed
+        && RequestFacts::change(|facts| facts.fields = Some(NoteFields::default())).is_some();
+    let note = if in_facts {
+        AuditNote(NoteRef::Request)
+    } else {
+        AuditNote::default()
+    };
     if route.contains('{') {
         if let Ok(params) = RawPathParams::from_request_parts(parts, state).await {
             for (name, value) in &params {
@@ -324,10 +429,12 @@ pub(super) async fn begin(
         }
     }
     // Every request has its facts from the edge; one that had none would
-    // still get the note.
-    let facts = parts.extensions.get_or_insert_default::<RequestFacts>();
-    facts.note = Some(note.clone());
-    let (request_id, peer) = (facts.request_id, facts.client_addr);
+    // still be recorded, without its request id and address.
+    let (request_id, peer) = RequestFacts::change(|facts| {
+        facts.note = Some(note.clone());
+        (facts.request_id, facts.client_addr)
+    })
+    .unwrap_or_default();
     let event = AuditEvent {
         time_ms: now_ms(),
         operation,

@@ -3,13 +3,15 @@
 
 use axum::extract::State;
 use axum::http::{header, HeaderValue};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::Json;
 use base64::Engine;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::audit_note::AuditNote;
+use super::audit_note::{AuditNote, RequestFacts};
+use super::edge::REQUEST_ID;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{parse_id, IdField, MasterKeyParam};
 use super::extract::{
@@ -17,6 +19,7 @@ use super::extract::{
 };
 use super::secret::{plain_str, secret_string, SecretBody};
 use super::state::AppState;
+use crate::audit::RequestId;
 use crate::crypto::{SecretString, NONCE_LEN};
 use crate::domain::apikeys::Scope;
 use crate::domain::search::MAX_INDEXES;
@@ -212,10 +215,13 @@ pub(super) async fn encrypt(
         .encrypt_sealed(req)
         .await?;
     // Base64 of the data and tag, two ids, the nonce and the field names.
-    Ok(json_response(
-        &SealedResponse(id, &out, indexes.as_deref()),
-        (data_len + 16) * 4 / 3 + 256,
-    ))
+    let headers = HeaderTexts::of_request();
+    let mut body = String::with_capacity((data_len + 16) * 4 / 3 + 256 + headers.room());
+    SealedResponse(id, &out, indexes.as_deref()).write_json(&mut body);
+    let body_len = body.len();
+    let mut body = body.into_bytes();
+    let ends = headers.write(body_len, |text| body.extend_from_slice(text));
+    Ok(answer(Bytes::from(body), body_len, ends))
 }
 
 /// One call of the contract, a request's or a batch item's: the service, the
@@ -548,9 +554,78 @@ pub(super) async fn decrypt(
         .decrypt(req)
         .await?;
     // Room for a few escapes; more, and the body moves to a larger buffer.
-    let mut body = SecretBody::with_capacity(out.data.len() + out.data.len() / 16 + 16);
+    let headers = HeaderTexts::of_request();
+    let capacity = out.data.len() + out.data.len() / 16 + 16 + headers.room();
+    let mut body = SecretBody::with_capacity(capacity);
     out.write_secret_json(&mut body);
-    Ok(body.into_response())
+    let body_len = body.len();
+    let ends = headers.write(body_len, |text| body.push(text));
+    Ok(answer(body.into_bytes(), body_len, ends))
+}
+
+/// The texts of the `Content-Length` and `X-Request-Id` of a `200` answer
+/// to encrypt or decrypt, written after its body in the body's own buffer
+/// (see [`answer`]): a header value made from text of its own is an
+/// allocation each, one made from a slice of the body's buffer is none.
+struct HeaderTexts {
+    /// The request's id (`None`, outside the edge: none written).
+    request_id: Option<RequestId>,
+}
+
+impl HeaderTexts {
+    /// The texts for the request being answered.
+    fn of_request() -> HeaderTexts {
+        HeaderTexts {
+            request_id: RequestFacts::read(|f| f.request_id).flatten(),
+        }
+    }
+
+    /// The most bytes they take.
+    fn room(&self) -> usize {
+        20 + self.request_id.as_ref().map_or(0, |id| id.as_str().len())
+    }
+
+    /// Writes them with `push` after a body of `body_len` bytes: returns
+    /// where the length and the id end.
+    fn write(&self, body_len: usize, mut push: impl FnMut(&[u8])) -> (usize, usize) {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(body_len).as_bytes();
+        push(digits);
+        let length_end = body_len + digits.len();
+        let id = self.request_id.as_ref().map_or("", |id| id.as_str());
+        push(id.as_bytes());
+        (length_end, length_end + id.len())
+    }
+}
+
+/// A `200` JSON answer whose body is `buffer` up to `body_len`, and whose
+/// `Content-Length` and `X-Request-Id` (when the request has one) are the
+/// texts [`HeaderTexts::write`] put after it, ending at `ends`: the same
+/// headers, in the same order, as the router and the edge would add, without
+/// a buffer of their own, in the request's emptied header map. (A decrypt's
+/// buffer holds plaintext: it is cleared when the last of the body and the
+/// header values is dropped.)
+fn answer(buffer: Bytes, body_len: usize, ends: (usize, usize)) -> Response {
+    let (length_end, id_end) = ends;
+    let mut response = Response::new(axum::body::Body::from(buffer.slice(..body_len)));
+    // The request's emptied header map, when there is one: no allocation.
+    let mut headers = RequestFacts::change(|f| f.spare_headers.take())
+        .flatten()
+        .unwrap_or_default();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Ok(length) = HeaderValue::from_maybe_shared(buffer.slice(body_len..length_end)) {
+        headers.insert(header::CONTENT_LENGTH, length);
+    }
+    if id_end > length_end {
+        if let Ok(id) = HeaderValue::from_maybe_shared(buffer.slice(length_end..id_end)) {
+            headers.insert(REQUEST_ID, id);
+        }
+    }
+    *response.headers_mut() = headers;
+    response
 }
 
 /// A response body written straight to JSON: the same bytes serde_json writes
@@ -643,21 +718,6 @@ impl DecryptResponse {
         let _ = crate::json::write_str(out, &self.data);
         out.push(b"}");
     }
-}
-
-/// `value` as a JSON response, written into a buffer of `capacity` bytes: a
-/// close estimate saves regrowing it (axum's `Json` starts at 128 bytes).
-fn json_response(value: &impl WriteJson, capacity: usize) -> Response {
-    let mut body = String::with_capacity(capacity);
-    value.write_json(&mut body);
-    (
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body.into_bytes(),
-    )
-        .into_response()
 }
 
 /// A decrypt request parsed: encryption, version, nonce (if the metadata holds

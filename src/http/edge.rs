@@ -19,7 +19,13 @@
 //!   the router's, method router's and middleware's boxed services and
 //!   futures (about ten allocations per request). What the router adds to a
 //!   response (its `Content-Length`) is added here too.
+//!
+//! What the edge learns about a request (its client address and id), its
+//! body limit and its audit note are not request extensions (the first costs
+//! three allocations) but one [`RequestFacts`] in a task-local scope around
+//! the request's future, where the extractors and the route layer read it.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
@@ -31,7 +37,6 @@ use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
-use futures_util::future::BoxFuture;
 use futures_util::FutureExt;
 use tower::ServiceExt;
 use tracing::Instrument;
@@ -51,24 +56,25 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The proxies' forwarding header (believed only from trusted proxies).
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// A router and what every request needs before it reaches a route.
+/// A router and what every request needs before it reaches a route, and the
+/// routes answered without it, whose handlers `H` calls.
 #[derive(Clone)]
-pub struct Edge {
+pub struct Edge<H> {
     router: Router,
     /// Routes answered without the router (none on the operations listener).
-    hot: Arc<[HotRoute]>,
+    hot: Arc<[HotRoute<H>]>,
     body_limit: Option<usize>,
     /// Finds the client's address (the proxies it believes).
     guard: Arc<AuthGuard>,
 }
 
-impl Edge {
+impl<H: HotHandler> Edge<H> {
     pub(super) fn new(
         router: Router,
-        hot: Vec<HotRoute>,
+        hot: Vec<HotRoute<H>>,
         body_limit: Option<usize>,
         guard: Arc<AuthGuard>,
-    ) -> Edge {
+    ) -> Edge<H> {
         Edge {
             router,
             hot: hot.into(),
@@ -113,14 +119,7 @@ impl Edge {
             let values = req.headers().get_all(name);
             proxies.client_addr(peer.ip(), values.iter().map(|v| v.as_bytes()))
         };
-        req.extensions_mut().insert(RequestFacts {
-            client_addr: Some(client_addr),
-            request_id: Some(request_id),
-            note: None,
-        });
-        if let Some(limit) = self.body_limit {
-            req.extensions_mut().insert(BodyLimit(limit));
-        }
+        let facts = RequestFacts::new(client_addr, request_id, self.body_limit);
         // Only the method, path, request id and client identity: never headers
         // (they carry secrets) or bodies (they carry plaintext). Who called is
         // in the request's audit record, found by its request id.
@@ -139,7 +138,7 @@ impl Edge {
         let hot = hot_routes
             .iter()
             .position(|r| r.method == req.method() && r.path == req.uri().path());
-        let mut response = async move {
+        let response = async move {
             let answered = async {
                 match hot.and_then(|i| hot_routes.get(i)) {
                     Some(hot) => hot.answer(req).await,
@@ -161,11 +160,15 @@ impl Edge {
             );
             response
         }
-        .instrument(span)
-        .await;
-        let echoed = echoed.or_else(|| HeaderValue::from_str(request_id.as_str()).ok());
-        if let Some(id) = echoed {
-            response.headers_mut().insert(REQUEST_ID, id);
+        .instrument(span);
+        let mut response = facts.scope(response).await;
+        // Encrypt's and decrypt's answers carry it already (written in their
+        // body's buffer, to save an allocation).
+        if !response.headers().contains_key(&REQUEST_ID) {
+            let echoed = echoed.or_else(|| HeaderValue::from_str(request_id.as_str()).ok());
+            if let Some(id) = echoed {
+                response.headers_mut().insert(REQUEST_ID, id);
+            }
         }
         response
     }
@@ -261,23 +264,9 @@ impl BodyBudget {
     }
 }
 
-/// The configured body limit, put in request extensions: the one body
-/// extractor ([`super::extract::ApiJson`]) reads at most this much, and its
-/// 413 message names it. (Not axum's `DefaultBodyLimit`, which only axum's
-/// own body extractors read: none is used, and each is one more allocation
-/// per request.)
-#[derive(Clone, Copy)]
-pub struct BodyLimit(pub usize);
-
-/// Sets `req`'s [`BodyLimit`], in place when it has one (a new extension is
-/// an allocation).
-fn set_body_limit(req: &mut Request, limit: usize) {
-    match req.extensions_mut().get_mut::<BodyLimit>() {
-        Some(set) => set.0 = limit,
-        None => {
-            req.extensions_mut().insert(BodyLimit(limit));
-        }
-    }
+/// Sets the request's body limit (see [`RequestFacts::body_limit`]).
+fn set_body_limit(limit: usize) {
+    RequestFacts::change(|facts| facts.body_limit = Some(limit));
 }
 
 /// A request's share of the [`BodyBudget`], put in its extensions by
@@ -324,24 +313,30 @@ impl BodyClaim {
     }
 }
 
-/// A handler called as the router would call it (its extractors, then it).
-pub(super) type HotHandler = fn(Request, AppState) -> BoxFuture<'static, Response>;
+/// The handlers of the routes an edge answers itself, called as the router
+/// would call them (their extractors, then them), without the boxed future
+/// axum's `Handler` makes per call: the future is part of the request's.
+pub trait HotHandler: Clone + Send + Sync + 'static {
+    /// Answers `req`.
+    fn call(&self, req: Request, state: AppState) -> impl Future<Output = Response> + Send;
+}
 
 /// A route the edge answers itself, without the router: its entry of the
 /// table, as [`route`] is given it, and its handler.
-pub(super) struct HotRoute {
+pub(super) struct HotRoute<H> {
     pub(super) method: Method,
     pub(super) path: &'static str,
     pub(super) context: RouteContext,
-    pub(super) handler: HotHandler,
+    pub(super) handler: H,
 }
 
-impl HotRoute {
+impl<H: HotHandler> HotRoute<H> {
     /// What the router answers for this route: [`route`] around the
     /// handler, then the response's `Content-Length`.
     async fn answer(&self, req: Request) -> Response {
-        let (handler, state) = (self.handler, self.context.state.clone());
-        let mut response = around_route(&self.context, req, move |req| handler(req, state)).await;
+        let (handler, state) = (&self.handler, self.context.state.clone());
+        let mut response =
+            around_route(&self.context, req, move |req| handler.call(req, state)).await;
         set_content_length(&mut response);
         response
     }
@@ -380,7 +375,7 @@ where
     let started = Instant::now();
     let method = metrics::method_label(req.method());
     if let Some(limit) = ctx.body_limit {
-        set_body_limit(&mut req, limit);
+        set_body_limit(limit);
     }
     if let Some(limits) = ctx.batch {
         req.extensions_mut().insert(limits);
@@ -393,14 +388,14 @@ where
         None => (None, req),
         Some(operation) => {
             let (mut parts, body) = req.into_parts();
-            let pending = audit_note::begin(&ctx.state, &mut parts, operation, ctx.path).await;
+            let pending =
+                audit_note::begin(&ctx.state, &mut parts, operation, ctx.path, streaming).await;
             (Some(pending), Request::from_parts(parts, body))
         }
     };
-    let limit = req
-        .extensions()
-        .get::<BodyLimit>()
-        .map_or(usize::MAX, |l| l.0);
+    let limit = RequestFacts::read(|f| f.body_limit)
+        .flatten()
+        .unwrap_or(usize::MAX);
     // A declared length over the limit is refused at once, before a byte of
     // the body is read (or waited for).
     let declared = hyper::body::Body::size_hint(req.body()).lower();

@@ -14,7 +14,7 @@ use subtle::ConstantTimeEq;
 use utoipa::IntoParams;
 
 use super::audit_note::RequestFacts;
-use super::edge::{BodyClaim, BodyLimit};
+use super::edge::BodyClaim;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::domain::apikeys::Scope;
@@ -166,8 +166,8 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let facts = parts.extensions.get::<RequestFacts>();
-        let addr = facts.and_then(|f| f.client_addr);
+        let (addr, note) =
+            RequestFacts::read(|f| (f.client_addr, f.note.clone())).unwrap_or_default();
         let key = single_header(&parts.headers, &X_API_KEY);
         let secret = single_header(&parts.headers, &X_API_SECRET);
         let (key, secret) = match (key, secret) {
@@ -184,13 +184,12 @@ impl<S: RequiredScope> FromRequestParts<AppState> for Auth<S> {
                 return Err(ApiError::InvalidCredentials);
             }
         };
-        let note = facts.and_then(|f| f.note.as_ref());
         let principal = match check_credentials(state, key, secret, addr).await {
             Ok(p) => p,
             Err(e) => {
                 // The audit record names the key id presented, only when it has
                 // the form of one (never a secret pasted into the wrong header).
-                if let Some(note) = note {
+                if let Some(note) = &note {
                     if crate::domain::service::looks_like_key_id(key) {
                         note.refused(key);
                     }
@@ -359,16 +358,21 @@ impl<T: DeserializeOwned, St: Send + Sync> FromRequest<St> for ApiJson<T> {
                 return Err(ApiError::UnsupportedMediaType);
             }
         }
-        let limit = req
-            .extensions()
-            .get::<BodyLimit>()
-            .map_or(AXUM_DEFAULT_BODY_LIMIT, |l| l.0);
+        let limit = RequestFacts::read(|f| f.body_limit)
+            .flatten()
+            .unwrap_or(AXUM_DEFAULT_BODY_LIMIT);
         // Batch and large bodies take their share of the memory budget now,
         // after the caller was authenticated and before a byte is read.
         if let Some(claim) = req.extensions().get::<BodyClaim>() {
             claim.take()?;
         }
-        let bytes = read_body(req.into_body(), limit).await?;
+        // Nothing reads the request's headers after this extractor: the
+        // answer may reuse their map (see `RequestFacts::spare_headers`).
+        let (mut parts, body) = req.into_parts();
+        parts.headers.clear();
+        RequestFacts::change(|f| f.spare_headers = Some(std::mem::take(&mut parts.headers)));
+        drop(parts);
+        let bytes = read_body(body, limit).await?;
         let parsed = if bytes.iter().all(u8::is_ascii_whitespace) {
             parse_json(b"{}")
         } else {

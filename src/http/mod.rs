@@ -38,7 +38,10 @@ use std::time::Duration;
 
 use axum::Router;
 
-pub use edge::{Edge, Streamed};
+pub use edge::Streamed;
+
+/// The API behind what every request passes through, with its hot routes.
+pub type Edge = edge::Edge<routes::Hot>;
 
 /// Entry points for the fuzz targets (`fuzz/`, through `crate::fuzzing`),
 /// compiled only with the `fuzzing` feature.
@@ -102,7 +105,7 @@ pub fn ops_router(state: AppState, request_timeout: Duration) -> Edge {
 /// answers the `hot` routes itself.
 fn behind_edge(
     routes: Router<AppState>,
-    hot: Vec<edge::HotRoute>,
+    hot: Vec<edge::HotRoute<routes::Hot>>,
     state: AppState,
     body_limit: Option<usize>,
 ) -> Edge {

@@ -12,8 +12,9 @@
 //! `Auth` of that marker. A route without a scope is checked by a test: it
 //! answers without credentials.
 
-use axum::extract::State;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
 use axum::http::Method;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 
@@ -261,12 +262,64 @@ fn context(
     }
 }
 
-/// A handler called as the router calls it, once the compiler has checked
-/// that it enforces scope `$scope`.
-macro_rules! hot_handler {
-    ($scope:ident, $handler:path) => {
-        |req, state| axum::handler::Handler::call(scoped::<$scope, _, _>($handler), req, state)
+/// The handlers of the routes the edge answers without the router (see
+/// [`edge::HotRoute`]).
+#[derive(Clone, Copy)]
+pub enum Hot {
+    /// `POST /v1/encrypt`.
+    Encrypt,
+    /// `POST /v1/decrypt`.
+    Decrypt,
+}
+
+impl edge::HotHandler for Hot {
+    async fn call(&self, req: Request, state: AppState) -> Response {
+        match self {
+            Hot::Encrypt => {
+                call_handler(scoped::<EncryptScope, _, _>(contract::encrypt), req, state).await
+            }
+            Hot::Decrypt => {
+                call_handler(scoped::<DecryptScope, _, _>(contract::decrypt), req, state).await
+            }
+        }
+    }
+}
+
+/// `handler` called exactly as axum's `Handler` calls a function of five
+/// arguments (each of the first four taken from the request's parts, in
+/// order, the last from the request; the first rejection is the answer),
+/// but as a future of its caller's rather than a boxed one.
+async fn call_handler<H, Fut, R, T1, T2, T3, T4, T5>(
+    handler: H,
+    req: Request,
+    state: AppState,
+) -> Response
+where
+    H: FnOnce(T1, T2, T3, T4, T5) -> Fut,
+    Fut: std::future::Future<Output = R>,
+    R: IntoResponse,
+    T1: FromRequestParts<AppState>,
+    T2: FromRequestParts<AppState>,
+    T3: FromRequestParts<AppState>,
+    T4: FromRequestParts<AppState>,
+    T5: FromRequest<AppState>,
+{
+    let (mut parts, body) = req.into_parts();
+    macro_rules! extract {
+        ($ty:ident) => {
+            match $ty::from_request_parts(&mut parts, &state).await {
+                Ok(value) => value,
+                Err(rejection) => return rejection.into_response(),
+            }
+        };
+    }
+    let (t1, t2, t3, t4) = (extract!(T1), extract!(T2), extract!(T3), extract!(T4));
+    let req = Request::from_parts(parts, body);
+    let t5 = match T5::from_request(req, &state).await {
+        Ok(value) => value,
+        Err(rejection) => return rejection.into_response(),
     };
+    handler(t1, t2, t3, t4, t5).await.into_response()
 }
 
 /// The routes the edge answers without the router (see [`edge::HotRoute`]):
@@ -277,11 +330,8 @@ pub(super) fn hot(
     state: &AppState,
     settings: &RouterSettings,
     bodies: &edge::BodyBudget,
-) -> Vec<edge::HotRoute> {
-    let handlers: [(&str, edge::HotHandler); 2] = [
-        ("/v1/encrypt", hot_handler!(EncryptScope, contract::encrypt)),
-        ("/v1/decrypt", hot_handler!(DecryptScope, contract::decrypt)),
-    ];
+) -> Vec<edge::HotRoute<Hot>> {
+    let handlers = [("/v1/encrypt", Hot::Encrypt), ("/v1/decrypt", Hot::Decrypt)];
     handlers
         .into_iter()
         .filter_map(|(path, handler)| {

@@ -46,6 +46,17 @@ impl SecretBody {
         self.0.extend_within(bytes);
     }
 
+    /// How many bytes were written.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The buffer as `Bytes`, which own it and clear it when the last
+    /// reference is dropped.
+    pub fn into_bytes(self) -> Bytes {
+        Bytes::from_owner(self.0)
+    }
+
     /// The bytes written so far.
     #[cfg(test)]
     pub fn as_bytes(&self) -> &[u8] {
@@ -91,7 +102,7 @@ impl IntoResponse for SecretBody {
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             )],
-            Body::from(Bytes::from_owner(self.0)),
+            Body::from(self.into_bytes()),
         )
             .into_response()
     }
