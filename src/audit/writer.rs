@@ -458,9 +458,13 @@ fn open_file(path: &Path) -> std::io::Result<(std::fs::File, Chain, FileState)> 
         } else {
             // A first record states its `prev` (v1: every record does; v2:
             // the first of a file), or follows the genesis.
-            parse_sealed(first)
-                .ok()
-                .map(|r| (r.seq, r.prev.unwrap_or([0; 32])))
+            // A v2 record past the first without one (a head cut, or the
+            // copytruncate race) leaves the start unknown, never genesis.
+            parse_sealed(first).ok().and_then(|r| match r.prev {
+                Some(prev) => Some((r.seq, prev)),
+                None if r.seq == 1 => Some((1, [0; 32])),
+                None => None,
+            })
         };
         let start = len.saturating_sub(256 * 1024);
         file.seek(SeekFrom::Start(start))?;
@@ -656,6 +660,16 @@ async fn write_loop(
                 Err(e) => {
                     metrics::counter!("keyward_audit_write_errors_total", "sink" => "file")
                         .increment(1);
+                    // These records are lost from the file. The next one
+                    // states its `prev`, so that the chain can be checked
+                    // again from it (format v2 states it only there), and
+                    // starts on a line of its own after whatever part of
+                    // this batch did reach the file.
+                    chain.state_prev = true;
+                    if let Some(now) = sink.len().filter(|now| *now > signer.file.len) {
+                        chain.needs_newline = true;
+                        signer.file.len = now;
+                    }
                     // Once per outage: a full disk fails every batch, and a
                     // line per batch would fill what is left of it (often the
                     // same disk) with the news.

@@ -604,7 +604,9 @@ impl HeaderTexts {
 /// headers, in the same order, as the router and the edge would add, without
 /// a buffer of their own, in the request's emptied header map. (A decrypt's
 /// buffer holds plaintext: it is cleared when the last of the body and the
-/// header values is dropped.)
+/// header values is dropped. Both values are marked sensitive, so that
+/// HTTP/2's header compression never keeps them in its table, which would
+/// hold the whole buffer, uncleared, for as long as the connection lasts.)
 fn answer(buffer: Bytes, body_len: usize, ends: (usize, usize)) -> Response {
     let (length_end, id_end) = ends;
     let mut response = Response::new(axum::body::Body::from(buffer.slice(..body_len)));
@@ -616,11 +618,13 @@ fn answer(buffer: Bytes, body_len: usize, ends: (usize, usize)) -> Response {
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Ok(length) = HeaderValue::from_maybe_shared(buffer.slice(body_len..length_end)) {
+    if let Ok(mut length) = HeaderValue::from_maybe_shared(buffer.slice(body_len..length_end)) {
+        length.set_sensitive(true);
         headers.insert(header::CONTENT_LENGTH, length);
     }
     if id_end > length_end {
-        if let Ok(id) = HeaderValue::from_maybe_shared(buffer.slice(length_end..id_end)) {
+        if let Ok(mut id) = HeaderValue::from_maybe_shared(buffer.slice(length_end..id_end)) {
+            id.set_sensitive(true);
             headers.insert(REQUEST_ID, id);
         }
     }

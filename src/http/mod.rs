@@ -860,12 +860,14 @@ mod tests {
         ];
         let peer = SocketAddr::from(([127, 0, 0, 1], 40000));
         let mut answers = Vec::new();
-        for (uri, credentials, content_type, master_key, body) in &cases {
+        for (n, (uri, credentials, content_type, master_key, body)) in cases.iter().enumerate() {
+            let request_id = format!("same-answer-{n}");
             for edge in [&api.edge, &routed] {
                 let mut req = Request::builder()
                     .method(Method::POST)
                     .uri(*uri)
-                    .header(header::CONTENT_TYPE, *content_type);
+                    .header(header::CONTENT_TYPE, *content_type)
+                    .header("x-request-id", &request_id);
                 if let Some((key, secret)) = credentials {
                     req = req
                         .header("x-api-key", *key)
@@ -877,8 +879,25 @@ mod tests {
                 let req = req.body(Body::from(body.clone())).unwrap();
                 let response = edge.clone().handle(req, peer, None).await;
                 let mut headers = response.headers().clone();
-                assert!(headers.remove("x-request-id").is_some());
+                assert_eq!(headers.remove("x-request-id").unwrap(), request_id.as_str());
                 let status = response.status();
+                if status == StatusCode::OK {
+                    // The answer's headers are made in the request's emptied
+                    // map: nothing of the request's (its credentials, its
+                    // master key) is left in it.
+                    let names: Vec<&str> = response.headers().keys().map(|k| k.as_str()).collect();
+                    assert_eq!(
+                        names,
+                        ["content-type", "content-length", "x-request-id"],
+                        "{uri}"
+                    );
+                    // Slices of the body's buffer (plaintext, for a decrypt):
+                    // sensitive, so that HTTP/2's header table never keeps
+                    // them, and the buffer with them.
+                    for name in ["content-length", "x-request-id"] {
+                        assert!(response.headers()[name].is_sensitive(), "{uri} {name}");
+                    }
+                }
                 let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
                     .await
                     .unwrap();

@@ -399,6 +399,56 @@ mod tests {
         StoreError::from(b.execute(sql).await.unwrap_err())
     }
 
+    /// Holds `n` connections of `store` at once, then gives them back idle.
+    async fn open_idle(store: &Store, n: usize) {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            held.push(store.pool.acquire().await.unwrap());
+        }
+        drop(held);
+        while store.pool.num_idle() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn releasing_idle_memory_closes_all_idle_connections_but_one_and_keeps_the_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("k.db").display());
+        let store = Store::connect(&url, 4).await.unwrap();
+        store
+            .pool
+            .execute("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('kept')")
+            .await
+            .unwrap();
+        open_idle(&store, 4).await;
+        assert_eq!(store.release_idle_memory().await, 3);
+        assert_eq!(store.pool.size(), 1);
+        let row: (String,) = sqlx::query_as("SELECT v FROM t")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(row.0, "kept");
+        // The pool opens connections again as they are needed.
+        open_idle(&store, 4).await;
+        assert_eq!(store.pool.size(), 4);
+
+        // An in-memory database lives in its connections: none is closed.
+        let memory = Store::connect("sqlite::memory:", 1).await.unwrap();
+        memory
+            .pool
+            .execute("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('kept')")
+            .await
+            .unwrap();
+        open_idle(&memory, 1).await;
+        assert_eq!(memory.release_idle_memory().await, 0);
+        let row: (String,) = sqlx::query_as("SELECT v FROM t")
+            .fetch_one(&memory.pool)
+            .await
+            .unwrap();
+        assert_eq!(row.0, "kept");
+    }
+
     #[tokio::test]
     async fn a_locked_or_full_sqlite_database_is_unavailable_not_an_internal_error() {
         let locked = sqlite_error(
