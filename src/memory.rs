@@ -72,8 +72,9 @@ pub async fn release_when_idle(store: Store, after: Duration, mut shutdown: watc
     let mut ticker = tokio::time::interval(after);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    // When memory was last released in this idle period: none until the
-    // server has done something.
+    // When memory was last released in this idle period (`None`: busy since).
+    // Counted from the start, as if released then: the first release comes
+    // once the server has been busy and idle again, or after a minute idle.
     let mut released = Some(tokio::time::Instant::now());
     loop {
         tokio::select! {
