@@ -404,26 +404,21 @@ pub(super) fn digest_of(compact: &str) -> Option<[u8; 32]> {
     (compact.len() == 43 && decode_b64url(compact, &mut bytes) == Some(32)).then_some(bytes)
 }
 
-/// A UUID field: the short name with the 22-character form when the text is
-/// a canonical UUID, else the v1 name with the text as it is.
-fn uuid_member(o: &mut crate::json::Object<'_>, short: &str, long: &str, value: Option<&str>) {
+/// An id field: the short name with the id's compact form when `compact`
+/// has one for the text (a canonical UUID, a `kw_` key id, a hex digest),
+/// else the v1 name with the text as it is.
+fn id_member<const N: usize>(
+    o: &mut crate::json::Object<'_>,
+    short: &str,
+    long: &str,
+    value: Option<&str>,
+    compact: for<'b> fn(&str, &'b mut [u8; N]) -> Option<&'b str>,
+) {
     let Some(text) = value else {
         return;
     };
-    let mut buf = [0; 22];
-    match compact_uuid(text, &mut buf) {
-        Some(compact) => o.str(short, compact),
-        None => o.str(long, text),
-    };
-}
-
-/// An API key id field, likewise.
-fn key_member(o: &mut crate::json::Object<'_>, short: &str, long: &str, value: Option<&str>) {
-    let Some(text) = value else {
-        return;
-    };
-    let mut buf = [0; 16];
-    match compact_key_id(text, &mut buf) {
+    let mut buf = [0; N];
+    match compact(text, &mut buf) {
         Some(compact) => o.str(short, compact),
         None => o.str(long, text),
     };
@@ -450,29 +445,60 @@ impl<S: Deref<Target = str>> AuditRecord<S> {
         }
         o.opt_str("err", self.error.as_deref())
             .opt_u64("st", self.status.map(u64::from));
-        uuid_member(&mut o, "rid", "requestId", self.request_id.as_deref());
+        id_member(
+            &mut o,
+            "rid",
+            "requestId",
+            self.request_id.as_deref(),
+            compact_uuid,
+        );
         if *self.actor != *"api_key" {
             o.str("act", &self.actor);
         }
-        key_member(&mut o, "key", "apiKeyId", self.api_key_id.as_deref());
-        uuid_member(&mut o, "ten", "tenantId", self.tenant_id.as_deref());
+        id_member(
+            &mut o,
+            "key",
+            "apiKeyId",
+            self.api_key_id.as_deref(),
+            compact_key_id,
+        );
+        id_member(
+            &mut o,
+            "ten",
+            "tenantId",
+            self.tenant_id.as_deref(),
+            compact_uuid,
+        );
         o.opt_str("sub", self.client_subject.as_deref());
-        if let Some(spki) = self.client_spki_sha256.as_deref() {
-            let mut buf = [0; 43];
-            match compact_digest(spki, &mut buf) {
-                Some(compact) => o.str("spki", compact),
-                None => o.str("clientSpkiSha256", spki),
-            };
-        }
+        id_member(
+            &mut o,
+            "spki",
+            "clientSpkiSha256",
+            self.client_spki_sha256.as_deref(),
+            compact_digest,
+        );
         o.opt_str("ip", self.peer.as_deref());
-        uuid_member(&mut o, "enc", "encryptionId", self.encryption_id.as_deref());
-        uuid_member(&mut o, "ver", "versionId", self.version_id.as_deref());
-        uuid_member(&mut o, "job", "jobId", self.job_id.as_deref());
-        key_member(
+        id_member(
+            &mut o,
+            "enc",
+            "encryptionId",
+            self.encryption_id.as_deref(),
+            compact_uuid,
+        );
+        id_member(
+            &mut o,
+            "ver",
+            "versionId",
+            self.version_id.as_deref(),
+            compact_uuid,
+        );
+        id_member(&mut o, "job", "jobId", self.job_id.as_deref(), compact_uuid);
+        id_member(
             &mut o,
             "tkey",
             "targetApiKeyId",
             self.target_api_key_id.as_deref(),
+            compact_key_id,
         );
         o.opt_str("scopes", self.scopes.as_deref())
             .opt_u64("batchIndex", self.batch_index.map(u64::from))

@@ -1099,20 +1099,26 @@ mod tests {
                 chain.seal(record, *ms, &mut line);
                 lines.push(line);
             }
+            lines.push(shutdown_checkpoint(&chain, 5, "2026-01-01T00:00:06.000Z"));
+            assert_eq!(lines, FILE_V2.lines().collect::<Vec<_>>());
+        }
+
+        /// The signed checkpoint a writer closing `chain` at `seq` writes, for
+        /// a file that starts the chain.
+        fn shutdown_checkpoint(chain: &Chain, seq: u64, time: &str) -> String {
             let key = checkpoint_key();
             let mut checkpoint = String::new();
             Checkpoint {
-                seq: 5,
+                seq,
                 hash: chain.prev_hex().as_str(),
                 file_start: 1,
                 file_start_prev: GENESIS,
-                time: "2026-01-01T00:00:06.000Z",
+                time,
                 reason: "shutdown",
                 key_id: key.id(),
             }
             .write_signed(&key, &mut checkpoint);
-            lines.push(checkpoint);
-            assert_eq!(lines, FILE_V2.lines().collect::<Vec<_>>());
+            checkpoint
         }
 
         #[test]
@@ -1157,19 +1163,7 @@ mod tests {
                 },
             ];
             let mut lines: Vec<String> = records.iter().map(|r| seal_v1(&mut chain, r)).collect();
-            let key = checkpoint_key();
-            let mut checkpoint = String::new();
-            Checkpoint {
-                seq: 3,
-                hash: chain.prev_hex().as_str(),
-                file_start: 1,
-                file_start_prev: GENESIS,
-                time: "2026-01-01T00:00:03.000Z",
-                reason: "shutdown",
-                key_id: key.id(),
-            }
-            .write_signed(&key, &mut checkpoint);
-            lines.push(checkpoint);
+            lines.push(shutdown_checkpoint(&chain, 3, "2026-01-01T00:00:03.000Z"));
             assert_eq!(lines, FILE.lines().collect::<Vec<_>>());
         }
     }

@@ -788,14 +788,11 @@ mod tests {
         assert_eq!(Some(chain.prev_hex()), report.last_hash);
     }
 
-    #[tokio::test]
-    async fn the_file_rotates_by_size_and_the_files_verify_as_one_chain() {
-        use crate::audit::record::{Actor, AuditEvent};
-        use crate::audit::{verify_files, BreakKind, VerifyError};
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.jsonl");
+    /// A log writing to the file `path` that signs checkpoints, and the
+    /// public key that checks them.
+    fn signing_file_log(path: &Path) -> (AuditLog, [u8; crate::crypto::CHECKPOINT_PUBLIC_KEY_LEN]) {
         let log = AuditLog::start(
-            &Destination::File(path.clone()),
+            &Destination::File(path.to_path_buf()),
             None,
             CheckpointSettings::default(),
         )
@@ -805,6 +802,16 @@ mod tests {
         ));
         let public = *key.public_key();
         log.sign_checkpoints_with(Box::new(move || Some(key.clone())));
+        (log, public)
+    }
+
+    #[tokio::test]
+    async fn the_file_rotates_by_size_and_the_files_verify_as_one_chain() {
+        use crate::audit::record::{Actor, AuditEvent};
+        use crate::audit::{verify_files, BreakKind, VerifyError};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let (log, public) = signing_file_log(&path);
         log.rotate_file_at(Some(1500));
         for i in 0..40 {
             let event = AuditEvent {
@@ -884,17 +891,7 @@ mod tests {
         use crate::audit::record::{Actor, AuditEvent};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
-        let log = AuditLog::start(
-            &Destination::File(path.clone()),
-            None,
-            CheckpointSettings::default(),
-        )
-        .unwrap();
-        let key = Arc::new(CheckpointKey::derive(
-            &crate::crypto::DataKey::from_slice(&[5; 32]).unwrap(),
-        ));
-        let public = *key.public_key();
-        log.sign_checkpoints_with(Box::new(move || Some(key.clone())));
+        let (log, public) = signing_file_log(&path);
         let event = |i: i64| AuditEvent {
             time_ms: 1_780_000_000_000 + i,
             operation: "encrypt",

@@ -399,6 +399,24 @@ mod tests {
         StoreError::from(b.execute(sql).await.unwrap_err())
     }
 
+    /// A table with one row, `kept`.
+    async fn write_kept(store: &Store) {
+        store
+            .pool
+            .execute("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('kept')")
+            .await
+            .unwrap();
+    }
+
+    /// What [`write_kept`] wrote.
+    async fn read_kept(store: &Store) -> String {
+        let row: (String,) = sqlx::query_as("SELECT v FROM t")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        row.0
+    }
+
     /// Holds `n` connections of `store` at once, then gives them back idle.
     async fn open_idle(store: &Store, n: usize) {
         let mut held = Vec::new();
@@ -416,37 +434,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("k.db").display());
         let store = Store::connect(&url, 4).await.unwrap();
-        store
-            .pool
-            .execute("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('kept')")
-            .await
-            .unwrap();
+        write_kept(&store).await;
         open_idle(&store, 4).await;
         assert_eq!(store.release_idle_memory().await, 3);
         assert_eq!(store.pool.size(), 1);
-        let row: (String,) = sqlx::query_as("SELECT v FROM t")
-            .fetch_one(&store.pool)
-            .await
-            .unwrap();
-        assert_eq!(row.0, "kept");
+        assert_eq!(read_kept(&store).await, "kept");
         // The pool opens connections again as they are needed.
         open_idle(&store, 4).await;
         assert_eq!(store.pool.size(), 4);
 
         // An in-memory database lives in its connections: none is closed.
         let memory = Store::connect("sqlite::memory:", 1).await.unwrap();
-        memory
-            .pool
-            .execute("CREATE TABLE t (v TEXT); INSERT INTO t VALUES ('kept')")
-            .await
-            .unwrap();
+        write_kept(&memory).await;
         open_idle(&memory, 1).await;
         assert_eq!(memory.release_idle_memory().await, 0);
-        let row: (String,) = sqlx::query_as("SELECT v FROM t")
-            .fetch_one(&memory.pool)
-            .await
-            .unwrap();
-        assert_eq!(row.0, "kept");
+        assert_eq!(read_kept(&memory).await, "kept");
     }
 
     #[tokio::test]

@@ -47,6 +47,16 @@ fn cli(app: &TestApp, creds: &Creds, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Runs the CLI as [`cli`] does; it must succeed.
+fn cli_ok(app: &TestApp, creds: &Creds, args: &[&str]) {
+    let out = cli(app, creds, args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Writes `size` bytes of a repeating, position-dependent pattern; returns
 /// their SHA-256.
 fn write_pattern(path: &Path, size: u64) -> Vec<u8> {
@@ -95,7 +105,7 @@ async fn a_one_gib_file_round_trips_through_the_cli_with_the_server_under_64_mib
     );
     const SIZE: u64 = 1 << 30;
     let want = write_pattern(&plain, SIZE);
-    let out = cli(
+    cli_ok(
         &app,
         &creds,
         &[
@@ -108,11 +118,6 @@ async fn a_one_gib_file_round_trips_through_the_cli_with_the_server_under_64_mib
             "backups/2026-12-06",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     std::fs::remove_file(&plain).unwrap();
     // 64 KiB chunks: a 16-byte tag each, and the header.
     let len = std::fs::metadata(&sealed).unwrap().len();
@@ -120,7 +125,7 @@ async fn a_one_gib_file_round_trips_through_the_cli_with_the_server_under_64_mib
         len > SIZE + (SIZE >> 16) * 16 && len < SIZE + (SIZE >> 16) * 16 + 300,
         "{len}"
     );
-    let out = cli(
+    cli_ok(
         &app,
         &creds,
         &[
@@ -130,11 +135,6 @@ async fn a_one_gib_file_round_trips_through_the_cli_with_the_server_under_64_mib
             "--context",
             "backups/2026-12-06",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(sha256_file(&opened), want);
     // The wrong context unwraps no key.
@@ -163,7 +163,7 @@ async fn the_cli_refuses_a_damaged_file_and_leaves_no_output(backend: Backend) {
     let plain = dir.path().join("plain");
     let sealed = dir.path().join("sealed");
     write_pattern(&plain, 5 * 1024 + 10);
-    let out = cli(
+    cli_ok(
         &app,
         &creds,
         &[
@@ -175,11 +175,6 @@ async fn the_cli_refuses_a_damaged_file_and_leaves_no_output(backend: Backend) {
             "--chunk-size",
             "1024",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let bytes = std::fs::read(&sealed).unwrap();
     let header = bytes.len() - (5 * 1024 + 10) - 6 * 16;
@@ -244,7 +239,7 @@ async fn the_cli_refuses_a_damaged_file_and_leaves_no_output(backend: Backend) {
     }
     // Intact, it decrypts.
     let output = dir.path().join("out");
-    let out = cli(
+    cli_ok(
         &app,
         &creds,
         &[
@@ -252,11 +247,6 @@ async fn the_cli_refuses_a_damaged_file_and_leaves_no_output(backend: Backend) {
             sealed.to_str().unwrap(),
             output.to_str().unwrap(),
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(
         std::fs::read(&output).unwrap(),
@@ -632,7 +622,7 @@ async fn the_routes_and_the_cli_read_each_others_streams(backend: Backend) {
     assert!(sealed.complete);
     assert_eq!(&sealed.body[..8], b"KWSTREAM");
     std::fs::write(dir.path().join("from-route"), &sealed.body).unwrap();
-    let out = cli(
+    cli_ok(
         &app,
         &creds,
         &[
@@ -643,15 +633,10 @@ async fn the_routes_and_the_cli_read_each_others_streams(backend: Backend) {
             "café % 2026",
         ],
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(std::fs::read(dir.path().join("opened")).unwrap(), plain);
     // A `keyward encrypt-file` file opens through the route.
     std::fs::write(dir.path().join("plain"), &plain).unwrap();
-    let out = cli(
+    cli_ok(
         &app,
         &creds,
         &[
@@ -663,11 +648,6 @@ async fn the_routes_and_the_cli_read_each_others_streams(backend: Backend) {
             "--context",
             "café % 2026",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let file = std::fs::read(dir.path().join("from-cli")).unwrap();
     let opened = stream_bytes(
@@ -1181,7 +1161,7 @@ async fn streams_take_their_working_memory_from_the_shared_budget(backend: Backe
     let dir = tempfile::tempdir().unwrap();
     let (plain, sealed) = (dir.path().join("in"), dir.path().join("in.kw"));
     std::fs::write(&plain, b"made with 4 MiB chunks").unwrap();
-    let out = cli(
+    cli_ok(
         &app,
         &creds,
         &[
@@ -1193,11 +1173,6 @@ async fn streams_take_their_working_memory_from_the_shared_budget(backend: Backe
             "--chunk-size",
             "4194304",
         ],
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
     let file = std::fs::read(&sealed).unwrap();
     let refused = stream_bytes(&app, "/v1/decrypt/stream", &creds, &[], &file).await;
