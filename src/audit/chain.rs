@@ -427,9 +427,9 @@ pub(super) mod tests {
                 },
             ],
         };
-        let (mut chain, mut time, mut out) = (Chain::new(), TextCache::default(), String::new());
+        let (mut chain, mut texts, mut out) = (Chain::new(), TextCache::default(), String::new());
         let mut rows = Vec::new();
-        event.for_each_record(&mut time, |record| {
+        event.for_each_record(&mut texts, |record| {
             let line = chain.append(record, event.time_ms, &mut out);
             rows.push((record.outcome.to_string(), out[line].to_string()))
         });

@@ -16,7 +16,6 @@ use utoipa::ToSchema;
 use crate::domain::identity::ClientIdentity;
 use crate::domain::ids::{compact_bytes, compact_uuid, decode_b64url, expand_uuid};
 use crate::domain::service::Principal;
-use crate::domain::time::write_rfc3339;
 use crate::domain::{EncryptionId, TenantId, VersionId};
 
 /// Every operation name a record can carry.
@@ -659,24 +658,18 @@ pub fn read_records(text: &str) -> Vec<Result<AuditRecord, &'static str>> {
         .collect()
 }
 
-/// The RFC 3339 text of the last timestamp written (records come in bursts
-/// within the same millisecond, so most reuse it), and of the last peer.
+/// The text of the last peer address written: most records in a row come
+/// from the same few clients. (The time needs none: format v2 writes the
+/// event's milliseconds.)
 #[derive(Default)]
 pub(super) struct TextCache {
-    ms: Option<i64>,
-    text: String,
     peer: Option<IpAddr>,
     peer_text: String,
 }
 
 impl TextCache {
-    /// The text of `ms`, and of the peer address: most records in a row come
-    /// from the same few clients too.
-    fn of(&mut self, ms: i64, peer: Option<IpAddr>) -> (&str, Option<&str>) {
-        if self.ms != Some(ms) {
-            self.ms = Some(ms);
-            write_rfc3339(ms, &mut self.text);
-        }
+    /// The text of the peer address.
+    fn of(&mut self, peer: Option<IpAddr>) -> Option<&str> {
         if let Some(ip) = peer {
             if self.peer != Some(ip) {
                 self.peer = Some(ip);
@@ -685,7 +678,7 @@ impl TextCache {
                 let _ = std::fmt::Write::write_fmt(&mut self.peer_text, format_args!("{ip}"));
             }
         }
-        (&self.text, peer.map(|_| self.peer_text.as_str()))
+        peer.map(|_| self.peer_text.as_str())
     }
 }
 
@@ -694,7 +687,7 @@ impl AuditEvent {
     /// in order, borrowed; `seq`, `prev` and `hash` are the chain's to set.
     pub(super) fn for_each_record(
         &self,
-        time: &mut TextCache,
+        texts: &mut TextCache,
         mut each: impl FnMut(&AuditRecord<&str>),
     ) {
         let (actor, api_key_id, tenant) = match &self.actor {
@@ -713,9 +706,9 @@ impl AuditEvent {
         let mut tenant_buf = [0; 36];
         let tenant_id = tenant.map(|t| t.encode(&mut tenant_buf));
         let spki = self.client.as_ref().map(|c| c.spki_hex());
-        let (time, peer) = time.of(self.time_ms, self.peer);
+        let peer = texts.of(self.peer);
+        // No `time`: the chain writes the event's `time_ms` (format v2).
         let base = AuditRecord {
-            time,
             operation: self.operation,
             outcome: "ok",
             status: self.status,

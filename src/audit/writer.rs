@@ -545,7 +545,7 @@ async fn write_loop(
     let mut out = String::new();
     // A segment's first line with its `prev`, reused.
     let mut first_line = String::new();
-    let mut time = TextCache::default();
+    let mut texts = TextCache::default();
     // Whether the last write to the file failed.
     let mut file_failing = false;
     loop {
@@ -607,7 +607,7 @@ async fn write_loop(
                 }
                 Message::Event(event, permit) => {
                     permits.push(permit);
-                    event.for_each_record(&mut time, |record| {
+                    event.for_each_record(&mut texts, |record| {
                         let (follows, stated) = (chain.prev, chain.state_prev);
                         let line = chain.append(record, event.time_ms, &mut out);
                         records += 1;
