@@ -98,7 +98,7 @@ pub async fn release_when_idle(store: Store, after: Duration, mut shutdown: watc
 }
 
 /// Gives back what can be given back now.
-pub async fn release(store: &Store) {
+async fn release(store: &Store) {
     let closed = store.release_idle_memory().await;
     if let Some(release) = ALLOCATOR_RELEASE.get() {
         release();
